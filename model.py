@@ -1,0 +1,458 @@
+"""GCNet for semantic segmentation: a dilated ResNet-D8 with a Global Context block in its head.
+
+GCNet (Cao et al., "Non-local Networks Meet Squeeze-Excitation Networks and Beyond", 2019) observes
+that the attention maps of a non-local block are almost the same for every query position, so one
+attention map per image is enough. Its Global Context (GC) block therefore does three cheap steps:
+
+    1. context modelling: attention-pool all H*W positions into one C-vector (softmax over positions);
+    2. transform:         a C -> C/4 -> C bottleneck with LayerNorm in the middle;
+    3. fusion:            broadcast-add the transformed vector to every position.
+
+This file builds the exact model of the official mmsegmentation GCNet checkpoints (R-50-D8 and
+R-101-D8), module for module and name for name, so their state_dicts load with strict=True:
+
+    GCNet
+    +-- backbone          ResNetV1c (deep stem, dilated: output stride 8)
+    +-- decode_head       GCHead: 3x3 conv -> ContextBlock -> 3x3 conv -> concat -> 3x3 conv -> classifier
+    +-- auxiliary_head    FCNHead on layer3, used only for the training loss (weight 0.4)
+
+Read it top to bottom: the GC block, the heads, the backbone, the whole model, weight loading.
+References of the form `gcnet-spec.md §N` point to the written account of the original code.
+
+    python -c "import model; m = model.GCNet(19).eval(); print(m(torch.randn(1, 3, 512, 1024)).shape)"
+"""
+
+import math
+import pickle
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ImageNet-pretrained ResNetV1c weights the original recipe starts from (gcnet-spec.md §2.4).
+IMAGENET_URLS = {
+    50: "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
+    101: "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
+}
+# Bottleneck blocks per stage (gcnet-spec.md §1.3).
+STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+# The three datasets of the results table, recognised by their class count in error messages.
+DATASET_OF_NUM_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc12aug"}
+
+
+# -----------------------------------------------------------------------------------------------
+# The Global Context block (gcnet-spec.md §1.5)
+
+
+class ContextBlock(nn.Module):
+    """Global Context block with attention pooling and additive fusion: out = x + T(pool(x)).
+
+    Usable on any (N, C, H, W) feature map. `forward(x, return_attention=True)` also returns the
+    attention map, i.e. the softmax over the H*W positions, shaped (N, 1, H, W).
+    """
+
+    def __init__(self, channels, ratio=1 / 4):
+        super().__init__()
+        planes = int(channels * ratio)
+        # Step 1, context modelling: one 1x1 conv scores every position.
+        self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
+        # Step 2, transform: bottleneck C -> P -> C. The LayerNorm normalises jointly over the
+        # P x 1 x 1 context vector, which eases optimisation of the two-layer bottleneck.
+        self.channel_add_conv = nn.Sequential(
+            nn.Conv2d(channels, planes, kernel_size=1),
+            nn.LayerNorm([planes, 1, 1]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, channels, kernel_size=1),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.conv_mask.bias)
+        # The last conv starts at zero, so the block is the identity at initialisation and can be
+        # inserted into a pretrained network without disturbing it.
+        nn.init.zeros_(self.channel_add_conv[3].weight)
+        nn.init.zeros_(self.channel_add_conv[3].bias)
+
+    def forward(self, x, return_attention=False):
+        n, _, h, w = x.shape
+        # Step 1: context modelling. The softmax runs in float32 even under autocast: it spans
+        # H*W positions (32768 at 1024x2048) and bf16 would round most weights to nothing.
+        scores = self.conv_mask(x).float()  # (N, 1, H, W)
+        attention = scores.view(n, h * w).softmax(dim=1).view(n, 1, h, w)  # sums to 1 over H*W
+        # context[n, c] = sum_hw x[n, c, hw] * attention[n, hw]. Written as a broadcast product and a
+        # sum so it works unchanged for channels_last inputs; accumulated in float32.
+        context = (x * attention).sum(dim=(2, 3), keepdim=True).to(x.dtype)  # (N, C, 1, 1)
+        # Step 2: transform (LayerNorm runs in float32 under autocast).
+        # Step 3: fusion by broadcast addition over H and W.
+        out = x + self.channel_add_conv(context)  # (N, C, H, W)
+        if return_attention:
+            return out, attention
+        return out
+
+
+# -----------------------------------------------------------------------------------------------
+# The heads (gcnet-spec.md §1.4, §1.6)
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 (or kxk) conv without bias, BatchNorm, ReLU; mmcv's ConvModule, with its names."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.activate = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+
+class GCHead(nn.Module):
+    """Decode head: conv -> GC block -> conv, concat with the backbone features, conv, classify."""
+
+    def __init__(self, num_classes, in_channels=2048, channels=512, ratio=1 / 4):
+        super().__init__()
+        # Registration order equals the official state_dict order: conv_seg, convs, conv_cat, gc_block.
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.dropout = nn.Dropout2d(0.1)  # drops whole channels
+        self.convs = nn.Sequential(ConvBNReLU(in_channels, channels), ConvBNReLU(channels, channels))
+        self.conv_cat = ConvBNReLU(in_channels + channels, channels)
+        self.gc_block = ContextBlock(channels, ratio)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, features, return_attention=False):
+        y = self.convs[0](features)  # (N, 512, h, w)
+        y, attention = self.gc_block(y, return_attention=True)  # the GC block sits between the two convs
+        y = self.convs[1](y)
+        y = self.conv_cat(torch.cat([features, y], dim=1))  # backbone features first: (N, 2560, h, w)
+        logits = self.conv_seg(self.dropout(y))  # (N, num_classes, h, w)
+        return (logits, attention) if return_attention else logits
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head on layer3: one 3x3 conv to 256 channels, dropout, classifier."""
+
+    def __init__(self, num_classes, in_channels=1024, channels=256):
+        super().__init__()
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.dropout = nn.Dropout2d(0.1)
+        self.convs = nn.Sequential(ConvBNReLU(in_channels, channels))
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, features):
+        return self.conv_seg(self.dropout(self.convs(features)))
+
+
+# -----------------------------------------------------------------------------------------------
+# The backbone: ResNetV1c with dilation, output stride 8 (gcnet-spec.md §1.3)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        # 'pytorch' style: the stride sits on the 3x3 conv; padding equals dilation keeps the size.
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def make_stage(in_channels, planes, blocks, stride, dilation):
+    """One ResNet stage. Block 0 changes the channel count, so it always has a downsample branch
+    (a strided 1x1 conv, never dilated). With dilation d > 1, block 0 uses d // 2 ("contract
+    dilation") and the others d, e.g. layer4: 2, 4, 4."""
+    out_channels = planes * Bottleneck.expansion
+    downsample = nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+    )
+    first_dilation = dilation // 2 if dilation > 1 else 1
+    layers = [Bottleneck(in_channels, planes, stride, first_dilation, downsample)]
+    layers += [Bottleneck(out_channels, planes, 1, dilation) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class ResNetV1c(nn.Module):
+    """ResNet with a deep 32-32-64 stem; strides (1, 2, 1, 1) and dilations (1, 1, 2, 4) make
+    layer2..layer4 all run at 1/8 of the input, with the receptive field kept by dilation."""
+
+    def __init__(self, depth=50):
+        super().__init__()
+        if depth not in STAGE_BLOCKS:
+            raise ValueError(f"depth must be one of {sorted(STAGE_BLOCKS)}, got {depth}")
+
+        def conv_bn_relu(cin, cout, stride):
+            return [
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
+
+        # Unnamed Sequential so the keys are stem.0 ... stem.8, as in the checkpoints.
+        self.stem = nn.Sequential(*conv_bn_relu(3, 32, 2), *conv_bn_relu(32, 32, 1), *conv_bn_relu(32, 64, 1))
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        blocks = STAGE_BLOCKS[depth]
+        self.layer1 = make_stage(64, 64, blocks[0], stride=1, dilation=1)  # 1/4
+        self.layer2 = make_stage(256, 128, blocks[1], stride=2, dilation=1)  # 1/8
+        self.layer3 = make_stage(512, 256, blocks[2], stride=1, dilation=2)  # 1/8, dilated
+        self.layer4 = make_stage(1024, 512, blocks[3], stride=1, dilation=4)  # 1/8, dilated
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Used only when training from scratch: the recipe loads ImageNet weights over all of this
+        # (gcnet-spec.md §1.6). Kaiming fan_out, BN 1/0, and the last BN of each residual branch
+        # at 0 so every block starts as the identity (zero_init_residual).
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, Bottleneck):
+                nn.init.zeros_(module.bn3.weight)
+
+    def forward(self, x):
+        x = self.maxpool(self.stem(x))  # (N, 64, H/4, W/4)
+        c1 = self.layer1(x)  # (N, 256, H/4, W/4)
+        c2 = self.layer2(c1)  # (N, 512, H/8, W/8)
+        c3 = self.layer3(c2)  # (N, 1024, H/8, W/8)
+        c4 = self.layer4(c3)  # (N, 2048, H/8, W/8)
+        return c1, c2, c3, c4
+
+
+# -----------------------------------------------------------------------------------------------
+# The whole model (gcnet-spec.md §1.2)
+
+
+class GCNet(nn.Module):
+    """GCNet R-50-D8 / R-101-D8.
+
+    eval:  model(x) -> logits (N, num_classes, H, W) at the input size;
+           model(x, return_attention=True) -> (logits, attention (N, 1, H/8, W/8)).
+    train: model(x) -> (logits, aux_logits), both at the input size. The loss lives in train.py.
+    align_corners=True belongs to the 769x769 models, False to all others (gcnet-spec.md §1.7).
+    """
+
+    def __init__(self, num_classes, depth=50, align_corners=False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.depth = depth
+        self.align_corners = align_corners
+        self.backbone = ResNetV1c(depth)
+        self.decode_head = GCHead(num_classes)
+        self.auxiliary_head = FCNHead(num_classes)
+
+    def upsample(self, logits, size):
+        # Resize in float32: cheap at 1/8 resolution, and the full-size logits feed the loss and
+        # the softmax, which want float32 anyway.
+        return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=self.align_corners)
+
+    def forward(self, x, return_attention=False):
+        size = x.shape[-2:]
+        _, _, c3, c4 = self.backbone(x)
+        logits, attention = self.decode_head(c4, return_attention=True)
+        outputs = [self.upsample(logits, size)]
+        if self.training:  # the auxiliary head only serves the training loss
+            outputs.append(self.upsample(self.auxiliary_head(c3), size))
+        if return_attention:
+            outputs.append(attention)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+# -----------------------------------------------------------------------------------------------
+# Weight loading (gcnet-spec.md §2)
+
+
+def read_checkpoint(path_or_url):
+    """Load a checkpoint file or URL onto the CPU. URLs go through torch.hub's cache
+    (~/.cache/torch/hub/checkpoints), so each file is downloaded once."""
+    if re.match(r"^https?://", str(path_or_url)):
+        return torch.hub.load_state_dict_from_url(str(path_or_url), map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path_or_url, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"checkpoint not found: {path_or_url}. Pass the path of a .pth file (ours or an official one "
+            "from the results table) or its download URL."
+        ) from None
+    except pickle.UnpicklingError:
+        # Official mmcv checkpoints carry Python objects in their `meta`; torch refuses them with
+        # weights_only. They come from the model zoo, so load them fully.
+        return torch.load(path_or_url, map_location="cpu", weights_only=False)
+
+
+def extract_state_dict(checkpoint):
+    """The weights of a checkpoint without `module.` (DDP) or `_orig_mod.` (torch.compile) prefixes."""
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"expected a checkpoint dict with tensors, got {type(checkpoint).__name__}")
+    clean = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        clean[key.replace("._orig_mod.", ".").replace(".module.", ".")] = value
+    return clean
+
+
+def describe_classes(num_classes):
+    dataset = DATASET_OF_NUM_CLASSES.get(num_classes)
+    return f"{num_classes} classes ({dataset})" if dataset else f"{num_classes} classes"
+
+
+def check_and_load(module, state_dict, source):
+    """Strict load that reports every missing, unexpected and wrongly shaped key in one error."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k}: checkpoint {list(state_dict[k].shape)}, model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        lines = [f"cannot load {source}:"]
+        seg_key = "decode_head.conv_seg.weight"
+        if (
+            seg_key in state_dict
+            and seg_key in expected
+            and state_dict[seg_key].shape != expected[seg_key].shape
+        ):
+            lines.append(
+                f"checkpoint has {describe_classes(state_dict[seg_key].shape[0])}, model has "
+                f"{describe_classes(expected[seg_key].shape[0])}; build the model with the checkpoint's "
+                "class count or evaluate on the matching dataset"
+            )
+        n_blocks = sum(1 for k in state_dict if re.fullmatch(r"(backbone\.)?layer3\.\d+\.conv1\.weight", k))
+        if n_blocks and isinstance(module, GCNet) and n_blocks != STAGE_BLOCKS[module.depth][2]:
+            depth = {6: 50, 23: 101}.get(n_blocks, "unknown")
+            lines.append(f"checkpoint is a ResNet-{depth} ({n_blocks} layer3 blocks), model: {module.depth}")
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
+                lines.append(f"{len(keys)} {title} key(s):\n    " + "\n    ".join(shown))
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def load_weights(model, path_or_url):
+    """Load weights into a GCNet, strictly. Accepts
+
+    (a) official checkpoints of the results table: {'state_dict', 'meta'};
+    (b) this project's training checkpoints: {'state_dict', 'optimizer', 'iteration', ...};
+    (c) ImageNet ResNetV1c weights (IMAGENET_URLS): backbone keys without a 'backbone.' prefix plus
+        an 'fc' classifier, which is dropped; these fill the backbone only.
+
+    Returns which of the three it was: 'segmentor' or 'imagenet'.
+    """
+    checkpoint = path_or_url if isinstance(path_or_url, dict) else read_checkpoint(path_or_url)
+    state_dict = extract_state_dict(checkpoint)
+    if any(k.startswith("backbone.") for k in state_dict):
+        check_and_load(model, state_dict, path_or_url)
+        return "segmentor"
+    if "stem.0.weight" not in state_dict:
+        raise ValueError(
+            f"cannot load {path_or_url}: it is neither a GCNet checkpoint (keys 'backbone.*') nor an "
+            "ImageNet ResNetV1c backbone (keys 'stem.*', 'layer1.*'); a torchvision ResNet has a "
+            "single-conv stem and does not fit. Use the files in model.IMAGENET_URLS."
+        )
+    backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    # Whether the ImageNet files carry BN counters is not known (gcnet-spec.md §2.4); they carry
+    # no information, so any that are absent keep the model's own.
+    for key, value in model.backbone.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            backbone.setdefault(key, value)
+    check_and_load(model.backbone, backbone, path_or_url)
+    return "imagenet"
+
+
+def checkpoint_info(path_or_url):
+    """What a checkpoint says about the model and data it belongs to, without building a model.
+
+    Returns a dict with 'depth', 'num_classes' and, where recorded (else None), 'dataset',
+    'align_corners', 'crop_size' (h, w), 'classes', 'palette', 'config_name', 'recipe'.
+    Our checkpoints record a 'recipe'; official ones are read from their meta, config text and
+    file name (e.g. gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth).
+    """
+    checkpoint = path_or_url if isinstance(path_or_url, dict) else read_checkpoint(path_or_url)
+    state_dict = extract_state_dict(checkpoint)
+    n_blocks = sum(1 for k in state_dict if re.fullmatch(r"backbone\.layer3\.\d+\.conv1\.weight", k))
+    if "decode_head.conv_seg.weight" not in state_dict or n_blocks not in (6, 23):
+        raise ValueError(
+            f"{path_or_url} is not a GCNet checkpoint: it has no decode_head.conv_seg or backbone.layer3 keys"
+        )
+    info = {
+        "depth": {6: 50, 23: 101}[n_blocks],
+        "num_classes": int(state_dict["decode_head.conv_seg.weight"].shape[0]),
+        "dataset": None,
+        "align_corners": None,
+        "crop_size": None,
+        "classes": None,
+        "palette": None,
+        "config_name": None,
+        "recipe": None,
+    }
+    meta = checkpoint.get("meta") or {}
+    recipe = checkpoint.get("recipe")
+    if recipe:  # one of ours
+        info["recipe"] = recipe
+        for key in ("dataset", "align_corners", "config_name"):
+            info[key] = recipe.get(key)
+        info["crop_size"] = tuple(recipe["crop_size"]) if recipe.get("crop_size") else None
+    else:  # an official one: the config name is in the file name, the config text in meta
+        config_text = str(meta.get("config", ""))
+        name_match = re.search(
+            r"gcnet_r(50|101)-d8_(\d+)x(\d+)_(\d+k)_(cityscapes|ade20k|voc12aug)",
+            f"{meta.get('exp_name', '')} {path_or_url}",
+        )
+        if name_match:
+            info["config_name"] = name_match.group(0)
+            info["dataset"] = name_match.group(5)
+            info["crop_size"] = (int(name_match.group(2)), int(name_match.group(3)))
+        crop_match = re.search(r"crop_size\s*=\s*\((\d+),\s*(\d+)\)", config_text)
+        if crop_match and info["crop_size"] is None:
+            info["crop_size"] = (int(crop_match.group(1)), int(crop_match.group(2)))
+        if info["dataset"] is None:
+            dataset_types = {"Cityscapes": "cityscapes", "ADE20KDataset": "ade20k", "PascalVOC": "voc12aug"}
+            found = [dataset for type_name, dataset in dataset_types.items() if type_name in config_text]
+            info["dataset"] = found[0] if found else None
+        if info["dataset"] is None:
+            info["dataset"] = DATASET_OF_NUM_CLASSES.get(info["num_classes"])
+        if "align_corners=True" in config_text.replace(" ", ""):
+            info["align_corners"] = True
+        elif info["crop_size"] is not None:
+            # The model-zoo rule (gcnet-spec.md §1.7): 8x+1 crops (769) use align_corners=True.
+            info["align_corners"] = info["crop_size"][0] % 8 == 1
+    if meta.get("CLASSES") is not None:
+        info["classes"] = [str(c) for c in meta["CLASSES"]]
+    if meta.get("PALETTE") is not None:
+        info["palette"] = [[int(v) for v in color] for color in meta["PALETTE"]]
+    return info
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+if __name__ == "__main__":
+    # A quick look at the model: parameter count and output shapes.
+    net = GCNet(num_classes=19).eval()
+    print(f"GCNet R-50-D8: {count_parameters(net):,} parameters")  # 49,630,215 as the original
+    with torch.no_grad():
+        out, att = net(torch.randn(1, 3, 97, 113), return_attention=True)
+    print(f"logits {tuple(out.shape)}, attention {tuple(att.shape)}, sums to {att.sum().item():.3f}")
+    assert math.isclose(att.sum().item(), 1.0, rel_tol=1e-4)
