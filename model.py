@@ -45,6 +45,18 @@ DATASET_OF_NUM_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc12aug"}
 # The Global Context block (gcnet-spec.md §1.5)
 
 
+class LayerNormFP32(nn.LayerNorm):
+    """nn.LayerNorm computed in float32 whatever autocast does (CPU autocast would run it in bf16).
+    It normalises a (N, P, 1, 1) context vector, so the cost is nil."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            weight, bias = self.weight.float(), self.bias.float()
+            out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        # Under autocast the next conv casts as it needs; without it, keep the caller's dtype.
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+
 class ContextBlock(nn.Module):
     """Global Context block with attention pooling and additive fusion: out = x + T(pool(x)).
 
@@ -61,7 +73,7 @@ class ContextBlock(nn.Module):
         # P x 1 x 1 context vector, which eases optimisation of the two-layer bottleneck.
         self.channel_add_conv = nn.Sequential(
             nn.Conv2d(channels, planes, kernel_size=1),
-            nn.LayerNorm([planes, 1, 1]),
+            LayerNormFP32([planes, 1, 1]),
             nn.ReLU(inplace=True),
             nn.Conv2d(planes, channels, kernel_size=1),
         )
