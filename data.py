@@ -1,0 +1,1118 @@
+"""Datasets, the training and test transforms, and dataset preparation for GCNet segmentation.
+
+Everything here reproduces the data side of the original mmsegmentation recipe (gcnet-spec.md §3.3,
+§4.1, §5) with plain torch tensor ops: images are decoded with torchvision, resized with OpenCV's
+INTER_LINEAR / INTER_NEAREST semantics, and every random draw comes from torch's RNG, so a DataLoader
+seeded with `torch.manual_seed` is reproducible and its workers differ from each other.
+
+Layouts (default roots are relative to the working directory, as in the original):
+
+    cityscapes  data/cityscapes/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
+                data/cityscapes/gtFine/{train,val}/<city>/<name>_gtFine_labelTrainIds.png
+    ade20k      data/ade/ADEChallengeData2016/images/{training,validation}/<name>.jpg
+                data/ade/ADEChallengeData2016/annotations/{training,validation}/<name>.png
+    voc12aug    data/VOCdevkit/VOC2012/JPEGImages/<name>.jpg
+                data/VOCdevkit/VOC2012/SegmentationClass{,Aug}/<name>.png
+                data/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,aug}.txt
+    folder      ROOT/images/{train,val}/<name>.{jpg,jpeg,png,webp}, ROOT/labels/{train,val}/<name>.png,
+                ROOT/classes.txt (one class per line: a name, optionally followed by R G B)
+    toy         data/toy, in the Cityscapes layout; generated on first use (80 images of shapes)
+
+Labels are PNGs of class indices with 255 = ignore. Two datasets need a one-off preparation:
+
+    python data.py prepare cityscapes data/cityscapes                  # *_labelIds -> *_labelTrainIds
+    python data.py prepare voc12aug data/VOCdevkit data/VOCdevkit/VOCaug  # SBD .mat -> PNG, aug.txt
+
+In code:
+
+    import data
+    train_set = data.build_dataset("cityscapes", split="train")  # (image, label) crops
+    val_set = data.build_dataset("cityscapes", split="val")      # (images, label, meta)
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections import Counter
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
+from tqdm import tqdm
+
+# ImageNet statistics in RGB order on the 0..255 scale (gcnet-spec.md §3.3 step 7).
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+IGNORE_INDEX = 255
+
+# The 40 names and colours of the three benchmark datasets sit in a JSON file beside this one.
+with open(Path(__file__).resolve().parent / "classes_and_palettes.json") as file:
+    CLASSES_AND_PALETTES = json.load(file)
+
+# The toy dataset: background plus four shapes, each shape drawn in its own colour. The colours are
+# 90 degrees of hue apart, so the hue shift of the photometric distortion (at most 36 degrees) never
+# makes two classes look alike, and grey stays grey under any saturation change.
+TOY_CLASSES = ["background", "disc", "square", "diamond", "bar"]
+TOY_PALETTE = [[128, 128, 128], [220, 40, 40], [130, 220, 40], [40, 220, 220], [130, 40, 220]]
+TOY_IMAGE_SIZE = (128, 256)  # (H, W)
+TOY_COUNTS = {"train": 64, "val": 16}
+
+# One plain dict per dataset; scales are (W, H) as in the original configs, crops (h, w)
+# (gcnet-spec.md §3.2). The `folder` dataset reads its classes from ROOT/classes.txt and uses
+# FOLDER_DEFAULTS, the recipe of the natural-image datasets.
+DATASETS = {
+    "cityscapes": dict(
+        **CLASSES_AND_PALETTES["cityscapes"],
+        default_root="data/cityscapes",
+        train_scale=(2048, 1024),
+        test_scale=(2048, 1024),
+        crop_size=(512, 1024),
+        reduce_zero_label=False,
+    ),
+    "ade20k": dict(
+        **CLASSES_AND_PALETTES["ade20k"],
+        default_root="data/ade/ADEChallengeData2016",
+        train_scale=(2048, 512),
+        test_scale=(2048, 512),
+        crop_size=(512, 512),
+        reduce_zero_label=True,
+    ),
+    "voc12aug": dict(
+        **CLASSES_AND_PALETTES["voc12aug"],
+        default_root="data/VOCdevkit/VOC2012",
+        train_scale=(2048, 512),
+        test_scale=(2048, 512),
+        crop_size=(512, 512),
+        reduce_zero_label=False,
+    ),
+    "toy": dict(
+        classes=TOY_CLASSES,
+        palette=TOY_PALETTE,
+        default_root="data/toy",
+        train_scale=(256, 128),
+        test_scale=(256, 128),
+        crop_size=(128, 128),
+        reduce_zero_label=False,
+    ),
+}
+FOLDER_DEFAULTS = dict(train_scale=(2048, 512), test_scale=(2048, 512), crop_size=(512, 512))
+# The 769x769 Cityscapes configs resize to (2049, 1025) for training and testing (gcnet-spec.md §3.2).
+CITYSCAPES_769_SCALE = (2049, 1025)
+FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+# Shown when a root or a split is missing or empty.
+LAYOUTS = {
+    "cityscapes": (
+        "  {root}/leftImg8bit/{{train,val}}/<city>/<name>_leftImg8bit.png\n"
+        "  {root}/gtFine/{{train,val}}/<city>/<name>_gtFine_labelTrainIds.png\n"
+        "Get leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com,"
+        " unzip both into {root}, then run `python data.py prepare cityscapes {root}`."
+    ),
+    "ade20k": (
+        "  {root}/images/{{training,validation}}/<name>.jpg\n"
+        "  {root}/annotations/{{training,validation}}/<name>.png\n"
+        "Unzip ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/) into the parent"
+        " of {root}; the root is the ADEChallengeData2016 folder itself."
+    ),
+    "voc12aug": (
+        "  {root}/JPEGImages/<name>.jpg\n"
+        "  {root}/SegmentationClass/<name>.png, {root}/SegmentationClassAug/<name>.png\n"
+        "  {root}/ImageSets/Segmentation/{{train,val,aug}}.txt\n"
+        "Unpack VOCtrainval_11-May-2012.tar (gives VOCdevkit/VOC2012) and the SBD benchmark.tgz (into"
+        " VOCdevkit/VOCaug), then run `python data.py prepare voc12aug data/VOCdevkit data/VOCdevkit/VOCaug`"
+        " to write SegmentationClassAug and aug.txt."
+    ),
+    "folder": (
+        "  {root}/images/{{train,val}}/<name>.jpg (or .jpeg/.png/.webp)\n"
+        "  {root}/labels/{{train,val}}/<name>.png (class indices 0..C-1, 255 = ignore)\n"
+        "  {root}/classes.txt (one class per line: a name, optionally followed by R G B)"
+    ),
+}
+LAYOUTS["toy"] = (
+    "  {root}/leftImg8bit/{{train,val}}/toy/<name>_leftImg8bit.png\n"
+    "  {root}/gtFine/{{train,val}}/toy/<name>_gtFine_labelTrainIds.png\n"
+    "It is generated when {root} does not exist: delete {root} to generate it again."
+)
+
+
+# -----------------------------------------------------------------------------------------------
+# Reading images and labels
+
+
+def decode_file(path, mode):
+    """torchvision's decoder on a file. torchvision 0.29 marks its codecs deprecated in favour of
+    TorchCodec, which is not a dependency here; silence that warning, which would come once per image."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+        return decode_image(read_file(str(path)), mode=mode)
+
+
+def read_image(path):
+    """Decode an image file to a uint8 tensor 3 x H x W, RGB (grey and RGBA are converted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        image = decode_file(path, ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise ValueError(
+            f"cannot decode image {path} ({error}). Expected a JPEG, PNG or WebP file; "
+            "re-save or remove this file."
+        ) from None
+    if image.dtype != torch.uint8:  # 16-bit PNG: keep the 8 most significant bits
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
+def read_label(path):
+    """Decode a label PNG to a uint8 tensor H x W of class indices.
+
+    The PNG is decoded unchanged, so a palette PNG (VOC's SegmentationClass) gives its indices, as
+    PIL's 'P' mode does in the original (gcnet-spec.md §3.3 step 2), and not its colours.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label file not found: {path}")
+    try:
+        label = decode_file(path, ImageReadMode.UNCHANGED)
+    except RuntimeError as error:
+        raise ValueError(f"cannot decode label {path} ({error}). Expected a PNG of class indices.") from None
+    if label.shape[0] != 1:
+        raise ValueError(
+            f"label {path} has {label.shape[0]} channels; expected a single-channel (greyscale or palette) PNG "
+            "of class indices. A colour-coded mask must first be mapped to indices through its palette."
+        )
+    if label.dtype != torch.uint8:  # 16-bit PNG: fine as long as every value fits in 8 bits
+        label = label.to(torch.int32)
+        if int(label.max()) > 255:
+            raise ValueError(
+                f"label {path} is a 16-bit PNG with values up to {int(label.max())}; expected class "
+                "indices 0..254 and 255 = ignore. Save the labels as 8-bit PNGs."
+            )
+    return label[0].to(torch.uint8)
+
+
+def reduce_zero_label(label):
+    """ADE20K's reduce_zero_label: 0 ('other') -> 255, v -> v - 1, 255 stays (gcnet-spec.md §5.2)."""
+    label = label - 1  # uint8 arithmetic wraps 0 to 255, and turns 255 into 254 ...
+    label[label == 254] = IGNORE_INDEX  # ... which goes back to 255
+    return label
+
+
+def check_label_values(label, num_classes, path, dataset_name):
+    """Raise a ValueError naming the file when `label` holds values outside [0, C) and 255."""
+    if int(label.max()) < num_classes:  # the common case: one cheap pass
+        return
+    outside = (label >= num_classes) & (label != IGNORE_INDEX)
+    if not outside.any():
+        # A 0/255 mask in a two-class dataset is almost surely a foreground mask: 255 means
+        # "ignore" here, so the foreground would silently never be learned.
+        if num_classes == 2 and not (label == 1).any() and (label == 0).any():
+            raise ValueError(
+                f"label {path} holds only the values 0 and 255, in a dataset of 2 classes. 255 means "
+                "'ignore', so this looks like a 0/255 binary mask whose foreground would never be learned: "
+                "store the foreground as 1 (e.g. `mask // 255`) and keep 255 for pixels to ignore."
+            )
+        return
+    values = torch.unique(label).tolist()
+    raise ValueError(
+        f"label {path} holds the values {values}, but {dataset_name} has {num_classes} classes: expected "
+        f"0..{num_classes - 1} and 255 (ignore). {label_value_hint(values, num_classes)}"
+    )
+
+
+def label_value_hint(values, num_classes):
+    """The likely cause of out-of-range label values, for the error message."""
+    classes = [value for value in values if value != IGNORE_INDEX]
+    if num_classes == 19 and max(classes) <= 33:
+        return (
+            "These look like raw Cityscapes labelIds (0..33) rather than trainIds (0..18): run "
+            "`python data.py prepare cityscapes ROOT` and use the *_gtFine_labelTrainIds.png it writes."
+        )
+    if num_classes <= 2:
+        return (
+            "This looks like a 0/255 binary mask (values in between come from anti-aliasing or JPEG): store "
+            "class indices instead, e.g. `(mask > 127)` saved as a PNG of 0/1."
+        )
+    if max(classes) == num_classes:
+        return (
+            f"The values run up to {num_classes}: if 0 means 'other/unlabelled' and 1..{num_classes} are the "
+            "classes (as in raw ADE20K), reduce the labels (0 -> 255, v -> v-1) or add a class for 0 to "
+            "classes.txt."
+        )
+    return "Check that the labels are PNGs of class indices (not colours) and that every class is listed."
+
+
+# -----------------------------------------------------------------------------------------------
+# Resizing with OpenCV's semantics (gcnet-spec.md §7 item 13)
+
+
+def ratio_scale(scale, ratio):
+    """The scale (W, H) times a ratio, truncated as the original does: (int(W*r), int(H*r))."""
+    return int(scale[0] * ratio), int(scale[1] * ratio)
+
+
+def rescale_size(height, width, scale):
+    """(h, w) of mmcv.imrescale: the largest keep-ratio size that fits `scale` (W, H), either way round.
+
+    f = min(max(scale) / long side, min(scale) / short side), size = int(dim * f + 0.5).
+    E.g. a 375x500 VOC image with scale (2048, 512) becomes 512x683 (gcnet-spec.md §4.1).
+    """
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def round_to_uint8(image):
+    """Round half up and saturate, as OpenCV stores an interpolated 8-bit pixel (the values are >= 0,
+    so the truncating conversion after adding 0.5 is a floor)."""
+    return image.add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def resize_image(image, size):
+    """uint8 3 x H x W -> uint8 3 x h x w, bilinear like cv2 INTER_LINEAR (half-pixel centres, no
+    antialiasing, so a downscale samples rather than averages)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    resized = F.interpolate(
+        image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=False
+    )
+    return round_to_uint8(resized[0])
+
+
+def resize_label(label, size):
+    """uint8 H x W -> h x w, nearest like cv2 INTER_NEAREST: source index floor(dst * in / out).
+    (torch's 'nearest' is this rule; 'nearest-exact' rounds and would pick other pixels.)"""
+    if tuple(label.shape) == tuple(size):
+        return label
+    return F.interpolate(label[None, None], size=size, mode="nearest")[0, 0]
+
+
+def bilinear_taps(in_size, out_size, start, count):
+    """Source indices and weights of the output positions start..start+count-1 along one axis,
+    computed exactly as torch's bilinear kernel does (float32, align_corners=False)."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    source = (torch.arange(start, start + count, dtype=torch.float32) + 0.5) * scale - 0.5
+    source = source.clamp(min=0)
+    index0 = source.long()  # floor, as source >= 0
+    index1 = (index0 + 1).clamp(max=in_size - 1)
+    weight1 = (source - index0).clamp(0, 1)
+    return index0, index1, 1 - weight1, weight1
+
+
+def resize_image_window(image, size, top, left, height, width):
+    """The window [top:top+height, left:left+width] of resize_image(image, size), computing only it.
+
+    A training crop is a small part of the rescaled image (at ratio 2 a 512x1024 crop is 1/16 of a
+    2048x4096 Cityscapes image), so interpolating only the crop saves most of the work. The taps and
+    weights are torch's; only the float32 rounding order may differ from its kernel, which moves a
+    pixel by 1 when its value lies within a rounding error of .5 (about 1 pixel in 10^4).
+    """
+    row0, row1, row_weight0, row_weight1 = bilinear_taps(image.shape[1], size[0], top, height)
+    col0, col1, col_weight0, col_weight1 = bilinear_taps(image.shape[2], size[1], left, width)
+    # Convert only the source pixels the window reads; indices become relative to them.
+    first_row, first_col = int(row0[0]), int(col0[0])
+    source = image[:, first_row : int(row1[-1]) + 1, first_col : int(col1[-1]) + 1].float()
+    row0, row1, col0, col1 = row0 - first_row, row1 - first_row, col0 - first_col, col1 - first_col
+    rows = (
+        source.index_select(1, row0) * row_weight0[:, None]
+        + source.index_select(1, row1) * row_weight1[:, None]
+    )
+    shape = (
+        image.shape[0],
+        height,
+        width,
+    )  # rows is C x height x (source columns); gather picks columns fast
+    window = (
+        rows.gather(2, col0.expand(shape)) * col_weight0 + rows.gather(2, col1.expand(shape)) * col_weight1
+    )
+    return round_to_uint8(window)
+
+
+# -----------------------------------------------------------------------------------------------
+# Training transform (gcnet-spec.md §3.3): rescale, crop, flip, photometric distortion, normalise, pad.
+# Each step takes and returns (image, label): image uint8 3 x H x W RGB, label uint8 H x W.
+
+
+def random_crop_box(height, width, crop_size):
+    """Top-left corner of a random crop; offsets are uniform over every position that fits."""
+    top = int(torch.randint(0, max(height - crop_size[0], 0) + 1, ()))
+    left = int(torch.randint(0, max(width - crop_size[1], 0) + 1, ()))
+    return top, left
+
+
+def crop_is_acceptable(label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
+    """The cat_max_ratio test: at least two classes, and none covering cat_max_ratio or more of the
+    non-ignored pixels."""
+    counts = torch.bincount(label_crop.flatten(), minlength=256)
+    counts[ignore_index] = 0
+    counts = counts[counts > 0]
+    return len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio
+
+
+def choose_crop_box(label, crop_size, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
+    """Draw crops until one passes the cat_max_ratio test, checking at most 10; after 10 failures the
+    11th draw is used unchecked (gcnet-spec.md §3.3 step 4)."""
+    top, left = random_crop_box(*label.shape, crop_size)
+    if cat_max_ratio < 1:
+        for _ in range(10):
+            crop = label[top : top + crop_size[0], left : left + crop_size[1]]
+            if crop_is_acceptable(crop, cat_max_ratio, ignore_index):
+                break
+            top, left = random_crop_box(*label.shape, crop_size)
+    return top, left
+
+
+class RandomRescaleCrop:
+    """Steps 3 and 4 together: rescale by a random ratio, then take a crop of at most crop_size.
+
+    The ratio r is uniform in [0.5, 2); the image is rescaled to fit (int(W_s*r), int(H_s*r)) keeping its
+    aspect ratio. The crop is chosen on the rescaled label (cheap: uint8 nearest), and only the image
+    pixels inside it are interpolated; the result is that of resizing the whole image, then cropping
+    (up to float rounding, see resize_image_window).
+    An image smaller than the crop gives a smaller crop; NormalizePad fills it up.
+    """
+
+    def __init__(
+        self, scale, crop_size, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, ignore_index=IGNORE_INDEX
+    ):
+        self.scale, self.crop_size, self.ratio_range = scale, crop_size, ratio_range
+        self.cat_max_ratio, self.ignore_index = cat_max_ratio, ignore_index
+
+    def __call__(self, image, label):
+        low, high = self.ratio_range
+        ratio = float(torch.rand(())) * (high - low) + low
+        size = rescale_size(*label.shape, ratio_scale(self.scale, ratio))
+        label = resize_label(label, size)
+        top, left = choose_crop_box(label, self.crop_size, self.cat_max_ratio, self.ignore_index)
+        height, width = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
+        image = resize_image_window(image, size, top, left, height, width)
+        return image, label[top : top + height, left : left + width]
+
+
+class RandomHorizontalFlip:
+    """Step 5: mirror image and label with probability 0.5."""
+
+    def __init__(self, probability=0.5):
+        self.probability = probability
+
+    def __call__(self, image, label):
+        if float(torch.rand(())) < self.probability:
+            return image.flip(-1), label.flip(-1)
+        return image, label
+
+
+def coin_flip():
+    """True with probability 0.5 (the original's `randint(2)`)."""
+    return bool(torch.randint(2, ()))
+
+
+def uniform(low, high):
+    """A float drawn uniformly from [low, high)."""
+    return float(torch.rand(())) * (high - low) + low
+
+
+def scale_and_shift_uint8(image, alpha=1.0, beta=0.0):
+    """image * alpha + beta in float32, clipped to 0..255, then truncated back to uint8."""
+    return (image.float() * alpha + beta).clamp_(0, 255).to(torch.uint8)
+
+
+# OpenCV's 8-bit BGR<->HSV conversion is fixed-point (12 fractional bits) with these division tables.
+# No entry is a tie, so round() is OpenCV's saturate_cast here.
+SATURATION_DIVISORS = torch.tensor([0] + [round((255 << 12) / v) for v in range(1, 256)], dtype=torch.int32)
+HUE_DIVISORS = torch.tensor([0] + [round((180 << 12) / (6 * d)) for d in range(1, 256)], dtype=torch.int32)
+# Which of (v, p, q, t) each of R, G, B takes in each 60-degree sector of the hue circle.
+HUE_SECTORS = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+
+
+def rgb_to_hsv_uint8(image):
+    """uint8 RGB 3 x H x W -> (hue 0..179, saturation 0..255, value 0..255), int32 H x W each, bit-exact
+    with cv2.cvtColor(COLOR_BGR2HSV) on the same pixels in BGR order."""
+    red, green, blue = image.to(torch.int32).unbind(0)
+    value = torch.maximum(torch.maximum(red, green), blue)
+    spread = value - torch.minimum(torch.minimum(red, green), blue)
+    saturation = (spread * SATURATION_DIVISORS[value] + (1 << 11)) >> 12
+    hue = torch.where(
+        value == red,
+        green - blue,
+        torch.where(value == green, blue - red + 2 * spread, red - green + 4 * spread),
+    )
+    hue = (hue * HUE_DIVISORS[spread] + (1 << 11)) >> 12  # arithmetic shift: floor, as in C
+    hue = torch.where(hue < 0, hue + 180, hue)
+    return hue, saturation, value
+
+
+def hsv_to_rgb_uint8(hue, saturation, value):
+    """Inverse of rgb_to_hsv_uint8, computed as OpenCV's COLOR_HSV2BGR for 8 bits: in float32, then
+    rounded to nearest."""
+    h = hue.float() * (6 / 180)  # sector position in [0, 6)
+    s = saturation.float() * (1 / 255)
+    v = value.float() * (1 / 255)
+    sector = h.long()  # floor, as h >= 0
+    fraction = h - sector
+    candidates = torch.stack(
+        [v, v * (1 - s), v * (1 - s * fraction), v * (1 - s * (1 - fraction))]
+    )  # 4 x H x W
+    picks = HUE_SECTORS[sector].permute(2, 0, 1)  # 3 x H x W, indices into candidates
+    rgb = candidates.gather(0, picks) * 255
+    return rgb.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class PhotometricDistortion:
+    """Step 6: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order.
+
+    Each step happens with probability 0.5, on uint8 pixels with clipping and truncation after each:
+    brightness (add U(-32, 32)); contrast (multiply by U(0.5, 1.5)) either now or last, decided by a
+    coin; saturation (multiply S by U(0.5, 1.5)); hue (add an integer in [-18, 17] to H, modulo 180).
+    The original works on BGR; brightness and contrast act on every channel alike and the HSV
+    conversion here takes RGB, so the arithmetic is the same.
+    """
+
+    def __init__(
+        self, brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta=18
+    ):
+        self.brightness_delta = brightness_delta
+        self.contrast_range, self.saturation_range = contrast_range, saturation_range
+        self.hue_delta = hue_delta
+
+    def contrast(self, image):
+        if coin_flip():
+            image = scale_and_shift_uint8(image, alpha=uniform(*self.contrast_range))
+        return image
+
+    def __call__(self, image, label):
+        if coin_flip():
+            image = scale_and_shift_uint8(image, beta=uniform(-self.brightness_delta, self.brightness_delta))
+        # The original's code (not its comment) puts contrast first when mode == 1.
+        contrast_first = coin_flip()
+        if contrast_first:
+            image = self.contrast(image)
+        if coin_flip():
+            hue, saturation, value = rgb_to_hsv_uint8(image)
+            saturation = scale_and_shift_uint8(saturation, alpha=uniform(*self.saturation_range))
+            image = hsv_to_rgb_uint8(hue, saturation, value)
+        if coin_flip():
+            hue, saturation, value = rgb_to_hsv_uint8(image)
+            # torch.randint's upper bound is exclusive, like numpy's: the delta is in [-18, 17].
+            hue = (hue + int(torch.randint(-self.hue_delta, self.hue_delta, ()))) % 180
+            image = hsv_to_rgb_uint8(hue, saturation, value)
+        if not contrast_first:
+            image = self.contrast(image)
+        return image, label
+
+
+MEAN_TENSOR = torch.tensor(MEAN).view(3, 1, 1)
+STD_TENSOR = torch.tensor(STD).view(3, 1, 1)
+
+
+def normalize(image):
+    """uint8 RGB 3 x H x W -> float32 (image - MEAN) / STD."""
+    return (image.float() - MEAN_TENSOR) / STD_TENSOR
+
+
+def denormalize(image):
+    """Inverse of normalize, for pictures: float (N x) 3 x H x W -> uint8 RGB."""
+    image = image.detach().float().cpu() * STD_TENSOR + MEAN_TENSOR
+    return image.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class NormalizePad:
+    """Steps 7 and 8: normalise, then pad the image with 0 (the mean colour, since this comes after
+    normalisation) and the label with 255 at the bottom/right up to crop_size."""
+
+    def __init__(self, crop_size, ignore_index=IGNORE_INDEX):
+        self.crop_size, self.ignore_index = crop_size, ignore_index
+
+    def __call__(self, image, label):
+        image = normalize(image)
+        pad_bottom = self.crop_size[0] - image.shape[1]
+        pad_right = self.crop_size[1] - image.shape[2]
+        if pad_bottom > 0 or pad_right > 0:
+            padding = (0, max(pad_right, 0), 0, max(pad_bottom, 0))  # (left, right, top, bottom)
+            image = F.pad(image, padding, value=0.0)
+            label = F.pad(label, padding, value=self.ignore_index)
+        return image, label.long()
+
+
+class TrainTransform:
+    """The whole training pipeline: (uint8 3 x H x W RGB image, H x W label) -> (float32 3 x h x w,
+    int64 h x w) at crop_size (h, w). train_scale is (W, H), e.g. (2048, 1024) for Cityscapes."""
+
+    def __init__(self, train_scale, crop_size, ignore_index=IGNORE_INDEX, cat_max_ratio=0.75):
+        self.steps = [
+            RandomRescaleCrop(train_scale, crop_size, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
+            RandomHorizontalFlip(0.5),
+            PhotometricDistortion(),  # on the crop, as in the original: cheap
+            NormalizePad(crop_size, ignore_index),
+        ]
+
+    def __call__(self, image, label):
+        label = label.to(torch.uint8)
+        for step in self.steps:
+            image, label = step(image, label)
+        return image, label
+
+
+# -----------------------------------------------------------------------------------------------
+# Test transform (gcnet-spec.md §4.1, §4.4)
+
+
+def test_transform(image, scale, ratios=(1.0,)):
+    """uint8 RGB 3 x H x W -> one normalised float32 image per ratio, each rescaled to fit
+    (int(W_s*r), int(H_s*r)) with its aspect ratio kept. The label is not touched: evaluation uses it
+    at its original resolution."""
+    height, width = image.shape[-2:]
+    return [
+        normalize(resize_image(image, rescale_size(height, width, ratio_scale(scale, r)))) for r in ratios
+    ]
+
+
+# -----------------------------------------------------------------------------------------------
+# Datasets (gcnet-spec.md §5)
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """A list of (image, label) files and the transform of its split.
+
+    train items: (image float32 3 x h x w, label int64 h x w) at crop_size.
+    val items:   (images, label, meta): one normalised image per test ratio, the int64 label at its
+                 original size, and meta = dict(name, image_path, original_size=(H, W)).
+    """
+
+    def __init__(
+        self,
+        name,
+        root,
+        split,
+        pairs,
+        classes,
+        palette,
+        *,
+        train_scale,
+        test_scale,
+        crop_size,
+        test_ratios=(1.0,),
+        reduce_zero_label=False,
+        image_suffix=None,
+    ):
+        self.name, self.root, self.split = name, str(root), split
+        self.pairs = pairs  # [(image_path, label_path)] as str: cheap to send to DataLoader workers
+        self.classes = list(classes)
+        self.palette = [list(colour) for colour in palette]
+        self.num_classes = len(self.classes)
+        self.ignore_index = IGNORE_INDEX
+        self.train_scale, self.test_scale = tuple(train_scale), tuple(test_scale)
+        self.crop_size, self.test_ratios = tuple(crop_size), tuple(test_ratios)
+        self.reduce_zero_label = reduce_zero_label
+        self.image_suffix = image_suffix  # stripped from file names to give meta["name"]
+        self.train_transform = TrainTransform(self.train_scale, self.crop_size) if split == "train" else None
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def load(self, index):
+        """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W), before any transform."""
+        image_path, label_path = self.pairs[index]
+        image, label = read_image(image_path), read_label(label_path)
+        if image.shape[1:] != label.shape:
+            raise ValueError(
+                f"image {image_path} is {image.shape[2]}x{image.shape[1]} (WxH) but its label {label_path} is "
+                f"{label.shape[1]}x{label.shape[0]}; an image and its label must have the same size."
+            )
+        if self.reduce_zero_label:
+            label = reduce_zero_label(label)
+        check_label_values(label, self.num_classes, label_path, self.name)
+        return image, label
+
+    def __getitem__(self, index):
+        image, label = self.load(index)
+        if self.train_transform is not None:
+            return self.train_transform(image, label)
+        image_path = self.pairs[index][0]
+        file_name = Path(image_path).name
+        if self.image_suffix and file_name.endswith(self.image_suffix):
+            name = file_name[: -len(self.image_suffix)]
+        else:
+            name = Path(image_path).stem
+        meta = dict(name=name, image_path=image_path, original_size=tuple(label.shape))
+        return test_transform(image, self.test_scale, self.test_ratios), label.long(), meta
+
+    def __repr__(self):
+        return f"SegmentationDataset({self.name!r}, {self.split!r}, {len(self)} images, root={self.root!r})"
+
+
+def collate_val(batch):
+    """Batch val items of different sizes: (list of image lists, labels stacked when they share a size
+    else a list, list of metas)."""
+    images, labels, metas = zip(*batch, strict=True)
+    same_size = all(label.shape == labels[0].shape for label in labels)
+    return list(images), torch.stack(labels) if same_size else list(labels), list(metas)
+
+
+def missing_path_error(name, root, path, what="not found"):
+    layout = LAYOUTS[name].format(root=root)
+    return FileNotFoundError(f"{name}: {path} {what}.\nExpected layout under the root {root}:\n{layout}")
+
+
+def check_partners(name, pairs, image_dir, hint=lambda label_path: ""):
+    """Fail early, naming the files, when images lack their label file; hint(label_path) adds advice."""
+    missing = [(image, label) for image, label in pairs if not os.path.isfile(label)]
+    if missing:
+        image, label = missing[0]
+        raise FileNotFoundError(
+            f"{name}: {len(missing)} of {len(pairs)} images in {image_dir} have no label file, e.g. {image} "
+            f"(expected {label}). {hint(label)}".rstrip()
+        )
+
+
+def find_cityscapes_pairs(root, split, name="cityscapes"):
+    image_dir = root / "leftImg8bit" / split
+    if not image_dir.is_dir():
+        raise missing_path_error(name, root, image_dir)
+    images = sorted(image_dir.rglob("*_leftImg8bit.png"))  # recursive, as the original scans img_dir
+    if not images:
+        raise missing_path_error(name, root, image_dir, "holds no *_leftImg8bit.png files")
+    label_dir = root / "gtFine" / split
+    pairs = []
+    for image in images:
+        relative = image.relative_to(image_dir)
+        label_name = relative.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+        pairs.append((str(image), str(label_dir / relative.parent / label_name)))
+
+    def hint(label_path):
+        raw_ids = label_path.replace("_labelTrainIds.png", "_labelIds.png")
+        return (
+            f"Run `python data.py prepare cityscapes {root}` to write them."
+            if os.path.isfile(raw_ids)
+            else ""
+        )
+
+    check_partners(name, pairs, image_dir, hint)
+    return pairs
+
+
+def find_ade20k_pairs(root, split):
+    subset = {"train": "training", "val": "validation"}[split]
+    image_dir = root / "images" / subset
+    if not image_dir.is_dir():
+        raise missing_path_error("ade20k", root, image_dir)
+    images = sorted(image_dir.glob("*.jpg"))
+    if not images:
+        raise missing_path_error("ade20k", root, image_dir, "holds no .jpg files")
+    pairs = [(str(image), str(root / "annotations" / subset / (image.stem + ".png"))) for image in images]
+    check_partners("ade20k", pairs, image_dir)
+    return pairs
+
+
+def find_voc12aug_pairs(root, split):
+    """train = train.txt with SegmentationClass + aug.txt with SegmentationClassAug (10582 images in
+    all); val = val.txt with SegmentationClass (gcnet-spec.md §5.3)."""
+    parts = [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")]
+    if split == "val":
+        parts = [("val.txt", "SegmentationClass")]
+    prepare_hint = (
+        "Run `python data.py prepare voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and SegmentationClassAug."
+    )
+    pairs = []
+    for list_name, label_dir in parts:
+        list_path = root / "ImageSets" / "Segmentation" / list_name
+        if not list_path.is_file() and list_name == "aug.txt":
+            raise FileNotFoundError(f"voc12aug: {list_path} not found. {prepare_hint}")
+        if not list_path.is_file():
+            raise missing_path_error("voc12aug", root, list_path)
+        names = list_path.read_text().split()
+        if not names:
+            raise ValueError(f"voc12aug: {list_path} lists no images; expected one image name per line.")
+        part = [(str(root / "JPEGImages" / f"{n}.jpg"), str(root / label_dir / f"{n}.png")) for n in names]
+        missing_images = [image for image, _ in part if not os.path.isfile(image)]
+        if missing_images:
+            raise FileNotFoundError(
+                f"voc12aug: {len(missing_images)} images listed in {list_path} are missing, e.g. {missing_images[0]}."
+            )
+        hint = prepare_hint if label_dir == "SegmentationClassAug" else ""
+        check_partners("voc12aug", part, root / "JPEGImages", lambda _, hint=hint: hint)
+        pairs += part
+    return pairs
+
+
+def default_palette(num_classes):
+    """Distinct colours for classes.txt lines without R G B: the bit-spreading colour map of the VOC
+    devkit (index bits go to the high bits of R, G and B in turn)."""
+    palette = []
+    for index in range(num_classes):
+        colour, bits = [0, 0, 0], index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                colour[channel] |= ((bits >> channel) & 1) << shift
+            bits >>= 3
+        palette.append(colour)
+    return palette
+
+
+def read_classes_file(root):
+    """ROOT/classes.txt: one class per line, a name optionally followed by R G B; '#' starts a comment."""
+    path = root / "classes.txt"
+    if not path.is_file():
+        raise missing_path_error("folder", root, path)
+    classes, palette = [], []
+    for line in path.read_text().splitlines():
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        if len(words) >= 4 and all(word.isdigit() for word in words[-3:]):
+            colour = [int(word) for word in words[-3:]]
+            if max(colour) > 255:
+                raise ValueError(
+                    f"{path}: colour {colour} of class {' '.join(words[:-3])!r} is not in 0..255."
+                )
+            classes.append(" ".join(words[:-3]))
+            palette.append(colour)
+        else:
+            classes.append(" ".join(words))
+            palette.append(None)
+    if len(classes) < 2:
+        raise ValueError(
+            f"{path} lists {len(classes)} classes; expected at least 2 (e.g. background and one more)."
+        )
+    fallback = default_palette(len(classes))
+    return classes, [colour or fallback[index] for index, colour in enumerate(palette)]
+
+
+def find_folder_pairs(root, split):
+    image_dir = root / "images" / split
+    if not image_dir.is_dir():
+        raise missing_path_error("folder", root, image_dir)
+    images = sorted(path for path in image_dir.iterdir() if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS)
+    if not images:
+        raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")
+    pairs = [(str(image), str(root / "labels" / split / (image.stem + ".png"))) for image in images]
+    check_partners("folder", pairs, image_dir)
+    return pairs
+
+
+def write_png(image, path, compression_level=6):
+    """Write a uint8 C x H x W tensor as PNG through a temporary file, so that a file that exists is
+    complete (an interrupted run is picked up where it stopped)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with warnings.catch_warnings():  # see decode_file
+        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+        encoded = encode_png(image.contiguous(), compression_level=compression_level)
+    temporary.write_bytes(encoded.numpy().tobytes())
+    os.replace(temporary, path)
+
+
+def draw_toy_sample(seed):
+    """One toy image (uint8 H x W x 3) and label (uint8 H x W): 3 to 6 shapes on a grey texture.
+
+    The class is given by the colour (and the shape): a network from scratch learns it in minutes.
+    """
+    rng = np.random.RandomState(seed)
+    height, width = TOY_IMAGE_SIZE
+    # Grey texture: mostly brightness noise shared by the channels, so its saturation stays low.
+    image = (
+        rng.randint(70, 180)
+        + rng.normal(0, 12, size=(height, width, 1))
+        + rng.normal(0, 3, (height, width, 3))
+    )
+    label = np.zeros((height, width), np.uint8)
+    rows, cols = np.mgrid[0:height, 0:width]
+    for _ in range(rng.randint(3, 7)):
+        class_index = rng.randint(1, len(TOY_CLASSES))
+        centre_row, centre_col, size = rng.randint(0, height), rng.randint(0, width), rng.randint(10, 32)
+        dy, dx = np.abs(rows - centre_row), np.abs(cols - centre_col)
+        mask = {
+            1: dy**2 + dx**2 < size**2,  # disc
+            2: np.maximum(dy, dx) < size,  # square
+            3: dy + dx < size,  # diamond
+            4: (dy < size // 3) & (dx < 2 * size),  # horizontal bar
+        }[class_index]
+        colour = np.array(TOY_PALETTE[class_index]) * rng.uniform(0.75, 1.1)
+        image[mask] = colour + rng.normal(0, 10, size=(int(mask.sum()), 3))
+        label[mask] = class_index
+    return image.clip(0, 255).astype(np.uint8), label
+
+
+def write_toy_files(folder):
+    """All toy images and labels, in the Cityscapes layout under `folder`; sample i uses seed i."""
+    seed = 0
+    for split, count in TOY_COUNTS.items():
+        image_dir = folder / "leftImg8bit" / split / "toy"
+        label_dir = folder / "gtFine" / split / "toy"
+        image_dir.mkdir(parents=True)
+        label_dir.mkdir(parents=True)
+        for index in range(count):
+            image, label = draw_toy_sample(seed)
+            seed += 1
+            stem = f"toy_{index:06d}"
+            # Fast compression: the noise does not compress anyway.
+            image_file = image_dir / f"{stem}_leftImg8bit.png"
+            write_png(torch.from_numpy(image).permute(2, 0, 1), image_file, compression_level=1)
+            write_png(torch.from_numpy(label)[None], label_dir / f"{stem}_gtFine_labelTrainIds.png", 1)
+
+
+def make_toy_dataset(root):
+    """Write the toy dataset into `root` in the Cityscapes layout, atomically: everything goes to a
+    temporary folder that is renamed to `root` at the end, so an interrupted run leaves no half dataset
+    (and two processes generating at once do not mix their files)."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temporary = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    total = sum(TOY_COUNTS.values())
+    print(
+        f"toy: writing {total} images of {TOY_IMAGE_SIZE[1]}x{TOY_IMAGE_SIZE[0]} into {root}", file=sys.stderr
+    )
+    try:
+        write_toy_files(temporary)
+        try:
+            os.rename(temporary, root)  # atomic; replaces `root` only if it is an empty folder
+        except OSError:
+            if not (root / "leftImg8bit").is_dir():
+                raise FileExistsError(
+                    f"toy: cannot create the toy dataset at {root}: the folder exists and is not a toy "
+                    "dataset. Delete it or pass another root."
+                ) from None
+            # else another process finished first: use its (identical) dataset
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)  # nothing left after the rename
+
+
+def build_dataset(name, root=None, split="train", crop_size=None, test_scale=None, test_ratios=(1.0,)):
+    """Build a dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'.
+
+    root: default DATASETS[name]['default_root'] ('folder' needs one). split: 'train' or 'val'.
+    crop_size: (h, w) of training crops, default the recipe's. test_scale: (W, H) the images are
+    rescaled to fit; the original uses one scale for training and testing, so it sets both. A
+    Cityscapes crop of (769, 769) implies the scale (2049, 1025) of the 769 configs. test_ratios: the
+    ratios of multi-scale testing (gcnet-spec.md §4.4), one val image per ratio.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if name == "folder":
+        if root is None:
+            raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
+        preset = dict(FOLDER_DEFAULTS, reduce_zero_label=False)
+    elif name in DATASETS:
+        preset = DATASETS[name]
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS) + ['folder']}")
+    root = Path(root if root is not None else preset["default_root"])
+    if isinstance(crop_size, int):
+        crop_size = (crop_size, crop_size)
+    crop_size = tuple(crop_size or preset["crop_size"])
+    if test_scale is not None:
+        train_scale = test_scale = tuple(test_scale)
+    elif name == "cityscapes" and crop_size == (769, 769):
+        train_scale = test_scale = CITYSCAPES_769_SCALE
+    else:
+        train_scale, test_scale = preset["train_scale"], preset["test_scale"]
+
+    if name == "toy" and not (root / "leftImg8bit").is_dir():
+        make_toy_dataset(root)
+    if not root.is_dir():
+        raise missing_path_error(name, root, root)
+    if name == "folder":
+        classes, palette = read_classes_file(root)
+    else:
+        classes, palette = preset["classes"], preset["palette"]
+    find_pairs = {
+        "cityscapes": find_cityscapes_pairs,
+        "toy": lambda root, split: find_cityscapes_pairs(root, split, name="toy"),
+        "ade20k": find_ade20k_pairs,
+        "voc12aug": find_voc12aug_pairs,
+        "folder": find_folder_pairs,
+    }[name]
+    return SegmentationDataset(
+        name,
+        root,
+        split,
+        find_pairs(root, split),
+        classes,
+        palette,
+        train_scale=train_scale,
+        test_scale=test_scale,
+        crop_size=crop_size,
+        test_ratios=test_ratios,
+        reduce_zero_label=preset["reduce_zero_label"],
+        image_suffix="_leftImg8bit.png" if name in ("cityscapes", "toy") else None,
+    )
+
+
+# -----------------------------------------------------------------------------------------------
+# Preparation: `python data.py prepare cityscapes ROOT`, `python data.py prepare voc12aug DEVKIT SBD`
+
+
+# Cityscapes id -> trainId (csscripts helpers/labels.py, gcnet-spec.md §5.1); every other id -> 255.
+CITYSCAPES_ID_TO_TRAINID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+CITYSCAPES_TRAINID_TABLE = torch.tensor(
+    [CITYSCAPES_ID_TO_TRAINID.get(label_id, IGNORE_INDEX) for label_id in range(256)], dtype=torch.uint8
+)
+
+
+def convert_cityscapes_label(label_ids_path):
+    """*_gtFine_labelIds.png -> *_gtFine_labelTrainIds.png beside it; returns 'converted' or 'skipped'."""
+    target = label_ids_path.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png")
+    if os.path.isfile(target):
+        return "skipped"
+    label_ids = read_label(label_ids_path)
+    write_png(CITYSCAPES_TRAINID_TABLE[label_ids.long()][None], target)
+    return "converted"
+
+
+def run_in_pool(function, jobs, workers, description):
+    """Map `function` over `jobs` with a process pool and a progress bar; count the returned statuses."""
+    counts = Counter()
+    if workers <= 1:
+        for status in tqdm(map(function, jobs), total=len(jobs), desc=description):
+            counts[status] += 1
+        return counts
+    # One torch thread per process: the parallelism comes from the pool.
+    with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for status in tqdm(
+            pool.imap_unordered(function, jobs, chunksize=8), total=len(jobs), desc=description
+        ):
+            counts[status] += 1
+    return counts
+
+
+def prepare_cityscapes(root, workers=8):
+    """Write gtFine/**/*_gtFine_labelTrainIds.png from *_gtFine_labelIds.png (train, val and test)."""
+    root = Path(root)
+    gt_dir = root / "gtFine"
+    if not gt_dir.is_dir():
+        raise missing_path_error("cityscapes", root, gt_dir)
+    sources = sorted(str(path) for path in gt_dir.rglob("*_gtFine_labelIds.png"))
+    if not sources:
+        raise missing_path_error("cityscapes", root, gt_dir, "holds no *_gtFine_labelIds.png files")
+    counts = run_in_pool(convert_cityscapes_label, sources, workers, "cityscapes labelTrainIds")
+    print(
+        f"cityscapes: {counts['converted']} converted, {counts['skipped']} skipped (already done) in {gt_dir}"
+    )
+    return counts
+
+
+def import_loadmat():
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise ImportError(
+            "preparing voc12aug reads SBD's .mat files with scipy, which is not installed: pip install scipy"
+        ) from None
+    return loadmat
+
+
+def read_sbd_segmentation(path):
+    """The class-index map of an SBD cls/*.mat file: the field Segmentation of its struct GTcls."""
+    contents = import_loadmat()(path, squeeze_me=True, struct_as_record=False)
+    if "GTcls" not in contents:
+        keys = sorted(key for key in contents if not key.startswith("__"))
+        raise ValueError(
+            f"{path} has no GTcls struct (found {keys}); expected an SBD dataset/cls/*.mat file."
+        )
+    struct = contents["GTcls"]
+    if isinstance(struct, np.ndarray):  # a struct array that squeeze_me left wrapped
+        struct = struct.flat[0]
+    segmentation = struct.Segmentation if hasattr(struct, "Segmentation") else struct["Segmentation"]
+    return np.asarray(segmentation, dtype=np.uint8)
+
+
+def convert_sbd_label(job):
+    """(mat_path, png_path) -> 'converted' or 'skipped'."""
+    mat_path, png_path = job
+    if os.path.isfile(png_path):
+        return "skipped"
+    write_png(torch.from_numpy(read_sbd_segmentation(mat_path))[None], png_path)
+    return "converted"
+
+
+def read_names(path):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found; expected a list of image names, one per line.")
+    return Path(path).read_text().split()
+
+
+def prepare_voc12aug(devkit, sbd_root, workers=8):
+    """SBD's cls/*.mat -> VOC2012/SegmentationClassAug/*.png, then ImageSets/Segmentation/aug.txt and
+    trainaug.txt (gcnet-spec.md §5.3):
+        trainaug = (VOC train | SBD train | SBD val) - VOC val   (10582 names with the full data)
+        aug      = (SBD train | SBD val) - VOC train - VOC val   (9118)
+    """
+    devkit, sbd_root = Path(devkit), Path(sbd_root)
+    voc = devkit / "VOC2012" if (devkit / "VOC2012").is_dir() else devkit
+    sbd = sbd_root / "dataset" if (sbd_root / "dataset" / "cls").is_dir() else sbd_root
+    lists = voc / "ImageSets" / "Segmentation"
+    if not lists.is_dir():
+        raise missing_path_error("voc12aug", voc, lists)
+    mats = sorted((sbd / "cls").glob("*.mat"))
+    if not mats:
+        raise FileNotFoundError(
+            f"voc12aug: no .mat files in {sbd / 'cls'}. Expected SBD's benchmark_RELEASE/dataset (or its parent) "
+            "with cls/*.mat, train.txt and val.txt; pass it as SBD_ROOT."
+        )
+    import_loadmat()  # fail before starting the pool when scipy is missing
+    out_dir = voc / "SegmentationClassAug"
+    out_dir.mkdir(exist_ok=True)
+    jobs = [(str(mat), str(out_dir / f"{mat.stem}.png")) for mat in mats]
+    counts = run_in_pool(convert_sbd_label, jobs, workers, "voc12aug SegmentationClassAug")
+
+    sbd_names = read_names(sbd / "train.txt") + read_names(sbd / "val.txt")
+    voc_train, voc_val = read_names(lists / "train.txt"), read_names(lists / "val.txt")
+    trainaug = sorted((set(voc_train) | set(sbd_names)) - set(voc_val))
+    aug = sorted(set(sbd_names) - set(voc_train) - set(voc_val))
+    unconverted = [name for name in aug if not (out_dir / f"{name}.png").is_file()]
+    if unconverted:
+        raise FileNotFoundError(
+            f"voc12aug: {len(unconverted)} SBD images have no {sbd / 'cls'}/<name>.mat, e.g. {unconverted[0]}."
+        )
+    # The original asserts these counts; they only hold for the complete VOC 2012 and SBD.
+    is_complete = (len(voc_train), len(voc_val), len(set(sbd_names))) == (1464, 1449, 11355)
+    if is_complete and (len(trainaug), len(aug)) != (10582, 9118):
+        raise ValueError(
+            f"voc12aug: expected 10582 trainaug and 9118 aug names from the complete VOC 2012 + SBD, got "
+            f"{len(trainaug)} and {len(aug)}; check {lists} and {sbd}."
+        )
+    (lists / "trainaug.txt").write_text("".join(f"{name}\n" for name in trainaug))
+    (lists / "aug.txt").write_text("".join(f"{name}\n" for name in aug))
+    print(
+        f"voc12aug: {counts['converted']} converted, {counts['skipped']} skipped (already done) in {out_dir}; "
+        f"wrote aug.txt ({len(aug)}) and trainaug.txt ({len(trainaug)}) in {lists}"
+    )
+    return counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare datasets for GCNet (see the docstring of data.py).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="one-off conversion of a downloaded dataset")
+    datasets = prepare.add_subparsers(dest="dataset", required=True)
+    default_workers = min(8, os.cpu_count() or 1)
+    cityscapes = datasets.add_parser(
+        "cityscapes", help="write *_gtFine_labelTrainIds.png from *_gtFine_labelIds.png"
+    )
+    cityscapes.add_argument("root", help="the Cityscapes root, holding leftImg8bit/ and gtFine/")
+    voc = datasets.add_parser("voc12aug", help="write SegmentationClassAug and aug.txt from SBD")
+    voc.add_argument("devkit", help="the VOCdevkit folder, holding VOC2012/")
+    voc.add_argument("sbd_root", help="the SBD folder (VOCaug, holding dataset/cls/*.mat)")
+    for subparser in (cityscapes, voc):
+        subparser.add_argument("--workers", type=int, default=default_workers, help="parallel processes")
+    args = parser.parse_args(argv)
+    try:
+        if args.dataset == "cityscapes":
+            prepare_cityscapes(args.root, args.workers)
+        else:
+            prepare_voc12aug(args.devkit, args.sbd_root, args.workers)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

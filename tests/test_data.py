@@ -1,0 +1,595 @@
+"""data.py: layouts and counts, label conversion, the training and test transforms, errors, preparation.
+
+Every dataset is a tiny fixture (32x64 images) written into tmp_path in the real layout.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+
+HEIGHT, WIDTH = 32, 64
+# The official Cityscapes id -> trainId table, written out for ids 0..33 (gcnet-spec.md §5.1).
+CITYSCAPES_TRAINIDS = [255] * 7 + [0, 1, 255, 255, 2, 3, 4, 255, 255, 255, 5, 255, 6, 7, 8, 9, 10]
+CITYSCAPES_TRAINIDS += [11, 12, 13, 14, 15, 255, 255, 16, 17, 18]
+
+
+def save(path, array, palette=None):
+    """Write a uint8 array (H x W or H x W x 3) as PNG or JPEG; with a palette, as a palette PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(np.asarray(array, dtype=np.uint8))
+    if palette is not None:
+        image = image.convert("P")
+        image.putpalette(palette)
+        image.frombytes(np.asarray(array, dtype=np.uint8).tobytes())  # keep the indices as they are
+    image.save(path)
+
+
+def random_image(seed, height=HEIGHT, width=WIDTH):
+    return np.random.RandomState(seed).randint(0, 256, (height, width, 3))
+
+
+def random_label(seed, num_classes, height=HEIGHT, width=WIDTH, low=0):
+    label = np.random.RandomState(seed).randint(low, num_classes, (height, width))
+    label[:2] = 255  # some ignored pixels, as in real labels
+    return label
+
+
+def make_cityscapes(root):
+    names = {"train": ["aachen/aachen_000000", "aachen/aachen_000001", "bochum/bochum_000000"]}
+    names["val"] = ["frankfurt/frankfurt_000000", "lindau/lindau_000000"]
+    for split, stems in names.items():
+        for seed, stem in enumerate(stems):
+            save(root / "leftImg8bit" / split / f"{stem}_000019_leftImg8bit.png", random_image(seed))
+            save(root / "gtFine" / split / f"{stem}_000019_gtFine_labelTrainIds.png", random_label(seed, 19))
+    return root
+
+
+def make_ade20k(root):
+    for subset, count in (("training", 3), ("validation", 2)):
+        for index in range(count):
+            stem = f"ADE_{subset[:5]}_{index:08d}"
+            save(root / "images" / subset / f"{stem}.jpg", random_image(index))
+            save(root / "annotations" / subset / f"{stem}.png", random_label(index, 151))
+    return root
+
+
+VOC_PALETTE = [value for index in range(256) for value in data.default_palette(256)[index]]
+
+
+def make_voc12aug(root):
+    lists = {"train.txt": ["2007_000032", "2007_000039"], "val.txt": ["2007_000033"]}
+    lists["aug.txt"] = ["2008_000002", "2008_000003", "2008_000007"]
+    for list_name, names in lists.items():
+        label_dir = "SegmentationClassAug" if list_name == "aug.txt" else "SegmentationClass"
+        for seed, name in enumerate(names):
+            save(root / "JPEGImages" / f"{name}.jpg", random_image(seed))
+            if label_dir == "SegmentationClass":  # palette PNGs with 255 boundaries
+                save(root / label_dir / f"{name}.png", random_label(seed, 21), palette=VOC_PALETTE)
+            else:
+                save(
+                    root / label_dir / f"{name}.png",
+                    np.random.RandomState(seed).randint(0, 21, (HEIGHT, WIDTH)),
+                )
+        (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (root / "ImageSets" / "Segmentation" / list_name).write_text("".join(f"{n}\n" for n in names))
+    return root
+
+
+def make_folder(root, num_classes=3, label_for=None):
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["background 0 0 0", "traffic light 250 170 30"] + [f"class {i}" for i in range(2, num_classes)]
+    (root / "classes.txt").write_text("# name [R G B]\n" + "\n".join(lines[:num_classes]) + "\n")
+    for split, count, extension in (("train", 3, ".png"), ("val", 2, ".jpg")):
+        for index in range(count):
+            save(root / "images" / split / f"photo{index}{extension}", random_image(index))
+            label = label_for(index) if label_for else random_label(index, num_classes)
+            save(root / "labels" / split / f"photo{index}.png", label)
+    return root
+
+
+SMALL = dict(crop_size=(16, 16), test_scale=(64, 32))  # keeps the fixtures at their size
+
+
+# -----------------------------------------------------------------------------------------------
+# Layouts, counts and items
+
+
+def test_counts_per_split_and_classes(tmp_path):
+    cityscapes = make_cityscapes(tmp_path / "cityscapes")
+    ade = make_ade20k(tmp_path / "ade" / "ADEChallengeData2016")
+    voc = make_voc12aug(tmp_path / "VOCdevkit" / "VOC2012")
+    folder = make_folder(tmp_path / "mine")
+    expected = {"cityscapes": (cityscapes, 3, 2, 19), "ade20k": (ade, 3, 2, 150), "voc12aug": (voc, 5, 1, 21)}
+    expected["folder"] = (folder, 3, 2, 3)
+    for name, (root, train_count, val_count, num_classes) in expected.items():
+        train_set = data.build_dataset(name, root, "train", **SMALL)
+        val_set = data.build_dataset(name, root, "val", **SMALL)
+        assert (len(train_set), len(val_set)) == (train_count, val_count), name
+        assert train_set.num_classes == len(train_set.classes) == len(train_set.palette) == num_classes
+        assert train_set.name == name
+    folder_set = data.build_dataset("folder", folder, "val")
+    assert folder_set.classes == ["background", "traffic light", "class 2"]
+    assert folder_set.palette[:2] == [[0, 0, 0], [250, 170, 30]]
+    assert data.build_dataset("ade20k", ade, "val").classes[7] == "bed "  # sic, as in the original
+    # VOC train = train.txt with SegmentationClass, then aug.txt with SegmentationClassAug.
+    pairs = data.build_dataset("voc12aug", voc, "train").pairs
+    assert [p[1].split("/")[-2] for p in pairs] == ["SegmentationClass"] * 2 + ["SegmentationClassAug"] * 3
+
+
+def test_defaults_follow_the_recipe():
+    assert data.DATASETS["cityscapes"]["default_root"] == "data/cityscapes"
+    assert data.DATASETS["ade20k"]["default_root"] == "data/ade/ADEChallengeData2016"
+    assert data.DATASETS["voc12aug"]["default_root"] == "data/VOCdevkit/VOC2012"
+    assert data.DATASETS["cityscapes"]["crop_size"] == (512, 1024)
+    assert [data.DATASETS[n]["test_scale"] for n in ("cityscapes", "ade20k", "voc12aug", "toy")] == [
+        (2048, 1024),
+        (2048, 512),
+        (2048, 512),
+        (256, 128),
+    ]
+    assert data.DATASETS["ade20k"]["reduce_zero_label"] and not data.DATASETS["voc12aug"]["reduce_zero_label"]
+
+
+def test_cityscapes_769_uses_the_2049x1025_scale(tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    dataset = data.build_dataset("cityscapes", root, "val", crop_size=(769, 769))
+    assert dataset.test_scale == dataset.train_scale == (2049, 1025)
+    assert data.build_dataset("cityscapes", root, "val").test_scale == (2048, 1024)
+
+
+def test_train_and_val_items(tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    torch.manual_seed(0)
+    image, label = data.build_dataset("cityscapes", root, "train", crop_size=(24, 40), test_scale=(64, 32))[0]
+    assert image.shape == (3, 24, 40) and image.dtype == torch.float32
+    assert label.shape == (24, 40) and label.dtype == torch.int64
+    assert set(label.unique().tolist()) <= set(range(19)) | {255}
+
+    val_set = data.build_dataset("cityscapes", root, "val", test_scale=(64, 32), test_ratios=(0.5, 1.0, 1.5))
+    images, label, meta = val_set[0]
+    assert [tuple(i.shape) for i in images] == [(3, 16, 32), (3, 32, 64), (3, 48, 96)]
+    stored = data.read_label(val_set.pairs[0][1])
+    assert torch.equal(label, stored.long())  # original resolution, unchanged
+    assert meta == dict(
+        name="frankfurt_000000_000019", image_path=val_set.pairs[0][0], original_size=(32, 64)
+    )
+    assert torch.equal(data.denormalize(images[1]), data.read_image(meta["image_path"]))
+
+
+def test_ade20k_reduce_zero_label(tmp_path):
+    root = make_ade20k(tmp_path / "ADEChallengeData2016")
+    save(root / "annotations" / "validation" / "ADE_valid_00000000.png", np.array([[0, 1, 2, 150, 255]] * 4))
+    save(root / "images" / "validation" / "ADE_valid_00000000.jpg", random_image(0, 4, 5))
+    _, label, _ = data.build_dataset("ade20k", root, "val")[0]
+    assert label[0].tolist() == [255, 0, 1, 149, 255]
+    assert data.reduce_zero_label(torch.tensor([0, 1, 150, 255], dtype=torch.uint8)).tolist() == [
+        255,
+        0,
+        149,
+        255,
+    ]
+
+
+def test_voc_palette_labels_read_as_indices(tmp_path):
+    indices = np.array([[0, 1, 15, 255], [20, 3, 0, 7]])
+    save(tmp_path / "label.png", indices, palette=VOC_PALETTE)
+    assert Image.open(tmp_path / "label.png").mode == "P"
+    assert data.read_label(tmp_path / "label.png").tolist() == indices.tolist()
+
+
+def test_collate_val_handles_different_sizes():
+    def item(height, width):
+        return [torch.zeros(3, height, width)], torch.zeros(height, width, dtype=torch.long), dict(name="x")
+
+    images, labels, metas = data.collate_val([item(4, 6), item(5, 3)])
+    assert [i[0].shape[1:] for i in images] == [(4, 6), (5, 3)]
+    assert isinstance(labels, list) and [tuple(label.shape) for label in labels] == [(4, 6), (5, 3)]
+    assert metas == [dict(name="x"), dict(name="x")]
+    _, labels, _ = data.collate_val([item(4, 6), item(4, 6)])
+    assert labels.shape == (2, 4, 6)
+
+
+# -----------------------------------------------------------------------------------------------
+# The toy dataset
+
+
+def test_toy_dataset_is_generated_once_deterministically(tmp_path):
+    root = tmp_path / "toy"
+    train_set = data.build_dataset("toy", root, "train")
+    root.joinpath("gtFine", "train", "toy", "toy_000001_gtFine_labelTrainIds.png").unlink()
+    with pytest.raises(FileNotFoundError, match="toy_000001"):  # an existing root is not written again
+        data.build_dataset("toy", root, "train")
+    val_set = data.build_dataset("toy", root, "val")
+    assert (len(train_set), len(val_set)) == (64, 16)
+    assert train_set.classes == data.TOY_CLASSES and train_set.crop_size == (128, 128)
+    assert train_set.test_scale == (256, 128)
+    image, label = val_set.load(0)
+    assert image.shape == (3, 128, 256) and label.shape == (128, 256)
+    # Written in the Cityscapes layout, sample i from seed i (train first): fully determined.
+    assert torch.equal(label, torch.from_numpy(data.draw_toy_sample(64)[1]))
+    assert torch.equal(train_set.load(5)[0], torch.from_numpy(data.draw_toy_sample(5)[0]).permute(2, 0, 1))
+    val_classes = set()
+    for index in range(len(val_set)):
+        val_classes |= set(val_set.load(index)[1].unique().tolist())
+    assert val_classes == {0, 1, 2, 3, 4}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["toy"]  # no temporary folder left
+
+
+def test_toy_generation_is_atomic(tmp_path, monkeypatch):
+    draw = data.draw_toy_sample
+
+    def interrupted(seed):
+        if seed == 5:
+            raise KeyboardInterrupt
+        return draw(seed)
+
+    monkeypatch.setattr(data, "draw_toy_sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.build_dataset("toy", tmp_path / "toy", "train")
+    assert list(tmp_path.iterdir()) == []  # neither a half dataset nor a temporary folder
+    monkeypatch.setattr(data, "draw_toy_sample", draw)
+    monkeypatch.setattr(data, "TOY_COUNTS", {"train": 2, "val": 1})  # a small complete run
+    assert len(data.build_dataset("toy", tmp_path / "toy", "val")) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["toy"]
+
+
+# -----------------------------------------------------------------------------------------------
+# Resizing and sizes
+
+
+def test_resize_image_matches_cv2_inter_linear_by_hand():
+    image = torch.tensor([[0, 100], [200, 50]], dtype=torch.uint8).expand(3, 2, 2)
+    # Half-pixel centres, edge clamped, weights 1/4 and 3/4, round half up (162.5 -> 163, 87.5 -> 88).
+    expected = [[0, 25, 75, 100], [50, 59, 78, 88], [150, 128, 84, 63], [200, 163, 88, 50]]
+    assert data.resize_image(image, (4, 4))[0].tolist() == expected
+    assert data.resize_image_window(image, (4, 4), 1, 1, 3, 2)[0].tolist() == [
+        row[1:3] for row in expected[1:]
+    ]
+    # A downscale samples between pixels: no antialiasing.
+    row = torch.tensor([[[0, 100, 200, 250, 10, 10]]], dtype=torch.uint8)
+    assert data.resize_image(row, (1, 2)).tolist() == [[[100, 10]]]
+    assert data.resize_image(row, (1, 3)).tolist() == [[[50, 225, 10]]]
+
+
+def test_resize_label_is_cv2_inter_nearest():
+    label = torch.tensor([[0, 1, 2, 3, 4, 5]], dtype=torch.uint8)
+    assert data.resize_label(label, (1, 2)).tolist() == [
+        [0, 3]
+    ]  # floor(dst * 3); 'nearest-exact' gives [1, 4]
+    assert data.resize_label(label, (1, 4)).tolist() == [[0, 1, 3, 4]]
+    square = torch.tensor([[0, 1], [2, 3]], dtype=torch.uint8)
+    assert data.resize_label(square, (4, 4)).tolist() == [[0, 0, 1, 1]] * 2 + [[2, 2, 3, 3]] * 2
+
+
+def test_resize_window_equals_resize_then_crop():
+    generator = torch.Generator().manual_seed(0)
+    differing = total = 0
+    for _ in range(40):
+        in_h, in_w, out_h, out_w = torch.randint(3, 90, (4,), generator=generator).tolist()
+        image = torch.randint(0, 256, (3, in_h, in_w), dtype=torch.uint8, generator=generator)
+        top, left = int(torch.randint(0, out_h, (), generator=generator)), int(torch.randint(0, out_w, ()))
+        window = data.resize_image_window(image, (out_h, out_w), top, left, out_h - top, out_w - left)
+        reference = data.resize_image(image, (out_h, out_w))[:, top:, left:]
+        difference = (window.int() - reference.int()).abs()
+        assert difference.max() <= 1  # float rounding order only: a value within 1e-5 of .5
+        differing, total = differing + int((difference > 0).sum()), total + difference.numel()
+    assert differing / total < 1e-3
+
+
+def test_test_time_sizes():
+    assert data.rescale_size(375, 500, (2048, 512)) == (512, 683)  # VOC landscape
+    assert data.rescale_size(500, 375, (2048, 512)) == (683, 512)  # portrait: same rule
+    assert data.rescale_size(1024, 2048, (2048, 1024)) == (1024, 2048)
+    assert data.rescale_size(1024, 2048, (2049, 1025)) == (1025, 2049)
+    assert data.rescale_size(500, 4000, (2048, 512)) == (256, 2048)  # capped by the long side
+    ratios = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    assert [data.ratio_scale((2049, 1025), r) for r in ratios] == [
+        (1024, 512),
+        (1536, 768),
+        (2049, 1025),
+        (2561, 1281),
+        (3073, 1537),
+        (3585, 1793),
+    ]
+    assert data.rescale_size(375, 500, data.ratio_scale((2048, 512), 0.5)) == (256, 341)
+    image = torch.zeros(3, 375, 500, dtype=torch.uint8)
+    sizes = [tuple(i.shape[1:]) for i in data.test_transform(image, (2048, 512), (0.5, 1.0))]
+    assert sizes == [(256, 341), (512, 683)]
+
+
+# -----------------------------------------------------------------------------------------------
+# Training transform
+
+
+def test_crop_check_excludes_ignore_and_needs_two_classes():
+    def crop(*counts):  # counts of the values 0, 1, 255
+        values = [0] * counts[0] + [1] * counts[1] + [255] * counts[2]
+        return torch.tensor(values, dtype=torch.uint8).view(1, -1)
+
+    assert data.crop_is_acceptable(crop(70, 30, 0))
+    assert not data.crop_is_acceptable(crop(75, 25, 0))  # max share must be < 0.75
+    assert not data.crop_is_acceptable(crop(60, 20, 20))  # 0.75 of the non-ignored pixels
+    assert data.crop_is_acceptable(crop(50, 20, 30))
+    assert not data.crop_is_acceptable(crop(50, 0, 50))  # one class only
+
+
+def test_cat_max_ratio_draws(monkeypatch):
+    draws = []
+    random_crop_box = data.random_crop_box
+
+    def counting(*args):
+        draws.append(args)
+        return random_crop_box(*args)
+
+    monkeypatch.setattr(data, "random_crop_box", counting)
+    torch.manual_seed(0)
+    single_class = torch.zeros(40, 40, dtype=torch.uint8)
+    top, left = data.choose_crop_box(single_class, (16, 16))
+    assert len(draws) == 11 and 0 <= top <= 24 and 0 <= left <= 24  # 10 checks, then an unchecked 11th box
+    draws.clear()
+    checkerboard = (torch.arange(40)[:, None] + torch.arange(40)).remainder(2).to(torch.uint8)
+    data.choose_crop_box(checkerboard, (16, 16))
+    assert len(draws) == 1  # the first box passes
+    draws.clear()
+    data.choose_crop_box(single_class, (16, 16), cat_max_ratio=1.0)
+    assert len(draws) == 1  # no check without a ratio
+
+
+def test_cat_max_ratio_prefers_crops_with_two_classes():
+    label = torch.zeros(64, 64, dtype=torch.uint8)
+    label[:24, :24] = 1  # one class, except a corner region: about 1 random 32x32 crop in 9 passes
+
+    def accepted_share(cat_max_ratio):
+        torch.manual_seed(0)
+        accepted = 0
+        for _ in range(100):
+            top, left = data.choose_crop_box(label, (32, 32), cat_max_ratio)
+            accepted += data.crop_is_acceptable(label[top : top + 32, left : left + 32])
+        return accepted / 100
+
+    assert accepted_share(0.75) > 0.6 and accepted_share(1.0) < 0.25
+
+
+def test_pad_bottom_right_with_zero_and_ignore():
+    image = torch.full((3, 2, 3), 200, dtype=torch.uint8)
+    label = torch.ones(2, 3, dtype=torch.uint8)
+    padded, padded_label = data.NormalizePad((4, 5))(image, label)
+    assert padded.shape == (3, 4, 5) and padded_label.dtype == torch.int64
+    # (200 - mean) / std per channel, by hand
+    assert torch.allclose(padded[:, 0, 0], torch.tensor([1.30704, 1.46568, 1.68139]), atol=1e-5)
+    assert (padded[:, :2, :3] == padded[:, :1, :1]).all()
+    assert (padded[:, 2:] == 0).all() and (padded[:, :, 3:] == 0).all()
+    assert padded_label.tolist() == [[1, 1, 1, 255, 255]] * 2 + [[255] * 5] * 2
+
+
+def test_train_transform_pads_small_images_to_the_crop():
+    image = torch.from_numpy(random_image(0, 20, 30)).permute(2, 0, 1).contiguous()
+    label = torch.from_numpy(random_label(0, 3, 20, 30)).to(torch.uint8)
+    label[:2] = 1
+    transform = data.TrainTransform(train_scale=(30, 20), crop_size=(64, 64))  # rescaled to at most 40x60
+    torch.manual_seed(0)
+    for _ in range(5):
+        out_image, out_label = transform(image, label)
+        assert out_image.shape == (3, 64, 64) and out_label.shape == (64, 64)
+        valid = out_label != 255
+        height, width = int(valid.any(1).nonzero().max()) + 1, int(valid.any(0).nonzero().max()) + 1
+        assert 10 <= height <= 40 and 15 <= width <= 60
+        assert (out_image[:, height:] == 0).all() and (out_image[:, :, width:] == 0).all()
+        assert (out_label[height:] == 255).all() and (out_label[:, width:] == 255).all()
+
+
+def test_train_transform_rescale_range_and_flip():
+    # A horizontal ramp label: its values give the rescale factor and the flip.
+    label = (torch.arange(64) // 4).to(torch.uint8).expand(32, 64).contiguous()
+    image = label.expand(3, 32, 64).contiguous()
+    transform = data.TrainTransform(train_scale=(64, 32), crop_size=(128, 128), cat_max_ratio=1.0)
+    torch.manual_seed(0)
+    widths, flips = [], 0
+    for _ in range(40):
+        _, out_label = transform(image, label)
+        row = out_label[0][out_label[0] != 255]
+        widths.append(len(row))
+        flips += bool(row[0] > row[-1])
+    assert 32 <= min(widths) and max(widths) < 128 and max(widths) - min(widths) > 40  # ratio in [0.5, 2)
+    assert 10 <= flips <= 30
+
+
+def test_photometric_arithmetic():
+    pixels = torch.tensor([0, 10, 100, 200, 250], dtype=torch.uint8)
+    assert data.scale_and_shift_uint8(pixels, beta=20.7).tolist() == [20, 30, 120, 220, 255]
+    assert data.scale_and_shift_uint8(pixels, beta=-20.3).tolist() == [0, 0, 79, 179, 229]  # truncation
+    assert data.scale_and_shift_uint8(pixels, alpha=1.5).tolist() == [0, 15, 150, 255, 255]
+
+
+def test_hsv_is_opencv_uint8_hsv():
+    # red, green, blue, grey, orange, pink; H in [0, 180) is half the angle.
+    rgb = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 128, 0], [255, 0, 128]])
+    image = rgb.T.to(torch.uint8).view(3, 1, 6)
+    hue, saturation, value = data.rgb_to_hsv_uint8(image)
+    assert hue.tolist() == [[0, 60, 120, 0, 15, 165]]
+    assert saturation.tolist() == [[255, 255, 255, 0, 255, 255]]
+    assert value.tolist() == [[255, 255, 255, 128, 255, 255]]
+    assert torch.equal(data.hsv_to_rgb_uint8(hue, saturation, value)[:, :, :4], image[:, :, :4])
+    shifted = data.hsv_to_rgb_uint8((hue + 60) % 180, saturation, value)  # +120 degrees
+    assert shifted[:, 0, :3].T.tolist() == [[0, 255, 0], [0, 0, 255], [255, 0, 0]]
+
+
+def test_photometric_keeps_grey_grey_and_shapes():
+    grey = torch.arange(0, 256, dtype=torch.uint8).expand(3, 16, 256).contiguous()
+    distortion = data.PhotometricDistortion()
+    torch.manual_seed(0)
+    outputs = [distortion(grey, None)[0] for _ in range(20)]
+    for out in outputs:  # brightness and contrast act alike on every channel; S = 0 stays 0
+        assert out.dtype == torch.uint8 and out.shape == grey.shape
+        assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    assert sum(not torch.equal(out, grey) for out in outputs) >= 10
+
+
+def test_train_items_are_reproducible_with_a_seed(tmp_path):
+    dataset = data.build_dataset("cityscapes", make_cityscapes(tmp_path / "cs"), "train", **SMALL)
+    torch.manual_seed(0)
+    first = dataset[0]
+    torch.manual_seed(0)
+    again = dataset[0]
+    later = dataset[0]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], later[0])
+
+    def batches(seed):
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=3, num_workers=2, generator=torch.Generator().manual_seed(seed)
+        )
+        return [images for epoch in range(2) for images, _ in loader]
+
+    run, rerun = batches(0), batches(0)
+    assert all(torch.equal(a, b) for a, b in zip(run, rerun, strict=True))
+    assert not torch.equal(run[0], run[1])  # epochs differ
+    assert not torch.equal(run[0], batches(1)[0])
+
+
+# -----------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_missing_root_and_empty_split(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)nowhere.*leftImg8bit.*prepare cityscapes"):
+        data.build_dataset("cityscapes", tmp_path / "nowhere")
+    (tmp_path / "ade" / "images" / "training").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"(?s)training holds no \.jpg.*annotations"):
+        data.build_dataset("ade20k", tmp_path / "ade")
+    with pytest.raises(FileNotFoundError, match=r"(?s)classes\.txt not found.*R G B"):
+        data.build_dataset("folder", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'kitti'"):
+        data.build_dataset("kitti", tmp_path)
+    with pytest.raises(ValueError, match="'train' or 'val'"):
+        data.build_dataset("toy", tmp_path, "test")
+
+
+def test_missing_partners_are_named(tmp_path):
+    root = make_cityscapes(tmp_path / "cs")
+    label = root / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png"
+    label.rename(label.with_name("lindau_000000_000019_gtFine_labelIds.png"))
+    with pytest.raises(
+        FileNotFoundError, match=r"1 of 2 images.*lindau_000000_000019_leftImg8bit.*prepare cityscapes"
+    ):
+        data.build_dataset("cityscapes", root, "val")
+    voc = make_voc12aug(tmp_path / "VOC2012")
+    (voc / "ImageSets" / "Segmentation" / "aug.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"aug\.txt not found.*prepare voc12aug"):
+        data.build_dataset("voc12aug", voc, "train")
+    (voc / "SegmentationClass" / "2007_000033.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"expected .*SegmentationClass/2007_000033\.png"):
+        data.build_dataset("voc12aug", voc, "val")
+
+
+def test_size_mismatch_is_named(tmp_path):
+    root = make_folder(tmp_path / "mine")
+    save(root / "labels" / "val" / "photo1.png", np.zeros((HEIGHT, WIDTH + 1)))
+    dataset = data.build_dataset("folder", root, "val")
+    with pytest.raises(ValueError, match=r"photo1\.jpg is 64x32 .*photo1\.png is 65x32"):
+        dataset[1]
+
+
+def test_bad_label_values_are_named_with_the_likely_fix(tmp_path):
+    root = make_cityscapes(tmp_path / "cs")
+    save(
+        root / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png",
+        np.full((32, 64), 26),
+    )
+    label_ids = data.build_dataset("cityscapes", root, "val", **SMALL)
+    with pytest.raises(
+        ValueError, match=r"lindau_000000_000019_gtFine_labelTrainIds.* \[26\].*prepare cityscapes"
+    ):
+        label_ids[1]
+
+    binary = make_folder(tmp_path / "binary", num_classes=2, label_for=lambda i: np.eye(32, 64) * 255)
+    with pytest.raises(ValueError, match=r"photo0\.png holds only the values 0 and 255.*binary mask"):
+        data.build_dataset("folder", binary, "val")[0]
+    blurred = make_folder(tmp_path / "blurred", num_classes=2, label_for=lambda i: np.eye(32, 64) * 191 + 64)
+    with pytest.raises(ValueError, match=r"values \[64, 255\].*binary mask"):
+        data.build_dataset("folder", blurred, "val")[0]
+
+    unreduced = make_folder(tmp_path / "ade-like", label_for=lambda i: random_label(i, 4, low=1))
+    with pytest.raises(ValueError, match=r"values \[1, 2, 3, 255\].*3 classes.*reduce the labels"):
+        data.build_dataset("folder", unreduced, "train")[0]
+
+
+def test_unreadable_image_and_colour_label_are_named(tmp_path):
+    root = make_folder(tmp_path / "mine")
+    (root / "images" / "train" / "photo2.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot decode image .*photo2\.png"):
+        data.build_dataset("folder", root, "train", **SMALL)[2]
+    save(root / "labels" / "train" / "photo1.png", random_image(1))
+    with pytest.raises(ValueError, match=r"photo1\.png has 3 channels"):
+        data.build_dataset("folder", root, "train", **SMALL)[1]
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        data.read_image(root / "missing.jpg")
+
+
+# -----------------------------------------------------------------------------------------------
+# Preparation
+
+
+def test_prepare_cityscapes_writes_train_ids(tmp_path, capsys):
+    root = tmp_path / "cityscapes"
+    all_ids = np.array(list(range(34)) + [255] * 6).reshape(5, 8)
+    for split, city in (("train", "aachen"), ("val", "lindau")):
+        save(root / "gtFine" / split / city / f"{city}_000000_000019_gtFine_labelIds.png", all_ids)
+    data.main(["prepare", "cityscapes", str(root), "--workers", "2"])
+    assert "2 converted, 0 skipped" in capsys.readouterr().out
+    train_ids = data.read_label(
+        root / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png"
+    )
+    assert train_ids.flatten().tolist() == CITYSCAPES_TRAINIDS + [255] * 6
+    data.main(["prepare", "cityscapes", str(root), "--workers", "1"])
+    assert "0 converted, 2 skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"(?s)nowhere/gtFine not found.*leftImg8bit"):
+        data.main(["prepare", "cityscapes", str(tmp_path / "nowhere")])
+
+
+def test_prepare_voc12aug_from_sbd(tmp_path, capsys):
+    scipy_io = pytest.importorskip("scipy.io")
+    devkit, sbd = tmp_path / "VOCdevkit", tmp_path / "VOCdevkit" / "VOCaug" / "dataset"
+    lists = devkit / "VOC2012" / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_text("a\nb\n")
+    (lists / "val.txt").write_text("f\n")
+    (sbd / "cls").mkdir(parents=True)
+    (sbd / "train.txt").write_text("a\nc\n")
+    (sbd / "val.txt").write_text("d\nf\n")
+    segmentations = {}
+    for seed, name in enumerate("acdf"):
+        segmentations[name] = np.random.RandomState(seed).randint(0, 21, (4, 6)).astype(np.uint8)
+        gt = {"Segmentation": segmentations[name], "Boundaries": np.zeros(1), "CategoriesPresent": [1]}
+        scipy_io.savemat(sbd / "cls" / f"{name}.mat", {"GTcls": gt})
+    data.main(["prepare", "voc12aug", str(devkit), str(sbd.parent), "--workers", "1"])
+    assert "4 converted, 0 skipped" in capsys.readouterr().out
+    for name, segmentation in segmentations.items():
+        png = devkit / "VOC2012" / "SegmentationClassAug" / f"{name}.png"
+        assert Image.open(png).mode == "L"
+        assert data.read_label(png).tolist() == segmentation.tolist()
+    # trainaug = (VOC train | SBD) - VOC val; aug = SBD - VOC train - VOC val.
+    assert (lists / "trainaug.txt").read_text() == "a\nb\nc\nd\n"
+    assert (lists / "aug.txt").read_text() == "c\nd\n"
+    data.main(["prepare", "voc12aug", str(devkit), str(sbd), "--workers", "1"])  # SBD_ROOT may be dataset/
+    assert "0 converted, 4 skipped" in capsys.readouterr().out
+
+
+def test_prepare_voc12aug_names_a_bad_mat_file(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    scipy_io.savemat(tmp_path / "x.mat", {"GTinst": {"Segmentation": np.zeros((2, 2))}})
+    with pytest.raises(ValueError, match=r"x\.mat has no GTcls struct \(found \['GTinst'\]\)"):
+        data.read_sbd_segmentation(tmp_path / "x.mat")
+
+
+def test_resize_matches_torch_reference_semantics():
+    # resize_image is F.interpolate(bilinear, align_corners=False, antialias=False) rounded half up.
+    image = torch.randint(0, 256, (3, 7, 9), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = F.interpolate(image[None].float(), size=(11, 5), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(
+        data.resize_image(image, (11, 5)), (reference + 0.5).floor().clamp(0, 255).to(torch.uint8)
+    )
