@@ -1,0 +1,803 @@
+r"""Evaluate a GCNet checkpoint the way the mmsegmentation GCNet results table was computed.
+
+The table has two accuracy columns (gcnet-spec.md §4, §6):
+  mIoU           one pass per image at the row's test scale: the whole image for the 512x1024,
+                 ADE20K and VOC models; 769x769 sliding windows with stride 513 on the 2049x1025
+                 image for the 769x769 models (align_corners=True).
+  mIoU(ms+flip)  the same at 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 times the test scale, each also
+                 flipped; the 12 softmax maps are averaged at the original resolution.
+The metric is an exact confusion matrix summed over the whole split at the original label
+resolution; IoU and Acc per class, their nanmean over classes, and the overall pixel accuracy.
+
+    python evaluate.py                       # newest work_dirs/*/best.pth, single scale
+    python evaluate.py --ms-flip             # ... multi-scale + flip
+    python evaluate.py --checkpoint gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth \
+        --data-root data/cityscapes --ms-flip
+    python evaluate.py --checkpoint CKPT --dataset folder --data-root data/mine   # when it can't tell
+    python evaluate.py --save-dir eval_out/pictures      # + label PNG, overlay, GC attention per image
+    python evaluate.py --checkpoint CKPT --image photo.jpg --save-dir eval_out   # one picture set
+    torchrun --standalone --nproc_per_node=4 evaluate.py --ms-flip          # images split over 4 GPUs
+
+The settings (dataset, depth, classes, crop, align_corners) come from the checkpoint where it
+records them (model.checkpoint_info), else from --dataset / --depth / --crop. The results go to
+<checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). On CUDA the
+default is bf16 autocast with channels_last, checked against fp32 on the first 10 images
+(--check-agreement); pass --precision fp32 for the arithmetic of the original V100 runs.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import data
+from model import GCNet, checkpoint_info, load_weights
+
+IGNORE_INDEX = 255
+# tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (gcnet-spec.md §4.4).
+MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_PATTERN = "work_dirs/*/best.pth"
+
+
+def as_pair(value):
+    """769 -> (769, 769); (h, w) stays (h, w)."""
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+# -----------------------------------------------------------------------------------------------
+# Inference: sliding windows, then scales and flips of one image (gcnet-spec.md §4)
+
+
+def slide_windows(height, width, crop_size, stride):
+    """Window boxes (y1, y2, x1, x2) of the original slide inference (gcnet-spec.md §4.3).
+
+    The grid has enough windows for the stride to reach the last row/column; windows that would
+    stick out are shifted back inside the image, so together they cover every pixel. 1025x2049
+    with crop 769 and stride 513 gives 2 x 4 windows.
+    """
+    crop_h, crop_w = as_pair(crop_size)
+    stride_h, stride_w = as_pair(stride)
+    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+    boxes = []
+    for row in range(rows):
+        for col in range(cols):
+            y2 = min(row * stride_h + crop_h, height)
+            x2 = min(col * stride_w + crop_w, width)
+            boxes.append((max(y2 - crop_h, 0), y2, max(x2 - crop_w, 0), x2))
+    return boxes
+
+
+@torch.no_grad()
+def slide_inference(model, images, crop_size, stride, num_classes, window_batch=4):
+    """Logits (N, num_classes, H, W) for images (N, 3, H, W) from overlapping windows.
+
+    Each window's logits (already resized to the window by the model) are added into an
+    accumulator and divided by how many windows covered each pixel: overlaps average LOGITS,
+    not probabilities (gcnet-spec.md §4.3). Up to `window_batch` windows go through the model at
+    once (with N images, window_batch // N window positions per pass).
+    """
+    crop_h, crop_w = as_pair(crop_size)
+    n, channels, height, width = images.shape
+    logits_sum = images.new_zeros((n, num_classes, height, width), dtype=torch.float32)
+    count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
+    boxes = slide_windows(height, width, (crop_h, crop_w), stride)
+    boxes_per_pass = max(1, window_batch // n)
+    for start in range(0, len(boxes), boxes_per_pass):
+        chunk = boxes[start : start + boxes_per_pass]
+        # A window is smaller than the crop only where the image itself is, e.g. the 512 and 768
+        # rows of the 0.5 and 0.75 ms ratios of the 769 models. mmseg v0.5.0, which produced the
+        # published ms+flip numbers, zero-pads such a window (zero = the mean colour after
+        # normalisation) at the bottom/right to the crop size and keeps the top-left part of the
+        # output; v0.6+ feeds it unpadded (gcnet-spec.md §4.3, §7.15). We pad, as v0.5.0.
+        windows = images.new_zeros((len(chunk) * n, channels, crop_h, crop_w))  # (k*N, 3, crop_h, crop_w)
+        for k, (y1, y2, x1, x2) in enumerate(chunk):
+            windows[k * n : (k + 1) * n, :, : y2 - y1, : x2 - x1] = images[:, :, y1:y2, x1:x2]
+        window_logits = model(windows).float()  # (k*N, C, crop_h, crop_w)
+        if window_logits.shape[1] != num_classes:
+            raise ValueError(f"the model gives {window_logits.shape[1]} classes, expected {num_classes}")
+        for k, (y1, y2, x1, x2) in enumerate(chunk):
+            logits_sum[:, :, y1:y2, x1:x2] += window_logits[k * n : (k + 1) * n, :, : y2 - y1, : x2 - x1]
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits_sum / count  # every pixel has count >= 1: the windows cover the image
+
+
+@torch.no_grad()
+def predict(
+    model,
+    images,
+    original_size,
+    num_classes,
+    mode="whole",
+    crop_size=None,
+    stride=None,
+    flip=False,
+    window_batch=4,
+):
+    """Class probabilities (num_classes, H, W) of ONE image at its original size (H, W).
+
+    images: the image at each test scale, each (3, h, w) or (1, 3, h, w), normalised.
+    For every scale (and its horizontal flip when flip=True): logits at the scaled image's size
+    ('whole': one pass; 'slide': slide_inference), bilinearly resized to the original size with
+    model.align_corners, softmax; flipped maps are flipped back; the maps are averaged
+    (gcnet-spec.md §4.2-4.4). With one scale and no flip this is softmax(resize(logits)), whose
+    argmax is the original's prediction.
+    """
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    if mode == "slide" and (crop_size is None or stride is None):
+        raise ValueError("slide mode needs crop_size and stride (e.g. 769 and 513)")
+    if len(images) == 0:
+        raise ValueError("predict() needs the image at one scale at least; got an empty list")
+    probabilities = 0.0
+    passes = 0
+    for image in images:
+        batch = image if image.dim() == 4 else image[None]  # (1, 3, h, w)
+        if flip:
+            # The flipped copy shares the forward pass: in eval mode the images of a batch do not
+            # interact (BatchNorm uses running statistics, the GC softmax is per image).
+            batch = torch.cat([batch, batch.flip(-1)])  # (2, 3, h, w)
+        if mode == "whole":
+            logits = model(batch)
+        else:
+            logits = slide_inference(model, batch, crop_size, stride, num_classes, window_batch)
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"the model gives {logits.shape[1]} classes, expected {num_classes}")
+        # The second resize of the original: scaled image -> original image (gcnet-spec.md §4.2),
+        # then softmax; resizing, softmax and averaging run in float32 whatever the autocast.
+        logits = F.interpolate(
+            logits.float(), size=tuple(original_size), mode="bilinear", align_corners=model.align_corners
+        )
+        scale_probabilities = logits.softmax(dim=1)  # (1 or 2, C, H, W)
+        probabilities = probabilities + scale_probabilities[0]
+        if flip:
+            probabilities = probabilities + scale_probabilities[1].flip(-1)  # un-flip along W
+        passes += len(batch)
+    return probabilities / passes
+
+
+# -----------------------------------------------------------------------------------------------
+# Metrics (gcnet-spec.md §6.1)
+
+
+def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
+    """int64 (num_classes, num_classes) matrix: rows = ground truth, columns = prediction.
+
+    Pixels whose label is ignore_index are dropped, so a prediction there is no false positive.
+    """
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in size")
+    keep = label != ignore_index
+    gt, predicted = label[keep].long(), pred[keep].long()
+    if gt.numel() and (min(gt.min(), predicted.min()) < 0 or max(gt.max(), predicted.max()) >= num_classes):
+        found = sorted(set(gt.unique().tolist()) | set(predicted.unique().tolist()))
+        raise ValueError(
+            f"label/prediction values must be 0..{num_classes - 1} or {ignore_index} (ignored); "
+            f"found {found}. Check the dataset's labels (ADE20K needs reduce_zero_label) and the class count."
+        )
+    counts = torch.bincount(num_classes * gt + predicted, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def metrics_from_confusion(matrix):
+    """aAcc, mIoU, mAcc (percent) and per-class IoU / Acc lists (percent, NaN where undefined).
+
+    IoU_c = I_c / U_c and Acc_c = I_c / GT_c over the whole split. A class with union 0 has IoU
+    NaN and is skipped by the mean; one absent from the ground truth but predicted has IoU 0 and
+    counts; Acc is NaN for every class absent from the ground truth (gcnet-spec.md §6.1).
+    """
+    matrix = matrix.double().cpu()
+    intersection = matrix.diag()
+    gt_area, predicted_area = matrix.sum(dim=1), matrix.sum(dim=0)
+    iou = intersection / (gt_area + predicted_area - intersection)  # 0/0 -> NaN
+    accuracy = intersection / gt_area
+    return {
+        "aAcc": 100 * (intersection.sum() / matrix.sum()).item(),
+        "mIoU": 100 * torch.nanmean(iou).item(),
+        "mAcc": 100 * torch.nanmean(accuracy).item(),
+        "IoU": (100 * iou).tolist(),
+        "Acc": (100 * accuracy).tolist(),
+    }
+
+
+def format_table(metrics, classes):
+    """Per-class IoU / Acc table (percent, 2 decimals) with the summary line below."""
+    width = max([len("class")] + [len(name) for name in classes])
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    for name, iou, accuracy in zip(classes, metrics["IoU"], metrics["Acc"], strict=True):
+        lines.append(f"{name:<{width}}  {iou:6.2f}  {accuracy:6.2f}")
+    lines.append(f"aAcc {metrics['aAcc']:.2f}  mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------
+# Pictures: predicted labels, colour overlay, and the GC block's attention map
+
+
+@torch.no_grad()
+def attention_map(model, image, original_size):
+    """The GC block's attention (softmax over positions, 1/8 resolution) for one image (3, h, w),
+    bilinearly upsampled to original_size and scaled to [0, 1] for display."""
+    _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
+    attention = F.interpolate(
+        attention.float(), size=tuple(original_size), mode="bilinear", align_corners=model.align_corners
+    )[0, 0]  # (H, W)
+    low, high = attention.min(), attention.max()
+    return (attention - low) / (high - low).clamp_min(1e-12)
+
+
+def heat_colors(values):
+    """A 'jet'-like colour map: (H, W) values in [0, 1] -> (H, W, 3) float RGB in [0, 255].
+    Each channel is a clipped tent, 1.5 - 4 |value - peak|, with blue peaking at 1/4, green at 1/2
+    and red at 3/4: 0 is dark blue, 1/2 light green, 1 dark red."""
+    peaks = torch.tensor([0.75, 0.5, 0.25], device=values.device)  # R, G, B
+    return 255 * (1.5 - 4 * (values.clamp(0, 1)[..., None] - peaks).abs()).clamp(0, 1)
+
+
+def rgb_picture(rgb):
+    """(H, W, 3) float in [0, 255] -> PIL RGB image."""
+    return Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=0.5):
+    """Write <name>_pred.png (palette PNG of the class indices), <name>_overlay.jpg (class colours
+    over the image) and, given an attention map, <name>_attention.png. image: uint8 (3, H, W) RGB at
+    the original size; pred: (H, W) class indices; attention: (H, W) in [0, 1]. Returns the paths."""
+    stem = Path(save_dir) / name
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    pred = pred.cpu()
+    height, width = pred.shape
+    labels = Image.frombytes("P", (width, height), pred.to(torch.uint8).numpy().tobytes())
+    labels.putpalette([value for color in palette for value in color])
+    paths = [Path(f"{stem}_pred.png"), Path(f"{stem}_overlay.jpg")]
+    labels.save(paths[0])
+    picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
+    colors = torch.tensor(palette, dtype=torch.float32)[pred.long()]  # (H, W, 3)
+    rgb_picture((1 - opacity) * picture + opacity * colors).save(paths[1], quality=95)
+    if attention is not None:
+        paths.append(Path(f"{stem}_attention.png"))
+        rgb_picture((1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())).save(paths[2])
+    return paths
+
+
+# -----------------------------------------------------------------------------------------------
+# A whole split, on one or several processes
+
+
+def rank_and_world_size():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def inference_precision(device, precision):
+    """bf16/fp16: autocast around the model (it keeps its GC softmax and LayerNorm in float32;
+    predict() resizes, softmaxes and averages in float32). fp32: IEEE float32, i.e. TF32 off for
+    convs and matmuls (cuDNN allows TF32 by default on Ampere and newer; the V100s that made the
+    table had none)."""
+    if precision == "fp32":
+        # The fp32_precision API: torch refuses to read the legacy allow_tf32 flags once anything
+        # has set the new ones.
+        conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+    elif precision in AUTOCAST_DTYPES:
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
+            yield
+    else:
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+
+
+def my_images(dataset, indices, device, workers):
+    """(images per scale, label, meta) on `device` for this process's share of `indices`:
+    rank r of W takes indices[r::W], so no image is counted twice."""
+    rank, world_size = rank_and_world_size()
+    share = Subset(dataset, list(indices)[rank::world_size])
+    loader = DataLoader(
+        share,
+        batch_size=1,
+        num_workers=workers,
+        collate_fn=data.collate_val,
+        pin_memory=device.type == "cuda",
+    )
+    for images_per_scale, labels, metas in loader:
+        images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
+        yield images, labels[0].to(device, non_blocking=True), metas[0]
+
+
+def image_at_ratio_one(images, ratios, original, test_scale):
+    """The image at the test scale (ratio 1.0), for the attention picture: one of the images per
+    ratio, or made from the original uint8 image when 1.0 is not among the ratios."""
+    ratios = tuple(ratios)
+    if 1.0 in ratios:
+        return images[ratios.index(1.0)]
+    return data.test_transform(original, test_scale)[0].to(images[0].device)
+
+
+def sum_over_processes(tensor):
+    """all_reduce(SUM) on the device the backend wants (NCCL: CUDA, gloo: CPU)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    backend_device = tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    summed = tensor.to(backend_device)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed.to(tensor.device)
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model,
+    dataset,
+    *,
+    mode,
+    crop_size,
+    stride,
+    flip,
+    device,
+    precision,
+    channels_last,
+    window_batch=4,
+    save_dir=None,
+    opacity=0.5,
+    show_progress=True,
+    workers=2,
+):
+    """Metrics of `model` on a val split (items from data.build_dataset(..., split='val')).
+
+    The scales are the dataset's test ratios (its items hold one image per ratio). Under torchrun
+    each process takes every world_size-th image and the confusion matrices are summed across
+    processes; every process returns the same dict: aAcc, mIoU, mAcc, IoU, Acc (percent, see
+    metrics_from_confusion), num_images and confusion_matrix (list of rows). Pass the model
+    itself, not a DDP wrapper. The model is put in eval mode and back in its previous mode after;
+    channels_last changes its weights' memory layout in place (the values stay the same).
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"the {getattr(dataset, 'name', '')} val split has no images: check the data root")
+    device = torch.device(device)
+    rank, world_size = rank_and_world_size()
+    was_training = model.training
+    model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    num_classes = dataset.num_classes
+    matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+    share = len(range(rank, len(dataset), world_size))
+    progress = tqdm(
+        total=share,
+        desc=f"evaluate ({share} of {len(dataset)} images here)" if world_size > 1 else "evaluate",
+        unit="img",
+        disable=not show_progress or rank != 0,
+    )
+    try:
+        for images, label, meta in my_images(dataset, range(len(dataset)), device, workers):
+            with inference_precision(device, precision):
+                probabilities = predict(
+                    model, images, label.shape, num_classes, mode, crop_size, stride, flip, window_batch
+                )
+            pred = probabilities.argmax(dim=0)  # (H, W) at the label's (original) resolution
+            matrix += confusion_matrix(pred, label, num_classes)
+            if save_dir is not None:
+                original = data.read_image(meta["image_path"])
+                at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.test_scale)
+                with inference_precision(device, precision):
+                    attention = attention_map(model, at_ratio_one, label.shape)
+                save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity)
+            progress.update(1)
+    finally:
+        progress.close()
+        model.train(was_training)
+    matrix = sum_over_processes(matrix)
+    num_images = int(sum_over_processes(torch.tensor([share], device=device)).item())
+    results = metrics_from_confusion(matrix)
+    results.update(num_images=num_images, confusion_matrix=matrix.cpu().tolist())
+    return results
+
+
+@torch.no_grad()
+def precision_agreement(
+    model, dataset, num_images, *, mode, crop_size, stride, flip, device, precision, window_batch, workers=2
+):
+    """Fraction of labelled pixels whose predicted class is the same at `precision` and in fp32,
+    over the first num_images images of the split (shared across processes like the evaluation).
+    It shows that the precision changes the results by rounding only."""
+    device = torch.device(device)
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing pixels, labelled pixels]
+    for images, label, _ in my_images(dataset, range(min(num_images, len(dataset))), device, workers):
+        preds = []
+        for run_precision in (precision, "fp32"):
+            with inference_precision(device, run_precision):
+                probabilities = predict(
+                    model,
+                    images,
+                    label.shape,
+                    dataset.num_classes,
+                    mode,
+                    crop_size,
+                    stride,
+                    flip,
+                    window_batch,
+                )
+            preds.append(probabilities.argmax(dim=0))
+        labelled = label != IGNORE_INDEX
+        counts += torch.stack([(preds[0] == preds[1])[labelled].sum(), labelled.sum()])
+    agreeing, total = sum_over_processes(counts).tolist()
+    return {"images": min(num_images, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
+
+
+@torch.no_grad()
+def predict_image(
+    model,
+    image_path,
+    *,
+    test_scale,
+    ratios,
+    mode,
+    crop_size,
+    stride,
+    flip,
+    device,
+    precision,
+    window_batch,
+    palette,
+    save_dir,
+    opacity=0.5,
+):
+    """The pictures of save_pictures() for one image file, without a dataset. Returns their paths."""
+    original = data.read_image(image_path)  # uint8 (3, H, W)
+    ratios = tuple(ratios)
+    images = [image.to(device) for image in data.test_transform(original, test_scale, ratios)]
+    model.eval()
+    with inference_precision(device, precision):
+        probabilities = predict(
+            model, images, original.shape[-2:], model.num_classes, mode, crop_size, stride, flip, window_batch
+        )
+        at_ratio_one = image_at_ratio_one(images, ratios, original, test_scale)
+        attention = attention_map(model, at_ratio_one, original.shape[-2:])
+    pred = probabilities.argmax(dim=0)
+    return save_pictures(save_dir, Path(image_path).stem, original, pred, palette, attention, opacity)
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line: which checkpoint, which settings, where the results go
+
+
+def init_distributed(device_name):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per GPU (NCCL) or per CPU
+    process (gloo). Returns this process's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = device_name == "cuda" or (device_name is None and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return device
+
+
+def find_checkpoint(path):
+    """--checkpoint as given, or the newest work_dirs/*/best.pth (by modification time)."""
+    if path is not None:
+        if re.match(r"^https?://", path) or Path(path).is_file():
+            return path
+        raise FileNotFoundError(
+            f"checkpoint not found: {path} (--checkpoint). Pass a .pth file written by train.py, an "
+            "official GCNet checkpoint of the results table, or its download URL."
+        )
+    found = sorted(Path().glob(CHECKPOINT_PATTERN), key=lambda candidate: candidate.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint found: looked for {CHECKPOINT_PATTERN} in {Path.cwd()}; "
+            "pass --checkpoint PATH or train first with python train.py"
+        )
+    return str(found[-1])
+
+
+def flag_pair(values, flag):
+    """--crop 769 -> (769, 769); --crop 512 1024 -> (512, 1024); not given -> None."""
+    if not values:
+        return None
+    if len(values) > 2:
+        raise ValueError(f"{flag} takes one size or two (height width), got {values}")
+    return as_pair(values[0] if len(values) == 1 else values)
+
+
+def inference_settings(args, info):
+    """Test mode, window, scales, flip and align_corners for the checkpoint's row of the table
+    (gcnet-spec.md §1.7, §4): an 8k+1 crop (769) means an align_corners=True model tested with
+    sliding windows of the crop and a stride of 2/3 of it (513); all others are tested on the whole
+    image. Our checkpoints record their test settings (train.py's recipe). Flags override."""
+    recipe = info.get("recipe") or {}
+    crop_size = flag_pair(args.crop, "--crop") or info["crop_size"]
+    odd_crop = crop_size is not None and crop_size[0] % 8 == 1
+    align_corners = info["align_corners"] if info["align_corners"] is not None else odd_crop
+    mode = args.mode or recipe.get("test_mode") or ("slide" if odd_crop else "whole")
+    if mode == "slide" and crop_size is None:
+        raise ValueError("--mode slide needs a window size: pass --crop 769 (and --stride 513)")
+    stride = flag_pair(args.stride, "--stride")
+    if stride is None and crop_size is not None:
+        recorded = recipe.get("test_stride") if not args.crop else None
+        stride = as_pair(recorded) if recorded else tuple(math.ceil(2 * size / 3) for size in crop_size)
+    ratios = tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,))
+    flip = args.flip if args.flip is not None else args.ms_flip
+    return dict(
+        mode=mode, crop_size=crop_size, stride=stride, ratios=ratios, flip=flip, align_corners=align_corners
+    )
+
+
+def build_model(checkpoint, info, depth, align_corners, device):
+    """GCNet shaped by the checkpoint (depth and class count from its weights) with its weights."""
+    if depth is not None and info["depth"] is not None and depth != info["depth"]:
+        raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
+    model = GCNet(info["num_classes"], depth=info["depth"] or depth or 50, align_corners=align_corners)
+    load_weights(model, checkpoint)
+    return model.to(device).eval()
+
+
+def dataset_name(args, info, checkpoint):
+    name = args.dataset or info["dataset"]
+    if name is None:
+        raise ValueError(
+            f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
+            f"pass --dataset (one of {', '.join(sorted(data.DATASETS))}, or folder) and --data-root"
+        )
+    return name
+
+
+def check_classes(info, dataset, checkpoint):
+    """The checkpoint's classes must be the dataset's, in the same order."""
+    if info["num_classes"] != dataset.num_classes:
+        raise ValueError(
+            f"{checkpoint} predicts {info['num_classes']} classes but the {dataset.name} dataset has "
+            f"{dataset.num_classes}: pass the --dataset it was trained on"
+        )
+    if info["classes"] is not None:
+        # strip(): the original ADE20K class list has 'bed ' with a trailing space (gcnet-spec.md §5.2).
+        ours, theirs = [c.strip() for c in info["classes"]], [c.strip() for c in dataset.classes]
+        if ours != theirs:
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            raise ValueError(
+                f"{checkpoint} was trained on other classes than the {dataset.name} dataset's: class "
+                f"{first} is {ours[first]!r} in the checkpoint, {theirs[first]!r} in the dataset"
+            )
+
+
+def without_nan(value):
+    """JSON has no NaN: undefined IoU / Acc become null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(item) for item in value]
+    return value
+
+
+def default_output_path(checkpoint, name, settings):
+    """<checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL."""
+    folder = Path("eval_out") if re.match(r"^https?://", checkpoint) else Path(checkpoint).parent
+    tag = (
+        settings["mode"]
+        + ("_ms" if len(settings["ratios"]) > 1 else "")
+        + ("_flip" if settings["flip"] else "")
+    )
+    return folder / f"eval_{name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+
+
+def evaluate_split(args, model, info, settings, checkpoint, device):
+    """Metrics on the val split: table on screen, everything in a JSON file."""
+    rank, world_size = rank_and_world_size()
+    name = dataset_name(args, info, checkpoint)
+    dataset = data.build_dataset(
+        name,
+        root=args.data_root,
+        split="val",
+        crop_size=settings["crop_size"],
+        test_ratios=settings["ratios"],
+    )
+    check_classes(info, dataset, checkpoint)
+    if rank == 0:
+        print(
+            f"{checkpoint}: {len(dataset)} {name} val images, {settings['mode']} "
+            f"(crop {settings['crop_size']}, stride {settings['stride']}), ratios {settings['ratios']}, "
+            f"flip {settings['flip']}, align_corners {settings['align_corners']}, "
+            f"{args.precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
+        )
+    inference = dict(
+        mode=settings["mode"],
+        crop_size=settings["crop_size"],
+        stride=settings["stride"],
+        flip=settings["flip"],
+        device=device,
+        precision=args.precision,
+        window_batch=args.window_batch,
+        workers=args.workers,
+    )
+    agreement = None
+    if args.check_agreement and args.precision != "fp32":
+        agreement = precision_agreement(model, dataset, args.check_agreement, **inference)
+        if rank == 0:
+            print(
+                f"{args.precision} vs fp32: {100 * agreement['agreement']:.4f}% of the labelled pixels agree"
+            )
+    start = time.perf_counter()
+    results = evaluate_dataset(
+        model,
+        dataset,
+        channels_last=args.channels_last,
+        save_dir=args.save_dir,
+        opacity=args.opacity,
+        **inference,
+    )
+    seconds = time.perf_counter() - start
+    if rank != 0:
+        return
+    print(format_table(results, dataset.classes))
+    record = {
+        "checkpoint": str(checkpoint),
+        "config_name": info["config_name"],
+        "dataset": name,
+        "data_root": args.data_root or data.DATASETS.get(name, {}).get("default_root"),
+        "num_images": results["num_images"],
+        "aAcc": results["aAcc"],
+        "mIoU": results["mIoU"],
+        "mAcc": results["mAcc"],
+        "per_class": {
+            c: {"IoU": i, "Acc": a} for c, i, a in zip(dataset.classes, results["IoU"], results["Acc"])
+        },
+        "settings": {
+            **{
+                key: settings[key]
+                for key in ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")
+            },
+            "depth": model.depth,
+            "num_classes": model.num_classes,
+            "precision": args.precision,
+            "channels_last": args.channels_last,
+            "window_batch": args.window_batch,
+            "world_size": world_size,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+        },
+        "precision_agreement": agreement,
+        "seconds": seconds,
+        "confusion_matrix": results["confusion_matrix"],
+    }
+    out = Path(args.out) if args.out else default_output_path(str(checkpoint), name, settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(without_nan(record), indent=1))
+    print(f"wrote {out}" + (f" and pictures in {args.save_dir}" if args.save_dir else ""))
+
+
+def evaluate_one_image(args, model, info, settings, device):
+    """--image: pictures for one file. The test scale is the checkpoint's dataset's; for an unknown
+    dataset, Cityscapes' 2048x1024: the photo is resized to fit inside it, keeping its aspect."""
+    name = args.dataset or info["dataset"]
+    known = data.DATASETS.get(name, {})
+    test_scale = known.get("test_scale", (2048, 1024))
+    if name == "cityscapes" and settings["crop_size"] == (769, 769):
+        test_scale = data.CITYSCAPES_769_SCALE  # the 769 models are tested at 2049x1025 (gcnet-spec.md §4.1)
+    palette = info["palette"] or known.get("palette")
+    if palette is None or len(palette) != model.num_classes:
+        palette = data.default_palette(model.num_classes)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    paths = predict_image(
+        model,
+        args.image,
+        test_scale=test_scale,
+        ratios=settings["ratios"],
+        mode=settings["mode"],
+        crop_size=settings["crop_size"],
+        stride=settings["stride"],
+        flip=settings["flip"],
+        device=device,
+        precision=args.precision,
+        window_batch=args.window_batch,
+        palette=palette,
+        save_dir=args.save_dir or "eval_out",
+        opacity=args.opacity,
+    )
+    print("wrote " + ", ".join(str(path) for path in paths))
+
+
+def speed_defaults(args, device):
+    """Defaults that depend on the device: bf16 autocast on GPUs that support it (tensor cores, and
+    fp32's exponent range, so nothing overflows; the agreement check on the first 10 images shows
+    it changes predictions by rounding only), fp32 on the CPU where bf16 is slower; channels_last
+    on CUDA."""
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if args.precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
+    if args.check_agreement is None:
+        args.check_agreement = 10 if args.precision != "fp32" else 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = init_distributed(args.device)
+    try:
+        speed_defaults(args, device)
+        checkpoint = find_checkpoint(args.checkpoint)
+        info = checkpoint_info(checkpoint)
+        settings = inference_settings(args, info)
+        model = build_model(checkpoint, info, args.depth, settings["align_corners"], device)
+        if args.image:
+            evaluate_one_image(args, model, info, settings, device)
+        else:
+            evaluate_split(args, model, info, settings, checkpoint, device)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        raise SystemExit(f"evaluate.py: {error}") from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    what = parser.add_argument_group("what to evaluate")
+    what.add_argument("--checkpoint", help=f"a .pth file or URL (default: newest {CHECKPOINT_PATTERN})")
+    what.add_argument(
+        "--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)"
+    )
+    what.add_argument("--data-root", help="dataset folder (default: the dataset's, e.g. data/cityscapes)")
+    what.add_argument("--depth", type=int, choices=(50, 101), help="only if the checkpoint cannot tell")
+    what.add_argument("--image", help="predict one image file and write its pictures instead")
+    test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
+    test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
+    test.add_argument("--scales", type=float, nargs="+", help="ratios of the test scale, e.g. 0.75 1.0 1.25")
+    test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
+    test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
+    test.add_argument("--crop", type=int, nargs="+", help="sliding window size: 769 or H W")
+    test.add_argument("--stride", type=int, nargs="+", help="sliding window stride: 513 or H W")
+    speed = parser.add_argument_group("speed (results change by rounding only)")
+    speed.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), help="default bf16 on CUDA, fp32 on CPU"
+    )
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default on CUDA")
+    speed.add_argument(
+        "--check-agreement",
+        type=int,
+        metavar="N",
+        help="compare with fp32 on N images (default 10 if not fp32)",
+    )
+    speed.add_argument("--window-batch", type=int, default=4, help="sliding windows per forward pass")
+    speed.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes"
+    )
+    speed.add_argument("--device", choices=("cuda", "cpu"), help="default cuda when available")
+    output = parser.add_argument_group("output")
+    output.add_argument("--save-dir", help="write label PNG, overlay and attention pictures per image here")
+    output.add_argument("--opacity", type=float, default=0.5, help="weight of the colours in the pictures")
+    output.add_argument(
+        "--out", help="results JSON (default <checkpoint dir>/eval_<dataset>_<mode>_<time>.json)"
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,447 @@
+"""evaluate.py: sliding windows, scales and flips, metrics, distributed sums, pictures, command line."""
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import data
+import evaluate
+from model import GCNet
+
+# ---- stand-in models ------------------------------------------------------------------------
+
+
+class PixelModel(nn.Module):
+    """A 1x1 conv: logits at the input size, flip-equivariant. Its 'attention' is a softmax over the
+    positions of a 1/8-resolution map, as the GC block's."""
+
+    def __init__(self, num_classes=3, align_corners=False, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, num_classes, 1)
+        self.num_classes = num_classes
+        self.align_corners = align_corners
+
+    def forward(self, x, return_attention=False):
+        logits = self.conv(x)
+        if not return_attention:
+            return logits
+        pooled = F.avg_pool2d(x.mean(1, keepdim=True), 8, ceil_mode=True)  # (N, 1, h/8, w/8)
+        attention = pooled.flatten(1).softmax(dim=1).view_as(pooled)
+        return logits, attention
+
+
+class RampModel(PixelModel):
+    """PixelModel plus a left-to-right ramp on class 0: NOT flip-equivariant."""
+
+    def forward(self, x, return_attention=False):
+        ramp = torch.linspace(0, 3, x.shape[-1]).view(1, 1, 1, -1)
+        bias = torch.cat([ramp, torch.zeros(1, self.num_classes - 1, 1, x.shape[-1])], dim=1)
+        return self.conv(x) + bias
+
+
+class RecordingModel(nn.Module):
+    """Logits = the input's first channel times the input height; records the input shapes."""
+
+    num_classes = 1
+    align_corners = False
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return x[:, :1] * x.shape[-2]
+
+
+class WindowMeanModel(nn.Module):
+    """Every output pixel is the mean of its window: overlapping windows disagree."""
+
+    num_classes = 1
+    align_corners = False
+
+    def forward(self, x):
+        return x[:, :1].mean(dim=(2, 3), keepdim=True).expand(-1, -1, *x.shape[-2:])
+
+
+# ---- sliding windows (gcnet-spec.md §4.3) ----------------------------------------------------
+
+
+def test_slide_windows_of_the_769_models_are_the_original_2x4_grid():
+    boxes = evaluate.slide_windows(1025, 2049, 769, 513)
+    assert len(boxes) == 8
+    assert sorted({(y1, y2) for y1, y2, _, _ in boxes}) == [(0, 769), (256, 1025)]
+    assert sorted({(x1, x2) for _, _, x1, x2 in boxes}) == [(0, 769), (513, 1282), (1026, 1795), (1280, 2049)]
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (37, 53), (64, 64), (65, 129), (100, 31), (769, 770)])
+def test_slide_windows_cover_every_pixel_and_stay_inside(height, width):
+    crop, stride = (33, 40), (21, 27)
+    covered = torch.zeros(height, width, dtype=torch.int64)
+    for y1, y2, x1, x2 in evaluate.slide_windows(height, width, crop, stride):
+        assert 0 <= y1 < y2 <= height and 0 <= x1 < x2 <= width
+        assert (y2 - y1, x2 - x1) == (min(crop[0], height), min(crop[1], width))
+        covered[y1:y2, x1:x2] += 1
+    assert covered.min() >= 1
+
+
+def test_slide_inference_places_windows_and_averages_overlaps_on_odd_sizes():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 45, 71)
+    identity = RecordingModel()
+    out = evaluate.slide_inference(identity, images, (17, 23), (11, 13), 1, window_batch=3)
+    assert torch.allclose(out, images[:, :1] * 17)  # each window put back where it came from
+    # Windows that disagree: the hand-computed average of a 1x5 row, crop 3, stride 2.
+    row = torch.arange(5.0).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    averaged = evaluate.slide_inference(WindowMeanModel(), row, (1, 3), (1, 2), 1)
+    # windows [0,3) mean 1 and [2,5) mean 3; pixel 2 is covered by both
+    assert averaged.flatten().tolist() == [1.0, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_slide_inference_results_do_not_depend_on_window_batch():
+    torch.manual_seed(0)
+    model = PixelModel(4).eval()
+    images = torch.randn(1, 3, 50, 90)
+    outs = [evaluate.slide_inference(model, images, 32, 21, 4, window_batch=b) for b in (1, 4, 100)]
+    assert torch.allclose(outs[0], outs[1], atol=1e-6) and torch.allclose(outs[0], outs[2], atol=1e-6)
+
+
+def test_windows_smaller_than_the_crop_are_zero_padded_as_in_v050():
+    # 20 rows < crop 33: the window is padded to 33x33 at the bottom/right, the output cropped back.
+    images = torch.rand(1, 3, 20, 50) + 1
+    model = RecordingModel()
+    out = evaluate.slide_inference(model, images, 33, 22, 1, window_batch=1)
+    assert all(shape[-2:] == (33, 33) for shape in model.shapes)  # the model always saw full crops
+    assert out.shape == (1, 1, 20, 50)
+    assert torch.allclose(out, images[:, :1] * 33)  # output = crop of the padded window's output
+
+
+# ---- scales and flips (gcnet-spec.md §4.4) ---------------------------------------------------
+
+
+def test_single_scale_is_softmax_of_logits_resized_to_the_original_size():
+    model = PixelModel(3, align_corners=True).eval()
+    image = torch.randn(3, 40, 56)
+    probabilities = evaluate.predict(model, [image], (30, 41), 3)
+    expected = F.interpolate(model(image[None]), size=(30, 41), mode="bilinear", align_corners=True).softmax(
+        1
+    )
+    assert probabilities.shape == (3, 30, 41)
+    assert torch.allclose(probabilities, expected[0], atol=1e-6)
+
+
+def test_multi_scale_averages_probabilities_at_the_original_size():
+    model = PixelModel(3).eval()
+    images = [torch.randn(3, 20, 28), torch.randn(3, 40, 56)]
+    probabilities = evaluate.predict(model, images, (30, 42), 3)
+    per_scale = [
+        F.interpolate(model(x[None]), size=(30, 42), mode="bilinear", align_corners=False).softmax(1)[0]
+        for x in images
+    ]
+    assert torch.allclose(probabilities, (per_scale[0] + per_scale[1]) / 2, atol=1e-6)
+    assert torch.allclose(probabilities.sum(0), torch.ones(30, 42), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_flip_changes_nothing_for_a_flip_equivariant_model(mode):
+    model = PixelModel(3).eval()
+    image = torch.randn(3, 37, 61)
+    kwargs = dict(mode=mode, crop_size=25, stride=17)
+    plain = evaluate.predict(model, [image], (37, 61), 3, flip=False, **kwargs)
+    flipped = evaluate.predict(model, [image], (37, 61), 3, flip=True, **kwargs)
+    assert torch.allclose(plain, flipped, atol=1e-6)
+
+
+def test_flipped_predictions_are_flipped_back():
+    model = RampModel(3).eval()
+    image = torch.randn(3, 16, 24)
+    probabilities = evaluate.predict(model, [image], (16, 24), 3, flip=True)
+    plain = model(image[None]).softmax(1)[0]
+    flipped_back = model(image[None].flip(-1)).softmax(1)[0].flip(-1)
+    assert torch.allclose(probabilities, (plain + flipped_back) / 2, atol=1e-6)
+    assert not torch.allclose(probabilities, (plain + model(image[None].flip(-1)).softmax(1)[0]) / 2)
+
+
+# ---- metrics (gcnet-spec.md §6.1) -------------------------------------------------------------
+
+
+def test_metrics_by_hand_with_ignored_and_absent_classes():
+    label = torch.tensor([[0, 0, 1, 1], [255, 1, 0, 255]])
+    pred = torch.tensor([[0, 1, 1, 3], [2, 1, 0, 3]])
+    matrix = evaluate.confusion_matrix(pred, label, 4)
+    # rows = ground truth, columns = prediction; the two ignored pixels count nowhere
+    assert matrix.tolist() == [[2, 1, 0, 0], [0, 2, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert matrix.dtype == torch.int64
+    metrics = evaluate.metrics_from_confusion(matrix)
+    # class 2: predicted only where ignored -> union 0 -> NaN, skipped; class 3: predicted, absent
+    # from the ground truth -> IoU 0, counted; Acc NaN for both.
+    assert metrics["IoU"][:2] == pytest.approx([200 / 3, 50])
+    assert math.isnan(metrics["IoU"][2]) and metrics["IoU"][3] == 0
+    assert metrics["mIoU"] == pytest.approx(100 * (2 / 3 + 1 / 2 + 0) / 3)
+    assert metrics["Acc"][:2] == pytest.approx([200 / 3, 200 / 3])
+    assert math.isnan(metrics["Acc"][2]) and math.isnan(metrics["Acc"][3])
+    assert metrics["mAcc"] == pytest.approx(200 / 3)
+    assert metrics["aAcc"] == pytest.approx(100 * 4 / 6)
+    table = evaluate.format_table(metrics, ["road", "car", "sky", "bus"])
+    assert "car" in table and "50.00" in table and "mIoU 38.89" in table
+
+
+def test_confusion_matrices_add_up_over_images_and_reject_bad_labels():
+    torch.manual_seed(0)
+    label, pred = torch.randint(0, 5, (2, 30, 40)), torch.randint(0, 5, (2, 30, 40))
+    label[0, :3] = 255
+    total = evaluate.confusion_matrix(pred.flatten(), label.flatten(), 5)
+    per_image = sum(evaluate.confusion_matrix(p, t, 5) for p, t in zip(pred, label))
+    assert torch.equal(total, per_image) and total.sum() == 2 * 30 * 40 - 3 * 40
+    with pytest.raises(ValueError, match="0..4"):
+        evaluate.confusion_matrix(pred[0], torch.full((30, 40), 7), 5)
+
+
+# ---- a whole split: fake dataset, distributed sums, pictures ----------------------------------
+
+
+class FakeValSet(torch.utils.data.Dataset):
+    """Val items as data.build_dataset gives them: images per ratio, label at the original size."""
+
+    palette = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    test_scale = (80, 56)  # (W, H); used only when no ratio is 1.0
+    classes = ["red", "green", "blue"]
+    num_classes = 3
+    name = "fake"
+
+    def __init__(self, folder, count=5, size=(37, 53), ratios=(1.0,), log=None):
+        self.folder, self.count, self.size = Path(folder), count, size
+        self.test_ratios = ratios
+        self.log = log  # a file that records which indices were read
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        if self.log is not None:
+            with open(self.log, "a") as file:
+                file.write(f"{index}\n")
+        generator = torch.Generator().manual_seed(index)
+        height, width = self.size
+        path = self.folder / f"image_{index}.png"
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+        if not path.exists():
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+        label = torch.randint(0, 3, (height, width), generator=generator)
+        label[:2] = 255
+        images = []
+        for ratio in self.test_ratios:  # a stand-in for data.test_transform, 1.5 x the original size
+            size = (int(1.5 * height * ratio), int(1.5 * width * ratio))
+            images.append(F.interpolate(image[None].float() / 64 - 2, size=size, mode="bilinear")[0])
+        return images, label, dict(name=f"image_{index}", image_path=str(path), original_size=(height, width))
+
+
+EVALUATION = dict(
+    mode="whole", crop_size=None, stride=None, flip=False, device="cpu", precision="fp32",
+    channels_last=False, window_batch=2, show_progress=False, workers=0,
+)  # fmt: skip
+
+
+def distributed_worker(rank, world_size, port, folder):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    dataset = FakeValSet(folder, log=Path(folder) / f"rank_{rank}.txt")
+    results = evaluate.evaluate_dataset(PixelModel(3).eval(), dataset, **EVALUATION)
+    (Path(folder) / f"results_{rank}.json").write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_evaluation_sums_disjoint_shares(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    single = evaluate.evaluate_dataset(PixelModel(3).eval(), FakeValSet(tmp_path), **EVALUATION)
+    seen = [set(map(int, (tmp_path / f"rank_{r}.txt").read_text().split())) for r in range(2)]
+    assert seen == [{0, 2, 4}, {1, 3}]  # disjoint shares, rank::world_size
+    for rank in range(2):
+        results = json.loads((tmp_path / f"results_{rank}.json").read_text())
+        assert results["confusion_matrix"] == single["confusion_matrix"]  # every rank gets the sum
+        assert results["num_images"] == 5 and results["mIoU"] == pytest.approx(single["mIoU"])
+
+
+def test_evaluate_dataset_writes_pictures_at_the_original_size(tmp_path):
+    dataset = FakeValSet(tmp_path, count=2, ratios=(0.5, 1.0))
+    model = PixelModel(3).train()
+    results = evaluate.evaluate_dataset(model, dataset, save_dir=tmp_path / "pictures", **EVALUATION)
+    assert model.training  # mode restored
+    assert results["num_images"] == 2 and sum(map(sum, results["confusion_matrix"])) == 2 * 35 * 53
+    image, label, meta = dataset[1]
+    prediction = evaluate.predict(model.eval(), image, meta["original_size"], 3).argmax(0)
+    labels = Image.open(tmp_path / "pictures" / "image_1_pred.png")
+    assert labels.mode == "P" and labels.size == (53, 37)
+    assert labels.getpalette()[:9] == [255, 0, 0, 0, 255, 0, 0, 0, 255]
+    assert torch.equal(torch.from_numpy(np.array(labels)).long(), prediction)
+    for suffix in ("overlay.jpg", "attention.png"):
+        picture = Image.open(tmp_path / "pictures" / f"image_1_{suffix}")
+        assert picture.mode == "RGB" and picture.size == (53, 37)
+
+
+def test_empty_split_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no images"):
+        evaluate.evaluate_dataset(PixelModel(3), FakeValSet(tmp_path, count=0), **EVALUATION)
+
+
+def test_heat_colors_run_from_blue_to_red():
+    colors = evaluate.heat_colors(torch.tensor([0.0, 0.5, 1.0]))
+    assert colors.tolist() == [[0, 0, 127.5], [127.5, 255, 127.5], [127.5, 0, 0]]
+
+
+# ---- the real GCNet at a tiny size ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gcnet():
+    torch.manual_seed(0)
+    return GCNet(num_classes=3, depth=50, align_corners=True).eval()
+
+
+def test_real_gcnet_slide_ms_flip_and_attention(tiny_gcnet):
+    torch.manual_seed(0)
+    images = [torch.randn(3, 49, 73), torch.randn(3, 65, 97)]
+    probabilities = evaluate.predict(
+        tiny_gcnet, images, (60, 90), 3, mode="slide", crop_size=65, stride=43, flip=True, window_batch=4
+    )
+    assert probabilities.shape == (3, 60, 90)
+    assert torch.allclose(probabilities.sum(0), torch.ones(60, 90), atol=1e-5)
+    attention = evaluate.attention_map(tiny_gcnet, images[1], (60, 90))
+    assert attention.shape == (60, 90) and attention.min() == 0 and attention.max() == 1
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def test_missing_checkpoint_is_a_clear_exit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"no checkpoint found: looked for work_dirs/\*/best.pth"):
+        evaluate.main(["--device", "cpu"])
+    with pytest.raises(SystemExit, match="checkpoint not found: nothing.pth"):
+        evaluate.main(["--device", "cpu", "--checkpoint", "nothing.pth"])
+
+
+def test_newest_best_checkpoint_is_found(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for index, run in enumerate(["b_run", "a_run"]):
+        (tmp_path / "work_dirs" / run).mkdir(parents=True)
+        (tmp_path / "work_dirs" / run / "best.pth").write_bytes(b"")
+        os.utime(tmp_path / "work_dirs" / run / "best.pth", (1000 + index, 1000 + index))
+    assert evaluate.find_checkpoint(None) == str(Path("work_dirs/a_run/best.pth"))
+
+
+def test_settings_follow_the_checkpoint_row_and_flags_override():
+    parse = evaluate.build_parser().parse_args
+    info = dict(crop_size=(769, 769), align_corners=True, recipe=None)
+    row_769 = evaluate.inference_settings(parse(["--ms-flip"]), info)
+    assert row_769 == dict(
+        mode="slide", crop_size=(769, 769), stride=(513, 513), ratios=evaluate.MS_RATIOS, flip=True,
+        align_corners=True,
+    )  # fmt: skip
+    row_512 = evaluate.inference_settings(
+        parse([]), dict(crop_size=(512, 1024), align_corners=False, recipe=None)
+    )
+    assert (row_512["mode"], row_512["ratios"], row_512["flip"]) == ("whole", (1.0,), False)
+    unknown = evaluate.inference_settings(
+        parse(["--crop", "769"]), dict(crop_size=None, align_corners=None, recipe=None)
+    )
+    assert (unknown["mode"], unknown["stride"], unknown["align_corners"]) == ("slide", (513, 513), True)
+    custom = evaluate.inference_settings(
+        parse(["--ms-flip", "--no-flip", "--scales", "1", "2", "--mode", "whole"]), info
+    )
+    assert (custom["mode"], custom["ratios"], custom["flip"]) == ("whole", (1.0, 2.0), False)
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory):
+    """A random 5-class R-50 saved as train.py saves a toy run: recipe, classes and palette."""
+    torch.manual_seed(0)
+    recipe = dict(dataset="toy", crop_size=[128, 128], align_corners=False, test_mode="whole",
+                  test_crop=[128, 128], test_stride=[86, 86], config_name="gcnet_r50-d8_128x128_300it_toy")  # fmt: skip
+    meta = dict(CLASSES=data.TOY_CLASSES, PALETTE=data.TOY_PALETTE)
+    path = tmp_path_factory.mktemp("checkpoint") / "best.pth"
+    torch.save(dict(state_dict=GCNet(5).state_dict(), recipe=recipe, meta=meta), path)
+    return path
+
+
+def write_folder_dataset(root, class_lines, count=1, size=(8, 8)):
+    """ROOT/images/val, ROOT/labels/val and ROOT/classes.txt, the layout of data.py's folder dataset."""
+    (root / "images" / "val").mkdir(parents=True)
+    (root / "labels" / "val").mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(count):
+        image = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=generator)
+        label = torch.randint(0, len(class_lines), size, dtype=torch.uint8, generator=generator)
+        label[0] = 255
+        Image.fromarray(image.numpy()).save(root / "images" / "val" / f"{index}.png")
+        Image.fromarray(label.numpy()).save(root / "labels" / "val" / f"{index}.png")
+    (root / "classes.txt").write_text("\n".join(class_lines))
+
+
+def test_command_line_evaluates_a_split_and_writes_json(tmp_path, toy_checkpoint, capsys):
+    # Two 32x64 images in the toy dataset's (Cityscapes) layout: the network sees them at the toy
+    # test scale, 128x256; the metrics count the labels at 32x64.
+    root = tmp_path / "toy"
+    for folder in ("leftImg8bit/val/x", "gtFine/val/x"):
+        (root / folder).mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        image = torch.randint(0, 256, (32, 64, 3), dtype=torch.uint8, generator=generator)
+        label = torch.randint(0, 5, (32, 64), dtype=torch.uint8, generator=generator)
+        label[:4] = 255
+        Image.fromarray(image.numpy()).save(root / "leftImg8bit/val/x" / f"{name}_leftImg8bit.png")
+        Image.fromarray(label.numpy()).save(root / "gtFine/val/x" / f"{name}_gtFine_labelTrainIds.png")
+    out = tmp_path / "results.json"
+    evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--data-root", str(root),
+                   "--workers", "0", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "diamond" in printed and f"wrote {out}" in printed
+    record = json.loads(out.read_text())
+    assert record["dataset"] == "toy" and record["num_images"] == 2
+    assert record["settings"]["mode"] == "whole" and record["settings"]["ratios"] == [1.0]
+    assert sum(map(sum, record["confusion_matrix"])) == 2 * 28 * 64  # original resolution, 255 left out
+    assert list(record["per_class"]) == data.TOY_CLASSES
+    iou = [entry["IoU"] for entry in record["per_class"].values()]
+    assert record["mIoU"] == pytest.approx(
+        sum(v for v in iou if v is not None) / sum(v is not None for v in iou)
+    )
+
+
+def test_checkpoint_and_dataset_classes_must_agree(tmp_path, toy_checkpoint):
+    write_folder_dataset(tmp_path / "three", ["sky", "road", "car"])
+    with pytest.raises(SystemExit, match="predicts 5 classes but the folder dataset has 3"):
+        evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--dataset", "folder",
+                       "--data-root", str(tmp_path / "three")])  # fmt: skip
+    write_folder_dataset(tmp_path / "five", ["sky", "disc", "square", "diamond", "bar"])
+    with pytest.raises(SystemExit, match="class 0 is 'background' in the checkpoint, 'sky' in the dataset"):
+        evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--dataset", "folder",
+                       "--data-root", str(tmp_path / "five")])  # fmt: skip
+
+
+def test_image_command_writes_pictures_at_the_photo_size(tmp_path, toy_checkpoint, capsys):
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(torch.randint(0, 256, (45, 70, 3), dtype=torch.uint8).numpy()).save(photo)
+    evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--image", str(photo),
+                   "--save-dir", str(tmp_path / "out")])  # fmt: skip
+    assert str(tmp_path / "out" / "photo_attention.png") in capsys.readouterr().out
+    labels = Image.open(tmp_path / "out" / "photo_pred.png")
+    assert labels.mode == "P" and labels.size == (70, 45)
+    assert labels.getpalette()[:15] == [value for colour in data.TOY_PALETTE for value in colour]
+    for suffix in ("overlay.jpg", "attention.png"):
+        assert Image.open(tmp_path / "out" / f"photo_{suffix}").size == (70, 45)
