@@ -1,0 +1,219 @@
+"""train.py: the recipe's numerics, a short run, DDP under torchrun, exact resume, signals, guards."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+# Small and fast: 64x64 crops, batch 2, no workers, float32 so results are bit-for-bit repeatable.
+FAST = ["--dataset", "toy", "--crop", "64", "--batch-size", "2", "--workers", "0", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    """The toy dataset with its val split cut to 4 images: validation is the slow part of a short run."""
+    root = tmp_path_factory.mktemp("data") / "toy"
+    data.build_dataset("toy", str(root), "train")  # writes it
+    for image in sorted((root / "leftImg8bit" / "val").rglob("*.png"))[4:]:
+        image.unlink()
+        label = str(image).replace("leftImg8bit", "gtFine").replace(".png", "_labelTrainIds.png")
+        Path(label).unlink()
+    assert len(data.build_dataset("toy", str(root), "val")) == 4
+    return str(root)
+
+
+def read_log(work_dir):
+    return [json.loads(line) for line in (Path(work_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def test_poly_lr_at_known_iterations():
+    assert train.poly_lr(0, 40000) == pytest.approx(0.01)
+    assert train.poly_lr(20000, 40000) == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
+    assert train.poly_lr(39999, 40000) == pytest.approx(9.9e-3 * (1 / 40000) ** 0.9 + 1e-4)
+    assert train.poly_lr(40000, 40000) == pytest.approx(1e-4)
+    values = [train.poly_lr(i, 100) for i in range(100)]
+    assert all(a > b for a, b in zip(values, values[1:]))  # strictly decreasing, no warmup
+
+
+def test_loss_divides_by_all_pixels_including_ignored():
+    logits = torch.tensor([[[[2.0, 0.0], [1.0, 3.0]], [[0.0, 1.0], [1.0, 0.0]]]])  # (1, 2, 2, 2)
+    labels = torch.tensor([[[0, 1], [255, 0]]])
+    # By hand: -log softmax of the true class at the three labelled pixels, over 4 pixels.
+    nll = [
+        -math.log(math.exp(2) / (math.exp(2) + 1)),
+        -math.log(math.exp(1) / (1 + math.exp(1))),
+        -math.log(math.exp(3) / (math.exp(3) + 1)),
+    ]
+    assert train.segmentation_loss(logits, labels).item() == pytest.approx(sum(nll) / 4, rel=1e-6)
+    # PyTorch's default mean divides by 3: the original's loss is 3/4 of it here.
+    torch_mean = F.cross_entropy(logits, labels, ignore_index=255).item()
+    assert train.segmentation_loss(logits, labels).item() == pytest.approx(torch_mean * 3 / 4, rel=1e-6)
+
+
+def test_recipe_defaults_follow_the_table():
+    args = train.build_parser().parse_args(["--dataset", "cityscapes", "--crop", "769"])
+    recipe = train.resolve_recipe(args, world_size=4)
+    assert recipe["config_name"] == "gcnet_r50-d8_769x769_40k_cityscapes"
+    assert (recipe["batch_size"], recipe["global_batch"], recipe["iters"]) == (2, 8, 40000)
+    assert recipe["align_corners"] is True and recipe["test_mode"] == "slide"
+    assert recipe["test_stride"] == [513, 513] and recipe["eval_interval"] == 4000
+    assert (recipe["lr"], recipe["momentum"], recipe["weight_decay"], recipe["aux_weight"]) == (
+        0.01,
+        0.9,
+        5e-4,
+        0.4,
+    )
+    assert recipe["pretrained"].endswith("resnet50_v1c-2cccc1ad.pth")
+    args = train.build_parser().parse_args(["--dataset", "ade20k", "--depth", "101", "--iters", "160000"])
+    recipe = train.resolve_recipe(args, world_size=4)
+    assert recipe["config_name"] == "gcnet_r101-d8_512x512_160k_ade20k"
+    assert (recipe["batch_size"], recipe["align_corners"], recipe["test_mode"]) == (4, False, "whole")
+    warnings = train.warn_about_differences(
+        recipe | {"global_batch": 4}, train.RECIPES["ade20k"], False, "fp32"
+    )
+    assert any("global batch 4 differs from the table's 16" in w for w in warnings)
+
+
+def test_batches_are_disjoint_across_ranks_and_resume_exactly():
+    ranks = [train.epoch_batches(23, 2, epoch=1, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    seen = [i for batches in ranks for batch in batches for _, i in batch]
+    assert len(seen) == len(set(seen)) == 20  # 11 per rank, 5 full batches of 2 each; drop_last
+    assert train.epoch_batches(23, 2, 1, 0, 0, 2) == ranks[0]  # a pure function of (seed, epoch)
+    assert train.epoch_batches(23, 2, 2, 0, 0, 2) != ranks[0]
+
+
+def test_short_cpu_run_loss_falls_and_writes_checkpoints(toy_root, tmp_path):
+    work_dir = tmp_path / "run"
+    args = FAST + ["--data-root", toy_root, "--work-dir", str(work_dir), "--iters", "30", "--lr", "0.05"]
+    train.main(args + ["--log-interval", "1", "--eval-interval", "15"])
+    losses = [r["loss"] for r in read_log(work_dir) if "loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    evaluations = [r for r in read_log(work_dir) if "mIoU" in r]
+    assert [r["iteration"] for r in evaluations] == [15, 30]
+    checkpoint = torch.load(work_dir / "iter_30.pth", weights_only=False)
+    assert checkpoint["iteration"] == 30 and checkpoint["recipe"]["dataset"] == "toy"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["state_dict"])
+    assert {"optimizer", "scaler", "rng", "meta"} <= checkpoint.keys()
+    assert (work_dir / "best.pth").exists() and not list(work_dir.glob("*.tmp"))
+
+
+def test_resume_reaches_the_same_weights(toy_root, tmp_path):
+    common = FAST + ["--data-root", toy_root, "--iters", "6", "--eval-interval", "3", "--deterministic"]
+    train.main(common + ["--work-dir", str(tmp_path / "straight")])
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    (resumed_dir / "iter_3.pth").write_bytes((tmp_path / "straight" / "iter_3.pth").read_bytes())
+    train.main(common + ["--work-dir", str(resumed_dir), "--resume"])
+    straight = torch.load(tmp_path / "straight" / "iter_6.pth", weights_only=False)
+    resumed = torch.load(resumed_dir / "iter_6.pth", weights_only=False)
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
+    momentum_resumed = [s["momentum_buffer"] for s in resumed["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, momentum_resumed))
+
+
+def test_nonfinite_losses_skip_steps_then_stop(toy_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "segmentation_loss", lambda logits, labels: logits.sum() * float("nan"))
+    args = FAST + ["--data-root", toy_root, "--work-dir", str(tmp_path), "--iters", "10"]
+    args += ["--max-nonfinite", "3", "--eval-interval", "100"]
+    with pytest.raises(SystemExit, match="3 non-finite losses in a row at iteration 2"):
+        train.main(args)
+    assert [r["iteration"] for r in read_log(tmp_path) if r.get("event") == "nonfinite_loss"] == [0, 1, 2]
+    assert not list(tmp_path.glob("*.pth"))
+
+
+def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="non-finite values in weight"):
+        train.save_checkpoint(
+            tmp_path / "x.pth",
+            net,
+            optimizer,
+            torch.amp.GradScaler("cpu", enabled=False),
+            1,
+            {},
+            [],
+            [],
+            [],
+            0,
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def run_script(args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(toy_root, tmp_path):
+    args = FAST + [
+        "--data-root",
+        toy_root,
+        "--work-dir",
+        str(tmp_path),
+        "--iters",
+        "1000",
+        "--log-interval",
+        "1",
+    ]
+    process = run_script(["train.py", *args])
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((tmp_path / "log.jsonl").exists() and read_log(tmp_path)):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stopped by a signal" in output and "--resume" in output
+    saved = list(tmp_path.glob("iter_*.pth"))
+    assert len(saved) == 1
+    iteration = torch.load(saved[0], weights_only=False)["iteration"]
+    assert 1 <= iteration < 1000 and saved[0].name == f"iter_{iteration}.pth"
+
+
+def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
+    args = FAST + [
+        "--data-root",
+        toy_root,
+        "--work-dir",
+        str(tmp_path),
+        "--iters",
+        "4",
+        "--eval-interval",
+        "4",
+    ]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py"]
+    process = run_script(launcher + args)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output
+    assert "world_size      2" in output and "global_batch    4" in output
+    checkpoint = torch.load(tmp_path / "iter_4.pth", weights_only=False)
+    assert checkpoint["iteration"] == 4 and len(checkpoint["rng"]) == 2
+    assert not torch.equal(
+        checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"]
+    )  # one stream per rank
+    assert [r["iteration"] for r in read_log(tmp_path) if "mIoU" in r] == [4]
