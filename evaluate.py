@@ -21,7 +21,7 @@ resolution; IoU and Acc per class, their nanmean over classes, and the overall p
 The settings (dataset, depth, classes, crop, align_corners) come from the checkpoint where it
 records them (model.checkpoint_info), else from --dataset / --depth / --crop. The results go to
 <checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). On CUDA the
-default is bf16 autocast with channels_last, checked against fp32 on the first 10 images
+default is bf16 autocast with channels_last (bf16 also on CPUs with native bf16), checked against fp32 on the first 10 images
 (--check-agreement); pass --precision fp32 for the arithmetic of the original V100 runs.
 """
 
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
-from model import GCNet, checkpoint_info, load_weights
+from model import GCNet, checkpoint_info, default_precision, load_weights
 
 IGNORE_INDEX = 255
 # tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (gcnet-spec.md §4.4).
@@ -721,12 +721,11 @@ def evaluate_one_image(args, model, info, settings, device):
 
 
 def speed_defaults(args, device):
-    """Defaults that depend on the device: bf16 autocast on GPUs that support it (tensor cores, and
+    """Defaults that depend on the device: bf16 autocast where the hardware has it (model.default_precision;
     fp32's exponent range, so nothing overflows; the agreement check on the first 10 images shows
-    it changes predictions by rounding only), fp32 on the CPU where bf16 is slower; channels_last
-    on CUDA."""
+    it changes predictions by rounding only), else fp32; channels_last on CUDA."""
     if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        args.precision = default_precision(device)
     if args.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if args.channels_last is None:

@@ -252,21 +252,10 @@ def setup_distributed(device_flag):
     return rank, world_size, device
 
 
-def cpu_supports_bf16():
-    try:  # AVX512-BF16 or AMX: bf16 convolutions are fast. Elsewhere they are emulated and slow.
-        return torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported()
-    except AttributeError:
-        return False
-
-
 def resolve_precision(flag, device):
-    if flag != "auto":
-        if flag == "fp16" and device.type != "cuda":
-            raise SystemExit("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        return flag
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
+    if flag == "fp16" and device.type != "cuda":
+        raise SystemExit("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return gcnet.default_precision(device) if flag == "auto" else flag
 
 
 def peak_memory_gb(device):
@@ -326,6 +315,7 @@ def main(argv=None):
     precision = resolve_precision(args.precision, device)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     sync_bn = device.type == "cuda" and world_size > 1
+    pictures_wanted = args.dataset == "toy" if args.pictures is None else args.pictures
     work_dir = Path(recipe["work_dir"])
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.deterministic:
@@ -510,7 +500,9 @@ def main(argv=None):
             say(f"continue with: {' '.join(sys.argv)} --resume")
             break
         if iteration % recipe["eval_interval"] == 0 or iteration == recipe["iters"]:
-            results = validate(raw_model, val_set, recipe, device, precision, channels_last, rank)
+            last = iteration == recipe["iters"]
+            pictures = work_dir / "pictures" if last and pictures_wanted else None
+            results = validate(raw_model, val_set, recipe, device, precision, channels_last, rank, pictures)
             if rank == 0:
                 say(f"\niteration {iteration}: val mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  "
                     f"aAcc {results['aAcc']:.2f}")  # fmt: skip
@@ -530,6 +522,10 @@ def main(argv=None):
     if rank == 0 and iteration >= recipe["iters"]:
         say(f"\ndone: {iteration} iterations, best val mIoU {best_miou:.2f}")
         say(f"checkpoints and log.jsonl in {work_dir}")
+        if pictures_wanted:
+            say(
+                f"pictures of the last validation (prediction, overlay, GC attention) in {work_dir / 'pictures'}"
+            )
         say(f"evaluate with: python evaluate.py --checkpoint {work_dir / 'best.pth'} --ms-flip")
     if log_file:
         log_file.close()
@@ -572,6 +568,11 @@ def build_parser():
     parser.add_argument("--keep", type=int, default=3, help="newest iter_*.pth checkpoints to keep")
     parser.add_argument(
         "--max-nonfinite", type=int, default=5, help="stop after this many bad losses in a row"
+    )
+    parser.add_argument(
+        "--pictures",
+        action=argparse.BooleanOptionalAction,
+        help="save prediction, overlay and GC-attention pictures of the last validation (default: toy only)",
     )
     parser.add_argument("--resume", nargs="?", const="latest", help="resume the newest checkpoint, or PATH")
     return parser
