@@ -20,9 +20,10 @@ resolution; IoU and Acc per class, their nanmean over classes, and the overall p
 
 The settings (dataset, depth, classes, crop, align_corners) come from the checkpoint where it
 records them (model.checkpoint_info), else from --dataset / --depth / --crop. The results go to
-<checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). On CUDA the
-default is bf16 autocast with channels_last (bf16 also on CPUs with native bf16), checked against fp32 on the first 10 images
-(--check-agreement); pass --precision fp32 for the arithmetic of the original V100 runs.
+<checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). The default is
+bf16 autocast where the hardware has it (CUDA; CPUs with AVX512-BF16 or AMX), channels_last on
+CUDA, checked against fp32 on the first 10 images (--check-agreement); pass --precision fp32 for
+the arithmetic of the original V100 runs.
 """
 
 import argparse

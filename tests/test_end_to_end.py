@@ -1,0 +1,50 @@
+"""The README's path on toy data: train a few iterations, evaluate the checkpoint, look at the outputs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import evaluate
+import train
+
+
+def test_train_then_evaluate_writes_results_and_pictures(tmp_path):
+    root = tmp_path / "toy"
+    data.build_dataset("toy", str(root), "train")  # generated in the Cityscapes layout
+    for image in sorted((root / "leftImg8bit" / "val").rglob("*.png"))[3:]:  # 3 val images: fast
+        image.unlink()
+        Path(str(image).replace("leftImg8bit", "gtFine").replace(".png", "_labelTrainIds.png")).unlink()
+    work_dir = tmp_path / "run"
+    fast = ["--crop", "64", "--batch-size", "2", "--workers", "0", "--precision", "fp32"]
+    train.main(fast + ["--data-root", str(root), "--work-dir", str(work_dir), "--iters", "4", "--pictures"])
+
+    # Training wrote its checkpoints, log and the pictures of its last validation.
+    assert (work_dir / "best.pth").exists() and (work_dir / "iter_4.pth").exists()
+    trained_miou = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()][-1][
+        "mIoU"
+    ]
+    val_set = data.build_dataset("toy", str(root), "val")
+    for _, label, meta in (val_set[i] for i in range(len(val_set))):
+        prediction = Image.open(work_dir / "pictures" / f"{meta['name']}_pred.png")
+        assert prediction.mode == "P" and prediction.size == (label.shape[1], label.shape[0])
+        palette = np.array(prediction.getpalette()[: 3 * 5]).reshape(5, 3).tolist()
+        assert palette == data.TOY_PALETTE
+        for kind in ("overlay", "attention"):
+            (picture,) = (work_dir / "pictures").glob(f"{meta['name']}_{kind}.*")
+            assert Image.open(picture).size == (256, 128)
+
+    # evaluate.py on the checkpoint, as the README runs it, agrees with training's own validation.
+    out = tmp_path / "results.json"
+    evaluate.main(["--checkpoint", str(work_dir / "best.pth"), "--data-root", str(root), "--precision", "fp32",
+                   "--workers", "0", "--out", str(out), "--save-dir", str(tmp_path / "pictures")])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert results["num_images"] == 3 and results["dataset"] == "toy"
+    assert abs(results["mIoU"] - trained_miou) < 1e-6
+    assert 0 <= results["aAcc"] <= 100 and len(results["per_class"]) == 5
+    matrix = torch.tensor(results["confusion_matrix"])
+    assert matrix.sum() == (torch.stack([val_set[i][1] for i in range(3)]) != 255).sum()
+    assert len(list((tmp_path / "pictures").glob("*_attention.png"))) == 3
