@@ -384,7 +384,9 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # As the original: no buffer broadcast (SyncBN keeps the statistics in step on CUDA).
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
     # 4. tell the user what will run
     recipe.update(precision=precision, channels_last=channels_last, sync_bn=sync_bn, device=str(device))
