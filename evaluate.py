@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
-from model import GCNet, checkpoint_info, default_precision, load_weights
+from model import GCNet, checkpoint_info, default_precision, load_weights, read_checkpoint
 
 IGNORE_INDEX = 255
 # tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (gcnet-spec.md §4.4).
@@ -545,12 +545,12 @@ def inference_settings(args, info):
     )
 
 
-def build_model(checkpoint, info, depth, align_corners, device):
+def build_model(checkpoint, loaded, info, depth, align_corners, device):
     """GCNet shaped by the checkpoint (depth and class count from its weights) with its weights."""
     if depth is not None and info["depth"] is not None and depth != info["depth"]:
         raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
     model = GCNet(info["num_classes"], depth=info["depth"] or depth or 50, align_corners=align_corners)
-    load_weights(model, checkpoint)
+    load_weights(model, checkpoint, loaded)
     return model.to(device).eval()
 
 
@@ -741,9 +741,10 @@ def main(argv=None):
     try:
         speed_defaults(args, device)
         checkpoint = find_checkpoint(args.checkpoint)
-        info = checkpoint_info(checkpoint)
+        loaded = read_checkpoint(checkpoint)  # read once: info and weights come from the same dict
+        info = checkpoint_info(checkpoint, loaded)
         settings = inference_settings(args, info)
-        model = build_model(checkpoint, info, args.depth, settings["align_corners"], device)
+        model = build_model(checkpoint, loaded, info, args.depth, settings["align_corners"], device)
         if args.image:
             evaluate_one_image(args, model, info, settings, device)
         else:

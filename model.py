@@ -361,7 +361,7 @@ def check_and_load(module, state_dict, source):
     module.load_state_dict(state_dict, strict=True)
 
 
-def load_weights(model, path_or_url):
+def load_weights(model, path_or_url, checkpoint=None):
     """Load weights into a GCNet, strictly. Accepts
 
     (a) official checkpoints of the results table: {'state_dict', 'meta'};
@@ -369,9 +369,10 @@ def load_weights(model, path_or_url):
     (c) ImageNet ResNetV1c weights (IMAGENET_URLS): backbone keys without a 'backbone.' prefix plus
         an 'fc' classifier, which is dropped; these fill the backbone only.
 
+    Pass `checkpoint` when the file is already loaded; `path_or_url` then only names it in errors.
     Returns which of the three it was: 'segmentor' or 'imagenet'.
     """
-    checkpoint = path_or_url if isinstance(path_or_url, dict) else read_checkpoint(path_or_url)
+    checkpoint = read_checkpoint(path_or_url) if checkpoint is None else checkpoint
     state_dict = extract_state_dict(checkpoint)
     if any(k.startswith("backbone.") for k in state_dict):
         check_and_load(model, state_dict, path_or_url)
@@ -392,15 +393,16 @@ def load_weights(model, path_or_url):
     return "imagenet"
 
 
-def checkpoint_info(path_or_url):
+def checkpoint_info(path_or_url, checkpoint=None):
     """What a checkpoint says about the model and data it belongs to, without building a model.
 
     Returns a dict with 'depth', 'num_classes' and, where recorded (else None), 'dataset',
     'align_corners', 'crop_size' (h, w), 'classes', 'palette', 'config_name', 'recipe'.
     Our checkpoints record a 'recipe'; official ones are read from their meta, config text and
-    file name (e.g. gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth).
+    file name (e.g. gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth). Pass
+    `checkpoint` when the file is already loaded, to read it once.
     """
-    checkpoint = path_or_url if isinstance(path_or_url, dict) else read_checkpoint(path_or_url)
+    checkpoint = read_checkpoint(path_or_url) if checkpoint is None else checkpoint
     state_dict = extract_state_dict(checkpoint)
     n_blocks = sum(1 for k in state_dict if re.fullmatch(r"backbone\.layer3\.\d+\.conv1\.weight", k))
     if "decode_head.conv_seg.weight" not in state_dict or n_blocks not in (6, 23):

@@ -369,7 +369,7 @@ def main(argv=None):
         raise SystemExit(f"--resume: no iter_*.pth in {work_dir}; pass --resume PATH or start without it")
     if resume_path:
         checkpoint = torch.load(resume_path, map_location="cpu", weights_only=False)
-        gcnet.load_weights(raw_model, checkpoint)
+        gcnet.load_weights(raw_model, resume_path, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_iteration = checkpoint["iteration"]
