@@ -252,6 +252,14 @@ def setup_distributed(device_flag):
     return rank, world_size, device
 
 
+def rank_zero_first(function, rank, world_size):
+    """Call `function` on rank 0, then on the other ranks: for work that writes shared files."""
+    result = function() if rank == 0 else None
+    if world_size > 1:
+        dist.barrier()
+    return result if rank == 0 else function()
+
+
 def resolve_precision(flag, device):
     if flag == "fp16" and device.type != "cuda":
         raise SystemExit("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -329,23 +337,31 @@ def main(argv=None):
         say("Toy demo: a small synthetic dataset (written on first use) in the Cityscapes layout, trained")
         say("from scratch. For the real datasets see the README, e.g.")
         say("    torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769\n")
-    for turn in (0, 1):  # rank 0 first: it may write the toy dataset, which the others then read
-        if (rank == 0) == (turn == 0):
-            try:
-                train_set = data.build_dataset(args.dataset, recipe["data_root"], "train", crop_size=crop)
-                val_set = data.build_dataset(args.dataset, recipe["data_root"], "val", crop_size=crop)
-            except (FileNotFoundError, ValueError) as error:
-                raise SystemExit(f"{args.dataset}: {error}") from None
-        if world_size > 1 and turn == 0:
-            dist.barrier()
+
+    def build_datasets():
+        try:
+            return [
+                data.build_dataset(args.dataset, recipe["data_root"], split, crop_size=crop)
+                for split in splits
+            ]
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"{args.dataset}: {error}") from None
+
+    splits = ("train", "val")
+    # Rank 0 first: it may write the toy dataset, which the others then read.
+    train_set, val_set = rank_zero_first(build_datasets, rank, world_size)
     recipe["num_classes"] = train_set.num_classes
+    resume_path = newest_checkpoint(work_dir) if args.resume == "latest" else args.resume
+    if args.resume == "latest" and resume_path is None:
+        raise SystemExit(f"--resume: no iter_*.pth in {work_dir}; pass --resume PATH or start without it")
 
     # 2. model, optimizer, precision
     torch.manual_seed(args.seed + rank)
     raw_model = gcnet.GCNet(train_set.num_classes, depth=args.depth, align_corners=recipe["align_corners"])
-    if recipe["pretrained"] != "none":
+    if recipe["pretrained"] != "none" and not resume_path:
         say(f"loading the ImageNet backbone {recipe['pretrained']}")
-        gcnet.load_weights(raw_model, recipe["pretrained"])
+        # Rank 0 first: it downloads the file into torch.hub's cache, the others then read it.
+        rank_zero_first(lambda: gcnet.load_weights(raw_model, recipe["pretrained"]), rank, world_size)
     if sync_bn:
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     raw_model.to(device)
@@ -364,11 +380,12 @@ def main(argv=None):
 
     # 3. resume
     start_iteration, best_miou = 0, -1.0
-    resume_path = newest_checkpoint(work_dir) if args.resume == "latest" else args.resume
-    if args.resume == "latest" and resume_path is None:
-        raise SystemExit(f"--resume: no iter_*.pth in {work_dir}; pass --resume PATH or start without it")
     if resume_path:
         checkpoint = torch.load(resume_path, map_location="cpu", weights_only=False)
+        for key in ("dataset", "depth", "crop_size", "iters", "global_batch", "lr"):
+            if checkpoint["recipe"].get(key) != recipe[key]:
+                say(f"WARNING: resuming with {key} = {recipe[key]}, the checkpoint was trained with "
+                    f"{checkpoint['recipe'].get(key)}")  # fmt: skip
         gcnet.load_weights(raw_model, resume_path, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
