@@ -21,8 +21,8 @@ resolution; IoU and Acc per class, their nanmean over classes, and the overall p
 The settings (dataset, depth, classes, crop, align_corners) come from the checkpoint where it
 records them (model.checkpoint_info), else from --dataset / --depth / --crop. The results go to
 <checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). The default is
-bf16 autocast where the hardware has it (CUDA; CPUs with AVX512-BF16 or AMX), channels_last on
-CUDA, checked against fp32 on the first 10 images (--check-agreement); pass --precision fp32 for
+bf16 autocast where the hardware has it (CUDA; CPUs with AVX512-BF16 or AMX) with channels_last,
+checked against fp32 on the first 10 images (--check-agreement); pass --precision fp32 for
 the arithmetic of the original V100 runs.
 """
 
@@ -43,7 +43,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
-from model import GCNet, checkpoint_info, default_precision, load_weights, read_checkpoint
+from model import (
+    GCNet,
+    checkpoint_info,
+    default_channels_last,
+    default_precision,
+    load_weights,
+    read_checkpoint,
+)
 
 IGNORE_INDEX = 255
 # tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (gcnet-spec.md §4.4).
@@ -158,9 +165,12 @@ def predict(
             raise ValueError(f"the model gives {logits.shape[1]} classes, expected {num_classes}")
         # The second resize of the original: scaled image -> original image (gcnet-spec.md §4.2),
         # then softmax; resizing, softmax and averaging run in float32 whatever the autocast.
-        logits = F.interpolate(
-            logits.float(), size=tuple(original_size), mode="bilinear", align_corners=model.align_corners
-        )
+        # A resize to the same size samples exactly at the pixels (either align_corners): skip it.
+        logits = logits.float()
+        if tuple(logits.shape[-2:]) != tuple(original_size):
+            logits = F.interpolate(
+                logits, size=tuple(original_size), mode="bilinear", align_corners=model.align_corners
+            )
         scale_probabilities = logits.softmax(dim=1)  # (1 or 2, C, H, W)
         probabilities = probabilities + scale_probabilities[0]
         if flip:
@@ -724,13 +734,14 @@ def evaluate_one_image(args, model, info, settings, device):
 def speed_defaults(args, device):
     """Defaults that depend on the device: bf16 autocast where the hardware has it (model.default_precision;
     fp32's exponent range, so nothing overflows; the agreement check on the first 10 images shows
-    it changes predictions by rounding only), else fp32; channels_last on CUDA."""
+    it changes predictions by rounding only), else fp32; channels_last on CUDA and with bf16 on CPU
+    (model.default_channels_last)."""
     if args.precision is None:
         args.precision = default_precision(device)
     if args.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if args.channels_last is None:
-        args.channels_last = device.type == "cuda"
+        args.channels_last = default_channels_last(device, args.precision)
     if args.check_agreement is None:
         args.check_agreement = 10 if args.precision != "fp32" else 0
 

@@ -321,7 +321,9 @@ def main(argv=None):
     recipe = resolve_recipe(args, world_size)
     row = RECIPES[args.dataset]
     precision = resolve_precision(args.precision, device)
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    channels_last = (
+        gcnet.default_channels_last(device, precision) if args.channels_last is None else args.channels_last
+    )
     sync_bn = device.type == "cuda" and world_size > 1
     pictures_wanted = args.dataset == "toy" if args.pictures is None else args.pictures
     work_dir = Path(recipe["work_dir"])
@@ -577,7 +579,11 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on CUDA")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="default: on CUDA, and with bf16 on CPU",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument(
         "--deterministic", action="store_true", help="deterministic kernels, no cudnn.benchmark"
