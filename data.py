@@ -428,6 +428,12 @@ SATURATION_DIVISORS = torch.tensor([0] + [round((255 << 12) / v) for v in range(
 HUE_DIVISORS = torch.tensor([0] + [round((180 << 12) / (6 * d)) for d in range(1, 256)], dtype=torch.int32)
 # Which of (v, p, q, t) each of R, G, B takes in each 60-degree sector of the hue circle.
 HUE_SECTORS = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+SECTOR_PICKS = HUE_SECTORS.T.contiguous()  # (3, 6): row c says what channel c takes per sector
+
+
+def lookup(table, indices):
+    """table[indices] for an int32 index map; index_select on the flat map is the fast path."""
+    return table.index_select(0, indices.flatten()).view(indices.shape)
 
 
 def rgb_to_hsv_uint8(image):
@@ -436,14 +442,14 @@ def rgb_to_hsv_uint8(image):
     red, green, blue = image.to(torch.int32).unbind(0)
     value = torch.maximum(torch.maximum(red, green), blue)
     spread = value - torch.minimum(torch.minimum(red, green), blue)
-    saturation = (spread * SATURATION_DIVISORS[value] + (1 << 11)) >> 12
+    saturation = (spread * lookup(SATURATION_DIVISORS, value) + (1 << 11)) >> 12
     hue = torch.where(
         value == red,
         green - blue,
         torch.where(value == green, blue - red + 2 * spread, red - green + 4 * spread),
     )
-    hue = (hue * HUE_DIVISORS[spread] + (1 << 11)) >> 12  # arithmetic shift: floor, as in C
-    hue = torch.where(hue < 0, hue + 180, hue)
+    hue = (hue * lookup(HUE_DIVISORS, spread) + (1 << 11)) >> 12  # arithmetic shift: floor, as in C
+    hue += (hue < 0) * 180
     return hue, saturation, value
 
 
@@ -453,12 +459,10 @@ def hsv_to_rgb_uint8(hue, saturation, value):
     h = hue.float() * (6 / 180)  # sector position in [0, 6)
     s = saturation.float() * (1 / 255)
     v = value.float() * (1 / 255)
-    sector = h.long()  # floor, as h >= 0
+    sector = h.to(torch.int32)  # floor, as h >= 0
     fraction = h - sector
-    candidates = torch.stack(
-        [v, v * (1 - s), v * (1 - s * fraction), v * (1 - s * (1 - fraction))]
-    )  # 4 x H x W
-    picks = HUE_SECTORS[sector].permute(2, 0, 1)  # 3 x H x W, indices into candidates
+    candidates = torch.stack([v, v * (1 - s), v * (1 - s * fraction), v * (1 - s * (1 - fraction))])
+    picks = torch.stack([lookup(SECTOR_PICKS[c], sector) for c in range(3)])  # 3 x H x W, into candidates
     rgb = candidates.gather(0, picks) * 255
     return rgb.round_().clamp_(0, 255).to(torch.uint8)
 
