@@ -268,70 +268,67 @@ def rescale_size(height, width, scale):
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
-def round_to_uint8(image):
-    """Round half up and saturate, as OpenCV stores an interpolated 8-bit pixel (the values are >= 0,
-    so the truncating conversion after adding 0.5 is a floor)."""
-    return image.add_(0.5).clamp_(0, 255).to(torch.uint8)
-
-
-def resize_image(image, size):
-    """uint8 3 x H x W -> uint8 3 x h x w, bilinear like cv2 INTER_LINEAR (half-pixel centres, no
-    antialiasing, so a downscale samples rather than averages)."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    resized = F.interpolate(
-        image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=False
-    )
-    return round_to_uint8(resized[0])
-
-
-def resize_label(label, size):
-    """uint8 H x W -> h x w, nearest like cv2 INTER_NEAREST: source index floor(dst * in / out).
-    (torch's 'nearest' is this rule; 'nearest-exact' rounds and would pick other pixels.)"""
-    if tuple(label.shape) == tuple(size):
-        return label
-    return F.interpolate(label[None, None], size=size, mode="nearest")[0, 0]
-
-
-def bilinear_taps(in_size, out_size, start, count):
-    """Source indices and weights of the output positions start..start+count-1 along one axis,
-    computed exactly as torch's bilinear kernel does (float32, align_corners=False)."""
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    source = (torch.arange(start, start + count, dtype=torch.float32) + 0.5) * scale - 0.5
-    source = source.clamp(min=0)
-    index0 = source.long()  # floor, as source >= 0
-    index1 = (index0 + 1).clamp(max=in_size - 1)
-    weight1 = (source - index0).clamp(0, 1)
-    return index0, index1, 1 - weight1, weight1
+def linear_taps(in_size, out_size, start, count, clamp_weights):
+    """Source indices and 11-bit fixed-point weights of output positions start..start+count-1 along
+    one axis, as OpenCV's INTER_LINEAR computes them for 8-bit images: the source position
+    (d + 0.5) * in/out - 0.5 in float, weights cvRound(w * 2048). Along columns OpenCV pins the
+    positions outside the image to the edge pixel (weight 0 on the other tap); along rows it only
+    clamps the indices and keeps the weights."""
+    positions = torch.arange(start, start + count, dtype=torch.float64)
+    source = ((positions + 0.5) * (1.0 / (out_size / in_size)) - 0.5).float()
+    index0 = torch.floor(source).long()
+    fraction = source - index0
+    if clamp_weights:
+        outside = (index0 < 0) | (index0 >= in_size - 1)
+        fraction[outside] = 0
+        index0 = torch.where(index0 < 0, 0, index0)
+    weight1, weight0 = torch.round(fraction * 2048).int(), torch.round((1 - fraction) * 2048).int()
+    index1 = (index0 + 1).clamp(0, in_size - 1)
+    return index0.clamp(0, in_size - 1), index1, weight0, weight1
 
 
 def resize_image_window(image, size, top, left, height, width):
-    """The window [top:top+height, left:left+width] of resize_image(image, size), computing only it.
+    """The window [top:top+height, left:left+width] of `image` (uint8 3 x H x W) resized to `size`,
+    bit-exact with cv2.resize(INTER_LINEAR) followed by the crop, and computing only the window.
 
     A training crop is a small part of the rescaled image (at ratio 2 a 512x1024 crop is 1/16 of a
-    2048x4096 Cityscapes image), so interpolating only the crop saves most of the work. The taps and
-    weights are torch's; only the float32 rounding order may differ from its kernel, which moves a
-    pixel by 1 when its value lies within a rounding error of .5 (about 1 pixel in 10^4).
+    2048x4096 Cityscapes image), so resizing only the crop saves most of the work. The arithmetic is
+    OpenCV's fixed-point one for 8 bits (gcnet-spec.md §7.13): columns are interpolated with 11-bit
+    weights into int32, then rows with 11-bit weights, shifting as OpenCV's vectorised code does.
+    Float bilinear resizing, rounded, differs by 1 on about 12% of the values.
     """
-    row0, row1, row_weight0, row_weight1 = bilinear_taps(image.shape[1], size[0], top, height)
-    col0, col1, col_weight0, col_weight1 = bilinear_taps(image.shape[2], size[1], left, width)
-    # Convert only the source pixels the window reads; indices become relative to them.
-    first_row, first_col = int(row0[0]), int(col0[0])
-    source = image[:, first_row : int(row1[-1]) + 1, first_col : int(col1[-1]) + 1].float()
-    row0, row1, col0, col1 = row0 - first_row, row1 - first_row, col0 - first_col, col1 - first_col
-    rows = (
-        source.index_select(1, row0) * row_weight0[:, None]
-        + source.index_select(1, row1) * row_weight1[:, None]
-    )
-    shape = (
-        image.shape[0],
-        height,
-        width,
-    )  # rows is C x height x (source columns); gather picks columns fast
-    window = (
-        rows.gather(2, col0.expand(shape)) * col_weight0 + rows.gather(2, col1.expand(shape)) * col_weight1
-    )
-    return round_to_uint8(window)
+    col0, col1, col_weight0, col_weight1 = linear_taps(image.shape[2], size[1], left, width, True)
+    row0, row1, row_weight0, row_weight1 = linear_taps(image.shape[1], size[0], top, height, False)
+    # Only the source rows the window reads take part; indices become relative to them.
+    first_row, last_row = int(row0.min()), int(row1.max())
+    source = image[:, first_row : last_row + 1].to(torch.int32)
+    columns = source.index_select(2, col0) * col_weight0 + source.index_select(2, col1) * col_weight1
+    upper = (columns.index_select(1, row0 - first_row) >> 4) * row_weight0[:, None] >> 16
+    lower = (columns.index_select(1, row1 - first_row) >> 4) * row_weight1[:, None] >> 16
+    return ((upper + lower + 2) >> 2).clamp_(0, 255).to(torch.uint8)  # (3, height, width)
+
+
+def resize_image(image, size):
+    """uint8 3 x H x W -> uint8 3 x h x w, bit-exact with cv2.resize(INTER_LINEAR): half-pixel
+    centres, no antialiasing (a downscale samples rather than averages)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return resize_image_window(image, size, 0, 0, size[0], size[1])
+
+
+def nearest_indices(in_size, out_size):
+    """OpenCV's INTER_NEAREST source index floor(d * (1 / (out / in))), computed in double as it does
+    (torch's 'nearest' computes in float and picks another pixel for about 8% of size pairs)."""
+    positions = torch.arange(out_size, dtype=torch.float64)
+    return torch.floor(positions * (1.0 / (out_size / in_size))).long().clamp_(max=in_size - 1)
+
+
+def resize_label(label, size):
+    """uint8 H x W -> h x w, nearest like cv2 INTER_NEAREST."""
+    if tuple(label.shape) == tuple(size):
+        return label
+    rows, columns = nearest_indices(label.shape[0], size[0]), nearest_indices(label.shape[1], size[1])
+    return label.index_select(0, rows).index_select(1, columns)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -374,7 +371,7 @@ class RandomRescaleCrop:
     The ratio r is uniform in [0.5, 2); the image is rescaled to fit (int(W_s*r), int(H_s*r)) keeping its
     aspect ratio. The crop is chosen on the rescaled label (cheap: uint8 nearest), and only the image
     pixels inside it are interpolated; the result is that of resizing the whole image, then cropping
-    (up to float rounding, see resize_image_window).
+    (bit-exact, see resize_image_window).
     An image smaller than the crop gives a smaller crop; NormalizePad fills it up.
     """
 
