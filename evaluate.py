@@ -21,8 +21,8 @@ resolution; IoU and Acc per class, their nanmean over classes, and the overall p
 The settings (dataset, depth, classes, crop, align_corners) come from the checkpoint where it
 records them (model.checkpoint_info), else from --dataset / --depth / --crop. The results go to
 <checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). The default is
-bf16 autocast where the hardware has it (CUDA; CPUs with AVX512-BF16 or AMX) with channels_last,
-checked against fp32 on the first 10 images (--check-agreement); pass --precision fp32 for
+fp32 for official checkpoints (as the table), else bf16 autocast where the hardware has it (CUDA;
+CPUs with AVX512-BF16 or AMX) with channels_last, checked against fp32 on the first 10 images (--check-agreement); pass --precision fp32 for
 the arithmetic of the original V100 runs.
 """
 
@@ -731,13 +731,15 @@ def evaluate_one_image(args, model, info, settings, device):
     print("wrote " + ", ".join(str(path) for path in paths))
 
 
-def speed_defaults(args, device):
+def speed_defaults(args, device, official=False):
     """Defaults that depend on the device: bf16 autocast where the hardware has it (model.default_precision;
     fp32's exponent range, so nothing overflows; the agreement check on the first 10 images shows
-    it changes predictions by rounding only), else fp32; channels_last on CUDA and with bf16 on CPU
+    it changes predictions by rounding only), else fp32; fp32 always for official checkpoints, whose
+    table numbers were computed in fp32; channels_last on CUDA and with bf16 on CPU
     (model.default_channels_last)."""
     if args.precision is None:
-        args.precision = default_precision(device)
+        # An official checkpoint is scored in fp32 like the table, so the numbers can be compared.
+        args.precision = "fp32" if official else default_precision(device)
     if args.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if args.channels_last is None:
@@ -750,10 +752,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     device = init_distributed(args.device)
     try:
-        speed_defaults(args, device)
         checkpoint = find_checkpoint(args.checkpoint)
         loaded = read_checkpoint(checkpoint)  # read once: info and weights come from the same dict
         info = checkpoint_info(checkpoint, loaded)
+        speed_defaults(args, device, official=info["recipe"] is None)
         settings = inference_settings(args, info)
         model = build_model(checkpoint, loaded, info, args.depth, settings["align_corners"], device)
         if args.image:

@@ -445,3 +445,12 @@ def test_image_command_writes_pictures_at_the_photo_size(tmp_path, toy_checkpoin
     assert labels.getpalette()[:15] == [value for colour in data.TOY_PALETTE for value in colour]
     for suffix in ("overlay.jpg", "attention.png"):
         assert Image.open(tmp_path / "out" / f"photo_{suffix}").size == (70, 45)
+
+
+def test_official_checkpoints_are_scored_in_fp32_by_default():
+    args = evaluate.build_parser().parse_args([])
+    evaluate.speed_defaults(args, torch.device("cpu"), official=True)
+    assert args.precision == "fp32" and args.check_agreement == 0
+    args = evaluate.build_parser().parse_args(["--precision", "bf16"])
+    evaluate.speed_defaults(args, torch.device("cpu"), official=True)
+    assert args.precision == "bf16" and args.channels_last is True and args.check_agreement == 10
