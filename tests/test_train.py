@@ -34,6 +34,10 @@ def toy_root(tmp_path_factory):
     return str(root)
 
 
+def toy_args(toy_root, work_dir, *extra):
+    return FAST + ["--data-root", toy_root, "--work-dir", str(work_dir), *extra]
+
+
 def read_log(work_dir):
     return [json.loads(line) for line in (Path(work_dir) / "log.jsonl").read_text().splitlines()]
 
@@ -96,7 +100,7 @@ def test_batches_are_disjoint_across_ranks_and_resume_exactly():
 
 def test_short_cpu_run_loss_falls_and_writes_checkpoints(toy_root, tmp_path):
     work_dir = tmp_path / "run"
-    args = FAST + ["--data-root", toy_root, "--work-dir", str(work_dir), "--iters", "40", "--batch-size", "4"]
+    args = toy_args(toy_root, work_dir, "--iters", "40", "--batch-size", "4")
     train.main(args + ["--log-interval", "1", "--eval-interval", "20"])
     losses = [r["loss"] for r in read_log(work_dir) if "loss" in r]
     assert len(losses) == 40
@@ -129,7 +133,7 @@ def test_resume_reaches_the_same_weights(toy_root, tmp_path):
 
 def test_nonfinite_losses_skip_steps_then_stop(toy_root, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "segmentation_loss", lambda logits, labels: logits.sum() * float("nan"))
-    args = FAST + ["--data-root", toy_root, "--work-dir", str(tmp_path), "--iters", "10"]
+    args = toy_args(toy_root, tmp_path, "--iters", "10")
     args += ["--max-nonfinite", "3", "--eval-interval", "100"]
     with pytest.raises(SystemExit, match="3 non-finite losses in a row at iteration 2"):
         train.main(args)
@@ -172,16 +176,7 @@ def run_script(args, **kwargs):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(toy_root, tmp_path):
-    args = FAST + [
-        "--data-root",
-        toy_root,
-        "--work-dir",
-        str(tmp_path),
-        "--iters",
-        "1000",
-        "--log-interval",
-        "1",
-    ]
+    args = toy_args(toy_root, tmp_path, "--iters", "1000", "--log-interval", "1")
     process = run_script(["train.py", *args])
     deadline = time.time() + 120
     while time.time() < deadline and not ((tmp_path / "log.jsonl").exists() and read_log(tmp_path)):
@@ -197,16 +192,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(toy_root, tmp_path):
 
 
 def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
-    args = FAST + [
-        "--data-root",
-        toy_root,
-        "--work-dir",
-        str(tmp_path),
-        "--iters",
-        "4",
-        "--eval-interval",
-        "4",
-    ]
+    args = toy_args(toy_root, tmp_path, "--iters", "4", "--eval-interval", "4")
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py"]
     process = run_script(launcher + args)
     output, _ = process.communicate(timeout=240)
