@@ -145,21 +145,25 @@ LAYOUTS["toy"] = (
 # Reading images and labels
 
 
-def decode_file(path, mode):
+def decode_file(path, mode, apply_exif_orientation=False):
     """torchvision's decoder on a file. torchvision 0.29 marks its codecs deprecated in favour of
     TorchCodec, which is not a dependency here; silence that warning, which would come once per image."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-        return decode_image(read_file(str(path)), mode=mode)
+        return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=apply_exif_orientation)
 
 
-def read_image(path):
-    """Decode an image file to a uint8 tensor 3 x H x W, RGB (grey and RGBA are converted)."""
+def read_image(path, upright=False):
+    """Decode an image file to a uint8 tensor 3 x H x W, RGB (grey and RGBA are converted).
+
+    upright=True turns the pixels as the file's EXIF orientation says (phone photos). Dataset images
+    are read as stored: their label PNGs carry no orientation, so turning the image alone would
+    misalign the two."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        image = decode_file(path, ImageReadMode.RGB)
+        image = decode_file(path, ImageReadMode.RGB, apply_exif_orientation=upright)
     except RuntimeError as error:
         raise ValueError(
             f"cannot decode image {path} ({error}). Expected a JPEG, PNG or WebP file; "

@@ -477,7 +477,7 @@ def predict_image(
     opacity=0.5,
 ):
     """The pictures of save_pictures() for one image file, without a dataset. Returns their paths."""
-    original = data.read_image(image_path)  # uint8 (3, H, W)
+    original = data.read_image(image_path, upright=True)  # uint8 (3, H, W), as the photo is meant to be seen
     ratios = tuple(ratios)
     images = [image.to(device) for image in data.test_transform(original, test_scale, ratios)]
     model.eval()

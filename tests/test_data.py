@@ -593,3 +593,12 @@ def test_resize_is_within_one_of_float_bilinear():
     for size in ((11, 5), (80, 101), (37, 53)):
         reference = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
         assert (data.resize_image(image, size).float() - reference).abs().max() <= 1.0
+
+
+def test_read_image_can_apply_exif_orientation(tmp_path):
+    photo = Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8))  # 20 high, 30 wide as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert data.read_image(tmp_path / "phone.jpg").shape == (3, 20, 30)  # datasets: as stored
+    assert data.read_image(tmp_path / "phone.jpg", upright=True).shape == (3, 30, 20)
