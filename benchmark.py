@@ -28,7 +28,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -78,19 +77,6 @@ AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.
 # The row of the table: sizes, test mode, batch
 
 
-def parse_size(text, flag):
-    """'769' -> (769, 769); '512x1024' -> (512, 1024), height x width."""
-    try:
-        parts = [int(part) for part in str(text).lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise SystemExit(f"{flag}: expected N or HxW (e.g. 769 or 512x1024), got {text!r}")
-    return tuple(parts)
-
-
 def row_settings(args):
     """Everything the measurements need about the chosen row, as one plain dict.
 
@@ -99,8 +85,10 @@ def row_settings(args):
     align_corners=True) for the 769 rows, and the logits are resized back to the original size.
     """
     dataset = args.dataset
-    crop_size = parse_size(args.crop, "--crop") if args.crop else tuple(data.DATASETS[dataset]["crop_size"])
-    table_crops = [parse_size(crop, "--crop") for crop in train.RECIPES[dataset]["crops"]]
+    crop_size = (
+        train.parse_size(args.crop, "--crop") if args.crop else tuple(data.DATASETS[dataset]["crop_size"])
+    )
+    table_crops = [train.parse_size(crop, "--crop") for crop in train.RECIPES[dataset]["crops"]]
     if crop_size not in table_crops:
         raise SystemExit(
             f"--crop {args.crop}: the results table has {dataset} rows for crops "
@@ -115,9 +103,9 @@ def row_settings(args):
         original_size, test_scale = NATURAL_IMAGE_SIZE, data.DATASETS[dataset]["test_scale"]
     overridden = args.size is not None
     if overridden:  # the given size is fed to the model as it is
-        original_size = parse_size(args.size, "--size")
+        original_size = train.parse_size(args.size, "--size")
         test_scale = (original_size[1], original_size[0])
-    train_crop = parse_size(args.train_crop, "--train-crop") if args.train_crop else crop_size
+    train_crop = train.parse_size(args.train_crop, "--train-crop") if args.train_crop else crop_size
     train_batch = args.train_batch or train.RECIPES[dataset]["batch_size"]
     return dict(
         dataset=dataset,
@@ -279,13 +267,6 @@ def reset_peak_memory(device):
         return "peak resident memory over the process's whole life so far (ru_maxrss, cannot reset here)"
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1024**3
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, kB on Linux
-
-
 def resident_memory_gb():
     """Current resident memory of the process (Linux), None elsewhere."""
     try:
@@ -395,7 +376,7 @@ def measure_training(variant, row, device, warmup, iters, count_flops):
     resident_before = resident_memory_gb() if device.type == "cpu" else None
     memory_measure = reset_peak_memory(device)
     timing = time_calls(step, warmup, iters, device, f"training {variant['name']}", count_flops)
-    timing["peak_memory_gb"] = peak_memory_gb(device)
+    timing["peak_memory_gb"] = train.peak_memory_gb(device)
     timing["memory_measure"] = memory_measure
     timing["resident_before_gb"] = resident_before
     timing["images_per_s"] = row["train_batch"] * len(timing["seconds"]) / sum(timing["seconds"])
@@ -838,7 +819,7 @@ def main(argv=None):
         "inference": baseline["inference"]["flops"],
         "training": baseline["training"]["flops"] / row["train_batch"],
     }
-    data_results = benchmark_data(row, parse_size(args.data_size, "--data-size"), args.data_iters)
+    data_results = benchmark_data(row, train.parse_size(args.data_size, "--data-size"), args.data_iters)
     # The peak is re-measured at the end: on a shared machine the better of the two is the closer
     # to what the device can do.
     peaks = {precision: max(rate, matmul_rate(precision, device)) for precision, rate in peaks.items()}

@@ -54,20 +54,23 @@ ORIGINAL_GPUS = 4
 IGNORE_INDEX = 255
 
 
-def parse_crop(text):
+def parse_size(text, flag="--crop"):
     """'769' -> (769, 769); '512x1024' -> (512, 1024) as height x width."""
-    parts = [int(p) for p in str(text).lower().split("x")]
+    try:
+        parts = [int(part) for part in str(text).lower().split("x")]
+    except ValueError:
+        parts = []
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise SystemExit(f"--crop: expected N or HxW (e.g. 769 or 512x1024), got {text!r}")
+        raise SystemExit(f"{flag}: expected N or HxW (e.g. 769 or 512x1024), got {text!r}")
     return tuple(parts)
 
 
 def resolve_recipe(args, world_size):
     """The flags, with every unset one filled from the dataset's row: one plain dict."""
     row = RECIPES[args.dataset]
-    crop = parse_crop(args.crop or row["crops"][0])
+    crop = parse_size(args.crop or row["crops"][0])
     iters = args.iters or row["iters"][0]
     pretrained = args.pretrained or row.get("pretrained") or gcnet.IMAGENET_URLS[args.depth]
     schedule = f"{iters // 1000}k" if iters % 1000 == 0 else f"{iters}it"
@@ -269,7 +272,8 @@ def resolve_precision(flag, device):
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux -> GB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, kB on Linux
 
 
 class StopRequest:
@@ -383,7 +387,7 @@ def main(argv=None):
     # 3. resume
     start_iteration, best_miou = 0, -1.0
     if resume_path:
-        checkpoint = torch.load(resume_path, map_location="cpu", weights_only=False)
+        checkpoint = gcnet.read_checkpoint(resume_path)
         for key in ("dataset", "depth", "crop_size", "iters", "global_batch", "lr"):
             if checkpoint["recipe"].get(key) != recipe[key]:
                 say(f"WARNING: resuming with {key} = {recipe[key]}, the checkpoint was trained with "
