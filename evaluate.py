@@ -617,6 +617,19 @@ def default_output_path(checkpoint, name, settings):
     return folder / f"eval_{name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
 
 
+def inference_arguments(args, settings, device):
+    """The test protocol and speed settings that evaluate_dataset and predict_image both take."""
+    return dict(
+        mode=settings["mode"],
+        crop_size=settings["crop_size"],
+        stride=settings["stride"],
+        flip=settings["flip"],
+        device=device,
+        precision=args.precision,
+        window_batch=args.window_batch,
+    )
+
+
 def evaluate_split(args, model, info, settings, checkpoint, device):
     """Metrics on the val split: table on screen, everything in a JSON file."""
     rank, world_size = rank_and_world_size()
@@ -636,16 +649,7 @@ def evaluate_split(args, model, info, settings, checkpoint, device):
             f"flip {settings['flip']}, align_corners {settings['align_corners']}, "
             f"{args.precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
         )
-    inference = dict(
-        mode=settings["mode"],
-        crop_size=settings["crop_size"],
-        stride=settings["stride"],
-        flip=settings["flip"],
-        device=device,
-        precision=args.precision,
-        window_batch=args.window_batch,
-        workers=args.workers,
-    )
+    inference = dict(inference_arguments(args, settings, device), workers=args.workers)
     agreement = None
     if args.check_agreement and args.precision != "fp32":
         agreement = precision_agreement(model, dataset, args.check_agreement, **inference)
@@ -720,16 +724,10 @@ def evaluate_one_image(args, model, info, settings, device):
         args.image,
         test_scale=test_scale,
         ratios=settings["ratios"],
-        mode=settings["mode"],
-        crop_size=settings["crop_size"],
-        stride=settings["stride"],
-        flip=settings["flip"],
-        device=device,
-        precision=args.precision,
-        window_batch=args.window_batch,
         palette=palette,
         save_dir=args.save_dir or "eval_out",
         opacity=args.opacity,
+        **inference_arguments(args, settings, device),
     )
     print("wrote " + ", ".join(str(path) for path in paths))
 
