@@ -300,16 +300,28 @@ def resize_image_window(image, size, top, left, height, width):
     OpenCV's fixed-point one for 8 bits (gcnet-spec.md §7.13): columns are interpolated with 11-bit
     weights into int32, then rows with 11-bit weights, shifting as OpenCV's vectorised code does.
     Float bilinear resizing, rounded, differs by 1 on about 12% of the values.
+
+    For speed (this runs once per training sample): the column taps are read with `gather` on an
+    expanded index, which torch vectorises (index_select along the last dimension is 8x slower), and
+    the arithmetic is in place, as fresh multi-megabyte tensors cost page faults on every call.
     """
     col0, col1, col_weight0, col_weight1 = linear_taps(image.shape[2], size[1], left, width, True)
     row0, row1, row_weight0, row_weight1 = linear_taps(image.shape[1], size[0], top, height, False)
     # Only the source rows the window reads take part; indices become relative to them.
     first_row, last_row = int(row0.min()), int(row1.max())
-    source = image[:, first_row : last_row + 1].to(torch.int32)
-    columns = source.index_select(2, col0) * col_weight0 + source.index_select(2, col1) * col_weight1
-    upper = (columns.index_select(1, row0 - first_row) >> 4) * row_weight0[:, None] >> 16
-    lower = (columns.index_select(1, row1 - first_row) >> 4) * row_weight1[:, None] >> 16
-    return ((upper + lower + 2) >> 2).clamp_(0, 255).to(torch.uint8)  # (3, height, width)
+    source = image[:, first_row : last_row + 1]
+    shape = (source.shape[0], source.shape[1], width)
+    columns = source.gather(2, col0.expand(shape)).to(torch.int32).mul_(col_weight0)
+    columns += source.gather(2, col1.expand(shape)).to(torch.int32).mul_(col_weight1)
+    columns >>= 4
+    upper = columns.index_select(1, row0 - first_row).mul_(row_weight0[:, None])
+    upper >>= 16
+    lower = columns.index_select(1, row1 - first_row).mul_(row_weight1[:, None])
+    lower >>= 16
+    upper += lower
+    upper += 2
+    upper >>= 2
+    return upper.clamp_(0, 255).to(torch.uint8)  # (C, height, width)
 
 
 def resize_image(image, size):
@@ -320,19 +332,28 @@ def resize_image(image, size):
     return resize_image_window(image, size, 0, 0, size[0], size[1])
 
 
-def nearest_indices(in_size, out_size):
-    """OpenCV's INTER_NEAREST source index floor(d * (1 / (out / in))), computed in double as it does
-    (torch's 'nearest' computes in float and picks another pixel for about 8% of size pairs)."""
-    positions = torch.arange(out_size, dtype=torch.float64)
+def nearest_indices(in_size, out_size, start=0, count=None):
+    """OpenCV's INTER_NEAREST source indices floor(d * (1 / (out / in))) of the output positions
+    start..start+count-1 (all by default), computed in double as it does (torch's 'nearest' computes
+    in float and picks another pixel for about 8% of size pairs)."""
+    count = out_size - start if count is None else count
+    positions = torch.arange(start, start + count, dtype=torch.float64)
     return torch.floor(positions * (1.0 / (out_size / in_size))).long().clamp_(max=in_size - 1)
+
+
+def resize_label_window(label, size, top, left, height, width):
+    """The window [top:top+height, left:left+width] of `label` (uint8 H x W) resized to `size` with
+    cv2 INTER_NEAREST: rows are copied whole, columns gathered."""
+    rows = nearest_indices(label.shape[0], size[0], top, height)
+    columns = nearest_indices(label.shape[1], size[1], left, width)
+    return label.index_select(0, rows).gather(1, columns.expand(height, width))
 
 
 def resize_label(label, size):
     """uint8 H x W -> h x w, nearest like cv2 INTER_NEAREST."""
     if tuple(label.shape) == tuple(size):
         return label
-    rows, columns = nearest_indices(label.shape[0], size[0]), nearest_indices(label.shape[1], size[1])
-    return label.index_select(0, rows).index_select(1, columns)
+    return resize_label_window(label, size, 0, 0, size[0], size[1])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -356,26 +377,27 @@ def crop_is_acceptable(label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX
     return len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio
 
 
-def choose_crop_box(label, crop_size, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
-    """Draw crops until one passes the cat_max_ratio test, checking at most 10; after 10 failures the
-    11th draw is used unchecked (gcnet-spec.md §3.3 step 4)."""
-    top, left = random_crop_box(*label.shape, crop_size)
+def choose_crop(size, crop_size, label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
+    """Draw crop boxes in an image of `size` (h, w) until one passes the cat_max_ratio test, checking
+    at most 10; after 10 failures the 11th draw is used unchecked (gcnet-spec.md §3.3 step 4).
+    label_crop(top, left) gives the label inside a box. Returns (top, left, that label crop)."""
+    top, left = random_crop_box(*size, crop_size)
     if cat_max_ratio < 1:
         for _ in range(10):
-            crop = label[top : top + crop_size[0], left : left + crop_size[1]]
+            crop = label_crop(top, left)
             if crop_is_acceptable(crop, cat_max_ratio, ignore_index):
-                break
-            top, left = random_crop_box(*label.shape, crop_size)
-    return top, left
+                return top, left, crop
+            top, left = random_crop_box(*size, crop_size)
+    return top, left, label_crop(top, left)
 
 
 class RandomRescaleCrop:
     """Steps 3 and 4 together: rescale by a random ratio, then take a crop of at most crop_size.
 
     The ratio r is uniform in [0.5, 2); the image is rescaled to fit (int(W_s*r), int(H_s*r)) keeping its
-    aspect ratio. The crop is chosen on the rescaled label (cheap: uint8 nearest), and only the image
-    pixels inside it are interpolated; the result is that of resizing the whole image, then cropping
-    (bit-exact, see resize_image_window).
+    aspect ratio. Only the pixels inside the crop boxes are computed, of the label (nearest) for each
+    box the cat_max_ratio test looks at, and of the image (bilinear) for the chosen box; the result is
+    that of resizing the whole image and label, then cropping (bit-exact, see resize_image_window).
     An image smaller than the crop gives a smaller crop; NormalizePad fills it up.
     """
 
@@ -389,11 +411,15 @@ class RandomRescaleCrop:
         low, high = self.ratio_range
         ratio = float(torch.rand(())) * (high - low) + low
         size = rescale_size(*label.shape, ratio_scale(self.scale, ratio))
-        label = resize_label(label, size)
-        top, left = choose_crop_box(label, self.crop_size, self.cat_max_ratio, self.ignore_index)
         height, width = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
-        image = resize_image_window(image, size, top, left, height, width)
-        return image, label[top : top + height, left : left + width]
+
+        def label_crop(top, left):
+            return resize_label_window(label, size, top, left, height, width)
+
+        top, left, label = choose_crop(
+            size, self.crop_size, label_crop, self.cat_max_ratio, self.ignore_index
+        )
+        return resize_image_window(image, size, top, left, height, width), label
 
 
 class RandomHorizontalFlip:
@@ -420,16 +446,13 @@ def uniform(low, high):
 
 def scale_and_shift_uint8(image, alpha=1.0, beta=0.0):
     """image * alpha + beta in float32, clipped to 0..255, then truncated back to uint8."""
-    return (image.float() * alpha + beta).clamp_(0, 255).to(torch.uint8)
+    return image.to(torch.float32, copy=True).mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
 
 
 # OpenCV's 8-bit BGR<->HSV conversion is fixed-point (12 fractional bits) with these division tables.
 # No entry is a tie, so round() is OpenCV's saturate_cast here.
 SATURATION_DIVISORS = torch.tensor([0] + [round((255 << 12) / v) for v in range(1, 256)], dtype=torch.int32)
 HUE_DIVISORS = torch.tensor([0] + [round((180 << 12) / (6 * d)) for d in range(1, 256)], dtype=torch.int32)
-# Which of (v, p, q, t) each of R, G, B takes in each 60-degree sector of the hue circle.
-HUE_SECTORS = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
-SECTOR_PICKS = HUE_SECTORS.T.contiguous()  # (3, 6): row c says what channel c takes per sector
 
 
 def lookup(table, indices):
@@ -437,35 +460,81 @@ def lookup(table, indices):
     return table.index_select(0, indices.flatten()).view(indices.shape)
 
 
+def equal_mask(larger, other):
+    """-1 (all bits set) where larger == other, 0 elsewhere, for int32 maps with larger >= other.
+
+    larger - other - 1 is negative exactly where the two are equal, and an arithmetic shift by 31
+    spreads its sign bit. Bit masks select without branches: torch.where is 10x slower here, as its
+    kernel branches on every pixel of a condition that changes from pixel to pixel."""
+    return (larger - other).sub_(1).bitwise_right_shift_(31)
+
+
 def rgb_to_hsv_uint8(image):
     """uint8 RGB 3 x H x W -> (hue 0..179, saturation 0..255, value 0..255), int32 H x W each, bit-exact
-    with cv2.cvtColor(COLOR_BGR2HSV) on the same pixels in BGR order."""
+    with cv2.cvtColor(COLOR_BGR2HSV) on the same pixels in BGR order.
+
+    As OpenCV: V = max, S = 255 * (max - min) / V, and H from the channel holding the maximum
+    (red first, then green): 30 * (G - B) / spread, 60 + 30 * (B - R) / spread or
+    120 + 30 * (R - G) / spread, with the divisions as table multiplies in 12-bit fixed point."""
     red, green, blue = image.to(torch.int32).unbind(0)
-    value = torch.maximum(torch.maximum(red, green), blue)
-    spread = value - torch.minimum(torch.minimum(red, green), blue)
-    saturation = (spread * lookup(SATURATION_DIVISORS, value) + (1 << 11)) >> 12
-    hue = torch.where(
-        value == red,
-        green - blue,
-        torch.where(value == green, blue - red + 2 * spread, red - green + 4 * spread),
-    )
-    hue = (hue * lookup(HUE_DIVISORS, spread) + (1 << 11)) >> 12  # arithmetic shift: floor, as in C
-    hue += (hue < 0) * 180
+    value = torch.maximum(red, green)
+    torch.maximum(value, blue, out=value)
+    spread = torch.minimum(red, green)
+    torch.minimum(spread, blue, out=spread)
+    torch.sub(value, spread, out=spread)  # max - min
+    saturation = lookup(SATURATION_DIVISORS, value).mul_(spread).add_(1 << 11).bitwise_right_shift_(12)
+
+    red_is_max, green_is_max = equal_mask(value, red), equal_mask(value, green)
+    from_green = (blue - red).add_(spread, alpha=2).bitwise_and_(green_is_max)
+    from_blue = (red - green).add_(spread, alpha=4).bitwise_and_(green_is_max.bitwise_not_())
+    from_red = (green - blue).bitwise_and_(red_is_max)
+    hue = from_green.add_(from_blue).bitwise_and_(red_is_max.bitwise_not_()).add_(from_red)
+    hue.mul_(lookup(HUE_DIVISORS, spread)).add_(1 << 11).bitwise_right_shift_(12)  # arithmetic: floor, as C
+    hue += hue.bitwise_right_shift(31).bitwise_and_(180)  # negative angles wrap around: + 180
     return hue, saturation, value
 
 
-def hsv_to_rgb_uint8(hue, saturation, value):
-    """Inverse of rgb_to_hsv_uint8, computed as OpenCV's COLOR_HSV2BGR for 8 bits: in float32, then
-    rounded to nearest."""
-    h = hue.float() * (6 / 180)  # sector position in [0, 6)
-    s = saturation.float() * (1 / 255)
-    v = value.float() * (1 / 255)
-    sector = h.to(torch.int32)  # floor, as h >= 0
-    fraction = h - sector
-    candidates = torch.stack([v, v * (1 - s), v * (1 - s * fraction), v * (1 - s * (1 - fraction))])
-    picks = torch.stack([lookup(SECTOR_PICKS[c], sector) for c in range(3)])  # 3 x H x W, into candidates
-    rgb = candidates.gather(0, picks) * 255
-    return rgb.round_().clamp_(0, 255).to(torch.uint8)
+def hsv_to_rgb_factors():
+    """(3, 256, 180) float32: for R, G, B, each saturation S and each hue H, the factor x such that
+    the channel is trunc(V / 255 * x * 255) in OpenCV's 8-bit COLOR_HSV2BGR.
+
+    OpenCV (4.1.1 and later, on x86 with FMA: the version and machines the published models were
+    trained on, and any current cv2) converts in float32: h = H * (6 / 180), sector = trunc(h),
+    f = h - sector, s = S / 255, and each channel takes one of V, V(1 - s), V(1 - s f), V(1 - s (1 - f))
+    by a table of sectors, i.e. V(1 - s w) with w = 0, 1, f or 1 - f. Its compiler fuses 1 - s w into
+    one multiply-subtract (rounded once, as here through float64), and the result times 255 is
+    truncated, not rounded. (OpenCV before 4.1.1 rounded; that would differ on 74% of HSV triples.)
+    x depends on (S, H) alone, so it is tabulated: 138 K entries instead of arithmetic per pixel.
+
+    One OpenCV detail is not reproduced: it converts blocks of 64 pixels (32 with AVX2) with SIMD and
+    the remainder of each row in scalar code, which rounds. A crop whose width is a multiple of 64
+    (1024, 512) is converted alike; a 769-wide crop differs by rounding in its last column."""
+    h = torch.arange(180, dtype=torch.float32) * (torch.tensor(6.0) / 180)  # float32, as OpenCV
+    fraction = h - h.trunc()
+    weights = torch.stack([torch.zeros(180), torch.ones(180), fraction, 1 - fraction])  # V, p, q, t
+    # Which of (V, p, q, t) each of R, G, B takes in each 60-degree sector.
+    sectors = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+    channel_weights = weights.gather(0, sectors[h.long()].T)  # 3 x 180
+    s = torch.arange(256, dtype=torch.float32) * torch.tensor(1 / 255)  # float32
+    fused = 1 - s.double()[:, None] * channel_weights.double()[:, None, :]  # exact product, one rounding
+    return fused.float()
+
+
+HSV_TO_RGB_FACTORS = hsv_to_rgb_factors()
+
+
+def hsv_to_rgb_uint8(hue, saturation, value, hue_shift=0):
+    """Inverse of rgb_to_hsv_uint8, bit-exact with OpenCV's COLOR_HSV2BGR for 8 bits (see
+    hsv_to_rgb_factors). hue_shift=d converts the hues (H + d) mod 180 instead of H, by rolling the
+    tables along the hue axis rather than touching every pixel."""
+    factors = HSV_TO_RGB_FACTORS.roll(-hue_shift, dims=2).flatten(1)  # [c, S*180 + H] = x(S, H + d)
+    index = (saturation.to(torch.int32) * 180).add_(hue)  # a new tensor: the inputs stay as they are
+    v = value.to(torch.float32, copy=True).mul_(torch.tensor(1 / 255))  # float32, as OpenCV
+    channels = []
+    for channel_factors in factors:
+        channel = lookup(channel_factors, index).mul_(v).mul_(255)  # V * x, then * 255: two roundings
+        channels.append(channel.clamp_(0, 255).to(torch.uint8))  # float -> uint8 truncates, as OpenCV
+    return torch.stack(channels)
 
 
 class PhotometricDistortion:
@@ -503,9 +572,10 @@ class PhotometricDistortion:
             image = hsv_to_rgb_uint8(hue, saturation, value)
         if coin_flip():
             hue, saturation, value = rgb_to_hsv_uint8(image)
-            # torch.randint's upper bound is exclusive, like numpy's: the delta is in [-18, 17].
-            hue = (hue + int(torch.randint(-self.hue_delta, self.hue_delta, ()))) % 180
-            image = hsv_to_rgb_uint8(hue, saturation, value)
+            # torch.randint's upper bound is exclusive, like numpy's: the delta is in [-18, 17]; the
+            # new hue is (H + delta) mod 180.
+            delta = int(torch.randint(-self.hue_delta, self.hue_delta, ()))
+            image = hsv_to_rgb_uint8(hue, saturation, value, hue_shift=delta)
         if not contrast_first:
             image = self.contrast(image)
         return image, label
@@ -516,8 +586,8 @@ STD_TENSOR = torch.tensor(STD).view(3, 1, 1)
 
 
 def normalize(image):
-    """uint8 RGB 3 x H x W -> float32 (image - MEAN) / STD."""
-    return (image.float() - MEAN_TENSOR) / STD_TENSOR
+    """uint8 RGB 3 x H x W -> float32 (image - MEAN) / STD, computed in place in one new tensor."""
+    return image.to(torch.float32, copy=True).sub_(MEAN_TENSOR).div_(STD_TENSOR)
 
 
 def denormalize(image):

@@ -281,6 +281,67 @@ def test_resize_window_equals_resize_then_crop():
         assert torch.equal(window, reference)  # the same integer arithmetic, only fewer pixels
 
 
+def opencv_linear_taps(in_size, out_size, clamp_weights):
+    """cv2.resize INTER_LINEAR's source indices and 11-bit weights along one axis, written out from
+    OpenCV's resize.cpp independently of data.linear_taps: fx = (float)((d + 0.5) * scale - 0.5) with
+    a double scale, sx = floor(fx); columns pin positions outside the image to the edge pixel."""
+    scale = 1.0 / (out_size / in_size)
+    fx = ((np.arange(out_size) + 0.5) * scale - 0.5).astype(np.float32)
+    sx = np.floor(fx).astype(np.int64)
+    fx = fx - sx.astype(np.float32)
+    if clamp_weights:
+        fx[(sx < 0) | (sx >= in_size - 1)] = 0
+        sx = np.where(sx < 0, 0, np.where(sx >= in_size - 1, in_size - 1, sx))
+    weight0 = np.rint((1 - fx) * 2048).astype(np.int64)
+    weight1 = np.rint(fx * 2048).astype(np.int64)
+    return np.clip(sx, 0, in_size - 1), np.clip(sx + 1, 0, in_size - 1), weight0, weight1
+
+
+def opencv_resize_linear(image, size):
+    """A plain numpy cv2.resize(INTER_LINEAR) for uint8 C x H x W: horizontal pass into int, then
+    the vertical pass as OpenCV's SIMD path rounds it: ((S0 >> 4) * b0 >> 16) + ((S1 >> 4) * b1 >> 16),
+    + 2, >> 2."""
+    image = image.numpy().astype(np.int64)
+    x0, x1, a0, a1 = opencv_linear_taps(image.shape[2], size[1], True)
+    y0, y1, b0, b1 = opencv_linear_taps(image.shape[1], size[0], False)
+    rows = image[:, :, x0] * a0 + image[:, :, x1] * a1
+    upper = ((rows[:, y0] >> 4) * b0[:, None]) >> 16
+    lower = ((rows[:, y1] >> 4) * b1[:, None]) >> 16
+    return torch.from_numpy(np.clip((upper + lower + 2) >> 2, 0, 255).astype(np.uint8))
+
+
+def test_resize_matches_a_plain_opencv_implementation():
+    # 60 random size pairs, up and down, with windows; the fast gather-based kernel must agree
+    # bit for bit with the plain formulas (which match cv2 4.14 on the values of the test above).
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        in_h, in_w, out_h, out_w = torch.randint(2, 120, (4,), generator=generator).tolist()
+        image = torch.randint(0, 256, (3, in_h, in_w), dtype=torch.uint8, generator=generator)
+        expected = opencv_resize_linear(image, (out_h, out_w))
+        assert torch.equal(data.resize_image(image, (out_h, out_w)), expected), (in_h, in_w, out_h, out_w)
+        top, left = int(torch.randint(0, out_h, (), generator=generator)), int(torch.randint(0, out_w, ()))
+        height, width = out_h - top, out_w - left
+        window = data.resize_image_window(image, (out_h, out_w), top, left, height, width)
+        assert torch.equal(window, expected[:, top:, left:])
+    # The layout a PNG decodes to (channels last in memory) gives the same result.
+    image = torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8, generator=generator).permute(2, 0, 1)
+    assert torch.equal(data.resize_image(image, (33, 101)), opencv_resize_linear(image, (33, 101)))
+
+
+def test_label_window_equals_resize_then_crop():
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(30):
+        in_h, in_w, out_h, out_w = torch.randint(2, 120, (4,), generator=generator).tolist()
+        label = torch.randint(0, 256, (in_h, in_w), dtype=torch.uint8, generator=generator)
+        rows = np.floor(np.arange(out_h) * (1.0 / (out_h / in_h))).astype(np.int64).clip(max=in_h - 1)
+        columns = np.floor(np.arange(out_w) * (1.0 / (out_w / in_w))).astype(np.int64).clip(max=in_w - 1)
+        expected = torch.from_numpy(label.numpy()[rows][:, columns])
+        assert torch.equal(data.resize_label(label, (out_h, out_w)), expected)
+        top, left = int(torch.randint(0, out_h, (), generator=generator)), int(torch.randint(0, out_w, ()))
+        window = data.resize_label_window(label, (out_h, out_w), top, left, out_h - top, out_w - left)
+        assert torch.equal(window, expected[top:, left:])
+
+
 def test_test_time_sizes():
     assert data.rescale_size(375, 500, (2048, 512)) == (512, 683)  # VOC landscape
     assert data.rescale_size(500, 375, (2048, 512)) == (683, 512)  # portrait: same rule
@@ -323,20 +384,26 @@ def test_cat_max_ratio_draws(monkeypatch):
     random_crop_box = data.random_crop_box
 
     def counting(*args):
-        draws.append(args)
-        return random_crop_box(*args)
+        draws.append(random_crop_box(*args))
+        return draws[-1]
 
     monkeypatch.setattr(data, "random_crop_box", counting)
     torch.manual_seed(0)
+
+    def crops_of(label):
+        return lambda top, left: label[top : top + 16, left : left + 16]
+
     single_class = torch.zeros(40, 40, dtype=torch.uint8)
-    top, left = data.choose_crop_box(single_class, (16, 16))
+    top, left, crop = data.choose_crop((40, 40), (16, 16), crops_of(single_class))
     assert len(draws) == 11 and 0 <= top <= 24 and 0 <= left <= 24  # 10 checks, then an unchecked 11th box
+    assert (top, left) == draws[-1] and crop.shape == (16, 16)
     draws.clear()
     checkerboard = (torch.arange(40)[:, None] + torch.arange(40)).remainder(2).to(torch.uint8)
-    data.choose_crop_box(checkerboard, (16, 16))
+    top, left, crop = data.choose_crop((40, 40), (16, 16), crops_of(checkerboard))
     assert len(draws) == 1  # the first box passes
+    assert torch.equal(crop, checkerboard[top : top + 16, left : left + 16])
     draws.clear()
-    data.choose_crop_box(single_class, (16, 16), cat_max_ratio=1.0)
+    data.choose_crop((40, 40), (16, 16), crops_of(single_class), cat_max_ratio=1.0)
     assert len(draws) == 1  # no check without a ratio
 
 
@@ -344,12 +411,15 @@ def test_cat_max_ratio_prefers_crops_with_two_classes():
     label = torch.zeros(64, 64, dtype=torch.uint8)
     label[:24, :24] = 1  # one class, except a corner region: about 1 random 32x32 crop in 9 passes
 
+    def crops_of(top, left):
+        return label[top : top + 32, left : left + 32]
+
     def accepted_share(cat_max_ratio):
         torch.manual_seed(0)
         accepted = 0
         for _ in range(100):
-            top, left = data.choose_crop_box(label, (32, 32), cat_max_ratio)
-            accepted += data.crop_is_acceptable(label[top : top + 32, left : left + 32])
+            _, _, crop = data.choose_crop((64, 64), (32, 32), crops_of, cat_max_ratio)
+            accepted += data.crop_is_acceptable(crop)
         return accepted / 100
 
     assert accepted_share(0.75) > 0.6 and accepted_share(1.0) < 0.25
@@ -417,6 +487,64 @@ def test_hsv_is_opencv_uint8_hsv():
     assert torch.equal(data.hsv_to_rgb_uint8(hue, saturation, value)[:, :, :4], image[:, :, :4])
     shifted = data.hsv_to_rgb_uint8((hue + 60) % 180, saturation, value)  # +120 degrees
     assert shifted[:, 0, :3].T.tolist() == [[0, 255, 0], [0, 0, 255], [255, 0, 0]]
+
+
+def opencv_rgb_to_hsv(rgb):
+    """cv2.cvtColor(COLOR_BGR2HSV) for 8 bits, written plainly in numpy from OpenCV's RGB2HSV_b:
+    rgb is an int array ... x 3, the result (H 0..179, S, V)."""
+    shift = 12
+    divisor = np.arange(256, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        saturation_table = np.where(divisor > 0, np.rint((255 << shift) / divisor), 0).astype(np.int32)
+        hue_table = np.where(divisor > 0, np.rint((180 << shift) / (6 * divisor)), 0).astype(np.int32)
+    r, g, b = rgb[..., 0].astype(np.int32), rgb[..., 1].astype(np.int32), rgb[..., 2].astype(np.int32)
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)
+    s = (diff * saturation_table[v] + (1 << (shift - 1))) >> shift
+    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * hue_table[diff] + (1 << (shift - 1))) >> shift
+    h = np.where(h < 0, h + 180, h)
+    return h, s, v
+
+
+def opencv_hsv_to_rgb(h, s, v):
+    """cv2.cvtColor(COLOR_HSV2BGR) for 8 bits, written plainly in numpy from OpenCV's vectorised
+    HSV2RGB_b (4.1.1 and later, x86 with FMA): float32, h = H * (6/180), sector = trunc(h), a sector
+    table, 1 - s*f fused into one rounding, and truncation to uint8. Returns ... x 3 RGB uint8.
+    (Checked against cv2 4.14 and 5.0 on every (H, S, V).)"""
+    h = h.astype(np.float32) * (np.float32(6) / np.float32(180))
+    s = s.astype(np.float32) * np.float32(1 / 255)
+    v = v.astype(np.float32) * np.float32(1 / 255)
+    sector = np.trunc(h)
+    f = h - sector
+    one = np.float32(1)
+
+    def fused(a, b):  # 1 - a * b with a single rounding, as a fused multiply-subtract
+        return (1.0 - a.astype(np.float64) * b.astype(np.float64)).astype(np.float32)
+
+    table = np.stack([v, v * (one - s), v * fused(s, f), v * fused(s, one - f)])
+    # (B, G, R) of OpenCV's sector_data, reversed to (R, G, B)
+    sectors = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])[:, ::-1]
+    picks = sectors[sector.astype(np.int32)]  # ... x 3
+    rgb = np.take_along_axis(table, np.moveaxis(picks, -1, 0), axis=0) * np.float32(255)
+    return np.moveaxis(np.clip(np.trunc(rgb), 0, 255).astype(np.uint8), 0, -1)
+
+
+def test_hsv_matches_a_plain_opencv_implementation_on_every_colour():
+    codes = np.arange(1 << 24, dtype=np.int32)
+    # all 16.7M colours
+    rgb = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8)
+    expected = opencv_rgb_to_hsv(rgb)
+    image = torch.from_numpy(rgb).view(4096, 4096, 3).permute(2, 0, 1)
+    for ours, theirs in zip(data.rgb_to_hsv_uint8(image), expected):
+        assert np.array_equal(ours.flatten().numpy(), theirs)
+    # Every (H, S, V) once, in both directions round the hue circle.
+    codes = np.arange(180 * 256 * 256, dtype=np.int32)
+    h, s, v = codes % 180, (codes // 180) % 256, codes // (180 * 256)
+    hue, saturation, value = (torch.from_numpy(x).to(torch.int32) for x in (h, s, v))
+    for shift in (0, 17, -18):
+        ours = data.hsv_to_rgb_uint8(hue, saturation, value, hue_shift=shift)
+        assert np.array_equal(ours.T.numpy(), opencv_hsv_to_rgb((h + shift) % 180, s, v)), shift
 
 
 def test_photometric_keeps_grey_grey_and_shapes():
