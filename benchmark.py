@@ -4,7 +4,8 @@ The table's "Mem (GB)" is the peak memory of training at the row's per-GPU batch
 "Inf time (fps)" is batch-1 inference on real test images at the row's test size and mode, timed
 with the post-processing (resize to the original size, softmax, argmax), in fp32 on a V100
 (gcnet-spec.md §6.2). This script measures both for one row, for several variants of our model
-side by side (fp32 eager as the original ran, bf16/fp16 autocast, channels_last, torch.compile),
+side by side (fp32 eager as the original ran, bf16/fp16 autocast, channels_last, torch.compile;
+for inference, the eager ones other than fp32 fold BatchNorm into the convs, as evaluate.py does),
 and says how far each is from the device's own limit: FLOPs per image (counted once, in fp32),
 achieved FLOP/s, and their fraction of a large matmul's rate measured in the same run and dtype.
 It also times the data pipeline of one loader worker. Weights and images are random: speed does
@@ -43,7 +44,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import train
-from model import GCNet, default_channels_last, default_precision
+from model import GCNet, default_channels_last, default_precision, fold_batchnorm
 
 # Mem (GB) and Inf time (fps) of the 40k rows of the results table (gcnet-spec.md §6.3), measured
 # with mmseg v0.5 in fp32 on V100s; the 80k rows have none.
@@ -304,6 +305,9 @@ def measure_inference(variant, row, image, device, warmup, iters, count_flops):
     already normalised on the device, as the original excluded data loading (gcnet-spec.md §6.2).
     """
     model = build_model(row, device, variant["channels_last"]).eval()
+    if variant["precision"] != "fp32" and not variant["compiled"]:
+        # As evaluate.py by default (compile's freezing folds by itself).
+        model = fold_batchnorm(model)
     if variant["channels_last"]:
         image = image.contiguous(memory_format=torch.channels_last)
     runner = compiled(model, variant, inference=True)

@@ -22,6 +22,7 @@ References of the form `gcnet-spec.md §N` point to the written account of the o
     python -c "import model; m = model.GCNet(19).eval(); print(m(torch.randn(1, 3, 512, 1024)).shape)"
 """
 
+import copy
 import math
 import pickle
 import re
@@ -29,6 +30,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # ImageNet-pretrained ResNetV1c weights the original recipe starts from (gcnet-spec.md §2.4).
 IMAGENET_URLS = {
@@ -181,7 +183,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += identity  # in place: no new full-size tensor (autograd allows it: BN keeps its input)
+        return self.relu(out)
 
 
 def make_stage(in_channels, planes, blocks, stride, dilation):
@@ -456,6 +459,32 @@ def checkpoint_info(path_or_url, checkpoint=None):
     if meta.get("PALETTE") is not None:
         info["palette"] = [[int(v) for v in color] for color in meta["PALETTE"]]
     return info
+
+
+# -----------------------------------------------------------------------------------------------
+# Inference speed
+
+
+def fold_batchnorm(model):
+    """A copy of `model` for inference in which every BatchNorm that follows a convolution is folded
+    into it: conv weight * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps), and
+    the BatchNorm replaced by nn.Identity. The output is the same up to rounding, and inference
+    skips a pass over every feature map (about 10% of the forward time on a CPU). The copy has no
+    BatchNorm keys, so save and load weights with the original model.
+    """
+    folded = copy.deepcopy(model).eval()
+    for module in list(folded.modules()):
+        # Bottleneck names its pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold
+        # them side by side.
+        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] if isinstance(module, Bottleneck) else []
+        names = [name for name, _ in module.named_children()]
+        pairs += list(zip(names, names[1:])) if isinstance(module, nn.Sequential) else []
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    return folded
 
 
 def default_precision(device):

@@ -141,6 +141,15 @@ def test_single_scale_is_softmax_of_logits_resized_to_the_original_size():
     assert torch.allclose(probabilities, expected[0], atol=1e-6)
 
 
+def test_class_softmax_of_channels_last_logits_equals_the_dim_1_softmax():
+    logits = torch.randn(2, 5, 7, 9)
+    expected = logits.softmax(dim=1)
+    channels_last = evaluate.class_softmax(logits.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(channels_last, expected)
+    assert channels_last.stride(1) == 1  # stays channels_last, where the argmax over classes is fast
+    assert torch.equal(evaluate.class_softmax(logits), expected)
+
+
 def test_multi_scale_averages_probabilities_at_the_original_size():
     model = PixelModel(3).eval()
     images = [torch.randn(3, 20, 28), torch.randn(3, 40, 56)]
@@ -454,3 +463,7 @@ def test_official_checkpoints_are_scored_in_fp32_by_default():
     args = evaluate.build_parser().parse_args(["--precision", "bf16"])
     evaluate.speed_defaults(args, torch.device("cpu"), official=True)
     assert args.precision == "bf16" and args.channels_last is True and args.check_agreement == 10
+    assert args.fold_batchnorm is True  # a speed setting: fp32 keeps the original's separate BatchNorm
+    args = evaluate.build_parser().parse_args([])
+    evaluate.speed_defaults(args, torch.device("cpu"), official=True)
+    assert args.fold_batchnorm is False

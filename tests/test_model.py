@@ -207,6 +207,23 @@ def test_channels_last_logits_equal_contiguous():
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_folded_batchnorm_gives_the_same_logits_without_batchnorm():
+    net = randomize(GCNet(19), seed=5).eval()
+    folded = gcnet.fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 59  # the original untouched
+    conv = folded.backbone.layer1[0].conv1
+    bn = net.backbone.layer1[0].bn1
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(conv.weight, net.backbone.layer1[0].conv1.weight * scale[:, None, None, None])
+    torch.testing.assert_close(conv.bias, bn.bias - bn.running_mean * scale)
+    x = torch.randn(1, 3, 97, 113)
+    with torch.no_grad():
+        reference, logits = net(x), folded(x)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    assert folded.num_classes == 19 and folded.depth == 50 and not folded.training
+
+
 # ---- weight loading ------------------------------------------------------------------------
 
 
