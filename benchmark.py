@@ -44,7 +44,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import train
-from model import GCNet, default_channels_last, default_precision, fold_batchnorm
+from model import GCNet, default_channels_last, default_precision, fold_batchnorm, keep_freed_memory
 
 # Mem (GB) and Inf time (fps) of the 40k rows of the results table (gcnet-spec.md §6.3), measured
 # with mmseg v0.5 in fp32 on V100s; the 80k rows have none.
@@ -803,6 +803,7 @@ def protocol_lines(row, args, device, flops, peaks, variants):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # as train.py and evaluate.py do
     device = choose_device(args.device)
     args.iters = args.iters or (50 if device.type == "cuda" else 3)
     if args.warmup < 1 or args.iters < 1:

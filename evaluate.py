@@ -49,6 +49,7 @@ from model import (
     default_channels_last,
     default_precision,
     fold_batchnorm,
+    keep_freed_memory,
     load_weights,
     read_checkpoint,
 )
@@ -768,6 +769,7 @@ def speed_defaults(args, device, official=False):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     device = init_distributed(args.device)
     try:
         checkpoint = find_checkpoint(args.checkpoint)

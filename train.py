@@ -135,8 +135,14 @@ def segmentation_loss(logits, labels, ignore_index=IGNORE_INDEX):
     """Cross-entropy summed over the labelled pixels and divided by ALL pixels, ignored ones
     included, as the original (mmseg avg_non_ignore=False, gcnet-spec.md §3.1). PyTorch's own
     mean would divide by the labelled pixels only, which weighs padded crops more."""
-    per_pixel = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=ignore_index)
-    return per_pixel.sum() / labels.numel()
+    logits = logits.float()
+    if logits.dim() == 4 and logits.stride(1) == 1:
+        # channels_last: each pixel's class scores are adjacent in memory, so the logits are a
+        # (pixels, classes) matrix without a copy, for which torch's softmax is 2-3x faster than
+        # along dim 1 of an NCHW layout (which it would first copy to).
+        logits, labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1)
+    total = F.cross_entropy(logits, labels, reduction="sum", ignore_index=ignore_index)
+    return total / labels.numel()
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -321,6 +327,7 @@ def validate(raw_model, val_set, recipe, device, precision, channels_last, rank,
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    gcnet.keep_freed_memory()
     rank, world_size, device = setup_distributed(args.device)
     recipe = resolve_recipe(args, world_size)
     row = RECIPES[args.dataset]

@@ -1,6 +1,7 @@
 """model.py: architecture, checkpoint layout, initialisation, loading, precision and memory format."""
 
 import math
+import platform
 import re
 from pathlib import Path
 
@@ -222,6 +223,11 @@ def test_folded_batchnorm_gives_the_same_logits_without_batchnorm():
         reference, logits = net(x), folded(x)
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
     assert folded.num_classes == 19 and folded.depth == 50 and not folded.training
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_takes_effect_with_glibc():
+    assert gcnet.keep_freed_memory() is True
 
 
 # ---- weight loading ------------------------------------------------------------------------

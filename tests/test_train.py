@@ -66,6 +66,21 @@ def test_loss_divides_by_all_pixels_including_ignored():
     assert train.segmentation_loss(logits, labels).item() == pytest.approx(torch_mean * 3 / 4, rel=1e-6)
 
 
+def test_loss_of_channels_last_logits_equals_the_nchw_loss_and_gradient():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 6, 7, generator=generator)
+    labels = torch.randint(0, 5, (2, 6, 7), generator=generator)
+    labels[:, :2] = 255
+    nchw = logits.clone().requires_grad_()
+    channels_last = logits.contiguous(memory_format=torch.channels_last).requires_grad_()
+    expected, loss = train.segmentation_loss(nchw, labels), train.segmentation_loss(channels_last, labels)
+    torch.testing.assert_close(loss, expected)
+    expected.backward()
+    loss.backward()
+    torch.testing.assert_close(channels_last.grad, nchw.grad)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels, ignore_index=255).item() * 4 / 6)
+
+
 def test_recipe_defaults_follow_the_table():
     args = train.build_parser().parse_args(["--dataset", "cityscapes", "--crop", "769"])
     recipe = train.resolve_recipe(args, world_size=4)
