@@ -71,6 +71,7 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 # at ~200 GFLOP/s and oneDNN's fp32 convs at ~300), so a fraction above 100% is possible.
 MATMUL_SIZE = {"cuda": 4096, "cpu": 2048}
 MATMUL_SECONDS = 0.5
+DATA_ROUNDS = 4  # the data pipelines are timed in this many alternating rounds
 AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -560,11 +561,18 @@ def benchmark_data(row, data_size, iters):
             opencv = opencv_pipelines(image_path, label_path, train_scale, crop_size)
             if opencv is not None:
                 pipelines["opencv"] = opencv
-            rates = {}
-            for library, (train_function, test_function) in pipelines.items():
-                for name, function in (("train", train_function), ("test", test_function)):
-                    timing = time_calls(function, 1, iters, device, f"data {library} {name}")
-                    rates[f"{library}_{name}"] = len(timing["seconds"]) / sum(timing["seconds"])
+            # Alternating rounds, so that a slower or faster spell of the machine hits every
+            # pipeline alike (side by side, the two libraries otherwise differ by a few % run to run).
+            seconds = {}
+            rounds = min(DATA_ROUNDS, iters)
+            for round_index in range(rounds):
+                for library, (train_function, test_function) in pipelines.items():
+                    for name, function in (("train", train_function), ("test", test_function)):
+                        count = iters // rounds + (round_index < iters % rounds)
+                        description = f"data {library} {name} ({round_index + 1}/{rounds})"
+                        timing = time_calls(function, 1, count, device, description)
+                        seconds.setdefault(f"{library}_{name}", []).extend(timing["seconds"])
+            rates = {key: len(values) / sum(values) for key, values in seconds.items()}
     finally:
         torch.set_num_threads(threads)
     results = dict(
@@ -933,11 +941,17 @@ def build_parser():
     parser.add_argument(
         "--iters", type=int, default=None, help="timed images and steps (default 50 CUDA, 3 CPU)"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before them (the original: 5)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed calls before them (default 2: the first SGD step creates the momentum buffers, so "
+        "steady steps start at the third; the original: 5)",
+    )
     parser.add_argument("--train-batch", type=int, default=None, help="default: the row's per-GPU batch")
     parser.add_argument("--train-crop", default=None, help="HxW or N (default: the row's crop)")
     parser.add_argument("--data-size", default="1024x2048", help="HxW of the PNG for the data timing")
-    parser.add_argument("--data-iters", type=int, default=10, help="timed samples per data pipeline")
+    parser.add_argument("--data-iters", type=int, default=40, help="timed samples per data pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--out", default="benchmark.json", help="where the JSON results go")
