@@ -22,8 +22,9 @@ The settings (dataset, depth, classes, crop, align_corners) come from the checkp
 records them (model.checkpoint_info), else from --dataset / --depth / --crop. The results go to
 <checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). The default is
 fp32 for official checkpoints (as the table), else bf16 autocast where the hardware has it (CUDA;
-CPUs with AVX512-BF16 or AMX) with channels_last, checked against fp32 on the first 10 images (--check-agreement); pass --precision fp32 for
-the arithmetic of the original V100 runs.
+CPUs with AVX512-BF16 or AMX) with channels_last and BatchNorm folded into the convs, checked
+against fp32 on the first 10 images (--check-agreement); pass --precision fp32 for the arithmetic
+of the original V100 runs.
 """
 
 import argparse
