@@ -508,7 +508,10 @@ def hsv_to_rgb_factors():
 
     One OpenCV detail is not reproduced: it converts blocks of 64 pixels (32 with AVX2) with SIMD and
     the remainder of each row in scalar code, which rounds. A crop whose width is a multiple of 64
-    (1024, 512) is converted alike; a 769-wide crop differs by rounding in its last column."""
+    (1024, 512) is converted alike; a 769-wide crop, or a narrower one cut from an image smaller
+    than the crop (e.g. VOC or ADE20K at a small ratio), differs by rounding in its last
+    width mod 64 columns. Which pixels those are depends on OpenCV's SIMD width and on whether
+    the array it gets is contiguous, so no single answer exists."""
     h = torch.arange(180, dtype=torch.float32) * (torch.tensor(6.0) / 180)  # float32, as OpenCV
     fraction = h - h.trunc()
     weights = torch.stack([torch.zeros(180), torch.ones(180), fraction, 1 - fraction])  # V, p, q, t

@@ -444,20 +444,36 @@ def evaluate_dataset(
 
 @torch.no_grad()
 def precision_agreement(
-    model, dataset, num_images, *, mode, crop_size, stride, flip, device, precision, window_batch, workers=2
+    model,
+    dataset,
+    num_images,
+    *,
+    mode,
+    crop_size,
+    stride,
+    flip,
+    device,
+    precision,
+    window_batch,
+    workers=2,
+    reference_model=None,
 ):
     """Fraction of labelled pixels whose predicted class is the same at `precision` and in fp32,
     over the first num_images images of the split (shared across processes like the evaluation).
-    It shows that the precision changes the results by rounding only."""
+    It shows that the precision changes the results by rounding only. The fp32 pass runs
+    reference_model when given: evaluate.py passes the model before BatchNorm folding, so that the
+    agreement covers the folding too."""
     device = torch.device(device)
+    reference_model = model if reference_model is None else reference_model
     model.eval()
+    reference_model.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing pixels, labelled pixels]
     for images, label, _ in my_images(dataset, range(min(num_images, len(dataset))), device, workers):
         preds = []
-        for run_precision in (precision, "fp32"):
+        for run_model, run_precision in ((model, precision), (reference_model, "fp32")):
             with inference_precision(device, run_precision):
                 probabilities = predict(
-                    model,
+                    run_model,
                     images,
                     label.shape,
                     dataset.num_classes,
@@ -646,7 +662,7 @@ def inference_arguments(args, settings, device):
     )
 
 
-def evaluate_split(args, model, info, settings, checkpoint, device):
+def evaluate_split(args, model, info, settings, checkpoint, device, unfolded_model=None):
     """Metrics on the val split: table on screen, everything in a JSON file."""
     rank, world_size = rank_and_world_size()
     name = dataset_name(args, info, checkpoint)
@@ -668,7 +684,9 @@ def evaluate_split(args, model, info, settings, checkpoint, device):
     inference = dict(inference_arguments(args, settings, device), workers=args.workers)
     agreement = None
     if args.check_agreement and args.precision != "fp32":
-        agreement = precision_agreement(model, dataset, args.check_agreement, **inference)
+        agreement = precision_agreement(
+            model, dataset, args.check_agreement, reference_model=unfolded_model, **inference
+        )
         if rank == 0:
             print(
                 f"{args.precision} vs fp32: {100 * agreement['agreement']:.4f}% of the labelled pixels agree"
@@ -779,12 +797,13 @@ def main(argv=None):
         speed_defaults(args, device, official=info["recipe"] is None)
         settings = inference_settings(args, info)
         model = build_model(checkpoint, loaded, info, args.depth, settings["align_corners"], device)
+        unfolded_model = model  # the fp32 reference of the agreement check
         if args.fold_batchnorm:
             model = fold_batchnorm(model)
         if args.image:
             evaluate_one_image(args, model, info, settings, device)
         else:
-            evaluate_split(args, model, info, settings, checkpoint, device)
+            evaluate_split(args, model, info, settings, checkpoint, device, unfolded_model)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None
     finally:

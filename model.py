@@ -491,21 +491,24 @@ def fold_batchnorm(model):
 def keep_freed_memory():
     """Make glibc keep freed memory for reuse instead of handing it back to the OS at once.
 
-    glibc serves large blocks (up to 32 MB by default) with mmap and unmaps them when freed, so the
-    next feature map of that size page-faults in fresh zeroed pages. A training step at 512x1024
-    allocates gigabytes of such blocks; on a 2-core VM the faults took 20% of the step (7.9 s ->
-    6.1 s with this, benchmark.py). Raising the mmap and trim thresholds to 1 GiB keeps freed blocks
-    in the heap, which is what jemalloc or tcmalloc preloaded would do (PyTorch's CPU performance
-    guide). The process's memory stays at its peak instead of shrinking between steps. Call it
-    before the first large allocation; it does nothing where the C library is not glibc.
-    Returns whether it took effect."""
+    glibc serves every block above its mmap threshold (128 KiB at first, raised as blocks are freed,
+    to at most 32 MiB) with its own mmap, and unmaps it when freed, so the next feature map of that
+    size page-faults in fresh zeroed pages; it also trims the top of its heap. A training step at
+    512x1024 allocates gigabytes of such blocks: on a 2-core VM the faults took 20% of the step
+    (7.9 s -> 6.1 s with this, benchmark.py). Raising both thresholds to 1 GiB (32 MiB, the most
+    that older glibc versions accept, where 1 GiB is refused) keeps freed blocks in the heap, as
+    jemalloc or tcmalloc preloaded would (PyTorch's CPU performance guide). The process's memory
+    then stays near its peak instead of shrinking between steps. Call it before the first large
+    allocation. Returns whether it took effect; it does nothing where the C library is not glibc."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in malloc.h
-    return bool(mallopt(mmap_threshold, 1 << 30)) and bool(mallopt(trim_threshold, 1 << 30))
+    took_effect = False
+    for option in (mmap_threshold, trim_threshold):
+        took_effect |= bool(mallopt(option, 1 << 30) or mallopt(option, 32 << 20))
+    return took_effect
 
 
 def default_precision(device):

@@ -275,7 +275,8 @@ def test_resize_window_equals_resize_then_crop():
     for _ in range(40):
         in_h, in_w, out_h, out_w = torch.randint(3, 90, (4,), generator=generator).tolist()
         image = torch.randint(0, 256, (3, in_h, in_w), dtype=torch.uint8, generator=generator)
-        top, left = int(torch.randint(0, out_h, (), generator=generator)), int(torch.randint(0, out_w, ()))
+        top = int(torch.randint(0, out_h, (), generator=generator))
+        left = int(torch.randint(0, out_w, (), generator=generator))
         window = data.resize_image_window(image, (out_h, out_w), top, left, out_h - top, out_w - left)
         reference = data.resize_image(image, (out_h, out_w))[:, top:, left:]
         assert torch.equal(window, reference)  # the same integer arithmetic, only fewer pixels
@@ -319,7 +320,8 @@ def test_resize_matches_a_plain_opencv_implementation():
         image = torch.randint(0, 256, (3, in_h, in_w), dtype=torch.uint8, generator=generator)
         expected = opencv_resize_linear(image, (out_h, out_w))
         assert torch.equal(data.resize_image(image, (out_h, out_w)), expected), (in_h, in_w, out_h, out_w)
-        top, left = int(torch.randint(0, out_h, (), generator=generator)), int(torch.randint(0, out_w, ()))
+        top = int(torch.randint(0, out_h, (), generator=generator))
+        left = int(torch.randint(0, out_w, (), generator=generator))
         height, width = out_h - top, out_w - left
         window = data.resize_image_window(image, (out_h, out_w), top, left, height, width)
         assert torch.equal(window, expected[:, top:, left:])
@@ -337,7 +339,8 @@ def test_label_window_equals_resize_then_crop():
         columns = np.floor(np.arange(out_w) * (1.0 / (out_w / in_w))).astype(np.int64).clip(max=in_w - 1)
         expected = torch.from_numpy(label.numpy()[rows][:, columns])
         assert torch.equal(data.resize_label(label, (out_h, out_w)), expected)
-        top, left = int(torch.randint(0, out_h, (), generator=generator)), int(torch.randint(0, out_w, ()))
+        top = int(torch.randint(0, out_h, (), generator=generator))
+        left = int(torch.randint(0, out_w, (), generator=generator))
         window = data.resize_label_window(label, (out_h, out_w), top, left, out_h - top, out_w - left)
         assert torch.equal(window, expected[top:, left:])
 
@@ -530,21 +533,38 @@ def opencv_hsv_to_rgb(h, s, v):
     return np.moveaxis(np.clip(np.trunc(rgb), 0, 255).astype(np.uint8), 0, -1)
 
 
+def test_hsv_to_rgb_equals_cv2_outputs():
+    # cv2.cvtColor(COLOR_HSV2BGR) outputs (cv2 4.14, AVX512; reversed to RGB) for 64-pixel rows. The
+    # first six triples are where OpenCV's truncation and fused 1 - s*f matter: rounding gives
+    # (1, 1, 1) for the first, unfused arithmetic gives (3, 1, 0), (5, 1, 1), (2, 6, 2), (6, 2, 1),
+    # (7, 9, 7) for the next five.
+    hsv = [(0, 1, 1), (5, 204, 3), (3, 170, 5), (55, 153, 6), (5, 204, 6), (47, 50, 9), (0, 255, 255)]
+    hsv += [(30, 128, 200), (120, 77, 190), (179, 255, 128), (91, 13, 250)]
+    cv2_rgb = [[1, 0, 0], [3, 0, 0], [5, 2, 1], [3, 6, 2], [6, 1, 1], [8, 9, 7], [255, 0, 0]]
+    cv2_rgb += [[200, 200, 99], [132, 132, 190], [128, 0, 4], [237, 249, 250]]
+    hue, saturation, value = torch.tensor(hsv, dtype=torch.int32).T.unsqueeze(1)  # each 1 x 11
+    assert data.hsv_to_rgb_uint8(hue, saturation, value)[:, 0].T.tolist() == cv2_rgb
+    h, s, v = (np.array(channel) for channel in zip(*hsv))
+    assert opencv_hsv_to_rgb(h, s, v).tolist() == cv2_rgb  # the reference below agrees too
+
+
 def test_hsv_matches_a_plain_opencv_implementation_on_every_colour():
-    codes = np.arange(1 << 24, dtype=np.int32)
-    # all 16.7M colours
-    rgb = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8)
-    expected = opencv_rgb_to_hsv(rgb)
-    image = torch.from_numpy(rgb).view(4096, 4096, 3).permute(2, 0, 1)
-    for ours, theirs in zip(data.rgb_to_hsv_uint8(image), expected):
-        assert np.array_equal(ours.flatten().numpy(), theirs)
-    # Every (H, S, V) once, in both directions round the hue circle.
-    codes = np.arange(180 * 256 * 256, dtype=np.int32)
-    h, s, v = codes % 180, (codes // 180) % 256, codes // (180 * 256)
-    hue, saturation, value = (torch.from_numpy(x).to(torch.int32) for x in (h, s, v))
-    for shift in (0, 17, -18):
-        ours = data.hsv_to_rgb_uint8(hue, saturation, value, hue_shift=shift)
-        assert np.array_equal(ours.T.numpy(), opencv_hsv_to_rgb((h + shift) % 180, s, v)), shift
+    # All 16.7M colours, in 4 chunks to bound the memory.
+    for red in np.split(np.arange(256, dtype=np.int32), 4):
+        codes = (red[:, None] << 16 | np.arange(1 << 16, dtype=np.int32)).ravel()
+        rgb = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8)
+        expected = opencv_rgb_to_hsv(rgb)
+        image = torch.from_numpy(rgb).view(-1, 4096, 3).permute(2, 0, 1)
+        for ours, theirs in zip(data.rgb_to_hsv_uint8(image), expected):
+            assert np.array_equal(ours.flatten().numpy(), theirs)
+    # Every (H, S, V) once, in both directions round the hue circle, again in 4 chunks.
+    for values in np.split(np.arange(256, dtype=np.int32), 4):
+        codes = np.arange(180 * 256 * len(values), dtype=np.int32)
+        h, s, v = codes % 180, (codes // 180) % 256, values[codes // (180 * 256)]
+        hue, saturation, value = (torch.from_numpy(x) for x in (h, s, v))
+        for shift in (0, 17, -18):
+            ours = data.hsv_to_rgb_uint8(hue, saturation, value, hue_shift=shift)
+            assert np.array_equal(ours.T.numpy(), opencv_hsv_to_rgb((h + shift) % 180, s, v)), shift
 
 
 def test_photometric_keeps_grey_grey_and_shapes():

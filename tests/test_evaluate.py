@@ -287,6 +287,18 @@ def test_distributed_evaluation_sums_disjoint_shares(tmp_path):
         assert results["num_images"] == 5 and results["mIoU"] == pytest.approx(single["mIoU"])
 
 
+def test_precision_agreement_runs_fp32_on_the_reference_model(tmp_path):
+    dataset = FakeValSet(tmp_path, count=3)
+    options = {k: v for k, v in EVALUATION.items() if k not in ("channels_last", "show_progress")}
+    options["precision"] = "bf16"
+    model = PixelModel(3, seed=0).eval()
+    same = evaluate.precision_agreement(model, dataset, 3, **options)
+    labelled = sum(int((dataset[i][1] != 255).sum()) for i in range(3))
+    assert same["images"] == 3 and same["pixels"] == labelled and same["agreement"] > 0.95
+    other = evaluate.precision_agreement(model, dataset, 3, reference_model=PixelModel(3, seed=1), **options)
+    assert other["agreement"] < 0.8  # another model in the fp32 pass: the check sees the difference
+
+
 def test_evaluate_dataset_writes_pictures_at_the_original_size(tmp_path):
     dataset = FakeValSet(tmp_path, count=2, ratios=(0.5, 1.0))
     model = PixelModel(3).train()

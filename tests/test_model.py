@@ -3,6 +3,8 @@
 import math
 import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,7 +229,10 @@ def test_folded_batchnorm_gives_the_same_logits_without_batchnorm():
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_takes_effect_with_glibc():
-    assert gcnet.keep_freed_memory() is True
+    # In a child process: the setting lasts for the whole process, and this one runs other tests.
+    code = "import model; print(model.keep_freed_memory())"
+    child = subprocess.run([sys.executable, "-c", code], cwd=Path(gcnet.__file__).parent, capture_output=True)
+    assert child.returncode == 0 and child.stdout.decode().strip() == "True", child.stderr.decode()
 
 
 # ---- weight loading ------------------------------------------------------------------------
