@@ -473,7 +473,7 @@ def opencv_pipelines(image_path, label_path, train_scale, crop_size):
         return convert(image, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else image
 
     def crop_box(label):
-        """choose_crop_box of data.py: up to 10 cat_max_ratio checks, then an unchecked draw."""
+        """choose_crop of data.py: up to 10 cat_max_ratio checks, then an unchecked draw."""
         for _ in range(11):
             top = int(rng.integers(0, max(label.shape[0] - crop_size[0], 0) + 1))
             left = int(rng.integers(0, max(label.shape[1] - crop_size[1], 0) + 1))

@@ -138,8 +138,8 @@ def segmentation_loss(logits, labels, ignore_index=IGNORE_INDEX):
     logits = logits.float()
     if logits.dim() == 4 and logits.stride(1) == 1:
         # channels_last: each pixel's class scores are adjacent in memory, so the logits are a
-        # (pixels, classes) matrix without a copy, for which torch's softmax is 2-3x faster than
-        # along dim 1 of an NCHW layout (which it would first copy to).
+        # (pixels, classes) matrix without a copy; along dim 1, torch's softmax would first copy
+        # them to the NCHW layout (about 2x slower at 2x19x512x1024).
         logits, labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1)
     total = F.cross_entropy(logits, labels, reduction="sum", ignore_index=ignore_index)
     return total / labels.numel()
