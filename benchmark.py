@@ -44,7 +44,19 @@ from tqdm import tqdm
 import data
 import evaluate
 import train
-from model import GCNet, default_channels_last, default_precision, fold_batchnorm, keep_freed_memory
+from model import GCNet
+from runtime import fold_batchnorm, keep_freed_memory
+from runtime import resolve_channels_last as _resolve_channels_last
+from runtime import resolve_precision as _resolve_precision
+
+
+def default_precision(device):
+    return _resolve_precision("auto", device)
+
+
+def default_channels_last(device, precision):
+    return _resolve_channels_last(None, device, precision)
+
 
 # Mem (GB) and Inf time (fps) of the 40k rows of the results table (gcnet-spec.md §6.3), measured
 # with mmseg v0.5 in fp32 on V100s; the 80k rows have none.

@@ -44,16 +44,20 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
-from model import (
-    GCNet,
-    checkpoint_info,
-    default_channels_last,
-    default_precision,
-    fold_batchnorm,
-    keep_freed_memory,
-    load_weights,
-    read_checkpoint,
-)
+import recipe
+from model import DATASET_OF_NUM_CLASSES, GCNet, extract_state_dict, load_weights, read_checkpoint
+from runtime import fold_batchnorm, keep_freed_memory
+from runtime import resolve_channels_last as _resolve_channels_last
+from runtime import resolve_precision as _resolve_precision
+
+
+def default_precision(device):
+    return _resolve_precision("auto", device)
+
+
+def default_channels_last(device, precision):
+    return _resolve_channels_last(None, device, precision)
+
 
 IGNORE_INDEX = 255
 # tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (gcnet-spec.md §4.4).
@@ -556,6 +560,56 @@ def find_checkpoint(path):
             "pass --checkpoint PATH or train first with python train.py"
         )
     return str(found[-1])
+
+
+def checkpoint_info(path_or_url, checkpoint=None):
+    """What a checkpoint says about the model and data it belongs to, without building a model.
+
+    Returns a dict with 'depth', 'num_classes' and, where recorded (else None), 'dataset',
+    'align_corners', 'crop_size' (h, w), 'classes', 'palette', 'config_name', 'recipe'.
+    Our checkpoints record their 'recipe'; for an official one the row of the table is read from
+    its file name or meta (e.g. gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth).
+    """
+    checkpoint = read_checkpoint(path_or_url) if checkpoint is None else checkpoint
+    state_dict = extract_state_dict(checkpoint)
+    n_blocks = sum(1 for k in state_dict if re.fullmatch(r"backbone\.layer3\.\d+\.conv1\.weight", k))
+    if "decode_head.conv_seg.weight" not in state_dict or n_blocks not in (6, 23):
+        raise ValueError(
+            f"{path_or_url} is not a GCNet checkpoint: it has no decode_head.conv_seg or backbone.layer3 keys"
+        )
+    info = dict(
+        depth={6: 50, 23: 101}[n_blocks],
+        num_classes=int(state_dict["decode_head.conv_seg.weight"].shape[0]),
+        dataset=None, align_corners=None, crop_size=None, classes=None, palette=None, config_name=None, recipe=None,
+    )  # fmt: skip
+    meta = checkpoint.get("meta") or {}
+    ours = checkpoint.get("recipe")
+    if ours:
+        info["recipe"] = ours
+        for key in ("dataset", "align_corners", "config_name"):
+            info[key] = ours.get(key)
+        info["crop_size"] = tuple(ours["crop_size"]) if ours.get("crop_size") else None
+    else:  # an official one: the row is named in the file name (or the meta's exp_name)
+        row = recipe.row_of_config_name(f"{meta.get('exp_name', '')} {path_or_url}")
+        config_text = str(meta.get("config", ""))
+        if row is not None:
+            info.update(config_name=row["config_name"], dataset=row["dataset"], crop_size=row["crop_size"])
+        crop_match = re.search(r"crop_size\s*=\s*\((\d+),\s*(\d+)\)", config_text)
+        if crop_match and info["crop_size"] is None:
+            info["crop_size"] = (int(crop_match.group(1)), int(crop_match.group(2)))
+        if info["dataset"] is None:
+            dataset_types = {"Cityscapes": "cityscapes", "ADE20KDataset": "ade20k", "PascalVOC": "voc12aug"}
+            found = [dataset for type_name, dataset in dataset_types.items() if type_name in config_text]
+            info["dataset"] = found[0] if found else DATASET_OF_NUM_CLASSES.get(info["num_classes"])
+        if "align_corners=True" in config_text.replace(" ", ""):
+            info["align_corners"] = True
+        elif info["crop_size"] is not None:
+            info["align_corners"] = recipe.is_769_crop(info["crop_size"])
+    if meta.get("CLASSES") is not None:
+        info["classes"] = [str(c) for c in meta["CLASSES"]]
+    if meta.get("PALETTE") is not None:
+        info["palette"] = [[int(v) for v in color] for color in meta["PALETTE"]]
+    return info
 
 
 def flag_pair(values, flag):

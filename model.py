@@ -22,8 +22,6 @@ References of the form `gcnet-spec.md §N` point to the written account of the o
     python -c "import model; m = model.GCNet(19).eval(); print(m(torch.randn(1, 3, 512, 1024)).shape)"
 """
 
-import copy
-import ctypes
 import math
 import pickle
 import re
@@ -31,13 +29,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-# ImageNet-pretrained ResNetV1c weights the original recipe starts from (gcnet-spec.md §2.4).
-IMAGENET_URLS = {
-    50: "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
-    101: "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
-}
 # Bottleneck blocks per stage (gcnet-spec.md §1.3).
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # The three datasets of the results table, recognised by their class count in error messages.
@@ -385,7 +377,7 @@ def load_weights(model, path_or_url, checkpoint=None):
         raise ValueError(
             f"cannot load {path_or_url}: it is neither a GCNet checkpoint (keys 'backbone.*') nor an "
             "ImageNet ResNetV1c backbone (keys 'stem.*', 'layer1.*'); a torchvision ResNet has a "
-            "single-conv stem and does not fit. Use the files in model.IMAGENET_URLS."
+            "single-conv stem and does not fit. Use the files in recipe.IMAGENET_URLS."
         )
     backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
     # Whether the ImageNet files carry BN counters is not known (gcnet-spec.md §2.4); they carry
@@ -395,140 +387,6 @@ def load_weights(model, path_or_url, checkpoint=None):
             backbone.setdefault(key, value)
     check_and_load(model.backbone, backbone, path_or_url)
     return "imagenet"
-
-
-def checkpoint_info(path_or_url, checkpoint=None):
-    """What a checkpoint says about the model and data it belongs to, without building a model.
-
-    Returns a dict with 'depth', 'num_classes' and, where recorded (else None), 'dataset',
-    'align_corners', 'crop_size' (h, w), 'classes', 'palette', 'config_name', 'recipe'.
-    Our checkpoints record a 'recipe'; official ones are read from their meta, config text and
-    file name (e.g. gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth). Pass
-    `checkpoint` when the file is already loaded, to read it once.
-    """
-    checkpoint = read_checkpoint(path_or_url) if checkpoint is None else checkpoint
-    state_dict = extract_state_dict(checkpoint)
-    n_blocks = sum(1 for k in state_dict if re.fullmatch(r"backbone\.layer3\.\d+\.conv1\.weight", k))
-    if "decode_head.conv_seg.weight" not in state_dict or n_blocks not in (6, 23):
-        raise ValueError(
-            f"{path_or_url} is not a GCNet checkpoint: it has no decode_head.conv_seg or backbone.layer3 keys"
-        )
-    info = {
-        "depth": {6: 50, 23: 101}[n_blocks],
-        "num_classes": int(state_dict["decode_head.conv_seg.weight"].shape[0]),
-        "dataset": None,
-        "align_corners": None,
-        "crop_size": None,
-        "classes": None,
-        "palette": None,
-        "config_name": None,
-        "recipe": None,
-    }
-    meta = checkpoint.get("meta") or {}
-    recipe = checkpoint.get("recipe")
-    if recipe:  # one of ours
-        info["recipe"] = recipe
-        for key in ("dataset", "align_corners", "config_name"):
-            info[key] = recipe.get(key)
-        info["crop_size"] = tuple(recipe["crop_size"]) if recipe.get("crop_size") else None
-    else:  # an official one: the config name is in the file name, the config text in meta
-        config_text = str(meta.get("config", ""))
-        name_match = re.search(
-            r"gcnet_r(50|101)-d8_(\d+)x(\d+)_(\d+k)_(cityscapes|ade20k|voc12aug)",
-            f"{meta.get('exp_name', '')} {path_or_url}",
-        )
-        if name_match:
-            info["config_name"] = name_match.group(0)
-            info["dataset"] = name_match.group(5)
-            info["crop_size"] = (int(name_match.group(2)), int(name_match.group(3)))
-        crop_match = re.search(r"crop_size\s*=\s*\((\d+),\s*(\d+)\)", config_text)
-        if crop_match and info["crop_size"] is None:
-            info["crop_size"] = (int(crop_match.group(1)), int(crop_match.group(2)))
-        if info["dataset"] is None:
-            dataset_types = {"Cityscapes": "cityscapes", "ADE20KDataset": "ade20k", "PascalVOC": "voc12aug"}
-            found = [dataset for type_name, dataset in dataset_types.items() if type_name in config_text]
-            info["dataset"] = found[0] if found else None
-        if info["dataset"] is None:
-            info["dataset"] = DATASET_OF_NUM_CLASSES.get(info["num_classes"])
-        if "align_corners=True" in config_text.replace(" ", ""):
-            info["align_corners"] = True
-        elif info["crop_size"] is not None:
-            # The model-zoo rule (gcnet-spec.md §1.7): 8x+1 crops (769) use align_corners=True.
-            info["align_corners"] = info["crop_size"][0] % 8 == 1
-    if meta.get("CLASSES") is not None:
-        info["classes"] = [str(c) for c in meta["CLASSES"]]
-    if meta.get("PALETTE") is not None:
-        info["palette"] = [[int(v) for v in color] for color in meta["PALETTE"]]
-    return info
-
-
-# -----------------------------------------------------------------------------------------------
-# Speed: inference copy, memory, precision and layout defaults
-
-
-def fold_batchnorm(model):
-    """A copy of `model` for inference in which every BatchNorm that follows a convolution is folded
-    into it: conv weight * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps), and
-    the BatchNorm replaced by nn.Identity. The output is the same up to rounding, and inference
-    skips a pass over every feature map (about 10% of the forward time on a CPU). The copy has no
-    BatchNorm keys, so save and load weights with the original model.
-    """
-    folded = copy.deepcopy(model).eval()
-    for module in list(folded.modules()):
-        # Bottleneck names its pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold
-        # them side by side.
-        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] if isinstance(module, Bottleneck) else []
-        names = [name for name, _ in module.named_children()]
-        pairs += list(zip(names, names[1:])) if isinstance(module, nn.Sequential) else []
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-                setattr(module, bn_name, nn.Identity())
-    return folded
-
-
-def keep_freed_memory():
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS at once.
-
-    glibc serves every block above its mmap threshold (128 KiB at first, raised as blocks are freed,
-    to at most 32 MiB) with its own mmap, and unmaps it when freed, so the next feature map of that
-    size page-faults in fresh zeroed pages; it also trims the top of its heap. A training step at
-    512x1024 allocates gigabytes of such blocks: on a 2-core VM the faults took 20% of the step
-    (7.9 s -> 6.1 s with this, benchmark.py). Raising both thresholds to 1 GiB (32 MiB, the most
-    that older glibc versions accept, where 1 GiB is refused) keeps freed blocks in the heap, as
-    jemalloc or tcmalloc preloaded would (PyTorch's CPU performance guide). The process's memory
-    then stays near its peak instead of shrinking between steps. Call it before the first large
-    allocation. Returns whether it took effect; it does nothing where the C library is not glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in malloc.h
-    took_effect = False
-    for option in (mmap_threshold, trim_threshold):
-        took_effect |= bool(mallopt(option, 1 << 30) or mallopt(option, 32 << 20))
-    return took_effect
-
-
-def default_precision(device):
-    """The precision train.py and evaluate.py use unless told otherwise: bf16 autocast where the
-    hardware computes it natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX), where it
-    is several times faster than fp32 and changes predictions by rounding only; fp16 on older GPUs;
-    fp32 elsewhere (emulated bf16 is slower than fp32)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    native = native or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if native else "fp32"
-
-
-def default_channels_last(device, precision):
-    """channels_last by default on CUDA, and on the CPU with bf16: oneDNN's bf16 convolutions want
-    that layout and otherwise convert around every conv (benchmark.py: 2.8x instead of 1.6x over
-    fp32 eager at 1024x2048 on a 2-core AVX512-BF16 CPU)."""
-    return torch.device(device).type == "cuda" or precision == "bf16"
 
 
 def count_parameters(model):

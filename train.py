@@ -36,6 +36,8 @@ from tqdm import tqdm
 import data
 import evaluate
 import model as gcnet
+import recipe as recipe_table
+import runtime
 
 # -----------------------------------------------------------------------------------------------
 # Recipes: the rows of the results table (gcnet-spec.md §3.2). Everything else is shared.
@@ -72,7 +74,7 @@ def resolve_recipe(args, world_size):
     row = RECIPES[args.dataset]
     crop = parse_size(args.crop or row["crops"][0])
     iters = args.iters or row["iters"][0]
-    pretrained = args.pretrained or row.get("pretrained") or gcnet.IMAGENET_URLS[args.depth]
+    pretrained = args.pretrained or row.get("pretrained") or recipe_table.IMAGENET_URLS[args.depth]
     schedule = f"{iters // 1000}k" if iters % 1000 == 0 else f"{iters}it"
     config_name = f"gcnet_r{args.depth}-d8_{crop[0]}x{crop[1]}_{schedule}_{args.dataset}"  # as the original
     # 8x+1 crops (769) pair with align_corners=True; they are tested by sliding windows (§1.7, §4.3).
@@ -272,7 +274,7 @@ def rank_zero_first(function, rank, world_size):
 def resolve_precision(flag, device):
     if flag == "fp16" and device.type != "cuda":
         raise SystemExit("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    return gcnet.default_precision(device) if flag == "auto" else flag
+    return runtime.resolve_precision("auto", device) if flag == "auto" else flag
 
 
 def peak_memory_gb(device):
@@ -327,13 +329,15 @@ def validate(raw_model, val_set, recipe, device, precision, channels_last, rank,
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    gcnet.keep_freed_memory()
+    runtime.keep_freed_memory()
     rank, world_size, device = setup_distributed(args.device)
     recipe = resolve_recipe(args, world_size)
     row = RECIPES[args.dataset]
     precision = resolve_precision(args.precision, device)
     channels_last = (
-        gcnet.default_channels_last(device, precision) if args.channels_last is None else args.channels_last
+        runtime.resolve_channels_last(None, device, precision)
+        if args.channels_last is None
+        else args.channels_last
     )
     sync_bn = device.type == "cuda" and world_size > 1
     pictures_wanted = args.dataset == "toy" if args.pictures is None else args.pictures

@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluate
 import model as gcnet
+import runtime
 from model import ContextBlock, GCNet
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -212,7 +214,7 @@ def test_channels_last_logits_equal_contiguous():
 
 def test_folded_batchnorm_gives_the_same_logits_without_batchnorm():
     net = randomize(GCNet(19), seed=5).eval()
-    folded = gcnet.fold_batchnorm(net)
+    folded = runtime.fold_batchnorm(net)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 59  # the original untouched
     conv = folded.backbone.layer1[0].conv1
@@ -230,7 +232,7 @@ def test_folded_batchnorm_gives_the_same_logits_without_batchnorm():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_takes_effect_with_glibc():
     # In a child process: the setting lasts for the whole process, and this one runs other tests.
-    code = "import model; print(model.keep_freed_memory())"
+    code = "import runtime; print(runtime.keep_freed_memory())"
     child = subprocess.run([sys.executable, "-c", code], cwd=Path(gcnet.__file__).parent, capture_output=True)
     assert child.returncode == 0 and child.stdout.decode().strip() == "True", child.stderr.decode()
 
@@ -253,7 +255,7 @@ def test_official_format_round_trip(tmp_path):
     x = torch.randn(1, 3, 65, 65)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
-    info = gcnet.checkpoint_info(str(path))
+    info = evaluate.checkpoint_info(str(path))
     assert info["depth"] == 50 and info["num_classes"] == 19 and info["dataset"] == "cityscapes"
     assert info["crop_size"] == (769, 769) and info["align_corners"] is True
     assert info["classes"][0] == "class0" and info["palette"][2] == [2, 2, 2]
@@ -333,6 +335,6 @@ def test_checkpoint_info_reads_our_recipe(tmp_path):
     recipe = {"dataset": "ade20k", "crop_size": [512, 512], "align_corners": False, "config_name": "x"}
     state = GCNet(150, depth=101).state_dict()
     torch.save({"state_dict": state, "recipe": recipe, "iteration": 3}, tmp_path / "best.pth")
-    info = gcnet.checkpoint_info(tmp_path / "best.pth")
+    info = evaluate.checkpoint_info(tmp_path / "best.pth")
     assert (info["depth"], info["num_classes"], info["dataset"]) == (101, 150, "ade20k")
     assert info["crop_size"] == (512, 512) and info["align_corners"] is False

@@ -1,0 +1,121 @@
+"""The recipe of the results table, in one place: what each of its 16 rows trained and tested with.
+
+Every number and rule that a row of the table is made of lives here, and train.py, evaluate.py,
+data.py and benchmark.py all read it through `row()`:
+
+    import recipe
+    recipe.row("cityscapes", "769", depth=101)
+    # {'config_name': 'gcnet_r101-d8_769x769_40k_cityscapes', 'batch_size': 2, 'lr': 0.01,
+    #  'scale': (2049, 1025), 'test_mode': 'slide', 'test_stride': (513, 513), 'align_corners': True, ...}
+
+Sources: mmsegmentation v0.5.0 configs/gcnet/*.py and the files they inherit from,
+configs/_base_/models/gcnet_r50-d8.py, configs/_base_/schedules/schedule_{20k,40k,80k,160k}.py and
+configs/_base_/datasets/{cityscapes,cityscapes_769x769,ade20k,pascal_voc12_aug}.py.
+"""
+
+import math
+import re
+
+# Shared by every row: SGD on all parameters (BatchNorm and biases included), a poly learning rate
+# per iteration without warmup, the auxiliary FCN loss weighted 0.4, 4 GPUs with SyncBN.
+OPTIMIZER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+SCHEDULE = dict(power=0.9, min_lr=1e-4)
+AUX_WEIGHT = 0.4
+ORIGINAL_GPUS = 4
+
+# Per dataset: per-GPU batch, the schedules of the table (the first is the default), the crops (the
+# first is the default), the scale (W, H) images are rescaled to fit for training and testing, and
+# data loader workers per GPU. `folder` (your own data) borrows the ADE20K/VOC recipe; `toy` is the
+# demo: small crops, from scratch, hence a larger lr and no ImageNet weights.
+DATASETS = {
+    "cityscapes": dict(batch_size=2, iters=(40000, 80000), crops=((512, 1024), (769, 769)), scale=(2048, 1024), workers=2),
+    "ade20k": dict(batch_size=4, iters=(80000, 160000), crops=((512, 512),), scale=(2048, 512), workers=4),
+    "voc12aug": dict(batch_size=4, iters=(20000, 40000), crops=((512, 512),), scale=(2048, 512), workers=4),
+    "folder": dict(batch_size=4, iters=(20000,), crops=((512, 512),), scale=(2048, 512), workers=4),
+    "toy": dict(batch_size=4, iters=(300,), crops=((128, 128),), scale=(256, 128), workers=2, lr=0.05, pretrained="none"),
+}  # fmt: skip
+TABLE_DATASETS = ("cityscapes", "ade20k", "voc12aug")
+
+# The 769x769 rule. An 8k+1 crop (769) marks the models built with align_corners=True in both heads,
+# trained and tested on Cityscapes rescaled to 2049x1025, and tested with sliding windows of the crop
+# at a stride of 2/3 of it (513). Every other row is tested on the whole image.
+SCALE_769 = (2049, 1025)
+
+# ImageNet-pretrained ResNetV1c weights each row starts from (open-mmlab://resnet50_v1c and
+# resnet101_v1c in mmcv v1.0.2 mmcv/model_zoo/open_mmlab.json).
+IMAGENET_URLS = {
+    50: "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
+    101: "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
+}
+
+
+def is_769_crop(crop_size):
+    return crop_size[0] % 8 == 1
+
+
+def row(dataset, crop=None, depth=50, iters=None):
+    """The whole recipe of one row as a plain dict: (dataset, crop, depth, iters) -> batch, lr,
+    schedule, scale, test mode, window and stride, align_corners and the original config name.
+    crop is '769', '512x1024', an int or an (h, w) pair; None takes the dataset's first crop, and
+    iters None its first schedule."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
+    base = DATASETS[dataset]
+    crop_size = parse_crop(crop) if crop is not None else base["crops"][0]
+    iters = base["iters"][0] if iters is None else iters
+    sliding = is_769_crop(crop_size)
+    schedule = f"{iters // 1000}k" if iters % 1000 == 0 else f"{iters}it"
+    return dict(
+        dataset=dataset,
+        depth=depth,
+        crop_size=crop_size,
+        iters=iters,
+        batch_size=base["batch_size"],
+        global_batch=base["batch_size"] * ORIGINAL_GPUS,
+        lr=base.get("lr", OPTIMIZER["lr"]),
+        momentum=OPTIMIZER["momentum"],
+        weight_decay=OPTIMIZER["weight_decay"],
+        **SCHEDULE,
+        aux_weight=AUX_WEIGHT,
+        scale=SCALE_769 if sliding and dataset == "cityscapes" else base["scale"],
+        align_corners=sliding,
+        test_mode="slide" if sliding else "whole",
+        test_crop=crop_size,
+        test_stride=tuple(math.ceil(2 * size / 3) for size in crop_size),  # 769 -> 513
+        eval_interval=max(iters // 10, 1),  # evaluation and a checkpoint every tenth of the schedule
+        workers=base["workers"],
+        pretrained=base.get("pretrained", IMAGENET_URLS[depth]),
+        config_name=f"gcnet_r{depth}-d8_{crop_size[0]}x{crop_size[1]}_{schedule}_{dataset}",
+        in_table=dataset in TABLE_DATASETS and crop_size in base["crops"] and iters in base["iters"],
+    )
+
+
+def parse_crop(value, flag="--crop"):
+    """'769' or 769 -> (769, 769); '512x1024' or (512, 1024) -> (512, 1024), height x width."""
+    if isinstance(value, (tuple, list)):
+        parts = [int(part) for part in value]
+    else:
+        try:
+            parts = [int(part) for part in str(value).lower().split("x")]
+        except ValueError:
+            parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise ValueError(
+            f"{flag}: expected N or HxW with positive sizes (e.g. 769 or 512x1024), got {value!r}"
+        )
+    return tuple(parts)
+
+
+CONFIG_NAME = re.compile(r"gcnet_r(50|101)-d8_(\d+)x(\d+)_(\d+)k_(cityscapes|ade20k|voc12aug)")
+
+
+def row_of_config_name(text):
+    """The row named in a text such as an official checkpoint's file name
+    (gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth), or None."""
+    match = CONFIG_NAME.search(str(text))
+    if match is None:
+        return None
+    depth, height, width, thousands, dataset = match.groups()
+    return row(dataset, (int(height), int(width)), int(depth), int(thousands) * 1000)

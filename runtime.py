@@ -1,0 +1,179 @@
+"""Where and how the model runs: device and processes, precision, memory layout, host memory.
+
+train.py, evaluate.py and benchmark.py share these, so `--device`, `--precision` and
+`--channels-last` mean the same in all three:
+
+    --device auto|cuda|cpu         auto: CUDA when there is one (one GPU per process under torchrun)
+    --precision auto|fp32|bf16|fp16
+                                   fp32 is IEEE float32 (TF32 off), the arithmetic of the table's V100s;
+                                   bf16/fp16 autocast the model (fp16 on CUDA only, with loss scaling
+                                   in training); auto: bf16 where the hardware computes it natively
+                                   (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp16 on older GPUs,
+                                   else fp32
+    --channels-last / --no-channels-last
+                                   default: on CUDA, and on a CPU with bf16
+"""
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import os
+import resource
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(parser):
+    """The shared --device, --precision and --channels-last flags."""
+    group = parser.add_argument_group("device and precision (shared by train, evaluate and benchmark)")
+    group.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: auto")
+    group.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="fp32 = IEEE float32 (TF32 off); auto: bf16 where the hardware has it, else fp32",
+    )
+    group.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="default: on CUDA, and on a CPU with bf16",
+    )
+    return group
+
+
+def setup_device(flag="auto"):
+    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one process per
+    GPU (NCCL) or per CPU process (gloo); without them this is a single process."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+    use_cuda = flag == "cuda" or (flag == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None
+        )
+    return rank, world_size, device
+
+
+def rank_and_world_size():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_precision(flag, device, auto="native"):
+    """The precision a run uses: the flag, or for 'auto' bf16/fp16/fp32 by the hardware
+    (auto='native') or fp32 (auto='fp32', as evaluate.py does for official checkpoints)."""
+    if flag == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if flag != "auto":
+        return flag
+    if auto == "fp32":
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Emulated bf16 is slower than fp32, so bf16 only where the CPU computes it natively.
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    native = native or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if native else "fp32"
+
+
+def resolve_channels_last(flag, device, precision):
+    """channels_last unless told otherwise on CUDA, and on the CPU with bf16, whose oneDNN
+    convolutions want that layout and would otherwise convert around every conv."""
+    if flag is not None:
+        return flag
+    return device.type == "cuda" or precision == "bf16"
+
+
+@contextlib.contextmanager
+def precision_context(device, precision):
+    """bf16/fp16: autocast (the model keeps its GC softmax, LayerNorm and final resize in float32).
+    fp32: IEEE float32, i.e. TF32 off for convs and matmuls: cuDNN allows TF32 by default on Ampere
+    and newer, and the V100s that made the table had none."""
+    if precision == "fp32":
+        # The fp32_precision API: torch refuses to read the legacy allow_tf32 flags once anything
+        # has set these.
+        conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+    elif precision in AUTOCAST_DTYPES:
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
+            yield
+    else:
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+
+
+def training_scopes(device, precision):
+    """(scope of the whole training step, scope of its forward pass). fp32: IEEE throughout, the
+    backward pass included. bf16/fp16: autocast around the forward pass only, as torch recommends."""
+    if precision == "fp32":
+        return precision_context(device, "fp32"), contextlib.nullcontext()
+    return contextlib.nullcontext(), precision_context(device, precision)
+
+
+def fold_batchnorm(model):
+    """A copy of `model` for inference in which every BatchNorm that follows a convolution is folded
+    into it (weight * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)) and
+    replaced by nn.Identity: the same output up to rounding, one pass over each feature map fewer.
+    The copy has no BatchNorm keys: save and load weights with the original model."""
+    from model import Bottleneck  # here, so that model.py stays free of runtime concerns
+
+    folded = copy.deepcopy(model).eval()
+    for module in list(folded.modules()):
+        # Bottleneck names its pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold
+        # them side by side.
+        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] if isinstance(module, Bottleneck) else []
+        names = [name for name, _ in module.named_children()]
+        pairs += list(zip(names, names[1:])) if isinstance(module, nn.Sequential) else []
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    return folded
+
+
+def keep_freed_memory():
+    """Make glibc keep freed memory for reuse instead of returning it to the OS at once.
+
+    glibc serves blocks above its mmap threshold (at most 32 MiB by default) with their own mmap and
+    unmaps them when freed, so the next feature map of that size page-faults in fresh zeroed pages;
+    it also trims the top of its heap. Raising both thresholds to 1 GiB (32 MiB where an older glibc
+    refuses that) keeps freed blocks in the heap, as a preloaded jemalloc or tcmalloc would. The
+    process's memory then stays near its peak. Returns whether it took effect (glibc only)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in malloc.h
+    took_effect = False
+    for option in (mmap_threshold, trim_threshold):
+        took_effect |= bool(mallopt(option, 1 << 30) or mallopt(option, 32 << 20))
+    return took_effect
+
+
+def peak_memory_gb(device):
+    """CUDA: torch.cuda.max_memory_allocated, what the table's "Mem (GB)" is. CPU: the process's
+    peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, kB on Linux
