@@ -1,6 +1,7 @@
 r"""Evaluate a GCNet checkpoint the way the mmsegmentation GCNet results table was computed.
 
-The table has two accuracy columns (gcnet-spec.md §4, §6):
+The table has two accuracy columns (mmseg v0.5.0 configs/_base_/datasets/*.py test_pipeline,
+tools/test.py --aug-test):
   mIoU           one pass per image at the row's test scale: the whole image for the 512x1024,
                  ADE20K and VOC models; 769x769 sliding windows with stride 513 on the 2049x1025
                  image for the 769x769 models (align_corners=True).
@@ -18,17 +19,17 @@ resolution; IoU and Acc per class, their nanmean over classes, and the overall p
     python evaluate.py --checkpoint CKPT --image photo.jpg --save-dir eval_out   # one picture set
     torchrun --standalone --nproc_per_node=4 evaluate.py --ms-flip          # images split over 4 GPUs
 
-The settings (dataset, depth, classes, crop, align_corners) come from the checkpoint where it
-records them (model.checkpoint_info), else from --dataset / --depth / --crop. The results go to
-<checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). The default is
-fp32 for official checkpoints (as the table), else bf16 autocast where the hardware has it (CUDA;
-CPUs with AVX512-BF16 or AMX) with channels_last and BatchNorm folded into the convs, checked
-against fp32 on the first 10 images (--check-agreement); pass --precision fp32 for the arithmetic
-of the original V100 runs.
+The test protocol (mode, window, stride, test scale, align_corners) is the checkpoint's row of the
+table (recipe.row), or for our checkpoints the recipe they record; flags override it. The results
+go to <checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). Official
+checkpoints are scored in IEEE fp32 by default, as the table was; ours in the hardware's native
+precision (runtime.resolve_precision), checked against fp32 on the first 10 images.
+
+Reading order: slide_windows, slide_inference, predict (the protocol); confusion_matrix,
+metrics_from_confusion (the metric); evaluate_dataset (a whole split); save_pictures; then the CLI.
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -45,24 +46,12 @@ from tqdm import tqdm
 
 import data
 import recipe
+import runtime
 from model import DATASET_OF_NUM_CLASSES, GCNet, extract_state_dict, load_weights, read_checkpoint
-from runtime import fold_batchnorm, keep_freed_memory
-from runtime import resolve_channels_last as _resolve_channels_last
-from runtime import resolve_precision as _resolve_precision
 
-
-def default_precision(device):
-    return _resolve_precision("auto", device)
-
-
-def default_channels_last(device, precision):
-    return _resolve_channels_last(None, device, precision)
-
-
-IGNORE_INDEX = 255
-# tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (gcnet-spec.md §4.4).
+# tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (mmseg v0.5.0
+# configs/_base_/datasets/*.py img_ratios).
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_PATTERN = "work_dirs/*/best.pth"
 
 
@@ -72,11 +61,12 @@ def as_pair(value):
 
 
 # -----------------------------------------------------------------------------------------------
-# Inference: sliding windows, then scales and flips of one image (gcnet-spec.md §4)
+# The test protocol: sliding windows, then scales and flips of one image
+# (mmseg v0.5.0 mmseg/models/segmentors/encoder_decoder.py whole_inference / slide_inference / aug_test)
 
 
 def slide_windows(height, width, crop_size, stride):
-    """Window boxes (y1, y2, x1, x2) of the original slide inference (gcnet-spec.md §4.3).
+    """Window boxes (y1, y2, x1, x2) of the original slide inference.
 
     The grid has enough windows for the stride to reach the last row/column; windows that would
     stick out are shifted back inside the image, so together they cover every pixel. 1025x2049
@@ -96,17 +86,17 @@ def slide_windows(height, width, crop_size, stride):
 
 
 @torch.no_grad()
-def slide_inference(model, images, crop_size, stride, num_classes, window_batch=4):
-    """Logits (N, num_classes, H, W) for images (N, 3, H, W) from overlapping windows.
+def slide_inference(model, images, *, crop_size, stride, window_batch=4):
+    """Logits (N, C, H, W) for images (N, 3, H, W) from overlapping windows, C = model.num_classes.
 
     Each window's logits (already resized to the window by the model) are added into an
     accumulator and divided by how many windows covered each pixel: overlaps average LOGITS,
-    not probabilities (gcnet-spec.md §4.3). Up to `window_batch` windows go through the model at
-    once (with N images, window_batch // N window positions per pass).
+    not probabilities. Up to `window_batch` windows go through the model at once (with N images,
+    window_batch // N window positions per pass).
     """
     crop_h, crop_w = as_pair(crop_size)
     n, channels, height, width = images.shape
-    logits_sum = images.new_zeros((n, num_classes, height, width), dtype=torch.float32)
+    logits_sum = images.new_zeros((n, model.num_classes, height, width), dtype=torch.float32)
     count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
     boxes = slide_windows(height, width, (crop_h, crop_w), stride)
     boxes_per_pass = max(1, window_batch // n)
@@ -116,13 +106,12 @@ def slide_inference(model, images, crop_size, stride, num_classes, window_batch=
         # rows of the 0.5 and 0.75 ms ratios of the 769 models. mmseg v0.5.0, which produced the
         # published ms+flip numbers, zero-pads such a window (zero = the mean colour after
         # normalisation) at the bottom/right to the crop size and keeps the top-left part of the
-        # output; v0.6+ feeds it unpadded (gcnet-spec.md §4.3, §7.15). We pad, as v0.5.0.
+        # output; v0.6+ feeds it unpadded (compare encoder_decoder.py slide_inference in v0.5.0
+        # and v0.6.0). We pad, as v0.5.0.
         windows = images.new_zeros((len(chunk) * n, channels, crop_h, crop_w))  # (k*N, 3, crop_h, crop_w)
         for k, (y1, y2, x1, x2) in enumerate(chunk):
             windows[k * n : (k + 1) * n, :, : y2 - y1, : x2 - x1] = images[:, :, y1:y2, x1:x2]
         window_logits = model(windows).float()  # (k*N, C, crop_h, crop_w)
-        if window_logits.shape[1] != num_classes:
-            raise ValueError(f"the model gives {window_logits.shape[1]} classes, expected {num_classes}")
         for k, (y1, y2, x1, x2) in enumerate(chunk):
             logits_sum[:, :, y1:y2, x1:x2] += window_logits[k * n : (k + 1) * n, :, : y2 - y1, : x2 - x1]
             count[:, :, y1:y2, x1:x2] += 1
@@ -131,24 +120,15 @@ def slide_inference(model, images, crop_size, stride, num_classes, window_batch=
 
 @torch.no_grad()
 def predict(
-    model,
-    images,
-    original_size,
-    num_classes,
-    mode="whole",
-    crop_size=None,
-    stride=None,
-    flip=False,
-    window_batch=4,
+    model, images, original_size, *, mode="whole", crop_size=None, stride=None, flip=False, window_batch=4
 ):
-    """Class probabilities (num_classes, H, W) of ONE image at its original size (H, W).
+    """Class probabilities (C, H, W) of ONE image at its original size (H, W), C = model.num_classes.
 
     images: the image at each test scale, each (3, h, w) or (1, 3, h, w), normalised.
     For every scale (and its horizontal flip when flip=True): logits at the scaled image's size
     ('whole': one pass; 'slide': slide_inference), bilinearly resized to the original size with
-    model.align_corners, softmax; flipped maps are flipped back; the maps are averaged
-    (gcnet-spec.md §4.2-4.4). With one scale and no flip this is softmax(resize(logits)), whose
-    argmax is the original's prediction.
+    model.align_corners, softmax; flipped maps are flipped back; the maps are averaged. With one
+    scale and no flip this is softmax(resize(logits)), whose argmax is the original's prediction.
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
@@ -167,12 +147,14 @@ def predict(
         if mode == "whole":
             logits = model(batch)
         else:
-            logits = slide_inference(model, batch, crop_size, stride, num_classes, window_batch)
-        if logits.shape[1] != num_classes:
-            raise ValueError(f"the model gives {logits.shape[1]} classes, expected {num_classes}")
-        # The second resize of the original: scaled image -> original image (gcnet-spec.md §4.2),
-        # then softmax; resizing, softmax and averaging run in float32 whatever the autocast.
-        # A resize to the same size samples exactly at the pixels (either align_corners): skip it.
+            logits = slide_inference(
+                model, batch, crop_size=crop_size, stride=stride, window_batch=window_batch
+            )
+        if logits.shape[1] != model.num_classes:
+            raise ValueError(f"the model gives {logits.shape[1]} classes, expected {model.num_classes}")
+        # The second resize of the original, scaled image -> original image, then softmax; resizing,
+        # softmax and averaging run in float32 whatever the autocast. A resize to the same size
+        # samples exactly at the pixels (either align_corners): skip it.
         logits = logits.float()
         if tuple(logits.shape[-2:]) != tuple(original_size):
             logits = F.interpolate(
@@ -191,19 +173,19 @@ def predict(
 
 def class_softmax(logits):
     """Softmax over the classes (dim 1) of (N, C, H, W) logits. For channels_last logits the classes
-    are the innermost dimension in memory, so the softmax runs there, on a permuted view: 2x faster
-    than torch's dim-1 kernel, which would first copy them to the NCHW layout. The result keeps the
-    channels_last layout, in which the argmax over the classes is also 4x faster."""
+    are the innermost dimension in memory, so the softmax runs there, on a permuted view, instead of
+    torch's dim-1 kernel, which would first copy them to the NCHW layout. The result keeps the
+    channels_last layout, in which the argmax over the classes is also faster."""
     if logits.dim() == 4 and logits.stride(1) == 1 and logits.shape[1] > 1:
         return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
     return logits.softmax(dim=1)
 
 
 # -----------------------------------------------------------------------------------------------
-# Metrics (gcnet-spec.md §6.1)
+# Metrics (mmseg v0.5.0 mmseg/core/evaluation/mean_iou.py)
 
 
-def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
+def confusion_matrix(pred, label, num_classes, ignore_index=data.IGNORE_INDEX):
     """int64 (num_classes, num_classes) matrix: rows = ground truth, columns = prediction.
 
     Pixels whose label is ignore_index are dropped, so a prediction there is no false positive.
@@ -227,7 +209,7 @@ def metrics_from_confusion(matrix):
 
     IoU_c = I_c / U_c and Acc_c = I_c / GT_c over the whole split. A class with union 0 has IoU
     NaN and is skipped by the mean; one absent from the ground truth but predicted has IoU 0 and
-    counts; Acc is NaN for every class absent from the ground truth (gcnet-spec.md §6.1).
+    counts; Acc is NaN for every class absent from the ground truth.
     """
     matrix = matrix.double().cpu()
     intersection = matrix.diag()
@@ -254,94 +236,13 @@ def format_table(metrics, classes):
 
 
 # -----------------------------------------------------------------------------------------------
-# Pictures: predicted labels, colour overlay, and the GC block's attention map
-
-
-@torch.no_grad()
-def attention_map(model, image, original_size):
-    """The GC block's attention (softmax over positions, 1/8 resolution) for one image (3, h, w),
-    bilinearly upsampled to original_size and scaled to [0, 1] for display."""
-    _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
-    attention = F.interpolate(
-        attention.float(), size=tuple(original_size), mode="bilinear", align_corners=model.align_corners
-    )[0, 0]  # (H, W)
-    low, high = attention.min(), attention.max()
-    return (attention - low) / (high - low).clamp_min(1e-12)
-
-
-def heat_colors(values):
-    """A 'jet'-like colour map: (H, W) values in [0, 1] -> (H, W, 3) float RGB in [0, 255].
-    Each channel is a clipped tent, 1.5 - 4 |value - peak|, with blue peaking at 1/4, green at 1/2
-    and red at 3/4: 0 is dark blue, 1/2 light green, 1 dark red."""
-    peaks = torch.tensor([0.75, 0.5, 0.25], device=values.device)  # R, G, B
-    return 255 * (1.5 - 4 * (values.clamp(0, 1)[..., None] - peaks).abs()).clamp(0, 1)
-
-
-def rgb_picture(rgb):
-    """(H, W, 3) float in [0, 255] -> PIL RGB image."""
-    return Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy())
-
-
-def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=0.5):
-    """Write <name>_pred.png (palette PNG of the class indices), <name>_overlay.jpg (class colours
-    over the image) and, given an attention map, <name>_attention.png. image: uint8 (3, H, W) RGB at
-    the original size; pred: (H, W) class indices; attention: (H, W) in [0, 1]. Returns the paths."""
-    stem = Path(save_dir) / name
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    pred = pred.cpu()
-    height, width = pred.shape
-    labels = Image.frombytes("P", (width, height), pred.to(torch.uint8).numpy().tobytes())
-    labels.putpalette([value for color in palette for value in color])
-    paths = [Path(f"{stem}_pred.png"), Path(f"{stem}_overlay.jpg")]
-    labels.save(paths[0])
-    picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
-    colors = torch.tensor(palette, dtype=torch.float32)[pred.long()]  # (H, W, 3)
-    rgb_picture((1 - opacity) * picture + opacity * colors).save(paths[1], quality=95)
-    if attention is not None:
-        paths.append(Path(f"{stem}_attention.png"))
-        rgb_picture((1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())).save(paths[2])
-    return paths
-
-
-# -----------------------------------------------------------------------------------------------
 # A whole split, on one or several processes
 
 
-def rank_and_world_size():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-@contextlib.contextmanager
-def inference_precision(device, precision):
-    """bf16/fp16: autocast around the model (it keeps its GC softmax and LayerNorm in float32;
-    predict() resizes, softmaxes and averages in float32). fp32: IEEE float32, i.e. TF32 off for
-    convs and matmuls (cuDNN allows TF32 by default on Ampere and newer; the V100s that made the
-    table had none)."""
-    if precision == "fp32":
-        # The fp32_precision API: torch refuses to read the legacy allow_tf32 flags once anything
-        # has set the new ones.
-        conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-        saved = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision = matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
-    elif precision in AUTOCAST_DTYPES:
-        if precision == "fp16" and device.type != "cuda":
-            raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
-            yield
-    else:
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-
-
 def my_images(dataset, indices, device, workers):
-    """(images per scale, label, meta) on `device` for this process's share of `indices`:
+    """(images per scale, label or None, meta) on `device` for this process's share of `indices`:
     rank r of W takes indices[r::W], so no image is counted twice."""
-    rank, world_size = rank_and_world_size()
+    rank, world_size = runtime.rank_and_world_size()
     share = Subset(dataset, list(indices)[rank::world_size])
     loader = DataLoader(
         share,
@@ -355,16 +256,8 @@ def my_images(dataset, indices, device, workers):
     )
     for images_per_scale, labels, metas in loader:
         images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
-        yield images, labels[0].to(device, non_blocking=True), metas[0]
-
-
-def image_at_ratio_one(images, ratios, original, test_scale):
-    """The image at the test scale (ratio 1.0), for the attention picture: one of the images per
-    ratio, or made from the original uint8 image when 1.0 is not among the ratios."""
-    ratios = tuple(ratios)
-    if 1.0 in ratios:
-        return images[ratios.index(1.0)]
-    return data.test_transform(original, test_scale)[0].to(images[0].device)
+        label = None if labels is None or labels[0] is None else labels[0].to(device, non_blocking=True)
+        yield images, label, metas[0]
 
 
 def sum_over_processes(tensor):
@@ -379,22 +272,9 @@ def sum_over_processes(tensor):
 
 @torch.no_grad()
 def evaluate_dataset(
-    model,
-    dataset,
-    *,
-    mode,
-    crop_size,
-    stride,
-    flip,
-    device,
-    precision,
-    channels_last,
-    window_batch=4,
-    save_dir=None,
-    opacity=0.5,
-    show_progress=True,
-    workers=2,
-):
+    model, dataset, *, mode, crop_size, stride, flip, device, precision, channels_last, window_batch=4,
+    save_dir=None, opacity=0.5, show_progress=True, workers=2,
+):  # fmt: skip
     """Metrics of `model` on a val split (items from data.build_dataset(..., split='val')).
 
     The scales are the dataset's test ratios (its items hold one image per ratio). Under torchrun
@@ -407,7 +287,7 @@ def evaluate_dataset(
     if len(dataset) == 0:
         raise ValueError(f"the {getattr(dataset, 'name', '')} val split has no images: check the data root")
     device = torch.device(device)
-    rank, world_size = rank_and_world_size()
+    rank, world_size = runtime.rank_and_world_size()
     was_training = model.training
     model.eval()
     if channels_last:
@@ -415,6 +295,7 @@ def evaluate_dataset(
     num_classes = dataset.num_classes
     matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
     share = len(range(rank, len(dataset), world_size))
+    protocol = dict(mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch)
     progress = tqdm(
         total=share,
         desc=f"evaluate ({share} of {len(dataset)} images here)" if world_size > 1 else "evaluate",
@@ -423,16 +304,14 @@ def evaluate_dataset(
     )
     try:
         for images, label, meta in my_images(dataset, range(len(dataset)), device, workers):
-            with inference_precision(device, precision):
-                probabilities = predict(
-                    model, images, label.shape, num_classes, mode, crop_size, stride, flip, window_batch
-                )
+            with runtime.precision_context(device, precision):
+                probabilities = predict(model, images, label.shape, **protocol)
             pred = probabilities.argmax(dim=0)  # (H, W) at the label's (original) resolution
             matrix += confusion_matrix(pred, label, num_classes)
             if save_dir is not None:
                 original = data.read_image(meta["image_path"])
                 at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.test_scale)
-                with inference_precision(device, precision):
+                with runtime.precision_context(device, precision):
                     attention = attention_map(model, at_ratio_one, label.shape)
                 save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity)
             progress.update(1)
@@ -448,20 +327,9 @@ def evaluate_dataset(
 
 @torch.no_grad()
 def precision_agreement(
-    model,
-    dataset,
-    num_images,
-    *,
-    mode,
-    crop_size,
-    stride,
-    flip,
-    device,
-    precision,
-    window_batch,
-    workers=2,
+    model, dataset, num_images, *, mode, crop_size, stride, flip, device, precision, window_batch, workers=2,
     reference_model=None,
-):
+):  # fmt: skip
     """Fraction of labelled pixels whose predicted class is the same at `precision` and in fp32,
     over the first num_images images of the split (shared across processes like the evaluation).
     It shows that the precision changes the results by rounding only. The fp32 pass runs
@@ -471,83 +339,115 @@ def precision_agreement(
     reference_model = model if reference_model is None else reference_model
     model.eval()
     reference_model.eval()
+    protocol = dict(mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch)
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing pixels, labelled pixels]
     for images, label, _ in my_images(dataset, range(min(num_images, len(dataset))), device, workers):
         preds = []
         for run_model, run_precision in ((model, precision), (reference_model, "fp32")):
-            with inference_precision(device, run_precision):
-                probabilities = predict(
-                    run_model,
-                    images,
-                    label.shape,
-                    dataset.num_classes,
-                    mode,
-                    crop_size,
-                    stride,
-                    flip,
-                    window_batch,
-                )
-            preds.append(probabilities.argmax(dim=0))
-        labelled = label != IGNORE_INDEX
+            with runtime.precision_context(device, run_precision):
+                preds.append(predict(run_model, images, label.shape, **protocol).argmax(dim=0))
+        labelled = label != data.IGNORE_INDEX
         counts += torch.stack([(preds[0] == preds[1])[labelled].sum(), labelled.sum()])
     agreeing, total = sum_over_processes(counts).tolist()
     return {"images": min(num_images, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
 
 
+# -----------------------------------------------------------------------------------------------
+# Pictures: predicted labels, colour overlay, and the GC block's attention map
+
+
+@torch.no_grad()
+def attention_map(model, image, original_size):
+    """The GC block's attention (softmax over positions, 1/8 resolution) for one image (3, h, w),
+    bilinearly upsampled to original_size and scaled to [0, 1] for display."""
+    _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
+    attention = F.interpolate(
+        attention.float(), size=tuple(original_size), mode="bilinear", align_corners=model.align_corners
+    )[0, 0]  # (H, W)
+    low, high = attention.min(), attention.max()
+    return (attention - low) / (high - low).clamp_min(1e-12)
+
+
+def image_at_ratio_one(images, ratios, original, test_scale):
+    """The image at the test scale (ratio 1.0), for the attention picture: one of the images per
+    ratio, or made from the original uint8 image when 1.0 is not among the ratios."""
+    ratios = tuple(ratios)
+    if 1.0 in ratios:
+        return images[ratios.index(1.0)]
+    return data.test_transform(original, test_scale)[0].to(images[0].device)
+
+
+def heat_colors(values):
+    """A 'jet'-like colour map: (H, W) values in [0, 1] -> (H, W, 3) float RGB in [0, 255].
+    Each channel is a clipped tent, 1.5 - 4 |value - peak|, with blue peaking at 1/4, green at 1/2
+    and red at 3/4: 0 is dark blue, 1/2 light green, 1 dark red."""
+    peaks = torch.tensor([0.75, 0.5, 0.25], device=values.device)  # R, G, B
+    return 255 * (1.5 - 4 * (values.clamp(0, 1)[..., None] - peaks).abs()).clamp(0, 1)
+
+
+def rgb_picture(rgb):
+    """(H, W, 3) float in [0, 255] -> PIL RGB image."""
+    return Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def label_picture(pred, palette):
+    """(H, W) class indices -> palette PNG image ('P' mode)."""
+    pred = pred.cpu()
+    height, width = pred.shape
+    labels = Image.frombytes("P", (width, height), pred.to(torch.uint8).numpy().tobytes())
+    labels.putpalette([value for color in palette for value in color])
+    return labels
+
+
+def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=0.5):
+    """Write <name>_pred.png (palette PNG of the class indices), <name>_overlay.jpg (class colours
+    over the image) and, given an attention map, <name>_attention.png. image: uint8 (3, H, W) RGB at
+    the original size; pred: (H, W) class indices; attention: (H, W) in [0, 1]. Returns the paths."""
+    stem = Path(save_dir) / name
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    pred = pred.cpu()
+    paths = [Path(f"{stem}_pred.png"), Path(f"{stem}_overlay.jpg")]
+    label_picture(pred, palette).save(paths[0])
+    picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
+    colors = torch.tensor(palette, dtype=torch.float32)[pred.long()]  # (H, W, 3)
+    rgb_picture((1 - opacity) * picture + opacity * colors).save(paths[1], quality=95)
+    if attention is not None:
+        paths.append(Path(f"{stem}_attention.png"))
+        rgb_picture((1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())).save(paths[2])
+    return paths
+
+
 @torch.no_grad()
 def predict_image(
-    model,
-    image_path,
-    *,
-    test_scale,
-    ratios,
-    mode,
-    crop_size,
-    stride,
-    flip,
-    device,
-    precision,
-    window_batch,
-    palette,
-    save_dir,
-    opacity=0.5,
-):
+    model, image_path, *, scale, ratios, mode, crop_size, stride, flip, device, precision, window_batch,
+    palette, save_dir, name=None, opacity=0.5,
+):  # fmt: skip
     """The pictures of save_pictures() for one image file, without a dataset. Returns their paths."""
     original = data.read_image(image_path, upright=True)  # uint8 (3, H, W), as the photo is meant to be seen
     ratios = tuple(ratios)
-    images = [image.to(device) for image in data.test_transform(original, test_scale, ratios)]
+    images = [image.to(device) for image in data.test_transform(original, scale, ratios)]
     model.eval()
-    with inference_precision(device, precision):
+    with runtime.precision_context(device, precision):
         probabilities = predict(
-            model, images, original.shape[-2:], model.num_classes, mode, crop_size, stride, flip, window_batch
+            model, images, original.shape[-2:], mode=mode, crop_size=crop_size, stride=stride, flip=flip,
+            window_batch=window_batch,
+        )  # fmt: skip
+        attention = attention_map(
+            model, image_at_ratio_one(images, ratios, original, scale), original.shape[-2:]
         )
-        at_ratio_one = image_at_ratio_one(images, ratios, original, test_scale)
-        attention = attention_map(model, at_ratio_one, original.shape[-2:])
     pred = probabilities.argmax(dim=0)
-    return save_pictures(save_dir, Path(image_path).stem, original, pred, palette, attention, opacity)
+    name = Path(image_path).stem if name is None else name
+    return save_pictures(save_dir, name, original, pred, palette, attention, opacity)
 
 
 # -----------------------------------------------------------------------------------------------
-# Command line: which checkpoint, which settings, where the results go
-
-
-def init_distributed(device_name):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per GPU (NCCL) or per CPU
-    process (gloo). Returns this process's device."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = device_name == "cuda" or (device_name is None and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ:
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return device
+# Checkpoints: what they say about the model, the data and the row of the table they belong to
 
 
 def find_checkpoint(path):
     """--checkpoint as given, or the newest work_dirs/*/best.pth (by modification time)."""
     if path is not None:
-        if re.match(r"^https?://", path) or Path(path).is_file():
+        if re.match(r"^(https?|file)://", path) or Path(path).is_file():
             return path
         raise FileNotFoundError(
             f"checkpoint not found: {path} (--checkpoint). Pass a .pth file written by train.py, an "
@@ -566,9 +466,10 @@ def checkpoint_info(path_or_url, checkpoint=None):
     """What a checkpoint says about the model and data it belongs to, without building a model.
 
     Returns a dict with 'depth', 'num_classes' and, where recorded (else None), 'dataset',
-    'align_corners', 'crop_size' (h, w), 'classes', 'palette', 'config_name', 'recipe'.
-    Our checkpoints record their 'recipe'; for an official one the row of the table is read from
-    its file name or meta (e.g. gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth).
+    'align_corners', 'crop_size' (h, w), 'classes', 'palette', 'config_name', 'recipe' (ours
+    record theirs) and 'row': the recipe it was trained with, recipe.row() filled in by ours.
+    For an official checkpoint the row of the table is read from its file name or meta
+    (e.g. gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth).
     """
     checkpoint = read_checkpoint(path_or_url) if checkpoint is None else checkpoint
     state_dict = extract_state_dict(checkpoint)
@@ -580,7 +481,8 @@ def checkpoint_info(path_or_url, checkpoint=None):
     info = dict(
         depth={6: 50, 23: 101}[n_blocks],
         num_classes=int(state_dict["decode_head.conv_seg.weight"].shape[0]),
-        dataset=None, align_corners=None, crop_size=None, classes=None, palette=None, config_name=None, recipe=None,
+        dataset=None, align_corners=None, crop_size=None, classes=None, palette=None, config_name=None,
+        recipe=None, row=None,
     )  # fmt: skip
     meta = checkpoint.get("meta") or {}
     ours = checkpoint.get("recipe")
@@ -605,6 +507,9 @@ def checkpoint_info(path_or_url, checkpoint=None):
             info["align_corners"] = True
         elif info["crop_size"] is not None:
             info["align_corners"] = recipe.is_769_crop(info["crop_size"])
+    if info["dataset"] in recipe.DATASETS:
+        # Ours record their recipe; older ones lack some keys (the test scale): the row fills them.
+        info["row"] = {**recipe.row(info["dataset"], info["crop_size"], depth=info["depth"]), **(ours or {})}
     if meta.get("CLASSES") is not None:
         info["classes"] = [str(c) for c in meta["CLASSES"]]
     if meta.get("PALETTE") is not None:
@@ -612,55 +517,14 @@ def checkpoint_info(path_or_url, checkpoint=None):
     return info
 
 
-def flag_pair(values, flag):
-    """--crop 769 -> (769, 769); --crop 512 1024 -> (512, 1024); not given -> None."""
-    if not values:
-        return None
-    if len(values) > 2:
-        raise ValueError(f"{flag} takes one size or two (height width), got {values}")
-    return as_pair(values[0] if len(values) == 1 else values)
-
-
-def inference_settings(args, info):
-    """Test mode, window, scales, flip and align_corners for the checkpoint's row of the table
-    (gcnet-spec.md §1.7, §4): an 8k+1 crop (769) means an align_corners=True model tested with
-    sliding windows of the crop and a stride of 2/3 of it (513); all others are tested on the whole
-    image. Our checkpoints record their test settings (train.py's recipe). Flags override."""
-    recipe = info.get("recipe") or {}
-    crop_size = flag_pair(args.crop, "--crop") or info["crop_size"]
-    odd_crop = crop_size is not None and crop_size[0] % 8 == 1
-    align_corners = info["align_corners"] if info["align_corners"] is not None else odd_crop
-    mode = args.mode or recipe.get("test_mode") or ("slide" if odd_crop else "whole")
-    if mode == "slide" and crop_size is None:
-        raise ValueError("--mode slide needs a window size: pass --crop 769 (and --stride 513)")
-    stride = flag_pair(args.stride, "--stride")
-    if stride is None and crop_size is not None:
-        recorded = recipe.get("test_stride") if not args.crop else None
-        stride = as_pair(recorded) if recorded else tuple(math.ceil(2 * size / 3) for size in crop_size)
-    ratios = tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,))
-    flip = args.flip if args.flip is not None else args.ms_flip
-    return dict(
-        mode=mode, crop_size=crop_size, stride=stride, ratios=ratios, flip=flip, align_corners=align_corners
-    )
-
-
-def build_model(checkpoint, loaded, info, depth, align_corners, device):
+def build_model(checkpoint, loaded, info, settings, device):
     """GCNet shaped by the checkpoint (depth and class count from its weights) with its weights."""
-    if depth is not None and info["depth"] is not None and depth != info["depth"]:
+    depth = settings["depth"]
+    if depth is not None and depth != info["depth"]:
         raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
-    model = GCNet(info["num_classes"], depth=info["depth"] or depth or 50, align_corners=align_corners)
+    model = GCNet(info["num_classes"], depth=info["depth"], align_corners=settings["align_corners"])
     load_weights(model, checkpoint, loaded)
     return model.to(device).eval()
-
-
-def dataset_name(args, info, checkpoint):
-    name = args.dataset or info["dataset"]
-    if name is None:
-        raise ValueError(
-            f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
-            f"pass --dataset (one of {', '.join(sorted(data.DATASETS))}, or folder) and --data-root"
-        )
-    return name
 
 
 def check_classes(info, dataset, checkpoint):
@@ -671,7 +535,7 @@ def check_classes(info, dataset, checkpoint):
             f"{dataset.num_classes}: pass the --dataset it was trained on"
         )
     if info["classes"] is not None:
-        # strip(): the original ADE20K class list has 'bed ' with a trailing space (gcnet-spec.md §5.2).
+        # strip(): the original ADE20K class list has 'bed ' with a trailing space (mmseg v0.5.0 mmseg/datasets/ade.py).
         ours, theirs = [c.strip() for c in info["classes"]], [c.strip() for c in dataset.classes]
         if ours != theirs:
             first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
@@ -679,6 +543,71 @@ def check_classes(info, dataset, checkpoint):
                 f"{checkpoint} was trained on other classes than the {dataset.name} dataset's: class "
                 f"{first} is {ours[first]!r} in the checkpoint, {theirs[first]!r} in the dataset"
             )
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line: the settings, resolved once into a plain dict, then one of three jobs
+
+
+def protocol_settings(args, info):
+    """Mode, window, stride, test scale, ratios, flip and align_corners: the checkpoint's row of the
+    table (or its recorded recipe), then the flags. A --crop picks the row of that crop."""
+    name = args.dataset or info["dataset"]
+    row = info["row"]
+    if args.crop is not None or row is None:  # unknown dataset: Cityscapes' test scale, 2048x1024
+        crop = args.crop or info["crop_size"]
+        row = recipe.row(name if name in recipe.DATASETS else "cityscapes", crop, depth=info["depth"])
+    mode = args.mode or row["test_mode"]
+    crop_size = args.crop or as_pair(row["test_crop"])
+    stride = args.stride or as_pair(row["test_stride"])
+    if mode == "slide" and min(crop_size[0] - stride[0], crop_size[1] - stride[1]) < 0:
+        raise ValueError(f"--stride {stride} is larger than the window {crop_size}: windows would leave gaps")
+    ratios = tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,))
+    return dict(
+        dataset=name,
+        mode=mode,
+        crop_size=tuple(crop_size),
+        stride=tuple(stride),
+        scale=as_pair(row["scale"]),
+        ratios=ratios,
+        flip=args.flip if args.flip is not None else args.ms_flip,
+        align_corners=info["align_corners"] if info["align_corners"] is not None else row["align_corners"],
+    )
+
+
+def speed_settings(args, device, official):
+    """Precision, layout, BatchNorm folding and the agreement check. An official checkpoint is scored
+    in IEEE fp32 like the table; ours in the native precision. BatchNorm is folded into the convs
+    unless fp32, which keeps the original's arithmetic."""
+    precision = runtime.resolve_precision(args.precision, device, auto="fp32" if official else "native")
+    return dict(
+        precision=precision,
+        channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
+        fold_batchnorm=args.fold_batchnorm if args.fold_batchnorm is not None else precision != "fp32",
+        check_agreement=args.check_agreement if args.check_agreement is not None else (10 if precision != "fp32" else 0),
+        window_batch=args.window_batch,
+        workers=args.workers,
+    )  # fmt: skip
+
+
+def resolve_settings(args, info, device):
+    """Every setting of the run in one plain dict; nothing reads `args` after this."""
+    return dict(
+        **protocol_settings(args, info),
+        **speed_settings(args, device, official=info["recipe"] is None),
+        depth=args.depth,
+        data_root=args.data_root,
+        image=args.image,
+        save_dir=args.save_dir,
+        opacity=args.opacity,
+        out=args.out,
+    )
+
+
+def inference_keywords(settings, device):
+    """What evaluate_dataset, precision_agreement and predict_image all take."""
+    keys = ("mode", "crop_size", "stride", "flip", "precision", "window_batch")
+    return dict({key: settings[key] for key in keys}, device=device)
 
 
 def without_nan(value):
@@ -694,7 +623,7 @@ def without_nan(value):
 
 def default_output_path(checkpoint, name, settings):
     """<checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL."""
-    folder = Path("eval_out") if re.match(r"^https?://", checkpoint) else Path(checkpoint).parent
+    folder = Path("eval_out") if re.match(r"^(https?|file)://", checkpoint) else Path(checkpoint).parent
     tag = (
         settings["mode"]
         + ("_ms" if len(settings["ratios"]) > 1 else "")
@@ -703,84 +632,68 @@ def default_output_path(checkpoint, name, settings):
     return folder / f"eval_{name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
 
 
-def inference_arguments(args, settings, device):
-    """The test protocol and speed settings that evaluate_dataset and predict_image both take."""
-    return dict(
-        mode=settings["mode"],
-        crop_size=settings["crop_size"],
-        stride=settings["stride"],
-        flip=settings["flip"],
-        device=device,
-        precision=args.precision,
-        window_batch=args.window_batch,
-    )
-
-
-def evaluate_split(args, model, info, settings, checkpoint, device, unfolded_model=None):
+def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     """Metrics on the val split: table on screen, everything in a JSON file."""
-    rank, world_size = rank_and_world_size()
-    name = dataset_name(args, info, checkpoint)
+    rank, world_size = runtime.rank_and_world_size()
+    name = settings["dataset"]
+    if name is None:
+        raise ValueError(
+            f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
+            f"pass --dataset (one of {', '.join(sorted(data.DATASETS))}, or folder) and --data-root"
+        )
     dataset = data.build_dataset(
         name,
-        root=args.data_root,
+        root=settings["data_root"],
         split="val",
         crop_size=settings["crop_size"],
         test_ratios=settings["ratios"],
     )
     check_classes(info, dataset, checkpoint)
+    precision = settings["precision"]
     if rank == 0:
         print(
             f"{checkpoint}: {len(dataset)} {name} val images, {settings['mode']} "
             f"(crop {settings['crop_size']}, stride {settings['stride']}), ratios {settings['ratios']}, "
             f"flip {settings['flip']}, align_corners {settings['align_corners']}, "
-            f"{args.precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
+            f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
         )
-    inference = dict(inference_arguments(args, settings, device), workers=args.workers)
+    inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
-    if args.check_agreement and args.precision != "fp32":
+    if settings["check_agreement"] > 0 and precision != "fp32":
         agreement = precision_agreement(
-            model, dataset, args.check_agreement, reference_model=unfolded_model, **inference
+            model, dataset, settings["check_agreement"], reference_model=reference_model, **inference
         )
         if rank == 0:
-            print(
-                f"{args.precision} vs fp32: {100 * agreement['agreement']:.4f}% of the labelled pixels agree"
-            )
+            print(f"{precision} vs fp32: {100 * agreement['agreement']:.4f}% of the labelled pixels agree")
     start = time.perf_counter()
     results = evaluate_dataset(
         model,
         dataset,
-        channels_last=args.channels_last,
-        save_dir=args.save_dir,
-        opacity=args.opacity,
+        channels_last=settings["channels_last"],
+        save_dir=settings["save_dir"],
+        opacity=settings["opacity"],
         **inference,
     )
     seconds = time.perf_counter() - start
     if rank != 0:
         return
     print(format_table(results, dataset.classes))
+    protocol_keys = ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")
+    speed_keys = ("precision", "channels_last", "fold_batchnorm", "window_batch")
     record = {
         "checkpoint": str(checkpoint),
         "config_name": info["config_name"],
         "dataset": name,
-        "data_root": args.data_root or data.DATASETS.get(name, {}).get("default_root"),
+        "data_root": settings["data_root"] or data.DATASETS.get(name, {}).get("default_root"),
         "num_images": results["num_images"],
-        "aAcc": results["aAcc"],
-        "mIoU": results["mIoU"],
-        "mAcc": results["mAcc"],
+        **{key: results[key] for key in ("aAcc", "mIoU", "mAcc")},
         "per_class": {
             c: {"IoU": i, "Acc": a} for c, i, a in zip(dataset.classes, results["IoU"], results["Acc"])
         },
         "settings": {
-            **{
-                key: settings[key]
-                for key in ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")
-            },
+            **{key: settings[key] for key in protocol_keys + speed_keys},
             "depth": model.depth,
             "num_classes": model.num_classes,
-            "precision": args.precision,
-            "channels_last": args.channels_last,
-            "fold_batchnorm": args.fold_batchnorm,
-            "window_batch": args.window_batch,
             "world_size": world_size,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
@@ -789,80 +702,67 @@ def evaluate_split(args, model, info, settings, checkpoint, device, unfolded_mod
         "seconds": seconds,
         "confusion_matrix": results["confusion_matrix"],
     }
-    out = Path(args.out) if args.out else default_output_path(str(checkpoint), name, settings)
+    out = Path(settings["out"]) if settings["out"] else default_output_path(str(checkpoint), name, settings)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(without_nan(record), indent=1))
-    print(f"wrote {out}" + (f" and pictures in {args.save_dir}" if args.save_dir else ""))
+    print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
 
 
-def evaluate_one_image(args, model, info, settings, device):
-    """--image: pictures for one file. The test scale is the checkpoint's dataset's; for an unknown
-    dataset, Cityscapes' 2048x1024: the photo is resized to fit inside it, keeping its aspect."""
-    name = args.dataset or info["dataset"]
-    known = data.DATASETS.get(name, {})
-    test_scale = known.get("test_scale", (2048, 1024))
-    if name == "cityscapes" and settings["crop_size"] == (769, 769):
-        test_scale = data.CITYSCAPES_769_SCALE  # the 769 models are tested at 2049x1025 (gcnet-spec.md §4.1)
+def predict_images(model, info, settings, device):
+    """--image: pictures for each file."""
+    known = data.DATASETS.get(settings["dataset"], {})
     palette = info["palette"] or known.get("palette")
     if palette is None or len(palette) != model.num_classes:
         palette = data.default_palette(model.num_classes)
-    if args.channels_last:
+    if settings["channels_last"]:
         model.to(memory_format=torch.channels_last)
     paths = predict_image(
         model,
-        args.image,
-        test_scale=test_scale,
+        settings["image"],
+        scale=settings["scale"],
         ratios=settings["ratios"],
         palette=palette,
-        save_dir=args.save_dir or "eval_out",
-        opacity=args.opacity,
-        **inference_arguments(args, settings, device),
+        save_dir=settings["save_dir"] or "eval_out",
+        opacity=settings["opacity"],
+        **inference_keywords(settings, device),
     )
     print("wrote " + ", ".join(str(path) for path in paths))
 
 
-def speed_defaults(args, device, official=False):
-    """Defaults that depend on the device: bf16 autocast where the hardware has it (model.default_precision;
-    fp32's exponent range, so nothing overflows; the agreement check on the first 10 images shows
-    it changes predictions by rounding only), else fp32; fp32 always for official checkpoints, whose
-    table numbers were computed in fp32; channels_last on CUDA and with bf16 on CPU
-    (model.default_channels_last); BatchNorm folded into the convs unless fp32 (model.fold_batchnorm)."""
-    if args.precision is None:
-        # An official checkpoint is scored in fp32 like the table, so the numbers can be compared.
-        args.precision = "fp32" if official else default_precision(device)
-    if args.precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    if args.channels_last is None:
-        args.channels_last = default_channels_last(device, args.precision)
-    if args.check_agreement is None:
-        args.check_agreement = 10 if args.precision != "fp32" else 0
-    if args.fold_batchnorm is None:
-        args.fold_batchnorm = args.precision != "fp32"
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
-    device = init_distributed(args.device)
+    runtime.keep_freed_memory()
     try:
+        _, _, device = runtime.setup_device(args.device)
         checkpoint = find_checkpoint(args.checkpoint)
         loaded = read_checkpoint(checkpoint)  # read once: info and weights come from the same dict
         info = checkpoint_info(checkpoint, loaded)
-        speed_defaults(args, device, official=info["recipe"] is None)
-        settings = inference_settings(args, info)
-        model = build_model(checkpoint, loaded, info, args.depth, settings["align_corners"], device)
+        settings = resolve_settings(args, info, device)
+        model = build_model(checkpoint, loaded, info, settings, device)
         unfolded_model = model  # the fp32 reference of the agreement check
-        if args.fold_batchnorm:
-            model = fold_batchnorm(model)
-        if args.image:
-            evaluate_one_image(args, model, info, settings, device)
+        if settings["fold_batchnorm"]:
+            model = runtime.fold_batchnorm(model)
+        if settings["image"]:
+            predict_images(model, info, settings, device)
         else:
-            evaluate_split(args, model, info, settings, checkpoint, device, unfolded_model)
+            evaluate_split(model, info, settings, checkpoint, device, unfolded_model)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def size_flag(flag):
+    """argparse type of --crop / --stride: '769' or '512x1024' (recipe.parse_crop)."""
+
+    def parse(text):
+        try:
+            return recipe.parse_crop(text, flag)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{flag}: ")) from None
+
+    return parse
 
 
 def build_parser():
@@ -882,17 +782,10 @@ def build_parser():
     test.add_argument("--scales", type=float, nargs="+", help="ratios of the test scale, e.g. 0.75 1.0 1.25")
     test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
     test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
-    test.add_argument("--crop", type=int, nargs="+", help="sliding window size: 769 or H W")
-    test.add_argument("--stride", type=int, nargs="+", help="sliding window stride: 513 or H W")
+    test.add_argument("--crop", type=size_flag("--crop"), help="sliding window size: 769 or HxW (512x1024)")
+    test.add_argument("--stride", type=size_flag("--stride"), help="sliding window stride: 513 or HxW")
+    runtime.add_arguments(parser)
     speed = parser.add_argument_group("speed (results change by rounding only)")
-    speed.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        help="default fp32 for official checkpoints, else bf16 where native (CUDA, AVX512-BF16/AMX CPUs)",
-    )
-    speed.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, help="default on CUDA and with bf16"
-    )
     speed.add_argument(
         "--fold-batchnorm",
         action=argparse.BooleanOptionalAction,
@@ -908,7 +801,6 @@ def build_parser():
     speed.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes"
     )
-    speed.add_argument("--device", choices=("cuda", "cpu"), help="default cuda when available")
     output = parser.add_argument_group("output")
     output.add_argument("--save-dir", help="write label PNG, overlay and attention pictures per image here")
     output.add_argument("--opacity", type=float, default=0.5, help="weight of the colours in the pictures")

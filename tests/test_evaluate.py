@@ -75,7 +75,7 @@ class WindowMeanModel(nn.Module):
         return x[:, :1].mean(dim=(2, 3), keepdim=True).expand(-1, -1, *x.shape[-2:])
 
 
-# ---- sliding windows (gcnet-spec.md §4.3) ----------------------------------------------------
+# ---- sliding windows (mmseg v0.5.0 encoder_decoder.py slide_inference) -----------------------
 
 
 def test_slide_windows_of_the_769_models_are_the_original_2x4_grid():
@@ -100,11 +100,11 @@ def test_slide_inference_places_windows_and_averages_overlaps_on_odd_sizes():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 45, 71)
     identity = RecordingModel()
-    out = evaluate.slide_inference(identity, images, (17, 23), (11, 13), 1, window_batch=3)
+    out = evaluate.slide_inference(identity, images, crop_size=(17, 23), stride=(11, 13), window_batch=3)
     assert torch.allclose(out, images[:, :1] * 17)  # each window put back where it came from
     # Windows that disagree: the hand-computed average of a 1x5 row, crop 3, stride 2.
     row = torch.arange(5.0).view(1, 1, 1, 5).expand(1, 3, 1, 5)
-    averaged = evaluate.slide_inference(WindowMeanModel(), row, (1, 3), (1, 2), 1)
+    averaged = evaluate.slide_inference(WindowMeanModel(), row, crop_size=(1, 3), stride=(1, 2))
     # windows [0,3) mean 1 and [2,5) mean 3; pixel 2 is covered by both
     assert averaged.flatten().tolist() == [1.0, 1.0, 2.0, 3.0, 3.0]
 
@@ -113,7 +113,9 @@ def test_slide_inference_results_do_not_depend_on_window_batch():
     torch.manual_seed(0)
     model = PixelModel(4).eval()
     images = torch.randn(1, 3, 50, 90)
-    outs = [evaluate.slide_inference(model, images, 32, 21, 4, window_batch=b) for b in (1, 4, 100)]
+    outs = [
+        evaluate.slide_inference(model, images, crop_size=32, stride=21, window_batch=b) for b in (1, 4, 100)
+    ]
     assert torch.allclose(outs[0], outs[1], atol=1e-6) and torch.allclose(outs[0], outs[2], atol=1e-6)
 
 
@@ -121,19 +123,19 @@ def test_windows_smaller_than_the_crop_are_zero_padded_as_in_v050():
     # 20 rows < crop 33: the window is padded to 33x33 at the bottom/right, the output cropped back.
     images = torch.rand(1, 3, 20, 50) + 1
     model = RecordingModel()
-    out = evaluate.slide_inference(model, images, 33, 22, 1, window_batch=1)
+    out = evaluate.slide_inference(model, images, crop_size=33, stride=22, window_batch=1)
     assert all(shape[-2:] == (33, 33) for shape in model.shapes)  # the model always saw full crops
     assert out.shape == (1, 1, 20, 50)
     assert torch.allclose(out, images[:, :1] * 33)  # output = crop of the padded window's output
 
 
-# ---- scales and flips (gcnet-spec.md §4.4) ---------------------------------------------------
+# ---- scales and flips (mmseg v0.5.0 encoder_decoder.py aug_test) ------------------------------
 
 
 def test_single_scale_is_softmax_of_logits_resized_to_the_original_size():
     model = PixelModel(3, align_corners=True).eval()
     image = torch.randn(3, 40, 56)
-    probabilities = evaluate.predict(model, [image], (30, 41), 3)
+    probabilities = evaluate.predict(model, [image], (30, 41))
     expected = F.interpolate(model(image[None]), size=(30, 41), mode="bilinear", align_corners=True).softmax(
         1
     )
@@ -153,7 +155,7 @@ def test_class_softmax_of_channels_last_logits_equals_the_dim_1_softmax():
 def test_multi_scale_averages_probabilities_at_the_original_size():
     model = PixelModel(3).eval()
     images = [torch.randn(3, 20, 28), torch.randn(3, 40, 56)]
-    probabilities = evaluate.predict(model, images, (30, 42), 3)
+    probabilities = evaluate.predict(model, images, (30, 42))
     per_scale = [
         F.interpolate(model(x[None]), size=(30, 42), mode="bilinear", align_corners=False).softmax(1)[0]
         for x in images
@@ -167,22 +169,22 @@ def test_flip_changes_nothing_for_a_flip_equivariant_model(mode):
     model = PixelModel(3).eval()
     image = torch.randn(3, 37, 61)
     kwargs = dict(mode=mode, crop_size=25, stride=17)
-    plain = evaluate.predict(model, [image], (37, 61), 3, flip=False, **kwargs)
-    flipped = evaluate.predict(model, [image], (37, 61), 3, flip=True, **kwargs)
+    plain = evaluate.predict(model, [image], (37, 61), flip=False, **kwargs)
+    flipped = evaluate.predict(model, [image], (37, 61), flip=True, **kwargs)
     assert torch.allclose(plain, flipped, atol=1e-6)
 
 
 def test_flipped_predictions_are_flipped_back():
     model = RampModel(3).eval()
     image = torch.randn(3, 16, 24)
-    probabilities = evaluate.predict(model, [image], (16, 24), 3, flip=True)
+    probabilities = evaluate.predict(model, [image], (16, 24), flip=True)
     plain = model(image[None]).softmax(1)[0]
     flipped_back = model(image[None].flip(-1)).softmax(1)[0].flip(-1)
     assert torch.allclose(probabilities, (plain + flipped_back) / 2, atol=1e-6)
     assert not torch.allclose(probabilities, (plain + model(image[None].flip(-1)).softmax(1)[0]) / 2)
 
 
-# ---- metrics (gcnet-spec.md §6.1) -------------------------------------------------------------
+# ---- metrics (mmseg v0.5.0 mmseg/core/evaluation/mean_iou.py) ---------------------------------
 
 
 def test_metrics_by_hand_with_ignored_and_absent_classes():
@@ -306,7 +308,7 @@ def test_evaluate_dataset_writes_pictures_at_the_original_size(tmp_path):
     assert model.training  # mode restored
     assert results["num_images"] == 2 and sum(map(sum, results["confusion_matrix"])) == 2 * 35 * 53
     image, label, meta = dataset[1]
-    prediction = evaluate.predict(model.eval(), image, meta["original_size"], 3).argmax(0)
+    prediction = evaluate.predict(model.eval(), image, meta["original_size"]).argmax(0)
     labels = Image.open(tmp_path / "pictures" / "image_1_pred.png")
     assert labels.mode == "P" and labels.size == (53, 37)
     assert labels.getpalette()[:9] == [255, 0, 0, 0, 255, 0, 0, 0, 255]
@@ -339,7 +341,7 @@ def test_real_gcnet_slide_ms_flip_and_attention(tiny_gcnet):
     torch.manual_seed(0)
     images = [torch.randn(3, 49, 73), torch.randn(3, 65, 97)]
     probabilities = evaluate.predict(
-        tiny_gcnet, images, (60, 90), 3, mode="slide", crop_size=65, stride=43, flip=True, window_batch=4
+        tiny_gcnet, images, (60, 90), mode="slide", crop_size=65, stride=43, flip=True, window_batch=4
     )
     assert probabilities.shape == (3, 60, 90)
     assert torch.allclose(probabilities.sum(0), torch.ones(60, 90), atol=1e-5)
@@ -367,26 +369,43 @@ def test_newest_best_checkpoint_is_found(tmp_path, monkeypatch):
     assert evaluate.find_checkpoint(None) == str(Path("work_dirs/a_run/best.pth"))
 
 
+def official_info(crop_size, align_corners, dataset="cityscapes"):
+    """checkpoint_info's answer for an official checkpoint of the table's row with this crop."""
+    known = crop_size is not None
+    row = evaluate.recipe.row(dataset, crop_size) if known else None
+    return dict(crop_size=crop_size, align_corners=align_corners, recipe=None, depth=50,
+                dataset=dataset if known else None, row=row)  # fmt: skip
+
+
 def test_settings_follow_the_checkpoint_row_and_flags_override():
     parse = evaluate.build_parser().parse_args
-    info = dict(crop_size=(769, 769), align_corners=True, recipe=None)
-    row_769 = evaluate.inference_settings(parse(["--ms-flip"]), info)
-    assert row_769 == dict(
+    info = official_info((769, 769), True)
+    row_769 = evaluate.protocol_settings(parse(["--ms-flip"]), info)
+    assert {key: row_769[key] for key in ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")} == dict(
         mode="slide", crop_size=(769, 769), stride=(513, 513), ratios=evaluate.MS_RATIOS, flip=True,
         align_corners=True,
     )  # fmt: skip
-    row_512 = evaluate.inference_settings(
-        parse([]), dict(crop_size=(512, 1024), align_corners=False, recipe=None)
-    )
+    assert row_769["scale"] == (2049, 1025)  # the 769 models are tested on 2049x1025
+    row_512 = evaluate.protocol_settings(parse([]), official_info((512, 1024), False))
     assert (row_512["mode"], row_512["ratios"], row_512["flip"]) == ("whole", (1.0,), False)
-    unknown = evaluate.inference_settings(
-        parse(["--crop", "769"]), dict(crop_size=None, align_corners=None, recipe=None)
-    )
+    unknown = evaluate.protocol_settings(parse(["--crop", "769"]), official_info(None, None))
     assert (unknown["mode"], unknown["stride"], unknown["align_corners"]) == ("slide", (513, 513), True)
-    custom = evaluate.inference_settings(
+    custom = evaluate.protocol_settings(
         parse(["--ms-flip", "--no-flip", "--scales", "1", "2", "--mode", "whole"]), info
     )
     assert (custom["mode"], custom["ratios"], custom["flip"]) == ("whole", (1.0, 2.0), False)
+
+
+def test_our_checkpoints_are_tested_with_their_recorded_recipe():
+    parse = evaluate.build_parser().parse_args
+    recorded = dict(dataset="folder", crop_size=[65, 65], test_mode="slide", test_crop=[65, 65], test_stride=[40, 40],
+                    align_corners=True, scale=[300, 100])  # fmt: skip
+    row = {**evaluate.recipe.row("folder", 65), **recorded}
+    info = dict(crop_size=(65, 65), align_corners=True, recipe=recorded, depth=50, dataset="folder", row=row)
+    settings = evaluate.protocol_settings(parse([]), info)
+    assert (settings["mode"], settings["crop_size"], settings["stride"]) == ("slide", (65, 65), (40, 40))
+    assert settings["scale"] == (300, 100) and settings["align_corners"] is True
+    assert evaluate.protocol_settings(parse(["--stride", "30x20"]), info)["stride"] == (30, 20)
 
 
 @pytest.fixture(scope="module")
@@ -469,13 +488,17 @@ def test_image_command_writes_pictures_at_the_photo_size(tmp_path, toy_checkpoin
 
 
 def test_official_checkpoints_are_scored_in_fp32_by_default():
-    args = evaluate.build_parser().parse_args([])
-    evaluate.speed_defaults(args, torch.device("cpu"), official=True)
-    assert args.precision == "fp32" and args.check_agreement == 0
-    args = evaluate.build_parser().parse_args(["--precision", "bf16"])
-    evaluate.speed_defaults(args, torch.device("cpu"), official=True)
-    assert args.precision == "bf16" and args.channels_last is True and args.check_agreement == 10
-    assert args.fold_batchnorm is True  # a speed setting: fp32 keeps the original's separate BatchNorm
-    args = evaluate.build_parser().parse_args([])
-    evaluate.speed_defaults(args, torch.device("cpu"), official=True)
-    assert args.fold_batchnorm is False
+    parse, cpu = evaluate.build_parser().parse_args, torch.device("cpu")
+    args = parse([])
+    settings = evaluate.speed_settings(args, cpu, official=True)
+    assert settings["precision"] == "fp32" and settings["check_agreement"] == 0
+    settings = evaluate.speed_settings(parse(["--precision", "bf16"]), cpu, official=True)
+    assert (
+        settings["precision"] == "bf16"
+        and settings["channels_last"] is True
+        and settings["check_agreement"] == 10
+    )
+    assert settings["fold_batchnorm"] is True  # a speed setting: fp32 keeps the original's separate BatchNorm
+    settings = evaluate.speed_settings(args, cpu, official=True)
+    assert settings["fold_batchnorm"] is False
+    assert vars(args) == vars(parse([]))  # the flags are read, never rewritten
