@@ -735,7 +735,7 @@ def main(argv=None):
     try:
         _, _, device = runtime.setup_device(args.device)
         checkpoint = find_checkpoint(args.checkpoint)
-        loaded = read_checkpoint(checkpoint)  # read once: info and weights come from the same dict
+        loaded = read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # read once, for info and weights
         info = checkpoint_info(checkpoint, loaded)
         settings = resolve_settings(args, info, device)
         model = build_model(checkpoint, loaded, info, settings, device)
@@ -753,6 +753,9 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+# Every flag is checked when it is parsed, so that a mistake ends the run before any work.
+
+
 def size_flag(flag):
     """argparse type of --crop / --stride: '769' or '512x1024' (recipe.parse_crop)."""
 
@@ -765,12 +768,63 @@ def size_flag(flag):
     return parse
 
 
+def number_flag(kind, minimum, maximum=None, exclusive=False):
+    """argparse type: a finite int or float >= minimum (> with exclusive) and <= maximum."""
+    name = "an integer" if kind is int else "a number"
+    allowed = (
+        f"{name} in [{minimum}, {maximum}]"
+        if maximum is not None
+        else f"{name} {'>' if exclusive else '>='} {minimum}"
+    )
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        above = value > minimum if exclusive else value >= minimum
+        if not (math.isfinite(value) and above and (maximum is None or value <= maximum)):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def output_path(kind):
+    """argparse type of --out (kind 'file') and --save-dir (kind 'folder'): a place this process can
+    write, checked before the evaluation rather than after it."""
+
+    def parse(text):
+        path = Path(text)
+        if kind == "file" and path.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{text} is a directory; pass a file name such as {path / 'results.json'}"
+            )
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file; pass a folder for the pictures")
+        existing = next(parent for parent in [path.absolute(), *path.absolute().parents] if parent.exists())
+        if existing != path.absolute() and not existing.is_dir():
+            raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+            raise argparse.ArgumentTypeError(
+                f"cannot write {text}: {existing} is not writable; choose another place"
+            )
+        return text
+
+    return parse
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--checkpoint", help=f"a .pth file or URL (default: newest {CHECKPOINT_PATTERN})")
+    what.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint fully even if it holds objects that can run code (only for files you trust)",
+    )
     what.add_argument(
         "--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)"
     )
@@ -779,7 +833,12 @@ def build_parser():
     what.add_argument("--image", help="predict one image file and write its pictures instead")
     test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
     test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
-    test.add_argument("--scales", type=float, nargs="+", help="ratios of the test scale, e.g. 0.75 1.0 1.25")
+    test.add_argument(
+        "--scales",
+        type=number_flag(float, 0, exclusive=True),
+        nargs="+",
+        help="ratios of the test scale, e.g. 0.75 1.0 1.25",
+    )
     test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
     test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
     test.add_argument("--crop", type=size_flag("--crop"), help="sliding window size: 769 or HxW (512x1024)")
@@ -793,19 +852,35 @@ def build_parser():
     )
     speed.add_argument(
         "--check-agreement",
-        type=int,
+        type=number_flag(int, 0),
         metavar="N",
-        help="compare with fp32 on N images (default 10 if not fp32)",
+        help="compare with fp32 on N images (default 10 if not fp32; 0: off)",
     )
-    speed.add_argument("--window-batch", type=int, default=4, help="sliding windows per forward pass")
     speed.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes"
+        "--window-batch", type=number_flag(int, 1), default=4, help="sliding windows per forward pass"
+    )
+    speed.add_argument(
+        "--workers",
+        type=number_flag(int, 0),
+        default=min(4, os.cpu_count() or 1),
+        help="data loading processes",
     )
     output = parser.add_argument_group("output")
-    output.add_argument("--save-dir", help="write label PNG, overlay and attention pictures per image here")
-    output.add_argument("--opacity", type=float, default=0.5, help="weight of the colours in the pictures")
     output.add_argument(
-        "--out", help="results JSON (default <checkpoint dir>/eval_<dataset>_<mode>_<time>.json)"
+        "--save-dir",
+        type=output_path("folder"),
+        help="write label PNG, overlay and attention pictures per image here",
+    )
+    output.add_argument(
+        "--opacity",
+        type=number_flag(float, 0, 1),
+        default=0.5,
+        help="weight of the colours in the pictures, 0..1",
+    )
+    output.add_argument(
+        "--out",
+        type=output_path("file"),
+        help="results JSON (default <checkpoint dir>/eval_<dataset>_<mode>_<time>.json)",
     )
     return parser
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -502,3 +503,67 @@ def test_official_checkpoints_are_scored_in_fp32_by_default():
     settings = evaluate.speed_settings(args, cpu, official=True)
     assert settings["fold_batchnorm"] is False
     assert vars(args) == vars(parse([]))  # the flags are read, never rewritten
+
+
+# ---- every flag is checked when it is parsed --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, named, allowed",
+    [
+        (["--scales", "0"], "--scales", "a number > 0"),
+        (["--scales", "1", "-1"], "--scales", "a number > 0"),
+        (["--scales", "inf"], "--scales", "a number > 0"),
+        (["--scales", "nan"], "--scales", "a number > 0"),
+        (["--mode", "slide", "--crop", "0"], "--crop", "positive sizes"),
+        (["--mode", "slide", "--stride", "0"], "--stride", "positive sizes"),
+        (["--stride", "-3"], "--stride", "positive sizes"),
+        (["--stride", "5x0"], "--stride", "positive sizes"),
+        (["--window-batch", "0"], "--window-batch", "an integer >= 1"),
+        (["--workers", "-1"], "--workers", "an integer >= 0"),
+        (["--workers", "two"], "--workers", "an integer >= 0"),
+        (["--opacity", "1.5"], "--opacity", r"a number in \[0, 1\]"),
+        (["--opacity", "nan"], "--opacity", r"a number in \[0, 1\]"),
+        (["--check-agreement", "-2"], "--check-agreement", "an integer >= 0"),
+    ],
+)
+def test_impossible_numbers_are_refused_when_parsed(flags, named, allowed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.build_parser().parse_args(flags)
+    assert exit_info.value.code == 2
+    assert re.search(f"argument {named}: expected .*{allowed}", capsys.readouterr().err)
+
+
+def test_an_explicit_zero_is_not_unset():
+    args = evaluate.build_parser().parse_args(["--check-agreement", "0", "--workers", "0", "--opacity", "0"])
+    settings = evaluate.speed_settings(args, torch.device("cpu"), official=False)
+    assert settings["check_agreement"] == 0 and settings["workers"] == 0 and args.opacity == 0
+
+
+def test_stride_larger_than_the_window_is_refused():
+    args = evaluate.build_parser().parse_args(["--mode", "slide", "--crop", "33", "--stride", "40"])
+    with pytest.raises(ValueError, match="--stride"):
+        evaluate.protocol_settings(args, official_info((769, 769), True))
+
+
+def test_unwritable_out_fails_before_the_evaluation(tmp_path, toy_checkpoint, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the evaluation ran before --out was checked")
+
+    monkeypatch.setattr(evaluate, "read_checkpoint", must_not_run)
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    for flag, value, message in [
+        ("--out", tmp_path, "is a directory"),
+        ("--out", a_file / "results.json", "is a file, not a folder"),
+        ("--save-dir", a_file, "is a file"),
+    ]:
+        with pytest.raises(SystemExit):
+            evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), flag, str(value)])
+        assert f"argument {flag}: " in (err := capsys.readouterr().err) and message in err
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only place (as root, too)
+    with pytest.raises(SystemExit):
+        evaluate.main(
+            ["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "r.json")]
+        )
+    assert "is not writable" in capsys.readouterr().err
