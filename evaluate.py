@@ -30,10 +30,12 @@ metrics_from_confusion (the metric); evaluate_dataset (a whole split); save_pict
 """
 
 import argparse
+import glob
 import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -597,7 +599,7 @@ def resolve_settings(args, info, device):
         **speed_settings(args, device, official=info["recipe"] is None),
         depth=args.depth,
         data_root=args.data_root,
-        image=args.image,
+        images=image_files(args.image) if args.image else None,  # (files, skipped)
         save_dir=args.save_dir,
         opacity=args.opacity,
         out=args.out,
@@ -708,30 +710,83 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
 
 
+def image_files(patterns):
+    """--image: files as given, a folder's images (sorted), a glob pattern's images (sorted). Returns
+    (files, skipped): skipped are the files of folders and patterns that are not images by their name."""
+    files, skipped = [], []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_file():
+            files.append(path)
+            continue
+        if path.is_dir():
+            found = sorted(child for child in path.iterdir() if child.is_file())
+        elif any(character in pattern for character in "*?["):
+            found = sorted(
+                Path(match) for match in glob.glob(pattern, recursive=True) if Path(match).is_file()
+            )
+        else:
+            raise FileNotFoundError(f"--image {pattern}: no such file or folder")
+        images = [child for child in found if child.suffix.lower() in data.FOLDER_IMAGE_EXTENSIONS]
+        if not images:
+            raise FileNotFoundError(
+                f"--image {pattern}: no {'/'.join(data.FOLDER_IMAGE_EXTENSIONS)} images there"
+            )
+        files += images
+        skipped += [child for child in found if child not in images]
+    return list(dict.fromkeys(files)), skipped  # a file named twice is predicted once
+
+
+def picture_names(files):
+    """Each file's name under --save-dir: its path below the files' common folder, without the
+    extension (a/x.jpg, b/x.jpg -> a/x, b/x); x.jpg beside x.png keep it (x_jpg, x_png)."""
+    common = Path(os.path.commonpath([file.absolute().parent for file in files]))
+    names = [str(file.absolute().relative_to(common).with_suffix("")) for file in files]
+    return [
+        name if names.count(name) == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)
+    ]
+
+
 def predict_images(model, info, settings, device):
-    """--image: pictures for each file."""
-    known = data.DATASETS.get(settings["dataset"], {})
-    palette = info["palette"] or known.get("palette")
+    """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
+    that cannot be read is named and the others go on. Returns how many failed, over all ranks."""
+    rank, world_size = runtime.rank_and_world_size()
+    files, skipped = settings["images"]
+    palette = info["palette"] or data.DATASETS.get(settings["dataset"], {}).get("palette")
     if palette is None or len(palette) != model.num_classes:
         palette = data.default_palette(model.num_classes)
     if settings["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    paths = predict_image(
-        model,
-        settings["image"],
-        scale=settings["scale"],
-        ratios=settings["ratios"],
-        palette=palette,
-        save_dir=settings["save_dir"] or "eval_out",
-        opacity=settings["opacity"],
-        **inference_keywords(settings, device),
-    )
-    print("wrote " + ", ".join(str(path) for path in paths))
+    save_dir = settings["save_dir"] or "eval_out"
+    keywords = dict(inference_keywords(settings, device), scale=settings["scale"], ratios=settings["ratios"])
+    mine = list(zip(files, picture_names(files)))[rank::world_size]
+    written, failed = [], []
+    for path, name in tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2):
+        try:
+            written += predict_image(model, path, name=name, palette=palette, save_dir=save_dir,
+                                     opacity=settings["opacity"], **keywords)  # fmt: skip
+        except (ValueError, OSError) as error:  # an unreadable or undecodable file: name it, go on
+            failed.append(path)
+            tqdm.write(f"evaluate.py: {path} failed: {error}", file=sys.stderr)
+    counts = sum_over_processes(torch.tensor([len(mine) - len(failed), len(failed)], device=device)).tolist()
+    if rank == 0:
+        if skipped:
+            print(f"skipped {len(skipped)} files that are not images: " + ", ".join(map(str, skipped)))
+        if len(files) == 1 and not failed:
+            print("wrote " + ", ".join(str(path) for path in written))
+        else:
+            print(
+                f"wrote the label PNG, overlay and attention picture of {counts[0]} images under {save_dir}"
+            )
+    if failed:
+        print(f"evaluate.py: {len(failed)} images failed: " + ", ".join(map(str, failed)), file=sys.stderr)
+    return counts[1]
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     runtime.keep_freed_memory()
+    failed = 0
     try:
         _, _, device = runtime.setup_device(args.device)
         checkpoint = find_checkpoint(args.checkpoint)
@@ -742,8 +797,8 @@ def main(argv=None):
         unfolded_model = model  # the fp32 reference of the agreement check
         if settings["fold_batchnorm"]:
             model = runtime.fold_batchnorm(model)
-        if settings["image"]:
-            predict_images(model, info, settings, device)
+        if settings["images"]:
+            failed = predict_images(model, info, settings, device)
         else:
             evaluate_split(model, info, settings, checkpoint, device, unfolded_model)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
@@ -751,6 +806,8 @@ def main(argv=None):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if failed:
+        raise SystemExit(1)  # the other images are written; a script still sees that some were not
 
 
 # Every flag is checked when it is parsed, so that a mistake ends the run before any work.
@@ -830,7 +887,12 @@ def build_parser():
     )
     what.add_argument("--data-root", help="dataset folder (default: the dataset's, e.g. data/cityscapes)")
     what.add_argument("--depth", type=int, choices=(50, 101), help="only if the checkpoint cannot tell")
-    what.add_argument("--image", help="predict one image file and write its pictures instead")
+    what.add_argument(
+        "--image",
+        nargs="+",
+        metavar="PATH",
+        help="predict image files, folders or glob patterns and write their pictures instead",
+    )
     test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
     test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
     test.add_argument(

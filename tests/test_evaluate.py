@@ -567,3 +567,99 @@ def test_unwritable_out_fails_before_the_evaluation(tmp_path, toy_checkpoint, mo
             ["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "r.json")]
         )
     assert "is not writable" in capsys.readouterr().err
+
+
+# ---- --image: files, folders, patterns ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random 3-class R-50 saved as train.py saves a folder run, tested at 48x32: fast pictures."""
+    torch.manual_seed(0)
+    recorded = dict(dataset="folder", crop_size=[32, 32], align_corners=False, test_mode="whole",
+                    test_crop=[32, 32], test_stride=[22, 22], scale=[48, 32], config_name="tiny")  # fmt: skip
+    meta = dict(CLASSES=["sky", "road", "car"], PALETTE=[[0, 0, 255], [128, 128, 128], [255, 0, 0]])
+    path = tmp_path_factory.mktemp("tiny") / "best.pth"
+    torch.save(dict(state_dict=GCNet(3).state_dict(), recipe=recorded, meta=meta), path)
+    return path
+
+
+def write_picture(path, size=(33, 49), seed=0, **save_options):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=generator).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, **save_options)
+
+
+def test_image_command_takes_files_folders_and_patterns_and_names_failures(tmp_path, tiny_checkpoint, capsys):
+    for index, relative in enumerate(
+        ["photos/a.png", "photos/b.jpg", "other/a.png", "glob/c.jpg", "glob/d.webp"]
+    ):
+        write_picture(tmp_path / relative, seed=index)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--save-dir", str(out), "--image",
+                       str(tmp_path / "photos"), str(tmp_path / "other" / "a.png"), str(tmp_path / "glob" / "*")])  # fmt: skip
+    assert exit_info.value.code == 1  # the broken image failed; every other one is written
+    printed = capsys.readouterr()
+    assert "broken.png" in printed.err and "1 images failed" in printed.err
+    assert "notes.txt" in printed.out and "of 5 images" in printed.out
+    written = sorted(str(path.relative_to(out)) for path in out.rglob("*_pred.png"))
+    assert written == [
+        "glob/c_pred.png",
+        "glob/d_pred.png",
+        "other/a_pred.png",
+        "photos/a_pred.png",
+        "photos/b_pred.png",
+    ]
+    for name in ("photos/a", "other/a", "glob/d"):
+        labels = Image.open(out / f"{name}_pred.png")
+        assert labels.mode == "P" and labels.size == (49, 33) and labels.getpalette()[:3] == [0, 0, 255]
+        assert Image.open(out / f"{name}_attention.png").size == (49, 33)
+    # the two a.png are different pictures, so their predictions are kept apart
+    assert not np.array_equal(
+        np.array(Image.open(out / "photos/a_overlay.jpg")), np.array(Image.open(out / "other/a_overlay.jpg"))
+    )
+
+
+def test_image_command_turns_photos_upright_and_shares_them_out(tmp_path, tiny_checkpoint, monkeypatch):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: the camera was turned 90 degrees
+    write_picture(tmp_path / "in" / "a_phone.jpg", size=(33, 49), exif=exif)
+    write_picture(tmp_path / "in" / "b_plain.png", size=(33, 49))
+    write_picture(tmp_path / "in" / "c_plain.png", size=(33, 49))
+    monkeypatch.setattr(evaluate.runtime, "rank_and_world_size", lambda: (1, 2))  # rank 1 of 2 under torchrun
+    evaluate.main(["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--save-dir", str(tmp_path / "r1"),
+                   "--image", str(tmp_path / "in")])  # fmt: skip
+    assert sorted(path.name for path in (tmp_path / "r1").glob("*_pred.png")) == [
+        "b_plain_pred.png"
+    ]  # files[1::2]
+    monkeypatch.setattr(evaluate.runtime, "rank_and_world_size", lambda: (0, 2))
+    evaluate.main(["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--save-dir", str(tmp_path / "r0"),
+                   "--image", str(tmp_path / "in")])  # fmt: skip
+    assert sorted(path.name for path in (tmp_path / "r0").glob("*_pred.png")) == [
+        "a_phone_pred.png",
+        "c_plain_pred.png",
+    ]
+    assert Image.open(tmp_path / "r0" / "a_phone_pred.png").size == (33, 49)  # upright: 49 high, 33 wide
+    assert Image.open(tmp_path / "r0" / "c_plain_pred.png").size == (49, 33)
+
+
+def test_image_command_names_a_missing_path_or_an_empty_folder(tmp_path, tiny_checkpoint):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("no images")
+    command = [
+        "--device",
+        "cpu",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--save-dir",
+        str(tmp_path),
+        "--image",
+    ]
+    with pytest.raises(SystemExit, match="--image .*nothing.jpg: no such file or folder"):
+        evaluate.main(command + [str(tmp_path / "nothing.jpg")])
+    with pytest.raises(SystemExit, match="--image .*empty: no .jpg/.jpeg/.png/.webp images there"):
+        evaluate.main(command + [str(tmp_path / "empty")])
