@@ -17,27 +17,39 @@ R-101-D8), module for module and name for name, so their state_dicts load with s
     +-- auxiliary_head    FCNHead on layer3, used only for the training loss (weight 0.4)
 
 Read it top to bottom: the GC block, the heads, the backbone, the whole model, weight loading.
-References of the form `gcnet-spec.md §N` point to the written account of the original code.
+Comments name the original's files (mmsegmentation v0.5.0, mmcv v1.0.2) where a detail matters.
 
     python -c "import model; m = model.GCNet(19).eval(); print(m(torch.randn(1, 3, 512, 1024)).shape)"
 """
 
 import math
+import os
 import pickle
+import pickletools
 import re
+import sys
+import urllib.parse
+import zipfile
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
-# Bottleneck blocks per stage (gcnet-spec.md §1.3).
+try:
+    from numpy._core import multiarray as np_multiarray  # numpy 2
+except ImportError:
+    from numpy.core import multiarray as np_multiarray  # numpy 1.x
+
+# Bottleneck blocks per stage (mmseg v0.5.0 mmseg/models/backbones/resnet.py).
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # The three datasets of the results table, recognised by their class count in error messages.
 DATASET_OF_NUM_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc12aug"}
 
 
 # -----------------------------------------------------------------------------------------------
-# The Global Context block (gcnet-spec.md §1.5)
+# The Global Context block (mmcv v1.0.2 mmcv/cnn/bricks/context_block.py)
 
 
 class LayerNormFP32(nn.LayerNorm):
@@ -100,7 +112,7 @@ class ContextBlock(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# The heads (gcnet-spec.md §1.4, §1.6)
+# The heads (mmseg v0.5.0 mmseg/models/decode_heads/gc_head.py, fcn_head.py)
 
 
 class ConvBNReLU(nn.Sequential):
@@ -153,7 +165,7 @@ class FCNHead(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# The backbone: ResNetV1c with dilation, output stride 8 (gcnet-spec.md §1.3)
+# The backbone: ResNetV1c with dilation, output stride 8 (mmseg v0.5.0 mmseg/models/backbones/resnet.py)
 
 
 class Bottleneck(nn.Module):
@@ -170,14 +182,42 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.checkpointing = False  # set by GCNet(activation_checkpointing=True)
 
     def forward(self, x):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint_block(self, x)
+        return self.block(x)
+
+    def block(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         out += identity  # in place: no new full-size tensor (autograd allows it: BN keeps its input)
         return self.relu(out)
+
+
+def checkpoint_block(block, x):
+    """block(x), keeping only x for the backward pass, which runs the block again to get the rest.
+    The second run must not count as a second batch for BatchNorm, so its running statistics are
+    put back as the first run left them."""
+    runs = []
+
+    def run(inputs):
+        if not runs:  # the forward pass
+            runs.append(1)
+            return block.block(inputs)
+        saved = [buffer.clone() for buffer in block.buffers()]
+        out = block.block(inputs)  # the recomputation in the backward pass
+        with torch.no_grad():
+            for buffer, value in zip(block.buffers(), saved, strict=True):
+                buffer.copy_(value)
+        return out
+
+    # No early stop: the recomputation must run to its end, where the statistics are put back.
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
 
 
 def make_stage(in_channels, planes, blocks, stride, dilation):
@@ -221,9 +261,9 @@ class ResNetV1c(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # Used only when training from scratch: the recipe loads ImageNet weights over all of this
-        # (gcnet-spec.md §1.6). Kaiming fan_out, BN 1/0, and the last BN of each residual branch
-        # at 0 so every block starts as the identity (zero_init_residual).
+        # Used only when training from scratch: the recipe loads ImageNet weights over all of this.
+        # Kaiming fan_out, BN 1/0, and the last BN of each residual branch at 0 so every block
+        # starts as the identity (zero_init_residual).
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -244,7 +284,7 @@ class ResNetV1c(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# The whole model (gcnet-spec.md §1.2)
+# The whole model (mmseg v0.5.0 mmseg/models/segmentors/encoder_decoder.py)
 
 
 class GCNet(nn.Module):
@@ -253,10 +293,12 @@ class GCNet(nn.Module):
     eval:  model(x) -> logits (N, num_classes, H, W) at the input size;
            model(x, return_attention=True) -> (logits, attention (N, 1, H/8, W/8)).
     train: model(x) -> (logits, aux_logits), both at the input size. The loss lives in train.py.
-    align_corners=True belongs to the 769x769 models, False to all others (gcnet-spec.md §1.7).
+    align_corners=True belongs to the 769x769 models, False to all others (recipe.py).
+    activation_checkpointing=True recomputes each backbone Bottleneck in the backward pass instead of
+    keeping its activations (the original ResNet's with_cp): less memory, more time, same gradients.
     """
 
-    def __init__(self, num_classes, depth=50, align_corners=False):
+    def __init__(self, num_classes, depth=50, align_corners=False, activation_checkpointing=False):
         super().__init__()
         self.num_classes = num_classes
         self.depth = depth
@@ -264,6 +306,9 @@ class GCNet(nn.Module):
         self.backbone = ResNetV1c(depth)
         self.decode_head = GCHead(num_classes)
         self.auxiliary_head = FCNHead(num_classes)
+        for module in self.backbone.modules():
+            if isinstance(module, Bottleneck):
+                module.checkpointing = activation_checkpointing
 
     def upsample(self, logits, size):
         # Resize in float32: cheap at 1/8 resolution, and the full-size logits feed the loss and
@@ -283,32 +328,108 @@ class GCNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# Weight loading (gcnet-spec.md §2)
+# Weight loading: official mmcv checkpoints ({"meta", "state_dict"}), ours, ImageNet backbones
 
 
-def read_checkpoint(path_or_url):
-    """Load a checkpoint file or URL onto the CPU. URLs go through torch.hub's cache
-    (~/.cache/torch/hub/checkpoints), so each file is downloaded once."""
-    if re.match(r"^https?://", str(path_or_url)):
-        return torch.hub.load_state_dict_from_url(str(path_or_url), map_location="cpu", weights_only=False)
+# Besides tensors and plain containers, official mmcv checkpoints may hold numpy scalars, dtypes and
+# arrays in their meta. They are allowed by name, under the names of numpy 1.x and 2.x; none of them
+# runs code when loaded. Anything else is refused unless the user passes --trust-checkpoint.
+NUMPY_SAFE_GLOBALS = (
+    [np.ndarray, np.dtype]
+    + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"]
+    + [
+        (function, f"numpy.{core}.multiarray.{function.__name__}")
+        for function in (np_multiarray.scalar, np_multiarray._reconstruct)
+        for core in ("core", "_core")
+    ]
+)
+TRUST_HINT = (
+    "If you trust where the file comes from, --trust-checkpoint loads it with full unpickling, which "
+    "runs whatever code the file contains."
+)
+
+
+def read_checkpoint(path_or_url, trust=False):
+    """Load a checkpoint file or URL onto the CPU without running code from it: torch's
+    weights_only unpickler, allowing tensors, plain Python containers and NUMPY_SAFE_GLOBALS.
+    URLs (https://, file://) go through torch.hub's cache, so each file is downloaded once.
+    trust=True unpickles fully (any code in the file runs) and says so."""
+    source = str(path_or_url)
+    is_url = re.match(r"^(https?|file)://", source) is not None
+    local = hub_cache_path(source) if is_url else source
+    if trust:
+        print(f"WARNING: --trust-checkpoint: unpickling {source} fully; code in it can run.", file=sys.stderr)
     try:
-        return torch.load(path_or_url, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+            if is_url:
+                return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=not trust)
+            return torch.load(source, map_location="cpu", weights_only=not trust)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"checkpoint not found: {path_or_url}. Pass the path of a .pth file (ours or an official one "
+            f"checkpoint not found: {source}. Pass the path of a .pth file (ours or an official one "
             "from the results table) or its download URL."
         ) from None
-    except pickle.UnpicklingError:
-        # Official mmcv checkpoints carry Python objects in their `meta`; torch refuses them with
-        # weights_only. They come from the model zoo, so load them fully.
-        return torch.load(path_or_url, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, ValueError, KeyError) as error:
+        code = objects_in(local)
+        if code:
+            raise ValueError(
+                f"refusing to load {source}: besides weights it holds pickled Python objects, which could "
+                f"run code when loaded ({code}). {TRUST_HINT}"
+            ) from None
+        raise ValueError(f"cannot read checkpoint {source}: {describe_unreadable(local)}") from error
+
+
+def hub_cache_path(url):
+    """Where torch.hub keeps (or will keep) the download of `url`."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
+
+
+def objects_in(path):
+    """What a well-formed checkpoint holds beyond what the safe loader allows ('' if nothing, or
+    if the file is damaged), read without unpickling: torch's own list for zip checkpoints, the
+    pickle's opcodes for a bare pickle."""
+    try:
+        if zipfile.is_zipfile(path):
+            return ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with open(path, "rb") as file:
+            opcodes = [opcode.name for opcode, _, _ in pickletools.genops(file)]
+    except Exception:  # damaged: not a well-formed zip or pickle
+        return ""
+    return "a bare pickle with Python objects" if {"GLOBAL", "STACK_GLOBAL"} & set(opcodes) else ""
+
+
+def describe_unreadable(path):
+    """Why a file that torch cannot load is not a checkpoint, in words, for the error message."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            head = file.read(64)
+    except OSError as error:
+        return f"it cannot be read ({error.strerror})"
+    if size == 0:
+        return "the file is empty (0 bytes): it was not written completely; use another checkpoint."
+    if head.startswith(b"PK"):
+        return (
+            f"the file ({size} bytes) is truncated or damaged: it starts like a PyTorch checkpoint but "
+            "cannot be read to its end. Download or copy it again, or use another checkpoint."
+        )
+    if head.startswith(b"\x80"):
+        return f"the file ({size} bytes) is a damaged or truncated pickle; use another checkpoint."
+    if all(32 <= byte < 127 or byte in (9, 10, 13) for byte in head):
+        return (
+            f"it is a text file, not a PyTorch checkpoint (it starts with {head[:40].decode(errors='replace')!r}); "
+            "an HTML page saved instead of the download, or a wrong path?"
+        )
+    return f"it is not a PyTorch checkpoint (.pth written by torch.save), size {size} bytes."
 
 
 def extract_state_dict(checkpoint):
     """The weights of a checkpoint without `module.` (DDP) or `_orig_mod.` (torch.compile) prefixes."""
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"expected a checkpoint dict with tensors, got {type(checkpoint).__name__}")
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise ValueError(
+            f"expected a checkpoint dict of tensors (or one under 'state_dict'), got {type(checkpoint).__name__}"
+        )
     clean = {}
     for key, value in state_dict.items():
         while key.startswith(("module.", "_orig_mod.")):
@@ -357,20 +478,39 @@ def check_and_load(module, state_dict, source):
     module.load_state_dict(state_dict, strict=True)
 
 
-def load_weights(model, path_or_url, checkpoint=None):
+CLASSIFIER_KEYS = [
+    f"{head}.conv_seg.{name}" for head in ("decode_head", "auxiliary_head") for name in ("weight", "bias")
+]
+
+
+def load_weights(model, path_or_url, checkpoint=None, trust=False, new_classes=False):
     """Load weights into a GCNet, strictly. Accepts
 
     (a) official checkpoints of the results table: {'state_dict', 'meta'};
     (b) this project's training checkpoints: {'state_dict', 'optimizer', 'iteration', ...};
-    (c) ImageNet ResNetV1c weights (IMAGENET_URLS): backbone keys without a 'backbone.' prefix plus
-        an 'fc' classifier, which is dropped; these fill the backbone only.
+    (c) ImageNet ResNetV1c weights (recipe.IMAGENET_URLS): backbone keys without a 'backbone.'
+        prefix plus an 'fc' classifier, which is dropped; these fill the backbone only.
 
-    Pass `checkpoint` when the file is already loaded; `path_or_url` then only names it in errors.
-    Returns which of the three it was: 'segmentor' or 'imagenet'.
+    new_classes=True (fine-tuning): when the class count differs, the two classifiers keep the
+    model's fresh initialisation and everything else loads strictly. Pass `checkpoint` when the file
+    is already loaded; `path_or_url` then only names it in errors. Returns 'segmentor',
+    'segmentor, new classifiers' or 'imagenet'.
     """
-    checkpoint = read_checkpoint(path_or_url) if checkpoint is None else checkpoint
+    checkpoint = read_checkpoint(path_or_url, trust) if checkpoint is None else checkpoint
     state_dict = extract_state_dict(checkpoint)
+    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise ValueError(
+            f"refusing to load {path_or_url}: {len(non_finite)} tensor(s) hold NaN or infinite values, e.g. "
+            f"{', '.join(non_finite[:5])}. The training diverged or the file is damaged: use an earlier checkpoint."
+        )
     if any(k.startswith("backbone.") for k in state_dict):
+        own = model.state_dict()
+        seg = "decode_head.conv_seg.weight"
+        if new_classes and seg in state_dict and state_dict[seg].shape != own[seg].shape:
+            state_dict = {**state_dict, **{key: own[key] for key in CLASSIFIER_KEYS}}
+            check_and_load(model, state_dict, path_or_url)
+            return "segmentor, new classifiers"
         check_and_load(model, state_dict, path_or_url)
         return "segmentor"
     if "stem.0.weight" not in state_dict:
@@ -380,8 +520,8 @@ def load_weights(model, path_or_url, checkpoint=None):
             "single-conv stem and does not fit. Use the files in recipe.IMAGENET_URLS."
         )
     backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    # Whether the ImageNet files carry BN counters is not known (gcnet-spec.md §2.4); they carry
-    # no information, so any that are absent keep the model's own.
+    # BN counters (num_batches_tracked) carry no information: any the ImageNet file lacks keep the
+    # model's own.
     for key, value in model.backbone.state_dict().items():
         if key.endswith("num_batches_tracked"):
             backbone.setdefault(key, value)

@@ -1,12 +1,16 @@
 """model.py: architecture, checkpoint layout, initialisation, loading, precision and memory format."""
 
+import contextlib
 import math
+import os
+import pickle
 import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -338,3 +342,92 @@ def test_checkpoint_info_reads_our_recipe(tmp_path):
     info = evaluate.checkpoint_info(tmp_path / "best.pth")
     assert (info["depth"], info["num_classes"], info["dataset"]) == (101, 150, "ade20k")
     assert info["crop_size"] == (512, 512) and info["align_corners"] is False
+
+
+# ---- loading runs no code, and says what is wrong with a bad file ---------------------------------
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that leaves a marker file: what a hostile .pth does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path, monkeypatch, writer):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pth"
+    payload = {"state_dict": {"w": torch.zeros(1)}, "meta": RunsCode(marker)}
+    if writer == "pickle":
+        with open(path, "wb") as file:
+            pickle.dump(payload, file)
+    else:
+        torch.save(payload, path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    for source in (str(path), path.as_uri()):  # a file and a URL (through torch.hub's cache)
+        with pytest.raises(ValueError, match="refusing to load .*evil.pth.*--trust-checkpoint"):
+            gcnet.read_checkpoint(source)
+        assert not marker.exists()
+    with contextlib.suppress(ValueError):  # a bare pickle is no torch file: it runs, then fails
+        gcnet.read_checkpoint(str(path), trust=True)  # the documented opt-in does unpickle fully
+    assert marker.exists()
+
+
+def test_numpy_values_in_the_meta_of_official_checkpoints_load_without_trust(tmp_path):
+    meta = {"seed": np.int64(3), "score": np.float64(0.5), "PALETTE": np.array([[1, 2, 3]], np.uint8)}
+    torch.save({"meta": meta, "state_dict": {"w": torch.ones(2)}}, tmp_path / "official.pth")
+    loaded = gcnet.read_checkpoint(tmp_path / "official.pth")
+    assert loaded["meta"]["seed"] == 3 and loaded["meta"]["PALETTE"].tolist() == [[1, 2, 3]]
+
+
+def test_broken_files_get_one_clear_message(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, good)
+    cases = {
+        "empty.pth": (b"", "empty \\(0 bytes\\)"),
+        "text.pth": (b"<html><body>Not found</body></html>", "text file, not a PyTorch checkpoint"),
+        "cut.pth": (good.read_bytes()[:600], "truncated or damaged"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"cannot read checkpoint .*{name}: .*{message}"):
+            gcnet.read_checkpoint(tmp_path / name)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
+    checkpoint = official_checkpoint(GCNet(3))
+    checkpoint["state_dict"]["decode_head.conv_seg.weight"][0, 0] = float("nan")
+    checkpoint["state_dict"]["backbone.stem.0.weight"].fill_(float("inf"))
+    torch.save(checkpoint, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match="2 tensor\\(s\\) hold NaN.*backbone.stem.0.weight.*conv_seg.weight"):
+        gcnet.load_weights(GCNet(3), tmp_path / "nan.pth")
+
+
+def test_fine_tuning_loads_all_but_the_classifiers_of_another_class_count(tmp_path):
+    source = randomize(GCNet(19), seed=6)
+    torch.save(official_checkpoint(source), tmp_path / "city.pth")
+    target = GCNet(5)
+    fresh = {key: target.state_dict()[key].clone() for key in gcnet.CLASSIFIER_KEYS}
+    assert gcnet.load_weights(target, tmp_path / "city.pth", new_classes=True) == "segmentor, new classifiers"
+    for key, value in target.state_dict().items():
+        expected = fresh[key] if key in fresh else source.state_dict()[key]
+        assert torch.equal(value, expected), key
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_statistics():
+    plain = randomize(GCNet(3), seed=7).train()
+    recomputing = GCNet(3, activation_checkpointing=True).train()
+    recomputing.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 33, 33)
+    for net in (plain, recomputing):
+        torch.manual_seed(0)  # the same dropout masks
+        logits, aux_logits = net(x)
+        (logits.square().mean() + 0.4 * aux_logits.square().mean()).backward()
+    for (name, a), b in zip(plain.named_parameters(), recomputing.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, a), b in zip(plain.state_dict().items(), recomputing.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # BatchNorm counted the batch once, not twice
