@@ -18,9 +18,11 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import math
 import os
 import resource
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -177,3 +179,51 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 1024**3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, kB on Linux
+
+
+# -----------------------------------------------------------------------------------------------
+# Flag checks for the three scripts' parsers: an impossible value ends the run when it is parsed,
+# with argparse's "argument --flag:" in front of the message
+
+
+def number_flag(kind, minimum, maximum=None, exclusive=False):
+    """argparse type: a finite int or float >= minimum (> minimum if exclusive), <= maximum if given.
+    An explicit 0 is a value like any other, never "unset"."""
+    name = "an integer" if kind is int else "a number"
+    bound = f"{'>' if exclusive else '>='} {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        above = value > minimum if exclusive else value >= minimum
+        if not (math.isfinite(value) and above and (maximum is None or value <= maximum)):
+            raise argparse.ArgumentTypeError(f"expected {name} {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def writable_path(kind):
+    """argparse type of an output file (kind 'file') or folder (kind 'folder'): refuses a folder where
+    a file is wanted and the other way round, and a place this process cannot create or write."""
+
+    def parse(text):
+        path = Path(text).absolute()
+        if kind == "file" and path.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{text} is a directory; pass a file name such as {path / 'results.json'}"
+            )
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file; pass a folder")
+        existing = next(parent for parent in [path, *path.parents] if parent.exists())
+        if existing != path and not existing.is_dir():
+            raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+            raise argparse.ArgumentTypeError(
+                f"cannot write {text}: {existing} is not writable; choose another place"
+            )
+        return text
+
+    return parse
