@@ -3,20 +3,22 @@
 The table's "Mem (GB)" is the peak memory of training at the row's per-GPU batch and crop; its
 "Inf time (fps)" is batch-1 inference on real test images at the row's test size and mode, timed
 with the post-processing (resize to the original size, softmax, argmax), in fp32 on a V100
-(gcnet-spec.md §6.2). This script measures both for one row, for several variants of our model
-side by side (fp32 eager as the original ran, bf16/fp16 autocast, channels_last, torch.compile;
-for inference, the eager ones other than fp32 fold BatchNorm into the convs, as evaluate.py does),
-and says how far each is from the device's own limit: FLOPs per image (counted once, in fp32),
-achieved FLOP/s, and their fraction of a large matmul's rate measured in the same run and dtype.
-It also times the data pipeline of one loader worker. Weights and images are random: speed does
-not depend on their values.
+(mmseg v0.5.0 tools/benchmark.py, docs/model_zoo.md). This script measures both for one row, for
+several variants of our model side by side (fp32 eager as the original ran, bf16/fp16 autocast,
+channels_last, torch.compile; for training also activation checkpointing), and says how far each is
+from the device's own limit: FLOPs per image (counted once, in fp32), achieved FLOP/s, and their
+fraction of a large matmul's rate measured in the same run and dtype. Training memory is accounted
+for as well: the bytes autograd saves for the backward pass, plus weights, gradients and SGD
+momentum. Last, it times the data pipeline of one loader worker. Weights and images are random:
+speed does not depend on their values.
 
     python benchmark.py                                       # cityscapes 512x1024, R-50-D8
     python benchmark.py --dataset cityscapes --crop 769 --depth 101
     python benchmark.py --dataset ade20k --no-compile --out ade20k_bench.json
+    python benchmark.py --train-batch 2 8                     # also batch 8: one GPU as the table's 4x2
     python benchmark.py --iters 195 --warmup 5                # the original's 200 images (on a GPU)
-    python benchmark.py --size 256x512 --iters 2 --warmup 1 --train-crop 256x512 --train-batch 1 \
-        --data-size 256x512 --no-compile                      # about a minute on a laptop CPU
+    python benchmark.py --size 64x128 --iters 1 --warmup 1 --train-crop 64x128 --train-batch 1 \
+        --data-size 64x128 --data-iters 2 --no-compile        # a quick look, about a minute on a CPU
 
 Results: a table on screen shaped like the results table, with our columns on the right, the
 benchmark targets with PASS/MISS, and everything in a JSON file (--out, default benchmark.json).
@@ -37,29 +39,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.io import write_png
 from tqdm import tqdm
 
 import data
 import evaluate
+import recipe
+import runtime
 import train
 from model import GCNet
-from runtime import fold_batchnorm, keep_freed_memory
-from runtime import resolve_channels_last as _resolve_channels_last
-from runtime import resolve_precision as _resolve_precision
 
-
-def default_precision(device):
-    return _resolve_precision("auto", device)
-
-
-def default_channels_last(device, precision):
-    return _resolve_channels_last(None, device, precision)
-
-
-# Mem (GB) and Inf time (fps) of the 40k rows of the results table (gcnet-spec.md §6.3), measured
-# with mmseg v0.5 in fp32 on V100s; the 80k rows have none.
+# Mem (GB) and Inf time (fps) of the 40k rows of the results table (mmseg v0.5.0
+# configs/gcnet/README.md), measured in fp32 on V100s; the 80k rows have none.
 PUBLISHED = {
     ("cityscapes", (512, 1024), 50): (5.8, 3.93),
     ("cityscapes", (512, 1024), 101): (9.2, 2.61),
@@ -70,122 +63,134 @@ PUBLISHED = {
     ("voc12aug", (512, 512), 50): (5.8, 23.35),
     ("voc12aug", (512, 512), 101): (9.2, 14.80),
 }
-TABLE_DATASETS = ("cityscapes", "ade20k", "voc12aug")
 CITYSCAPES_IMAGE_SIZE = (1024, 2048)  # every Cityscapes image (H, W)
-# ADE20K and VOC images vary; a typical 500x375 VOC photo becomes 683x512 at test (gcnet-spec.md §4.1).
-NATURAL_IMAGE_SIZE = (375, 500)
-SLIDE_STRIDE = (513, 513)  # the 769 models' windows (gcnet-spec.md §4.3)
-# The training step of the recipe (gcnet-spec.md §3.1).
-AUX_WEIGHT = 0.4
-LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+NATURAL_IMAGE_SIZE = (375, 500)  # ADE20K and VOC images vary: a typical 500x375 VOC photo
+# The memory target: the table's 512x1024 row (5.8 GB there) at its per-GPU batch, in bf16.
+MEMORY_TARGET = dict(crop_size=(512, 1024), batch=2, precision="bf16", gb=3.0)
 # The device's limit in a dtype is taken as the rate of a matmul this large. It is a practical peak,
-# not a bound: a matmul library can trail the conv library (on an AMD EPYC, torch's fp32 matmul ran
-# at ~200 GFLOP/s and oneDNN's fp32 convs at ~300), so a fraction above 100% is possible.
+# not a bound: a matmul library can trail the conv library, so a fraction above 100% is possible.
 MATMUL_SIZE = {"cuda": 4096, "cpu": 2048}
 MATMUL_SECONDS = 0.5
 DATA_ROUNDS = 4  # the data pipelines are timed in this many alternating rounds
-AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GB = 1024**3
+MEMORY_FIGURES = ("peak_memory_gb", "memory_measure", "resident_before_gb", "saved_for_backward_gb",
+                  "weights_gradients_momentum_gb", "estimated_training_memory_gb")  # fmt: skip
 
 
 # -----------------------------------------------------------------------------------------------
-# The row of the table: sizes, test mode, batch
+# The row of the table and the variants of our model
 
 
-def row_settings(args):
-    """Everything the measurements need about the chosen row, as one plain dict.
-
-    Inference follows the test pipeline (gcnet-spec.md §4.1-4.3): the original image is rescaled
-    to fit the test scale, the model runs on the whole image or on 769x769 windows (stride 513,
-    align_corners=True) for the 769 rows, and the logits are resized back to the original size.
-    """
-    dataset = args.dataset
-    crop_size = (
-        train.parse_size(args.crop, "--crop") if args.crop else tuple(data.DATASETS[dataset]["crop_size"])
-    )
-    table_crops = [train.parse_size(crop, "--crop") for crop in train.RECIPES[dataset]["crops"]]
+def row_settings(args, device):
+    """What the measurements need about the chosen row: recipe.row's recipe, plus the size of the
+    original image that the test pipeline rescales to the row's test scale."""
+    settings = recipe.row(args.dataset, args.crop and recipe.parse_crop(args.crop, "--crop"), args.depth)
+    crop_size, table_crops = settings["crop_size"], recipe.DATASETS[args.dataset]["crops"]
     if crop_size not in table_crops:
-        raise SystemExit(
-            f"--crop {args.crop}: the results table has {dataset} rows for crops "
+        raise ValueError(
+            f"--crop {args.crop}: the results table has {args.dataset} rows for crops "
             f"{', '.join(f'{h}x{w}' for h, w in table_crops)}; pick one of them "
             "(--train-crop changes the training crop alone)"
         )
-    sliding = crop_size[0] % 8 == 1  # 8k+1 crops (769) pair with align_corners and sliding windows (§1.7)
-    if dataset == "cityscapes":
-        original_size = CITYSCAPES_IMAGE_SIZE
-        test_scale = data.CITYSCAPES_769_SCALE if sliding else data.DATASETS[dataset]["test_scale"]
-    else:
-        original_size, test_scale = NATURAL_IMAGE_SIZE, data.DATASETS[dataset]["test_scale"]
-    overridden = args.size is not None
-    if overridden:  # the given size is fed to the model as it is
-        original_size = train.parse_size(args.size, "--size")
+    original_size = CITYSCAPES_IMAGE_SIZE if args.dataset == "cityscapes" else NATURAL_IMAGE_SIZE
+    test_scale = settings["scale"]
+    if args.size is not None:  # the given size is fed to the model as it is
+        original_size = recipe.parse_crop(args.size, "--size")
         test_scale = (original_size[1], original_size[0])
-    train_crop = train.parse_size(args.train_crop, "--train-crop") if args.train_crop else crop_size
-    train_batch = args.train_batch or train.RECIPES[dataset]["batch_size"]
+    train_crop = recipe.parse_crop(args.train_crop, "--train-crop") if args.train_crop else crop_size
+    # By default on a GPU also the table's 4 GPUs' worth of images on one (2 -> 8, 4 -> 16).
+    batches = [settings["batch_size"]] + ([settings["global_batch"]] if device.type == "cuda" else [])
+    batches = list(dict.fromkeys(args.train_batch or batches))
+    if min(batches) < 1:
+        raise ValueError(f"--train-batch: expected positive batch sizes, got {args.train_batch}")
     return dict(
-        dataset=dataset,
+        dataset=args.dataset,
         depth=args.depth,
         backbone=f"R-{args.depth}-D8",
+        recipe=settings,
         crop_size=crop_size,
-        num_classes=len(data.DATASETS[dataset]["classes"]),
+        num_classes=len(data.DATASETS[args.dataset]["classes"]),
         original_size=original_size,
         test_scale=test_scale,
         input_size=data.rescale_size(*original_size, test_scale),
-        mode="slide" if sliding else "whole",
-        stride=SLIDE_STRIDE if sliding else None,
-        align_corners=sliding,
-        train_batch=train_batch,
+        mode=settings["test_mode"],
+        stride=settings["test_stride"] if settings["test_mode"] == "slide" else None,
+        align_corners=settings["align_corners"],
+        train_batches=batches,
         train_crop=train_crop,
-        published=PUBLISHED.get((dataset, crop_size, args.depth)),
-        comparable=not overridden
-        and train_crop == crop_size
-        and train_batch == train.RECIPES[dataset]["batch_size"],
+        published=PUBLISHED.get((args.dataset, crop_size, args.depth)),
+        inference_comparable=args.size is None,
+        comparable=args.size is None and train_crop == crop_size and batches[0] == settings["batch_size"],
     )
 
 
-# -----------------------------------------------------------------------------------------------
-# The variants of our model
+def make_variant(precision, channels_last, compiled=False, checkpointing=False, batch=None):
+    """One configuration to measure; batch None: the first of --train-batch, with inference."""
+    flags = [("+channels_last", channels_last), ("+compile", compiled), ("+checkpointing", checkpointing)]
+    name = precision + "".join(flag for flag, on in flags if on) + (f" at batch {batch}" if batch else "")
+    return dict(name=name, precision=precision, channels_last=channels_last, compiled=compiled,
+                checkpointing=checkpointing, batch=batch)  # fmt: skip
 
 
-def variant_list(device, with_compile):
-    """fp32 eager first (the baseline, and where FLOPs are counted), then the faster variants.
-
-    The default variant is what train.py and evaluate.py run by default on this device
-    (model.default_precision, model.default_channels_last).
-    """
-    variants = [dict(precision="fp32", channels_last=False, compiled=False)]
-    variants.append(dict(precision="bf16", channels_last=False, compiled=False))
-    if device.type == "cuda":
-        variants.append(dict(precision="fp16", channels_last=False, compiled=False))
-    variants.append(dict(precision="bf16", channels_last=True, compiled=False))
-    precision = default_precision(device)
-    default = dict(
-        precision=precision, channels_last=default_channels_last(device, precision), compiled=False
-    )
-    if default not in variants:
-        variants.append(default)
-    if with_compile:
-        variants.append(dict(precision="bf16", channels_last=True, compiled=True))
+def variant_list(device, args, batches):
+    """fp32 eager first (the baseline, and where FLOPs are counted), then the faster variants; the
+    `default` one is what train.py and evaluate.py run with the same flags. compile and activation
+    checkpointing are tried on the default (on bf16 where --precision auto picks fp32), and these
+    are the ones trained at the further batches of --train-batch."""
+    precision = runtime.resolve_precision(args.precision, device)
+    default = make_variant(precision, runtime.resolve_channels_last(args.channels_last, device, precision))
+    if args.precision == "auto":
+        precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+        variants = [make_variant(p, False) for p in precisions] + [make_variant("bf16", True)]
+    else:  # fp32 stays: the baseline of the speed-ups and of the argmax agreement
+        variants = [
+            make_variant("fp32", False),
+            make_variant(precision, False),
+            make_variant(precision, True),
+        ]
+    lead = default
+    if args.precision == "auto" and precision == "fp32":
+        lead = make_variant("bf16", runtime.resolve_channels_last(args.channels_last, device, "bf16"))
+    checkpointing = make_variant(lead["precision"], lead["channels_last"], checkpointing=True)
+    variants.append(default)
+    if not args.no_compile:
+        variants.append(make_variant(lead["precision"], lead["channels_last"], compiled=True))
+    variants.append(checkpointing)
+    for batch in batches[1:]:
+        for v in (default, lead, checkpointing):
+            variants.append(
+                make_variant(v["precision"], v["channels_last"], False, v["checkpointing"], batch)
+            )
+    variants = list({variant["name"]: variant for variant in variants}.values())  # first of each name
     for variant in variants:
-        variant["name"] = (
-            variant["precision"]
-            + ("+channels_last" if variant["channels_last"] else "")
-            + ("+compile" if variant["compiled"] else "")
-        )
-        variant["default"] = {k: variant[k] for k in default} == default
+        variant["default"] = variant["name"] == default["name"]
     return variants
 
 
-def build_model(row, device, channels_last):
+def build_model(row, variant, device=None):
     """GCNet with the same random weights for every variant, so that their predictions compare."""
     torch.manual_seed(0)
-    model = GCNet(row["num_classes"], depth=row["depth"], align_corners=row["align_corners"]).to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    model = GCNet(row["num_classes"], depth=row["depth"], align_corners=row["align_corners"],
+                  activation_checkpointing=variant["checkpointing"])  # fmt: skip
+    if device is not None:
+        model.to(
+            device, memory_format=torch.channels_last if variant["channels_last"] else torch.preserve_format
+        )
     return model
 
 
+def compiled(model, variant, inference):
+    """torch.compile for the compile variant. For inference the weights are frozen into the graph
+    (inductor's freezing), which folds BatchNorm into the convs and pre-packs the weights; training
+    cannot freeze what it updates."""
+    if not variant["compiled"]:
+        return model
+    return torch.compile(model, options={"freezing": True} if inference else None)
+
+
 # -----------------------------------------------------------------------------------------------
-# Timing, FLOPs, memory and the device's limit
+# Timing, FLOPs and the device's limit
 
 
 def synchronize(device):
@@ -193,16 +198,18 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_calls(function, warmup, iters, device, description, count_flops=False):
+def time_calls(function, warmup, iters, device, description, first_call_scopes=()):
     """Call `function` warmup times, then iters times, each timed alone between device
-    synchronisations. The first call may count FLOPs (FlopCounterMode sees every conv and matmul,
-    backward included, and nothing else: no BatchNorm, resize or softmax). Also returns the share
-    of the CPU threads that the timed calls got: below ~0.9, other processes were competing."""
+    synchronisations. The first call runs inside `first_call_scopes`: a FLOP counter (it sees every
+    conv and matmul, backward included, and no BatchNorm, resize or softmax), a counter of saved
+    tensors. Also returns the share of the CPU threads that the timed calls got: below ~0.9, other
+    processes were competing."""
     progress = tqdm(total=warmup + iters, desc=description, leave=False, disable=None)
     synchronize(device)
     start = time.perf_counter()
-    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
-    with counter:
+    with contextlib.ExitStack() as stack:
+        for scope in first_call_scopes:
+            stack.enter_context(scope)
         first_result = function()
     synchronize(device)
     first_call_seconds = time.perf_counter() - start
@@ -210,8 +217,7 @@ def time_calls(function, warmup, iters, device, description, count_flops=False):
     for _ in range(warmup - 1):
         function()
         progress.update()
-    seconds = []
-    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    seconds, cpu_start, wall_start = [], time.process_time(), time.perf_counter()
     for _ in range(iters):
         synchronize(device)
         tick = time.perf_counter()
@@ -219,27 +225,21 @@ def time_calls(function, warmup, iters, device, description, count_flops=False):
         synchronize(device)
         seconds.append(time.perf_counter() - tick)
         progress.update()
-    wall = time.perf_counter() - wall_start
-    progress.close()
-    cpu_share = (time.process_time() - cpu_start) / (wall * torch.get_num_threads())
-    return dict(
-        first_result=first_result,
-        flops=counter.get_total_flops() if count_flops else None,
-        first_call_seconds=first_call_seconds,
-        seconds=seconds,
-        cpu_share=cpu_share if device.type == "cpu" else None,
+    cpu_share = (time.process_time() - cpu_start) / (
+        (time.perf_counter() - wall_start) * torch.get_num_threads()
     )
+    progress.close()
+    return dict(first_result=first_result, first_call_seconds=first_call_seconds, seconds=seconds,
+                cpu_share=cpu_share if device.type == "cpu" else None)  # fmt: skip
 
 
 def matmul_rate(precision, device):
     """FLOP/s of a large square matmul in the given dtype: the practical peak of the device for it
     (fp32 with TF32 off on CUDA, as the fp32 variant runs)."""
     size = MATMUL_SIZE[device.type]
-    dtype = AUTOCAST_DTYPES[precision]
-    with evaluate.inference_precision(device, "fp32"):  # TF32 off, for the fp32 rate
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
-        calls_per_round = 20 if device.type == "cuda" else 1  # CUDA: few host synchronisations
+    calls_per_round = 20 if device.type == "cuda" else 1  # CUDA: few host synchronisations
+    with runtime.precision_context(device, "fp32"):  # TF32 off, for the fp32 rate
+        a, b = (torch.randn(size, size, device=device).to(DTYPES[precision]) for _ in range(2))
         for _ in range(2):
             a @ b
         synchronize(device)
@@ -252,6 +252,10 @@ def matmul_rate(precision, device):
         return 2 * size**3 * calls / (time.perf_counter() - start)
 
 
+# -----------------------------------------------------------------------------------------------
+# Memory: the measured peak, and an account of what training keeps
+
+
 def trim_cpu_heap():
     """Hand freed heap memory back to the OS (glibc keeps it otherwise), so the next resident-
     memory peak starts from what is really in use."""
@@ -261,13 +265,9 @@ def trim_cpu_heap():
 
 
 def reset_peak_memory(device):
-    """Start a new memory peak. Returns what the peak will mean.
-
-    CUDA: torch.cuda.max_memory_allocated, what the table's "Mem (GB)" is (gcnet-spec.md §6.2).
-    CPU: the process's peak resident memory (ru_maxrss), which counts the Python process, the
-    libraries and the weights as well. On Linux /proc/self/clear_refs resets it; elsewhere it stays
-    the peak over the process's whole life, and later variants inherit earlier ones' peaks.
-    """
+    """Start a new peak of runtime.peak_memory_gb; returns what the peak will mean. On the CPU it
+    counts the Python process, the libraries and the weights as well; Linux resets it through
+    /proc/self/clear_refs, elsewhere later variants inherit earlier ones' peaks."""
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -284,23 +284,63 @@ def reset_peak_memory(device):
 def resident_memory_gb():
     """Current resident memory of the process (Linux), None elsewhere."""
     try:
-        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GB
     except (OSError, IndexError, ValueError):
         return None
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 1024**3
 
 
-def compiled(model, variant, inference):
-    """torch.compile for the compile variant. For inference the weights are frozen into the graph
-    (inductor's freezing), which folds BatchNorm into the convs and pre-packs the weights; training
-    cannot freeze what it updates."""
-    if not variant["compiled"]:
-        return model
-    return torch.compile(model, options={"freezing": True} if inference else None)
+@contextlib.contextmanager
+def saved_for_backward(model, count):
+    """Adds to count["bytes"] what autograd keeps for the backward pass inside the
+    block. Each storage counts once (a view and its base, or a tensor that two ops save, share one);
+    the parameters' are left out, training_memory counts them as weights. The count depends on
+    shapes and dtypes only, so it is the same on any device."""
+    # A storage is named by its own address: data_ptr would do on a device, but fake tensors have none.
+    seen = {parameter.untyped_storage()._cdata for parameter in model.parameters()}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            count["bytes"] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield count
+
+
+def training_memory(saved_bytes, model):
+    """The estimate of training memory, GB: saved for backward + weights (and BatchNorm buffers) +
+    one gradient and one SGD momentum buffer per parameter."""
+    state = 3 * sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    return dict(saved_for_backward_gb=saved_bytes / GB, weights_gradients_momentum_gb=state / GB,
+                estimated_training_memory_gb=(saved_bytes + state) / GB)  # fmt: skip
+
+
+def forward_loss(model, images, labels, row, forward_scope):
+    """The recipe's loss: decode head + aux_weight x auxiliary head."""
+    with forward_scope:
+        logits, aux_logits = model(images)
+    loss = train.segmentation_loss(logits, labels)
+    return loss + row["recipe"]["aux_weight"] * train.segmentation_loss(aux_logits, labels)
+
+
+def estimate_on_fake_tensors(row, precision, checkpointing, crop_size, batch):
+    """training_memory of one step of the row's model at any size, in about a second: model and batch
+    are fake tensors (shapes and dtypes, no data), so nothing is computed or allocated."""
+    cpu = torch.device("cpu")
+    with FakeTensorMode():
+        model = build_model(row, make_variant(precision, False, checkpointing=checkpointing)).train()
+        images = torch.empty(batch, 3, *crop_size)
+        labels = torch.zeros(batch, *crop_size, dtype=torch.long)
+        step_scope, forward_scope = runtime.training_scopes(cpu, precision)
+        with step_scope, saved_for_backward(model, saved := dict(bytes=0)):
+            forward_loss(model, images, labels, row, forward_scope)
+        return training_memory(saved["bytes"], model)
 
 
 # -----------------------------------------------------------------------------------------------
-# Inference: one image at the row's test size and mode (gcnet-spec.md §4, §6.2)
+# Inference and training, timed as the original timed them (mmseg v0.5.0 tools/benchmark.py)
 
 
 def synthetic_test_image(row, device):
@@ -311,130 +351,119 @@ def synthetic_test_image(row, device):
 
 
 def measure_inference(variant, row, image, device, warmup, iters, count_flops):
-    """images/s of evaluate.predict + argmax + .cpu() on one image, and the first prediction.
-
-    This is the original's timed region: the forward pass (whole image, or windows averaged as
-    logits), the resize to the original size, softmax, argmax and the copy to the host; the image is
-    already normalised on the device, as the original excluded data loading (gcnet-spec.md §6.2).
-    """
-    model = build_model(row, device, variant["channels_last"]).eval()
+    """images/s of evaluate.predict + argmax + .cpu() on one image, and the first prediction: the
+    forward pass (whole image, or windows averaged as logits), the resize to the original size,
+    softmax, argmax and the copy to the host. The image is already normalised on the device, as the
+    original excluded data loading."""
+    model = build_model(row, variant, device).eval()
     if variant["precision"] != "fp32" and not variant["compiled"]:
-        # As evaluate.py by default (compile's freezing folds by itself).
-        model = fold_batchnorm(model)
+        model = runtime.fold_batchnorm(model)  # as evaluate.py by default (compile's freezing folds)
     if variant["channels_last"]:
         image = image.contiguous(memory_format=torch.channels_last)
     runner = compiled(model, variant, inference=True)
 
     def infer():
-        with evaluate.inference_precision(device, variant["precision"]):
-            probabilities = evaluate.predict(
-                runner,
-                [image],
-                row["original_size"],
-                row["num_classes"],
-                row["mode"],
-                row["crop_size"],
-                row["stride"],
-            )
+        with runtime.precision_context(device, variant["precision"]):
+            probabilities = evaluate.predict(runner, [image], row["original_size"], mode=row["mode"],
+                                             crop_size=row["crop_size"], stride=row["stride"])  # fmt: skip
         return probabilities.argmax(dim=0).cpu()  # (H, W) at the original size
 
-    timing = time_calls(infer, warmup, iters, device, f"inference {variant['name']}", count_flops)
-    timing["images_per_s"] = len(timing["seconds"]) / sum(timing["seconds"])
+    counter = FlopCounterMode(display=False) if count_flops else None
+    timing = time_calls(infer, warmup, iters, device, f"inference {variant['name']}", filter(None, [counter]))
+    timing.update(flops=counter and counter.get_total_flops(), images_per_s=iters / sum(timing["seconds"]))
     return timing
 
 
-# -----------------------------------------------------------------------------------------------
-# Training: one step of the recipe at the row's per-GPU batch and crop (gcnet-spec.md §3.1, §6.2)
-
-
-def synthetic_batch(row, device):
+def synthetic_batch(row, batch, device):
     """Normalised-looking images and labels with every class and a band of ignored pixels."""
     generator = torch.Generator().manual_seed(1)
-    batch, (height, width) = row["train_batch"], row["train_crop"]
+    height, width = row["train_crop"]
     images = torch.randn(batch, 3, height, width, generator=generator)
     labels = torch.randint(0, row["num_classes"], (batch, height, width), generator=generator)
     labels[:, :, : max(width // 16, 1)] = data.IGNORE_INDEX  # as padding or void pixels
     return images.to(device), labels.to(device)
 
 
-def precision_scopes(device, precision):
-    """(scope of the whole step, scope of the forward pass). fp32: TF32 off throughout, as on the
-    table's V100s, which had none. bf16 / fp16: autocast around the forward only, as train.py."""
-    if precision == "fp32":
-        return evaluate.inference_precision(device, "fp32"), contextlib.nullcontext()
-    return contextlib.nullcontext(), evaluate.inference_precision(device, precision)
-
-
-def measure_training(variant, row, device, warmup, iters, count_flops):
-    """images/s and peak memory of forward (train mode), decode + 0.4 aux loss, backward and an SGD
-    step; warm-up steps count towards the peak, as the original's peak covers the whole run."""
-    model = build_model(row, device, variant["channels_last"]).train()
-    images, labels = synthetic_batch(row, device)
+def measure_training(variant, row, batch, device, warmup, iters, count_flops):
+    """images/s and memory of forward (train mode), the recipe's loss, backward and an SGD step. The
+    warm-up steps count towards the peak, as the original's peak covers the whole run; the first step
+    also counts the bytes saved for backward (not under torch.compile, whose graphs choose what they
+    save)."""
+    model = build_model(row, variant, device).train()
+    images, labels = synthetic_batch(row, batch, device)
     if variant["channels_last"]:
         images = images.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    settings = row["recipe"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
+                                weight_decay=settings["weight_decay"])  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=variant["precision"] == "fp16")
     runner = compiled(model, variant, inference=False)
 
     def step():
-        step_scope, forward_scope = precision_scopes(device, variant["precision"])
+        step_scope, forward_scope = runtime.training_scopes(device, variant["precision"])
         with step_scope:
-            with forward_scope:
-                logits, aux_logits = runner(images)
-            loss = train.segmentation_loss(logits, labels) + AUX_WEIGHT * train.segmentation_loss(
-                aux_logits, labels
-            )
+            loss = forward_loss(runner, images, labels, row, forward_scope)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         return loss.detach()
 
+    counter = FlopCounterMode(display=False) if count_flops else None
+    saved = dict(bytes=0)
+    saving = None if variant["compiled"] else saved_for_backward(model, saved)
     resident_before = resident_memory_gb() if device.type == "cpu" else None
     memory_measure = reset_peak_memory(device)
-    timing = time_calls(step, warmup, iters, device, f"training {variant['name']}", count_flops)
-    timing["peak_memory_gb"] = train.peak_memory_gb(device)
-    timing["memory_measure"] = memory_measure
-    timing["resident_before_gb"] = resident_before
-    timing["images_per_s"] = row["train_batch"] * len(timing["seconds"]) / sum(timing["seconds"])
+    description = f"training {variant['name']} batch {batch}"
+    timing = time_calls(step, warmup, iters, device, description, filter(None, [counter, saving]))
+    timing.update(batch=batch, flops=counter and counter.get_total_flops(), resident_before_gb=resident_before,
+                  peak_memory_gb=runtime.peak_memory_gb(device), memory_measure=memory_measure,
+                  images_per_s=batch * iters / sum(timing["seconds"]))  # fmt: skip
+    timing.update(
+        training_memory(saved["bytes"], model) if saving else dict.fromkeys(training_memory(0, model))
+    )
     if not torch.isfinite(timing["first_result"]):
         raise RuntimeError(f"{variant['name']}: the training loss is not finite ({timing['first_result']})")
     return timing
 
 
 def measure_variants(variants, row, device, args):
-    """Inference then training for every variant; FLOPs are counted on the first (fp32) one.
-    A compile variant that fails (no C++ compiler, an unsupported op) gets its error reported."""
+    """Inference for the variants of the first batch but the checkpointing ones (checkpointing is
+    off in eval mode), then training for all. FLOPs are counted on the first (fp32) variant. A
+    compile variant that fails (no C++ compiler, an unsupported op) gets its error reported."""
     image = synthetic_test_image(row, device)
-    results = {}
-    for phase, measure in (("inference", measure_inference), ("training", measure_training)):
-        for variant in variants:
-            arguments = (image,) if phase == "inference" else ()
-            count_flops = variant is variants[0]
-            try:
-                timing = measure(variant, row, *arguments, device, args.warmup, args.iters, count_flops)
-            except Exception as error:
-                if not variant["compiled"]:
-                    raise
-                message = (
-                    f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-                )
-                results.setdefault(variant["name"], {})["error"] = f"{phase}: {message}"
-                print(f"{phase:9} {variant['name']:30} failed: {message}", flush=True)
-                continue
-            finally:
-                trim_cpu_heap()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            results.setdefault(variant["name"], {})[phase] = timing
-            print(
-                f"{phase:9} {variant['name']:30} {timing['images_per_s']:8.3f} images/s  "
-                f"(first call {timing['first_call_seconds']:.1f} s"
-                + (f", CPU share {timing['cpu_share']:.2f}" if timing["cpu_share"] is not None else "")
-                + (f", peak memory {timing['peak_memory_gb']:.2f} GB" if phase == "training" else "")
-                + ")",
-                flush=True,
+    results = {variant["name"]: dict(inference=None, training=None, error=None) for variant in variants}
+    jobs = [("inference", v) for v in variants if v["batch"] is None and not v["checkpointing"]]
+    for phase, variant in jobs + [("training", variant) for variant in variants]:
+        batch = variant["batch"] or row["train_batches"][0]
+        arguments = (variant, row, image if phase == "inference" else batch, device, args.warmup, args.iters)
+        try:
+            measure = measure_inference if phase == "inference" else measure_training
+            timing = measure(*arguments, count_flops=variant is variants[0])
+        except Exception as error:
+            if not variant["compiled"]:
+                raise
+            message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+            results[variant["name"]]["error"] = f"{phase}: {message}"
+            print(f"{phase:9} {variant['name']:32} failed: {message}", flush=True)
+            continue
+        finally:
+            trim_cpu_heap()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results[variant["name"]][phase] = timing
+        print(
+            f"{phase:9} {variant['name']:32} {timing['images_per_s']:8.3f} images/s  "
+            f"(first call {timing['first_call_seconds']:.1f} s"
+            + (f", CPU share {timing['cpu_share']:.2f}" if timing["cpu_share"] is not None else "")
+            + (
+                f", batch {batch}, peak memory {timing['peak_memory_gb']:.2f} GB"
+                if phase == "training"
+                else ""
             )
+            + ")",
+            flush=True,
+        )
     return results
 
 
@@ -449,8 +478,12 @@ def write_synthetic_pair(folder, size, num_classes):
     height, width = size
     coarse = torch.rand(1, 3, max(height // 32, 2), max(width // 32, 2), generator=generator) * 255
     smooth = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0]
-    noise = torch.randn(3, height, width, generator=generator) * 6
-    image = (smooth + noise).round().clamp(0, 255).to(torch.uint8)
+    image = (
+        (smooth + torch.randn(3, height, width, generator=generator) * 6)
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+    )
     blobs = torch.randint(
         0, num_classes, (1, 1, max(height // 64, 2), max(width // 64, 2)), generator=generator
     )
@@ -464,8 +497,8 @@ def write_synthetic_pair(folder, size, num_classes):
 
 def opencv_pipelines(image_path, label_path, train_scale, crop_size):
     """The same two pipelines written with OpenCV and numpy, as the original's mmcv ran them
-    (gcnet-spec.md §3.3): (train_sample, test_sample), or None when OpenCV is not installed. It is no
-    dependency of this project; this is only a point of comparison."""
+    (mmseg v0.5.0 mmseg/datasets/pipelines/transforms.py): (train_sample, test_sample), or None when
+    OpenCV is not installed. It is no dependency of this project, only a point of comparison."""
     try:
         import cv2
     except ImportError:
@@ -501,8 +534,7 @@ def opencv_pipelines(image_path, label_path, train_scale, crop_size):
     def train_sample():
         image = cv2.imread(image_path, cv2.IMREAD_COLOR)  # BGR
         label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
-        ratio = rng.uniform(0.5, 2.0)
-        height, width = data.rescale_size(*label.shape, data.ratio_scale(train_scale, ratio))
+        height, width = data.rescale_size(*label.shape, data.ratio_scale(train_scale, rng.uniform(0.5, 2.0)))
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
         label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
         top, left = crop_box(label)
@@ -526,10 +558,8 @@ def opencv_pipelines(image_path, label_path, train_scale, crop_size):
         if not contrast_first:
             image = contrast(image)
         padding = (0, crop_size[1] - image.shape[1], 0, crop_size[0] - image.shape[0])
-        return (
-            F.pad(normalized(image), padding, value=0.0),
-            F.pad(torch.from_numpy(label.astype(np.int64)), padding, value=data.IGNORE_INDEX),
-        )
+        label = F.pad(torch.from_numpy(label.astype(np.int64)), padding, value=data.IGNORE_INDEX)
+        return F.pad(normalized(image), padding, value=0.0), label
 
     def test_sample():
         image = cv2.imread(image_path, cv2.IMREAD_COLOR)
@@ -546,113 +576,101 @@ def benchmark_data(row, data_size, iters):
     decode + TrainTransform and decode + test_transform of a Cityscapes image, with the scale and
     crop of the row's Cityscapes recipe (512x1024, or 769 with scale 2049x1025), scaled with the
     image when --data-size is not 1024x2048."""
-    height_factor = data_size[0] / CITYSCAPES_IMAGE_SIZE[0]
-    width_factor = data_size[1] / CITYSCAPES_IMAGE_SIZE[1]
-    if row["dataset"] == "cityscapes" and row["crop_size"] == (769, 769):
-        base_scale, base_crop = data.CITYSCAPES_769_SCALE, (769, 769)
-    else:
-        base_scale, base_crop = data.DATASETS["cityscapes"]["train_scale"], (512, 1024)
-    train_scale = (round(base_scale[0] * width_factor), round(base_scale[1] * height_factor))
-    crop_size = (max(round(base_crop[0] * height_factor), 1), max(round(base_crop[1] * width_factor), 1))
+    cityscapes = recipe.row("cityscapes", row["crop_size"] if row["dataset"] == "cityscapes" else None)
+    (scale_width, scale_height), (crop_height, crop_width) = cityscapes["scale"], cityscapes["crop_size"]
+    height_factor, width_factor = (size / full for size, full in zip(data_size, CITYSCAPES_IMAGE_SIZE))
+    train_scale = (round(scale_width * width_factor), round(scale_height * height_factor))
+    crop_size = (max(round(crop_height * height_factor), 1), max(round(crop_width * width_factor), 1))
     transform = data.TrainTransform(train_scale, crop_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    device = torch.device("cpu")
     try:
         with tempfile.TemporaryDirectory() as folder:
             image_path, label_path = write_synthetic_pair(folder, data_size, num_classes=19)
-
-            def train_sample():
-                return transform(data.read_image(image_path), data.read_label(label_path))
-
-            def test_sample():
-                return data.test_transform(data.read_image(image_path), train_scale)
-
-            pipelines = {"torch": (train_sample, test_sample)}
+            pipelines = {"torch": (lambda: transform(data.read_image(image_path), data.read_label(label_path)),
+                                   lambda: data.test_transform(data.read_image(image_path), train_scale))}  # fmt: skip
             opencv = opencv_pipelines(image_path, label_path, train_scale, crop_size)
             if opencv is not None:
                 pipelines["opencv"] = opencv
             # Alternating rounds, so that a slower or faster spell of the machine hits every
             # pipeline alike (side by side, the two libraries otherwise differ by a few % run to run).
-            seconds = {}
-            rounds = min(DATA_ROUNDS, iters)
+            seconds, rounds = {}, min(DATA_ROUNDS, iters)
             for round_index in range(rounds):
-                for library, (train_function, test_function) in pipelines.items():
-                    for name, function in (("train", train_function), ("test", test_function)):
+                for library, functions in pipelines.items():
+                    for name, function in zip(("train", "test"), functions):
                         count = iters // rounds + (round_index < iters % rounds)
                         description = f"data {library} {name} ({round_index + 1}/{rounds})"
-                        timing = time_calls(function, 1, count, device, description)
+                        timing = time_calls(function, 1, count, torch.device("cpu"), description)
                         seconds.setdefault(f"{library}_{name}", []).extend(timing["seconds"])
-            rates = {key: len(values) / sum(values) for key, values in seconds.items()}
     finally:
         torch.set_num_threads(threads)
-    results = dict(
-        image_size=list(data_size),
-        train_scale=list(train_scale),
-        crop_size=list(crop_size),
-        iters=iters,
-        threads=1,
-        train_transform_images_per_s=rates["torch_train"],
-        test_transform_images_per_s=rates["torch_test"],
-        opencv=None,
-        opencv_note="opencv not installed" if opencv is None else f"opencv {sys.modules['cv2'].__version__}",
-    )
-    if opencv is not None:
-        results["opencv"] = dict(
-            train_transform_images_per_s=rates["opencv_train"],
-            test_transform_images_per_s=rates["opencv_test"],
-        )
-    print(
-        f"data      decode+TrainTransform {results['train_transform_images_per_s']:.2f} images/s, "
-        f"decode+test_transform {results['test_transform_images_per_s']:.2f} images/s per worker "
-        f"({data_size[0]}x{data_size[1]} PNG, 1 thread); "
-        + (
-            f"opencv: {results['opencv']['train_transform_images_per_s']:.2f} / "
-            f"{results['opencv']['test_transform_images_per_s']:.2f} images/s"
-            if opencv is not None
-            else "opencv not installed"
-        ),
-        flush=True,
-    )
-    return results
+    rates = {key: len(values) / sum(values) for key, values in seconds.items()}
+    opencv_rates = opencv and dict(train_transform_images_per_s=rates["opencv_train"],
+                                   test_transform_images_per_s=rates["opencv_test"])  # fmt: skip
+    opencv_note = f"opencv {sys.modules['cv2'].__version__}" if opencv else "opencv not installed"
+    print(f"data      decode+TrainTransform {rates['torch_train']:.2f} images/s, decode+test_transform "
+          f"{rates['torch_test']:.2f} images/s per worker ({data_size[0]}x{data_size[1]} PNG, 1 thread); "
+          + (f"opencv: {rates['opencv_train']:.2f} / {rates['opencv_test']:.2f} images/s" if opencv else opencv_note),
+          flush=True)  # fmt: skip
+    return dict(image_size=data_size, train_scale=train_scale, crop_size=crop_size, iters=iters, threads=1,
+                train_transform_images_per_s=rates["torch_train"], test_transform_images_per_s=rates["torch_test"],
+                opencv=opencv_rates or None, opencv_note=opencv_note)  # fmt: skip
 
 
 # -----------------------------------------------------------------------------------------------
 # Report: the figures relative to fp32 eager and to the matmul peak, the table, the targets
 
 
+def find(records, **fields):
+    """The first record with these field values, or None."""
+    return next((r for r in records if all(r[key] == value for key, value in fields.items())), None)
+
+
 def summarize(variants, measured, peaks, flops):
-    """One record per variant with the ratios filled in: speed-up over fp32 eager, FLOP/s, fraction
-    of the matmul rate of the variant's dtype, argmax agreement with fp32 eager."""
+    """One record per variant: speed-up over fp32 eager, FLOP/s, fraction of the matmul rate of the
+    variant's dtype, argmax agreement with fp32 eager; for checkpointing, the step-time cost and the
+    memory of the same variant without it at the same batch."""
     baseline = measured[variants[0]["name"]]
-    reference_prediction = baseline["inference"]["first_result"]
     records = []
     for variant in variants:
-        record = {key: variant[key] for key in ("name", "precision", "channels_last", "compiled", "default")}
-        record["error"] = measured.get(variant["name"], {}).get("error")
+        record = dict(variant, error=measured[variant["name"]]["error"])
         for phase in ("inference", "training"):
-            timing = measured.get(variant["name"], {}).get(phase)
+            timing = measured[variant["name"]][phase]
             if timing is None:
                 record[phase] = None
                 continue
             flops_per_s = flops[phase] * timing["images_per_s"]
-            figures = dict(
+            same_batch = variant["batch"] is None and baseline[phase]
+            record[phase] = dict(
                 images_per_s=timing["images_per_s"],
                 seconds=timing["seconds"],
                 first_call_seconds=timing["first_call_seconds"],
-                speedup=timing["images_per_s"] / baseline[phase]["images_per_s"],
+                speedup=timing["images_per_s"] / baseline[phase]["images_per_s"] if same_batch else None,
                 flops_per_s=flops_per_s,
                 fraction_of_matmul_peak=flops_per_s / peaks[variant["precision"]],
                 cpu_share=timing["cpu_share"],
             )
-            if phase == "inference":
-                prediction = timing["first_result"]
-                figures["argmax_agreement"] = (prediction == reference_prediction).double().mean().item()
-            else:
-                for key in ("peak_memory_gb", "memory_measure", "resident_before_gb"):
-                    figures[key] = timing[key]
-            record[phase] = figures
+        if record["inference"]:
+            agreement = (
+                measured[variant["name"]]["inference"]["first_result"]
+                == baseline["inference"]["first_result"]
+            )
+            record["inference"]["argmax_agreement"] = agreement.double().mean().item()
+        if record["training"]:
+            timing = measured[variant["name"]]["training"]
+            record["batch"] = timing["batch"]
+            record["training"].update({key: timing[key] for key in MEMORY_FIGURES})
+        without = record["checkpointing"] and record["training"] and find(
+            records, **{key: record[key] for key in ("precision", "channels_last", "batch")}, compiled=False,
+            checkpointing=False)  # fmt: skip
+        if without and without["training"]:
+            record["training"]["checkpointing_step_time_cost"] = (
+                without["training"]["images_per_s"] / record["training"]["images_per_s"]
+            )
+            record["training"]["without_checkpointing"] = {
+                key: without["training"][key] for key in MEMORY_FIGURES
+            }
         records.append(record)
     return records
 
@@ -664,33 +682,16 @@ def format_rate(flops_per_s):
 def results_table(row, records):
     """Markdown table: the results table's columns (our Mem = training peak, fps = inference
     images/s), then ours. The published row comes first."""
-    columns = [
-        "Method",
-        "Backbone",
-        "Crop Size",
-        "Mem (GB)",
-        "Inf time (fps)",
-        "variant",
-        "inf speed-up",
-        "inf FLOP/s",
-        "inf % of matmul peak",
-        "argmax agreement",
-        "train img/s",
-        "train speed-up",
-        "train FLOP/s",
-        "train % of matmul peak",
-    ]
-    crop = f"{row['crop_size'][0]}x{row['crop_size'][1]}"
-    lines = []
-    if row["published"] is not None:
-        memory, fps = row["published"]
-        lines.append(["GCNet", row["backbone"], crop, f"{memory}", f"{fps}", "published: V100, fp32"])
+    columns = ["Method", "Backbone", "Crop Size", "Mem (GB)", "Inf time (fps)", "variant", "inf speed-up",
+               "inf FLOP/s", "inf % of matmul peak", "argmax agreement", "train img/s", "train speed-up",
+               "train FLOP/s", "train % of matmul peak", "saved for backward (GB)", "estimated memory (GB)"]  # fmt: skip
+    start = ["GCNet", row["backbone"], f"{row['crop_size'][0]}x{row['crop_size'][1]}"]
+    lines = [start + [*map(str, row["published"]), "published: V100, fp32"]] if row["published"] else []
     for record in records:
         inference, training = record["inference"], record["training"]
-        name = record["name"] + (" (default)" if record["default"] else "")
-        cells = ["GCNet", row["backbone"], crop]
-        cells.append(f"{training['peak_memory_gb']:.2f}" if training else "-")
+        cells = start + [f"{training['peak_memory_gb']:.2f}" if training else "-"]
         cells.append(f"{inference['images_per_s']:.3f}" if inference else "-")
+        name = record["name"] + (" (default)" if record["default"] else "")
         cells.append(name + (f" [{record['error']}]" if record["error"] else ""))
         if inference:
             cells += [
@@ -702,44 +703,51 @@ def results_table(row, records):
         else:
             cells += ["-"] * 4
         if training:
+            memory = (training["saved_for_backward_gb"], training["estimated_training_memory_gb"])
             cells += [
                 f"{training['images_per_s']:.3f}",
-                f"{training['speedup']:.2f}x",
+                f"{training['speedup']:.2f}x" if training["speedup"] else "-",
                 format_rate(training["flops_per_s"]),
                 f"{100 * training['fraction_of_matmul_peak']:.0f}%",
-            ]
-        else:
-            cells += ["-"] * 4
+            ] + ["-" if value is None else f"{value:.2f}" for value in memory]
         lines.append(cells)
     lines = [cells + [""] * (len(columns) - len(cells)) for cells in lines]
-    widths = [max(len(str(cells[i])) for cells in [columns] + lines) for i in range(len(columns))]
+    widths = [max(len(cells[i]) for cells in [columns] + lines) for i in range(len(columns))]
     render = [
-        "| " + " | ".join(f"{str(cell):<{width}}" for cell, width in zip(cells, widths)) + " |"
-        for cells in [columns] + lines
+        "| " + " | ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) + " |"
+        for cells in [columns, ["-" * width for width in widths]] + lines
     ]
-    render.insert(1, "| " + " | ".join("-" * width for width in widths) + " |")
     return "\n".join(render)
 
 
-def check_targets(row, records, device):
+def check_targets(row, records, device, estimates):
     """The benchmark targets of this device kind: measured value, threshold, PASS or MISS. A miss is
-    a finding, not an error: the program goes on."""
-    default = next(record for record in records if record["default"])
+    a finding, not an error: the program goes on. Training memory counts with activation
+    checkpointing where the default alone misses it."""
+    default = find(records, default=True)
     inference, training = default["inference"], default["training"]
-    peak = f"the {default['precision']} matmul rate"
+    peak, memory = f"the {default['precision']} matmul rate", MEMORY_TARGET
+    size = f"{memory['crop_size'][0]}x{memory['crop_size'][1]} at batch {memory['batch']} in {memory['precision']}"
     targets = []
 
-    def target(description, measured, comparison, threshold):
+    def target(description, measured, comparison, threshold, note=None):
         passed = measured >= threshold if comparison == ">=" else measured <= threshold
-        targets.append(
-            dict(
-                target=description,
-                measured=measured,
-                comparison=comparison,
-                threshold=threshold,
-                passed=passed,
+        targets.append(dict(target=description, measured=measured, comparison=comparison, threshold=threshold,
+                            passed=passed, note=note))  # fmt: skip
+
+    def memory_target(description, without, with_checkpointing):
+        if with_checkpointing is None or without <= memory["gb"]:
+            note = with_checkpointing and f"with activation checkpointing {with_checkpointing:.2f} GB"
+            target(f"{description}, {size}", without, "<=", memory["gb"], note)
+        else:
+            note = f"without it {without:.2f} GB"
+            target(
+                f"{description}, {size}, with activation checkpointing",
+                with_checkpointing,
+                "<=",
+                memory["gb"],
+                note,
             )
-        )
 
     if device.type == "cpu":
         target("inference speed-up of the default variant over fp32 eager", inference["speedup"], ">=", 2.0)
@@ -757,14 +765,35 @@ def check_targets(row, records, device):
             f"training FLOP/s of the default variant / {peak}", training["fraction_of_matmul_peak"], ">=", 0.8
         )
     else:
-        if row["dataset"] == "cityscapes" and row["train_crop"] == (512, 1024) and row["train_batch"] == 2:
-            target("training memory (GB), 512x1024 at batch 2", training["peak_memory_gb"], "<=", 3.0)
         target(
             f"inference FLOP/s of the default variant / {peak}",
             inference["fraction_of_matmul_peak"],
             ">=",
             0.4,
         )
+        if row["published"] and row["inference_comparable"]:
+            fps = row["published"][1]
+            target(
+                f"inference fps of the default variant / the table's {fps}",
+                inference["images_per_s"] / fps,
+                ">=",
+                10,
+            )
+        # Measured: the default, if bf16, and with checkpointing, trained at the target's crop and batch.
+        same = dict(precision=memory["precision"], channels_last=default["channels_last"], compiled=False)
+        peaks = [find(records, **same, checkpointing=on, batch=memory["batch"]) for on in (False, True)]
+        peaks = [record and record["training"] and record["training"]["peak_memory_gb"] for record in peaks]
+        if (
+            row["train_crop"] == memory["crop_size"]
+            and default["precision"] == memory["precision"]
+            and peaks[0]
+        ):
+            memory_target("training memory (GB, torch.cuda.max_memory_allocated)", *peaks)
+    memory_target(
+        "estimated training memory (GB: saved for backward + weights + gradients + momentum)",
+        estimates["default"]["estimated_training_memory_gb"],
+        estimates["checkpointing"]["estimated_training_memory_gb"],
+    )
     return targets
 
 
@@ -784,35 +813,34 @@ def device_description(device):
     return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
 
 
-def choose_device(name):
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is available; use --device cpu")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def protocol_lines(row, args, device, flops, peaks, variants):
-    height, width = row["input_size"]
+def protocol_lines(row, args, device, flops, peaks, variants, estimates):
+    (height, width), crop, train_crop = row["input_size"], row["crop_size"], row["train_crop"]
+    target = MEMORY_TARGET
     lines = [
         f"device      {device.type}: {device_description(device)}; torch {torch.__version__}, "
         f"python {platform.python_version()}, {torch.get_num_threads()} threads"
         + (f", cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark off" if device.type == "cuda" else ""),
-        f"row         GCNet {row['backbone']} {row['dataset']} {row['crop_size'][0]}x{row['crop_size'][1]}, "
+        f"row         GCNet {row['backbone']} {row['dataset']} {crop[0]}x{crop[1]}, "
         f"{row['num_classes']} classes, random weights and images",
         f"inference   batch 1, {height}x{width} input ({row['mode']}"
-        + (f", windows {row['crop_size'][0]} stride {row['stride'][0]}" if row["mode"] == "slide" else "")
+        + (f", windows {crop[0]} stride {row['stride'][0]}" if row["mode"] == "slide" else "")
         + f", align_corners {row['align_corners']}), resized to the original "
         f"{row['original_size'][0]}x{row['original_size'][1]}, softmax, argmax, to host; "
         f"{args.warmup} warm-up + {args.iters} timed images",
-        f"training    batch {row['train_batch']}, crop {row['train_crop'][0]}x{row['train_crop'][1]}, forward + "
-        f"decode/aux loss + backward + SGD step; {args.warmup} warm-up + {args.iters} timed steps",
+        f"training    batch {' and '.join(map(str, row['train_batches']))}, crop {train_crop[0]}x{train_crop[1]}, "
+        f"forward + decode/aux loss + backward + SGD step; {args.warmup} warm-up + {args.iters} timed steps",
         f"precision   variants: {', '.join(v['name'] for v in variants)}; fp32 = no TF32; autocast keeps the GC "
         "softmax, LayerNorm and the final resize in fp32",
         f"FLOPs       counted once in fp32 (convs and matmuls): inference {flops['inference'] / 1e9:.1f} GFLOP "
         f"per image, training {flops['training'] / 1e9:.1f} GFLOP per image (forward + backward)",
         f"peak        {MATMUL_SIZE[device.type]}x{MATMUL_SIZE[device.type]} matmul, best of the start and "
         "the end of the run: " + ", ".join(f"{p} {format_rate(rate)}" for p, rate in peaks.items()),
+        "memory      estimated = saved for backward (saved_tensors_hooks, each storage once) + weights + "
+        f"gradients + SGD momentum; at {target['crop_size'][0]}x{target['crop_size'][1]} batch {target['batch']} "
+        f"{target['precision']}, counted on fake tensors: "
+        + ", ".join(
+            f"{name} {figures['estimated_training_memory_gb']:.2f} GB" for name, figures in estimates.items()
+        ),
     ]
     if not row["comparable"]:
         lines.append(
@@ -821,51 +849,28 @@ def protocol_lines(row, args, device, flops, peaks, variants):
     return lines
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    keep_freed_memory()  # as train.py and evaluate.py do
-    device = choose_device(args.device)
-    args.iters = args.iters or (50 if device.type == "cuda" else 3)
-    if args.warmup < 1 or args.iters < 1:
-        raise SystemExit("--warmup and --iters must be at least 1 (the first warm-up call counts the FLOPs)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # as the table's figures were taken (gcnet-spec.md §6.2)
-    row = row_settings(args)
-    variants = variant_list(device, with_compile=not args.no_compile)
-    precisions = list(dict.fromkeys(variant["precision"] for variant in variants))
-
-    print(f"benchmark: GCNet {row['backbone']} {row['dataset']} on {device}", flush=True)
-    peaks = {precision: matmul_rate(precision, device) for precision in precisions}
-    measured = measure_variants(variants, row, device, args)
-    baseline = measured[variants[0]["name"]]
-    flops = {
-        "inference": baseline["inference"]["flops"],
-        "training": baseline["training"]["flops"] / row["train_batch"],
-    }
-    data_results = benchmark_data(row, train.parse_size(args.data_size, "--data-size"), args.data_iters)
-    # The peak is re-measured at the end: on a shared machine the better of the two is the closer
-    # to what the device can do.
-    peaks = {precision: max(rate, matmul_rate(precision, device)) for precision, rate in peaks.items()}
-
-    records = summarize(variants, measured, peaks, flops)
-    targets = check_targets(row, records, device)
-    print()
-    print("\n".join(protocol_lines(row, args, device, flops, peaks, variants)))
-    print()
-    print(results_table(row, records))
-    print()
+def print_findings(records, targets, device):
+    """channels_last on the CPU, the cost of activation checkpointing, a busy CPU, the targets."""
     by_name = {record["name"]: record for record in records}
-    if device.type == "cpu" and by_name["bf16"]["inference"] and by_name["bf16+channels_last"]["inference"]:
+    plain, channels_last = by_name.get("bf16"), by_name.get("bf16+channels_last")
+    if device.type == "cpu" and plain and channels_last and plain["inference"] and channels_last["inference"]:
         ratios = [
-            by_name["bf16+channels_last"][phase]["images_per_s"] / by_name["bf16"][phase]["images_per_s"]
+            channels_last[phase]["images_per_s"] / plain[phase]["images_per_s"]
             for phase in ("inference", "training")
         ]
         print(
             f"channels_last on this CPU (bf16): inference x{ratios[0]:.2f}, training x{ratios[1]:.2f} "
             f"({'helps' if min(ratios) > 1.05 else 'does not help'})"
         )
+    for record in records:
+        training = record["training"]
+        if training and training.get("without_checkpointing"):
+            without = training["without_checkpointing"]
+            print(
+                f"activation checkpointing ({record['name']}): step time x{training['checkpointing_step_time_cost']:.2f}"
+                f", saved for backward {without['saved_for_backward_gb']:.2f} -> {training['saved_for_backward_gb']:.2f}"
+                f" GB, peak memory {without['peak_memory_gb']:.2f} -> {training['peak_memory_gb']:.2f} GB"
+            )
     contended = [
         f"{record['name']} {phase}"
         for record in records
@@ -882,53 +887,90 @@ def main(argv=None):
         print(
             f"  {'PASS' if target['passed'] else 'MISS'}  {target['target']}: {target['measured']:.4f} "
             f"(target {target['comparison']} {target['threshold']})"
+            + (f"; {target['note']}" if target["note"] else "")
         )
 
-    report = dict(
-        protocol=dict(
-            device=device.type,
-            device_name=device_description(device),
-            torch=torch.__version__,
-            python=platform.python_version(),
-            threads=torch.get_num_threads(),
-            dataset=row["dataset"],
-            backbone=row["backbone"],
-            depth=row["depth"],
-            crop_size=list(row["crop_size"]),
-            num_classes=row["num_classes"],
-            inference=dict(
-                batch=1,
-                input_size=list(row["input_size"]),
-                original_size=list(row["original_size"]),
-                mode=row["mode"],
-                stride=list(row["stride"]) if row["stride"] else None,
-                align_corners=row["align_corners"],
-                warmup=args.warmup,
-                iters=args.iters,
-            ),
-            training=dict(
-                batch=row["train_batch"],
-                crop_size=list(row["train_crop"]),
-                warmup=args.warmup,
-                iters=args.iters,
-            ),
-            comparable_with_published=row["comparable"],
-            flops_counted_in="fp32, torch.utils.flop_counter.FlopCounterMode (convs and matmuls)",
-            matmul_size=MATMUL_SIZE[device.type],
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    runtime.keep_freed_memory()  # as train.py and evaluate.py do
+    try:
+        _, _, device = runtime.setup_device(args.device)
+        row = row_settings(args, device)
+        variants = variant_list(device, args, row["train_batches"])
+    except ValueError as error:
+        raise SystemExit(f"benchmark.py: {error}") from None
+    args.iters = args.iters or (50 if device.type == "cuda" else 3)
+    if args.warmup < 1 or args.iters < 1:
+        raise SystemExit("--warmup and --iters must be at least 1 (the first warm-up call counts the FLOPs)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # as the table's figures were taken (mmseg tools/benchmark.py)
+
+    print(f"benchmark: GCNet {row['backbone']} {row['dataset']} on {device}", flush=True)
+    peaks = {
+        precision: matmul_rate(precision, device)
+        for precision in dict.fromkeys(v["precision"] for v in variants)
+    }
+    measured = measure_variants(variants, row, device, args)
+    baseline = measured[variants[0]["name"]]
+    flops = dict(
+        inference=baseline["inference"]["flops"],
+        training=baseline["training"]["flops"] / row["train_batches"][0],
+    )
+    target = MEMORY_TARGET
+    estimates = {
+        name: estimate_on_fake_tensors(
+            row, target["precision"], name == "checkpointing", target["crop_size"], target["batch"]
+        )
+        for name in ("default", "checkpointing")
+    }
+    data_results = benchmark_data(row, recipe.parse_crop(args.data_size, "--data-size"), args.data_iters)
+    # The peak is re-measured at the end: on a shared machine the better of the two is the closer
+    # to what the device can do.
+    peaks = {precision: max(rate, matmul_rate(precision, device)) for precision, rate in peaks.items()}
+    records = summarize(variants, measured, peaks, flops)
+    targets = check_targets(row, records, device, estimates)
+    print("\n" + "\n".join(protocol_lines(row, args, device, flops, peaks, variants, estimates)) + "\n")
+    print(results_table(row, records) + "\n")
+    print_findings(records, targets, device)
+
+    timed = dict(warmup=args.warmup, iters=args.iters)
+    inference_keys = ("input_size", "original_size", "mode", "stride", "align_corners")
+    protocol = dict(
+        device=device.type,
+        device_name=device_description(device),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        threads=torch.get_num_threads(),
+        **{key: row[key] for key in ("dataset", "backbone", "depth", "crop_size", "num_classes")},
+        inference=dict(batch=1, **{key: row[key] for key in inference_keys}, **timed),
+        training=dict(
+            batch=row["train_batches"][0], batches=row["train_batches"], crop_size=row["train_crop"], **timed
         ),
-        published=dict(mem_gb=row["published"][0], fps=row["published"][1], hardware="V100, fp32")
-        if row["published"]
-        else None,
+        comparable_with_published=row["comparable"],
+        flops_counted_in="fp32, torch.utils.flop_counter.FlopCounterMode (convs and matmuls)",
+        matmul_size=MATMUL_SIZE[device.type],
+        saved_for_backward_counted_with="torch.autograd.graph.saved_tensors_hooks, each storage once, "
+        "parameters as weights",
+    )
+    published = row["published"] and dict(
+        mem_gb=row["published"][0], fps=row["published"][1], hardware="V100, fp32"
+    )
+    memory_target = dict(
+        target, counted_on="fake tensors (FakeTensorMode): shapes and dtypes, no data", **estimates
+    )
+    report = dict(
+        protocol=protocol,
+        published=published or None,
         flops_per_image=flops,
         matmul_peak_flops_per_s=peaks,
         variants=records,
+        memory_target=memory_target,
         data=data_results,
         targets=targets,
     )
-    for record in records:  # the prediction maps stay out of the file
-        for phase in ("inference", "training"):
-            if record[phase]:
-                record[phase].pop("first_result", None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -939,14 +981,16 @@ def main(argv=None):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Measure GCNet's training memory, inference speed and their distance to the device's "
-        "peak for one row of the results table (see the docstring of benchmark.py)."
+        "peak for one row of the results table (see the docstring of benchmark.py).",
+        epilog="--precision auto (the default) runs every precision and marks as default the variant that "
+        "train.py and evaluate.py would run; an explicit --precision P (and --channels-last) makes that the "
+        "default variant, which the targets judge, and runs only fp32 eager (the baseline) and P's variants.",
     )
-    parser.add_argument("--dataset", default="cityscapes", choices=TABLE_DATASETS)
+    parser.add_argument("--dataset", default="cityscapes", choices=recipe.TABLE_DATASETS)
     parser.add_argument(
-        "--crop", default=None, help="the row's crop, HxW or N (default: the dataset's first)"
+        "--crop", default=None, help="the row's crop, 769 or HxW (default: the dataset's first)"
     )
     parser.add_argument("--depth", type=int, default=50, choices=(50, 101))
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--size", default=None, help="HxW fed to the model for inference (default: the row's)"
     )
@@ -960,13 +1004,21 @@ def build_parser():
         help="untimed calls before them (default 2: the first SGD step creates the momentum buffers, so "
         "steady steps start at the third; the original: 5)",
     )
-    parser.add_argument("--train-batch", type=int, default=None, help="default: the row's per-GPU batch")
-    parser.add_argument("--train-crop", default=None, help="HxW or N (default: the row's crop)")
+    parser.add_argument(
+        "--train-batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training batches: the first for every variant, the others for the default and checkpointing "
+        "ones (default: the row's per-GPU batch; on CUDA also the table's 4 GPUs' worth on one: 2 8)",
+    )
+    parser.add_argument("--train-crop", default=None, help="769 or HxW (default: the row's crop)")
     parser.add_argument("--data-size", default="1024x2048", help="HxW of the PNG for the data timing")
     parser.add_argument("--data-iters", type=int, default=40, help="timed samples per data pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--out", default="benchmark.json", help="where the JSON results go")
+    runtime.add_arguments(parser)
     return parser
 
 

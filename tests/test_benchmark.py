@@ -1,9 +1,11 @@
-"""benchmark.py end to end at a tiny size: every figure of the JSON is there and makes sense."""
+"""benchmark.py end to end at a tiny size: every figure of the JSON is there and makes sense; the count
+of bytes saved for backward; the CUDA targets on made-up figures."""
 
 import json
 import math
 
 import torch
+from torch import nn
 
 import benchmark
 
@@ -40,21 +42,46 @@ def test_benchmark_reports_every_figure(tmp_path, capsys):
     assert all(positive_number(rate) for rate in report["matmul_peak_flops_per_s"].values())
 
     variants = {record["name"]: record for record in report["variants"]}
-    assert list(variants) == ["fp32", "bf16", "bf16+channels_last"]  # no compile, no fp16 on the CPU
+    # No compile, no fp16 on the CPU; checkpointing is a training variant of the default.
+    assert list(variants) == ["fp32", "bf16", "bf16+channels_last", "bf16+channels_last+checkpointing"]
     assert sum(record["default"] for record in variants.values()) == 1
     for record in variants.values():
-        assert record["error"] is None
+        assert record["error"] is None and record["batch"] == 1
         inference, training = record["inference"], record["training"]
+        assert (inference is None) == record["checkpointing"]
         for key in ("images_per_s", "first_call_seconds", "speedup", "flops_per_s", "fraction_of_matmul_peak",
                     "cpu_share"):  # fmt: skip
-            assert positive_number(inference[key]), (record["name"], "inference", key, inference[key])
+            assert inference is None or positive_number(inference[key]), (record["name"], "inference", key)
             assert positive_number(training[key]), (record["name"], "training", key, training[key])
-        for key in ("peak_memory_gb", "resident_before_gb"):
+        for key in (
+            "peak_memory_gb",
+            "resident_before_gb",
+            "saved_for_backward_gb",
+            "weights_gradients_momentum_gb",
+        ):
             assert positive_number(training[key]), (record["name"], key, training[key])
-        assert len(inference["seconds"]) == 1 and len(training["seconds"]) == 1
-        assert 0 <= inference["argmax_agreement"] <= 1
-        # FLOP/s is FLOPs per image times images per second.
-        assert math.isclose(inference["flops_per_s"], flops["inference"] * inference["images_per_s"])
+        assert math.isclose(
+            training["estimated_training_memory_gb"],
+            training["saved_for_backward_gb"] + training["weights_gradients_momentum_gb"],
+        )
+        assert len(training["seconds"]) == 1
+        if inference:
+            assert len(inference["seconds"]) == 1 and 0 <= inference["argmax_agreement"] <= 1
+            # FLOP/s is FLOPs per image times images per second.
+            assert math.isclose(inference["flops_per_s"], flops["inference"] * inference["images_per_s"])
+    # R-50-D8 has ~49.6M parameters, each with a gradient and a momentum buffer: ~0.55 GB in fp32.
+    assert 0.5 < variants["fp32"]["training"]["weights_gradients_momentum_gb"] < 0.6
+    # bf16 autocast saves a bf16 copy of the weights (~0.09 GB) beside the activations.
+    assert (
+        variants["bf16"]["training"]["saved_for_backward_gb"]
+        > variants["fp32"]["training"]["saved_for_backward_gb"]
+    )
+    checkpointing = variants["bf16+channels_last+checkpointing"]["training"]
+    assert (
+        checkpointing["saved_for_backward_gb"]
+        < checkpointing["without_checkpointing"]["saved_for_backward_gb"]
+    )
+    assert positive_number(checkpointing["checkpointing_step_time_cost"])
     assert variants["fp32"]["inference"]["speedup"] == 1.0
     assert variants["fp32"]["inference"]["argmax_agreement"] == 1.0
     # bf16 rounds the random model's logits, which changes few argmaxes.
@@ -68,9 +95,75 @@ def test_benchmark_reports_every_figure(tmp_path, capsys):
     assert positive_number(data["test_transform_images_per_s"])
     assert (data["opencv"] is None) == (data["opencv_note"] == "opencv not installed")
 
-    assert len(report["targets"]) == 5
+    assert len(report["targets"]) == 6
     for target in report["targets"]:
         assert positive_number(target["measured"]) and target["passed"] in (True, False)
+    # The memory target is counted at its own size (512x1024, batch 2, bf16) whatever the run's sizes.
+    memory = report["memory_target"]
+    assert memory["crop_size"] == [512, 1024] and memory["batch"] == 2 and memory["precision"] == "bf16"
+    estimates = [memory[name]["estimated_training_memory_gb"] for name in ("default", "checkpointing")]
+    assert 1.0 < estimates[1] < estimates[0] < 6.0
+    memory_target = report["targets"][-1]
+    assert (
+        memory_target["target"].startswith("estimated training memory") and memory_target["threshold"] == 3.0
+    )
+    assert memory_target["measured"] in estimates
     printed = capsys.readouterr().out
     assert "| Method | Backbone | Crop Size | Mem (GB) | Inf time (fps) |" in printed
     assert "PASS" in printed or "MISS" in printed
+
+
+def test_saved_for_backward_counts_each_storage_once_without_parameters():
+    weight = nn.Parameter(torch.randn(4, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    count = dict(bytes=0)
+    with benchmark.saved_for_backward(nn.ParameterList([weight]), count):
+        a = x.sin()  # saves x: 4 x 8 x 4 bytes
+        b = x[1:].cos()  # saves a view of x: the same storage, not counted again
+        c = a.exp()  # saves its result: a new storage of 128 bytes
+        d = c * weight  # saves c (counted) and the weight (a parameter: counted as weights, not here)
+    (b.sum() + d.sum()).backward()
+    assert count["bytes"] == 2 * 4 * 8 * 4
+
+
+def test_activation_checkpointing_saves_less_and_fake_tensors_count_as_real_ones():
+    row = dict(num_classes=19, depth=50, align_corners=False, recipe=dict(aux_weight=0.4))
+    estimates = [benchmark.estimate_on_fake_tensors(row, "fp32", on, (32, 32), 1) for on in (False, True)]
+    saved = [estimate["saved_for_backward_gb"] for estimate in estimates]
+    assert 0 < saved[1] < saved[0]
+    # The same step on real tensors saves the same bytes.
+    model = benchmark.build_model(row, benchmark.make_variant("fp32", False), torch.device("cpu")).train()
+    images, labels = torch.randn(1, 3, 32, 32), torch.randint(0, 19, (1, 32, 32))
+    count = dict(bytes=0)
+    with benchmark.saved_for_backward(model, count):
+        benchmark.forward_loss(model, images, labels, row, torch.autocast("cpu", enabled=False))
+    assert math.isclose(count["bytes"] / benchmark.GB, saved[0], rel_tol=1e-3)
+
+
+def test_cuda_targets_on_made_up_figures():
+    """The CUDA branch of check_targets, which no CPU run reaches: inference vs the matmul peak and
+    10x the table's fps, and training memory with checkpointing where the default misses 3 GB."""
+    row = dict(published=(5.8, 3.93), inference_comparable=True, train_crop=(512, 1024))
+
+    def record(checkpointing, batch, peak_memory_gb, default=False):
+        variant = benchmark.make_variant("bf16", True, checkpointing=checkpointing)
+        inference = dict(fraction_of_matmul_peak=0.5, images_per_s=50.0) if default else None
+        return dict(variant, batch=batch, default=default, inference=inference,
+                    training=dict(peak_memory_gb=peak_memory_gb))  # fmt: skip
+
+    records = [record(False, 2, 4.5, default=True), record(True, 2, 2.5), record(False, 8, 15.0)]
+    estimates = {
+        "default": dict(estimated_training_memory_gb=3.2),
+        "checkpointing": dict(estimated_training_memory_gb=1.9),
+    }
+    targets = {t["target"]: t for t in benchmark.check_targets(row, records, torch.device("cuda"), estimates)}
+    assert len(targets) == 4
+    peak = targets["inference FLOP/s of the default variant / the bf16 matmul rate"]
+    assert peak["measured"] == 0.5 and peak["threshold"] == 0.4 and peak["passed"]
+    fps = next(t for name, t in targets.items() if "3.93" in name)
+    assert math.isclose(fps["measured"], 50.0 / 3.93) and fps["passed"]
+    measured = next(t for name, t in targets.items() if "max_memory_allocated" in name)
+    assert measured["measured"] == 2.5 and measured["passed"] and "4.50 GB" in measured["note"]
+    assert "with activation checkpointing" in measured["target"]
+    estimated = next(t for name, t in targets.items() if name.startswith("estimated"))
+    assert estimated["measured"] == 1.9 and estimated["passed"]
