@@ -99,9 +99,7 @@ def test_recipe_defaults_follow_the_table():
     recipe = train.resolve_recipe(args, world_size=4)
     assert recipe["config_name"] == "gcnet_r101-d8_512x512_160k_ade20k"
     assert (recipe["batch_size"], recipe["align_corners"], recipe["test_mode"]) == (4, False, "whole")
-    warnings = train.warn_about_differences(
-        recipe | {"global_batch": 4}, train.RECIPES["ade20k"], False, "fp32"
-    )
+    warnings = train.describe_setup(recipe | {"global_batch": 4, "sync_bn": False, "precision": "fp32"})
     assert any("global batch 4 differs from the table's 16" in w for w in warnings)
 
 
@@ -163,16 +161,7 @@ def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="non-finite values in weight"):
         train.save_checkpoint(
-            tmp_path / "x.pth",
-            net,
-            optimizer,
-            torch.amp.GradScaler("cpu", enabled=False),
-            1,
-            {},
-            [],
-            [],
-            [],
-            0,
+            tmp_path / "x.pth", {"state_dict": net.state_dict(), "optimizer": optimizer.state_dict()}
         )
     assert not list(tmp_path.iterdir())
 
