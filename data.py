@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
 from tqdm import tqdm
 
+import recipe
+
 # ImageNet statistics in RGB order on the 0..255 scale (gcnet-spec.md §3.3 step 7).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -63,47 +65,22 @@ TOY_PALETTE = [[128, 128, 128], [220, 40, 40], [130, 220, 40], [40, 220, 220], [
 TOY_IMAGE_SIZE = (128, 256)  # (H, W)
 TOY_COUNTS = {"train": 64, "val": 16}
 
-# One plain dict per dataset; scales are (W, H) as in the original configs, crops (h, w)
-# (gcnet-spec.md §3.2). The `folder` dataset reads its classes from ROOT/classes.txt and uses
-# FOLDER_DEFAULTS, the recipe of the natural-image datasets.
+# One plain dict per dataset: classes, palette, default root, and whether label 0 means "ignore"
+# (ADE20K). Crops and scales are the recipe's: recipe.row(name, crop). The `folder` dataset reads its
+# classes from ROOT/classes.txt.
 DATASETS = {
     "cityscapes": dict(
-        **CLASSES_AND_PALETTES["cityscapes"],
-        default_root="data/cityscapes",
-        train_scale=(2048, 1024),
-        test_scale=(2048, 1024),
-        crop_size=(512, 1024),
-        reduce_zero_label=False,
+        **CLASSES_AND_PALETTES["cityscapes"], default_root="data/cityscapes", reduce_zero_label=False
     ),
     "ade20k": dict(
-        **CLASSES_AND_PALETTES["ade20k"],
-        default_root="data/ade/ADEChallengeData2016",
-        train_scale=(2048, 512),
-        test_scale=(2048, 512),
-        crop_size=(512, 512),
-        reduce_zero_label=True,
+        **CLASSES_AND_PALETTES["ade20k"], default_root="data/ade/ADEChallengeData2016", reduce_zero_label=True
     ),
     "voc12aug": dict(
-        **CLASSES_AND_PALETTES["voc12aug"],
-        default_root="data/VOCdevkit/VOC2012",
-        train_scale=(2048, 512),
-        test_scale=(2048, 512),
-        crop_size=(512, 512),
-        reduce_zero_label=False,
+        **CLASSES_AND_PALETTES["voc12aug"], default_root="data/VOCdevkit/VOC2012", reduce_zero_label=False
     ),
-    "toy": dict(
-        classes=TOY_CLASSES,
-        palette=TOY_PALETTE,
-        default_root="data/toy",
-        train_scale=(256, 128),
-        test_scale=(256, 128),
-        crop_size=(128, 128),
-        reduce_zero_label=False,
-    ),
+    "toy": dict(classes=TOY_CLASSES, palette=TOY_PALETTE, default_root="data/toy", reduce_zero_label=False),
 }
-FOLDER_DEFAULTS = dict(train_scale=(2048, 512), test_scale=(2048, 512), crop_size=(512, 512))
-# The 769x769 Cityscapes configs resize to (2049, 1025) for training and testing (gcnet-spec.md §3.2).
-CITYSCAPES_769_SCALE = (2049, 1025)
+SPLITS = ("train", "val", "test")  # test: images only, for predictions and the benchmark servers
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 # Shown when a root or a split is missing or empty.
@@ -657,9 +634,10 @@ def test_transform(image, scale, ratios=(1.0,)):
 class SegmentationDataset(torch.utils.data.Dataset):
     """A list of (image, label) files and the transform of its split.
 
-    train items: (image float32 3 x h x w, label int64 h x w) at crop_size.
-    val items:   (images, label, meta): one normalised image per test ratio, the int64 label at its
-                 original size, and meta = dict(name, image_path, original_size=(H, W)).
+    train items:     (image float32 3 x h x w, label int64 h x w) at crop_size.
+    val/test items:  (images, label, meta): one normalised image per test ratio, the int64 label at its
+                     original size (None in the test split, which has no labels), and
+                     meta = dict(name, image_path, original_size=(H, W)).
     """
 
     def __init__(
@@ -671,32 +649,40 @@ class SegmentationDataset(torch.utils.data.Dataset):
         classes,
         palette,
         *,
-        train_scale,
-        test_scale,
+        scale,
         crop_size,
         test_ratios=(1.0,),
         reduce_zero_label=False,
         image_suffix=None,
     ):
         self.name, self.root, self.split = name, str(root), split
-        self.pairs = pairs  # [(image_path, label_path)] as str: cheap to send to DataLoader workers
+        self.pairs = pairs  # [(image_path, label_path or None)] as str: cheap to send to DataLoader workers
+        self.has_labels = all(label is not None for _, label in pairs)
         self.classes = list(classes)
         self.palette = [list(colour) for colour in palette]
         self.num_classes = len(self.classes)
         self.ignore_index = IGNORE_INDEX
-        self.train_scale, self.test_scale = tuple(train_scale), tuple(test_scale)
+        self.scale = tuple(scale)  # (W, H) for training and testing alike, as in the original
         self.crop_size, self.test_ratios = tuple(crop_size), tuple(test_ratios)
         self.reduce_zero_label = reduce_zero_label
         self.image_suffix = image_suffix  # stripped from file names to give meta["name"]
-        self.train_transform = TrainTransform(self.train_scale, self.crop_size) if split == "train" else None
+        self.train_transform = TrainTransform(self.scale, self.crop_size) if split == "train" else None
+
+    @property
+    def test_scale(self):  # the name evaluate.py used before `scale`
+        return self.scale
 
     def __len__(self):
         return len(self.pairs)
 
     def load(self, index):
-        """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W), before any transform."""
+        """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, or None without labels),
+        before any transform."""
         image_path, label_path = self.pairs[index]
-        image, label = read_image(image_path), read_label(label_path)
+        image = read_image(image_path)
+        if label_path is None:
+            return image, None
+        label = read_label(label_path)
         if image.shape[1:] != label.shape:
             raise ValueError(
                 f"image {image_path} is {image.shape[2]}x{image.shape[1]} (WxH) but its label {label_path} is "
@@ -717,17 +703,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
             name = file_name[: -len(self.image_suffix)]
         else:
             name = Path(image_path).stem
-        meta = dict(name=name, image_path=image_path, original_size=tuple(label.shape))
-        return test_transform(image, self.test_scale, self.test_ratios), label.long(), meta
+        meta = dict(name=name, image_path=image_path, original_size=tuple(image.shape[-2:]))
+        images = test_transform(image, self.scale, self.test_ratios)
+        return images, None if label is None else label.long(), meta
 
     def __repr__(self):
         return f"SegmentationDataset({self.name!r}, {self.split!r}, {len(self)} images, root={self.root!r})"
 
 
 def collate_val(batch):
-    """Batch val items of different sizes: (list of image lists, labels stacked when they share a size
-    else a list, list of metas)."""
+    """Batch val or test items of different sizes: (list of image lists, labels stacked when they share
+    a size else a list (of None in the test split), list of metas)."""
     images, labels, metas = zip(*batch, strict=True)
+    if any(label is None for label in labels):
+        return list(images), list(labels), list(metas)
     same_size = all(label.shape == labels[0].shape for label in labels)
     return list(images), torch.stack(labels) if same_size else list(labels), list(metas)
 
@@ -755,6 +744,8 @@ def find_cityscapes_pairs(root, split, name="cityscapes"):
     images = sorted(image_dir.rglob("*_leftImg8bit.png"))  # recursive, as the original scans img_dir
     if not images:
         raise missing_path_error(name, root, image_dir, "holds no *_leftImg8bit.png files")
+    if split == "test":
+        return [(str(image), None) for image in images]
     label_dir = root / "gtFine" / split
     pairs = []
     for image in images:
@@ -775,13 +766,15 @@ def find_cityscapes_pairs(root, split, name="cityscapes"):
 
 
 def find_ade20k_pairs(root, split):
-    subset = {"train": "training", "val": "validation"}[split]
+    subset = {"train": "training", "val": "validation", "test": "testing"}[split]
     image_dir = root / "images" / subset
     if not image_dir.is_dir():
         raise missing_path_error("ade20k", root, image_dir)
     images = sorted(image_dir.glob("*.jpg"))
     if not images:
         raise missing_path_error("ade20k", root, image_dir, "holds no .jpg files")
+    if split == "test":
+        return [(str(image), None) for image in images]
     pairs = [(str(image), str(root / "annotations" / subset / (image.stem + ".png"))) for image in images]
     check_partners("ade20k", pairs, image_dir)
     return pairs
@@ -791,8 +784,8 @@ def find_voc12aug_pairs(root, split):
     """train = train.txt with SegmentationClass + aug.txt with SegmentationClassAug (10582 images in
     all); val = val.txt with SegmentationClass (gcnet-spec.md §5.3)."""
     parts = [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")]
-    if split == "val":
-        parts = [("val.txt", "SegmentationClass")]
+    if split != "train":
+        parts = [(f"{split}.txt", "SegmentationClass")]
     prepare_hint = (
         "Run `python data.py prepare voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and SegmentationClassAug."
     )
@@ -812,6 +805,8 @@ def find_voc12aug_pairs(root, split):
             raise FileNotFoundError(
                 f"voc12aug: {len(missing_images)} images listed in {list_path} are missing, e.g. {missing_images[0]}."
             )
+        if split == "test":
+            return [(image, None) for image, _ in part]
         hint = prepare_hint if label_dir == "SegmentationClassAug" else ""
         check_partners("voc12aug", part, root / "JPEGImages", lambda _, hint=hint: hint)
         pairs += part
@@ -868,6 +863,8 @@ def find_folder_pairs(root, split):
     images = sorted(path for path in image_dir.iterdir() if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS)
     if not images:
         raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")
+    if split == "test":
+        return [(str(image), None) for image in images]
     pairs = [(str(image), str(root / "labels" / split / (image.stem + ".png"))) for image in images]
     check_partners("folder", pairs, image_dir)
     return pairs
@@ -961,35 +958,27 @@ def make_toy_dataset(root):
         shutil.rmtree(temporary, ignore_errors=True)  # nothing left after the rename
 
 
-def build_dataset(name, root=None, split="train", crop_size=None, test_scale=None, test_ratios=(1.0,)):
+def build_dataset(
+    name, root=None, split="train", crop_size=None, scale=None, test_ratios=(1.0,), reduce_zero_label=None
+):
     """Build a dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'.
 
-    root: default DATASETS[name]['default_root'] ('folder' needs one). split: 'train' or 'val'.
-    crop_size: (h, w) of training crops, default the recipe's. test_scale: (W, H) the images are
-    rescaled to fit; the original uses one scale for training and testing, so it sets both. A
-    Cityscapes crop of (769, 769) implies the scale (2049, 1025) of the 769 configs. test_ratios: the
-    ratios of multi-scale testing (gcnet-spec.md §4.4), one val image per ratio.
+    root: default DATASETS[name]['default_root'] ('folder' needs one). split: 'train', 'val' or 'test'
+    (images only: labels are None and has_labels is False). crop_size: (h, w), 769 or '512x1024', default
+    the recipe's; scale: (W, H) the images are rescaled to fit, for training and testing alike, default
+    recipe.row(name, crop_size)['scale'] (a 769 crop on Cityscapes gives 2049x1025). test_ratios: the
+    ratios of multi-scale testing. reduce_zero_label: True when label 0 means 'ignore' and the classes
+    start at 1; None takes the dataset's own convention (ADE20K: True; folder: classes.txt).
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if name == "folder":
-        if root is None:
-            raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
-        preset = dict(FOLDER_DEFAULTS, reduce_zero_label=False)
-    elif name in DATASETS:
-        preset = DATASETS[name]
-    else:
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if name != "folder" and name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS) + ['folder']}")
-    root = Path(root if root is not None else preset["default_root"])
-    if isinstance(crop_size, int):
-        crop_size = (crop_size, crop_size)
-    crop_size = tuple(crop_size or preset["crop_size"])
-    if test_scale is not None:
-        train_scale = test_scale = tuple(test_scale)
-    elif name == "cityscapes" and crop_size == (769, 769):
-        train_scale = test_scale = CITYSCAPES_769_SCALE
-    else:
-        train_scale, test_scale = preset["train_scale"], preset["test_scale"]
+    if name == "folder" and root is None:
+        raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
+    row = recipe.row(name, crop_size)
+    scale = tuple(scale) if scale is not None else row["scale"]
+    root = Path(root if root is not None else DATASETS[name]["default_root"])
 
     if name == "toy" and not (root / "leftImg8bit").is_dir():
         make_toy_dataset(root)
@@ -997,8 +986,10 @@ def build_dataset(name, root=None, split="train", crop_size=None, test_scale=Non
         raise missing_path_error(name, root, root)
     if name == "folder":
         classes, palette = read_classes_file(root)
+        zero_is_ignore = False
     else:
-        classes, palette = preset["classes"], preset["palette"]
+        classes, palette = DATASETS[name]["classes"], DATASETS[name]["palette"]
+        zero_is_ignore = DATASETS[name]["reduce_zero_label"]
     find_pairs = {
         "cityscapes": find_cityscapes_pairs,
         "toy": lambda root, split: find_cityscapes_pairs(root, split, name="toy"),
@@ -1013,11 +1004,10 @@ def build_dataset(name, root=None, split="train", crop_size=None, test_scale=Non
         find_pairs(root, split),
         classes,
         palette,
-        train_scale=train_scale,
-        test_scale=test_scale,
-        crop_size=crop_size,
+        scale=scale,
+        crop_size=row["crop_size"],
         test_ratios=test_ratios,
-        reduce_zero_label=preset["reduce_zero_label"],
+        reduce_zero_label=zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label),
         image_suffix="_leftImg8bit.png" if name in ("cityscapes", "toy") else None,
     )
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import recipe
 
 HEIGHT, WIDTH = 32, 64
 # The official Cityscapes id -> trainId table, written out for ids 0..33 (gcnet-spec.md §5.1).
@@ -91,7 +92,7 @@ def make_folder(root, num_classes=3, label_for=None):
     return root
 
 
-SMALL = dict(crop_size=(16, 16), test_scale=(64, 32))  # keeps the fixtures at their size
+SMALL = dict(crop_size=(16, 16), scale=(64, 32))  # keeps the fixtures at their size
 
 
 # -----------------------------------------------------------------------------------------------
@@ -124,8 +125,8 @@ def test_defaults_follow_the_recipe():
     assert data.DATASETS["cityscapes"]["default_root"] == "data/cityscapes"
     assert data.DATASETS["ade20k"]["default_root"] == "data/ade/ADEChallengeData2016"
     assert data.DATASETS["voc12aug"]["default_root"] == "data/VOCdevkit/VOC2012"
-    assert data.DATASETS["cityscapes"]["crop_size"] == (512, 1024)
-    assert [data.DATASETS[n]["test_scale"] for n in ("cityscapes", "ade20k", "voc12aug", "toy")] == [
+    assert recipe.row("cityscapes")["crop_size"] == (512, 1024)
+    assert [recipe.row(n)["scale"] for n in ("cityscapes", "ade20k", "voc12aug", "toy")] == [
         (2048, 1024),
         (2048, 512),
         (2048, 512),
@@ -137,19 +138,19 @@ def test_defaults_follow_the_recipe():
 def test_cityscapes_769_uses_the_2049x1025_scale(tmp_path):
     root = make_cityscapes(tmp_path / "cityscapes")
     dataset = data.build_dataset("cityscapes", root, "val", crop_size=(769, 769))
-    assert dataset.test_scale == dataset.train_scale == (2049, 1025)
-    assert data.build_dataset("cityscapes", root, "val").test_scale == (2048, 1024)
+    assert dataset.scale == (2049, 1025)
+    assert data.build_dataset("cityscapes", root, "val").scale == (2048, 1024)
 
 
 def test_train_and_val_items(tmp_path):
     root = make_cityscapes(tmp_path / "cityscapes")
     torch.manual_seed(0)
-    image, label = data.build_dataset("cityscapes", root, "train", crop_size=(24, 40), test_scale=(64, 32))[0]
+    image, label = data.build_dataset("cityscapes", root, "train", crop_size=(24, 40), scale=(64, 32))[0]
     assert image.shape == (3, 24, 40) and image.dtype == torch.float32
     assert label.shape == (24, 40) and label.dtype == torch.int64
     assert set(label.unique().tolist()) <= set(range(19)) | {255}
 
-    val_set = data.build_dataset("cityscapes", root, "val", test_scale=(64, 32), test_ratios=(0.5, 1.0, 1.5))
+    val_set = data.build_dataset("cityscapes", root, "val", scale=(64, 32), test_ratios=(0.5, 1.0, 1.5))
     images, label, meta = val_set[0]
     assert [tuple(i.shape) for i in images] == [(3, 16, 32), (3, 32, 64), (3, 48, 96)]
     stored = data.read_label(val_set.pairs[0][1])
@@ -206,7 +207,7 @@ def test_toy_dataset_is_generated_once_deterministically(tmp_path):
     val_set = data.build_dataset("toy", root, "val")
     assert (len(train_set), len(val_set)) == (64, 16)
     assert train_set.classes == data.TOY_CLASSES and train_set.crop_size == (128, 128)
-    assert train_set.test_scale == (256, 128)
+    assert train_set.scale == (256, 128)
     image, label = val_set.load(0)
     assert image.shape == (3, 128, 256) and label.shape == (128, 256)
     # Written in the Cityscapes layout, sample i from seed i (train first): fully determined.
@@ -614,8 +615,8 @@ def test_missing_root_and_empty_split(tmp_path):
         data.build_dataset("folder", tmp_path)
     with pytest.raises(ValueError, match="unknown dataset 'kitti'"):
         data.build_dataset("kitti", tmp_path)
-    with pytest.raises(ValueError, match="'train' or 'val'"):
-        data.build_dataset("toy", tmp_path, "test")
+    with pytest.raises(ValueError, match="'train', 'val' or 'test'"):
+        data.build_dataset("toy", tmp_path, "testing")
 
 
 def test_missing_partners_are_named(tmp_path):
@@ -750,3 +751,18 @@ def test_read_image_can_apply_exif_orientation(tmp_path):
     photo.save(tmp_path / "phone.jpg", exif=exif)
     assert data.read_image(tmp_path / "phone.jpg").shape == (3, 20, 30)  # datasets: as stored
     assert data.read_image(tmp_path / "phone.jpg", upright=True).shape == (3, 30, 20)
+
+
+def test_test_split_has_no_labels_and_reduce_zero_label_can_be_chosen(tmp_path):
+    root = make_cityscapes(tmp_path / "cs")
+    save(root / "leftImg8bit" / "test" / "berlin" / "berlin_000000_000019_leftImg8bit.png", random_image(5))
+    test_set = data.build_dataset("cityscapes", root, "test", scale=(64, 32))
+    assert not test_set.has_labels and data.build_dataset("cityscapes", root, "val").has_labels
+    images, label, meta = test_set[0]
+    assert label is None and meta["name"] == "berlin_000000_000019" and meta["original_size"] == (32, 64)
+    assert data.collate_val([test_set[0]])[1] == [None]
+    folder = make_folder(tmp_path / "mine", label_for=lambda i: random_label(i, 4, low=1))
+    _, label, _ = data.build_dataset("folder", folder, "val", reduce_zero_label=True)[0]
+    expected = torch.from_numpy(random_label(0, 4, low=1)).long() - 1
+    expected[expected == 254] = 255
+    assert torch.equal(label, expected)
