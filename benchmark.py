@@ -4,13 +4,12 @@ The table's "Mem (GB)" is the peak memory of training at the row's per-GPU batch
 "Inf time (fps)" is batch-1 inference on real test images at the row's test size and mode, timed
 with the post-processing (resize to the original size, softmax, argmax), in fp32 on a V100
 (mmseg v0.5.0 tools/benchmark.py, docs/model_zoo.md). This script measures both for one row, for
-several variants of our model side by side (fp32 eager as the original ran, bf16/fp16 autocast,
-channels_last, torch.compile; for training also activation checkpointing), and says how far each is
-from the device's own limit: FLOPs per image (counted once, in fp32), achieved FLOP/s, and their
-fraction of a large matmul's rate measured in the same run and dtype. Training memory is accounted
-for as well: the bytes autograd saves for the backward pass, plus weights, gradients and SGD
-momentum. Last, it times the data pipeline of one loader worker. Weights and images are random:
-speed does not depend on their values.
+variants of our model side by side (fp32 eager as the original ran, bf16/fp16 autocast,
+channels_last, torch.compile, activation checkpointing for training), with FLOPs per image (counted
+once, in fp32), achieved FLOP/s and their fraction of a large matmul's rate in the same run and
+dtype; training memory also as the bytes autograd saves for backward plus weights, gradients and
+SGD momentum; and the data pipeline of one loader worker. Weights and images are random: speed
+does not depend on their values.
 
     python benchmark.py                                       # cityscapes 512x1024, R-50-D8
     python benchmark.py --dataset cityscapes --crop 769 --depth 101
@@ -74,8 +73,6 @@ MATMUL_SECONDS = 0.5
 DATA_ROUNDS = 4  # the data pipelines are timed in this many alternating rounds
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GB = 1024**3
-MEMORY_FIGURES = ("peak_memory_gb", "memory_measure", "resident_before_gb", "saved_for_backward_gb",
-                  "weights_gradients_momentum_gb", "estimated_training_memory_gb")  # fmt: skip
 
 
 # -----------------------------------------------------------------------------------------------
@@ -83,10 +80,10 @@ MEMORY_FIGURES = ("peak_memory_gb", "memory_measure", "resident_before_gb", "sav
 
 
 def row_settings(args, device):
-    """What the measurements need about the chosen row: recipe.row's recipe, plus the size of the
-    original image that the test pipeline rescales to the row's test scale."""
-    settings = recipe.row(args.dataset, args.crop and recipe.parse_crop(args.crop, "--crop"), args.depth)
-    crop_size, table_crops = settings["crop_size"], recipe.DATASETS[args.dataset]["crops"]
+    """recipe.row of the chosen row, plus what the measurements need: the original image size that
+    the test pipeline rescales to the test scale, the training crop and batches."""
+    row = recipe.row(args.dataset, args.crop and recipe.parse_crop(args.crop, "--crop"), args.depth)
+    crop_size, table_crops = row["crop_size"], recipe.DATASETS[args.dataset]["crops"]
     if crop_size not in table_crops:
         raise ValueError(
             f"--crop {args.crop}: the results table has {args.dataset} rows for crops "
@@ -94,35 +91,30 @@ def row_settings(args, device):
             "(--train-crop changes the training crop alone)"
         )
     original_size = CITYSCAPES_IMAGE_SIZE if args.dataset == "cityscapes" else NATURAL_IMAGE_SIZE
-    test_scale = settings["scale"]
+    test_scale = row["scale"]
     if args.size is not None:  # the given size is fed to the model as it is
         original_size = recipe.parse_crop(args.size, "--size")
         test_scale = (original_size[1], original_size[0])
     train_crop = recipe.parse_crop(args.train_crop, "--train-crop") if args.train_crop else crop_size
     # By default on a GPU also the table's 4 GPUs' worth of images on one (2 -> 8, 4 -> 16).
-    batches = [settings["batch_size"]] + ([settings["global_batch"]] if device.type == "cuda" else [])
+    batches = [row["batch_size"]] + ([row["global_batch"]] if device.type == "cuda" else [])
     batches = list(dict.fromkeys(args.train_batch or batches))
     if min(batches) < 1:
         raise ValueError(f"--train-batch: expected positive batch sizes, got {args.train_batch}")
-    return dict(
-        dataset=args.dataset,
-        depth=args.depth,
+    row.update(
         backbone=f"R-{args.depth}-D8",
-        recipe=settings,
-        crop_size=crop_size,
         num_classes=len(data.DATASETS[args.dataset]["classes"]),
         original_size=original_size,
         test_scale=test_scale,
         input_size=data.rescale_size(*original_size, test_scale),
-        mode=settings["test_mode"],
-        stride=settings["test_stride"] if settings["test_mode"] == "slide" else None,
-        align_corners=settings["align_corners"],
+        stride=row["test_stride"] if row["test_mode"] == "slide" else None,
         train_batches=batches,
         train_crop=train_crop,
         published=PUBLISHED.get((args.dataset, crop_size, args.depth)),
         inference_comparable=args.size is None,
-        comparable=args.size is None and train_crop == crop_size and batches[0] == settings["batch_size"],
+        comparable=args.size is None and train_crop == crop_size and batches[0] == row["batch_size"],
     )
+    return row
 
 
 def make_variant(precision, channels_last, compiled=False, checkpointing=False, batch=None):
@@ -136,18 +128,16 @@ def make_variant(precision, channels_last, compiled=False, checkpointing=False, 
 def variant_list(device, args, batches):
     """fp32 eager first (the baseline, and where FLOPs are counted), then the faster variants; the
     `default` one is what train.py and evaluate.py run with the same flags. compile and activation
-    checkpointing are tried on the default (on bf16 where --precision auto picks fp32), and these
-    are the ones trained at the further batches of --train-batch."""
+    checkpointing are tried on the default (on bf16 where --precision auto picks fp32); these are
+    the ones trained at the further batches of --train-batch."""
     precision = runtime.resolve_precision(args.precision, device)
     default = make_variant(precision, runtime.resolve_channels_last(args.channels_last, device, precision))
     if args.precision == "auto":
         precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
         variants = [make_variant(p, False) for p in precisions] + [make_variant("bf16", True)]
     else:  # fp32 stays: the baseline of the speed-ups and of the argmax agreement
-        variants = [
-            make_variant("fp32", False),
-            make_variant(precision, False),
-            make_variant(precision, True),
+        variants = [make_variant("fp32", False)] + [
+            make_variant(precision, layout) for layout in (False, True)
         ]
     lead = default
     if args.precision == "auto" and precision == "fp32":
@@ -180,15 +170,6 @@ def build_model(row, variant, device=None):
     return model
 
 
-def compiled(model, variant, inference):
-    """torch.compile for the compile variant. For inference the weights are frozen into the graph
-    (inductor's freezing), which folds BatchNorm into the convs and pre-packs the weights; training
-    cannot freeze what it updates."""
-    if not variant["compiled"]:
-        return model
-    return torch.compile(model, options={"freezing": True} if inference else None)
-
-
 # -----------------------------------------------------------------------------------------------
 # Timing, FLOPs and the device's limit
 
@@ -202,7 +183,7 @@ def time_calls(function, warmup, iters, device, description, first_call_scopes=(
     """Call `function` warmup times, then iters times, each timed alone between device
     synchronisations. The first call runs inside `first_call_scopes`: a FLOP counter (it sees every
     conv and matmul, backward included, and no BatchNorm, resize or softmax), a counter of saved
-    tensors. Also returns the share of the CPU threads that the timed calls got: below ~0.9, other
+    tensors. cpu_share is the share of the CPU threads that the timed calls got: below ~0.9, other
     processes were competing."""
     progress = tqdm(total=warmup + iters, desc=description, leave=False, disable=None)
     synchronize(device)
@@ -291,10 +272,10 @@ def resident_memory_gb():
 
 @contextlib.contextmanager
 def saved_for_backward(model, count):
-    """Adds to count["bytes"] what autograd keeps for the backward pass inside the
-    block. Each storage counts once (a view and its base, or a tensor that two ops save, share one);
-    the parameters' are left out, training_memory counts them as weights. The count depends on
-    shapes and dtypes only, so it is the same on any device."""
+    """Adds to count["bytes"] what autograd keeps for the backward pass inside the block. Each
+    storage counts once (a view and its base, or a tensor that two ops save, share one); parameters
+    are left out, as training_memory counts them as weights. The count depends on shapes and dtypes
+    only, so it is the same on any device."""
     # A storage is named by its own address: data_ptr would do on a device, but fake tensors have none.
     seen = {parameter.untyped_storage()._cdata for parameter in model.parameters()}
 
@@ -321,22 +302,22 @@ def forward_loss(model, images, labels, row, forward_scope):
     """The recipe's loss: decode head + aux_weight x auxiliary head."""
     with forward_scope:
         logits, aux_logits = model(images)
-    loss = train.segmentation_loss(logits, labels)
-    return loss + row["recipe"]["aux_weight"] * train.segmentation_loss(aux_logits, labels)
+    return train.segmentation_loss(logits, labels) + row["aux_weight"] * train.segmentation_loss(
+        aux_logits, labels
+    )
 
 
 def estimate_on_fake_tensors(row, precision, checkpointing, crop_size, batch):
     """training_memory of one step of the row's model at any size, in about a second: model and batch
     are fake tensors (shapes and dtypes, no data), so nothing is computed or allocated."""
-    cpu = torch.device("cpu")
+    cpu, count = torch.device("cpu"), dict(bytes=0)
     with FakeTensorMode():
         model = build_model(row, make_variant(precision, False, checkpointing=checkpointing)).train()
-        images = torch.empty(batch, 3, *crop_size)
-        labels = torch.zeros(batch, *crop_size, dtype=torch.long)
+        images, labels = torch.empty(batch, 3, *crop_size), torch.zeros(batch, *crop_size, dtype=torch.long)
         step_scope, forward_scope = runtime.training_scopes(cpu, precision)
-        with step_scope, saved_for_backward(model, saved := dict(bytes=0)):
+        with step_scope, saved_for_backward(model, count):
             forward_loss(model, images, labels, row, forward_scope)
-        return training_memory(saved["bytes"], model)
+        return training_memory(count["bytes"], model)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -357,15 +338,16 @@ def measure_inference(variant, row, image, device, warmup, iters, count_flops):
     original excluded data loading."""
     model = build_model(row, variant, device).eval()
     if variant["precision"] != "fp32" and not variant["compiled"]:
-        model = runtime.fold_batchnorm(model)  # as evaluate.py by default (compile's freezing folds)
+        model = runtime.fold_batchnorm(model)  # as evaluate.py by default
     if variant["channels_last"]:
         image = image.contiguous(memory_format=torch.channels_last)
-    runner = compiled(model, variant, inference=True)
+    if variant["compiled"]:  # inductor's freezing folds BatchNorm into the convs and pre-packs weights
+        model = torch.compile(model, options={"freezing": True})
 
     def infer():
         with runtime.precision_context(device, variant["precision"]):
-            probabilities = evaluate.predict(runner, [image], row["original_size"], mode=row["mode"],
-                                             crop_size=row["crop_size"], stride=row["stride"])  # fmt: skip
+            probabilities = evaluate.predict(model, [image], row["original_size"], mode=row["test_mode"],
+                                             crop_size=row["test_crop"], stride=row["stride"])  # fmt: skip
         return probabilities.argmax(dim=0).cpu()  # (H, W) at the original size
 
     counter = FlopCounterMode(display=False) if count_flops else None
@@ -388,16 +370,15 @@ def measure_training(variant, row, batch, device, warmup, iters, count_flops):
     """images/s and memory of forward (train mode), the recipe's loss, backward and an SGD step. The
     warm-up steps count towards the peak, as the original's peak covers the whole run; the first step
     also counts the bytes saved for backward (not under torch.compile, whose graphs choose what they
-    save)."""
+    save; it cannot freeze the weights that training updates)."""
     model = build_model(row, variant, device).train()
     images, labels = synthetic_batch(row, batch, device)
     if variant["channels_last"]:
         images = images.contiguous(memory_format=torch.channels_last)
-    settings = row["recipe"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
-                                weight_decay=settings["weight_decay"])  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=row["lr"], momentum=row["momentum"],
+                                weight_decay=row["weight_decay"])  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=variant["precision"] == "fp16")
-    runner = compiled(model, variant, inference=False)
+    runner = torch.compile(model) if variant["compiled"] else model
 
     def step():
         step_scope, forward_scope = runtime.training_scopes(device, variant["precision"])
@@ -410,8 +391,8 @@ def measure_training(variant, row, batch, device, warmup, iters, count_flops):
         return loss.detach()
 
     counter = FlopCounterMode(display=False) if count_flops else None
-    saved = dict(bytes=0)
-    saving = None if variant["compiled"] else saved_for_backward(model, saved)
+    count = dict(bytes=0)
+    saving = None if variant["compiled"] else saved_for_backward(model, count)
     resident_before = resident_memory_gb() if device.type == "cpu" else None
     memory_measure = reset_peak_memory(device)
     description = f"training {variant['name']} batch {batch}"
@@ -419,9 +400,8 @@ def measure_training(variant, row, batch, device, warmup, iters, count_flops):
     timing.update(batch=batch, flops=counter and counter.get_total_flops(), resident_before_gb=resident_before,
                   peak_memory_gb=runtime.peak_memory_gb(device), memory_measure=memory_measure,
                   images_per_s=batch * iters / sum(timing["seconds"]))  # fmt: skip
-    timing.update(
-        training_memory(saved["bytes"], model) if saving else dict.fromkeys(training_memory(0, model))
-    )
+    memory = training_memory(count["bytes"], model)
+    timing.update(memory if saving else dict.fromkeys(memory))
     if not torch.isfinite(timing["first_result"]):
         raise RuntimeError(f"{variant['name']}: the training loss is not finite ({timing['first_result']})")
     return timing
@@ -436,10 +416,10 @@ def measure_variants(variants, row, device, args):
     jobs = [("inference", v) for v in variants if v["batch"] is None and not v["checkpointing"]]
     for phase, variant in jobs + [("training", variant) for variant in variants]:
         batch = variant["batch"] or row["train_batches"][0]
-        arguments = (variant, row, image if phase == "inference" else batch, device, args.warmup, args.iters)
+        image = image if phase == "inference" else None  # out of the training's memory
+        measure, argument = (measure_inference, image) if phase == "inference" else (measure_training, batch)
         try:
-            measure = measure_inference if phase == "inference" else measure_training
-            timing = measure(*arguments, count_flops=variant is variants[0])
+            timing = measure(variant, row, argument, device, args.warmup, args.iters, variant is variants[0])
         except Exception as error:
             if not variant["compiled"]:
                 raise
@@ -452,16 +432,13 @@ def measure_variants(variants, row, device, args):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results[variant["name"]][phase] = timing
+        notes = [f"first call {timing['first_call_seconds']:.1f} s"]
+        notes += [f"CPU share {timing['cpu_share']:.2f}"] if timing["cpu_share"] is not None else []
+        notes += (
+            [f"batch {batch}, peak memory {timing['peak_memory_gb']:.2f} GB"] if phase == "training" else []
+        )
         print(
-            f"{phase:9} {variant['name']:32} {timing['images_per_s']:8.3f} images/s  "
-            f"(first call {timing['first_call_seconds']:.1f} s"
-            + (f", CPU share {timing['cpu_share']:.2f}" if timing["cpu_share"] is not None else "")
-            + (
-                f", batch {batch}, peak memory {timing['peak_memory_gb']:.2f} GB"
-                if phase == "training"
-                else ""
-            )
-            + ")",
+            f"{phase:9} {variant['name']:32} {timing['images_per_s']:8.3f} images/s  ({', '.join(notes)})",
             flush=True,
         )
     return results
@@ -478,15 +455,10 @@ def write_synthetic_pair(folder, size, num_classes):
     height, width = size
     coarse = torch.rand(1, 3, max(height // 32, 2), max(width // 32, 2), generator=generator) * 255
     smooth = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0]
-    image = (
-        (smooth + torch.randn(3, height, width, generator=generator) * 6)
-        .round()
-        .clamp(0, 255)
-        .to(torch.uint8)
-    )
-    blobs = torch.randint(
-        0, num_classes, (1, 1, max(height // 64, 2), max(width // 64, 2)), generator=generator
-    )
+    noise = torch.randn(3, height, width, generator=generator) * 6
+    image = (smooth + noise).round().clamp(0, 255).to(torch.uint8)
+    blob_size = (1, 1, max(height // 64, 2), max(width // 64, 2))
+    blobs = torch.randint(0, num_classes, blob_size, generator=generator)
     label = F.interpolate(blobs.float(), size=size, mode="nearest")[0].to(torch.uint8)
     label[:, : max(height // 20, 1)] = data.IGNORE_INDEX
     image_path, label_path = Path(folder) / "image.png", Path(folder) / "label.png"
@@ -628,28 +600,25 @@ def find(records, **fields):
 
 
 def summarize(variants, measured, peaks, flops):
-    """One record per variant: speed-up over fp32 eager, FLOP/s, fraction of the matmul rate of the
-    variant's dtype, argmax agreement with fp32 eager; for checkpointing, the step-time cost and the
-    memory of the same variant without it at the same batch."""
+    """One record per variant with the ratios filled in: speed-up over fp32 eager at the same batch,
+    FLOP/s and its fraction of the matmul rate of the variant's dtype, argmax agreement with fp32
+    eager; for checkpointing, the step-time cost and the memory without it."""
     baseline = measured[variants[0]["name"]]
     records = []
     for variant in variants:
-        record = dict(variant, error=measured[variant["name"]]["error"])
-        for phase in ("inference", "training"):
-            timing = measured[variant["name"]][phase]
-            if timing is None:
-                record[phase] = None
+        record = dict(variant, error=measured[variant["name"]]["error"], inference=None, training=None)
+        for phase, timing in measured[variant["name"]].items():
+            if phase == "error" or timing is None:
                 continue
+            record[phase] = {
+                key: value for key, value in timing.items() if key not in ("first_result", "flops")
+            }
             flops_per_s = flops[phase] * timing["images_per_s"]
             same_batch = variant["batch"] is None and baseline[phase]
-            record[phase] = dict(
-                images_per_s=timing["images_per_s"],
-                seconds=timing["seconds"],
-                first_call_seconds=timing["first_call_seconds"],
+            record[phase].update(
                 speedup=timing["images_per_s"] / baseline[phase]["images_per_s"] if same_batch else None,
                 flops_per_s=flops_per_s,
                 fraction_of_matmul_peak=flops_per_s / peaks[variant["precision"]],
-                cpu_share=timing["cpu_share"],
             )
         if record["inference"]:
             agreement = (
@@ -657,21 +626,15 @@ def summarize(variants, measured, peaks, flops):
                 == baseline["inference"]["first_result"]
             )
             record["inference"]["argmax_agreement"] = agreement.double().mean().item()
-        if record["training"]:
-            timing = measured[variant["name"]]["training"]
-            record["batch"] = timing["batch"]
-            record["training"].update({key: timing[key] for key in MEMORY_FIGURES})
-        without = record["checkpointing"] and record["training"] and find(
-            records, **{key: record[key] for key in ("precision", "channels_last", "batch")}, compiled=False,
-            checkpointing=False)  # fmt: skip
-        if without and without["training"]:
-            record["training"]["checkpointing_step_time_cost"] = (
-                without["training"]["images_per_s"] / record["training"]["images_per_s"]
-            )
-            record["training"]["without_checkpointing"] = {
-                key: without["training"][key] for key in MEMORY_FIGURES
-            }
+        record["batch"] = record["training"] and record["training"].pop("batch")
         records.append(record)
+    for record in records:
+        fields = {key: record[key] for key in ("precision", "channels_last", "batch")}
+        without = record["checkpointing"] and find(records, **fields, compiled=False, checkpointing=False)
+        if record["training"] and without and without["training"]:
+            cost = without["training"]["images_per_s"] / record["training"]["images_per_s"]
+            memory = {key: without["training"][key] for key in ("peak_memory_gb", "saved_for_backward_gb")}
+            record["training"].update(checkpointing_step_time_cost=cost, without_checkpointing=memory)
     return records
 
 
@@ -688,42 +651,36 @@ def results_table(row, records):
     start = ["GCNet", row["backbone"], f"{row['crop_size'][0]}x{row['crop_size'][1]}"]
     lines = [start + [*map(str, row["published"]), "published: V100, fp32"]] if row["published"] else []
     for record in records:
-        inference, training = record["inference"], record["training"]
-        cells = start + [f"{training['peak_memory_gb']:.2f}" if training else "-"]
-        cells.append(f"{inference['images_per_s']:.3f}" if inference else "-")
+        inference, training = record["inference"] or {}, record["training"] or {}
         name = record["name"] + (" (default)" if record["default"] else "")
-        cells.append(name + (f" [{record['error']}]" if record["error"] else ""))
-        if inference:
+        cells = start + [f"{training['peak_memory_gb']:.2f}" if training else "-"]
+        cells += [f"{inference['images_per_s']:.3f}" if inference else "-"]
+        cells += [name + (f" [{record['error']}]" if record["error"] else "")]
+        for figures, percent in ((inference, "argmax_agreement"), (training, None)):
+            if not figures:
+                cells += ["-"] * 4
+                continue
+            cells += [f"{figures['images_per_s']:.3f}"] if figures is training else []
             cells += [
-                f"{inference['speedup']:.2f}x",
-                format_rate(inference["flops_per_s"]),
-                f"{100 * inference['fraction_of_matmul_peak']:.0f}%",
-                f"{100 * inference['argmax_agreement']:.3f}%",
+                f"{figures['speedup']:.2f}x" if figures["speedup"] else "-",
+                format_rate(figures["flops_per_s"]),
             ]
-        else:
-            cells += ["-"] * 4
-        if training:
-            memory = (training["saved_for_backward_gb"], training["estimated_training_memory_gb"])
-            cells += [
-                f"{training['images_per_s']:.3f}",
-                f"{training['speedup']:.2f}x" if training["speedup"] else "-",
-                format_rate(training["flops_per_s"]),
-                f"{100 * training['fraction_of_matmul_peak']:.0f}%",
-            ] + ["-" if value is None else f"{value:.2f}" for value in memory]
-        lines.append(cells)
+            cells += [f"{100 * figures['fraction_of_matmul_peak']:.0f}%"]
+            cells += [f"{100 * figures[percent]:.3f}%"] if percent else []
+        memory = [training.get("saved_for_backward_gb"), training.get("estimated_training_memory_gb")]
+        lines.append(cells + ["-" if value is None else f"{value:.2f}" for value in memory])
     lines = [cells + [""] * (len(columns) - len(cells)) for cells in lines]
     widths = [max(len(cells[i]) for cells in [columns] + lines) for i in range(len(columns))]
-    render = [
+    return "\n".join(
         "| " + " | ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) + " |"
-        for cells in [columns, ["-" * width for width in widths]] + lines
-    ]
-    return "\n".join(render)
+        for cells in [columns, ["-" * width for width in widths], *lines]
+    )
 
 
 def check_targets(row, records, device, estimates):
     """The benchmark targets of this device kind: measured value, threshold, PASS or MISS. A miss is
     a finding, not an error: the program goes on. Training memory counts with activation
-    checkpointing where the default alone misses it."""
+    checkpointing where the default alone misses the target."""
     default = find(records, default=True)
     inference, training = default["inference"], default["training"]
     peak, memory = f"the {default['precision']} matmul rate", MEMORY_TARGET
@@ -740,54 +697,32 @@ def check_targets(row, records, device, estimates):
             note = with_checkpointing and f"with activation checkpointing {with_checkpointing:.2f} GB"
             target(f"{description}, {size}", without, "<=", memory["gb"], note)
         else:
-            note = f"without it {without:.2f} GB"
-            target(
-                f"{description}, {size}, with activation checkpointing",
-                with_checkpointing,
-                "<=",
-                memory["gb"],
-                note,
-            )
+            description += f", {size}, with activation checkpointing"
+            target(description, with_checkpointing, "<=", memory["gb"], f"without it {without:.2f} GB")
 
+    default_is = f"of the default variant ({default['name']})"
     if device.type == "cpu":
-        target("inference speed-up of the default variant over fp32 eager", inference["speedup"], ">=", 2.0)
-        target(
-            f"inference FLOP/s of the default variant / {peak}",
-            inference["fraction_of_matmul_peak"],
-            ">=",
-            0.9,
-        )
-        target(
-            "argmax agreement of the default variant with fp32", inference["argmax_agreement"], ">=", 0.995
-        )
-        target("training speed-up of the default variant over fp32 eager", training["speedup"], ">=", 2.0)
-        target(
-            f"training FLOP/s of the default variant / {peak}", training["fraction_of_matmul_peak"], ">=", 0.8
-        )
+        for description, measured, threshold in [
+            (f"inference speed-up {default_is} over fp32 eager", inference["speedup"], 2.0),
+            (f"inference FLOP/s {default_is} / {peak}", inference["fraction_of_matmul_peak"], 0.9),
+            (f"argmax agreement {default_is} with fp32", inference["argmax_agreement"], 0.995),
+            (f"training speed-up {default_is} over fp32 eager", training["speedup"], 2.0),
+            (f"training FLOP/s {default_is} / {peak}", training["fraction_of_matmul_peak"], 0.8),
+        ]:
+            target(description, measured, ">=", threshold)
     else:
-        target(
-            f"inference FLOP/s of the default variant / {peak}",
-            inference["fraction_of_matmul_peak"],
-            ">=",
-            0.4,
-        )
+        target(f"inference FLOP/s {default_is} / {peak}", inference["fraction_of_matmul_peak"], ">=", 0.4)
         if row["published"] and row["inference_comparable"]:
             fps = row["published"][1]
             target(
-                f"inference fps of the default variant / the table's {fps}",
-                inference["images_per_s"] / fps,
-                ">=",
-                10,
+                f"inference fps {default_is} / the table's {fps}", inference["images_per_s"] / fps, ">=", 10
             )
-        # Measured: the default, if bf16, and with checkpointing, trained at the target's crop and batch.
-        same = dict(precision=memory["precision"], channels_last=default["channels_last"], compiled=False)
-        peaks = [find(records, **same, checkpointing=on, batch=memory["batch"]) for on in (False, True)]
-        peaks = [record and record["training"] and record["training"]["peak_memory_gb"] for record in peaks]
-        if (
-            row["train_crop"] == memory["crop_size"]
-            and default["precision"] == memory["precision"]
-            and peaks[0]
-        ):
+        # Measured: the default, if bf16, without and with checkpointing at the target's crop and batch.
+        same = dict(precision=default["precision"], channels_last=default["channels_last"], compiled=False)
+        found = [find(records, **same, checkpointing=on, batch=memory["batch"]) for on in (False, True)]
+        peaks = [(record and record["training"] or {}).get("peak_memory_gb") for record in found]
+        at_target = default["precision"] == memory["precision"] and row["train_crop"] == memory["crop_size"]
+        if at_target and peaks[0] is not None:
             memory_target("training memory (GB, torch.cuda.max_memory_allocated)", *peaks)
     memory_target(
         "estimated training memory (GB: saved for backward + weights + gradients + momentum)",
@@ -822,8 +757,8 @@ def protocol_lines(row, args, device, flops, peaks, variants, estimates):
         + (f", cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark off" if device.type == "cuda" else ""),
         f"row         GCNet {row['backbone']} {row['dataset']} {crop[0]}x{crop[1]}, "
         f"{row['num_classes']} classes, random weights and images",
-        f"inference   batch 1, {height}x{width} input ({row['mode']}"
-        + (f", windows {crop[0]} stride {row['stride'][0]}" if row["mode"] == "slide" else "")
+        f"inference   batch 1, {height}x{width} input ({row['test_mode']}"
+        + (f", windows {crop[0]} stride {row['stride'][0]}" if row["stride"] else "")
         + f", align_corners {row['align_corners']}), resized to the original "
         f"{row['original_size'][0]}x{row['original_size'][1]}, softmax, argmax, to host; "
         f"{args.warmup} warm-up + {args.iters} timed images",
@@ -837,7 +772,7 @@ def protocol_lines(row, args, device, flops, peaks, variants, estimates):
         "the end of the run: " + ", ".join(f"{p} {format_rate(rate)}" for p, rate in peaks.items()),
         "memory      estimated = saved for backward (saved_tensors_hooks, each storage once) + weights + "
         f"gradients + SGD momentum; at {target['crop_size'][0]}x{target['crop_size'][1]} batch {target['batch']} "
-        f"{target['precision']}, counted on fake tensors: "
+        f"{target['precision']} on fake tensors: "
         + ", ".join(
             f"{name} {figures['estimated_training_memory_gb']:.2f} GB" for name, figures in estimates.items()
         ),
@@ -851,26 +786,28 @@ def protocol_lines(row, args, device, flops, peaks, variants, estimates):
 
 def print_findings(records, targets, device):
     """channels_last on the CPU, the cost of activation checkpointing, a busy CPU, the targets."""
-    by_name = {record["name"]: record for record in records}
-    plain, channels_last = by_name.get("bf16"), by_name.get("bf16+channels_last")
+    plain, channels_last = find(records, name="bf16"), find(records, name="bf16+channels_last")
     if device.type == "cpu" and plain and channels_last and plain["inference"] and channels_last["inference"]:
-        ratios = [
-            channels_last[phase]["images_per_s"] / plain[phase]["images_per_s"]
-            for phase in ("inference", "training")
-        ]
+        phases = ("inference", "training")
+        ratios = [channels_last[phase]["images_per_s"] / plain[phase]["images_per_s"] for phase in phases]
         print(
             f"channels_last on this CPU (bf16): inference x{ratios[0]:.2f}, training x{ratios[1]:.2f} "
             f"({'helps' if min(ratios) > 1.05 else 'does not help'})"
         )
     for record in records:
-        training = record["training"]
-        if training and training.get("without_checkpointing"):
-            without = training["without_checkpointing"]
+        if record["training"] and "without_checkpointing" in record["training"]:
+            training, without = record["training"], record["training"]["without_checkpointing"]
             print(
                 f"activation checkpointing ({record['name']}): step time x{training['checkpointing_step_time_cost']:.2f}"
                 f", saved for backward {without['saved_for_backward_gb']:.2f} -> {training['saved_for_backward_gb']:.2f}"
                 f" GB, peak memory {without['peak_memory_gb']:.2f} -> {training['peak_memory_gb']:.2f} GB"
             )
+    default = find(records, default=True)
+    same = {key: default[key] for key in ("precision", "channels_last", "compiled", "checkpointing")}
+    at_batches = [r for r in records if r["training"] and all(r[key] == same[key] for key in same)]
+    if len(at_batches) > 1:
+        rates = ", ".join(f"batch {r['batch']} {r['training']['images_per_s']:.2f}" for r in at_batches)
+        print(f"training images/s of {default['name']}: {rates}")
     contended = [
         f"{record['name']} {phase}"
         for record in records
@@ -909,20 +846,18 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = False  # as the table's figures were taken (mmseg tools/benchmark.py)
 
     print(f"benchmark: GCNet {row['backbone']} {row['dataset']} on {device}", flush=True)
-    peaks = {
-        precision: matmul_rate(precision, device)
-        for precision in dict.fromkeys(v["precision"] for v in variants)
-    }
+    precisions = dict.fromkeys(variant["precision"] for variant in variants)
+    peaks = {precision: matmul_rate(precision, device) for precision in precisions}
     measured = measure_variants(variants, row, device, args)
     baseline = measured[variants[0]["name"]]
     flops = dict(
         inference=baseline["inference"]["flops"],
         training=baseline["training"]["flops"] / row["train_batches"][0],
     )
-    target = MEMORY_TARGET
+    memory = MEMORY_TARGET
     estimates = {
         name: estimate_on_fake_tensors(
-            row, target["precision"], name == "checkpointing", target["crop_size"], target["batch"]
+            row, memory["precision"], name == "checkpointing", memory["crop_size"], memory["batch"]
         )
         for name in ("default", "checkpointing")
     }
@@ -937,7 +872,7 @@ def main(argv=None):
     print_findings(records, targets, device)
 
     timed = dict(warmup=args.warmup, iters=args.iters)
-    inference_keys = ("input_size", "original_size", "mode", "stride", "align_corners")
+    inference = {key: row[key] for key in ("input_size", "original_size", "stride", "align_corners")}
     protocol = dict(
         device=device.type,
         device_name=device_description(device),
@@ -945,21 +880,17 @@ def main(argv=None):
         python=platform.python_version(),
         threads=torch.get_num_threads(),
         **{key: row[key] for key in ("dataset", "backbone", "depth", "crop_size", "num_classes")},
-        inference=dict(batch=1, **{key: row[key] for key in inference_keys}, **timed),
+        inference=dict(batch=1, mode=row["test_mode"], **inference, **timed),
         training=dict(
             batch=row["train_batches"][0], batches=row["train_batches"], crop_size=row["train_crop"], **timed
         ),
         comparable_with_published=row["comparable"],
         flops_counted_in="fp32, torch.utils.flop_counter.FlopCounterMode (convs and matmuls)",
         matmul_size=MATMUL_SIZE[device.type],
-        saved_for_backward_counted_with="torch.autograd.graph.saved_tensors_hooks, each storage once, "
-        "parameters as weights",
+        saved_for_backward_counted_with="torch.autograd.graph.saved_tensors_hooks, each storage once",
     )
     published = row["published"] and dict(
         mem_gb=row["published"][0], fps=row["published"][1], hardware="V100, fp32"
-    )
-    memory_target = dict(
-        target, counted_on="fake tensors (FakeTensorMode): shapes and dtypes, no data", **estimates
     )
     report = dict(
         protocol=protocol,
@@ -967,7 +898,7 @@ def main(argv=None):
         flops_per_image=flops,
         matmul_peak_flops_per_s=peaks,
         variants=records,
-        memory_target=memory_target,
+        memory_target=dict(memory, counted_on="fake tensors: shapes and dtypes, no data", **estimates),
         data=data_results,
         targets=targets,
     )
@@ -975,7 +906,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
-    return report
+    return json.loads(out.read_text())
 
 
 def build_parser():
@@ -983,41 +914,26 @@ def build_parser():
         description="Measure GCNet's training memory, inference speed and their distance to the device's "
         "peak for one row of the results table (see the docstring of benchmark.py).",
         epilog="--precision auto (the default) runs every precision and marks as default the variant that "
-        "train.py and evaluate.py would run; an explicit --precision P (and --channels-last) makes that the "
+        "train.py and evaluate.py would run; an explicit --precision P (with --channels-last) makes that the "
         "default variant, which the targets judge, and runs only fp32 eager (the baseline) and P's variants.",
     )
-    parser.add_argument("--dataset", default="cityscapes", choices=recipe.TABLE_DATASETS)
-    parser.add_argument(
-        "--crop", default=None, help="the row's crop, 769 or HxW (default: the dataset's first)"
-    )
-    parser.add_argument("--depth", type=int, default=50, choices=(50, 101))
-    parser.add_argument(
-        "--size", default=None, help="HxW fed to the model for inference (default: the row's)"
-    )
-    parser.add_argument(
-        "--iters", type=int, default=None, help="timed images and steps (default 50 CUDA, 3 CPU)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=2,
-        help="untimed calls before them (default 2: the first SGD step creates the momentum buffers, so "
-        "steady steps start at the third; the original: 5)",
-    )
-    parser.add_argument(
-        "--train-batch",
-        type=int,
-        nargs="+",
-        default=None,
-        help="training batches: the first for every variant, the others for the default and checkpointing "
-        "ones (default: the row's per-GPU batch; on CUDA also the table's 4 GPUs' worth on one: 2 8)",
-    )
-    parser.add_argument("--train-crop", default=None, help="769 or HxW (default: the row's crop)")
-    parser.add_argument("--data-size", default="1024x2048", help="HxW of the PNG for the data timing")
-    parser.add_argument("--data-iters", type=int, default=40, help="timed samples per data pipeline")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    parser.add_argument("--out", default="benchmark.json", help="where the JSON results go")
+    add = parser.add_argument
+    add("--dataset", default="cityscapes", choices=recipe.TABLE_DATASETS)
+    add("--crop", default=None, help="the row's crop, 769 or HxW (default: the dataset's first)")
+    add("--depth", type=int, default=50, choices=(50, 101))
+    add("--size", default=None, help="HxW fed to the model for inference (default: the row's)")
+    add("--iters", type=int, default=None, help="timed images and steps (default 50 CUDA, 3 CPU)")
+    add("--warmup", type=int, default=2, help="untimed calls before them (default 2: the first SGD step creates "
+        "the momentum buffers, so steady steps start at the third; the original: 5)")  # fmt: skip
+    add("--train-batch", type=int, nargs="+", default=None, help="training batches: the first for every variant, "
+        "the others for the default and checkpointing ones (default: the row's per-GPU batch; on CUDA also "
+        "the table's 4 GPUs' worth on one, e.g. 2 8)")  # fmt: skip
+    add("--train-crop", default=None, help="769 or HxW (default: the row's crop)")
+    add("--data-size", default="1024x2048", help="HxW of the PNG for the data timing")
+    add("--data-iters", type=int, default=40, help="timed samples per data pipeline")
+    add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add("--no-compile", action="store_true", help="skip the torch.compile variant")
+    add("--out", default="benchmark.json", help="where the JSON results go")
     runtime.add_arguments(parser)
     return parser
 

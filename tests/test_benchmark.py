@@ -127,7 +127,7 @@ def test_saved_for_backward_counts_each_storage_once_without_parameters():
 
 
 def test_activation_checkpointing_saves_less_and_fake_tensors_count_as_real_ones():
-    row = dict(num_classes=19, depth=50, align_corners=False, recipe=dict(aux_weight=0.4))
+    row = dict(num_classes=19, depth=50, align_corners=False, aux_weight=0.4)
     estimates = [benchmark.estimate_on_fake_tensors(row, "fp32", on, (32, 32), 1) for on in (False, True)]
     saved = [estimate["saved_for_backward_gb"] for estimate in estimates]
     assert 0 < saved[1] < saved[0]
@@ -158,7 +158,7 @@ def test_cuda_targets_on_made_up_figures():
     }
     targets = {t["target"]: t for t in benchmark.check_targets(row, records, torch.device("cuda"), estimates)}
     assert len(targets) == 4
-    peak = targets["inference FLOP/s of the default variant / the bf16 matmul rate"]
+    peak = next(t for name, t in targets.items() if name.startswith("inference FLOP/s"))
     assert peak["measured"] == 0.5 and peak["threshold"] == 0.4 and peak["passed"]
     fps = next(t for name, t in targets.items() if "3.93" in name)
     assert math.isclose(fps["measured"], 50.0 / 3.93) and fps["passed"]
