@@ -20,8 +20,8 @@ Layouts (default roots are relative to the working directory, as in the original
 
 Labels are PNGs of class indices with 255 = ignore. Two datasets need a one-off preparation:
 
-    python data.py prepare cityscapes data/cityscapes                  # *_labelIds -> *_labelTrainIds
-    python data.py prepare voc12aug data/VOCdevkit data/VOCdevkit/VOCaug  # SBD .mat -> PNG, aug.txt
+    python tools/prepare_datasets.py cityscapes data/cityscapes                  # *_labelIds -> *_labelTrainIds
+    python tools/prepare_datasets.py voc12aug data/VOCdevkit data/VOCdevkit/VOCaug  # SBD .mat -> PNG, aug.txt
 
 In code:
 
@@ -30,21 +30,17 @@ In code:
     val_set = data.build_dataset("cityscapes", split="val")      # (images, label, meta)
 """
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import warnings
-from collections import Counter
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
-from tqdm import tqdm
 
 import recipe
 
@@ -83,43 +79,376 @@ DATASETS = {
 SPLITS = ("train", "val", "test")  # test: images only, for predictions and the benchmark servers
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
-# Shown when a root or a split is missing or empty.
-LAYOUTS = {
-    "cityscapes": (
-        "  {root}/leftImg8bit/{{train,val}}/<city>/<name>_leftImg8bit.png\n"
-        "  {root}/gtFine/{{train,val}}/<city>/<name>_gtFine_labelTrainIds.png\n"
-        "Get leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com,"
-        " unzip both into {root}, then run `python data.py prepare cityscapes {root}`."
-    ),
-    "ade20k": (
-        "  {root}/images/{{training,validation}}/<name>.jpg\n"
-        "  {root}/annotations/{{training,validation}}/<name>.png\n"
-        "Unzip ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/) into the parent"
-        " of {root}; the root is the ADEChallengeData2016 folder itself."
-    ),
-    "voc12aug": (
-        "  {root}/JPEGImages/<name>.jpg\n"
-        "  {root}/SegmentationClass/<name>.png, {root}/SegmentationClassAug/<name>.png\n"
-        "  {root}/ImageSets/Segmentation/{{train,val,aug}}.txt\n"
-        "Unpack VOCtrainval_11-May-2012.tar (gives VOCdevkit/VOC2012) and the SBD benchmark.tgz (into"
-        " VOCdevkit/VOCaug), then run `python data.py prepare voc12aug data/VOCdevkit data/VOCdevkit/VOCaug`"
-        " to write SegmentationClassAug and aug.txt."
-    ),
-    "folder": (
-        "  {root}/images/{{train,val}}/<name>.jpg (or .jpeg/.png/.webp)\n"
-        "  {root}/labels/{{train,val}}/<name>.png (class indices 0..C-1, 255 = ignore)\n"
-        "  {root}/classes.txt (one class per line: a name, optionally followed by R G B)"
-    ),
-}
-LAYOUTS["toy"] = (
-    "  {root}/leftImg8bit/{{train,val}}/toy/<name>_leftImg8bit.png\n"
-    "  {root}/gtFine/{{train,val}}/toy/<name>_gtFine_labelTrainIds.png\n"
-    "It is generated when {root} does not exist: delete {root} to generate it again."
-)
+# Cityscapes id -> trainId (csscripts helpers/labels.py, gcnet-spec.md §5.1); every other id -> 255.
+CITYSCAPES_ID_TO_TRAINID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+
+
+def build_dataset(
+    name, root=None, split="train", crop_size=None, scale=None, test_ratios=(1.0,), reduce_zero_label=None
+):
+    """Build a dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'.
+
+    root: default DATASETS[name]['default_root'] ('folder' needs one). split: 'train', 'val' or 'test'
+    (images only: labels are None and has_labels is False). crop_size: (h, w), 769 or '512x1024', default
+    the recipe's; scale: (W, H) the images are rescaled to fit, for training and testing alike, default
+    recipe.row(name, crop_size)['scale'] (a 769 crop on Cityscapes gives 2049x1025). test_ratios: the
+    ratios of multi-scale testing. reduce_zero_label: True when label 0 means 'ignore' and the classes
+    start at 1; None takes the dataset's own convention (ADE20K: True; folder: classes.txt).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if name != "folder" and name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS) + ['folder']}")
+    if name == "folder" and root is None:
+        raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
+    row = recipe.row(name, crop_size)
+    scale = tuple(scale) if scale is not None else row["scale"]
+    root = Path(root if root is not None else DATASETS[name]["default_root"])
+
+    if name == "toy" and not (root / "leftImg8bit").is_dir():
+        make_toy_dataset(root)
+    if not root.is_dir():
+        raise missing_path_error(name, root, root)
+    if name == "folder":
+        classes, palette = read_classes_file(root)
+        zero_is_ignore = False
+    else:
+        classes, palette = DATASETS[name]["classes"], DATASETS[name]["palette"]
+        zero_is_ignore = DATASETS[name]["reduce_zero_label"]
+    find_pairs = {
+        "cityscapes": find_cityscapes_pairs,
+        "toy": lambda root, split: find_cityscapes_pairs(root, split, name="toy"),
+        "ade20k": find_ade20k_pairs,
+        "voc12aug": find_voc12aug_pairs,
+        "folder": find_folder_pairs,
+    }[name]
+    return SegmentationDataset(
+        name,
+        root,
+        split,
+        find_pairs(root, split),
+        classes,
+        palette,
+        scale=scale,
+        crop_size=row["crop_size"],
+        test_ratios=test_ratios,
+        reduce_zero_label=zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label),
+        image_suffix="_leftImg8bit.png" if name in ("cityscapes", "toy") else None,
+    )
 
 
 # -----------------------------------------------------------------------------------------------
-# Reading images and labels
+# Training pipeline
+
+
+class TrainTransform:
+    """The whole training pipeline: (uint8 3 x H x W RGB image, H x W label) -> (float32 3 x h x w,
+    int64 h x w) at crop_size (h, w). train_scale is (W, H), e.g. (2048, 1024) for Cityscapes."""
+
+    def __init__(self, train_scale, crop_size, ignore_index=IGNORE_INDEX, cat_max_ratio=0.75):
+        self.steps = [
+            RandomRescaleCrop(train_scale, crop_size, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
+            RandomHorizontalFlip(0.5),
+            PhotometricDistortion(),  # on the crop, as in the original: cheap
+            NormalizePad(crop_size, ignore_index),
+        ]
+
+    def __call__(self, image, label):
+        label = label.to(torch.uint8)
+        for step in self.steps:
+            image, label = step(image, label)
+        return image, label
+
+
+class RandomRescaleCrop:
+    """Steps 3 and 4 together: rescale by a random ratio, then take a crop of at most crop_size.
+
+    The ratio r is uniform in [0.5, 2); the image is rescaled to fit (int(W_s*r), int(H_s*r)) keeping its
+    aspect ratio. Only the pixels inside the crop boxes are computed, of the label (nearest) for each
+    box the cat_max_ratio test looks at, and of the image (bilinear) for the chosen box; the result is
+    that of resizing the whole image and label, then cropping (bit-exact, see resize_image_window).
+    An image smaller than the crop gives a smaller crop; NormalizePad fills it up.
+    """
+
+    def __init__(
+        self, scale, crop_size, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, ignore_index=IGNORE_INDEX
+    ):
+        self.scale, self.crop_size, self.ratio_range = scale, crop_size, ratio_range
+        self.cat_max_ratio, self.ignore_index = cat_max_ratio, ignore_index
+
+    def __call__(self, image, label):
+        low, high = self.ratio_range
+        ratio = float(torch.rand(())) * (high - low) + low
+        size = rescale_size(*label.shape, ratio_scale(self.scale, ratio))
+        height, width = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
+
+        def label_crop(top, left):
+            return resize_label_window(label, size, top, left, height, width)
+
+        top, left, label = choose_crop(
+            size, self.crop_size, label_crop, self.cat_max_ratio, self.ignore_index
+        )
+        return resize_image_window(image, size, top, left, height, width), label
+
+
+def ratio_scale(scale, ratio):
+    """The scale (W, H) times a ratio, truncated as the original does: (int(W*r), int(H*r))."""
+    return int(scale[0] * ratio), int(scale[1] * ratio)
+
+
+def rescale_size(height, width, scale):
+    """(h, w) of mmcv.imrescale: the largest keep-ratio size that fits `scale` (W, H), either way round.
+
+    f = min(max(scale) / long side, min(scale) / short side), size = int(dim * f + 0.5).
+    E.g. a 375x500 VOC image with scale (2048, 512) becomes 512x683 (gcnet-spec.md §4.1).
+    """
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def random_crop_box(height, width, crop_size):
+    """Top-left corner of a random crop; offsets are uniform over every position that fits."""
+    top = int(torch.randint(0, max(height - crop_size[0], 0) + 1, ()))
+    left = int(torch.randint(0, max(width - crop_size[1], 0) + 1, ()))
+    return top, left
+
+
+def crop_is_acceptable(label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
+    """The cat_max_ratio test: at least two classes, and none covering cat_max_ratio or more of the
+    non-ignored pixels."""
+    counts = torch.bincount(label_crop.flatten(), minlength=256)
+    counts[ignore_index] = 0
+    counts = counts[counts > 0]
+    return len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio
+
+
+def choose_crop(size, crop_size, label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
+    """Draw crop boxes in an image of `size` (h, w) until one passes the cat_max_ratio test, checking
+    at most 10; after 10 failures the 11th draw is used unchecked (gcnet-spec.md §3.3 step 4).
+    label_crop(top, left) gives the label inside a box. Returns (top, left, that label crop)."""
+    top, left = random_crop_box(*size, crop_size)
+    if cat_max_ratio < 1:
+        for _ in range(10):
+            crop = label_crop(top, left)
+            if crop_is_acceptable(crop, cat_max_ratio, ignore_index):
+                return top, left, crop
+            top, left = random_crop_box(*size, crop_size)
+    return top, left, label_crop(top, left)
+
+
+class RandomHorizontalFlip:
+    """Step 5: mirror image and label with probability 0.5."""
+
+    def __init__(self, probability=0.5):
+        self.probability = probability
+
+    def __call__(self, image, label):
+        if float(torch.rand(())) < self.probability:
+            return image.flip(-1), label.flip(-1)
+        return image, label
+
+
+class PhotometricDistortion:
+    """Step 6: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order.
+
+    Each step happens with probability 0.5, on uint8 pixels with clipping and truncation after each:
+    brightness (add U(-32, 32)); contrast (multiply by U(0.5, 1.5)) either now or last, decided by a
+    coin; saturation (multiply S by U(0.5, 1.5)); hue (add an integer in [-18, 17] to H, modulo 180).
+    The original works on BGR; brightness and contrast act on every channel alike and the HSV
+    conversion here takes RGB, so the arithmetic is the same.
+    """
+
+    def __init__(
+        self, brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta=18
+    ):
+        self.brightness_delta = brightness_delta
+        self.contrast_range, self.saturation_range = contrast_range, saturation_range
+        self.hue_delta = hue_delta
+
+    def contrast(self, image):
+        if coin_flip():
+            image = scale_and_shift_uint8(image, alpha=uniform(*self.contrast_range))
+        return image
+
+    def __call__(self, image, label):
+        if coin_flip():
+            image = scale_and_shift_uint8(image, beta=uniform(-self.brightness_delta, self.brightness_delta))
+        # The original's code (not its comment) puts contrast first when mode == 1.
+        contrast_first = coin_flip()
+        if contrast_first:
+            image = self.contrast(image)
+        if coin_flip():
+            hue, saturation, value = rgb_to_hsv_uint8(image)
+            saturation = scale_and_shift_uint8(saturation, alpha=uniform(*self.saturation_range))
+            image = hsv_to_rgb_uint8(hue, saturation, value)
+        if coin_flip():
+            hue, saturation, value = rgb_to_hsv_uint8(image)
+            # torch.randint's upper bound is exclusive, like numpy's: the delta is in [-18, 17]; the
+            # new hue is (H + delta) mod 180.
+            delta = int(torch.randint(-self.hue_delta, self.hue_delta, ()))
+            image = hsv_to_rgb_uint8(hue, saturation, value, hue_shift=delta)
+        if not contrast_first:
+            image = self.contrast(image)
+        return image, label
+
+
+def coin_flip():
+    """True with probability 0.5 (the original's `randint(2)`)."""
+    return bool(torch.randint(2, ()))
+
+
+def uniform(low, high):
+    """A float drawn uniformly from [low, high)."""
+    return float(torch.rand(())) * (high - low) + low
+
+
+def scale_and_shift_uint8(image, alpha=1.0, beta=0.0):
+    """image * alpha + beta in float32, clipped to 0..255, then truncated back to uint8."""
+    return image.to(torch.float32, copy=True).mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
+
+
+MEAN_TENSOR = torch.tensor(MEAN).view(3, 1, 1)
+STD_TENSOR = torch.tensor(STD).view(3, 1, 1)
+
+
+def normalize(image):
+    """uint8 RGB 3 x H x W -> float32 (image - MEAN) / STD, computed in place in one new tensor."""
+    return image.to(torch.float32, copy=True).sub_(MEAN_TENSOR).div_(STD_TENSOR)
+
+
+class NormalizePad:
+    """Steps 7 and 8: normalise, then pad the image with 0 (the mean colour, since this comes after
+    normalisation) and the label with 255 at the bottom/right up to crop_size."""
+
+    def __init__(self, crop_size, ignore_index=IGNORE_INDEX):
+        self.crop_size, self.ignore_index = crop_size, ignore_index
+
+    def __call__(self, image, label):
+        image = normalize(image)
+        pad_bottom = self.crop_size[0] - image.shape[1]
+        pad_right = self.crop_size[1] - image.shape[2]
+        if pad_bottom > 0 or pad_right > 0:
+            padding = (0, max(pad_right, 0), 0, max(pad_bottom, 0))  # (left, right, top, bottom)
+            image = F.pad(image, padding, value=0.0)
+            label = F.pad(label, padding, value=self.ignore_index)
+        return image, label.long()
+
+
+def denormalize(image):
+    """Inverse of normalize, for pictures: float (N x) 3 x H x W -> uint8 RGB."""
+    image = image.detach().float().cpu() * STD_TENSOR + MEAN_TENSOR
+    return image.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------------------------
+# Test transform
+
+
+def test_transform(image, scale, ratios=(1.0,)):
+    """uint8 RGB 3 x H x W -> one normalised float32 image per ratio, each rescaled to fit
+    (int(W_s*r), int(H_s*r)) with its aspect ratio kept. The label is not touched: evaluation uses it
+    at its original resolution."""
+    height, width = image.shape[-2:]
+    return [
+        normalize(resize_image(image, rescale_size(height, width, ratio_scale(scale, r)))) for r in ratios
+    ]
+
+
+# -----------------------------------------------------------------------------------------------
+# The dataset: files, labels and checks
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """A list of (image, label) files and the transform of its split.
+
+    train items:     (image float32 3 x h x w, label int64 h x w) at crop_size.
+    val/test items:  (images, label, meta): one normalised image per test ratio, the int64 label at its
+                     original size (None in the test split, which has no labels), and
+                     meta = dict(name, image_path, original_size=(H, W)).
+    """
+
+    def __init__(
+        self,
+        name,
+        root,
+        split,
+        pairs,
+        classes,
+        palette,
+        *,
+        scale,
+        crop_size,
+        test_ratios=(1.0,),
+        reduce_zero_label=False,
+        image_suffix=None,
+    ):
+        self.name, self.root, self.split = name, str(root), split
+        self.pairs = pairs  # [(image_path, label_path or None)] as str: cheap to send to DataLoader workers
+        self.has_labels = all(label is not None for _, label in pairs)
+        self.classes = list(classes)
+        self.palette = [list(colour) for colour in palette]
+        self.num_classes = len(self.classes)
+        self.ignore_index = IGNORE_INDEX
+        self.scale = tuple(scale)  # (W, H) for training and testing alike, as in the original
+        self.crop_size, self.test_ratios = tuple(crop_size), tuple(test_ratios)
+        self.reduce_zero_label = reduce_zero_label
+        self.image_suffix = image_suffix  # stripped from file names to give meta["name"]
+        self.train_transform = TrainTransform(self.scale, self.crop_size) if split == "train" else None
+
+    @property
+    def test_scale(self):  # the name evaluate.py used before `scale`
+        return self.scale
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def load(self, index):
+        """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, or None without labels),
+        before any transform."""
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path)
+        if label_path is None:
+            return image, None
+        label = read_label(label_path)
+        if image.shape[1:] != label.shape:
+            raise ValueError(
+                f"image {image_path} is {image.shape[2]}x{image.shape[1]} (WxH) but its label {label_path} is "
+                f"{label.shape[1]}x{label.shape[0]}; an image and its label must have the same size."
+            )
+        if self.reduce_zero_label:
+            label = reduce_zero_label(label)
+        check_label_values(label, self.num_classes, label_path, self.name)
+        return image, label
+
+    def __getitem__(self, index):
+        image, label = self.load(index)
+        if self.train_transform is not None:
+            return self.train_transform(image, label)
+        image_path = self.pairs[index][0]
+        file_name = Path(image_path).name
+        if self.image_suffix and file_name.endswith(self.image_suffix):
+            name = file_name[: -len(self.image_suffix)]
+        else:
+            name = Path(image_path).stem
+        meta = dict(name=name, image_path=image_path, original_size=tuple(image.shape[-2:]))
+        images = test_transform(image, self.scale, self.test_ratios)
+        return images, None if label is None else label.long(), meta
+
+    def __repr__(self):
+        return f"SegmentationDataset({self.name!r}, {self.split!r}, {len(self)} images, root={self.root!r})"
+
+
+def collate_val(batch):
+    """Batch val or test items of different sizes: (list of image lists, labels stacked when they share
+    a size else a list (of None in the test split), list of metas)."""
+    images, labels, metas = zip(*batch, strict=True)
+    if any(label is None for label in labels):
+        return list(images), list(labels), list(metas)
+    same_size = all(label.shape == labels[0].shape for label in labels)
+    return list(images), torch.stack(labels) if same_size else list(labels), list(metas)
 
 
 def decode_file(path, mode, apply_exif_orientation=False):
@@ -179,6 +508,18 @@ def read_label(path):
     return label[0].to(torch.uint8)
 
 
+def write_png(image, path, compression_level=6):
+    """Write a uint8 C x H x W tensor as PNG through a temporary file, so that a file that exists is
+    complete (an interrupted run is picked up where it stopped)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with warnings.catch_warnings():  # see decode_file
+        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+        encoded = encode_png(image.contiguous(), compression_level=compression_level)
+    temporary.write_bytes(encoded.numpy().tobytes())
+    os.replace(temporary, path)
+
+
 def reduce_zero_label(label):
     """ADE20K's reduce_zero_label: 0 ('other') -> 255, v -> v - 1, 255 stays (gcnet-spec.md §5.2)."""
     label = label - 1  # uint8 arithmetic wraps 0 to 255, and turns 255 into 254 ...
@@ -214,7 +555,7 @@ def label_value_hint(values, num_classes):
     if num_classes == 19 and max(classes) <= 33:
         return (
             "These look like raw Cityscapes labelIds (0..33) rather than trainIds (0..18): run "
-            "`python data.py prepare cityscapes ROOT` and use the *_gtFine_labelTrainIds.png it writes."
+            "`python tools/prepare_datasets.py cityscapes ROOT` and use the *_gtFine_labelTrainIds.png it writes."
         )
     if num_classes <= 2:
         return (
@@ -231,22 +572,193 @@ def label_value_hint(values, num_classes):
 
 
 # -----------------------------------------------------------------------------------------------
-# Resizing with OpenCV's semantics (gcnet-spec.md §7 item 13)
+# Finding the files of a split
 
 
-def ratio_scale(scale, ratio):
-    """The scale (W, H) times a ratio, truncated as the original does: (int(W*r), int(H*r))."""
-    return int(scale[0] * ratio), int(scale[1] * ratio)
+# Shown when a root or a split is missing or empty.
+LAYOUTS = {
+    "cityscapes": (
+        "  {root}/leftImg8bit/{{train,val}}/<city>/<name>_leftImg8bit.png\n"
+        "  {root}/gtFine/{{train,val}}/<city>/<name>_gtFine_labelTrainIds.png\n"
+        "Get leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com,"
+        " unzip both into {root}, then run `python tools/prepare_datasets.py cityscapes {root}`."
+    ),
+    "ade20k": (
+        "  {root}/images/{{training,validation}}/<name>.jpg\n"
+        "  {root}/annotations/{{training,validation}}/<name>.png\n"
+        "Unzip ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/) into the parent"
+        " of {root}; the root is the ADEChallengeData2016 folder itself."
+    ),
+    "voc12aug": (
+        "  {root}/JPEGImages/<name>.jpg\n"
+        "  {root}/SegmentationClass/<name>.png, {root}/SegmentationClassAug/<name>.png\n"
+        "  {root}/ImageSets/Segmentation/{{train,val,aug}}.txt\n"
+        "Unpack VOCtrainval_11-May-2012.tar (gives VOCdevkit/VOC2012) and the SBD benchmark.tgz (into"
+        " VOCdevkit/VOCaug), then run `python tools/prepare_datasets.py voc12aug data/VOCdevkit data/VOCdevkit/VOCaug`"
+        " to write SegmentationClassAug and aug.txt."
+    ),
+    "folder": (
+        "  {root}/images/{{train,val}}/<name>.jpg (or .jpeg/.png/.webp)\n"
+        "  {root}/labels/{{train,val}}/<name>.png (class indices 0..C-1, 255 = ignore)\n"
+        "  {root}/classes.txt (one class per line: a name, optionally followed by R G B)"
+    ),
+}
+LAYOUTS["toy"] = (
+    "  {root}/leftImg8bit/{{train,val}}/toy/<name>_leftImg8bit.png\n"
+    "  {root}/gtFine/{{train,val}}/toy/<name>_gtFine_labelTrainIds.png\n"
+    "It is generated when {root} does not exist: delete {root} to generate it again."
+)
 
 
-def rescale_size(height, width, scale):
-    """(h, w) of mmcv.imrescale: the largest keep-ratio size that fits `scale` (W, H), either way round.
+def missing_path_error(name, root, path, what="not found"):
+    layout = LAYOUTS[name].format(root=root)
+    return FileNotFoundError(f"{name}: {path} {what}.\nExpected layout under the root {root}:\n{layout}")
 
-    f = min(max(scale) / long side, min(scale) / short side), size = int(dim * f + 0.5).
-    E.g. a 375x500 VOC image with scale (2048, 512) becomes 512x683 (gcnet-spec.md §4.1).
-    """
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+def check_partners(name, pairs, image_dir, hint=lambda label_path: ""):
+    """Fail early, naming the files, when images lack their label file; hint(label_path) adds advice."""
+    missing = [(image, label) for image, label in pairs if not os.path.isfile(label)]
+    if missing:
+        image, label = missing[0]
+        raise FileNotFoundError(
+            f"{name}: {len(missing)} of {len(pairs)} images in {image_dir} have no label file, e.g. {image} "
+            f"(expected {label}). {hint(label)}".rstrip()
+        )
+
+
+def find_cityscapes_pairs(root, split, name="cityscapes"):
+    image_dir = root / "leftImg8bit" / split
+    if not image_dir.is_dir():
+        raise missing_path_error(name, root, image_dir)
+    images = sorted(image_dir.rglob("*_leftImg8bit.png"))  # recursive, as the original scans img_dir
+    if not images:
+        raise missing_path_error(name, root, image_dir, "holds no *_leftImg8bit.png files")
+    if split == "test":
+        return [(str(image), None) for image in images]
+    label_dir = root / "gtFine" / split
+    pairs = []
+    for image in images:
+        relative = image.relative_to(image_dir)
+        label_name = relative.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+        pairs.append((str(image), str(label_dir / relative.parent / label_name)))
+
+    def hint(label_path):
+        raw_ids = label_path.replace("_labelTrainIds.png", "_labelIds.png")
+        return (
+            f"Run `python tools/prepare_datasets.py cityscapes {root}` to write them."
+            if os.path.isfile(raw_ids)
+            else ""
+        )
+
+    check_partners(name, pairs, image_dir, hint)
+    return pairs
+
+
+def find_ade20k_pairs(root, split):
+    subset = {"train": "training", "val": "validation", "test": "testing"}[split]
+    image_dir = root / "images" / subset
+    if not image_dir.is_dir():
+        raise missing_path_error("ade20k", root, image_dir)
+    images = sorted(image_dir.glob("*.jpg"))
+    if not images:
+        raise missing_path_error("ade20k", root, image_dir, "holds no .jpg files")
+    if split == "test":
+        return [(str(image), None) for image in images]
+    pairs = [(str(image), str(root / "annotations" / subset / (image.stem + ".png"))) for image in images]
+    check_partners("ade20k", pairs, image_dir)
+    return pairs
+
+
+def find_voc12aug_pairs(root, split):
+    """train = train.txt with SegmentationClass + aug.txt with SegmentationClassAug (10582 images in
+    all); val = val.txt with SegmentationClass (gcnet-spec.md §5.3)."""
+    parts = [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")]
+    if split != "train":
+        parts = [(f"{split}.txt", "SegmentationClass")]
+    prepare_hint = "Run `python tools/prepare_datasets.py voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and SegmentationClassAug."
+    pairs = []
+    for list_name, label_dir in parts:
+        list_path = root / "ImageSets" / "Segmentation" / list_name
+        if not list_path.is_file() and list_name == "aug.txt":
+            raise FileNotFoundError(f"voc12aug: {list_path} not found. {prepare_hint}")
+        if not list_path.is_file():
+            raise missing_path_error("voc12aug", root, list_path)
+        names = list_path.read_text().split()
+        if not names:
+            raise ValueError(f"voc12aug: {list_path} lists no images; expected one image name per line.")
+        part = [(str(root / "JPEGImages" / f"{n}.jpg"), str(root / label_dir / f"{n}.png")) for n in names]
+        missing_images = [image for image, _ in part if not os.path.isfile(image)]
+        if missing_images:
+            raise FileNotFoundError(
+                f"voc12aug: {len(missing_images)} images listed in {list_path} are missing, e.g. {missing_images[0]}."
+            )
+        if split == "test":
+            return [(image, None) for image, _ in part]
+        hint = prepare_hint if label_dir == "SegmentationClassAug" else ""
+        check_partners("voc12aug", part, root / "JPEGImages", lambda _, hint=hint: hint)
+        pairs += part
+    return pairs
+
+
+def find_folder_pairs(root, split):
+    image_dir = root / "images" / split
+    if not image_dir.is_dir():
+        raise missing_path_error("folder", root, image_dir)
+    images = sorted(path for path in image_dir.iterdir() if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS)
+    if not images:
+        raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")
+    if split == "test":
+        return [(str(image), None) for image in images]
+    pairs = [(str(image), str(root / "labels" / split / (image.stem + ".png"))) for image in images]
+    check_partners("folder", pairs, image_dir)
+    return pairs
+
+
+def read_classes_file(root):
+    """ROOT/classes.txt: one class per line, a name optionally followed by R G B; '#' starts a comment."""
+    path = root / "classes.txt"
+    if not path.is_file():
+        raise missing_path_error("folder", root, path)
+    classes, palette = [], []
+    for line in path.read_text().splitlines():
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        if len(words) >= 4 and all(word.isdigit() for word in words[-3:]):
+            colour = [int(word) for word in words[-3:]]
+            if max(colour) > 255:
+                raise ValueError(
+                    f"{path}: colour {colour} of class {' '.join(words[:-3])!r} is not in 0..255."
+                )
+            classes.append(" ".join(words[:-3]))
+            palette.append(colour)
+        else:
+            classes.append(" ".join(words))
+            palette.append(None)
+    if len(classes) < 2:
+        raise ValueError(
+            f"{path} lists {len(classes)} classes; expected at least 2 (e.g. background and one more)."
+        )
+    fallback = default_palette(len(classes))
+    return classes, [colour or fallback[index] for index, colour in enumerate(palette)]
+
+
+def default_palette(num_classes):
+    """Distinct colours for classes.txt lines without R G B: the bit-spreading colour map of the VOC
+    devkit (index bits go to the high bits of R, G and B in turn)."""
+    palette = []
+    for index in range(num_classes):
+        colour, bits = [0, 0, 0], index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                colour[channel] |= ((bits >> channel) & 1) << shift
+            bits >>= 3
+        palette.append(colour)
+    return palette
+
+
+# -----------------------------------------------------------------------------------------------
+# Appendix A: OpenCV-exact pixel arithmetic (resize, HSV)
 
 
 def linear_taps(in_size, out_size, start, count, clamp_weights):
@@ -331,99 +843,6 @@ def resize_label(label, size):
     if tuple(label.shape) == tuple(size):
         return label
     return resize_label_window(label, size, 0, 0, size[0], size[1])
-
-
-# -----------------------------------------------------------------------------------------------
-# Training transform (gcnet-spec.md §3.3): rescale, crop, flip, photometric distortion, normalise, pad.
-# Each step takes and returns (image, label): image uint8 3 x H x W RGB, label uint8 H x W.
-
-
-def random_crop_box(height, width, crop_size):
-    """Top-left corner of a random crop; offsets are uniform over every position that fits."""
-    top = int(torch.randint(0, max(height - crop_size[0], 0) + 1, ()))
-    left = int(torch.randint(0, max(width - crop_size[1], 0) + 1, ()))
-    return top, left
-
-
-def crop_is_acceptable(label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
-    """The cat_max_ratio test: at least two classes, and none covering cat_max_ratio or more of the
-    non-ignored pixels."""
-    counts = torch.bincount(label_crop.flatten(), minlength=256)
-    counts[ignore_index] = 0
-    counts = counts[counts > 0]
-    return len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio
-
-
-def choose_crop(size, crop_size, label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
-    """Draw crop boxes in an image of `size` (h, w) until one passes the cat_max_ratio test, checking
-    at most 10; after 10 failures the 11th draw is used unchecked (gcnet-spec.md §3.3 step 4).
-    label_crop(top, left) gives the label inside a box. Returns (top, left, that label crop)."""
-    top, left = random_crop_box(*size, crop_size)
-    if cat_max_ratio < 1:
-        for _ in range(10):
-            crop = label_crop(top, left)
-            if crop_is_acceptable(crop, cat_max_ratio, ignore_index):
-                return top, left, crop
-            top, left = random_crop_box(*size, crop_size)
-    return top, left, label_crop(top, left)
-
-
-class RandomRescaleCrop:
-    """Steps 3 and 4 together: rescale by a random ratio, then take a crop of at most crop_size.
-
-    The ratio r is uniform in [0.5, 2); the image is rescaled to fit (int(W_s*r), int(H_s*r)) keeping its
-    aspect ratio. Only the pixels inside the crop boxes are computed, of the label (nearest) for each
-    box the cat_max_ratio test looks at, and of the image (bilinear) for the chosen box; the result is
-    that of resizing the whole image and label, then cropping (bit-exact, see resize_image_window).
-    An image smaller than the crop gives a smaller crop; NormalizePad fills it up.
-    """
-
-    def __init__(
-        self, scale, crop_size, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, ignore_index=IGNORE_INDEX
-    ):
-        self.scale, self.crop_size, self.ratio_range = scale, crop_size, ratio_range
-        self.cat_max_ratio, self.ignore_index = cat_max_ratio, ignore_index
-
-    def __call__(self, image, label):
-        low, high = self.ratio_range
-        ratio = float(torch.rand(())) * (high - low) + low
-        size = rescale_size(*label.shape, ratio_scale(self.scale, ratio))
-        height, width = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
-
-        def label_crop(top, left):
-            return resize_label_window(label, size, top, left, height, width)
-
-        top, left, label = choose_crop(
-            size, self.crop_size, label_crop, self.cat_max_ratio, self.ignore_index
-        )
-        return resize_image_window(image, size, top, left, height, width), label
-
-
-class RandomHorizontalFlip:
-    """Step 5: mirror image and label with probability 0.5."""
-
-    def __init__(self, probability=0.5):
-        self.probability = probability
-
-    def __call__(self, image, label):
-        if float(torch.rand(())) < self.probability:
-            return image.flip(-1), label.flip(-1)
-        return image, label
-
-
-def coin_flip():
-    """True with probability 0.5 (the original's `randint(2)`)."""
-    return bool(torch.randint(2, ()))
-
-
-def uniform(low, high):
-    """A float drawn uniformly from [low, high)."""
-    return float(torch.rand(())) * (high - low) + low
-
-
-def scale_and_shift_uint8(image, alpha=1.0, beta=0.0):
-    """image * alpha + beta in float32, clipped to 0..255, then truncated back to uint8."""
-    return image.to(torch.float32, copy=True).mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
 
 
 # OpenCV's 8-bit BGR<->HSV conversion is fixed-point (12 fractional bits) with these division tables.
@@ -517,369 +936,8 @@ def hsv_to_rgb_uint8(hue, saturation, value, hue_shift=0):
     return torch.stack(channels)
 
 
-class PhotometricDistortion:
-    """Step 6: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order.
-
-    Each step happens with probability 0.5, on uint8 pixels with clipping and truncation after each:
-    brightness (add U(-32, 32)); contrast (multiply by U(0.5, 1.5)) either now or last, decided by a
-    coin; saturation (multiply S by U(0.5, 1.5)); hue (add an integer in [-18, 17] to H, modulo 180).
-    The original works on BGR; brightness and contrast act on every channel alike and the HSV
-    conversion here takes RGB, so the arithmetic is the same.
-    """
-
-    def __init__(
-        self, brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta=18
-    ):
-        self.brightness_delta = brightness_delta
-        self.contrast_range, self.saturation_range = contrast_range, saturation_range
-        self.hue_delta = hue_delta
-
-    def contrast(self, image):
-        if coin_flip():
-            image = scale_and_shift_uint8(image, alpha=uniform(*self.contrast_range))
-        return image
-
-    def __call__(self, image, label):
-        if coin_flip():
-            image = scale_and_shift_uint8(image, beta=uniform(-self.brightness_delta, self.brightness_delta))
-        # The original's code (not its comment) puts contrast first when mode == 1.
-        contrast_first = coin_flip()
-        if contrast_first:
-            image = self.contrast(image)
-        if coin_flip():
-            hue, saturation, value = rgb_to_hsv_uint8(image)
-            saturation = scale_and_shift_uint8(saturation, alpha=uniform(*self.saturation_range))
-            image = hsv_to_rgb_uint8(hue, saturation, value)
-        if coin_flip():
-            hue, saturation, value = rgb_to_hsv_uint8(image)
-            # torch.randint's upper bound is exclusive, like numpy's: the delta is in [-18, 17]; the
-            # new hue is (H + delta) mod 180.
-            delta = int(torch.randint(-self.hue_delta, self.hue_delta, ()))
-            image = hsv_to_rgb_uint8(hue, saturation, value, hue_shift=delta)
-        if not contrast_first:
-            image = self.contrast(image)
-        return image, label
-
-
-MEAN_TENSOR = torch.tensor(MEAN).view(3, 1, 1)
-STD_TENSOR = torch.tensor(STD).view(3, 1, 1)
-
-
-def normalize(image):
-    """uint8 RGB 3 x H x W -> float32 (image - MEAN) / STD, computed in place in one new tensor."""
-    return image.to(torch.float32, copy=True).sub_(MEAN_TENSOR).div_(STD_TENSOR)
-
-
-def denormalize(image):
-    """Inverse of normalize, for pictures: float (N x) 3 x H x W -> uint8 RGB."""
-    image = image.detach().float().cpu() * STD_TENSOR + MEAN_TENSOR
-    return image.round_().clamp_(0, 255).to(torch.uint8)
-
-
-class NormalizePad:
-    """Steps 7 and 8: normalise, then pad the image with 0 (the mean colour, since this comes after
-    normalisation) and the label with 255 at the bottom/right up to crop_size."""
-
-    def __init__(self, crop_size, ignore_index=IGNORE_INDEX):
-        self.crop_size, self.ignore_index = crop_size, ignore_index
-
-    def __call__(self, image, label):
-        image = normalize(image)
-        pad_bottom = self.crop_size[0] - image.shape[1]
-        pad_right = self.crop_size[1] - image.shape[2]
-        if pad_bottom > 0 or pad_right > 0:
-            padding = (0, max(pad_right, 0), 0, max(pad_bottom, 0))  # (left, right, top, bottom)
-            image = F.pad(image, padding, value=0.0)
-            label = F.pad(label, padding, value=self.ignore_index)
-        return image, label.long()
-
-
-class TrainTransform:
-    """The whole training pipeline: (uint8 3 x H x W RGB image, H x W label) -> (float32 3 x h x w,
-    int64 h x w) at crop_size (h, w). train_scale is (W, H), e.g. (2048, 1024) for Cityscapes."""
-
-    def __init__(self, train_scale, crop_size, ignore_index=IGNORE_INDEX, cat_max_ratio=0.75):
-        self.steps = [
-            RandomRescaleCrop(train_scale, crop_size, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
-            RandomHorizontalFlip(0.5),
-            PhotometricDistortion(),  # on the crop, as in the original: cheap
-            NormalizePad(crop_size, ignore_index),
-        ]
-
-    def __call__(self, image, label):
-        label = label.to(torch.uint8)
-        for step in self.steps:
-            image, label = step(image, label)
-        return image, label
-
-
 # -----------------------------------------------------------------------------------------------
-# Test transform (gcnet-spec.md §4.1, §4.4)
-
-
-def test_transform(image, scale, ratios=(1.0,)):
-    """uint8 RGB 3 x H x W -> one normalised float32 image per ratio, each rescaled to fit
-    (int(W_s*r), int(H_s*r)) with its aspect ratio kept. The label is not touched: evaluation uses it
-    at its original resolution."""
-    height, width = image.shape[-2:]
-    return [
-        normalize(resize_image(image, rescale_size(height, width, ratio_scale(scale, r)))) for r in ratios
-    ]
-
-
-# -----------------------------------------------------------------------------------------------
-# Datasets (gcnet-spec.md §5)
-
-
-class SegmentationDataset(torch.utils.data.Dataset):
-    """A list of (image, label) files and the transform of its split.
-
-    train items:     (image float32 3 x h x w, label int64 h x w) at crop_size.
-    val/test items:  (images, label, meta): one normalised image per test ratio, the int64 label at its
-                     original size (None in the test split, which has no labels), and
-                     meta = dict(name, image_path, original_size=(H, W)).
-    """
-
-    def __init__(
-        self,
-        name,
-        root,
-        split,
-        pairs,
-        classes,
-        palette,
-        *,
-        scale,
-        crop_size,
-        test_ratios=(1.0,),
-        reduce_zero_label=False,
-        image_suffix=None,
-    ):
-        self.name, self.root, self.split = name, str(root), split
-        self.pairs = pairs  # [(image_path, label_path or None)] as str: cheap to send to DataLoader workers
-        self.has_labels = all(label is not None for _, label in pairs)
-        self.classes = list(classes)
-        self.palette = [list(colour) for colour in palette]
-        self.num_classes = len(self.classes)
-        self.ignore_index = IGNORE_INDEX
-        self.scale = tuple(scale)  # (W, H) for training and testing alike, as in the original
-        self.crop_size, self.test_ratios = tuple(crop_size), tuple(test_ratios)
-        self.reduce_zero_label = reduce_zero_label
-        self.image_suffix = image_suffix  # stripped from file names to give meta["name"]
-        self.train_transform = TrainTransform(self.scale, self.crop_size) if split == "train" else None
-
-    @property
-    def test_scale(self):  # the name evaluate.py used before `scale`
-        return self.scale
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def load(self, index):
-        """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, or None without labels),
-        before any transform."""
-        image_path, label_path = self.pairs[index]
-        image = read_image(image_path)
-        if label_path is None:
-            return image, None
-        label = read_label(label_path)
-        if image.shape[1:] != label.shape:
-            raise ValueError(
-                f"image {image_path} is {image.shape[2]}x{image.shape[1]} (WxH) but its label {label_path} is "
-                f"{label.shape[1]}x{label.shape[0]}; an image and its label must have the same size."
-            )
-        if self.reduce_zero_label:
-            label = reduce_zero_label(label)
-        check_label_values(label, self.num_classes, label_path, self.name)
-        return image, label
-
-    def __getitem__(self, index):
-        image, label = self.load(index)
-        if self.train_transform is not None:
-            return self.train_transform(image, label)
-        image_path = self.pairs[index][0]
-        file_name = Path(image_path).name
-        if self.image_suffix and file_name.endswith(self.image_suffix):
-            name = file_name[: -len(self.image_suffix)]
-        else:
-            name = Path(image_path).stem
-        meta = dict(name=name, image_path=image_path, original_size=tuple(image.shape[-2:]))
-        images = test_transform(image, self.scale, self.test_ratios)
-        return images, None if label is None else label.long(), meta
-
-    def __repr__(self):
-        return f"SegmentationDataset({self.name!r}, {self.split!r}, {len(self)} images, root={self.root!r})"
-
-
-def collate_val(batch):
-    """Batch val or test items of different sizes: (list of image lists, labels stacked when they share
-    a size else a list (of None in the test split), list of metas)."""
-    images, labels, metas = zip(*batch, strict=True)
-    if any(label is None for label in labels):
-        return list(images), list(labels), list(metas)
-    same_size = all(label.shape == labels[0].shape for label in labels)
-    return list(images), torch.stack(labels) if same_size else list(labels), list(metas)
-
-
-def missing_path_error(name, root, path, what="not found"):
-    layout = LAYOUTS[name].format(root=root)
-    return FileNotFoundError(f"{name}: {path} {what}.\nExpected layout under the root {root}:\n{layout}")
-
-
-def check_partners(name, pairs, image_dir, hint=lambda label_path: ""):
-    """Fail early, naming the files, when images lack their label file; hint(label_path) adds advice."""
-    missing = [(image, label) for image, label in pairs if not os.path.isfile(label)]
-    if missing:
-        image, label = missing[0]
-        raise FileNotFoundError(
-            f"{name}: {len(missing)} of {len(pairs)} images in {image_dir} have no label file, e.g. {image} "
-            f"(expected {label}). {hint(label)}".rstrip()
-        )
-
-
-def find_cityscapes_pairs(root, split, name="cityscapes"):
-    image_dir = root / "leftImg8bit" / split
-    if not image_dir.is_dir():
-        raise missing_path_error(name, root, image_dir)
-    images = sorted(image_dir.rglob("*_leftImg8bit.png"))  # recursive, as the original scans img_dir
-    if not images:
-        raise missing_path_error(name, root, image_dir, "holds no *_leftImg8bit.png files")
-    if split == "test":
-        return [(str(image), None) for image in images]
-    label_dir = root / "gtFine" / split
-    pairs = []
-    for image in images:
-        relative = image.relative_to(image_dir)
-        label_name = relative.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
-        pairs.append((str(image), str(label_dir / relative.parent / label_name)))
-
-    def hint(label_path):
-        raw_ids = label_path.replace("_labelTrainIds.png", "_labelIds.png")
-        return (
-            f"Run `python data.py prepare cityscapes {root}` to write them."
-            if os.path.isfile(raw_ids)
-            else ""
-        )
-
-    check_partners(name, pairs, image_dir, hint)
-    return pairs
-
-
-def find_ade20k_pairs(root, split):
-    subset = {"train": "training", "val": "validation", "test": "testing"}[split]
-    image_dir = root / "images" / subset
-    if not image_dir.is_dir():
-        raise missing_path_error("ade20k", root, image_dir)
-    images = sorted(image_dir.glob("*.jpg"))
-    if not images:
-        raise missing_path_error("ade20k", root, image_dir, "holds no .jpg files")
-    if split == "test":
-        return [(str(image), None) for image in images]
-    pairs = [(str(image), str(root / "annotations" / subset / (image.stem + ".png"))) for image in images]
-    check_partners("ade20k", pairs, image_dir)
-    return pairs
-
-
-def find_voc12aug_pairs(root, split):
-    """train = train.txt with SegmentationClass + aug.txt with SegmentationClassAug (10582 images in
-    all); val = val.txt with SegmentationClass (gcnet-spec.md §5.3)."""
-    parts = [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")]
-    if split != "train":
-        parts = [(f"{split}.txt", "SegmentationClass")]
-    prepare_hint = (
-        "Run `python data.py prepare voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and SegmentationClassAug."
-    )
-    pairs = []
-    for list_name, label_dir in parts:
-        list_path = root / "ImageSets" / "Segmentation" / list_name
-        if not list_path.is_file() and list_name == "aug.txt":
-            raise FileNotFoundError(f"voc12aug: {list_path} not found. {prepare_hint}")
-        if not list_path.is_file():
-            raise missing_path_error("voc12aug", root, list_path)
-        names = list_path.read_text().split()
-        if not names:
-            raise ValueError(f"voc12aug: {list_path} lists no images; expected one image name per line.")
-        part = [(str(root / "JPEGImages" / f"{n}.jpg"), str(root / label_dir / f"{n}.png")) for n in names]
-        missing_images = [image for image, _ in part if not os.path.isfile(image)]
-        if missing_images:
-            raise FileNotFoundError(
-                f"voc12aug: {len(missing_images)} images listed in {list_path} are missing, e.g. {missing_images[0]}."
-            )
-        if split == "test":
-            return [(image, None) for image, _ in part]
-        hint = prepare_hint if label_dir == "SegmentationClassAug" else ""
-        check_partners("voc12aug", part, root / "JPEGImages", lambda _, hint=hint: hint)
-        pairs += part
-    return pairs
-
-
-def default_palette(num_classes):
-    """Distinct colours for classes.txt lines without R G B: the bit-spreading colour map of the VOC
-    devkit (index bits go to the high bits of R, G and B in turn)."""
-    palette = []
-    for index in range(num_classes):
-        colour, bits = [0, 0, 0], index
-        for shift in range(7, -1, -1):
-            for channel in range(3):
-                colour[channel] |= ((bits >> channel) & 1) << shift
-            bits >>= 3
-        palette.append(colour)
-    return palette
-
-
-def read_classes_file(root):
-    """ROOT/classes.txt: one class per line, a name optionally followed by R G B; '#' starts a comment."""
-    path = root / "classes.txt"
-    if not path.is_file():
-        raise missing_path_error("folder", root, path)
-    classes, palette = [], []
-    for line in path.read_text().splitlines():
-        words = line.split("#")[0].split()
-        if not words:
-            continue
-        if len(words) >= 4 and all(word.isdigit() for word in words[-3:]):
-            colour = [int(word) for word in words[-3:]]
-            if max(colour) > 255:
-                raise ValueError(
-                    f"{path}: colour {colour} of class {' '.join(words[:-3])!r} is not in 0..255."
-                )
-            classes.append(" ".join(words[:-3]))
-            palette.append(colour)
-        else:
-            classes.append(" ".join(words))
-            palette.append(None)
-    if len(classes) < 2:
-        raise ValueError(
-            f"{path} lists {len(classes)} classes; expected at least 2 (e.g. background and one more)."
-        )
-    fallback = default_palette(len(classes))
-    return classes, [colour or fallback[index] for index, colour in enumerate(palette)]
-
-
-def find_folder_pairs(root, split):
-    image_dir = root / "images" / split
-    if not image_dir.is_dir():
-        raise missing_path_error("folder", root, image_dir)
-    images = sorted(path for path in image_dir.iterdir() if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS)
-    if not images:
-        raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")
-    if split == "test":
-        return [(str(image), None) for image in images]
-    pairs = [(str(image), str(root / "labels" / split / (image.stem + ".png"))) for image in images]
-    check_partners("folder", pairs, image_dir)
-    return pairs
-
-
-def write_png(image, path, compression_level=6):
-    """Write a uint8 C x H x W tensor as PNG through a temporary file, so that a file that exists is
-    complete (an interrupted run is picked up where it stopped)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with warnings.catch_warnings():  # see decode_file
-        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-        encoded = encode_png(image.contiguous(), compression_level=compression_level)
-    temporary.write_bytes(encoded.numpy().tobytes())
-    os.replace(temporary, path)
+# Appendix B: the toy dataset
 
 
 def draw_toy_sample(seed):
@@ -956,231 +1014,3 @@ def make_toy_dataset(root):
             # else another process finished first: use its (identical) dataset
     finally:
         shutil.rmtree(temporary, ignore_errors=True)  # nothing left after the rename
-
-
-def build_dataset(
-    name, root=None, split="train", crop_size=None, scale=None, test_ratios=(1.0,), reduce_zero_label=None
-):
-    """Build a dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'.
-
-    root: default DATASETS[name]['default_root'] ('folder' needs one). split: 'train', 'val' or 'test'
-    (images only: labels are None and has_labels is False). crop_size: (h, w), 769 or '512x1024', default
-    the recipe's; scale: (W, H) the images are rescaled to fit, for training and testing alike, default
-    recipe.row(name, crop_size)['scale'] (a 769 crop on Cityscapes gives 2049x1025). test_ratios: the
-    ratios of multi-scale testing. reduce_zero_label: True when label 0 means 'ignore' and the classes
-    start at 1; None takes the dataset's own convention (ADE20K: True; folder: classes.txt).
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    if name != "folder" and name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS) + ['folder']}")
-    if name == "folder" and root is None:
-        raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
-    row = recipe.row(name, crop_size)
-    scale = tuple(scale) if scale is not None else row["scale"]
-    root = Path(root if root is not None else DATASETS[name]["default_root"])
-
-    if name == "toy" and not (root / "leftImg8bit").is_dir():
-        make_toy_dataset(root)
-    if not root.is_dir():
-        raise missing_path_error(name, root, root)
-    if name == "folder":
-        classes, palette = read_classes_file(root)
-        zero_is_ignore = False
-    else:
-        classes, palette = DATASETS[name]["classes"], DATASETS[name]["palette"]
-        zero_is_ignore = DATASETS[name]["reduce_zero_label"]
-    find_pairs = {
-        "cityscapes": find_cityscapes_pairs,
-        "toy": lambda root, split: find_cityscapes_pairs(root, split, name="toy"),
-        "ade20k": find_ade20k_pairs,
-        "voc12aug": find_voc12aug_pairs,
-        "folder": find_folder_pairs,
-    }[name]
-    return SegmentationDataset(
-        name,
-        root,
-        split,
-        find_pairs(root, split),
-        classes,
-        palette,
-        scale=scale,
-        crop_size=row["crop_size"],
-        test_ratios=test_ratios,
-        reduce_zero_label=zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label),
-        image_suffix="_leftImg8bit.png" if name in ("cityscapes", "toy") else None,
-    )
-
-
-# -----------------------------------------------------------------------------------------------
-# Preparation: `python data.py prepare cityscapes ROOT`, `python data.py prepare voc12aug DEVKIT SBD`
-
-
-# Cityscapes id -> trainId (csscripts helpers/labels.py, gcnet-spec.md §5.1); every other id -> 255.
-CITYSCAPES_ID_TO_TRAINID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
-CITYSCAPES_TRAINID_TABLE = torch.tensor(
-    [CITYSCAPES_ID_TO_TRAINID.get(label_id, IGNORE_INDEX) for label_id in range(256)], dtype=torch.uint8
-)
-
-
-def convert_cityscapes_label(label_ids_path):
-    """*_gtFine_labelIds.png -> *_gtFine_labelTrainIds.png beside it; returns 'converted' or 'skipped'."""
-    target = label_ids_path.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png")
-    if os.path.isfile(target):
-        return "skipped"
-    label_ids = read_label(label_ids_path)
-    write_png(CITYSCAPES_TRAINID_TABLE[label_ids.long()][None], target)
-    return "converted"
-
-
-def run_in_pool(function, jobs, workers, description):
-    """Map `function` over `jobs` with a process pool and a progress bar; count the returned statuses."""
-    counts = Counter()
-    if workers <= 1:
-        for status in tqdm(map(function, jobs), total=len(jobs), desc=description):
-            counts[status] += 1
-        return counts
-    # One torch thread per process: the parallelism comes from the pool.
-    with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for status in tqdm(
-            pool.imap_unordered(function, jobs, chunksize=8), total=len(jobs), desc=description
-        ):
-            counts[status] += 1
-    return counts
-
-
-def prepare_cityscapes(root, workers=8):
-    """Write gtFine/**/*_gtFine_labelTrainIds.png from *_gtFine_labelIds.png (train, val and test)."""
-    root = Path(root)
-    gt_dir = root / "gtFine"
-    if not gt_dir.is_dir():
-        raise missing_path_error("cityscapes", root, gt_dir)
-    sources = sorted(str(path) for path in gt_dir.rglob("*_gtFine_labelIds.png"))
-    if not sources:
-        raise missing_path_error("cityscapes", root, gt_dir, "holds no *_gtFine_labelIds.png files")
-    counts = run_in_pool(convert_cityscapes_label, sources, workers, "cityscapes labelTrainIds")
-    print(
-        f"cityscapes: {counts['converted']} converted, {counts['skipped']} skipped (already done) in {gt_dir}"
-    )
-    return counts
-
-
-def import_loadmat():
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise ImportError(
-            "preparing voc12aug reads SBD's .mat files with scipy, which is not installed: pip install scipy"
-        ) from None
-    return loadmat
-
-
-def read_sbd_segmentation(path):
-    """The class-index map of an SBD cls/*.mat file: the field Segmentation of its struct GTcls."""
-    contents = import_loadmat()(path, squeeze_me=True, struct_as_record=False)
-    if "GTcls" not in contents:
-        keys = sorted(key for key in contents if not key.startswith("__"))
-        raise ValueError(
-            f"{path} has no GTcls struct (found {keys}); expected an SBD dataset/cls/*.mat file."
-        )
-    struct = contents["GTcls"]
-    if isinstance(struct, np.ndarray):  # a struct array that squeeze_me left wrapped
-        struct = struct.flat[0]
-    segmentation = struct.Segmentation if hasattr(struct, "Segmentation") else struct["Segmentation"]
-    return np.asarray(segmentation, dtype=np.uint8)
-
-
-def convert_sbd_label(job):
-    """(mat_path, png_path) -> 'converted' or 'skipped'."""
-    mat_path, png_path = job
-    if os.path.isfile(png_path):
-        return "skipped"
-    write_png(torch.from_numpy(read_sbd_segmentation(mat_path))[None], png_path)
-    return "converted"
-
-
-def read_names(path):
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found; expected a list of image names, one per line.")
-    return Path(path).read_text().split()
-
-
-def prepare_voc12aug(devkit, sbd_root, workers=8):
-    """SBD's cls/*.mat -> VOC2012/SegmentationClassAug/*.png, then ImageSets/Segmentation/aug.txt and
-    trainaug.txt (gcnet-spec.md §5.3):
-        trainaug = (VOC train | SBD train | SBD val) - VOC val   (10582 names with the full data)
-        aug      = (SBD train | SBD val) - VOC train - VOC val   (9118)
-    """
-    devkit, sbd_root = Path(devkit), Path(sbd_root)
-    voc = devkit / "VOC2012" if (devkit / "VOC2012").is_dir() else devkit
-    sbd = sbd_root / "dataset" if (sbd_root / "dataset" / "cls").is_dir() else sbd_root
-    lists = voc / "ImageSets" / "Segmentation"
-    if not lists.is_dir():
-        raise missing_path_error("voc12aug", voc, lists)
-    mats = sorted((sbd / "cls").glob("*.mat"))
-    if not mats:
-        raise FileNotFoundError(
-            f"voc12aug: no .mat files in {sbd / 'cls'}. Expected SBD's benchmark_RELEASE/dataset (or its parent) "
-            "with cls/*.mat, train.txt and val.txt; pass it as SBD_ROOT."
-        )
-    import_loadmat()  # fail before starting the pool when scipy is missing
-    out_dir = voc / "SegmentationClassAug"
-    out_dir.mkdir(exist_ok=True)
-    jobs = [(str(mat), str(out_dir / f"{mat.stem}.png")) for mat in mats]
-    counts = run_in_pool(convert_sbd_label, jobs, workers, "voc12aug SegmentationClassAug")
-
-    sbd_names = read_names(sbd / "train.txt") + read_names(sbd / "val.txt")
-    voc_train, voc_val = read_names(lists / "train.txt"), read_names(lists / "val.txt")
-    trainaug = sorted((set(voc_train) | set(sbd_names)) - set(voc_val))
-    aug = sorted(set(sbd_names) - set(voc_train) - set(voc_val))
-    unconverted = [name for name in aug if not (out_dir / f"{name}.png").is_file()]
-    if unconverted:
-        raise FileNotFoundError(
-            f"voc12aug: {len(unconverted)} SBD images have no {sbd / 'cls'}/<name>.mat, e.g. {unconverted[0]}."
-        )
-    # The original asserts these counts; they only hold for the complete VOC 2012 and SBD.
-    is_complete = (len(voc_train), len(voc_val), len(set(sbd_names))) == (1464, 1449, 11355)
-    if is_complete and (len(trainaug), len(aug)) != (10582, 9118):
-        raise ValueError(
-            f"voc12aug: expected 10582 trainaug and 9118 aug names from the complete VOC 2012 + SBD, got "
-            f"{len(trainaug)} and {len(aug)}; check {lists} and {sbd}."
-        )
-    (lists / "trainaug.txt").write_text("".join(f"{name}\n" for name in trainaug))
-    (lists / "aug.txt").write_text("".join(f"{name}\n" for name in aug))
-    print(
-        f"voc12aug: {counts['converted']} converted, {counts['skipped']} skipped (already done) in {out_dir}; "
-        f"wrote aug.txt ({len(aug)}) and trainaug.txt ({len(trainaug)}) in {lists}"
-    )
-    return counts
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Prepare datasets for GCNet (see the docstring of data.py).")
-    commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="one-off conversion of a downloaded dataset")
-    datasets = prepare.add_subparsers(dest="dataset", required=True)
-    default_workers = min(8, os.cpu_count() or 1)
-    cityscapes = datasets.add_parser(
-        "cityscapes", help="write *_gtFine_labelTrainIds.png from *_gtFine_labelIds.png"
-    )
-    cityscapes.add_argument("root", help="the Cityscapes root, holding leftImg8bit/ and gtFine/")
-    voc = datasets.add_parser("voc12aug", help="write SegmentationClassAug and aug.txt from SBD")
-    voc.add_argument("devkit", help="the VOCdevkit folder, holding VOC2012/")
-    voc.add_argument("sbd_root", help="the SBD folder (VOCaug, holding dataset/cls/*.mat)")
-    for subparser in (cityscapes, voc):
-        subparser.add_argument("--workers", type=int, default=default_workers, help="parallel processes")
-    args = parser.parse_args(argv)
-    try:
-        if args.dataset == "cityscapes":
-            prepare_cityscapes(args.root, args.workers)
-        else:
-            prepare_voc12aug(args.devkit, args.sbd_root, args.workers)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        sys.exit(f"error: {error}")
-
-
-if __name__ == "__main__":
-    main()

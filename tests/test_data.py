@@ -606,7 +606,7 @@ def test_train_items_are_reproducible_with_a_seed(tmp_path):
 
 
 def test_missing_root_and_empty_split(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"(?s)nowhere.*leftImg8bit.*prepare cityscapes"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)nowhere.*leftImg8bit.*prepare_datasets\.py cityscapes"):
         data.build_dataset("cityscapes", tmp_path / "nowhere")
     (tmp_path / "ade" / "images" / "training").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"(?s)training holds no \.jpg.*annotations"):
@@ -624,12 +624,13 @@ def test_missing_partners_are_named(tmp_path):
     label = root / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png"
     label.rename(label.with_name("lindau_000000_000019_gtFine_labelIds.png"))
     with pytest.raises(
-        FileNotFoundError, match=r"1 of 2 images.*lindau_000000_000019_leftImg8bit.*prepare cityscapes"
+        FileNotFoundError,
+        match=r"1 of 2 images.*lindau_000000_000019_leftImg8bit.*prepare_datasets\.py cityscapes",
     ):
         data.build_dataset("cityscapes", root, "val")
     voc = make_voc12aug(tmp_path / "VOC2012")
     (voc / "ImageSets" / "Segmentation" / "aug.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"aug\.txt not found.*prepare voc12aug"):
+    with pytest.raises(FileNotFoundError, match=r"aug\.txt not found.*prepare_datasets\.py voc12aug"):
         data.build_dataset("voc12aug", voc, "train")
     (voc / "SegmentationClass" / "2007_000033.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"expected .*SegmentationClass/2007_000033\.png"):
@@ -652,7 +653,8 @@ def test_bad_label_values_are_named_with_the_likely_fix(tmp_path):
     )
     label_ids = data.build_dataset("cityscapes", root, "val", **SMALL)
     with pytest.raises(
-        ValueError, match=r"lindau_000000_000019_gtFine_labelTrainIds.* \[26\].*prepare cityscapes"
+        ValueError,
+        match=r"lindau_000000_000019_gtFine_labelTrainIds.* \[26\].*prepare_datasets\.py cityscapes",
     ):
         label_ids[1]
 
@@ -678,62 +680,6 @@ def test_unreadable_image_and_colour_label_are_named(tmp_path):
         data.build_dataset("folder", root, "train", **SMALL)[1]
     with pytest.raises(FileNotFoundError, match="image file not found"):
         data.read_image(root / "missing.jpg")
-
-
-# -----------------------------------------------------------------------------------------------
-# Preparation
-
-
-def test_prepare_cityscapes_writes_train_ids(tmp_path, capsys):
-    root = tmp_path / "cityscapes"
-    all_ids = np.array(list(range(34)) + [255] * 6).reshape(5, 8)
-    for split, city in (("train", "aachen"), ("val", "lindau")):
-        save(root / "gtFine" / split / city / f"{city}_000000_000019_gtFine_labelIds.png", all_ids)
-    data.main(["prepare", "cityscapes", str(root), "--workers", "2"])
-    assert "2 converted, 0 skipped" in capsys.readouterr().out
-    train_ids = data.read_label(
-        root / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png"
-    )
-    assert train_ids.flatten().tolist() == CITYSCAPES_TRAINIDS + [255] * 6
-    data.main(["prepare", "cityscapes", str(root), "--workers", "1"])
-    assert "0 converted, 2 skipped" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"(?s)nowhere/gtFine not found.*leftImg8bit"):
-        data.main(["prepare", "cityscapes", str(tmp_path / "nowhere")])
-
-
-def test_prepare_voc12aug_from_sbd(tmp_path, capsys):
-    scipy_io = pytest.importorskip("scipy.io")
-    devkit, sbd = tmp_path / "VOCdevkit", tmp_path / "VOCdevkit" / "VOCaug" / "dataset"
-    lists = devkit / "VOC2012" / "ImageSets" / "Segmentation"
-    lists.mkdir(parents=True)
-    (lists / "train.txt").write_text("a\nb\n")
-    (lists / "val.txt").write_text("f\n")
-    (sbd / "cls").mkdir(parents=True)
-    (sbd / "train.txt").write_text("a\nc\n")
-    (sbd / "val.txt").write_text("d\nf\n")
-    segmentations = {}
-    for seed, name in enumerate("acdf"):
-        segmentations[name] = np.random.RandomState(seed).randint(0, 21, (4, 6)).astype(np.uint8)
-        gt = {"Segmentation": segmentations[name], "Boundaries": np.zeros(1), "CategoriesPresent": [1]}
-        scipy_io.savemat(sbd / "cls" / f"{name}.mat", {"GTcls": gt})
-    data.main(["prepare", "voc12aug", str(devkit), str(sbd.parent), "--workers", "1"])
-    assert "4 converted, 0 skipped" in capsys.readouterr().out
-    for name, segmentation in segmentations.items():
-        png = devkit / "VOC2012" / "SegmentationClassAug" / f"{name}.png"
-        assert Image.open(png).mode == "L"
-        assert data.read_label(png).tolist() == segmentation.tolist()
-    # trainaug = (VOC train | SBD) - VOC val; aug = SBD - VOC train - VOC val.
-    assert (lists / "trainaug.txt").read_text() == "a\nb\nc\nd\n"
-    assert (lists / "aug.txt").read_text() == "c\nd\n"
-    data.main(["prepare", "voc12aug", str(devkit), str(sbd), "--workers", "1"])  # SBD_ROOT may be dataset/
-    assert "0 converted, 4 skipped" in capsys.readouterr().out
-
-
-def test_prepare_voc12aug_names_a_bad_mat_file(tmp_path):
-    scipy_io = pytest.importorskip("scipy.io")
-    scipy_io.savemat(tmp_path / "x.mat", {"GTinst": {"Segmentation": np.zeros((2, 2))}})
-    with pytest.raises(ValueError, match=r"x\.mat has no GTcls struct \(found \['GTinst'\]\)"):
-        data.read_sbd_segmentation(tmp_path / "x.mat")
 
 
 def test_resize_is_within_one_of_float_bilinear():

@@ -1,0 +1,199 @@
+"""One-off preparation of two downloaded datasets, run once before training, from the repository root:
+
+    python tools/prepare_datasets.py cityscapes data/cityscapes
+        writes gtFine/**/*_gtFine_labelTrainIds.png from the *_gtFine_labelIds.png of the download
+    python tools/prepare_datasets.py voc12aug data/VOCdevkit data/VOCdevkit/VOCaug
+        writes VOC2012/SegmentationClassAug/*.png from SBD's cls/*.mat, and aug.txt and trainaug.txt
+
+The original toolbox does the same in mmseg v0.5.0 tools/convert_datasets/{cityscapes,voc_aug}.py.
+Both commands skip files that exist, so an interrupted run continues where it stopped. ADE20K needs
+no preparation. Reading SBD's .mat files needs scipy (pip install scipy); nothing else here does.
+"""
+
+import argparse
+import os
+import sys
+from collections import Counter
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py sits in the repository root
+import data  # noqa: E402
+
+CITYSCAPES_TRAINID_TABLE = torch.tensor(
+    [data.CITYSCAPES_ID_TO_TRAINID.get(label_id, data.IGNORE_INDEX) for label_id in range(256)],
+    dtype=torch.uint8,
+)
+
+
+def run_in_pool(function, jobs, workers, description):
+    """Map `function` over `jobs` with a process pool and a progress bar; count the returned statuses."""
+    counts = Counter()
+    if workers <= 1:
+        for status in tqdm(map(function, jobs), total=len(jobs), desc=description):
+            counts[status] += 1
+        return counts
+    # One torch thread per process: the parallelism comes from the pool.
+    with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for status in tqdm(
+            pool.imap_unordered(function, jobs, chunksize=8), total=len(jobs), desc=description
+        ):
+            counts[status] += 1
+    return counts
+
+
+# -----------------------------------------------------------------------------------------------
+# Cityscapes: labelIds -> trainIds
+
+
+def convert_cityscapes_label(label_ids_path):
+    """*_gtFine_labelIds.png -> *_gtFine_labelTrainIds.png beside it; returns 'converted' or 'skipped'."""
+    target = label_ids_path.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png")
+    if os.path.isfile(target):
+        return "skipped"
+    label_ids = data.read_label(label_ids_path)
+    data.write_png(CITYSCAPES_TRAINID_TABLE[label_ids.long()][None], target)
+    return "converted"
+
+
+def prepare_cityscapes(root, workers=8):
+    """Write gtFine/**/*_gtFine_labelTrainIds.png from *_gtFine_labelIds.png (train, val and test)."""
+    root = Path(root)
+    gt_dir = root / "gtFine"
+    if not gt_dir.is_dir():
+        raise data.missing_path_error("cityscapes", root, gt_dir)
+    sources = sorted(str(path) for path in gt_dir.rglob("*_gtFine_labelIds.png"))
+    if not sources:
+        raise data.missing_path_error("cityscapes", root, gt_dir, "holds no *_gtFine_labelIds.png files")
+    counts = run_in_pool(convert_cityscapes_label, sources, workers, "cityscapes labelTrainIds")
+    print(
+        f"cityscapes: {counts['converted']} converted, {counts['skipped']} skipped (already done) in {gt_dir}"
+    )
+    return counts
+
+
+# -----------------------------------------------------------------------------------------------
+# VOC 2012 + SBD: SegmentationClassAug and the aug lists
+
+
+def import_loadmat():
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise ImportError(
+            "preparing voc12aug reads SBD's .mat files with scipy, which is not installed: pip install scipy"
+        ) from None
+    return loadmat
+
+
+def read_sbd_segmentation(path):
+    """The class-index map of an SBD cls/*.mat file: the field Segmentation of its struct GTcls.
+    scipy's loadmat reads MATLAB data only (no code runs)."""
+    contents = import_loadmat()(path, squeeze_me=True, struct_as_record=False)
+    if "GTcls" not in contents:
+        keys = sorted(key for key in contents if not key.startswith("__"))
+        raise ValueError(
+            f"{path} has no GTcls struct (found {keys}); expected an SBD dataset/cls/*.mat file."
+        )
+    struct = contents["GTcls"]
+    if isinstance(struct, np.ndarray):  # a struct array that squeeze_me left wrapped
+        struct = struct.flat[0]
+    segmentation = struct.Segmentation if hasattr(struct, "Segmentation") else struct["Segmentation"]
+    return np.asarray(segmentation, dtype=np.uint8)
+
+
+def convert_sbd_label(job):
+    """(mat_path, png_path) -> 'converted' or 'skipped'."""
+    mat_path, png_path = job
+    if os.path.isfile(png_path):
+        return "skipped"
+    data.write_png(torch.from_numpy(read_sbd_segmentation(mat_path))[None], png_path)
+    return "converted"
+
+
+def read_names(path):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found; expected a list of image names, one per line.")
+    return Path(path).read_text().split()
+
+
+def prepare_voc12aug(devkit, sbd_root, workers=8):
+    """SBD's cls/*.mat -> VOC2012/SegmentationClassAug/*.png, then ImageSets/Segmentation/aug.txt and
+    trainaug.txt (as mmseg v0.5.0 tools/convert_datasets/voc_aug.py):
+        trainaug = (VOC train | SBD train | SBD val) - VOC val   (10582 names with the full data)
+        aug      = (SBD train | SBD val) - VOC train - VOC val   (9118)
+    """
+    devkit, sbd_root = Path(devkit), Path(sbd_root)
+    voc = devkit / "VOC2012" if (devkit / "VOC2012").is_dir() else devkit
+    sbd = sbd_root / "dataset" if (sbd_root / "dataset" / "cls").is_dir() else sbd_root
+    lists = voc / "ImageSets" / "Segmentation"
+    if not lists.is_dir():
+        raise data.missing_path_error("voc12aug", voc, lists)
+    mats = sorted((sbd / "cls").glob("*.mat"))
+    if not mats:
+        raise FileNotFoundError(
+            f"voc12aug: no .mat files in {sbd / 'cls'}. Expected SBD's benchmark_RELEASE/dataset (or its parent) "
+            "with cls/*.mat, train.txt and val.txt; pass it as SBD_ROOT."
+        )
+    import_loadmat()  # fail before starting the pool when scipy is missing
+    out_dir = voc / "SegmentationClassAug"
+    out_dir.mkdir(exist_ok=True)
+    jobs = [(str(mat), str(out_dir / f"{mat.stem}.png")) for mat in mats]
+    counts = run_in_pool(convert_sbd_label, jobs, workers, "voc12aug SegmentationClassAug")
+
+    sbd_names = read_names(sbd / "train.txt") + read_names(sbd / "val.txt")
+    voc_train, voc_val = read_names(lists / "train.txt"), read_names(lists / "val.txt")
+    trainaug = sorted((set(voc_train) | set(sbd_names)) - set(voc_val))
+    aug = sorted(set(sbd_names) - set(voc_train) - set(voc_val))
+    unconverted = [name for name in aug if not (out_dir / f"{name}.png").is_file()]
+    if unconverted:
+        raise FileNotFoundError(
+            f"voc12aug: {len(unconverted)} SBD images have no {sbd / 'cls'}/<name>.mat, e.g. {unconverted[0]}."
+        )
+    # The original asserts these counts; they only hold for the complete VOC 2012 and SBD.
+    is_complete = (len(voc_train), len(voc_val), len(set(sbd_names))) == (1464, 1449, 11355)
+    if is_complete and (len(trainaug), len(aug)) != (10582, 9118):
+        raise ValueError(
+            f"voc12aug: expected 10582 trainaug and 9118 aug names from the complete VOC 2012 + SBD, got "
+            f"{len(trainaug)} and {len(aug)}; check {lists} and {sbd}."
+        )
+    (lists / "trainaug.txt").write_text("".join(f"{name}\n" for name in trainaug))
+    (lists / "aug.txt").write_text("".join(f"{name}\n" for name in aug))
+    print(
+        f"voc12aug: {counts['converted']} converted, {counts['skipped']} skipped (already done) in {out_dir}; "
+        f"wrote aug.txt ({len(aug)}) and trainaug.txt ({len(trainaug)}) in {lists}"
+    )
+    return counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="One-off preparation of a downloaded dataset for GCNet.")
+    datasets = parser.add_subparsers(dest="dataset", required=True)
+    default_workers = min(8, os.cpu_count() or 1)
+    cityscapes = datasets.add_parser(
+        "cityscapes", help="write *_gtFine_labelTrainIds.png from *_gtFine_labelIds.png"
+    )
+    cityscapes.add_argument("root", help="the Cityscapes root, holding leftImg8bit/ and gtFine/")
+    voc = datasets.add_parser("voc12aug", help="write SegmentationClassAug and aug.txt from SBD")
+    voc.add_argument("devkit", help="the VOCdevkit folder, holding VOC2012/")
+    voc.add_argument("sbd_root", help="the SBD folder (VOCaug, holding dataset/cls/*.mat)")
+    for subparser in (cityscapes, voc):
+        subparser.add_argument("--workers", type=int, default=default_workers, help="parallel processes")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    try:
+        if args.dataset == "cityscapes":
+            prepare_cityscapes(args.root, args.workers)
+        else:
+            prepare_voc12aug(args.devkit, args.sbd_root, args.workers)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
