@@ -136,9 +136,7 @@ def variant_list(device, args, batches):
         precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
         variants = [make_variant(p, False) for p in precisions] + [make_variant("bf16", True)]
     else:  # fp32 stays: the baseline of the speed-ups and of the argmax agreement
-        variants = [make_variant("fp32", False)] + [
-            make_variant(precision, layout) for layout in (False, True)
-        ]
+        variants = [make_variant(*pair) for pair in (("fp32", False), (precision, False), (precision, True))]
     lead = default
     if args.precision == "auto" and precision == "fp32":
         lead = make_variant("bf16", runtime.resolve_channels_last(args.channels_last, device, "bf16"))
@@ -148,9 +146,9 @@ def variant_list(device, args, batches):
         variants.append(make_variant(lead["precision"], lead["channels_last"], compiled=True))
     variants.append(checkpointing)
     for batch in batches[1:]:
-        for v in (default, lead, checkpointing):
+        for base in (default, lead, checkpointing):
             variants.append(
-                make_variant(v["precision"], v["channels_last"], False, v["checkpointing"], batch)
+                make_variant(base["precision"], base["channels_last"], False, base["checkpointing"], batch)
             )
     variants = list({variant["name"]: variant for variant in variants}.values())  # first of each name
     for variant in variants:
@@ -163,10 +161,8 @@ def build_model(row, variant, device=None):
     torch.manual_seed(0)
     model = GCNet(row["num_classes"], depth=row["depth"], align_corners=row["align_corners"],
                   activation_checkpointing=variant["checkpointing"])  # fmt: skip
-    if device is not None:
-        model.to(
-            device, memory_format=torch.channels_last if variant["channels_last"] else torch.preserve_format
-        )
+    layout = torch.channels_last if variant["channels_last"] else torch.preserve_format
+    return model if device is None else model.to(device, memory_format=layout)
     return model
 
 
@@ -302,9 +298,8 @@ def forward_loss(model, images, labels, row, forward_scope):
     """The recipe's loss: decode head + aux_weight x auxiliary head."""
     with forward_scope:
         logits, aux_logits = model(images)
-    return train.segmentation_loss(logits, labels) + row["aux_weight"] * train.segmentation_loss(
-        aux_logits, labels
-    )
+    loss = train.segmentation_loss(logits, labels)
+    return loss + row["aux_weight"] * train.segmentation_loss(aux_logits, labels)
 
 
 def estimate_on_fake_tensors(row, precision, checkpointing, crop_size, batch):
@@ -610,9 +605,7 @@ def summarize(variants, measured, peaks, flops):
         for phase, timing in measured[variant["name"]].items():
             if phase == "error" or timing is None:
                 continue
-            record[phase] = {
-                key: value for key, value in timing.items() if key not in ("first_result", "flops")
-            }
+            record[phase] = {key: timing[key] for key in timing if key not in ("first_result", "flops")}
             flops_per_s = flops[phase] * timing["images_per_s"]
             same_batch = variant["batch"] is None and baseline[phase]
             record[phase].update(
@@ -621,11 +614,9 @@ def summarize(variants, measured, peaks, flops):
                 fraction_of_matmul_peak=flops_per_s / peaks[variant["precision"]],
             )
         if record["inference"]:
-            agreement = (
-                measured[variant["name"]]["inference"]["first_result"]
-                == baseline["inference"]["first_result"]
-            )
-            record["inference"]["argmax_agreement"] = agreement.double().mean().item()
+            prediction = measured[variant["name"]]["inference"]["first_result"]
+            agreement = (prediction == baseline["inference"]["first_result"]).double().mean().item()
+            record["inference"]["argmax_agreement"] = agreement
         record["batch"] = record["training"] and record["training"].pop("batch")
         records.append(record)
     for record in records:
@@ -741,10 +732,8 @@ def device_description(device):
         return torch.cuda.get_device_name(device)
     name = platform.processor() or "cpu"
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
     return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
 
 
@@ -774,7 +763,7 @@ def protocol_lines(row, args, device, flops, peaks, variants, estimates):
         f"gradients + SGD momentum; at {target['crop_size'][0]}x{target['crop_size'][1]} batch {target['batch']} "
         f"{target['precision']} on fake tensors: "
         + ", ".join(
-            f"{name} {figures['estimated_training_memory_gb']:.2f} GB" for name, figures in estimates.items()
+            f"{name} {value['estimated_training_memory_gb']:.2f} GB" for name, value in estimates.items()
         ),
     ]
     if not row["comparable"]:
