@@ -1,5 +1,6 @@
 """train.py: the recipe's numerics, a short run, DDP under torchrun, exact resume, signals, guards."""
 
+import errno
 import json
 import math
 import os
@@ -8,12 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import data
+import model as gcnet
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,3 +211,176 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
         checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"]
     )  # one stream per rank
     assert [r["iteration"] for r in read_log(tmp_path) if "mIoU" in r] == [4]
+
+
+# ---- nothing a crash, a full disk or a second run can lose ----------------------------------------
+
+
+def test_a_second_run_on_a_work_dir_is_refused_and_stale_temporaries_removed(toy_root, tmp_path):
+    stale = tmp_path / ".iter_3.pth.123-abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    lock = train.claim_work_dir(tmp_path)
+    assert not stale.exists() and f"process {os.getpid()}" in (tmp_path / "run.lock").read_text()
+    with pytest.raises(
+        SystemExit, match=f"in use by another training run \\(process {os.getpid()} .*--work-dir"
+    ):
+        train.main(toy_args(toy_root, tmp_path, "--iters", "1"))
+    lock.close()  # what the OS does when the holder exits, a crash included
+    train.claim_work_dir(tmp_path).close()
+
+
+def test_temporary_files_are_unique_per_writer_and_removed_on_failure(tmp_path, monkeypatch):
+    written = []
+
+    def failing_save(checkpoint, path):
+        written.append(Path(path).name)
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    net = torch.nn.Linear(2, 2)
+    for _ in range(2):
+        with pytest.raises(OSError):
+            train.save_checkpoint(tmp_path / "iter_1.pth", {"state_dict": net.state_dict()})
+    assert written[0] != written[1] and all(str(os.getpid()) in name for name in written)
+    assert not list(tmp_path.iterdir())
+
+
+def small_writer(tmp_path):
+    net = torch.nn.Conv2d(3, 4, 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(1, 3, 5, 5)).sum().backward()
+    optimizer.step()
+    dataset = SimpleNamespace(classes=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train.CheckpointWriter(
+        tmp_path, net, optimizer, scaler, {}, dataset, 0, 2, "python train.py --resume"
+    )
+
+
+def test_a_full_disk_is_said_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    writer = small_writer(tmp_path)
+    first = writer.save(1, -1.0, None)
+    real_save = torch.save
+
+    def disk_full(checkpoint, path):
+        real_save(checkpoint, path)  # most of it reached the disk ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk filled up
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        writer.save(2, -1.0, first)
+    message = str(stop.value)
+    assert "the disk is full" in message and "MB free" in message and "iter_2.pth needs about" in message
+    assert f"{first} is intact" in message and message.endswith("python train.py --resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1.pth"]
+    assert torch.load(first, weights_only=True)["iteration"] == 1
+
+
+def test_only_exact_iter_names_are_checkpoints(tmp_path):
+    writer = small_writer(tmp_path)
+    for iteration in (4, 12):
+        writer.save(iteration, -1.0, None)
+    (tmp_path / "iter_4 copy.pth").write_bytes((tmp_path / "iter_4.pth").read_bytes())
+    (tmp_path / "iter_x.pth").write_bytes(b"note")
+    assert [p.name for p in train.checkpoints_in(tmp_path)] == ["iter_4.pth", "iter_12.pth"]
+    assert train.find_resume_checkpoint("latest", tmp_path).name == "iter_12.pth"
+    writer.save(20, -1.0, None)  # keeps 2: prunes iter_4.pth and leaves the copies alone
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["iter_12.pth", "iter_20.pth", "iter_4 copy.pth", "iter_x.pth"]
+
+
+def fake_validation(scores, fail_at=None):
+    """validate() replaced by a table of scores per call; a bad image raises at call `fail_at`."""
+    calls = []
+
+    def validate(raw_model, val_set, config, rank, save_dir=None):
+        calls.append(len(calls))
+        if len(calls) - 1 == fail_at:
+            raise ValueError("cannot decode image val/x.jpg")
+        score = scores[len(calls) - 1]
+        per_class = [score] * val_set.num_classes
+        return {"mIoU": score, "mAcc": score, "aAcc": score, "IoU": per_class, "Acc": per_class}
+
+    return validate
+
+
+def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root, tmp_path, monkeypatch):
+    args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "1")
+    # A bad validation image loses no training: the checkpoint is already written.
+    monkeypatch.setattr(train, "validate", fake_validation([10.0], fail_at=0))
+    with pytest.raises(ValueError, match="val/x.jpg"):
+        train.main(args)
+    assert torch.load(tmp_path / "iter_1.pth", weights_only=True)["validation_pending"] is True
+    # Resumed: iteration 1 is validated again (10), iteration 2 scores 20, and the run is killed
+    # while best.pth is being written.
+    real_save = train.save_checkpoint
+
+    def killed_while_writing_best(path, checkpoint):
+        if Path(path).name == "best.pth" and checkpoint["best_miou"] == 20.0:
+            raise KeyboardInterrupt("kill -9")
+        real_save(path, checkpoint)
+
+    monkeypatch.setattr(train, "validate", fake_validation([10.0, 20.0]))
+    monkeypatch.setattr(train, "save_checkpoint", killed_while_writing_best)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--resume"])
+    assert torch.load(tmp_path / "best.pth", weights_only=True)["best_miou"] == 10.0
+    assert torch.load(tmp_path / "iter_2.pth", weights_only=True)["best_miou"] == 10.0  # not yet 20
+    # The next resume validates iteration 2 again and writes the best.pth it recorded.
+    monkeypatch.setattr(train, "validate", fake_validation([20.0]))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert train.main(args + ["--resume"]) == 20.0
+    best = torch.load(tmp_path / "best.pth", weights_only=True)
+    assert (best["best_miou"], best["iteration"]) == (20.0, 2)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--iters", "0"), ("--iters", "-5"), ("--batch-size", "0"), ("--lr", "0"), ("--lr", "-1"),
+     ("--lr", "nan"), ("--log-interval", "0"), ("--keep", "0"), ("--workers", "-1"), ("--momentum", "1.5")],
+)  # fmt: skip
+def test_numeric_flags_are_checked_when_parsed(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args([flag, value])
+    assert f"argument {flag}: expected" in capsys.readouterr().err
+
+
+def test_explicit_zero_is_never_read_as_unset():
+    args = train.build_parser().parse_args(["--workers", "0", "--min-lr", "0", "--weight-decay", "0"])
+    config = train.resolve_recipe(args, world_size=1)
+    assert (config["workers"], config["min_lr"], config["weight_decay"]) == (0, 0.0, 0.0)
+
+
+def test_resume_from_a_file_that_is_no_training_checkpoint_says_so(toy_root, tmp_path):
+    torch.save({"conv1.weight": torch.zeros(2)}, tmp_path / "resnet.pth")
+    with pytest.raises(SystemExit, match="not a checkpoint written by train.py .* use --load-from"):
+        train.main(toy_args(toy_root, tmp_path / "run", "--resume", str(tmp_path / "resnet.pth")))
+    with pytest.raises(SystemExit, match="--load-from starts a new run and --resume continues one"):
+        train.main(toy_args(toy_root, tmp_path / "run", "--resume", "--load-from", "x.pth"))
+
+
+# ---- fine-tuning from an official checkpoint -------------------------------------------------------
+
+
+def test_fine_tuning_an_official_19_class_checkpoint_on_the_5_class_toy_set(toy_root, tmp_path):
+    torch.manual_seed(0)
+    source = gcnet.GCNet(19)
+    official = tmp_path / "gcnet_r50-d8_512x1024_40k_cityscapes_20200618_074436-4b0fd17b.pth"
+    torch.save(
+        {"meta": {"CLASSES": [str(i) for i in range(19)]}, "state_dict": source.state_dict()}, official
+    )
+    target = gcnet.GCNet(5)
+    line = train.load_for_fine_tuning(target, str(official), trust=False)
+    assert "19 classes there, 5 here" in line and "conv_seg start fresh" in line
+    for key, value in target.state_dict().items():
+        if key not in gcnet.CLASSIFIER_KEYS:
+            assert torch.equal(value, source.state_dict()[key]), key
+    with pytest.raises(SystemExit, match="R-50-D8 but this run builds R-101-D8: pass --depth 50"):
+        train.load_for_fine_tuning(gcnet.GCNet(5, depth=101), str(official), trust=False)
+    work_dir = tmp_path / "run"
+    args = toy_args(toy_root, work_dir, "--iters", "12", "--batch-size", "4", "--log-interval", "1")
+    train.main(args + ["--eval-interval", "12", "--load-from", str(official), "--lr", "0.02"])
+    losses = [r["loss"] for r in read_log(work_dir) if "loss" in r]
+    assert len(losses) == 12 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert torch.load(work_dir / "iter_12.pth", weights_only=True)["iteration"] == 12
