@@ -1,0 +1,135 @@
+"""tools/convert_colour_labels.py: colour masks -> class-index PNGs on tiny files, unknown colours named,
+reruns skipping or overwriting."""
+
+import importlib.util
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "convert_colour_labels.py"
+spec = importlib.util.spec_from_file_location("convert_colour_labels", SCRIPT)
+convert = importlib.util.module_from_spec(spec)
+sys.modules["convert_colour_labels"] = convert  # the process pool finds its functions by name
+spec.loader.exec_module(convert)
+
+# Class 2 has no colour in classes.txt: it gets colour 2 of the VOC colour map, (0, 128, 0).
+CLASSES_TXT = "road 128 64 128\ncar 0 0 142  # a comment\nplant\n"
+ROAD, CAR, PLANT, WHITE = (128, 64, 128), (0, 0, 142), (0, 128, 0), (255, 255, 255)
+
+
+def save_rgb(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.array(rows, dtype=np.uint8)).save(path)
+
+
+def folder_dataset(root, classes_txt=CLASSES_TXT):
+    """ROOT/classes.txt and two colour masks in ROOT/labels_colour/{train,val}."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text(classes_txt)
+    save_rgb(root / "labels_colour" / "train" / "a.png", [[ROAD, CAR, PLANT], [WHITE, ROAD, CAR]])
+    save_rgb(root / "labels_colour" / "val" / "b.png", [[PLANT, PLANT], [CAR, ROAD]])
+
+
+def read_index_png(path):
+    with Image.open(path) as image:
+        assert image.mode == "L"  # one uint8 channel
+        return np.array(image).tolist()
+
+
+def test_colours_become_class_indices_and_the_ignore_colour_255(tmp_path, capsys):
+    folder_dataset(tmp_path)
+    convert.main([str(tmp_path), "--ignore-colour", "255", "255", "255", "--workers", "1"])
+    assert "2 converted, 0 skipped" in capsys.readouterr().out
+    assert read_index_png(tmp_path / "labels" / "train" / "a.png") == [[0, 1, 2], [255, 0, 1]]
+    assert read_index_png(tmp_path / "labels" / "val" / "b.png") == [[2, 2], [1, 0]]
+    assert not list((tmp_path / "labels").rglob(".*.tmp"))
+
+
+def test_unknown_colours_are_named_with_file_and_pixel_count(tmp_path, capsys):
+    folder_dataset(tmp_path)  # white is not declared: both its pixels in a.png are unknown
+    save_rgb(tmp_path / "labels_colour" / "train" / "c.png", [[(1, 2, 3)] * 3, [(1, 2, 3), WHITE, ROAD]])
+    with pytest.raises(SystemExit) as raised:
+        convert.main([str(tmp_path), "--workers", "1"])
+    message = str(raised.value)
+    assert (
+        f"{tmp_path / 'labels_colour' / 'train' / 'a.png'}: 1 unknown colour: RGB 255 255 255 (1 px)"
+        in message
+    )
+    assert "c.png: 2 unknown colours: RGB 1 2 3 (4 px), RGB 255 255 255 (1 px)" in message
+    assert "2 files have colours that are not in" in message and "--ignore-colour R G B" in message
+    assert (
+        "1 converted, 0 skipped (exist; --overwrite converts them again), 2 failed" in capsys.readouterr().out
+    )
+    assert [path.name for path in (tmp_path / "labels").rglob("*.png")] == [
+        "b.png"
+    ]  # failed files not written
+
+
+def test_lossy_masks_get_a_hint_and_at_most_ten_colours_named():
+    colours = {(value, 0, 0): 100 - value for value in range(30)}
+    message = convert.describe_unknown("m.png", colours)
+    assert message.count("RGB") == 10 and "RGB 9 0 0 (91 px)" in message and "RGB 10 0 0" not in message
+    assert "and 20 more" in message and "JPEG" in message
+
+
+def test_rerun_skips_existing_files_and_overwrite_converts_again(tmp_path, capsys):
+    folder_dataset(tmp_path)
+    arguments = [str(tmp_path), "--ignore-colour", "255", "255", "255", "--workers", "1"]
+    convert.main(arguments)
+    # New colours for the classes: road and car swap. Without --overwrite the old files stay.
+    (tmp_path / "classes.txt").write_text("road 0 0 142\ncar 128 64 128\nplant\n")
+    capsys.readouterr()
+    convert.main(arguments)
+    assert "0 converted, 2 skipped" in capsys.readouterr().out
+    assert read_index_png(tmp_path / "labels" / "val" / "b.png") == [[2, 2], [1, 0]]
+    convert.main(arguments + ["--overwrite"])
+    assert "2 converted, 0 skipped" in capsys.readouterr().out
+    assert read_index_png(tmp_path / "labels" / "val" / "b.png") == [[2, 2], [0, 1]]
+    assert read_index_png(tmp_path / "labels" / "train" / "a.png") == [[1, 0, 2], [255, 1, 0]]
+
+
+def test_script_with_explicit_folders_and_a_pool(tmp_path, monkeypatch, capsys):
+    folder_dataset(tmp_path / "mine")
+    source = tmp_path / "masks"
+    save_rgb(source / "deep" / "x.png", [[CAR, PLANT]])
+    save_rgb(source / "y.png", [[ROAD]])
+    # As `python tools/convert_colour_labels.py ...` run from the repository root.
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--src", str(source), "--dst", str(tmp_path / "out"),
+                                      "--classes", str(tmp_path / "mine" / "classes.txt"), "--workers", "2"])  # fmt: skip
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert "2 converted" in capsys.readouterr().out
+    assert data.read_label(tmp_path / "out" / "deep" / "x.png").tolist() == [[1, 2]]
+    assert data.read_label(tmp_path / "out" / "y.png").tolist() == [[0]]
+
+
+def test_bad_declarations_are_refused_with_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match=r"colour \[0, 0, 142\] stands for both class 1 and --ignore-colour"):
+        convert.lookup_table([[128, 64, 128], [0, 0, 142]], [(0, 0, 142)])
+    with pytest.raises(ValueError, match="at most 255"):
+        convert.lookup_table([[index, 0, 0] for index in range(256)])
+    folder_dataset(tmp_path)
+    (tmp_path / "other.txt").write_text(CLASSES_TXT)
+    with pytest.raises(SystemExit, match="expected the dataset's classes.txt"):
+        convert.main([str(tmp_path), "--classes", str(tmp_path / "other.txt")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds no .png files"):
+        convert.main([str(tmp_path), "--src", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="is not a folder"):
+        convert.main([str(tmp_path), "--src", str(tmp_path / "nothing")])
+
+
+def test_without_root_all_three_folders_are_needed(capsys):
+    with pytest.raises(SystemExit):
+        convert.main(["--src", "masks"])
+    assert (
+        "give ROOT, or all of --src, --dst and --classes (missing --dst, --classes)"
+        in capsys.readouterr().err
+    )

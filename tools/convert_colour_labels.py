@@ -1,0 +1,236 @@
+"""Convert colour-coded label PNGs (one RGB colour per class) to the class-index PNGs that
+`--dataset folder` reads, using the colours of the dataset's classes.txt. Run from the repository root:
+
+    python tools/convert_colour_labels.py data/mine
+        ROOT/labels_colour/<split>/<name>.png -> ROOT/labels/<split>/<name>.png, colours from ROOT/classes.txt
+    python tools/convert_colour_labels.py --src masks/ --dst data/mine/labels/train --classes data/mine/classes.txt
+    python tools/convert_colour_labels.py data/mine --ignore-colour 255 255 255   # white -> 255 (ignore)
+
+Class i is the i-th class line of classes.txt (`name R G B`; a line without a colour gets the VOC
+colour map's colour i, so VOC-style colour masks need no colours written out). The output is a
+single-channel uint8 PNG of class indices, 255 where a pixel has an --ignore-colour. A colour that is
+neither a class's nor an ignore colour is an error naming the file, the colour and its pixel count;
+such a file is not written and the others go on. Files that exist are skipped, so an interrupted run
+continues where it stopped; --overwrite converts them again (after classes.txt changed). Every file is
+written through a temporary file and renamed, so a file that exists is complete.
+"""
+
+import argparse
+import os
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py sits in the repository root
+import data  # noqa: E402
+
+UNKNOWN = -1
+MAX_COLOURS_NAMED = 10  # per file; a mask with more unknown colours was saved lossily (JPEG, antialiasing)
+
+
+def colour_codes(image):
+    """uint8 (3, H, W) RGB -> int32 (H, W) codes R * 65536 + G * 256 + B."""
+    image = image.to(torch.int32)
+    return (image[0] << 16) | (image[1] << 8) | image[2]
+
+
+def colour_of(code):
+    return (code >> 16) & 255, (code >> 8) & 255, code & 255
+
+
+def lookup_table(palette, ignore_colours=()):
+    """An int16 table over all 2^24 colours: the class index of each class colour, 255 for the ignore
+    colours, UNKNOWN elsewhere. 32 MB, and one gather converts a whole image."""
+    if len(palette) > data.IGNORE_INDEX:
+        raise ValueError(
+            f"classes.txt lists {len(palette)} classes; a uint8 label holds at most {data.IGNORE_INDEX} "
+            f"(0..{data.IGNORE_INDEX - 1}, {data.IGNORE_INDEX} = ignore)."
+        )
+    table = torch.full((1 << 24,), UNKNOWN, dtype=torch.int16)
+    owner = {}  # colour -> what it stands for, to refuse a colour given twice
+    entries = [(tuple(colour), index, f"class {index}") for index, colour in enumerate(palette)]
+    entries += [(tuple(colour), data.IGNORE_INDEX, "--ignore-colour") for colour in ignore_colours]
+    for colour, value, what in entries:
+        if any(not 0 <= channel <= 255 for channel in colour):
+            raise ValueError(f"colour {list(colour)} of {what} is not in 0..255")
+        if colour in owner:
+            raise ValueError(
+                f"colour {list(colour)} stands for both {owner[colour]} and {what}; give each class its own "
+                "colour in classes.txt, and an --ignore-colour that no class has."
+            )
+        owner[colour] = what
+        red, green, blue = colour
+        table[(red << 16) | (green << 8) | blue] = value
+    return table
+
+
+def convert_image(image, table):
+    """uint8 (3, H, W) RGB -> (uint8 (H, W) class indices, {unknown colour (R, G, B): pixel count})."""
+    codes = colour_codes(image)
+    indices = table[codes]  # (H, W) int16
+    unknown = indices == UNKNOWN
+    if not unknown.any():
+        return indices.to(torch.uint8), {}
+    found, counts = torch.unique(codes[unknown], return_counts=True)
+    order = counts.argsort(descending=True)
+    return None, {colour_of(int(found[i])): int(counts[i]) for i in order}
+
+
+def describe_unknown(path, colours):
+    named = ", ".join(
+        f"RGB {r} {g} {b} ({count} px)" for (r, g, b), count in list(colours.items())[:MAX_COLOURS_NAMED]
+    )
+    more = len(colours) - MAX_COLOURS_NAMED
+    text = f"{path}: {len(colours)} unknown colour{'s' if len(colours) > 1 else ''}: {named}"
+    if more > 0:
+        text += (
+            f", and {more} more. So many colours mean the mask was saved lossily (JPEG) or with "
+            "antialiased edges; export it as PNG without smoothing"
+        )
+    return text
+
+
+def convert_file(job):
+    """(source, target, table, overwrite) -> (status, message): 'converted', 'skipped' or 'failed'."""
+    source, target, table, overwrite = job
+    if target.exists() and not overwrite:
+        return "skipped", None
+    labels, unknown = convert_image(data.read_image(source), table)
+    if unknown:
+        return "failed", describe_unknown(source, unknown)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data.write_png(labels[None], target)
+    return "converted", None
+
+
+# Each pool process gets the table once, not once per file.
+_TABLE = None
+
+
+def _set_table(table):
+    global _TABLE
+    _TABLE = table
+    torch.set_num_threads(1)  # the parallelism comes from the pool
+
+
+def _convert_in_pool(job):
+    source, target, overwrite = job
+    return convert_file((source, target, _TABLE, overwrite))
+
+
+def find_jobs(src, dst):
+    """(source, target) for every PNG under src, the target at the same relative path under dst."""
+    if not src.is_dir():
+        raise FileNotFoundError(
+            f"{src} is not a folder (--src). Expected the colour label PNGs there, e.g. "
+            f"{src}/train/<name>.png and {src}/val/<name>.png."
+        )
+    sources = sorted(path for path in src.rglob("*") if path.suffix.lower() == ".png" and path.is_file())
+    if not sources:
+        raise FileNotFoundError(f"{src} holds no .png files (--src); expected colour label PNGs.")
+    return [(source, dst / source.relative_to(src)) for source in sources]
+
+
+def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, workers=1):
+    """Convert every PNG under src into dst. Returns {'converted': n, 'skipped': n, 'failed': [messages]}."""
+    src, dst, classes_file = Path(src), Path(dst), Path(classes_file)
+    if classes_file.name != "classes.txt":
+        raise ValueError(
+            f"--classes {classes_file}: expected the dataset's classes.txt, which --dataset folder reads "
+            "as ROOT/classes.txt; name the file classes.txt."
+        )
+    if src.resolve() == dst.resolve():
+        raise ValueError(
+            f"--src and --dst are the same folder ({src}); the colour masks would be overwritten."
+        )
+    classes, palette = data.read_classes_file(classes_file.parent)
+    table = lookup_table(palette, ignore_colours)
+    jobs = find_jobs(src, dst)
+    results = {"converted": 0, "skipped": 0, "failed": []}
+    progress = dict(total=len(jobs), desc=f"{src} -> {dst}", unit="file")
+    if workers <= 1:
+        outcomes = tqdm((convert_file((s, t, table, overwrite)) for s, t in jobs), **progress)
+        for status, message in outcomes:
+            record(results, status, message)
+    else:
+        with Pool(workers, initializer=_set_table, initargs=(table,)) as pool:
+            outcomes = pool.imap(_convert_in_pool, [(s, t, overwrite) for s, t in jobs], chunksize=4)
+            for status, message in tqdm(outcomes, **progress):
+                record(results, status, message)
+    results["classes"] = classes
+    return results
+
+
+def record(results, status, message):
+    if status == "failed":
+        results["failed"].append(message)
+    else:
+        results[status] += 1
+
+
+def resolve_folders(args, parser):
+    """--src, --dst and --classes, each defaulting from ROOT."""
+    root = Path(args.root) if args.root else None
+    missing = [flag for flag, value in (("--src", args.src), ("--dst", args.dst), ("--classes", args.classes))
+               if value is None]  # fmt: skip
+    if root is None and missing:
+        parser.error(f"give ROOT, or all of --src, --dst and --classes (missing {', '.join(missing)})")
+    src = Path(args.src) if args.src else root / "labels_colour"
+    dst = Path(args.dst) if args.dst else root / "labels"
+    classes_file = Path(args.classes) if args.classes else root / "classes.txt"
+    return src, dst, classes_file
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "root", nargs="?", help="the folder dataset: ROOT/labels_colour -> ROOT/labels with ROOT/classes.txt"
+    )
+    parser.add_argument(
+        "--src", help="folder of colour label PNGs, searched recursively (default ROOT/labels_colour)"
+    )
+    parser.add_argument("--dst", help="where the index PNGs go, same relative paths (default ROOT/labels)")
+    parser.add_argument("--classes", help="the classes.txt with the class colours (default ROOT/classes.txt)")
+    parser.add_argument(
+        "--ignore-colour",
+        nargs=3,
+        type=int,
+        action="append",
+        default=[],
+        metavar=("R", "G", "B"),
+        help=f"a colour that means 'ignore' (written as {data.IGNORE_INDEX}); repeat for several",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="convert files that exist again")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    src, dst, classes_file = resolve_folders(args, parser)
+    try:
+        results = convert_folder(src, dst, classes_file, args.ignore_colour, args.overwrite, args.workers)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    failed = results["failed"]
+    print(
+        f"{results['converted']} converted, {results['skipped']} skipped (exist; --overwrite converts them "
+        f"again), {len(failed)} failed, into {dst} ({len(results['classes'])} classes from {classes_file})"
+    )
+    if failed:
+        sys.exit(
+            "\n".join(failed)
+            + f"\nerror: {len(failed)} files have colours that are not in {classes_file}: add the class "
+            "(name R G B) to classes.txt, or pass --ignore-colour R G B for colours to ignore, then run again."
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()
