@@ -74,6 +74,14 @@ def rank_and_world_size():
     return 0, 1
 
 
+def rank_zero_first(function, rank, world_size):
+    """Call `function` on rank 0, then on the other ranks: for work that writes shared files."""
+    result = function() if rank == 0 else None
+    if world_size > 1:
+        dist.barrier()
+    return result if rank == 0 else function()
+
+
 def resolve_precision(flag, device, auto="native"):
     """The precision a run uses: the flag, or for 'auto' bf16/fp16/fp32 by the hardware
     (auto='native') or fp32 (auto='fp32', as evaluate.py does for official checkpoints)."""

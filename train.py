@@ -21,17 +21,8 @@ Read `main` for the whole run; the helpers follow in the order it calls them.
 """
 
 import argparse
-import errno
-import fcntl
-import json
 import math
 import os
-import re
-import secrets
-import shlex
-import shutil
-import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -42,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import checkpoints
 import data
 import evaluate
 import model as gcnet
@@ -85,28 +77,24 @@ def main(argv=None):
 
     # 2. the work dir: one run at a time; stale temporary files of a crashed run are removed
     work_dir = Path(config["work_dir"])
-    lock = claim_work_dir(work_dir) if rank == 0 else None
-    resume_path = find_resume_checkpoint(args.resume, work_dir)
+    lock = checkpoints.claim_work_dir(work_dir) if rank == 0 else None
+    resume_path = checkpoints.find_resume_checkpoint(args.resume, work_dir)
 
     # 3. data (rank 0 first: it may write the toy dataset, which the others then read)
-    train_set, val_set = rank_zero_first(lambda: build_datasets(args, config, say), rank, world_size)
+    train_set, val_set = runtime.rank_zero_first(lambda: build_datasets(args, config, say), rank, world_size)
     config["num_classes"] = train_set.num_classes
 
     # 4. the model, from ImageNet (the recipe) or --load-from (fine-tuning); SGD; precision
     raw_model = build_model(args, config, train_set.num_classes, resume_path, rank, world_size, say)
     # One group, weight decay on everything, BatchNorm and biases included, as the original.
-    optimizer = torch.optim.SGD(
-        raw_model.parameters(),
-        lr=config["lr"],
-        momentum=config["momentum"],
-        weight_decay=config["weight_decay"],
-    )
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                weight_decay=config["weight_decay"])  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")  # fp16 only
 
     # 5. resume: weights, optimizer, iteration, best score, random streams
     start_iteration, best_miou, validation_pending = 0, -1.0, False
     if resume_path:
-        start_iteration, best_miou, validation_pending = resume(
+        start_iteration, best_miou, validation_pending = checkpoints.resume(
             resume_path, args.trust_checkpoint, raw_model, optimizer, scaler, config, say
         )
     model = torch.compile(raw_model) if args.compile else raw_model
@@ -119,11 +107,10 @@ def main(argv=None):
     say("recipe:\n" + "\n".join(f"  {k:15s} {v}" for k, v in config.items()))
     for line in describe_setup(config):
         say(line)
-    stop, log = StopRequest(), Log(work_dir / "log.jsonl" if rank == 0 else None)
-    restart = restart_command(sys.argv[1:] if argv is None else argv, world_size)
-    saver = CheckpointWriter(
-        work_dir, raw_model, optimizer, scaler, config, train_set, rank, args.keep, restart
-    )
+    stop, log = checkpoints.StopRequest(), checkpoints.Log(work_dir / "log.jsonl" if rank == 0 else None)
+    restart = checkpoints.restart_command(sys.argv[1:] if argv is None else argv, world_size)
+    saver = checkpoints.CheckpointWriter(work_dir, raw_model, optimizer, scaler, config, train_set, rank,
+                                         args.keep, restart)  # fmt: skip
     last_path = resume_path
     if validation_pending:  # the run stopped between a checkpoint and its validation: validate now
         best_miou = validate_and_keep_best(
@@ -161,11 +148,7 @@ def main(argv=None):
             flags = torch.tensor([loss_value, not math.isfinite(loss_value), stop.requested], device=device)
             if world_size > 1:
                 dist.all_reduce(flags)
-            mean_loss, finite, stop_now = (
-                flags[0].item() / world_size,
-                flags[1].item() == 0,
-                flags[2].item() > 0,
-            )
+            mean_loss, finite, stop_now = flags[0].item() / world_size, flags[1].item() == 0, flags[2].item() > 0  # fmt: skip
 
             # 7e. backward and step, or skip a non-finite one
             optimizer.zero_grad(set_to_none=True)
@@ -218,8 +201,9 @@ def main(argv=None):
 
     # 8. the end: where things are
     if iteration >= config["iters"]:
-        say(f"\ndone: {iteration} iterations, best val mIoU {best_miou:.2f}")
-        say(f"checkpoints and log.jsonl in {work_dir}")
+        say(
+            f"\ndone: {iteration} iterations, best val mIoU {best_miou:.2f}; checkpoints and log.jsonl in {work_dir}"
+        )
         if config["pictures"]:
             say(
                 f"pictures of the last validation (prediction, overlay, GC attention) in {work_dir / 'pictures'}"
@@ -289,194 +273,38 @@ def resolve_recipe(args, world_size):
 
 
 def describe_setup(config):
-    """Which of the README's setups this run is in ("Fewer GPUs, more nodes"), and where it differs
-    from the table's recipe, before hours are spent."""
-    lines = []
+    """Which of the README's setups ("Fewer GPUs, more nodes") this run is in, and where it differs
+    from the table's recipe, said before hours are spent."""
+    # fmt: off
     batch, world, table_batch = config["batch_size"], config["world_size"], config["table_global_batch"]
-    if config["dataset"] in table.TABLE_DATASETS:
-        setup = f"{world} process(es) x {batch} images = {config['global_batch']} per step"
-        if config["global_batch"] != table_batch:
-            lines.append(
-                f"WARNING: global batch {config['global_batch']} differs from the table's {table_batch} "
-                f"({table.ORIGINAL_GPUS} GPUs x {table_batch // table.ORIGINAL_GPUS}): {setup}. Expect other "
-                f"numbers; with the linear scaling rule the lr would be {config['lr'] * config['global_batch'] / table_batch:g} "
-                "(--lr)."
-            )
-        elif world == 1:
-            lines.append(
-                f"setup: one process with the table's {table_batch} images per step; its BatchNorm "
-                "statistics cover all of them, as the table's SyncBN over 4 GPUs did."
-            )
-        elif config["sync_bn"]:
-            lines.append(f"setup: {setup} with SyncBN: the table's images per step and BatchNorm statistics.")
+    images = f"{world} process(es) x {batch} images = {config['global_batch']} per step"
+    lines = []
+    if config["dataset"] in table.TABLE_DATASETS and config["global_batch"] != table_batch:
+        scaled = config["lr"] * config["global_batch"] / table_batch
+        lines.append(
+            f"WARNING: global batch {config['global_batch']} differs from the table's {table_batch} "
+            f"({images}): expect other numbers; the linear scaling rule would give --lr {scaled:g}"
+        )
+    elif config["dataset"] in table.TABLE_DATASETS and (world == 1 or config["sync_bn"]):
+        lines.append(
+            f"setup: {images}{' with SyncBN' if world > 1 else ''}: the table's images per step, "
+            "and BatchNorm statistics over all of them as its SyncBN over 4 GPUs"
+        )
     if world > 1 and not config["sync_bn"]:
         lines.append(
-            f"WARNING: plain BatchNorm per process (SyncBN needs CUDA): its statistics see {batch} images, "
-            f"not {config['global_batch']}."
+            f"WARNING: plain BatchNorm per process (SyncBN needs CUDA): its statistics see {batch} "
+            f"images, not {config['global_batch']}"
         )
     if config["dataset"] != "toy" and config["precision"] != "fp32":
         lines.append(
-            f"WARNING: {config['precision']} mixed precision; the table's models were trained in fp32."
+            f"WARNING: {config['precision']} mixed precision; the table's models were trained in fp32"
         )
+    # fmt: on
     return lines
 
 
 # -----------------------------------------------------------------------------------------------
-# 2. The work dir and its checkpoints: one run at a time, atomic writes, exact names
-
-CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pth")
-
-
-def claim_work_dir(work_dir):
-    """Lock the work dir for this process's lifetime (the OS releases the lock on any exit, a crash
-    included) and remove temporary files that a crashed run left. A second run is refused."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(work_dir / "run.lock", "a+")  # held open, and locked, until the process ends
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        raise SystemExit(
-            f"train.py: {work_dir} is in use by another training run ({holder}). Wait for it to end, stop it "
-            "(SIGTERM checkpoints it), or pass another --work-dir."
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    lock.flush()
-    for stale in work_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    return lock
-
-
-def checkpoints_in(work_dir):
-    """iter_<N>.pth files, oldest first; any other name (a copy, a note) is not a checkpoint."""
-    found = [
-        (int(m.group(1)), p)
-        for p in Path(work_dir).glob("iter_*.pth")
-        if (m := CHECKPOINT_NAME.fullmatch(p.name))
-    ]
-    return [path for _, path in sorted(found)]
-
-
-def find_resume_checkpoint(resume, work_dir):
-    if resume is None:
-        return None
-    if resume != "latest":
-        return resume
-    found = checkpoints_in(work_dir)
-    if not found:
-        raise SystemExit(f"--resume: no iter_<N>.pth in {work_dir}; pass --resume PATH or start without it")
-    return found[-1]
-
-
-def save_checkpoint(path, checkpoint):
-    """Write `checkpoint` to `path` atomically: a temporary file unique to this writer, then a rename,
-    so a crash leaves the old file or the new one, never half. Non-finite weights are never written."""
-    path = Path(path)
-    bad = [
-        k
-        for k, v in checkpoint["state_dict"].items()
-        if v.is_floating_point() and not torch.isfinite(v).all()
-    ]
-    if bad:
-        raise RuntimeError(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        torch.save(checkpoint, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)  # no partial file left to fill the disk
-        raise
-
-
-class CheckpointWriter:
-    """Writes iter_<N>.pth (and best.pth) on rank 0 after gathering every rank's random state."""
-
-    def __init__(self, work_dir, raw_model, optimizer, scaler, config, train_set, rank, keep, restart):
-        self.work_dir, self.raw_model, self.optimizer, self.scaler = (
-            Path(work_dir),
-            raw_model,
-            optimizer,
-            scaler,
-        )
-        self.config, self.rank, self.keep, self.restart = config, rank, keep, restart
-        self.meta = {"CLASSES": list(train_set.classes), "PALETTE": [list(c) for c in train_set.palette]}
-
-    def save(self, iteration, best_miou, last_path, validation_pending=False, name=None):
-        rng = gather_rng_states()
-        if self.rank != 0:
-            return None
-        path = self.work_dir / (name or f"iter_{iteration}.pth")
-        checkpoint = {
-            "state_dict": self.raw_model.state_dict(),  # the official layout: no module. / _orig_mod.
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "iteration": iteration,  # finished iterations
-            "best_miou": best_miou,
-            "validation_pending": validation_pending,  # written before its validation ran
-            "rng": rng,  # one entry per rank
-            "recipe": self.config,
-            "meta": self.meta,
-        }
-        try:
-            save_checkpoint(path, checkpoint)
-        except RuntimeError as error:
-            again = f"then continue from {last_path} with: {self.restart} {last_path}"
-            raise SystemExit(
-                f"{error}. Lower --lr or use --precision fp32, {again if last_path else 'then start again'}"
-            ) from None
-        except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise SystemExit(disk_full_message(path, checkpoint, last_path, self.restart)) from None
-        if name is None:
-            for old in checkpoints_in(self.work_dir)[: -self.keep]:
-                old.unlink()
-        return path
-
-
-def restart_command(argv, world_size):
-    """The command that continues this run: the same flags, --resume instead of --resume/--load-from."""
-    kept, skip = [], False
-    for word in argv:
-        if skip and not word.startswith("--"):
-            skip = False
-            continue
-        skip = word in ("--resume", "--load-from")
-        if not skip and not word.startswith(("--resume=", "--load-from=")):
-            kept.append(shlex.quote(word))
-    launcher = "python train.py" if world_size == 1 else "torchrun --nproc_per_node=N train.py"
-    return " ".join([launcher, *kept, "--resume"])
-
-
-def disk_full_message(path, checkpoint, last_path, restart):
-    tensors = [checkpoint["state_dict"].values()] + [
-        value.values() for value in checkpoint["optimizer"]["state"].values()
-    ]
-    needed = sum(t.numel() * t.element_size() for group in tensors for t in group if torch.is_tensor(t))
-    free = shutil.disk_usage(path.parent).free
-    kept = (
-        f"The previous checkpoint {last_path} is intact." if last_path else "No checkpoint was written yet."
-    )
-    return (
-        f"train.py: the disk is full: writing {path} needs about {needed / 1e6:.0f} MB and {path.parent} has "
-        f"{free / 1e6:.0f} MB free. The partial file was removed. {kept} Free some space (or pass --keep 1 "
-        f"or another --work-dir), then continue with: {restart}"
-    )
-
-
-# -----------------------------------------------------------------------------------------------
 # 3. Data: the datasets, seeded batches that resume exactly
-
-
-def rank_zero_first(function, rank, world_size):
-    """Call `function` on rank 0, then on the other ranks: for work that writes shared files."""
-    result = function() if rank == 0 else None
-    if world_size > 1:
-        dist.barrier()
-    return result if rank == 0 else function()
 
 
 def build_datasets(args, config, say):
@@ -550,7 +378,7 @@ def training_batches(dataset, config, start_iteration, rank, world_size):
 
 
 # -----------------------------------------------------------------------------------------------
-# 4-5. Starting weights: fine-tuning, resuming
+# 4. Starting weights: ImageNet, or fine-tuning from a GCNet checkpoint
 
 
 def build_model(args, config, num_classes, resume_path, rank, world_size, say):
@@ -564,7 +392,7 @@ def build_model(args, config, num_classes, resume_path, rank, world_size, say):
         say(f"loading the ImageNet backbone {config['pretrained']}")
         # Rank 0 first: it downloads the file into torch.hub's cache, the others then read it.
         load = lambda: gcnet.load_weights(raw_model, config["pretrained"], trust=args.trust_checkpoint)  # noqa: E731
-        rank_zero_first(load, rank, world_size)
+        runtime.rank_zero_first(load, rank, world_size)
     if config["sync_bn"]:
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     layout = torch.channels_last if config["channels_last"] else torch.preserve_format
@@ -590,98 +418,6 @@ def load_for_fine_tuning(raw_model, source, trust):
             "decode_head.conv_seg and auxiliary_head.conv_seg start fresh; every other weight is loaded"
         )
     return f"fine-tuning from {source}: every weight loaded"
-
-
-def resume(path, trust, raw_model, optimizer, scaler, config, say):
-    """Load a train.py checkpoint into the run; (iteration, best mIoU, validation pending)."""
-    checkpoint = read_resume_checkpoint(path, trust)
-    for key in ("dataset", "depth", "crop_size", "iters", "global_batch", "lr"):
-        if checkpoint["recipe"].get(key) != config[key]:
-            say(
-                f"WARNING: resuming with {key} = {config[key]}, the checkpoint has {checkpoint['recipe'].get(key)}"
-            )
-    gcnet.load_weights(raw_model, path, checkpoint)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng_states(checkpoint.get("rng") or [], torch.device(config["device"]))
-    say(f"resumed from {path} at iteration {checkpoint['iteration']}")
-    return (
-        checkpoint["iteration"],
-        checkpoint.get("best_miou", -1.0),
-        checkpoint.get("validation_pending", False),
-    )
-
-
-def read_resume_checkpoint(path, trust):
-    try:
-        checkpoint = gcnet.read_checkpoint(path, trust)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"--resume: {error}") from None
-    needed = ("state_dict", "optimizer", "scaler", "iteration", "recipe")
-    missing = [key for key in needed if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise SystemExit(
-            f"--resume {path}: not a checkpoint written by train.py (it has no {', '.join(missing)}), so there "
-            f"is no run to continue. To start a new run from its weights, use --load-from {path}."
-        )
-    return checkpoint
-
-
-def rng_states():
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def gather_rng_states():
-    """Every rank's random state, in rank order (every rank must call this)."""
-    _, world_size = runtime.rank_and_world_size()
-    if world_size == 1:
-        return [rng_states()]
-    states = [None] * world_size
-    dist.all_gather_object(states, rng_states())
-    return states
-
-
-def restore_rng_states(states, device):
-    """Continue every rank's random stream exactly, when the world size is the same."""
-    rank, world_size = runtime.rank_and_world_size()
-    if len(states) == world_size:
-        torch.set_rng_state(states[rank]["torch"])
-        if "cuda" in states[rank] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(states[rank]["cuda"])
-
-
-class StopRequest:
-    """SIGTERM (cluster pre-emption, torchrun shutdown) or Ctrl-C: finish the step, checkpoint, exit.
-    A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self.handle)
-        signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-class Log:
-    """log.jsonl, one JSON record a line, appended and flushed (rank 0 only: None elsewhere)."""
-
-    def __init__(self, path):
-        self.file = open(path, "a") if path else None
-
-    def write(self, record):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -730,61 +466,56 @@ def validate_and_keep_best(raw_model, val_set, config, saver, iteration, best_mi
 
 def build_parser():
     positive, at_least_0 = runtime.number_flag(int, 1), runtime.number_flag(int, 0)
+    above_0, at_least_0_float = runtime.number_flag(float, 0, exclusive=True), runtime.number_flag(float, 0)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataset", default="toy", choices=sorted(table.DATASETS))
-    parser.add_argument("--crop", help="crop size, N or HxW: 512x1024 or 769 for Cityscapes, 512 otherwise")
-    parser.add_argument("--depth", type=int, default=50, choices=(50, 101))
-    parser.add_argument("--iters", type=positive, help="iterations (default: the row's schedule, e.g. 40000)")
-    parser.add_argument("--data-root", help="dataset root (default: data/<dataset> as in the original)")
-    parser.add_argument("--work-dir", help="default: work_dirs/<config name>")
-    parser.add_argument(
-        "--batch-size", type=positive, help="per GPU/process (default 2 Cityscapes, 4 otherwise)"
+    add = parser.add_argument
+    # fmt: off
+    # The row of the table; every unset flag below takes its value from it (recipe.row).
+    add("--dataset", default="toy", choices=sorted(table.DATASETS))
+    add("--crop", help="crop size, N or HxW: 512x1024 or 769 for Cityscapes, 512 otherwise")
+    add("--depth", type=int, default=50, choices=(50, 101))
+    add("--iters", type=positive, help="iterations (default: the row's schedule, e.g. 40000)")
+    add("--batch-size", type=positive, help="per GPU/process (default 2 Cityscapes, 4 otherwise)")
+    add("--lr", type=above_0, help="base learning rate (default 0.01)")
+    add("--min-lr", type=at_least_0_float, help="poly floor (default 1e-4)")
+    add("--power", type=above_0, help="poly power (default 0.9)")
+    add("--momentum", type=runtime.number_flag(float, 0, 1), help="SGD momentum (default 0.9)")
+    add("--weight-decay", type=at_least_0_float, help="default 5e-4")
+    add("--aux-weight", type=at_least_0_float, help="auxiliary loss weight (default 0.4)")
+    add(
+        "--eval-interval", type=positive, help="validate and checkpoint every N iterations (default: a tenth)"
     )
-    parser.add_argument(
-        "--lr", type=runtime.number_flag(float, 0, exclusive=True), help="base lr (default 0.01)"
+    add("--workers", type=at_least_0, help="data loader workers per process")
+    # Data, weights and files.
+    add("--data-root", help="dataset root (default: data/<dataset> as in the original)")
+    add("--reduce-zero-label", action="store_true", help="folder dataset: label 0 = ignore, classes from 1")
+    add("--pretrained", help="ImageNet ResNetV1c weights: path, URL or 'none' (default: the URL)")
+    add("--load-from", help="fine-tune: a new run from the weights of a GCNet checkpoint (file or URL)")
+    add(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue the newest iter_<N>.pth of the work dir, or PATH",
     )
-    parser.add_argument("--min-lr", type=runtime.number_flag(float, 0), help="poly floor (default 1e-4)")
-    parser.add_argument(
-        "--power", type=runtime.number_flag(float, 0, exclusive=True), help="poly power (0.9)"
-    )
-    parser.add_argument("--momentum", type=runtime.number_flag(float, 0, 1), help="SGD momentum (0.9)")
-    parser.add_argument("--weight-decay", type=runtime.number_flag(float, 0), help="default 5e-4")
-    parser.add_argument(
-        "--aux-weight", type=runtime.number_flag(float, 0), help="auxiliary loss weight (0.4)"
-    )
-    parser.add_argument(
-        "--pretrained", help="ImageNet ResNetV1c weights: path, URL or 'none' (default: the URL)"
-    )
-    parser.add_argument(
-        "--load-from", help="fine-tune: start a new run from the weights of a GCNet checkpoint or URL"
-    )
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load checkpoints with full unpickling (runs code in the file: only for files you trust)")  # fmt: skip
-    parser.add_argument("--reduce-zero-label", action="store_true",
-                        help="folder dataset: label 0 means ignore and classes start at 1 (as ADE20K)")  # fmt: skip
-    parser.add_argument("--workers", type=at_least_0, help="data loader workers per process")
-    parser.add_argument("--seed", type=at_least_0, default=0)
-    runtime.add_arguments(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute each backbone block in backward: less memory, slower steps")  # fmt: skip
-    parser.add_argument(
-        "--deterministic", action="store_true", help="deterministic kernels, no cudnn.benchmark"
-    )
-    parser.add_argument("--eval-interval", type=positive, help="default: a tenth of the schedule")
-    parser.add_argument("--log-interval", type=positive, default=50)
-    parser.add_argument("--keep", type=positive, default=3, help="newest iter_*.pth checkpoints to keep")
-    parser.add_argument(
-        "--max-nonfinite", type=positive, default=5, help="stop after this many bad losses in a row"
-    )
-    parser.add_argument(
+    add("--trust-checkpoint", action="store_true", help="unpickle checkpoints fully: runs code in them")
+    add("--work-dir", help="default: work_dirs/<config name>")
+    add("--keep", type=positive, default=3, help="newest iter_<N>.pth checkpoints to keep")
+    add("--log-interval", type=positive, default=50, help="iterations between log.jsonl records")
+    add(
         "--pictures",
         action=argparse.BooleanOptionalAction,
-        help="save prediction, overlay and GC-attention pictures of the last validation (default: toy only)",
+        help="pictures of the last validation (default: toy)",
     )
-    parser.add_argument("--resume", nargs="?", const="latest", help="resume the newest checkpoint, or PATH")
+    # How it runs.
+    runtime.add_arguments(parser)
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--activation-checkpointing", action="store_true", help="recompute backbone blocks: less memory")
+    add("--deterministic", action="store_true", help="deterministic kernels, no cudnn.benchmark")
+    add("--seed", type=at_least_0, default=0)
+    add("--max-nonfinite", type=positive, default=5, help="stop after this many bad losses in a row")
+    # fmt: on
     return parser
 
 

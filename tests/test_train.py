@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import model as gcnet
 import train
@@ -163,7 +164,7 @@ def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
         net.weight[0, 0] = float("inf")
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="non-finite values in weight"):
-        train.save_checkpoint(
+        checkpoints.save_checkpoint(
             tmp_path / "x.pth", {"state_dict": net.state_dict(), "optimizer": optimizer.state_dict()}
         )
     assert not list(tmp_path.iterdir())
@@ -219,14 +220,14 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
 def test_a_second_run_on_a_work_dir_is_refused_and_stale_temporaries_removed(toy_root, tmp_path):
     stale = tmp_path / ".iter_3.pth.123-abcd.tmp"
     stale.write_bytes(b"half a checkpoint")
-    lock = train.claim_work_dir(tmp_path)
+    lock = checkpoints.claim_work_dir(tmp_path)
     assert not stale.exists() and f"process {os.getpid()}" in (tmp_path / "run.lock").read_text()
     with pytest.raises(
         SystemExit, match=f"in use by another training run \\(process {os.getpid()} .*--work-dir"
     ):
         train.main(toy_args(toy_root, tmp_path, "--iters", "1"))
     lock.close()  # what the OS does when the holder exits, a crash included
-    train.claim_work_dir(tmp_path).close()
+    checkpoints.claim_work_dir(tmp_path).close()
 
 
 def test_temporary_files_are_unique_per_writer_and_removed_on_failure(tmp_path, monkeypatch):
@@ -241,7 +242,7 @@ def test_temporary_files_are_unique_per_writer_and_removed_on_failure(tmp_path, 
     net = torch.nn.Linear(2, 2)
     for _ in range(2):
         with pytest.raises(OSError):
-            train.save_checkpoint(tmp_path / "iter_1.pth", {"state_dict": net.state_dict()})
+            checkpoints.save_checkpoint(tmp_path / "iter_1.pth", {"state_dict": net.state_dict()})
     assert written[0] != written[1] and all(str(os.getpid()) in name for name in written)
     assert not list(tmp_path.iterdir())
 
@@ -253,7 +254,7 @@ def small_writer(tmp_path):
     optimizer.step()
     dataset = SimpleNamespace(classes=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return train.CheckpointWriter(
+    return checkpoints.CheckpointWriter(
         tmp_path, net, optimizer, scaler, {}, dataset, 0, 2, "python train.py --resume"
     )
 
@@ -283,8 +284,8 @@ def test_only_exact_iter_names_are_checkpoints(tmp_path):
         writer.save(iteration, -1.0, None)
     (tmp_path / "iter_4 copy.pth").write_bytes((tmp_path / "iter_4.pth").read_bytes())
     (tmp_path / "iter_x.pth").write_bytes(b"note")
-    assert [p.name for p in train.checkpoints_in(tmp_path)] == ["iter_4.pth", "iter_12.pth"]
-    assert train.find_resume_checkpoint("latest", tmp_path).name == "iter_12.pth"
+    assert [p.name for p in checkpoints.checkpoints_in(tmp_path)] == ["iter_4.pth", "iter_12.pth"]
+    assert checkpoints.find_resume_checkpoint("latest", tmp_path).name == "iter_12.pth"
     writer.save(20, -1.0, None)  # keeps 2: prunes iter_4.pth and leaves the copies alone
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["iter_12.pth", "iter_20.pth", "iter_4 copy.pth", "iter_x.pth"]
@@ -314,7 +315,7 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root,
     assert torch.load(tmp_path / "iter_1.pth", weights_only=True)["validation_pending"] is True
     # Resumed: iteration 1 is validated again (10), iteration 2 scores 20, and the run is killed
     # while best.pth is being written.
-    real_save = train.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def killed_while_writing_best(path, checkpoint):
         if Path(path).name == "best.pth" and checkpoint["best_miou"] == 20.0:
@@ -322,14 +323,14 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root,
         real_save(path, checkpoint)
 
     monkeypatch.setattr(train, "validate", fake_validation([10.0, 20.0]))
-    monkeypatch.setattr(train, "save_checkpoint", killed_while_writing_best)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", killed_while_writing_best)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--resume"])
     assert torch.load(tmp_path / "best.pth", weights_only=True)["best_miou"] == 10.0
     assert torch.load(tmp_path / "iter_2.pth", weights_only=True)["best_miou"] == 10.0  # not yet 20
     # The next resume validates iteration 2 again and writes the best.pth it recorded.
     monkeypatch.setattr(train, "validate", fake_validation([20.0]))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     assert train.main(args + ["--resume"]) == 20.0
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert (best["best_miou"], best["iteration"]) == (20.0, 2)
