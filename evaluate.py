@@ -16,17 +16,14 @@ resolution; IoU and Acc per class, their nanmean over classes, and the overall p
         --data-root data/cityscapes --ms-flip
     python evaluate.py --checkpoint CKPT --dataset folder --data-root data/mine   # when it can't tell
     python evaluate.py --save-dir eval_out/pictures      # + label PNG, overlay, GC attention per image
-    python evaluate.py --checkpoint CKPT --image photo.jpg --save-dir eval_out   # one picture set
+    python evaluate.py --checkpoint CKPT --image photos/ more/*.jpg --save-dir eval_out   # pictures
+    python evaluate.py --checkpoint CKPT --split test --format-only --save-dir OUT   # server files
     torchrun --standalone --nproc_per_node=4 evaluate.py --ms-flip          # images split over 4 GPUs
 
-The test protocol (mode, window, stride, test scale, align_corners) is the checkpoint's row of the
-table (recipe.row), or for our checkpoints the recipe they record; flags override it. The results
-go to <checkpoint dir>/eval_<dataset>_<whole|slide>[_ms][_flip]_<time>.json (or --out). Official
-checkpoints are scored in IEEE fp32 by default, as the table was; ours in the hardware's native
-precision (runtime.resolve_precision), checked against fp32 on the first 10 images.
-
-Reading order: slide_windows, slide_inference, predict (the protocol); confusion_matrix,
-metrics_from_confusion (the metric); evaluate_dataset (a whole split); save_pictures; then the CLI.
+The test protocol is the checkpoint's row of the table (recipe.row), or the recipe ours record;
+flags override it. Results go to <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json
+(or --out). Official checkpoints are scored in IEEE fp32 by default, as the table was; ours in the
+hardware's native precision, checked against fp32 on the first 10 images.
 """
 
 import argparse
@@ -246,16 +243,10 @@ def my_images(dataset, indices, device, workers):
     rank r of W takes indices[r::W], so no image is counted twice."""
     rank, world_size = runtime.rank_and_world_size()
     share = Subset(dataset, list(indices)[rank::world_size])
-    loader = DataLoader(
-        share,
-        batch_size=1,
-        num_workers=workers,
-        collate_fn=data.collate_val,
-        pin_memory=device.type == "cuda",
-        # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
-        # and travels through /dev/shm: one item in flight per worker keeps that bounded.
-        prefetch_factor=1 if workers > 0 else None,
-    )
+    # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
+    # and travels through /dev/shm: one item in flight per worker keeps that bounded.
+    loader = DataLoader(share, batch_size=1, num_workers=workers, collate_fn=data.collate_val,
+                        pin_memory=device.type == "cuda", prefetch_factor=1 if workers > 0 else None)  # fmt: skip
     for images_per_scale, labels, metas in loader:
         images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
         label = None if labels is None or labels[0] is None else labels[0].to(device, non_blocking=True)
@@ -272,90 +263,86 @@ def sum_over_processes(tensor):
     return summed.to(tensor.device)
 
 
+def predictions(model, dataset, count=None, *, device, precision, workers=2, show_progress=False, **protocol):
+    """(pred (H, W) at the original size, label or None, meta, images per scale) for this process's
+    share of the first `count` images (default all), in eval mode; the model's mode is restored after."""
+    rank, world_size = runtime.rank_and_world_size()
+    device = torch.device(device)
+    indices = range(len(dataset) if count is None else min(count, len(dataset)))
+    share = len(indices[rank::world_size])
+    here = f" ({share} of {len(indices)} images here)" if world_size > 1 else ""
+    progress = tqdm(total=share, desc="predict" + here, unit="img", disable=not show_progress or rank != 0)
+    was_training = model.training
+    model.eval()
+    try:
+        for images, label, meta in my_images(dataset, indices, device, workers):
+            with runtime.precision_context(device, precision):
+                probabilities = predict(model, images, meta["original_size"], **protocol)
+            yield probabilities.argmax(dim=0), label, meta, images
+            progress.update(1)
+    finally:
+        progress.close()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_dataset(
     model, dataset, *, mode, crop_size, stride, flip, device, precision, channels_last, window_batch=4,
     save_dir=None, opacity=0.5, show_progress=True, workers=2,
 ):  # fmt: skip
-    """Metrics of `model` on a val split (items from data.build_dataset(..., split='val')).
-
-    The scales are the dataset's test ratios (its items hold one image per ratio). Under torchrun
-    each process takes every world_size-th image and the confusion matrices are summed across
-    processes; every process returns the same dict: aAcc, mIoU, mAcc, IoU, Acc (percent, see
-    metrics_from_confusion), num_images and confusion_matrix (list of rows). Pass the model
-    itself, not a DDP wrapper. The model is put in eval mode and back in its previous mode after;
-    channels_last changes its weights' memory layout in place (the values stay the same).
-    """
+    """Metrics of `model` on a val split (items from data.build_dataset(..., split='val')), at the
+    dataset's test ratios. Under torchrun each process takes every world_size-th image and the
+    confusion matrices are summed; every process returns the same dict: aAcc, mIoU, mAcc, IoU, Acc
+    (percent, see metrics_from_confusion), num_images and confusion_matrix (list of rows). Pass the
+    model itself, not a DDP wrapper; channels_last changes its weights' layout in place."""
     if len(dataset) == 0:
         raise ValueError(f"the {getattr(dataset, 'name', '')} val split has no images: check the data root")
     device = torch.device(device)
-    rank, world_size = runtime.rank_and_world_size()
-    was_training = model.training
-    model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    num_classes = dataset.num_classes
-    matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
-    share = len(range(rank, len(dataset), world_size))
-    protocol = dict(mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch)
-    progress = tqdm(
-        total=share,
-        desc=f"evaluate ({share} of {len(dataset)} images here)" if world_size > 1 else "evaluate",
-        unit="img",
-        disable=not show_progress or rank != 0,
-    )
-    try:
-        for images, label, meta in my_images(dataset, range(len(dataset)), device, workers):
+    matrix = torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device)
+    share = 0
+    for pred, label, meta, images in predictions(
+        model, dataset, mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch,
+        device=device, precision=precision, workers=workers, show_progress=show_progress,
+    ):  # fmt: skip
+        matrix += confusion_matrix(pred, label, dataset.num_classes)
+        share += 1
+        if save_dir is not None:
+            original = data.read_image(meta["image_path"])
+            at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale)
             with runtime.precision_context(device, precision):
-                probabilities = predict(model, images, label.shape, **protocol)
-            pred = probabilities.argmax(dim=0)  # (H, W) at the label's (original) resolution
-            matrix += confusion_matrix(pred, label, num_classes)
-            if save_dir is not None:
-                original = data.read_image(meta["image_path"])
-                at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.test_scale)
-                with runtime.precision_context(device, precision):
-                    attention = attention_map(model, at_ratio_one, label.shape)
-                save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity)
-            progress.update(1)
-    finally:
-        progress.close()
-        model.train(was_training)
+                attention = attention_map(model, at_ratio_one, label.shape)
+            save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity)
     matrix = sum_over_processes(matrix)
-    num_images = int(sum_over_processes(torch.tensor([share], device=device)).item())
     results = metrics_from_confusion(matrix)
+    num_images = int(sum_over_processes(torch.tensor([share], device=device)).item())
     results.update(num_images=num_images, confusion_matrix=matrix.cpu().tolist())
     return results
 
 
 @torch.no_grad()
-def precision_agreement(
-    model, dataset, num_images, *, mode, crop_size, stride, flip, device, precision, window_batch, workers=2,
-    reference_model=None,
-):  # fmt: skip
-    """Fraction of labelled pixels whose predicted class is the same at `precision` and in fp32,
-    over the first num_images images of the split (shared across processes like the evaluation).
-    It shows that the precision changes the results by rounding only. The fp32 pass runs
-    reference_model when given: evaluate.py passes the model before BatchNorm folding, so that the
-    agreement covers the folding too."""
-    device = torch.device(device)
-    reference_model = model if reference_model is None else reference_model
-    model.eval()
-    reference_model.eval()
-    protocol = dict(mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch)
-    counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing pixels, labelled pixels]
-    for images, label, _ in my_images(dataset, range(min(num_images, len(dataset))), device, workers):
-        preds = []
-        for run_model, run_precision in ((model, precision), (reference_model, "fp32")):
-            with runtime.precision_context(device, run_precision):
-                preds.append(predict(run_model, images, label.shape, **protocol).argmax(dim=0))
+def precision_agreement(model, dataset, num_images, *, reference_model=None, **inference):
+    """Fraction of labelled pixels whose predicted class is the same at inference['precision'] and in
+    fp32, over the first num_images images (shared across processes like the evaluation): it shows
+    that the precision changes the results by rounding only. The fp32 pass runs reference_model when
+    given: evaluate.py passes the model before BatchNorm folding, so the check covers folding too."""
+    reference = dict(inference, precision="fp32")
+    counts = torch.zeros(
+        2, dtype=torch.int64, device=torch.device(inference["device"])
+    )  # [agreeing, labelled]
+    for (pred, label, _, _), (fp32_pred, _, _, _) in zip(
+        predictions(model, dataset, num_images, **inference),
+        predictions(model if reference_model is None else reference_model, dataset, num_images, **reference),
+    ):
         labelled = label != data.IGNORE_INDEX
-        counts += torch.stack([(preds[0] == preds[1])[labelled].sum(), labelled.sum()])
+        counts += torch.stack([(pred == fp32_pred)[labelled].sum(), labelled.sum()])
     agreeing, total = sum_over_processes(counts).tolist()
     return {"images": min(num_images, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
 
 
 # -----------------------------------------------------------------------------------------------
-# Pictures: predicted labels, colour overlay, and the GC block's attention map
+# Pictures: predicted labels, colour overlay and the GC block's attention map, for a split or image files
 
 
 @torch.no_grad()
@@ -394,9 +381,8 @@ def rgb_picture(rgb):
 
 def label_picture(pred, palette):
     """(H, W) class indices -> palette PNG image ('P' mode)."""
-    pred = pred.cpu()
     height, width = pred.shape
-    labels = Image.frombytes("P", (width, height), pred.to(torch.uint8).numpy().tobytes())
+    labels = Image.frombytes("P", (width, height), pred.cpu().to(torch.uint8).numpy().tobytes())
     labels.putpalette([value for color in palette for value in color])
     return labels
 
@@ -421,25 +407,92 @@ def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=
 
 @torch.no_grad()
 def predict_image(
-    model, image_path, *, scale, ratios, mode, crop_size, stride, flip, device, precision, window_batch,
-    palette, save_dir, name=None, opacity=0.5,
-):  # fmt: skip
+    model, path, name, *, scale, ratios, device, precision, palette, save_dir, opacity=0.5, **protocol
+):
     """The pictures of save_pictures() for one image file, without a dataset. Returns their paths."""
-    original = data.read_image(image_path, upright=True)  # uint8 (3, H, W), as the photo is meant to be seen
-    ratios = tuple(ratios)
-    images = [image.to(device) for image in data.test_transform(original, scale, ratios)]
+    original = data.read_image(path, upright=True)  # uint8 (3, H, W), as the photo is meant to be seen
+    images = [image.to(device) for image in data.test_transform(original, scale, tuple(ratios))]
     model.eval()
     with runtime.precision_context(device, precision):
-        probabilities = predict(
-            model, images, original.shape[-2:], mode=mode, crop_size=crop_size, stride=stride, flip=flip,
-            window_batch=window_batch,
-        )  # fmt: skip
+        probabilities = predict(model, images, original.shape[-2:], **protocol)
         attention = attention_map(
             model, image_at_ratio_one(images, ratios, original, scale), original.shape[-2:]
         )
-    pred = probabilities.argmax(dim=0)
-    name = Path(image_path).stem if name is None else name
-    return save_pictures(save_dir, name, original, pred, palette, attention, opacity)
+    return save_pictures(save_dir, name, original, probabilities.argmax(dim=0), palette, attention, opacity)
+
+
+def image_files(patterns):
+    """--image: files as given, a folder's images (sorted), a glob pattern's images (sorted). Returns
+    (files, skipped): skipped are the files of folders and patterns that are not images by their name."""
+    files, skipped = [], []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_file():
+            files.append(path)
+            continue
+        if path.is_dir():
+            found = sorted(child for child in path.iterdir() if child.is_file())
+        elif any(character in pattern for character in "*?["):
+            found = sorted(
+                Path(match) for match in glob.glob(pattern, recursive=True) if Path(match).is_file()
+            )
+        else:
+            raise FileNotFoundError(f"--image {pattern}: no such file or folder")
+        images = [child for child in found if child.suffix.lower() in data.FOLDER_IMAGE_EXTENSIONS]
+        if not images:
+            raise FileNotFoundError(
+                f"--image {pattern}: no {'/'.join(data.FOLDER_IMAGE_EXTENSIONS)} images there"
+            )
+        files += images
+        skipped += [child for child in found if child not in images]
+    return list(dict.fromkeys(files)), skipped  # a file named twice is predicted once
+
+
+def picture_names(files):
+    """Each file's name under --save-dir: its path below the files' common folder, without the
+    extension (a/x.jpg, b/x.jpg -> a/x, b/x); x.jpg beside x.png keep it (x_jpg, x_png)."""
+    common = Path(os.path.commonpath([file.absolute().parent for file in files]))
+    names = [str(file.absolute().relative_to(common).with_suffix("")) for file in files]
+    return [
+        name if names.count(name) == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)
+    ]
+
+
+# -----------------------------------------------------------------------------------------------
+# Files for the datasets' evaluation servers (--format-only): predictions of a split, no labels needed
+
+
+# Cityscapes scores labelIds, not the trainIds the model predicts: trainId -> id is the inverse of
+# the table data.py converts the labels with (cityscapesScripts helpers/labels.py).
+CITYSCAPES_TRAINID_TO_ID = torch.tensor(
+    sorted(data.CITYSCAPES_ID_TO_TRAINID, key=data.CITYSCAPES_ID_TO_TRAINID.get), dtype=torch.uint8
+)
+
+
+def server_file(dataset_name, pred, meta, palette):
+    """(file name, PIL image) the dataset's server takes for pred (H, W) of class indices, named after
+    the image (berlin_000000_000019_leftImg8bit.png, ADE_test_00000001.png). Cityscapes: labelIds;
+    ADE20K: the scene-parsing challenge's 1..150 (class + 1; 0 is 'other', which the reduced labels
+    ignore); VOC and the others: class indices in a palette PNG."""
+    name, pred = Path(meta["image_path"]).stem + ".png", pred.cpu().long()
+    if dataset_name == "cityscapes":
+        return name, Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred].numpy(), mode="L")
+    if dataset_name == "ade20k":
+        return name, Image.fromarray((pred + 1).to(torch.uint8).numpy(), mode="L")
+    return name, label_picture(pred, palette)
+
+
+@torch.no_grad()
+def write_server_files(model, dataset, save_dir, **inference):
+    """Predict every image of `dataset` and write server_file()'s files into save_dir; under torchrun
+    each process writes its share. Returns how many files this process wrote."""
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    written = 0
+    for pred, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
+        name, picture = server_file(dataset.name, pred, meta, dataset.palette)
+        picture.save(Path(save_dir) / name)
+        written += 1
+    return written
 
 
 # -----------------------------------------------------------------------------------------------
@@ -548,116 +601,72 @@ def check_classes(info, dataset, checkpoint):
 
 
 # -----------------------------------------------------------------------------------------------
-# Command line: the settings, resolved once into a plain dict, then one of three jobs
-
-
-def protocol_settings(args, info):
-    """Mode, window, stride, test scale, ratios, flip and align_corners: the checkpoint's row of the
-    table (or its recorded recipe), then the flags. A --crop picks the row of that crop."""
-    name = args.dataset or info["dataset"]
-    row = info["row"]
-    if args.crop is not None or row is None:  # unknown dataset: Cityscapes' test scale, 2048x1024
-        crop = args.crop or info["crop_size"]
-        row = recipe.row(name if name in recipe.DATASETS else "cityscapes", crop, depth=info["depth"])
-    mode = args.mode or row["test_mode"]
-    crop_size = args.crop or as_pair(row["test_crop"])
-    stride = args.stride or as_pair(row["test_stride"])
-    if mode == "slide" and min(crop_size[0] - stride[0], crop_size[1] - stride[1]) < 0:
-        raise ValueError(f"--stride {stride} is larger than the window {crop_size}: windows would leave gaps")
-    ratios = tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,))
-    return dict(
-        dataset=name,
-        mode=mode,
-        crop_size=tuple(crop_size),
-        stride=tuple(stride),
-        scale=as_pair(row["scale"]),
-        ratios=ratios,
-        flip=args.flip if args.flip is not None else args.ms_flip,
-        align_corners=info["align_corners"] if info["align_corners"] is not None else row["align_corners"],
-    )
-
-
-def speed_settings(args, device, official):
-    """Precision, layout, BatchNorm folding and the agreement check. An official checkpoint is scored
-    in IEEE fp32 like the table; ours in the native precision. BatchNorm is folded into the convs
-    unless fp32, which keeps the original's arithmetic."""
-    precision = runtime.resolve_precision(args.precision, device, auto="fp32" if official else "native")
-    return dict(
-        precision=precision,
-        channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
-        fold_batchnorm=args.fold_batchnorm if args.fold_batchnorm is not None else precision != "fp32",
-        check_agreement=args.check_agreement if args.check_agreement is not None else (10 if precision != "fp32" else 0),
-        window_batch=args.window_batch,
-        workers=args.workers,
-    )  # fmt: skip
+# Command line: the flags, resolved once into a plain dict of settings, then one of three jobs
 
 
 def resolve_settings(args, info, device):
-    """Every setting of the run in one plain dict; nothing reads `args` after this."""
-    return dict(
-        **protocol_settings(args, info),
-        **speed_settings(args, device, official=info["recipe"] is None),
-        depth=args.depth,
-        data_root=args.data_root,
-        images=image_files(args.image) if args.image else None,  # (files, skipped)
-        save_dir=args.save_dir,
-        opacity=args.opacity,
-        out=args.out,
+    """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol
+    is the checkpoint's row of the table or its recorded recipe (info['row']); a --crop picks the row
+    of that crop (for an unknown dataset Cityscapes', whose test scale is 2048x1024). Official
+    checkpoints run in IEEE fp32 like the table, ours natively; BatchNorm is folded unless fp32."""
+    name, row = args.dataset or info["dataset"], info["row"]
+    if args.crop is not None or row is None:
+        crop = args.crop or info["crop_size"]
+        row = recipe.row(name if name in recipe.DATASETS else "cityscapes", crop, depth=info["depth"])
+    mode = args.mode or row["test_mode"]
+    crop_size, stride = args.crop or as_pair(row["test_crop"]), args.stride or as_pair(row["test_stride"])
+    if mode == "slide" and (stride[0] > crop_size[0] or stride[1] > crop_size[1]):
+        raise ValueError(
+            f"--stride {stride} is larger than the window {crop_size}: the windows would leave gaps"
+        )
+    precision = runtime.resolve_precision(
+        args.precision, device, auto="fp32" if info["recipe"] is None else "native"
     )
+    native = precision != "fp32"
+    return dict(
+        dataset=name, mode=mode, crop_size=tuple(crop_size), stride=tuple(stride), scale=as_pair(row["scale"]),
+        ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
+        flip=args.ms_flip if args.flip is None else args.flip,
+        align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
+        precision=precision,
+        channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
+        fold_batchnorm=native if args.fold_batchnorm is None else args.fold_batchnorm,
+        check_agreement=(10 if native else 0) if args.check_agreement is None else args.check_agreement,
+        window_batch=args.window_batch, workers=args.workers, depth=args.depth, data_root=args.data_root,
+        split=args.split, format_only=args.format_only, save_dir=args.save_dir, opacity=args.opacity, out=args.out,
+        images=image_files(args.image) if args.image else None,  # (files, skipped)
+    )  # fmt: skip
 
 
 def inference_keywords(settings, device):
-    """What evaluate_dataset, precision_agreement and predict_image all take."""
-    keys = ("mode", "crop_size", "stride", "flip", "precision", "window_batch")
+    """What predictions, evaluate_dataset, precision_agreement and predict_image take."""
+    keys = ("mode", "crop_size", "stride", "flip", "window_batch", "precision")
     return dict({key: settings[key] for key in keys}, device=device)
 
 
-def without_nan(value):
-    """JSON has no NaN: undefined IoU / Acc become null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [without_nan(item) for item in value]
-    return value
-
-
-def default_output_path(checkpoint, name, settings):
-    """<checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL."""
-    folder = Path("eval_out") if re.match(r"^(https?|file)://", checkpoint) else Path(checkpoint).parent
-    tag = (
-        settings["mode"]
-        + ("_ms" if len(settings["ratios"]) > 1 else "")
-        + ("_flip" if settings["flip"] else "")
-    )
-    return folder / f"eval_{name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+def build_split(info, settings, checkpoint):
+    """The split to evaluate or predict, checked against the checkpoint's classes."""
+    if settings["dataset"] is None:
+        raise ValueError(
+            f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
+            f"pass --dataset (one of {', '.join(sorted(data.DATASETS))}, or folder) and --data-root"
+        )
+    dataset = data.build_dataset(settings["dataset"], root=settings["data_root"], split=settings["split"],
+                                 crop_size=settings["crop_size"], test_ratios=settings["ratios"])  # fmt: skip
+    check_classes(info, dataset, checkpoint)
+    return dataset
 
 
 def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     """Metrics on the val split: table on screen, everything in a JSON file."""
     rank, world_size = runtime.rank_and_world_size()
-    name = settings["dataset"]
-    if name is None:
-        raise ValueError(
-            f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
-            f"pass --dataset (one of {', '.join(sorted(data.DATASETS))}, or folder) and --data-root"
-        )
-    dataset = data.build_dataset(
-        name,
-        root=settings["data_root"],
-        split="val",
-        crop_size=settings["crop_size"],
-        test_ratios=settings["ratios"],
-    )
-    check_classes(info, dataset, checkpoint)
-    precision = settings["precision"]
+    dataset, precision = build_split(info, settings, checkpoint), settings["precision"]
+    protocol_keys = ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")
     if rank == 0:
+        protocol = ", ".join(f"{key} {settings[key]}" for key in protocol_keys)
+        processes = f" x {world_size} processes" if world_size > 1 else ""
         print(
-            f"{checkpoint}: {len(dataset)} {name} val images, {settings['mode']} "
-            f"(crop {settings['crop_size']}, stride {settings['stride']}), ratios {settings['ratios']}, "
-            f"flip {settings['flip']}, align_corners {settings['align_corners']}, "
-            f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
+            f"{checkpoint}: {len(dataset)} {dataset.name} val images, {protocol}, {precision} on {device}{processes}"
         )
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
@@ -668,123 +677,96 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         if rank == 0:
             print(f"{precision} vs fp32: {100 * agreement['agreement']:.4f}% of the labelled pixels agree")
     start = time.perf_counter()
-    results = evaluate_dataset(
-        model,
-        dataset,
-        channels_last=settings["channels_last"],
-        save_dir=settings["save_dir"],
-        opacity=settings["opacity"],
-        **inference,
-    )
+    results = evaluate_dataset(model, dataset, channels_last=settings["channels_last"], save_dir=settings["save_dir"],
+                               opacity=settings["opacity"], show_progress=True, **inference)  # fmt: skip
     seconds = time.perf_counter() - start
     if rank != 0:
         return
     print(format_table(results, dataset.classes))
-    protocol_keys = ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")
     speed_keys = ("precision", "channels_last", "fold_batchnorm", "window_batch")
-    record = {
-        "checkpoint": str(checkpoint),
-        "config_name": info["config_name"],
-        "dataset": name,
-        "data_root": settings["data_root"] or data.DATASETS.get(name, {}).get("default_root"),
-        "num_images": results["num_images"],
-        **{key: results[key] for key in ("aAcc", "mIoU", "mAcc")},
-        "per_class": {
-            c: {"IoU": i, "Acc": a} for c, i, a in zip(dataset.classes, results["IoU"], results["Acc"])
-        },
-        "settings": {
-            **{key: settings[key] for key in protocol_keys + speed_keys},
-            "depth": model.depth,
-            "num_classes": model.num_classes,
-            "world_size": world_size,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__,
-        },
-        "precision_agreement": agreement,
-        "seconds": seconds,
-        "confusion_matrix": results["confusion_matrix"],
-    }
-    out = Path(settings["out"]) if settings["out"] else default_output_path(str(checkpoint), name, settings)
+    record = dict(
+        checkpoint=str(checkpoint), config_name=info["config_name"], dataset=dataset.name,
+        data_root=settings["data_root"] or data.DATASETS.get(dataset.name, {}).get("default_root"),
+        num_images=results["num_images"], aAcc=results["aAcc"], mIoU=results["mIoU"], mAcc=results["mAcc"],
+        per_class={c: {"IoU": i, "Acc": a} for c, i, a in zip(dataset.classes, results["IoU"], results["Acc"])},
+        settings=dict(
+            {key: settings[key] for key in protocol_keys + speed_keys}, depth=model.depth,
+            num_classes=model.num_classes, world_size=world_size, torch=torch.__version__,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        ),
+        precision_agreement=agreement, seconds=seconds, confusion_matrix=results["confusion_matrix"],
+    )  # fmt: skip
+    if settings["out"]:
+        out = Path(settings["out"])
+    else:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
+        url = re.match(r"^(https?|file)://", str(checkpoint))
+        folder = Path("eval_out") if url else Path(checkpoint).parent
+        tag = settings["mode"] + "_ms" * (len(settings["ratios"]) > 1) + "_flip" * settings["flip"]
+        out = folder / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(without_nan(record), indent=1))
     print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
 
 
-def image_files(patterns):
-    """--image: files as given, a folder's images (sorted), a glob pattern's images (sorted). Returns
-    (files, skipped): skipped are the files of folders and patterns that are not images by their name."""
-    files, skipped = [], []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_file():
-            files.append(path)
-            continue
-        if path.is_dir():
-            found = sorted(child for child in path.iterdir() if child.is_file())
-        elif any(character in pattern for character in "*?["):
-            found = sorted(
-                Path(match) for match in glob.glob(pattern, recursive=True) if Path(match).is_file()
-            )
-        else:
-            raise FileNotFoundError(f"--image {pattern}: no such file or folder")
-        images = [child for child in found if child.suffix.lower() in data.FOLDER_IMAGE_EXTENSIONS]
-        if not images:
-            raise FileNotFoundError(
-                f"--image {pattern}: no {'/'.join(data.FOLDER_IMAGE_EXTENSIONS)} images there"
-            )
-        files += images
-        skipped += [child for child in found if child not in images]
-    return list(dict.fromkeys(files)), skipped  # a file named twice is predicted once
+def without_nan(value):
+    """JSON has no NaN: undefined IoU / Acc become null."""
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(item) for item in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def picture_names(files):
-    """Each file's name under --save-dir: its path below the files' common folder, without the
-    extension (a/x.jpg, b/x.jpg -> a/x, b/x); x.jpg beside x.png keep it (x_jpg, x_png)."""
-    common = Path(os.path.commonpath([file.absolute().parent for file in files]))
-    names = [str(file.absolute().relative_to(common).with_suffix("")) for file in files]
-    return [
-        name if names.count(name) == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)
-    ]
+def write_split_files(model, info, settings, checkpoint, device):
+    """--format-only: the files of the dataset's evaluation server for a whole split."""
+    dataset = build_split(info, settings, checkpoint)
+    save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{settings['split']}"
+    inference = dict(inference_keywords(settings, device), workers=settings["workers"])
+    written = write_server_files(model, dataset, save_dir, **inference)
+    total = int(sum_over_processes(torch.tensor([written], device=device)).item())
+    if runtime.rank_and_world_size()[0] == 0:
+        print(
+            f"wrote {total} {dataset.name} {settings['split']} predictions for its evaluation server in {save_dir}"
+        )
 
 
 def predict_images(model, info, settings, device):
     """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
     that cannot be read is named and the others go on. Returns how many failed, over all ranks."""
     rank, world_size = runtime.rank_and_world_size()
-    files, skipped = settings["images"]
+    (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
     palette = info["palette"] or data.DATASETS.get(settings["dataset"], {}).get("palette")
     if palette is None or len(palette) != model.num_classes:
         palette = data.default_palette(model.num_classes)
-    if settings["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    save_dir = settings["save_dir"] or "eval_out"
-    keywords = dict(inference_keywords(settings, device), scale=settings["scale"], ratios=settings["ratios"])
+    keywords = dict(inference_keywords(settings, device), scale=settings["scale"], ratios=settings["ratios"],
+                    palette=palette, save_dir=save_dir, opacity=settings["opacity"])  # fmt: skip
     mine = list(zip(files, picture_names(files)))[rank::world_size]
     written, failed = [], []
     for path, name in tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2):
         try:
-            written += predict_image(model, path, name=name, palette=palette, save_dir=save_dir,
-                                     opacity=settings["opacity"], **keywords)  # fmt: skip
+            written += predict_image(model, path, name, **keywords)
         except (ValueError, OSError) as error:  # an unreadable or undecodable file: name it, go on
             failed.append(path)
             tqdm.write(f"evaluate.py: {path} failed: {error}", file=sys.stderr)
     counts = sum_over_processes(torch.tensor([len(mine) - len(failed), len(failed)], device=device)).tolist()
-    if rank == 0:
-        if skipped:
-            print(f"skipped {len(skipped)} files that are not images: " + ", ".join(map(str, skipped)))
-        if len(files) == 1 and not failed:
-            print("wrote " + ", ".join(str(path) for path in written))
-        else:
-            print(
-                f"wrote the label PNG, overlay and attention picture of {counts[0]} images under {save_dir}"
-            )
+    if rank == 0 and skipped:
+        print(f"skipped {len(skipped)} files that are not images: " + ", ".join(map(str, skipped)))
+    if rank == 0 and len(files) == 1 and not failed:
+        print("wrote " + ", ".join(map(str, written)))
+    elif rank == 0:
+        print(f"wrote the label PNG, overlay and attention picture of {counts[0]} images under {save_dir}")
     if failed:
         print(f"evaluate.py: {len(failed)} images failed: " + ", ".join(map(str, failed)), file=sys.stderr)
     return counts[1]
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.split == "test" and not args.format_only:
+        parser.error("--split test has no labels to score: add --format-only to write the server's files")
+    if args.format_only and args.image:
+        parser.error("--format-only predicts a split, --image predicts files: pass one of them")
     runtime.keep_freed_memory()
     failed = 0
     try:
@@ -794,13 +776,17 @@ def main(argv=None):
         info = checkpoint_info(checkpoint, loaded)
         settings = resolve_settings(args, info, device)
         model = build_model(checkpoint, loaded, info, settings, device)
-        unfolded_model = model  # the fp32 reference of the agreement check
+        reference_model = model  # the fp32 reference of the agreement check, BatchNorm not folded
         if settings["fold_batchnorm"]:
             model = runtime.fold_batchnorm(model)
+        if settings["channels_last"]:
+            model.to(memory_format=torch.channels_last)
         if settings["images"]:
             failed = predict_images(model, info, settings, device)
+        elif settings["format_only"]:
+            write_split_files(model, info, settings, checkpoint, device)
         else:
-            evaluate_split(model, info, settings, checkpoint, device, unfolded_model)
+            evaluate_split(model, info, settings, checkpoint, device, reference_model)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None
     finally:
@@ -808,9 +794,6 @@ def main(argv=None):
             dist.destroy_process_group()
     if failed:
         raise SystemExit(1)  # the other images are written; a script still sees that some were not
-
-
-# Every flag is checked when it is parsed, so that a mistake ends the run before any work.
 
 
 def size_flag(flag):
@@ -825,125 +808,41 @@ def size_flag(flag):
     return parse
 
 
-def number_flag(kind, minimum, maximum=None, exclusive=False):
-    """argparse type: a finite int or float >= minimum (> with exclusive) and <= maximum."""
-    name = "an integer" if kind is int else "a number"
-    allowed = (
-        f"{name} in [{minimum}, {maximum}]"
-        if maximum is not None
-        else f"{name} {'>' if exclusive else '>='} {minimum}"
-    )
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
-        above = value > minimum if exclusive else value >= minimum
-        if not (math.isfinite(value) and above and (maximum is None or value <= maximum)):
-            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
-        return value
-
-    return parse
-
-
-def output_path(kind):
-    """argparse type of --out (kind 'file') and --save-dir (kind 'folder'): a place this process can
-    write, checked before the evaluation rather than after it."""
-
-    def parse(text):
-        path = Path(text)
-        if kind == "file" and path.is_dir():
-            raise argparse.ArgumentTypeError(
-                f"{text} is a directory; pass a file name such as {path / 'results.json'}"
-            )
-        if kind == "folder" and path.exists() and not path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text} is a file; pass a folder for the pictures")
-        existing = next(parent for parent in [path.absolute(), *path.absolute().parents] if parent.exists())
-        if existing != path.absolute() and not existing.is_dir():
-            raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is a file, not a folder")
-        if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
-            raise argparse.ArgumentTypeError(
-                f"cannot write {text}: {existing} is not writable; choose another place"
-            )
-        return text
-
-    return parse
-
-
 def build_parser():
+    """Every flag is checked when parsed (runtime.number_flag, writable_path, size_flag): a wrong value
+    ends the run before any work, naming the flag and what it allows."""
+    number, path = runtime.number_flag, runtime.writable_path
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    # fmt: off
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--checkpoint", help=f"a .pth file or URL (default: newest {CHECKPOINT_PATTERN})")
-    what.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="unpickle the checkpoint fully even if it holds objects that can run code (only for files you trust)",
-    )
-    what.add_argument(
-        "--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)"
-    )
+    what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only for files you trust")
+    what.add_argument("--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)")
     what.add_argument("--data-root", help="dataset folder (default: the dataset's, e.g. data/cityscapes)")
     what.add_argument("--depth", type=int, choices=(50, 101), help="only if the checkpoint cannot tell")
-    what.add_argument(
-        "--image",
-        nargs="+",
-        metavar="PATH",
-        help="predict image files, folders or glob patterns and write their pictures instead",
-    )
+    what.add_argument("--split", default="val", choices=("val", "test"), help="the split to evaluate or predict")
+    what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
+    what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns")
     test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
     test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
-    test.add_argument(
-        "--scales",
-        type=number_flag(float, 0, exclusive=True),
-        nargs="+",
-        help="ratios of the test scale, e.g. 0.75 1.0 1.25",
-    )
+    test.add_argument("--scales", type=number(float, 0, exclusive=True), nargs="+", help="ratios of the test scale")
     test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
     test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
     test.add_argument("--crop", type=size_flag("--crop"), help="sliding window size: 769 or HxW (512x1024)")
     test.add_argument("--stride", type=size_flag("--stride"), help="sliding window stride: 513 or HxW")
     runtime.add_arguments(parser)
     speed = parser.add_argument_group("speed (results change by rounding only)")
-    speed.add_argument(
-        "--fold-batchnorm",
-        action=argparse.BooleanOptionalAction,
-        help="fold BatchNorm into the convs (default: on unless fp32, which keeps the original's arithmetic)",
-    )
-    speed.add_argument(
-        "--check-agreement",
-        type=number_flag(int, 0),
-        metavar="N",
-        help="compare with fp32 on N images (default 10 if not fp32; 0: off)",
-    )
-    speed.add_argument(
-        "--window-batch", type=number_flag(int, 1), default=4, help="sliding windows per forward pass"
-    )
-    speed.add_argument(
-        "--workers",
-        type=number_flag(int, 0),
-        default=min(4, os.cpu_count() or 1),
-        help="data loading processes",
-    )
+    speed.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32")
+    speed.add_argument("--check-agreement", type=number(int, 0), metavar="N", help="images compared with fp32")
+    speed.add_argument("--window-batch", type=number(int, 1), default=4, help="sliding windows per forward pass")
+    speed.add_argument("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="data loaders")
     output = parser.add_argument_group("output")
-    output.add_argument(
-        "--save-dir",
-        type=output_path("folder"),
-        help="write label PNG, overlay and attention pictures per image here",
-    )
-    output.add_argument(
-        "--opacity",
-        type=number_flag(float, 0, 1),
-        default=0.5,
-        help="weight of the colours in the pictures, 0..1",
-    )
-    output.add_argument(
-        "--out",
-        type=output_path("file"),
-        help="results JSON (default <checkpoint dir>/eval_<dataset>_<mode>_<time>.json)",
-    )
+    output.add_argument("--save-dir", type=path("folder"), help="pictures (or server files) go here")
+    output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1")
+    output.add_argument("--out", type=path("file"), help="results JSON (default: beside the checkpoint)")
+    # fmt: on
     return parser
 
 

@@ -227,7 +227,7 @@ class FakeValSet(torch.utils.data.Dataset):
     """Val items as data.build_dataset gives them: images per ratio, label at the original size."""
 
     palette = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
-    test_scale = (80, 56)  # (W, H); used only when no ratio is 1.0
+    scale = (80, 56)  # (W, H); used only when no ratio is 1.0
     classes = ["red", "green", "blue"]
     num_classes = 3
     name = "fake"
@@ -378,22 +378,24 @@ def official_info(crop_size, align_corners, dataset="cityscapes"):
                 dataset=dataset if known else None, row=row)  # fmt: skip
 
 
+def settings_of(args, info):
+    return evaluate.resolve_settings(args, info, torch.device("cpu"))
+
+
 def test_settings_follow_the_checkpoint_row_and_flags_override():
     parse = evaluate.build_parser().parse_args
     info = official_info((769, 769), True)
-    row_769 = evaluate.protocol_settings(parse(["--ms-flip"]), info)
+    row_769 = settings_of(parse(["--ms-flip"]), info)
     assert {key: row_769[key] for key in ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")} == dict(
         mode="slide", crop_size=(769, 769), stride=(513, 513), ratios=evaluate.MS_RATIOS, flip=True,
         align_corners=True,
     )  # fmt: skip
     assert row_769["scale"] == (2049, 1025)  # the 769 models are tested on 2049x1025
-    row_512 = evaluate.protocol_settings(parse([]), official_info((512, 1024), False))
+    row_512 = settings_of(parse([]), official_info((512, 1024), False))
     assert (row_512["mode"], row_512["ratios"], row_512["flip"]) == ("whole", (1.0,), False)
-    unknown = evaluate.protocol_settings(parse(["--crop", "769"]), official_info(None, None))
+    unknown = settings_of(parse(["--crop", "769"]), official_info(None, None))
     assert (unknown["mode"], unknown["stride"], unknown["align_corners"]) == ("slide", (513, 513), True)
-    custom = evaluate.protocol_settings(
-        parse(["--ms-flip", "--no-flip", "--scales", "1", "2", "--mode", "whole"]), info
-    )
+    custom = settings_of(parse(["--ms-flip", "--no-flip", "--scales", "1", "2", "--mode", "whole"]), info)
     assert (custom["mode"], custom["ratios"], custom["flip"]) == ("whole", (1.0, 2.0), False)
 
 
@@ -403,10 +405,10 @@ def test_our_checkpoints_are_tested_with_their_recorded_recipe():
                     align_corners=True, scale=[300, 100])  # fmt: skip
     row = {**evaluate.recipe.row("folder", 65), **recorded}
     info = dict(crop_size=(65, 65), align_corners=True, recipe=recorded, depth=50, dataset="folder", row=row)
-    settings = evaluate.protocol_settings(parse([]), info)
+    settings = settings_of(parse([]), info)
     assert (settings["mode"], settings["crop_size"], settings["stride"]) == ("slide", (65, 65), (40, 40))
     assert settings["scale"] == (300, 100) and settings["align_corners"] is True
-    assert evaluate.protocol_settings(parse(["--stride", "30x20"]), info)["stride"] == (30, 20)
+    assert settings_of(parse(["--stride", "30x20"]), info)["stride"] == (30, 20)
 
 
 @pytest.fixture(scope="module")
@@ -491,16 +493,18 @@ def test_image_command_writes_pictures_at_the_photo_size(tmp_path, toy_checkpoin
 def test_official_checkpoints_are_scored_in_fp32_by_default():
     parse, cpu = evaluate.build_parser().parse_args, torch.device("cpu")
     args = parse([])
-    settings = evaluate.speed_settings(args, cpu, official=True)
+    settings = evaluate.resolve_settings(args, official_info((512, 1024), False), cpu)
     assert settings["precision"] == "fp32" and settings["check_agreement"] == 0
-    settings = evaluate.speed_settings(parse(["--precision", "bf16"]), cpu, official=True)
+    settings = evaluate.resolve_settings(
+        parse(["--precision", "bf16"]), official_info((512, 1024), False), cpu
+    )
     assert (
         settings["precision"] == "bf16"
         and settings["channels_last"] is True
         and settings["check_agreement"] == 10
     )
     assert settings["fold_batchnorm"] is True  # a speed setting: fp32 keeps the original's separate BatchNorm
-    settings = evaluate.speed_settings(args, cpu, official=True)
+    settings = evaluate.resolve_settings(args, official_info((512, 1024), False), cpu)
     assert settings["fold_batchnorm"] is False
     assert vars(args) == vars(parse([]))  # the flags are read, never rewritten
 
@@ -536,14 +540,14 @@ def test_impossible_numbers_are_refused_when_parsed(flags, named, allowed, capsy
 
 def test_an_explicit_zero_is_not_unset():
     args = evaluate.build_parser().parse_args(["--check-agreement", "0", "--workers", "0", "--opacity", "0"])
-    settings = evaluate.speed_settings(args, torch.device("cpu"), official=False)
+    settings = evaluate.resolve_settings(args, official_info((512, 1024), False), torch.device("cpu"))
     assert settings["check_agreement"] == 0 and settings["workers"] == 0 and args.opacity == 0
 
 
 def test_stride_larger_than_the_window_is_refused():
     args = evaluate.build_parser().parse_args(["--mode", "slide", "--crop", "33", "--stride", "40"])
     with pytest.raises(ValueError, match="--stride"):
-        evaluate.protocol_settings(args, official_info((769, 769), True))
+        settings_of(args, official_info((769, 769), True))
 
 
 def test_unwritable_out_fails_before_the_evaluation(tmp_path, toy_checkpoint, monkeypatch, capsys):
@@ -663,3 +667,141 @@ def test_image_command_names_a_missing_path_or_an_empty_folder(tmp_path, tiny_ch
         evaluate.main(command + [str(tmp_path / "nothing.jpg")])
     with pytest.raises(SystemExit, match="--image .*empty: no .jpg/.jpeg/.png/.webp images there"):
         evaluate.main(command + [str(tmp_path / "empty")])
+
+
+# ---- --format-only: the files of the datasets' evaluation servers ------------------------------
+
+# cityscapesScripts helpers/labels.py: the id of each of the 19 trainIds, written out independently.
+CITYSCAPES_IDS_OF_TRAINIDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+
+
+def test_server_files_hold_what_each_server_scores():
+    pred = torch.arange(19).repeat(2, 1)  # (2, 19): every trainId
+    meta = dict(
+        name="berlin_000000_000019",
+        image_path="x/leftImg8bit/test/berlin/berlin_000000_000019_leftImg8bit.png",
+    )
+    name, picture = evaluate.server_file("cityscapes", pred, meta, palette=None)
+    assert name == "berlin_000000_000019_leftImg8bit.png" and picture.mode == "L"
+    assert np.array(picture).tolist() == [CITYSCAPES_IDS_OF_TRAINIDS] * 2
+    pred = torch.arange(150).view(10, 15)
+    name, picture = evaluate.server_file(
+        "ade20k", pred, dict(name="ADE_test_00000001", image_path="t/ADE_test_00000001.jpg"), None
+    )
+    assert name == "ADE_test_00000001.png" and picture.mode == "L"
+    assert np.array(picture).tolist() == (pred + 1).tolist()  # the challenge's 1..150
+    palette = data.DATASETS["voc12aug"]["palette"]
+    pred = torch.tensor([[0, 20], [15, 7]])
+    name, picture = evaluate.server_file(
+        "voc12aug", pred, dict(name="2008_000001", image_path="J/2008_000001.jpg"), palette
+    )
+    assert (
+        name == "2008_000001.png"
+        and picture.mode == "P"
+        and picture.getpalette()[:6] == [*palette[0], *palette[1]]
+    )
+    assert np.array(picture).tolist() == pred.tolist()
+
+
+@pytest.fixture(scope="module")
+def cityscapes_weights():
+    torch.manual_seed(0)
+    return GCNet(19).state_dict()
+
+
+def official_checkpoint(tmp_path, monkeypatch, state_dict, name):
+    """An official-format checkpoint ({'meta', 'state_dict'}) under its model-zoo name, served from
+    memory: the file exists for --checkpoint, reading it returns the dict without a 200 MB write."""
+    path = tmp_path / name
+    path.write_bytes(b"")
+    monkeypatch.setattr(
+        evaluate, "read_checkpoint", lambda source, trust=False: {"meta": {}, "state_dict": state_dict}
+    )
+    return path
+
+
+def test_format_only_writes_cityscapes_label_ids_for_the_test_split(
+    tmp_path, monkeypatch, cityscapes_weights, capsys
+):
+    root = tmp_path / "cityscapes"
+    names = ["berlin_000000_000019", "berlin_000001_000019", "bonn_000000_000019"]
+    for index, name in enumerate(names):  # the real test layout: leftImg8bit/test/<city>/, no gtFine
+        write_picture(
+            root / "leftImg8bit" / "test" / name.split("_")[0] / f"{name}_leftImg8bit.png", seed=index
+        )
+    checkpoint = official_checkpoint(
+        tmp_path,
+        monkeypatch,
+        cityscapes_weights,
+        "gcnet_r50-d8_512x1024_40k_cityscapes_20200618_074450-ef8f069b.pth",
+    )
+    out = tmp_path / "server"
+    command = ["--device", "cpu", "--checkpoint", str(checkpoint), "--data-root", str(root), "--workers", "0",
+               "--split", "test", "--format-only", "--save-dir", str(out)]  # fmt: skip
+    # --scales 0.03: the network sees 30x44 instead of 1024x1521 (the test is about the files)
+    evaluate.main(command + ["--scales", "0.03"])
+    assert (
+        f"wrote 3 cityscapes test predictions for its evaluation server in {out}" in capsys.readouterr().out
+    )
+    assert sorted(path.name for path in out.iterdir()) == [f"{name}_leftImg8bit.png" for name in names]
+    picture = Image.open(out / f"{names[0]}_leftImg8bit.png")
+    assert picture.mode == "L" and picture.size == (49, 33)
+    assert set(np.unique(np.array(picture))) <= set(CITYSCAPES_IDS_OF_TRAINIDS)
+    evaluate.main(command + ["--scales", "0.03", "0.04", "--flip", "--save-dir", str(tmp_path / "ms_flip")])
+    assert len(list((tmp_path / "ms_flip").iterdir())) == 3
+
+
+def with_classes(state_dict, num_classes):
+    """The same weights with both classifiers resized to num_classes (as the 150- and 21-class models)."""
+    generator = torch.Generator().manual_seed(num_classes)
+    resized = dict(state_dict)
+    for head in ("decode_head", "auxiliary_head"):
+        weight = state_dict[f"{head}.conv_seg.weight"]
+        resized[f"{head}.conv_seg.weight"] = 0.01 * torch.randn(
+            num_classes, *weight.shape[1:], generator=generator
+        )
+        resized[f"{head}.conv_seg.bias"] = torch.zeros(num_classes)
+    return resized
+
+
+def test_format_only_writes_ade20k_values_1_to_150_for_the_test_split(
+    tmp_path, monkeypatch, cityscapes_weights
+):
+    root = tmp_path / "ADEChallengeData2016"
+    for index in (1, 2):  # the real test layout: images/testing/, no annotations
+        write_picture(root / "images" / "testing" / f"ADE_test_0000000{index}.jpg", seed=index)
+    name = "gcnet_r50-d8_512x512_80k_ade20k_20200614_185146-91a6da41.pth"
+    checkpoint = official_checkpoint(tmp_path, monkeypatch, with_classes(cityscapes_weights, 150), name)
+    out = tmp_path / "server"
+    evaluate.main(["--device", "cpu", "--checkpoint", str(checkpoint), "--data-root", str(root), "--workers", "0",
+                   "--split", "test", "--format-only", "--save-dir", str(out), "--scales", "0.06"])  # fmt: skip
+    assert sorted(path.name for path in out.iterdir()) == ["ADE_test_00000001.png", "ADE_test_00000002.png"]
+    values = np.array(Image.open(out / "ADE_test_00000001.png"))
+    assert values.shape == (33, 49) and values.min() >= 1 and values.max() <= 150
+
+
+def test_format_only_writes_voc_palette_pngs_for_the_val_split(tmp_path, monkeypatch, cityscapes_weights):
+    root = tmp_path / "VOC2012"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n2007_000042\n")
+    (root / "SegmentationClass").mkdir()
+    for index, name in enumerate(["2007_000033", "2007_000042"]):
+        write_picture(root / "JPEGImages" / f"{name}.jpg", seed=index)
+        Image.fromarray(np.zeros((33, 49), dtype=np.uint8)).save(root / "SegmentationClass" / f"{name}.png")
+    name = "gcnet_r50-d8_512x512_20k_voc12aug_20200617_165701-3cbfdab1.pth"
+    checkpoint = official_checkpoint(tmp_path, monkeypatch, with_classes(cityscapes_weights, 21), name)
+    out = tmp_path / "server"
+    evaluate.main(["--device", "cpu", "--checkpoint", str(checkpoint), "--data-root", str(root), "--workers", "0",
+                   "--format-only", "--save-dir", str(out), "--scales", "0.06", "0.08", "--flip"])  # fmt: skip
+    picture = Image.open(out / "2007_000033.png")
+    assert picture.mode == "P" and picture.size == (49, 33)
+    assert picture.getpalette()[:6] == [0, 0, 0, 128, 0, 0] and np.array(picture).max() <= 20
+
+
+def test_test_split_needs_format_only_and_format_only_no_image(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--split", "test"])
+    assert "argument --split" not in (err := capsys.readouterr().err) and "add --format-only" in err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--format-only", "--image", "x.jpg"])
+    assert "pass one of them" in capsys.readouterr().err
