@@ -1,6 +1,9 @@
-"""A run's work dir, safe from crashes, full disks and second runs: its lock, its checkpoints, resuming.
+"""Checkpoint files, read without running code, and a run's work dir, safe from crashes, full disks
+and second runs: its lock, its checkpoints, resuming.
 
-train.py calls these; nothing here is part of the recipe. The rules:
+model.py, train.py and evaluate.py call these; nothing here is part of the recipe. The rules:
+- a file is loaded with torch's weights_only unpickler: tensors, plain containers and numpy values;
+  anything else is refused unless the user opts in with --trust-checkpoint;
 - one run per work dir: a lock held for the process's lifetime (the OS releases it on any exit);
 - every file is written to a temporary name unique to its writer, then renamed: a crash leaves the
   old file or the new one, never half, and a failed write leaves no partial file;
@@ -13,20 +16,129 @@ import errno
 import fcntl
 import json
 import os
+import pickle
+import pickletools
 import re
 import secrets
 import shlex
 import shutil
 import signal
 import socket
+import sys
 import time
+import urllib.parse
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-import model as gcnet
 import runtime
+
+try:
+    from numpy._core import multiarray as np_multiarray  # numpy 2
+except ImportError:
+    from numpy.core import multiarray as np_multiarray  # numpy 1.x
+
+# -----------------------------------------------------------------------------------------------
+# Reading a checkpoint: nothing in the file may run code
+
+# Besides tensors and plain containers, official mmcv checkpoints may hold numpy scalars, dtypes and
+# arrays in their meta. They are allowed by name, under the names of numpy 1.x and 2.x; none of them
+# runs code when loaded. Anything else is refused unless the user passes --trust-checkpoint.
+NUMPY_SAFE_GLOBALS = (
+    [np.ndarray, np.dtype]
+    + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"]
+    + [
+        (function, f"numpy.{core}.multiarray.{function.__name__}")
+        for function in (np_multiarray.scalar, np_multiarray._reconstruct)
+        for core in ("core", "_core")
+    ]
+)
+TRUST_HINT = (
+    "If you trust where the file comes from, --trust-checkpoint loads it with full unpickling, which "
+    "runs whatever code the file contains."
+)
+
+
+def read_checkpoint(path_or_url, trust=False):
+    """Load a checkpoint file or URL onto the CPU without running code from it: torch's
+    weights_only unpickler, allowing tensors, plain Python containers and NUMPY_SAFE_GLOBALS.
+    URLs (https://, file://) go through torch.hub's cache, so each file is downloaded once.
+    trust=True unpickles fully (any code in the file runs) and says so."""
+    source = str(path_or_url)
+    is_url = re.match(r"^(https?|file)://", source) is not None
+    local = hub_cache_path(source) if is_url else source
+    if trust:
+        print(f"WARNING: --trust-checkpoint: unpickling {source} fully; code in it can run.", file=sys.stderr)
+    try:
+        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+            if is_url:
+                return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=not trust)
+            return torch.load(source, map_location="cpu", weights_only=not trust)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"checkpoint not found: {source}. Pass the path of a .pth file (ours or an official one "
+            "from the results table) or its download URL."
+        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, ValueError, KeyError) as error:
+        code = objects_in(local)
+        if code:
+            raise ValueError(
+                f"refusing to load {source}: besides weights it holds pickled Python objects, which could "
+                f"run code when loaded ({code}). {TRUST_HINT}"
+            ) from None
+        raise ValueError(f"cannot read checkpoint {source}: {describe_unreadable(local)}") from error
+
+
+def hub_cache_path(url):
+    """Where torch.hub keeps (or will keep) the download of `url`."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
+
+
+def objects_in(path):
+    """What a well-formed checkpoint holds beyond what the safe loader allows ('' if nothing, or
+    if the file is damaged), read without unpickling: torch's own list for zip checkpoints, the
+    pickle's opcodes for a bare pickle."""
+    try:
+        if zipfile.is_zipfile(path):
+            return ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with open(path, "rb") as file:
+            opcodes = [opcode.name for opcode, _, _ in pickletools.genops(file)]
+    except Exception:  # damaged: not a well-formed zip or pickle
+        return ""
+    return "a bare pickle with Python objects" if {"GLOBAL", "STACK_GLOBAL"} & set(opcodes) else ""
+
+
+def describe_unreadable(path):
+    """Why a file that torch cannot load is not a checkpoint, in words, for the error message."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            head = file.read(64)
+    except OSError as error:
+        return f"it cannot be read ({error.strerror})"
+    if size == 0:
+        return "the file is empty (0 bytes): it was not written completely; use another checkpoint."
+    if head.startswith(b"PK"):
+        return (
+            f"the file ({size} bytes) is truncated or damaged: it starts like a PyTorch checkpoint but "
+            "cannot be read to its end. Download or copy it again, or use another checkpoint."
+        )
+    if head.startswith(b"\x80"):
+        return f"the file ({size} bytes) is a damaged or truncated pickle; use another checkpoint."
+    if all(32 <= byte < 127 or byte in (9, 10, 13) for byte in head):
+        return (
+            f"it is a text file, not a PyTorch checkpoint (it starts with {head[:40].decode(errors='replace')!r}); "
+            "an HTML page saved instead of the download, or a wrong path?"
+        )
+    return f"it is not a PyTorch checkpoint (.pth written by torch.save), size {size} bytes."
+
+
+# -----------------------------------------------------------------------------------------------
+# The work dir of a run
+
 
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pth")
 
@@ -173,13 +285,15 @@ def disk_full_message(path, checkpoint, last_path, restart):
 
 def resume(path, trust, raw_model, optimizer, scaler, config, say):
     """Load a train.py checkpoint into the run; (iteration, best mIoU, validation pending)."""
+    from model import load_weights  # model.py reads its files through this module
+
     checkpoint = read_resume_checkpoint(path, trust)
     for key in ("dataset", "depth", "crop_size", "iters", "global_batch", "lr"):
         if checkpoint["recipe"].get(key) != config[key]:
             say(
                 f"WARNING: resuming with {key} = {config[key]}, the checkpoint has {checkpoint['recipe'].get(key)}"
             )
-    gcnet.load_weights(raw_model, path, checkpoint)
+    load_weights(raw_model, path, checkpoint)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     restore_rng_states(checkpoint.get("rng") or [], torch.device(config["device"]))
@@ -193,7 +307,7 @@ def resume(path, trust, raw_model, optimizer, scaler, config, say):
 
 def read_resume_checkpoint(path, trust):
     try:
-        checkpoint = gcnet.read_checkpoint(path, trust)
+        checkpoint = read_checkpoint(path, trust)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"--resume: {error}") from None
     needed = ("state_dict", "optimizer", "scaler", "iteration", "recipe")

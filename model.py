@@ -23,24 +23,14 @@ Comments name the original's files (mmsegmentation v0.5.0, mmcv v1.0.2) where a 
 """
 
 import math
-import os
-import pickle
-import pickletools
 import re
-import sys
-import urllib.parse
-import zipfile
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-try:
-    from numpy._core import multiarray as np_multiarray  # numpy 2
-except ImportError:
-    from numpy.core import multiarray as np_multiarray  # numpy 1.x
+from checkpoints import read_checkpoint  # reads a file or URL without running code from it
 
 # Bottleneck blocks per stage (mmseg v0.5.0 mmseg/models/backbones/resnet.py).
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -329,98 +319,6 @@ class GCNet(nn.Module):
 
 # -----------------------------------------------------------------------------------------------
 # Weight loading: official mmcv checkpoints ({"meta", "state_dict"}), ours, ImageNet backbones
-
-
-# Besides tensors and plain containers, official mmcv checkpoints may hold numpy scalars, dtypes and
-# arrays in their meta. They are allowed by name, under the names of numpy 1.x and 2.x; none of them
-# runs code when loaded. Anything else is refused unless the user passes --trust-checkpoint.
-NUMPY_SAFE_GLOBALS = (
-    [np.ndarray, np.dtype]
-    + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"]
-    + [
-        (function, f"numpy.{core}.multiarray.{function.__name__}")
-        for function in (np_multiarray.scalar, np_multiarray._reconstruct)
-        for core in ("core", "_core")
-    ]
-)
-TRUST_HINT = (
-    "If you trust where the file comes from, --trust-checkpoint loads it with full unpickling, which "
-    "runs whatever code the file contains."
-)
-
-
-def read_checkpoint(path_or_url, trust=False):
-    """Load a checkpoint file or URL onto the CPU without running code from it: torch's
-    weights_only unpickler, allowing tensors, plain Python containers and NUMPY_SAFE_GLOBALS.
-    URLs (https://, file://) go through torch.hub's cache, so each file is downloaded once.
-    trust=True unpickles fully (any code in the file runs) and says so."""
-    source = str(path_or_url)
-    is_url = re.match(r"^(https?|file)://", source) is not None
-    local = hub_cache_path(source) if is_url else source
-    if trust:
-        print(f"WARNING: --trust-checkpoint: unpickling {source} fully; code in it can run.", file=sys.stderr)
-    try:
-        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
-            if is_url:
-                return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=not trust)
-            return torch.load(source, map_location="cpu", weights_only=not trust)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"checkpoint not found: {source}. Pass the path of a .pth file (ours or an official one "
-            "from the results table) or its download URL."
-        ) from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, ValueError, KeyError) as error:
-        code = objects_in(local)
-        if code:
-            raise ValueError(
-                f"refusing to load {source}: besides weights it holds pickled Python objects, which could "
-                f"run code when loaded ({code}). {TRUST_HINT}"
-            ) from None
-        raise ValueError(f"cannot read checkpoint {source}: {describe_unreadable(local)}") from error
-
-
-def hub_cache_path(url):
-    """Where torch.hub keeps (or will keep) the download of `url`."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
-
-
-def objects_in(path):
-    """What a well-formed checkpoint holds beyond what the safe loader allows ('' if nothing, or
-    if the file is damaged), read without unpickling: torch's own list for zip checkpoints, the
-    pickle's opcodes for a bare pickle."""
-    try:
-        if zipfile.is_zipfile(path):
-            return ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        with open(path, "rb") as file:
-            opcodes = [opcode.name for opcode, _, _ in pickletools.genops(file)]
-    except Exception:  # damaged: not a well-formed zip or pickle
-        return ""
-    return "a bare pickle with Python objects" if {"GLOBAL", "STACK_GLOBAL"} & set(opcodes) else ""
-
-
-def describe_unreadable(path):
-    """Why a file that torch cannot load is not a checkpoint, in words, for the error message."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as file:
-            head = file.read(64)
-    except OSError as error:
-        return f"it cannot be read ({error.strerror})"
-    if size == 0:
-        return "the file is empty (0 bytes): it was not written completely; use another checkpoint."
-    if head.startswith(b"PK"):
-        return (
-            f"the file ({size} bytes) is truncated or damaged: it starts like a PyTorch checkpoint but "
-            "cannot be read to its end. Download or copy it again, or use another checkpoint."
-        )
-    if head.startswith(b"\x80"):
-        return f"the file ({size} bytes) is a damaged or truncated pickle; use another checkpoint."
-    if all(32 <= byte < 127 or byte in (9, 10, 13) for byte in head):
-        return (
-            f"it is a text file, not a PyTorch checkpoint (it starts with {head[:40].decode(errors='replace')!r}); "
-            "an HTML page saved instead of the download, or a wrong path?"
-        )
-    return f"it is not a PyTorch checkpoint (.pth written by torch.save), size {size} bytes."
 
 
 def extract_state_dict(checkpoint):
