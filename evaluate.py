@@ -327,16 +327,21 @@ def precision_agreement(model, dataset, num_images, *, reference_model=None, **i
     fp32, over the first num_images images (shared across processes like the evaluation): it shows
     that the precision changes the results by rounding only. The fp32 pass runs reference_model when
     given: evaluate.py passes the model before BatchNorm folding, so the check covers folding too."""
-    reference = dict(inference, precision="fp32")
-    counts = torch.zeros(
-        2, dtype=torch.int64, device=torch.device(inference["device"])
-    )  # [agreeing, labelled]
-    for (pred, label, _, _), (fp32_pred, _, _, _) in zip(
-        predictions(model, dataset, num_images, **inference),
-        predictions(model if reference_model is None else reference_model, dataset, num_images, **reference),
-    ):
-        labelled = label != data.IGNORE_INDEX
-        counts += torch.stack([(pred == fp32_pred)[labelled].sum(), labelled.sum()])
+    device = torch.device(inference["device"])
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing pixels, labelled pixels]
+    reference_model = model if reference_model is None else reference_model
+    modes = model.training, reference_model.training
+    ours = predictions(model, dataset, num_images, **inference)
+    fp32 = predictions(reference_model, dataset, num_images, **dict(inference, precision="fp32"))
+    try:
+        for (pred, label, _, _), (fp32_pred, _, _, _) in zip(ours, fp32):
+            labelled = label != data.IGNORE_INDEX
+            counts += torch.stack([(pred == fp32_pred)[labelled].sum(), labelled.sum()])
+    finally:  # the two loops share the model when there is no reference: restore the caller's modes here
+        fp32.close()
+        ours.close()
+        model.train(modes[0])
+        reference_model.train(modes[1])
     agreeing, total = sum_over_processes(counts).tolist()
     return {"images": min(num_images, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
 
@@ -476,9 +481,9 @@ def server_file(dataset_name, pred, meta, palette):
     ignore); VOC and the others: class indices in a palette PNG."""
     name, pred = Path(meta["image_path"]).stem + ".png", pred.cpu().long()
     if dataset_name == "cityscapes":
-        return name, Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred].numpy(), mode="L")
+        return name, Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred].numpy())  # uint8 (H, W): mode L
     if dataset_name == "ade20k":
-        return name, Image.fromarray((pred + 1).to(torch.uint8).numpy(), mode="L")
+        return name, Image.fromarray((pred + 1).to(torch.uint8).numpy())
     return name, label_picture(pred, palette)
 
 
@@ -635,6 +640,8 @@ def resolve_settings(args, info, device):
         window_batch=args.window_batch, workers=args.workers, depth=args.depth, data_root=args.data_root,
         split=args.split, format_only=args.format_only, save_dir=args.save_dir, opacity=args.opacity, out=args.out,
         images=image_files(args.image) if args.image else None,  # (files, skipped)
+        # a folder trained with label 0 = ignore is scored so (None: the dataset's own declaration)
+        reduce_zero_label=(info["recipe"] or {}).get("reduce_zero_label") if name == info["dataset"] else None,
     )  # fmt: skip
 
 
@@ -652,7 +659,8 @@ def build_split(info, settings, checkpoint):
             f"pass --dataset (one of {', '.join(sorted(data.DATASETS))}, or folder) and --data-root"
         )
     dataset = data.build_dataset(settings["dataset"], root=settings["data_root"], split=settings["split"],
-                                 crop_size=settings["crop_size"], test_ratios=settings["ratios"])  # fmt: skip
+                                 crop_size=settings["crop_size"], scale=settings["scale"], test_ratios=settings["ratios"],
+                                 reduce_zero_label=settings["reduce_zero_label"])  # fmt: skip
     check_classes(info, dataset, checkpoint)
     return dataset
 
@@ -661,7 +669,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     """Metrics on the val split: table on screen, everything in a JSON file."""
     rank, world_size = runtime.rank_and_world_size()
     dataset, precision = build_split(info, settings, checkpoint), settings["precision"]
-    protocol_keys = ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")
+    protocol_keys = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
     if rank == 0:
         protocol = ", ".join(f"{key} {settings[key]}" for key in protocol_keys)
         processes = f" x {world_size} processes" if world_size > 1 else ""

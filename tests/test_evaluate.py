@@ -294,8 +294,9 @@ def test_precision_agreement_runs_fp32_on_the_reference_model(tmp_path):
     dataset = FakeValSet(tmp_path, count=3)
     options = {k: v for k, v in EVALUATION.items() if k not in ("channels_last", "show_progress")}
     options["precision"] = "bf16"
-    model = PixelModel(3, seed=0).eval()
+    model = PixelModel(3, seed=0).train()
     same = evaluate.precision_agreement(model, dataset, 3, **options)
+    assert model.training  # mode restored
     labelled = sum(int((dataset[i][1] != 255).sum()) for i in range(3))
     assert same["images"] == 3 and same["pixels"] == labelled and same["agreement"] > 0.95
     other = evaluate.precision_agreement(model, dataset, 3, reference_model=PixelModel(3, seed=1), **options)
@@ -409,6 +410,9 @@ def test_our_checkpoints_are_tested_with_their_recorded_recipe():
     assert (settings["mode"], settings["crop_size"], settings["stride"]) == ("slide", (65, 65), (40, 40))
     assert settings["scale"] == (300, 100) and settings["align_corners"] is True
     assert settings_of(parse(["--stride", "30x20"]), info)["stride"] == (30, 20)
+    recorded["reduce_zero_label"] = True  # trained with label 0 = ignore: scored the same way
+    assert settings_of(parse([]), info)["reduce_zero_label"] is True
+    assert settings_of(parse(["--dataset", "toy"]), info)["reduce_zero_label"] is None  # toy's own rule
 
 
 @pytest.fixture(scope="module")
