@@ -1,29 +1,28 @@
-"""Datasets, the training and test transforms, and dataset preparation for GCNet segmentation.
+"""Datasets and the training and test transforms of GCNet, as the original mmsegmentation recipe has them.
 
-Everything here reproduces the data side of the original mmsegmentation recipe (gcnet-spec.md §3.3,
-§4.1, §5) with plain torch tensor ops: images are decoded with torchvision, resized with OpenCV's
-INTER_LINEAR / INTER_NEAREST semantics, and every random draw comes from torch's RNG, so a DataLoader
-seeded with `torch.manual_seed` is reproducible and its workers differ from each other.
+Read in order: the dataset table and `build_dataset`; the training pipeline (`TrainTransform`, then
+its steps as they run); `test_transform`; the Dataset class, and how a split's files are found and
+checked. Two appendices close the file: the OpenCV-exact pixel arithmetic the transforms call, and
+the toy dataset. All is plain torch: every random draw comes from torch's RNG (a DataLoader seeded
+with `torch.manual_seed` is reproducible, its workers differ), and pixels match OpenCV's bit for bit.
 
-Layouts (default roots are relative to the working directory, as in the original):
+Layouts (default roots relative to the working directory, as in the original; LAYOUTS has details):
 
-    cityscapes  data/cityscapes/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
+    cityscapes  data/cityscapes/leftImg8bit/{train,val,test}/<city>/<name>_leftImg8bit.png
                 data/cityscapes/gtFine/{train,val}/<city>/<name>_gtFine_labelTrainIds.png
     ade20k      data/ade/ADEChallengeData2016/images/{training,validation}/<name>.jpg
                 data/ade/ADEChallengeData2016/annotations/{training,validation}/<name>.png
+                test: images/testing/ or release_test/testing/ (inside or beside the root)
     voc12aug    data/VOCdevkit/VOC2012/JPEGImages/<name>.jpg
                 data/VOCdevkit/VOC2012/SegmentationClass{,Aug}/<name>.png
-                data/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,aug}.txt
-    folder      ROOT/images/{train,val}/<name>.{jpg,jpeg,png,webp}, ROOT/labels/{train,val}/<name>.png,
+                data/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,aug,test}.txt
+    folder      ROOT/images/{train,val,test}/<name>.{jpg,jpeg,png,webp}, ROOT/labels/{train,val}/<name>.png,
                 ROOT/classes.txt (one class per line: a name, optionally followed by R G B)
     toy         data/toy, in the Cityscapes layout; generated on first use (80 images of shapes)
 
-Labels are PNGs of class indices with 255 = ignore. Two datasets need a one-off preparation:
-
-    python tools/prepare_datasets.py cityscapes data/cityscapes                  # *_labelIds -> *_labelTrainIds
-    python tools/prepare_datasets.py voc12aug data/VOCdevkit data/VOCdevkit/VOCaug  # SBD .mat -> PNG, aug.txt
-
-In code:
+Labels are PNGs of class indices with 255 = ignore; test splits need none. Cityscapes and VOC need
+a one-off preparation: `python tools/prepare_datasets.py cityscapes data/cityscapes` and
+`python tools/prepare_datasets.py voc12aug data/VOCdevkit data/VOCdevkit/VOCaug`. In code:
 
     import data
     train_set = data.build_dataset("cityscapes", split="train")  # (image, label) crops
@@ -40,30 +39,31 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
 
 import recipe
 
-# ImageNet statistics in RGB order on the 0..255 scale (gcnet-spec.md §3.3 step 7).
+# ImageNet statistics in RGB order on the 0..255 scale (mmseg v0.5.0 configs/_base_/datasets/*.py).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 IGNORE_INDEX = 255
 
-# The 40 names and colours of the three benchmark datasets sit in a JSON file beside this one.
+# The names and colours of the three benchmark datasets sit in a JSON file beside this one.
 with open(Path(__file__).resolve().parent / "classes_and_palettes.json") as file:
     CLASSES_AND_PALETTES = json.load(file)
 
-# The toy dataset: background plus four shapes, each shape drawn in its own colour. The colours are
-# 90 degrees of hue apart, so the hue shift of the photometric distortion (at most 36 degrees) never
-# makes two classes look alike, and grey stays grey under any saturation change.
+# The toy dataset (appendix B): background plus four shapes, each drawn in its own colour. The
+# colours are 90 degrees of hue apart, so the hue shift of the photometric distortion (at most 36
+# degrees) never makes two classes look alike, and grey stays grey under any saturation change.
 TOY_CLASSES = ["background", "disc", "square", "diamond", "bar"]
 TOY_PALETTE = [[128, 128, 128], [220, 40, 40], [130, 220, 40], [40, 220, 220], [130, 40, 220]]
 TOY_IMAGE_SIZE = (128, 256)  # (H, W)
 TOY_COUNTS = {"train": 64, "val": 16}
 
 # One plain dict per dataset: classes, palette, default root, and whether label 0 means "ignore"
-# (ADE20K). Crops and scales are the recipe's: recipe.row(name, crop). The `folder` dataset reads its
-# classes from ROOT/classes.txt.
+# (reduce_zero_label, mmseg v0.5.0 mmseg/datasets/ade.py). Crops and scales are the recipe's:
+# recipe.row(name, crop). The `folder` dataset reads its classes from ROOT/classes.txt.
 DATASETS = {
     "cityscapes": dict(
         **CLASSES_AND_PALETTES["cityscapes"], default_root="data/cityscapes", reduce_zero_label=False
@@ -76,10 +76,10 @@ DATASETS = {
     ),
     "toy": dict(classes=TOY_CLASSES, palette=TOY_PALETTE, default_root="data/toy", reduce_zero_label=False),
 }
-SPLITS = ("train", "val", "test")  # test: images only, for predictions and the benchmark servers
+SPLITS = ("train", "val", "test")  # test: images only, for predictions and the evaluation servers
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
-# Cityscapes id -> trainId (csscripts helpers/labels.py, gcnet-spec.md §5.1); every other id -> 255.
+# Cityscapes id -> trainId (cityscapesScripts helpers/labels.py); every other id -> 255.
 CITYSCAPES_ID_TO_TRAINID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
@@ -89,15 +89,15 @@ CITYSCAPES_ID_TO_TRAINID = {
 def build_dataset(
     name, root=None, split="train", crop_size=None, scale=None, test_ratios=(1.0,), reduce_zero_label=None
 ):
-    """Build a dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'.
+    """A dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'.
 
     root: default DATASETS[name]['default_root'] ('folder' needs one). split: 'train', 'val' or 'test'
-    (images only: labels are None and has_labels is False). crop_size: (h, w), 769 or '512x1024', default
-    the recipe's; scale: (W, H) the images are rescaled to fit, for training and testing alike, default
-    recipe.row(name, crop_size)['scale'] (a 769 crop on Cityscapes gives 2049x1025). test_ratios: the
-    ratios of multi-scale testing. reduce_zero_label: True when label 0 means 'ignore' and the classes
-    start at 1; None takes the dataset's own convention (ADE20K: True; folder: classes.txt).
-    """
+    (images only: labels None, has_labels False). crop_size: (h, w), 769 or '512x1024', default the
+    recipe's. scale: (W, H) the images are rescaled to fit, in training and testing alike; default
+    recipe.row(name, crop_size)['scale']. test_ratios: the ratios of multi-scale testing.
+    reduce_zero_label: True when label 0 means 'ignore' and the classes start at 1; None takes the
+    dataset's convention (ADE20K: True; folder: a `label0: ignore` line in classes.txt).
+    Every file is checked here, cheaply (headers and last bytes), so a bad one fails no run hours in."""
     if split not in SPLITS:
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if name != "folder" and name not in DATASETS:
@@ -105,43 +105,34 @@ def build_dataset(
     if name == "folder" and root is None:
         raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
     row = recipe.row(name, crop_size)
-    scale = tuple(scale) if scale is not None else row["scale"]
     root = Path(root if root is not None else DATASETS[name]["default_root"])
-
     if name == "toy" and not (root / "leftImg8bit").is_dir():
         make_toy_dataset(root)
     if not root.is_dir():
         raise missing_path_error(name, root, root)
     if name == "folder":
-        classes, palette = read_classes_file(root)
-        zero_is_ignore = False
+        classes, palette, zero_is_ignore = read_classes_file(root)
     else:
         classes, palette = DATASETS[name]["classes"], DATASETS[name]["palette"]
         zero_is_ignore = DATASETS[name]["reduce_zero_label"]
-    find_pairs = {
-        "cityscapes": find_cityscapes_pairs,
-        "toy": lambda root, split: find_cityscapes_pairs(root, split, name="toy"),
-        "ade20k": find_ade20k_pairs,
-        "voc12aug": find_voc12aug_pairs,
-        "folder": find_folder_pairs,
-    }[name]
-    return SegmentationDataset(
-        name,
-        root,
-        split,
-        find_pairs(root, split),
-        classes,
-        palette,
-        scale=scale,
-        crop_size=row["crop_size"],
-        test_ratios=test_ratios,
+    find = {"ade20k": find_ade20k_pairs, "voc12aug": find_voc12aug_pairs, "folder": find_folder_pairs}
+    pairs = find[name](root, split) if name in find else find_cityscapes_pairs(root, split, name)
+    check_files(name, pairs)
+    dataset = SegmentationDataset(
+        name, root, split, pairs, classes, palette, scale=row["scale"] if scale is None else scale,
+        crop_size=row["crop_size"], test_ratios=test_ratios,
         reduce_zero_label=zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label),
         image_suffix="_leftImg8bit.png" if name in ("cityscapes", "toy") else None,
-    )
+    )  # fmt: skip
+    if dataset.reduce_zero_label and dataset.has_labels:
+        dataset.check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1])  # one label: cheap
+    return dataset
 
 
 # -----------------------------------------------------------------------------------------------
-# Training pipeline
+# Training pipeline (mmseg v0.5.0 configs/_base_/datasets/*.py train_pipeline, the steps in
+# mmseg/datasets/pipelines/transforms.py). Steps 1 and 2 load the image and its label; the
+# transform does steps 3 to 8. Each takes and returns (image uint8 3 x H x W RGB, label uint8 H x W).
 
 
 class TrainTransform:
@@ -164,14 +155,10 @@ class TrainTransform:
 
 
 class RandomRescaleCrop:
-    """Steps 3 and 4 together: rescale by a random ratio, then take a crop of at most crop_size.
-
-    The ratio r is uniform in [0.5, 2); the image is rescaled to fit (int(W_s*r), int(H_s*r)) keeping its
-    aspect ratio. Only the pixels inside the crop boxes are computed, of the label (nearest) for each
-    box the cat_max_ratio test looks at, and of the image (bilinear) for the chosen box; the result is
-    that of resizing the whole image and label, then cropping (bit-exact, see resize_image_window).
-    An image smaller than the crop gives a smaller crop; NormalizePad fills it up.
-    """
+    """Steps 3 and 4: rescale by a random ratio r in [0.5, 2) to fit (int(W_s*r), int(H_s*r)) keeping
+    the aspect ratio, then crop at most crop_size where the cat_max_ratio test passes. Only the pixels
+    inside the crop boxes are computed, bit-exact with resizing everything and then cropping
+    (appendix A). An image smaller than the crop gives a smaller crop; NormalizePad fills it up."""
 
     def __init__(
         self, scale, crop_size, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, ignore_index=IGNORE_INDEX
@@ -200,11 +187,9 @@ def ratio_scale(scale, ratio):
 
 
 def rescale_size(height, width, scale):
-    """(h, w) of mmcv.imrescale: the largest keep-ratio size that fits `scale` (W, H), either way round.
-
-    f = min(max(scale) / long side, min(scale) / short side), size = int(dim * f + 0.5).
-    E.g. a 375x500 VOC image with scale (2048, 512) becomes 512x683 (gcnet-spec.md §4.1).
-    """
+    """(h, w) of mmcv.imrescale: the largest keep-ratio size that fits `scale` (W, H), either way round:
+    f = min(max(scale) / long side, min(scale) / short side), size = int(dim * f + 0.5). E.g. a 375x500
+    VOC image with scale (2048, 512) becomes 512x683 (mmcv v1.0.2 mmcv/image/geometric.py)."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
@@ -227,7 +212,7 @@ def crop_is_acceptable(label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX
 
 def choose_crop(size, crop_size, label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
     """Draw crop boxes in an image of `size` (h, w) until one passes the cat_max_ratio test, checking
-    at most 10; after 10 failures the 11th draw is used unchecked (gcnet-spec.md §3.3 step 4).
+    at most 10; after 10 failures the 11th draw is used unchecked (as mmseg v0.5.0 RandomCrop).
     label_crop(top, left) gives the label inside a box. Returns (top, left, that label crop)."""
     top, left = random_crop_box(*size, crop_size)
     if cat_max_ratio < 1:
@@ -252,14 +237,12 @@ class RandomHorizontalFlip:
 
 
 class PhotometricDistortion:
-    """Step 6: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order.
-
-    Each step happens with probability 0.5, on uint8 pixels with clipping and truncation after each:
+    """Step 6: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order. Each
+    step happens with probability 0.5, on uint8 pixels with clipping and truncation after each:
     brightness (add U(-32, 32)); contrast (multiply by U(0.5, 1.5)) either now or last, decided by a
     coin; saturation (multiply S by U(0.5, 1.5)); hue (add an integer in [-18, 17] to H, modulo 180).
     The original works on BGR; brightness and contrast act on every channel alike and the HSV
-    conversion here takes RGB, so the arithmetic is the same.
-    """
+    conversion here takes RGB, so the arithmetic is the same."""
 
     def __init__(
         self, brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta=18
@@ -344,7 +327,7 @@ def denormalize(image):
 
 
 # -----------------------------------------------------------------------------------------------
-# Test transform
+# Test transform (mmseg v0.5.0 configs/_base_/datasets/*.py test_pipeline, MultiScaleFlipAug)
 
 
 def test_transform(image, scale, ratios=(1.0,)):
@@ -358,7 +341,7 @@ def test_transform(image, scale, ratios=(1.0,)):
 
 
 # -----------------------------------------------------------------------------------------------
-# The dataset: files, labels and checks
+# The dataset: reading and checking its files
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -366,32 +349,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     train items:     (image float32 3 x h x w, label int64 h x w) at crop_size.
     val/test items:  (images, label, meta): one normalised image per test ratio, the int64 label at its
-                     original size (None in the test split, which has no labels), and
-                     meta = dict(name, image_path, original_size=(H, W)).
+                     original size (None in the test split), meta = dict(name, image_path, original_size).
     """
 
     def __init__(
-        self,
-        name,
-        root,
-        split,
-        pairs,
-        classes,
-        palette,
-        *,
-        scale,
-        crop_size,
-        test_ratios=(1.0,),
-        reduce_zero_label=False,
-        image_suffix=None,
-    ):
+        self, name, root, split, pairs, classes, palette, *, scale, crop_size, test_ratios=(1.0,),
+        reduce_zero_label=False, image_suffix=None,
+    ):  # fmt: skip
         self.name, self.root, self.split = name, str(root), split
         self.pairs = pairs  # [(image_path, label_path or None)] as str: cheap to send to DataLoader workers
         self.has_labels = all(label is not None for _, label in pairs)
-        self.classes = list(classes)
-        self.palette = [list(colour) for colour in palette]
-        self.num_classes = len(self.classes)
-        self.ignore_index = IGNORE_INDEX
+        self.classes, self.palette = list(classes), [list(colour) for colour in palette]
+        self.num_classes, self.ignore_index = len(self.classes), IGNORE_INDEX
         self.scale = tuple(scale)  # (W, H) for training and testing alike, as in the original
         self.crop_size, self.test_ratios = tuple(crop_size), tuple(test_ratios)
         self.reduce_zero_label = reduce_zero_label
@@ -406,22 +375,32 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def load(self, index):
-        """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, or None without labels),
-        before any transform."""
+        """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, None without labels)."""
         image_path, label_path = self.pairs[index]
         image = read_image(image_path)
         if label_path is None:
             return image, None
         label = read_label(label_path)
         if image.shape[1:] != label.shape:
-            raise ValueError(
-                f"image {image_path} is {image.shape[2]}x{image.shape[1]} (WxH) but its label {label_path} is "
-                f"{label.shape[1]}x{label.shape[0]}; an image and its label must have the same size."
-            )
+            raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
         if self.reduce_zero_label:
+            self.check_not_reduced_already(label, label_path)
             label = reduce_zero_label(label)
         check_label_values(label, self.num_classes, label_path, self.name)
         return image, label
+
+    def check_not_reduced_already(self, label, path):
+        """Raw ADE20K labels are 0 (other) and 1..150, never 255. One holding 255 and no 150 was reduced
+        already (0..149, 255 = ignore): reducing again would shift every class by one. (Folder data may
+        use 255 beside 0 for 'ignore', so only ADE20K is checked.)"""
+        if self.name != "ade20k" or not (label == IGNORE_INDEX).any() or (label == self.num_classes).any():
+            return
+        raise ValueError(
+            f"label {path} holds 255 and no {self.num_classes}: it looks already reduced (classes "
+            f"0..{self.num_classes - 1}, 255 = ignore), while ade20k reduces the original annotations "
+            f"(0 = other, classes 1..{self.num_classes}) itself. Use the original ADEChallengeData2016 "
+            "annotations, or build the dataset with reduce_zero_label=False."
+        )
 
     def __getitem__(self, index):
         image, label = self.load(index)
@@ -443,7 +422,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 def collate_val(batch):
     """Batch val or test items of different sizes: (list of image lists, labels stacked when they share
-    a size else a list (of None in the test split), list of metas)."""
+    a size, else a list (of None in the test split), list of metas)."""
     images, labels, metas = zip(*batch, strict=True)
     if any(label is None for label in labels):
         return list(images), list(labels), list(metas)
@@ -461,7 +440,6 @@ def decode_file(path, mode, apply_exif_orientation=False):
 
 def read_image(path, upright=False):
     """Decode an image file to a uint8 tensor 3 x H x W, RGB (grey and RGBA are converted).
-
     upright=True turns the pixels as the file's EXIF orientation says (phone photos). Dataset images
     are read as stored: their label PNGs carry no orientation, so turning the image alone would
     misalign the two."""
@@ -481,11 +459,8 @@ def read_image(path, upright=False):
 
 
 def read_label(path):
-    """Decode a label PNG to a uint8 tensor H x W of class indices.
-
-    The PNG is decoded unchanged, so a palette PNG (VOC's SegmentationClass) gives its indices, as
-    PIL's 'P' mode does in the original (gcnet-spec.md §3.3 step 2), and not its colours.
-    """
+    """Decode a label PNG to a uint8 tensor H x W of class indices. A palette PNG (VOC's
+    SegmentationClass) gives its indices, not its colours, as PIL's 'P' mode does in the original."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label file not found: {path}")
@@ -494,10 +469,7 @@ def read_label(path):
     except RuntimeError as error:
         raise ValueError(f"cannot decode label {path} ({error}). Expected a PNG of class indices.") from None
     if label.shape[0] != 1:
-        raise ValueError(
-            f"label {path} has {label.shape[0]} channels; expected a single-channel (greyscale or palette) PNG "
-            "of class indices. A colour-coded mask must first be mapped to indices through its palette."
-        )
+        raise ValueError(label_channels_error(path, label.shape[0]))
     if label.dtype != torch.uint8:  # 16-bit PNG: fine as long as every value fits in 8 bits
         label = label.to(torch.int32)
         if int(label.max()) > 255:
@@ -506,6 +478,21 @@ def read_label(path):
                 "indices 0..254 and 255 = ignore. Save the labels as 8-bit PNGs."
             )
     return label[0].to(torch.uint8)
+
+
+def label_channels_error(path, channels):
+    return (
+        f"label {path} has {channels} channels; expected a single-channel (greyscale or palette) PNG "
+        "of class indices. A colour-coded mask must first be mapped to indices through its palette."
+    )
+
+
+def size_mismatch(image_path, image_size, label_path, label_size):
+    """The error text for an image and its label of different sizes, each (W, H)."""
+    return (
+        f"image {image_path} is {image_size[0]}x{image_size[1]} (WxH) but its label {label_path} is "
+        f"{label_size[0]}x{label_size[1]}; an image and its label must have the same size."
+    )
 
 
 def write_png(image, path, compression_level=6):
@@ -521,7 +508,8 @@ def write_png(image, path, compression_level=6):
 
 
 def reduce_zero_label(label):
-    """ADE20K's reduce_zero_label: 0 ('other') -> 255, v -> v - 1, 255 stays (gcnet-spec.md §5.2)."""
+    """reduce_zero_label: 0 ('other') -> 255, v -> v - 1, 255 stays (mmseg v0.5.0
+    mmseg/datasets/pipelines/loading.py, LoadAnnotations)."""
     label = label - 1  # uint8 arithmetic wraps 0 to 255, and turns 255 into 254 ...
     label[label == 254] = IGNORE_INDEX  # ... which goes back to 255
     return label
@@ -551,22 +539,22 @@ def check_label_values(label, num_classes, path, dataset_name):
 
 def label_value_hint(values, num_classes):
     """The likely cause of out-of-range label values, for the error message."""
-    classes = [value for value in values if value != IGNORE_INDEX]
-    if num_classes == 19 and max(classes) <= 33:
+    largest = max(value for value in values if value != IGNORE_INDEX)
+    if num_classes == 19 and largest <= 33:
         return (
-            "These look like raw Cityscapes labelIds (0..33) rather than trainIds (0..18): run "
-            "`python tools/prepare_datasets.py cityscapes ROOT` and use the *_gtFine_labelTrainIds.png it writes."
+            "These look like raw Cityscapes labelIds (0..33) rather than trainIds (0..18): run `python "
+            "tools/prepare_datasets.py cityscapes ROOT` and use the *_gtFine_labelTrainIds.png it writes."
         )
-    if num_classes <= 2:
+    if largest == num_classes:
+        return (
+            f"The values run up to {num_classes}: if 0 means 'other/unlabelled' and 1..{num_classes} are the "
+            "classes (as in raw ADE20K), reduce the labels (0 -> 255, v -> v-1) with a line `label0: ignore` "
+            "in classes.txt, or add a class for 0."
+        )
+    if num_classes <= 2 and (largest >= 128 or IGNORE_INDEX in values):  # values near 255: a mask
         return (
             "This looks like a 0/255 binary mask (values in between come from anti-aliasing or JPEG): store "
             "class indices instead, e.g. `(mask > 127)` saved as a PNG of 0/1."
-        )
-    if max(classes) == num_classes:
-        return (
-            f"The values run up to {num_classes}: if 0 means 'other/unlabelled' and 1..{num_classes} are the "
-            "classes (as in raw ADE20K), reduce the labels (0 -> 255, v -> v-1) or add a class for 0 to "
-            "classes.txt."
         )
     return "Check that the labels are PNGs of class indices (not colours) and that every class is listed."
 
@@ -578,7 +566,7 @@ def label_value_hint(values, num_classes):
 # Shown when a root or a split is missing or empty.
 LAYOUTS = {
     "cityscapes": (
-        "  {root}/leftImg8bit/{{train,val}}/<city>/<name>_leftImg8bit.png\n"
+        "  {root}/leftImg8bit/{{train,val,test}}/<city>/<name>_leftImg8bit.png\n"
         "  {root}/gtFine/{{train,val}}/<city>/<name>_gtFine_labelTrainIds.png\n"
         "Get leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com,"
         " unzip both into {root}, then run `python tools/prepare_datasets.py cityscapes {root}`."
@@ -586,28 +574,30 @@ LAYOUTS = {
     "ade20k": (
         "  {root}/images/{{training,validation}}/<name>.jpg\n"
         "  {root}/annotations/{{training,validation}}/<name>.png\n"
+        "  test split: {root}/images/testing/, or release_test/testing/ inside or beside {root}\n"
         "Unzip ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/) into the parent"
         " of {root}; the root is the ADEChallengeData2016 folder itself."
     ),
     "voc12aug": (
         "  {root}/JPEGImages/<name>.jpg\n"
         "  {root}/SegmentationClass/<name>.png, {root}/SegmentationClassAug/<name>.png\n"
-        "  {root}/ImageSets/Segmentation/{{train,val,aug}}.txt\n"
+        "  {root}/ImageSets/Segmentation/{{train,val,aug}}.txt (test.txt for the test split)\n"
         "Unpack VOCtrainval_11-May-2012.tar (gives VOCdevkit/VOC2012) and the SBD benchmark.tgz (into"
-        " VOCdevkit/VOCaug), then run `python tools/prepare_datasets.py voc12aug data/VOCdevkit data/VOCdevkit/VOCaug`"
-        " to write SegmentationClassAug and aug.txt."
+        " VOCdevkit/VOCaug), then run `python tools/prepare_datasets.py voc12aug data/VOCdevkit"
+        " data/VOCdevkit/VOCaug` to write SegmentationClassAug and aug.txt."
     ),
     "folder": (
-        "  {root}/images/{{train,val}}/<name>.jpg (or .jpeg/.png/.webp)\n"
+        "  {root}/images/{{train,val,test}}/<name>.jpg (or .jpeg/.png/.webp)\n"
         "  {root}/labels/{{train,val}}/<name>.png (class indices 0..C-1, 255 = ignore)\n"
-        "  {root}/classes.txt (one class per line: a name, optionally followed by R G B)"
+        "  {root}/classes.txt (one class per line: a name, optionally followed by R G B; a line\n"
+        "  `label0: ignore` says that label 0 means 'ignore' and the listed classes are 1..C)"
+    ),
+    "toy": (
+        "  {root}/leftImg8bit/{{train,val}}/toy/<name>_leftImg8bit.png\n"
+        "  {root}/gtFine/{{train,val}}/toy/<name>_gtFine_labelTrainIds.png\n"
+        "It is generated when {root} does not exist: delete {root} to generate it again."
     ),
 }
-LAYOUTS["toy"] = (
-    "  {root}/leftImg8bit/{{train,val}}/toy/<name>_leftImg8bit.png\n"
-    "  {root}/gtFine/{{train,val}}/toy/<name>_gtFine_labelTrainIds.png\n"
-    "It is generated when {root} does not exist: delete {root} to generate it again."
-)
 
 
 def missing_path_error(name, root, path, what="not found"):
@@ -624,6 +614,20 @@ def check_partners(name, pairs, image_dir, hint=lambda label_path: ""):
             f"{name}: {len(missing)} of {len(pairs)} images in {image_dir} have no label file, e.g. {image} "
             f"(expected {label}). {hint(label)}".rstrip()
         )
+
+
+def warn_about(name, files, what, advice):
+    """One warning at build time naming (the first five of) `files`."""
+    if files:
+        more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+        shown = ", ".join(str(path) for path in files[:5]) + more
+        warnings.warn(f"{name}: {len(files)} {what}: {shown}. {advice}", stacklevel=4)
+
+
+def warn_about_orphans(name, pairs, label_dir, pattern):
+    used = {os.path.normpath(label) for _, label in pairs}
+    orphans = sorted(path for path in label_dir.rglob(pattern) if os.path.normpath(path) not in used)
+    warn_about(name, orphans, "label files have no image", "Add their images or remove them.")
 
 
 def find_cityscapes_pairs(root, split, name="cityscapes"):
@@ -644,19 +648,20 @@ def find_cityscapes_pairs(root, split, name="cityscapes"):
 
     def hint(label_path):
         raw_ids = label_path.replace("_labelTrainIds.png", "_labelIds.png")
-        return (
-            f"Run `python tools/prepare_datasets.py cityscapes {root}` to write them."
-            if os.path.isfile(raw_ids)
-            else ""
-        )
+        prepare = f"Run `python tools/prepare_datasets.py cityscapes {root}` to write them."
+        return prepare if os.path.isfile(raw_ids) else ""
 
     check_partners(name, pairs, image_dir, hint)
+    warn_about_orphans(name, pairs, label_dir, "*_gtFine_labelTrainIds.png")
     return pairs
 
 
 def find_ade20k_pairs(root, split):
     subset = {"train": "training", "val": "validation", "test": "testing"}[split]
     image_dir = root / "images" / subset
+    if split == "test":  # images/testing, or the challenge's release_test.zip unzipped into or beside root
+        found = [path for path in (root / "release_test", root.parent / "release_test") if path.is_dir()]
+        image_dir = found[0] / "testing" if found and not image_dir.is_dir() else image_dir
     if not image_dir.is_dir():
         raise missing_path_error("ade20k", root, image_dir)
     images = sorted(image_dir.glob("*.jpg"))
@@ -666,16 +671,19 @@ def find_ade20k_pairs(root, split):
         return [(str(image), None) for image in images]
     pairs = [(str(image), str(root / "annotations" / subset / (image.stem + ".png"))) for image in images]
     check_partners("ade20k", pairs, image_dir)
+    warn_about_orphans("ade20k", pairs, root / "annotations" / subset, "*.png")
     return pairs
 
 
 def find_voc12aug_pairs(root, split):
     """train = train.txt with SegmentationClass + aug.txt with SegmentationClassAug (10582 images in
-    all); val = val.txt with SegmentationClass (gcnet-spec.md §5.3)."""
+    all); val = val.txt with SegmentationClass (mmseg v0.5.0 configs/_base_/datasets/pascal_voc12_aug.py);
+    test = test.txt, images only."""
     parts = [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")]
     if split != "train":
         parts = [(f"{split}.txt", "SegmentationClass")]
-    prepare_hint = "Run `python tools/prepare_datasets.py voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and SegmentationClassAug."
+    prepare_hint = "Run `python tools/prepare_datasets.py voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and "
+    prepare_hint += "SegmentationClassAug."
     pairs = []
     for list_name, label_dir in parts:
         list_path = root / "ImageSets" / "Segmentation" / list_name
@@ -704,43 +712,66 @@ def find_folder_pairs(root, split):
     image_dir = root / "images" / split
     if not image_dir.is_dir():
         raise missing_path_error("folder", root, image_dir)
-    images = sorted(path for path in image_dir.iterdir() if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS)
+    files = sorted(path for path in image_dir.iterdir() if path.is_file() and not path.name.startswith("."))
+    images = [path for path in files if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS]
     if not images:
         raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")
+    skipped = [path.name for path in files if path not in images]
+    warn_about("folder", skipped, f"files in {image_dir} are not .jpg/.jpeg/.png/.webp images and are "
+               "skipped", "Convert images in other formats (e.g. .bmp) to PNG to use them.")  # fmt: skip
+    stems = {}
+    for image in images:
+        stems.setdefault(image.stem, []).append(image.name)
+    shared = [" + ".join(names) for names in stems.values() if len(names) > 1]
+    warn_about("folder", shared, f"groups of images in {image_dir} share a name and so one label file",
+               "Rename or remove all but one of each.")  # fmt: skip
     if split == "test":
         return [(str(image), None) for image in images]
     pairs = [(str(image), str(root / "labels" / split / (image.stem + ".png"))) for image in images]
     check_partners("folder", pairs, image_dir)
+    warn_about_orphans("folder", pairs, root / "labels" / split, "*.png")
     return pairs
 
 
 def read_classes_file(root):
-    """ROOT/classes.txt: one class per line, a name optionally followed by R G B; '#' starts a comment."""
+    """ROOT/classes.txt -> (classes, palette, zero_is_ignore). One class per line: a name, optionally
+    followed by R G B (0..255); '#' starts a comment. The line `label0: ignore` declares that label 0
+    means 'ignore' and the listed classes are the values 1..C (ADE20K's convention)."""
     path = root / "classes.txt"
     if not path.is_file():
         raise missing_path_error("folder", root, path)
-    classes, palette = [], []
-    for line in path.read_text().splitlines():
-        words = line.split("#")[0].split()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8.") from None
+    classes, palette, first_line, zero_is_ignore = [], [], {}, False
+    for number, line in enumerate(lines, start=1):
+        words, where = line.split("#")[0].split(), f"{path}, line {number} ({line.strip()!r})"
         if not words:
             continue
-        if len(words) >= 4 and all(word.isdigit() for word in words[-3:]):
-            colour = [int(word) for word in words[-3:]]
-            if max(colour) > 255:
-                raise ValueError(
-                    f"{path}: colour {colour} of class {' '.join(words[:-3])!r} is not in 0..255."
-                )
-            classes.append(" ".join(words[:-3]))
-            palette.append(colour)
-        else:
-            classes.append(" ".join(words))
-            palette.append(None)
+        if words[0].endswith(":"):  # a directive
+            if words not in (["label0:", "ignore"], ["label0:", "class"]):
+                raise ValueError(f"{where}: unknown directive; the one known is `label0: ignore`.")
+            zero_is_ignore = words[1] == "ignore"
+            continue
+        numbers = 0  # trailing integers: 1 is part of a name ("class 2"), 3 are a colour
+        while numbers < len(words) - 1 and words[-1 - numbers].lstrip("+-").isdigit():
+            numbers += 1
+        if numbers == 2 or (numbers >= 3 and not all(0 <= int(word) <= 255 for word in words[-3:])):
+            raise ValueError(f"{where}: expected a class name, optionally followed by a colour R G B of "
+                             "three integers in 0..255 (e.g. `road 128 64 128`).")  # fmt: skip
+        name = " ".join(words[:-3] if numbers >= 3 else words)
+        if name in first_line:
+            raise ValueError(f"{where}: class {name!r} is listed twice (first on line {first_line[name]}).")
+        first_line[name] = number
+        classes.append(name)
+        palette.append([int(word) for word in words[-3:]] if numbers >= 3 else None)
     if len(classes) < 2:
         raise ValueError(
             f"{path} lists {len(classes)} classes; expected at least 2 (e.g. background and one more)."
         )
     fallback = default_palette(len(classes))
-    return classes, [colour or fallback[index] for index, colour in enumerate(palette)]
+    return classes, [colour or fallback[index] for index, colour in enumerate(palette)], zero_is_ignore
 
 
 def default_palette(num_classes):
@@ -757,8 +788,51 @@ def default_palette(num_classes):
     return palette
 
 
+def file_problem(path, kind):
+    """(what is wrong with an image or label file, or None; its (W, H)), from its header and its last
+    bytes only: a JPEG ends with the marker FFD9, a PNG with its IEND chunk."""
+    try:
+        with open(path, "rb") as file, Image.open(file) as image:  # PIL reads the header only
+            size, image_format, mode = image.size, image.format, image.mode
+            file.seek(-min(os.path.getsize(path), 1024), os.SEEK_END)
+            tail = file.read()
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        return f"cannot decode {kind} {path} ({error})", None
+    expected = ("PNG",) if kind == "label" else ("JPEG", "PNG", "WEBP")
+    if image_format not in expected:
+        return (
+            f"cannot decode {kind} {path}: it is a {image_format} file, expected {'/'.join(expected)}",
+            None,
+        )
+    end_marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(image_format)
+    if end_marker and end_marker not in tail:
+        return f"cannot decode {kind} {path}: the {image_format} file is truncated (no end marker)", None
+    if kind == "label" and mode in ("RGB", "RGBA", "LA"):
+        return label_channels_error(path, len(mode)), None
+    return None, size
+
+
+def check_files(name, pairs):
+    """Name every unreadable, truncated or mismatched image and label of a split at once."""
+    problems = []
+    for image_path, label_path in pairs:
+        image_problem, image_size = file_problem(image_path, "image")
+        label_problem, label_size = file_problem(label_path, "label") if label_path else (None, None)
+        problems += [problem for problem in (image_problem, label_problem) if problem]
+        if image_size and label_size and image_size != label_size:
+            problems.append(size_mismatch(image_path, image_size, label_path, label_size))
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(
+            f"{name}: {len(problems)} problem(s) with the files of this split:\n  " + "\n  ".join(problems[:10])
+            + f"{more}\nRe-download or re-save these files, or remove them (with their labels) from the split."
+        )  # fmt: skip
+
+
 # -----------------------------------------------------------------------------------------------
-# Appendix A: OpenCV-exact pixel arithmetic (resize, HSV)
+# Appendix A: OpenCV-exact pixel arithmetic (resize, HSV). The original resizes and converts colours
+# with OpenCV (mmcv v1.0.2 mmcv/image/geometric.py, mmcv/image/colorspace.py) in 8-bit fixed point;
+# float arithmetic, rounded, would differ by 1 on many pixels, so the training crops would not match.
 
 
 def linear_taps(in_size, out_size, start, count, clamp_weights):
@@ -782,18 +856,11 @@ def linear_taps(in_size, out_size, start, count, clamp_weights):
 
 def resize_image_window(image, size, top, left, height, width):
     """The window [top:top+height, left:left+width] of `image` (uint8 3 x H x W) resized to `size`,
-    bit-exact with cv2.resize(INTER_LINEAR) followed by the crop, and computing only the window.
-
-    A training crop is a small part of the rescaled image (at ratio 2 a 512x1024 crop is 1/16 of a
-    2048x4096 Cityscapes image), so resizing only the crop saves most of the work. The arithmetic is
-    OpenCV's fixed-point one for 8 bits (gcnet-spec.md §7.13): columns are interpolated with 11-bit
-    weights into int32, then rows with 11-bit weights, shifting as OpenCV's vectorised code does.
-    Float bilinear resizing, rounded, differs by 1 on about 12% of the values.
-
-    For speed (this runs once per training sample): the column taps are read with `gather` on an
-    expanded index, which torch vectorises (index_select along the last dimension is 8x slower), and
-    the arithmetic is in place, as fresh multi-megabyte tensors cost page faults on every call.
-    """
+    bit-exact with cv2.resize(INTER_LINEAR) followed by the crop, computing only the window. OpenCV's
+    8-bit arithmetic: columns interpolated with 11-bit weights into int32, then rows with 11-bit
+    weights, shifting as its vectorised code does (float bilinear, rounded, differs by 1 on about 12%
+    of the values). Column taps are read with `gather` on an expanded index, which torch vectorises,
+    and the arithmetic is in place: this runs once per training sample."""
     col0, col1, col_weight0, col_weight1 = linear_taps(image.shape[2], size[1], left, width, True)
     row0, row1, row_weight0, row_weight1 = linear_taps(image.shape[1], size[0], top, height, False)
     # Only the source rows the window reads take part; indices become relative to them.
@@ -857,21 +924,18 @@ def lookup(table, indices):
 
 
 def equal_mask(larger, other):
-    """-1 (all bits set) where larger == other, 0 elsewhere, for int32 maps with larger >= other.
-
+    """-1 (all bits set) where larger == other, 0 elsewhere, for int32 maps with larger >= other:
     larger - other - 1 is negative exactly where the two are equal, and an arithmetic shift by 31
-    spreads its sign bit. Bit masks select without branches: torch.where is 10x slower here, as its
-    kernel branches on every pixel of a condition that changes from pixel to pixel."""
+    spreads its sign bit. Bit masks select without a branch per pixel, as torch.where would."""
     return (larger - other).sub_(1).bitwise_right_shift_(31)
 
 
 def rgb_to_hsv_uint8(image):
     """uint8 RGB 3 x H x W -> (hue 0..179, saturation 0..255, value 0..255), int32 H x W each, bit-exact
-    with cv2.cvtColor(COLOR_BGR2HSV) on the same pixels in BGR order.
-
-    As OpenCV: V = max, S = 255 * (max - min) / V, and H from the channel holding the maximum
-    (red first, then green): 30 * (G - B) / spread, 60 + 30 * (B - R) / spread or
-    120 + 30 * (R - G) / spread, with the divisions as table multiplies in 12-bit fixed point."""
+    with cv2.cvtColor(COLOR_BGR2HSV) on the same pixels in BGR order. As OpenCV: V = max,
+    S = 255 * (max - min) / V, and H from the channel holding the maximum (red first, then green):
+    30 * (G - B) / spread, 60 + 30 * (B - R) / spread or 120 + 30 * (R - G) / spread, with the
+    divisions as table multiplies in 12-bit fixed point."""
     red, green, blue = image.to(torch.int32).unbind(0)
     value = torch.maximum(red, green)
     torch.maximum(value, blue, out=value)
@@ -891,23 +955,13 @@ def rgb_to_hsv_uint8(image):
 
 
 def hsv_to_rgb_factors():
-    """(3, 256, 180) float32: for R, G, B, each saturation S and each hue H, the factor x such that
-    the channel is trunc(V / 255 * x * 255) in OpenCV's 8-bit COLOR_HSV2BGR.
-
-    OpenCV (4.1.1 and later, on x86 with FMA: the version and machines the published models were
-    trained on, and any current cv2) converts in float32: h = H * (6 / 180), sector = trunc(h),
-    f = h - sector, s = S / 255, and each channel takes one of V, V(1 - s), V(1 - s f), V(1 - s (1 - f))
-    by a table of sectors, i.e. V(1 - s w) with w = 0, 1, f or 1 - f. Its compiler fuses 1 - s w into
-    one multiply-subtract (rounded once, as here through float64), and the result times 255 is
-    truncated, not rounded. (OpenCV before 4.1.1 rounded; that would differ on 74% of HSV triples.)
-    x depends on (S, H) alone, so it is tabulated: 138 K entries instead of arithmetic per pixel.
-
-    One OpenCV detail is not reproduced: it converts blocks of 64 pixels (32 with AVX2) with SIMD and
-    the remainder of each row in scalar code, which rounds. A crop whose width is a multiple of 64
-    (1024, 512) is converted alike; a 769-wide crop, or a narrower one cut from an image smaller
-    than the crop (e.g. VOC or ADE20K at a small ratio), differs by rounding in its last
-    width mod 64 columns. Which pixels those are depends on OpenCV's SIMD width and on whether
-    the array it gets is contiguous, so no single answer exists."""
+    """(3, 256, 180) float32: for R, G, B, each saturation S and hue H, the factor x such that the
+    channel is trunc(V / 255 * x * 255) in OpenCV's 8-bit COLOR_HSV2BGR. OpenCV (4.1.1 and later on
+    x86 with FMA, as the published models were trained) works in float32: h = H * (6 / 180), f = h -
+    trunc(h), s = S / 255, and each channel is V(1 - s w) with w = 0, 1, f or 1 - f by sector, the
+    1 - s w fused into one rounding, the result times 255 truncated. Not reproduced: OpenCV converts
+    the last width mod 64 (or 32) pixels of a row in scalar code that rounds, so crops whose width is
+    not a multiple of 64 (769) can differ by rounding there; which pixels depends on its SIMD width."""
     h = torch.arange(180, dtype=torch.float32) * (torch.tensor(6.0) / 180)  # float32, as OpenCV
     fraction = h - h.trunc()
     weights = torch.stack([torch.zeros(180), torch.ones(180), fraction, 1 - fraction])  # V, p, q, t
@@ -937,14 +991,11 @@ def hsv_to_rgb_uint8(hue, saturation, value, hue_shift=0):
 
 
 # -----------------------------------------------------------------------------------------------
-# Appendix B: the toy dataset
+# Appendix B: the toy dataset, written on first use (a network from scratch learns it in minutes)
 
 
 def draw_toy_sample(seed):
-    """One toy image (uint8 H x W x 3) and label (uint8 H x W): 3 to 6 shapes on a grey texture.
-
-    The class is given by the colour (and the shape): a network from scratch learns it in minutes.
-    """
+    """One toy image (uint8 H x W x 3) and label (uint8 H x W): 3 to 6 shapes on a grey texture."""
     rng = np.random.RandomState(seed)
     height, width = TOY_IMAGE_SIZE
     # Grey texture: mostly brightness noise shared by the channels, so its saturation stays low.
@@ -975,32 +1026,27 @@ def write_toy_files(folder):
     """All toy images and labels, in the Cityscapes layout under `folder`; sample i uses seed i."""
     seed = 0
     for split, count in TOY_COUNTS.items():
-        image_dir = folder / "leftImg8bit" / split / "toy"
-        label_dir = folder / "gtFine" / split / "toy"
+        image_dir, label_dir = folder / "leftImg8bit" / split / "toy", folder / "gtFine" / split / "toy"
         image_dir.mkdir(parents=True)
         label_dir.mkdir(parents=True)
         for index in range(count):
             image, label = draw_toy_sample(seed)
             seed += 1
-            stem = f"toy_{index:06d}"
-            # Fast compression: the noise does not compress anyway.
-            image_file = image_dir / f"{stem}_leftImg8bit.png"
-            write_png(torch.from_numpy(image).permute(2, 0, 1), image_file, compression_level=1)
+            stem = f"toy_{index:06d}"  # compression level 1: the noise does not compress anyway
+            write_png(torch.from_numpy(image).permute(2, 0, 1), image_dir / f"{stem}_leftImg8bit.png", 1)
             write_png(torch.from_numpy(label)[None], label_dir / f"{stem}_gtFine_labelTrainIds.png", 1)
 
 
 def make_toy_dataset(root):
-    """Write the toy dataset into `root` in the Cityscapes layout, atomically: everything goes to a
-    temporary folder that is renamed to `root` at the end, so an interrupted run leaves no half dataset
-    (and two processes generating at once do not mix their files)."""
+    """Write the toy dataset into `root` atomically: everything goes to a temporary folder renamed to
+    `root` at the end, so an interrupted run leaves no half dataset (and two processes generating at
+    once do not mix their files)."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     temporary = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    total = sum(TOY_COUNTS.values())
-    print(
-        f"toy: writing {total} images of {TOY_IMAGE_SIZE[1]}x{TOY_IMAGE_SIZE[0]} into {root}", file=sys.stderr
-    )
+    total, (height, width) = sum(TOY_COUNTS.values()), TOY_IMAGE_SIZE
+    print(f"toy: writing {total} images of {width}x{height} into {root}", file=sys.stderr)
     try:
         write_toy_files(temporary)
         try:

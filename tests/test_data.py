@@ -639,10 +639,12 @@ def test_missing_partners_are_named(tmp_path):
 
 def test_size_mismatch_is_named(tmp_path):
     root = make_folder(tmp_path / "mine")
-    save(root / "labels" / "val" / "photo1.png", np.zeros((HEIGHT, WIDTH + 1)))
     dataset = data.build_dataset("folder", root, "val")
+    save(root / "labels" / "val" / "photo1.png", np.zeros((HEIGHT, WIDTH + 1)))
     with pytest.raises(ValueError, match=r"photo1\.jpg is 64x32 .*photo1\.png is 65x32"):
-        dataset[1]
+        dataset[1]  # changed after the build: found on load
+    with pytest.raises(ValueError, match=r"photo1\.jpg is 64x32 .*photo1\.png is 65x32"):
+        data.build_dataset("folder", root, "val")  # found at build time, from the headers
 
 
 def test_bad_label_values_are_named_with_the_likely_fix(tmp_path):
