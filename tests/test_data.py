@@ -3,6 +3,8 @@
 Every dataset is a tiny fixture (32x64 images) written into tmp_path in the real layout.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -714,3 +716,131 @@ def test_test_split_has_no_labels_and_reduce_zero_label_can_be_chosen(tmp_path):
     expected = torch.from_numpy(random_label(0, 4, low=1)).long() - 1
     expected[expected == 254] = 255
     assert torch.equal(label, expected)
+
+
+# -----------------------------------------------------------------------------------------------
+# Checks at build time: headers and end markers, classes.txt, conventions, stray files
+
+
+def test_truncated_and_unreadable_files_are_named_at_build_time(tmp_path):
+    root = make_folder(tmp_path / "mine")
+    photo = root / "images" / "val" / "photo1.jpg"
+    photo.write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])  # a download cut short
+    label = root / "labels" / "val" / "photo0.png"
+    label.write_bytes(label.read_bytes()[:-12])  # the IEND chunk missing
+    with pytest.raises(ValueError, match=r"(?s)2 problem.*photo0\.png: the PNG file is truncated.*photo1\.jpg: the "
+                       r"JPEG file is truncated.*Re-download or re-save these files"):  # fmt: skip
+        data.build_dataset("folder", root, "val")
+    assert data.file_problem(root / "images" / "train" / "photo0.png", "image") == (None, (WIDTH, HEIGHT))
+
+
+def test_ade20k_labels_reduced_already_are_named(tmp_path):
+    ade = make_ade20k(tmp_path / "ade" / "ADEChallengeData2016")  # raw: 0..150
+    assert len(data.build_dataset("ade20k", ade, "val")) == 2
+    reduced = ade / "annotations" / "validation" / "ADE_valid_00000001.png"
+    save(reduced, random_label(1, 150))  # 0..149 and 255: what reduce_zero_label gives
+    dataset = data.build_dataset("ade20k", ade, "val")  # the first label is raw: not found yet
+    with pytest.raises(
+        ValueError, match=r"ADE_valid_00000001\.png holds 255 and no 150: it looks already reduced"
+    ):
+        dataset[1]
+    save(ade / "annotations" / "validation" / "ADE_valid_00000000.png", random_label(0, 150))
+    with pytest.raises(ValueError, match=r"ADE_valid_00000000\.png holds 255 and no 150"):
+        data.build_dataset("ade20k", ade, "val")
+    assert len(data.build_dataset("ade20k", ade, "val", reduce_zero_label=False)) == 2
+
+
+def test_classes_file_mistakes_are_named_with_their_line(tmp_path):
+    root = make_folder(tmp_path / "mine")
+    classes = root / "classes.txt"
+    classes.write_bytes("background\nb\xe4ume\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"classes\.txt is not UTF-8 text.*save it as UTF-8"):
+        data.build_dataset("folder", root, "val")
+    for line in ("a -1 0 0", "a 10 20", "a 10 20 300"):
+        classes.write_text(f"background\n{line}\nclass 2\n")
+        with pytest.raises(
+            ValueError, match=rf"classes\.txt, line 2 \('{line}'\): expected a class name.*R G B"
+        ):
+            data.build_dataset("folder", root, "val")
+    classes.write_text("background\nroad 1 2 3\n# comment\nroad\n")
+    with pytest.raises(
+        ValueError, match=r"line 4 \('road'\): class 'road' is listed twice \(first on line 2\)"
+    ):
+        data.build_dataset("folder", root, "val")
+    classes.write_text("label0: other\nbackground\nroad\n")
+    with pytest.raises(ValueError, match=r"line 1 \('label0: other'\): unknown directive"):
+        data.build_dataset("folder", root, "val")
+    classes.write_text("background\nlane 2 10 20 30\nclass 2\n")  # one trailing number is part of a name
+    assert data.build_dataset("folder", root, "val").classes == ["background", "lane 2", "class 2"]
+
+
+def test_two_classes_with_a_value_of_two_get_the_right_hint(tmp_path):
+    root = make_folder(tmp_path / "two", num_classes=2, label_for=lambda i: random_label(i, 3))  # 0, 1, 2
+    with pytest.raises(ValueError, match=r"values \[0, 1, 2, 255\].*run up to 2") as error:
+        data.build_dataset("folder", root, "val")[0]
+    assert "binary mask" not in str(error.value)
+
+
+def test_label0_ignore_in_classes_txt_reduces_the_labels(tmp_path):
+    root = make_folder(tmp_path / "mine", label_for=lambda i: random_label(i, 4, low=1))  # 1..3 and 255
+    (root / "classes.txt").write_text("# 0 = unlabelled\nlabel0: ignore\nsky\nroad\ncar\n")
+    dataset = data.build_dataset("folder", root, "val")
+    assert dataset.reduce_zero_label and dataset.classes == ["sky", "road", "car"]
+    expected = torch.from_numpy(random_label(0, 4, low=1)).long() - 1
+    expected[expected == 254] = 255
+    assert torch.equal(dataset[0][1], expected)
+    assert not data.build_dataset("folder", root, "val", reduce_zero_label=False).reduce_zero_label
+
+
+def test_stray_files_are_named_in_warnings(tmp_path):
+    root = make_folder(tmp_path / "mine")
+    save(root / "labels" / "val" / "lost.png", random_label(0, 3))
+    save(root / "images" / "val" / "old.bmp", random_image(0))
+    save(root / "images" / "val" / "photo0.png", random_image(0))  # beside photo0.jpg
+    with pytest.warns(UserWarning) as caught:
+        dataset = data.build_dataset("folder", root, "val")
+    messages = "\n".join(str(warning.message) for warning in caught)
+    assert "1 label files have no image" in messages and "labels/val/lost.png" in messages
+    assert "are skipped: old.bmp" in messages and "photo0.jpg + photo0.png" in messages
+    assert len(dataset) == 3
+    cityscapes = make_cityscapes(tmp_path / "cs")
+    save(
+        cityscapes / "gtFine" / "val" / "ulm" / "ulm_000000_000019_gtFine_labelTrainIds.png",
+        random_label(0, 19),
+    )
+    with pytest.warns(UserWarning, match=r"1 label files have no image: .*ulm_000000_000019_gtFine"):
+        data.build_dataset("cityscapes", cityscapes, "val")
+
+
+# -----------------------------------------------------------------------------------------------
+# Test splits in their real layouts: images only
+
+
+def test_test_splits_are_found_without_labels(tmp_path):
+    ade = make_ade20k(tmp_path / "ade" / "ADEChallengeData2016")
+    save(tmp_path / "ade" / "release_test" / "testing" / "ADE_test_00000001.jpg", random_image(1))
+    test_set = data.build_dataset("ade20k", ade, "test")  # release_test.zip unzipped beside the root
+    assert [Path(image).name for image, _ in test_set.pairs] == ["ADE_test_00000001.jpg"]
+    save(ade / "release_test" / "testing" / "ADE_test_00000002.jpg", random_image(2))  # ... or inside it
+    assert data.build_dataset("ade20k", ade, "test").pairs == [
+        (str(ade / "release_test/testing/ADE_test_00000002.jpg"), None)
+    ]
+    save(ade / "images" / "testing" / "ADE_test_00000003.jpg", random_image(3))  # images/testing first
+    images, label, meta = data.build_dataset("ade20k", ade, "test", scale=(64, 32))[0]
+    assert label is None and meta["name"] == "ADE_test_00000003" and len(images) == 1
+
+    voc = make_voc12aug(tmp_path / "VOCdevkit" / "VOC2012")
+    save(voc / "JPEGImages" / "2008_000001.jpg", random_image(4))
+    (voc / "ImageSets" / "Segmentation" / "test.txt").write_text("2008_000001\n")
+    voc_test = data.build_dataset("voc12aug", voc, "test")
+    assert voc_test.pairs == [(str(voc / "JPEGImages" / "2008_000001.jpg"), None)] and not voc_test.has_labels
+
+    folder = make_folder(tmp_path / "mine")
+    save(folder / "images" / "test" / "new.jpg", random_image(5))
+    folder_test = data.build_dataset("folder", folder, "test")
+    assert [meta["name"] for _, _, meta in folder_test] == ["new"] and not folder_test.has_labels
+    assert [
+        len(data.build_dataset(name, root, "val")) for name, root in [("ade20k", ade), ("voc12aug", voc)]
+    ] == [2, 1]
+    with pytest.raises(FileNotFoundError, match=r"(?s)images/testing not found.*release_test/testing"):
+        data.build_dataset("ade20k", make_ade20k(tmp_path / "other" / "ADEChallengeData2016"), "test")
