@@ -595,7 +595,8 @@ def check_classes(info, dataset, checkpoint):
             f"{dataset.num_classes}: pass the --dataset it was trained on"
         )
     if info["classes"] is not None:
-        # strip(): the original ADE20K class list has 'bed ' with a trailing space (mmseg v0.5.0 mmseg/datasets/ade.py).
+        # strip(): the original ADE20K class list has 'bed ' with a trailing space
+        # (mmseg v0.5.0 mmseg/datasets/ade.py).
         ours, theirs = [c.strip() for c in info["classes"]], [c.strip() for c in dataset.classes]
         if ours != theirs:
             first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
@@ -658,9 +659,10 @@ def build_split(info, settings, checkpoint):
             f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
             f"pass --dataset (one of {', '.join(sorted(data.DATASETS))}, or folder) and --data-root"
         )
-    dataset = data.build_dataset(settings["dataset"], root=settings["data_root"], split=settings["split"],
-                                 crop_size=settings["crop_size"], scale=settings["scale"], test_ratios=settings["ratios"],
-                                 reduce_zero_label=settings["reduce_zero_label"])  # fmt: skip
+    dataset = data.build_dataset(
+        settings["dataset"], root=settings["data_root"], split=settings["split"], crop_size=settings["crop_size"],
+        scale=settings["scale"], test_ratios=settings["ratios"], reduce_zero_label=settings["reduce_zero_label"],
+    )  # fmt: skip
     check_classes(info, dataset, checkpoint)
     return dataset
 
@@ -685,8 +687,10 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         if rank == 0:
             print(f"{precision} vs fp32: {100 * agreement['agreement']:.4f}% of the labelled pixels agree")
     start = time.perf_counter()
-    results = evaluate_dataset(model, dataset, channels_last=settings["channels_last"], save_dir=settings["save_dir"],
-                               opacity=settings["opacity"], show_progress=True, **inference)  # fmt: skip
+    results = evaluate_dataset(
+        model, dataset, channels_last=settings["channels_last"], save_dir=settings["save_dir"],
+        opacity=settings["opacity"], show_progress=True, **inference,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     if rank != 0:
         return
@@ -830,12 +834,12 @@ def build_parser():
     what.add_argument("--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)")
     what.add_argument("--data-root", help="dataset folder (default: the dataset's, e.g. data/cityscapes)")
     what.add_argument("--depth", type=int, choices=(50, 101), help="only if the checkpoint cannot tell")
-    what.add_argument("--split", default="val", choices=("val", "test"), help="the split to evaluate or predict")
+    what.add_argument("--split", default="val", choices=("val", "test"), help="val, or test with --format-only")
     what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
     what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns")
     test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
     test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
-    test.add_argument("--scales", type=number(float, 0, exclusive=True), nargs="+", help="ratios of the test scale")
+    test.add_argument("--scales", type=number(float, 0, exclusive=True), nargs="+", help="test scale ratios")
     test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
     test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
     test.add_argument("--crop", type=size_flag("--crop"), help="sliding window size: 769 or HxW (512x1024)")
@@ -843,11 +847,11 @@ def build_parser():
     runtime.add_arguments(parser)
     speed = parser.add_argument_group("speed (results change by rounding only)")
     speed.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32")
-    speed.add_argument("--check-agreement", type=number(int, 0), metavar="N", help="images compared with fp32")
+    speed.add_argument("--check-agreement", type=number(int, 0), metavar="N", help="vs fp32 (default 10 unless fp32)")
     speed.add_argument("--window-batch", type=number(int, 1), default=4, help="sliding windows per forward pass")
-    speed.add_argument("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="data loaders")
+    speed.add_argument("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="loader processes")
     output = parser.add_argument_group("output")
-    output.add_argument("--save-dir", type=path("folder"), help="pictures (or server files) go here")
+    output.add_argument("--save-dir", type=path("folder"), help="pictures or server files go here")
     output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1")
     output.add_argument("--out", type=path("file"), help="results JSON (default: beside the checkpoint)")
     # fmt: on
