@@ -238,21 +238,6 @@ def format_table(metrics, classes):
 # A whole split, on one or several processes
 
 
-def my_images(dataset, indices, device, workers):
-    """(images per scale, label or None, meta) on `device` for this process's share of `indices`:
-    rank r of W takes indices[r::W], so no image is counted twice."""
-    rank, world_size = runtime.rank_and_world_size()
-    share = Subset(dataset, list(indices)[rank::world_size])
-    # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
-    # and travels through /dev/shm: one item in flight per worker keeps that bounded.
-    loader = DataLoader(share, batch_size=1, num_workers=workers, collate_fn=data.collate_val,
-                        pin_memory=device.type == "cuda", prefetch_factor=1 if workers > 0 else None)  # fmt: skip
-    for images_per_scale, labels, metas in loader:
-        images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
-        label = None if labels is None or labels[0] is None else labels[0].to(device, non_blocking=True)
-        yield images, label, metas[0]
-
-
 def sum_over_processes(tensor):
     """all_reduce(SUM) on the device the backend wants (NCCL: CUDA, gloo: CPU)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -265,20 +250,29 @@ def sum_over_processes(tensor):
 
 def predictions(model, dataset, count=None, *, device, precision, workers=2, show_progress=False, **protocol):
     """(pred (H, W) at the original size, label or None, meta, images per scale) for this process's
-    share of the first `count` images (default all), in eval mode; the model's mode is restored after."""
+    share of the first `count` images (default all): rank r of W takes images r, r+W, ..., so none is
+    counted twice. The model is in eval mode meanwhile and back in its previous mode after."""
     rank, world_size = runtime.rank_and_world_size()
     device = torch.device(device)
-    indices = range(len(dataset) if count is None else min(count, len(dataset)))
-    share = len(indices[rank::world_size])
-    here = f" ({share} of {len(indices)} images here)" if world_size > 1 else ""
-    progress = tqdm(total=share, desc="predict" + here, unit="img", disable=not show_progress or rank != 0)
+    total = len(dataset) if count is None else min(count, len(dataset))
+    share = list(range(total))[rank::world_size]
+    # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
+    # and travels through /dev/shm: one item in flight per worker keeps that bounded.
+    loader = DataLoader(Subset(dataset, share), batch_size=1, num_workers=workers, collate_fn=data.collate_val,
+                        pin_memory=device.type == "cuda", prefetch_factor=1 if workers > 0 else None)  # fmt: skip
+    here = f" ({len(share)} of {total} images here)" if world_size > 1 else ""
+    progress = tqdm(
+        total=len(share), desc="predict" + here, unit="img", disable=not show_progress or rank != 0
+    )
     was_training = model.training
     model.eval()
     try:
-        for images, label, meta in my_images(dataset, indices, device, workers):
+        for images_per_scale, labels, metas in loader:
+            images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
+            label = None if labels[0] is None else labels[0].to(device, non_blocking=True)
             with runtime.precision_context(device, precision):
-                probabilities = predict(model, images, meta["original_size"], **protocol)
-            yield probabilities.argmax(dim=0), label, meta, images
+                probabilities = predict(model, images, metas[0]["original_size"], **protocol)
+            yield probabilities.argmax(dim=0), label, metas[0], images
             progress.update(1)
     finally:
         progress.close()
