@@ -6,23 +6,9 @@ checked. Two appendices close the file: the OpenCV-exact pixel arithmetic the tr
 the toy dataset. All is plain torch: every random draw comes from torch's RNG (a DataLoader seeded
 with `torch.manual_seed` is reproducible, its workers differ), and pixels match OpenCV's bit for bit.
 
-Layouts (default roots relative to the working directory, as in the original; LAYOUTS has details):
-
-    cityscapes  data/cityscapes/leftImg8bit/{train,val,test}/<city>/<name>_leftImg8bit.png
-                data/cityscapes/gtFine/{train,val}/<city>/<name>_gtFine_labelTrainIds.png
-    ade20k      data/ade/ADEChallengeData2016/images/{training,validation}/<name>.jpg
-                data/ade/ADEChallengeData2016/annotations/{training,validation}/<name>.png
-                test: images/testing/ or release_test/testing/ (inside or beside the root)
-    voc12aug    data/VOCdevkit/VOC2012/JPEGImages/<name>.jpg
-                data/VOCdevkit/VOC2012/SegmentationClass{,Aug}/<name>.png
-                data/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,aug,test}.txt
-    folder      ROOT/images/{train,val,test}/<name>.{jpg,jpeg,png,webp}, ROOT/labels/{train,val}/<name>.png,
-                ROOT/classes.txt (one class per line: a name, optionally followed by R G B)
-    toy         data/toy, in the Cityscapes layout; generated on first use (80 images of shapes)
-
-Labels are PNGs of class indices with 255 = ignore; test splits need none. Cityscapes and VOC need
-a one-off preparation: `python tools/prepare_datasets.py cityscapes data/cityscapes` and
-`python tools/prepare_datasets.py voc12aug data/VOCdevkit data/VOCdevkit/VOCaug`. In code:
+The datasets sit in their downloads' own layouts (LAYOUTS below; default roots are relative to
+the working directory, as in the original). Labels are PNGs of class indices, 255 = ignore; test
+splits need none. Cityscapes and VOC need a one-off preparation by tools/prepare_datasets.py.
 
     import data
     train_set = data.build_dataset("cityscapes", split="train")  # (image, label) crops
@@ -65,19 +51,49 @@ TOY_COUNTS = {"train": 64, "val": 16}
 # (reduce_zero_label, mmseg v0.5.0 mmseg/datasets/ade.py). Crops and scales are the recipe's:
 # recipe.row(name, crop). The `folder` dataset reads its classes from ROOT/classes.txt.
 DATASETS = {
-    "cityscapes": dict(
-        **CLASSES_AND_PALETTES["cityscapes"], default_root="data/cityscapes", reduce_zero_label=False
-    ),
-    "ade20k": dict(
-        **CLASSES_AND_PALETTES["ade20k"], default_root="data/ade/ADEChallengeData2016", reduce_zero_label=True
-    ),
-    "voc12aug": dict(
-        **CLASSES_AND_PALETTES["voc12aug"], default_root="data/VOCdevkit/VOC2012", reduce_zero_label=False
-    ),
+    "cityscapes": dict(**CLASSES_AND_PALETTES["cityscapes"], default_root="data/cityscapes", reduce_zero_label=False),
+    "ade20k": dict(**CLASSES_AND_PALETTES["ade20k"], default_root="data/ade/ADEChallengeData2016", reduce_zero_label=True),
+    "voc12aug": dict(**CLASSES_AND_PALETTES["voc12aug"], default_root="data/VOCdevkit/VOC2012", reduce_zero_label=False),
     "toy": dict(classes=TOY_CLASSES, palette=TOY_PALETTE, default_root="data/toy", reduce_zero_label=False),
-}
+}  # fmt: skip
 SPLITS = ("train", "val", "test")  # test: images only, for predictions and the evaluation servers
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+# The layout of each dataset, shown when a root or a split is missing or empty.
+LAYOUTS = {
+    "cityscapes": (
+        "  {root}/leftImg8bit/{{train,val,test}}/<city>/<name>_leftImg8bit.png\n"
+        "  {root}/gtFine/{{train,val}}/<city>/<name>_gtFine_labelTrainIds.png\n"
+        "Get leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com,"
+        " unzip both into {root}, then run `python tools/prepare_datasets.py cityscapes {root}`."
+    ),
+    "ade20k": (
+        "  {root}/images/{{training,validation}}/<name>.jpg\n"
+        "  {root}/annotations/{{training,validation}}/<name>.png\n"
+        "  test split: {root}/images/testing/, or release_test/testing/ inside or beside {root}\n"
+        "Unzip ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/) into the parent"
+        " of {root}; the root is the ADEChallengeData2016 folder itself."
+    ),
+    "voc12aug": (
+        "  {root}/JPEGImages/<name>.jpg\n"
+        "  {root}/SegmentationClass/<name>.png, {root}/SegmentationClassAug/<name>.png\n"
+        "  {root}/ImageSets/Segmentation/{{train,val,aug}}.txt (test.txt for the test split)\n"
+        "Unpack VOCtrainval_11-May-2012.tar (gives VOCdevkit/VOC2012) and the SBD benchmark.tgz (into"
+        " VOCdevkit/VOCaug), then run `python tools/prepare_datasets.py voc12aug data/VOCdevkit"
+        " data/VOCdevkit/VOCaug` to write SegmentationClassAug and aug.txt."
+    ),
+    "folder": (
+        "  {root}/images/{{train,val,test}}/<name>.jpg (or .jpeg/.png/.webp)\n"
+        "  {root}/labels/{{train,val}}/<name>.png (class indices 0..C-1, 255 = ignore)\n"
+        "  {root}/classes.txt (one class per line: a name, optionally followed by R G B; a line\n"
+        "  `label0: ignore` says that label 0 means 'ignore' and the listed classes are 1..C)"
+    ),
+    "toy": (
+        "  {root}/leftImg8bit/{{train,val}}/toy/<name>_leftImg8bit.png\n"
+        "  {root}/gtFine/{{train,val}}/toy/<name>_gtFine_labelTrainIds.png\n"
+        "It is generated when {root} does not exist: delete {root} to generate it again."
+    ),
+}
 
 # Cityscapes id -> trainId (cityscapesScripts helpers/labels.py); every other id -> 255.
 CITYSCAPES_ID_TO_TRAINID = {
@@ -167,8 +183,7 @@ class RandomRescaleCrop:
         self.cat_max_ratio, self.ignore_index = cat_max_ratio, ignore_index
 
     def __call__(self, image, label):
-        low, high = self.ratio_range
-        ratio = float(torch.rand(())) * (high - low) + low
+        ratio = uniform(*self.ratio_range)
         size = rescale_size(*label.shape, ratio_scale(self.scale, ratio))
         height, width = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
 
@@ -238,11 +253,9 @@ class RandomHorizontalFlip:
 
 class PhotometricDistortion:
     """Step 6: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order. Each
-    step happens with probability 0.5, on uint8 pixels with clipping and truncation after each:
-    brightness (add U(-32, 32)); contrast (multiply by U(0.5, 1.5)) either now or last, decided by a
-    coin; saturation (multiply S by U(0.5, 1.5)); hue (add an integer in [-18, 17] to H, modulo 180).
-    The original works on BGR; brightness and contrast act on every channel alike and the HSV
-    conversion here takes RGB, so the arithmetic is the same."""
+    step happens with probability 0.5, on uint8 pixels clipped and truncated after each: brightness
+    (add U(-32, 32)); contrast (multiply by U(0.5, 1.5)) now or last, by a coin; saturation (multiply
+    S by U(0.5, 1.5)); hue (add an integer in [-18, 17] to H, mod 180). RGB here, BGR there: the same."""
 
     def __init__(
         self, brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta=18
@@ -269,8 +282,7 @@ class PhotometricDistortion:
             image = hsv_to_rgb_uint8(hue, saturation, value)
         if coin_flip():
             hue, saturation, value = rgb_to_hsv_uint8(image)
-            # torch.randint's upper bound is exclusive, like numpy's: the delta is in [-18, 17]; the
-            # new hue is (H + delta) mod 180.
+            # torch.randint's upper bound is exclusive, like numpy's: the delta is in [-18, 17].
             delta = int(torch.randint(-self.hue_delta, self.hue_delta, ()))
             image = hsv_to_rgb_uint8(hue, saturation, value, hue_shift=delta)
         if not contrast_first:
@@ -345,12 +357,10 @@ def test_transform(image, scale, ratios=(1.0,)):
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """A list of (image, label) files and the transform of its split.
-
-    train items:     (image float32 3 x h x w, label int64 h x w) at crop_size.
-    val/test items:  (images, label, meta): one normalised image per test ratio, the int64 label at its
-                     original size (None in the test split), meta = dict(name, image_path, original_size).
-    """
+    """A list of (image, label) files and the transform of its split. train items: (image float32
+    3 x h x w, label int64 h x w) at crop_size. val/test items: (images, label, meta): one normalised image
+    per test ratio, the int64 label at its original size (None in the test split), and
+    meta = dict(name, image_path, original_size)."""
 
     def __init__(
         self, name, root, split, pairs, classes, palette, *, scale, crop_size, test_ratios=(1.0,),
@@ -407,11 +417,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.train_transform is not None:
             return self.train_transform(image, label)
         image_path = self.pairs[index][0]
-        file_name = Path(image_path).name
-        if self.image_suffix and file_name.endswith(self.image_suffix):
-            name = file_name[: -len(self.image_suffix)]
-        else:
-            name = Path(image_path).stem
+        file_name, suffix = Path(image_path).name, self.image_suffix
+        name = file_name[: -len(suffix)] if suffix and file_name.endswith(suffix) else Path(image_path).stem
         meta = dict(name=name, image_path=image_path, original_size=tuple(image.shape[-2:]))
         images = test_transform(image, self.scale, self.test_ratios)
         return images, None if label is None else label.long(), meta
@@ -439,20 +446,18 @@ def decode_file(path, mode, apply_exif_orientation=False):
 
 
 def read_image(path, upright=False):
-    """Decode an image file to a uint8 tensor 3 x H x W, RGB (grey and RGBA are converted).
-    upright=True turns the pixels as the file's EXIF orientation says (phone photos). Dataset images
-    are read as stored: their label PNGs carry no orientation, so turning the image alone would
-    misalign the two."""
+    """Decode an image file to a uint8 tensor 3 x H x W, RGB. upright=True turns it as its EXIF
+    orientation says (phone photos); dataset images are read as stored, like their labels."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         image = decode_file(path, ImageReadMode.RGB, apply_exif_orientation=upright)
     except RuntimeError as error:
-        raise ValueError(
-            f"cannot decode image {path} ({error}). Expected a JPEG, PNG or WebP file; "
-            "re-save or remove this file."
-        ) from None
+        message = (
+            f"cannot decode image {path} ({error}). Expected a JPEG, PNG or WebP file; re-save or remove it."
+        )
+        raise ValueError(message) from None
     if image.dtype != torch.uint8:  # 16-bit PNG: keep the 8 most significant bits
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
@@ -487,8 +492,7 @@ def label_channels_error(path, channels):
     )
 
 
-def size_mismatch(image_path, image_size, label_path, label_size):
-    """The error text for an image and its label of different sizes, each (W, H)."""
+def size_mismatch(image_path, image_size, label_path, label_size):  # sizes (W, H)
     return (
         f"image {image_path} is {image_size[0]}x{image_size[1]} (WxH) but its label {label_path} is "
         f"{label_size[0]}x{label_size[1]}; an image and its label must have the same size."
@@ -508,8 +512,7 @@ def write_png(image, path, compression_level=6):
 
 
 def reduce_zero_label(label):
-    """reduce_zero_label: 0 ('other') -> 255, v -> v - 1, 255 stays (mmseg v0.5.0
-    mmseg/datasets/pipelines/loading.py, LoadAnnotations)."""
+    """0 ('other') -> 255, v -> v - 1, 255 stays (mmseg v0.5.0 mmseg/datasets/pipelines/loading.py)."""
     label = label - 1  # uint8 arithmetic wraps 0 to 255, and turns 255 into 254 ...
     label[label == 254] = IGNORE_INDEX  # ... which goes back to 255
     return label
@@ -521,8 +524,7 @@ def check_label_values(label, num_classes, path, dataset_name):
         return
     outside = (label >= num_classes) & (label != IGNORE_INDEX)
     if not outside.any():
-        # A 0/255 mask in a two-class dataset is almost surely a foreground mask: 255 means
-        # "ignore" here, so the foreground would silently never be learned.
+        # A 0/255 label of two classes is a foreground mask whose foreground, 255, would be ignored.
         if num_classes == 2 and not (label == 1).any() and (label == 0).any():
             raise ValueError(
                 f"label {path} holds only the values 0 and 255, in a dataset of 2 classes. 255 means "
@@ -563,50 +565,18 @@ def label_value_hint(values, num_classes):
 # Finding the files of a split
 
 
-# Shown when a root or a split is missing or empty.
-LAYOUTS = {
-    "cityscapes": (
-        "  {root}/leftImg8bit/{{train,val,test}}/<city>/<name>_leftImg8bit.png\n"
-        "  {root}/gtFine/{{train,val}}/<city>/<name>_gtFine_labelTrainIds.png\n"
-        "Get leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com,"
-        " unzip both into {root}, then run `python tools/prepare_datasets.py cityscapes {root}`."
-    ),
-    "ade20k": (
-        "  {root}/images/{{training,validation}}/<name>.jpg\n"
-        "  {root}/annotations/{{training,validation}}/<name>.png\n"
-        "  test split: {root}/images/testing/, or release_test/testing/ inside or beside {root}\n"
-        "Unzip ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/) into the parent"
-        " of {root}; the root is the ADEChallengeData2016 folder itself."
-    ),
-    "voc12aug": (
-        "  {root}/JPEGImages/<name>.jpg\n"
-        "  {root}/SegmentationClass/<name>.png, {root}/SegmentationClassAug/<name>.png\n"
-        "  {root}/ImageSets/Segmentation/{{train,val,aug}}.txt (test.txt for the test split)\n"
-        "Unpack VOCtrainval_11-May-2012.tar (gives VOCdevkit/VOC2012) and the SBD benchmark.tgz (into"
-        " VOCdevkit/VOCaug), then run `python tools/prepare_datasets.py voc12aug data/VOCdevkit"
-        " data/VOCdevkit/VOCaug` to write SegmentationClassAug and aug.txt."
-    ),
-    "folder": (
-        "  {root}/images/{{train,val,test}}/<name>.jpg (or .jpeg/.png/.webp)\n"
-        "  {root}/labels/{{train,val}}/<name>.png (class indices 0..C-1, 255 = ignore)\n"
-        "  {root}/classes.txt (one class per line: a name, optionally followed by R G B; a line\n"
-        "  `label0: ignore` says that label 0 means 'ignore' and the listed classes are 1..C)"
-    ),
-    "toy": (
-        "  {root}/leftImg8bit/{{train,val}}/toy/<name>_leftImg8bit.png\n"
-        "  {root}/gtFine/{{train,val}}/toy/<name>_gtFine_labelTrainIds.png\n"
-        "It is generated when {root} does not exist: delete {root} to generate it again."
-    ),
-}
-
-
 def missing_path_error(name, root, path, what="not found"):
     layout = LAYOUTS[name].format(root=root)
     return FileNotFoundError(f"{name}: {path} {what}.\nExpected layout under the root {root}:\n{layout}")
 
 
-def check_partners(name, pairs, image_dir, hint=lambda label_path: ""):
-    """Fail early, naming the files, when images lack their label file; hint(label_path) adds advice."""
+def pair_up(name, split, image_dir, images, label_of, orphans=None, hint=lambda label_path: ""):
+    """[(image, label_of(image))] as str, or [(image, None)] in the test split. Images without their
+    label fail here, naming them (hint(label_path) adds advice); the labels in orphans = (folder,
+    pattern) that no image uses are named in a warning."""
+    if split == "test":
+        return [(str(image), None) for image in images]
+    pairs = [(str(image), str(label_of(image))) for image in images]
     missing = [(image, label) for image, label in pairs if not os.path.isfile(label)]
     if missing:
         image, label = missing[0]
@@ -614,6 +584,11 @@ def check_partners(name, pairs, image_dir, hint=lambda label_path: ""):
             f"{name}: {len(missing)} of {len(pairs)} images in {image_dir} have no label file, e.g. {image} "
             f"(expected {label}). {hint(label)}".rstrip()
         )
+    if orphans:
+        used = {os.path.normpath(label) for _, label in pairs}
+        unused = sorted(path for path in orphans[0].rglob(orphans[1]) if os.path.normpath(path) not in used)
+        warn_about(name, unused, "label files have no image", "Add their images or remove them.")
+    return pairs
 
 
 def warn_about(name, files, what, advice):
@@ -624,55 +599,38 @@ def warn_about(name, files, what, advice):
         warnings.warn(f"{name}: {len(files)} {what}: {shown}. {advice}", stacklevel=4)
 
 
-def warn_about_orphans(name, pairs, label_dir, pattern):
-    used = {os.path.normpath(label) for _, label in pairs}
-    orphans = sorted(path for path in label_dir.rglob(pattern) if os.path.normpath(path) not in used)
-    warn_about(name, orphans, "label files have no image", "Add their images or remove them.")
-
-
 def find_cityscapes_pairs(root, split, name="cityscapes"):
-    image_dir = root / "leftImg8bit" / split
+    image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
     if not image_dir.is_dir():
         raise missing_path_error(name, root, image_dir)
     images = sorted(image_dir.rglob("*_leftImg8bit.png"))  # recursive, as the original scans img_dir
     if not images:
         raise missing_path_error(name, root, image_dir, "holds no *_leftImg8bit.png files")
-    if split == "test":
-        return [(str(image), None) for image in images]
-    label_dir = root / "gtFine" / split
-    pairs = []
-    for image in images:
-        relative = image.relative_to(image_dir)
-        label_name = relative.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
-        pairs.append((str(image), str(label_dir / relative.parent / label_name)))
+
+    def label_of(image):
+        label_name = image.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+        return label_dir / image.parent.relative_to(image_dir) / label_name
 
     def hint(label_path):
-        raw_ids = label_path.replace("_labelTrainIds.png", "_labelIds.png")
         prepare = f"Run `python tools/prepare_datasets.py cityscapes {root}` to write them."
-        return prepare if os.path.isfile(raw_ids) else ""
+        return prepare if os.path.isfile(label_path.replace("_labelTrainIds.png", "_labelIds.png")) else ""
 
-    check_partners(name, pairs, image_dir, hint)
-    warn_about_orphans(name, pairs, label_dir, "*_gtFine_labelTrainIds.png")
-    return pairs
+    return pair_up(name, split, image_dir, images, label_of, (label_dir, "*_gtFine_labelTrainIds.png"), hint)
 
 
 def find_ade20k_pairs(root, split):
     subset = {"train": "training", "val": "validation", "test": "testing"}[split]
-    image_dir = root / "images" / subset
-    if split == "test":  # images/testing, or the challenge's release_test.zip unzipped into or beside root
+    image_dir, label_dir = root / "images" / subset, root / "annotations" / subset
+    if split == "test" and not image_dir.is_dir():  # the challenge's release_test.zip, in or beside root
         found = [path for path in (root / "release_test", root.parent / "release_test") if path.is_dir()]
-        image_dir = found[0] / "testing" if found and not image_dir.is_dir() else image_dir
+        image_dir = found[0] / "testing" if found else image_dir
     if not image_dir.is_dir():
         raise missing_path_error("ade20k", root, image_dir)
     images = sorted(image_dir.glob("*.jpg"))
     if not images:
         raise missing_path_error("ade20k", root, image_dir, "holds no .jpg files")
-    if split == "test":
-        return [(str(image), None) for image in images]
-    pairs = [(str(image), str(root / "annotations" / subset / (image.stem + ".png"))) for image in images]
-    check_partners("ade20k", pairs, image_dir)
-    warn_about_orphans("ade20k", pairs, root / "annotations" / subset, "*.png")
-    return pairs
+    return pair_up("ade20k", split, image_dir, images, lambda image: label_dir / (image.stem + ".png"),
+                   (label_dir, "*.png"))  # fmt: skip
 
 
 def find_voc12aug_pairs(root, split):
@@ -680,36 +638,31 @@ def find_voc12aug_pairs(root, split):
     all); val = val.txt with SegmentationClass (mmseg v0.5.0 configs/_base_/datasets/pascal_voc12_aug.py);
     test = test.txt, images only."""
     parts = [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")]
-    if split != "train":
-        parts = [(f"{split}.txt", "SegmentationClass")]
-    prepare_hint = "Run `python tools/prepare_datasets.py voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and "
-    prepare_hint += "SegmentationClassAug."
+    parts = parts if split == "train" else [(f"{split}.txt", "SegmentationClass")]
+    prepare = "Run `python tools/prepare_datasets.py voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and SegmentationClassAug."
     pairs = []
     for list_name, label_dir in parts:
         list_path = root / "ImageSets" / "Segmentation" / list_name
         if not list_path.is_file() and list_name == "aug.txt":
-            raise FileNotFoundError(f"voc12aug: {list_path} not found. {prepare_hint}")
+            raise FileNotFoundError(f"voc12aug: {list_path} not found. {prepare}")
         if not list_path.is_file():
             raise missing_path_error("voc12aug", root, list_path)
-        names = list_path.read_text().split()
-        if not names:
+        images = [root / "JPEGImages" / f"{name}.jpg" for name in list_path.read_text().split()]
+        if not images:
             raise ValueError(f"voc12aug: {list_path} lists no images; expected one image name per line.")
-        part = [(str(root / "JPEGImages" / f"{n}.jpg"), str(root / label_dir / f"{n}.png")) for n in names]
-        missing_images = [image for image, _ in part if not os.path.isfile(image)]
+        missing_images = [image for image in images if not image.is_file()]
         if missing_images:
             raise FileNotFoundError(
                 f"voc12aug: {len(missing_images)} images listed in {list_path} are missing, e.g. {missing_images[0]}."
             )
-        if split == "test":
-            return [(image, None) for image, _ in part]
-        hint = prepare_hint if label_dir == "SegmentationClassAug" else ""
-        check_partners("voc12aug", part, root / "JPEGImages", lambda _, hint=hint: hint)
-        pairs += part
+        hint = prepare if label_dir == "SegmentationClassAug" else ""
+        pairs += pair_up("voc12aug", split, root / "JPEGImages", images, lambda image, folder=root / label_dir:
+                         folder / (image.stem + ".png"), hint=lambda _, hint=hint: hint)  # fmt: skip
     return pairs
 
 
 def find_folder_pairs(root, split):
-    image_dir = root / "images" / split
+    image_dir, label_dir = root / "images" / split, root / "labels" / split
     if not image_dir.is_dir():
         raise missing_path_error("folder", root, image_dir)
     files = sorted(path for path in image_dir.iterdir() if path.is_file() and not path.name.startswith("."))
@@ -725,12 +678,8 @@ def find_folder_pairs(root, split):
     shared = [" + ".join(names) for names in stems.values() if len(names) > 1]
     warn_about("folder", shared, f"groups of images in {image_dir} share a name and so one label file",
                "Rename or remove all but one of each.")  # fmt: skip
-    if split == "test":
-        return [(str(image), None) for image in images]
-    pairs = [(str(image), str(root / "labels" / split / (image.stem + ".png"))) for image in images]
-    check_partners("folder", pairs, image_dir)
-    warn_about_orphans("folder", pairs, root / "labels" / split, "*.png")
-    return pairs
+    return pair_up("folder", split, image_dir, images, lambda image: label_dir / (image.stem + ".png"),
+                   (label_dir, "*.png"))  # fmt: skip
 
 
 def read_classes_file(root):
@@ -836,11 +785,9 @@ def check_files(name, pairs):
 
 
 def linear_taps(in_size, out_size, start, count, clamp_weights):
-    """Source indices and 11-bit fixed-point weights of output positions start..start+count-1 along
-    one axis, as OpenCV's INTER_LINEAR computes them for 8-bit images: the source position
-    (d + 0.5) * in/out - 0.5 in float, weights cvRound(w * 2048). Along columns OpenCV pins the
-    positions outside the image to the edge pixel (weight 0 on the other tap); along rows it only
-    clamps the indices and keeps the weights."""
+    """Source indices and 11-bit weights of the outputs start..start+count-1 along one axis, as OpenCV's
+    8-bit INTER_LINEAR: source (d + 0.5) * in/out - 0.5 in float, weights cvRound(w * 2048). Columns
+    outside the image are pinned to the edge (weight 0 on the other tap); rows only clamp the index."""
     positions = torch.arange(start, start + count, dtype=torch.float64)
     source = ((positions + 0.5) * (1.0 / (out_size / in_size)) - 0.5).float()
     index0 = torch.floor(source).long()
@@ -856,11 +803,9 @@ def linear_taps(in_size, out_size, start, count, clamp_weights):
 
 def resize_image_window(image, size, top, left, height, width):
     """The window [top:top+height, left:left+width] of `image` (uint8 3 x H x W) resized to `size`,
-    bit-exact with cv2.resize(INTER_LINEAR) followed by the crop, computing only the window. OpenCV's
-    8-bit arithmetic: columns interpolated with 11-bit weights into int32, then rows with 11-bit
-    weights, shifting as its vectorised code does (float bilinear, rounded, differs by 1 on about 12%
-    of the values). Column taps are read with `gather` on an expanded index, which torch vectorises,
-    and the arithmetic is in place: this runs once per training sample."""
+    bit-exact with cv2.resize(INTER_LINEAR) and then the crop, computing only the window: columns with
+    11-bit weights into int32, then rows, shifting as OpenCV's vectorised code does (float bilinear,
+    rounded, differs by 1 on about 12% of the values). In place: it runs once per training sample."""
     col0, col1, col_weight0, col_weight1 = linear_taps(image.shape[2], size[1], left, width, True)
     row0, row1, row_weight0, row_weight1 = linear_taps(image.shape[1], size[0], top, height, False)
     # Only the source rows the window reads take part; indices become relative to them.
@@ -889,9 +834,8 @@ def resize_image(image, size):
 
 
 def nearest_indices(in_size, out_size, start=0, count=None):
-    """OpenCV's INTER_NEAREST source indices floor(d * (1 / (out / in))) of the output positions
-    start..start+count-1 (all by default), computed in double as it does (torch's 'nearest' computes
-    in float and picks another pixel for about 8% of size pairs)."""
+    """OpenCV's INTER_NEAREST source indices floor(d * (1 / (out / in))) of the outputs start..start+count-1,
+    in double as OpenCV (torch's 'nearest' works in float: another pixel for about 8% of size pairs)."""
     count = out_size - start if count is None else count
     positions = torch.arange(start, start + count, dtype=torch.float64)
     return torch.floor(positions * (1.0 / (out_size / in_size))).long().clamp_(max=in_size - 1)
@@ -924,18 +868,16 @@ def lookup(table, indices):
 
 
 def equal_mask(larger, other):
-    """-1 (all bits set) where larger == other, 0 elsewhere, for int32 maps with larger >= other:
-    larger - other - 1 is negative exactly where the two are equal, and an arithmetic shift by 31
-    spreads its sign bit. Bit masks select without a branch per pixel, as torch.where would."""
+    """-1 (all bits set) where larger == other, else 0, for int32 maps with larger >= other: the sign
+    bit of larger - other - 1, spread by a shift. Bit masks select without torch.where's branches."""
     return (larger - other).sub_(1).bitwise_right_shift_(31)
 
 
 def rgb_to_hsv_uint8(image):
-    """uint8 RGB 3 x H x W -> (hue 0..179, saturation 0..255, value 0..255), int32 H x W each, bit-exact
-    with cv2.cvtColor(COLOR_BGR2HSV) on the same pixels in BGR order. As OpenCV: V = max,
-    S = 255 * (max - min) / V, and H from the channel holding the maximum (red first, then green):
-    30 * (G - B) / spread, 60 + 30 * (B - R) / spread or 120 + 30 * (R - G) / spread, with the
-    divisions as table multiplies in 12-bit fixed point."""
+    """uint8 RGB 3 x H x W -> (hue 0..179, saturation, value), int32 H x W each, bit-exact with
+    cv2.cvtColor(COLOR_BGR2HSV): V = max, S = 255 (max - min) / V, H from the channel holding the max
+    (red first, then green): 30 (G - B) / spread, 60 + 30 (B - R) / spread or 120 + 30 (R - G) /
+    spread, the divisions as table multiplies in 12-bit fixed point."""
     red, green, blue = image.to(torch.int32).unbind(0)
     value = torch.maximum(red, green)
     torch.maximum(value, blue, out=value)
@@ -943,7 +885,6 @@ def rgb_to_hsv_uint8(image):
     torch.minimum(spread, blue, out=spread)
     torch.sub(value, spread, out=spread)  # max - min
     saturation = lookup(SATURATION_DIVISORS, value).mul_(spread).add_(1 << 11).bitwise_right_shift_(12)
-
     red_is_max, green_is_max = equal_mask(value, red), equal_mask(value, green)
     from_green = (blue - red).add_(spread, alpha=2).bitwise_and_(green_is_max)
     from_blue = (red - green).add_(spread, alpha=4).bitwise_and_(green_is_max.bitwise_not_())
@@ -977,9 +918,8 @@ HSV_TO_RGB_FACTORS = hsv_to_rgb_factors()
 
 
 def hsv_to_rgb_uint8(hue, saturation, value, hue_shift=0):
-    """Inverse of rgb_to_hsv_uint8, bit-exact with OpenCV's COLOR_HSV2BGR for 8 bits (see
-    hsv_to_rgb_factors). hue_shift=d converts the hues (H + d) mod 180 instead of H, by rolling the
-    tables along the hue axis rather than touching every pixel."""
+    """Inverse of rgb_to_hsv_uint8, bit-exact with OpenCV's 8-bit COLOR_HSV2BGR. hue_shift=d converts
+    the hues (H + d) mod 180, by rolling the tables along the hue axis instead of touching each pixel."""
     factors = HSV_TO_RGB_FACTORS.roll(-hue_shift, dims=2).flatten(1)  # [c, S*180 + H] = x(S, H + d)
     index = (saturation.to(torch.int32) * 180).add_(hue)  # a new tensor: the inputs stay as they are
     v = value.to(torch.float32, copy=True).mul_(torch.tensor(1 / 255))  # float32, as OpenCV

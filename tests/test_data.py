@@ -15,9 +15,6 @@ import data
 import recipe
 
 HEIGHT, WIDTH = 32, 64
-# The official Cityscapes id -> trainId table, written out for ids 0..33 (gcnet-spec.md §5.1).
-CITYSCAPES_TRAINIDS = [255] * 7 + [0, 1, 255, 255, 2, 3, 4, 255, 255, 255, 5, 255, 6, 7, 8, 9, 10]
-CITYSCAPES_TRAINIDS += [11, 12, 13, 14, 15, 255, 255, 16, 17, 18]
 
 
 def save(path, array, palette=None):

@@ -2,7 +2,7 @@
 aug lists, on tiny fixtures in the real layouts."""
 
 import importlib.util
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -82,14 +82,13 @@ def test_prepare_voc12aug_names_a_bad_mat_file(tmp_path):
         prepare_datasets.read_sbd_segmentation(tmp_path / "x.mat")
 
 
-def test_the_script_runs_from_the_repository_root(tmp_path):
-    # As the README runs it: `python tools/prepare_datasets.py ...` from the root, data.py found.
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "cityscapes", str(tmp_path / "nowhere")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert (
-        "nowhere/gtFine not found" in result.stderr
-        and "tools/prepare_datasets.py cityscapes" in result.stderr
-    )
+def test_the_script_finds_data_py_by_itself(tmp_path, monkeypatch, capsys):
+    # As the README runs it, `python tools/prepare_datasets.py ...`: sys.path[0] is tools/, not the root.
+    monkeypatch.setattr(sys, "path", [path for path in sys.path if Path(path).resolve() != ROOT])
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "cityscapes", str(tmp_path / "nowhere")])
+    monkeypatch.delitem(sys.modules, "data")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        SystemExit, match=r"(?s)nowhere/gtFine not found.*tools/prepare_datasets\.py cityscapes"
+    ):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
