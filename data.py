@@ -599,13 +599,19 @@ def warn_about(name, files, what, advice):
         warnings.warn(f"{name}: {len(files)} {what}: {shown}. {advice}", stacklevel=4)
 
 
+def list_images(name, root, image_dir, pattern, kind):
+    """The images matching `pattern` in image_dir and its subfolders (as the original scans img_dir)."""
+    images = sorted(image_dir.rglob(pattern)) if image_dir.is_dir() else []
+    if not images:
+        raise missing_path_error(
+            name, root, image_dir, f"holds no {kind} files" if image_dir.is_dir() else "not found"
+        )
+    return images
+
+
 def find_cityscapes_pairs(root, split, name="cityscapes"):
     image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-    if not image_dir.is_dir():
-        raise missing_path_error(name, root, image_dir)
-    images = sorted(image_dir.rglob("*_leftImg8bit.png"))  # recursive, as the original scans img_dir
-    if not images:
-        raise missing_path_error(name, root, image_dir, "holds no *_leftImg8bit.png files")
+    images = list_images(name, root, image_dir, "*_leftImg8bit.png", "*_leftImg8bit.png")
 
     def label_of(image):
         label_name = image.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
@@ -624,11 +630,7 @@ def find_ade20k_pairs(root, split):
     if split == "test" and not image_dir.is_dir():  # the challenge's release_test.zip, in or beside root
         found = [path for path in (root / "release_test", root.parent / "release_test") if path.is_dir()]
         image_dir = found[0] / "testing" if found else image_dir
-    if not image_dir.is_dir():
-        raise missing_path_error("ade20k", root, image_dir)
-    images = sorted(image_dir.glob("*.jpg"))
-    if not images:
-        raise missing_path_error("ade20k", root, image_dir, "holds no .jpg files")
+    images = list_images("ade20k", root, image_dir, "*.jpg", ".jpg")
     return pair_up("ade20k", split, image_dir, images, lambda image: label_dir / (image.stem + ".png"),
                    (label_dir, "*.png"))  # fmt: skip
 
