@@ -43,15 +43,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import checkpoints
 import data
 import recipe
 import runtime
-from model import DATASET_OF_NUM_CLASSES, GCNet, extract_state_dict, load_weights, read_checkpoint
+from checkpoints import checkpoint_info, find_checkpoint, read_checkpoint
+from model import GCNet, load_weights
 
 # tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (mmseg v0.5.0
 # configs/_base_/datasets/*.py img_ratios).
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-CHECKPOINT_PATTERN = "work_dirs/*/best.pth"
 
 
 def as_pair(value):
@@ -495,80 +496,7 @@ def write_server_files(model, dataset, save_dir, **inference):
 
 
 # -----------------------------------------------------------------------------------------------
-# Checkpoints: what they say about the model, the data and the row of the table they belong to
-
-
-def find_checkpoint(path):
-    """--checkpoint as given, or the newest work_dirs/*/best.pth (by modification time)."""
-    if path is not None:
-        if re.match(r"^(https?|file)://", path) or Path(path).is_file():
-            return path
-        raise FileNotFoundError(
-            f"checkpoint not found: {path} (--checkpoint). Pass a .pth file written by train.py, an "
-            "official GCNet checkpoint of the results table, or its download URL."
-        )
-    found = sorted(Path().glob(CHECKPOINT_PATTERN), key=lambda candidate: candidate.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(
-            f"no checkpoint found: looked for {CHECKPOINT_PATTERN} in {Path.cwd()}; "
-            "pass --checkpoint PATH or train first with python train.py"
-        )
-    return str(found[-1])
-
-
-def checkpoint_info(path_or_url, checkpoint=None):
-    """What a checkpoint says about the model and data it belongs to, without building a model.
-
-    Returns a dict with 'depth', 'num_classes' and, where recorded (else None), 'dataset',
-    'align_corners', 'crop_size' (h, w), 'classes', 'palette', 'config_name', 'recipe' (ours
-    record theirs) and 'row': the recipe it was trained with, recipe.row() filled in by ours.
-    For an official checkpoint the row of the table is read from its file name or meta
-    (e.g. gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth).
-    """
-    checkpoint = read_checkpoint(path_or_url) if checkpoint is None else checkpoint
-    state_dict = extract_state_dict(checkpoint)
-    n_blocks = sum(1 for k in state_dict if re.fullmatch(r"backbone\.layer3\.\d+\.conv1\.weight", k))
-    if "decode_head.conv_seg.weight" not in state_dict or n_blocks not in (6, 23):
-        raise ValueError(
-            f"{path_or_url} is not a GCNet checkpoint: it has no decode_head.conv_seg or backbone.layer3 keys"
-        )
-    info = dict(
-        depth={6: 50, 23: 101}[n_blocks],
-        num_classes=int(state_dict["decode_head.conv_seg.weight"].shape[0]),
-        dataset=None, align_corners=None, crop_size=None, classes=None, palette=None, config_name=None,
-        recipe=None, row=None,
-    )  # fmt: skip
-    meta = checkpoint.get("meta") or {}
-    ours = checkpoint.get("recipe")
-    if ours:
-        info["recipe"] = ours
-        for key in ("dataset", "align_corners", "config_name"):
-            info[key] = ours.get(key)
-        info["crop_size"] = tuple(ours["crop_size"]) if ours.get("crop_size") else None
-    else:  # an official one: the row is named in the file name (or the meta's exp_name)
-        row = recipe.row_of_config_name(f"{meta.get('exp_name', '')} {path_or_url}")
-        config_text = str(meta.get("config", ""))
-        if row is not None:
-            info.update(config_name=row["config_name"], dataset=row["dataset"], crop_size=row["crop_size"])
-        crop_match = re.search(r"crop_size\s*=\s*\((\d+),\s*(\d+)\)", config_text)
-        if crop_match and info["crop_size"] is None:
-            info["crop_size"] = (int(crop_match.group(1)), int(crop_match.group(2)))
-        if info["dataset"] is None:
-            dataset_types = {"Cityscapes": "cityscapes", "ADE20KDataset": "ade20k", "PascalVOC": "voc12aug"}
-            found = [dataset for type_name, dataset in dataset_types.items() if type_name in config_text]
-            info["dataset"] = found[0] if found else DATASET_OF_NUM_CLASSES.get(info["num_classes"])
-        if "align_corners=True" in config_text.replace(" ", ""):
-            info["align_corners"] = True
-        elif info["crop_size"] is not None:
-            info["align_corners"] = recipe.is_769_crop(info["crop_size"])
-    if info["dataset"] in recipe.DATASETS:
-        # Ours record their recipe; older ones lack some keys (the test scale): the row fills them.
-        info["row"] = {**recipe.row(info["dataset"], info["crop_size"], depth=info["depth"]), **(ours or {})}
-    if meta.get("CLASSES") is not None:
-        info["classes"] = [str(c) for c in meta["CLASSES"]]
-    if meta.get("PALETTE") is not None:
-        info["palette"] = [[int(v) for v in color] for color in meta["PALETTE"]]
-    return info
+# The model of a checkpoint
 
 
 def build_model(checkpoint, loaded, info, settings, device):
@@ -823,7 +751,7 @@ def build_parser():
     )
     # fmt: off
     what = parser.add_argument_group("what to evaluate")
-    what.add_argument("--checkpoint", help=f"a .pth file or URL (default: newest {CHECKPOINT_PATTERN})")
+    what.add_argument("--checkpoint", help=f"a .pth file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
     what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only for files you trust")
     what.add_argument("--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)")
     what.add_argument("--data-root", help="dataset folder (default: the dataset's, e.g. data/cityscapes)")

@@ -30,12 +30,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from checkpoints import read_checkpoint  # reads a file or URL without running code from it
+from checkpoints import extract_state_dict, read_checkpoint  # files and URLs, running no code from them
+from recipe import DATASET_OF_NUM_CLASSES
 
 # Bottleneck blocks per stage (mmseg v0.5.0 mmseg/models/backbones/resnet.py).
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-# The three datasets of the results table, recognised by their class count in error messages.
-DATASET_OF_NUM_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc12aug"}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -319,21 +318,6 @@ class GCNet(nn.Module):
 
 # -----------------------------------------------------------------------------------------------
 # Weight loading: official mmcv checkpoints ({"meta", "state_dict"}), ours, ImageNet backbones
-
-
-def extract_state_dict(checkpoint):
-    """The weights of a checkpoint without `module.` (DDP) or `_orig_mod.` (torch.compile) prefixes."""
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError(
-            f"expected a checkpoint dict of tensors (or one under 'state_dict'), got {type(checkpoint).__name__}"
-        )
-    clean = {}
-    for key, value in state_dict.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        clean[key.replace("._orig_mod.", ".").replace(".module.", ".")] = value
-    return clean
 
 
 def describe_classes(num_classes):

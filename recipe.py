@@ -35,6 +35,8 @@ DATASETS = {
     "toy": dict(batch_size=4, iters=(300,), crops=((128, 128),), scale=(256, 128), workers=2, lr=0.05, pretrained="none"),
 }  # fmt: skip
 TABLE_DATASETS = ("cityscapes", "ade20k", "voc12aug")
+# The table's datasets recognised by their class count (for checkpoints that do not say theirs).
+DATASET_OF_NUM_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc12aug"}
 
 # The 769x769 rule. An 8k+1 crop (769) marks the models built with align_corners=True in both heads,
 # trained and tested on Cityscapes rescaled to 2049x1025, and tested with sliding windows of the crop

@@ -404,7 +404,7 @@ def load_for_fine_tuning(raw_model, source, trust):
     the two classifiers start fresh. Returns the line to show."""
     try:
         checkpoint = gcnet.read_checkpoint(source, trust)
-        info = evaluate.checkpoint_info(source, checkpoint)
+        info = checkpoints.checkpoint_info(source, checkpoint)
         if info["depth"] != raw_model.depth:
             raise ValueError(
                 f"it holds a GCNet R-{info['depth']}-D8 but this run builds R-{raw_model.depth}-D8: pass --depth {info['depth']}"

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import checkpoints
 import data
 import evaluate
 from model import GCNet
@@ -368,7 +369,7 @@ def test_newest_best_checkpoint_is_found(tmp_path, monkeypatch):
         (tmp_path / "work_dirs" / run).mkdir(parents=True)
         (tmp_path / "work_dirs" / run / "best.pth").write_bytes(b"")
         os.utime(tmp_path / "work_dirs" / run / "best.pth", (1000 + index, 1000 + index))
-    assert evaluate.find_checkpoint(None) == str(Path("work_dirs/a_run/best.pth"))
+    assert checkpoints.find_checkpoint(None) == str(Path("work_dirs/a_run/best.pth"))
 
 
 def official_info(crop_size, align_corners, dataset="cityscapes"):

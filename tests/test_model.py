@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate
+import checkpoints
 import model as gcnet
 import runtime
 from model import ContextBlock, GCNet
@@ -259,7 +259,7 @@ def test_official_format_round_trip(tmp_path):
     x = torch.randn(1, 3, 65, 65)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
-    info = evaluate.checkpoint_info(str(path))
+    info = checkpoints.checkpoint_info(str(path))
     assert info["depth"] == 50 and info["num_classes"] == 19 and info["dataset"] == "cityscapes"
     assert info["crop_size"] == (769, 769) and info["align_corners"] is True
     assert info["classes"][0] == "class0" and info["palette"][2] == [2, 2, 2]
@@ -339,7 +339,7 @@ def test_checkpoint_info_reads_our_recipe(tmp_path):
     recipe = {"dataset": "ade20k", "crop_size": [512, 512], "align_corners": False, "config_name": "x"}
     state = GCNet(150, depth=101).state_dict()
     torch.save({"state_dict": state, "recipe": recipe, "iteration": 3}, tmp_path / "best.pth")
-    info = evaluate.checkpoint_info(tmp_path / "best.pth")
+    info = checkpoints.checkpoint_info(tmp_path / "best.pth")
     assert (info["depth"], info["num_classes"], info["dataset"]) == (101, 150, "ade20k")
     assert info["crop_size"] == (512, 512) and info["align_corners"] is False
 
