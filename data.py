@@ -377,10 +377,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.image_suffix = image_suffix  # stripped from file names to give meta["name"]
         self.train_transform = TrainTransform(self.scale, self.crop_size) if split == "train" else None
 
-    @property
-    def test_scale(self):  # the name evaluate.py used before `scale`
-        return self.scale
-
     def __len__(self):
         return len(self.pairs)
 
