@@ -6,9 +6,9 @@ checked. Two appendices close the file: the OpenCV-exact pixel arithmetic the tr
 the toy dataset. All is plain torch: every random draw comes from torch's RNG (a DataLoader seeded
 with `torch.manual_seed` is reproducible, its workers differ), and pixels match OpenCV's bit for bit.
 
-The datasets sit in their downloads' own layouts (LAYOUTS below; default roots are relative to
-the working directory, as in the original). Labels are PNGs of class indices, 255 = ignore; test
-splits need none. Cityscapes and VOC need a one-off preparation by tools/prepare_datasets.py.
+The datasets sit in their downloads' own layouts (LAYOUTS, with the split finders; default roots
+are relative to the working directory, as in the original). Labels are PNGs of class indices,
+255 = ignore; test splits need none. Cityscapes and VOC need a one-off tools/prepare_datasets.py.
 
     import data
     train_set = data.build_dataset("cityscapes", split="train")  # (image, label) crops
@@ -58,42 +58,6 @@ DATASETS = {
 }  # fmt: skip
 SPLITS = ("train", "val", "test")  # test: images only, for predictions and the evaluation servers
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-
-# The layout of each dataset, shown when a root or a split is missing or empty.
-LAYOUTS = {
-    "cityscapes": (
-        "  {root}/leftImg8bit/{{train,val,test}}/<city>/<name>_leftImg8bit.png\n"
-        "  {root}/gtFine/{{train,val}}/<city>/<name>_gtFine_labelTrainIds.png\n"
-        "Get leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com,"
-        " unzip both into {root}, then run `python tools/prepare_datasets.py cityscapes {root}`."
-    ),
-    "ade20k": (
-        "  {root}/images/{{training,validation}}/<name>.jpg\n"
-        "  {root}/annotations/{{training,validation}}/<name>.png\n"
-        "  test split: {root}/images/testing/, or release_test/testing/ inside or beside {root}\n"
-        "Unzip ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/) into the parent"
-        " of {root}; the root is the ADEChallengeData2016 folder itself."
-    ),
-    "voc12aug": (
-        "  {root}/JPEGImages/<name>.jpg\n"
-        "  {root}/SegmentationClass/<name>.png, {root}/SegmentationClassAug/<name>.png\n"
-        "  {root}/ImageSets/Segmentation/{{train,val,aug}}.txt (test.txt for the test split)\n"
-        "Unpack VOCtrainval_11-May-2012.tar (gives VOCdevkit/VOC2012) and the SBD benchmark.tgz (into"
-        " VOCdevkit/VOCaug), then run `python tools/prepare_datasets.py voc12aug data/VOCdevkit"
-        " data/VOCdevkit/VOCaug` to write SegmentationClassAug and aug.txt."
-    ),
-    "folder": (
-        "  {root}/images/{{train,val,test}}/<name>.jpg (or .jpeg/.png/.webp)\n"
-        "  {root}/labels/{{train,val}}/<name>.png (class indices 0..C-1, 255 = ignore)\n"
-        "  {root}/classes.txt (one class per line: a name, optionally followed by R G B; a line\n"
-        "  `label0: ignore` says that label 0 means 'ignore' and the listed classes are 1..C)"
-    ),
-    "toy": (
-        "  {root}/leftImg8bit/{{train,val}}/toy/<name>_leftImg8bit.png\n"
-        "  {root}/gtFine/{{train,val}}/toy/<name>_gtFine_labelTrainIds.png\n"
-        "It is generated when {root} does not exist: delete {root} to generate it again."
-    ),
-}
 
 # Cityscapes id -> trainId (cityscapesScripts helpers/labels.py); every other id -> 255.
 CITYSCAPES_ID_TO_TRAINID = {
@@ -559,6 +523,43 @@ def label_value_hint(values, num_classes):
 
 # -----------------------------------------------------------------------------------------------
 # Finding the files of a split
+
+
+# The layout of each dataset, shown when a root or a split is missing or empty.
+LAYOUTS = {
+    "cityscapes": (
+        "  {root}/leftImg8bit/{{train,val,test}}/<city>/<name>_leftImg8bit.png\n"
+        "  {root}/gtFine/{{train,val}}/<city>/<name>_gtFine_labelTrainIds.png\n"
+        "Get leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com,"
+        " unzip both into {root}, then run `python tools/prepare_datasets.py cityscapes {root}`."
+    ),
+    "ade20k": (
+        "  {root}/images/{{training,validation}}/<name>.jpg\n"
+        "  {root}/annotations/{{training,validation}}/<name>.png\n"
+        "  test split: {root}/images/testing/, or release_test/testing/ inside or beside {root}\n"
+        "Unzip ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/) into the parent"
+        " of {root}; the root is the ADEChallengeData2016 folder itself."
+    ),
+    "voc12aug": (
+        "  {root}/JPEGImages/<name>.jpg\n"
+        "  {root}/SegmentationClass/<name>.png, {root}/SegmentationClassAug/<name>.png\n"
+        "  {root}/ImageSets/Segmentation/{{train,val,aug}}.txt (test.txt for the test split)\n"
+        "Unpack VOCtrainval_11-May-2012.tar (gives VOCdevkit/VOC2012) and the SBD benchmark.tgz (into"
+        " VOCdevkit/VOCaug), then run `python tools/prepare_datasets.py voc12aug data/VOCdevkit"
+        " data/VOCdevkit/VOCaug` to write SegmentationClassAug and aug.txt."
+    ),
+    "folder": (
+        "  {root}/images/{{train,val,test}}/<name>.jpg (or .jpeg/.png/.webp)\n"
+        "  {root}/labels/{{train,val}}/<name>.png (class indices 0..C-1, 255 = ignore)\n"
+        "  {root}/classes.txt (one class per line: a name, optionally followed by R G B; a line\n"
+        "  `label0: ignore` says that label 0 means 'ignore' and the listed classes are 1..C)"
+    ),
+    "toy": (
+        "  {root}/leftImg8bit/{{train,val}}/toy/<name>_leftImg8bit.png\n"
+        "  {root}/gtFine/{{train,val}}/toy/<name>_gtFine_labelTrainIds.png\n"
+        "It is generated when {root} does not exist: delete {root} to generate it again."
+    ),
+}
 
 
 def missing_path_error(name, root, path, what="not found"):
