@@ -655,8 +655,11 @@ def find_voc12aug_pairs(root, split):
                 f"voc12aug: {len(missing_images)} images listed in {list_path} are missing, e.g. {missing_images[0]}."
             )
         hint = prepare if label_dir == "SegmentationClassAug" else ""
-        pairs += pair_up("voc12aug", split, root / "JPEGImages", images, lambda image, folder=root / label_dir:
-                         folder / (image.stem + ".png"), hint=lambda _, hint=hint: hint)  # fmt: skip
+        pairs += pair_up(
+            "voc12aug", split, root / "JPEGImages", images,
+            label_of=lambda image, folder=root / label_dir: folder / f"{image.stem}.png",
+            hint=lambda label_path, hint=hint: hint,
+        )  # fmt: skip
     return pairs
 
 
