@@ -1,1 +1,1 @@
-"""Scripts beside the project: dataset preparation, label conversion, the OpenCV pipelines benchmark.py compares."""
+"""Scripts beside the project: dataset preparation, label conversion, the OpenCV pipelines of benchmark.py."""
