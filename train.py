@@ -390,8 +390,14 @@ def build_model(args, config, num_classes, resume_path, rank, world_size, say):
         say(load_for_fine_tuning(raw_model, args.load_from, args.trust_checkpoint))
     elif config["pretrained"] != "none" and not resume_path:
         say(f"loading the ImageNet backbone {config['pretrained']}")
+
         # Rank 0 first: it downloads the file into torch.hub's cache, the others then read it.
-        load = lambda: gcnet.load_weights(raw_model, config["pretrained"], trust=args.trust_checkpoint)  # noqa: E731
+        def load():
+            try:
+                return gcnet.load_weights(raw_model, config["pretrained"], trust=args.trust_checkpoint)
+            except (FileNotFoundError, ValueError) as error:
+                raise SystemExit(f"--pretrained: {error}") from None
+
         runtime.rank_zero_first(load, rank, world_size)
     if config["sync_bn"]:
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)

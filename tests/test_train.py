@@ -385,3 +385,27 @@ def test_fine_tuning_an_official_19_class_checkpoint_on_the_5_class_toy_set(toy_
     losses = [r["loss"] for r in read_log(work_dir) if "loss" in r]
     assert len(losses) == 12 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     assert torch.load(work_dir / "iter_12.pth", weights_only=True)["iteration"] == 12
+
+
+def test_no_entry_point_runs_code_from_a_hostile_checkpoint(toy_root, tmp_path, monkeypatch):
+    import evaluate
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # the URL's download goes here
+    marker = tmp_path / "PWNED"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": RunsCode()}, evil)
+    entry_points = [
+        lambda: evaluate.main(["--checkpoint", str(evil), "--device", "cpu"]),
+        lambda: train.main(toy_args(toy_root, tmp_path / "a", "--resume", str(evil))),
+        lambda: train.main(toy_args(toy_root, tmp_path / "b", "--pretrained", str(evil))),
+        lambda: train.main(toy_args(toy_root, tmp_path / "c", "--load-from", evil.as_uri())),
+    ]
+    for run in entry_points:
+        with pytest.raises(SystemExit, match="refusing to load .*evil.pth.*--trust-checkpoint"):
+            run()
+        assert not marker.exists()
