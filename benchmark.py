@@ -71,19 +71,18 @@ GB = 1024**3
 def row_settings(args, device):
     """recipe.row of the chosen row, plus what the measurements need: the original image size that
     the test pipeline rescales to the test scale, the training crop and batches."""
-    row = recipe.row(args.dataset, args.crop and recipe.parse_crop(args.crop, "--crop"), args.depth)
+    row = recipe.row(args.dataset, args.crop, args.depth)
     crop_size, table_crops = row["crop_size"], recipe.DATASETS[args.dataset]["crops"]
     if crop_size not in table_crops:
         crops = ", ".join(f"{h}x{w}" for h, w in table_crops)
-        raise ValueError(
-            f"--crop {args.crop}: the results table has {args.dataset} rows for crops {crops}; pick one of them (--train-crop changes the training crop alone)"
-        )
+        raise ValueError(f"--crop {crop_size[0]}x{crop_size[1]}: the results table has {args.dataset} rows "
+                         f"for crops {crops}; pick one of them (--train-crop changes the training crop alone)")  # fmt: skip
     original_size = CITYSCAPES_IMAGE_SIZE if args.dataset == "cityscapes" else NATURAL_IMAGE_SIZE
     test_scale = row["scale"]
     if args.size is not None:  # the given size is fed to the model as it is
-        original_size = recipe.parse_crop(args.size, "--size")
+        original_size = args.size
         test_scale = (original_size[1], original_size[0])
-    train_crop = recipe.parse_crop(args.train_crop, "--train-crop") if args.train_crop else crop_size
+    train_crop = args.train_crop or crop_size
     # By default on a GPU also the table's 4 GPUs' worth of images on one (2 -> 8, 4 -> 16).
     batches = [row["batch_size"]] + ([row["global_batch"]] if device.type == "cuda" else [])
     batches = list(dict.fromkeys(args.train_batch or batches))
@@ -567,9 +566,8 @@ def main(argv=None):
         variants = variant_list(device, args, row["train_batches"])
     except ValueError as error:
         raise SystemExit(f"benchmark.py: {error}") from None
-    args.iters = args.iters or (50 if device.type == "cuda" else 3)
-    if args.warmup < 1 or args.iters < 1:
-        raise SystemExit("--warmup and --iters must be at least 1 (the first warm-up call counts the FLOPs)")
+    if args.iters is None:
+        args.iters = 50 if device.type == "cuda" else 3
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -588,7 +586,7 @@ def main(argv=None):
         name: estimate_on_fake_tensors(row, memory["precision"], name == "checkpointing", *fake)
         for name in ("default", "checkpointing")
     }
-    data_results = benchmark_data(row, recipe.parse_crop(args.data_size, "--data-size"), args.data_iters)
+    data_results = benchmark_data(row, args.data_size, args.data_iters)
     # Measured again at the end: on a shared machine, the better of the two is closer to the device's limit.
     peaks = {precision: max(rate, matmul_rate(precision, device)) for precision, rate in peaks.items()}
     records = summarize(variants, measured, peaks, flops)
@@ -723,24 +721,25 @@ def build_parser():
         "default variant, which the targets judge, and runs only fp32 eager (the baseline) and P's variants.",
     )
     add = parser.add_argument
+    positive, size = runtime.number_flag(int, 1), runtime.size_flag
+    # fmt: off
     add("--dataset", default="cityscapes", choices=recipe.TABLE_DATASETS)
-    add("--crop", default=None, help="the row's crop, 769 or HxW (default: the dataset's first)")
+    add("--crop", type=size("--crop"), help="the row's crop, 769 or HxW (default: the dataset's first)")
     add("--depth", type=int, default=50, choices=(50, 101))
-    add("--size", default=None, help="HxW fed to the model for inference (default: the row's)")
-    add("--iters", type=int, default=None, help="timed images and steps (default 50 CUDA, 3 CPU)")
-    warmup = "untimed calls before them (default 2: the first SGD step creates the momentum buffers, so"
-    add("--warmup", type=int, default=2, help=warmup + " steady steps start at the third; the original: 5)")
-    batches = (
-        "training batches: the first for every variant, the others for the default and checkpointing ones "
-        "(default: the row's per-GPU batch; on CUDA also the table's 4 GPUs' worth on one, e.g. 2 8)"
-    )
-    add("--train-batch", type=int, nargs="+", default=None, help=batches)
-    add("--train-crop", default=None, help="769 or HxW (default: the row's crop)")
-    add("--data-size", default="1024x2048", help="HxW of the PNG for the data timing")
-    add("--data-iters", type=int, default=40, help="timed samples per data pipeline")
-    add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add("--size", type=size("--size"), help="HxW fed to the model for inference (default: the row's)")
+    add("--iters", type=positive, help="timed images and steps (default 50 CUDA, 3 CPU)")
+    add("--warmup", type=positive, default=2, help="untimed calls before them (default 2: the first SGD step "
+        "creates the momentum buffers, so steady steps start at the third; the original: 5)")
+    add("--train-batch", type=positive, nargs="+", help="training batches: the first for every variant, the "
+        "others for the default and checkpointing ones (default: the row's per-GPU batch; on CUDA also the "
+        "table's 4 GPUs' worth on one, e.g. 2 8)")
+    add("--train-crop", type=size("--train-crop"), help="769 or HxW (default: the row's crop)")
+    add("--data-size", type=size("--data-size"), default=(1024, 2048), help="HxW of the data timing's PNG")
+    add("--data-iters", type=positive, default=40, help="timed samples per data pipeline")
+    add("--threads", type=positive, help="torch threads (default: torch's choice)")
     add("--no-compile", action="store_true", help="skip the torch.compile variant")
     add("--out", default="benchmark.json", help="where the JSON results go")
+    # fmt: on
     runtime.add_arguments(parser)
     return parser
 

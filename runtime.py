@@ -235,3 +235,16 @@ def writable_path(kind):
         return text
 
     return parse
+
+
+def size_flag(flag):
+    """argparse type of a size flag (--crop, --stride, --size): '769' or '512x1024' (recipe.parse_crop)."""
+    import recipe  # here: recipe.py needs nothing from this module, and this one little from it
+
+    def parse(text):
+        try:
+            return recipe.parse_crop(text, flag)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{flag}: ")) from None
+
+    return parse

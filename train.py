@@ -480,7 +480,7 @@ def build_parser():
     # fmt: off
     # The row of the table; every unset flag below takes its value from it (recipe.row).
     add("--dataset", default="toy", choices=sorted(table.DATASETS))
-    add("--crop", help="crop size, N or HxW: 512x1024 or 769 for Cityscapes, 512 otherwise")
+    add("--crop", type=runtime.size_flag("--crop"), help="crop, N or HxW: 512x1024 or 769 for Cityscapes, else 512")
     add("--depth", type=int, default=50, choices=(50, 101))
     add("--iters", type=positive, help="iterations (default: the row's schedule, e.g. 40000)")
     add("--batch-size", type=positive, help="per GPU/process (default 2 Cityscapes, 4 otherwise)")

@@ -4,6 +4,7 @@ of bytes saved for backward; the CUDA targets on made-up figures."""
 import json
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -167,3 +168,14 @@ def test_cuda_targets_on_made_up_figures():
     assert "with activation checkpointing" in measured["target"]
     estimated = next(t for name, t in targets.items() if name.startswith("estimated"))
     assert estimated["measured"] == 1.9 and estimated["passed"]
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--iters", "0"), ("--warmup", "0"), ("--train-batch", "0"), ("--data-iters", "-1"), ("--threads", "0"),
+     ("--crop", "0"), ("--size", "12x"), ("--data-size", "0x5")],
+)  # fmt: skip
+def test_numeric_and_size_flags_are_checked_when_parsed(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.build_parser().parse_args([flag, value])
+    assert f"argument {flag}: expected" in capsys.readouterr().err
