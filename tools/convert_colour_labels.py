@@ -8,7 +8,8 @@
 
 Class i is the i-th class line of classes.txt (`name R G B`; a line without a colour gets the VOC
 colour map's colour i, so VOC-style colour masks need no colours written out). The output is a
-single-channel uint8 PNG of class indices, 255 where a pixel has an --ignore-colour. A colour that is
+single-channel uint8 PNG of class indices, 255 where a pixel has an --ignore-colour (with `label0: ignore`
+in classes.txt: class i as i + 1 and the ignore colours as 0). A colour that is
 neither a class's nor an ignore colour is an error naming the file, the colour and its pixel count;
 such a file is not written and the others go on. Files that exist are skipped, so an interrupted run
 continues where it stopped; --overwrite converts them again (after classes.txt changed). Every file is
@@ -41,9 +42,10 @@ def colour_of(code):
     return (code >> 16) & 255, (code >> 8) & 255, code & 255
 
 
-def lookup_table(palette, ignore_colours=()):
-    """An int16 table over all 2^24 colours: the class index of each class colour, 255 for the ignore
-    colours, UNKNOWN elsewhere. 32 MB, and one gather converts a whole image."""
+def lookup_table(palette, ignore_colours=(), zero_is_ignore=False):
+    """An int16 table over all 2^24 colours: the label value of each class colour, the ignore value for
+    the ignore colours, UNKNOWN elsewhere. 32 MB, and one gather converts a whole image. With
+    `label0: ignore` in classes.txt, class i is written as i + 1 and the ignore colours as 0."""
     if len(palette) > data.IGNORE_INDEX:
         raise ValueError(
             f"classes.txt lists {len(palette)} classes; a uint8 label holds at most {data.IGNORE_INDEX} "
@@ -51,8 +53,9 @@ def lookup_table(palette, ignore_colours=()):
         )
     table = torch.full((1 << 24,), UNKNOWN, dtype=torch.int16)
     owner = {}  # colour -> what it stands for, to refuse a colour given twice
-    entries = [(tuple(colour), index, f"class {index}") for index, colour in enumerate(palette)]
-    entries += [(tuple(colour), data.IGNORE_INDEX, "--ignore-colour") for colour in ignore_colours]
+    first, ignore = (1, 0) if zero_is_ignore else (0, data.IGNORE_INDEX)
+    entries = [(tuple(colour), first + index, f"class {index}") for index, colour in enumerate(palette)]
+    entries += [(tuple(colour), ignore, "--ignore-colour") for colour in ignore_colours]
     for colour, value, what in entries:
         if any(not 0 <= channel <= 255 for channel in colour):
             raise ValueError(f"colour {list(colour)} of {what} is not in 0..255")
@@ -146,8 +149,8 @@ def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, w
         raise ValueError(
             f"--src and --dst are the same folder ({src}); the colour masks would be overwritten."
         )
-    classes, palette = data.read_classes_file(classes_file.parent)
-    table = lookup_table(palette, ignore_colours)
+    classes, palette, zero_is_ignore = data.read_classes_file(classes_file.parent)
+    table = lookup_table(palette, ignore_colours, zero_is_ignore)
     jobs = find_jobs(src, dst)
     results = {"converted": 0, "skipped": 0, "failed": []}
     progress = dict(total=len(jobs), desc=f"{src} -> {dst}", unit="file")
