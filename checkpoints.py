@@ -447,14 +447,21 @@ class StopRequest:
     A second Ctrl-C stops at once."""
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self.handle)
-        signal.signal(signal.SIGINT, self.handle)
+        self.requested, self.pid = False, os.getpid()
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked child (a pool worker) inherited this: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+
+    def restore(self):
+        """Put back the handlers that were there before (train.main called from Python returns)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class Log:

@@ -211,6 +211,7 @@ def main(argv=None):
         if (work_dir / "best.pth").exists():
             say(f"evaluate with: python evaluate.py --checkpoint {work_dir / 'best.pth'} --ms-flip")
     log.close()
+    stop.restore()
     if world_size > 1:
         dist.destroy_process_group()
     if lock is not None:
