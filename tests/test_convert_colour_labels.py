@@ -52,12 +52,12 @@ def test_colours_become_class_indices_and_the_ignore_colour_255(tmp_path, capsys
     assert not list((tmp_path / "labels").rglob(".*.tmp"))
 
 
-
 def test_label0_ignore_writes_classes_from_1_and_the_ignore_colour_as_0(tmp_path):
     folder_dataset(tmp_path, "label0: ignore\n" + CLASSES_TXT)
     convert.main([str(tmp_path), "--ignore-colour", "255", "255", "255", "--workers", "1"])
     assert read_index_png(tmp_path / "labels" / "train" / "a.png") == [[1, 2, 3], [0, 1, 2]]
     assert read_index_png(tmp_path / "labels" / "val" / "b.png") == [[3, 3], [2, 1]]
+
 
 def test_unknown_colours_are_named_with_file_and_pixel_count(tmp_path, capsys):
     folder_dataset(tmp_path)  # white is not declared: both its pixels in a.png are unknown

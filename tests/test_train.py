@@ -199,7 +199,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(toy_root, tmp_path):
     assert 1 <= iteration < 1000 and saved[0].name == f"iter_{iteration}.pth"
 
 
-
 def test_the_stop_handler_lets_forked_children_die_and_is_put_back_after_a_run():
     # A process pool forked after train.main (tools/prepare_datasets.py in the same process, say) ends
     # its workers with SIGTERM; a worker that only noted the signal would hang the pool for ever.
@@ -218,6 +217,7 @@ def test_the_stop_handler_lets_forked_children_die_and_is_put_back_after_a_run()
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) is before
+
 
 def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
     args = toy_args(toy_root, tmp_path, "--iters", "4", "--eval-interval", "4")
