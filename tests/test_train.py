@@ -205,10 +205,13 @@ def test_the_stop_handler_lets_forked_children_die_and_is_put_back_after_a_run()
     before = signal.getsignal(signal.SIGTERM)
     stop = checkpoints.StopRequest()
     try:
+        ready, ready_write = os.pipe()
         child = os.fork()
         if child == 0:
+            os.write(ready_write, b"1")  # (a signal between fork and Python's after-fork reset is dropped)
             time.sleep(20)
             os._exit(0)
+        os.read(ready, 1)
         os.kill(child, signal.SIGTERM)
         _, status = os.waitpid(child, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
