@@ -1,20 +1,18 @@
 """Datasets and the training and test transforms of GCNet, as the original mmsegmentation recipe has them.
 
-Read in order: the dataset table and `build_dataset`; the training pipeline (`TrainTransform`, then
-its steps as they run); `test_transform`; the Dataset class, and how a split's files are found and
-checked. Two appendices close the file: the OpenCV-exact pixel arithmetic the transforms call, and
-the toy dataset. All is plain torch: every random draw comes from torch's RNG (a DataLoader seeded
-with `torch.manual_seed` is reproducible, its workers differ), and pixels match OpenCV's bit for bit.
-
-The datasets sit in their downloads' own layouts (LAYOUTS, with the split finders; default roots
-are relative to the working directory, as in the original). Labels are PNGs of class indices,
-255 = ignore; test splits need none. Cityscapes and VOC need a one-off tools/prepare_datasets.py.
-
-    import data
+Read in order: the dataset table and `build_dataset`; the training pipeline (`TrainTransform`, then its
+steps as they run); `test_transform`; the Dataset class, and how a split's files are found and checked.
+Appendix A holds the OpenCV-exact pixel arithmetic the transforms call, appendix B the toy dataset. All is
+plain torch: every random draw comes from torch's RNG (a DataLoader seeded with `torch.manual_seed` is
+reproducible, its workers differ), and pixels match OpenCV's bit for bit. The datasets sit in their
+downloads' own layouts (LAYOUTS; default roots are relative to the working directory, as in the original).
+Labels are PNGs of class indices, 255 = ignore; test splits need none. Cityscapes and VOC need a one-off
+tools/prepare_datasets.py. E.g.:
     train_set = data.build_dataset("cityscapes", split="train")  # (image, label) crops
     val_set = data.build_dataset("cityscapes", split="val")      # (images, label, meta)
 """
 
+import functools
 import json
 import os
 import shutil
@@ -33,11 +31,11 @@ import recipe
 # ImageNet statistics in RGB order on the 0..255 scale (mmseg v0.5.0 configs/_base_/datasets/*.py).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
+MEAN_TENSOR, STD_TENSOR = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
 IGNORE_INDEX = 255
 
 # The names and colours of the three benchmark datasets sit in a JSON file beside this one.
-with open(Path(__file__).resolve().parent / "classes_and_palettes.json") as file:
-    CLASSES_AND_PALETTES = json.load(file)
+CLASSES_AND_PALETTES = json.loads((Path(__file__).resolve().parent / "classes_and_palettes.json").read_text())
 
 # The toy dataset (appendix B): background plus four shapes, each drawn in its own colour. The
 # colours are 90 degrees of hue apart, so the hue shift of the photometric distortion (at most 36
@@ -69,14 +67,11 @@ CITYSCAPES_ID_TO_TRAINID = {
 def build_dataset(
     name, root=None, split="train", crop_size=None, scale=None, test_ratios=(1.0,), reduce_zero_label=None
 ):
-    """A dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'.
-
-    root: default DATASETS[name]['default_root'] ('folder' needs one). split: 'train', 'val' or 'test'
-    (images only: labels None, has_labels False). crop_size: (h, w), 769 or '512x1024', default the
-    recipe's. scale: (W, H) the images are rescaled to fit, in training and testing alike; default
-    recipe.row(name, crop_size)['scale']. test_ratios: the ratios of multi-scale testing.
-    reduce_zero_label: True when label 0 means 'ignore' and the classes start at 1; None takes the
-    dataset's convention (ADE20K: True; folder: a `label0: ignore` line in classes.txt).
+    """A dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'. root: default
+    DATASETS[name]['default_root'] ('folder' needs one). split 'test' has images only (labels None).
+    crop_size: (h, w), 769 or '512x1024'; scale: (W, H) the images are rescaled to fit, in training and
+    testing alike; both default to recipe.row(name, crop_size). reduce_zero_label (label 0 means 'ignore',
+    classes start at 1): None takes the dataset's (ADE20K: True; folder: `label0: ignore` in classes.txt).
     Every file is checked here, cheaply (headers and last bytes), so a bad one fails no run hours in."""
     if split not in SPLITS:
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -120,40 +115,25 @@ class TrainTransform:
     int64 h x w) at crop_size (h, w). train_scale is (W, H), e.g. (2048, 1024) for Cityscapes."""
 
     def __init__(self, train_scale, crop_size, ignore_index=IGNORE_INDEX, cat_max_ratio=0.75):
-        self.steps = [
-            RandomRescaleCrop(train_scale, crop_size, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
-            RandomHorizontalFlip(0.5),
-            PhotometricDistortion(),  # on the crop, as in the original: cheap
-            NormalizePad(crop_size, ignore_index),
-        ]
+        self.train_scale, self.crop_size = train_scale, crop_size
+        self.ignore_index, self.cat_max_ratio = ignore_index, cat_max_ratio
+        self.photometric_distortion = PhotometricDistortion()
+        self.normalize_pad = NormalizePad(crop_size, ignore_index)
 
     def __call__(self, image, label):
-        label = label.to(torch.uint8)
-        for step in self.steps:
-            image, label = step(image, label)
-        return image, label
+        image, label = self.random_rescale_crop(image, label.to(torch.uint8))
+        if float(torch.rand(())) < 0.5:  # step 5: mirror image and label with probability 0.5
+            image, label = image.flip(-1), label.flip(-1)
+        image, label = self.photometric_distortion(image, label)  # on the crop, as in the original: cheap
+        return self.normalize_pad(image, label)
 
-
-class RandomRescaleCrop:
-    """Steps 3 and 4: rescale by a random ratio r in [0.5, 2) to fit (int(W_s*r), int(H_s*r)) keeping
-    the aspect ratio, then crop at most crop_size where the cat_max_ratio test passes. Only the pixels
-    inside the crop boxes are computed, bit-exact with resizing everything and then cropping
-    (appendix A). An image smaller than the crop gives a smaller crop; NormalizePad fills it up."""
-
-    def __init__(
-        self, scale, crop_size, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, ignore_index=IGNORE_INDEX
-    ):
-        self.scale, self.crop_size, self.ratio_range = scale, crop_size, ratio_range
-        self.cat_max_ratio, self.ignore_index = cat_max_ratio, ignore_index
-
-    def __call__(self, image, label):
-        ratio = uniform(*self.ratio_range)
-        size = rescale_size(*label.shape, ratio_scale(self.scale, ratio))
+    def random_rescale_crop(self, image, label):
+        """Steps 3 and 4: rescale by a random ratio r in [0.5, 2) to fit (int(W_s*r), int(H_s*r)) keeping
+        the aspect ratio, then crop at most crop_size where the cat_max_ratio test passes, computing only
+        the crop boxes (bit-exact, appendix A). A smaller image gives a smaller crop, padded later."""
+        size = rescale_size(*label.shape, ratio_scale(self.train_scale, uniform(0.5, 2.0)))
         height, width = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
-
-        def label_crop(top, left):
-            return resize_label_window(label, size, top, left, height, width)
-
+        label_crop = functools.partial(resize_label_window, label, size, height=height, width=width)
         top, left, label = choose_crop(
             size, self.crop_size, label_crop, self.cat_max_ratio, self.ignore_index
         )
@@ -181,8 +161,7 @@ def random_crop_box(height, width, crop_size):
 
 
 def crop_is_acceptable(label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
-    """The cat_max_ratio test: at least two classes, and none covering cat_max_ratio or more of the
-    non-ignored pixels."""
+    """The cat_max_ratio test: at least two classes, each under cat_max_ratio of the non-ignored pixels."""
     counts = torch.bincount(label_crop.flatten(), minlength=256)
     counts[ignore_index] = 0
     counts = counts[counts > 0]
@@ -203,30 +182,13 @@ def choose_crop(size, crop_size, label_crop, cat_max_ratio=0.75, ignore_index=IG
     return top, left, label_crop(top, left)
 
 
-class RandomHorizontalFlip:
-    """Step 5: mirror image and label with probability 0.5."""
-
-    def __init__(self, probability=0.5):
-        self.probability = probability
-
-    def __call__(self, image, label):
-        if float(torch.rand(())) < self.probability:
-            return image.flip(-1), label.flip(-1)
-        return image, label
-
-
 class PhotometricDistortion:
     """Step 6: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order. Each
     step happens with probability 0.5, on uint8 pixels clipped and truncated after each: brightness
     (add U(-32, 32)); contrast (multiply by U(0.5, 1.5)) now or last, by a coin; saturation (multiply
     S by U(0.5, 1.5)); hue (add an integer in [-18, 17] to H, mod 180). RGB here, BGR there: the same."""
 
-    def __init__(
-        self, brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta=18
-    ):
-        self.brightness_delta = brightness_delta
-        self.contrast_range, self.saturation_range = contrast_range, saturation_range
-        self.hue_delta = hue_delta
+    brightness_delta, contrast_range, saturation_range, hue_delta = 32, (0.5, 1.5), (0.5, 1.5), 18
 
     def contrast(self, image):
         if coin_flip():
@@ -269,10 +231,6 @@ def scale_and_shift_uint8(image, alpha=1.0, beta=0.0):
     return image.to(torch.float32, copy=True).mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
 
 
-MEAN_TENSOR = torch.tensor(MEAN).view(3, 1, 1)
-STD_TENSOR = torch.tensor(STD).view(3, 1, 1)
-
-
 def normalize(image):
     """uint8 RGB 3 x H x W -> float32 (image - MEAN) / STD, computed in place in one new tensor."""
     return image.to(torch.float32, copy=True).sub_(MEAN_TENSOR).div_(STD_TENSOR)
@@ -287,8 +245,7 @@ class NormalizePad:
 
     def __call__(self, image, label):
         image = normalize(image)
-        pad_bottom = self.crop_size[0] - image.shape[1]
-        pad_right = self.crop_size[1] - image.shape[2]
+        pad_bottom, pad_right = self.crop_size[0] - image.shape[1], self.crop_size[1] - image.shape[2]
         if pad_bottom > 0 or pad_right > 0:
             padding = (0, max(pad_right, 0), 0, max(pad_bottom, 0))  # (left, right, top, bottom)
             image = F.pad(image, padding, value=0.0)
@@ -307,13 +264,10 @@ def denormalize(image):
 
 
 def test_transform(image, scale, ratios=(1.0,)):
-    """uint8 RGB 3 x H x W -> one normalised float32 image per ratio, each rescaled to fit
-    (int(W_s*r), int(H_s*r)) with its aspect ratio kept. The label is not touched: evaluation uses it
-    at its original resolution."""
-    height, width = image.shape[-2:]
-    return [
-        normalize(resize_image(image, rescale_size(height, width, ratio_scale(scale, r)))) for r in ratios
-    ]
+    """uint8 RGB 3 x H x W -> one normalised float32 image per ratio r, each rescaled to fit (int(W_s*r),
+    int(H_s*r)) keeping its aspect ratio. The label is untouched: evaluation uses it at full resolution."""
+    sizes = [rescale_size(*image.shape[-2:], ratio_scale(scale, ratio)) for ratio in ratios]
+    return [normalize(resize_image(image, size)) for size in sizes]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -321,10 +275,9 @@ def test_transform(image, scale, ratios=(1.0,)):
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """A list of (image, label) files and the transform of its split. train items: (image float32
-    3 x h x w, label int64 h x w) at crop_size. val/test items: (images, label, meta): one normalised image
-    per test ratio, the int64 label at its original size (None in the test split), and
-    meta = dict(name, image_path, original_size)."""
+    """(image, label) files and their split's transform. train items: (float32 3 x h x w, int64 h x w) at
+    crop_size. val/test items: (images, label, meta): a normalised image per test ratio, the int64 label at
+    its original size (None in the test split), meta = dict(name, image_path, original_size)."""
 
     def __init__(
         self, name, root, split, pairs, classes, palette, *, scale, crop_size, test_ratios=(1.0,),
@@ -360,9 +313,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image, label
 
     def check_not_reduced_already(self, label, path):
-        """Raw ADE20K labels are 0 (other) and 1..150, never 255. One holding 255 and no 150 was reduced
-        already (0..149, 255 = ignore): reducing again would shift every class by one. (Folder data may
-        use 255 beside 0 for 'ignore', so only ADE20K is checked.)"""
+        """Raw ADE20K labels are 0 (other) and 1..150. One holding 255 and no 150 was reduced already: reducing
+        again would shift every class. (Folder data may use 255 beside 0 for 'ignore': not checked.)"""
         if self.name != "ade20k" or not (label == IGNORE_INDEX).any() or (label == self.num_classes).any():
             return
         raise ValueError(
@@ -391,33 +343,31 @@ def collate_val(batch):
     """Batch val or test items of different sizes: (list of image lists, labels stacked when they share
     a size, else a list (of None in the test split), list of metas)."""
     images, labels, metas = zip(*batch, strict=True)
-    if any(label is None for label in labels):
-        return list(images), list(labels), list(metas)
-    same_size = all(label.shape == labels[0].shape for label in labels)
-    return list(images), torch.stack(labels) if same_size else list(labels), list(metas)
+    stack = all(label is not None and label.shape == labels[0].shape for label in labels)
+    return list(images), torch.stack(labels) if stack else list(labels), list(metas)
 
 
-def decode_file(path, mode, apply_exif_orientation=False):
-    """torchvision's decoder on a file. torchvision 0.29 marks its codecs deprecated in favour of
-    TorchCodec, which is not a dependency here; silence that warning, which would come once per image."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-        return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=apply_exif_orientation)
+def decode_file(path, kind, mode, upright=False):
+    """torchvision's decoder on an image or label file. torchvision 0.29 marks its codecs deprecated in
+    favour of TorchCodec, not a dependency here; silence that warning, which would come once per image."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{kind} file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+            return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
+    except RuntimeError as error:
+        expected = {
+            "image": "a JPEG, PNG or WebP file; re-save or remove it",
+            "label": "a PNG of class indices",
+        }
+        raise ValueError(f"cannot decode {kind} {path} ({error}). Expected {expected[kind]}.") from None
 
 
 def read_image(path, upright=False):
     """Decode an image file to a uint8 tensor 3 x H x W, RGB. upright=True turns it as its EXIF
     orientation says (phone photos); dataset images are read as stored, like their labels."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        image = decode_file(path, ImageReadMode.RGB, apply_exif_orientation=upright)
-    except RuntimeError as error:
-        message = (
-            f"cannot decode image {path} ({error}). Expected a JPEG, PNG or WebP file; re-save or remove it."
-        )
-        raise ValueError(message) from None
+    image = decode_file(Path(path), "image", ImageReadMode.RGB, upright)
     if image.dtype != torch.uint8:  # 16-bit PNG: keep the 8 most significant bits
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
@@ -427,12 +377,7 @@ def read_label(path):
     """Decode a label PNG to a uint8 tensor H x W of class indices. A palette PNG (VOC's
     SegmentationClass) gives its indices, not its colours, as PIL's 'P' mode does in the original."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label file not found: {path}")
-    try:
-        label = decode_file(path, ImageReadMode.UNCHANGED)
-    except RuntimeError as error:
-        raise ValueError(f"cannot decode label {path} ({error}). Expected a PNG of class indices.") from None
+    label = decode_file(path, "label", ImageReadMode.UNCHANGED)
     if label.shape[0] != 1:
         raise ValueError(label_channels_error(path, label.shape[0]))
     if label.dtype != torch.uint8:  # 16-bit PNG: fine as long as every value fits in 8 bits
@@ -600,9 +545,8 @@ def list_images(name, root, image_dir, pattern, kind):
     """The images matching `pattern` in image_dir and its subfolders (as the original scans img_dir)."""
     images = sorted(image_dir.rglob(pattern)) if image_dir.is_dir() else []
     if not images:
-        raise missing_path_error(
-            name, root, image_dir, f"holds no {kind} files" if image_dir.is_dir() else "not found"
-        )
+        what = f"holds no {kind} files" if image_dir.is_dir() else "not found"
+        raise missing_path_error(name, root, image_dir, what)
     return images
 
 
@@ -728,15 +672,10 @@ def read_classes_file(root):
 def default_palette(num_classes):
     """Distinct colours for classes.txt lines without R G B: the bit-spreading colour map of the VOC
     devkit (index bits go to the high bits of R, G and B in turn)."""
-    palette = []
-    for index in range(num_classes):
-        colour, bits = [0, 0, 0], index
-        for shift in range(7, -1, -1):
-            for channel in range(3):
-                colour[channel] |= ((bits >> channel) & 1) << shift
-            bits >>= 3
-        palette.append(colour)
-    return palette
+    return [
+        [sum(((index >> (3 * bit + channel)) & 1) << (7 - bit) for bit in range(8)) for channel in range(3)]
+        for index in range(num_classes)
+    ]
 
 
 def file_problem(path, kind):
@@ -749,12 +688,9 @@ def file_problem(path, kind):
             tail = file.read()
     except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
         return f"cannot decode {kind} {path} ({error})", None
-    expected = ("PNG",) if kind == "label" else ("JPEG", "PNG", "WEBP")
-    if image_format not in expected:
-        return (
-            f"cannot decode {kind} {path}: it is a {image_format} file, expected {'/'.join(expected)}",
-            None,
-        )
+    expected = "PNG" if kind == "label" else "JPEG/PNG/WEBP"
+    if image_format not in expected.split("/"):
+        return f"cannot decode {kind} {path}: it is a {image_format} file, expected {expected}", None
     end_marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(image_format)
     if end_marker and end_marker not in tail:
         return f"cannot decode {kind} {path}: the {image_format} file is truncated (no end marker)", None
@@ -817,14 +753,10 @@ def resize_image_window(image, size, top, left, height, width):
     columns = source.gather(2, col0.expand(shape)).to(torch.int32).mul_(col_weight0)
     columns += source.gather(2, col1.expand(shape)).to(torch.int32).mul_(col_weight1)
     columns >>= 4
-    upper = columns.index_select(1, row0 - first_row).mul_(row_weight0[:, None])
-    upper >>= 16
-    lower = columns.index_select(1, row1 - first_row).mul_(row_weight1[:, None])
-    lower >>= 16
-    upper += lower
-    upper += 2
-    upper >>= 2
-    return upper.clamp_(0, 255).to(torch.uint8)  # (C, height, width)
+    upper = columns.index_select(1, row0 - first_row).mul_(row_weight0[:, None]).bitwise_right_shift_(16)
+    lower = columns.index_select(1, row1 - first_row).mul_(row_weight1[:, None]).bitwise_right_shift_(16)
+    upper.add_(lower).add_(2).bitwise_right_shift_(2)  # (C, height, width)
+    return upper.clamp_(0, 255).to(torch.uint8)
 
 
 def resize_image(image, size):
@@ -835,10 +767,9 @@ def resize_image(image, size):
     return resize_image_window(image, size, 0, 0, size[0], size[1])
 
 
-def nearest_indices(in_size, out_size, start=0, count=None):
+def nearest_indices(in_size, out_size, start, count):
     """OpenCV's INTER_NEAREST source indices floor(d * (1 / (out / in))) of the outputs start..start+count-1,
     in double as OpenCV (torch's 'nearest' works in float: another pixel for about 8% of size pairs)."""
-    count = out_size - start if count is None else count
     positions = torch.arange(start, start + count, dtype=torch.float64)
     return torch.floor(positions * (1.0 / (out_size / in_size))).long().clamp_(max=in_size - 1)
 
@@ -869,25 +800,20 @@ def lookup(table, indices):
     return table.index_select(0, indices.flatten()).view(indices.shape)
 
 
-def equal_mask(larger, other):
-    """-1 (all bits set) where larger == other, else 0, for int32 maps with larger >= other: the sign
-    bit of larger - other - 1, spread by a shift. Bit masks select without torch.where's branches."""
-    return (larger - other).sub_(1).bitwise_right_shift_(31)
-
-
 def rgb_to_hsv_uint8(image):
     """uint8 RGB 3 x H x W -> (hue 0..179, saturation, value), int32 H x W each, bit-exact with
     cv2.cvtColor(COLOR_BGR2HSV): V = max, S = 255 (max - min) / V, H from the channel holding the max
     (red first, then green): 30 (G - B) / spread, 60 + 30 (B - R) / spread or 120 + 30 (R - G) /
     spread, the divisions as table multiplies in 12-bit fixed point."""
-    red, green, blue = image.to(torch.int32).unbind(0)
-    value = torch.maximum(red, green)
-    torch.maximum(value, blue, out=value)
-    spread = torch.minimum(red, green)
-    torch.minimum(spread, blue, out=spread)
-    torch.sub(value, spread, out=spread)  # max - min
+    rgb = image.to(torch.int32)
+    red, green, blue = rgb.unbind(0)
+    value = rgb.amax(0)
+    spread = value - rgb.amin(0)  # max - min
     saturation = lookup(SATURATION_DIVISORS, value).mul_(spread).add_(1 << 11).bitwise_right_shift_(12)
-    red_is_max, green_is_max = equal_mask(value, red), equal_mask(value, green)
+    # -1 (all bits set) where a channel holds the max, else 0: the sign bit of max - channel - 1, spread
+    # by a shift. Bit masks select without torch.where's branches.
+    red_is_max = (value - red).sub_(1).bitwise_right_shift_(31)
+    green_is_max = (value - green).sub_(1).bitwise_right_shift_(31)
     from_green = (blue - red).add_(spread, alpha=2).bitwise_and_(green_is_max)
     from_blue = (red - green).add_(spread, alpha=4).bitwise_and_(green_is_max.bitwise_not_())
     from_red = (green - blue).bitwise_and_(red_is_max)
@@ -942,9 +868,7 @@ def draw_toy_sample(seed):
     height, width = TOY_IMAGE_SIZE
     # Grey texture: mostly brightness noise shared by the channels, so its saturation stays low.
     image = (
-        rng.randint(70, 180)
-        + rng.normal(0, 12, size=(height, width, 1))
-        + rng.normal(0, 3, (height, width, 3))
+        rng.randint(70, 180) + rng.normal(0, 12, (height, width, 1)) + rng.normal(0, 3, (height, width, 3))
     )
     label = np.zeros((height, width), np.uint8)
     rows, cols = np.mgrid[0:height, 0:width]
@@ -980,9 +904,8 @@ def write_toy_files(folder):
 
 
 def make_toy_dataset(root):
-    """Write the toy dataset into `root` atomically: everything goes to a temporary folder renamed to
-    `root` at the end, so an interrupted run leaves no half dataset (and two processes generating at
-    once do not mix their files)."""
+    """Write the toy dataset into `root` atomically, through a temporary folder renamed at the end: an
+    interrupted run leaves no half dataset, and two processes generating at once do not mix files."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     temporary = root.parent / f".{root.name}.tmp-{os.getpid()}"
