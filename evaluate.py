@@ -55,25 +55,16 @@ from model import GCNet, load_weights
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
-def as_pair(value):
-    """769 -> (769, 769); (h, w) stays (h, w)."""
-    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 # -----------------------------------------------------------------------------------------------
 # The test protocol: sliding windows, then scales and flips of one image
 # (mmseg v0.5.0 mmseg/models/segmentors/encoder_decoder.py whole_inference / slide_inference / aug_test)
 
 
 def slide_windows(height, width, crop_size, stride):
-    """Window boxes (y1, y2, x1, x2) of the original slide inference.
-
-    The grid has enough windows for the stride to reach the last row/column; windows that would
-    stick out are shifted back inside the image, so together they cover every pixel. 1025x2049
-    with crop 769 and stride 513 gives 2 x 4 windows.
-    """
-    crop_h, crop_w = as_pair(crop_size)
-    stride_h, stride_w = as_pair(stride)
+    """Window boxes (y1, y2, x1, x2) of the original slide inference: enough for the stride to reach
+    the last row/column, those sticking out shifted back inside, so they cover every pixel. 1025x2049
+    with crop 769 and stride 513 gives 2 x 4 windows."""
+    (crop_h, crop_w), (stride_h, stride_w) = recipe.parse_crop(crop_size), recipe.parse_crop(stride)
     rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
     cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
     boxes = []
@@ -88,13 +79,10 @@ def slide_windows(height, width, crop_size, stride):
 @torch.no_grad()
 def slide_inference(model, images, *, crop_size, stride, window_batch=4):
     """Logits (N, C, H, W) for images (N, 3, H, W) from overlapping windows, C = model.num_classes.
-
-    Each window's logits (already resized to the window by the model) are added into an
-    accumulator and divided by how many windows covered each pixel: overlaps average LOGITS,
-    not probabilities. Up to `window_batch` windows go through the model at once (with N images,
-    window_batch // N window positions per pass).
-    """
-    crop_h, crop_w = as_pair(crop_size)
+    Overlaps average LOGITS, not probabilities: each window's logits are summed and divided by how
+    many windows covered each pixel. Up to `window_batch` windows (window_batch // N window positions
+    with N images) go through the model at once."""
+    crop_h, crop_w = recipe.parse_crop(crop_size)  # 769 -> (769, 769)
     n, channels, height, width = images.shape
     logits_sum = images.new_zeros((n, model.num_classes, height, width), dtype=torch.float32)
     count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
@@ -123,21 +111,17 @@ def predict(
     model, images, original_size, *, mode="whole", crop_size=None, stride=None, flip=False, window_batch=4
 ):
     """Class probabilities (C, H, W) of ONE image at its original size (H, W), C = model.num_classes.
-
-    images: the image at each test scale, each (3, h, w) or (1, 3, h, w), normalised.
-    For every scale (and its horizontal flip when flip=True): logits at the scaled image's size
-    ('whole': one pass; 'slide': slide_inference), bilinearly resized to the original size with
-    model.align_corners, softmax; flipped maps are flipped back; the maps are averaged. With one
-    scale and no flip this is softmax(resize(logits)), whose argmax is the original's prediction.
-    """
+    images: the normalised image at each test scale, (3, h, w) or (1, 3, h, w). For every scale (and
+    its horizontal flip when flip=True): logits ('whole': one pass; 'slide': slide_inference), resized
+    bilinearly to the original size with model.align_corners, softmax, flipped maps flipped back; the
+    maps are averaged. One scale, no flip: softmax(resize(logits)), argmax = the original's prediction."""
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if mode == "slide" and (crop_size is None or stride is None):
         raise ValueError("slide mode needs crop_size and stride (e.g. 769 and 513)")
     if len(images) == 0:
         raise ValueError("predict() needs the image at one scale at least; got an empty list")
-    probabilities = None
-    passes = 0
+    probabilities, size = None, tuple(original_size)
     for image in images:
         batch = image if image.dim() == 4 else image[None]  # (1, 3, h, w)
         if flip:
@@ -156,26 +140,20 @@ def predict(
         # softmax and averaging run in float32 whatever the autocast. A resize to the same size
         # samples exactly at the pixels (either align_corners): skip it.
         logits = logits.float()
-        if tuple(logits.shape[-2:]) != tuple(original_size):
-            logits = F.interpolate(
-                logits, size=tuple(original_size), mode="bilinear", align_corners=model.align_corners
-            )
+        if tuple(logits.shape[-2:]) != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=model.align_corners)
         scale_probabilities = class_softmax(logits)  # (1 or 2, C, H, W)
-        if probabilities is None:
-            probabilities = scale_probabilities[0]
-        else:
-            probabilities += scale_probabilities[0]
+        first = scale_probabilities[0]
+        probabilities = first if probabilities is None else probabilities.add_(first)
         if flip:
             probabilities += scale_probabilities[1].flip(-1)  # un-flip along W
-        passes += len(batch)
+    passes = len(images) * (2 if flip else 1)
     return probabilities if passes == 1 else probabilities.div_(passes)
 
 
 def class_softmax(logits):
-    """Softmax over the classes (dim 1) of (N, C, H, W) logits. For channels_last logits the classes
-    are the innermost dimension in memory, so the softmax runs there, on a permuted view, instead of
-    torch's dim-1 kernel, which would first copy them to the NCHW layout. The result keeps the
-    channels_last layout, in which the argmax over the classes is also faster."""
+    """Softmax over dim 1 of (N, C, H, W) logits; for channels_last logits on a permuted view, where
+    the classes are innermost in memory (no copy to NCHW), and the result stays channels_last."""
     if logits.dim() == 4 and logits.stride(1) == 1 and logits.shape[1] > 1:
         return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
     return logits.softmax(dim=1)
@@ -186,10 +164,8 @@ def class_softmax(logits):
 
 
 def confusion_matrix(pred, label, num_classes, ignore_index=data.IGNORE_INDEX):
-    """int64 (num_classes, num_classes) matrix: rows = ground truth, columns = prediction.
-
-    Pixels whose label is ignore_index are dropped, so a prediction there is no false positive.
-    """
+    """int64 (num_classes, num_classes) matrix: rows = ground truth, columns = prediction. Pixels
+    labelled ignore_index are dropped, so a prediction there is no false positive."""
     if pred.shape != label.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in size")
     keep = label != ignore_index
@@ -205,12 +181,9 @@ def confusion_matrix(pred, label, num_classes, ignore_index=data.IGNORE_INDEX):
 
 
 def metrics_from_confusion(matrix):
-    """aAcc, mIoU, mAcc (percent) and per-class IoU / Acc lists (percent, NaN where undefined).
-
-    IoU_c = I_c / U_c and Acc_c = I_c / GT_c over the whole split. A class with union 0 has IoU
-    NaN and is skipped by the mean; one absent from the ground truth but predicted has IoU 0 and
-    counts; Acc is NaN for every class absent from the ground truth.
-    """
+    """aAcc, mIoU, mAcc and per-class IoU / Acc lists (percent), IoU_c = I_c / U_c and Acc_c = I_c / GT_c
+    over the whole split. A class with union 0 has IoU NaN and is skipped by the mean; one absent from
+    the ground truth but predicted has IoU 0 and counts; Acc is NaN for every class absent from it."""
     matrix = matrix.double().cpu()
     intersection = matrix.diag()
     gt_area, predicted_area = matrix.sum(dim=1), matrix.sum(dim=0)
@@ -243,8 +216,7 @@ def sum_over_processes(tensor):
     """all_reduce(SUM) on the device the backend wants (NCCL: CUDA, gloo: CPU)."""
     if not (dist.is_available() and dist.is_initialized()):
         return tensor
-    backend_device = tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    summed = tensor.to(backend_device)
+    summed = tensor.to(tensor.device if dist.get_backend() == "nccl" else torch.device("cpu"))
     dist.all_reduce(summed, op=dist.ReduceOp.SUM)
     return summed.to(tensor.device)
 
@@ -263,7 +235,7 @@ def predictions(model, dataset, count=None, *, device, precision, workers=2, sho
                         pin_memory=device.type == "cuda", prefetch_factor=1 if workers > 0 else None)  # fmt: skip
     here = f" ({len(share)} of {total} images here)" if world_size > 1 else ""
     progress = tqdm(
-        total=len(share), desc="predict" + here, unit="img", disable=not show_progress or rank != 0
+        total=len(share), desc=f"predict{here}", unit="img", disable=not show_progress or rank != 0
     )
     was_training = model.training
     model.eval()
@@ -285,11 +257,10 @@ def evaluate_dataset(
     model, dataset, *, mode, crop_size, stride, flip, device, precision, channels_last, window_batch=4,
     save_dir=None, opacity=0.5, show_progress=True, workers=2,
 ):  # fmt: skip
-    """Metrics of `model` on a val split (items from data.build_dataset(..., split='val')), at the
-    dataset's test ratios. Under torchrun each process takes every world_size-th image and the
-    confusion matrices are summed; every process returns the same dict: aAcc, mIoU, mAcc, IoU, Acc
-    (percent, see metrics_from_confusion), num_images and confusion_matrix (list of rows). Pass the
-    model itself, not a DDP wrapper; channels_last changes its weights' layout in place."""
+    """Metrics of `model` on a val split (data.build_dataset(..., split='val')) at its test ratios; under
+    torchrun each process takes every world_size-th image. Every process returns the same dict: those of
+    metrics_from_confusion, num_images and confusion_matrix (list of rows). Pass the model itself, not a
+    DDP wrapper; channels_last changes its weights' layout in place."""
     if len(dataset) == 0:
         raise ValueError(f"the {getattr(dataset, 'name', '')} val split has no images: check the data root")
     device = torch.device(device)
@@ -310,20 +281,15 @@ def evaluate_dataset(
                 attention = attention_map(model, at_ratio_one, label.shape)
             save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity)
     matrix = sum_over_processes(matrix)
-    results = metrics_from_confusion(matrix)
     num_images = int(sum_over_processes(torch.tensor([share], device=device)).item())
-    results.update(num_images=num_images, confusion_matrix=matrix.cpu().tolist())
-    return results
+    return dict(metrics_from_confusion(matrix), num_images=num_images, confusion_matrix=matrix.cpu().tolist())
 
 
 @torch.no_grad()
 def precision_agreement(model, dataset, num_images, *, reference_model=None, **inference):
-    """Fraction of labelled pixels whose predicted class is the same at inference['precision'] and in
-    fp32, over the first num_images images (shared across processes like the evaluation): it shows
-    that the precision changes the results by rounding only. The fp32 pass runs reference_model when
-    given: evaluate.py passes the model before BatchNorm folding, so the check covers folding too."""
-    device = torch.device(inference["device"])
-    counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing pixels, labelled pixels]
+    """Fraction of labelled pixels predicted alike at inference['precision'] and in fp32 (reference_model,
+    if given: main passes the unfolded model, to cover folding too) over the first num_images images."""
+    counts = torch.zeros(2, dtype=torch.int64, device=inference["device"])  # [agreeing, labelled] pixels
     reference_model = model if reference_model is None else reference_model
     modes = model.training, reference_model.training
     ours = predictions(model, dataset, num_images, **inference)
@@ -360,16 +326,14 @@ def attention_map(model, image, original_size):
 def image_at_ratio_one(images, ratios, original, test_scale):
     """The image at the test scale (ratio 1.0), for the attention picture: one of the images per
     ratio, or made from the original uint8 image when 1.0 is not among the ratios."""
-    ratios = tuple(ratios)
     if 1.0 in ratios:
-        return images[ratios.index(1.0)]
+        return images[tuple(ratios).index(1.0)]
     return data.test_transform(original, test_scale)[0].to(images[0].device)
 
 
 def heat_colors(values):
-    """A 'jet'-like colour map: (H, W) values in [0, 1] -> (H, W, 3) float RGB in [0, 255].
-    Each channel is a clipped tent, 1.5 - 4 |value - peak|, with blue peaking at 1/4, green at 1/2
-    and red at 3/4: 0 is dark blue, 1/2 light green, 1 dark red."""
+    """A 'jet'-like colour map: (H, W) values in [0, 1] -> (H, W, 3) float RGB in [0, 255]. Each channel
+    is a clipped tent 1.5 - 4 |value - peak| (blue peaks at 1/4, green 1/2, red 3/4)."""
     peaks = torch.tensor([0.75, 0.5, 0.25], device=values.device)  # R, G, B
     return 255 * (1.5 - 4 * (values.clamp(0, 1)[..., None] - peaks).abs()).clamp(0, 1)
 
@@ -381,16 +345,14 @@ def rgb_picture(rgb):
 
 def label_picture(pred, palette):
     """(H, W) class indices -> palette PNG image ('P' mode)."""
-    height, width = pred.shape
-    labels = Image.frombytes("P", (width, height), pred.cpu().to(torch.uint8).numpy().tobytes())
+    labels = Image.frombytes("P", pred.shape[::-1], pred.cpu().to(torch.uint8).numpy().tobytes())
     labels.putpalette([value for color in palette for value in color])
     return labels
 
 
 def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=0.5):
-    """Write <name>_pred.png (palette PNG of the class indices), <name>_overlay.jpg (class colours
-    over the image) and, given an attention map, <name>_attention.png. image: uint8 (3, H, W) RGB at
-    the original size; pred: (H, W) class indices; attention: (H, W) in [0, 1]. Returns the paths."""
+    """Write <name>_pred.png (palette PNG), <name>_overlay.jpg (class colours over the uint8 (3, H, W)
+    image) and, given one, <name>_attention.png (attention (H, W) in [0, 1]). Returns the paths."""
     stem = Path(save_dir) / name
     stem.parent.mkdir(parents=True, exist_ok=True)
     pred = pred.cpu()
@@ -424,25 +386,21 @@ def predict_image(
 def image_files(patterns):
     """--image: files as given, a folder's images (sorted), a glob pattern's images (sorted). Returns
     (files, skipped): skipped are the files of folders and patterns that are not images by their name."""
-    files, skipped = [], []
+    files, skipped, kinds = [], [], data.FOLDER_IMAGE_EXTENSIONS
     for pattern in patterns:
         path = Path(pattern)
         if path.is_file():
             files.append(path)
             continue
         if path.is_dir():
-            found = sorted(child for child in path.iterdir() if child.is_file())
+            found = sorted(filter(Path.is_file, path.iterdir()))
         elif any(character in pattern for character in "*?["):
-            found = sorted(
-                Path(match) for match in glob.glob(pattern, recursive=True) if Path(match).is_file()
-            )
+            found = sorted(filter(Path.is_file, map(Path, glob.glob(pattern, recursive=True))))
         else:
             raise FileNotFoundError(f"--image {pattern}: no such file or folder")
-        images = [child for child in found if child.suffix.lower() in data.FOLDER_IMAGE_EXTENSIONS]
+        images = [child for child in found if child.suffix.lower() in kinds]
         if not images:
-            raise FileNotFoundError(
-                f"--image {pattern}: no {'/'.join(data.FOLDER_IMAGE_EXTENSIONS)} images there"
-            )
+            raise FileNotFoundError(f"--image {pattern}: no {'/'.join(kinds)} images there")
         files += images
         skipped += [child for child in found if child not in images]
     return list(dict.fromkeys(files)), skipped  # a file named twice is predicted once
@@ -470,29 +428,15 @@ CITYSCAPES_TRAINID_TO_ID = torch.tensor(
 
 
 def server_file(dataset_name, pred, meta, palette):
-    """(file name, PIL image) the dataset's server takes for pred (H, W) of class indices, named after
-    the image (berlin_000000_000019_leftImg8bit.png, ADE_test_00000001.png). Cityscapes: labelIds;
-    ADE20K: the scene-parsing challenge's 1..150 (class + 1; 0 is 'other', which the reduced labels
-    ignore); VOC and the others: class indices in a palette PNG."""
+    """(file name, PIL image) the dataset's server takes for pred (H, W), named after the image. Cityscapes:
+    labelIds; ADE20K: the scene-parsing challenge's 1..150 (class + 1; 0 is 'other', which the reduced
+    labels ignore); VOC and the others: class indices in a palette PNG."""
     name, pred = Path(meta["image_path"]).stem + ".png", pred.cpu().long()
     if dataset_name == "cityscapes":
         return name, Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred].numpy())  # uint8 (H, W): mode L
     if dataset_name == "ade20k":
         return name, Image.fromarray((pred + 1).to(torch.uint8).numpy())
     return name, label_picture(pred, palette)
-
-
-@torch.no_grad()
-def write_server_files(model, dataset, save_dir, **inference):
-    """Predict every image of `dataset` and write server_file()'s files into save_dir; under torchrun
-    each process writes its share. Returns how many files this process wrote."""
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
-    written = 0
-    for pred, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
-        name, picture = server_file(dataset.name, pred, meta, dataset.palette)
-        picture.save(Path(save_dir) / name)
-        written += 1
-    return written
 
 
 # -----------------------------------------------------------------------------------------------
@@ -542,17 +486,16 @@ def resolve_settings(args, info, device):
         crop = args.crop or info["crop_size"]
         row = recipe.row(name if name in recipe.DATASETS else "cityscapes", crop, depth=info["depth"])
     mode = args.mode or row["test_mode"]
-    crop_size, stride = args.crop or as_pair(row["test_crop"]), args.stride or as_pair(row["test_stride"])
+    pair = recipe.parse_crop  # 769 or [h, w] -> (h, w)
+    crop_size, stride = args.crop or pair(row["test_crop"]), args.stride or pair(row["test_stride"])
     if mode == "slide" and (stride[0] > crop_size[0] or stride[1] > crop_size[1]):
         raise ValueError(
             f"--stride {stride} is larger than the window {crop_size}: the windows would leave gaps"
         )
-    precision = runtime.resolve_precision(
-        args.precision, device, auto="fp32" if info["recipe"] is None else "native"
-    )
+    precision = runtime.resolve_precision(args.precision, device, auto="native" if info["recipe"] else "fp32")
     native = precision != "fp32"
     return dict(
-        dataset=name, mode=mode, crop_size=tuple(crop_size), stride=tuple(stride), scale=as_pair(row["scale"]),
+        dataset=name, mode=mode, crop_size=tuple(crop_size), stride=tuple(stride), scale=pair(row["scale"]),
         ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
         flip=args.ms_flip if args.flip is None else args.flip,
         align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
@@ -596,10 +539,8 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     protocol_keys = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
     if rank == 0:
         protocol = ", ".join(f"{key} {settings[key]}" for key in protocol_keys)
-        processes = f" x {world_size} processes" if world_size > 1 else ""
-        print(
-            f"{checkpoint}: {len(dataset)} {dataset.name} val images, {protocol}, {precision} on {device}{processes}"
-        )
+        where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
+        print(f"{checkpoint}: {len(dataset)} {dataset.name} val images, {protocol}, {where}")
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
     if settings["check_agreement"] > 0 and precision != "fp32":
@@ -651,17 +592,22 @@ def without_nan(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+@torch.no_grad()
 def write_split_files(model, info, settings, checkpoint, device):
-    """--format-only: the files of the dataset's evaluation server for a whole split."""
+    """--format-only: server_file()'s files for a whole split; under torchrun each process writes its share."""
     dataset = build_split(info, settings, checkpoint)
-    save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{settings['split']}"
+    split = settings["split"]
+    save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{split}"
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
-    written = write_server_files(model, dataset, save_dir, **inference)
+    written = 0
+    for pred, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
+        name, picture = server_file(dataset.name, pred, meta, dataset.palette)
+        picture.save(Path(save_dir) / name)
+        written += 1
     total = int(sum_over_processes(torch.tensor([written], device=device)).item())
     if runtime.rank_and_world_size()[0] == 0:
-        print(
-            f"wrote {total} {dataset.name} {settings['split']} predictions for its evaluation server in {save_dir}"
-        )
+        print(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
 
 
 def predict_images(model, info, settings, device):
@@ -730,22 +676,10 @@ def main(argv=None):
         raise SystemExit(1)  # the other images are written; a script still sees that some were not
 
 
-def size_flag(flag):
-    """argparse type of --crop / --stride: '769' or '512x1024' (recipe.parse_crop)."""
-
-    def parse(text):
-        try:
-            return recipe.parse_crop(text, flag)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{flag}: ")) from None
-
-    return parse
-
-
 def build_parser():
     """Every flag is checked when parsed (runtime.number_flag, writable_path, size_flag): a wrong value
     ends the run before any work, naming the flag and what it allows."""
-    number, path = runtime.number_flag, runtime.writable_path
+    number, path, size_flag = runtime.number_flag, runtime.writable_path, runtime.size_flag
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
