@@ -202,12 +202,10 @@ def main(argv=None):
     # 8. the end: where things are
     if iteration >= config["iters"]:
         say(
-            f"\ndone: {iteration} iterations, best val mIoU {best_miou:.2f}; checkpoints and log.jsonl in {work_dir}"
+            f"\ndone: {iteration} iterations, best val mIoU {best_miou:.2f}; checkpoints and log in {work_dir}"
         )
         if config["pictures"]:
-            say(
-                f"pictures of the last validation (prediction, overlay, GC attention) in {work_dir / 'pictures'}"
-            )
+            say(f"pictures of the last validation (labels, overlay, attention) in {work_dir / 'pictures'}")
         if (work_dir / "best.pth").exists():
             say(f"evaluate with: python evaluate.py --checkpoint {work_dir / 'best.pth'} --ms-flip")
     log.close()
@@ -259,17 +257,12 @@ def resolve_recipe(args, world_size):
                      momentum=args.momentum, weight_decay=args.weight_decay, aux_weight=args.aux_weight,
                      eval_interval=args.eval_interval, workers=args.workers, pretrained=args.pretrained)  # fmt: skip
     config.update({key: value for key, value in overrides.items() if value is not None})
-    config.update(
-        data_root=args.data_root,
-        world_size=world_size,
-        table_global_batch=row["global_batch"],
-        global_batch=config["batch_size"] * world_size,
-        seed=args.seed,
-        pictures=args.dataset == "toy" if args.pictures is None else args.pictures,
-        activation_checkpointing=args.activation_checkpointing,
-        reduce_zero_label=args.reduce_zero_label,
-        work_dir=args.work_dir or str(Path("work_dirs") / row["config_name"]),
-    )
+    config.update(data_root=args.data_root, world_size=world_size, table_global_batch=row["global_batch"],
+                  global_batch=config["batch_size"] * world_size, seed=args.seed,
+                  pictures=args.dataset == "toy" if args.pictures is None else args.pictures,
+                  activation_checkpointing=args.activation_checkpointing,
+                  reduce_zero_label=args.reduce_zero_label,
+                  work_dir=args.work_dir or str(Path("work_dirs") / row["config_name"]))  # fmt: skip
     return config
 
 
@@ -315,12 +308,8 @@ def build_datasets(args, config, say):
         say("    torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769\n")
     extra = {"reduce_zero_label": True} if args.reduce_zero_label else {}
     try:
-        return [
-            data.build_dataset(
-                args.dataset, config["data_root"], split, crop_size=config["crop_size"], **extra
-            )
-            for split in ("train", "val")
-        ]
+        root, crop = config["data_root"], config["crop_size"]
+        return [data.build_dataset(args.dataset, root, s, crop_size=crop, **extra) for s in ("train", "val")]
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{args.dataset}: {error}") from None
 
@@ -437,19 +426,11 @@ def validate(raw_model, val_set, config, rank, save_dir=None):
     device = next(raw_model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate.evaluate_dataset(
-            raw_model,
-            val_set,
-            mode=config["test_mode"],
-            crop_size=tuple(config["test_crop"]),
-            stride=tuple(config["test_stride"]),
-            flip=False,
-            device=device,
-            precision=config["precision"],
-            channels_last=config["channels_last"],
-            save_dir=save_dir,
-            show_progress=rank == 0,
+            raw_model, val_set, mode=config["test_mode"], crop_size=tuple(config["test_crop"]),
+            stride=tuple(config["test_stride"]), flip=False, device=device, precision=config["precision"],
+            channels_last=config["channels_last"], save_dir=save_dir, show_progress=rank == 0,
             workers=config["workers"],
-        )
+        )  # fmt: skip
 
 
 def validate_and_keep_best(raw_model, val_set, config, saver, iteration, best_miou, log, say, pictures=None):
@@ -491,30 +472,19 @@ def build_parser():
     add("--momentum", type=runtime.number_flag(float, 0, 1), help="SGD momentum (default 0.9)")
     add("--weight-decay", type=at_least_0_float, help="default 5e-4")
     add("--aux-weight", type=at_least_0_float, help="auxiliary loss weight (default 0.4)")
-    add(
-        "--eval-interval", type=positive, help="validate and checkpoint every N iterations (default: a tenth)"
-    )
+    add("--eval-interval", type=positive, help="validate and checkpoint every N iterations (default: a tenth)")
     add("--workers", type=at_least_0, help="data loader workers per process")
     # Data, weights and files.
     add("--data-root", help="dataset root (default: data/<dataset> as in the original)")
     add("--reduce-zero-label", action="store_true", help="folder dataset: label 0 = ignore, classes from 1")
     add("--pretrained", help="ImageNet ResNetV1c weights: path, URL or 'none' (default: the URL)")
     add("--load-from", help="fine-tune: a new run from the weights of a GCNet checkpoint (file or URL)")
-    add(
-        "--resume",
-        nargs="?",
-        const="latest",
-        help="continue the newest iter_<N>.pth of the work dir, or PATH",
-    )
+    add("--resume", nargs="?", const="latest", help="continue the newest iter_<N>.pth of the work dir, or PATH")
     add("--trust-checkpoint", action="store_true", help="unpickle checkpoints fully: runs code in them")
     add("--work-dir", help="default: work_dirs/<config name>")
     add("--keep", type=positive, default=3, help="newest iter_<N>.pth checkpoints to keep")
     add("--log-interval", type=positive, default=50, help="iterations between log.jsonl records")
-    add(
-        "--pictures",
-        action=argparse.BooleanOptionalAction,
-        help="pictures of the last validation (default: toy)",
-    )
+    add("--pictures", action=argparse.BooleanOptionalAction, help="pictures of the last validation (default: toy)")
     # How it runs.
     runtime.add_arguments(parser)
     add("--compile", action="store_true", help="torch.compile the model")
