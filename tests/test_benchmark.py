@@ -17,7 +17,15 @@ def positive_number(value):
     )
 
 
-def test_benchmark_reports_every_figure(tmp_path, capsys):
+@pytest.fixture
+def threads_put_back():
+    """benchmark.main sets the process's thread count (--threads); the tests after it get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_benchmark_reports_every_figure(tmp_path, capsys, threads_put_back):
     torch.manual_seed(0)
     out = tmp_path / "bench.json"
     # One thread: on a busy 2-core machine a second OpenMP thread waits for a core at every op.
