@@ -495,7 +495,7 @@ def resolve_settings(args, info, device):
     precision = runtime.resolve_precision(args.precision, device, auto="native" if info["recipe"] else "fp32")
     native = precision != "fp32"
     return dict(
-        dataset=name, mode=mode, crop_size=tuple(crop_size), stride=tuple(stride), scale=pair(row["scale"]),
+        dataset=name, mode=mode, crop_size=crop_size, stride=stride, scale=pair(row["scale"]),
         ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
         flip=args.ms_flip if args.flip is None else args.flip,
         align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
