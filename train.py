@@ -345,26 +345,32 @@ def epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size):
 
 def training_batches(dataset, config, start_iteration, rank, world_size):
     """Yield batches forever from iteration `start_iteration` on; the order is a pure function of
-    the seed, so a resumed run sees exactly the batches the uninterrupted one would have."""
-    seeded = SeededSamples(dataset, config["seed"])
+    the seed, so a resumed run sees exactly the batches the uninterrupted one would have. One
+    DataLoader serves every epoch: its workers start once, and keep working across epoch ends."""
     batches_per_epoch = len(epoch_batches(len(dataset), config["batch_size"], 0, 0, rank, world_size))
     if batches_per_epoch == 0:
         raise SystemExit(
             f"the {config['dataset']} training split has {len(dataset)} images, fewer than one global batch "
             f"of {config['global_batch']}; lower --batch-size or add images"
         )
-    epoch, skip = divmod(start_iteration, batches_per_epoch)
-    while True:
-        batches = epoch_batches(len(dataset), config["batch_size"], epoch, config["seed"], rank, world_size)
-        loader = torch.utils.data.DataLoader(
-            seeded,
-            batch_sampler=batches[skip:],
-            num_workers=config["workers"],
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator(),  # its own, so making a loader leaves the global RNG alone
-        )
-        yield from loader
-        epoch, skip = epoch + 1, 0
+
+    class EveryEpoch:  # the loader's batch sampler: this rank's batches, epoch after epoch
+        def __iter__(self):
+            epoch, skip = divmod(start_iteration, batches_per_epoch)
+            while True:
+                yield from epoch_batches(
+                    len(dataset), config["batch_size"], epoch, config["seed"], rank, world_size
+                )[skip:]
+                epoch, skip = epoch + 1, 0
+
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(dataset, config["seed"]),
+        batch_sampler=EveryEpoch(),
+        num_workers=config["workers"],
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),  # its own, so making a loader leaves the global RNG alone
+    )
+    yield from loader
 
 
 # -----------------------------------------------------------------------------------------------
@@ -437,12 +443,15 @@ def validate_and_keep_best(raw_model, val_set, config, saver, iteration, best_mi
     """Validate the checkpoint just written; on a new best, write best.pth. The iteration's own
     checkpoint still records the previous best, so a crash before best.pth is complete leaves the
     old best.pth, and the resumed run validates this iteration again (validation_pending)."""
+    start = time.perf_counter()
     results = validate(raw_model, val_set, config, saver.rank, pictures)
+    seconds = time.perf_counter() - start
     say(
         f"\niteration {iteration}: val mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}"
     )
     say(evaluate.format_table(results, val_set.classes))
-    log.write(dict(iteration=iteration, mIoU=results["mIoU"], mAcc=results["mAcc"], aAcc=results["aAcc"]))
+    log.write(dict(iteration=iteration, mIoU=results["mIoU"], mAcc=results["mAcc"], aAcc=results["aAcc"],
+                   val_seconds=seconds))  # fmt: skip
     if results["mIoU"] > best_miou:
         saver.save(iteration, results["mIoU"], None, name="best.pth")
     return max(best_miou, results["mIoU"])

@@ -151,26 +151,33 @@ def test_activation_checkpointing_saves_less_and_fake_tensors_count_as_real_ones
 
 def test_cuda_targets_on_made_up_figures():
     """The CUDA branch of check_targets, which no CPU run reaches: inference vs the matmul peak and
-    10x the table's fps, and training memory with checkpointing where the default misses 3 GB."""
+    25x the table's fps, train.py's step at batch 8 vs the matmul peak, and training memory with
+    checkpointing where the default misses 3 GB."""
     row = dict(published=(5.8, 3.93), inference_comparable=True, train_crop=(512, 1024))
 
-    def record(checkpointing, batch, peak_memory_gb, default=False):
-        variant = benchmark.make_variant("bf16", True, checkpointing=checkpointing)
-        inference = dict(fraction_of_matmul_peak=0.5, images_per_s=50.0) if default else None
+    def record(checkpointing, batch, peak_memory_gb, default=False, cudnn_benchmark=False, fraction=0.1):
+        variant = benchmark.make_variant(
+            "bf16", True, checkpointing=checkpointing, cudnn_benchmark=cudnn_benchmark
+        )
+        inference = dict(fraction_of_matmul_peak=0.5, images_per_s=120.0) if default else None
         return dict(variant, batch=batch, default=default, inference=inference,
-                    training=dict(peak_memory_gb=peak_memory_gb))  # fmt: skip
+                    training=dict(peak_memory_gb=peak_memory_gb, fraction_of_matmul_peak=fraction))  # fmt: skip
 
-    records = [record(False, 2, 4.5, default=True), record(True, 2, 2.5), record(False, 8, 15.0)]
+    records = [record(False, 2, 4.5, default=True), record(True, 2, 2.5), record(False, 8, 15.0),
+               record(False, 8, 16.0, cudnn_benchmark=True, fraction=0.25), record(False, 2, 5.0, cudnn_benchmark=True)]  # fmt: skip
     estimates = {
         "default": dict(estimated_training_memory_gb=3.2),
         "checkpointing": dict(estimated_training_memory_gb=1.9),
     }
     targets = {t["target"]: t for t in benchmark.check_targets(row, records, torch.device("cuda"), estimates)}
-    assert len(targets) == 4
+    assert len(targets) == 5
     peak = next(t for name, t in targets.items() if name.startswith("inference FLOP/s"))
     assert peak["measured"] == 0.5 and peak["threshold"] == 0.4 and peak["passed"]
     fps = next(t for name, t in targets.items() if "3.93" in name)
-    assert math.isclose(fps["measured"], 50.0 / 3.93) and fps["passed"]
+    assert math.isclose(fps["measured"], 120.0 / 3.93) and fps["threshold"] == 25 and fps["passed"]
+    training = next(t for name, t in targets.items() if name.startswith("training FLOP/s"))
+    assert "cudnn.benchmark" in training["target"] and training["measured"] == 0.25  # batch 8, not 2
+    assert training["threshold"] == 0.3 and not training["passed"]
     measured = next(t for name, t in targets.items() if "max_memory_allocated" in name)
     assert measured["measured"] == 2.5 and measured["passed"] and "4.50 GB" in measured["note"]
     assert "with activation checkpointing" in measured["target"]

@@ -1,27 +1,35 @@
 #!/usr/bin/env bash
-# Check a GPU machine in one go (at most about 8 minutes): the GPU, driver, torch and CUDA versions,
-# the CUDA tests (tests/test_cuda.py), then benchmark.py on the table's Cityscapes 512x1024 rows,
-# R-50-D8 with every variant (torch.compile included) and R-101-D8 without the compile variant.
+# Check a GPU machine in one go (about 7 minutes on one H200): the GPU, driver, torch and CUDA versions,
+# the CUDA tests (tests/test_cuda.py), benchmark.py on the table's Cityscapes 512x1024 rows (R-50-D8 with
+# every variant, torch.compile included, and the top kernels; R-101-D8 without the compile variant), the
+# loader's training samples per second with 8 and 15 workers, and train.py itself for 300 iterations at
+# batch 8 on a synthetic Cityscapes, with the projected time of the 40k-iteration R-50-D8 row.
 #
-#     bash tools/check_gpu.sh                  # every step
-#     bash tools/check_gpu.sh tests r101       # only these steps: versions tests r50 r101
+#     bash tools/check_gpu.sh                    # every step
+#     bash tools/check_gpu.sh tests r101         # only these steps: versions tests r50 r101 loader train
 #
 # Each step's output goes to the screen and to $OUT/<step>.log (./gpu_check_out without $OUT), the
 # benchmarks' JSON to $OUT/benchmark_<row>.json, one line per step with its exit status and time to
-# $OUT/summary.log. Each step has its own time limit (seconds; set e.g. TESTS_TIMEOUT=300 to change
-# one); a step that fails or runs out of time does not stop the next. Exit status 0 when all passed.
+# $OUT/summary.log, and at the end a digest of the figures. Each step has its own time limit (seconds;
+# set e.g. TESTS_TIMEOUT=300 to change one); a step that fails or runs out of time does not stop the
+# next. PYTHON picks the interpreter (default python3). Exit status 0 when all passed.
 
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"
+scratch="$(mktemp -d)"  # the synthetic Cityscapes and the training run's work dir
+trap 'rm -rf "$scratch"' EXIT
 failed=0
 
 run_step() {  # run_step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
-    echo "=== $name (limit ${limit} s): $*" | tee -a "$out/summary.log"
+    local command="$*"
+    [ ${#command} -gt 160 ] && command="${command:0:160}..."
+    echo "=== $name (limit ${limit} s): $command" | tee -a "$out/summary.log"
     local start=$SECONDS
     # timeout signals the whole process group, so torchrun's and the tests' children stop too.
     timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$out/$name.log"
@@ -39,7 +47,9 @@ run_step() {  # run_step NAME SECONDS COMMAND...
 versions() {
     nvidia-smi
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_mode --format=csv
-    python - <<'EOF'
+    echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(free -g | awk '/Mem/ {print $2}') GiB"
+    df -h /dev/shm "${TMPDIR:-/tmp}"
+    "$py" - <<'EOF'
 import platform
 
 import torch
@@ -57,29 +67,58 @@ else:
 EOF
 }
 
+train_check() {  # train.py for 300 iterations at batch 8, then the projection of the 40k row
+    "$py" tools/synthetic_cityscapes.py "$scratch/cityscapes" || return 1
+    "$py" train.py --dataset cityscapes --data-root "$scratch/cityscapes" --pretrained none --batch-size 8 \
+        --iters 300 --eval-interval 300 --log-interval 1 --workers 15 --no-pictures --work-dir "$scratch/run" \
+        || return 1
+    cp "$scratch/run/log.jsonl" "$out/train_log.jsonl"
+    "$py" tools/run_time.py "$scratch/run" --iters 40000 --validations 10
+}
+
+export py out scratch
+export -f versions train_check
+
 steps=("$@")
 if [ ${#steps[@]} -eq 0 ]; then
-    steps=(versions tests r50 r101)
+    steps=(versions tests r50 r101 loader train)
 fi
 echo "=== $(date -u +%FT%TZ) check_gpu.sh ${steps[*]} at $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
     | tee -a "$out/summary.log"
 for step in "${steps[@]}"; do
     case $step in
-        versions) run_step versions "${VERSIONS_TIMEOUT:-30}" bash -c "$(declare -f versions); versions" ;;
-        tests) run_step tests "${TESTS_TIMEOUT:-200}" python -m pytest -q -rs tests/test_cuda.py ;;
+        versions) run_step versions "${VERSIONS_TIMEOUT:-20}" bash -c versions ;;
+        tests) run_step tests "${TESTS_TIMEOUT:-170}" "$py" -m pytest -q -rfEs tests/test_cuda.py ;;
         r50)
-            run_step benchmark_r50 "${R50_TIMEOUT:-170}" python benchmark.py --dataset cityscapes --crop 512x1024 \
-                --iters 20 --data-iters 10 --out "$out/benchmark_r50.json"
+            run_step benchmark_r50 "${R50_TIMEOUT:-200}" "$py" benchmark.py --dataset cityscapes --crop 512x1024 \
+                --iters 10 --warmup 3 --data-iters 10 --profile --out "$out/benchmark_r50.json"
             ;;
         r101)
             # The data pipeline does not depend on the depth (r50 times it); no compile, to fit the time.
-            run_step benchmark_r101 "${R101_TIMEOUT:-90}" python benchmark.py --dataset cityscapes --crop 512x1024 \
-                --depth 101 --iters 20 --data-iters 2 --no-compile --out "$out/benchmark_r101.json"
+            run_step benchmark_r101 "${R101_TIMEOUT:-70}" "$py" benchmark.py --dataset cityscapes --crop 512x1024 \
+                --depth 101 --iters 10 --warmup 3 --data-iters 2 --no-compile --out "$out/benchmark_r101.json"
             ;;
+        loader)
+            run_step loader "${LOADER_TIMEOUT:-60}" "$py" tools/loader_speed.py --workers 8 15 --batch-size 8 \
+                --batches 40 --out "$out/loader.json"
+            ;;
+        train) run_step train "${TRAIN_TIMEOUT:-120}" bash -c train_check ;;
         *)
-            echo "unknown step $step: choose from versions tests r50 r101" | tee -a "$out/summary.log"
+            echo "unknown step $step: choose from versions tests r50 r101 loader train" | tee -a "$out/summary.log"
             failed=1
             ;;
     esac
 done
+
+# The digest: what a reader of the last screenful wants.
+echo "=== digest"
+cat "$out/summary.log"
+grep -h -E "^(cuda:|python |NCCL|host:)" "$out/versions.log" 2>/dev/null
+tail -n 15 "$out/tests.log" 2>/dev/null
+for row in r50 r101; do
+    log="$out/benchmark_$row.log"
+    [ -f "$log" ] && sed -n '/^| Method/,/^$/p;/^targets/,$p' "$log"
+done
+grep -h -E "workers:|^loader" "$out/loader.log" 2>/dev/null
+grep -h -E "^(projected|[0-9]+ iterations measured)|val mIoU" "$out/train.log" 2>/dev/null
 exit $failed
