@@ -15,6 +15,7 @@ results table (our columns on the right) and the targets with PASS/MISS, and wri
     python benchmark.py --dataset ade20k --no-compile --out ade20k_bench.json
     python benchmark.py --train-batch 2 8                     # also batch 8: one GPU as the table's 4x2
     python benchmark.py --iters 195 --warmup 5                # the original's 200 images (on a GPU)
+    python benchmark.py --no-compile --profile                # also where the time goes: the top kernels
     python benchmark.py --size 64x128 --iters 1 --warmup 1 --train-crop 64x128 --train-batch 1 \
         --data-size 64x128 --data-iters 2 --no-compile        # a quick look on a CPU
 """

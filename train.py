@@ -55,11 +55,14 @@ def segmentation_loss(logits, labels, ignore_index=data.IGNORE_INDEX):
     cross_entropy_loss.py). PyTorch's own mean would divide by the labelled pixels only, which
     weighs padded crops more."""
     logits = logits.float()
-    if logits.dim() == 4 and logits.stride(1) == 1:
-        # channels_last: each pixel's class scores are adjacent in memory, so the logits are a
-        # (pixels, classes) matrix without a copy; softmax along dim 1 would copy them to NCHW.
+    if logits.dim() == 4:
+        # As a (pixels, classes) matrix: without a copy for channels_last logits, whose class scores are
+        # adjacent in memory. The 4-d form would go through nll_loss2d, which sums with atomics on CUDA
+        # (no deterministic version: --deterministic refuses it).
         logits, labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1)
-    total = F.cross_entropy(logits, labels, reduction="sum", ignore_index=ignore_index)
+    # Per-pixel losses (0 where ignored), then one sum: CUDA's reduction="sum" kernel for this shape
+    # runs in a single thread block, slow for millions of pixels (README, benchmark section).
+    total = F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index).sum()
     return total / labels.numel()
 
 
@@ -231,6 +234,8 @@ def set_up(args):
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
     config = resolve_recipe(args, world_size)
+    if args.workers is None:
+        config["workers"] = default_workers(config["workers"], device)
     config.update(
         precision=precision,
         channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
@@ -242,6 +247,19 @@ def set_up(args):
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return rank, world_size, device, config
+
+
+def default_workers(recipe_workers, device, cores=None, processes=None):
+    """Loader workers per process when --workers is not given. On a GPU: every core this process may use
+    but its own, shared among the node's GPU processes, or the recipe's if more. The recipe's 2 per GPU
+    fed a batch of 2; one GPU at batch 8 needs several times that. On a CPU the training itself uses the
+    cores, so the recipe's count stays."""
+    if device.type != "cuda":
+        return recipe_workers
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(recipe_workers, cores // processes - 1)
 
 
 def resolve_recipe(args, world_size):
@@ -482,7 +500,8 @@ def build_parser():
     add("--weight-decay", type=at_least_0_float, help="default 5e-4")
     add("--aux-weight", type=at_least_0_float, help="auxiliary loss weight (default 0.4)")
     add("--eval-interval", type=positive, help="validate and checkpoint every N iterations (default: a tenth)")
-    add("--workers", type=at_least_0, help="data loader workers per process")
+    add("--workers", type=at_least_0, help="data loader workers per process (default: the recipe's, on a GPU "
+        "the cores per GPU process less one if more)")
     # Data, weights and files.
     add("--data-root", help="dataset root (default: data/<dataset> as in the original)")
     add("--reduce-zero-label", action="store_true", help="folder dataset: label 0 = ignore, classes from 1")

@@ -149,25 +149,49 @@ def test_fp32_slide_inference_on_cuda_equals_the_cpu():
     assert difference <= 1e-4, f"largest probability difference {difference:.2e}"
 
 
+def for_gradient_checks(net):
+    """Training mode with every BatchNorm on its running statistics and no dropout. With batch
+    statistics, this randomized net's gradients are so ill-conditioned that float32 and float64 differ
+    by ~10-20% for some weights on the CPU and on CUDA alike, in either layout (measured on an H200);
+    CUDA's dropout masks differ from the CPU's."""
+    net.train()
+    for module in net.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.Dropout2d)):
+            module.eval()
+    return net
+
+
 def test_channels_last_equals_the_default_layout_on_cudnn():
     torch.backends.cudnn.benchmark = False
-    net = randomized(model.GCNet(19)).to(CUDA)
-    net_channels_last = copy.deepcopy(net).to(memory_format=torch.channels_last)
-    assert net_channels_last.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
-    images = random_images((2, 3, 256, 256)).to(CUDA)
-    labels = torch.randint(0, 19, (2, 256, 256), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    net = randomized(model.GCNet(19))
+    images = random_images((2, 3, 256, 256))
+    labels = torch.randint(0, 19, (2, 256, 256), generator=torch.Generator().manual_seed(2))
     labels[:, :16] = data.IGNORE_INDEX
-    layouts = ((net, images), (net_channels_last, images.contiguous(memory_format=torch.channels_last)))
+    plain, channels_last = (
+        copy.deepcopy(net).to(CUDA),
+        copy.deepcopy(net).to(CUDA, memory_format=torch.channels_last),
+    )
+    assert channels_last.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    layouts = ((plain, images.to(CUDA)), (channels_last, images.to(CUDA, memory_format=torch.channels_last)))
     with runtime.precision_context(CUDA, "fp32"):
         with torch.no_grad():
             expected, actual = (run_net.eval()(run_images) for run_net, run_images in layouts)
         error = relative_error(actual, expected)
         assert error <= 1e-4, f"relative error of the eval logits {error:.2e}"
         for run_net, run_images in layouts:
-            toy_loss(run_net.train(), run_images, labels).backward()
-    # The backward pass sums over batch and pixels in other orders in the two layouts.
-    error, name = worst_gradient_error(net_channels_last, net)
-    assert error <= 1e-3, f"relative error {error:.2e} of the gradient of {name}"
+            toy_loss(for_gradient_checks(run_net), run_images, labels.to(CUDA)).backward()
+    # The truth: float64 on the CPU. Both layouts measured ~1e-3 from it (their sums run in other orders).
+    reference = for_gradient_checks(copy.deepcopy(net).double())
+    toy_loss(reference, images.double(), labels).backward()
+    for name, run_net in (("default layout", plain), ("channels_last", channels_last)):
+        error, parameter = worst_gradient_error(run_net, reference)
+        assert error <= 5e-3, (
+            f"{name}: relative error {error:.2e} of the gradient of {parameter} against float64"
+        )
+    # Training mode: batch statistics and the same dropout masks (toy_loss seeds them) give the same loss.
+    with runtime.precision_context(CUDA, "fp32"), torch.no_grad():
+        losses = [toy_loss(run_net.train(), run_images, labels.to(CUDA)) for run_net, run_images in layouts]
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -370,14 +394,22 @@ def test_torchrun_on_cuda_resumes_to_rounding_with_the_default_settings(toy_root
     assert straight["recipe"]["precision"] != "fp32" and straight["recipe"]["channels_last"]
 
     def distance(a, b):
-        """The largest relative_error over the floating-point weights and buffers."""
+        """The largest relative_error over the floating-point weights and buffers, and its key. The GC
+        block's conv_mask.bias is left out: it shifts every score before a softmax over positions, so its
+        gradient is zero but for rounding, and its value (from 0) is rounding noise in either run."""
         state, reference = a["state_dict"], b["state_dict"]
-        return max(
-            relative_error(state[key], value) for key, value in reference.items() if value.is_floating_point()
-        )
+        errors = {
+            key: relative_error(state[key], value)
+            for key, value in reference.items()
+            if value.is_floating_point() and not key.endswith("gc_block.conv_mask.bias")
+        }
+        key = max(errors, key=errors.get)
+        return errors[key], key
 
-    assert distance(resumed, straight) <= 1e-2
-    assert distance(resumed, straight) < 0.1 * distance(earlier, straight)
+    (apart, key), (moved, _) = distance(resumed, straight), distance(earlier, straight)
+    assert apart <= 1e-2 and apart < 0.1 * moved, (
+        f"resumed vs straight {apart:.2e} ({key}), 4 steps earlier {moved:.2e}"
+    )
 
 
 # The lines that mean a backend will not put two ranks on one GPU (NCCL refuses duplicate devices;

@@ -418,3 +418,11 @@ def test_no_entry_point_runs_code_from_a_hostile_checkpoint(toy_root, tmp_path, 
         with pytest.raises(SystemExit, match="refusing to load .*evil.pth.*--trust-checkpoint"):
             run()
         assert not marker.exists()
+
+
+def test_default_workers_fill_the_cores_on_a_gpu_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train.default_workers(2, cuda, cores=16, processes=1) == 15  # one GPU at batch 8
+    assert train.default_workers(2, cuda, cores=16, processes=4) == 3  # 4 GPUs share the cores
+    assert train.default_workers(2, cuda, cores=2, processes=1) == 2  # never below the recipe's
+    assert train.default_workers(2, cpu, cores=16, processes=1) == 2  # the CPU trains on its cores
