@@ -5,15 +5,18 @@ import json
 import os
 
 import pytest
+import torch
 
 import data
 from tools import loader_speed, run_time, synthetic_cityscapes
 
 
 def test_synthetic_cityscapes_is_a_real_layout_of_links(tmp_path):
+    threads = torch.get_num_threads()
     root = synthetic_cityscapes.make(
         tmp_path / "cs", dict(train=5, val=2), distinct=2, size=(32, 64), workers=1
     )
+    assert torch.get_num_threads() == threads  # the tests after this one keep their threads
     train_set = data.build_dataset("cityscapes", root, "train", crop_size=(16, 32))
     val_set = data.build_dataset("cityscapes", root, "val")
     assert (len(train_set), len(val_set)) == (5, 2)

@@ -57,7 +57,6 @@ def sample_paths(root, split, index):
 
 def write_distinct(job):
     root, split, index, size = job
-    torch.set_num_threads(1)
     image, label = sample_paths(root, split, index)
     write_pair(image.parent, size, seed=index + (0 if split == "train" else 100_000),
                image_name=image.name, label_name=label.name)  # fmt: skip
@@ -84,7 +83,8 @@ def make(root, sizes=None, distinct=32, size=IMAGE_SIZE, workers=None):
                  if not all(p.exists() for p in sample_paths(root, split, i))]  # fmt: skip
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # One torch thread per process: the parallelism comes from the pool.
+        with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             list(pool.map(write_distinct, jobs))
     else:
         for job in jobs:
