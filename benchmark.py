@@ -322,7 +322,8 @@ def benchmark_data(row, data_size, iters):
     torch.manual_seed(0)
     try:
         with tempfile.TemporaryDirectory() as folder:
-            image_path, label_path = synthetic_cityscapes.write_pair(folder, data_size, num_classes=19)
+            image_path, label_path = str(Path(folder) / "image.png"), str(Path(folder) / "label.png")
+            synthetic_cityscapes.write_pair(image_path, label_path, data_size, num_classes=19)
             transform = data.TrainTransform(train_scale, crop_size)
             calls = dict(train=lambda: transform(data.read_image(image_path), data.read_label(label_path)))
             calls["test"] = lambda: data.test_transform(data.read_image(image_path), train_scale)

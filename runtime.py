@@ -180,6 +180,12 @@ def keep_freed_memory():
     return took_effect
 
 
+def usable_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under taskset
+    or a container's CPU set), for sizing loader workers."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def peak_memory_gb(device):
     """CUDA: torch.cuda.max_memory_allocated, what the table's "Mem (GB)" is. CPU: the process's
     peak resident memory."""

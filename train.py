@@ -256,8 +256,7 @@ def default_workers(recipe_workers, device, cores=None, processes=None):
     cores, so the recipe's count stays."""
     if device.type != "cuda":
         return recipe_workers
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cores or runtime.usable_cores()
     processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(recipe_workers, cores // processes - 1)
 

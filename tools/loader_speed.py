@@ -13,7 +13,6 @@ A GPU at batch 8 doing a step in t seconds needs 8 / t samples per second.
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's files sit in the repository root
 import data  # noqa: E402
 import recipe  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from tools import synthetic_cityscapes  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(argv=None):
             count = (max(args.workers) + args.batches + 1) * args.batch_size
             synthetic_cityscapes.make(root, dict(train=count, val=1))
         dataset = data.build_dataset("cityscapes", root, "train", crop_size=crop)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = runtime.usable_cores()
         print(f"loader: {dataset.name} train at {crop[0]}x{crop[1]} from {root}, batch {args.batch_size}, "
               f"{cores} cores, pinned memory {torch.cuda.is_available()}")  # fmt: skip
         results = []

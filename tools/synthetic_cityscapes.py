@@ -29,9 +29,9 @@ CITYSCAPES_SPLIT_SIZES = {"train": 2975, "val": 500}  # the real dataset's fine 
 IMAGE_SIZE = (1024, 2048)  # (H, W) of every Cityscapes image
 
 
-def write_pair(folder, size, num_classes=19, seed=2, image_name="image.png", label_name="label.png"):
-    """A photo-like RGB PNG and a label PNG of `num_classes` blobs with an ignored top band, both of
-    size (H, W), in `folder`. Returns their paths."""
+def write_pair(image_path, label_path, size, num_classes=19, seed=2):
+    """Write a photo-like RGB PNG and a label PNG of `num_classes` blobs with an ignored top band, both
+    of size (H, W)."""
     generator, (height, width) = torch.Generator().manual_seed(seed), size
     coarse = torch.rand(1, 3, max(height // 32, 2), max(width // 32, 2), generator=generator) * 255
     smooth = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0]
@@ -41,10 +41,8 @@ def write_pair(folder, size, num_classes=19, seed=2, image_name="image.png", lab
     blobs = torch.randint(0, num_classes, blob_size, generator=generator)
     label = F.interpolate(blobs.float(), size=size, mode="nearest")[0].to(torch.uint8)
     label[:, : max(height // 20, 1)] = data.IGNORE_INDEX
-    image_path, label_path = str(Path(folder) / image_name), str(Path(folder) / label_name)
     data.write_png(image, image_path)
     data.write_png(label, label_path)
-    return image_path, label_path
 
 
 def sample_paths(root, split, index):
@@ -57,10 +55,7 @@ def sample_paths(root, split, index):
 
 def write_distinct(job):
     root, split, index, size = job
-    image, label = sample_paths(root, split, index)
-    write_pair(image.parent, size, seed=index + (0 if split == "train" else 100_000),
-               image_name=image.name, label_name=label.name)  # fmt: skip
-    os.replace(image.parent / label.name, label)  # write_pair writes both into one folder
+    write_pair(*sample_paths(root, split, index), size, seed=index + (0 if split == "train" else 100_000))
 
 
 def link(source, target):
@@ -76,9 +71,8 @@ def make(root, sizes=None, distinct=32, size=IMAGE_SIZE, workers=None):
     sizes = dict(CITYSCAPES_SPLIT_SIZES if sizes is None else sizes)
     jobs = []
     for split, count in sizes.items():
-        for index in range(count):
-            for path in sample_paths(root, split, index):
-                path.parent.mkdir(parents=True, exist_ok=True)
+        for path in sample_paths(root, split, 0):  # every sample of a split sits in these two folders
+            path.parent.mkdir(parents=True, exist_ok=True)
         jobs += [(str(root), split, i, tuple(size)) for i in range(min(distinct, count))
                  if not all(p.exists() for p in sample_paths(root, split, i))]  # fmt: skip
     workers = workers or min(len(jobs), os.cpu_count() or 1)
