@@ -89,7 +89,9 @@ def row_settings(args, device):
     batches = list(dict.fromkeys(args.train_batch or batches))
     if min(batches) < 1:
         raise ValueError(f"--train-batch: expected positive batch sizes, got {args.train_batch}")
-    row.update(backbone=f"R-{args.depth}-D8", num_classes=len(data.DATASETS[args.dataset]["classes"]))
+    row.update(
+        backbone=f"R-{args.depth}-D8", num_classes=len(data.CLASSES_AND_PALETTES[args.dataset]["classes"])
+    )
     row.update(original_size=original_size, test_scale=test_scale, train_batches=batches)
     row.update(train_crop=train_crop, input_size=data.rescale_size(*original_size, test_scale))
     row["stride"] = row["test_stride"] if row["test_mode"] == "slide" else None
@@ -163,7 +165,7 @@ def measure_inference(variant, row, device, warmup, iters, count_flops, profile=
     image = image.to(device, memory_format=MEMORY_FORMAT[variant["channels_last"]])
     model = build_model(row, variant, device).eval()
     if variant["precision"] != "fp32" and not variant["compiled"]:
-        model = runtime.fold_batchnorm(model)  # as evaluate.py by default
+        model = evaluate.fold_batchnorm(model)  # as evaluate.py by default
     if variant["compiled"]:  # inductor's freezing folds BatchNorm into the convs and pre-packs weights
         model = torch.compile(model, options={"freezing": True})
     protocol = dict(mode=row["test_mode"], crop_size=row["test_crop"], stride=row["stride"])
@@ -175,6 +177,11 @@ def measure_inference(variant, row, device, warmup, iters, count_flops, profile=
 
     description = f"inference {variant['name']}"
     return time_calls(infer, warmup, iters, device, description, count_flops=count_flops, profile=profile)
+
+
+def ieee_if_fp32(precision):
+    """fp32 training steps run in IEEE float32 throughout, backward included, as train.py's runs do."""
+    return runtime.ieee_float32() if precision == "fp32" else contextlib.nullcontext()
 
 
 def forward_loss(model, images, labels, row, forward_scope):
@@ -201,9 +208,8 @@ def measure_training(variant, row, device, warmup, iters, count_flops, batch, pr
     runner = torch.compile(model) if variant["compiled"] else model
 
     def step():
-        step_scope, forward_scope = runtime.training_scopes(device, variant["precision"])
-        with step_scope:
-            loss = forward_loss(runner, images, labels, row, forward_scope)
+        with ieee_if_fp32(variant["precision"]):
+            loss = forward_loss(runner, images, labels, row, runtime.autocast(device, variant["precision"]))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -301,9 +307,8 @@ def estimate_on_fake_tensors(row, precision, checkpointing, crop_size, batch):
     with FakeTensorMode():
         model = build_model(row, make_variant(precision, False, checkpointing=checkpointing)).train()
         images, labels = torch.empty(batch, 3, *crop_size), torch.zeros(batch, *crop_size, dtype=torch.long)
-        step_scope, forward_scope = runtime.training_scopes(cpu, precision)
-        with step_scope, saved_for_backward(model, count):
-            forward_loss(model, images, labels, row, forward_scope)
+        with ieee_if_fp32(precision), saved_for_backward(model, count):
+            forward_loss(model, images, labels, row, runtime.autocast(cpu, precision))
         return training_memory(count["bytes"], model)
 
 

@@ -1,7 +1,7 @@
 """Checkpoint files, read without running code, and a run's work dir, safe from crashes, full disks
 and second runs: its lock, its checkpoints, resuming.
 
-model.py, train.py and evaluate.py call these; nothing here is part of the recipe. The rules:
+train.py and evaluate.py call these; nothing here is part of the recipe. The rules:
 - a file is loaded with torch's weights_only unpickler: tensors, plain containers and numpy values;
   anything else is refused unless the user opts in with --trust-checkpoint;
 - one run per work dir: a lock held for the process's lifetime (the OS releases it on any exit);
@@ -12,9 +12,11 @@ model.py, train.py and evaluate.py call these; nothing here is part of the recip
   best score, every rank's random state, the recipe, and the classes and palette.
 """
 
+import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import pickle
 import pickletools
@@ -33,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+import model
 import recipe
 import runtime
 
@@ -153,6 +157,89 @@ def extract_state_dict(checkpoint):
 
 
 # -----------------------------------------------------------------------------------------------
+# Loading a checkpoint into a GCNet: model.load_weights, after checks that say what is wrong in words
+
+
+CLASSIFIER_KEYS = [
+    f"{head}.conv_seg.{name}" for head in ("decode_head", "auxiliary_head") for name in ("weight", "bias")
+]
+
+
+def load_checkpoint(net, path_or_url, checkpoint=None, trust=False, new_classes=False):
+    """Load a checkpoint file or URL into the GCNet `net`, strictly: official checkpoints of the
+    results table ({'state_dict', 'meta'}), this project's ({'state_dict', 'optimizer', ...}) and
+    ImageNet ResNetV1c backbones (recipe.IMAGENET_URLS), which fill the backbone only.
+
+    new_classes=True (fine-tuning): when the class count differs, the two classifiers keep the
+    model's fresh initialisation and everything else loads strictly. Pass `checkpoint` when the file
+    is already read; `path_or_url` then only names it in errors. Weights holding NaN or inf are
+    refused. Returns 'segmentor', 'segmentor, new classifiers' or 'imagenet'."""
+    checkpoint = read_checkpoint(path_or_url, trust) if checkpoint is None else checkpoint
+    state_dict = extract_state_dict(checkpoint)
+    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise ValueError(
+            f"refusing to load {path_or_url}: {len(non_finite)} tensor(s) hold NaN or infinite values, e.g. "
+            f"{', '.join(non_finite[:5])}. The training diverged or the file is damaged: use an earlier checkpoint."
+        )
+    if any(k.startswith("backbone.") for k in state_dict):
+        own, seg = net.state_dict(), "decode_head.conv_seg.weight"
+        swap = new_classes and seg in state_dict and state_dict[seg].shape != own[seg].shape
+        if swap:
+            state_dict = {**state_dict, **{key: own[key] for key in CLASSIFIER_KEYS}}
+        check_keys(net, state_dict, path_or_url)
+        model.load_weights(net, state_dict)
+        return "segmentor, new classifiers" if swap else "segmentor"
+    if "stem.0.weight" not in state_dict:
+        raise ValueError(
+            f"cannot load {path_or_url}: it is neither a GCNet checkpoint (keys 'backbone.*') nor an "
+            "ImageNet ResNetV1c backbone (keys 'stem.*', 'layer1.*'); a torchvision ResNet has a "
+            "single-conv stem and does not fit. Use the files in recipe.IMAGENET_URLS."
+        )
+    backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    counters = {k: v for k, v in net.backbone.state_dict().items() if k.endswith("num_batches_tracked")}
+    check_keys(net.backbone, {**counters, **backbone}, path_or_url)  # load_weights keeps the counters too
+    return model.load_weights(net, state_dict)
+
+
+def check_keys(module, state_dict, source):
+    """Raise one ValueError that lists every missing, unexpected and wrongly shaped key, with the
+    likely cause in words: another class count (dataset) or another depth."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k}: checkpoint {list(state_dict[k].shape)}, model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if not (missing or unexpected or wrong_shape):
+        return
+    lines = [f"cannot load {source}:"]
+    seg_key = "decode_head.conv_seg.weight"
+    if seg_key in state_dict and seg_key in expected and state_dict[seg_key].shape != expected[seg_key].shape:
+        lines.append(
+            f"checkpoint has {describe_classes(state_dict[seg_key].shape[0])}, model has "
+            f"{describe_classes(expected[seg_key].shape[0])}; build the model with the checkpoint's "
+            "class count or evaluate on the matching dataset"
+        )
+    n_blocks = sum(1 for k in state_dict if re.fullmatch(r"(backbone\.)?layer3\.\d+\.conv1\.weight", k))
+    if n_blocks and isinstance(module, model.GCNet) and n_blocks != model.STAGE_BLOCKS[module.depth][2]:
+        depth = {6: 50, 23: 101}.get(n_blocks, "unknown")
+        lines.append(f"checkpoint is a ResNet-{depth} ({n_blocks} layer3 blocks), model: {module.depth}")
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
+            lines.append(f"{len(keys)} {title} key(s):\n    " + "\n    ".join(shown))
+    raise ValueError("\n".join(lines))
+
+
+def describe_classes(num_classes):
+    dataset = recipe.DATASET_OF_NUM_CLASSES.get(num_classes)
+    return f"{num_classes} classes ({dataset})" if dataset else f"{num_classes} classes"
+
+
+# -----------------------------------------------------------------------------------------------
 # What a checkpoint says about the model, the data and the row of the table it belongs to
 
 
@@ -233,6 +320,157 @@ def checkpoint_info(path_or_url, checkpoint=None):
 
 
 # -----------------------------------------------------------------------------------------------
+# One training run: what train.main needs besides the recipe, behind one object
+
+
+class Run:
+    """The machinery of one training run, for train.main: the work dir's lock and a crashed run's
+    temporary files, resuming and the pending validation, stop signals, the log and progress bar,
+    checkpoints and best.pth, the ranks' agreement on each step's loss and on stopping. No callbacks:
+    main calls these methods where its loop needs them. Leaving the `with` block by any way (the end,
+    a stop signal, too many non-finite losses, a failing validation, an error) closes the log and the
+    bar, puts the signal handlers and float32 settings back, ends the process group and releases the
+    work dir."""
+
+    def __init__(self, config, argv, *, resume=None, trust=False, keep=3, max_nonfinite=5, log_interval=50):
+        self.config, self.work_dir = config, Path(config["work_dir"])
+        self.rank, self.world_size = runtime.rank_and_world_size()
+        self.resume_flag, self.trust, self.keep = resume, trust, keep
+        self.max_nonfinite, self.log_interval = max_nonfinite, log_interval
+        self.restart = restart_command(argv, self.world_size)  # the command that continues this run
+        self.best_miou, self.validation_pending, self.last_path, self.start = -1.0, False, None, 0
+        self.nonfinite_in_a_row, self.mean_loss, self.stop_requested = 0, math.nan, False
+        self.writer = self.bar = None
+        self.cleanup = contextlib.ExitStack()
+
+    def __enter__(self):
+        with contextlib.ExitStack() as stack:  # if this fails halfway, what it did is undone
+            if self.world_size > 1:
+                stack.callback(dist.destroy_process_group)
+            if self.rank == 0:
+                stack.enter_context(claim_work_dir(self.work_dir))  # the lock file, held until the end
+            self.resume_path = find_resume_checkpoint(self.resume_flag, self.work_dir)
+            if self.config["precision"] == "fp32":  # IEEE float32 through the whole run, backward included
+                stack.enter_context(runtime.ieee_float32())
+            self.stop = StopRequest()
+            stack.callback(self.stop.restore)
+            self.log = stack.enter_context(Log(self.work_dir / "log.jsonl" if self.rank == 0 else None))
+            self.cleanup = stack.pop_all()
+        return self
+
+    def __exit__(self, *exception):
+        self.cleanup.close()
+        return False
+
+    def resume(self, raw_model, optimizer, scaler, train_set):
+        """Hand the run what its checkpoints hold; with --resume, load it all back: weights, optimizer,
+        loss scaler, every rank's random stream, the best score, whether a validation is pending.
+        Returns the iteration to start at: 0 for a new run."""
+        meta = {"CLASSES": list(train_set.classes), "PALETTE": [list(c) for c in train_set.palette]}
+        self.writer = CheckpointWriter(work_dir=self.work_dir, raw_model=raw_model, optimizer=optimizer,
+                                       scaler=scaler, config=self.config, meta=meta, keep=self.keep,
+                                       restart=self.restart)  # fmt: skip
+        if not self.resume_path:
+            return 0
+        path, checkpoint = self.resume_path, read_resume_checkpoint(self.resume_path, self.trust)
+        for key in ("dataset", "depth", "crop_size", "iters", "global_batch", "lr"):
+            if checkpoint["recipe"].get(key) != self.config[key]:
+                runtime.say(f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has "
+                            f"{checkpoint['recipe'].get(key)}")  # fmt: skip
+        try:
+            load_checkpoint(raw_model, path, checkpoint)
+        except ValueError as error:
+            raise SystemExit(f"--resume: {error}") from None
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_states(checkpoint.get("rng") or [], torch.device(self.config["device"]))
+        runtime.say(f"resumed from {path} at iteration {checkpoint['iteration']}")
+        self.start, self.last_path = checkpoint["iteration"], path
+        self.best_miou = checkpoint.get("best_miou", -1.0)
+        self.validation_pending = checkpoint.get("validation_pending", False)
+        return self.start
+
+    def loss_is_finite(self, loss, iteration):
+        """Whether the loss is finite on every rank: one all-reduce that also averages the loss and
+        agrees on stopping, so all ranks step, skip or stop together. A non-finite step is skipped,
+        counted and logged; `max_nonfinite` in a row end the run, naming the last good checkpoint."""
+        value = loss.item()
+        flags = torch.tensor([value, not math.isfinite(value), self.stop.requested], device=loss.device)
+        if self.world_size > 1:
+            dist.all_reduce(flags)
+        self.mean_loss, self.stop_requested = flags[0].item() / self.world_size, flags[2].item() > 0
+        if flags[1].item() == 0:
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        runtime.say(
+            f"\niteration {iteration}: non-finite loss, step skipped ({self.nonfinite_in_a_row} in a row)"
+        )
+        self.log.write({"iteration": iteration, "event": "nonfinite_loss"})
+        if self.nonfinite_in_a_row >= self.max_nonfinite:
+            raise SystemExit(
+                f"stopping: {self.nonfinite_in_a_row} non-finite losses in a row at iteration {iteration}. "
+                f"Lower --lr (now {self.config['lr']}), try --precision fp32, or check the labels. "
+                f"The last good checkpoint is {self.last_path or 'not written yet'}."
+            )
+        return False
+
+    def log_step(self, iteration, finite, values):
+        """The progress bar after `iteration` finished steps, and every log_interval-th a record of
+        `values` (losses, lr, times) in log.jsonl."""
+        if self.bar is None:
+            bar = tqdm(
+                total=self.config["iters"], initial=self.start, disable=self.rank != 0, dynamic_ncols=True
+            )
+            self.bar = self.cleanup.enter_context(bar)
+        if self.rank == 0 and finite:
+            memory = runtime.peak_memory_gb(torch.device(self.config["device"]))
+            self.bar.set_postfix(loss=f"{self.mean_loss:.3f}", lr=f"{values['lr']:.2e}",
+                                 data=f"{values['data_time']:.2f}s", step=f"{values['step_time']:.2f}s",
+                                 mem=f"{memory:.1f}G")  # fmt: skip
+            if iteration % self.log_interval == 0 or iteration == self.config["iters"]:
+                numbers = {
+                    key: value.item() if torch.is_tensor(value) else value for key, value in values.items()
+                }
+                self.log.write(dict(iteration=iteration, loss=self.mean_loss, **numbers, memory_gb=memory))
+        self.bar.update(1)
+
+    def checkpoint(self, iteration, validation_pending=False):
+        """iter_<N>.pth after `iteration` finished steps; validation_pending when a validation follows."""
+        self.last_path = self.writer.save(iteration, self.best_miou, self.last_path, validation_pending)
+
+    def checkpoint_and_stop(self, iteration):
+        """A stop signal arrived: checkpoint and say how to continue."""
+        self.checkpoint(iteration)
+        runtime.say(f"\nstopped by a signal at iteration {iteration}; checkpoint {self.last_path}")
+        runtime.say(f"continue with: {self.restart}")
+
+    def keep_best(self, iteration, results, seconds):
+        """After validating checkpoint `iteration`: log the scores; on a new best, write best.pth. The
+        iteration's own checkpoint still records the previous best, so a crash before best.pth is
+        complete leaves the old best.pth, and the resumed run validates this iteration again."""
+        scores = {key: results[key] for key in ("mIoU", "mAcc", "aAcc")}
+        self.log.write(dict(iteration=iteration, **scores, val_seconds=seconds))
+        if results["mIoU"] > self.best_miou:
+            self.writer.save(iteration, results["mIoU"], None, name="best.pth")
+        self.best_miou = max(self.best_miou, results["mIoU"])
+        self.validation_pending = False
+
+    def finish(self, iteration, pictures=None):
+        """Say where things are, if the schedule is done."""
+        if iteration < self.config["iters"]:
+            return
+        runtime.say(f"\ndone: {iteration} iterations, best val mIoU {self.best_miou:.2f}; checkpoints and log in "
+                    f"{self.work_dir}")  # fmt: skip
+        if pictures:
+            runtime.say(f"pictures of the last validation (labels, overlay, attention) in {pictures}")
+        if (self.work_dir / "best.pth").exists():
+            runtime.say(
+                f"evaluate with: python evaluate.py --checkpoint {self.work_dir / 'best.pth'} --ms-flip"
+            )
+
+
+# -----------------------------------------------------------------------------------------------
 # The work dir of a run
 
 
@@ -304,17 +542,18 @@ def save_checkpoint(path, checkpoint):
 
 
 class CheckpointWriter:
-    """Writes iter_<N>.pth (and best.pth) on rank 0 after gathering every rank's random state."""
+    """Writes iter_<N>.pth (and best.pth) on rank 0 after gathering every rank's random state; keeps
+    the newest `keep` iter_<N>.pth. `meta` holds the classes and palette, as the official files do."""
 
-    def __init__(self, work_dir, raw_model, optimizer, scaler, config, train_set, rank, keep, restart):
+    def __init__(self, *, work_dir, raw_model, optimizer, scaler, config, meta, keep, restart):
         self.work_dir, self.raw_model, self.optimizer, self.scaler = (
             Path(work_dir),
             raw_model,
             optimizer,
             scaler,
         )
-        self.config, self.rank, self.keep, self.restart = config, rank, keep, restart
-        self.meta = {"CLASSES": list(train_set.classes), "PALETTE": [list(c) for c in train_set.palette]}
+        self.config, self.meta, self.keep, self.restart = config, meta, keep, restart
+        self.rank = runtime.rank_and_world_size()[0]
 
     def save(self, iteration, best_miou, last_path, validation_pending=False, name=None):
         rng = gather_rng_states()
@@ -376,28 +615,6 @@ def disk_full_message(path, checkpoint, last_path, restart):
         f"train.py: the disk is full: writing {path} needs about {needed / 1e6:.0f} MB and {path.parent} has "
         f"{free / 1e6:.0f} MB free. The partial file was removed. {kept} Free some space (or pass --keep 1 "
         f"or another --work-dir), then continue with: {restart}"
-    )
-
-
-def resume(path, trust, raw_model, optimizer, scaler, config, say):
-    """Load a train.py checkpoint into the run; (iteration, best mIoU, validation pending)."""
-    from model import load_weights  # model.py reads its files through this module
-
-    checkpoint = read_resume_checkpoint(path, trust)
-    for key in ("dataset", "depth", "crop_size", "iters", "global_batch", "lr"):
-        if checkpoint["recipe"].get(key) != config[key]:
-            say(
-                f"WARNING: resuming with {key} = {config[key]}, the checkpoint has {checkpoint['recipe'].get(key)}"
-            )
-    load_weights(raw_model, path, checkpoint)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng_states(checkpoint.get("rng") or [], torch.device(config["device"]))
-    say(f"resumed from {path} at iteration {checkpoint['iteration']}")
-    return (
-        checkpoint["iteration"],
-        checkpoint.get("best_miou", -1.0),
-        checkpoint.get("validation_pending", False),
     )
 
 
@@ -478,3 +695,9 @@ class Log:
     def close(self):
         if self.file:
             self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.close()

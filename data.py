@@ -1,18 +1,15 @@
 """Datasets and the training and test transforms of GCNet, as the original mmsegmentation recipe has them.
 
-Read in order: the dataset table and `build_dataset`; the training pipeline (`TrainTransform`, then its
-steps as they run); `test_transform`; the Dataset class, and how a split's files are found and checked.
-Appendix A holds the OpenCV-exact pixel arithmetic the transforms call, appendix B the toy dataset. All is
-plain torch: every random draw comes from torch's RNG (a DataLoader seeded with `torch.manual_seed` is
-reproducible, its workers differ), and pixels match OpenCV's bit for bit. The datasets sit in their
-downloads' own layouts (LAYOUTS; default roots are relative to the working directory, as in the original).
-Labels are PNGs of class indices, 255 = ignore; test splits need none. Cityscapes and VOC need a one-off
-tools/prepare_datasets.py. E.g.:
+Read in order: `build_dataset`; the training pipeline (`TrainTransform`, then its steps as they run);
+`test_transform`; the Dataset class. All is plain torch: every random draw comes from torch's RNG (a
+DataLoader seeded with `torch.manual_seed` is reproducible, its workers differ), and pixels match
+OpenCV's, which the original used, bit for bit (appendix A; tools/opencv_pipelines.py writes the same
+pipelines with OpenCV). The datasets sit in their downloads' own layouts (LAYOUTS); labels are PNGs
+of class indices, 255 = ignore; test splits need none. E.g.:
     train_set = data.build_dataset("cityscapes", split="train")  # (image, label) crops
     val_set = data.build_dataset("cityscapes", split="val")      # (images, label, meta)
 """
 
-import functools
 import json
 import os
 import shutil
@@ -34,53 +31,26 @@ STD = (58.395, 57.12, 57.375)
 MEAN_TENSOR, STD_TENSOR = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
 IGNORE_INDEX = 255
 
-# The names and colours of the three benchmark datasets sit in a JSON file beside this one.
+# The names and colours of the classes of each dataset, in a JSON file beside this one. The rest of
+# what a dataset is (its root, batch, scale, whether label 0 means 'ignore') is in recipe.DATASETS.
 CLASSES_AND_PALETTES = json.loads((Path(__file__).resolve().parent / "classes_and_palettes.json").read_text())
-
-# The toy dataset (appendix B): background plus four shapes, each drawn in its own colour. The
-# colours are 90 degrees of hue apart, so the hue shift of the photometric distortion (at most 36
-# degrees) never makes two classes look alike, and grey stays grey under any saturation change.
-TOY_CLASSES = ["background", "disc", "square", "diamond", "bar"]
-TOY_PALETTE = [[128, 128, 128], [220, 40, 40], [130, 220, 40], [40, 220, 220], [130, 40, 220]]
-TOY_IMAGE_SIZE = (128, 256)  # (H, W)
-TOY_COUNTS = {"train": 64, "val": 16}
-
-# One plain dict per dataset: classes, palette, default root, and whether label 0 means "ignore"
-# (reduce_zero_label, mmseg v0.5.0 mmseg/datasets/ade.py). Crops and scales are the recipe's:
-# recipe.row(name, crop). The `folder` dataset reads its classes from ROOT/classes.txt.
-DATASETS = {
-    "cityscapes": dict(**CLASSES_AND_PALETTES["cityscapes"], default_root="data/cityscapes", reduce_zero_label=False),
-    "ade20k": dict(**CLASSES_AND_PALETTES["ade20k"], default_root="data/ade/ADEChallengeData2016", reduce_zero_label=True),
-    "voc12aug": dict(**CLASSES_AND_PALETTES["voc12aug"], default_root="data/VOCdevkit/VOC2012", reduce_zero_label=False),
-    "toy": dict(classes=TOY_CLASSES, palette=TOY_PALETTE, default_root="data/toy", reduce_zero_label=False),
-}  # fmt: skip
-SPLITS = ("train", "val", "test")  # test: images only, for predictions and the evaluation servers
-FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-
-# Cityscapes id -> trainId (cityscapesScripts helpers/labels.py); every other id -> 255.
-CITYSCAPES_ID_TO_TRAINID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
 
 
 def build_dataset(
     name, root=None, split="train", crop_size=None, scale=None, test_ratios=(1.0,), reduce_zero_label=None
 ):
     """A dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'. root: default
-    DATASETS[name]['default_root'] ('folder' needs one). split 'test' has images only (labels None).
+    recipe.DATASETS[name]['root'] ('folder' needs one). split 'test' has images only (labels None).
     crop_size: (h, w), 769 or '512x1024'; scale: (W, H) the images are rescaled to fit, in training and
     testing alike; both default to recipe.row(name, crop_size). reduce_zero_label (label 0 means 'ignore',
     classes start at 1): None takes the dataset's (ADE20K: True; folder: `label0: ignore` in classes.txt).
     Every file is checked here, cheaply (headers and last bytes), so a bad one fails no run hours in."""
-    if split not in SPLITS:
+    if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    if name != "folder" and name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS) + ['folder']}")
+    row = recipe.row(name, crop_size)  # refuses an unknown name
     if name == "folder" and root is None:
         raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
-    row = recipe.row(name, crop_size)
-    root = Path(root if root is not None else DATASETS[name]["default_root"])
+    root = Path(root if root is not None else recipe.DATASETS[name]["root"])
     if name == "toy" and not (root / "leftImg8bit").is_dir():
         make_toy_dataset(root)
     if not root.is_dir():
@@ -88,10 +58,9 @@ def build_dataset(
     if name == "folder":
         classes, palette, zero_is_ignore = read_classes_file(root)
     else:
-        classes, palette = DATASETS[name]["classes"], DATASETS[name]["palette"]
-        zero_is_ignore = DATASETS[name]["reduce_zero_label"]
-    find = {"ade20k": find_ade20k_pairs, "voc12aug": find_voc12aug_pairs, "folder": find_folder_pairs}
-    pairs = find[name](root, split) if name in find else find_cityscapes_pairs(root, split, name)
+        classes, palette = CLASSES_AND_PALETTES[name]["classes"], CLASSES_AND_PALETTES[name]["palette"]
+        zero_is_ignore = recipe.DATASETS[name]["reduce_zero_label"]
+    pairs = find_pairs(name, root, split)
     check_files(name, pairs)
     dataset = SegmentationDataset(
         name, root, split, pairs, classes, palette, scale=row["scale"] if scale is None else scale,
@@ -99,15 +68,15 @@ def build_dataset(
         reduce_zero_label=zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label),
         image_suffix="_leftImg8bit.png" if name in ("cityscapes", "toy") else None,
     )  # fmt: skip
-    if dataset.reduce_zero_label and dataset.has_labels:
-        dataset.check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1])  # one label: cheap
+    if dataset.reduce_zero_label and dataset.has_labels:  # one label: cheap
+        check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1], name, dataset.num_classes)
     return dataset
 
 
 # -----------------------------------------------------------------------------------------------
 # Training pipeline (mmseg v0.5.0 configs/_base_/datasets/*.py train_pipeline, the steps in
-# mmseg/datasets/pipelines/transforms.py). Steps 1 and 2 load the image and its label; the
-# transform does steps 3 to 8. Each takes and returns (image uint8 3 x H x W RGB, label uint8 H x W).
+# mmseg/datasets/pipelines/transforms.py). The dataset loads the image and its label; the transform
+# does the rest. Images are uint8 3 x H x W RGB, labels uint8 H x W, until the last step.
 
 
 class TrainTransform:
@@ -121,23 +90,20 @@ class TrainTransform:
         self.normalize_pad = NormalizePad(crop_size, ignore_index)
 
     def __call__(self, image, label):
-        image, label = self.random_rescale_crop(image, label.to(torch.uint8))
-        if float(torch.rand(())) < 0.5:  # step 5: mirror image and label with probability 0.5
-            image, label = image.flip(-1), label.flip(-1)
-        image, label = self.photometric_distortion(image, label)  # on the crop, as in the original: cheap
-        return self.normalize_pad(image, label)
-
-    def random_rescale_crop(self, image, label):
-        """Steps 3 and 4: rescale by a random ratio r in [0.5, 2) to fit (int(W_s*r), int(H_s*r)) keeping
-        the aspect ratio, then crop at most crop_size where the cat_max_ratio test passes, computing only
-        the crop boxes (bit-exact, appendix A). A smaller image gives a smaller crop, padded later."""
+        # 1. Rescale by a random ratio r in [0.5, 2): to fit (int(W_s*r), int(H_s*r)), keeping the aspect
+        #    ratio. Lazily: only the pixels of the crop of step 2 are ever computed (appendix A).
         size = rescale_size(*label.shape, ratio_scale(self.train_scale, uniform(0.5, 2.0)))
-        height, width = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
-        label_crop = functools.partial(resize_label_window, label, size, height=height, width=width)
-        top, left, label = choose_crop(
-            size, self.crop_size, label_crop, self.cat_max_ratio, self.ignore_index
-        )
-        return resize_image_window(image, size, top, left, height, width), label
+        image, label = Rescaled(image, size, "bilinear"), Rescaled(label.to(torch.uint8), size, "nearest")
+        # 2. Crop at most crop_size, redrawn while one class covers 75% of it (a smaller image gives a
+        #    smaller crop, padded in step 5).
+        image, label = random_crop(image, label, self.crop_size, self.cat_max_ratio, self.ignore_index)
+        # 3. Mirror image and label with probability 0.5.
+        if float(torch.rand(())) < 0.5:
+            image, label = image.flip(-1), label.flip(-1)
+        # 4. Photometric distortion, on the crop as in the original: cheap.
+        image = self.photometric_distortion(image)
+        # 5. Normalise, and pad to crop_size.
+        return self.normalize_pad(image, label)
 
 
 def ratio_scale(scale, ratio):
@@ -151,6 +117,18 @@ def rescale_size(height, width, scale):
     VOC image with scale (2048, 512) becomes 512x683 (mmcv v1.0.2 mmcv/image/geometric.py)."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def random_crop(image, label, crop_size, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
+    """The crops of a random box of at most crop_size, from a Rescaled image and label. With
+    cat_max_ratio < 1 the box is redrawn while crop_is_acceptable fails, checking at most 10 boxes; the
+    11th is used unchecked (mmseg v0.5.0 RandomCrop). Returns (image crop, label crop) as tensors."""
+    height, width = min(crop_size[0], label.shape[0]), min(crop_size[1], label.shape[1])
+    for attempt in range(11):
+        top, left = random_crop_box(*label.shape, crop_size)
+        label_crop = label.crop(top, left, height, width)
+        if cat_max_ratio >= 1 or attempt == 10 or crop_is_acceptable(label_crop, cat_max_ratio, ignore_index):
+            return image.crop(top, left, height, width), label_crop
 
 
 def random_crop_box(height, width, crop_size):
@@ -168,20 +146,6 @@ def crop_is_acceptable(label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX
     return len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio
 
 
-def choose_crop(size, crop_size, label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
-    """Draw crop boxes in an image of `size` (h, w) until one passes the cat_max_ratio test, checking
-    at most 10; after 10 failures the 11th draw is used unchecked (as mmseg v0.5.0 RandomCrop).
-    label_crop(top, left) gives the label inside a box. Returns (top, left, that label crop)."""
-    top, left = random_crop_box(*size, crop_size)
-    if cat_max_ratio < 1:
-        for _ in range(10):
-            crop = label_crop(top, left)
-            if crop_is_acceptable(crop, cat_max_ratio, ignore_index):
-                return top, left, crop
-            top, left = random_crop_box(*size, crop_size)
-    return top, left, label_crop(top, left)
-
-
 class PhotometricDistortion:
     """Step 6: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order. Each
     step happens with probability 0.5, on uint8 pixels clipped and truncated after each: brightness
@@ -195,7 +159,7 @@ class PhotometricDistortion:
             image = scale_and_shift_uint8(image, alpha=uniform(*self.contrast_range))
         return image
 
-    def __call__(self, image, label):
+    def __call__(self, image):
         if coin_flip():
             image = scale_and_shift_uint8(image, beta=uniform(-self.brightness_delta, self.brightness_delta))
         # The original's code (not its comment) puts contrast first when mode == 1.
@@ -213,7 +177,7 @@ class PhotometricDistortion:
             image = hsv_to_rgb_uint8(hue, saturation, value, hue_shift=delta)
         if not contrast_first:
             image = self.contrast(image)
-        return image, label
+        return image
 
 
 def coin_flip():
@@ -253,12 +217,6 @@ class NormalizePad:
         return image, label.long()
 
 
-def denormalize(image):
-    """Inverse of normalize, for pictures: float (N x) 3 x H x W -> uint8 RGB."""
-    image = image.detach().float().cpu() * STD_TENSOR + MEAN_TENSOR
-    return image.round_().clamp_(0, 255).to(torch.uint8)
-
-
 # -----------------------------------------------------------------------------------------------
 # Test transform (mmseg v0.5.0 configs/_base_/datasets/*.py test_pipeline, MultiScaleFlipAug)
 
@@ -271,7 +229,7 @@ def test_transform(image, scale, ratios=(1.0,)):
 
 
 # -----------------------------------------------------------------------------------------------
-# The dataset: reading and checking its files
+# The dataset
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -307,22 +265,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if image.shape[1:] != label.shape:
             raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
         if self.reduce_zero_label:
-            self.check_not_reduced_already(label, label_path)
+            check_not_reduced_already(label, label_path, self.name, self.num_classes)
             label = reduce_zero_label(label)
         check_label_values(label, self.num_classes, label_path, self.name)
         return image, label
-
-    def check_not_reduced_already(self, label, path):
-        """Raw ADE20K labels are 0 (other) and 1..150. One holding 255 and no 150 was reduced already: reducing
-        again would shift every class. (Folder data may use 255 beside 0 for 'ignore': not checked.)"""
-        if self.name != "ade20k" or not (label == IGNORE_INDEX).any() or (label == self.num_classes).any():
-            return
-        raise ValueError(
-            f"label {path} holds 255 and no {self.num_classes}: it looks already reduced (classes "
-            f"0..{self.num_classes - 1}, 255 = ignore), while ade20k reduces the original annotations "
-            f"(0 = other, classes 1..{self.num_classes}) itself. Use the original ADEChallengeData2016 "
-            "annotations, or build the dataset with reduce_zero_label=False."
-        )
 
     def __getitem__(self, index):
         image, label = self.load(index)
@@ -345,6 +291,14 @@ def collate_val(batch):
     images, labels, metas = zip(*batch, strict=True)
     stack = all(label is not None and label.shape == labels[0].shape for label in labels)
     return list(images), torch.stack(labels) if stack else list(labels), list(metas)
+
+
+# Below this line: how it runs: reading and checking the files, finding a split's files, the
+# OpenCV-exact pixel arithmetic (appendix A) and the toy dataset (appendix B). A first reading can stop here.
+
+
+# -----------------------------------------------------------------------------------------------
+# Reading and checking the files
 
 
 def decode_file(path, kind, mode, upright=False):
@@ -466,9 +420,30 @@ def label_value_hint(values, num_classes):
     return "Check that the labels are PNGs of class indices (not colours) and that every class is listed."
 
 
+def check_not_reduced_already(label, path, name, num_classes):
+    """Raw ADE20K labels are 0 (other) and 1..150. One holding 255 and no 150 was reduced already: reducing
+    again would shift every class. (Folder data may use 255 beside 0 for 'ignore': not checked.)"""
+    if name != "ade20k" or not (label == IGNORE_INDEX).any() or (label == num_classes).any():
+        return
+    raise ValueError(
+        f"label {path} holds 255 and no {num_classes}: it looks already reduced (classes "
+        f"0..{num_classes - 1}, 255 = ignore), while ade20k reduces the original annotations "
+        f"(0 = other, classes 1..{num_classes}) itself. Use the original ADEChallengeData2016 "
+        "annotations, or build the dataset with reduce_zero_label=False."
+    )
+
+
 # -----------------------------------------------------------------------------------------------
 # Finding the files of a split
 
+
+FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+# Cityscapes id -> trainId (cityscapesScripts helpers/labels.py); every other id -> 255.
+CITYSCAPES_ID_TO_TRAINID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
 
 # The layout of each dataset, shown when a root or a split is missing or empty.
 LAYOUTS = {
@@ -548,6 +523,12 @@ def list_images(name, root, image_dir, pattern, kind):
         what = f"holds no {kind} files" if image_dir.is_dir() else "not found"
         raise missing_path_error(name, root, image_dir, what)
     return images
+
+
+def find_pairs(name, root, split):
+    """[(image path, label path or None)] of a split, as str, in the dataset's own layout."""
+    find = {"ade20k": find_ade20k_pairs, "voc12aug": find_voc12aug_pairs, "folder": find_folder_pairs}
+    return find[name](root, split) if name in find else find_cityscapes_pairs(root, split, name)
 
 
 def find_cityscapes_pairs(root, split, name="cityscapes"):
@@ -722,6 +703,21 @@ def check_files(name, pairs):
 # float arithmetic, rounded, would differ by 1 on many pixels, so the training crops would not match.
 
 
+class Rescaled:
+    """An image (uint8 C x H x W) or a label (uint8 H x W) rescaled to `size` (h, w) as the original's
+    cv2.resize does, bilinear for images and nearest for labels, with only the pixels of a window ever
+    computed: crop(top, left, height, width) is bit-exact with resizing all, then cropping. Training
+    rescales by up to 2x and keeps a crop, so most of a rescaled image would never be used."""
+
+    def __init__(self, tensor, size, mode):
+        self.tensor, self.size, self.mode = tensor, tuple(size), mode
+        self.shape = (*tensor.shape[:-2], *self.size)
+
+    def crop(self, top, left, height, width):
+        resize_window = resize_image_window if self.mode == "bilinear" else resize_label_window
+        return resize_window(self.tensor, self.size, top, left, height, width)
+
+
 def linear_taps(in_size, out_size, start, count, clamp_weights):
     """Source indices and 11-bit weights of the outputs start..start+count-1 along one axis, as OpenCV's
     8-bit INTER_LINEAR: source (d + 0.5) * in/out - 0.5 in float, weights cvRound(w * 2048). Columns
@@ -780,13 +776,6 @@ def resize_label_window(label, size, top, left, height, width):
     rows = nearest_indices(label.shape[0], size[0], top, height)
     columns = nearest_indices(label.shape[1], size[1], left, width)
     return label.index_select(0, rows).gather(1, columns.expand(height, width))
-
-
-def resize_label(label, size):
-    """uint8 H x W -> h x w, nearest like cv2 INTER_NEAREST."""
-    if tuple(label.shape) == tuple(size):
-        return label
-    return resize_label_window(label, size, 0, 0, size[0], size[1])
 
 
 # OpenCV's 8-bit BGR<->HSV conversion is fixed-point (12 fractional bits) with these division tables.
@@ -860,6 +849,14 @@ def hsv_to_rgb_uint8(hue, saturation, value, hue_shift=0):
 
 # -----------------------------------------------------------------------------------------------
 # Appendix B: the toy dataset, written on first use (a network from scratch learns it in minutes)
+
+
+# Background plus four shapes, each drawn in its own colour. The colours (classes_and_palettes.json)
+# are 90 degrees of hue apart, so the hue shift of the photometric distortion (at most 36 degrees)
+# never makes two classes look alike, and grey stays grey under any saturation change.
+TOY_CLASSES, TOY_PALETTE = CLASSES_AND_PALETTES["toy"]["classes"], CLASSES_AND_PALETTES["toy"]["palette"]
+TOY_IMAGE_SIZE = (128, 256)  # (H, W)
+TOY_COUNTS = {"train": 64, "val": 16}
 
 
 def draw_toy_sample(seed):

@@ -1,7 +1,7 @@
 r"""Evaluate a GCNet checkpoint the way the mmsegmentation GCNet results table was computed.
 
-The table has two accuracy columns (mmseg v0.5.0 configs/_base_/datasets/*.py test_pipeline,
-tools/test.py --aug-test):
+The table has two accuracy columns (mmseg v0.5.0 configs/_base_/datasets/*.py test_pipeline, and
+the original toolbox's tools/test.py with --aug-test):
   mIoU           one pass per image at the row's test scale: the whole image for the 512x1024,
                  ADE20K and VOC models; 769x769 sliding windows with stride 513 on the 2049x1025
                  image for the 769x769 models (align_corners=True).
@@ -27,6 +27,7 @@ hardware's native precision, checked against fp32 on the first 10 images.
 """
 
 import argparse
+import copy
 import glob
 import json
 import math
@@ -40,18 +41,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import checkpoints
 import data
+import model
 import recipe
 import runtime
-from checkpoints import checkpoint_info, find_checkpoint, read_checkpoint
-from model import GCNet, load_weights
 
-# tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (mmseg v0.5.0
-# configs/_base_/datasets/*.py img_ratios).
+# The original's tools/test.py --aug-test: ratios of the test scale, each run plain and flipped (mmseg
+# v0.5.0 configs/_base_/datasets/*.py img_ratios).
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
@@ -151,14 +153,6 @@ def predict(
     return probabilities if passes == 1 else probabilities.div_(passes)
 
 
-def class_softmax(logits):
-    """Softmax over dim 1 of (N, C, H, W) logits; for channels_last logits on a permuted view, where
-    the classes are innermost in memory (no copy to NCHW), and the result stays channels_last."""
-    if logits.dim() == 4 and logits.stride(1) == 1 and logits.shape[1] > 1:
-        return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
-    return logits.softmax(dim=1)
-
-
 # -----------------------------------------------------------------------------------------------
 # Metrics (mmseg v0.5.0 mmseg/core/evaluation/mean_iou.py)
 
@@ -198,27 +192,8 @@ def metrics_from_confusion(matrix):
     }
 
 
-def format_table(metrics, classes):
-    """Per-class IoU / Acc table (percent, 2 decimals) with the summary line below."""
-    width = max([len("class")] + [len(name) for name in classes])
-    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
-    for name, iou, accuracy in zip(classes, metrics["IoU"], metrics["Acc"], strict=True):
-        lines.append(f"{name:<{width}}  {iou:6.2f}  {accuracy:6.2f}")
-    lines.append(f"aAcc {metrics['aAcc']:.2f}  mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}")
-    return "\n".join(lines)
-
-
 # -----------------------------------------------------------------------------------------------
 # A whole split, on one or several processes
-
-
-def sum_over_processes(tensor):
-    """all_reduce(SUM) on the device the backend wants (NCCL: CUDA, gloo: CPU)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    summed = tensor.to(tensor.device if dist.get_backend() == "nccl" else torch.device("cpu"))
-    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-    return summed.to(tensor.device)
 
 
 def predictions(model, dataset, count=None, *, device, precision, workers=2, show_progress=False, **protocol):
@@ -285,6 +260,37 @@ def evaluate_dataset(
     return dict(metrics_from_confusion(matrix), num_images=num_images, confusion_matrix=matrix.cpu().tolist())
 
 
+# Below this line: how it runs: the command line and its three jobs (a split's scores, files for
+# the benchmark servers, pictures of image files), checks, speed-ups. A first reading can stop here.
+
+
+def class_softmax(logits):
+    """Softmax over dim 1 of (N, C, H, W) logits; for channels_last logits on a permuted view, where
+    the classes are innermost in memory (no copy to NCHW), and the result stays channels_last."""
+    if logits.dim() == 4 and logits.stride(1) == 1 and logits.shape[1] > 1:
+        return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
+    return logits.softmax(dim=1)
+
+
+def format_table(metrics, classes):
+    """Per-class IoU / Acc table (percent, 2 decimals) with the summary line below."""
+    width = max([len("class")] + [len(name) for name in classes])
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    for name, iou, accuracy in zip(classes, metrics["IoU"], metrics["Acc"], strict=True):
+        lines.append(f"{name:<{width}}  {iou:6.2f}  {accuracy:6.2f}")
+    lines.append(f"aAcc {metrics['aAcc']:.2f}  mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}")
+    return "\n".join(lines)
+
+
+def sum_over_processes(tensor):
+    """all_reduce(SUM) on the device the backend wants (NCCL: CUDA, gloo: CPU)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    summed = tensor.to(tensor.device if dist.get_backend() == "nccl" else torch.device("cpu"))
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed.to(tensor.device)
+
+
 @torch.no_grad()
 def precision_agreement(model, dataset, num_images, *, reference_model=None, **inference):
     """Fraction of labelled pixels predicted alike at inference['precision'] and in fp32 (reference_model,
@@ -305,6 +311,303 @@ def precision_agreement(model, dataset, num_images, *, reference_model=None, **i
         reference_model.train(modes[1])
     agreeing, total = sum_over_processes(counts).tolist()
     return {"images": min(num_images, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
+
+
+# -----------------------------------------------------------------------------------------------
+# The command line: the flags, resolved once into a plain dict of settings, then one of three jobs
+
+
+def resolve_settings(args, info, device):
+    """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol
+    is the checkpoint's row of the table or its recorded recipe (info['row']); a --crop picks the row
+    of that crop (for an unknown dataset Cityscapes', whose test scale is 2048x1024). Official
+    checkpoints run in IEEE fp32 like the table, ours natively; BatchNorm is folded unless fp32."""
+    name, row = args.dataset or info["dataset"], info["row"]
+    if args.crop is not None or row is None:
+        crop = args.crop or info["crop_size"]
+        row = recipe.row(name if name in recipe.DATASETS else "cityscapes", crop, depth=info["depth"])
+    mode = args.mode or row["test_mode"]
+    pair = recipe.parse_crop  # 769 or [h, w] -> (h, w)
+    crop_size, stride = args.crop or pair(row["test_crop"]), args.stride or pair(row["test_stride"])
+    if mode == "slide" and (stride[0] > crop_size[0] or stride[1] > crop_size[1]):
+        raise ValueError(
+            f"--stride {stride} is larger than the window {crop_size}: the windows would leave gaps"
+        )
+    precision = runtime.resolve_precision(args.precision, device, auto="native" if info["recipe"] else "fp32")
+    native = precision != "fp32"
+    return dict(
+        dataset=name, mode=mode, crop_size=crop_size, stride=stride, scale=pair(row["scale"]),
+        ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
+        flip=args.ms_flip if args.flip is None else args.flip,
+        align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
+        precision=precision,
+        channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
+        fold_batchnorm=native if args.fold_batchnorm is None else args.fold_batchnorm,
+        check_agreement=(10 if native else 0) if args.check_agreement is None else args.check_agreement,
+        window_batch=args.window_batch, workers=args.workers, depth=args.depth, data_root=args.data_root,
+        split=args.split, format_only=args.format_only, save_dir=args.save_dir, opacity=args.opacity, out=args.out,
+        images=image_files(args.image) if args.image else None,  # (files, skipped)
+        # a folder trained with label 0 = ignore is scored so (None: the dataset's own declaration)
+        reduce_zero_label=(info["recipe"] or {}).get("reduce_zero_label") if name == info["dataset"] else None,
+    )  # fmt: skip
+
+
+def inference_keywords(settings, device):
+    """What predictions, evaluate_dataset, precision_agreement and predict_image take."""
+    keys = ("mode", "crop_size", "stride", "flip", "window_batch", "precision")
+    return dict({key: settings[key] for key in keys}, device=device)
+
+
+def build_split(info, settings, checkpoint):
+    """The split to evaluate or predict, checked against the checkpoint's classes."""
+    if settings["dataset"] is None:
+        raise ValueError(
+            f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
+            f"pass --dataset (one of {', '.join(sorted(recipe.DATASETS))}) and --data-root"
+        )
+    dataset = data.build_dataset(
+        settings["dataset"], root=settings["data_root"], split=settings["split"], crop_size=settings["crop_size"],
+        scale=settings["scale"], test_ratios=settings["ratios"], reduce_zero_label=settings["reduce_zero_label"],
+    )  # fmt: skip
+    check_classes(info, dataset, checkpoint)
+    return dataset
+
+
+def evaluate_split(model, info, settings, checkpoint, device, reference_model):
+    """Metrics on the val split: table on screen, everything in a JSON file."""
+    rank, world_size = runtime.rank_and_world_size()
+    dataset, precision = build_split(info, settings, checkpoint), settings["precision"]
+    protocol_keys = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
+    if rank == 0:
+        protocol = ", ".join(f"{key} {settings[key]}" for key in protocol_keys)
+        where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
+        print(f"{checkpoint}: {len(dataset)} {dataset.name} val images, {protocol}, {where}")
+    inference = dict(inference_keywords(settings, device), workers=settings["workers"])
+    agreement = None
+    if settings["check_agreement"] > 0 and precision != "fp32":
+        agreement = precision_agreement(
+            model, dataset, settings["check_agreement"], reference_model=reference_model, **inference
+        )
+        if rank == 0:
+            print(f"{precision} vs fp32: {100 * agreement['agreement']:.4f}% of the labelled pixels agree")
+    start = time.perf_counter()
+    results = evaluate_dataset(
+        model, dataset, channels_last=settings["channels_last"], save_dir=settings["save_dir"],
+        opacity=settings["opacity"], show_progress=True, **inference,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    if rank != 0:
+        return
+    print(format_table(results, dataset.classes))
+    speed_keys = ("precision", "channels_last", "fold_batchnorm", "window_batch")
+    record = dict(
+        checkpoint=str(checkpoint), config_name=info["config_name"], dataset=dataset.name,
+        data_root=settings["data_root"] or recipe.DATASETS[dataset.name]["root"],
+        num_images=results["num_images"], aAcc=results["aAcc"], mIoU=results["mIoU"], mAcc=results["mAcc"],
+        per_class={c: {"IoU": i, "Acc": a} for c, i, a in zip(dataset.classes, results["IoU"], results["Acc"])},
+        settings=dict(
+            {key: settings[key] for key in protocol_keys + speed_keys}, depth=model.depth,
+            num_classes=model.num_classes, world_size=world_size, torch=torch.__version__,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        ),
+        precision_agreement=agreement, seconds=seconds, confusion_matrix=results["confusion_matrix"],
+    )  # fmt: skip
+    if settings["out"]:
+        out = Path(settings["out"])
+    else:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
+        url = re.match(r"^(https?|file)://", str(checkpoint))
+        folder = Path("eval_out") if url else Path(checkpoint).parent
+        tag = settings["mode"] + "_ms" * (len(settings["ratios"]) > 1) + "_flip" * settings["flip"]
+        out = folder / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(without_nan(record), indent=1))
+    print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
+
+
+def without_nan(value):
+    """JSON has no NaN: undefined IoU / Acc become null."""
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(item) for item in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+@torch.no_grad()
+def write_split_files(model, info, settings, checkpoint, device):
+    """--format-only: server_file()'s files for a whole split; under torchrun each process writes its share."""
+    dataset = build_split(info, settings, checkpoint)
+    split = settings["split"]
+    save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{split}"
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    inference = dict(inference_keywords(settings, device), workers=settings["workers"])
+    written = 0
+    for pred, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
+        name, picture = server_file(dataset.name, pred, meta, dataset.palette)
+        picture.save(Path(save_dir) / name)
+        written += 1
+    total = int(sum_over_processes(torch.tensor([written], device=device)).item())
+    if runtime.rank_and_world_size()[0] == 0:
+        print(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
+
+
+def predict_images(model, info, settings, device):
+    """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
+    that cannot be read is named and the others go on. Returns how many failed, over all ranks."""
+    rank, world_size = runtime.rank_and_world_size()
+    (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
+    palette = info["palette"] or data.CLASSES_AND_PALETTES.get(settings["dataset"], {}).get("palette")
+    if palette is None or len(palette) != model.num_classes:
+        palette = data.default_palette(model.num_classes)
+    keywords = dict(inference_keywords(settings, device), scale=settings["scale"], ratios=settings["ratios"],
+                    palette=palette, save_dir=save_dir, opacity=settings["opacity"])  # fmt: skip
+    mine = list(zip(files, picture_names(files)))[rank::world_size]
+    written, failed = [], []
+    for path, name in tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2):
+        try:
+            written += predict_image(model, path, name, **keywords)
+        except (ValueError, OSError) as error:  # an unreadable or undecodable file: name it, go on
+            failed.append(path)
+            tqdm.write(f"evaluate.py: {path} failed: {error}", file=sys.stderr)
+    counts = sum_over_processes(torch.tensor([len(mine) - len(failed), len(failed)], device=device)).tolist()
+    if rank == 0 and skipped:
+        print(f"skipped {len(skipped)} files that are not images: " + ", ".join(map(str, skipped)))
+    if rank == 0 and len(files) == 1 and not failed:
+        print("wrote " + ", ".join(map(str, written)))
+    elif rank == 0:
+        print(f"wrote the label PNG, overlay and attention picture of {counts[0]} images under {save_dir}")
+    if failed:
+        print(f"evaluate.py: {len(failed)} images failed: " + ", ".join(map(str, failed)), file=sys.stderr)
+    return counts[1]
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.split == "test" and not args.format_only:
+        parser.error("--split test has no labels to score: add --format-only to write the server's files")
+    if args.format_only and args.image:
+        parser.error("--format-only predicts a split, --image predicts files: pass one of them")
+    runtime.keep_freed_memory()
+    failed = 0
+    try:
+        _, _, device = runtime.setup_device(args.device)
+        checkpoint = checkpoints.find_checkpoint(args.checkpoint)
+        loaded = checkpoints.read_checkpoint(
+            checkpoint, trust=args.trust_checkpoint
+        )  # read once, for info and weights
+        info = checkpoints.checkpoint_info(checkpoint, loaded)
+        settings = resolve_settings(args, info, device)
+        model = build_model(checkpoint, loaded, info, settings, device)
+        reference_model = model  # the fp32 reference of the agreement check, BatchNorm not folded
+        if settings["fold_batchnorm"]:
+            model = fold_batchnorm(model)
+        if settings["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+        if settings["images"]:
+            failed = predict_images(model, info, settings, device)
+        elif settings["format_only"]:
+            write_split_files(model, info, settings, checkpoint, device)
+        else:
+            evaluate_split(model, info, settings, checkpoint, device, reference_model)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        raise SystemExit(f"evaluate.py: {error}") from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if failed:
+        raise SystemExit(1)  # the other images are written; a script still sees that some were not
+
+
+def build_parser():
+    """Every flag is checked when parsed (runtime.number_flag, writable_path, size_flag): a wrong value
+    ends the run before any work, naming the flag and what it allows."""
+    number, path, size_flag = runtime.number_flag, runtime.writable_path, runtime.size_flag
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # fmt: off
+    what = parser.add_argument_group("what to evaluate")
+    what.add_argument("--checkpoint", help=f"a .pth file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
+    what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only for files you trust")
+    what.add_argument("--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)")
+    what.add_argument("--data-root", help="dataset folder (default: the dataset's, e.g. data/cityscapes)")
+    what.add_argument("--depth", type=int, choices=(50, 101), help="only if the checkpoint cannot tell")
+    what.add_argument("--split", default="val", choices=("val", "test"), help="val, or test with --format-only")
+    what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
+    what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns")
+    test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
+    test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
+    test.add_argument("--scales", type=number(float, 0, exclusive=True), nargs="+", help="test scale ratios")
+    test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
+    test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
+    test.add_argument("--crop", type=size_flag("--crop"), help="sliding window size: 769 or HxW (512x1024)")
+    test.add_argument("--stride", type=size_flag("--stride"), help="sliding window stride: 513 or HxW")
+    runtime.add_arguments(parser)
+    speed = parser.add_argument_group("speed (results change by rounding only)")
+    speed.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32")
+    speed.add_argument("--check-agreement", type=number(int, 0), metavar="N", help="vs fp32 (default 10 unless fp32)")
+    speed.add_argument("--window-batch", type=number(int, 1), default=4, help="sliding windows per forward pass")
+    speed.add_argument("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="loader processes")
+    output = parser.add_argument_group("output")
+    output.add_argument("--save-dir", type=path("folder"), help="pictures or server files go here")
+    output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1")
+    output.add_argument("--out", type=path("file"), help="results JSON (default: beside the checkpoint)")
+    # fmt: on
+    return parser
+
+
+# -----------------------------------------------------------------------------------------------
+# The model of a checkpoint
+
+
+def build_model(checkpoint, loaded, info, settings, device):
+    """GCNet shaped by the checkpoint (depth and class count from its weights) with its weights."""
+    depth = settings["depth"]
+    if depth is not None and depth != info["depth"]:
+        raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
+    net = model.GCNet(info["num_classes"], depth=info["depth"], align_corners=settings["align_corners"])
+    checkpoints.load_checkpoint(net, checkpoint, loaded)
+    return net.to(device).eval()
+
+
+def check_classes(info, dataset, checkpoint):
+    """The checkpoint's classes must be the dataset's, in the same order."""
+    if info["num_classes"] != dataset.num_classes:
+        raise ValueError(
+            f"{checkpoint} predicts {info['num_classes']} classes but the {dataset.name} dataset has "
+            f"{dataset.num_classes}: pass the --dataset it was trained on"
+        )
+    if info["classes"] is not None:
+        # strip(): the original ADE20K class list has 'bed ' with a trailing space
+        # (mmseg v0.5.0 mmseg/datasets/ade.py).
+        ours, theirs = [c.strip() for c in info["classes"]], [c.strip() for c in dataset.classes]
+        if ours != theirs:
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            raise ValueError(
+                f"{checkpoint} was trained on other classes than the {dataset.name} dataset's: class "
+                f"{first} is {ours[first]!r} in the checkpoint, {theirs[first]!r} in the dataset"
+            )
+
+
+def fold_batchnorm(net):
+    """A copy of `net` for inference in which every BatchNorm that follows a convolution is folded
+    into it (weight * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)) and
+    replaced by nn.Identity: the same output up to rounding, one pass over each feature map fewer.
+    The copy has no BatchNorm keys: save and load weights with the original model."""
+    folded = copy.deepcopy(net).eval()
+    for module in list(folded.modules()):
+        # Bottleneck names its pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold
+        # them side by side.
+        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] if isinstance(module, model.Bottleneck) else []
+        names = [name for name, _ in module.named_children()]
+        pairs += list(zip(names, names[1:])) if isinstance(module, nn.Sequential) else []
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    return folded
 
 
 # -----------------------------------------------------------------------------------------------
@@ -437,281 +740,6 @@ def server_file(dataset_name, pred, meta, palette):
     if dataset_name == "ade20k":
         return name, Image.fromarray((pred + 1).to(torch.uint8).numpy())
     return name, label_picture(pred, palette)
-
-
-# -----------------------------------------------------------------------------------------------
-# The model of a checkpoint
-
-
-def build_model(checkpoint, loaded, info, settings, device):
-    """GCNet shaped by the checkpoint (depth and class count from its weights) with its weights."""
-    depth = settings["depth"]
-    if depth is not None and depth != info["depth"]:
-        raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
-    model = GCNet(info["num_classes"], depth=info["depth"], align_corners=settings["align_corners"])
-    load_weights(model, checkpoint, loaded)
-    return model.to(device).eval()
-
-
-def check_classes(info, dataset, checkpoint):
-    """The checkpoint's classes must be the dataset's, in the same order."""
-    if info["num_classes"] != dataset.num_classes:
-        raise ValueError(
-            f"{checkpoint} predicts {info['num_classes']} classes but the {dataset.name} dataset has "
-            f"{dataset.num_classes}: pass the --dataset it was trained on"
-        )
-    if info["classes"] is not None:
-        # strip(): the original ADE20K class list has 'bed ' with a trailing space
-        # (mmseg v0.5.0 mmseg/datasets/ade.py).
-        ours, theirs = [c.strip() for c in info["classes"]], [c.strip() for c in dataset.classes]
-        if ours != theirs:
-            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-            raise ValueError(
-                f"{checkpoint} was trained on other classes than the {dataset.name} dataset's: class "
-                f"{first} is {ours[first]!r} in the checkpoint, {theirs[first]!r} in the dataset"
-            )
-
-
-# -----------------------------------------------------------------------------------------------
-# Command line: the flags, resolved once into a plain dict of settings, then one of three jobs
-
-
-def resolve_settings(args, info, device):
-    """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol
-    is the checkpoint's row of the table or its recorded recipe (info['row']); a --crop picks the row
-    of that crop (for an unknown dataset Cityscapes', whose test scale is 2048x1024). Official
-    checkpoints run in IEEE fp32 like the table, ours natively; BatchNorm is folded unless fp32."""
-    name, row = args.dataset or info["dataset"], info["row"]
-    if args.crop is not None or row is None:
-        crop = args.crop or info["crop_size"]
-        row = recipe.row(name if name in recipe.DATASETS else "cityscapes", crop, depth=info["depth"])
-    mode = args.mode or row["test_mode"]
-    pair = recipe.parse_crop  # 769 or [h, w] -> (h, w)
-    crop_size, stride = args.crop or pair(row["test_crop"]), args.stride or pair(row["test_stride"])
-    if mode == "slide" and (stride[0] > crop_size[0] or stride[1] > crop_size[1]):
-        raise ValueError(
-            f"--stride {stride} is larger than the window {crop_size}: the windows would leave gaps"
-        )
-    precision = runtime.resolve_precision(args.precision, device, auto="native" if info["recipe"] else "fp32")
-    native = precision != "fp32"
-    return dict(
-        dataset=name, mode=mode, crop_size=crop_size, stride=stride, scale=pair(row["scale"]),
-        ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
-        flip=args.ms_flip if args.flip is None else args.flip,
-        align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
-        precision=precision,
-        channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
-        fold_batchnorm=native if args.fold_batchnorm is None else args.fold_batchnorm,
-        check_agreement=(10 if native else 0) if args.check_agreement is None else args.check_agreement,
-        window_batch=args.window_batch, workers=args.workers, depth=args.depth, data_root=args.data_root,
-        split=args.split, format_only=args.format_only, save_dir=args.save_dir, opacity=args.opacity, out=args.out,
-        images=image_files(args.image) if args.image else None,  # (files, skipped)
-        # a folder trained with label 0 = ignore is scored so (None: the dataset's own declaration)
-        reduce_zero_label=(info["recipe"] or {}).get("reduce_zero_label") if name == info["dataset"] else None,
-    )  # fmt: skip
-
-
-def inference_keywords(settings, device):
-    """What predictions, evaluate_dataset, precision_agreement and predict_image take."""
-    keys = ("mode", "crop_size", "stride", "flip", "window_batch", "precision")
-    return dict({key: settings[key] for key in keys}, device=device)
-
-
-def build_split(info, settings, checkpoint):
-    """The split to evaluate or predict, checked against the checkpoint's classes."""
-    if settings["dataset"] is None:
-        raise ValueError(
-            f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
-            f"pass --dataset (one of {', '.join(sorted(data.DATASETS))}, or folder) and --data-root"
-        )
-    dataset = data.build_dataset(
-        settings["dataset"], root=settings["data_root"], split=settings["split"], crop_size=settings["crop_size"],
-        scale=settings["scale"], test_ratios=settings["ratios"], reduce_zero_label=settings["reduce_zero_label"],
-    )  # fmt: skip
-    check_classes(info, dataset, checkpoint)
-    return dataset
-
-
-def evaluate_split(model, info, settings, checkpoint, device, reference_model):
-    """Metrics on the val split: table on screen, everything in a JSON file."""
-    rank, world_size = runtime.rank_and_world_size()
-    dataset, precision = build_split(info, settings, checkpoint), settings["precision"]
-    protocol_keys = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
-    if rank == 0:
-        protocol = ", ".join(f"{key} {settings[key]}" for key in protocol_keys)
-        where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
-        print(f"{checkpoint}: {len(dataset)} {dataset.name} val images, {protocol}, {where}")
-    inference = dict(inference_keywords(settings, device), workers=settings["workers"])
-    agreement = None
-    if settings["check_agreement"] > 0 and precision != "fp32":
-        agreement = precision_agreement(
-            model, dataset, settings["check_agreement"], reference_model=reference_model, **inference
-        )
-        if rank == 0:
-            print(f"{precision} vs fp32: {100 * agreement['agreement']:.4f}% of the labelled pixels agree")
-    start = time.perf_counter()
-    results = evaluate_dataset(
-        model, dataset, channels_last=settings["channels_last"], save_dir=settings["save_dir"],
-        opacity=settings["opacity"], show_progress=True, **inference,
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    if rank != 0:
-        return
-    print(format_table(results, dataset.classes))
-    speed_keys = ("precision", "channels_last", "fold_batchnorm", "window_batch")
-    record = dict(
-        checkpoint=str(checkpoint), config_name=info["config_name"], dataset=dataset.name,
-        data_root=settings["data_root"] or data.DATASETS.get(dataset.name, {}).get("default_root"),
-        num_images=results["num_images"], aAcc=results["aAcc"], mIoU=results["mIoU"], mAcc=results["mAcc"],
-        per_class={c: {"IoU": i, "Acc": a} for c, i, a in zip(dataset.classes, results["IoU"], results["Acc"])},
-        settings=dict(
-            {key: settings[key] for key in protocol_keys + speed_keys}, depth=model.depth,
-            num_classes=model.num_classes, world_size=world_size, torch=torch.__version__,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        ),
-        precision_agreement=agreement, seconds=seconds, confusion_matrix=results["confusion_matrix"],
-    )  # fmt: skip
-    if settings["out"]:
-        out = Path(settings["out"])
-    else:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
-        url = re.match(r"^(https?|file)://", str(checkpoint))
-        folder = Path("eval_out") if url else Path(checkpoint).parent
-        tag = settings["mode"] + "_ms" * (len(settings["ratios"]) > 1) + "_flip" * settings["flip"]
-        out = folder / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(without_nan(record), indent=1))
-    print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
-
-
-def without_nan(value):
-    """JSON has no NaN: undefined IoU / Acc become null."""
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [without_nan(item) for item in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-@torch.no_grad()
-def write_split_files(model, info, settings, checkpoint, device):
-    """--format-only: server_file()'s files for a whole split; under torchrun each process writes its share."""
-    dataset = build_split(info, settings, checkpoint)
-    split = settings["split"]
-    save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{split}"
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
-    inference = dict(inference_keywords(settings, device), workers=settings["workers"])
-    written = 0
-    for pred, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
-        name, picture = server_file(dataset.name, pred, meta, dataset.palette)
-        picture.save(Path(save_dir) / name)
-        written += 1
-    total = int(sum_over_processes(torch.tensor([written], device=device)).item())
-    if runtime.rank_and_world_size()[0] == 0:
-        print(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
-
-
-def predict_images(model, info, settings, device):
-    """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
-    that cannot be read is named and the others go on. Returns how many failed, over all ranks."""
-    rank, world_size = runtime.rank_and_world_size()
-    (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
-    palette = info["palette"] or data.DATASETS.get(settings["dataset"], {}).get("palette")
-    if palette is None or len(palette) != model.num_classes:
-        palette = data.default_palette(model.num_classes)
-    keywords = dict(inference_keywords(settings, device), scale=settings["scale"], ratios=settings["ratios"],
-                    palette=palette, save_dir=save_dir, opacity=settings["opacity"])  # fmt: skip
-    mine = list(zip(files, picture_names(files)))[rank::world_size]
-    written, failed = [], []
-    for path, name in tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2):
-        try:
-            written += predict_image(model, path, name, **keywords)
-        except (ValueError, OSError) as error:  # an unreadable or undecodable file: name it, go on
-            failed.append(path)
-            tqdm.write(f"evaluate.py: {path} failed: {error}", file=sys.stderr)
-    counts = sum_over_processes(torch.tensor([len(mine) - len(failed), len(failed)], device=device)).tolist()
-    if rank == 0 and skipped:
-        print(f"skipped {len(skipped)} files that are not images: " + ", ".join(map(str, skipped)))
-    if rank == 0 and len(files) == 1 and not failed:
-        print("wrote " + ", ".join(map(str, written)))
-    elif rank == 0:
-        print(f"wrote the label PNG, overlay and attention picture of {counts[0]} images under {save_dir}")
-    if failed:
-        print(f"evaluate.py: {len(failed)} images failed: " + ", ".join(map(str, failed)), file=sys.stderr)
-    return counts[1]
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.split == "test" and not args.format_only:
-        parser.error("--split test has no labels to score: add --format-only to write the server's files")
-    if args.format_only and args.image:
-        parser.error("--format-only predicts a split, --image predicts files: pass one of them")
-    runtime.keep_freed_memory()
-    failed = 0
-    try:
-        _, _, device = runtime.setup_device(args.device)
-        checkpoint = find_checkpoint(args.checkpoint)
-        loaded = read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # read once, for info and weights
-        info = checkpoint_info(checkpoint, loaded)
-        settings = resolve_settings(args, info, device)
-        model = build_model(checkpoint, loaded, info, settings, device)
-        reference_model = model  # the fp32 reference of the agreement check, BatchNorm not folded
-        if settings["fold_batchnorm"]:
-            model = runtime.fold_batchnorm(model)
-        if settings["channels_last"]:
-            model.to(memory_format=torch.channels_last)
-        if settings["images"]:
-            failed = predict_images(model, info, settings, device)
-        elif settings["format_only"]:
-            write_split_files(model, info, settings, checkpoint, device)
-        else:
-            evaluate_split(model, info, settings, checkpoint, device, reference_model)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        raise SystemExit(f"evaluate.py: {error}") from None
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if failed:
-        raise SystemExit(1)  # the other images are written; a script still sees that some were not
-
-
-def build_parser():
-    """Every flag is checked when parsed (runtime.number_flag, writable_path, size_flag): a wrong value
-    ends the run before any work, naming the flag and what it allows."""
-    number, path, size_flag = runtime.number_flag, runtime.writable_path, runtime.size_flag
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    # fmt: off
-    what = parser.add_argument_group("what to evaluate")
-    what.add_argument("--checkpoint", help=f"a .pth file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
-    what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only for files you trust")
-    what.add_argument("--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)")
-    what.add_argument("--data-root", help="dataset folder (default: the dataset's, e.g. data/cityscapes)")
-    what.add_argument("--depth", type=int, choices=(50, 101), help="only if the checkpoint cannot tell")
-    what.add_argument("--split", default="val", choices=("val", "test"), help="val, or test with --format-only")
-    what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
-    what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns")
-    test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
-    test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
-    test.add_argument("--scales", type=number(float, 0, exclusive=True), nargs="+", help="test scale ratios")
-    test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
-    test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
-    test.add_argument("--crop", type=size_flag("--crop"), help="sliding window size: 769 or HxW (512x1024)")
-    test.add_argument("--stride", type=size_flag("--stride"), help="sliding window stride: 513 or HxW")
-    runtime.add_arguments(parser)
-    speed = parser.add_argument_group("speed (results change by rounding only)")
-    speed.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32")
-    speed.add_argument("--check-agreement", type=number(int, 0), metavar="N", help="vs fp32 (default 10 unless fp32)")
-    speed.add_argument("--window-batch", type=number(int, 1), default=4, help="sliding windows per forward pass")
-    speed.add_argument("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="loader processes")
-    output = parser.add_argument_group("output")
-    output.add_argument("--save-dir", type=path("folder"), help="pictures or server files go here")
-    output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1")
-    output.add_argument("--out", type=path("file"), help="results JSON (default: beside the checkpoint)")
-    # fmt: on
-    return parser
 
 
 if __name__ == "__main__":

@@ -16,22 +16,18 @@ R-101-D8), module for module and name for name, so their state_dicts load with s
     +-- decode_head       GCHead: 3x3 conv -> ContextBlock -> 3x3 conv -> concat -> 3x3 conv -> classifier
     +-- auxiliary_head    FCNHead on layer3, used only for the training loss (weight 0.4)
 
-Read it top to bottom: the GC block, the heads, the backbone, the whole model, weight loading.
-Comments name the original's files (mmsegmentation v0.5.0, mmcv v1.0.2) where a detail matters.
+It needs torch only. Comments name the original's files (mmsegmentation v0.5.0, mmcv v1.0.2) where a
+detail matters. `python model.py` prints the parameter count and the output shapes, or:
 
-    python -c "import model; m = model.GCNet(19).eval(); print(m(torch.randn(1, 3, 512, 1024)).shape)"
+    python -c "import torch, model; print(model.GCNet(19).eval()(torch.randn(1, 3, 512, 1024)).shape)"
 """
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-
-from checkpoints import extract_state_dict, read_checkpoint  # files and URLs, running no code from them
-from recipe import DATASET_OF_NUM_CLASSES
 
 # Bottleneck blocks per stage (mmseg v0.5.0 mmseg/models/backbones/resnet.py).
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -39,18 +35,6 @@ STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 # -----------------------------------------------------------------------------------------------
 # The Global Context block (mmcv v1.0.2 mmcv/cnn/bricks/context_block.py)
-
-
-class LayerNormFP32(nn.LayerNorm):
-    """nn.LayerNorm computed in float32 whatever autocast does (CPU autocast would run it in bf16).
-    It normalises a (N, P, 1, 1) context vector, so the cost is nil."""
-
-    def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
-            weight, bias = self.weight.float(), self.bias.float()
-            out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
-        # Under autocast the next conv casts as it needs; without it, keep the caller's dtype.
-        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
 
 
 class ContextBlock(nn.Module):
@@ -66,7 +50,8 @@ class ContextBlock(nn.Module):
         # Step 1, context modelling: one 1x1 conv scores every position.
         self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
         # Step 2, transform: bottleneck C -> P -> C. The LayerNorm normalises jointly over the
-        # P x 1 x 1 context vector, which eases optimisation of the two-layer bottleneck.
+        # P x 1 x 1 context vector, which eases optimisation of the two-layer bottleneck (it runs in
+        # float32 even under autocast: LayerNormFP32, below the line).
         self.channel_add_conv = nn.Sequential(
             nn.Conv2d(channels, planes, kernel_size=1),
             LayerNormFP32([planes, 1, 1]),
@@ -187,28 +172,6 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-def checkpoint_block(block, x):
-    """block(x), keeping only x for the backward pass, which runs the block again to get the rest.
-    The second run must not count as a second batch for BatchNorm, so its running statistics are
-    put back as the first run left them."""
-    runs = []
-
-    def run(inputs):
-        if not runs:  # the forward pass
-            runs.append(1)
-            return block.block(inputs)
-        saved = [buffer.clone() for buffer in block.buffers()]
-        out = block.block(inputs)  # the recomputation in the backward pass
-        with torch.no_grad():
-            for buffer, value in zip(block.buffers(), saved, strict=True):
-                buffer.copy_(value)
-        return out
-
-    # No early stop: the recomputation must run to its end, where the statistics are put back.
-    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
-        return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
-
-
 def make_stage(in_channels, planes, blocks, stride, dilation):
     """One ResNet stage. Block 0 changes the channel count, so it always has a downsample branch
     (a strided 1x1 conv, never dilated). With dilation d > 1, block 0 uses d // 2 ("contract
@@ -317,98 +280,67 @@ class GCNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# Weight loading: official mmcv checkpoints ({"meta", "state_dict"}), ours, ImageNet backbones
+# Loading weights: the official checkpoints' state_dicts, or an ImageNet backbone to start from
 
 
-def describe_classes(num_classes):
-    dataset = DATASET_OF_NUM_CLASSES.get(num_classes)
-    return f"{num_classes} classes ({dataset})" if dataset else f"{num_classes} classes"
+def load_weights(model, state_dict):
+    """Load a state_dict into a GCNet strictly, as torch's load_state_dict(strict=True) does. Takes
 
+    (a) a whole GCNet's (keys 'backbone.*', 'decode_head.*', 'auxiliary_head.*'): the official
+        checkpoints' 'state_dict' and this project's; or
+    (b) an ImageNet ResNetV1c's (keys 'stem.*', 'layer1.*', ... and an 'fc' classifier, which is
+        dropped): the backbone every row of the table starts from; the heads keep their initialisation.
 
-def check_and_load(module, state_dict, source):
-    """Strict load that reports every missing, unexpected and wrongly shaped key in one error."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [
-        f"{k}: checkpoint {list(state_dict[k].shape)}, model {list(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong_shape:
-        lines = [f"cannot load {source}:"]
-        seg_key = "decode_head.conv_seg.weight"
-        if (
-            seg_key in state_dict
-            and seg_key in expected
-            and state_dict[seg_key].shape != expected[seg_key].shape
-        ):
-            lines.append(
-                f"checkpoint has {describe_classes(state_dict[seg_key].shape[0])}, model has "
-                f"{describe_classes(expected[seg_key].shape[0])}; build the model with the checkpoint's "
-                "class count or evaluate on the matching dataset"
-            )
-        n_blocks = sum(1 for k in state_dict if re.fullmatch(r"(backbone\.)?layer3\.\d+\.conv1\.weight", k))
-        if n_blocks and isinstance(module, GCNet) and n_blocks != STAGE_BLOCKS[module.depth][2]:
-            depth = {6: 50, 23: 101}.get(n_blocks, "unknown")
-            lines.append(f"checkpoint is a ResNet-{depth} ({n_blocks} layer3 blocks), model: {module.depth}")
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-            if keys:
-                shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
-                lines.append(f"{len(keys)} {title} key(s):\n    " + "\n    ".join(shown))
-        raise ValueError("\n".join(lines))
-    module.load_state_dict(state_dict, strict=True)
-
-
-CLASSIFIER_KEYS = [
-    f"{head}.conv_seg.{name}" for head in ("decode_head", "auxiliary_head") for name in ("weight", "bias")
-]
-
-
-def load_weights(model, path_or_url, checkpoint=None, trust=False, new_classes=False):
-    """Load weights into a GCNet, strictly. Accepts
-
-    (a) official checkpoints of the results table: {'state_dict', 'meta'};
-    (b) this project's training checkpoints: {'state_dict', 'optimizer', 'iteration', ...};
-    (c) ImageNet ResNetV1c weights (recipe.IMAGENET_URLS): backbone keys without a 'backbone.'
-        prefix plus an 'fc' classifier, which is dropped; these fill the backbone only.
-
-    new_classes=True (fine-tuning): when the class count differs, the two classifiers keep the
-    model's fresh initialisation and everything else loads strictly. Pass `checkpoint` when the file
-    is already loaded; `path_or_url` then only names it in errors. Returns 'segmentor',
-    'segmentor, new classifiers' or 'imagenet'.
-    """
-    checkpoint = read_checkpoint(path_or_url, trust) if checkpoint is None else checkpoint
-    state_dict = extract_state_dict(checkpoint)
-    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if non_finite:
-        raise ValueError(
-            f"refusing to load {path_or_url}: {len(non_finite)} tensor(s) hold NaN or infinite values, e.g. "
-            f"{', '.join(non_finite[:5])}. The training diverged or the file is damaged: use an earlier checkpoint."
-        )
-    if any(k.startswith("backbone.") for k in state_dict):
-        own = model.state_dict()
-        seg = "decode_head.conv_seg.weight"
-        if new_classes and seg in state_dict and state_dict[seg].shape != own[seg].shape:
-            state_dict = {**state_dict, **{key: own[key] for key in CLASSIFIER_KEYS}}
-            check_and_load(model, state_dict, path_or_url)
-            return "segmentor, new classifiers"
-        check_and_load(model, state_dict, path_or_url)
+    Returns 'segmentor' or 'imagenet'. Reading files and URLs without running code, and an error that
+    lists every key problem, are checkpoints.load_checkpoint's."""
+    if any(key.startswith("backbone.") for key in state_dict):
+        model.load_state_dict(state_dict, strict=True)
         return "segmentor"
-    if "stem.0.weight" not in state_dict:
-        raise ValueError(
-            f"cannot load {path_or_url}: it is neither a GCNet checkpoint (keys 'backbone.*') nor an "
-            "ImageNet ResNetV1c backbone (keys 'stem.*', 'layer1.*'); a torchvision ResNet has a "
-            "single-conv stem and does not fit. Use the files in recipe.IMAGENET_URLS."
-        )
-    backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    # BN counters (num_batches_tracked) carry no information: any the ImageNet file lacks keep the
-    # model's own.
+    backbone = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
+    # BatchNorm counters (num_batches_tracked) carry no information: any the file lacks keep the model's.
     for key, value in model.backbone.state_dict().items():
         if key.endswith("num_batches_tracked"):
             backbone.setdefault(key, value)
-    check_and_load(model.backbone, backbone, path_or_url)
+    model.backbone.load_state_dict(backbone, strict=True)
     return "imagenet"
+
+
+# Below this line: mechanics: LayerNorm in float32 under autocast, activation checkpointing, and a quick
+# look at the model (python model.py). A first reading can stop here.
+
+
+class LayerNormFP32(nn.LayerNorm):
+    """nn.LayerNorm computed in float32 whatever autocast does (CPU autocast would run it in bf16).
+    It normalises a (N, P, 1, 1) context vector, so the cost is nil."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            weight, bias = self.weight.float(), self.bias.float()
+            out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        # Under autocast the next conv casts as it needs; without it, keep the caller's dtype.
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+
+def checkpoint_block(block, x):
+    """block(x), keeping only x for the backward pass, which runs the block again to get the rest.
+    The second run must not count as a second batch for BatchNorm, so its running statistics are
+    put back as the first run left them."""
+    runs = []
+
+    def run(inputs):
+        if not runs:  # the forward pass
+            runs.append(1)
+            return block.block(inputs)
+        saved = [buffer.clone() for buffer in block.buffers()]
+        out = block.block(inputs)  # the recomputation in the backward pass
+        with torch.no_grad():
+            for buffer, value in zip(block.buffers(), saved, strict=True):
+                buffer.copy_(value)
+        return out
+
+    # No early stop: the recomputation must run to its end, where the statistics are put back.
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
 
 
 def count_parameters(model):

@@ -23,16 +23,24 @@ SCHEDULE = dict(power=0.9, min_lr=1e-4)
 AUX_WEIGHT = 0.4
 ORIGINAL_GPUS = 4
 
-# Per dataset: per-GPU batch, the schedules of the table (the first is the default), the crops (the
-# first is the default), the scale (W, H) images are rescaled to fit for training and testing, and
-# data loader workers per GPU. `folder` (your own data) borrows the ADE20K/VOC recipe; `toy` is the
-# demo: small crops, from scratch, hence a larger lr and no ImageNet weights.
+# The datasets: per-GPU batch, the schedules of the table (the first is the default), the crops (the
+# first is the default), the scale (W, H) images are rescaled to fit for training and testing, data
+# loader workers per GPU, the default root (as in the original, relative to the working directory) and
+# whether label 0 means "ignore" (reduce_zero_label, mmseg v0.5.0 mmseg/datasets/ade.py). `folder` (your
+# own data) borrows the ADE20K/VOC recipe and reads its classes from ROOT/classes.txt; `toy` is the demo:
+# small crops, from scratch, hence a larger lr and no ImageNet weights. Classes and palettes are in
+# classes_and_palettes.json.
 DATASETS = {
-    "cityscapes": dict(batch_size=2, iters=(40000, 80000), crops=((512, 1024), (769, 769)), scale=(2048, 1024), workers=2),
-    "ade20k": dict(batch_size=4, iters=(80000, 160000), crops=((512, 512),), scale=(2048, 512), workers=4),
-    "voc12aug": dict(batch_size=4, iters=(20000, 40000), crops=((512, 512),), scale=(2048, 512), workers=4),
-    "folder": dict(batch_size=4, iters=(20000,), crops=((512, 512),), scale=(2048, 512), workers=4),
-    "toy": dict(batch_size=4, iters=(300,), crops=((128, 128),), scale=(256, 128), workers=2, lr=0.05, pretrained="none"),
+    "cityscapes": dict(batch_size=2, iters=(40000, 80000), crops=((512, 1024), (769, 769)), scale=(2048, 1024), workers=2,
+                       root="data/cityscapes", reduce_zero_label=False),
+    "ade20k": dict(batch_size=4, iters=(80000, 160000), crops=((512, 512),), scale=(2048, 512), workers=4,
+                   root="data/ade/ADEChallengeData2016", reduce_zero_label=True),
+    "voc12aug": dict(batch_size=4, iters=(20000, 40000), crops=((512, 512),), scale=(2048, 512), workers=4,
+                     root="data/VOCdevkit/VOC2012", reduce_zero_label=False),
+    "folder": dict(batch_size=4, iters=(20000,), crops=((512, 512),), scale=(2048, 512), workers=4,
+                   root=None, reduce_zero_label=False),
+    "toy": dict(batch_size=4, iters=(300,), crops=((128, 128),), scale=(256, 128), workers=2, lr=0.05, pretrained="none",
+                root="data/toy", reduce_zero_label=False),
 }  # fmt: skip
 TABLE_DATASETS = ("cityscapes", "ade20k", "voc12aug")
 # The table's datasets recognised by their class count (for checkpoints that do not say theirs).
@@ -90,6 +98,9 @@ def row(dataset, crop=None, depth=50, iters=None):
         config_name=f"gcnet_r{depth}-d8_{crop_size[0]}x{crop_size[1]}_{schedule}_{dataset}",
         in_table=dataset in TABLE_DATASETS and crop_size in base["crops"] and iters in base["iters"],
     )
+
+
+# Below this line: reading sizes and official file names. A first reading can stop here.
 
 
 def parse_crop(value, flag="--crop"):

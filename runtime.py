@@ -16,7 +16,6 @@ train.py, evaluate.py and benchmark.py share these, so `--device`, `--precision`
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import math
 import os
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+import recipe
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,8 +73,9 @@ def rank_and_world_size():
     return 0, 1
 
 
-def rank_zero_first(function, rank, world_size):
+def rank_zero_first(function):
     """Call `function` on rank 0, then on the other ranks: for work that writes shared files."""
+    rank, world_size = rank_and_world_size()
     result = function() if rank == 0 else None
     if world_size > 1:
         dist.barrier()
@@ -108,57 +108,38 @@ def resolve_channels_last(flag, device, precision):
 
 
 @contextlib.contextmanager
-def precision_context(device, precision):
-    """bf16/fp16: autocast (the model keeps its GC softmax, LayerNorm and final resize in float32).
-    fp32: IEEE float32, i.e. TF32 off for convs and matmuls: cuDNN allows TF32 by default on Ampere
-    and newer, and the V100s that made the table had none."""
-    if precision == "fp32":
-        # The fp32_precision API: torch refuses to read the legacy allow_tf32 flags once anything
-        # has set these.
-        conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-        saved = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision = matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
-    elif precision in AUTOCAST_DTYPES:
-        if precision == "fp16" and device.type != "cuda":
-            raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
-            yield
-    else:
+def ieee_float32():
+    """IEEE float32 for convs and matmuls, i.e. TF32 off: cuDNN allows TF32 by default on Ampere and
+    newer, and the V100s that made the table had none. The previous settings come back after."""
+    # The fp32_precision API: torch refuses to read the legacy allow_tf32 flags once anything has set these.
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
+def autocast(device, precision):
+    """bf16/fp16: autocast, for the forward pass (the model keeps its GC softmax, LayerNorm and final
+    resize in float32); fp32: a context that changes nothing."""
+    if precision not in ("fp32", *AUTOCAST_DTYPES):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32")
 
 
-def training_scopes(device, precision):
-    """(scope of the whole training step, scope of its forward pass). fp32: IEEE throughout, the
-    backward pass included. bf16/fp16: autocast around the forward pass only, as torch recommends."""
-    if precision == "fp32":
-        return precision_context(device, "fp32"), contextlib.nullcontext()
-    return contextlib.nullcontext(), precision_context(device, precision)
+def precision_context(device, precision):
+    """Inference at `precision`: autocast for bf16/fp16, IEEE float32 for fp32."""
+    return ieee_float32() if precision == "fp32" else autocast(device, precision)
 
 
-def fold_batchnorm(model):
-    """A copy of `model` for inference in which every BatchNorm that follows a convolution is folded
-    into it (weight * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)) and
-    replaced by nn.Identity: the same output up to rounding, one pass over each feature map fewer.
-    The copy has no BatchNorm keys: save and load weights with the original model."""
-    from model import Bottleneck  # here, so that model.py stays free of runtime concerns
-
-    folded = copy.deepcopy(model).eval()
-    for module in list(folded.modules()):
-        # Bottleneck names its pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold
-        # them side by side.
-        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] if isinstance(module, Bottleneck) else []
-        names = [name for name, _ in module.named_children()]
-        pairs += list(zip(names, names[1:])) if isinstance(module, nn.Sequential) else []
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-                setattr(module, bn_name, nn.Identity())
-    return folded
+def say(*args, **kwargs):
+    """print, on rank 0 only: under torchrun every process runs the same code."""
+    if rank_and_world_size()[0] == 0:
+        print(*args, **kwargs)
 
 
 def keep_freed_memory():
@@ -245,7 +226,6 @@ def writable_path(kind):
 
 def size_flag(flag):
     """argparse type of a size flag (--crop, --stride, --size): '769' or '512x1024' (recipe.parse_crop)."""
-    import recipe  # here: recipe.py needs nothing from this module, and this one little from it
 
     def parse(text):
         try:

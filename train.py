@@ -21,23 +21,20 @@ Read `main` for the whole run; the helpers follow in the order it calls them.
 """
 
 import argparse
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import checkpoints
 import data
 import evaluate
-import model as gcnet
-import recipe as table
+import model
+import recipe
 import runtime
 
 # -----------------------------------------------------------------------------------------------
@@ -67,268 +64,107 @@ def segmentation_loss(logits, labels, ignore_index=data.IGNORE_INDEX):
 
 
 # -----------------------------------------------------------------------------------------------
-# main: set up, then one visible loop
+# main: the whole run
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    runtime.keep_freed_memory()
+    # The recipe of this run (the table's row and the flags that change it), its processes and device.
+    config, device = set_up(args)
+    run = checkpoints.Run(config, sys.argv[1:] if argv is None else argv, resume=args.resume,
+                          trust=args.trust_checkpoint, keep=args.keep, max_nonfinite=args.max_nonfinite,
+                          log_interval=args.log_interval)  # fmt: skip
+    with run:  # the work dir is this run's until the block ends, by whatever way
+        # 1. data (rank 0 first: it may write the toy dataset, which the others then read)
+        train_set, val_set = runtime.rank_zero_first(lambda: build_datasets(config))
+        config["num_classes"] = train_set.num_classes
 
-    # 1. processes, device, precision, and the recipe of this run: the table's row plus the flags
-    rank, world_size, device, config = set_up(args)
-    say = print if rank == 0 else (lambda *a, **k: None)
+        # 2. the model, from ImageNet weights (the recipe) or a GCNet checkpoint (--load-from); SGD with
+        # one group, weight decay on everything, BatchNorm and biases included, as the original
+        raw_model = build_model(config, train_set.num_classes, load_from=args.load_from,
+                                trust=args.trust_checkpoint, resuming=run.resume_path is not None)  # fmt: skip
+        optimizer = torch.optim.SGD(raw_model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                    weight_decay=config["weight_decay"])  # fmt: skip
+        scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")  # fp16 only
+        iteration = run.resume(raw_model, optimizer, scaler, train_set)  # 0, or where --resume continues
+        net = torch.compile(raw_model) if config["compile"] else raw_model
+        if config["world_size"] > 1:  # as the original: no buffer broadcast (SyncBN keeps BN in step)
+            net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                            broadcast_buffers=False)  # fmt: skip
+        show_recipe(config)
+        if run.validation_pending:  # the run stopped between a checkpoint and its validation
+            validate_and_keep_best(raw_model, val_set, config, run, iteration)
 
-    # 2. the work dir: one run at a time; stale temporary files of a crashed run are removed
-    work_dir = Path(config["work_dir"])
-    lock = checkpoints.claim_work_dir(work_dir) if rank == 0 else None
-    resume_path = checkpoints.find_resume_checkpoint(args.resume, work_dir)
+        # 3. the training loop
+        batches = training_batches(train_set, config, iteration)
+        layout = torch.channels_last if config["channels_last"] else torch.preserve_format
+        while iteration < config["iters"]:
+            tick = time.perf_counter()
+            images, labels = next(batches)
+            images = images.to(device, non_blocking=True, memory_format=layout)
+            labels = labels.to(device, non_blocking=True)
+            data_time = time.perf_counter() - tick
 
-    # 3. data (rank 0 first: it may write the toy dataset, which the others then read)
-    train_set, val_set = runtime.rank_zero_first(lambda: build_datasets(args, config, say), rank, world_size)
-    config["num_classes"] = train_set.num_classes
+            # 3a. the learning rate: a pure function of the iteration, so resuming needs nothing else
+            lr = poly_lr(iteration, config["iters"], config["lr"], config["min_lr"], config["power"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-    # 4. the model, from ImageNet (the recipe) or --load-from (fine-tuning); SGD; precision
-    raw_model = build_model(args, config, train_set.num_classes, resume_path, rank, world_size, say)
-    # One group, weight decay on everything, BatchNorm and biases included, as the original.
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                weight_decay=config["weight_decay"])  # fmt: skip
-    scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")  # fp16 only
-
-    # 5. resume: weights, optimizer, iteration, best score, random streams
-    start_iteration, best_miou, validation_pending = 0, -1.0, False
-    if resume_path:
-        start_iteration, best_miou, validation_pending = checkpoints.resume(
-            resume_path, args.trust_checkpoint, raw_model, optimizer, scaler, config, say
-        )
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if world_size > 1:
-        # As the original: no buffer broadcast (SyncBN keeps the statistics in step on CUDA).
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-    # 6. tell the user what will run and where it differs from the table
-    say("recipe:\n" + "\n".join(f"  {k:15s} {v}" for k, v in config.items()))
-    for line in describe_setup(config):
-        say(line)
-    stop, log = checkpoints.StopRequest(), checkpoints.Log(work_dir / "log.jsonl" if rank == 0 else None)
-    restart = checkpoints.restart_command(sys.argv[1:] if argv is None else argv, world_size)
-    saver = checkpoints.CheckpointWriter(work_dir, raw_model, optimizer, scaler, config, train_set, rank,
-                                         args.keep, restart)  # fmt: skip
-    last_path = resume_path
-    if validation_pending:  # the run stopped between a checkpoint and its validation: validate now
-        best_miou = validate_and_keep_best(
-            raw_model, val_set, config, saver, start_iteration, best_miou, log, say
-        )
-
-    # 7. the training loop
-    batches = training_batches(train_set, config, start_iteration, rank, world_size)
-    bar = tqdm(total=config["iters"], initial=start_iteration, disable=rank != 0, dynamic_ncols=True)
-    nonfinite_in_a_row, iteration, tick = 0, start_iteration, time.perf_counter()
-    while iteration < config["iters"]:
-        # 7a. data
-        images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if config["channels_last"]:
-            images = images.contiguous(memory_format=torch.channels_last)
-        data_time = time.perf_counter() - tick
-
-        # 7b. learning rate: a pure function of the iteration, so resuming needs nothing else
-        lr = poly_lr(iteration, config["iters"], config["lr"], config["min_lr"], config["power"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        step_scope, forward_scope = runtime.training_scopes(device, config["precision"])  # fp32: IEEE
-        with step_scope:
-            # 7c. forward and loss (in fp32: the model returns fp32 logits)
-            with forward_scope:
-                logits, aux_logits = model(images)
-            decode_loss = segmentation_loss(logits, labels)
-            aux_loss = segmentation_loss(aux_logits, labels)
+            # 3b. forward and loss (the model returns float32 logits, so the loss is float32)
+            with runtime.autocast(device, config["precision"]):
+                logits, aux_logits = net(images)
+            decode_loss, aux_loss = segmentation_loss(logits, labels), segmentation_loss(aux_logits, labels)
             loss = decode_loss + config["aux_weight"] * aux_loss
 
-            # 7d. agree across ranks whether the loss is finite and whether to stop
-            loss_value = loss.item()
-            flags = torch.tensor([loss_value, not math.isfinite(loss_value), stop.requested], device=device)
-            if world_size > 1:
-                dist.all_reduce(flags)
-            mean_loss, finite, stop_now = flags[0].item() / world_size, flags[1].item() == 0, flags[2].item() > 0  # fmt: skip
-
-            # 7e. backward and step, or skip a non-finite one
+            # 3c. backward and step; every rank skips it when the loss is not finite on one
             optimizer.zero_grad(set_to_none=True)
+            finite = run.loss_is_finite(loss, iteration)
             if finite:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                nonfinite_in_a_row = 0
-            else:
-                nonfinite_in_a_row += 1
-                say(f"\niteration {iteration}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
-                log.write({"iteration": iteration, "event": "nonfinite_loss"})
-                if nonfinite_in_a_row >= args.max_nonfinite:
-                    raise SystemExit(
-                        f"stopping: {nonfinite_in_a_row} non-finite losses in a row at iteration {iteration}. "
-                        f"Lower --lr (now {config['lr']}), try --precision fp32, or check the labels. "
-                        f"The last good checkpoint is {last_path or 'not written yet'}."
-                    )
-        iteration += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # honest step times (one sync per step costs little)
-        step_time = time.perf_counter() - tick - data_time
+            iteration += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # honest step times (one sync per step costs little)
+            step_time = time.perf_counter() - tick - data_time
+            run.log_step(iteration, finite, dict(decode_loss=decode_loss, aux_loss=aux_loss, lr=lr,
+                                                 data_time=data_time, step_time=step_time))  # fmt: skip
 
-        # 7f. progress and log
-        if rank == 0 and finite:
-            memory = runtime.peak_memory_gb(device)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", data=f"{data_time:.2f}s",
-                            step=f"{step_time:.2f}s", mem=f"{memory:.1f}G")  # fmt: skip
-            if iteration % args.log_interval == 0 or iteration == config["iters"]:
-                log.write(dict(iteration=iteration, loss=mean_loss, decode_loss=decode_loss.item(),
-                               aux_loss=aux_loss.item(), lr=lr, data_time=data_time, step_time=step_time,
-                               memory_gb=memory))  # fmt: skip
-        bar.update(1)
-
-        # 7g. checkpoint, then evaluate, every tenth of the schedule and at the end; or stop when asked
-        if stop_now:
-            last_path = saver.save(iteration, best_miou, last_path)
-            say(f"\nstopped by a signal at iteration {iteration}; checkpoint {last_path}")
-            say(f"continue with: {restart}")
-            break
-        if iteration % config["eval_interval"] == 0 or iteration == config["iters"]:
-            # The checkpoint comes first, so a failing validation loses no training.
-            last_path = saver.save(iteration, best_miou, last_path, validation_pending=True)
-            pictures = work_dir / "pictures" if iteration == config["iters"] and config["pictures"] else None
-            best_miou = validate_and_keep_best(
-                raw_model, val_set, config, saver, iteration, best_miou, log, say, pictures
-            )
-        tick = time.perf_counter()
-    bar.close()
-
-    # 8. the end: where things are
-    if iteration >= config["iters"]:
-        say(
-            f"\ndone: {iteration} iterations, best val mIoU {best_miou:.2f}; checkpoints and log in {work_dir}"
-        )
-        if config["pictures"]:
-            say(f"pictures of the last validation (labels, overlay, attention) in {work_dir / 'pictures'}")
-        if (work_dir / "best.pth").exists():
-            say(f"evaluate with: python evaluate.py --checkpoint {work_dir / 'best.pth'} --ms-flip")
-    log.close()
-    stop.restore()
-    if world_size > 1:
-        dist.destroy_process_group()
-    if lock is not None:
-        lock.close()
-    return best_miou
+            # 3d. checkpoint, then validate, every tenth of the schedule and at the end; or stop when asked
+            if run.stop_requested:
+                run.checkpoint_and_stop(iteration)
+                break
+            if iteration % config["eval_interval"] == 0 or iteration == config["iters"]:
+                run.checkpoint(
+                    iteration, validation_pending=True
+                )  # first: a failing validation loses nothing
+                last = iteration == config["iters"] and config["pictures"]
+                pictures = Path(config["work_dir"]) / "pictures" if last else None
+                validate_and_keep_best(raw_model, val_set, config, run, iteration, pictures)
+        run.finish(iteration)
+    return run.best_miou
 
 
 # -----------------------------------------------------------------------------------------------
-# 1. The recipe of this run
+# 1. Data: the datasets, seeded batches that resume exactly
 
 
-def set_up(args):
-    """(rank, world_size, device, config): the processes and the device, then the recipe."""
-    if args.load_from and args.resume:
-        raise SystemExit("train.py: --load-from starts a new run and --resume continues one: pass only one")
-    try:
-        rank, world_size, device = runtime.setup_device(args.device)
-        precision = runtime.resolve_precision(args.precision, device)
-    except ValueError as error:
-        raise SystemExit(f"train.py: {error}") from None
-    config = resolve_recipe(args, world_size)
-    if args.workers is None:
-        config["workers"] = default_workers(config["workers"], device)
-    config.update(
-        precision=precision,
-        channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
-        sync_bn=device.type == "cuda" and world_size > 1,
-        device=str(device),
-    )
-    torch.backends.cudnn.benchmark = not args.deterministic  # the original trains with it on
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    return rank, world_size, device, config
-
-
-def default_workers(recipe_workers, device, cores=None, processes=None):
-    """Loader workers per process when --workers is not given. On a GPU: every core this process may use
-    but its own, shared among the node's GPU processes, or the recipe's if more. The recipe's 2 per GPU
-    fed a batch of 2; one GPU at batch 8 needs several times that. On a CPU the training itself uses the
-    cores, so the recipe's count stays."""
-    if device.type != "cuda":
-        return recipe_workers
-    cores = cores or runtime.usable_cores()
-    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(recipe_workers, cores // processes - 1)
-
-
-def resolve_recipe(args, world_size):
-    """The table's row for (dataset, crop, depth, iters) with the flags that override it: one plain
-    dict, printed at start and stored in every checkpoint. An explicit flag always wins, 0 too
-    (the parser has refused values outside their range)."""
-    try:
-        row = table.row(args.dataset, args.crop, args.depth, args.iters)
-    except ValueError as error:
-        raise SystemExit(f"train.py: {error}") from None
-    config = {key: list(value) if isinstance(value, tuple) else value for key, value in row.items()}
-    overrides = dict(batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, power=args.power,
-                     momentum=args.momentum, weight_decay=args.weight_decay, aux_weight=args.aux_weight,
-                     eval_interval=args.eval_interval, workers=args.workers, pretrained=args.pretrained)  # fmt: skip
-    config.update({key: value for key, value in overrides.items() if value is not None})
-    config.update(data_root=args.data_root, world_size=world_size, table_global_batch=row["global_batch"],
-                  global_batch=config["batch_size"] * world_size, seed=args.seed,
-                  pictures=args.dataset == "toy" if args.pictures is None else args.pictures,
-                  activation_checkpointing=args.activation_checkpointing,
-                  reduce_zero_label=args.reduce_zero_label,
-                  work_dir=args.work_dir or str(Path("work_dirs") / row["config_name"]))  # fmt: skip
-    return config
-
-
-def describe_setup(config):
-    """Which of the README's setups ("Fewer GPUs, more nodes") this run is in, and where it differs
-    from the table's recipe, said before hours are spent."""
-    # fmt: off
-    batch, world, table_batch = config["batch_size"], config["world_size"], config["table_global_batch"]
-    images = f"{world} process(es) x {batch} images = {config['global_batch']} per step"
-    lines = []
-    if config["dataset"] in table.TABLE_DATASETS and config["global_batch"] != table_batch:
-        scaled = config["lr"] * config["global_batch"] / table_batch
-        lines.append(
-            f"WARNING: global batch {config['global_batch']} differs from the table's {table_batch} "
-            f"({images}): expect other numbers; the linear scaling rule would give --lr {scaled:g}"
+def build_datasets(config):
+    """The training and validation splits of the run's dataset."""
+    if config["dataset"] == "toy":
+        runtime.say(
+            "Toy demo: a small synthetic dataset (written on first use) in the Cityscapes layout, trained"
         )
-    elif config["dataset"] in table.TABLE_DATASETS and (world == 1 or config["sync_bn"]):
-        lines.append(
-            f"setup: {images}{' with SyncBN' if world > 1 else ''}: the table's images per step, "
-            "and BatchNorm statistics over all of them as its SyncBN over 4 GPUs"
-        )
-    if world > 1 and not config["sync_bn"]:
-        lines.append(
-            f"WARNING: plain BatchNorm per process (SyncBN needs CUDA): its statistics see {batch} "
-            f"images, not {config['global_batch']}"
-        )
-    if config["dataset"] != "toy" and config["precision"] != "fp32":
-        lines.append(
-            f"WARNING: {config['precision']} mixed precision; the table's models were trained in fp32"
-        )
-    # fmt: on
-    return lines
-
-
-# -----------------------------------------------------------------------------------------------
-# 3. Data: the datasets, seeded batches that resume exactly
-
-
-def build_datasets(args, config, say):
-    if args.dataset == "toy":
-        say("Toy demo: a small synthetic dataset (written on first use) in the Cityscapes layout, trained")
-        say("from scratch. For the real datasets see the README, e.g.")
-        say("    torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769\n")
-    extra = {"reduce_zero_label": True} if args.reduce_zero_label else {}
+        runtime.say("from scratch. For the real datasets see the README, e.g.")
+        runtime.say("    torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769\n")
+    extra = {"reduce_zero_label": True} if config["reduce_zero_label"] else {}
     try:
         root, crop = config["data_root"], config["crop_size"]
-        return [data.build_dataset(args.dataset, root, s, crop_size=crop, **extra) for s in ("train", "val")]
+        return [
+            data.build_dataset(config["dataset"], root, s, crop_size=crop, **extra) for s in ("train", "val")
+        ]
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"{args.dataset}: {error}") from None
+        raise SystemExit(f"{config['dataset']}: {error}") from None
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -360,10 +196,11 @@ def epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size):
     ]
 
 
-def training_batches(dataset, config, start_iteration, rank, world_size):
+def training_batches(dataset, config, start_iteration):
     """Yield batches forever from iteration `start_iteration` on; the order is a pure function of
     the seed, so a resumed run sees exactly the batches the uninterrupted one would have. One
     DataLoader serves every epoch: its workers start once, and keep working across epoch ends."""
+    rank, world_size = runtime.rank_and_world_size()
     batches_per_epoch = len(epoch_batches(len(dataset), config["batch_size"], 0, 0, rank, world_size))
     if batches_per_epoch == 0:
         raise SystemExit(
@@ -391,44 +228,176 @@ def training_batches(dataset, config, start_iteration, rank, world_size):
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. Starting weights: ImageNet, or fine-tuning from a GCNet checkpoint
+# 2. The model and the weights a new run starts from
 
 
-def build_model(args, config, num_classes, resume_path, rank, world_size, say):
-    """GCNet on the run's device and layout, with the weights a new run starts from (a resumed run
-    gets its own weights later)."""
-    torch.manual_seed(args.seed + rank)
-    raw_model = gcnet.GCNet(num_classes, args.depth, config["align_corners"], args.activation_checkpointing)
-    if args.load_from:
-        say(load_for_fine_tuning(raw_model, args.load_from, args.trust_checkpoint))
-    elif config["pretrained"] != "none" and not resume_path:
-        say(f"loading the ImageNet backbone {config['pretrained']}")
-
+def build_model(config, num_classes, *, load_from=None, trust=False, resuming=False):
+    """GCNet on the run's device and layout, with the weights a new run starts from: ImageNet (the
+    recipe) or a GCNet checkpoint (fine-tuning). A resumed run gets its own weights later."""
+    torch.manual_seed(config["seed"] + runtime.rank_and_world_size()[0])
+    net = model.GCNet(
+        num_classes, config["depth"], config["align_corners"], config["activation_checkpointing"]
+    )
+    if load_from:
+        runtime.say(load_for_fine_tuning(net, load_from, trust))
+    elif config["pretrained"] != "none" and not resuming:
+        runtime.say(f"loading the ImageNet backbone {config['pretrained']}")
         # Rank 0 first: it downloads the file into torch.hub's cache, the others then read it.
-        def load():
-            try:
-                return gcnet.load_weights(raw_model, config["pretrained"], trust=args.trust_checkpoint)
-            except (FileNotFoundError, ValueError) as error:
-                raise SystemExit(f"--pretrained: {error}") from None
-
-        runtime.rank_zero_first(load, rank, world_size)
+        runtime.rank_zero_first(lambda: load_imagenet(net, config["pretrained"], trust))
     if config["sync_bn"]:
-        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     layout = torch.channels_last if config["channels_last"] else torch.preserve_format
-    return raw_model.to(config["device"], memory_format=layout)
+    return net.to(config["device"], memory_format=layout)
+
+
+# -----------------------------------------------------------------------------------------------
+# 3d. Validation, through evaluate.py's functions, and best.pth
+
+
+def validate(raw_model, val_set, config, save_dir=None):
+    """Single-scale val mIoU. It runs in a forked RNG so that validating (its data loader draws a
+    seed) leaves the training's random stream exactly as it was: resuming stays exact."""
+    device = next(raw_model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return evaluate.evaluate_dataset(
+            raw_model, val_set, mode=config["test_mode"], crop_size=tuple(config["test_crop"]),
+            stride=tuple(config["test_stride"]), flip=False, device=device, precision=config["precision"],
+            channels_last=config["channels_last"], save_dir=save_dir, workers=config["workers"],
+        )  # fmt: skip
+
+
+def validate_and_keep_best(raw_model, val_set, config, run, iteration, pictures=None):
+    """Validate the checkpoint just written, show the scores, and keep best.pth (run.keep_best)."""
+    start = time.perf_counter()
+    results = validate(raw_model, val_set, config, pictures)
+    seconds = time.perf_counter() - start
+    runtime.say(f"\niteration {iteration}: val mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  "
+                f"aAcc {results['aAcc']:.2f}")  # fmt: skip
+    runtime.say(evaluate.format_table(results, val_set.classes))
+    run.keep_best(iteration, results, seconds)
+
+
+# Below this line: how it runs: the flags and their checks, the run's set-up, fine-tuning's checks, the
+# command line. A first reading can stop here.
+
+
+def set_up(args):
+    """(config, device): the processes and the device, then the recipe of this run. Also keeps freed
+    memory in the process (runtime.keep_freed_memory) and sets cuDNN's autotuning or determinism."""
+    if args.load_from and args.resume:
+        raise SystemExit("train.py: --load-from starts a new run and --resume continues one: pass only one")
+    runtime.keep_freed_memory()
+    try:
+        _, world_size, device = runtime.setup_device(args.device)
+        precision = runtime.resolve_precision(args.precision, device)
+    except ValueError as error:
+        raise SystemExit(f"train.py: {error}") from None
+    config = resolve_recipe(args, world_size)
+    if args.workers is None:
+        config["workers"] = default_workers(config["workers"], device)
+    config.update(
+        precision=precision,
+        channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
+        sync_bn=device.type == "cuda" and world_size > 1,
+        device=str(device),
+    )
+    torch.backends.cudnn.benchmark = not args.deterministic  # the original trains with it on
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return config, device
+
+
+def default_workers(recipe_workers, device, cores=None, processes=None):
+    """Loader workers per process when --workers is not given. On a GPU: every core this process may use
+    but its own, shared among the node's GPU processes, or the recipe's if more. The recipe's 2 per GPU
+    fed a batch of 2; one GPU at batch 8 needs several times that. On a CPU the training itself uses the
+    cores, so the recipe's count stays."""
+    if device.type != "cuda":
+        return recipe_workers
+    cores = cores or runtime.usable_cores()
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(recipe_workers, cores // processes - 1)
+
+
+def resolve_recipe(args, world_size):
+    """The table's row for (dataset, crop, depth, iters) with the flags that override it: one plain
+    dict, printed at start and stored in every checkpoint. An explicit flag always wins, 0 too
+    (the parser has refused values outside their range)."""
+    try:
+        row = recipe.row(args.dataset, args.crop, args.depth, args.iters)
+    except ValueError as error:
+        raise SystemExit(f"train.py: {error}") from None
+    config = {key: list(value) if isinstance(value, tuple) else value for key, value in row.items()}
+    overrides = dict(batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, power=args.power,
+                     momentum=args.momentum, weight_decay=args.weight_decay, aux_weight=args.aux_weight,
+                     eval_interval=args.eval_interval, workers=args.workers, pretrained=args.pretrained)  # fmt: skip
+    config.update({key: value for key, value in overrides.items() if value is not None})
+    config.update(data_root=args.data_root, world_size=world_size, table_global_batch=row["global_batch"],
+                  global_batch=config["batch_size"] * world_size, seed=args.seed,
+                  pictures=args.dataset == "toy" if args.pictures is None else args.pictures,
+                  activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                  reduce_zero_label=args.reduce_zero_label,
+                  work_dir=args.work_dir or str(Path("work_dirs") / row["config_name"]))  # fmt: skip
+    return config
+
+
+def show_recipe(config):
+    """Print the run's recipe, which of the README's setups it is in and where it differs from the table."""
+    runtime.say("recipe:\n" + "\n".join(f"  {k:15s} {v}" for k, v in config.items()))
+    for line in describe_setup(config):
+        runtime.say(line)
+
+
+def describe_setup(config):
+    """Which of the README's setups ("Fewer GPUs, more nodes") this run is in, and where it differs
+    from the table's recipe, said before hours are spent."""
+    # fmt: off
+    batch, world, table_batch = config["batch_size"], config["world_size"], config["table_global_batch"]
+    images = f"{world} process(es) x {batch} images = {config['global_batch']} per step"
+    lines = []
+    if config["dataset"] in recipe.TABLE_DATASETS and config["global_batch"] != table_batch:
+        scaled = config["lr"] * config["global_batch"] / table_batch
+        lines.append(
+            f"WARNING: global batch {config['global_batch']} differs from the table's {table_batch} "
+            f"({images}): expect other numbers; the linear scaling rule would give --lr {scaled:g}"
+        )
+    elif config["dataset"] in recipe.TABLE_DATASETS and (world == 1 or config["sync_bn"]):
+        lines.append(
+            f"setup: {images}{' with SyncBN' if world > 1 else ''}: the table's images per step, "
+            "and BatchNorm statistics over all of them as its SyncBN over 4 GPUs"
+        )
+    if world > 1 and not config["sync_bn"]:
+        lines.append(
+            f"WARNING: plain BatchNorm per process (SyncBN needs CUDA): its statistics see {batch} "
+            f"images, not {config['global_batch']}"
+        )
+    if config["dataset"] != "toy" and config["precision"] != "fp32":
+        lines.append(
+            f"WARNING: {config['precision']} mixed precision; the table's models were trained in fp32"
+        )
+    # fmt: on
+    return lines
+
+
+def load_imagenet(net, source, trust):
+    try:
+        return checkpoints.load_checkpoint(net, source, trust=trust)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--pretrained: {error}") from None
 
 
 def load_for_fine_tuning(raw_model, source, trust):
     """--load-from: every weight of a GCNet checkpoint (official or ours); with another class count
     the two classifiers start fresh. Returns the line to show."""
     try:
-        checkpoint = gcnet.read_checkpoint(source, trust)
+        checkpoint = checkpoints.read_checkpoint(source, trust)
         info = checkpoints.checkpoint_info(source, checkpoint)
         if info["depth"] != raw_model.depth:
             raise ValueError(
                 f"it holds a GCNet R-{info['depth']}-D8 but this run builds R-{raw_model.depth}-D8: pass --depth {info['depth']}"
             )
-        kind = gcnet.load_weights(raw_model, source, checkpoint, new_classes=True)
+        kind = checkpoints.load_checkpoint(raw_model, source, checkpoint, new_classes=True)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"--load-from {source}: {error}") from None
     if kind == "segmentor, new classifiers":
@@ -437,45 +406,6 @@ def load_for_fine_tuning(raw_model, source, trust):
             "decode_head.conv_seg and auxiliary_head.conv_seg start fresh; every other weight is loaded"
         )
     return f"fine-tuning from {source}: every weight loaded"
-
-
-# -----------------------------------------------------------------------------------------------
-# 7g. Validation, through evaluate.py's functions, and best.pth
-
-
-def validate(raw_model, val_set, config, rank, save_dir=None):
-    """Single-scale val mIoU. It runs in a forked RNG so that validating (its data loader draws a
-    seed) leaves the training's random stream exactly as it was: resuming stays exact."""
-    device = next(raw_model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return evaluate.evaluate_dataset(
-            raw_model, val_set, mode=config["test_mode"], crop_size=tuple(config["test_crop"]),
-            stride=tuple(config["test_stride"]), flip=False, device=device, precision=config["precision"],
-            channels_last=config["channels_last"], save_dir=save_dir, show_progress=rank == 0,
-            workers=config["workers"],
-        )  # fmt: skip
-
-
-def validate_and_keep_best(raw_model, val_set, config, saver, iteration, best_miou, log, say, pictures=None):
-    """Validate the checkpoint just written; on a new best, write best.pth. The iteration's own
-    checkpoint still records the previous best, so a crash before best.pth is complete leaves the
-    old best.pth, and the resumed run validates this iteration again (validation_pending)."""
-    start = time.perf_counter()
-    results = validate(raw_model, val_set, config, saver.rank, pictures)
-    seconds = time.perf_counter() - start
-    say(
-        f"\niteration {iteration}: val mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}"
-    )
-    say(evaluate.format_table(results, val_set.classes))
-    log.write(dict(iteration=iteration, mIoU=results["mIoU"], mAcc=results["mAcc"], aAcc=results["aAcc"],
-                   val_seconds=seconds))  # fmt: skip
-    if results["mIoU"] > best_miou:
-        saver.save(iteration, results["mIoU"], None, name="best.pth")
-    return max(best_miou, results["mIoU"])
-
-
-# -----------------------------------------------------------------------------------------------
-# The command line
 
 
 def build_parser():
@@ -487,7 +417,7 @@ def build_parser():
     add = parser.add_argument
     # fmt: off
     # The row of the table; every unset flag below takes its value from it (recipe.row).
-    add("--dataset", default="toy", choices=sorted(table.DATASETS))
+    add("--dataset", default="toy", choices=sorted(recipe.DATASETS))
     add("--crop", type=runtime.size_flag("--crop"), help="crop, N or HxW: 512x1024 or 769 for Cityscapes, else 512")
     add("--depth", type=int, default=50, choices=(50, 101))
     add("--iters", type=positive, help="iterations (default: the row's schedule, e.g. 40000)")

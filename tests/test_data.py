@@ -121,9 +121,9 @@ def test_counts_per_split_and_classes(tmp_path):
 
 
 def test_defaults_follow_the_recipe():
-    assert data.DATASETS["cityscapes"]["default_root"] == "data/cityscapes"
-    assert data.DATASETS["ade20k"]["default_root"] == "data/ade/ADEChallengeData2016"
-    assert data.DATASETS["voc12aug"]["default_root"] == "data/VOCdevkit/VOC2012"
+    assert recipe.DATASETS["cityscapes"]["root"] == "data/cityscapes"
+    assert recipe.DATASETS["ade20k"]["root"] == "data/ade/ADEChallengeData2016"
+    assert recipe.DATASETS["voc12aug"]["root"] == "data/VOCdevkit/VOC2012"
     assert recipe.row("cityscapes")["crop_size"] == (512, 1024)
     assert [recipe.row(n)["scale"] for n in ("cityscapes", "ade20k", "voc12aug", "toy")] == [
         (2048, 1024),
@@ -131,7 +131,10 @@ def test_defaults_follow_the_recipe():
         (2048, 512),
         (256, 128),
     ]
-    assert data.DATASETS["ade20k"]["reduce_zero_label"] and not data.DATASETS["voc12aug"]["reduce_zero_label"]
+    assert (
+        recipe.DATASETS["ade20k"]["reduce_zero_label"]
+        and not recipe.DATASETS["voc12aug"]["reduce_zero_label"]
+    )
 
 
 def test_cityscapes_769_uses_the_2049x1025_scale(tmp_path):
@@ -157,7 +160,8 @@ def test_train_and_val_items(tmp_path):
     assert meta == dict(
         name="frankfurt_000000_000019", image_path=val_set.pairs[0][0], original_size=(32, 64)
     )
-    assert torch.equal(data.denormalize(images[1]), data.read_image(meta["image_path"]))
+    denormalized = (images[1] * data.STD_TENSOR + data.MEAN_TENSOR).round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(denormalized, data.read_image(meta["image_path"]))
 
 
 def test_ade20k_reduce_zero_label(tmp_path):
@@ -260,14 +264,17 @@ def test_resize_image_matches_cv2_inter_linear():
     assert data.resize_image(row, (1, 3)).tolist() == [[[50, 225, 10]]]
 
 
+def resize_label(label, size):
+    """A whole label resized, as data.Rescaled crops it: the window that is the whole image."""
+    return data.Rescaled(label, size, "nearest").crop(0, 0, *size)
+
+
 def test_resize_label_is_cv2_inter_nearest():
     label = torch.tensor([[0, 1, 2, 3, 4, 5]], dtype=torch.uint8)
-    assert data.resize_label(label, (1, 2)).tolist() == [
-        [0, 3]
-    ]  # floor(dst * 3); 'nearest-exact' gives [1, 4]
-    assert data.resize_label(label, (1, 4)).tolist() == [[0, 1, 3, 4]]
+    assert resize_label(label, (1, 2)).tolist() == [[0, 3]]  # floor(dst * 3); 'nearest-exact' gives [1, 4]
+    assert resize_label(label, (1, 4)).tolist() == [[0, 1, 3, 4]]
     square = torch.tensor([[0, 1], [2, 3]], dtype=torch.uint8)
-    assert data.resize_label(square, (4, 4)).tolist() == [[0, 0, 1, 1]] * 2 + [[2, 2, 3, 3]] * 2
+    assert resize_label(square, (4, 4)).tolist() == [[0, 0, 1, 1]] * 2 + [[2, 2, 3, 3]] * 2
 
 
 def test_resize_window_equals_resize_then_crop():
@@ -338,7 +345,7 @@ def test_label_window_equals_resize_then_crop():
         rows = np.floor(np.arange(out_h) * (1.0 / (out_h / in_h))).astype(np.int64).clip(max=in_h - 1)
         columns = np.floor(np.arange(out_w) * (1.0 / (out_w / in_w))).astype(np.int64).clip(max=in_w - 1)
         expected = torch.from_numpy(label.numpy()[rows][:, columns])
-        assert torch.equal(data.resize_label(label, (out_h, out_w)), expected)
+        assert torch.equal(resize_label(label, (out_h, out_w)), expected)
         top = int(torch.randint(0, out_h, (), generator=generator))
         left = int(torch.randint(0, out_w, (), generator=generator))
         window = data.resize_label_window(label, (out_h, out_w), top, left, out_h - top, out_w - left)
@@ -382,6 +389,11 @@ def test_crop_check_excludes_ignore_and_needs_two_classes():
     assert not data.crop_is_acceptable(crop(50, 0, 50))  # one class only
 
 
+def unscaled(label):
+    """A label as TrainTransform hands it to random_crop, rescaled to its own size (no change)."""
+    return data.Rescaled(label, label.shape, "nearest")
+
+
 def test_cat_max_ratio_draws(monkeypatch):
     draws = []
     random_crop_box = data.random_crop_box
@@ -392,21 +404,19 @@ def test_cat_max_ratio_draws(monkeypatch):
 
     monkeypatch.setattr(data, "random_crop_box", counting)
     torch.manual_seed(0)
-
-    def crops_of(label):
-        return lambda top, left: label[top : top + 16, left : left + 16]
-
-    single_class = torch.zeros(40, 40, dtype=torch.uint8)
-    top, left, crop = data.choose_crop((40, 40), (16, 16), crops_of(single_class))
+    single_class = unscaled(torch.zeros(40, 40, dtype=torch.uint8))
+    _, crop = data.random_crop(single_class, single_class, (16, 16))
+    (top, left) = draws[-1]
     assert len(draws) == 11 and 0 <= top <= 24 and 0 <= left <= 24  # 10 checks, then an unchecked 11th box
-    assert (top, left) == draws[-1] and crop.shape == (16, 16)
+    assert crop.shape == (16, 16)
     draws.clear()
-    checkerboard = (torch.arange(40)[:, None] + torch.arange(40)).remainder(2).to(torch.uint8)
-    top, left, crop = data.choose_crop((40, 40), (16, 16), crops_of(checkerboard))
+    board = (torch.arange(40)[:, None] + torch.arange(40)).remainder(2).to(torch.uint8)
+    image_crop, crop = data.random_crop(unscaled(board * 7), unscaled(board), (16, 16))
+    (top, left) = draws[-1]
     assert len(draws) == 1  # the first box passes
-    assert torch.equal(crop, checkerboard[top : top + 16, left : left + 16])
+    assert torch.equal(crop, board[top : top + 16, left : left + 16]) and torch.equal(image_crop, crop * 7)
     draws.clear()
-    data.choose_crop((40, 40), (16, 16), crops_of(single_class), cat_max_ratio=1.0)
+    data.random_crop(single_class, single_class, (16, 16), cat_max_ratio=1.0)
     assert len(draws) == 1  # no check without a ratio
 
 
@@ -414,18 +424,48 @@ def test_cat_max_ratio_prefers_crops_with_two_classes():
     label = torch.zeros(64, 64, dtype=torch.uint8)
     label[:24, :24] = 1  # one class, except a corner region: about 1 random 32x32 crop in 9 passes
 
-    def crops_of(top, left):
-        return label[top : top + 32, left : left + 32]
-
     def accepted_share(cat_max_ratio):
         torch.manual_seed(0)
         accepted = 0
         for _ in range(100):
-            _, _, crop = data.choose_crop((64, 64), (32, 32), crops_of, cat_max_ratio)
+            _, crop = data.random_crop(unscaled(label), unscaled(label), (32, 32), cat_max_ratio)
             accepted += data.crop_is_acceptable(crop)
         return accepted / 100
 
     assert accepted_share(0.75) > 0.6 and accepted_share(1.0) < 0.25
+
+
+def test_train_transform_equals_the_plain_order_of_the_original():
+    # TrainTransform computes only the crop's pixels of the rescaled image; the plain order rescales
+    # the whole image and label, crops, flips, distorts, normalises and pads. With the same random
+    # draws, the two give the same bits.
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randint(0, 256, (3, 45, 70), dtype=torch.uint8, generator=generator)
+    label = torch.randint(0, 4, (45, 70), dtype=torch.uint8, generator=generator)
+    label[:10] = 255
+    transform = data.TrainTransform(train_scale=(60, 40), crop_size=(32, 48))
+
+    def plain_order(image, label):
+        size = data.rescale_size(*label.shape, data.ratio_scale((60, 40), data.uniform(0.5, 2.0)))
+        image, label = data.resize_image(image, size), resize_label(label, size)  # 1. rescale, all of it
+        height, width = min(32, size[0]), min(48, size[1])
+        for attempt in range(11):  # 2. crop, checking at most 10 boxes
+            top, left = data.random_crop_box(*size, (32, 48))
+            label_crop = label[top : top + height, left : left + width]
+            if attempt == 10 or data.crop_is_acceptable(label_crop):
+                break
+        image, label = image[:, top : top + height, left : left + width], label_crop
+        if float(torch.rand(())) < 0.5:  # 3. flip
+            image, label = image.flip(-1), label.flip(-1)
+        image = data.PhotometricDistortion()(image)  # 4. photometric distortion
+        return data.NormalizePad((32, 48))(image, label)  # 5. normalise and pad
+
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = plain_order(image, label)
+        torch.manual_seed(seed)
+        ours = transform(image, label)
+        assert torch.equal(ours[0], expected[0]) and torch.equal(ours[1], expected[1]), seed
 
 
 def test_pad_bottom_right_with_zero_and_ignore():
@@ -571,7 +611,7 @@ def test_photometric_keeps_grey_grey_and_shapes():
     grey = torch.arange(0, 256, dtype=torch.uint8).expand(3, 16, 256).contiguous()
     distortion = data.PhotometricDistortion()
     torch.manual_seed(0)
-    outputs = [distortion(grey, None)[0] for _ in range(20)]
+    outputs = [distortion(grey) for _ in range(20)]
     for out in outputs:  # brightness and contrast act alike on every channel; S = 0 stays 0
         assert out.dtype == torch.uint8 and out.shape == grey.shape
         assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])

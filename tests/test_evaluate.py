@@ -559,7 +559,7 @@ def test_unwritable_out_fails_before_the_evaluation(tmp_path, toy_checkpoint, mo
     def must_not_run(*args, **kwargs):
         raise AssertionError("the evaluation ran before --out was checked")
 
-    monkeypatch.setattr(evaluate, "read_checkpoint", must_not_run)
+    monkeypatch.setattr(checkpoints, "read_checkpoint", must_not_run)
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("x")
     for flag, value, message in [
@@ -695,7 +695,7 @@ def test_server_files_hold_what_each_server_scores():
     )
     assert name == "ADE_test_00000001.png" and picture.mode == "L"
     assert np.array(picture).tolist() == (pred + 1).tolist()  # the challenge's 1..150
-    palette = data.DATASETS["voc12aug"]["palette"]
+    palette = data.CLASSES_AND_PALETTES["voc12aug"]["palette"]
     pred = torch.tensor([[0, 20], [15, 7]])
     name, picture = evaluate.server_file(
         "voc12aug", pred, dict(name="2008_000001", image_path="J/2008_000001.jpg"), palette
@@ -720,7 +720,7 @@ def official_checkpoint(tmp_path, monkeypatch, state_dict, name):
     path = tmp_path / name
     path.write_bytes(b"")
     monkeypatch.setattr(
-        evaluate, "read_checkpoint", lambda source, trust=False: {"meta": {}, "state_dict": state_dict}
+        checkpoints, "read_checkpoint", lambda source, trust=False: {"meta": {}, "state_dict": state_dict}
     )
     return path
 
@@ -810,3 +810,26 @@ def test_test_split_needs_format_only_and_format_only_no_image(tmp_path, capsys)
     with pytest.raises(SystemExit):
         evaluate.main(["--format-only", "--image", "x.jpg"])
     assert "pass one of them" in capsys.readouterr().err
+
+
+def test_folded_batchnorm_gives_the_same_logits_without_batchnorm():
+    net = GCNet(19).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # non-trivial weights and statistics, as a trained checkpoint has
+        for name, tensor in net.state_dict().items():
+            if tensor.dtype.is_floating_point:
+                noise = torch.randn(tensor.shape, generator=generator) * 0.05
+                tensor.copy_(noise.abs() + 0.5 if "running_var" in name else noise)
+    folded = evaluate.fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 59  # the original untouched
+    conv = folded.backbone.layer1[0].conv1
+    bn = net.backbone.layer1[0].bn1
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(conv.weight, net.backbone.layer1[0].conv1.weight * scale[:, None, None, None])
+    torch.testing.assert_close(conv.bias, bn.bias - bn.running_mean * scale)
+    x = torch.randn(1, 3, 97, 113)
+    with torch.no_grad():
+        reference, logits = net(x), folded(x)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    assert folded.num_classes == 19 and folded.depth == 50 and not folded.training

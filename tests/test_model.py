@@ -1,23 +1,16 @@
-"""model.py: architecture, checkpoint layout, initialisation, loading, precision and memory format."""
+"""model.py: architecture, checkpoint layout, initialisation, the strict loader, precision and memory format."""
 
-import contextlib
 import math
-import os
-import pickle
-import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
-import model as gcnet
-import runtime
+import model
 from model import ContextBlock, GCNet
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -61,10 +54,10 @@ def test_state_dict_equals_official_manifest(depth):
 
 
 def test_parameter_counts_match_the_original(r50):
-    assert gcnet.count_parameters(r50) == 49_630_215
-    assert gcnet.count_parameters(r50.backbone) == 23_527_264
-    assert gcnet.count_parameters(r50.decode_head) == 23_738_260
-    assert gcnet.count_parameters(r50.auxiliary_head) == 2_364_691
+    assert model.count_parameters(r50) == 49_630_215
+    assert model.count_parameters(r50.backbone) == 23_527_264
+    assert model.count_parameters(r50.decode_head) == 23_738_260
+    assert model.count_parameters(r50.auxiliary_head) == 2_364_691
 
 
 def test_classifier_shapes_follow_class_count():
@@ -216,208 +209,6 @@ def test_channels_last_logits_equal_contiguous():
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_folded_batchnorm_gives_the_same_logits_without_batchnorm():
-    net = randomize(GCNet(19), seed=5).eval()
-    folded = runtime.fold_batchnorm(net)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 59  # the original untouched
-    conv = folded.backbone.layer1[0].conv1
-    bn = net.backbone.layer1[0].bn1
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    torch.testing.assert_close(conv.weight, net.backbone.layer1[0].conv1.weight * scale[:, None, None, None])
-    torch.testing.assert_close(conv.bias, bn.bias - bn.running_mean * scale)
-    x = torch.randn(1, 3, 97, 113)
-    with torch.no_grad():
-        reference, logits = net(x), folded(x)
-    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
-    assert folded.num_classes == 19 and folded.depth == 50 and not folded.training
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_keep_freed_memory_takes_effect_with_glibc():
-    # In a child process: the setting lasts for the whole process, and this one runs other tests.
-    code = "import runtime; print(runtime.keep_freed_memory())"
-    child = subprocess.run([sys.executable, "-c", code], cwd=Path(gcnet.__file__).parent, capture_output=True)
-    assert child.returncode == 0 and child.stdout.decode().strip() == "True", child.stderr.decode()
-
-
-# ---- weight loading ------------------------------------------------------------------------
-
-
-def official_checkpoint(net, classes=None):
-    classes = classes or tuple(f"class{i}" for i in range(net.num_classes))
-    meta = {"CLASSES": classes, "PALETTE": [[i, i, i] for i in range(len(classes))], "config": "x = 1"}
-    return {"meta": meta, "state_dict": {k: v.clone() for k, v in net.state_dict().items()}}
-
-
-def test_official_format_round_trip(tmp_path):
-    source = randomize(GCNet(19), seed=3).eval()
-    path = tmp_path / "gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth"
-    torch.save(official_checkpoint(source), path)
-    target = GCNet(19).eval()
-    assert gcnet.load_weights(target, str(path)) == "segmentor"
-    x = torch.randn(1, 3, 65, 65)
-    with torch.no_grad():
-        assert torch.equal(target(x), source(x))
-    info = checkpoints.checkpoint_info(str(path))
-    assert info["depth"] == 50 and info["num_classes"] == 19 and info["dataset"] == "cityscapes"
-    assert info["crop_size"] == (769, 769) and info["align_corners"] is True
-    assert info["classes"][0] == "class0" and info["palette"][2] == [2, 2, 2]
-
-
-def test_prefixes_of_ddp_and_compile_are_stripped(tmp_path):
-    source = randomize(GCNet(5), seed=4)
-    state = {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}
-    torch.save({"state_dict": state, "iteration": 10}, tmp_path / "ours.pth")
-    target = GCNet(5)
-    gcnet.load_weights(target, tmp_path / "ours.pth")
-    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
-
-
-def test_imagenet_backbone_loads_into_backbone_only(tmp_path):
-    source = randomize(GCNet(19), seed=5)
-    state = {
-        k.removeprefix("backbone."): v for k, v in source.state_dict().items() if k.startswith("backbone.")
-    }
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)
-    torch.save(state, tmp_path / "resnet50_v1c.pth")
-    target = GCNet(19)
-    head_before = target.decode_head.conv_cat.conv.weight.clone()
-    assert gcnet.load_weights(target, tmp_path / "resnet50_v1c.pth") == "imagenet"
-    torch.testing.assert_close(target.backbone.stem[0].weight, source.backbone.stem[0].weight)
-    torch.testing.assert_close(
-        target.backbone.layer4[2].bn3.running_var, source.backbone.layer4[2].bn3.running_var
-    )
-    assert torch.equal(target.decode_head.conv_cat.conv.weight, head_before)
-
-
-def test_class_count_mismatch_is_said_in_words(tmp_path):
-    torch.save(official_checkpoint(GCNet(19)), tmp_path / "city.pth")
-    with pytest.raises(
-        ValueError, match=r"checkpoint has 19 classes \(cityscapes\), model has 150 classes \(ade20k\)"
-    ):
-        gcnet.load_weights(GCNet(150), tmp_path / "city.pth")
-
-
-def test_depth_mismatch_is_said_in_words(tmp_path):
-    torch.save(official_checkpoint(GCNet(19, depth=50)), tmp_path / "r50.pth")
-    with pytest.raises(ValueError, match=r"ResNet-50 .* model: 101") as error:
-        gcnet.load_weights(GCNet(19, depth=101), tmp_path / "r50.pth")
-    assert "missing key(s)" in str(error.value)
-
-
-def test_all_key_problems_are_listed_in_one_error(tmp_path):
-    checkpoint = official_checkpoint(GCNet(19))
-    state = checkpoint["state_dict"]
-    del state["decode_head.gc_block.conv_mask.bias"]
-    state["decode_head.extra.weight"] = torch.zeros(1)
-    state["auxiliary_head.convs.0.conv.weight"] = torch.zeros(256, 1024, 1, 1)
-    torch.save(checkpoint, tmp_path / "broken.pth")
-    with pytest.raises(ValueError) as error:
-        gcnet.load_weights(GCNet(19), tmp_path / "broken.pth")
-    message = str(error.value)
-    assert "1 missing key(s)" in message and "decode_head.gc_block.conv_mask.bias" in message
-    assert "1 unexpected key(s)" in message and "decode_head.extra.weight" in message
-    assert (
-        "1 wrong shape key(s)" in message
-        and "checkpoint [256, 1024, 1, 1], model [256, 1024, 3, 3]" in message
-    )
-
-
-def test_missing_file_and_foreign_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nothing.pth"):
-        gcnet.load_weights(GCNet(19), tmp_path / "nothing.pth")
-    torch.save(
-        {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, tmp_path / "tv.pth"
-    )
-    with pytest.raises(ValueError, match="neither a GCNet checkpoint .* torchvision ResNet"):
-        gcnet.load_weights(GCNet(19), tmp_path / "tv.pth")
-
-
-def test_checkpoint_info_reads_our_recipe(tmp_path):
-    recipe = {"dataset": "ade20k", "crop_size": [512, 512], "align_corners": False, "config_name": "x"}
-    state = GCNet(150, depth=101).state_dict()
-    torch.save({"state_dict": state, "recipe": recipe, "iteration": 3}, tmp_path / "best.pth")
-    info = checkpoints.checkpoint_info(tmp_path / "best.pth")
-    assert (info["depth"], info["num_classes"], info["dataset"]) == (101, 150, "ade20k")
-    assert info["crop_size"] == (512, 512) and info["align_corners"] is False
-
-
-# ---- loading runs no code, and says what is wrong with a bad file ---------------------------------
-
-
-class RunsCode:
-    """Unpickling this runs a shell command that leaves a marker file: what a hostile .pth does."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
-def test_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path, monkeypatch, writer):
-    marker = tmp_path / "PWNED"
-    path = tmp_path / "evil.pth"
-    payload = {"state_dict": {"w": torch.zeros(1)}, "meta": RunsCode(marker)}
-    if writer == "pickle":
-        with open(path, "wb") as file:
-            pickle.dump(payload, file)
-    else:
-        torch.save(payload, path)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    for source in (str(path), path.as_uri()):  # a file and a URL (through torch.hub's cache)
-        with pytest.raises(ValueError, match="refusing to load .*evil.pth.*--trust-checkpoint"):
-            gcnet.read_checkpoint(source)
-        assert not marker.exists()
-    with contextlib.suppress(ValueError):  # a bare pickle is no torch file: it runs, then fails
-        gcnet.read_checkpoint(str(path), trust=True)  # the documented opt-in does unpickle fully
-    assert marker.exists()
-
-
-def test_numpy_values_in_the_meta_of_official_checkpoints_load_without_trust(tmp_path):
-    meta = {"seed": np.int64(3), "score": np.float64(0.5), "PALETTE": np.array([[1, 2, 3]], np.uint8)}
-    torch.save({"meta": meta, "state_dict": {"w": torch.ones(2)}}, tmp_path / "official.pth")
-    loaded = gcnet.read_checkpoint(tmp_path / "official.pth")
-    assert loaded["meta"]["seed"] == 3 and loaded["meta"]["PALETTE"].tolist() == [[1, 2, 3]]
-
-
-def test_broken_files_get_one_clear_message(tmp_path):
-    good = tmp_path / "good.pth"
-    torch.save({"state_dict": {"w": torch.zeros(1000)}}, good)
-    cases = {
-        "empty.pth": (b"", "empty \\(0 bytes\\)"),
-        "text.pth": (b"<html><body>Not found</body></html>", "text file, not a PyTorch checkpoint"),
-        "cut.pth": (good.read_bytes()[:600], "truncated or damaged"),
-    }
-    for name, (content, message) in cases.items():
-        (tmp_path / name).write_bytes(content)
-        with pytest.raises(ValueError, match=f"cannot read checkpoint .*{name}: .*{message}"):
-            gcnet.read_checkpoint(tmp_path / name)
-
-
-def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
-    checkpoint = official_checkpoint(GCNet(3))
-    checkpoint["state_dict"]["decode_head.conv_seg.weight"][0, 0] = float("nan")
-    checkpoint["state_dict"]["backbone.stem.0.weight"].fill_(float("inf"))
-    torch.save(checkpoint, tmp_path / "nan.pth")
-    with pytest.raises(ValueError, match="2 tensor\\(s\\) hold NaN.*backbone.stem.0.weight.*conv_seg.weight"):
-        gcnet.load_weights(GCNet(3), tmp_path / "nan.pth")
-
-
-def test_fine_tuning_loads_all_but_the_classifiers_of_another_class_count(tmp_path):
-    source = randomize(GCNet(19), seed=6)
-    torch.save(official_checkpoint(source), tmp_path / "city.pth")
-    target = GCNet(5)
-    fresh = {key: target.state_dict()[key].clone() for key in gcnet.CLASSIFIER_KEYS}
-    assert gcnet.load_weights(target, tmp_path / "city.pth", new_classes=True) == "segmentor, new classifiers"
-    for key, value in target.state_dict().items():
-        expected = fresh[key] if key in fresh else source.state_dict()[key]
-        assert torch.equal(value, expected), key
-
-
 def test_activation_checkpointing_gives_the_same_gradients_and_statistics():
     plain = randomize(GCNet(3), seed=7).train()
     recomputing = GCNet(3, activation_checkpointing=True).train()
@@ -431,3 +222,45 @@ def test_activation_checkpointing_gives_the_same_gradients_and_statistics():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
     for (name, a), b in zip(plain.state_dict().items(), recomputing.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # BatchNorm counted the batch once, not twice
+
+
+# ---- model.py on its own ----------------------------------------------------------------------
+
+
+def test_model_py_loads_no_other_module_of_the_project_and_runs_alone(tmp_path):
+    # Copied out alone, as people do with an educational model file: it imports and runs.
+    (tmp_path / "model.py").write_text(Path(model.__file__).read_text())
+    code = (
+        "import sys, model; project = {'checkpoints', 'recipe', 'runtime', 'data', 'evaluate', 'train'}; "
+        "print(sorted(project & set(sys.modules)))"
+    )
+    child = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert child.returncode == 0 and child.stdout.strip() == "[]", child.stderr
+    child = subprocess.run([sys.executable, "model.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
+    assert "49,630,215 parameters" in child.stdout and "sums to 1.000" in child.stdout
+
+
+def test_the_one_liner_of_the_docstring_runs():
+    line = next(line.strip() for line in model.__doc__.splitlines() if line.strip().startswith("python -c"))
+    code = line.removeprefix("python -c ").strip('"').replace("512, 1024", "64, 96")  # smaller, same code
+    child = subprocess.run([sys.executable, "-c", code], cwd=Path(model.__file__).parent, capture_output=True,
+                           text=True)  # fmt: skip
+    assert child.returncode == 0 and child.stdout.strip() == "torch.Size([1, 19, 64, 96])", child.stderr
+
+
+def test_the_strict_loader_takes_a_gcnet_or_an_imagenet_state_dict():
+    source = randomize(GCNet(5), seed=8)
+    target = GCNet(5)
+    assert model.load_weights(target, source.state_dict()) == "segmentor"
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
+    imagenet = {k.removeprefix("backbone."): v for k, v in randomize(GCNet(5), seed=9).state_dict().items()
+                if k.startswith("backbone.") and not k.endswith("num_batches_tracked")}  # fmt: skip
+    imagenet["fc.weight"] = torch.zeros(1000, 2048)
+    head = target.decode_head.state_dict()
+    assert model.load_weights(target, imagenet) == "imagenet"
+    assert torch.equal(target.backbone.stem[0].weight, imagenet["stem.0.weight"])
+    assert all(torch.equal(a, b) for a, b in zip(target.decode_head.state_dict().values(), head.values()))
+    del imagenet["stem.0.weight"]
+    with pytest.raises(RuntimeError, match="stem.0.weight"):  # strict: nothing missing
+        model.load_weights(target, imagenet)

@@ -36,7 +36,7 @@ def samples_per_second(dataset, workers, batch_size, batches, seed=0):
         dataset="cityscapes", seed=seed, batch_size=batch_size, global_batch=batch_size, workers=workers
     )
     start = time.perf_counter()
-    stream = train.training_batches(dataset, config, 0, 0, 1)
+    stream = train.training_batches(dataset, config, 0)
     next(stream)
     first = time.perf_counter() - start
     for _ in range(max(workers, 1) - 1):

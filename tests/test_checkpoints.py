@@ -1,0 +1,308 @@
+"""checkpoints.py: reading files without running code, loading them into a GCNet with every key
+problem in words, what a checkpoint says, and a run's work dir: atomic writes, full disks, signals."""
+
+import contextlib
+import errno
+import os
+import pickle
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+from model import GCNet
+
+
+def randomize(net, seed=0):
+    """Give every parameter and BN statistic a non-trivial value, as a trained checkpoint has."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in net.state_dict().items():
+            if tensor.dtype.is_floating_point:
+                noise = torch.randn(tensor.shape, generator=generator) * 0.05
+                tensor.copy_(noise.abs() + 0.5 if "running_var" in name else noise)
+    return net
+
+
+# ---- weight loading ------------------------------------------------------------------------
+
+
+def official_checkpoint(net, classes=None):
+    classes = classes or tuple(f"class{i}" for i in range(net.num_classes))
+    meta = {"CLASSES": classes, "PALETTE": [[i, i, i] for i in range(len(classes))], "config": "x = 1"}
+    return {"meta": meta, "state_dict": {k: v.clone() for k, v in net.state_dict().items()}}
+
+
+def test_official_format_round_trip(tmp_path):
+    source = randomize(GCNet(19), seed=3).eval()
+    path = tmp_path / "gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth"
+    torch.save(official_checkpoint(source), path)
+    target = GCNet(19).eval()
+    assert checkpoints.load_checkpoint(target, str(path)) == "segmentor"
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    info = checkpoints.checkpoint_info(str(path))
+    assert info["depth"] == 50 and info["num_classes"] == 19 and info["dataset"] == "cityscapes"
+    assert info["crop_size"] == (769, 769) and info["align_corners"] is True
+    assert info["classes"][0] == "class0" and info["palette"][2] == [2, 2, 2]
+
+
+def test_prefixes_of_ddp_and_compile_are_stripped(tmp_path):
+    source = randomize(GCNet(5), seed=4)
+    state = {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": state, "iteration": 10}, tmp_path / "ours.pth")
+    target = GCNet(5)
+    checkpoints.load_checkpoint(target, tmp_path / "ours.pth")
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
+
+
+def test_imagenet_backbone_loads_into_backbone_only(tmp_path):
+    source = randomize(GCNet(19), seed=5)
+    state = {
+        k.removeprefix("backbone."): v for k, v in source.state_dict().items() if k.startswith("backbone.")
+    }
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)
+    torch.save(state, tmp_path / "resnet50_v1c.pth")
+    target = GCNet(19)
+    head_before = target.decode_head.conv_cat.conv.weight.clone()
+    assert checkpoints.load_checkpoint(target, tmp_path / "resnet50_v1c.pth") == "imagenet"
+    torch.testing.assert_close(target.backbone.stem[0].weight, source.backbone.stem[0].weight)
+    torch.testing.assert_close(
+        target.backbone.layer4[2].bn3.running_var, source.backbone.layer4[2].bn3.running_var
+    )
+    assert torch.equal(target.decode_head.conv_cat.conv.weight, head_before)
+
+
+def test_class_count_mismatch_is_said_in_words(tmp_path):
+    torch.save(official_checkpoint(GCNet(19)), tmp_path / "city.pth")
+    with pytest.raises(
+        ValueError, match=r"checkpoint has 19 classes \(cityscapes\), model has 150 classes \(ade20k\)"
+    ):
+        checkpoints.load_checkpoint(GCNet(150), tmp_path / "city.pth")
+
+
+def test_depth_mismatch_is_said_in_words(tmp_path):
+    torch.save(official_checkpoint(GCNet(19, depth=50)), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match=r"ResNet-50 .* model: 101") as error:
+        checkpoints.load_checkpoint(GCNet(19, depth=101), tmp_path / "r50.pth")
+    assert "missing key(s)" in str(error.value)
+
+
+def test_all_key_problems_are_listed_in_one_error(tmp_path):
+    checkpoint = official_checkpoint(GCNet(19))
+    state = checkpoint["state_dict"]
+    del state["decode_head.gc_block.conv_mask.bias"]
+    state["decode_head.extra.weight"] = torch.zeros(1)
+    state["auxiliary_head.convs.0.conv.weight"] = torch.zeros(256, 1024, 1, 1)
+    torch.save(checkpoint, tmp_path / "broken.pth")
+    with pytest.raises(ValueError) as error:
+        checkpoints.load_checkpoint(GCNet(19), tmp_path / "broken.pth")
+    message = str(error.value)
+    assert "1 missing key(s)" in message and "decode_head.gc_block.conv_mask.bias" in message
+    assert "1 unexpected key(s)" in message and "decode_head.extra.weight" in message
+    assert (
+        "1 wrong shape key(s)" in message
+        and "checkpoint [256, 1024, 1, 1], model [256, 1024, 3, 3]" in message
+    )
+
+
+def test_missing_file_and_foreign_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nothing.pth"):
+        checkpoints.load_checkpoint(GCNet(19), tmp_path / "nothing.pth")
+    torch.save(
+        {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, tmp_path / "tv.pth"
+    )
+    with pytest.raises(ValueError, match="neither a GCNet checkpoint .* torchvision ResNet"):
+        checkpoints.load_checkpoint(GCNet(19), tmp_path / "tv.pth")
+
+
+def test_checkpoint_info_reads_our_recipe(tmp_path):
+    recipe = {"dataset": "ade20k", "crop_size": [512, 512], "align_corners": False, "config_name": "x"}
+    state = GCNet(150, depth=101).state_dict()
+    torch.save({"state_dict": state, "recipe": recipe, "iteration": 3}, tmp_path / "best.pth")
+    info = checkpoints.checkpoint_info(tmp_path / "best.pth")
+    assert (info["depth"], info["num_classes"], info["dataset"]) == (101, 150, "ade20k")
+    assert info["crop_size"] == (512, 512) and info["align_corners"] is False
+
+
+# ---- loading runs no code, and says what is wrong with a bad file ---------------------------------
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that leaves a marker file: what a hostile .pth does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path, monkeypatch, writer):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pth"
+    payload = {"state_dict": {"w": torch.zeros(1)}, "meta": RunsCode(marker)}
+    if writer == "pickle":
+        with open(path, "wb") as file:
+            pickle.dump(payload, file)
+    else:
+        torch.save(payload, path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    for source in (str(path), path.as_uri()):  # a file and a URL (through torch.hub's cache)
+        with pytest.raises(ValueError, match="refusing to load .*evil.pth.*--trust-checkpoint"):
+            checkpoints.read_checkpoint(source)
+        assert not marker.exists()
+    with contextlib.suppress(ValueError):  # a bare pickle is no torch file: it runs, then fails
+        checkpoints.read_checkpoint(str(path), trust=True)  # the documented opt-in does unpickle fully
+    assert marker.exists()
+
+
+def test_numpy_values_in_the_meta_of_official_checkpoints_load_without_trust(tmp_path):
+    meta = {"seed": np.int64(3), "score": np.float64(0.5), "PALETTE": np.array([[1, 2, 3]], np.uint8)}
+    torch.save({"meta": meta, "state_dict": {"w": torch.ones(2)}}, tmp_path / "official.pth")
+    loaded = checkpoints.read_checkpoint(tmp_path / "official.pth")
+    assert loaded["meta"]["seed"] == 3 and loaded["meta"]["PALETTE"].tolist() == [[1, 2, 3]]
+
+
+def test_broken_files_get_one_clear_message(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, good)
+    cases = {
+        "empty.pth": (b"", "empty \\(0 bytes\\)"),
+        "text.pth": (b"<html><body>Not found</body></html>", "text file, not a PyTorch checkpoint"),
+        "cut.pth": (good.read_bytes()[:600], "truncated or damaged"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"cannot read checkpoint .*{name}: .*{message}"):
+            checkpoints.read_checkpoint(tmp_path / name)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
+    checkpoint = official_checkpoint(GCNet(3))
+    checkpoint["state_dict"]["decode_head.conv_seg.weight"][0, 0] = float("nan")
+    checkpoint["state_dict"]["backbone.stem.0.weight"].fill_(float("inf"))
+    torch.save(checkpoint, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match="2 tensor\\(s\\) hold NaN.*backbone.stem.0.weight.*conv_seg.weight"):
+        checkpoints.load_checkpoint(GCNet(3), tmp_path / "nan.pth")
+
+
+def test_fine_tuning_loads_all_but_the_classifiers_of_another_class_count(tmp_path):
+    source = randomize(GCNet(19), seed=6)
+    torch.save(official_checkpoint(source), tmp_path / "city.pth")
+    target = GCNet(5)
+    fresh = {key: target.state_dict()[key].clone() for key in checkpoints.CLASSIFIER_KEYS}
+    assert (
+        checkpoints.load_checkpoint(target, tmp_path / "city.pth", new_classes=True)
+        == "segmentor, new classifiers"
+    )
+    for key, value in target.state_dict().items():
+        expected = fresh[key] if key in fresh else source.state_dict()[key]
+        assert torch.equal(value, expected), key
+
+
+# ---- the work dir of a run -------------------------------------------------------------------
+
+
+def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="non-finite values in weight"):
+        checkpoints.save_checkpoint(
+            tmp_path / "x.pth", {"state_dict": net.state_dict(), "optimizer": optimizer.state_dict()}
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_temporary_files_are_unique_per_writer_and_removed_on_failure(tmp_path, monkeypatch):
+    written = []
+
+    def failing_save(checkpoint, path):
+        written.append(Path(path).name)
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    net = torch.nn.Linear(2, 2)
+    for _ in range(2):
+        with pytest.raises(OSError):
+            checkpoints.save_checkpoint(tmp_path / "iter_1.pth", {"state_dict": net.state_dict()})
+    assert written[0] != written[1] and all(str(os.getpid()) in name for name in written)
+    assert not list(tmp_path.iterdir())
+
+
+def small_writer(tmp_path):
+    net = torch.nn.Conv2d(3, 4, 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(1, 3, 5, 5)).sum().backward()
+    optimizer.step()
+    dataset = SimpleNamespace(classes=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    meta = {"CLASSES": dataset.classes, "PALETTE": dataset.palette}
+    return checkpoints.CheckpointWriter(work_dir=tmp_path, raw_model=net, optimizer=optimizer, scaler=scaler,
+                                        config={}, meta=meta, keep=2, restart="python train.py --resume")  # fmt: skip
+
+
+def test_a_full_disk_is_said_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    writer = small_writer(tmp_path)
+    first = writer.save(1, -1.0, None)
+    real_save = torch.save
+
+    def disk_full(checkpoint, path):
+        real_save(checkpoint, path)  # most of it reached the disk ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk filled up
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        writer.save(2, -1.0, first)
+    message = str(stop.value)
+    assert "the disk is full" in message and "MB free" in message and "iter_2.pth needs about" in message
+    assert f"{first} is intact" in message and message.endswith("python train.py --resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1.pth"]
+    assert torch.load(first, weights_only=True)["iteration"] == 1
+
+
+def test_only_exact_iter_names_are_checkpoints(tmp_path):
+    writer = small_writer(tmp_path)
+    for iteration in (4, 12):
+        writer.save(iteration, -1.0, None)
+    (tmp_path / "iter_4 copy.pth").write_bytes((tmp_path / "iter_4.pth").read_bytes())
+    (tmp_path / "iter_x.pth").write_bytes(b"note")
+    assert [p.name for p in checkpoints.checkpoints_in(tmp_path)] == ["iter_4.pth", "iter_12.pth"]
+    assert checkpoints.find_resume_checkpoint("latest", tmp_path).name == "iter_12.pth"
+    writer.save(20, -1.0, None)  # keeps 2: prunes iter_4.pth and leaves the copies alone
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["iter_12.pth", "iter_20.pth", "iter_4 copy.pth", "iter_x.pth"]
+
+
+def test_the_stop_handler_lets_forked_children_die_and_is_put_back_after_a_run():
+    # A process pool forked after train.main (tools/prepare_datasets.py in the same process, say) ends
+    # its workers with SIGTERM; a worker that only noted the signal would hang the pool for ever.
+    before = signal.getsignal(signal.SIGTERM)
+    stop = checkpoints.StopRequest()
+    try:
+        ready, ready_write = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.write(ready_write, b"1")  # (a signal between fork and Python's after-fork reset is dropped)
+            time.sleep(20)
+            os._exit(0)
+        os.read(ready, 1)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # in the process that made it: noted, the run goes on
+        assert stop.requested
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -1,0 +1,110 @@
+"""runtime.py: device and precision flags, the float32 and autocast scopes, flag checks, host memory."""
+
+import argparse
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime
+
+CPU = torch.device("cpu")
+
+
+def test_precision_flags_resolve_by_hardware_and_by_choice():
+    assert runtime.resolve_precision("fp32", CPU) == "fp32"
+    assert runtime.resolve_precision("bf16", CPU) == "bf16"
+    assert runtime.resolve_precision("auto", CPU, auto="fp32") == "fp32"  # evaluate.py's for official files
+    assert runtime.resolve_precision("auto", CPU) in ("bf16", "fp32")
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA device"):
+        runtime.resolve_precision("fp16", CPU)
+    assert runtime.resolve_channels_last(None, CPU, "bf16") is True
+    assert runtime.resolve_channels_last(None, CPU, "fp32") is False
+    assert runtime.resolve_channels_last(False, torch.device("cuda"), "bf16") is False
+
+
+def test_ieee_float32_is_put_back_even_after_an_error():
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with pytest.raises(KeyError), runtime.ieee_float32():
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        raise KeyError("an error inside")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+def test_autocast_runs_bf16_for_bf16_and_nothing_for_fp32():
+    linear, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    with runtime.autocast(CPU, "bf16"):
+        assert linear(x).dtype == torch.bfloat16
+    with runtime.autocast(CPU, "fp32"):
+        assert linear(x).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    with runtime.precision_context(CPU, "bf16"):
+        assert linear(x).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        runtime.autocast(CPU, "fp16")
+    with pytest.raises(ValueError, match="precision must be fp32, bf16 or fp16"):
+        runtime.precision_context(CPU, "fp8")
+
+
+def test_one_process_is_rank_zero_of_one(capsys):
+    assert runtime.rank_and_world_size() == (0, 1)
+    calls = []
+    assert runtime.rank_zero_first(lambda: calls.append(1) or "result") == "result" and calls == [1]
+    runtime.say("said", 3)
+    assert capsys.readouterr().out == "said 3\n"
+    assert 1 <= runtime.usable_cores() <= (torch.get_num_threads() + 1024)
+
+
+def parse(flag_type, text):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--x", type=flag_type)
+    return parser.parse_args(["--x", text]).x
+
+
+def test_number_flags_refuse_what_is_out_of_range(capsys):
+    assert parse(runtime.number_flag(int, 0), "0") == 0  # an explicit 0 is a value
+    assert parse(runtime.number_flag(float, 0, 1), "0.5") == 0.5
+    for flag_type, text in [(runtime.number_flag(int, 1), "0"), (runtime.number_flag(float, 0, exclusive=True), "0"),
+                            (runtime.number_flag(float, 0), "nan"), (runtime.number_flag(float, 0, 1), "inf"),
+                            (runtime.number_flag(int, 0), "two")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse(flag_type, text)
+        assert "argument --x: expected" in capsys.readouterr().err
+
+
+def test_size_and_path_flags(tmp_path, capsys):
+    assert parse(runtime.size_flag("--crop"), "769") == (769, 769)
+    assert parse(runtime.size_flag("--crop"), "512x1024") == (512, 1024)
+    with pytest.raises(SystemExit):
+        parse(runtime.size_flag("--crop"), "big")
+    assert "argument --x: expected N or HxW" in capsys.readouterr().err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert parse(runtime.writable_path("file"), str(tmp_path / "new" / "out.json")) == str(
+        tmp_path / "new" / "out.json"
+    )
+    for kind, text, message in [("file", tmp_path, "is a directory"), ("folder", a_file, "is a file"),
+                                ("file", a_file / "x.json", "is a file, not a folder")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse(runtime.writable_path(kind), str(text))
+        assert message in capsys.readouterr().err
+
+
+def test_peak_memory_is_the_resident_peak_on_a_cpu():
+    before = runtime.peak_memory_gb(CPU)
+    block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    assert runtime.peak_memory_gb(CPU) >= before and runtime.peak_memory_gb(CPU) > 0.06
+    del block
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_takes_effect_with_glibc():
+    # In a child process: the setting lasts for the whole process, and this one runs other tests.
+    code = "import runtime; print(runtime.keep_freed_memory())"
+    child = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(runtime.__file__).parent, capture_output=True
+    )
+    assert child.returncode == 0 and child.stdout.decode().strip() == "True", child.stderr.decode()
