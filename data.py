@@ -1,11 +1,9 @@
 """Datasets and the training and test transforms of GCNet, as the original mmsegmentation recipe has them.
 
 Read in order: `build_dataset`; the training pipeline (`TrainTransform`, then its steps as they run);
-`test_transform`; the Dataset class. All is plain torch: every random draw comes from torch's RNG (a
-DataLoader seeded with `torch.manual_seed` is reproducible, its workers differ), and pixels match
-OpenCV's, which the original used, bit for bit (appendix A; tools/opencv_pipelines.py writes the same
-pipelines with OpenCV). The datasets sit in their downloads' own layouts (LAYOUTS); labels are PNGs
-of class indices, 255 = ignore; test splits need none. E.g.:
+`test_transform`; the Dataset class. All is plain torch: every random draw comes from torch's RNG, and
+pixels match those of OpenCV, which the original used, bit for bit (appendix A; tools/opencv_pipelines.py
+writes the same pipelines with OpenCV). Labels are PNGs of class indices, 255 = ignore. E.g.:
     train_set = data.build_dataset("cityscapes", split="train")  # (image, label) crops
     val_set = data.build_dataset("cityscapes", split="val")      # (images, label, meta)
 """
@@ -45,21 +43,14 @@ def build_dataset(
     testing alike; both default to recipe.row(name, crop_size). reduce_zero_label (label 0 means 'ignore',
     classes start at 1): None takes the dataset's (ADE20K: True; folder: `label0: ignore` in classes.txt).
     Every file is checked here, cheaply (headers and last bytes), so a bad one fails no run hours in."""
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    check_split_and_root(name, split, root)
     row = recipe.row(name, crop_size)  # refuses an unknown name
-    if name == "folder" and root is None:
-        raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
     root = Path(root if root is not None else recipe.DATASETS[name]["root"])
     if name == "toy" and not (root / "leftImg8bit").is_dir():
         make_toy_dataset(root)
     if not root.is_dir():
         raise missing_path_error(name, root, root)
-    if name == "folder":
-        classes, palette, zero_is_ignore = read_classes_file(root)
-    else:
-        classes, palette = CLASSES_AND_PALETTES[name]["classes"], CLASSES_AND_PALETTES[name]["palette"]
-        zero_is_ignore = recipe.DATASETS[name]["reduce_zero_label"]
+    classes, palette, zero_is_ignore = classes_of(name, root)
     pairs = find_pairs(name, root, split)
     check_files(name, pairs)
     dataset = SegmentationDataset(
@@ -87,7 +78,6 @@ class TrainTransform:
         self.train_scale, self.crop_size = train_scale, crop_size
         self.ignore_index, self.cat_max_ratio = ignore_index, cat_max_ratio
         self.photometric_distortion = PhotometricDistortion()
-        self.normalize_pad = NormalizePad(crop_size, ignore_index)
 
     def __call__(self, image, label):
         # 1. Rescale by a random ratio r in [0.5, 2): to fit (int(W_s*r), int(H_s*r)), keeping the aspect
@@ -103,7 +93,7 @@ class TrainTransform:
         # 4. Photometric distortion, on the crop as in the original: cheap.
         image = self.photometric_distortion(image)
         # 5. Normalise, and pad to crop_size.
-        return self.normalize_pad(image, label)
+        return normalize_and_pad(image, label, self.crop_size, self.ignore_index)
 
 
 def ratio_scale(scale, ratio):
@@ -147,7 +137,7 @@ def crop_is_acceptable(label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX
 
 
 class PhotometricDistortion:
-    """Step 6: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order. Each
+    """Step 4: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order. Each
     step happens with probability 0.5, on uint8 pixels clipped and truncated after each: brightness
     (add U(-32, 32)); contrast (multiply by U(0.5, 1.5)) now or last, by a coin; saturation (multiply
     S by U(0.5, 1.5)); hue (add an integer in [-18, 17] to H, mod 180). RGB here, BGR there: the same."""
@@ -180,45 +170,25 @@ class PhotometricDistortion:
         return image
 
 
-def coin_flip():
-    """True with probability 0.5 (the original's `randint(2)`)."""
-    return bool(torch.randint(2, ()))
-
-
-def uniform(low, high):
-    """A float drawn uniformly from [low, high)."""
-    return float(torch.rand(())) * (high - low) + low
-
-
-def scale_and_shift_uint8(image, alpha=1.0, beta=0.0):
-    """image * alpha + beta in float32, clipped to 0..255, then truncated back to uint8."""
-    return image.to(torch.float32, copy=True).mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
-
-
 def normalize(image):
     """uint8 RGB 3 x H x W -> float32 (image - MEAN) / STD, computed in place in one new tensor."""
     return image.to(torch.float32, copy=True).sub_(MEAN_TENSOR).div_(STD_TENSOR)
 
 
-class NormalizePad:
-    """Steps 7 and 8: normalise, then pad the image with 0 (the mean colour, since this comes after
+def normalize_and_pad(image, label, crop_size, ignore_index=IGNORE_INDEX):
+    """Step 5: normalise, then pad the image with 0 (the mean colour, since this comes after
     normalisation) and the label with 255 at the bottom/right up to crop_size."""
-
-    def __init__(self, crop_size, ignore_index=IGNORE_INDEX):
-        self.crop_size, self.ignore_index = crop_size, ignore_index
-
-    def __call__(self, image, label):
-        image = normalize(image)
-        pad_bottom, pad_right = self.crop_size[0] - image.shape[1], self.crop_size[1] - image.shape[2]
-        if pad_bottom > 0 or pad_right > 0:
-            padding = (0, max(pad_right, 0), 0, max(pad_bottom, 0))  # (left, right, top, bottom)
-            image = F.pad(image, padding, value=0.0)
-            label = F.pad(label, padding, value=self.ignore_index)
-        return image, label.long()
+    image = normalize(image)
+    pad_bottom, pad_right = crop_size[0] - image.shape[1], crop_size[1] - image.shape[2]
+    if pad_bottom > 0 or pad_right > 0:
+        padding = (0, max(pad_right, 0), 0, max(pad_bottom, 0))  # (left, right, top, bottom)
+        image = F.pad(image, padding, value=0.0)
+        label = F.pad(label, padding, value=ignore_index)
+    return image, label.long()
 
 
 # -----------------------------------------------------------------------------------------------
-# Test transform (mmseg v0.5.0 configs/_base_/datasets/*.py test_pipeline, MultiScaleFlipAug)
+# Test transform (mmseg v0.5.0 configs/_base_/datasets/*.py test_pipeline, MultiScaleFlipAug), and the dataset
 
 
 def test_transform(image, scale, ratios=(1.0,)):
@@ -226,10 +196,6 @@ def test_transform(image, scale, ratios=(1.0,)):
     int(H_s*r)) keeping its aspect ratio. The label is untouched: evaluation uses it at full resolution."""
     sizes = [rescale_size(*image.shape[-2:], ratio_scale(scale, ratio)) for ratio in ratios]
     return [normalize(resize_image(image, size)) for size in sizes]
-
-
-# -----------------------------------------------------------------------------------------------
-# The dataset
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -255,23 +221,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.pairs)
 
-    def load(self, index):
-        """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, None without labels)."""
-        image_path, label_path = self.pairs[index]
-        image = read_image(image_path)
-        if label_path is None:
-            return image, None
-        label = read_label(label_path)
-        if image.shape[1:] != label.shape:
-            raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
-        if self.reduce_zero_label:
-            check_not_reduced_already(label, label_path, self.name, self.num_classes)
-            label = reduce_zero_label(label)
-        check_label_values(label, self.num_classes, label_path, self.name)
-        return image, label
-
     def __getitem__(self, index):
-        image, label = self.load(index)
+        image, label = read_pair(*self.pairs[index], self)
         if self.train_transform is not None:
             return self.train_transform(image, label)
         image_path = self.pairs[index][0]
@@ -285,6 +236,37 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return f"SegmentationDataset({self.name!r}, {self.split!r}, {len(self)} images, root={self.root!r})"
 
 
+# Below this line: how it runs: reading and checking the files, finding a split's files, the
+# OpenCV-exact pixel arithmetic (appendix A) and the toy dataset (appendix B). A first reading can stop here.
+
+
+# -----------------------------------------------------------------------------------------------
+# Reading and checking the files
+
+
+def check_split_and_root(name, split, root):
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if name == "folder" and root is None:
+        raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
+
+
+def read_pair(image_path, label_path, dataset):
+    """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, None without labels) of a
+    SegmentationDataset's pair, label 0 made 'ignore' where the dataset says so."""
+    image = read_image(image_path)
+    if label_path is None:
+        return image, None
+    label = read_label(label_path)
+    if image.shape[1:] != label.shape:
+        raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
+    if dataset.reduce_zero_label:
+        check_not_reduced_already(label, label_path, dataset.name, dataset.num_classes)
+        label = reduce_zero_label(label)
+    check_label_values(label, dataset.num_classes, label_path, dataset.name)
+    return image, label
+
+
 def collate_val(batch):
     """Batch val or test items of different sizes: (list of image lists, labels stacked when they share
     a size, else a list (of None in the test split), list of metas)."""
@@ -293,12 +275,13 @@ def collate_val(batch):
     return list(images), torch.stack(labels) if stack else list(labels), list(metas)
 
 
-# Below this line: how it runs: reading and checking the files, finding a split's files, the
-# OpenCV-exact pixel arithmetic (appendix A) and the toy dataset (appendix B). A first reading can stop here.
-
-
-# -----------------------------------------------------------------------------------------------
-# Reading and checking the files
+def classes_of(name, root):
+    """(classes, palette, whether label 0 means 'ignore') of a dataset: classes_and_palettes.json and
+    recipe.DATASETS, or the folder dataset's ROOT/classes.txt."""
+    if name == "folder":
+        return read_classes_file(root)
+    entry = CLASSES_AND_PALETTES[name]
+    return entry["classes"], entry["palette"], recipe.DATASETS[name]["reduce_zero_label"]
 
 
 def decode_file(path, kind, mode, upright=False):
@@ -701,6 +684,21 @@ def check_files(name, pairs):
 # Appendix A: OpenCV-exact pixel arithmetic (resize, HSV). The original resizes and converts colours
 # with OpenCV (mmcv v1.0.2 mmcv/image/geometric.py, mmcv/image/colorspace.py) in 8-bit fixed point;
 # float arithmetic, rounded, would differ by 1 on many pixels, so the training crops would not match.
+
+
+def coin_flip():
+    """True with probability 0.5 (the original's `randint(2)`)."""
+    return bool(torch.randint(2, ()))
+
+
+def uniform(low, high):
+    """A float drawn uniformly from [low, high)."""
+    return float(torch.rand(())) * (high - low) + low
+
+
+def scale_and_shift_uint8(image, alpha=1.0, beta=0.0):
+    """image * alpha + beta in float32, clipped to 0..255, then truncated back to uint8."""
+    return image.to(torch.float32, copy=True).mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
 
 
 class Rescaled:

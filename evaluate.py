@@ -1,4 +1,4 @@
-r"""Evaluate a GCNet checkpoint the way the mmsegmentation GCNet results table was computed.
+"""Evaluate a GCNet checkpoint the way the mmsegmentation GCNet results table was computed.
 
 The table has two accuracy columns (mmseg v0.5.0 configs/_base_/datasets/*.py test_pipeline, and
 the original toolbox's tools/test.py with --aug-test):
@@ -10,20 +10,9 @@ the original toolbox's tools/test.py with --aug-test):
 The metric is an exact confusion matrix summed over the whole split at the original label
 resolution; IoU and Acc per class, their nanmean over classes, and the overall pixel accuracy.
 
-    python evaluate.py                       # newest work_dirs/*/best.pth, single scale
-    python evaluate.py --ms-flip             # ... multi-scale + flip
-    python evaluate.py --checkpoint gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth \
-        --data-root data/cityscapes --ms-flip
-    python evaluate.py --checkpoint CKPT --dataset folder --data-root data/mine   # when it can't tell
-    python evaluate.py --save-dir eval_out/pictures      # + label PNG, overlay, GC attention per image
-    python evaluate.py --checkpoint CKPT --image photos/ more/*.jpg --save-dir eval_out   # pictures
-    python evaluate.py --checkpoint CKPT --split test --format-only --save-dir OUT   # server files
-    torchrun --standalone --nproc_per_node=4 evaluate.py --ms-flip          # images split over 4 GPUs
-
 The test protocol is the checkpoint's row of the table (recipe.row), or the recipe ours record;
-flags override it. Results go to <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json
-(or --out). Official checkpoints are scored in IEEE fp32 by default, as the table was; ours in the
-hardware's native precision, checked against fp32 on the first 10 images.
+flags override it. Official checkpoints are scored in IEEE fp32 by default, as the table was; ours in
+the hardware's native precision, checked against fp32 on the first 10 images. Examples: --help.
 """
 
 import argparse
@@ -117,12 +106,7 @@ def predict(
     its horizontal flip when flip=True): logits ('whole': one pass; 'slide': slide_inference), resized
     bilinearly to the original size with model.align_corners, softmax, flipped maps flipped back; the
     maps are averaged. One scale, no flip: softmax(resize(logits)), argmax = the original's prediction."""
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-    if mode == "slide" and (crop_size is None or stride is None):
-        raise ValueError("slide mode needs crop_size and stride (e.g. 769 and 513)")
-    if len(images) == 0:
-        raise ValueError("predict() needs the image at one scale at least; got an empty list")
+    check_protocol(mode, crop_size, stride, images)
     probabilities, size = None, tuple(original_size)
     for image in images:
         batch = image if image.dim() == 4 else image[None]  # (1, 3, h, w)
@@ -160,16 +144,9 @@ def predict(
 def confusion_matrix(pred, label, num_classes, ignore_index=data.IGNORE_INDEX):
     """int64 (num_classes, num_classes) matrix: rows = ground truth, columns = prediction. Pixels
     labelled ignore_index are dropped, so a prediction there is no false positive."""
-    if pred.shape != label.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in size")
+    check_values(pred, label, num_classes, ignore_index)
     keep = label != ignore_index
     gt, predicted = label[keep].long(), pred[keep].long()
-    if gt.numel() and (min(gt.min(), predicted.min()) < 0 or max(gt.max(), predicted.max()) >= num_classes):
-        found = sorted(set(gt.unique().tolist()) | set(predicted.unique().tolist()))
-        raise ValueError(
-            f"label/prediction values must be 0..{num_classes - 1} or {ignore_index} (ignored); "
-            f"found {found}. Check the dataset's labels (ADE20K needs reduce_zero_label) and the class count."
-        )
     counts = torch.bincount(num_classes * gt + predicted, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 
@@ -193,7 +170,41 @@ def metrics_from_confusion(matrix):
 
 
 # -----------------------------------------------------------------------------------------------
-# A whole split, on one or several processes
+# A whole split, on one or several processes (predictions() below the line runs the model over it)
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model, dataset, *, mode, crop_size, stride, flip, device, precision, channels_last, window_batch=4,
+    save_dir=None, opacity=0.5, show_progress=True, workers=2,
+):  # fmt: skip
+    """Metrics of `model` on a val split (data.build_dataset(..., split='val')) at its test ratios; under
+    torchrun each process takes every world_size-th image. Every process returns the same dict: those of
+    metrics_from_confusion, num_images and confusion_matrix (list of rows). Pass the model itself, not a
+    DDP wrapper; channels_last changes its weights' layout in place."""
+    if len(dataset) == 0:
+        raise ValueError(f"the {getattr(dataset, 'name', '')} val split has no images: check the data root")
+    device = torch.device(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    matrix = torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device)
+    share = 0
+    for pred, label, meta, images in predictions(
+        model, dataset, mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch,
+        device=device, precision=precision, workers=workers, show_progress=show_progress,
+    ):  # fmt: skip
+        matrix += confusion_matrix(pred, label, dataset.num_classes)
+        share += 1
+        if save_dir is not None:  # the label PNG, an overlay and the GC block's attention, below the line
+            save_split_pictures(model, dataset, pred, meta, images, device=device, precision=precision,
+                                save_dir=save_dir, opacity=opacity)  # fmt: skip
+    matrix = sum_over_processes(matrix)
+    num_images = int(sum_over_processes(torch.tensor([share], device=device)).item())
+    return dict(metrics_from_confusion(matrix), num_images=num_images, confusion_matrix=matrix.cpu().tolist())
+
+
+# Below this line: how it runs: the command line and its three jobs (a split's scores, files for
+# the benchmark servers, pictures of image files), checks, speed-ups. A first reading can stop here.
 
 
 def predictions(model, dataset, count=None, *, device, precision, workers=2, show_progress=False, **protocol):
@@ -227,41 +238,28 @@ def predictions(model, dataset, count=None, *, device, precision, workers=2, sho
         model.train(was_training)
 
 
-@torch.no_grad()
-def evaluate_dataset(
-    model, dataset, *, mode, crop_size, stride, flip, device, precision, channels_last, window_batch=4,
-    save_dir=None, opacity=0.5, show_progress=True, workers=2,
-):  # fmt: skip
-    """Metrics of `model` on a val split (data.build_dataset(..., split='val')) at its test ratios; under
-    torchrun each process takes every world_size-th image. Every process returns the same dict: those of
-    metrics_from_confusion, num_images and confusion_matrix (list of rows). Pass the model itself, not a
-    DDP wrapper; channels_last changes its weights' layout in place."""
-    if len(dataset) == 0:
-        raise ValueError(f"the {getattr(dataset, 'name', '')} val split has no images: check the data root")
-    device = torch.device(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    matrix = torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device)
-    share = 0
-    for pred, label, meta, images in predictions(
-        model, dataset, mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch,
-        device=device, precision=precision, workers=workers, show_progress=show_progress,
-    ):  # fmt: skip
-        matrix += confusion_matrix(pred, label, dataset.num_classes)
-        share += 1
-        if save_dir is not None:
-            original = data.read_image(meta["image_path"])
-            at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale)
-            with runtime.precision_context(device, precision):
-                attention = attention_map(model, at_ratio_one, label.shape)
-            save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity)
-    matrix = sum_over_processes(matrix)
-    num_images = int(sum_over_processes(torch.tensor([share], device=device)).item())
-    return dict(metrics_from_confusion(matrix), num_images=num_images, confusion_matrix=matrix.cpu().tolist())
+def check_protocol(mode, crop_size, stride, images):
+    """predict()'s arguments, checked."""
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    if mode == "slide" and (crop_size is None or stride is None):
+        raise ValueError("slide mode needs crop_size and stride (e.g. 769 and 513)")
+    if len(images) == 0:
+        raise ValueError("predict() needs the image at one scale at least; got an empty list")
 
 
-# Below this line: how it runs: the command line and its three jobs (a split's scores, files for
-# the benchmark servers, pictures of image files), checks, speed-ups. A first reading can stop here.
+def check_values(pred, label, num_classes, ignore_index):
+    """confusion_matrix's labels and predictions must be class indices of the same size."""
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in size")
+    keep = label != ignore_index
+    gt, predicted = label[keep].long(), pred[keep].long()
+    if gt.numel() and (min(gt.min(), predicted.min()) < 0 or max(gt.max(), predicted.max()) >= num_classes):
+        found = sorted(set(gt.unique().tolist()) | set(predicted.unique().tolist()))
+        raise ValueError(
+            f"label/prediction values must be 0..{num_classes - 1} or {ignore_index} (ignored); "
+            f"found {found}. Check the dataset's labels (ADE20K needs reduce_zero_label) and the class count."
+        )
 
 
 def class_softmax(logits):
@@ -519,12 +517,25 @@ def main(argv=None):
         raise SystemExit(1)  # the other images are written; a script still sees that some were not
 
 
+USAGE = r"""examples:
+  python evaluate.py                       # newest work_dirs/*/best.pth, single scale
+  python evaluate.py --ms-flip             # ... multi-scale + flip
+  python evaluate.py --checkpoint gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth \
+      --data-root data/cityscapes --ms-flip
+  python evaluate.py --checkpoint CKPT --dataset folder --data-root data/mine   # when it can't tell
+  python evaluate.py --save-dir eval_out/pictures      # + label PNG, overlay, GC attention per image
+  python evaluate.py --checkpoint CKPT --image photos/ more/*.jpg --save-dir eval_out   # pictures
+  python evaluate.py --checkpoint CKPT --split test --format-only --save-dir OUT   # server files
+  torchrun --standalone --nproc_per_node=4 evaluate.py --ms-flip          # images split over 4 GPUs
+"""
+
+
 def build_parser():
     """Every flag is checked when parsed (runtime.number_flag, writable_path, size_flag): a wrong value
     ends the run before any work, naming the flag and what it allows."""
     number, path, size_flag = runtime.number_flag, runtime.writable_path, runtime.size_flag
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     # fmt: off
     what = parser.add_argument_group("what to evaluate")
@@ -552,7 +563,8 @@ def build_parser():
     output = parser.add_argument_group("output")
     output.add_argument("--save-dir", type=path("folder"), help="pictures or server files go here")
     output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1")
-    output.add_argument("--out", type=path("file"), help="results JSON (default: beside the checkpoint)")
+    output.add_argument("--out", type=path("file"), help="results JSON (default: <checkpoint dir>/"
+                        "eval_<dataset>_<mode>[_ms][_flip]_<time>.json)")
     # fmt: on
     return parser
 
@@ -651,6 +663,15 @@ def label_picture(pred, palette):
     labels = Image.frombytes("P", pred.shape[::-1], pred.cpu().to(torch.uint8).numpy().tobytes())
     labels.putpalette([value for color in palette for value in color])
     return labels
+
+
+def save_split_pictures(model, dataset, pred, meta, images, *, device, precision, save_dir, opacity):
+    """save_pictures() for an image of a split, with its attention map at the test scale."""
+    original = data.read_image(meta["image_path"])
+    at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale)
+    with runtime.precision_context(device, precision):
+        attention = attention_map(model, at_ratio_one, original.shape[-2:])
+    save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity)
 
 
 def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=0.5):

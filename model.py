@@ -80,9 +80,7 @@ class ContextBlock(nn.Module):
         # Step 2: transform (LayerNorm runs in float32 under autocast).
         # Step 3: fusion by broadcast addition over H and W.
         out = x + self.channel_add_conv(context)  # (N, C, H, W)
-        if return_attention:
-            return out, attention
-        return out
+        return (out, attention) if return_attention else out
 
 
 # -----------------------------------------------------------------------------------------------
@@ -210,21 +208,7 @@ class ResNetV1c(nn.Module):
         self.layer2 = make_stage(256, 128, blocks[1], stride=2, dilation=1)  # 1/8
         self.layer3 = make_stage(512, 256, blocks[2], stride=1, dilation=2)  # 1/8, dilated
         self.layer4 = make_stage(1024, 512, blocks[3], stride=1, dilation=4)  # 1/8, dilated
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # Used only when training from scratch: the recipe loads ImageNet weights over all of this.
-        # Kaiming fan_out, BN 1/0, and the last BN of each residual branch at 0 so every block
-        # starts as the identity (zero_init_residual).
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, Bottleneck):
-                nn.init.zeros_(module.bn3.weight)
+        init_from_scratch(self)  # below the line; the recipe loads ImageNet weights over it
 
     def forward(self, x):
         x = self.maxpool(self.stem(x))  # (N, 64, H/4, W/4)
@@ -252,9 +236,7 @@ class GCNet(nn.Module):
 
     def __init__(self, num_classes, depth=50, align_corners=False, activation_checkpointing=False):
         super().__init__()
-        self.num_classes = num_classes
-        self.depth = depth
-        self.align_corners = align_corners
+        self.num_classes, self.depth, self.align_corners = num_classes, depth, align_corners
         self.backbone = ResNetV1c(depth)
         self.decode_head = GCHead(num_classes)
         self.auxiliary_head = FCNHead(num_classes)
@@ -284,15 +266,10 @@ class GCNet(nn.Module):
 
 
 def load_weights(model, state_dict):
-    """Load a state_dict into a GCNet strictly, as torch's load_state_dict(strict=True) does. Takes
-
-    (a) a whole GCNet's (keys 'backbone.*', 'decode_head.*', 'auxiliary_head.*'): the official
-        checkpoints' 'state_dict' and this project's; or
-    (b) an ImageNet ResNetV1c's (keys 'stem.*', 'layer1.*', ... and an 'fc' classifier, which is
-        dropped): the backbone every row of the table starts from; the heads keep their initialisation.
-
-    Returns 'segmentor' or 'imagenet'. Reading files and URLs without running code, and an error that
-    lists every key problem, are checkpoints.load_checkpoint's."""
+    """Load a state_dict strictly, as load_state_dict(strict=True): a whole GCNet's (keys 'backbone.*',
+    'decode_head.*', 'auxiliary_head.*'), as in the official checkpoints, or an ImageNet ResNetV1c's
+    (keys 'stem.*', 'layer1.*', ..., 'fc.*', which is dropped) into the backbone, where every row of the
+    table starts. Returns 'segmentor' or 'imagenet'. Files: checkpoints.load_checkpoint."""
     if any(key.startswith("backbone.") for key in state_dict):
         model.load_state_dict(state_dict, strict=True)
         return "segmentor"
@@ -341,6 +318,21 @@ def checkpoint_block(block, x):
     # No early stop: the recomputation must run to its end, where the statistics are put back.
     with torch.utils.checkpoint.set_checkpoint_early_stop(False):
         return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+
+
+def init_from_scratch(backbone):
+    """ResNetV1c's initialisation, used only when training from scratch (the toy demo): Kaiming
+    fan_out, BatchNorm 1/0, and the last BatchNorm of each residual branch at 0, so that every block
+    starts as the identity (zero_init_residual)."""
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in backbone.modules():
+        if isinstance(module, Bottleneck):
+            nn.init.zeros_(module.bn3.weight)
 
 
 def count_parameters(model):

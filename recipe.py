@@ -1,16 +1,14 @@
 """The recipe of the results table, in one place: what each of its 16 rows trained and tested with.
 
-Every number and rule that a row of the table is made of lives here, and train.py, evaluate.py,
-data.py and benchmark.py all read it through `row()`:
+Every number and rule of a row of the table lives here; train, evaluate, data and benchmark read `row()`:
 
     import recipe
     recipe.row("cityscapes", "769", depth=101)
     # {'config_name': 'gcnet_r101-d8_769x769_40k_cityscapes', 'batch_size': 2, 'lr': 0.01,
     #  'scale': (2049, 1025), 'test_mode': 'slide', 'test_stride': (513, 513), 'align_corners': True, ...}
 
-Sources: mmsegmentation v0.5.0 configs/gcnet/*.py and the files they inherit from,
-configs/_base_/models/gcnet_r50-d8.py, configs/_base_/schedules/schedule_{20k,40k,80k,160k}.py and
-configs/_base_/datasets/{cityscapes,cityscapes_769x769,ade20k,pascal_voc12_aug}.py.
+Sources: mmsegmentation v0.5.0 configs/gcnet/*.py and what they inherit: configs/_base_/models/gcnet_r50-d8.py,
+schedules/schedule_{20k,40k,80k,160k}.py, datasets/{cityscapes,cityscapes_769x769,ade20k,pascal_voc12_aug}.py.
 """
 
 import math
@@ -43,8 +41,6 @@ DATASETS = {
                 root="data/toy", reduce_zero_label=False),
 }  # fmt: skip
 TABLE_DATASETS = ("cityscapes", "ade20k", "voc12aug")
-# The table's datasets recognised by their class count (for checkpoints that do not say theirs).
-DATASET_OF_NUM_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc12aug"}
 
 # The 769x769 rule. An 8k+1 crop (769) marks the models built with align_corners=True in both heads,
 # trained and tested on Cityscapes rescaled to 2049x1025, and tested with sliding windows of the crop
@@ -120,6 +116,9 @@ def parse_crop(value, flag="--crop"):
         )
     return tuple(parts)
 
+
+# The table's datasets recognised by their class count (for checkpoints that do not say theirs).
+DATASET_OF_NUM_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc12aug"}
 
 CONFIG_NAME = re.compile(r"gcnet_r(50|101)-d8_(\d+)x(\d+)_(\d+)k_(cityscapes|ade20k|voc12aug)")
 

@@ -1,23 +1,11 @@
 """Train GCNet with the original mmsegmentation recipe (recipe.py holds every number of it).
 
-The built-in toy demo, on the CPU or one GPU, a few minutes:
-    python train.py
-A row of the results table, on 4 GPUs of one node (the original setting):
-    torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769
-    torchrun --nproc_per_node=4 train.py --dataset ade20k --depth 101 --iters 160000
-One large GPU, the same images per step as the table's 4 x 2 (see the README for more setups):
-    python train.py --dataset cityscapes --batch-size 8
-Several nodes (on each node):
-    torchrun --nnodes=2 --nproc_per_node=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 train.py --dataset voc12aug
-Resume the newest checkpoint of a run (or --resume PATH); fine-tune from any GCNet checkpoint:
-    torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769 --resume
-    python train.py --dataset folder --data-root data/mine --load-from CHECKPOINT_OR_URL
-
 The recipe: SGD (lr 0.01, momentum 0.9, weight decay 5e-4 on every parameter), poly learning rate
 (power 0.9, down to 1e-4, per iteration, no warmup), cross-entropy averaged over all pixels,
 auxiliary FCN loss weighted 0.4, SyncBN over 4 GPUs, batch 2 (Cityscapes) or 4 (ADE20K, VOC) per
 GPU, ImageNet-pretrained ResNetV1c, evaluation and checkpoint every tenth of the schedule.
-Read `main` for the whole run; the helpers follow in the order it calls them.
+Read `main` for the whole run; the helpers follow in the order it calls them. `python train.py`
+trains the toy demo in minutes; `--help` shows how to run the rows of the table.
 """
 
 import argparse
@@ -87,10 +75,7 @@ def main(argv=None):
                                     weight_decay=config["weight_decay"])  # fmt: skip
         scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")  # fp16 only
         iteration = run.resume(raw_model, optimizer, scaler, train_set)  # 0, or where --resume continues
-        net = torch.compile(raw_model) if config["compile"] else raw_model
-        if config["world_size"] > 1:  # as the original: no buffer broadcast (SyncBN keeps BN in step)
-            net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                            broadcast_buffers=False)  # fmt: skip
+        net = compile_and_distribute(raw_model, config, device)  # as the flags say
         show_recipe(config)
         if run.validation_pending:  # the run stopped between a checkpoint and its validation
             validate_and_keep_best(raw_model, val_set, config, run, iteration)
@@ -135,9 +120,8 @@ def main(argv=None):
                 run.checkpoint_and_stop(iteration)
                 break
             if iteration % config["eval_interval"] == 0 or iteration == config["iters"]:
-                run.checkpoint(
-                    iteration, validation_pending=True
-                )  # first: a failing validation loses nothing
+                # The checkpoint comes first, so a failing validation loses no training.
+                run.checkpoint(iteration, validation_pending=True)
                 last = iteration == config["iters"] and config["pictures"]
                 pictures = Path(config["work_dir"]) / "pictures" if last else None
                 validate_and_keep_best(raw_model, val_set, config, run, iteration, pictures)
@@ -152,48 +136,15 @@ def main(argv=None):
 def build_datasets(config):
     """The training and validation splits of the run's dataset."""
     if config["dataset"] == "toy":
-        runtime.say(
-            "Toy demo: a small synthetic dataset (written on first use) in the Cityscapes layout, trained"
-        )
-        runtime.say("from scratch. For the real datasets see the README, e.g.")
-        runtime.say("    torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769\n")
-    extra = {"reduce_zero_label": True} if config["reduce_zero_label"] else {}
+        runtime.say(TOY_DEMO)
     try:
-        root, crop = config["data_root"], config["crop_size"]
         return [
-            data.build_dataset(config["dataset"], root, s, crop_size=crop, **extra) for s in ("train", "val")
-        ]
+            data.build_dataset(config["dataset"], config["data_root"], split, crop_size=config["crop_size"],
+                               reduce_zero_label=config["reduce_zero_label"] or None)  # None: the dataset's own
+            for split in ("train", "val")
+        ]  # fmt: skip
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{config['dataset']}: {error}") from None
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """Runs the training transform of sample i in epoch e under its own seed, so augmentation depends
-    only on (seed, epoch, index): not on the number of workers nor on where a run was resumed."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + epoch * 100_003 + index)
-            return self.dataset[index]
-
-
-def epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size):
-    """This rank's batches of one epoch: a seeded shuffle, split across ranks, incomplete batches
-    dropped (drop_last=True as the original). Each batch is a list of (epoch, index) keys."""
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_rank = num_samples // world_size
-    mine = order[rank * per_rank : (rank + 1) * per_rank]  # disjoint shares of equal size
-    return [
-        [(epoch, i) for i in mine[b * batch_size : (b + 1) * batch_size]]
-        for b in range(per_rank // batch_size)
-    ]
 
 
 def training_batches(dataset, config, start_iteration):
@@ -202,11 +153,7 @@ def training_batches(dataset, config, start_iteration):
     DataLoader serves every epoch: its workers start once, and keep working across epoch ends."""
     rank, world_size = runtime.rank_and_world_size()
     batches_per_epoch = len(epoch_batches(len(dataset), config["batch_size"], 0, 0, rank, world_size))
-    if batches_per_epoch == 0:
-        raise SystemExit(
-            f"the {config['dataset']} training split has {len(dataset)} images, fewer than one global batch "
-            f"of {config['global_batch']}; lower --batch-size or add images"
-        )
+    check_enough_images(dataset, config, batches_per_epoch)
 
     class EveryEpoch:  # the loader's batch sampler: this rank's batches, epoch after epoch
         def __iter__(self):
@@ -255,8 +202,7 @@ def build_model(config, num_classes, *, load_from=None, trust=False, resuming=Fa
 
 
 def validate(raw_model, val_set, config, save_dir=None):
-    """Single-scale val mIoU. It runs in a forked RNG so that validating (its data loader draws a
-    seed) leaves the training's random stream exactly as it was: resuming stays exact."""
+    """Single-scale val mIoU, in a forked RNG: validating leaves the training's random stream as it was."""
     device = next(raw_model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate.evaluate_dataset(
@@ -279,6 +225,49 @@ def validate_and_keep_best(raw_model, val_set, config, run, iteration, pictures=
 
 # Below this line: how it runs: the flags and their checks, the run's set-up, fine-tuning's checks, the
 # command line. A first reading can stop here.
+
+
+TOY_DEMO = """Toy demo: a small synthetic dataset (written on first use) in the Cityscapes layout, trained
+from scratch. For the real datasets see the README, e.g.
+    torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769
+"""
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Runs the training transform of sample i in epoch e under its own seed, so augmentation depends
+    only on (seed, epoch, index): not on the number of workers nor on where a run was resumed."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + epoch * 100_003 + index)
+            return self.dataset[index]
+
+
+def epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size):
+    """This rank's batches of one epoch: a seeded shuffle, split across ranks, incomplete batches
+    dropped (drop_last=True as the original). Each batch is a list of (epoch, index) keys."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = num_samples // world_size
+    mine = order[rank * per_rank : (rank + 1) * per_rank]  # disjoint shares of equal size
+    return [
+        [(epoch, i) for i in mine[b * batch_size : (b + 1) * batch_size]]
+        for b in range(per_rank // batch_size)
+    ]
+
+
+def check_enough_images(dataset, config, batches_per_epoch):
+    if batches_per_epoch == 0:
+        raise SystemExit(
+            f"the {config['dataset']} training split has {len(dataset)} images, fewer than one global batch "
+            f"of {config['global_batch']}; lower --batch-size or add images"
+        )
 
 
 def set_up(args):
@@ -340,6 +329,15 @@ def resolve_recipe(args, world_size):
                   reduce_zero_label=args.reduce_zero_label,
                   work_dir=args.work_dir or str(Path("work_dirs") / row["config_name"]))  # fmt: skip
     return config
+
+
+def compile_and_distribute(raw_model, config, device):
+    """torch.compile (--compile) and DDP (under torchrun) around the model."""
+    net = torch.compile(raw_model) if config["compile"] else raw_model
+    if config["world_size"] > 1:  # as the original: no buffer broadcast (SyncBN keeps BN in step)
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+    return net
 
 
 def show_recipe(config):
@@ -408,11 +406,27 @@ def load_for_fine_tuning(raw_model, source, trust):
     return f"fine-tuning from {source}: every weight loaded"
 
 
+USAGE = """examples:
+  The built-in toy demo, on the CPU or one GPU, a few minutes:
+      python train.py
+  A row of the results table, on 4 GPUs of one node (the original setting):
+      torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769
+      torchrun --nproc_per_node=4 train.py --dataset ade20k --depth 101 --iters 160000
+  One large GPU, the same images per step as the table's 4 x 2 (see the README for more setups):
+      python train.py --dataset cityscapes --batch-size 8
+  Several nodes (on each node):
+      torchrun --nnodes=2 --nproc_per_node=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 train.py --dataset voc12aug
+  Resume the newest checkpoint of a run (or --resume PATH); fine-tune from any GCNet checkpoint:
+      torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769 --resume
+      python train.py --dataset folder --data-root data/mine --load-from CHECKPOINT_OR_URL
+"""
+
+
 def build_parser():
     positive, at_least_0 = runtime.number_flag(int, 1), runtime.number_flag(int, 0)
     above_0, at_least_0_float = runtime.number_flag(float, 0, exclusive=True), runtime.number_flag(float, 0)
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     # fmt: off

@@ -211,14 +211,17 @@ def test_toy_dataset_is_generated_once_deterministically(tmp_path):
     assert (len(train_set), len(val_set)) == (64, 16)
     assert train_set.classes == data.TOY_CLASSES and train_set.crop_size == (128, 128)
     assert train_set.scale == (256, 128)
-    image, label = val_set.load(0)
+    image, label = data.read_pair(*val_set.pairs[0], val_set)
     assert image.shape == (3, 128, 256) and label.shape == (128, 256)
     # Written in the Cityscapes layout, sample i from seed i (train first): fully determined.
     assert torch.equal(label, torch.from_numpy(data.draw_toy_sample(64)[1]))
-    assert torch.equal(train_set.load(5)[0], torch.from_numpy(data.draw_toy_sample(5)[0]).permute(2, 0, 1))
+    assert torch.equal(
+        data.read_pair(*train_set.pairs[5], train_set)[0],
+        torch.from_numpy(data.draw_toy_sample(5)[0]).permute(2, 0, 1),
+    )
     val_classes = set()
     for index in range(len(val_set)):
-        val_classes |= set(val_set.load(index)[1].unique().tolist())
+        val_classes |= set(data.read_pair(*val_set.pairs[index], val_set)[1].unique().tolist())
     assert val_classes == {0, 1, 2, 3, 4}
     assert sorted(path.name for path in tmp_path.iterdir()) == ["toy"]  # no temporary folder left
 
@@ -458,7 +461,7 @@ def test_train_transform_equals_the_plain_order_of_the_original():
         if float(torch.rand(())) < 0.5:  # 3. flip
             image, label = image.flip(-1), label.flip(-1)
         image = data.PhotometricDistortion()(image)  # 4. photometric distortion
-        return data.NormalizePad((32, 48))(image, label)  # 5. normalise and pad
+        return data.normalize_and_pad(image, label, (32, 48))  # 5. normalise and pad
 
     for seed in range(12):
         torch.manual_seed(seed)
@@ -471,7 +474,7 @@ def test_train_transform_equals_the_plain_order_of_the_original():
 def test_pad_bottom_right_with_zero_and_ignore():
     image = torch.full((3, 2, 3), 200, dtype=torch.uint8)
     label = torch.ones(2, 3, dtype=torch.uint8)
-    padded, padded_label = data.NormalizePad((4, 5))(image, label)
+    padded, padded_label = data.normalize_and_pad(image, label, (4, 5))
     assert padded.shape == (3, 4, 5) and padded_label.dtype == torch.int64
     # (200 - mean) / std per channel, by hand
     assert torch.allclose(padded[:, 0, 0], torch.tensor([1.30704, 1.46568, 1.68139]), atol=1e-5)

@@ -328,3 +328,36 @@ def test_default_workers_fill_the_cores_on_a_gpu_only():
     assert train.default_workers(2, cuda, cores=16, processes=4) == 3  # 4 GPUs share the cores
     assert train.default_workers(2, cuda, cores=2, processes=1) == 2  # never below the recipe's
     assert train.default_workers(2, cpu, cores=16, processes=1) == 2  # the CPU trains on its cores
+
+
+def test_the_run_is_cleaned_up_after_a_nonfinite_exit_and_a_failing_validation(
+    toy_root, tmp_path, monkeypatch
+):
+    # Each way out leaves the process as it found it: signal handlers and float32 settings back, the
+    # work dir's lock released (claiming it again would fail otherwise), the log file closed.
+    conv = torch.backends.cudnn.conv
+    handlers, fp32 = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)), conv.fp32_precision
+    opened = []
+    real_log = checkpoints.Log
+
+    def tracked_log(path):
+        opened.append(real_log(path))
+        return opened[-1]
+
+    monkeypatch.setattr(checkpoints, "Log", tracked_log)
+    ways_out = [
+        ("nonfinite", ["--iters", "10", "--max-nonfinite", "2", "--eval-interval", "100"], SystemExit),
+        ("validation", ["--iters", "2", "--eval-interval", "1"], ValueError),
+    ]
+    for name, extra, error in ways_out:
+        with monkeypatch.context() as patch:
+            if name == "nonfinite":
+                patch.setattr(train, "segmentation_loss", lambda logits, labels: logits.sum() * float("nan"))
+            else:
+                patch.setattr(train, "validate", fake_validation([10.0], fail_at=0))
+            with pytest.raises(error):
+                train.main(toy_args(toy_root, tmp_path / name, *extra))
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers, name
+        assert conv.fp32_precision == fp32, name  # FAST trains in IEEE fp32: the setting is put back
+        assert opened[-1].file.closed, name
+        checkpoints.claim_work_dir(tmp_path / name).close()  # the lock was released

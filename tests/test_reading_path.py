@@ -1,0 +1,45 @@
+"""The reader's path the README promises: five story files, each with one marked line after which a
+first reading can stop, about 1,000 lines above those lines in all, and modules in layers without an
+import cycle (function-level imports included)."""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STORY = ("recipe.py", "model.py", "train.py", "data.py", "evaluate.py")
+PROJECT = {path.stem for path in REPO.glob("*.py")}
+
+
+def test_each_story_file_has_one_marker_and_the_path_stays_short():
+    above = 0
+    for name in STORY:
+        lines = (REPO / name).read_text().splitlines()
+        markers = [number for number, line in enumerate(lines) if line.startswith("# Below this line")]
+        assert len(markers) == 1, f"{name}: {len(markers)} lines begin '# Below this line'"
+        above += markers[0]
+    assert above <= 1050, f"{above} lines above the markers: the README's reading path promises at most 1,050"
+
+
+def project_imports(path):
+    """The project's modules a file imports, anywhere in it (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & PROJECT
+
+
+def test_model_and_recipe_import_nothing_of_the_project_and_nothing_imports_in_a_circle():
+    graph = {name: project_imports(REPO / f"{name}.py") - {name} for name in PROJECT}
+    assert graph["model"] == set() and graph["recipe"] == set()
+    assert graph["data"] <= {"recipe"} and graph["runtime"] <= {"recipe"}
+
+    def reaches(start, goal, seen=()):
+        return any(
+            step == goal or (step not in seen and reaches(step, goal, (*seen, step))) for step in graph[start]
+        )
+
+    circles = sorted(name for name in PROJECT if reaches(name, name))
+    assert not circles, f"import circles through {circles}: {graph}"
