@@ -42,8 +42,7 @@ import recipe
 import runtime
 import train
 from model import GCNet
-from tools import opencv_pipelines as opencv
-from tools import synthetic_cityscapes
+from tools import opencv_pipelines, synthetic_cityscapes
 
 # (Mem (GB), Inf time (fps)) of the 40k rows of the results table by (dataset, crop) and depth
 # (mmseg v0.5.0 configs/gcnet/README.md), measured in fp32 on V100s; the 80k rows have none.
@@ -333,8 +332,10 @@ def benchmark_data(row, data_size, iters):
             calls = dict(train=lambda: transform(data.read_image(image_path), data.read_label(label_path)))
             calls["test"] = lambda: data.test_transform(data.read_image(image_path), train_scale)
             pipelines = dict(torch=calls)
-            if opencv.cv2:
-                pipelines["opencv"] = opencv.pipelines(image_path, label_path, train_scale, crop_size)
+            if opencv_pipelines.cv2:
+                pipelines["opencv"] = opencv_pipelines.pipelines(
+                    image_path, label_path, train_scale, crop_size
+                )
             # Alternating rounds, so that a slower or faster spell of the machine hits every
             # pipeline alike (side by side, the two libraries otherwise differ by a few % run to run).
             for round_index in range(rounds):
@@ -350,7 +351,7 @@ def benchmark_data(row, data_size, iters):
     for (library, name), values in seconds.items():
         rates.setdefault(library, {})[f"{name}_transform_images_per_s"] = len(values) / sum(values)
     ours, theirs = rates["torch"], rates.get("opencv")
-    note = f"opencv {opencv.cv2.__version__}" if theirs else "opencv not installed"
+    note = f"opencv {opencv_pipelines.cv2.__version__}" if theirs else "opencv not installed"
     train_rate, test_rate = "train_transform_images_per_s", "test_transform_images_per_s"
     comparison = f"opencv: {theirs[train_rate]:.2f} / {theirs[test_rate]:.2f} images/s" if theirs else note
     print(

@@ -1,10 +1,11 @@
-"""Checkpoint files, read without running code, and a run's work dir, safe from crashes, full disks
-and second runs: its lock, its checkpoints, resuming.
+"""Checkpoint files, read without running code and loaded into a GCNet with every key problem said in
+words (load_checkpoint); and a training run's machinery (Run): its work dir, safe from crashes, full
+disks and second runs, its checkpoints, resuming, stop signals, its log.
 
 train.py and evaluate.py call these; nothing here is part of the recipe. The rules:
 - a file is loaded with torch's weights_only unpickler: tensors, plain containers and numpy values;
   anything else is refused unless the user opts in with --trust-checkpoint;
-- one run per work dir: a lock held for the process's lifetime (the OS releases it on any exit);
+- one run per work dir: a lock held until the run ends (the OS releases it on any exit, a crash too);
 - every file is written to a temporary name unique to its writer, then renamed: a crash leaves the
   old file or the new one, never half, and a failed write leaves no partial file;
 - only names that are exactly iter_<N>.pth are checkpoints; a checkpoint never holds NaN weights;

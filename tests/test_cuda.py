@@ -200,7 +200,7 @@ def test_channels_last_equals_the_default_layout_on_cudnn():
 
 def train_steps(toy_root, device, precision, steps=20):
     """`steps` SGD steps of the toy recipe from scratch with train.py's pieces: its loss, the
-    training scopes of runtime.py, a GradScaler that only fp16 enables. Returns (losses, the number
+    autocast of runtime.py around the forward pass, a GradScaler that only fp16 enables. Returns (losses, the number
     of steps the scaler skipped, the model)."""
     torch.manual_seed(0)
     row = recipe.row("toy")
@@ -219,18 +219,16 @@ def train_steps(toy_root, device, precision, steps=20):
     for images, labels in itertools.islice(batches, steps):
         images = images.to(device).contiguous(memory_format=torch.channels_last)
         labels = labels.to(device)
-        step_scope, forward_scope = runtime.training_scopes(device, precision)  # single-use, as in train.py
-        with step_scope:
-            with forward_scope:
-                logits, aux_logits = net(images)
-            loss = train.segmentation_loss(logits, labels) + row["aux_weight"] * train.segmentation_loss(
-                aux_logits, labels
-            )
-            optimizer.zero_grad(set_to_none=True)
-            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        with runtime.autocast(device, precision):  # the forward pass only, as train.py
+            logits, aux_logits = net(images)
+        loss = train.segmentation_loss(logits, labels) + row["aux_weight"] * train.segmentation_loss(
+            aux_logits, labels
+        )
+        optimizer.zero_grad(set_to_none=True)
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         skipped += scaler.is_enabled() and scaler.get_scale() < scale  # the scale drops on a skipped step
         losses.append(loss.item())
     return losses, skipped, net

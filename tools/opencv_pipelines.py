@@ -1,5 +1,6 @@
-"""The training and test pipelines of data.py written with OpenCV and numpy, as the original's mmcv
-ran them (mmseg v0.5.0 mmseg/datasets/pipelines/transforms.py), for benchmark.py to time beside ours.
+"""The training and test pipelines of data.py written with OpenCV and numpy, step by step as the
+original's mmcv ran them (mmseg v0.5.0 mmseg/datasets/pipelines/transforms.py): a second reading of
+data.TrainTransform for those who know OpenCV, and what benchmark.py times beside ours.
 
 OpenCV is no dependency of this project, only a point of comparison: `cv2` is None when it is not
 installed, and benchmark.py then says "opencv not installed".
@@ -36,7 +37,7 @@ def pipelines(image_path, label_path, train_scale, crop_size):
         return convert(image, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else image
 
     def crop_box(label):
-        """data.choose_crop: up to 10 cat_max_ratio checks, then an unchecked draw."""
+        """data.random_crop: up to 10 cat_max_ratio checks, then an unchecked draw."""
         for _ in range(11):
             top = int(rng.integers(0, max(label.shape[0] - crop_size[0], 0) + 1))
             left = int(rng.integers(0, max(label.shape[1] - crop_size[1], 0) + 1))
