@@ -4,6 +4,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 import torch.utils.serialization
 
@@ -20,3 +21,20 @@ torch.utils.serialization.config.save.compute_crc32 = False
 # and pyproject.toml has pytest remove the folder of each test that passes.
 if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 8e9:
     tempfile.tempdir = "/dev/shm"
+
+
+def randomize(net, seed=0):
+    """Give every parameter and BN statistic a non-trivial value, as a trained checkpoint has."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in net.state_dict().items():
+            if tensor.dtype.is_floating_point:
+                noise = torch.randn(tensor.shape, generator=generator) * 0.05
+                tensor.copy_(noise.abs() + 0.5 if "running_var" in name else noise)
+    return net
+
+
+@pytest.fixture(name="randomize")
+def randomize_fixture():
+    """randomize(net, seed=0) for the tests that ask for it."""
+    return randomize

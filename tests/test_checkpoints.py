@@ -17,18 +17,6 @@ import torch
 import checkpoints
 from model import GCNet
 
-
-def randomize(net, seed=0):
-    """Give every parameter and BN statistic a non-trivial value, as a trained checkpoint has."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in net.state_dict().items():
-            if tensor.dtype.is_floating_point:
-                noise = torch.randn(tensor.shape, generator=generator) * 0.05
-                tensor.copy_(noise.abs() + 0.5 if "running_var" in name else noise)
-    return net
-
-
 # ---- weight loading ------------------------------------------------------------------------
 
 
@@ -38,7 +26,7 @@ def official_checkpoint(net, classes=None):
     return {"meta": meta, "state_dict": {k: v.clone() for k, v in net.state_dict().items()}}
 
 
-def test_official_format_round_trip(tmp_path):
+def test_official_format_round_trip(tmp_path, randomize):
     source = randomize(GCNet(19), seed=3).eval()
     path = tmp_path / "gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth"
     torch.save(official_checkpoint(source), path)
@@ -53,7 +41,7 @@ def test_official_format_round_trip(tmp_path):
     assert info["classes"][0] == "class0" and info["palette"][2] == [2, 2, 2]
 
 
-def test_prefixes_of_ddp_and_compile_are_stripped(tmp_path):
+def test_prefixes_of_ddp_and_compile_are_stripped(tmp_path, randomize):
     source = randomize(GCNet(5), seed=4)
     state = {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}
     torch.save({"state_dict": state, "iteration": 10}, tmp_path / "ours.pth")
@@ -62,7 +50,7 @@ def test_prefixes_of_ddp_and_compile_are_stripped(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
 
 
-def test_imagenet_backbone_loads_into_backbone_only(tmp_path):
+def test_imagenet_backbone_loads_into_backbone_only(tmp_path, randomize):
     source = randomize(GCNet(19), seed=5)
     state = {
         k.removeprefix("backbone."): v for k, v in source.state_dict().items() if k.startswith("backbone.")
@@ -195,7 +183,7 @@ def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
         checkpoints.load_checkpoint(GCNet(3), tmp_path / "nan.pth")
 
 
-def test_fine_tuning_loads_all_but_the_classifiers_of_another_class_count(tmp_path):
+def test_fine_tuning_loads_all_but_the_classifiers_of_another_class_count(tmp_path, randomize):
     source = randomize(GCNet(19), seed=6)
     torch.save(official_checkpoint(source), tmp_path / "city.pth")
     target = GCNet(5)

@@ -22,17 +22,6 @@ def r50():
     return GCNet(num_classes=19, depth=50).eval()
 
 
-def randomize(net, seed=0):
-    """Give every parameter and BN statistic a non-trivial value, as a trained checkpoint has."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in net.state_dict().items():
-            if tensor.dtype.is_floating_point:
-                noise = torch.randn(tensor.shape, generator=generator) * 0.05
-                tensor.copy_(noise.abs() + 0.5 if "running_var" in name else noise)
-    return net
-
-
 def read_manifest(path):
     entries = []
     for line in path.read_text().splitlines():
@@ -94,7 +83,7 @@ def test_train_mode_returns_logits_and_aux_at_input_size():
     assert logits.shape == aux.shape == (2, 5, 65, 81)
 
 
-def test_eval_logits_are_upsampled_decode_logits_with_align_corners():
+def test_eval_logits_are_upsampled_decode_logits_with_align_corners(randomize):
     torch.manual_seed(1)
     for align_corners in (False, True):
         net = randomize(GCNet(7, align_corners=align_corners)).eval()
@@ -181,7 +170,7 @@ def test_initialisation_as_the_original():
 # ---- precision and memory format ------------------------------------------------------------
 
 
-def test_bf16_autocast_forward_on_cpu_keeps_softmax_and_layernorm_in_fp32(r50):
+def test_bf16_autocast_forward_on_cpu_keeps_softmax_and_layernorm_in_fp32(r50, randomize):
     net = randomize(GCNet(19)).eval()
     x = torch.randn(1, 3, 97, 113)
     dtypes = {}
@@ -199,7 +188,7 @@ def test_bf16_autocast_forward_on_cpu_keeps_softmax_and_layernorm_in_fp32(r50):
     assert relative_error < 0.05, relative_error
 
 
-def test_channels_last_logits_equal_contiguous():
+def test_channels_last_logits_equal_contiguous(randomize):
     net = randomize(GCNet(19)).eval()
     x = torch.randn(1, 3, 97, 113)
     with torch.no_grad():
@@ -209,7 +198,7 @@ def test_channels_last_logits_equal_contiguous():
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_activation_checkpointing_gives_the_same_gradients_and_statistics():
+def test_activation_checkpointing_gives_the_same_gradients_and_statistics(randomize):
     plain = randomize(GCNet(3), seed=7).train()
     recomputing = GCNet(3, activation_checkpointing=True).train()
     recomputing.load_state_dict(plain.state_dict())
@@ -249,7 +238,7 @@ def test_the_one_liner_of_the_docstring_runs():
     assert child.returncode == 0 and child.stdout.strip() == "torch.Size([1, 19, 64, 96])", child.stderr
 
 
-def test_the_strict_loader_takes_a_gcnet_or_an_imagenet_state_dict():
+def test_the_strict_loader_takes_a_gcnet_or_an_imagenet_state_dict(randomize):
     source = randomize(GCNet(5), seed=8)
     target = GCNet(5)
     assert model.load_weights(target, source.state_dict()) == "segmentor"
