@@ -178,11 +178,6 @@ def measure_inference(variant, row, device, warmup, iters, count_flops, profile=
     return time_calls(infer, warmup, iters, device, description, count_flops=count_flops, profile=profile)
 
 
-def ieee_if_fp32(precision):
-    """fp32 training steps run in IEEE float32 throughout, backward included, as train.py's runs do."""
-    return runtime.ieee_float32() if precision == "fp32" else contextlib.nullcontext()
-
-
 def forward_loss(model, images, labels, row, forward_scope):
     """The recipe's loss: decode head + aux_weight x auxiliary head."""
     with forward_scope:
@@ -207,7 +202,7 @@ def measure_training(variant, row, device, warmup, iters, count_flops, batch, pr
     runner = torch.compile(model) if variant["compiled"] else model
 
     def step():
-        with ieee_if_fp32(variant["precision"]):
+        with runtime.training_float32(variant["precision"]):
             loss = forward_loss(runner, images, labels, row, runtime.autocast(device, variant["precision"]))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -306,7 +301,7 @@ def estimate_on_fake_tensors(row, precision, checkpointing, crop_size, batch):
     with FakeTensorMode():
         model = build_model(row, make_variant(precision, False, checkpointing=checkpointing)).train()
         images, labels = torch.empty(batch, 3, *crop_size), torch.zeros(batch, *crop_size, dtype=torch.long)
-        with ieee_if_fp32(precision), saved_for_backward(model, count):
+        with runtime.training_float32(precision), saved_for_backward(model, count):
             forward_loss(model, images, labels, row, runtime.autocast(cpu, precision))
         return training_memory(count["bytes"], model)
 

@@ -197,9 +197,7 @@ def load_checkpoint(net, path_or_url, checkpoint=None, trust=False, new_classes=
             "ImageNet ResNetV1c backbone (keys 'stem.*', 'layer1.*'); a torchvision ResNet has a "
             "single-conv stem and does not fit. Use the files in recipe.IMAGENET_URLS."
         )
-    backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    counters = {k: v for k, v in net.backbone.state_dict().items() if k.endswith("num_batches_tracked")}
-    check_keys(net.backbone, {**counters, **backbone}, path_or_url)  # load_weights keeps the counters too
+    check_keys(net.backbone, model.imagenet_backbone(net, state_dict), path_or_url)
     return model.load_weights(net, state_dict)
 
 
@@ -342,6 +340,7 @@ class Run:
         self.best_miou, self.validation_pending, self.last_path, self.start = -1.0, False, None, 0
         self.nonfinite_in_a_row, self.mean_loss, self.stop_requested = 0, math.nan, False
         self.writer = self.bar = None
+        self.pictures = self.work_dir / "pictures" if config["pictures"] else None  # of the last validation
         self.cleanup = contextlib.ExitStack()
 
     def __enter__(self):
@@ -351,8 +350,7 @@ class Run:
             if self.rank == 0:
                 stack.enter_context(claim_work_dir(self.work_dir))  # the lock file, held until the end
             self.resume_path = find_resume_checkpoint(self.resume_flag, self.work_dir)
-            if self.config["precision"] == "fp32":  # IEEE float32 through the whole run, backward included
-                stack.enter_context(runtime.ieee_float32())
+            stack.enter_context(runtime.training_float32(self.config["precision"]))
             self.stop = StopRequest()
             stack.callback(self.stop.restore)
             self.log = stack.enter_context(Log(self.work_dir / "log.jsonl" if self.rank == 0 else None))
@@ -457,14 +455,14 @@ class Run:
         self.best_miou = max(self.best_miou, results["mIoU"])
         self.validation_pending = False
 
-    def finish(self, iteration, pictures=None):
+    def finish(self, iteration):
         """Say where things are, if the schedule is done."""
         if iteration < self.config["iters"]:
             return
         runtime.say(f"\ndone: {iteration} iterations, best val mIoU {self.best_miou:.2f}; checkpoints and log in "
                     f"{self.work_dir}")  # fmt: skip
-        if pictures:
-            runtime.say(f"pictures of the last validation (labels, overlay, attention) in {pictures}")
+        if self.pictures:
+            runtime.say(f"pictures of the last validation (labels, overlay, attention) in {self.pictures}")
         if (self.work_dir / "best.pth").exists():
             runtime.say(
                 f"evaluate with: python evaluate.py --checkpoint {self.work_dir / 'best.pth'} --ms-flip"

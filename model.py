@@ -273,17 +273,13 @@ def load_weights(model, state_dict):
     if any(key.startswith("backbone.") for key in state_dict):
         model.load_state_dict(state_dict, strict=True)
         return "segmentor"
-    backbone = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
-    # BatchNorm counters (num_batches_tracked) carry no information: any the file lacks keep the model's.
-    for key, value in model.backbone.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            backbone.setdefault(key, value)
-    model.backbone.load_state_dict(backbone, strict=True)
+    model.backbone.load_state_dict(imagenet_backbone(model, state_dict), strict=True)
     return "imagenet"
 
 
-# Below this line: mechanics: LayerNorm in float32 under autocast, activation checkpointing, and a quick
-# look at the model (python model.py). A first reading can stop here.
+# Below this line: mechanics: LayerNorm in float32 under autocast, activation checkpointing, the
+# ImageNet backbone's keys, the initialisation from scratch, a quick look (python model.py). A first
+# reading can stop here.
 
 
 class LayerNormFP32(nn.LayerNorm):
@@ -318,6 +314,13 @@ def checkpoint_block(block, x):
     # No early stop: the recomputation must run to its end, where the statistics are put back.
     with torch.utils.checkpoint.set_checkpoint_early_stop(False):
         return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+
+
+def imagenet_backbone(model, state_dict):
+    """An ImageNet ResNetV1c's state_dict as the backbone's: without the 'fc' classifier, and with the
+    model's own BatchNorm counters (num_batches_tracked, which carry no information) where it has none."""
+    counters = {k: v for k, v in model.backbone.state_dict().items() if k.endswith("num_batches_tracked")}
+    return {**counters, **{k: v for k, v in state_dict.items() if not k.startswith("fc.")}}
 
 
 def init_from_scratch(backbone):

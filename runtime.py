@@ -136,6 +136,12 @@ def precision_context(device, precision):
     return ieee_float32() if precision == "fp32" else autocast(device, precision)
 
 
+def training_float32(precision):
+    """Around a whole training run or step: IEEE float32 for fp32 training, backward pass included;
+    nothing for bf16/fp16, whose autocast covers the forward pass only."""
+    return ieee_float32() if precision == "fp32" else contextlib.nullcontext()
+
+
 def say(*args, **kwargs):
     """print, on rank 0 only: under torchrun every process runs the same code."""
     if rank_and_world_size()[0] == 0:

@@ -122,8 +122,7 @@ def main(argv=None):
             if iteration % config["eval_interval"] == 0 or iteration == config["iters"]:
                 # The checkpoint comes first, so a failing validation loses no training.
                 run.checkpoint(iteration, validation_pending=True)
-                last = iteration == config["iters"] and config["pictures"]
-                pictures = Path(config["work_dir"]) / "pictures" if last else None
+                pictures = run.pictures if iteration == config["iters"] else None
                 validate_and_keep_best(raw_model, val_set, config, run, iteration, pictures)
         run.finish(iteration)
     return run.best_miou
@@ -223,8 +222,8 @@ def validate_and_keep_best(raw_model, val_set, config, run, iteration, pictures=
     run.keep_best(iteration, results, seconds)
 
 
-# Below this line: how it runs: the flags and their checks, the run's set-up, fine-tuning's checks, the
-# command line. A first reading can stop here.
+# Below this line: how it runs: the seeded samples and batches of an exact resume, the run's set-up,
+# the flags and their checks, fine-tuning's checks, the command line. A first reading can stop here.
 
 
 TOY_DEMO = """Toy demo: a small synthetic dataset (written on first use) in the Cityscapes layout, trained

@@ -12,7 +12,7 @@ import evaluate
 import train
 
 
-def test_train_then_evaluate_writes_results_and_pictures(tmp_path):
+def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys):
     root = tmp_path / "toy"
     data.build_dataset("toy", str(root), "train")  # generated in the Cityscapes layout
     for image in sorted((root / "leftImg8bit" / "val").rglob("*.png"))[3:]:  # 3 val images: fast
@@ -33,6 +33,9 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path):
     ]
     train.main(fast + ["--data-root", str(root), "--work-dir", str(work_dir), "--iters", "40",
                        "--eval-interval", "20", "--pictures"])  # fmt: skip
+    said = capsys.readouterr().out
+    assert f"pictures of the last validation (labels, overlay, attention) in {work_dir / 'pictures'}" in said
+    assert f"evaluate with: python evaluate.py --checkpoint {work_dir / 'best.pth'} --ms-flip" in said
 
     # The loss falls. Single steps are noisy at batch 4; the means of the first and last ten are not.
     log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
