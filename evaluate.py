@@ -218,7 +218,8 @@ def predictions(model, dataset, count=None, *, device, precision, workers=2, sho
     # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
     # and travels through /dev/shm: one item in flight per worker keeps that bounded.
     loader = DataLoader(Subset(dataset, share), batch_size=1, num_workers=workers, collate_fn=data.collate_val,
-                        pin_memory=device.type == "cuda", prefetch_factor=1 if workers > 0 else None)  # fmt: skip
+                        pin_memory=device.type == "cuda", prefetch_factor=1 if workers > 0 else None,
+                        worker_init_fn=runtime.leave_stop_signals_to_the_main_process)  # fmt: skip
     here = f" ({len(share)} of {total} images here)" if world_size > 1 else ""
     progress = tqdm(
         total=len(share), desc=f"predict{here}", unit="img", disable=not show_progress or rank != 0

@@ -20,6 +20,7 @@ import ctypes
 import math
 import os
 import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -146,6 +147,16 @@ def say(*args, **kwargs):
     """print, on rank 0 only: under torchrun every process runs the same code."""
     if rank_and_world_size()[0] == 0:
         print(*args, **kwargs)
+
+
+def leave_stop_signals_to_the_main_process(worker_id=None):
+    """A DataLoader worker's worker_init_fn: ignore Ctrl-C and SIGTERM. A terminal's Ctrl-C and a
+    scheduler's SIGTERM reach every process of the group; a worker that died of them would take the
+    run down with "DataLoader worker is killed by signal" before the main process could checkpoint.
+    The main process decides when to stop, and its loader then ends the workers (they also end when
+    it dies: the loader's workers watch their parent)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def keep_freed_memory():

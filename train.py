@@ -169,6 +169,7 @@ def training_batches(dataset, config, start_iteration):
         num_workers=config["workers"],
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator(),  # its own, so making a loader leaves the global RNG alone
+        worker_init_fn=runtime.leave_stop_signals_to_the_main_process,  # Ctrl-C checkpoints first
     )
     yield from loader
 
