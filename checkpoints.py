@@ -349,6 +349,8 @@ class Run:
                 stack.callback(dist.destroy_process_group)
             if self.rank == 0:
                 stack.enter_context(claim_work_dir(self.work_dir))  # the lock file, held until the end
+            if self.resume_flag is None:
+                refuse_an_earlier_run(self.work_dir)  # a new run changes nothing of an earlier one
             self.resume_path = find_resume_checkpoint(self.resume_flag, self.work_dir)
             stack.enter_context(runtime.training_float32(self.config["precision"]))
             self.stop = StopRequest()
@@ -473,14 +475,21 @@ class Run:
 # The work dir of a run
 
 
-CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pth")
+CHECKPOINT_NAME = re.compile(r"iter_(0|[1-9]\d*)\.pth")  # iter_04.pth is a copy, not checkpoint 4
+LAST_CHECKPOINT = "last_checkpoint"  # names the newest iter_<N>.pth this work dir's run wrote
 
 
 def claim_work_dir(work_dir):
     """Lock the work dir for this process's lifetime (the OS releases the lock on any exit, a crash
     included) and remove temporary files that a crashed run left. A second run is refused."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(work_dir / "run.lock", "a+")  # held open, and locked, until the process ends
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(work_dir / "run.lock", "a+")  # held open, and locked, until the process ends
+    except OSError as error:  # a file in the way, a read-only disk, no permission
+        raise SystemExit(
+            f"train.py: cannot use --work-dir {work_dir}: {error.strerror or error} ({error.filename}). "
+            "Pass a --work-dir in a folder you can write to."
+        ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -501,23 +510,54 @@ def claim_work_dir(work_dir):
 
 def checkpoints_in(work_dir):
     """iter_<N>.pth files, oldest first; any other name (a copy, a note) is not a checkpoint."""
-    found = [
-        (int(m.group(1)), p)
-        for p in Path(work_dir).glob("iter_*.pth")
-        if (m := CHECKPOINT_NAME.fullmatch(p.name))
-    ]
-    return [path for _, path in sorted(found)]
+    found = [path for path in Path(work_dir).glob("iter_*.pth") if CHECKPOINT_NAME.fullmatch(path.name)]
+    return sorted(found, key=checkpoint_number)
+
+
+def checkpoint_number(path):
+    return int(CHECKPOINT_NAME.fullmatch(Path(path).name).group(1))
+
+
+def write_text(path, text):
+    """A small file written atomically, as save_checkpoint does."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def refuse_an_earlier_run(work_dir):
+    """A run without --resume starts only in a work dir that holds no checkpoints: it would overwrite
+    the earlier run's best.pth and mix its iter_<N>.pth with the earlier ones."""
+    found = checkpoints_in(work_dir) + [path for path in [Path(work_dir) / "best.pth"] if path.is_file()]
+    if found:
+        names = ", ".join(path.name for path in found[-3:])
+        raise SystemExit(
+            f"train.py: {work_dir} holds the checkpoints of an earlier run ({names}). Continue that run "
+            "with --resume; or start a new run in another --work-dir (the earlier run stays as it is); "
+            "or move or delete that folder first."
+        )
 
 
 def find_resume_checkpoint(resume, work_dir):
+    """--resume PATH, or for a bare --resume the newest checkpoint this work dir's run wrote: the one
+    last_checkpoint names (a run resumed from an earlier iter_<N>.pth writes lower numbers than the
+    abandoned ones beside them), else the highest iter_<N>.pth."""
     if resume is None:
         return None
     if resume != "latest":
         return resume
+    pointer = Path(work_dir) / LAST_CHECKPOINT
+    named = Path(work_dir) / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and CHECKPOINT_NAME.fullmatch(named.name) and named.is_file():
+        return named
     found = checkpoints_in(work_dir)
     if not found:
         raise SystemExit(f"--resume: no iter_<N>.pth in {work_dir}; pass --resume PATH or start without it")
     return found[-1]
+
+
+class NonFiniteWeights(RuntimeError):
+    """The weights to be saved hold NaN or inf: the training diverged."""
 
 
 def save_checkpoint(path, checkpoint):
@@ -530,7 +570,7 @@ def save_checkpoint(path, checkpoint):
         if v.is_floating_point() and not torch.isfinite(v).all()
     ]
     if bad:
-        raise RuntimeError(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}")
+        raise NonFiniteWeights(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}")
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         torch.save(checkpoint, temporary)
@@ -572,17 +612,21 @@ class CheckpointWriter:
         }
         try:
             save_checkpoint(path, checkpoint)
-        except RuntimeError as error:
+        except NonFiniteWeights as error:
             again = f"then continue from {last_path} with: {self.restart} {last_path}"
             raise SystemExit(
                 f"{error}. Lower --lr or use --precision fp32, {again if last_path else 'then start again'}"
             ) from None
-        except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except (OSError, RuntimeError) as error:
+            if not disk_is_full(error, path, checkpoint):
                 raise
             raise SystemExit(disk_full_message(path, checkpoint, last_path, self.restart)) from None
         if name is None:
-            for old in checkpoints_in(self.work_dir)[: -self.keep]:
+            write_text(self.work_dir / LAST_CHECKPOINT, path.name)
+            # Only earlier checkpoints of this run go: never the one just written, and never higher
+            # numbers, which a run resumed from an earlier checkpoint left beside it.
+            earlier = [old for old in checkpoints_in(self.work_dir) if checkpoint_number(old) < iteration]
+            for old in earlier[: max(0, len(earlier) - (self.keep - 1))]:
                 old.unlink()
         return path
 
@@ -601,12 +645,29 @@ def restart_command(argv, world_size):
     return " ".join([launcher, *kept, "--resume"])
 
 
-def disk_full_message(path, checkpoint, last_path, restart):
+def checkpoint_bytes(checkpoint):
+    """About the size of a checkpoint file: its weights and the optimizer's buffers."""
     tensors = [checkpoint["state_dict"].values()] + [
         value.values() for value in checkpoint["optimizer"]["state"].values()
     ]
-    needed = sum(t.numel() * t.element_size() for group in tensors for t in group if torch.is_tensor(t))
-    free = shutil.disk_usage(path.parent).free
+    return sum(t.numel() * t.element_size() for group in tensors for t in group if torch.is_tensor(t))
+
+
+def disk_is_full(error, path, checkpoint):
+    """Whether a failed save ran out of space. torch.save reports ENOSPC as an OSError or, from its
+    zip writer, as a RuntimeError without the errno ("unexpected pos ..."): then the free space says."""
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
+        return True
+    try:
+        return isinstance(error, RuntimeError) and shutil.disk_usage(path.parent).free < checkpoint_bytes(
+            checkpoint
+        )
+    except OSError:
+        return False
+
+
+def disk_full_message(path, checkpoint, last_path, restart):
+    needed, free = checkpoint_bytes(checkpoint), shutil.disk_usage(path.parent).free
     kept = (
         f"The previous checkpoint {last_path} is intact." if last_path else "No checkpoint was written yet."
     )

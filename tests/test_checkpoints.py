@@ -5,6 +5,7 @@ import contextlib
 import errno
 import os
 import pickle
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -256,7 +257,7 @@ def test_a_full_disk_is_said_and_the_previous_checkpoint_stays(tmp_path, monkeyp
     message = str(stop.value)
     assert "the disk is full" in message and "MB free" in message and "iter_2.pth needs about" in message
     assert f"{first} is intact" in message and message.endswith("python train.py --resume")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1.pth", "last_checkpoint"]
     assert torch.load(first, weights_only=True)["iteration"] == 1
 
 
@@ -266,11 +267,48 @@ def test_only_exact_iter_names_are_checkpoints(tmp_path):
         writer.save(iteration, -1.0, None)
     (tmp_path / "iter_4 copy.pth").write_bytes((tmp_path / "iter_4.pth").read_bytes())
     (tmp_path / "iter_x.pth").write_bytes(b"note")
+    (tmp_path / "iter_04.pth").write_bytes(b"a user's copy, not checkpoint 4")
     assert [p.name for p in checkpoints.checkpoints_in(tmp_path)] == ["iter_4.pth", "iter_12.pth"]
     assert checkpoints.find_resume_checkpoint("latest", tmp_path).name == "iter_12.pth"
     writer.save(20, -1.0, None)  # keeps 2: prunes iter_4.pth and leaves the copies alone
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["iter_12.pth", "iter_20.pth", "iter_4 copy.pth", "iter_x.pth"]
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != "last_checkpoint")
+    assert names == ["iter_04.pth", "iter_12.pth", "iter_20.pth", "iter_4 copy.pth", "iter_x.pth"]
+
+
+def test_keep_never_deletes_what_the_run_just_wrote_and_resume_takes_the_newest_written(tmp_path):
+    # A run resumed from an earlier checkpoint writes numbers below the abandoned ones beside it.
+    writer = small_writer(tmp_path)  # keeps 2
+    for abandoned in (100, 200):
+        writer.save(abandoned, -1.0, None)
+    for iteration in (5, 10, 15):
+        path = writer.save(iteration, -1.0, None)
+        assert path.is_file()  # before, --keep deleted it at once: 100 and 200 are "newer"
+        assert checkpoints.find_resume_checkpoint("latest", tmp_path) == path
+    names = sorted(p.name for p in checkpoints.checkpoints_in(tmp_path))
+    assert names == ["iter_10.pth", "iter_100.pth", "iter_15.pth", "iter_200.pth"]
+    (tmp_path / "iter_15.pth").unlink()  # last_checkpoint names a file that is gone: the highest number
+    assert checkpoints.find_resume_checkpoint("latest", tmp_path).name == "iter_200.pth"
+
+
+def test_a_full_disk_reported_by_torch_save_as_a_runtime_error_is_still_a_full_disk(tmp_path, monkeypatch):
+    # torch 2.14's zip writer reports ENOSPC without the errno: "[enforce fail at inline_container.cc:672]
+    # . unexpected pos 704 vs 598" (measured with torch.save into /dev/full).
+    writer = small_writer(tmp_path)
+    first = writer.save(1, -1.0, None)
+
+    def disk_full(checkpoint, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=100))
+    with pytest.raises(SystemExit) as stop:
+        writer.save(2, -1.0, first)
+    message = str(stop.value)
+    assert "the disk is full" in message and "has 0 MB free" in message and "Lower --lr" not in message
+    assert f"{first} is intact" in message and message.endswith("python train.py --resume")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=10**12))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left, another failure: as it is
+        writer.save(3, -1.0, first)
 
 
 def test_the_stop_handler_lets_forked_children_die_and_is_put_back_after_a_run():

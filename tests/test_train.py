@@ -208,6 +208,24 @@ def test_a_second_run_on_a_work_dir_is_refused_and_stale_temporaries_removed(toy
     checkpoints.claim_work_dir(tmp_path).close()
 
 
+def test_a_new_run_in_a_work_dir_with_checkpoints_is_refused_and_changes_nothing(toy_root, tmp_path):
+    # Before, the same command again overwrote the earlier best.pth at its first validation.
+    (tmp_path / "iter_30.pth").write_bytes(b"the earlier run's checkpoint")
+    (tmp_path / "best.pth").write_bytes(b"the earlier run's best")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(SystemExit, match="holds the checkpoints of an earlier run .* --resume.* --work-dir"):
+        train.main(toy_args(toy_root, tmp_path, "--iters", "1"))
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.name != "run.lock"}
+    assert after == before
+
+
+def test_a_work_dir_that_is_a_file_is_said_in_words(toy_root, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for work_dir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        with pytest.raises(SystemExit, match=f"cannot use --work-dir {work_dir}: .*writ"):
+            train.main(toy_args(toy_root, work_dir, "--iters", "1"))
+
+
 def fake_validation(scores, fail_at=None):
     """validate() replaced by a table of scores per call; a bad image raises at call `fail_at`."""
     calls = []
