@@ -103,18 +103,50 @@ def hub_cache_path(url):
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
 
 
+def allowed_names():
+    """The names under which NUMPY_SAFE_GLOBALS appear in a pickle."""
+    return {
+        entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+        for entry in NUMPY_SAFE_GLOBALS
+    }
+
+
 def objects_in(path):
     """What a well-formed checkpoint holds beyond what the safe loader allows ('' if nothing, or
-    if the file is damaged), read without unpickling: torch's own list for zip checkpoints, the
-    pickle's opcodes for a bare pickle."""
+    if the file is damaged), read without unpickling: torch's own list for zip checkpoints (less the
+    numpy names we allow), the opcodes of each pickle for a bare pickle or torch's legacy format,
+    which is several pickles in a row followed by the tensors' bytes."""
+    if zipfile.is_zipfile(path):
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # damaged: not a well-formed zip
+            return ""
+        return ", ".join(name for name in found if name not in allowed_names())
+    names, pushed, memo = set(), [None, None], {}  # pushed: the strings pushed, in order
     try:
-        if zipfile.is_zipfile(path):
-            return ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         with open(path, "rb") as file:
-            opcodes = [opcode.name for opcode, _, _ in pickletools.genops(file)]
-    except Exception:  # damaged: not a well-formed zip or pickle
-        return ""
-    return "a bare pickle with Python objects" if {"GLOBAL", "STACK_GLOBAL"} & set(opcodes) else ""
+            while file.read(1):  # one pickle after another, until the end or bytes that are none
+                file.seek(-1, os.SEEK_CUR)
+                for opcode, argument, _ in pickletools.genops(file):
+                    if opcode.name == "GLOBAL":
+                        names.add(argument.replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL":  # module and name: the two last pushed strings
+                        names.add(f"{pushed[-2]}.{pushed[-1]}")
+                    elif opcode.name == "MEMOIZE":
+                        memo[len(memo)] = pushed[-1]
+                    elif opcode.name.endswith("PUT"):
+                        memo[argument] = pushed[-1]
+                    elif opcode.name.endswith("GET"):
+                        pushed.append(memo.get(argument))
+                    elif "UNICODE" in opcode.name:
+                        pushed.append(argument)
+    except Exception:  # the tensors' bytes after the pickles, or damage: what was read counts
+        pass
+    # What torch's weights_only unpickler itself allows besides torch's own names (protocol 2 pickles
+    # bytes through _codecs.encode).
+    harmless = allowed_names() | {f"builtins.{name}" for name in ("set", "frozenset", "bytearray", "complex")}
+    harmless |= {"collections.OrderedDict", "_codecs.encode"}
+    return ", ".join(sorted(n for n in names if n not in harmless and not n.startswith("torch.")))
 
 
 def describe_unreadable(path):
@@ -216,7 +248,11 @@ def check_keys(module, state_dict, source):
         return
     lines = [f"cannot load {source}:"]
     seg_key = "decode_head.conv_seg.weight"
-    if seg_key in state_dict and seg_key in expected and state_dict[seg_key].shape != expected[seg_key].shape:
+    if (
+        seg_key in state_dict
+        and seg_key in expected
+        and state_dict[seg_key].shape[:1] != expected[seg_key].shape[:1]
+    ):
         lines.append(
             f"checkpoint has {describe_classes(state_dict[seg_key].shape[0])}, model has "
             f"{describe_classes(expected[seg_key].shape[0])}; build the model with the checkpoint's "

@@ -77,6 +77,17 @@ def test_class_count_mismatch_is_said_in_words(tmp_path):
         checkpoints.load_checkpoint(GCNet(150), tmp_path / "city.pth")
 
 
+def test_a_classifier_of_another_rank_is_a_wrong_shape_not_another_class_count(tmp_path):
+    checkpoint = official_checkpoint(GCNet(5))
+    checkpoint["state_dict"]["decode_head.conv_seg.weight"] = torch.zeros(5, 512)
+    torch.save(checkpoint, tmp_path / "flat.pth")
+    with pytest.raises(
+        ValueError, match=r"conv_seg.weight: checkpoint \[5, 512\], model \[5, 512, 1, 1\]"
+    ) as error:
+        checkpoints.load_checkpoint(GCNet(5), tmp_path / "flat.pth")
+    assert "classes" not in str(error.value)  # before: "checkpoint has 5 classes, model has 5 classes"
+
+
 def test_depth_mismatch_is_said_in_words(tmp_path):
     torch.save(official_checkpoint(GCNet(19, depth=50)), tmp_path / "r50.pth")
     with pytest.raises(ValueError, match=r"ResNet-50 .* model: 101") as error:
@@ -134,20 +145,24 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+@pytest.mark.parametrize("writer", ["pickle", "torch.save", "legacy torch.save"])
 def test_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path, monkeypatch, writer):
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil.pth"
-    payload = {"state_dict": {"w": torch.zeros(1)}, "meta": RunsCode(marker)}
+    # Beside the hostile object, numpy values the loader allows: the message names only what it refuses.
+    payload = {"state_dict": {"w": torch.zeros(1)}, "meta": [np.float64(1.0), np.ones(2), RunsCode(marker)]}
     if writer == "pickle":
         with open(path, "wb") as file:
             pickle.dump(payload, file)
-    else:
-        torch.save(payload, path)
+    else:  # torch's zip format, and its legacy format: several pickles in a row, then the tensors
+        torch.save(payload, path, _use_new_zipfile_serialization=writer == "torch.save")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    for source in (str(path), path.as_uri()):  # a file and a URL (through torch.hub's cache)
-        with pytest.raises(ValueError, match="refusing to load .*evil.pth.*--trust-checkpoint"):
+    for source in (str(path), path.as_uri()):  # a file and a URL
+        with pytest.raises(ValueError, match="refusing to load .*evil.pth.*--trust-checkpoint") as error:
             checkpoints.read_checkpoint(source)
+        assert "holds pickled Python objects, which could run code when loaded (posix.system)" in str(
+            error.value
+        )
         assert not marker.exists()
     with contextlib.suppress(ValueError):  # a bare pickle is no torch file: it runs, then fails
         checkpoints.read_checkpoint(str(path), trust=True)  # the documented opt-in does unpickle fully
