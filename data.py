@@ -579,7 +579,7 @@ def find_folder_pairs(root, split):
     images = [path for path in files if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS]
     if not images:
         raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")
-    skipped = [path.name for path in files if path not in images]
+    skipped = [path.name for path in files if path.suffix.lower() not in FOLDER_IMAGE_EXTENSIONS]
     warn_about("folder", skipped, f"files in {image_dir} are not .jpg/.jpeg/.png/.webp images and are "
                "skipped", "Convert images in other formats (e.g. .bmp) to PNG to use them.")  # fmt: skip
     stems = {}

@@ -727,7 +727,7 @@ def image_files(patterns):
         if not images:
             raise FileNotFoundError(f"--image {pattern}: no {'/'.join(kinds)} images there")
         files += images
-        skipped += [child for child in found if child not in images]
+        skipped += [child for child in found if child.suffix.lower() not in kinds]
     return list(dict.fromkeys(files)), skipped  # a file named twice is predicted once
 
 
