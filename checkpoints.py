@@ -16,6 +16,8 @@ train.py and evaluate.py call these; nothing here is part of the recipe. The rul
 import contextlib
 import errno
 import fcntl
+import hashlib
+import io
 import json
 import math
 import os
@@ -30,6 +32,7 @@ import socket
 import sys
 import time
 import urllib.parse
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -38,6 +41,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
 import model
 import recipe
 import runtime
@@ -51,17 +55,76 @@ except ImportError:
 # Reading a checkpoint: nothing in the file may run code
 
 # Besides tensors and plain containers, official mmcv checkpoints may hold numpy scalars, dtypes and
-# arrays in their meta. They are allowed by name, under the names of numpy 1.x and 2.x; none of them
-# runs code when loaded. Anything else is refused unless the user passes --trust-checkpoint.
+# arrays in their meta. numpy's own functions would allocate whatever a file declares (a 2 KB file can
+# ask for an object array of 10^8 elements, which numpy fills with zeros and then crashes on), so the
+# names numpy pickles use are served by stand-ins that check each value against the bytes really in
+# the file first: plain number and string dtypes only, arrays of at most MAX_META_ARRAY_BYTES.
+MAX_META_ARRAY_BYTES = 16 << 20
+UNSAFE = "unsafe value"  # starts every refusal of the stand-ins, found again in torch's error text
+
+
+def checked_dtype(dtype):
+    """A dtype as numpy writes it for numbers and strings; not objects, records or a doctored copy."""
+    plain = np.dtype(dtype.str) if isinstance(dtype, np.dtype) and dtype.kind in "biufcSU" else None
+    if plain is None or dtype.hasobject or dtype.fields or dtype.subdtype or dtype.itemsize > 1 << 16:
+        raise pickle.UnpicklingError(f"{UNSAFE}: a numpy dtype {dtype!r} (objects, records or huge items)")
+    if (dtype.flags, dtype.itemsize, dtype.alignment) != (plain.flags, plain.itemsize, plain.alignment):
+        raise pickle.UnpicklingError(f"{UNSAFE}: a numpy dtype with a doctored state")
+    return dtype
+
+
+def numpy_dtype(spec, align=False, copy=True):
+    """Stands in for numpy.dtype, which numpy pickles call as dtype('f8', False, True)."""
+    if not (isinstance(spec, str) and re.fullmatch(r"[<>|=]?[biufcSU]\d{1,6}", spec)):
+        raise pickle.UnpicklingError(f"{UNSAFE}: a numpy dtype {spec!r}")
+    return checked_dtype(np.dtype(spec, bool(align), bool(copy)))
+
+
+class NumpyArrayName:
+    """Stands in for numpy.ndarray, which a numpy pickle only hands to _reconstruct, never calls."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError(f"{UNSAFE}: numpy.ndarray called directly")
+
+
+class CheckedArray(np.ndarray):
+    """The arrays of a checkpoint's meta: their state is checked before numpy allocates anything."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError(f"{UNSAFE}: numpy.ndarray called directly")
+
+    def __setstate__(self, state):
+        _, shape, dtype, fortran, raw = state if isinstance(state, tuple) and len(state) == 5 else [None] * 5
+        raw = raw.encode("latin1") if isinstance(raw, str) else raw  # as numpy reads Python 2 pickles
+        sizes_ok = isinstance(shape, tuple) and all(type(size) is int and size >= 0 for size in shape)
+        nbytes = math.prod(shape) * checked_dtype(dtype).itemsize if sizes_ok else -1
+        if not (0 <= nbytes <= MAX_META_ARRAY_BYTES and isinstance(raw, bytes) and len(raw) == nbytes):
+            raise pickle.UnpicklingError(f"{UNSAFE}: a numpy array whose size is not its data's")
+        np.ndarray.__setstate__(self, (1, shape, dtype, bool(fortran), raw))
+
+
+def numpy_reconstruct(subtype, shape, typecode):
+    """Stands in for numpy's _reconstruct: numpy pickles an empty array, then sets its state."""
+    if subtype is not NumpyArrayName or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+        raise pickle.UnpicklingError(f"{UNSAFE}: numpy _reconstruct{(shape, typecode)}")
+    return np.ndarray((0,), np.uint8).view(CheckedArray)
+
+
+def numpy_scalar(dtype, data=None):
+    """Stands in for numpy's scalar(dtype, bytes)."""
+    if not isinstance(data, bytes) or len(data) != checked_dtype(dtype).itemsize:
+        raise pickle.UnpicklingError(f"{UNSAFE}: a numpy scalar whose size is not its data's")
+    return np_multiarray.scalar(dtype, data)
+
+
 NUMPY_SAFE_GLOBALS = (
-    [np.ndarray, np.dtype]
-    + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"]
-    + [
-        (function, f"numpy.{core}.multiarray.{function.__name__}")
-        for function in (np_multiarray.scalar, np_multiarray._reconstruct)
-        for core in ("core", "_core")
-    ]
-)
+    [(numpy_dtype, "numpy.dtype"), (NumpyArrayName, "numpy.ndarray"), (CheckedArray, "CheckedArray")]
+    + [(function, f"numpy.{core}.multiarray.{name}") for core in ("core", "_core")
+       for function, name in ((numpy_reconstruct, "_reconstruct"), (numpy_scalar, "scalar"))]
+    + list({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"} - {np.dtype})  # a dtype's state
+)  # fmt: skip
+# torch's weights_only unpickler allows bytearray itself, and bytearray(10**9) allocates a gigabyte.
+REFUSED_GLOBALS = {"builtins.bytearray", "__builtin__.bytearray"}
 TRUST_HINT = (
     "If you trust where the file comes from, --trust-checkpoint loads it with full unpickling, which "
     "runs whatever code the file contains."
@@ -70,25 +133,38 @@ TRUST_HINT = (
 
 def read_checkpoint(path_or_url, trust=False):
     """Load a checkpoint file or URL onto the CPU without running code from it: torch's
-    weights_only unpickler, allowing tensors, plain Python containers and NUMPY_SAFE_GLOBALS.
-    URLs (https://, file://) go through torch.hub's cache, so each file is downloaded once.
+    weights_only unpickler, allowing tensors, plain Python containers and NUMPY_SAFE_GLOBALS, and
+    no value that asks for more memory than the file holds (check_tensors). https:// URLs are
+    downloaded once into torch.hub's cache (local_copy), file:// URLs are paths.
     trust=True unpickles fully (any code in the file runs) and says so."""
     source = str(path_or_url)
-    is_url = re.match(r"^(https?|file)://", source) is not None
-    local = hub_cache_path(source) if is_url else source
+    local = local_copy(source)
     if trust:
         print(f"WARNING: --trust-checkpoint: unpickling {source} fully; code in it can run.", file=sys.stderr)
+    if not trust:
+        refuse_globals(local, source)
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
-            if is_url:
-                return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=not trust)
-            return torch.load(source, map_location="cpu", weights_only=not trust)
+            checkpoint = torch.load(local, map_location="cpu", weights_only=not trust)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"checkpoint not found: {source}. Pass the path of a .pth file (ours or an official one "
             "from the results table) or its download URL."
         ) from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, ValueError, KeyError) as error:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        IndexError,
+        ValueError,
+        KeyError,
+        MemoryError,
+    ) as error:
+        refused = [line for line in str(error).splitlines() if UNSAFE in line]
+        if refused:
+            raise ValueError(
+                f"refusing to load {source}: {refused[0].split(UNSAFE + ': ')[-1]} in it"
+            ) from None
         code = objects_in(local)
         if code:
             raise ValueError(
@@ -96,11 +172,96 @@ def read_checkpoint(path_or_url, trust=False):
                 f"run code when loaded ({code}). {TRUST_HINT}"
             ) from None
         raise ValueError(f"cannot read checkpoint {source}: {describe_unreadable(local)}") from error
+    if not trust:
+        check_tensors(checkpoint, source)
+    return checkpoint
 
 
-def hub_cache_path(url):
-    """Where torch.hub keeps (or will keep) the download of `url`."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
+def check_tensors(checkpoint, source):
+    """Refuse tensors that are small in the file and huge in use: more elements than their storage
+    holds (a 1-element storage viewed with stride 0 as 10^9 elements, which the NaN check would
+    expand), elements beyond their storage, or not plain CPU tensors. Only shapes are read."""
+    stack, seen = [checkpoint], set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack += list(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack += list(value)
+        elif torch.is_tensor(value):
+            plain = type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided
+            plain = plain and value.device.type == "cpu"
+            room = value.untyped_storage().nbytes() // value.element_size() if plain else 0
+            last = value.storage_offset() + sum((n - 1) * s for n, s in zip(value.shape, value.stride()))
+            if not plain or (
+                value.numel() and (value.numel() > room or min(value.stride(), default=0) < 0 or last >= room)
+            ):
+                raise ValueError(
+                    f"refusing to load {source}: a tensor of shape {list(value.shape)} is not stored in the "
+                    "file as a plain array of its elements (a small file that would take much more memory)"
+                )
+
+
+def refuse_globals(path, source):
+    """Refuse REFUSED_GLOBALS before torch.load sees them (read without unpickling)."""
+    found = set()
+    if zipfile.is_zipfile(path):
+        try:  # torch's own zip reader: torch.save may leave the CRC-32s out, which zipfile insists on
+            archive = torch._C.PyTorchFileReader(str(path))
+            records = [
+                archive.get_record(name) for name in archive.get_all_records() if name.endswith("data.pkl")
+            ]
+        except RuntimeError:  # damaged: torch.load will say so
+            records = []
+        for record in records:
+            found |= pickle_globals(io.BytesIO(record))
+    elif os.path.isfile(path):
+        with open(path, "rb") as file:
+            found = pickle_globals(file)
+    refused = sorted(found & REFUSED_GLOBALS)
+    if refused:
+        raise ValueError(
+            f"refusing to load {source}: it builds {', '.join(refused)}, which can ask for any amount of memory"
+        )
+
+
+def local_copy(source):
+    """The local path of a checkpoint: a path as given; a file:// URL as the path it names; an https
+    URL downloaded once into torch.hub's cache (never unzipped). A name that carries the first digits
+    of the file's SHA-256, as the official files do (...-4b0fd17b.pth), is checked against them and
+    cached under that name, where torch.hub looks; any other URL is cached under a name made from the
+    whole URL, so two URLs that end in the same file name never share a file."""
+    url = urllib.parse.urlparse(source)
+    if url.scheme == "file":
+        return urllib.request.url2pathname(url.path)
+    if url.scheme not in ("http", "https"):
+        return source
+    name = os.path.basename(url.path)
+    digits = re.search(r"-([0-9a-f]{8,64})\.\w+$", name)
+    if not digits:
+        name = f"{hashlib.sha256(source.encode()).hexdigest()[:16]}-{name or 'download'}"
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {source} to {cached}", file=sys.stderr)
+        torch.hub.download_url_to_file(source, str(cached), progress=runtime.rank_and_world_size()[0] == 0)
+    if digits and not file_sha256(cached).startswith(digits.group(1)):
+        raise ValueError(
+            f"{cached} (from {source}) is not the file its name promises: its SHA-256 does not begin with "
+            f"{digits.group(1)}. Delete it to download it again; to use a file of another content, pass its path."
+        )
+    return str(cached)
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def allowed_names():
@@ -122,31 +283,38 @@ def objects_in(path):
         except Exception:  # damaged: not a well-formed zip
             return ""
         return ", ".join(name for name in found if name not in allowed_names())
-    names, pushed, memo = set(), [None, None], {}  # pushed: the strings pushed, in order
-    try:
-        with open(path, "rb") as file:
-            while file.read(1):  # one pickle after another, until the end or bytes that are none
-                file.seek(-1, os.SEEK_CUR)
-                for opcode, argument, _ in pickletools.genops(file):
-                    if opcode.name == "GLOBAL":
-                        names.add(argument.replace(" ", "."))
-                    elif opcode.name == "STACK_GLOBAL":  # module and name: the two last pushed strings
-                        names.add(f"{pushed[-2]}.{pushed[-1]}")
-                    elif opcode.name == "MEMOIZE":
-                        memo[len(memo)] = pushed[-1]
-                    elif opcode.name.endswith("PUT"):
-                        memo[argument] = pushed[-1]
-                    elif opcode.name.endswith("GET"):
-                        pushed.append(memo.get(argument))
-                    elif "UNICODE" in opcode.name:
-                        pushed.append(argument)
-    except Exception:  # the tensors' bytes after the pickles, or damage: what was read counts
-        pass
+    with open(path, "rb") as file:
+        names = pickle_globals(file)
     # What torch's weights_only unpickler itself allows besides torch's own names (protocol 2 pickles
     # bytes through _codecs.encode).
     harmless = allowed_names() | {f"builtins.{name}" for name in ("set", "frozenset", "bytearray", "complex")}
     harmless |= {"collections.OrderedDict", "_codecs.encode"}
     return ", ".join(sorted(n for n in names if n not in harmless and not n.startswith("torch.")))
+
+
+def pickle_globals(file):
+    """The names of the globals the pickles in `file` use, read without unpickling: one pickle after
+    another (torch's legacy format writes several in a row, then the tensors' bytes, where reading stops)."""
+    names, pushed, memo = set(), [None, None], {}  # pushed: the strings pushed, in order
+    try:
+        while file.read(1):
+            file.seek(-1, os.SEEK_CUR)
+            for opcode, argument, _ in pickletools.genops(file):
+                if opcode.name == "GLOBAL":
+                    names.add(argument.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL":  # module and name: the two last pushed strings
+                    names.add(f"{pushed[-2]}.{pushed[-1]}")
+                elif opcode.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1]
+                elif opcode.name.endswith("PUT"):
+                    memo[argument] = pushed[-1]
+                elif opcode.name.endswith("GET"):
+                    pushed.append(memo.get(argument))
+                elif "UNICODE" in opcode.name:
+                    pushed.append(argument)
+    except Exception:  # the tensors' bytes after the pickles, or damage: what was read counts
+        pass
+    return names
 
 
 def describe_unreadable(path):
@@ -209,6 +377,7 @@ def load_checkpoint(net, path_or_url, checkpoint=None, trust=False, new_classes=
     refused. Returns 'segmentor', 'segmentor, new classifiers' or 'imagenet'."""
     checkpoint = read_checkpoint(path_or_url, trust) if checkpoint is None else checkpoint
     state_dict = extract_state_dict(checkpoint)
+    check_class_count(state_dict, path_or_url)
     non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if non_finite:
         raise ValueError(
@@ -231,6 +400,20 @@ def load_checkpoint(net, path_or_url, checkpoint=None, trust=False, new_classes=
         )
     check_keys(net.backbone, model.imagenet_backbone(net, state_dict), path_or_url)
     return model.load_weights(net, state_dict)
+
+
+# Labels are uint8 class indices with 255 = 'ignore': a model has at most 255 classes.
+MAX_CLASSES = 255
+
+
+def check_class_count(state_dict, source):
+    """Refuse a classifier of more than MAX_CLASSES classes before a model of that size is built."""
+    for key in ("decode_head.conv_seg.weight", "auxiliary_head.conv_seg.weight"):
+        if key in state_dict and state_dict[key].dim() > 0 and state_dict[key].shape[0] > MAX_CLASSES:
+            raise ValueError(
+                f"refusing to load {source}: {key} has {state_dict[key].shape[0]} classes; labels are "
+                f"8-bit class indices, so a model has at most {MAX_CLASSES}"
+            )
 
 
 def check_keys(module, state_dict, source):
@@ -310,6 +493,7 @@ def checkpoint_info(path_or_url, checkpoint=None):
     """
     checkpoint = read_checkpoint(path_or_url) if checkpoint is None else checkpoint
     state_dict = extract_state_dict(checkpoint)
+    check_class_count(state_dict, path_or_url)
     n_blocks = sum(1 for k in state_dict if re.fullmatch(r"backbone\.layer3\.\d+\.conv1\.weight", k))
     if "decode_head.conv_seg.weight" not in state_dict or n_blocks not in (6, 23):
         raise ValueError(
@@ -374,6 +558,7 @@ class Run:
         self.max_nonfinite, self.log_interval = max_nonfinite, log_interval
         self.restart = restart_command(argv, self.world_size)  # the command that continues this run
         self.best_miou, self.validation_pending, self.last_path, self.start = -1.0, False, None, 0
+        self.iteration = self.saved_iteration = 0  # steps done, and of them in the last checkpoint
         self.nonfinite_in_a_row, self.mean_loss, self.stop_requested = 0, math.nan, False
         self.writer = self.bar = None
         self.pictures = self.work_dir / "pictures" if config["pictures"] else None  # of the last validation
@@ -395,9 +580,25 @@ class Run:
             self.cleanup = stack.pop_all()
         return self
 
-    def __exit__(self, *exception):
-        self.cleanup.close()
+    def __exit__(self, kind, exception, traceback):
+        try:
+            if isinstance(exception, data.FileProblem):
+                self.stop_for_a_bad_file(exception)
+        finally:
+            self.cleanup.close()
         return False
+
+    def stop_for_a_bad_file(self, problem):
+        """A training or validation file could not be used: checkpoint the steps done (one process:
+        under torchrun the other ranks are not here to gather their random states), name the file, and
+        say how to continue."""
+        if self.world_size == 1 and self.writer is not None and self.iteration > self.saved_iteration:
+            self.checkpoint(self.iteration)
+        kept = f"checkpoint {self.last_path}" if self.last_path else "no checkpoint yet"
+        raise SystemExit(
+            f"train.py: {problem}\nStopped at iteration {self.iteration} ({kept}). Mend or remove the file, "
+            f"then continue with: {self.restart}"
+        ) from None
 
     def resume(self, raw_model, optimizer, scaler, train_set):
         """Hand the run what its checkpoints hold; with --resume, load it all back: weights, optimizer,
@@ -423,6 +624,7 @@ class Run:
         restore_rng_states(checkpoint.get("rng") or [], torch.device(self.config["device"]))
         runtime.say(f"resumed from {path} at iteration {checkpoint['iteration']}")
         self.start, self.last_path = checkpoint["iteration"], path
+        self.iteration = self.saved_iteration = self.start
         self.best_miou = checkpoint.get("best_miou", -1.0)
         self.validation_pending = checkpoint.get("validation_pending", False)
         return self.start
@@ -455,6 +657,7 @@ class Run:
     def log_step(self, iteration, finite, values):
         """The progress bar after `iteration` finished steps, and every log_interval-th a record of
         `values` (losses, lr, times) in log.jsonl."""
+        self.iteration = iteration
         if self.bar is None:
             bar = tqdm(
                 total=self.config["iters"], initial=self.start, disable=self.rank != 0, dynamic_ncols=True
@@ -475,6 +678,7 @@ class Run:
     def checkpoint(self, iteration, validation_pending=False):
         """iter_<N>.pth after `iteration` finished steps; validation_pending when a validation follows."""
         self.last_path = self.writer.save(iteration, self.best_miou, self.last_path, validation_pending)
+        self.saved_iteration = iteration
 
     def checkpoint_and_stop(self, iteration):
         """A stop signal arrived: checkpoint and say how to continue."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
 
 import recipe
@@ -251,19 +251,34 @@ def check_split_and_root(name, split, root):
         raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
 
 
+class FileProblem(ValueError):
+    """An image or label file that cannot be used, named in the message with what to do. Raised in a
+    DataLoader worker, it is made again in the main process from the worker's whole traceback text:
+    the message keeps the words after the traceback only."""
+
+    def __init__(self, message):
+        if message.startswith("Caught FileProblem"):
+            message = message.rsplit("FileProblem: ", 1)[-1].strip()
+        super().__init__(message)
+
+
 def read_pair(image_path, label_path, dataset):
     """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, None without labels) of a
-    SegmentationDataset's pair, label 0 made 'ignore' where the dataset says so."""
-    image = read_image(image_path)
-    if label_path is None:
-        return image, None
-    label = read_label(label_path)
-    if image.shape[1:] != label.shape:
-        raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
-    if dataset.reduce_zero_label:
-        check_not_reduced_already(label, label_path, dataset.name, dataset.num_classes)
-        label = reduce_zero_label(label)
-    check_label_values(label, dataset.num_classes, label_path, dataset.name)
+    SegmentationDataset's pair, label 0 made 'ignore' where the dataset says so. A file that cannot
+    be read, or a label value out of range, raises FileProblem naming the file."""
+    try:
+        image = read_image(image_path)
+        if label_path is None:
+            return image, None
+        label = read_label(label_path)
+        if image.shape[1:] != label.shape:
+            raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
+        if dataset.reduce_zero_label:
+            check_not_reduced_already(label, label_path, dataset.name, dataset.num_classes)
+            label = reduce_zero_label(label)
+        check_label_values(label, dataset.num_classes, label_path, dataset.name)
+    except (ValueError, OSError) as error:
+        raise FileProblem(str(error)) from None
     return image, label
 
 
@@ -284,21 +299,66 @@ def classes_of(name, root):
     return entry["classes"], entry["palette"], recipe.DATASETS[name]["reduce_zero_label"]
 
 
+# Every image and label file is refused above this many pixels before it is decoded (8192 x 8192; a
+# Cityscapes frame has 2 million): a small PNG can declare 20000 x 20000 and ask for gigabytes.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def open_header(path, kind):
+    """The file opened with Pillow, which reads its header only, its pixel count checked."""
+    with warnings.catch_warnings():  # Pillow warns from 89 million pixels on; the limit below is ours
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            picture = Image.open(path)
+        except Image.DecompressionBombError as error:  # beyond 179 million pixels Pillow refuses itself
+            raise ValueError(too_many_pixels(path, kind, str(error).split(" exceeds")[0])) from None
+    width, height = picture.size
+    if width * height > MAX_IMAGE_PIXELS:
+        picture.close()
+        raise ValueError(too_many_pixels(path, kind, f"{width}x{height}"))
+    return picture
+
+
+def too_many_pixels(path, kind, size):
+    return (
+        f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels (8192x8192) are read. "
+        "Downscale it first (e.g. with Pillow's Image.thumbnail), or cut it into tiles."
+    )
+
+
 def decode_file(path, kind, mode, upright=False):
-    """torchvision's decoder on an image or label file. torchvision 0.29 marks its codecs deprecated in
-    favour of TorchCodec, not a dependency here; silence that warning, which would come once per image."""
-    if not Path(path).is_file():
+    """An image or label file as a uint8 (or, 16-bit, int32) tensor C x H x W. PNGs are decoded by
+    Pillow: torchvision's PNG decoder crashes the whole process (a segfault) on damaged data, where
+    Pillow raises; the pixels are the same. JPEG and WebP go through torchvision, which raises."""
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"{kind} file not found: {path}")
+    expected = {"image": "a JPEG, PNG or WebP file; re-save or remove it", "label": "a PNG of class indices"}
     try:
-        with warnings.catch_warnings():
+        with open_header(path, kind) as picture:
+            if picture.format == "PNG":
+                return png_tensor(picture, mode, upright)
+        with warnings.catch_warnings():  # torchvision 0.29 marks its codecs deprecated (for TorchCodec)
             warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
             return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
-    except RuntimeError as error:
-        expected = {
-            "image": "a JPEG, PNG or WebP file; re-save or remove it",
-            "label": "a PNG of class indices",
-        }
+    except (OSError, RuntimeError, SyntaxError) as error:  # Pillow's damaged-file errors, torchvision's
         raise ValueError(f"cannot decode {kind} {path} ({error}). Expected {expected[kind]}.") from None
+
+
+def png_tensor(picture, mode, upright):
+    """A Pillow PNG as torchvision's decoder gives it: RGB (palettes and grey expanded, alpha dropped),
+    or the stored channels (palette indices, grey levels; 1-bit grey as 0/255)."""
+    if upright:
+        picture = ImageOps.exif_transpose(picture)
+    if picture.mode.startswith("I"):  # 16-bit grey: the values as stored
+        array = np.asarray(picture).astype(np.int32)
+        return (
+            torch.from_numpy(array)[None].expand(3 if mode == ImageReadMode.RGB else 1, -1, -1).contiguous()
+        )
+    if picture.mode == "1" or (mode == ImageReadMode.RGB and picture.mode != "RGB"):
+        picture = picture.convert("L" if mode != ImageReadMode.RGB else "RGB")
+    array = torch.from_numpy(np.array(picture))  # decodes now; damaged data raises here
+    return array.permute(2, 0, 1).contiguous() if array.dim() == 3 else array[None]
 
 
 def read_image(path, upright=False):
@@ -646,11 +706,14 @@ def file_problem(path, kind):
     """(what is wrong with an image or label file, or None; its (W, H)), from its header and its last
     bytes only: a JPEG ends with the marker FFD9, a PNG with its IEND chunk."""
     try:
-        with open(path, "rb") as file, Image.open(file) as image:  # PIL reads the header only
+        with open_header(path, kind) as image:  # the header only
             size, image_format, mode = image.size, image.format, image.mode
+        with open(path, "rb") as file:
             file.seek(-min(os.path.getsize(path), 1024), os.SEEK_END)
             tail = file.read()
-    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+    except ValueError as error:  # too many pixels
+        return str(error), None
+    except OSError as error:  # PIL's UnidentifiedImageError is an OSError
         return f"cannot decode {kind} {path} ({error})", None
     expected = "PNG" if kind == "label" else "JPEG/PNG/WEBP"
     if image_format not in expected.split("/"):

@@ -16,6 +16,7 @@ the hardware's native precision, checked against fp32 on the first 10 images. Ex
 """
 
 import argparse
+import collections
 import copy
 import glob
 import json
@@ -679,6 +680,8 @@ def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=
     """Write <name>_pred.png (palette PNG), <name>_overlay.jpg (class colours over the uint8 (3, H, W)
     image) and, given one, <name>_attention.png (attention (H, W) in [0, 1]). Returns the paths."""
     stem = Path(save_dir) / name
+    if not os.path.abspath(stem).startswith(os.path.join(os.path.abspath(save_dir), "")):
+        raise ValueError(f"refusing to write {stem}: outside --save-dir {save_dir}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     pred = pred.cpu()
     paths = [Path(f"{stem}_pred.png"), Path(f"{stem}_overlay.jpg")]
@@ -696,8 +699,15 @@ def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=
 def predict_image(
     model, path, name, *, scale, ratios, device, precision, palette, save_dir, opacity=0.5, **protocol
 ):
-    """The pictures of save_pictures() for one image file, without a dataset. Returns their paths."""
+    """The pictures of save_pictures() for one image file, without a dataset. Returns their paths. A
+    photo with more than FULL_SIZE_RATIO times the pixels of the test scale is predicted and drawn at
+    the test scale: scores at its full size would take classes x pixels floats."""
     original = data.read_image(path, upright=True)  # uint8 (3, H, W), as the photo is meant to be seen
+    height, width = original.shape[-2:]
+    if height * width > FULL_SIZE_RATIO * scale[0] * scale[1]:
+        original = data.resize_image(original, data.rescale_size(height, width, scale))
+        tqdm.write(f"{path}: {width}x{height} is large; predicted and drawn at the test scale, "
+                   f"{original.shape[2]}x{original.shape[1]}")  # fmt: skip
     images = [image.to(device) for image in data.test_transform(original, scale, tuple(ratios))]
     model.eval()
     with runtime.precision_context(device, precision):
@@ -706,6 +716,10 @@ def predict_image(
             model, image_at_ratio_one(images, ratios, original, scale), original.shape[-2:]
         )
     return save_pictures(save_dir, name, original, probabilities.argmax(dim=0), palette, attention, opacity)
+
+
+# --image draws a photo at its own size up to this many times the pixels of the test scale.
+FULL_SIZE_RATIO = 4
 
 
 def image_files(patterns):
@@ -734,11 +748,11 @@ def image_files(patterns):
 def picture_names(files):
     """Each file's name under --save-dir: its path below the files' common folder, without the
     extension (a/x.jpg, b/x.jpg -> a/x, b/x); x.jpg beside x.png keep it (x_jpg, x_png)."""
-    common = Path(os.path.commonpath([file.absolute().parent for file in files]))
-    names = [str(file.absolute().relative_to(common).with_suffix("")) for file in files]
-    return [
-        name if names.count(name) == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)
-    ]
+    absolute = [Path(os.path.abspath(file)) for file in files]  # '..' resolved: no name climbs out
+    common = os.path.commonpath([file.parent for file in absolute])
+    names = [str(file.relative_to(common).with_suffix("")) for file in absolute]
+    counts = collections.Counter(names)
+    return [name if counts[name] == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)]
 
 
 # -----------------------------------------------------------------------------------------------

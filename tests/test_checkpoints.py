@@ -3,11 +3,18 @@ problem in words, what a checkpoint says, and a run's work dir: atomic writes, f
 
 import contextlib
 import errno
+import functools
+import hashlib
+import http.server
 import os
 import pickle
+import re
 import shutil
 import signal
+import struct
+import threading
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -347,3 +354,112 @@ def test_the_stop_handler_lets_forked_children_die_and_is_put_back_after_a_run()
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- a small file cannot demand gigabytes, and downloads are what they say -------------------------
+
+
+def numpy_object_array_checkpoint(path, count):
+    """A 1 KB checkpoint whose meta is a numpy object array of `count` elements, as numpy pickles one
+    (numpy zero-fills every element before it reads the values) without the dtype state that would
+    need ObjectDType: what a hostile file does to get past an allow-list of numpy names."""
+
+    def text(value):
+        return b"X" + struct.pack("<I", len(value)) + value.encode()
+
+    dtype = b"cnumpy\ndtype\n(" + text("O8") + b"\x89\x88tR"  # numpy.dtype('O8', False, True)
+    code = b"c_codecs\nencode\n(" + text("b") + text("latin1") + b"tR"  # b'b', as protocol 2 writes bytes
+    empty = b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00t" + code + b"tR"
+    state = b"(K\x01(\x8a\x08" + count.to_bytes(8, "little") + b"t" + dtype + b"\x89]tb"
+    pickled = b"\x80\x03}" + text("meta") + empty + state + b"s" + text("state_dict") + b"}s."
+    writer = torch._C.PyTorchFileWriter(str(path))
+    for name, record in (("data.pkl", pickled), (".format_version", b"1"), ("byteorder", b"little")):
+        writer.write_record(name, record, len(record))
+    writer.write_end_of_file()
+
+
+def test_small_files_that_ask_for_gigabytes_are_refused_before_anything_is_allocated(tmp_path):
+    numpy_object_array_checkpoint(tmp_path / "object_array.pth", 10**8)  # before: 800 MB, then a segfault
+    expanded = torch.zeros(1).expand(10**9)  # 4 bytes in the file, 10^9 elements to the NaN check
+    torch.save({"state_dict": {"w": expanded}}, tmp_path / "stride_0.pth")
+    classifier = {"decode_head.conv_seg.weight": torch.zeros(1, 1, 1, 1).expand(4_000_000, 512, 1, 1)}
+    torch.save({"state_dict": classifier}, tmp_path / "classes_expanded.pth")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": bytearray(16)}, tmp_path / "bytearray.pth")
+    refusals = {
+        "object_array.pth": "a numpy dtype 'O8'",
+        "stride_0.pth": "a tensor of shape [1000000000] is not stored in the file as a plain array",
+        "classes_expanded.pth": "a tensor of shape [4000000, 512, 1, 1] is not stored",
+        "bytearray.pth": "bytearray, which can ask for any amount of memory",
+    }
+    for name, words in refusals.items():
+        assert (tmp_path / name).stat().st_size < 5000, name
+        with pytest.raises(ValueError, match=f"refusing to load .*{name}: .*{re.escape(words)}"):
+            checkpoints.read_checkpoint(tmp_path / name)
+    # No element at all, so no tensor check can see it: 4 million classes would build an 8 GB classifier.
+    net = GCNet(3).state_dict()
+    torch.save({"state_dict": {**net, "decode_head.conv_seg.weight": torch.zeros(4_000_000, 0, 1, 1)}},
+               tmp_path / "classes_empty.pth")  # fmt: skip
+    with pytest.raises(ValueError, match="conv_seg.weight has 4000000 classes; .* at most 255"):
+        checkpoints.checkpoint_info(tmp_path / "classes_empty.pth")
+    with pytest.raises(ValueError, match="conv_seg.weight has 4000000 classes"):
+        checkpoints.load_checkpoint(GCNet(3), tmp_path / "classes_empty.pth")
+    # What official files hold still loads: numpy scalars and arrays, views that share a storage.
+    shared = torch.arange(12.0).view(3, 4)
+    meta = {"seed": np.int64(3), "PALETTE": np.array([[1, 2, 3]], np.uint8), "names": np.array(["a", "bc"])}
+    torch.save(
+        {"state_dict": {"a": shared, "b": shared.t(), "c": shared[1:]}, "meta": meta}, tmp_path / "ok.pth"
+    )
+    loaded = checkpoints.read_checkpoint(tmp_path / "ok.pth")
+    assert loaded["meta"]["names"].tolist() == ["a", "bc"] and torch.equal(
+        loaded["state_dict"]["b"], shared.t()
+    )
+
+
+class Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # quiet
+        pass
+
+
+@pytest.fixture
+def web_server(tmp_path):
+    """An HTTP server on this machine serving tmp_path/www: the download path without the internet."""
+    (tmp_path / "www").mkdir()
+    handler = functools.partial(Files, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path / "www", f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_downloads_are_cached_by_their_whole_url_checked_by_their_hash_and_never_unzipped(
+    tmp_path, monkeypatch, web_server
+):
+    www, url = web_server
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    for folder, value in (("a", 1.0), ("b", 2.0)):  # two repositories' model.pth
+        (www / folder).mkdir()
+        torch.save({"state_dict": {"w": torch.full((2,), value)}}, www / folder / "model.pth")
+    for _ in range(2):  # downloaded, then from the cache: never the other URL's file
+        for folder, value in (("a", 1.0), ("b", 2.0)):
+            for source in (f"{url}/{folder}/model.pth", (www / folder / "model.pth").as_uri()):
+                assert checkpoints.read_checkpoint(source)["state_dict"]["w"][0] == value, source
+    # file:// URLs are read where they point, and put nothing in the cache
+    assert len(list((tmp_path / "hub" / "checkpoints").iterdir())) == 2
+    # A name with a hash is the file with that hash: cached under its name, where torch.hub looks.
+    content = (www / "a" / "model.pth").read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    (www / f"gcnet-{digest[:8]}.pth").write_bytes(content)
+    (www / "gcnet-00000000.pth").write_bytes(content)
+    assert checkpoints.read_checkpoint(f"{url}/gcnet-{digest[:8]}.pth")["state_dict"]["w"][0] == 1.0
+    assert (tmp_path / "hub" / "checkpoints" / f"gcnet-{digest[:8]}.pth").read_bytes() == content
+    with pytest.raises(
+        ValueError, match="is not the file its name promises: its SHA-256 does not begin with 00000000"
+    ):
+        checkpoints.read_checkpoint(f"{url}/gcnet-00000000.pth")
+    # A one-member zip is not unzipped into the cache, where it would replace the ImageNet backbone.
+    with zipfile.ZipFile(www / "evil.pth", "w") as archive:
+        archive.writestr("resnet50_v1c-2cccc1ad.pth", content)
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        checkpoints.read_checkpoint(f"{url}/evil.pth")
+    assert not (tmp_path / "hub" / "checkpoints" / "resnet50_v1c-2cccc1ad.pth").exists()

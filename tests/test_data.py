@@ -902,3 +902,38 @@ def test_finding_a_big_folder_split_grows_linearly_with_its_files(tmp_path, monk
     assert len(data.find_pairs("folder", tmp_path, "train")) == count
     assert len(evaluate.image_files([str(tmp_path / "images/train")])[0]) == count
     assert len(comparisons) < 10 * count  # a list lookup per image would make millions
+
+
+def test_a_label_out_of_range_read_in_a_loader_worker_is_named_in_words(tmp_path):
+    # Too costly to check every label at start-up; at its first read, in a worker, the error comes back
+    # to the main process as the words that name the file, not the worker's traceback.
+    make_folder(
+        tmp_path, label_for=lambda index: np.full((HEIGHT, WIDTH), 200 if index == 1 else 0, np.uint8)
+    )
+    label_path = tmp_path / "labels" / "train" / "photo1.png"
+    dataset = data.build_dataset("folder", tmp_path, "train", **SMALL)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1)
+    with pytest.raises(data.FileProblem) as error:
+        next(iter(loader))
+    assert str(error.value).startswith(f"label {label_path} holds the values [200], but folder has")
+    assert "Traceback" not in str(error.value)
+
+
+def test_images_beyond_the_pixel_limit_are_named_at_start_up(tmp_path):
+    # Before, Pillow's DecompressionBombError escaped the start-up check as a raw traceback.
+    from test_evaluate import png_declaring
+
+    make_folder(tmp_path)
+    png_declaring(tmp_path / "images" / "train" / "photo0.png", 20000, 20000)
+    png_declaring(tmp_path / "labels" / "train" / "photo1.png", 9000, 9000)
+    with pytest.raises(ValueError) as error:
+        data.build_dataset("folder", tmp_path, "train", **SMALL)
+    message = str(error.value)
+    assert (
+        f"image {tmp_path / 'images' / 'train' / 'photo0.png'} is too large (Image size (400000000 pixels)"
+        in message
+    )
+    assert (
+        f"label {tmp_path / 'labels' / 'train' / 'photo1.png'} is too large (9000x9000): at most 67,108,864"
+        in message
+    )

@@ -5,6 +5,8 @@ import math
 import os
 import re
 import socket
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -631,6 +633,56 @@ def test_image_command_takes_files_folders_and_patterns_and_names_failures(tmp_p
     assert not np.array_equal(
         np.array(Image.open(out / "photos/a_overlay.jpg")), np.array(Image.open(out / "other/a_overlay.jpg"))
     )
+
+
+def damaged_png(path):
+    """A PNG whose image data is damaged in the middle, header and end intact: it passes the start-up
+    check, and torchvision's decoder crashed the process on it (segfault, exit 139)."""
+    write_picture(path, size=(64, 64))
+    content = bytearray(path.read_bytes())
+    start = content.index(b"IDAT") + 100
+    content[start : start + 40] = bytes(byte ^ 0x5A for byte in content[start : start + 40])
+    path.write_bytes(bytes(content))
+
+
+def png_declaring(path, width, height):
+    """A valid PNG header that declares width x height pixels, with a few bytes of image data: what a
+    389 KB file that asks for gigabytes looks like to a reader of its header."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    data = zlib.compress(b"\0" * 64)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+def test_image_command_survives_damaged_and_huge_files_and_writes_inside_the_save_dir(
+    tmp_path, tiny_checkpoint, capsys
+):
+    photos, victim, out = tmp_path / "photos", tmp_path / "victim", tmp_path / "out"
+    write_picture(photos / "a.png", seed=1)
+    damaged_png(photos / "damaged.png")
+    png_declaring(photos / "bomb.png", 20000, 20000)  # beyond Pillow's own limit
+    png_declaring(photos / "large.png", 9000, 9000)  # beyond ours only
+    write_picture(photos / "big.png", size=(90, 120), seed=2)  # > 4 x the test scale's 48x32 pixels
+    write_picture(victim / "y.png", seed=3)
+    outside = str(photos / ".." / "victim" / "y.png")  # a path that climbs out of the common folder
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--save-dir", str(out),
+                       "--image", str(photos), outside])  # fmt: skip
+    assert exit_info.value.code == 1  # exit 139 and nothing after damaged.png, before
+    printed = capsys.readouterr()
+    assert "3 images failed" in printed.err and "cannot decode image" in printed.err
+    assert f"image {photos / 'bomb.png'} is too large" in printed.err
+    assert f"image {photos / 'large.png'} is too large (9000x9000): at most 67,108,864 pixels" in printed.err
+    assert "big.png: 120x90 is large; predicted and drawn at the test scale, 43x32" in printed.out
+    written = sorted(str(path.relative_to(out)) for path in out.rglob("*_pred.png"))
+    assert written == ["photos/a_pred.png", "photos/big_pred.png", "victim/y_pred.png"]
+    assert sorted(path.name for path in victim.iterdir()) == ["y.png"]  # nothing written beside it
+    assert Image.open(out / "photos/big_pred.png").size == (43, 32)
 
 
 def test_image_command_turns_photos_upright_and_shares_them_out(tmp_path, tiny_checkpoint, monkeypatch):

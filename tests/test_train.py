@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +225,29 @@ def test_a_work_dir_that_is_a_file_is_said_in_words(toy_root, tmp_path):
     for work_dir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
         with pytest.raises(SystemExit, match=f"cannot use --work-dir {work_dir}: .*writ"):
             train.main(toy_args(toy_root, work_dir, "--iters", "1"))
+
+
+def test_a_bad_training_file_is_named_after_a_checkpoint_of_the_steps_done(toy_root, tmp_path):
+    # A PNG with damaged image data passes the start-up check (header and end marker are intact); at
+    # its first read torchvision's decoder crashed the process: no checkpoint, no file name.
+    root = tmp_path / "toy"
+    shutil.copytree(toy_root, root)
+    dataset = data.build_dataset("toy", str(root), "train")
+    index = train.epoch_batches(len(dataset), 2, 0, 0, 0, 1)[2][0][1]  # read by the third step
+    damaged = Path(dataset.pairs[index][0])
+    content = bytearray(damaged.read_bytes())
+    start = content.index(b"IDAT") + 100
+    content[start : start + 40] = bytes(byte ^ 0x5A for byte in content[start : start + 40])
+    damaged.write_bytes(bytes(content))
+    args = toy_args(str(root), tmp_path / "run", "--iters", "10", "--eval-interval", "100")
+    args[args.index("--workers") + 1] = "1"  # the error comes back from a loader worker
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    message = str(stop.value)
+    assert message.startswith(f"train.py: cannot decode image {damaged} (") and "Traceback" not in message
+    assert f"Stopped at iteration 2 (checkpoint {tmp_path / 'run' / 'iter_2.pth'})" in message
+    assert message.endswith("--resume") and "Mend or remove the file" in message
+    assert torch.load(tmp_path / "run" / "iter_2.pth", weights_only=True)["iteration"] == 2
 
 
 def fake_validation(scores, fail_at=None):
