@@ -505,8 +505,13 @@ def checkpoint_info(path_or_url, checkpoint=None):
         dataset=None, align_corners=None, crop_size=None, classes=None, palette=None, config_name=None,
         recipe=None, row=None,
     )  # fmt: skip
-    meta = checkpoint.get("meta") or {}
-    ours = checkpoint.get("recipe")
+    meta, ours = checkpoint.get("meta") or {}, checkpoint.get("recipe")
+    for key, value in (("meta", meta), ("recipe", ours)):
+        if not isinstance(value, (dict, type(None))):
+            raise ValueError(
+                f"{path_or_url}: its '{key}' is a {type(value).__name__}, expected a dict: the file is damaged "
+                "or was written by another program"
+            )
     if ours:
         info["recipe"] = ours
         for key in ("dataset", "align_corners", "config_name"):
@@ -611,7 +616,14 @@ class Run:
         if not self.resume_path:
             return 0
         path, checkpoint = self.resume_path, read_resume_checkpoint(self.resume_path, self.trust)
-        for key in ("dataset", "depth", "crop_size", "iters", "global_batch", "lr"):
+        for key in ("dataset", "depth"):  # another model: the command lacks a flag
+            if checkpoint["recipe"].get(key) != self.config[key]:
+                raise SystemExit(
+                    f"--resume {path}: that run has --{key} {checkpoint['recipe'].get(key)}, this command "
+                    f"--{key} {self.config[key]}. Pass --{key} {checkpoint['recipe'].get(key)} to continue it (or "
+                    f"--load-from {path} to start a new run from its weights, in another --work-dir)."
+                )
+        for key in ("crop_size", "iters", "global_batch", "lr"):
             if checkpoint["recipe"].get(key) != self.config[key]:
                 runtime.say(f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has "
                             f"{checkpoint['recipe'].get(key)}")  # fmt: skip
@@ -929,6 +941,24 @@ def read_resume_checkpoint(path, trust):
         raise SystemExit(
             f"--resume {path}: not a checkpoint written by train.py (it has no {', '.join(missing)}), so there "
             f"is no run to continue. To start a new run from its weights, use --load-from {path}."
+        )
+    rng = checkpoint.get("rng") or []
+    wrong = [
+        f"{key} is {type(checkpoint[key]).__name__}, expected {kind.__name__}"
+        for key, kind in (("state_dict", dict), ("optimizer", dict), ("scaler", dict), ("iteration", int),
+                          ("recipe", dict), ("meta", dict), ("rng", list), ("best_miou", float))
+        if key in checkpoint and not isinstance(checkpoint[key], kind)
+    ]  # fmt: skip
+    if isinstance(checkpoint["iteration"], int) and checkpoint["iteration"] < 0:
+        wrong.append(f"iteration is {checkpoint['iteration']}")
+    if isinstance(rng, list) and not all(
+        isinstance(s, dict) and torch.is_tensor(s.get("torch")) for s in rng
+    ):
+        wrong.append("rng lacks a rank's 'torch' random state")
+    if wrong:
+        raise SystemExit(
+            f"--resume {path}: the file is damaged or was edited: {'; '.join(wrong)}. Resume from another "
+            "checkpoint of the run, or start a new run from its weights with --load-from."
         )
     return checkpoint
 

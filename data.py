@@ -301,7 +301,7 @@ def classes_of(name, root):
 
 # Every image and label file is refused above this many pixels before it is decoded (8192 x 8192; a
 # Cityscapes frame has 2 million): a small PNG can declare 20000 x 20000 and ask for gigabytes.
-MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_IMAGE_PIXELS = recipe.MAX_SIZE**2
 
 
 def open_header(path, kind):
@@ -321,7 +321,7 @@ def open_header(path, kind):
 
 def too_many_pixels(path, kind, size):
     return (
-        f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels (8192x8192) are read. "
+        f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels ({recipe.MAX_SIZE}x{recipe.MAX_SIZE}) are read. "
         "Downscale it first (e.g. with Pillow's Image.thumbnail), or cut it into tiles."
     )
 

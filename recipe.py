@@ -99,6 +99,10 @@ def row(dataset, crop=None, depth=50, iters=None):
 # Below this line: reading sizes and official file names. A first reading can stop here.
 
 
+# The largest side of a crop, window or image, in pixels (data.MAX_IMAGE_PIXELS is its square).
+MAX_SIZE = 8192
+
+
 def parse_crop(value, flag="--crop"):
     """'769' or 769 -> (769, 769); '512x1024' or (512, 1024) -> (512, 1024), height x width."""
     if isinstance(value, (tuple, list)):
@@ -110,9 +114,9 @@ def parse_crop(value, flag="--crop"):
             parts = []
     if len(parts) == 1:
         parts *= 2
-    if len(parts) != 2 or min(parts) <= 0:
+    if len(parts) != 2 or min(parts) <= 0 or max(parts) > MAX_SIZE:
         raise ValueError(
-            f"{flag}: expected N or HxW with positive sizes (e.g. 769 or 512x1024), got {value!r}"
+            f"{flag}: expected N or HxW with sizes from 1 to {MAX_SIZE} (e.g. 769 or 512x1024), got {value!r}"
         )
     return tuple(parts)
 

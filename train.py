@@ -322,6 +322,11 @@ def resolve_recipe(args, world_size):
                      momentum=args.momentum, weight_decay=args.weight_decay, aux_weight=args.aux_weight,
                      eval_interval=args.eval_interval, workers=args.workers, pretrained=args.pretrained)  # fmt: skip
     config.update({key: value for key, value in overrides.items() if value is not None})
+    if config["min_lr"] > config["lr"]:
+        raise SystemExit(
+            f"train.py: --min-lr {config['min_lr']} is above --lr {config['lr']}: the poly schedule would raise "
+            "the learning rate. Pass a --min-lr below --lr (the recipe's is 1e-4 under 0.01)."
+        )
     config.update(data_root=args.data_root, world_size=world_size, table_global_batch=row["global_batch"],
                   global_batch=config["batch_size"] * world_size, seed=args.seed,
                   pictures=args.dataset == "toy" if args.pictures is None else args.pictures,
@@ -461,7 +466,7 @@ def build_parser():
     add("--compile", action="store_true", help="torch.compile the model")
     add("--activation-checkpointing", action="store_true", help="recompute backbone blocks: less memory")
     add("--deterministic", action="store_true", help="deterministic kernels, no cudnn.benchmark")
-    add("--seed", type=at_least_0, default=0)
+    add("--seed", type=runtime.number_flag(int, 0, 2**32 - 1), default=0)
     add("--max-nonfinite", type=positive, default=5, help="stop after this many bad losses in a row")
     # fmt: on
     return parser

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -298,12 +299,44 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root,
 @pytest.mark.parametrize(
     "flag, value",
     [("--iters", "0"), ("--iters", "-5"), ("--batch-size", "0"), ("--lr", "0"), ("--lr", "-1"),
-     ("--lr", "nan"), ("--log-interval", "0"), ("--keep", "0"), ("--workers", "-1"), ("--momentum", "1.5")],
+     ("--lr", "nan"), ("--log-interval", "0"), ("--keep", "0"), ("--workers", "-1"), ("--momentum", "1.5"),
+     ("--seed", str(2**64)), ("--crop", "51200")],
 )  # fmt: skip
 def test_numeric_flags_are_checked_when_parsed(flag, value, capsys):
     with pytest.raises(SystemExit):
         train.build_parser().parse_args([flag, value])
     assert f"argument {flag}: expected" in capsys.readouterr().err
+
+
+def test_a_floor_above_the_learning_rate_is_refused():
+    args = train.build_parser().parse_args(["--lr", "0.001", "--min-lr", "0.01"])
+    with pytest.raises(SystemExit, match="--min-lr 0.01 is above --lr 0.001"):
+        train.resolve_recipe(args, world_size=1)
+
+
+def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_root, tmp_path):
+    writer_recipe = dict(dataset="toy", depth=101, crop_size=[64, 64], iters=4, global_batch=2, lr=0.01)
+    good = dict(state_dict={}, optimizer={}, scaler={}, iteration=2, recipe=writer_recipe, rng=[])
+    cases = {
+        "depth": (good, "that run has --depth 101, this command --depth 50. Pass --depth 101 to continue it"),
+        "dataset": (
+            dict(good, recipe=dict(writer_recipe, depth=50, dataset="ade20k")),
+            "Pass --dataset ade20k",
+        ),
+        "iteration": (dict(good, iteration="7"), "iteration is str, expected int"),
+        "recipe": (dict(good, recipe="toy"), "recipe is str, expected dict"),
+        "meta": (dict(good, meta=["a list"]), "meta is list, expected dict"),
+        "rng": (dict(good, rng=[{"cuda": []}]), "rng lacks a rank's 'torch' random state"),
+    }
+    for name, (checkpoint, words) in cases.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(checkpoint, path)
+        with pytest.raises(SystemExit, match=re.escape(words)):
+            train.main(toy_args(toy_root, tmp_path / name, "--resume", str(path)))
+    for key, value in (("meta", ["a list"]), ("recipe", "a string")):  # what evaluate.py reads
+        torch.save({"state_dict": model.GCNet(5).state_dict(), key: value}, tmp_path / "odd.pth")
+        with pytest.raises(ValueError, match=f"its '{key}' is a {type(value).__name__}, expected a dict"):
+            checkpoints.checkpoint_info(tmp_path / "odd.pth")
 
 
 def test_explicit_zero_is_never_read_as_unset():
