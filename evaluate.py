@@ -551,7 +551,7 @@ def build_parser():
     what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns")
     test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
     test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
-    test.add_argument("--scales", type=number(float, 0.25, 4), nargs="+", help="test scale ratios, 0.25..4")
+    test.add_argument("--scales", type=number(float, 0.01, 4), nargs="+", help="test scale ratios, 0.01..4")
     test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
     test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
     test.add_argument("--crop", type=size_flag("--crop"), help="sliding window size: 769 or HxW (512x1024)")

@@ -22,6 +22,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -150,13 +151,23 @@ def say(*args, **kwargs):
 
 
 def leave_stop_signals_to_the_main_process(worker_id=None):
-    """A DataLoader worker's worker_init_fn: ignore Ctrl-C and SIGTERM. A terminal's Ctrl-C and a
-    scheduler's SIGTERM reach every process of the group; a worker that died of them would take the
-    run down with "DataLoader worker is killed by signal" before the main process could checkpoint.
-    The main process decides when to stop, and its loader then ends the workers (they also end when
-    it dies: the loader's workers watch their parent)."""
+    """A DataLoader worker's worker_init_fn. A terminal's Ctrl-C and a scheduler's SIGTERM reach every
+    process of the group; a worker that died of them would take the run down ("DataLoader worker is
+    killed by signal") before the main process could checkpoint. So the worker ignores Ctrl-C, and
+    a SIGTERM ends it only when its parent sends it: the loader, or the interpreter's exit, ending
+    its workers (as torch's own worker handler tells them apart, by the sender)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to tell apart; the default stays
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held for the thread below
+
+    def end_when_the_parent_says():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass  # the group's stop: the main process ends the run, then its workers
+        os._exit(0)
+
+    threading.Thread(target=end_when_the_parent_says, daemon=True).start()
 
 
 def keep_freed_memory():

@@ -522,12 +522,12 @@ def test_official_checkpoints_are_scored_in_fp32_by_default():
 @pytest.mark.parametrize(
     "flags, named, allowed",
     [
-        (["--scales", "0"], "--scales", r"a number in \[0.25, 4\]"),
-        (["--scales", "1", "-1"], "--scales", r"a number in \[0.25, 4\]"),
-        (["--scales", "inf"], "--scales", r"a number in \[0.25, 4\]"),
-        (["--scales", "nan"], "--scales", r"a number in \[0.25, 4\]"),
-        (["--scales", "0.0001"], "--scales", r"a number in \[0.25, 4\]"),
-        (["--scales", "1e6"], "--scales", r"a number in \[0.25, 4\]"),
+        (["--scales", "0"], "--scales", r"a number in \[0.01, 4\]"),
+        (["--scales", "1", "-1"], "--scales", r"a number in \[0.01, 4\]"),
+        (["--scales", "inf"], "--scales", r"a number in \[0.01, 4\]"),
+        (["--scales", "nan"], "--scales", r"a number in \[0.01, 4\]"),
+        (["--scales", "0.0001"], "--scales", r"a number in \[0.01, 4\]"),
+        (["--scales", "1e6"], "--scales", r"a number in \[0.01, 4\]"),
         (["--mode", "slide", "--crop", "0"], "--crop", "sizes from 1 to 8192"),
         (["--mode", "slide", "--stride", "0"], "--stride", "sizes from 1 to 8192"),
         (["--stride", "-3"], "--stride", "sizes from 1 to 8192"),

@@ -11,6 +11,8 @@ import torch
 
 import runtime
 
+REPO = Path(__file__).resolve().parents[1]
+
 CPU = torch.device("cpu")
 
 
@@ -108,3 +110,30 @@ def test_keep_freed_memory_takes_effect_with_glibc():
         [sys.executable, "-c", code], cwd=Path(runtime.__file__).parent, capture_output=True
     )
     assert child.returncode == 0 and child.stdout.decode().strip() == "True", child.stderr.decode()
+
+
+def test_loader_workers_outlive_the_group_stop_but_not_their_process(tmp_path):
+    # Workers ignore a stop sent to the process group (the main process checkpoints first), yet end
+    # when their own process ends them: a loader left open at exit (after an exception, say) is ended
+    # by the interpreter with SIGTERM, which workers that ignored it outright made hang for ever.
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import os, signal, sys, time, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import runtime\n"
+        "class Numbers(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 1000\n"
+        "    def __getitem__(self, i): return i\n"
+        "loader = torch.utils.data.DataLoader(Numbers(), num_workers=2,\n"
+        "    worker_init_fn=runtime.leave_stop_signals_to_the_main_process)\n"
+        "batches = iter(loader)\n"
+        "next(batches)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the main process takes the stop itself\n"
+        "os.system(f'kill -TERM -- -{os.getpgid(0)}')  # as a scheduler does, from another process\n"
+        "time.sleep(1)\n"
+        "print(sum(int(next(batches)) for _ in range(20)))  # the workers are still there\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          start_new_session=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(sum(range(1, 21)))]
