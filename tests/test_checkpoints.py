@@ -371,7 +371,7 @@ def numpy_object_array_checkpoint(path, count):
     code = b"c_codecs\nencode\n(" + text("b") + text("latin1") + b"tR"  # b'b', as protocol 2 writes bytes
     empty = b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00t" + code + b"tR"
     state = b"(K\x01(\x8a\x08" + count.to_bytes(8, "little") + b"t" + dtype + b"\x89]tb"
-    pickled = b"\x80\x03}" + text("meta") + empty + state + b"s" + text("state_dict") + b"}s."
+    pickled = b"\x80\x02}" + text("meta") + empty + state + b"s" + text("state_dict") + b"}s."
     writer = torch._C.PyTorchFileWriter(str(path))
     for name, record in (("data.pkl", pickled), (".format_version", b"1"), ("byteorder", b"little")):
         writer.write_record(name, record, len(record))

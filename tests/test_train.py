@@ -1,5 +1,6 @@
 """train.py: the recipe's numerics, a short run, DDP under torchrun, exact resume, signals, guards."""
 
+import errno
 import json
 import math
 import os
@@ -222,11 +223,20 @@ def test_a_new_run_in_a_work_dir_with_checkpoints_is_refused_and_changes_nothing
     assert after == before
 
 
-def test_a_work_dir_that_is_a_file_is_said_in_words(toy_root, tmp_path):
+def test_a_work_dir_that_is_a_file_or_read_only_is_said_in_words(toy_root, tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("")
     for work_dir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
         with pytest.raises(SystemExit, match=f"cannot use --work-dir {work_dir}: .*writ"):
             train.main(toy_args(toy_root, work_dir, "--iters", "1"))
+
+    def read_only(self, *args, **kwargs):  # the tests run as root, whom file modes do not stop
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(
+        SystemExit, match="cannot use --work-dir .*/ro: Read-only file system .* you can write to"
+    ):
+        train.main(toy_args(toy_root, tmp_path / "ro", "--iters", "1"))
 
 
 def test_a_bad_training_file_is_named_after_a_checkpoint_of_the_steps_done(toy_root, tmp_path):
