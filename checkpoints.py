@@ -163,7 +163,8 @@ def read_checkpoint(path_or_url, trust=False):
         refused = [line for line in str(error).splitlines() if UNSAFE in line]
         if refused:
             raise ValueError(
-                f"refusing to load {source}: {refused[0].split(UNSAFE + ': ')[-1]} in it"
+                f"refusing to load {source}: it holds {refused[0].split(UNSAFE + ': ')[-1]}, a value that "
+                "could take far more memory than the file has bytes"
             ) from None
         code = objects_in(local)
         if code:
@@ -193,12 +194,11 @@ def check_tensors(checkpoint, source):
             stack += list(value)
         elif torch.is_tensor(value):
             plain = type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided
-            plain = plain and value.device.type == "cpu"
-            room = value.untyped_storage().nbytes() // value.element_size() if plain else 0
-            last = value.storage_offset() + sum((n - 1) * s for n, s in zip(value.shape, value.stride()))
-            if not plain or (
-                value.numel() and (value.numel() > room or min(value.stride(), default=0) < 0 or last >= room)
-            ):
+            if plain and value.device.type == "cpu" and value.numel():
+                room = value.untyped_storage().nbytes() // value.element_size()
+                last = value.storage_offset() + sum((n - 1) * s for n, s in zip(value.shape, value.stride()))
+                plain = value.numel() <= room and min(value.stride(), default=0) >= 0 and last < room
+            if not (plain and value.device.type == "cpu"):
                 raise ValueError(
                     f"refusing to load {source}: a tensor of shape {list(value.shape)} is not stored in the "
                     "file as a plain array of its elements (a small file that would take much more memory)"
