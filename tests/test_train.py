@@ -159,26 +159,34 @@ def run_script(args, **kwargs):
     )
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(toy_root, tmp_path, stop):
+def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(toy_root, tmp_path):
     # Ctrl-C in a terminal and a scheduler's SIGTERM reach every process of the group: the loader's
     # workers too, which must leave stopping to the main process (before, they died first and took the
-    # run down with "DataLoader worker ... is killed by signal" and no checkpoint).
-    args = toy_args(toy_root, tmp_path, "--iters", "1000", "--log-interval", "1", "--eval-interval", "1000")
-    args[args.index("--workers") + 1] = "2"
-    process = run_script(["train.py", *args], start_new_session=True)  # its own process group, as setsid
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((tmp_path / "log.jsonl").exists() and read_log(tmp_path)):
-        time.sleep(0.2)
-    os.killpg(process.pid, stop)  # kill -INT -- -PGID
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
-    assert "stopped by a signal" in output and "killed by signal" not in output
-    saved = list(tmp_path.glob("iter_*.pth"))
-    assert len(saved) == 1
-    iteration = torch.load(saved[0], weights_only=False)["iteration"]
-    assert 1 <= iteration < 1000 and saved[0].name == f"iter_{iteration}.pth"
-    assert f"continue with: python train.py {' '.join(args)} --resume" in output
+    # run down with "DataLoader worker ... is killed by signal" and no checkpoint). One run per signal,
+    # both at once.
+    runs = {}
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        work_dir = tmp_path / stop.name
+        args = toy_args(
+            toy_root, work_dir, "--iters", "1000", "--log-interval", "1", "--eval-interval", "1000"
+        )
+        args[args.index("--workers") + 1] = "2"
+        # start_new_session: its own process group, as setsid gives it
+        runs[stop] = (work_dir, args, run_script(["train.py", *args], start_new_session=True))
+    for stop, (work_dir, _, process) in runs.items():
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((work_dir / "log.jsonl").exists() and read_log(work_dir)):
+            time.sleep(0.2)
+        os.killpg(process.pid, stop)  # kill -INT -- -PGID, kill -TERM -- -PGID
+    for stop, (work_dir, args, process) in runs.items():
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, (stop.name, output)
+        assert "stopped by a signal" in output and "killed by signal" not in output
+        saved = list(work_dir.glob("iter_*.pth"))
+        assert len(saved) == 1, stop.name
+        iteration = torch.load(saved[0], weights_only=False)["iteration"]
+        assert 1 <= iteration < 1000 and saved[0].name == f"iter_{iteration}.pth"
+        assert f"continue with: python train.py {' '.join(args)} --resume" in output
 
 
 def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
