@@ -141,7 +141,7 @@ def read_checkpoint(path_or_url, trust=False):
     local = local_copy(source)
     if trust:
         print(f"WARNING: --trust-checkpoint: unpickling {source} fully; code in it can run.", file=sys.stderr)
-    if not trust:
+    else:
         refuse_globals(local, source)
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
@@ -192,17 +192,22 @@ def check_tensors(checkpoint, source):
             stack += list(value.values())
         elif isinstance(value, (list, tuple)):
             stack += list(value)
-        elif torch.is_tensor(value):
-            plain = type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided
-            if plain and value.device.type == "cpu" and value.numel():
-                room = value.untyped_storage().nbytes() // value.element_size()
-                last = value.storage_offset() + sum((n - 1) * s for n, s in zip(value.shape, value.stride()))
-                plain = value.numel() <= room and min(value.stride(), default=0) >= 0 and last < room
-            if not (plain and value.device.type == "cpu"):
-                raise ValueError(
-                    f"refusing to load {source}: a tensor of shape {list(value.shape)} is not stored in the "
-                    "file as a plain array of its elements (a small file that would take much more memory)"
-                )
+        elif torch.is_tensor(value) and not stored_plainly(value):
+            raise ValueError(
+                f"refusing to load {source}: a tensor of shape {list(value.shape)} is not stored in the "
+                "file as a plain array of its elements (a small file that would take much more memory)"
+            )
+
+
+def stored_plainly(tensor):
+    """A dense CPU tensor whose elements all lie, once each at most, within its storage."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
+        return False
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return tensor.device.type == "cpu"
+    room = tensor.untyped_storage().nbytes() // tensor.element_size()
+    last = tensor.storage_offset() + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+    return tensor.numel() <= room and min(tensor.stride(), default=0) >= 0 and last < room
 
 
 def refuse_globals(path, source):
@@ -770,9 +775,14 @@ def checkpoint_number(path):
     return int(CHECKPOINT_NAME.fullmatch(Path(path).name).group(1))
 
 
+def temporary_name(path):
+    """A name beside `path` unique to this writer, which claim_work_dir's `.*.tmp` clean-up matches."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 def write_text(path, text):
     """A small file written atomically, as save_checkpoint does."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    temporary = temporary_name(path)
     temporary.write_text(text)
     os.replace(temporary, path)
 
@@ -823,7 +833,7 @@ def save_checkpoint(path, checkpoint):
     ]
     if bad:
         raise NonFiniteWeights(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    temporary = temporary_name(path)
     try:
         torch.save(checkpoint, temporary)
         os.replace(temporary, path)
@@ -910,12 +920,13 @@ def disk_is_full(error, path, checkpoint):
     zip writer, as a RuntimeError without the errno ("unexpected pos ..."): then the free space says."""
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
         return True
+    if not isinstance(error, RuntimeError):
+        return False
     try:
-        return isinstance(error, RuntimeError) and shutil.disk_usage(path.parent).free < checkpoint_bytes(
-            checkpoint
-        )
+        free = shutil.disk_usage(path.parent).free
     except OSError:
         return False
+    return free < checkpoint_bytes(checkpoint)
 
 
 def disk_full_message(path, checkpoint, last_path, restart):

@@ -304,12 +304,13 @@ def classes_of(name, root):
 MAX_IMAGE_PIXELS = recipe.MAX_SIZE**2
 
 
-def open_header(path, kind):
-    """The file opened with Pillow, which reads its header only, its pixel count checked."""
+def open_header(path, kind, file=None):
+    """The file (or the open `file` of that path) opened with Pillow, which reads its header only,
+    its pixel count checked."""
     with warnings.catch_warnings():  # Pillow warns from 89 million pixels on; the limit below is ours
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            picture = Image.open(path)
+            picture = Image.open(file or path)
         except Image.DecompressionBombError as error:  # beyond 179 million pixels Pillow refuses itself
             raise ValueError(too_many_pixels(path, kind, str(error).split(" exceeds")[0])) from None
     width, height = picture.size
@@ -321,8 +322,9 @@ def open_header(path, kind):
 
 def too_many_pixels(path, kind, size):
     return (
-        f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels ({recipe.MAX_SIZE}x{recipe.MAX_SIZE}) are read. "
-        "Downscale it first (e.g. with Pillow's Image.thumbnail), or cut it into tiles."
+        f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels "
+        f"({recipe.MAX_SIZE}x{recipe.MAX_SIZE}) are read. Downscale it first (e.g. with Pillow's "
+        "Image.thumbnail), or cut it into tiles."
     )
 
 
@@ -706,9 +708,8 @@ def file_problem(path, kind):
     """(what is wrong with an image or label file, or None; its (W, H)), from its header and its last
     bytes only: a JPEG ends with the marker FFD9, a PNG with its IEND chunk."""
     try:
-        with open_header(path, kind) as image:  # the header only
+        with open(path, "rb") as file, open_header(path, kind, file) as image:  # the header only
             size, image_format, mode = image.size, image.format, image.mode
-        with open(path, "rb") as file:
             file.seek(-min(os.path.getsize(path), 1024), os.SEEK_END)
             tail = file.read()
     except ValueError as error:  # too many pixels
