@@ -48,6 +48,12 @@ def add_arguments(parser):
         action=argparse.BooleanOptionalAction,
         help="default: on CUDA, and on a CPU with bf16",
     )
+    group.add_argument(
+        "--threads",
+        type=number_flag(int, 1),
+        help="torch threads per process (default: torch's choice; under torchrun on CPUs, the usable "
+        "cores shared among the node's processes)",
+    )
     return group
 
 
@@ -193,6 +199,34 @@ def usable_cores():
     """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under taskset
     or a container's CPU set), for sizing loader workers."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def processes_on_this_node():
+    """How many processes torchrun started on this machine (1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def cores_per_process():
+    """This process's share of the usable cores, at least 1."""
+    return max(1, usable_cores() // processes_on_this_node())
+
+
+def set_threads(flag, device):
+    """Set torch's threads for this process and return the start-up line that says how many and why:
+    --threads; under torchrun on CPUs, the usable cores shared among the node's processes, so that they
+    do not fight over the cores (torchrun itself sets OMP_NUM_THREADS=1 each, which leaves cores idle
+    on a larger machine); otherwise torch's own choice (its physical cores, or OMP_NUM_THREADS)."""
+    processes = processes_on_this_node()
+    if flag:
+        torch.set_num_threads(flag)
+        reason = "--threads"
+    elif device.type == "cpu" and processes > 1:
+        torch.set_num_threads(cores_per_process())
+        reason = f"{usable_cores()} usable cores shared by {processes} processes"
+    else:
+        reason = "torch's choice; --threads N to change"
+    threads = torch.get_num_threads()
+    return f"{threads} torch thread{'s' if threads > 1 else ''} per process ({reason})"
 
 
 def peak_memory_gb(device):

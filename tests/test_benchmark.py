@@ -30,8 +30,8 @@ def test_benchmark_reports_every_figure(tmp_path, capsys, threads_put_back):
     out = tmp_path / "bench.json"
     # One thread: on a busy 2-core machine a second OpenMP thread waits for a core at every op.
     benchmark.main(
-        ["--size", "64x96", "--iters", "1", "--warmup", "1", "--train-crop", "64", "--train-batch", "1",
-         "--data-size", "64x128", "--data-iters", "1", "--threads", "1", "--no-compile", "--out", str(out)]
+        ["--size", "64x96", "--timed", "1", "--warmup", "1", "--train-crop", "64", "--train-batch", "1",
+         "--data-size", "64x128", "--data-samples", "1", "--threads", "1", "--no-compile", "--out", str(out)]
     )  # fmt: skip
     report = json.loads(out.read_text())
 
@@ -105,8 +105,10 @@ def test_benchmark_reports_every_figure(tmp_path, capsys, threads_put_back):
     assert (data["opencv"] is None) == (data["opencv_note"] == "opencv not installed")
 
     assert len(report["targets"]) == 6
-    for target in report["targets"]:
-        assert positive_number(target["measured"]) and target["passed"] in (True, False)
+    # Speed at 64x96 says nothing of the row's sizes: reported, not judged. The memory estimate is judged.
+    for target in report["targets"][:-1]:
+        assert positive_number(target["measured"]) and target["passed"] is None, target
+    assert report["targets"][-1]["passed"] in (True, False)
     # The memory target is counted at its own size (512x1024, batch 2, bf16) whatever the run's sizes.
     memory = report["memory_target"]
     assert memory["crop_size"] == [512, 1024] and memory["batch"] == 2 and memory["precision"] == "bf16"
@@ -118,8 +120,16 @@ def test_benchmark_reports_every_figure(tmp_path, capsys, threads_put_back):
     )
     assert memory_target["measured"] in estimates
     printed = capsys.readouterr().out
-    assert "| Method | Backbone | Crop Size | Mem (GB) | Inf time (fps) |" in printed
-    assert "PASS" in printed or "MISS" in printed
+    # The short table by default, each row labelled with the sizes it ran at; the wide one with --wide.
+    assert "| Method | Backbone | Crop Size |" not in printed
+    header = next(line for line in printed.splitlines() if line.startswith("variant "))
+    assert (
+        header.split()
+        == "variant measured at inference img/s training img/s Mem (GB) inf % of peak train % of peak".split()
+    )
+    default = next(line for line in printed.splitlines() if line.startswith("bf16+channels_last (default) "))
+    assert "inference 64x96, training 64x64 batch 1" in default
+    assert printed.count("not judged at this size") == 5 and "MISS  inference" not in printed
 
 
 def test_saved_for_backward_counts_each_storage_once_without_parameters():
@@ -153,7 +163,7 @@ def test_cuda_targets_on_made_up_figures():
     """The CUDA branch of check_targets, which no CPU run reaches: inference vs the matmul peak and
     25x the table's fps, train.py's step at batch 8 vs the matmul peak, and training memory with
     checkpointing where the default misses 3 GB."""
-    row = dict(published=(5.8, 3.93), inference_comparable=True, train_crop=(512, 1024))
+    row = dict(published=(5.8, 3.93), inference_comparable=True, comparable=True, train_crop=(512, 1024))
 
     def record(checkpointing, batch, peak_memory_gb, default=False, cudnn_benchmark=False, fraction=0.1):
         variant = benchmark.make_variant(
@@ -187,7 +197,7 @@ def test_cuda_targets_on_made_up_figures():
 
 @pytest.mark.parametrize(
     "flag, value",
-    [("--iters", "0"), ("--warmup", "0"), ("--train-batch", "0"), ("--data-iters", "-1"), ("--threads", "0"),
+    [("--timed", "0"), ("--warmup", "0"), ("--train-batch", "0"), ("--data-samples", "-1"), ("--threads", "0"),
      ("--crop", "0"), ("--size", "12x"), ("--data-size", "0x5")],
 )  # fmt: skip
 def test_numeric_and_size_flags_are_checked_when_parsed(flag, value, capsys):
