@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import http.client
 import io
 import json
 import math
@@ -31,6 +32,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -250,15 +252,40 @@ def local_copy(source):
         name = f"{hashlib.sha256(source.encode()).hexdigest()[:16]}-{name or 'download'}"
     cached = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {source} to {cached}", file=sys.stderr)
-        torch.hub.download_url_to_file(source, str(cached), progress=runtime.rank_and_world_size()[0] == 0)
+        download(source, cached)
     if digits and not file_sha256(cached).startswith(digits.group(1)):
         raise ValueError(
             f"{cached} (from {source}) is not the file its name promises: its SHA-256 does not begin with "
             f"{digits.group(1)}. Delete it to download it again; to use a file of another content, pass its path."
         )
     return str(cached)
+
+
+class DownloadFailed(ValueError):
+    """A URL that could not be fetched; the message names it and the ways around it."""
+
+
+def download(url, path):
+    """Fetch `url` into `path` with a progress bar (torch.hub writes a temporary file and renames it).
+    A failure says in a few lines which URL failed, whether the network was reached, and the two ways
+    out: fetch the file elsewhere and pass its path, or put it where this URL is looked for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {url} to {path}", file=sys.stderr)
+    try:
+        torch.hub.download_url_to_file(url, str(path), progress=runtime.rank_and_world_size()[0] == 0)
+    except urllib.error.HTTPError as error:
+        reason = f"the server answered HTTP {error.code} ({error.reason})"
+    except urllib.error.URLError as error:
+        host = urllib.parse.urlparse(url).hostname
+        reason = f"no connection to {host} ({error.reason}): no network was reached, or the host is down"
+    except (OSError, http.client.HTTPException) as error:
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        return
+    raise DownloadFailed(
+        f"cannot download {url}: {reason}.\nWays out: download the file on a machine that has a network "
+        f"and pass its path instead of the URL, or copy it to {path}, where this URL is looked for first."
+    )
 
 
 def file_sha256(path):
@@ -508,7 +535,7 @@ def checkpoint_info(path_or_url, checkpoint=None):
         depth={6: 50, 23: 101}[n_blocks],
         num_classes=int(state_dict["decode_head.conv_seg.weight"].shape[0]),
         dataset=None, align_corners=None, crop_size=None, classes=None, palette=None, config_name=None,
-        recipe=None, row=None,
+        recipe=None, row=None, validation=None,
     )  # fmt: skip
     meta, ours = checkpoint.get("meta") or {}, checkpoint.get("recipe")
     for key, value in (("meta", meta), ("recipe", ours)):
@@ -517,6 +544,8 @@ def checkpoint_info(path_or_url, checkpoint=None):
                 f"{path_or_url}: its '{key}' is a {type(value).__name__}, expected a dict: the file is damaged "
                 "or was written by another program"
             )
+    if isinstance(checkpoint.get("validation"), dict):  # best.pth: the score of training's validation
+        info["validation"] = checkpoint["validation"]
     if ours:
         info["recipe"] = ours
         for key in ("dataset", "align_corners", "config_name"):
@@ -710,7 +739,8 @@ class Run:
         scores = {key: results[key] for key in ("mIoU", "mAcc", "aAcc")}
         self.log.write(dict(iteration=iteration, **scores, val_seconds=seconds))
         if results["mIoU"] > self.best_miou:
-            self.writer.save(iteration, results["mIoU"], None, name="best.pth")
+            self.writer.save(iteration, results["mIoU"], None, name="best.pth", validation=dict(
+                validation_settings(self.config), iteration=iteration, mIoU=results["mIoU"]))  # fmt: skip
         self.best_miou = max(self.best_miou, results["mIoU"])
         self.validation_pending = False
 
@@ -856,7 +886,7 @@ class CheckpointWriter:
         self.config, self.meta, self.keep, self.restart = config, meta, keep, restart
         self.rank = runtime.rank_and_world_size()[0]
 
-    def save(self, iteration, best_miou, last_path, validation_pending=False, name=None):
+    def save(self, iteration, best_miou, last_path, validation_pending=False, name=None, validation=None):
         rng = gather_rng_states()
         if self.rank != 0:
             return None
@@ -872,6 +902,8 @@ class CheckpointWriter:
             "recipe": self.config,
             "meta": self.meta,
         }
+        if validation:  # best.pth: the settings and score of its validation, which evaluate.py compares with
+            checkpoint["validation"] = validation
         try:
             save_checkpoint(path, checkpoint)
         except NonFiniteWeights as error:
@@ -891,6 +923,18 @@ class CheckpointWriter:
             for old in earlier[: max(0, len(earlier) - (self.keep - 1))]:
                 old.unlink()
         return path
+
+
+def validation_settings(config):
+    """The settings of train.py's validation in the names of evaluate.py's settings: single scale, no
+    flip, the recipe's test protocol, the run's precision, layout and BatchNorm folding."""
+    root = config["data_root"] or recipe.DATASETS[config["dataset"]]["root"]
+    return dict(
+        dataset=config["dataset"], data_root=os.path.abspath(root), mode=config["test_mode"],
+        crop_size=list(config["test_crop"]), stride=list(config["test_stride"]), scale=list(config["scale"]),
+        ratios=[1.0], flip=False, precision=config["precision"], fold_batchnorm=config["fold_batchnorm"],
+        channels_last=config["channels_last"], device=torch.device(config["device"]).type,
+    )  # fmt: skip
 
 
 def restart_command(argv, world_size):

@@ -10,6 +10,7 @@ writes the same pipelines with OpenCV). Labels are PNGs of class indices, 255 = 
 
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
+from tqdm import tqdm
 
 import recipe
 
@@ -247,6 +249,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 def check_split_and_root(name, split, root):
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if name == "toy" and split == "test":
+        raise ValueError("the toy dataset has a train and a val split only; use --split val")
     if name == "folder" and root is None:
         raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
 
@@ -344,7 +348,16 @@ def decode_file(path, kind, mode, upright=False):
             warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
             return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
     except (OSError, RuntimeError, SyntaxError) as error:  # Pillow's damaged-file errors, torchvision's
-        raise ValueError(f"cannot decode {kind} {path} ({error}). Expected {expected[kind]}.") from None
+        raise ValueError(
+            f"cannot decode {kind} {path} ({in_words(error)}). Expected {expected[kind]}."
+        ) from None
+
+
+def in_words(error):
+    """An error's message without the source paths and C++ stack that torchvision's codecs put in it
+    ("decode_webp, /__w/vision/.../decode_webp.cpp:85, WebPDecodeRGB[A] failed.")."""
+    text = str(error).split("\nException raised from")[0]
+    return re.sub(r"\S*\.(?:cpp|h|hpp):\d+,?\s*", "", text).strip()
 
 
 def png_tensor(picture, mode, upright):
@@ -730,7 +743,10 @@ def file_problem(path, kind):
 def check_files(name, pairs):
     """Name every unreadable, truncated or mismatched image and label of a split at once."""
     problems = []
-    for image_path, label_path in pairs:
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 shows the bar
+    for image_path, label_path in tqdm(
+        pairs, desc=f"{name}: checking files", unit="pair", delay=2, disable=quiet
+    ):
         image_problem, image_size = file_problem(image_path, "image")
         label_problem, label_size = file_problem(label_path, "label") if label_path else (None, None)
         problems += [problem for problem in (image_problem, label_problem) if problem]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Subset
@@ -197,7 +197,7 @@ def evaluate_dataset(
         matrix += confusion_matrix(pred, label, dataset.num_classes)
         share += 1
         if save_dir is not None:  # the label PNG, an overlay and the GC block's attention, below the line
-            save_split_pictures(model, dataset, pred, meta, images, device=device, precision=precision,
+            save_split_pictures(model, dataset, pred, label, meta, images, device=device, precision=precision,
                                 save_dir=save_dir, opacity=opacity)  # fmt: skip
     matrix = sum_over_processes(matrix)
     num_images = int(sum_over_processes(torch.tensor([share], device=device)).item())
@@ -208,7 +208,18 @@ def evaluate_dataset(
 # the benchmark servers, pictures of image files), checks, speed-ups. A first reading can stop here.
 
 
-def predictions(model, dataset, count=None, *, device, precision, workers=2, show_progress=False, **protocol):
+def predictions(
+    model,
+    dataset,
+    count=None,
+    *,
+    device,
+    precision,
+    workers=2,
+    show_progress=False,
+    desc="predict",
+    **protocol,
+):
     """(pred (H, W) at the original size, label or None, meta, images per scale) for this process's
     share of the first `count` images (default all): rank r of W takes images r, r+W, ..., so none is
     counted twice. The model is in eval mode meanwhile and back in its previous mode after."""
@@ -223,7 +234,7 @@ def predictions(model, dataset, count=None, *, device, precision, workers=2, sho
                         worker_init_fn=runtime.leave_stop_signals_to_the_main_process)  # fmt: skip
     here = f" ({len(share)} of {total} images here)" if world_size > 1 else ""
     progress = tqdm(
-        total=len(share), desc=f"predict{here}", unit="img", disable=not show_progress or rank != 0
+        total=len(share), desc=f"{desc}{here}", unit="img", disable=not show_progress or rank != 0
     )
     was_training = model.training
     model.eval()
@@ -292,13 +303,16 @@ def sum_over_processes(tensor):
 
 
 @torch.no_grad()
-def precision_agreement(model, dataset, num_images, *, reference_model=None, **inference):
+def precision_agreement(
+    model, dataset, num_images, *, reference_model=None, show_progress=False, **inference
+):
     """Fraction of labelled pixels predicted alike at inference['precision'] and in fp32 (reference_model,
     if given: main passes the unfolded model, to cover folding too) over the first num_images images."""
     counts = torch.zeros(2, dtype=torch.int64, device=inference["device"])  # [agreeing, labelled] pixels
     reference_model = model if reference_model is None else reference_model
     modes = model.training, reference_model.training
-    ours = predictions(model, dataset, num_images, **inference)
+    desc = f"{inference['precision']} vs fp32 check"
+    ours = predictions(model, dataset, num_images, show_progress=show_progress, desc=desc, **inference)
     fp32 = predictions(reference_model, dataset, num_images, **dict(inference, precision="fp32"))
     try:
         for (pred, label, _, _), (fp32_pred, _, _, _) in zip(ours, fp32):
@@ -335,6 +349,8 @@ def resolve_settings(args, info, device):
         )
     precision = runtime.resolve_precision(args.precision, device, auto="native" if info["recipe"] else "fp32")
     native = precision != "fp32"
+    # The data root the checkpoint's run recorded, for its own dataset, unless --data-root says otherwise.
+    recorded_root = (info["recipe"] or {}).get("data_root") if name == info["dataset"] else None
     return dict(
         dataset=name, mode=mode, crop_size=crop_size, stride=stride, scale=pair(row["scale"]),
         ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
@@ -342,14 +358,21 @@ def resolve_settings(args, info, device):
         align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
         precision=precision,
         channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
-        fold_batchnorm=native if args.fold_batchnorm is None else args.fold_batchnorm,
+        fold_batchnorm=default_fold_batchnorm(precision) if args.fold_batchnorm is None else args.fold_batchnorm,
         check_agreement=(10 if native else 0) if args.check_agreement is None else args.check_agreement,
-        window_batch=args.window_batch, workers=args.workers, depth=args.depth, data_root=args.data_root,
+        window_batch=args.window_batch, workers=args.workers, depth=args.depth,
+        data_root=args.data_root or recorded_root, data_root_flag=args.data_root is not None,
         split=args.split, format_only=args.format_only, save_dir=args.save_dir, opacity=args.opacity, out=args.out,
         images=image_files(args.image) if args.image else None,  # (files, skipped)
         # a folder trained with label 0 = ignore is scored so (None: the dataset's own declaration)
         reduce_zero_label=(info["recipe"] or {}).get("reduce_zero_label") if name == info["dataset"] else None,
     )  # fmt: skip
+
+
+def default_fold_batchnorm(precision):
+    """BatchNorm is folded into the convs outside fp32 (rounding only), in evaluate.py and in train.py's
+    validation alike, so that the two give the same scores with the same precision."""
+    return precision != "fp32"
 
 
 def inference_keywords(settings, device):
@@ -365,10 +388,20 @@ def build_split(info, settings, checkpoint):
             f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
             f"pass --dataset (one of {', '.join(sorted(recipe.DATASETS))}) and --data-root"
         )
-    dataset = data.build_dataset(
-        settings["dataset"], root=settings["data_root"], split=settings["split"], crop_size=settings["crop_size"],
-        scale=settings["scale"], test_ratios=settings["ratios"], reduce_zero_label=settings["reduce_zero_label"],
-    )  # fmt: skip
+    try:
+        dataset = data.build_dataset(
+            settings["dataset"], root=settings["data_root"], split=settings["split"], crop_size=settings["crop_size"],
+            scale=settings["scale"], test_ratios=settings["ratios"], reduce_zero_label=settings["reduce_zero_label"],
+        )  # fmt: skip
+    except FileNotFoundError as error:
+        whose = "given by --data-root" if settings["data_root_flag"] else "recorded by the checkpoint's run"
+        root = (
+            f"the data root {settings['data_root']}, {whose}" if settings["data_root"] else "the default root"
+        )
+        raise FileNotFoundError(
+            f"{error}\n{checkpoint} holds a {settings['dataset']} model and this looked in {root}: pass --data-root "
+            f"with the folder of its data (and --dataset if it is another dataset with the same classes)."
+        ) from None
     check_classes(info, dataset, checkpoint)
     return dataset
 
@@ -378,18 +411,34 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     rank, world_size = runtime.rank_and_world_size()
     dataset, precision = build_split(info, settings, checkpoint), settings["precision"]
     protocol_keys = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
+    differences = training_differences(info["validation"], settings, dataset, device)
     if rank == 0:
         protocol = ", ".join(f"{key} {settings[key]}" for key in protocol_keys)
         where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
-        print(f"{checkpoint}: {len(dataset)} {dataset.name} val images, {protocol}, {where}")
+        print(
+            f"{checkpoint}: {len(dataset)} {dataset.name} val images in {dataset.root}, {protocol}, {where}"
+        )
+        print(f"{settings['threads']}, {settings['workers']} loader workers (--workers N to change)")
+        if differences is not None:
+            said = info["validation"]
+            same = "the same settings: expect the same score" if not differences else (
+                "other settings: " + "; ".join(differences))  # fmt: skip
+            print(f"training validated this checkpoint (iteration {said['iteration']}) at mIoU {said['mIoU']:.2f} "
+                  f"with {same}")  # fmt: skip
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
     if settings["check_agreement"] > 0 and precision != "fp32":
+        # At one scale without flips, whatever the protocol: it measures the precision, and with ms+flip
+        # it would cost twelve forward passes per image, more than the evaluation itself.
+        single_scale = copy.copy(dataset)
+        single_scale.test_ratios = (1.0,)
         agreement = precision_agreement(
-            model, dataset, settings["check_agreement"], reference_model=reference_model, **inference
-        )
+            model, single_scale, settings["check_agreement"], reference_model=reference_model,
+            show_progress=True, **dict(inference, flip=False),
+        )  # fmt: skip
         if rank == 0:
-            print(f"{precision} vs fp32: {100 * agreement['agreement']:.4f}% of the labelled pixels agree")
+            print(f"{precision} vs fp32 at a single scale: {100 * agreement['agreement']:.4f}% of the "
+                  "labelled pixels agree")  # fmt: skip
     start = time.perf_counter()
     results = evaluate_dataset(
         model, dataset, channels_last=settings["channels_last"], save_dir=settings["save_dir"],
@@ -399,6 +448,11 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     if rank != 0:
         return
     print(format_table(results, dataset.classes))
+    if differences is not None:
+        why = "same settings" if not differences else "other settings, above"
+        print(
+            f"mIoU {results['mIoU']:.2f} here, {info['validation']['mIoU']:.2f} in training's validation ({why})"
+        )
     speed_keys = ("precision", "channels_last", "fold_batchnorm", "window_batch")
     record = dict(
         checkpoint=str(checkpoint), config_name=info["config_name"], dataset=dataset.name,
@@ -422,6 +476,25 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(without_nan(record), indent=1))
     print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
+
+
+def training_differences(validation, settings, dataset, device):
+    """How this evaluation's settings differ from those of the training validation that the checkpoint
+    records (best.pth): a list of 'what: there, here' texts, empty when they agree; None when the
+    checkpoint records none."""
+    if not validation:
+        return None
+    here = dict(settings, dataset=dataset.name, data_root=os.path.abspath(dataset.root), device=device.type)
+    differences = []
+    for key in ("dataset", "data_root", "mode", "crop_size", "stride", "scale", "ratios", "flip", "precision",
+                "fold_batchnorm", "channels_last", "device"):  # fmt: skip
+        there, ours = validation.get(key), here[key]
+        if isinstance(ours, (tuple, list)):
+            there, ours = list(there or []), list(ours)
+        if there != ours:
+            name = {"fold_batchnorm": "BatchNorm folded"}.get(key, key.replace("_", " "))
+            differences.append(f"{name} {there} in training, {ours} here")
+    return differences
 
 
 def without_nan(value):
@@ -451,33 +524,54 @@ def write_split_files(model, info, settings, checkpoint, device):
         print(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
 
 
+def files_count(count):
+    return f"{count} file" if count == 1 else f"{count} files"
+
+
+def class_names_and_colours(info, dataset_name, num_classes):
+    """(palette, classes) for pictures of a checkpoint: those it records, else its dataset's, else
+    numbered classes in the default colours."""
+    known = data.CLASSES_AND_PALETTES.get(dataset_name, {})
+    palette, classes = info["palette"] or known.get("palette"), info["classes"] or known.get("classes")
+    if palette is None or len(palette) != num_classes:
+        palette = data.default_palette(num_classes)
+    if classes is None or len(classes) != num_classes:
+        classes = [f"class {index}" for index in range(num_classes)]
+    return palette, classes
+
+
 def predict_images(model, info, settings, device):
     """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
     that cannot be read is named and the others go on. Returns how many failed, over all ranks."""
     rank, world_size = runtime.rank_and_world_size()
     (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
-    palette = info["palette"] or data.CLASSES_AND_PALETTES.get(settings["dataset"], {}).get("palette")
-    if palette is None or len(palette) != model.num_classes:
-        palette = data.default_palette(model.num_classes)
+    palette, classes = class_names_and_colours(info, settings["dataset"], model.num_classes)
     keywords = dict(inference_keywords(settings, device), scale=settings["scale"], ratios=settings["ratios"],
-                    palette=palette, save_dir=save_dir, opacity=settings["opacity"])  # fmt: skip
+                    palette=palette, classes=classes, save_dir=save_dir, opacity=settings["opacity"])  # fmt: skip
     mine = list(zip(files, picture_names(files)))[rank::world_size]
     written, failed = [], []
-    for path, name in tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2):
+    bar = tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2)
+    for path, name in bar:
         try:
             written += predict_image(model, path, name, **keywords)
         except (ValueError, OSError) as error:  # an unreadable or undecodable file: name it, go on
             failed.append(path)
+            bar.set_postfix(failed=len(failed))  # the bar counts the images tried
             tqdm.write(f"evaluate.py: {path} failed: {error}", file=sys.stderr)
     counts = sum_over_processes(torch.tensor([len(mine) - len(failed), len(failed)], device=device)).tolist()
     if rank == 0 and skipped:
-        print(f"skipped {len(skipped)} files that are not images: " + ", ".join(map(str, skipped)))
+        what = "that is not an image" if len(skipped) == 1 else "that are not images"
+        print(f"skipped {files_count(len(skipped))} {what}: " + ", ".join(map(str, skipped)))
     if rank == 0 and len(files) == 1 and not failed:
         print("wrote " + ", ".join(map(str, written)))
     elif rank == 0:
-        print(f"wrote the label PNG, overlay and attention picture of {counts[0]} images under {save_dir}")
+        tried = f" ({counts[1]} of {len(files)} failed)" if counts[1] else ""
+        print(f"wrote the label PNG, overlay, attention and composite pictures of {counts[0]} "
+              f"{'image' if counts[0] == 1 else 'images'} under {save_dir}{tried}")  # fmt: skip
     if failed:
-        print(f"evaluate.py: {len(failed)} images failed: " + ", ".join(map(str, failed)), file=sys.stderr)
+        print(
+            f"evaluate.py: {files_count(len(failed))} failed: " + ", ".join(map(str, failed)), file=sys.stderr
+        )
     return counts[1]
 
 
@@ -492,12 +586,17 @@ def main(argv=None):
     failed = 0
     try:
         _, _, device = runtime.setup_device(args.device)
+        threads = runtime.set_threads(args.threads, device)
         checkpoint = checkpoints.find_checkpoint(args.checkpoint)
+        if args.checkpoint is None:  # say which of the runs' files it took
+            count = len(list(Path().glob(checkpoints.CHECKPOINT_PATTERN)))
+            runtime.say(f"no --checkpoint: evaluating {checkpoint}, the newest of {count} "
+                        f"{checkpoints.CHECKPOINT_PATTERN}; pass --checkpoint PATH for another")  # fmt: skip
         loaded = checkpoints.read_checkpoint(
             checkpoint, trust=args.trust_checkpoint
         )  # read once, for info and weights
         info = checkpoints.checkpoint_info(checkpoint, loaded)
-        settings = resolve_settings(args, info, device)
+        settings = dict(resolve_settings(args, info, device), threads=threads)
         model = build_model(checkpoint, loaded, info, settings, device)
         reference_model = model  # the fp32 reference of the agreement check, BatchNorm not folded
         if settings["fold_batchnorm"]:
@@ -521,7 +620,7 @@ def main(argv=None):
 
 USAGE = r"""examples:
   python evaluate.py                       # newest work_dirs/*/best.pth, single scale
-  python evaluate.py --ms-flip             # ... multi-scale + flip
+  python evaluate.py --ms-flip             # the same file, multi-scale + flip only
   python evaluate.py --checkpoint gcnet_r50-d8_769x769_40k_cityscapes_20200618_182814-a26f4471.pth \
       --data-root data/cityscapes --ms-flip
   python evaluate.py --checkpoint CKPT --dataset folder --data-root data/mine   # when it can't tell
@@ -544,8 +643,9 @@ def build_parser():
     what.add_argument("--checkpoint", help=f"a .pth file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
     what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only for files you trust")
     what.add_argument("--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)")
-    what.add_argument("--data-root", help="dataset folder (default: the dataset's, e.g. data/cityscapes)")
-    what.add_argument("--depth", type=int, choices=(50, 101), help="only if the checkpoint cannot tell")
+    what.add_argument("--data-root", help="dataset folder (default: the one the checkpoint's run used, else "
+                      "the dataset's, e.g. data/cityscapes)")
+    what.add_argument("--depth", type=int, choices=(50, 101), help="only if the checkpoint cannot tell (it always can)")
     what.add_argument("--split", default="val", choices=("val", "test"), help="val, or test with --format-only")
     what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
     what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns")
@@ -560,8 +660,10 @@ def build_parser():
     speed = parser.add_argument_group("speed (results change by rounding only)")
     speed.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32")
     speed.add_argument("--check-agreement", type=number(int, 0), metavar="N", help="vs fp32 (default 10 unless fp32)")
-    speed.add_argument("--window-batch", type=number(int, 1), default=4, help="sliding windows per forward pass")
-    speed.add_argument("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="loader processes")
+    speed.add_argument("--window-batch", type=number(int, 1), default=4, help="sliding windows per pass (default 4)")
+    workers = min(4, runtime.cores_per_process())
+    speed.add_argument("--workers", type=number(int, 0), default=workers,
+                       help=f"loader processes (default: 4, at most the cores per process: {workers} here)")
     output = parser.add_argument_group("output")
     output.add_argument("--save-dir", type=path("folder"), help="pictures or server files go here")
     output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1")
@@ -618,7 +720,7 @@ def fold_batchnorm(net):
         pairs += list(zip(names, names[1:])) if isinstance(module, nn.Sequential) else []
         for conv_name, bn_name in pairs:
             conv, bn = getattr(module, conv_name), getattr(module, bn_name)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
                 setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
                 setattr(module, bn_name, nn.Identity())
     return folded
@@ -667,18 +769,23 @@ def label_picture(pred, palette):
     return labels
 
 
-def save_split_pictures(model, dataset, pred, meta, images, *, device, precision, save_dir, opacity):
+def save_split_pictures(model, dataset, pred, label, meta, images, *, device, precision, save_dir, opacity):
     """save_pictures() for an image of a split, with its attention map at the test scale."""
     original = data.read_image(meta["image_path"])
     at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale)
     with runtime.precision_context(device, precision):
         attention = attention_map(model, at_ratio_one, original.shape[-2:])
-    save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity)
+    save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity,
+                  classes=dataset.classes, label=label)  # fmt: skip
 
 
-def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=0.5):
+def save_pictures(
+    save_dir, name, image, pred, palette, attention=None, opacity=0.5, classes=None, label=None
+):
     """Write <name>_pred.png (palette PNG), <name>_overlay.jpg (class colours over the uint8 (3, H, W)
-    image) and, given one, <name>_attention.png (attention (H, W) in [0, 1]). Returns the paths."""
+    image) and, given one, <name>_attention.png (attention (H, W) in [0, 1]); given the class names,
+    also <name>_composite.png (composite_picture: image, label, prediction and attention side by side).
+    Returns the paths."""
     stem = Path(save_dir) / name
     if not os.path.abspath(stem).startswith(os.path.join(os.path.abspath(save_dir), "")):
         raise ValueError(f"refusing to write {stem}: outside --save-dir {save_dir}")
@@ -692,12 +799,86 @@ def save_pictures(save_dir, name, image, pred, palette, attention=None, opacity=
     if attention is not None:
         paths.append(Path(f"{stem}_attention.png"))
         rgb_picture((1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())).save(paths[2])
+    if classes is not None:
+        paths.append(Path(f"{stem}_composite.png"))
+        composite_picture(image, pred, palette, classes, attention, label, opacity).save(paths[-1])
     return paths
+
+
+# The composite's panels are at most this wide (pixels; a 2048-wide Cityscapes frame is drawn at 512),
+# with this much white between them.
+PANEL_WIDTH, COMPOSITE_GAP = 512, 6
+
+
+def composite_picture(image, pred, palette, classes, attention=None, label=None, opacity=0.5):
+    """One picture to read at a glance: the image, its ground truth (if given), the prediction and the
+    GC block's attention side by side, each titled, with a legend of the classes present (in the label
+    or the prediction) in their colours. Ignored pixels are black. Returns a PIL image."""
+    picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
+    colours = torch.tensor(list(palette) + [[0, 0, 0]], dtype=torch.float32)  # index -1: ignored
+
+    def as_colours(labels):
+        labels = labels.cpu().long()
+        return colours[torch.where(labels == data.IGNORE_INDEX, -1, labels)]
+
+    panels = [("image", picture)]
+    if label is not None:
+        panels.append(("ground truth", as_colours(label)))
+    panels.append(("prediction", as_colours(pred)))
+    if attention is not None:
+        heat = heat_colors(attention.float().cpu())
+        panels.append(("GC attention (red: more weight)", (1 - opacity) * picture + opacity * heat))
+    height, width = picture.shape[:2]
+    size = (min(width, PANEL_WIDTH), max(1, round(height * min(width, PANEL_WIDTH) / width)))
+    font = ImageFont.load_default(size=14)
+    title, gap = 22, COMPOSITE_GAP
+    present = sorted(set(pred.unique().tolist()) | set([] if label is None else label.unique().tolist()))
+    present = [index for index in present if 0 <= index < len(classes)]
+    total_width = len(panels) * (size[0] + gap) - gap
+    legend = legend_rows(present, classes, font, total_width)
+    canvas = Image.new("RGB", (total_width, title + size[1] + 8 + 20 * len(legend)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for number, (name, rgb) in enumerate(panels):
+        left = number * (size[0] + gap)
+        resample = Image.BILINEAR if name == "image" or name.startswith("GC") else Image.NEAREST
+        canvas.paste(rgb_picture(rgb).resize(size, resample), (left, title))
+        draw.text((left, 3), name, fill="black", font=font)
+    for row, entries in enumerate(legend):
+        top = title + size[1] + 8 + 20 * row
+        for left, index in entries:
+            draw.rectangle((left, top + 2, left + 13, top + 15), fill=tuple(palette[index]), outline="black")
+            draw.text((left + 18, top), classes[index], fill="black", font=font)
+    return canvas
+
+
+def legend_rows(indices, classes, font, width):
+    """The legend's entries, (left, class index) per row, wrapped to `width` pixels."""
+    rows, left = [[]], 0
+    for index in indices:
+        entry = 18 + int(font.getlength(classes[index])) + 14
+        if left and left + entry > width:
+            rows.append([])
+            left = 0
+        rows[-1].append((left, index))
+        left += entry
+    return rows if rows[0] else []
 
 
 @torch.no_grad()
 def predict_image(
-    model, path, name, *, scale, ratios, device, precision, palette, save_dir, opacity=0.5, **protocol
+    model,
+    path,
+    name,
+    *,
+    scale,
+    ratios,
+    device,
+    precision,
+    palette,
+    save_dir,
+    opacity=0.5,
+    classes=None,
+    **protocol,
 ):
     """The pictures of save_pictures() for one image file, without a dataset. Returns their paths. A
     photo with more than FULL_SIZE_RATIO times the pixels of the test scale is predicted and drawn at
@@ -715,7 +896,43 @@ def predict_image(
         attention = attention_map(
             model, image_at_ratio_one(images, ratios, original, scale), original.shape[-2:]
         )
-    return save_pictures(save_dir, name, original, probabilities.argmax(dim=0), palette, attention, opacity)
+    pred = probabilities.argmax(dim=0)
+    return save_pictures(save_dir, name, original, pred, palette, attention, opacity, classes=classes)
+
+
+class Predictor:
+    """A checkpoint ready to segment image files from Python, with the settings evaluate.py would use
+    (the checkpoint's test protocol, its precision rule, BatchNorm folded outside fp32):
+
+        predictor = evaluate.Predictor("work_dirs/gcnet_r50-d8_128x128_300it_toy/best.pth")
+        labels = predictor("photo.jpg")   # (H, W) int64 class indices; predictor.classes names them
+
+    `flags` are evaluate.py's, e.g. ["--ms-flip"] or ["--device", "cuda"]."""
+
+    def __init__(self, checkpoint, flags=()):
+        args = build_parser().parse_args(["--checkpoint", str(checkpoint), *flags])
+        _, _, self.device = runtime.setup_device(args.device)
+        loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)
+        info = checkpoints.checkpoint_info(checkpoint, loaded)
+        self.settings = resolve_settings(args, info, self.device)
+        self.model = build_model(checkpoint, loaded, info, self.settings, self.device)
+        if self.settings["fold_batchnorm"]:
+            self.model = fold_batchnorm(self.model)
+        if self.settings["channels_last"]:
+            self.model.to(memory_format=torch.channels_last)
+        self.palette, self.classes = class_names_and_colours(
+            info, self.settings["dataset"], info["num_classes"]
+        )
+
+    @torch.no_grad()
+    def __call__(self, path):
+        """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
+        image = data.read_image(path, upright=True)
+        scaled = data.test_transform(image, self.settings["scale"], self.settings["ratios"])
+        with runtime.precision_context(self.device, self.settings["precision"]):
+            probabilities = predict(self.model, [each.to(self.device) for each in scaled], image.shape[-2:],
+                                    **{key: self.settings[key] for key in ("mode", "crop_size", "stride", "flip")})  # fmt: skip
+        return probabilities.argmax(dim=0).cpu()
 
 
 # --image draws a photo at its own size up to this many times the pixels of the test scale.
@@ -723,16 +940,19 @@ FULL_SIZE_RATIO = 4
 
 
 def image_files(patterns):
-    """--image: files as given, a folder's images (sorted), a glob pattern's images (sorted). Returns
-    (files, skipped): skipped are the files of folders and patterns that are not images by their name."""
+    """--image: files as given, a folder's images with its subfolders' (sorted), a glob pattern's images
+    (sorted). Returns (files, skipped): skipped are the files of folders and patterns that are not
+    images by their name."""
     files, skipped, kinds = [], [], data.FOLDER_IMAGE_EXTENSIONS
     for pattern in patterns:
         path = Path(pattern)
         if path.is_file():
             files.append(path)
             continue
-        if path.is_dir():
-            found = sorted(filter(Path.is_file, path.iterdir()))
+        if path.is_dir():  # and its subfolders, but not hidden files or folders
+            below = (child for child in path.rglob("*") if not any(part.startswith(".") for part in
+                     child.relative_to(path).parts))  # fmt: skip
+            found = sorted(filter(Path.is_file, below))
         elif any(character in pattern for character in "*?["):
             found = sorted(filter(Path.is_file, map(Path, glob.glob(pattern, recursive=True))))
         else:

@@ -88,7 +88,7 @@ def row(dataset, crop=None, depth=50, iters=None):
         test_mode="slide" if sliding else "whole",
         test_crop=crop_size,
         test_stride=tuple(math.ceil(2 * size / 3) for size in crop_size),  # 769 -> 513
-        eval_interval=max(iters // 10, 1),  # evaluation and a checkpoint every tenth of the schedule
+        eval_interval=max(iters // 10, min(iters, 20)),  # every tenth of the schedule, 20 at least
         workers=base["workers"],
         pretrained=base.get("pretrained", IMAGENET_URLS[depth]),
         config_name=f"gcnet_r{depth}-d8_{crop_size[0]}x{crop_size[1]}_{schedule}_{dataset}",
@@ -119,6 +119,25 @@ def parse_crop(value, flag="--crop"):
             f"{flag}: expected N or HxW with sizes from 1 to {MAX_SIZE} (e.g. 769 or 512x1024), got {value!r}"
         )
     return tuple(parts)
+
+
+def parse_scale(value, flag="--scale"):
+    """'512' -> (2048, 512): images rescaled to fit a short side of 512 and a long side of 4 times that, as
+    the recipe's 2048x512; 'AxB' -> (A, B). Like the original's img_scale with keep_ratio=True, the
+    order does not matter: the larger number bounds the long side, the smaller the short side."""
+    parts = str(value).lower().split("x")
+    try:
+        short_and_long = (
+            [int(parts[0]), 4 * int(parts[0])] if len(parts) == 1 else [int(part) for part in parts]
+        )
+    except ValueError:
+        short_and_long = []
+    if len(short_and_long) != 2 or min(short_and_long) <= 0 or max(short_and_long) > 4 * MAX_SIZE:
+        raise ValueError(
+            f"{flag}: expected N (the short side; the long side is up to 4N) or LONGxSHORT, e.g. 512 or "
+            f"2048x512, with sizes up to {4 * MAX_SIZE}; got {value!r}"
+        )
+    return max(short_and_long), min(short_and_long)
 
 
 # The table's datasets recognised by their class count (for checkpoints that do not say theirs).

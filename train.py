@@ -9,6 +9,7 @@ trains the toy demo in minutes; `--help` shows how to run the rows of the table.
 """
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -139,7 +140,7 @@ def build_datasets(config):
     try:
         return [
             data.build_dataset(config["dataset"], config["data_root"], split, crop_size=config["crop_size"],
-                               reduce_zero_label=config["reduce_zero_label"] or None)  # None: the dataset's own
+                               scale=config["scale"], reduce_zero_label=config["reduce_zero_label"] or None)
             for split in ("train", "val")
         ]  # fmt: skip
     except (FileNotFoundError, ValueError) as error:
@@ -204,9 +205,10 @@ def build_model(config, num_classes, *, load_from=None, trust=False, resuming=Fa
 def validate(raw_model, val_set, config, save_dir=None):
     """Single-scale val mIoU, in a forked RNG: validating leaves the training's random stream as it was."""
     device = next(raw_model.parameters()).device
+    net = evaluate.fold_batchnorm(raw_model) if config["fold_batchnorm"] else raw_model  # as evaluate.py
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate.evaluate_dataset(
-            raw_model, val_set, mode=config["test_mode"], crop_size=tuple(config["test_crop"]),
+            net, val_set, mode=config["test_mode"], crop_size=tuple(config["test_crop"]),
             stride=tuple(config["test_stride"]), flip=False, device=device, precision=config["precision"],
             channels_last=config["channels_last"], save_dir=save_dir, workers=config["workers"],
         )  # fmt: skip
@@ -285,7 +287,9 @@ def set_up(args):
     if args.workers is None:
         config["workers"] = default_workers(config["workers"], device)
     config.update(
+        threads=runtime.set_threads(args.threads, device),
         precision=precision,
+        fold_batchnorm=evaluate.default_fold_batchnorm(precision),  # validation folds as evaluate.py does
         channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
         sync_bn=device.type == "cuda" and world_size > 1,
         device=str(device),
@@ -301,11 +305,11 @@ def default_workers(recipe_workers, device, cores=None, processes=None):
     """Loader workers per process when --workers is not given. On a GPU: every core this process may use
     but its own, shared among the node's GPU processes, or the recipe's if more. The recipe's 2 per GPU
     fed a batch of 2; one GPU at batch 8 needs several times that. On a CPU the training itself uses the
-    cores, so the recipe's count stays."""
-    if device.type != "cuda":
-        return recipe_workers
+    cores: the recipe's count, at most this process's share of the cores."""
     cores = cores or runtime.usable_cores()
-    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    processes = processes or runtime.processes_on_this_node()
+    if device.type != "cuda":
+        return min(recipe_workers, max(1, cores // processes))
     return max(recipe_workers, cores // processes - 1)
 
 
@@ -322,6 +326,8 @@ def resolve_recipe(args, world_size):
                      momentum=args.momentum, weight_decay=args.weight_decay, aux_weight=args.aux_weight,
                      eval_interval=args.eval_interval, workers=args.workers, pretrained=args.pretrained)  # fmt: skip
     config.update({key: value for key, value in overrides.items() if value is not None})
+    if args.scale is not None:
+        config["scale"] = list(args.scale)
     if config["min_lr"] > config["lr"]:
         raise SystemExit(
             f"train.py: --min-lr {config['min_lr']} is above --lr {config['lr']}: the poly schedule would raise "
@@ -338,10 +344,16 @@ def resolve_recipe(args, world_size):
 
 def compile_and_distribute(raw_model, config, device):
     """torch.compile (--compile) and DDP (under torchrun) around the model."""
+    if config["compile"]:
+        runtime.say("--compile: the first steps compile the model, which takes a minute or more")
     net = torch.compile(raw_model) if config["compile"] else raw_model
     if config["world_size"] > 1:  # as the original: no buffer broadcast (SyncBN keeps BN in step)
         device_ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+        # torch 2.13 renamed broadcast_buffers (and warns about it); it also syncs buffers at the start,
+        # which changes nothing here: every rank starts from the same BatchNorm statistics.
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+        net = DistributedDataParallel(net, device_ids=device_ids, **sync)
     return net
 
 
@@ -358,14 +370,26 @@ def describe_setup(config):
     # fmt: off
     batch, world, table_batch = config["batch_size"], config["world_size"], config["table_global_batch"]
     images = f"{world} process(es) x {batch} images = {config['global_batch']} per step"
-    lines = []
-    if config["dataset"] in recipe.TABLE_DATASETS and config["global_batch"] != table_batch:
+    table_row = config["in_table"]  # the table's warnings are for its rows only
+    lines = [f"machine: {config['threads']}, {config['workers']} loader workers per process (--workers N to change)"]
+    if not table_row and config["dataset"] in recipe.TABLE_DATASETS:
+        lines.append(f"setup: not a row of the table ({config['config_name']}), so no comparison with it")
+    if config["dataset"] in recipe.TABLE_DATASETS and config["scale"] != list(recipe.row(config["dataset"],
+            config["crop_size"])["scale"]):
+        lines.append(f"WARNING: --scale {config['scale']} differs from the recipe's: expect other numbers")
+    short_side, crop = min(config["scale"]), config["crop_size"]
+    if max(crop) > short_side:  # the recipe's crops fit the short side at ratio 1
+        lines.append(
+            f"WARNING: crops of {crop[0]}x{crop[1]} from images rescaled to a short side of {short_side} "
+            f"(times 0.5 to 2) are often partly padding; consider --crop {short_side}"
+        )
+    if table_row and config["global_batch"] != table_batch:
         scaled = config["lr"] * config["global_batch"] / table_batch
         lines.append(
             f"WARNING: global batch {config['global_batch']} differs from the table's {table_batch} "
             f"({images}): expect other numbers; the linear scaling rule would give --lr {scaled:g}"
         )
-    elif config["dataset"] in recipe.TABLE_DATASETS and (world == 1 or config["sync_bn"]):
+    elif table_row and (world == 1 or config["sync_bn"]):
         lines.append(
             f"setup: {images}{' with SyncBN' if world > 1 else ''}: the table's images per step, "
             "and BatchNorm statistics over all of them as its SyncBN over 4 GPUs"
@@ -375,7 +399,7 @@ def describe_setup(config):
             f"WARNING: plain BatchNorm per process (SyncBN needs CUDA): its statistics see {batch} "
             f"images, not {config['global_batch']}"
         )
-    if config["dataset"] != "toy" and config["precision"] != "fp32":
+    if table_row and config["precision"] != "fp32":
         lines.append(
             f"WARNING: {config['precision']} mixed precision; the table's models were trained in fp32"
         )
@@ -386,6 +410,11 @@ def describe_setup(config):
 def load_imagenet(net, source, trust):
     try:
         return checkpoints.load_checkpoint(net, source, trust=trust)
+    except checkpoints.DownloadFailed as error:
+        raise SystemExit(
+            f"--pretrained: {error}\nOr train without ImageNet weights with --pretrained none: that is not the "
+            "table's recipe (its models start from ImageNet) and gives far lower scores."
+        ) from None
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"--pretrained: {error}") from None
 
@@ -427,6 +456,13 @@ USAGE = """examples:
 """
 
 
+def scale_flag(text):
+    try:
+        return recipe.parse_scale(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--scale: ")) from None
+
+
 def build_parser():
     positive, at_least_0 = runtime.number_flag(int, 1), runtime.number_flag(int, 0)
     above_0, at_least_0_float = runtime.number_flag(float, 0, exclusive=True), runtime.number_flag(float, 0)
@@ -436,22 +472,26 @@ def build_parser():
     add = parser.add_argument
     # fmt: off
     # The row of the table; every unset flag below takes its value from it (recipe.row).
-    add("--dataset", default="toy", choices=sorted(recipe.DATASETS))
-    add("--crop", type=runtime.size_flag("--crop"), help="crop, N or HxW: 512x1024 or 769 for Cityscapes, else 512")
-    add("--depth", type=int, default=50, choices=(50, 101))
-    add("--iters", type=positive, help="iterations (default: the row's schedule, e.g. 40000)")
+    add("--dataset", default="toy", choices=sorted(recipe.DATASETS), help="default: toy, the demo")
+    add("--crop", type=runtime.size_flag("--crop"), help="crop, N or HxW (default: the dataset's first: "
+        "512x1024 Cityscapes (or 769), 512 ADE20K, VOC and folder, 128 toy)")
+    add("--depth", type=int, default=50, choices=(50, 101), help="ResNet depth (default 50)")
+    add("--iters", type=positive, help="iterations (default: the row's schedule, e.g. 40000; toy 300)")
     add("--batch-size", type=positive, help="per GPU/process (default 2 Cityscapes, 4 otherwise)")
-    add("--lr", type=above_0, help="base learning rate (default 0.01)")
+    add("--lr", type=above_0, help="base learning rate (default 0.01; toy 0.05)")
     add("--min-lr", type=at_least_0_float, help="poly floor (default 1e-4)")
     add("--power", type=above_0, help="poly power (default 0.9)")
     add("--momentum", type=runtime.number_flag(float, 0, 1), help="SGD momentum (default 0.9)")
     add("--weight-decay", type=at_least_0_float, help="default 5e-4")
     add("--aux-weight", type=at_least_0_float, help="auxiliary loss weight (default 0.4)")
-    add("--eval-interval", type=positive, help="validate and checkpoint every N iterations (default: a tenth)")
-    add("--workers", type=at_least_0, help="data loader workers per process (default: the recipe's, on a GPU "
-        "the cores per GPU process less one if more)")
+    add("--eval-interval", type=positive, help="validate and checkpoint every N iterations (default: a "
+        "tenth of --iters, at least 20)")
+    add("--workers", type=at_least_0, help="data loader workers per process (default: the recipe's 2 or 4, "
+        "at most the cores per process on a CPU; on a GPU the cores per GPU process less one if more)")
     # Data, weights and files.
     add("--data-root", help="dataset root (default: data/<dataset> as in the original)")
+    add("--scale", type=scale_flag, help="rescale images to fit: N (short side N, long side up to 4N) or "
+        "LONGxSHORT (default: the dataset's: 2048x1024 Cityscapes, 2048x512 ADE20K, VOC and folder, 256x128 toy)")
     add("--reduce-zero-label", action="store_true", help="folder dataset: label 0 = ignore, classes from 1")
     add("--pretrained", help="ImageNet ResNetV1c weights: path, URL or 'none' (default: the URL)")
     add("--load-from", help="fine-tune: a new run from the weights of a GCNet checkpoint (file or URL)")
@@ -463,10 +503,10 @@ def build_parser():
     add("--pictures", action=argparse.BooleanOptionalAction, help="pictures of the last validation (default: toy)")
     # How it runs.
     runtime.add_arguments(parser)
-    add("--compile", action="store_true", help="torch.compile the model")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     add("--activation-checkpointing", action="store_true", help="recompute backbone blocks: less memory")
     add("--deterministic", action="store_true", help="deterministic kernels, no cudnn.benchmark")
-    add("--seed", type=runtime.number_flag(int, 0, 2**32 - 1), default=0)
+    add("--seed", type=runtime.number_flag(int, 0, 2**32 - 1), default=0, help="default 0")
     add("--max-nonfinite", type=positive, default=5, help="stop after this many bad losses in a row")
     # fmt: on
     return parser

@@ -937,3 +937,11 @@ def test_images_beyond_the_pixel_limit_are_named_at_start_up(tmp_path):
         f"label {tmp_path / 'labels' / 'train' / 'photo1.png'} is too large (9000x9000): at most 67,108,864"
         in message
     )
+
+
+def test_the_toy_test_split_is_said_not_to_exist_and_codec_errors_lose_their_build_paths():
+    with pytest.raises(ValueError, match="the toy dataset has a train and a val split only; use --split val"):
+        data.build_dataset("toy", "anywhere", "test")
+    error = RuntimeError("decode_webp, /__w/vision/vision/pytorch/vision/torchvision/csrc/io/image/cpu/"
+                         "decode_webp.cpp:85, WebPDecodeRGB[A] failed.\nException raised from decode at x.cpp:1")  # fmt: skip
+    assert data.in_words(error) == "decode_webp, WebPDecodeRGB[A] failed."

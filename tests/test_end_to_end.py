@@ -1,4 +1,5 @@
-"""The README's path on toy data: train 40 iterations (the loss falls), evaluate the checkpoint, look at the outputs."""
+"""The README's path on toy data: train 40 iterations (the loss falls), evaluate the checkpoint as the README
+does (no flags: the newest best.pth, the data it was trained on), look at the outputs, predict from Python."""
 
 import json
 from pathlib import Path
@@ -12,25 +13,15 @@ import evaluate
 import train
 
 
-def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys):
+def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys, monkeypatch):
     root = tmp_path / "toy"
     data.build_dataset("toy", str(root), "train")  # generated in the Cityscapes layout
     for image in sorted((root / "leftImg8bit" / "val").rglob("*.png"))[3:]:  # 3 val images: fast
         image.unlink()
         Path(str(image).replace("leftImg8bit", "gtFine").replace(".png", "_labelTrainIds.png")).unlink()
-    work_dir = tmp_path / "run"
-    fast = [
-        "--crop",
-        "64",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--precision",
-        "fp32",
-        "--log-interval",
-        "1",
-    ]
+    work_dir = tmp_path / "work_dirs" / "run"
+    # The default precision (bf16 where the CPU has it), so that BatchNorm folding is in play.
+    fast = ["--crop", "64", "--batch-size", "4", "--workers", "0", "--log-interval", "1"]
     train.main(fast + ["--data-root", str(root), "--work-dir", str(work_dir), "--iters", "40",
                        "--eval-interval", "20", "--pictures"])  # fmt: skip
     said = capsys.readouterr().out
@@ -58,15 +49,38 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys):
         for kind in ("overlay", "attention"):
             (picture,) = (work_dir / "pictures").glob(f"{meta['name']}_{kind}.*")
             assert Image.open(picture).size == (256, 128)
+        # The composite: image, ground truth, prediction and attention side by side, a legend below.
+        composite = Image.open(work_dir / "pictures" / f"{meta['name']}_composite.png")
+        assert composite.width == 4 * 256 + 3 * evaluate.COMPOSITE_GAP and composite.height > 128 + 20
 
-    # evaluate.py on best.pth, as the README runs it, agrees with training's own validation.
+    # evaluate.py as the README runs it, with no flags: it names the best.pth it takes, reads the data where
+    # the run did, and gives training's validation score, to the bit, with the same settings.
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "results.json"
-    evaluate.main(["--checkpoint", str(work_dir / "best.pth"), "--data-root", str(root), "--precision", "fp32",
-                   "--workers", "0", "--out", str(out), "--save-dir", str(tmp_path / "pictures")])  # fmt: skip
+    capsys.readouterr()
+    evaluate.main(["--workers", "0", "--out", str(out), "--save-dir", str(tmp_path / "pictures")])
+    said = capsys.readouterr().out
+    assert "no --checkpoint: evaluating work_dirs/run/best.pth, the newest of 1 work_dirs/*/best.pth" in said
     results = json.loads(out.read_text())
     assert results["num_images"] == 3 and results["dataset"] == "toy"
-    assert abs(results["mIoU"] - best_miou) < 1e-6  # best.pth: the better of the two validations
+    assert results["mIoU"] == best_miou  # best.pth: the better of the two validations
+    assert "at mIoU" in said and "with the same settings: expect the same score" in said
+    trained = torch.load(work_dir / "best.pth", weights_only=True)["recipe"]["precision"]
+    other = "fp32" if trained != "fp32" else "bf16"
+    evaluate.main(["--workers", "0", "--out", str(tmp_path / "other.json"), "--precision", other])
+    said = capsys.readouterr().out
+    assert f"other settings: precision {trained} in training, {other} here; BatchNorm folded" in said
     assert 0 <= results["aAcc"] <= 100 and len(results["per_class"]) == 5
     matrix = torch.tensor(results["confusion_matrix"])
     assert matrix.sum() == (torch.stack([val_set[i][1] for i in range(3)]) != 255).sum()
     assert len(list((tmp_path / "pictures").glob("*_attention.png"))) == 3
+    assert len(list((tmp_path / "pictures").glob("*_composite.png"))) == 3
+
+    # Three lines of Python predict an image as evaluate.py did.
+    predictor = evaluate.Predictor(work_dir / "best.pth", ["--workers", "0"])
+    labels = predictor(val_set.pairs[0][0])
+    written = Image.open(tmp_path / "pictures" / f"{val_set[0][2]['name']}_pred.png")
+    assert (
+        torch.equal(labels, torch.from_numpy(np.array(written)).long())
+        and predictor.classes == data.TOY_CLASSES
+    )

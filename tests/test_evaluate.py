@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFont
 from torch import nn
 
 import checkpoints
 import data
 import evaluate
+import train
 from model import GCNet
 
 # ---- stand-in models ------------------------------------------------------------------------
@@ -598,6 +599,78 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+def test_evaluate_reads_the_data_where_the_run_did_and_names_the_flag_when_it_is_not_there(
+    tmp_path, tiny_checkpoint
+):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["recipe"]["data_root"] = str(tmp_path / "gone")
+    torch.save(checkpoint, tmp_path / "best.pth")
+    for flags, whose in [
+        ([], "recorded by the checkpoint's run"),
+        (["--data-root", "elsewhere"], "given by --data-root"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(["--checkpoint", str(tmp_path / "best.pth"), "--workers", "0", *flags])
+        message = str(stop.value)
+        root = tmp_path / "gone" if not flags else "elsewhere"
+        assert (
+            f"holds a folder model and this looked in the data root {root}, {whose}: pass --data-root"
+            in message
+        )
+
+
+def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
+    tmp_path, tiny_checkpoint, capsys, monkeypatch
+):
+    write_folder_dataset(tmp_path / "mine", ["sky", "road", "car"], count=2)
+    seen, real = [], evaluate.precision_agreement
+
+    def spy(model, dataset, num_images, **options):
+        seen.append((dataset.test_ratios, options["flip"]))
+        return real(model, dataset, num_images, **options)
+
+    monkeypatch.setattr(evaluate, "precision_agreement", spy)
+    evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data-root", str(tmp_path / "mine"), "--workers", "0",
+                   "--precision", "bf16", "--ms-flip", "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert seen == [((1.0,), False)]  # the protocol's ms+flip is for the scores only
+    printed = capsys.readouterr()
+    assert "bf16 vs fp32 check: 100%" in printed.err and "bf16 vs fp32 at a single scale:" in printed.out
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["ratios"] == list(evaluate.MS_RATIOS)
+
+
+def test_composite_shows_image_truth_prediction_attention_and_a_legend_of_the_classes_present():
+    image = torch.full((3, 20, 30), 200, dtype=torch.uint8)
+    label = torch.zeros(20, 30, dtype=torch.long)
+    label[:, 15:] = 2
+    label[0, 0] = 255  # ignored: black
+    pred = torch.zeros(20, 30, dtype=torch.long)
+    palette, classes = [[0, 0, 255], [0, 255, 0], [255, 0, 0]], ["sky", "grass", "car"]
+    picture = evaluate.composite_picture(image, pred, palette, classes, torch.rand(20, 30), label)
+    gap, pixels = evaluate.COMPOSITE_GAP, np.array(picture)
+    assert (
+        picture.width == 4 * 30 + 3 * gap and picture.height == 22 + 20 + 8 + 20
+    )  # titles, panels, a legend row
+    top = 22  # the panels start below their titles: image, ground truth, prediction, attention
+    assert pixels[top + 5, 5].tolist() == [200, 200, 200]
+    truth, prediction = 30 + gap, 2 * (30 + gap)
+    assert pixels[top, truth].tolist() == [0, 0, 0] and pixels[top + 5, truth + 25].tolist() == [255, 0, 0]
+    assert pixels[top + 5, truth + 5].tolist() == pixels[top + 5, prediction + 25].tolist() == [0, 0, 255]
+    # The legend lists the classes in the label or the prediction, not grass.
+    font = ImageFont.load_default(size=14)
+    assert [index for row in evaluate.legend_rows([0, 2], classes, font, 500) for _, index in row] == [0, 2]
+    assert len(evaluate.legend_rows([0, 1, 2], classes, font, 60)) == 3  # wrapped at the width
+    assert pixels[top + 20 + 8 + 8, 5].tolist() == [0, 0, 255]  # sky's swatch
+
+
+def test_help_gives_every_default():
+    text = " ".join(evaluate.build_parser().format_help().split())
+    assert "sliding windows per pass (default 4)" in text and "loader processes (default: 4, at most" in text
+    text = " ".join(train.build_parser().format_help().split())
+    for words in ("default: toy, the demo", "ResNet depth (default 50)", "--seed SEED default 0", "128 toy",
+                  "at most the cores per process on a CPU"):  # fmt: skip
+        assert words in text, words
+
+
 def write_picture(path, size=(33, 49), seed=0, **save_options):
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=generator).numpy()
@@ -607,8 +680,9 @@ def write_picture(path, size=(33, 49), seed=0, **save_options):
 
 def test_image_command_takes_files_folders_and_patterns_and_names_failures(tmp_path, tiny_checkpoint, capsys):
     for index, relative in enumerate(
-        ["photos/a.png", "photos/b.jpg", "other/a.png", "glob/c.jpg", "glob/d.webp"]
-    ):
+        ["photos/a.png", "photos/b.jpg", "photos/sub/e.png", "photos/.cache/f.png", "other/a.png", "glob/c.jpg",
+         "glob/d.webp"]
+    ):  # fmt: skip
         write_picture(tmp_path / relative, seed=index)
     (tmp_path / "photos" / "notes.txt").write_text("not an image")
     (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
@@ -618,16 +692,19 @@ def test_image_command_takes_files_folders_and_patterns_and_names_failures(tmp_p
                        str(tmp_path / "photos"), str(tmp_path / "other" / "a.png"), str(tmp_path / "glob" / "*")])  # fmt: skip
     assert exit_info.value.code == 1  # the broken image failed; every other one is written
     printed = capsys.readouterr()
-    assert "broken.png" in printed.err and "1 images failed" in printed.err
-    assert "notes.txt" in printed.out and "of 5 images" in printed.out
+    assert "broken.png" in printed.err and "1 file failed" in printed.err and "failed=1]" in printed.err
+    assert "skipped 1 file that is not an image" in printed.out and "notes.txt" in printed.out
+    assert "pictures of 6 images under" in printed.out and "(1 of 7 failed)" in printed.out
     written = sorted(str(path.relative_to(out)) for path in out.rglob("*_pred.png"))
-    assert written == [
+    assert written == [  # subfolders too, hidden ones not
         "glob/c_pred.png",
         "glob/d_pred.png",
         "other/a_pred.png",
         "photos/a_pred.png",
         "photos/b_pred.png",
+        "photos/sub/e_pred.png",
     ]
+    assert len(list(out.rglob("*_composite.png"))) == 6
     for name in ("photos/a", "other/a", "glob/d"):
         labels = Image.open(out / f"{name}_pred.png")
         assert labels.mode == "P" and labels.size == (49, 33) and labels.getpalette()[:3] == [0, 0, 255]
@@ -678,7 +755,7 @@ def test_image_command_survives_damaged_and_huge_files_and_writes_inside_the_sav
                        "--image", str(photos), outside])  # fmt: skip
     assert exit_info.value.code == 1  # exit 139 and nothing after damaged.png, before
     printed = capsys.readouterr()
-    assert "3 images failed" in printed.err and "cannot decode image" in printed.err
+    assert "3 files failed" in printed.err and "cannot decode image" in printed.err
     assert f"image {photos / 'bomb.png'} is too large" in printed.err
     assert f"image {photos / 'large.png'} is too large (9000x9000): at most 67,108,864 pixels" in printed.err
     assert "big.png: 120x90 is large; predicted and drawn at the test scale, 43x32" in printed.out

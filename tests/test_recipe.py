@@ -88,3 +88,13 @@ def test_the_row_of_an_official_file_name():
     assert row["config_name"] == "gcnet_r50-d8_769x769_40k_cityscapes" and row["test_mode"] == "slide"
     assert recipe.row_of_config_name("gcnet_r101-d8_512x512_160k_ade20k_x.pth")["depth"] == 101
     assert recipe.row_of_config_name("my_model.pth") is None
+
+
+def test_scale_flag_and_the_validation_interval_of_short_runs():
+    assert recipe.parse_scale("256") == (1024, 256)  # short side 256, long side up to 4 x 256
+    assert recipe.parse_scale("2048x512") == recipe.parse_scale("512x2048") == (2048, 512)  # order-free
+    for bad in ("0", "x", "12x", "1x2x3", "40000"):
+        with pytest.raises(ValueError, match="--scale: expected N"):
+            recipe.parse_scale(bad)
+    intervals = {iters: recipe.row("toy", iters=iters)["eval_interval"] for iters in (6, 40, 100, 300, 40000)}
+    assert intervals == {6: 6, 40: 20, 100: 20, 300: 30, 40000: 4000}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import checkpoints
 import data
 import model
+import runtime
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +105,39 @@ def test_recipe_defaults_follow_the_table():
     recipe = train.resolve_recipe(args, world_size=4)
     assert recipe["config_name"] == "gcnet_r101-d8_512x512_160k_ade20k"
     assert (recipe["batch_size"], recipe["align_corners"], recipe["test_mode"]) == (4, False, "whole")
-    warnings = train.describe_setup(recipe | {"global_batch": 4, "sync_bn": False, "precision": "fp32"})
+    setup = {
+        "global_batch": 4,
+        "sync_bn": False,
+        "precision": "bf16",
+        "threads": "2 torch threads per process",
+    }
+    warnings = train.describe_setup(recipe | setup)
     assert any("global batch 4 differs from the table's 16" in w for w in warnings)
+    assert any("bf16 mixed precision; the table's models were trained in fp32" in w for w in warnings)
+    assert (
+        warnings[0]
+        == "machine: 2 torch threads per process, 4 loader workers per process (--workers N to change)"
+    )
+
+
+def test_the_table_warnings_are_for_its_rows_and_own_data_gets_its_scale():
+    args = train.build_parser().parse_args(["--dataset", "folder", "--data-root", "x", "--scale", "256"])
+    config = train.resolve_recipe(args, world_size=1)
+    assert config["scale"] == [1024, 256] and config["crop_size"] == [512, 512]
+    said = "\n".join(
+        train.describe_setup(config | {"sync_bn": False, "precision": "bf16", "threads": "2 threads"})
+    )
+    assert "fp32" not in said and "global batch" not in said  # the table's warnings: no row of it is meant
+    assert "crops of 512x512 from images rescaled to a short side of 256" in said and "--crop 256" in said
+    # A table dataset off the table's schedule is said to be no row of it, with no warning of the table's.
+    args = train.build_parser().parse_args(
+        ["--dataset", "cityscapes", "--iters", "1000", "--batch-size", "1"]
+    )
+    said = "\n".join(train.describe_setup(train.resolve_recipe(args, 1) | {"sync_bn": False, "precision": "bf16",
+                                                                          "threads": "2 threads"}))  # fmt: skip
+    assert "not a row of the table" in said and "WARNING" not in said
+    # A short run validates at its end, not at every step.
+    assert train.resolve_recipe(train.build_parser().parse_args(["--iters", "6"]), 1)["eval_interval"] == 6
 
 
 def test_batches_are_disjoint_across_ranks_and_resume_exactly():
@@ -202,6 +234,10 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
         checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"]
     )  # one stream per rank
     assert [r["iteration"] for r in read_log(tmp_path) if "mIoU" in r] == [4]
+    assert "broadcast_buffers" not in output  # torch 2.13's deprecation warning, once per rank
+    assert re.search(
+        r"machine: \d+ torch threads? per process \(\d+ usable cores shared by 2 processes\)", output
+    )
 
 
 # ---- nothing a crash, a full disk or a second run can lose ----------------------------------------
@@ -431,6 +467,37 @@ def test_default_workers_fill_the_cores_on_a_gpu_only():
     assert train.default_workers(2, cuda, cores=16, processes=4) == 3  # 4 GPUs share the cores
     assert train.default_workers(2, cuda, cores=2, processes=1) == 2  # never below the recipe's
     assert train.default_workers(2, cpu, cores=16, processes=1) == 2  # the CPU trains on its cores
+    assert train.default_workers(4, cpu, cores=2, processes=1) == 2  # at most the cores
+    assert train.default_workers(2, cpu, cores=2, processes=2) == 1  # shared by torchrun's processes
+
+
+def test_threads_are_shared_among_torchrun_processes_on_cpus(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    try:
+        line = runtime.set_threads(None, torch.device("cpu"))
+        assert torch.get_num_threads() == 2 and line.startswith("2 torch threads per process (4 usable cores")
+        assert runtime.set_threads(3, torch.device("cpu")).startswith(
+            "3 torch threads per process (--threads)"
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_failed_download_names_the_url_and_the_ways_out(tmp_path, monkeypatch):
+    """No network: a few lines naming the URL, where the file may be put, and --pretrained none."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    url = "http://127.0.0.1:9/resnet50_v1c-2cccc1ad.pth"  # nothing listens on port 9: refused at once
+    with pytest.raises(SystemExit) as stop:
+        train.load_imagenet(model.GCNet(5, 50), url, trust=False)
+    message = str(stop.value)
+    assert len(message.splitlines()) == 3 and "Traceback" not in message
+    assert message.startswith(f"--pretrained: cannot download {url}: no connection to 127.0.0.1")
+    assert str(tmp_path / "hub" / "hub" / "checkpoints" / "resnet50_v1c-2cccc1ad.pth") in message
+    assert "pass its path instead of the URL" in message and "--pretrained none" in message
+    assert "not the table's recipe" in message
+    assert not list((tmp_path / "hub").rglob("*.pth"))  # no partial file left where the cache looks
 
 
 def test_the_run_is_cleaned_up_after_a_nonfinite_exit_and_a_failing_validation(
