@@ -751,7 +751,9 @@ class Run:
         runtime.say(f"\ndone: {iteration} iterations, best val mIoU {self.best_miou:.2f}; checkpoints and log in "
                     f"{self.work_dir}")  # fmt: skip
         if self.pictures:
-            runtime.say(f"pictures of the last validation (labels, overlay, attention) in {self.pictures}")
+            runtime.say(
+                f"pictures of the last validation (labels, overlay, attention, and all three beside the ground truth in <name>_composite.png) in {self.pictures}"
+            )
         if (self.work_dir / "best.pth").exists():
             runtime.say(
                 f"evaluate with: python evaluate.py --checkpoint {self.work_dir / 'best.pth'} --ms-flip"

@@ -25,7 +25,10 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys, monke
     train.main(fast + ["--data-root", str(root), "--work-dir", str(work_dir), "--iters", "40",
                        "--eval-interval", "20", "--pictures"])  # fmt: skip
     said = capsys.readouterr().out
-    assert f"pictures of the last validation (labels, overlay, attention) in {work_dir / 'pictures'}" in said
+    assert (
+        f"pictures of the last validation (labels, overlay, attention, and all three beside the ground truth in <name>_composite.png) in {work_dir / 'pictures'}"
+        in said
+    )
     assert f"evaluate with: python evaluate.py --checkpoint {work_dir / 'best.pth'} --ms-flip" in said
 
     # The loss falls. Single steps are noisy at batch 4; the means of the first and last ten are not.
