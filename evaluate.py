@@ -418,7 +418,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         print(
             f"{checkpoint}: {len(dataset)} {dataset.name} val images in {dataset.root}, {protocol}, {where}"
         )
-        print(f"{settings['threads']}, {settings['workers']} loader workers (--workers N to change)")
+        print(runtime.machine_line(settings["thread_choice"], settings["workers"]))
         if differences is not None:
             said = info["validation"]
             same = "the same settings: expect the same score" if not differences else (
@@ -586,7 +586,7 @@ def main(argv=None):
     failed = 0
     try:
         _, _, device = runtime.setup_device(args.device)
-        threads = runtime.set_threads(args.threads, device)
+        thread_choice = runtime.set_threads(args.threads, device)
         checkpoint = checkpoints.find_checkpoint(args.checkpoint)
         if args.checkpoint is None:  # say which of the runs' files it took
             count = len(list(Path().glob(checkpoints.CHECKPOINT_PATTERN)))
@@ -596,7 +596,7 @@ def main(argv=None):
             checkpoint, trust=args.trust_checkpoint
         )  # read once, for info and weights
         info = checkpoints.checkpoint_info(checkpoint, loaded)
-        settings = dict(resolve_settings(args, info, device), threads=threads)
+        settings = dict(resolve_settings(args, info, device), thread_choice=thread_choice)
         model = build_model(checkpoint, loaded, info, settings, device)
         reference_model = model  # the fp32 reference of the agreement check, BatchNorm not folded
         if settings["fold_batchnorm"]:

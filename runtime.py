@@ -212,7 +212,7 @@ def cores_per_process():
 
 
 def set_threads(flag, device):
-    """Set torch's threads for this process and return the start-up line that says how many and why:
+    """Set torch's threads for this process and return why that many (for machine_line):
     --threads; under torchrun on CPUs, the usable cores shared among the node's processes, so that they
     do not fight over the cores (torchrun itself sets OMP_NUM_THREADS=1 each, which leaves cores idle
     on a larger machine); otherwise torch's own choice (its physical cores, or OMP_NUM_THREADS)."""
@@ -225,8 +225,16 @@ def set_threads(flag, device):
         reason = f"{usable_cores()} usable cores shared by {processes} processes"
     else:
         reason = "torch's choice; --threads N to change"
+    return reason
+
+
+def machine_line(thread_choice, workers):
+    """The start-up line that says how many threads and loader workers a process uses, and why."""
     threads = torch.get_num_threads()
-    return f"{threads} torch thread{'s' if threads > 1 else ''} per process ({reason})"
+    return (
+        f"machine: {threads} torch thread{'s' if threads > 1 else ''} per process ({thread_choice}), "
+        f"{workers} loader worker{'s' if workers != 1 else ''} per process (--workers N to change)"
+    )
 
 
 def peak_memory_gb(device):

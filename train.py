@@ -287,7 +287,8 @@ def set_up(args):
     if args.workers is None:
         config["workers"] = default_workers(config["workers"], device)
     config.update(
-        threads=runtime.set_threads(args.threads, device),
+        thread_choice=runtime.set_threads(args.threads, device),
+        threads=torch.get_num_threads(),
         precision=precision,
         fold_batchnorm=evaluate.default_fold_batchnorm(precision),  # validation folds as evaluate.py does
         channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
@@ -371,7 +372,7 @@ def describe_setup(config):
     batch, world, table_batch = config["batch_size"], config["world_size"], config["table_global_batch"]
     images = f"{world} process(es) x {batch} images = {config['global_batch']} per step"
     table_row = config["in_table"]  # the table's warnings are for its rows only
-    lines = [f"machine: {config['threads']}, {config['workers']} loader workers per process (--workers N to change)"]
+    lines = [runtime.machine_line(config["thread_choice"], config["workers"])]
     if not table_row and config["dataset"] in recipe.TABLE_DATASETS:
         lines.append(f"setup: not a row of the table ({config['config_name']}), so no comparison with it")
     if config["dataset"] in recipe.TABLE_DATASETS and config["scale"] != list(recipe.row(config["dataset"],

@@ -105,18 +105,13 @@ def test_recipe_defaults_follow_the_table():
     recipe = train.resolve_recipe(args, world_size=4)
     assert recipe["config_name"] == "gcnet_r101-d8_512x512_160k_ade20k"
     assert (recipe["batch_size"], recipe["align_corners"], recipe["test_mode"]) == (4, False, "whole")
-    setup = {
-        "global_batch": 4,
-        "sync_bn": False,
-        "precision": "bf16",
-        "threads": "2 torch threads per process",
-    }
+    setup = {"global_batch": 4, "sync_bn": False, "precision": "bf16", "thread_choice": "torch's choice"}
     warnings = train.describe_setup(recipe | setup)
     assert any("global batch 4 differs from the table's 16" in w for w in warnings)
     assert any("bf16 mixed precision; the table's models were trained in fp32" in w for w in warnings)
     assert (
-        warnings[0]
-        == "machine: 2 torch threads per process, 4 loader workers per process (--workers N to change)"
+        warnings[0].startswith("machine: ")
+        and "(torch's choice), 4 loader workers per process" in warnings[0]
     )
 
 
@@ -124,17 +119,15 @@ def test_the_table_warnings_are_for_its_rows_and_own_data_gets_its_scale():
     args = train.build_parser().parse_args(["--dataset", "folder", "--data-root", "x", "--scale", "256"])
     config = train.resolve_recipe(args, world_size=1)
     assert config["scale"] == [1024, 256] and config["crop_size"] == [512, 512]
-    said = "\n".join(
-        train.describe_setup(config | {"sync_bn": False, "precision": "bf16", "threads": "2 threads"})
-    )
+    setup = {"sync_bn": False, "precision": "bf16", "thread_choice": "torch's choice"}
+    said = "\n".join(train.describe_setup(config | setup))
     assert "fp32" not in said and "global batch" not in said  # the table's warnings: no row of it is meant
     assert "crops of 512x512 from images rescaled to a short side of 256" in said and "--crop 256" in said
     # A table dataset off the table's schedule is said to be no row of it, with no warning of the table's.
     args = train.build_parser().parse_args(
         ["--dataset", "cityscapes", "--iters", "1000", "--batch-size", "1"]
     )
-    said = "\n".join(train.describe_setup(train.resolve_recipe(args, 1) | {"sync_bn": False, "precision": "bf16",
-                                                                          "threads": "2 threads"}))  # fmt: skip
+    said = "\n".join(train.describe_setup(train.resolve_recipe(args, 1) | setup))
     assert "not a row of the table" in said and "WARNING" not in said
     # A short run validates at its end, not at every step.
     assert train.resolve_recipe(train.build_parser().parse_args(["--iters", "6"]), 1)["eval_interval"] == 6
@@ -476,11 +469,13 @@ def test_threads_are_shared_among_torchrun_processes_on_cpus(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     try:
-        line = runtime.set_threads(None, torch.device("cpu"))
-        assert torch.get_num_threads() == 2 and line.startswith("2 torch threads per process (4 usable cores")
-        assert runtime.set_threads(3, torch.device("cpu")).startswith(
-            "3 torch threads per process (--threads)"
+        reason = runtime.set_threads(None, torch.device("cpu"))
+        assert torch.get_num_threads() == 2 and reason == "4 usable cores shared by 2 processes"
+        assert runtime.machine_line(reason, 1) == (
+            "machine: 2 torch threads per process (4 usable cores shared by 2 processes), 1 loader worker per "
+            "process (--workers N to change)"
         )
+        assert runtime.set_threads(3, torch.device("cpu")) == "--threads" and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
 
