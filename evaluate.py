@@ -645,7 +645,7 @@ def build_parser():
     what.add_argument("--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)")
     what.add_argument("--data-root", help="dataset folder (default: the one the checkpoint's run used, else "
                       "the dataset's, e.g. data/cityscapes)")
-    what.add_argument("--depth", type=int, choices=(50, 101), help="only if the checkpoint cannot tell (it always can)")
+    what.add_argument("--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights say it)")
     what.add_argument("--split", default="val", choices=("val", "test"), help="val, or test with --format-only")
     what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
     what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns")

@@ -294,6 +294,14 @@ def writable_path(kind):
     return parse
 
 
+def scale_flag(text):
+    """argparse type of --scale: '512' or '2048x512' (recipe.parse_scale)."""
+    try:
+        return recipe.parse_scale(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--scale: ")) from None
+
+
 def size_flag(flag):
     """argparse type of a size flag (--crop, --stride, --size): '769' or '512x1024' (recipe.parse_crop)."""
 

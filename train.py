@@ -375,9 +375,6 @@ def describe_setup(config):
     lines = [runtime.machine_line(config["thread_choice"], config["workers"])]
     if not table_row and config["dataset"] in recipe.TABLE_DATASETS:
         lines.append(f"setup: not a row of the table ({config['config_name']}), so no comparison with it")
-    if config["dataset"] in recipe.TABLE_DATASETS and config["scale"] != list(recipe.row(config["dataset"],
-            config["crop_size"])["scale"]):
-        lines.append(f"WARNING: --scale {config['scale']} differs from the recipe's: expect other numbers")
     short_side, crop = min(config["scale"]), config["crop_size"]
     if max(crop) > short_side:  # the recipe's crops fit the short side at ratio 1
         lines.append(
@@ -457,13 +454,6 @@ USAGE = """examples:
 """
 
 
-def scale_flag(text):
-    try:
-        return recipe.parse_scale(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error).removeprefix("--scale: ")) from None
-
-
 def build_parser():
     positive, at_least_0 = runtime.number_flag(int, 1), runtime.number_flag(int, 0)
     above_0, at_least_0_float = runtime.number_flag(float, 0, exclusive=True), runtime.number_flag(float, 0)
@@ -491,7 +481,7 @@ def build_parser():
         "at most the cores per process on a CPU; on a GPU the cores per GPU process less one if more)")
     # Data, weights and files.
     add("--data-root", help="dataset root (default: data/<dataset> as in the original)")
-    add("--scale", type=scale_flag, help="rescale images to fit: N (short side N, long side up to 4N) or "
+    add("--scale", type=runtime.scale_flag, help="rescale images to fit: N (short side N, long side up to 4N) or "
         "LONGxSHORT (default: the dataset's: 2048x1024 Cityscapes, 2048x512 ADE20K, VOC and folder, 256x128 toy)")
     add("--reduce-zero-label", action="store_true", help="folder dataset: label 0 = ignore, classes from 1")
     add("--pretrained", help="ImageNet ResNetV1c weights: path, URL or 'none' (default: the URL)")
