@@ -394,13 +394,15 @@ def build_split(info, settings, checkpoint):
             scale=settings["scale"], test_ratios=settings["ratios"], reduce_zero_label=settings["reduce_zero_label"],
         )  # fmt: skip
     except FileNotFoundError as error:
-        whose = "given by --data-root" if settings["data_root_flag"] else "recorded by the checkpoint's run"
-        root = (
-            f"the data root {settings['data_root']}, {whose}" if settings["data_root"] else "the default root"
-        )
+        root = settings["data_root"] or recipe.DATASETS[settings["dataset"]]["root"]
+        if Path(root).is_dir():  # the root is there, a split or file of it is not: the error says which
+            raise
+        whose = "given by --data-root" if settings["data_root_flag"] else (
+            "recorded by the checkpoint's run" if settings["data_root"] else "the dataset's default")  # fmt: skip
         raise FileNotFoundError(
-            f"{error}\n{checkpoint} holds a {settings['dataset']} model and this looked in {root}: pass --data-root "
-            f"with the folder of its data (and --dataset if it is another dataset with the same classes)."
+            f"{error}\n{checkpoint} holds a {settings['dataset']} model and this looked in the data root {root}, "
+            f"{whose}: pass --data-root with the folder of its data (and --dataset if it is another dataset "
+            "with the same classes)."
         ) from None
     check_classes(info, dataset, checkpoint)
     return dataset
