@@ -832,7 +832,7 @@ def composite_picture(image, pred, palette, classes, attention=None, label=None,
         panels.append(("GC attention (red: more weight)", (1 - opacity) * picture + opacity * heat))
     height, width = picture.shape[:2]
     size = (min(width, PANEL_WIDTH), max(1, round(height * min(width, PANEL_WIDTH) / width)))
-    font = ImageFont.load_default(size=14)
+    font = legend_font()
     title, gap = 22, COMPOSITE_GAP
     present = sorted(set(pred.unique().tolist()) | set([] if label is None else label.unique().tolist()))
     present = [index for index in present if 0 <= index < len(classes)]
@@ -851,6 +851,14 @@ def composite_picture(image, pred, palette, classes, attention=None, label=None,
             draw.rectangle((left, top + 2, left + 13, top + 15), fill=tuple(palette[index]), outline="black")
             draw.text((left + 18, top), classes[index], fill="black", font=font)
     return canvas
+
+
+def legend_font():
+    """Pillow's own font at 14 px (Pillow 10.1 and later), else its small bitmap font."""
+    try:
+        return ImageFont.load_default(size=14)
+    except TypeError:
+        return ImageFont.load_default()
 
 
 def legend_rows(indices, classes, font, width):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from PIL import Image, ImageFont
+from PIL import Image
 from torch import nn
 
 import checkpoints
@@ -656,7 +656,7 @@ def test_composite_shows_image_truth_prediction_attention_and_a_legend_of_the_cl
     assert pixels[top, truth].tolist() == [0, 0, 0] and pixels[top + 5, truth + 25].tolist() == [255, 0, 0]
     assert pixels[top + 5, truth + 5].tolist() == pixels[top + 5, prediction + 25].tolist() == [0, 0, 255]
     # The legend lists the classes in the label or the prediction, not grass.
-    font = ImageFont.load_default(size=14)
+    font = evaluate.legend_font()
     assert [index for row in evaluate.legend_rows([0, 2], classes, font, 500) for _, index in row] == [0, 2]
     assert len(evaluate.legend_rows([0, 1, 2], classes, font, 60)) == 3  # wrapped at the width
     assert pixels[top + 20 + 8 + 8, 5].tolist() == [0, 0, 255]  # sky's swatch
