@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import struct
+import types
 import zlib
 from pathlib import Path
 
@@ -636,6 +637,24 @@ def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
     printed = capsys.readouterr()
     assert "bf16 vs fp32 check: 100%" in printed.err and "bf16 vs fp32 at a single scale:" in printed.out
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["ratios"] == list(evaluate.MS_RATIOS)
+
+
+def test_the_settings_that_differ_from_trainings_validation_are_named():
+    config = dict(dataset="toy", data_root=None, test_mode="whole", test_crop=[128, 128], test_stride=[86, 86],
+                  scale=[256, 128], precision="bf16", fold_batchnorm=True, channels_last=True, device="cpu")  # fmt: skip
+    validation = checkpoints.validation_settings(config)
+    settings = dict(mode="whole", crop_size=(128, 128), stride=(86, 86), scale=(256, 128), ratios=(1.0,),
+                    flip=False, precision="bf16", fold_batchnorm=True, channels_last=True)  # fmt: skip
+    toy = types.SimpleNamespace(name="toy", root="data/toy")
+    assert evaluate.training_differences(validation, settings, toy, torch.device("cpu")) == []
+    other = dict(settings, precision="fp32", fold_batchnorm=False, ratios=evaluate.MS_RATIOS, flip=True)
+    assert evaluate.training_differences(validation, other, toy, torch.device("cpu")) == [
+        "ratios [1.0] in training, [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] here",
+        "flip False in training, True here",
+        "precision bf16 in training, fp32 here",
+        "BatchNorm folded True in training, False here",
+    ]
+    assert evaluate.training_differences(None, settings, toy, torch.device("cpu")) is None  # nothing recorded
 
 
 def test_composite_shows_image_truth_prediction_attention_and_a_legend_of_the_classes_present():
