@@ -94,13 +94,13 @@ for step in "${steps[@]}"; do
             compile=(--no-compile)
             [ "$step" = r50compile ] && compile=()
             run_step "benchmark_$step" "${R50_TIMEOUT:-$([ "$step" = r50 ] && echo 150 || echo 360)}" "$py" benchmark.py \
-                --dataset cityscapes --crop 512x1024 --timed 10 --warmup 3 --data-samples 10 --profile ${compile[@]+"${compile[@]}"} \
+                --dataset cityscapes --crop 512x1024 --timed 10 --warmup 3 --data-samples 10 --wide --profile ${compile[@]+"${compile[@]}"} \
                 --out "$out/benchmark_$step.json"
             ;;
         r101)
             # The data pipeline does not depend on the depth (r50 times it).
             run_step benchmark_r101 "${R101_TIMEOUT:-110}" "$py" benchmark.py --dataset cityscapes --crop 512x1024 \
-                --depth 101 --timed 10 --warmup 3 --data-samples 2 --no-compile --out "$out/benchmark_r101.json"
+                --depth 101 --timed 10 --warmup 3 --data-samples 2 --wide --no-compile --out "$out/benchmark_r101.json"
             ;;
         loader)
             run_step loader "${LOADER_TIMEOUT:-90}" "$py" tools/loader_speed.py --workers 8 15 --batch-size 8 \
