@@ -236,8 +236,11 @@ def predictions(
     progress = tqdm(
         total=len(share), desc=f"{desc}{here}", unit="img", disable=not show_progress or rank != 0
     )
-    was_training = model.training
+    was_training, autotuning = model.training, torch.backends.cudnn.benchmark
     model.eval()
+    # cuDNN's default kernels, as evaluate.py runs (train.py autotunes): the same kernels give the same
+    # rounding, so training's validation and evaluate.py score a checkpoint alike on a GPU too.
+    torch.backends.cudnn.benchmark = False
     try:
         for images_per_scale, labels, metas in loader:
             images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
@@ -249,6 +252,7 @@ def predictions(
     finally:
         progress.close()
         model.train(was_training)
+        torch.backends.cudnn.benchmark = autotuning
 
 
 def check_protocol(mode, crop_size, stride, images):

@@ -17,6 +17,7 @@ train.py, evaluate.py and benchmark.py share these, so `--device`, `--precision`
 import argparse
 import contextlib
 import ctypes
+import inspect
 import math
 import os
 import resource
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import recipe
 
@@ -73,6 +75,15 @@ def setup_device(flag="auto"):
             backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None
         )
     return rank, world_size, device
+
+
+def no_buffer_sync():
+    """DistributedDataParallel's keyword for 'do not broadcast buffers before each forward pass'. torch 2.13
+    renamed broadcast_buffers to forward_sync_buffers (and warns about the old name, once per rank); the
+    new one also syncs buffers at the start, which changes nothing here: every rank starts from the same
+    BatchNorm statistics."""
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
 
 
 def rank_and_world_size():

@@ -9,7 +9,6 @@ trains the toy demo in minutes; `--help` shows how to run the rows of the table.
 """
 
 import argparse
-import inspect
 import os
 import sys
 import time
@@ -350,11 +349,7 @@ def compile_and_distribute(raw_model, config, device):
     net = torch.compile(raw_model) if config["compile"] else raw_model
     if config["world_size"] > 1:  # as the original: no buffer broadcast (SyncBN keeps BN in step)
         device_ids = [device.index] if device.type == "cuda" else None
-        # torch 2.13 renamed broadcast_buffers (and warns about it); it also syncs buffers at the start,
-        # which changes nothing here: every rank starts from the same BatchNorm statistics.
-        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
-        net = DistributedDataParallel(net, device_ids=device_ids, **sync)
+        net = DistributedDataParallel(net, device_ids=device_ids, **runtime.no_buffer_sync())
     return net
 
 
