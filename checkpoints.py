@@ -497,7 +497,8 @@ CHECKPOINT_PATTERN = "work_dirs/*/best.pth"  # evaluate.py's default: the newest
 
 
 def find_checkpoint(path):
-    """--checkpoint as given, or the newest work_dirs/*/best.pth (by modification time)."""
+    """--checkpoint as given, or the newest work_dirs/*/best.pth (by modification time), named on screen
+    with how to choose another."""
     if path is not None:
         if re.match(r"^(https?|file)://", path) or Path(path).is_file():
             return path
@@ -511,6 +512,8 @@ def find_checkpoint(path):
             f"no checkpoint found: looked for {CHECKPOINT_PATTERN} in {Path.cwd()}; "
             "pass --checkpoint PATH or train first with python train.py"
         )
+    runtime.say(f"no --checkpoint: evaluating {found[-1]}, the newest of {len(found)} {CHECKPOINT_PATTERN}; "
+                "pass --checkpoint PATH for another")  # fmt: skip
     return str(found[-1])
 
 

@@ -594,21 +594,14 @@ def main(argv=None):
         _, _, device = runtime.setup_device(args.device)
         thread_choice = runtime.set_threads(args.threads, device)
         checkpoint = checkpoints.find_checkpoint(args.checkpoint)
-        if args.checkpoint is None:  # say which of the runs' files it took
-            count = len(list(Path().glob(checkpoints.CHECKPOINT_PATTERN)))
-            runtime.say(f"no --checkpoint: evaluating {checkpoint}, the newest of {count} "
-                        f"{checkpoints.CHECKPOINT_PATTERN}; pass --checkpoint PATH for another")  # fmt: skip
         loaded = checkpoints.read_checkpoint(
             checkpoint, trust=args.trust_checkpoint
         )  # read once, for info and weights
         info = checkpoints.checkpoint_info(checkpoint, loaded)
         settings = dict(resolve_settings(args, info, device), thread_choice=thread_choice)
-        model = build_model(checkpoint, loaded, info, settings, device)
-        reference_model = model  # the fp32 reference of the agreement check, BatchNorm not folded
-        if settings["fold_batchnorm"]:
-            model = fold_batchnorm(model)
-        if settings["channels_last"]:
-            model.to(memory_format=torch.channels_last)
+        # The fp32 reference of the agreement check keeps its BatchNorm; the model that runs may fold it.
+        reference_model = build_model(checkpoint, loaded, info, settings, device)
+        model = inference_model(reference_model, settings)
         if settings["images"]:
             failed = predict_images(model, info, settings, device)
         elif settings["format_only"]:
@@ -691,6 +684,14 @@ def build_model(checkpoint, loaded, info, settings, device):
     net = model.GCNet(info["num_classes"], depth=info["depth"], align_corners=settings["align_corners"])
     checkpoints.load_checkpoint(net, checkpoint, loaded)
     return net.to(device).eval()
+
+
+def inference_model(net, settings):
+    """The model as evaluate.py runs it: BatchNorm folded into the convs (a copy) and channels_last
+    weights where the settings say so."""
+    if settings["fold_batchnorm"]:
+        net = fold_batchnorm(net)
+    return net.to(memory_format=torch.channels_last) if settings["channels_last"] else net
 
 
 def check_classes(info, dataset, checkpoint):
@@ -827,13 +828,14 @@ def composite_picture(image, pred, palette, classes, attention=None, label=None,
         labels = labels.cpu().long()
         return colours[torch.where(labels == data.IGNORE_INDEX, -1, labels)]
 
-    panels = [("image", picture)]
+    # (title, RGB, how it is resized to the panel): pictures smoothly, class maps without new colours
+    panels = [("image", picture, Image.BILINEAR)]
     if label is not None:
-        panels.append(("ground truth", as_colours(label)))
-    panels.append(("prediction", as_colours(pred)))
+        panels.append(("ground truth", as_colours(label), Image.NEAREST))
+    panels.append(("prediction", as_colours(pred), Image.NEAREST))
     if attention is not None:
-        heat = heat_colors(attention.float().cpu())
-        panels.append(("GC attention (red: more weight)", (1 - opacity) * picture + opacity * heat))
+        heat = (1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())
+        panels.append(("GC attention (red: more weight)", heat, Image.BILINEAR))
     height, width = picture.shape[:2]
     size = (min(width, PANEL_WIDTH), max(1, round(height * min(width, PANEL_WIDTH) / width)))
     font = legend_font()
@@ -844,9 +846,8 @@ def composite_picture(image, pred, palette, classes, attention=None, label=None,
     legend = legend_rows(present, classes, font, total_width)
     canvas = Image.new("RGB", (total_width, title + size[1] + 8 + 20 * len(legend)), "white")
     draw = ImageDraw.Draw(canvas)
-    for number, (name, rgb) in enumerate(panels):
+    for number, (name, rgb, resample) in enumerate(panels):
         left = number * (size[0] + gap)
-        resample = Image.BILINEAR if name == "image" or name.startswith("GC") else Image.NEAREST
         canvas.paste(rgb_picture(rgb).resize(size, resample), (left, title))
         draw.text((left, 3), name, fill="black", font=font)
     for row, entries in enumerate(legend):
@@ -903,15 +904,25 @@ def predict_image(
         original = data.resize_image(original, data.rescale_size(height, width, scale))
         tqdm.write(f"{path}: {width}x{height} is large; predicted and drawn at the test scale, "
                    f"{original.shape[2]}x{original.shape[1]}")  # fmt: skip
-    images = [image.to(device) for image in data.test_transform(original, scale, tuple(ratios))]
-    model.eval()
+    images, probabilities = image_probabilities(
+        model, original, scale=scale, ratios=ratios, device=device, precision=precision, **protocol
+    )
     with runtime.precision_context(device, precision):
-        probabilities = predict(model, images, original.shape[-2:], **protocol)
         attention = attention_map(
             model, image_at_ratio_one(images, ratios, original, scale), original.shape[-2:]
         )
     pred = probabilities.argmax(dim=0)
     return save_pictures(save_dir, name, original, pred, palette, attention, opacity, classes=classes)
+
+
+@torch.no_grad()
+def image_probabilities(model, original, *, scale, ratios, device, precision, **protocol):
+    """(the image at each test ratio on the device, class probabilities at its size) of one uint8
+    (3, H, W) image without a dataset: the test transform, then predict() in eval mode."""
+    images = [image.to(device) for image in data.test_transform(original, scale, tuple(ratios))]
+    model.eval()
+    with runtime.precision_context(device, precision):
+        return images, predict(model, images, original.shape[-2:], **protocol)
 
 
 class Predictor:
@@ -929,23 +940,19 @@ class Predictor:
         loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)
         info = checkpoints.checkpoint_info(checkpoint, loaded)
         self.settings = resolve_settings(args, info, self.device)
-        self.model = build_model(checkpoint, loaded, info, self.settings, self.device)
-        if self.settings["fold_batchnorm"]:
-            self.model = fold_batchnorm(self.model)
-        if self.settings["channels_last"]:
-            self.model.to(memory_format=torch.channels_last)
+        self.model = inference_model(
+            build_model(checkpoint, loaded, info, self.settings, self.device), self.settings
+        )
         self.palette, self.classes = class_names_and_colours(
             info, self.settings["dataset"], info["num_classes"]
         )
 
-    @torch.no_grad()
     def __call__(self, path):
         """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
         image = data.read_image(path, upright=True)
-        scaled = data.test_transform(image, self.settings["scale"], self.settings["ratios"])
-        with runtime.precision_context(self.device, self.settings["precision"]):
-            probabilities = predict(self.model, [each.to(self.device) for each in scaled], image.shape[-2:],
-                                    **{key: self.settings[key] for key in ("mode", "crop_size", "stride", "flip")})  # fmt: skip
+        keywords = dict(inference_keywords(self.settings, self.device), scale=self.settings["scale"],
+                        ratios=self.settings["ratios"])  # fmt: skip
+        _, probabilities = image_probabilities(self.model, image, **keywords)
         return probabilities.argmax(dim=0).cpu()
 
 

@@ -230,13 +230,11 @@ def set_threads(flag, device):
     processes = processes_on_this_node()
     if flag:
         torch.set_num_threads(flag)
-        reason = "--threads"
-    elif device.type == "cpu" and processes > 1:
+        return "--threads"
+    if device.type == "cpu" and processes > 1:
         torch.set_num_threads(cores_per_process())
-        reason = f"{usable_cores()} usable cores shared by {processes} processes"
-    else:
-        reason = "torch's choice; --threads N to change"
-    return reason
+        return f"{usable_cores()} usable cores shared by {processes} processes"
+    return "torch's choice; --threads N to change"
 
 
 def machine_line(thread_choice, workers):
