@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import data
 import model
+import pictures
 import recipe
 import runtime
 
@@ -739,8 +740,8 @@ class Run:
         """After validating checkpoint `iteration`: log the scores; on a new best, write best.pth. The
         iteration's own checkpoint still records the previous best, so a crash before best.pth is
         complete leaves the old best.pth, and the resumed run validates this iteration again."""
-        scores = {key: results[key] for key in ("mIoU", "mAcc", "aAcc")}
-        self.log.write(dict(iteration=iteration, **scores, val_seconds=seconds))
+        scores = {key: results[key] for key in ("mIoU", "mAcc", "aAcc", "mF1")}
+        self.log.write(dict(iteration=iteration, **scores, val_loss=results["loss"], val_seconds=seconds))
         if results["mIoU"] > self.best_miou:
             self.writer.save(iteration, results["mIoU"], None, name="best.pth", validation=dict(
                 validation_settings(self.config), iteration=iteration, mIoU=results["mIoU"]))  # fmt: skip
@@ -753,6 +754,10 @@ class Run:
             return
         runtime.say(f"\ndone: {iteration} iterations, best val mIoU {self.best_miou:.2f}; checkpoints and log in "
                     f"{self.work_dir}")  # fmt: skip
+        if self.rank == 0:
+            records, _ = read_log(self.work_dir / "log.jsonl")
+            save_picture(pictures.log_picture(records, self.config["config_name"]), self.work_dir / "log.png")
+            runtime.say(f"the losses, learning rate and validation mIoU: {self.work_dir / 'log.png'}")
         if self.pictures:
             runtime.say(
                 f"pictures of the last validation (labels, overlay, attention, and all three beside the ground truth in <name>_composite.png) in {self.pictures}"
@@ -819,6 +824,13 @@ def write_text(path, text):
     """A small file written atomically, as save_checkpoint does."""
     temporary = temporary_name(path)
     temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def save_picture(picture, path):
+    """A PIL image written atomically."""
+    temporary = temporary_name(path)
+    picture.save(temporary, format=path.suffix[1:] or "png")
     os.replace(temporary, path)
 
 
@@ -1069,6 +1081,21 @@ class StopRequest:
         """Put back the handlers that were there before (train.main called from Python returns)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def read_log(path):
+    """log.jsonl's records, and how many lines could not be read (a run killed mid-line leaves one)."""
+    records, unreadable = [], 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            unreadable += bool(line.strip())
+    return records, unreadable
 
 
 class Log:

@@ -7,8 +7,8 @@ the original toolbox's tools/test.py with --aug-test):
                  image for the 769x769 models (align_corners=True).
   mIoU(ms+flip)  the same at 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 times the test scale, each also
                  flipped; the 12 softmax maps are averaged at the original resolution.
-The metric is an exact confusion matrix summed over the whole split at the original label
-resolution; IoU and Acc per class, their nanmean over classes, and the overall pixel accuracy.
+The metric is an exact confusion matrix summed over the whole split at the original label resolution:
+IoU and Acc per class (and F1, precision, recall), their nanmean over classes, and the pixel accuracy.
 
 The test protocol is the checkpoint's row of the table (recipe.row), or the recipe ours record;
 flags override it. Official checkpoints are scored in IEEE fp32 by default, as the table was; ours in
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Subset
@@ -39,6 +39,7 @@ from tqdm import tqdm
 import checkpoints
 import data
 import model
+import pictures
 import recipe
 import runtime
 
@@ -153,21 +154,23 @@ def confusion_matrix(pred, label, num_classes, ignore_index=data.IGNORE_INDEX):
 
 
 def metrics_from_confusion(matrix):
-    """aAcc, mIoU, mAcc and per-class IoU / Acc lists (percent), IoU_c = I_c / U_c and Acc_c = I_c / GT_c
-    over the whole split. A class with union 0 has IoU NaN and is skipped by the mean; one absent from
-    the ground truth but predicted has IoU 0 and counts; Acc is NaN for every class absent from it."""
+    """aAcc, and per class with their means (mIoU, ...), in percent: IoU = I / (GT + P - I), Acc = recall =
+    I / GT, precision = I / P, F1 (Dice) = 2 I / (GT + P), from a class's I(ntersection), GT and P(redicted)
+    pixels over the split. 0/0 is NaN, skipped by the means: IoU and F1 of a class neither present nor
+    predicted (one predicted but absent counts 0), Acc of one absent, precision of one never predicted."""
     matrix = matrix.double().cpu()
     intersection = matrix.diag()
     gt_area, predicted_area = matrix.sum(dim=1), matrix.sum(dim=0)
-    iou = intersection / (gt_area + predicted_area - intersection)  # 0/0 -> NaN
-    accuracy = intersection / gt_area
-    return {
-        "aAcc": 100 * (intersection.sum() / matrix.sum()).item(),
-        "mIoU": 100 * torch.nanmean(iou).item(),
-        "mAcc": 100 * torch.nanmean(accuracy).item(),
-        "IoU": (100 * iou).tolist(),
-        "Acc": (100 * accuracy).tolist(),
+    per_class = {  # 0/0 -> NaN
+        "IoU": intersection / (gt_area + predicted_area - intersection),
+        "Acc": intersection / gt_area,
+        "F1": 2 * intersection / (gt_area + predicted_area),
+        "Precision": intersection / predicted_area,
+        "Recall": intersection / gt_area,
     }
+    means = {f"m{key}": 100 * torch.nanmean(values).item() for key, values in per_class.items()}
+    lists = {key: (100 * values).tolist() for key, values in per_class.items()}
+    return {"aAcc": 100 * (intersection.sum() / matrix.sum()).item(), **means, **lists}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -176,32 +179,30 @@ def metrics_from_confusion(matrix):
 
 @torch.no_grad()
 def evaluate_dataset(
-    model, dataset, *, mode, crop_size, stride, flip, device, precision, channels_last, window_batch=4,
+    model, dataset, *, mode, crop_size, stride, flip, device, precision, window_batch=4,
     save_dir=None, opacity=0.5, show_progress=True, workers=2,
 ):  # fmt: skip
     """Metrics of `model` on a val split (data.build_dataset(..., split='val')) at its test ratios; under
     torchrun each process takes every world_size-th image. Every process returns the same dict: those of
-    metrics_from_confusion, num_images and confusion_matrix (list of rows). Pass the model itself, not a
-    DDP wrapper; channels_last changes its weights' layout in place."""
-    if len(dataset) == 0:
-        raise ValueError(f"the {getattr(dataset, 'name', '')} val split has no images: check the data root")
-    device = torch.device(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    metrics_from_confusion, num_images, confusion_matrix (list of rows) and loss (train.segmentation_loss's
+    over the split, of the protocol's probabilities). Pass the model itself, not a DDP wrapper."""
     matrix = torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device)
-    share = 0
-    for pred, label, meta, images in predictions(
+    losses = torch.zeros(2, dtype=torch.float64, device=device)  # summed pixel losses, pixels
+    for probabilities, label, meta, images in predictions(
         model, dataset, mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch,
         device=device, precision=precision, workers=workers, show_progress=show_progress,
     ):  # fmt: skip
+        pred = probabilities.argmax(dim=0)
         matrix += confusion_matrix(pred, label, dataset.num_classes)
-        share += 1
+        losses += summed_pixel_losses(probabilities, label)
         if save_dir is not None:  # the label PNG, an overlay and the GC block's attention, below the line
             save_split_pictures(model, dataset, pred, label, meta, images, device=device, precision=precision,
                                 save_dir=save_dir, opacity=opacity)  # fmt: skip
-    matrix = sum_over_processes(matrix)
-    num_images = int(sum_over_processes(torch.tensor([share], device=device)).item())
-    return dict(metrics_from_confusion(matrix), num_images=num_images, confusion_matrix=matrix.cpu().tolist())
+    matrix, (loss_sum, pixels) = sum_over_processes(matrix), sum_over_processes(losses).tolist()
+    if save_dir is not None and runtime.rank_and_world_size()[0] == 0:
+        pictures.confusion_picture(matrix, dataset.classes).save(Path(save_dir) / "confusion.png")
+    return dict(metrics_from_confusion(matrix), loss=loss_sum / pixels, num_images=len(dataset),
+                confusion_matrix=matrix.cpu().tolist())  # fmt: skip
 
 
 # Below this line: how it runs: the command line and its three jobs (a split's scores, files for
@@ -220,11 +221,16 @@ def predictions(
     desc="predict",
     **protocol,
 ):
-    """(pred (H, W) at the original size, label or None, meta, images per scale) for this process's
+    """(class probabilities (C, H, W) at the original size, label or None, meta, images per scale) for this process's
     share of the first `count` images (default all): rank r of W takes images r, r+W, ..., so none is
     counted twice. The model is in eval mode meanwhile and back in its previous mode after."""
     rank, world_size = runtime.rank_and_world_size()
     device = torch.device(device)
+    if len(dataset) == 0:
+        split = getattr(dataset, "split", "")
+        raise ValueError(
+            f"the {getattr(dataset, 'name', '')} {split} split has no images: check the data root"
+        )
     total = len(dataset) if count is None else min(count, len(dataset))
     share = list(range(total))[rank::world_size]
     # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
@@ -247,7 +253,7 @@ def predictions(
             label = None if labels[0] is None else labels[0].to(device, non_blocking=True)
             with runtime.precision_context(device, precision):
                 probabilities = predict(model, images, metas[0]["original_size"], **protocol)
-            yield probabilities.argmax(dim=0), label, metas[0], images
+            yield probabilities, label, metas[0], images
             progress.update(1)
     finally:
         progress.close()
@@ -279,6 +285,17 @@ def check_values(pred, label, num_classes, ignore_index):
         )
 
 
+def summed_pixel_losses(probabilities, label, ignore_index=data.IGNORE_INDEX):
+    """-log p(true class) summed over the labelled pixels, from (C, H, W) probabilities, and the count of
+        all pixels: the numerator and denominator of train.segmentation_loss. A probability that underflowed
+    float32 (a logit about 87 below the top one) counts as float32's smallest normal number: 87.3."""
+    labelled = label != ignore_index
+    true_class = torch.where(labelled, label.long(), 0)[None]  # (1, H, W)
+    p = probabilities.gather(0, true_class)[0][labelled]
+    loss_sum = -p.double().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+    return torch.stack([loss_sum, loss_sum.new_tensor(label.numel())])  # and the pixels, ignored ones too
+
+
 def class_softmax(logits):
     """Softmax over dim 1 of (N, C, H, W) logits; for channels_last logits on a permuted view, where
     the classes are innermost in memory (no copy to NCHW), and the result stays channels_last."""
@@ -287,13 +304,20 @@ def class_softmax(logits):
     return logits.softmax(dim=1)
 
 
+# The table's columns: (title, key of metrics_from_confusion); recall is Acc's other name, not repeated.
+TABLE_COLUMNS = (("IoU", "IoU"), ("Acc", "Acc"), ("F1", "F1"), ("Prec", "Precision"))
+
+
 def format_table(metrics, classes):
-    """Per-class IoU / Acc table (percent, 2 decimals) with the summary line below."""
+    """Per-class table (percent, 2 decimals; nan where undefined) with the means below."""
     width = max([len("class")] + [len(name) for name in classes])
-    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
-    for name, iou, accuracy in zip(classes, metrics["IoU"], metrics["Acc"], strict=True):
-        lines.append(f"{name:<{width}}  {iou:6.2f}  {accuracy:6.2f}")
-    lines.append(f"aAcc {metrics['aAcc']:.2f}  mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}")
+    lines = [f"{'class':<{width}}" + "".join(f"  {title:>6}" for title, _ in TABLE_COLUMNS)]
+    for index, name in enumerate(classes):
+        lines.append(
+            f"{name:<{width}}" + "".join(f"  {metrics[key][index]:6.2f}" for _, key in TABLE_COLUMNS)
+        )
+    means = ("aAcc", "mIoU", "mAcc", "mF1", "mPrecision")
+    lines.append("  ".join(f"{key} {metrics[key]:.2f}" for key in means) + "  (Acc is the recall)")
     return "\n".join(lines)
 
 
@@ -319,9 +343,10 @@ def precision_agreement(
     ours = predictions(model, dataset, num_images, show_progress=show_progress, desc=desc, **inference)
     fp32 = predictions(reference_model, dataset, num_images, **dict(inference, precision="fp32"))
     try:
-        for (pred, label, _, _), (fp32_pred, _, _, _) in zip(ours, fp32):
+        for (probabilities, label, _, _), (fp32_probabilities, _, _, _) in zip(ours, fp32):
             labelled = label != data.IGNORE_INDEX
-            counts += torch.stack([(pred == fp32_pred)[labelled].sum(), labelled.sum()])
+            alike = probabilities.argmax(dim=0) == fp32_probabilities.argmax(dim=0)
+            counts += torch.stack([alike[labelled].sum(), labelled.sum()])
     finally:  # the two loops share the model when there is no reference: restore the caller's modes here
         fp32.close()
         ours.close()
@@ -447,7 +472,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
                   "labelled pixels agree")  # fmt: skip
     start = time.perf_counter()
     results = evaluate_dataset(
-        model, dataset, channels_last=settings["channels_last"], save_dir=settings["save_dir"],
+        model, dataset, save_dir=settings["save_dir"],
         opacity=settings["opacity"], show_progress=True, **inference,
     )  # fmt: skip
     seconds = time.perf_counter() - start
@@ -464,7 +489,9 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         checkpoint=str(checkpoint), config_name=info["config_name"], dataset=dataset.name,
         data_root=settings["data_root"] or recipe.DATASETS[dataset.name]["root"],
         num_images=results["num_images"], aAcc=results["aAcc"], mIoU=results["mIoU"], mAcc=results["mAcc"],
-        per_class={c: {"IoU": i, "Acc": a} for c, i, a in zip(dataset.classes, results["IoU"], results["Acc"])},
+        mF1=results["mF1"], mPrecision=results["mPrecision"], mRecall=results["mRecall"], loss=results["loss"],
+        per_class={name: {key: results[key][index] for key in ("IoU", "Acc", "F1", "Precision", "Recall")}
+                   for index, name in enumerate(dataset.classes)},
         settings=dict(
             {key: settings[key] for key in protocol_keys + speed_keys}, depth=model.depth,
             num_classes=model.num_classes, world_size=world_size, torch=torch.__version__,
@@ -521,8 +548,8 @@ def write_split_files(model, info, settings, checkpoint, device):
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     written = 0
-    for pred, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
-        name, picture = server_file(dataset.name, pred, meta, dataset.palette)
+    for probabilities, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
+        name, picture = server_file(dataset.name, probabilities.argmax(dim=0), meta, dataset.palette)
         picture.save(Path(save_dir) / name)
         written += 1
     total = int(sum_over_processes(torch.tensor([written], device=device)).item())
@@ -664,10 +691,13 @@ def build_parser():
     speed.add_argument("--workers", type=number(int, 0), default=workers,
                        help=f"loader processes (default: 4, at most the cores per process: {workers} here)")
     output = parser.add_argument_group("output")
-    output.add_argument("--save-dir", type=path("folder"), help="pictures or server files go here")
+    output.add_argument("--save-dir", type=path("folder"), help="pictures or server files go here: per image "
+                        "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png; for a split also "
+                        "confusion.png")
     output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1")
-    output.add_argument("--out", type=path("file"), help="results JSON (default: <checkpoint dir>/"
-                        "eval_<dataset>_<mode>[_ms][_flip]_<time>.json)")
+    output.add_argument("--out", type=path("file"), help="results JSON: aAcc, mIoU, mAcc, mF1, mPrecision, "
+                        "mRecall, loss, per-class IoU/Acc/F1/Precision/Recall, the confusion matrix, the settings "
+                        "(default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)")
     # fmt: on
     return parser
 
@@ -757,126 +787,14 @@ def image_at_ratio_one(images, ratios, original, test_scale):
     return data.test_transform(original, test_scale)[0].to(images[0].device)
 
 
-def heat_colors(values):
-    """A 'jet'-like colour map: (H, W) values in [0, 1] -> (H, W, 3) float RGB in [0, 255]. Each channel
-    is a clipped tent 1.5 - 4 |value - peak| (blue peaks at 1/4, green 1/2, red 3/4)."""
-    peaks = torch.tensor([0.75, 0.5, 0.25], device=values.device)  # R, G, B
-    return 255 * (1.5 - 4 * (values.clamp(0, 1)[..., None] - peaks).abs()).clamp(0, 1)
-
-
-def rgb_picture(rgb):
-    """(H, W, 3) float in [0, 255] -> PIL RGB image."""
-    return Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy())
-
-
-def label_picture(pred, palette):
-    """(H, W) class indices -> palette PNG image ('P' mode)."""
-    labels = Image.frombytes("P", pred.shape[::-1], pred.cpu().to(torch.uint8).numpy().tobytes())
-    labels.putpalette([value for color in palette for value in color])
-    return labels
-
-
 def save_split_pictures(model, dataset, pred, label, meta, images, *, device, precision, save_dir, opacity):
     """save_pictures() for an image of a split, with its attention map at the test scale."""
     original = data.read_image(meta["image_path"])
     at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale)
     with runtime.precision_context(device, precision):
         attention = attention_map(model, at_ratio_one, original.shape[-2:])
-    save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity,
+    pictures.save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity,
                   classes=dataset.classes, label=label)  # fmt: skip
-
-
-def save_pictures(
-    save_dir, name, image, pred, palette, attention=None, opacity=0.5, classes=None, label=None
-):
-    """Write <name>_pred.png (palette PNG), <name>_overlay.jpg (class colours over the uint8 (3, H, W)
-    image) and, given one, <name>_attention.png (attention (H, W) in [0, 1]); given the class names,
-    also <name>_composite.png (composite_picture: image, label, prediction and attention side by side).
-    Returns the paths."""
-    stem = Path(save_dir) / name
-    if not os.path.abspath(stem).startswith(os.path.join(os.path.abspath(save_dir), "")):
-        raise ValueError(f"refusing to write {stem}: outside --save-dir {save_dir}")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    pred = pred.cpu()
-    paths = [Path(f"{stem}_pred.png"), Path(f"{stem}_overlay.jpg")]
-    label_picture(pred, palette).save(paths[0])
-    picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
-    colors = torch.tensor(palette, dtype=torch.float32)[pred.long()]  # (H, W, 3)
-    rgb_picture((1 - opacity) * picture + opacity * colors).save(paths[1], quality=95)
-    if attention is not None:
-        paths.append(Path(f"{stem}_attention.png"))
-        rgb_picture((1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())).save(paths[2])
-    if classes is not None:
-        paths.append(Path(f"{stem}_composite.png"))
-        composite_picture(image, pred, palette, classes, attention, label, opacity).save(paths[-1])
-    return paths
-
-
-# The composite's panels are at most this wide (pixels; a 2048-wide Cityscapes frame is drawn at 512),
-# with this much white between them.
-PANEL_WIDTH, COMPOSITE_GAP = 512, 6
-
-
-def composite_picture(image, pred, palette, classes, attention=None, label=None, opacity=0.5):
-    """One picture to read at a glance: the image, its ground truth (if given), the prediction and the
-    GC block's attention side by side, each titled, with a legend of the classes present (in the label
-    or the prediction) in their colours. Ignored pixels are black. Returns a PIL image."""
-    picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
-    colours = torch.tensor(list(palette) + [[0, 0, 0]], dtype=torch.float32)  # index -1: ignored
-
-    def as_colours(labels):
-        labels = labels.cpu().long()
-        return colours[torch.where(labels == data.IGNORE_INDEX, -1, labels)]
-
-    # (title, RGB, how it is resized to the panel): pictures smoothly, class maps without new colours
-    panels = [("image", picture, Image.BILINEAR)]
-    if label is not None:
-        panels.append(("ground truth", as_colours(label), Image.NEAREST))
-    panels.append(("prediction", as_colours(pred), Image.NEAREST))
-    if attention is not None:
-        heat = (1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())
-        panels.append(("GC attention (red: more weight)", heat, Image.BILINEAR))
-    height, width = picture.shape[:2]
-    size = (min(width, PANEL_WIDTH), max(1, round(height * min(width, PANEL_WIDTH) / width)))
-    font = legend_font()
-    title, gap = 22, COMPOSITE_GAP
-    present = sorted(set(pred.unique().tolist()) | set([] if label is None else label.unique().tolist()))
-    present = [index for index in present if 0 <= index < len(classes)]
-    total_width = len(panels) * (size[0] + gap) - gap
-    legend = legend_rows(present, classes, font, total_width)
-    canvas = Image.new("RGB", (total_width, title + size[1] + 8 + 20 * len(legend)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for number, (name, rgb, resample) in enumerate(panels):
-        left = number * (size[0] + gap)
-        canvas.paste(rgb_picture(rgb).resize(size, resample), (left, title))
-        draw.text((left, 3), name, fill="black", font=font)
-    for row, entries in enumerate(legend):
-        top = title + size[1] + 8 + 20 * row
-        for left, index in entries:
-            draw.rectangle((left, top + 2, left + 13, top + 15), fill=tuple(palette[index]), outline="black")
-            draw.text((left + 18, top), classes[index], fill="black", font=font)
-    return canvas
-
-
-def legend_font():
-    """Pillow's own font at 14 px (Pillow 10.1 and later), else its small bitmap font."""
-    try:
-        return ImageFont.load_default(size=14)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def legend_rows(indices, classes, font, width):
-    """The legend's entries, (left, class index) per row, wrapped to `width` pixels."""
-    rows, left = [[]], 0
-    for index in indices:
-        entry = 18 + int(font.getlength(classes[index])) + 14
-        if left and left + entry > width:
-            rows.append([])
-            left = 0
-        rows[-1].append((left, index))
-        left += entry
-    return rows if rows[0] else []
 
 
 @torch.no_grad()
@@ -912,7 +830,9 @@ def predict_image(
             model, image_at_ratio_one(images, ratios, original, scale), original.shape[-2:]
         )
     pred = probabilities.argmax(dim=0)
-    return save_pictures(save_dir, name, original, pred, palette, attention, opacity, classes=classes)
+    return pictures.save_pictures(
+        save_dir, name, original, pred, palette, attention, opacity, classes=classes
+    )
 
 
 @torch.no_grad()
@@ -1016,7 +936,7 @@ def server_file(dataset_name, pred, meta, palette):
         return name, Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred].numpy())  # uint8 (H, W): mode L
     if dataset_name == "ade20k":
         return name, Image.fromarray((pred + 1).to(torch.uint8).numpy())
-    return name, label_picture(pred, palette)
+    return name, pictures.label_picture(pred, palette)
 
 
 if __name__ == "__main__":

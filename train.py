@@ -61,7 +61,7 @@ def main(argv=None):
     config, device = set_up(args)
     run = checkpoints.Run(config, sys.argv[1:] if argv is None else argv, resume=args.resume,
                           trust=args.trust_checkpoint, keep=args.keep, max_nonfinite=args.max_nonfinite,
-                          log_interval=args.log_interval)  # fmt: skip
+                          log_interval=config["log_interval"])  # fmt: skip
     with run:  # the work dir is this run's until the block ends, by whatever way
         # 1. data (rank 0 first: it may write the toy dataset, which the others then read)
         train_set, val_set = runtime.rank_zero_first(lambda: build_datasets(config))
@@ -204,12 +204,12 @@ def build_model(config, num_classes, *, load_from=None, trust=False, resuming=Fa
 def validate(raw_model, val_set, config, save_dir=None):
     """Single-scale val mIoU, in a forked RNG: validating leaves the training's random stream as it was."""
     device = next(raw_model.parameters()).device
-    net = evaluate.fold_batchnorm(raw_model) if config["fold_batchnorm"] else raw_model  # as evaluate.py
+    net = evaluate.inference_model(raw_model, config)  # BatchNorm folded and the layout, as evaluate.py
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate.evaluate_dataset(
             net, val_set, mode=config["test_mode"], crop_size=tuple(config["test_crop"]),
             stride=tuple(config["test_stride"]), flip=False, device=device, precision=config["precision"],
-            channels_last=config["channels_last"], save_dir=save_dir, workers=config["workers"],
+            save_dir=save_dir, workers=config["workers"],
         )  # fmt: skip
 
 
@@ -218,8 +218,8 @@ def validate_and_keep_best(raw_model, val_set, config, run, iteration, pictures=
     start = time.perf_counter()
     results = validate(raw_model, val_set, config, pictures)
     seconds = time.perf_counter() - start
-    runtime.say(f"\niteration {iteration}: val mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  "
-                f"aAcc {results['aAcc']:.2f}")  # fmt: skip
+    runtime.say(f"\niteration {iteration}: val loss {results['loss']:.4f} (decode head, as training's), mIoU "
+                f"{results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}")  # fmt: skip
     runtime.say(evaluate.format_table(results, val_set.classes))
     run.keep_best(iteration, results, seconds)
 
@@ -328,6 +328,9 @@ def resolve_recipe(args, world_size):
     config.update({key: value for key, value in overrides.items() if value is not None})
     if args.scale is not None:
         config["scale"] = list(args.scale)
+    # The original logs every 50 iterations; shorter runs log more often, so that their curves
+    # (log.png, tools/plot_log.py) have a hundred points.
+    config["log_interval"] = args.log_interval or min(50, max(1, config["iters"] // 100))
     if config["min_lr"] > config["lr"]:
         raise SystemExit(
             f"train.py: --min-lr {config['min_lr']} is above --lr {config['lr']}: the poly schedule would raise "
@@ -446,6 +449,9 @@ USAGE = """examples:
   Resume the newest checkpoint of a run (or --resume PATH); fine-tune from any GCNet checkpoint:
       torchrun --nproc_per_node=4 train.py --dataset cityscapes --crop 769 --resume
       python train.py --dataset folder --data-root data/mine --load-from CHECKPOINT_OR_URL
+outputs, in --work-dir: iter_<N>.pth and best.pth; log.jsonl (training loss, lr and times every
+  --log-interval; validation loss, mIoU, mAcc, aAcc, mF1 at each validation); log.png (drawn at the end,
+  or any time with python tools/plot_log.py WORK_DIR); pictures/ with --pictures.
 """
 
 
@@ -483,10 +489,12 @@ def build_parser():
     add("--load-from", help="fine-tune: a new run from the weights of a GCNet checkpoint (file or URL)")
     add("--resume", nargs="?", const="latest", help="continue the newest iter_<N>.pth of the work dir, or PATH")
     add("--trust-checkpoint", action="store_true", help="unpickle checkpoints fully: runs code in them")
-    add("--work-dir", help="default: work_dirs/<config name>")
+    add("--work-dir", help="where the run's files go (default: work_dirs/<config name>)")
     add("--keep", type=positive, default=3, help="newest iter_<N>.pth checkpoints to keep")
-    add("--log-interval", type=positive, default=50, help="iterations between log.jsonl records")
-    add("--pictures", action=argparse.BooleanOptionalAction, help="pictures of the last validation (default: toy)")
+    add("--log-interval", type=positive, help="iterations between log.jsonl records (default 50, or a hundredth "
+        "of --iters if less: 3 for the toy)")
+    add("--pictures", action=argparse.BooleanOptionalAction, help="pictures of the last validation in "
+        "<work dir>/pictures: per image as evaluate.py --save-dir writes them, and confusion.png (default: toy)")
     # How it runs.
     runtime.add_arguments(parser)
     add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")

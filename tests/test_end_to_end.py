@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 import data
 import evaluate
+import pictures
 import train
 
 
@@ -30,6 +32,8 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys, monke
         in said
     )
     assert f"evaluate with: python evaluate.py --checkpoint {work_dir / 'best.pth'} --ms-flip" in said
+    assert f"the losses, learning rate and validation mIoU: {work_dir / 'log.png'}" in said
+    assert Image.open(work_dir / "log.png").width == pictures.PLOT_WIDTH
 
     # The loss falls. Single steps are noisy at batch 4; the means of the first and last ten are not.
     log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
@@ -37,13 +41,20 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys, monke
     assert len(losses) == 40 and sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10, losses
     # It validated at 20 and 40 and wrote its checkpoints, whole and plainly named, and pictures.
     assert [record["iteration"] for record in log if "mIoU" in record] == [20, 40]
+    # Its validation loss, the decode head's cross-entropy over the val split, is printed and logged.
+    val_losses = [record["val_loss"] for record in log if "mIoU" in record]
+    assert all(0 < loss < 10 for loss in val_losses) and f"iteration 40: val loss {val_losses[1]:.4f}" in said
     checkpoint = torch.load(work_dir / "iter_40.pth", weights_only=True)
     assert checkpoint["iteration"] == 40 and checkpoint["recipe"]["dataset"] == "toy"
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in checkpoint["state_dict"])
     assert {"optimizer", "scaler", "rng", "meta"} <= checkpoint.keys()
     assert (work_dir / "best.pth").exists() and not list(work_dir.glob(".*.tmp"))
-    best_miou = max(record["mIoU"] for record in log if "mIoU" in record)
+    log_miou = [record["mIoU"] for record in log if "mIoU" in record]
+    best_miou = max(log_miou)
     val_set = data.build_dataset("toy", str(root), "val")
+    assert (
+        Image.open(work_dir / "pictures" / "confusion.png").mode == "RGB"
+    )  # the toy demo's pictures show it
     for _, label, meta in (val_set[i] for i in range(len(val_set))):
         prediction = Image.open(work_dir / "pictures" / f"{meta['name']}_pred.png")
         assert prediction.mode == "P" and prediction.size == (label.shape[1], label.shape[0])
@@ -54,7 +65,7 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys, monke
             assert Image.open(picture).size == (256, 128)
         # The composite: image, ground truth, prediction and attention side by side, a legend below.
         composite = Image.open(work_dir / "pictures" / f"{meta['name']}_composite.png")
-        assert composite.width == 4 * 256 + 3 * evaluate.COMPOSITE_GAP and composite.height > 128 + 20
+        assert composite.width == 4 * 256 + 3 * pictures.COMPOSITE_GAP and composite.height > 128 + 20
 
     # evaluate.py as the README runs it, with no flags: it names the best.pth it takes, reads the data where
     # the run did, and gives training's validation score, to the bit, with the same settings.
@@ -73,6 +84,11 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys, monke
     assert matrix.sum() == (torch.stack([val_set[i][1] for i in range(3)]) != 255).sum()
     assert len(list((tmp_path / "pictures").glob("*_attention.png"))) == 3
     assert len(list((tmp_path / "pictures").glob("*_composite.png"))) == 3
+    assert Image.open(tmp_path / "pictures" / "confusion.png").mode == "RGB"
+    # F1, precision and recall beside IoU and Acc, and the loss, which the last validation also measured
+    assert {"F1", "Precision", "Recall"} <= results["per_class"]["disc"].keys()
+    assert results["mRecall"] == results["mAcc"] and 0 < results["mF1"] <= 100
+    assert results["loss"] == pytest.approx(val_losses[1] if best_miou == log_miou[1] else val_losses[0])
 
     # Three lines of Python predict an image as evaluate.py did.
     predictor = evaluate.Predictor(work_dir / "best.pth", ["--workers", "0"])

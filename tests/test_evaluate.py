@@ -21,6 +21,7 @@ from torch import nn
 import checkpoints
 import data
 import evaluate
+import pictures
 import train
 from model import GCNet
 
@@ -210,8 +211,28 @@ def test_metrics_by_hand_with_ignored_and_absent_classes():
     assert math.isnan(metrics["Acc"][2]) and math.isnan(metrics["Acc"][3])
     assert metrics["mAcc"] == pytest.approx(200 / 3)
     assert metrics["aAcc"] == pytest.approx(100 * 4 / 6)
+    # F1 = 2I / (GT + P): road 4/5, car 4/6; sky NaN like its IoU; bus 0 (predicted once on a labelled
+    # pixel, never there: the prediction on the ignored pixel counts nowhere).
+    assert metrics["F1"][:2] == pytest.approx([80, 400 / 6])
+    assert math.isnan(metrics["F1"][2]) and metrics["F1"][3] == 0
+    assert metrics["mF1"] == pytest.approx(100 * (4 / 5 + 4 / 6 + 0) / 3)
+    # precision = I / P: road 2/2, car 2/3, sky never predicted on a labelled pixel (NaN), bus 0/1
+    assert metrics["Precision"][:2] == pytest.approx([100, 200 / 3])
+    assert math.isnan(metrics["Precision"][2]) and metrics["Precision"][3] == 0
+    assert metrics["mPrecision"] == pytest.approx(100 * (1 + 2 / 3 + 0) / 3)
+    assert (
+        metrics["Recall"] == pytest.approx(metrics["Acc"], nan_ok=True)
+        and metrics["mRecall"] == metrics["mAcc"]
+    )
+    # Dice is the harmonic mean of precision and recall where both are defined
+    assert metrics["F1"][1] == pytest.approx(
+        2 / (100 / metrics["Precision"][1] + 100 / metrics["Recall"][1]) * 100
+    )
     table = evaluate.format_table(metrics, ["road", "car", "sky", "bus"])
-    assert "car" in table and "50.00" in table and "mIoU 38.89" in table
+    assert table.splitlines()[0].split() == ["class", "IoU", "Acc", "F1", "Prec"]
+    assert table.splitlines()[2].split() == ["car", "50.00", "66.67", "66.67", "66.67"]
+    assert table.splitlines()[3].split() == ["sky", "nan", "nan", "nan", "nan"]
+    assert "mIoU 38.89" in table and "mF1 48.89" in table and "mPrecision 55.56" in table
 
 
 def test_confusion_matrices_add_up_over_images_and_reject_bad_labels():
@@ -266,7 +287,7 @@ class FakeValSet(torch.utils.data.Dataset):
 
 EVALUATION = dict(
     mode="whole", crop_size=None, stride=None, flip=False, device="cpu", precision="fp32",
-    channels_last=False, window_batch=2, show_progress=False, workers=0,
+    window_batch=2, show_progress=False, workers=0,
 )  # fmt: skip
 
 
@@ -293,11 +314,26 @@ def test_distributed_evaluation_sums_disjoint_shares(tmp_path):
         results = json.loads((tmp_path / f"results_{rank}.json").read_text())
         assert results["confusion_matrix"] == single["confusion_matrix"]  # every rank gets the sum
         assert results["num_images"] == 5 and results["mIoU"] == pytest.approx(single["mIoU"])
+        assert results["loss"] == pytest.approx(single["loss"])
+
+
+def test_the_validation_loss_is_the_training_loss_over_the_split(tmp_path):
+    dataset, model = FakeValSet(tmp_path, count=3), PixelModel(3).eval()
+    results = evaluate.evaluate_dataset(model, dataset, **EVALUATION)
+    losses = []  # each image: the model's logits resized to the label, train.segmentation_loss
+    for images, label, meta in (dataset[index] for index in range(3)):
+        logits = F.interpolate(model(images[0][None]), size=meta["original_size"], mode="bilinear")
+        losses.append(train.segmentation_loss(logits, label[None]).item())
+    assert results["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)  # images of one size: their mean
+    # A probability that underflowed float32 costs as much as the smallest normal one: no inf, no NaN.
+    probabilities = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # (C=2, 1, 2): pixel 1 is wrong and certain
+    summed, pixels = evaluate.summed_pixel_losses(probabilities, torch.tensor([[0, 0]])).tolist()
+    assert pixels == 2 and summed == pytest.approx(-math.log(torch.finfo(torch.float32).tiny))
 
 
 def test_precision_agreement_runs_fp32_on_the_reference_model(tmp_path):
     dataset = FakeValSet(tmp_path, count=3)
-    options = {k: v for k, v in EVALUATION.items() if k not in ("channels_last", "show_progress")}
+    options = {k: v for k, v in EVALUATION.items() if k != "show_progress"}
     options["precision"] = "bf16"
     model = PixelModel(3, seed=0).train()
     same = evaluate.precision_agreement(model, dataset, 3, **options)
@@ -331,7 +367,7 @@ def test_empty_split_is_an_error(tmp_path):
 
 
 def test_heat_colors_run_from_blue_to_red():
-    colors = evaluate.heat_colors(torch.tensor([0.0, 0.5, 1.0]))
+    colors = pictures.heat_colors(torch.tensor([0.0, 0.5, 1.0]))
     assert colors.tolist() == [[0, 0, 127.5], [127.5, 255, 127.5], [127.5, 0, 0]]
 
 
@@ -664,8 +700,8 @@ def test_composite_shows_image_truth_prediction_attention_and_a_legend_of_the_cl
     label[0, 0] = 255  # ignored: black
     pred = torch.zeros(20, 30, dtype=torch.long)
     palette, classes = [[0, 0, 255], [0, 255, 0], [255, 0, 0]], ["sky", "grass", "car"]
-    picture = evaluate.composite_picture(image, pred, palette, classes, torch.rand(20, 30), label)
-    gap, pixels = evaluate.COMPOSITE_GAP, np.array(picture)
+    picture = pictures.composite_picture(image, pred, palette, classes, torch.rand(20, 30), label)
+    gap, pixels = pictures.COMPOSITE_GAP, np.array(picture)
     assert (
         picture.width == 4 * 30 + 3 * gap and picture.height == 22 + 20 + 8 + 20
     )  # titles, panels, a legend row
@@ -675,9 +711,9 @@ def test_composite_shows_image_truth_prediction_attention_and_a_legend_of_the_cl
     assert pixels[top, truth].tolist() == [0, 0, 0] and pixels[top + 5, truth + 25].tolist() == [255, 0, 0]
     assert pixels[top + 5, truth + 5].tolist() == pixels[top + 5, prediction + 25].tolist() == [0, 0, 255]
     # The legend lists the classes in the label or the prediction, not grass.
-    font = evaluate.legend_font()
-    assert [index for row in evaluate.legend_rows([0, 2], classes, font, 500) for _, index in row] == [0, 2]
-    assert len(evaluate.legend_rows([0, 1, 2], classes, font, 60)) == 3  # wrapped at the width
+    font = pictures.font_of(14)
+    assert [index for row in pictures.legend_rows([0, 2], classes, font, 500) for _, index in row] == [0, 2]
+    assert len(pictures.legend_rows([0, 1, 2], classes, font, 60)) == 3  # wrapped at the width
     assert pixels[top + 20 + 8 + 8, 5].tolist() == [0, 0, 255]  # sky's swatch
 
 

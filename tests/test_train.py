@@ -308,8 +308,13 @@ def fake_validation(scores, fail_at=None):
         if len(calls) - 1 == fail_at:
             raise ValueError("cannot decode image val/x.jpg")
         score = scores[len(calls) - 1]
-        per_class = [score] * val_set.num_classes
-        return {"mIoU": score, "mAcc": score, "aAcc": score, "IoU": per_class, "Acc": per_class}
+        keys, per_class = ("IoU", "Acc", "F1", "Precision", "Recall"), [score] * val_set.num_classes
+        return {
+            "aAcc": score,
+            **{f"m{k}": score for k in keys},
+            **dict.fromkeys(keys, per_class),
+            "loss": 1 / score,
+        }
 
     return validate
 

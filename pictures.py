@@ -1,0 +1,307 @@
+"""Pictures, drawn with Pillow: predictions and the GC block's attention over an image, all of them side
+by side (the composite), the confusion matrix of a split, and a training run's log.
+
+evaluate.py and train.py write them; nothing here runs a model. `python tools/plot_log.py WORK_DIR`
+draws a run's log at any time.
+"""
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+
+# -----------------------------------------------------------------------------------------------
+# Predictions and attention over an image
+
+
+def heat_colors(values):
+    """A 'jet'-like colour map: (H, W) values in [0, 1] -> (H, W, 3) float RGB in [0, 255]. Each channel
+    is a clipped tent 1.5 - 4 |value - peak| (blue peaks at 1/4, green 1/2, red 3/4)."""
+    peaks = torch.tensor([0.75, 0.5, 0.25], device=values.device)  # R, G, B
+    return 255 * (1.5 - 4 * (values.clamp(0, 1)[..., None] - peaks).abs()).clamp(0, 1)
+
+
+def rgb_picture(rgb):
+    """(H, W, 3) float in [0, 255] -> PIL RGB image."""
+    return Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def label_picture(pred, palette):
+    """(H, W) class indices -> palette PNG image ('P' mode)."""
+    labels = Image.frombytes("P", pred.shape[::-1], pred.cpu().to(torch.uint8).numpy().tobytes())
+    labels.putpalette([value for color in palette for value in color])
+    return labels
+
+
+def save_pictures(
+    save_dir, name, image, pred, palette, attention=None, opacity=0.5, classes=None, label=None
+):
+    """Write <name>_pred.png (palette PNG), <name>_overlay.jpg (class colours over the uint8 (3, H, W)
+    image) and, given one, <name>_attention.png (attention (H, W) in [0, 1]); given the class names,
+    also <name>_composite.png (composite_picture: image, label, prediction and attention side by side).
+    Returns the paths."""
+    stem = Path(save_dir) / name
+    if not os.path.abspath(stem).startswith(os.path.join(os.path.abspath(save_dir), "")):
+        raise ValueError(f"refusing to write {stem}: outside --save-dir {save_dir}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    pred = pred.cpu()
+    paths = [Path(f"{stem}_pred.png"), Path(f"{stem}_overlay.jpg")]
+    label_picture(pred, palette).save(paths[0])
+    picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
+    colors = torch.tensor(palette, dtype=torch.float32)[pred.long()]  # (H, W, 3)
+    rgb_picture((1 - opacity) * picture + opacity * colors).save(paths[1], quality=95)
+    if attention is not None:
+        paths.append(Path(f"{stem}_attention.png"))
+        rgb_picture((1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())).save(paths[2])
+    if classes is not None:
+        paths.append(Path(f"{stem}_composite.png"))
+        composite_picture(image, pred, palette, classes, attention, label, opacity).save(paths[-1])
+    return paths
+
+
+# The composite's panels are at most this wide (pixels; a 2048-wide Cityscapes frame is drawn at 512),
+# with this much white between them.
+PANEL_WIDTH, COMPOSITE_GAP = 512, 6
+
+
+def composite_picture(image, pred, palette, classes, attention=None, label=None, opacity=0.5):
+    """One picture to read at a glance: the image, its ground truth (if given), the prediction and the
+    GC block's attention side by side, each titled, with a legend of the classes present (in the label
+    or the prediction) in their colours. Ignored pixels are black. Returns a PIL image."""
+    picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
+    colours = torch.tensor(list(palette) + [[0, 0, 0]], dtype=torch.float32)  # index -1: ignored
+
+    def as_colours(labels):
+        labels = labels.cpu().long()
+        return colours[torch.where(labels == data.IGNORE_INDEX, -1, labels)]
+
+    # (title, RGB, how it is resized to the panel): pictures smoothly, class maps without new colours
+    panels = [("image", picture, Image.BILINEAR)]
+    if label is not None:
+        panels.append(("ground truth", as_colours(label), Image.NEAREST))
+    panels.append(("prediction", as_colours(pred), Image.NEAREST))
+    if attention is not None:
+        heat = (1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())
+        panels.append(("GC attention (red: more weight)", heat, Image.BILINEAR))
+    height, width = picture.shape[:2]
+    size = (min(width, PANEL_WIDTH), max(1, round(height * min(width, PANEL_WIDTH) / width)))
+    font = font_of(14)
+    title, gap = 22, COMPOSITE_GAP
+    present = sorted(set(pred.unique().tolist()) | set([] if label is None else label.unique().tolist()))
+    present = [index for index in present if 0 <= index < len(classes)]
+    total_width = len(panels) * (size[0] + gap) - gap
+    legend = legend_rows(present, classes, font, total_width)
+    canvas = Image.new("RGB", (total_width, title + size[1] + 8 + 20 * len(legend)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for number, (name, rgb, resample) in enumerate(panels):
+        left = number * (size[0] + gap)
+        canvas.paste(rgb_picture(rgb).resize(size, resample), (left, title))
+        draw.text((left, 3), name, fill="black", font=font)
+    for row, entries in enumerate(legend):
+        top = title + size[1] + 8 + 20 * row
+        for left, index in entries:
+            draw.rectangle((left, top + 2, left + 13, top + 15), fill=tuple(palette[index]), outline="black")
+            draw.text((left + 18, top), classes[index], fill="black", font=font)
+    return canvas
+
+
+def legend_rows(indices, classes, font, width):
+    """The legend's entries, (left, class index) per row, wrapped to `width` pixels."""
+    rows, left = [[]], 0
+    for index in indices:
+        entry = 18 + int(font.getlength(classes[index])) + 14
+        if left and left + entry > width:
+            rows.append([])
+            left = 0
+        rows[-1].append((left, index))
+        left += entry
+    return rows if rows[0] else []
+
+
+def font_of(size=14):
+    """Pillow's own font at `size` px (Pillow 10.1 and later), else its small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+# -----------------------------------------------------------------------------------------------
+# The confusion matrix of a split
+
+# Matrices up to this many classes are drawn with every class named and each cell's percentage written;
+# larger ones (ADE20K's 150) as small cells numbered every tenth class, their names in the list beside.
+NAMED_CLASSES, NUMBERED_CELL_PIXELS = 40, 4
+MOST_CONFUSED = 20  # pairs listed beside the matrix
+
+
+def confusion_picture(matrix, classes, title="confusion matrix"):
+    """The row-normalised confusion matrix (rows: ground truth, columns: prediction; each row is the
+    share of that class's pixels predicted as each class) as a PIL image, darker for more, with the
+    most confused pairs listed beside it. Classes absent from the ground truth have grey rows."""
+    matrix = torch.as_tensor(matrix, dtype=torch.float64).cpu()
+    count = len(classes)
+    totals = matrix.sum(dim=1, keepdim=True)
+    shares = torch.where(totals > 0, matrix / totals.clamp_min(1), torch.nan)  # (count, count)
+    named = count <= NAMED_CLASSES
+    text, small = font_of(14), font_of(10)
+    cell = 24 if named else NUMBERED_CELL_PIXELS
+    labels = [name if named else str(index) for index, name in enumerate(classes)]
+    margin = 6 + max(int(text.getlength(label)) for label in labels)  # room for the row / column names
+    top = 28 + margin
+    lines = most_confused_lines(shares, classes)
+    list_width = 20 + max(int(text.getlength(line)) for line in lines)
+    side = cell * count
+    canvas = Image.new(
+        "RGB", (margin + side + list_width, max(top + side + 30, 28 + 18 * len(lines))), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    draw.text(
+        (4, 4), f"{title} (rows: ground truth, columns: prediction; each row sums to 100%)", "black", text
+    )
+    for row in range(count):
+        for column in range(count):
+            share = shares[row, column].item()
+            box = (
+                margin + column * cell,
+                top + row * cell,
+                margin + (column + 1) * cell - 1,
+                top + (row + 1) * cell - 1,
+            )
+            # Darker for more; the square root lets a few percent of confusion show beside the diagonal.
+            fill = (200, 200, 200) if math.isnan(share) else blue_ramp(math.sqrt(share))
+            draw.rectangle(box, fill=fill)
+            if named and not math.isnan(share) and round(100 * share) > 0:
+                colour = "white" if share > 0.3 else "black"
+                draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), f"{round(100 * share)}", colour,
+                          small, anchor="mm")  # fmt: skip
+    step = 1 if named else 10
+    for index in range(0, count, step):
+        middle = index * cell + cell // 2
+        draw.text((margin - 4, top + middle), labels[index], "black", text, anchor="rm")  # row names
+        upright = Image.new("L", (margin, 18), 0)  # column names, read from bottom to top
+        ImageDraw.Draw(upright).text((margin - 4, 9), labels[index], 255, text, anchor="rm")
+        upright = upright.rotate(90, expand=True)
+        canvas.paste(Image.new("RGB", upright.size, "black"), (margin + middle - 9, 28), upright)
+    draw.text((margin, top + side + 8), "the diagonal is each class's accuracy (recall)", "black", text)
+    for number, line in enumerate(lines):
+        draw.text((margin + side + 16, 28 + 18 * number), line, "black", text)
+    return canvas
+
+
+def most_confused_lines(shares, classes, count=MOST_CONFUSED):
+    """'truth -> prediction  12.3%' for the largest off-diagonal shares, largest first."""
+    off = torch.nan_to_num(shares.clone(), nan=0.0).fill_diagonal_(0)
+    values, places = off.flatten().topk(min(count, off.numel()))
+    lines = ["most confused (share of the true class's pixels):"]
+    for value, place in zip(values.tolist(), places.tolist()):
+        if value <= 0:
+            break
+        truth, predicted = divmod(place, len(classes))
+        lines.append(f"{classes[truth]} -> {classes[predicted]}  {100 * value:.1f}%")
+    if len(lines) == 1:
+        lines.append("none: every labelled pixel is predicted right")
+    return lines
+
+
+def blue_ramp(value):
+    """[0, 1] -> white .. dark blue."""
+    return tuple(round(255 + (end - 255) * value) for end in (8, 48, 107))
+
+
+# -----------------------------------------------------------------------------------------------
+# A training run's log (log.jsonl, written by checkpoints.Run)
+
+PLOT_WIDTH, PLOT_HEIGHT = 760, 190
+
+
+def log_picture(records, title="training log"):
+    """Three plots against the iteration, one above the other: the losses (training, and validation's
+    where logged), the learning rate, and the validation mIoU. `records`: log.jsonl's dicts; a
+    resumed run's repeated iterations keep their last record. Returns a PIL image."""
+    training, validation = split_log(records)
+    last = max([*training, *validation, 1])
+    plots = [
+        ("loss", [("training (+ 0.4 auxiliary)", "loss", training, (31, 119, 180)),
+                  ("training, decode head", "decode_loss", training, (158, 202, 225)),
+                  ("validation, decode head", "val_loss", validation, (230, 85, 13))]),
+        ("learning rate", [("learning rate", "lr", training, (49, 163, 84))]),
+        ("validation mIoU (%)", [("mIoU", "mIoU", validation, (117, 107, 177))]),
+    ]  # fmt: skip
+    text = font_of(13)
+    canvas = Image.new("RGB", (PLOT_WIDTH, 30 + len(plots) * (PLOT_HEIGHT + 40)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title, "black", font_of(15))
+    for number, (name, curves) in enumerate(plots):
+        top = 30 + number * (PLOT_HEIGHT + 40)
+        series = [(label, points(source, key), colour) for label, key, source, colour in curves]
+        draw_plot(draw, (70, top + 20, PLOT_WIDTH - 20, top + PLOT_HEIGHT), name, series, last, text)
+    draw.text((PLOT_WIDTH - 20, canvas.height - 4), "iteration", "black", text, anchor="rd")
+    return canvas
+
+
+def split_log(records):
+    """{iteration: record} of the training steps and of the validations; a later record of an iteration
+    (a resumed run repeats the steps after its checkpoint) replaces the earlier."""
+    training, validation = {}, {}
+    for record in records:
+        if "iteration" in record:
+            (validation if "mIoU" in record else training)[record["iteration"]] = record
+    return training, validation
+
+
+def points(records, key):
+    """(iteration, value) pairs of the finite values under `key`, in order."""
+    found = [(iteration, record.get(key)) for iteration, record in sorted(records.items())]
+    return [(x, float(y)) for x, y in found if isinstance(y, (int, float)) and math.isfinite(y)]
+
+
+def draw_plot(draw, box, name, series, last_iteration, text):
+    """One plot in `box` (left, top, right, bottom): axes, ticks, each series as a line (a dot per point
+    when there are few) and a legend."""
+    left, top, right, bottom = box
+    values = [y for _, curve, _ in series for _, y in curve]
+    # From 0 (losses, the learning rate and mIoU are never negative), with a little room above.
+    low, high = min([0.0, *values]), 1.05 * max([*values, 1e-12])
+    draw.rectangle(box, outline="black")
+    draw.text((left, top - 18), name, "black", text)
+    for value in nice_ticks(low, high):
+        y = bottom - (value - low) / (high - low) * (bottom - top)
+        draw.line((left - 4, y, left, y), fill="black")
+        draw.text((left - 6, y), f"{value:.3g}", "black", text, anchor="rm")
+    for value in nice_ticks(0, last_iteration):
+        x = left + value / last_iteration * (right - left)
+        draw.line((x, bottom, x, bottom + 4), fill="black")
+        draw.text((x, bottom + 5), f"{value:g}", "black", text, anchor="ma")
+    legend_left = left + int(text.getlength(name)) + 24  # the legend follows the plot's name
+    for label, curve, colour in series:
+        xy = [(left + x / last_iteration * (right - left), bottom - (y - low) / (high - low) * (bottom - top))
+              for x, y in curve]  # fmt: skip
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        if len(xy) <= 30:
+            for x, y in xy:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        if len(series) > 1:
+            label += "" if curve else " (not in this log)"
+            draw.line((legend_left, top - 10, legend_left + 16, top - 10), fill=colour, width=3)
+            draw.text((legend_left + 20, top - 18), label, "black", text)
+            legend_left += 36 + int(text.getlength(label))
+
+
+def nice_ticks(low, high, most=6):
+    """Round values (1, 2 or 5 times a power of ten apart) between low and high, at most `most`."""
+    span = high - low
+    if span <= 0:
+        return [low]
+    step = 10 ** math.floor(math.log10(span / most))
+    for factor in (1, 2, 5, 10):
+        if span / (step * factor) <= most:
+            step *= factor
+            break
+    first = math.ceil(low / step - 1e-9)
+    return [round(k * step, 12) for k in range(first, math.floor(high / step + 1e-9) + 1)]

@@ -1,0 +1,144 @@
+"""Export a GCNet checkpoint for deployment: one file that torch alone runs, without this repository.
+
+    python tools/export.py work_dirs/gcnet_r50-d8_128x128_300it_toy/best.pth gcnet_toy.pt2
+
+The file holds a torch.export program of the evaluation model in float32 with the ImageNet
+normalisation built in: an RGB image batch (N, 3, H, W), float values 0..255, in; class logits
+(N, classes, H, W) at the same size out. The batch size, height and width are dynamic (each between
+the bounds printed). It also holds gcnet.json: the class names and colours, and the test scale and
+align_corners of the checkpoint's recipe. After writing, the file is loaded back and its logits are
+compared with the model's at two image sizes (--check-sizes); a difference stops with an error.
+
+Load it elsewhere with torch only (README, "Export"):
+
+    import json, torch
+    extra = {"gcnet.json": ""}
+    program = torch.export.load("gcnet_toy.pt2", extra_files=extra)
+    logits = program.module()(image)          # image: (1, 3, H, W) float32 RGB 0..255
+    classes = json.loads(extra["gcnet.json"])["classes"]
+
+evaluate.py's single-scale protocol around it: resize the image to fit the test scale, run, resize the
+logits bilinearly back to the image's size, argmax. Sliding windows (the 769x769 rows) and ms+flip are
+loops around the same program. ONNX (torch.onnx.export(..., dynamo=True)) and TensorRT start from it.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the project's modules sit in the repository root
+import checkpoints  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import runtime  # noqa: E402
+
+# Bounds of the dynamic sizes. The network divides H and W by 8 (and rounds up) before the GC block.
+MIN_SIDE, MAX_SIDE, MAX_BATCH = 32, 8192, 64
+
+
+class Segmenter(nn.Module):
+    """The exported model: RGB 0..255 in, logits at the input size out (data.normalize, then GCNet)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(data.MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(data.STD).view(1, 3, 1, 1))
+
+    def forward(self, image):
+        return self.net((image - self.mean) / self.std)
+
+
+def export(segmenter, example_size):
+    """torch.export of `segmenter` with the batch, height and width dynamic."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    example = torch.rand(2, 3, *example_size) * 255  # batch 2: a batch of 1 would be taken as fixed
+    with torch.no_grad():
+        return torch.export.export(segmenter, (example,), dynamic_shapes=({0: batch, 2: height, 3: width},))
+
+
+def check(path, segmenter, sizes, seed=0):
+    """Load the written file back and compare its logits with the model's at each (H, W): returns
+    [(size, largest logit difference, share of pixels with the same class)]; raises if they differ."""
+    reloaded = torch.export.load(str(path)).module()
+    generator, found = torch.Generator().manual_seed(seed), []
+    for size in sizes:
+        image = torch.rand(1, 3, *size, generator=generator) * 255
+        with torch.no_grad():
+            ours, theirs = segmenter(image), reloaded(image)
+        if theirs.shape != ours.shape:
+            raise SystemExit(
+                f"export.py: {path} gives logits {tuple(theirs.shape)} at {size}, the model {tuple(ours.shape)}"
+            )
+        difference = (theirs - ours).abs().max().item()
+        same = (theirs.argmax(1) == ours.argmax(1)).float().mean().item()
+        found.append((size, difference, same))
+        if not torch.allclose(theirs, ours, rtol=1e-4, atol=1e-4):
+            raise SystemExit(
+                f"export.py: the exported program's logits differ from the model's at {size[0]}x{size[1]}: "
+                f"largest difference {difference:.3g}, {same:.4%} of the pixels get the same class. "
+                f"{path} is written but not to be trusted; please report this with your torch version."
+            )
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", help="ours (best.pth, iter_<N>.pth) or an official one: path or URL")
+    parser.add_argument("out", help="the file to write, e.g. gcnet.pt2")
+    parser.add_argument("--check-sizes", type=runtime.size_flag("--check-sizes"), nargs=2, metavar="HxW",
+                        help="two image sizes to compare the reloaded file at (default: the recipe's crop and "
+                        "an odd size below it)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true", help="unpickle the checkpoint fully: runs code in it"
+    )
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix != ".pt2":
+        raise SystemExit(f"export.py: {out}: name the file .pt2, as torch.export.load expects")
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"export.py: {out} exists: pass another path, or --overwrite to replace it")
+    flags = ["--device", "cpu", "--precision", "fp32"] + ["--trust-checkpoint"] * args.trust_checkpoint
+    predictor = evaluate.Predictor(args.checkpoint, flags)  # the model as evaluate.py builds it, in fp32
+    predictor.model.auxiliary_head = None  # it serves the training loss only: not in the file
+    segmenter = Segmenter(predictor.model).eval()
+    crop = tuple(predictor.settings["crop_size"] or (512, 512))
+    sizes = args.check_sizes or [crop, tuple(max(MIN_SIDE, side * 3 // 4) | 1 for side in crop)]
+    start = time.perf_counter()
+    program = export(segmenter, sizes[0])
+    about = dict(
+        classes=list(predictor.classes), palette=[list(colour) for colour in predictor.palette],
+        scale=list(predictor.settings["scale"]), align_corners=bool(predictor.model.align_corners),
+        input="RGB (N, 3, H, W) float32 0..255", output="logits (N, classes, H, W)", checkpoint=str(args.checkpoint),
+        mean=list(data.MEAN), std=list(data.STD), torch=torch.__version__,
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = checkpoints.temporary_name(out).with_suffix(".pt2")  # .gcnet.pt2.<pid>-<random>.pt2
+    try:
+        torch.export.save(program, str(temporary), extra_files={"gcnet.json": json.dumps(about)})
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s: "
+          f"{len(about['classes'])} classes; batch 1..{MAX_BATCH}, height and width {MIN_SIDE}..{MAX_SIDE}")  # fmt: skip
+    for (height, width), difference, same in check(out, segmenter, sizes):
+        print(f"reloaded and checked at {height}x{width}: largest logit difference {difference:.2g}, "
+              f"{same:.2%} of the pixels the same class")  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    main()
