@@ -760,7 +760,7 @@ class Run:
             runtime.say(f"the losses, learning rate and validation mIoU: {self.work_dir / 'log.png'}")
         if self.pictures:
             runtime.say(
-                f"pictures of the last validation (labels, overlay, attention, and all three beside the ground truth in <name>_composite.png) in {self.pictures}"
+                f"pictures of the last validation (labels, overlay, attention, and all three beside the ground truth in <name>_composite.png; the confusion matrix in confusion.png) in {self.pictures}"
             )
         if (self.work_dir / "best.pth").exists():
             runtime.say(

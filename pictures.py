@@ -130,6 +130,16 @@ def font_of(size=14):
         return ImageFont.load_default()
 
 
+def text_at(draw, xy, text, fill, font, anchor):
+    """draw.text placed by an anchor: horizontal l(eft), m(iddle) or r(ight) and vertical a (top),
+    m(iddle) or d (bottom) of the text's box. Computed here: the bitmap font of Pillow before 10.1
+    takes no anchor."""
+    left, top, right, bottom = font.getbbox(text)
+    x = xy[0] - left - {"l": 0, "m": (right - left) / 2, "r": right - left}[anchor[0]]
+    y = xy[1] - top - {"a": 0, "m": (bottom - top) / 2, "d": bottom - top}[anchor[1]]
+    draw.text((x, y), text, fill=fill, font=font)
+
+
 # -----------------------------------------------------------------------------------------------
 # The confusion matrix of a split
 
@@ -156,13 +166,17 @@ def confusion_picture(matrix, classes, title="confusion matrix"):
     lines = most_confused_lines(shares, classes)
     list_width = 20 + max(int(text.getlength(line)) for line in lines)
     side = cell * count
-    canvas = Image.new(
-        "RGB", (margin + side + list_width, max(top + side + 30, 28 + 18 * len(lines))), "white"
+    heading = f"{title} (rows: ground truth, columns: prediction; each row sums to 100%)"
+    caption = (
+        "the diagonal is each class's accuracy (recall); grey: no pixel of that class in the ground truth"
     )
+    width = max(
+        margin + side + list_width, 8 + int(text.getlength(heading)), margin + int(text.getlength(caption))
+    )
+    bottom = max(top + side, 28 + 18 * len(lines)) + 8  # the caption goes below the matrix and the list
+    canvas = Image.new("RGB", (width, bottom + 22), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text(
-        (4, 4), f"{title} (rows: ground truth, columns: prediction; each row sums to 100%)", "black", text
-    )
+    draw.text((4, 4), heading, "black", text)
     for row in range(count):
         for column in range(count):
             share = shares[row, column].item()
@@ -177,17 +191,17 @@ def confusion_picture(matrix, classes, title="confusion matrix"):
             draw.rectangle(box, fill=fill)
             if named and not math.isnan(share) and round(100 * share) > 0:
                 colour = "white" if share > 0.3 else "black"
-                draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), f"{round(100 * share)}", colour,
-                          small, anchor="mm")  # fmt: skip
+                middle = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+                text_at(draw, middle, f"{round(100 * share)}", colour, small, "mm")
     step = 1 if named else 10
     for index in range(0, count, step):
         middle = index * cell + cell // 2
-        draw.text((margin - 4, top + middle), labels[index], "black", text, anchor="rm")  # row names
+        text_at(draw, (margin - 4, top + middle), labels[index], "black", text, "rm")  # row names
         upright = Image.new("L", (margin, 18), 0)  # column names, read from bottom to top
-        ImageDraw.Draw(upright).text((margin - 4, 9), labels[index], 255, text, anchor="rm")
+        text_at(ImageDraw.Draw(upright), (margin - 4, 9), labels[index], 255, text, "rm")
         upright = upright.rotate(90, expand=True)
         canvas.paste(Image.new("RGB", upright.size, "black"), (margin + middle - 9, 28), upright)
-    draw.text((margin, top + side + 8), "the diagonal is each class's accuracy (recall)", "black", text)
+    draw.text((margin, bottom), caption, "black", text)
     for number, line in enumerate(lines):
         draw.text((margin + side + 16, 28 + 18 * number), line, "black", text)
     return canvas
@@ -199,7 +213,7 @@ def most_confused_lines(shares, classes, count=MOST_CONFUSED):
     values, places = off.flatten().topk(min(count, off.numel()))
     lines = ["most confused (share of the true class's pixels):"]
     for value, place in zip(values.tolist(), places.tolist()):
-        if value <= 0:
+        if round(100 * value, 1) <= 0:
             break
         truth, predicted = divmod(place, len(classes))
         lines.append(f"{classes[truth]} -> {classes[predicted]}  {100 * value:.1f}%")
@@ -225,22 +239,23 @@ def log_picture(records, title="training log"):
     resumed run's repeated iterations keep their last record. Returns a PIL image."""
     training, validation = split_log(records)
     last = max([*training, *validation, 1])
-    plots = [
-        ("loss", [("training (+ 0.4 auxiliary)", "loss", training, (31, 119, 180)),
+    plots = [  # (name, curves, logarithmic)
+        ("loss (logarithmic)", [("training (+ 0.4 auxiliary)", "loss", training, (31, 119, 180)),
                   ("training, decode head", "decode_loss", training, (158, 202, 225)),
-                  ("validation, decode head", "val_loss", validation, (230, 85, 13))]),
-        ("learning rate", [("learning rate", "lr", training, (49, 163, 84))]),
-        ("validation mIoU (%)", [("mIoU", "mIoU", validation, (117, 107, 177))]),
+                  ("validation, decode head", "val_loss", validation, (230, 85, 13))], True),
+        ("learning rate", [("learning rate", "lr", training, (49, 163, 84))], False),
+        ("validation mIoU (%)", [("mIoU", "mIoU", validation, (117, 107, 177))], False),
     ]  # fmt: skip
     text = font_of(13)
     canvas = Image.new("RGB", (PLOT_WIDTH, 30 + len(plots) * (PLOT_HEIGHT + 40)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((8, 6), title, "black", font_of(15))
-    for number, (name, curves) in enumerate(plots):
+    for number, (name, curves, logarithmic) in enumerate(plots):
         top = 30 + number * (PLOT_HEIGHT + 40)
-        series = [(label, points(source, key), colour) for label, key, source, colour in curves]
-        draw_plot(draw, (70, top + 20, PLOT_WIDTH - 20, top + PLOT_HEIGHT), name, series, last, text)
-    draw.text((PLOT_WIDTH - 20, canvas.height - 4), "iteration", "black", text, anchor="rd")
+        series = [(label, points(source, key, logarithmic), colour) for label, key, source, colour in curves]
+        box = (70, top + 20, PLOT_WIDTH - 20, top + PLOT_HEIGHT)
+        draw_plot(draw, box, name, series, last, text, logarithmic)
+    text_at(draw, (PLOT_WIDTH - 20, canvas.height - 4), "iteration", "black", text, "rd")
     return canvas
 
 
@@ -254,33 +269,44 @@ def split_log(records):
     return training, validation
 
 
-def points(records, key):
-    """(iteration, value) pairs of the finite values under `key`, in order."""
+def points(records, key, positive=False):
+    """(iteration, value) pairs of the finite (and positive, if asked) values under `key`, in order."""
     found = [(iteration, record.get(key)) for iteration, record in sorted(records.items())]
-    return [(x, float(y)) for x, y in found if isinstance(y, (int, float)) and math.isfinite(y)]
+    found = [(x, float(y)) for x, y in found if isinstance(y, (int, float)) and math.isfinite(y)]
+    return [(x, y) for x, y in found if y > 0 or not positive]
 
 
-def draw_plot(draw, box, name, series, last_iteration, text):
+def draw_plot(draw, box, name, series, last_iteration, text, logarithmic=False):
     """One plot in `box` (left, top, right, bottom): axes, ticks, each series as a line (a dot per point
-    when there are few) and a legend."""
+    when there are few) and a legend. A logarithmic axis keeps the first losses, ten times the later
+    ones, from flattening the rest."""
     left, top, right, bottom = box
     values = [y for _, curve, _ in series for _, y in curve]
-    # From 0 (losses, the learning rate and mIoU are never negative), with a little room above.
-    low, high = min([0.0, *values]), 1.05 * max([*values, 1e-12])
+    if logarithmic:
+        scale = math.log10
+        low, high = scale(min(values, default=0.1)), scale(max(values, default=10.0))
+        low, high = low - 0.05 * max(high - low, 0.1), high + 0.05 * max(high - low, 0.1)
+        ticks = log_ticks(10**low, 10**high)
+    else:  # from 0 (the learning rate and mIoU are never negative), with a little room above
+        low, high = min([0.0, *values]), 1.05 * max([*values, 1e-12])
+        scale, ticks = float, nice_ticks(low, high)
+
+    def y_of(value):
+        return bottom - (scale(value) - low) / (high - low) * (bottom - top)
+
     draw.rectangle(box, outline="black")
     draw.text((left, top - 18), name, "black", text)
-    for value in nice_ticks(low, high):
-        y = bottom - (value - low) / (high - low) * (bottom - top)
+    for value in ticks:
+        y = y_of(value)
         draw.line((left - 4, y, left, y), fill="black")
-        draw.text((left - 6, y), f"{value:.3g}", "black", text, anchor="rm")
+        text_at(draw, (left - 6, y), f"{value:.3g}", "black", text, "rm")
     for value in nice_ticks(0, last_iteration):
         x = left + value / last_iteration * (right - left)
         draw.line((x, bottom, x, bottom + 4), fill="black")
-        draw.text((x, bottom + 5), f"{value:g}", "black", text, anchor="ma")
+        text_at(draw, (x, bottom + 5), f"{value:g}", "black", text, "ma")
     legend_left = left + int(text.getlength(name)) + 24  # the legend follows the plot's name
     for label, curve, colour in series:
-        xy = [(left + x / last_iteration * (right - left), bottom - (y - low) / (high - low) * (bottom - top))
-              for x, y in curve]  # fmt: skip
+        xy = [(left + x / last_iteration * (right - left), y_of(y)) for x, y in curve]
         if len(xy) > 1:
             draw.line(xy, fill=colour, width=2)
         if len(xy) <= 30:
@@ -291,6 +317,16 @@ def draw_plot(draw, box, name, series, last_iteration, text):
             draw.line((legend_left, top - 10, legend_left + 16, top - 10), fill=colour, width=3)
             draw.text((legend_left + 20, top - 18), label, "black", text)
             legend_left += 36 + int(text.getlength(label))
+
+
+def log_ticks(low, high, most=8):
+    """1, 2 and 5 times the powers of ten between low and high (> 0); only the powers if that is too many."""
+    powers = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for factors in ((1, 2, 5), (1,)):
+        ticks = [round(f * 10.0**p, 12) for p in powers for f in factors if low <= f * 10.0**p <= high]
+        if len(ticks) <= most:
+            break
+    return ticks
 
 
 def nice_ticks(low, high, most=6):

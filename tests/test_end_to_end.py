@@ -28,7 +28,7 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys, monke
                        "--eval-interval", "20", "--pictures"])  # fmt: skip
     said = capsys.readouterr().out
     assert (
-        f"pictures of the last validation (labels, overlay, attention, and all three beside the ground truth in <name>_composite.png) in {work_dir / 'pictures'}"
+        f"pictures of the last validation (labels, overlay, attention, and all three beside the ground truth in <name>_composite.png; the confusion matrix in confusion.png) in {work_dir / 'pictures'}"
         in said
     )
     assert f"evaluate with: python evaluate.py --checkpoint {work_dir / 'best.pth'} --ms-flip" in said

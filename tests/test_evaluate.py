@@ -21,7 +21,6 @@ from torch import nn
 import checkpoints
 import data
 import evaluate
-import pictures
 import train
 from model import GCNet
 
@@ -366,11 +365,6 @@ def test_empty_split_is_an_error(tmp_path):
         evaluate.evaluate_dataset(PixelModel(3), FakeValSet(tmp_path, count=0), **EVALUATION)
 
 
-def test_heat_colors_run_from_blue_to_red():
-    colors = pictures.heat_colors(torch.tensor([0.0, 0.5, 1.0]))
-    assert colors.tolist() == [[0, 0, 127.5], [127.5, 255, 127.5], [127.5, 0, 0]]
-
-
 # ---- the real GCNet at a tiny size ------------------------------------------------------------
 
 
@@ -691,30 +685,6 @@ def test_the_settings_that_differ_from_trainings_validation_are_named():
         "BatchNorm folded True in training, False here",
     ]
     assert evaluate.training_differences(None, settings, toy, torch.device("cpu")) is None  # nothing recorded
-
-
-def test_composite_shows_image_truth_prediction_attention_and_a_legend_of_the_classes_present():
-    image = torch.full((3, 20, 30), 200, dtype=torch.uint8)
-    label = torch.zeros(20, 30, dtype=torch.long)
-    label[:, 15:] = 2
-    label[0, 0] = 255  # ignored: black
-    pred = torch.zeros(20, 30, dtype=torch.long)
-    palette, classes = [[0, 0, 255], [0, 255, 0], [255, 0, 0]], ["sky", "grass", "car"]
-    picture = pictures.composite_picture(image, pred, palette, classes, torch.rand(20, 30), label)
-    gap, pixels = pictures.COMPOSITE_GAP, np.array(picture)
-    assert (
-        picture.width == 4 * 30 + 3 * gap and picture.height == 22 + 20 + 8 + 20
-    )  # titles, panels, a legend row
-    top = 22  # the panels start below their titles: image, ground truth, prediction, attention
-    assert pixels[top + 5, 5].tolist() == [200, 200, 200]
-    truth, prediction = 30 + gap, 2 * (30 + gap)
-    assert pixels[top, truth].tolist() == [0, 0, 0] and pixels[top + 5, truth + 25].tolist() == [255, 0, 0]
-    assert pixels[top + 5, truth + 5].tolist() == pixels[top + 5, prediction + 25].tolist() == [0, 0, 255]
-    # The legend lists the classes in the label or the prediction, not grass.
-    font = pictures.font_of(14)
-    assert [index for row in pictures.legend_rows([0, 2], classes, font, 500) for _, index in row] == [0, 2]
-    assert len(pictures.legend_rows([0, 1, 2], classes, font, 60)) == 3  # wrapped at the width
-    assert pixels[top + 20 + 8 + 8, 5].tolist() == [0, 0, 255]  # sky's swatch
 
 
 def test_help_gives_every_default():

@@ -1,5 +1,5 @@
-"""The pictures a user looks at (confusion matrix, a run's log) and the tools beside the project
-(tools/plot_log.py, tools/export.py), on small inputs."""
+"""pictures.py: the composite of an image's predictions, the confusion matrix, a run's log (and
+tools/plot_log.py, which draws it), read from their pixels."""
 
 import json
 import math
@@ -11,8 +11,7 @@ from PIL import Image
 
 import checkpoints
 import pictures
-from model import GCNet
-from tools import export, plot_log
+from tools import plot_log
 
 
 def cell_colour(picture, matrix_size, row, column):
@@ -67,6 +66,8 @@ def test_the_log_picture_plots_each_series_and_read_log_skips_a_torn_line(tmp_pa
     assert pictures.points(validations, "mIoU") == [(50, 30.0), (100, 50.0)]
     assert pictures.nice_ticks(0, 0.043) == [0, 0.01, 0.02, 0.03, 0.04]
     assert pictures.nice_ticks(0, 300) == [0, 50, 100, 150, 200, 250, 300]
+    assert pictures.log_ticks(0.02, 3.0) == [0.02, 0.05, 0.1, 0.2, 0.5, 1, 2]
+    assert pictures.log_ticks(0.001, 3000) == [0.001, 0.01, 0.1, 1, 10, 100, 1000]  # 1, 2, 5 would be 20
     # the tool: a work dir in, log.png beside its log out; a folder without a log is said in words
     assert plot_log.main([str(tmp_path)]) == tmp_path / "log.png"
     assert Image.open(tmp_path / "log.png").size == (pictures.PLOT_WIDTH, picture.shape[0])
@@ -74,27 +75,30 @@ def test_the_log_picture_plots_each_series_and_read_log_skips_a_torn_line(tmp_pa
         plot_log.main([str(tmp_path / "nothing")])
 
 
-def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, randomize, capsys):
-    net = randomize(GCNet(19).eval())
-    # an official file's name: the tool reads the row (Cityscapes 512x1024) from it, as evaluate.py does
-    source = tmp_path / "gcnet_r50-d8_512x1024_40k_cityscapes_20200618_074450-ef8f069b.pth"
-    torch.save({"state_dict": net.state_dict(), "meta": {}}, source)
-    out = export.main([str(source), str(tmp_path / "gcnet.pt2"), "--check-sizes", "64x96", "77x130"])
-    said = capsys.readouterr().out
-    assert "reloaded and checked at 77x130: largest logit difference" in said and "19 classes" in said
-    # independently of the tool's own check: torch alone loads it, and it is the model with the
-    # normalisation in front, at sizes it was not traced at, for a batch of 3
-    extra = {"gcnet.json": ""}
-    program = torch.export.load(str(out), extra_files=extra).module()
-    about = json.loads(extra["gcnet.json"])
-    assert about["scale"] == [2048, 1024] and about["align_corners"] is False and len(about["classes"]) == 19
-    for size in ((3, 3, 40, 56), (1, 3, 81, 33)):
-        image = torch.rand(size) * 255
-        mean, std = torch.tensor(about["mean"]).view(1, 3, 1, 1), torch.tensor(about["std"]).view(1, 3, 1, 1)
-        with torch.no_grad():
-            expected = net((image - mean) / std)
-        assert torch.allclose(program(image), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(SystemExit, match="exists: pass another path, or --overwrite"):
-        export.main([str(source), str(out)])
-    with pytest.raises(SystemExit, match="name the file .pt2"):
-        export.main([str(source), str(tmp_path / "gcnet.onnx")])
+def test_heat_colors_run_from_blue_to_red():
+    colors = pictures.heat_colors(torch.tensor([0.0, 0.5, 1.0]))
+    assert colors.tolist() == [[0, 0, 127.5], [127.5, 255, 127.5], [127.5, 0, 0]]
+
+
+def test_composite_shows_image_truth_prediction_attention_and_a_legend_of_the_classes_present():
+    image = torch.full((3, 20, 30), 200, dtype=torch.uint8)
+    label = torch.zeros(20, 30, dtype=torch.long)
+    label[:, 15:] = 2
+    label[0, 0] = 255  # ignored: black
+    pred = torch.zeros(20, 30, dtype=torch.long)
+    palette, classes = [[0, 0, 255], [0, 255, 0], [255, 0, 0]], ["sky", "grass", "car"]
+    picture = pictures.composite_picture(image, pred, palette, classes, torch.rand(20, 30), label)
+    gap, pixels = pictures.COMPOSITE_GAP, np.array(picture)
+    assert (
+        picture.width == 4 * 30 + 3 * gap and picture.height == 22 + 20 + 8 + 20
+    )  # titles, panels, a legend row
+    top = 22  # the panels start below their titles: image, ground truth, prediction, attention
+    assert pixels[top + 5, 5].tolist() == [200, 200, 200]
+    truth, prediction = 30 + gap, 2 * (30 + gap)
+    assert pixels[top, truth].tolist() == [0, 0, 0] and pixels[top + 5, truth + 25].tolist() == [255, 0, 0]
+    assert pixels[top + 5, truth + 5].tolist() == pixels[top + 5, prediction + 25].tolist() == [0, 0, 255]
+    # The legend lists the classes in the label or the prediction, not grass.
+    font = pictures.font_of(14)
+    assert [index for row in pictures.legend_rows([0, 2], classes, font, 500) for _, index in row] == [0, 2]
+    assert len(pictures.legend_rows([0, 1, 2], classes, font, 60)) == 3  # wrapped at the width
+    assert pixels[top + 20 + 8 + 8, 5].tolist() == [0, 0, 255]  # sky's swatch
