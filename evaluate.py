@@ -479,6 +479,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     if rank != 0:
         return
     print(format_table(results, dataset.classes))
+    print(f"loss {results['loss']:.4f} (the decode head's cross-entropy over the split, training's formula)")
     if differences is not None:
         why = "same settings" if not differences else "other settings, above"
         print(
