@@ -68,9 +68,11 @@ def export(segmenter, example_size):
 
 
 def check(path, segmenter, sizes, seed=0):
-    """Load the written file back and compare its logits with the model's at each (H, W): returns
-    [(size, largest logit difference, share of pixels with the same class)]; raises if they differ."""
-    reloaded = torch.export.load(str(path)).module()
+    """Load the written file back, as the README does, and compare its logits with the model's at each
+    (H, W). Returns the loaded module, its gcnet.json and [(size, largest logit difference, share of
+    pixels with the same class)]; raises if they differ."""
+    extra = {"gcnet.json": ""}
+    reloaded = torch.export.load(str(path), extra_files=extra).module()
     generator, found = torch.Generator().manual_seed(seed), []
     for size in sizes:
         image = torch.rand(1, 3, *size, generator=generator) * 255
@@ -89,7 +91,7 @@ def check(path, segmenter, sizes, seed=0):
                 f"largest difference {difference:.3g}, {same:.4%} of the pixels get the same class. "
                 f"{path} is written but not to be trusted; please report this with your torch version."
             )
-    return found
+    return reloaded, json.loads(extra["gcnet.json"]), found
 
 
 def main(argv=None):
@@ -134,10 +136,11 @@ def main(argv=None):
         temporary.unlink(missing_ok=True)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s: "
           f"{len(about['classes'])} classes; batch 1..{MAX_BATCH}, height and width {MIN_SIDE}..{MAX_SIDE}")  # fmt: skip
-    for (height, width), difference, same in check(out, segmenter, sizes):
+    reloaded, about, found = check(out, segmenter, sizes)
+    for (height, width), difference, same in found:
         print(f"reloaded and checked at {height}x{width}: largest logit difference {difference:.2g}, "
               f"{same:.2%} of the pixels the same class")  # fmt: skip
-    return out
+    return dict(path=out, program=reloaded, about=about)
 
 
 if __name__ == "__main__":
