@@ -199,8 +199,8 @@ def evaluate_dataset(
             save_split_pictures(model, dataset, pred, label, meta, images, device=device, precision=precision,
                                 save_dir=save_dir, opacity=opacity)  # fmt: skip
     matrix, (loss_sum, pixels) = sum_over_processes(matrix), sum_over_processes(losses).tolist()
-    if save_dir is not None and runtime.rank_and_world_size()[0] == 0:
-        pictures.confusion_picture(matrix, dataset.classes).save(Path(save_dir) / "confusion.png")
+    if save_dir is not None:  # confusion.png, below the line
+        save_confusion_picture(matrix, dataset.classes, save_dir)
     return dict(metrics_from_confusion(matrix), loss=loss_sum / pixels, num_images=len(dataset),
                 confusion_matrix=matrix.cpu().tolist())  # fmt: skip
 
@@ -221,9 +221,9 @@ def predictions(
     desc="predict",
     **protocol,
 ):
-    """(class probabilities (C, H, W) at the original size, label or None, meta, images per scale) for this process's
-    share of the first `count` images (default all): rank r of W takes images r, r+W, ..., so none is
-    counted twice. The model is in eval mode meanwhile and back in its previous mode after."""
+    """(class probabilities (C, H, W) at the original size, label or None, meta, images per scale) for
+    this process's share of the first `count` images (default all): rank r of W takes images r, r+W, ...,
+    so none is counted twice. The model is in eval mode meanwhile and back in its previous mode after."""
     rank, world_size = runtime.rank_and_world_size()
     device = torch.device(device)
     if len(dataset) == 0:
@@ -287,7 +287,7 @@ def check_values(pred, label, num_classes, ignore_index):
 
 def summed_pixel_losses(probabilities, label, ignore_index=data.IGNORE_INDEX):
     """-log p(true class) summed over the labelled pixels, from (C, H, W) probabilities, and the count of
-        all pixels: the numerator and denominator of train.segmentation_loss. A probability that underflowed
+    all pixels: the numerator and denominator of train.segmentation_loss. A probability that underflowed
     float32 (a logit about 87 below the top one) counts as float32's smallest normal number: 87.3."""
     labelled = label != ignore_index
     true_class = torch.where(labelled, label.long(), 0)[None]  # (1, H, W)
@@ -788,6 +788,15 @@ def image_at_ratio_one(images, ratios, original, test_scale):
     return data.test_transform(original, test_scale)[0].to(images[0].device)
 
 
+def save_confusion_picture(matrix, classes, save_dir):
+    """<save_dir>/confusion.png (pictures.confusion_picture), written by rank 0."""
+    if runtime.rank_and_world_size()[0] == 0:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        checkpoints.save_picture(
+            pictures.confusion_picture(matrix, classes), Path(save_dir) / "confusion.png"
+        )
+
+
 def save_split_pictures(model, dataset, pred, label, meta, images, *, device, precision, save_dir, opacity):
     """save_pictures() for an image of a split, with its attention map at the test scale."""
     original = data.read_image(meta["image_path"])
@@ -795,7 +804,7 @@ def save_split_pictures(model, dataset, pred, label, meta, images, *, device, pr
     with runtime.precision_context(device, precision):
         attention = attention_map(model, at_ratio_one, original.shape[-2:])
     pictures.save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity,
-                  classes=dataset.classes, label=label)  # fmt: skip
+                           classes=dataset.classes, label=label)  # fmt: skip
 
 
 @torch.no_grad()
