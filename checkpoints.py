@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -828,9 +829,14 @@ def write_text(path, text):
 
 
 def save_picture(picture, path):
-    """A PIL image written atomically."""
+    """A PIL image written atomically, in the format its name's suffix says (.png, .jpg, ...)."""
+    known = Image.registered_extensions()
+    if path.suffix.lower() not in known:
+        raise ValueError(
+            f"{path}: Pillow writes no picture format named {path.suffix or '(no suffix)'}; name a .png file"
+        )
     temporary = temporary_name(path)
-    picture.save(temporary, format=path.suffix[1:] or "png")
+    picture.save(temporary, format=known[path.suffix.lower()])
     os.replace(temporary, path)
 
 

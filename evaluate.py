@@ -304,20 +304,20 @@ def class_softmax(logits):
     return logits.softmax(dim=1)
 
 
-# The table's columns: (title, key of metrics_from_confusion); recall is Acc's other name, not repeated.
-TABLE_COLUMNS = (("IoU", "IoU"), ("Acc", "Acc"), ("F1", "F1"), ("Prec", "Precision"))
+# The table's columns: (title, key of metrics_from_confusion); recall is Acc under its other name.
+TABLE_COLUMNS = (("IoU", "IoU"), ("Acc/Rec", "Acc"), ("F1", "F1"), ("Prec", "Precision"))
 
 
 def format_table(metrics, classes):
     """Per-class table (percent, 2 decimals; nan where undefined) with the means below."""
     width = max([len("class")] + [len(name) for name in classes])
-    lines = [f"{'class':<{width}}" + "".join(f"  {title:>6}" for title, _ in TABLE_COLUMNS)]
+    lines = [f"{'class':<{width}}" + "".join(f"  {title:>7}" for title, _ in TABLE_COLUMNS)]
     for index, name in enumerate(classes):
         lines.append(
-            f"{name:<{width}}" + "".join(f"  {metrics[key][index]:6.2f}" for _, key in TABLE_COLUMNS)
+            f"{name:<{width}}" + "".join(f"  {metrics[key][index]:7.2f}" for _, key in TABLE_COLUMNS)
         )
-    means = ("aAcc", "mIoU", "mAcc", "mF1", "mPrecision")
-    lines.append("  ".join(f"{key} {metrics[key]:.2f}" for key in means) + "  (Acc is the recall)")
+    means = ("aAcc", "mIoU", "mAcc", "mF1", "mPrecision", "mRecall")
+    lines.append("  ".join(f"{key} {metrics[key]:.2f}" for key in means))
     return "\n".join(lines)
 
 

@@ -152,7 +152,8 @@ MOST_CONFUSED = 20  # pairs listed beside the matrix
 def confusion_picture(matrix, classes, title="confusion matrix"):
     """The row-normalised confusion matrix (rows: ground truth, columns: prediction; each row is the
     share of that class's pixels predicted as each class) as a PIL image, darker for more, with the
-    most confused pairs listed beside it. Classes absent from the ground truth have grey rows."""
+    most confused pairs listed beside it. Classes absent from the ground truth have grey rows. Above
+    NAMED_CLASSES the rows and columns are numbered, and a key below gives each number's name."""
     matrix = torch.as_tensor(matrix, dtype=torch.float64).cpu()
     count = len(classes)
     totals = matrix.sum(dim=1, keepdim=True)
@@ -163,38 +164,38 @@ def confusion_picture(matrix, classes, title="confusion matrix"):
     labels = [name if named else str(index) for index, name in enumerate(classes)]
     margin = 6 + max(int(text.getlength(label)) for label in labels)  # room for the row / column names
     top = 28 + margin
-    lines = most_confused_lines(shares, classes)
-    list_width = 20 + max(int(text.getlength(line)) for line in lines)
+    lines = most_confused_lines(shares, classes, numbered=not named)
     side = cell * count
     heading = f"{title} (rows: ground truth, columns: prediction; each row sums to 100%)"
     caption = (
         "the diagonal is each class's accuracy (recall); grey: no pixel of that class in the ground truth"
     )
     width = max(
-        margin + side + list_width, 8 + int(text.getlength(heading)), margin + int(text.getlength(caption))
+        margin + side + 20 + max(int(text.getlength(line)) for line in lines),
+        8 + int(text.getlength(heading)),
+        margin + int(text.getlength(caption)),
     )
     bottom = max(top + side, 28 + 18 * len(lines)) + 8  # the caption goes below the matrix and the list
-    canvas = Image.new("RGB", (width, bottom + 22), "white")
+    key = [] if named else [f"{index} {name}" for index, name in enumerate(classes)]
+    key_width = 16 + max([int(small.getlength(entry)) for entry in key], default=0)
+    key_columns = max(1, (width - 8) // key_width)
+    key_rows = math.ceil(len(key) / key_columns)
+    canvas = Image.new("RGB", (width, bottom + 22 + 14 * key_rows + 8 * bool(key)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), heading, "black", text)
     for row in range(count):
         for column in range(count):
             share = shares[row, column].item()
-            box = (
-                margin + column * cell,
-                top + row * cell,
-                margin + (column + 1) * cell - 1,
-                top + (row + 1) * cell - 1,
-            )
+            left, upper = margin + column * cell, top + row * cell
             # Darker for more; the square root lets a few percent of confusion show beside the diagonal.
             fill = (200, 200, 200) if math.isnan(share) else blue_ramp(math.sqrt(share))
-            draw.rectangle(box, fill=fill)
+            draw.rectangle((left, upper, left + cell - 1, upper + cell - 1), fill=fill)
             if named and not math.isnan(share) and round(100 * share) > 0:
                 colour = "white" if share > 0.3 else "black"
-                middle = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-                text_at(draw, middle, f"{round(100 * share)}", colour, small, "mm")
-    step = 1 if named else 10
-    for index in range(0, count, step):
+                text_at(
+                    draw, (left + cell / 2, upper + cell / 2), f"{round(100 * share)}", colour, small, "mm"
+                )
+    for index in range(0, count, 1 if named else 10):
         middle = index * cell + cell // 2
         text_at(draw, (margin - 4, top + middle), labels[index], "black", text, "rm")  # row names
         upright = Image.new("L", (margin, 18), 0)  # column names, read from bottom to top
@@ -204,19 +205,24 @@ def confusion_picture(matrix, classes, title="confusion matrix"):
     draw.text((margin, bottom), caption, "black", text)
     for number, line in enumerate(lines):
         draw.text((margin + side + 16, 28 + 18 * number), line, "black", text)
+    for number, entry in enumerate(key):  # the names of the numbers, column by column
+        column, row = divmod(number, key_rows)
+        draw.text((8 + column * key_width, bottom + 30 + 14 * row), entry, "black", small)
     return canvas
 
 
-def most_confused_lines(shares, classes, count=MOST_CONFUSED):
-    """'truth -> prediction  12.3%' for the largest off-diagonal shares, largest first."""
+def most_confused_lines(shares, classes, count=MOST_CONFUSED, numbered=False):
+    """'truth -> prediction  12.3%' for the largest off-diagonal shares, largest first; each class's
+    number before its name if `numbered`."""
     off = torch.nan_to_num(shares.clone(), nan=0.0).fill_diagonal_(0)
     values, places = off.flatten().topk(min(count, off.numel()))
+    names = [f"{index} {name}" if numbered else name for index, name in enumerate(classes)]
     lines = ["most confused (share of the true class's pixels):"]
     for value, place in zip(values.tolist(), places.tolist()):
         if round(100 * value, 1) <= 0:
             break
         truth, predicted = divmod(place, len(classes))
-        lines.append(f"{classes[truth]} -> {classes[predicted]}  {100 * value:.1f}%")
+        lines.append(f"{names[truth]} -> {names[predicted]}  {100 * value:.1f}%")
     if len(lines) == 1:
         lines.append("none: every labelled pixel is predicted right")
     return lines
@@ -230,7 +236,7 @@ def blue_ramp(value):
 # -----------------------------------------------------------------------------------------------
 # A training run's log (log.jsonl, written by checkpoints.Run)
 
-PLOT_WIDTH, PLOT_HEIGHT = 760, 190
+PLOT_WIDTH, PLOT_HEIGHT = 860, 190
 
 
 def log_picture(records, title="training log"):
@@ -282,13 +288,16 @@ def draw_plot(draw, box, name, series, last_iteration, text, logarithmic=False):
     ones, from flattening the rest."""
     left, top, right, bottom = box
     values = [y for _, curve, _ in series for _, y in curve]
-    if logarithmic:
+    if not values:  # e.g. no validation yet: an empty plot from 0 to 1
+        scale, low, high, ticks, name = float, 0.0, 1.0, [], f"{name} (none yet)"
+    elif logarithmic:
         scale = math.log10
-        low, high = scale(min(values, default=0.1)), scale(max(values, default=10.0))
+        low, high = scale(min(values)), scale(max(values))
         low, high = low - 0.05 * max(high - low, 0.1), high + 0.05 * max(high - low, 0.1)
         ticks = log_ticks(10**low, 10**high)
     else:  # from 0 (the learning rate and mIoU are never negative), with a little room above
-        low, high = min([0.0, *values]), 1.05 * max([*values, 1e-12])
+        low, high = min([0.0, *values]), 1.05 * max(values)
+        high = high if high > low else low + 1  # a series of zeros
         scale, ticks = float, nice_ticks(low, high)
 
     def y_of(value):
@@ -313,7 +322,7 @@ def draw_plot(draw, box, name, series, last_iteration, text, logarithmic=False):
             for x, y in xy:
                 draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
         if len(series) > 1:
-            label += "" if curve else " (not in this log)"
+            label += "" if curve else " (none yet)"
             draw.line((legend_left, top - 10, legend_left + 16, top - 10), fill=colour, width=3)
             draw.text((legend_left + 20, top - 18), label, "black", text)
             legend_left += 36 + int(text.getlength(label))
@@ -326,7 +335,8 @@ def log_ticks(low, high, most=8):
         ticks = [round(f * 10.0**p, 12) for p in powers for f in factors if low <= f * 10.0**p <= high]
         if len(ticks) <= most:
             break
-    return ticks
+    # A range narrower than a factor of 2 or so (a fine-tuning run's loss) gets evenly spaced ones.
+    return ticks if len(ticks) >= 3 else nice_ticks(low, high, most=4)
 
 
 def nice_ticks(low, high, most=6):
@@ -339,5 +349,5 @@ def nice_ticks(low, high, most=6):
         if span / (step * factor) <= most:
             step *= factor
             break
-    first = math.ceil(low / step - 1e-9)
-    return [round(k * step, 12) for k in range(first, math.floor(high / step + 1e-9) + 1)]
+    first, digits = math.ceil(low / step - 1e-9), max(0, 2 - math.floor(math.log10(step)))
+    return [round(k * step, digits) for k in range(first, math.floor(high / step + 1e-9) + 1)]

@@ -122,8 +122,7 @@ def main(argv=None):
             if iteration % config["eval_interval"] == 0 or iteration == config["iters"]:
                 # The checkpoint comes first, so a failing validation loses no training.
                 run.checkpoint(iteration, validation_pending=True)
-                pictures = run.pictures if iteration == config["iters"] else None
-                validate_and_keep_best(raw_model, val_set, config, run, iteration, pictures)
+                validate_and_keep_best(raw_model, val_set, config, run, iteration)
         run.finish(iteration)
     return run.best_miou
 
@@ -213,10 +212,11 @@ def validate(raw_model, val_set, config, save_dir=None):
         )  # fmt: skip
 
 
-def validate_and_keep_best(raw_model, val_set, config, run, iteration, pictures=None):
-    """Validate the checkpoint just written, show the scores, and keep best.pth (run.keep_best)."""
+def validate_and_keep_best(raw_model, val_set, config, run, iteration):
+    """Validate the checkpoint just written, show the scores, and keep best.pth (run.keep_best); the
+    last validation also draws its pictures, when asked (--pictures)."""
     start = time.perf_counter()
-    results = validate(raw_model, val_set, config, pictures)
+    results = validate(raw_model, val_set, config, run.pictures if iteration == config["iters"] else None)
     seconds = time.perf_counter() - start
     runtime.say(f"\niteration {iteration}: val loss {results['loss']:.4f} (decode head, as training's), mIoU "
                 f"{results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}")  # fmt: skip

@@ -228,10 +228,15 @@ def test_metrics_by_hand_with_ignored_and_absent_classes():
         2 / (100 / metrics["Precision"][1] + 100 / metrics["Recall"][1]) * 100
     )
     table = evaluate.format_table(metrics, ["road", "car", "sky", "bus"])
-    assert table.splitlines()[0].split() == ["class", "IoU", "Acc", "F1", "Prec"]
+    assert table.splitlines()[0].split() == ["class", "IoU", "Acc/Rec", "F1", "Prec"]
     assert table.splitlines()[2].split() == ["car", "50.00", "66.67", "66.67", "66.67"]
     assert table.splitlines()[3].split() == ["sky", "nan", "nan", "nan", "nan"]
-    assert "mIoU 38.89" in table and "mF1 48.89" in table and "mPrecision 55.56" in table
+    assert (
+        "mIoU 38.89" in table
+        and "mF1 48.89" in table
+        and "mPrecision 55.56" in table
+        and "mRecall 66.67" in table
+    )
 
 
 def test_confusion_matrices_add_up_over_images_and_reject_bad_labels():

@@ -29,5 +29,7 @@ def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, rand
         assert torch.allclose(program(image), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(SystemExit, match="exists: pass another path, or --overwrite"):
         export.main([str(source), str(out)])
+    with pytest.raises(SystemExit, match="--check-sizes 16x16: each side must be 32..8192"):
+        export.main([str(source), str(tmp_path / "small.pt2"), "--check-sizes", "16", "64"])
     with pytest.raises(SystemExit, match="name the file .pt2"):
         export.main([str(source), str(tmp_path / "gcnet.onnx")])

@@ -37,15 +37,14 @@ def test_confusion_picture_shows_row_shares_and_names_the_worst_pairs():
     assert cell_colour(picture, 4, 1, 1) == (200, 200, 200)  # no ground truth: grey
     lines = pictures.most_confused_lines(matrix.double() / matrix.sum(1, keepdim=True), classes)
     assert lines[1:] == ["bus -> sky  25.0%", "road -> sky  10.0%"]
-    # 150 classes: small cells, numbered; the names are in the list beside, which fits in the picture
+    # 150 classes: small cells, numbered; the list beside gives numbers and names, a key below them all
     big = torch.eye(150, dtype=torch.int64) * 100
     big[7, 9] = 300  # class 7 is mostly taken for class 9
     names = [f"class{index}" for index in range(150)]
     picture = pictures.confusion_picture(big, names)
-    assert pictures.most_confused_lines(big.double() / big.sum(1, keepdim=True), names)[1] == (
-        "class7 -> class9  75.0%"
-    )
-    assert 150 * pictures.NUMBERED_CELL_PIXELS < picture.height < 800 and picture.width < 1200
+    shares = big.double() / big.sum(1, keepdim=True)
+    assert pictures.most_confused_lines(shares, names, numbered=True)[1] == "7 class7 -> 9 class9  75.0%"
+    assert 150 * pictures.NUMBERED_CELL_PIXELS < picture.height < 1100 and picture.width < 1200
 
 
 def test_the_log_picture_plots_each_series_and_read_log_skips_a_torn_line(tmp_path):
@@ -68,11 +67,20 @@ def test_the_log_picture_plots_each_series_and_read_log_skips_a_torn_line(tmp_pa
     assert pictures.nice_ticks(0, 300) == [0, 50, 100, 150, 200, 250, 300]
     assert pictures.log_ticks(0.02, 3.0) == [0.02, 0.05, 0.1, 0.2, 0.5, 1, 2]
     assert pictures.log_ticks(0.001, 3000) == [0.001, 0.01, 0.1, 1, 10, 100, 1000]  # 1, 2, 5 would be 20
+    assert pictures.log_ticks(0.692, 0.708) == [0.695, 0.7, 0.705]  # narrow: evenly spaced instead
+    # Before the first validation (plot_log.py during a run): the validation plots are empty, not broken.
+    early = np.array(pictures.log_picture(records[:10]))
+    assert (early == (31, 119, 180)).all(axis=2).sum() > 20 and not (early == (117, 107, 177)).all(
+        axis=2
+    ).any()
     # the tool: a work dir in, log.png beside its log out; a folder without a log is said in words
     assert plot_log.main([str(tmp_path)]) == tmp_path / "log.png"
     assert Image.open(tmp_path / "log.png").size == (pictures.PLOT_WIDTH, picture.shape[0])
     with pytest.raises(SystemExit, match="nothing not found: pass the work dir of a train.py run"):
         plot_log.main([str(tmp_path / "nothing")])
+    assert Image.open(plot_log.main([str(log), "--out", str(tmp_path / "log.jpg")])).format == "JPEG"
+    with pytest.raises(SystemExit, match="Pillow writes no picture format named .jgp; name a .png file"):
+        plot_log.main([str(log), "--out", str(tmp_path / "log.jgp")])
 
 
 def test_heat_colors_run_from_blue_to_red():

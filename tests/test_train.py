@@ -300,11 +300,13 @@ def test_a_bad_training_file_is_named_after_a_checkpoint_of_the_steps_done(toy_r
 
 
 def fake_validation(scores, fail_at=None):
-    """validate() replaced by a table of scores per call; a bad image raises at call `fail_at`."""
+    """validate() replaced by a table of scores per call; a bad image raises at call `fail_at`. The
+    pictures folder of each call is kept in validate.save_dirs."""
     calls = []
 
     def validate(raw_model, val_set, config, save_dir=None):
         calls.append(len(calls))
+        validate.save_dirs.append(save_dir)
         if len(calls) - 1 == fail_at:
             raise ValueError("cannot decode image val/x.jpg")
         score = scores[len(calls) - 1]
@@ -316,6 +318,7 @@ def fake_validation(scores, fail_at=None):
             "loss": 1 / score,
         }
 
+    validate.save_dirs = []
     return validate
 
 
@@ -342,9 +345,11 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root,
     assert torch.load(tmp_path / "best.pth", weights_only=True)["best_miou"] == 10.0
     assert torch.load(tmp_path / "iter_2.pth", weights_only=True)["best_miou"] == 10.0  # not yet 20
     # The next resume validates iteration 2 again and writes the best.pth it recorded.
-    monkeypatch.setattr(train, "validate", fake_validation([20.0]))
+    last_validation = fake_validation([20.0])
+    monkeypatch.setattr(train, "validate", last_validation)
     monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     assert train.main(args + ["--resume"]) == 20.0
+    assert last_validation.save_dirs == [tmp_path / "pictures"]  # the schedule's last: with pictures
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert (best["best_miou"], best["iteration"]) == (20.0, 2)
 

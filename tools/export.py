@@ -113,6 +113,11 @@ def main(argv=None):
         raise SystemExit(f"export.py: {out}: name the file .pt2, as torch.export.load expects")
     if out.exists() and not args.overwrite:
         raise SystemExit(f"export.py: {out} exists: pass another path, or --overwrite to replace it")
+    for size in args.check_sizes or []:
+        if not all(MIN_SIDE <= side <= MAX_SIDE for side in size):
+            raise SystemExit(
+                f"export.py: --check-sizes {size[0]}x{size[1]}: each side must be {MIN_SIDE}..{MAX_SIDE}"
+            )
     flags = ["--device", "cpu", "--precision", "fp32"] + ["--trust-checkpoint"] * args.trust_checkpoint
     predictor = evaluate.Predictor(args.checkpoint, flags)  # the model as evaluate.py builds it, in fp32
     predictor.model.auxiliary_head = None  # it serves the training loss only: not in the file

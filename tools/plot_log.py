@@ -40,7 +40,10 @@ def main(argv=None):
         raise SystemExit(f"plot_log.py: {path} holds no training or validation records yet")
     out = Path(args.out) if args.out else path.with_name("log.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoints.save_picture(pictures.log_picture(records, title=str(path.parent.name)), out)
+    try:
+        checkpoints.save_picture(pictures.log_picture(records, title=path.resolve().parent.name), out)
+    except ValueError as error:
+        raise SystemExit(f"plot_log.py: --out {error}") from None
     print(f"wrote {out}")
     return out
 
