@@ -595,11 +595,11 @@ class Run:
     bar, puts the signal handlers and float32 settings back, ends the process group and releases the
     work dir."""
 
-    def __init__(self, config, argv, *, resume=None, trust=False, keep=3, max_nonfinite=5, log_interval=50):
+    def __init__(self, config, argv, *, resume=None, trust=False, keep=3, max_nonfinite=5):
         self.config, self.work_dir = config, Path(config["work_dir"])
         self.rank, self.world_size = runtime.rank_and_world_size()
         self.resume_flag, self.trust, self.keep = resume, trust, keep
-        self.max_nonfinite, self.log_interval = max_nonfinite, log_interval
+        self.max_nonfinite = max_nonfinite
         self.restart = restart_command(argv, self.world_size)  # the command that continues this run
         self.best_miou, self.validation_pending, self.last_path, self.start = -1.0, False, None, 0
         self.iteration = self.saved_iteration = 0  # steps done, and of them in the last checkpoint
@@ -719,7 +719,7 @@ class Run:
             self.bar.set_postfix(loss=f"{self.mean_loss:.3f}", lr=f"{values['lr']:.2e}",
                                  data=f"{values['data_time']:.2f}s", step=f"{values['step_time']:.2f}s",
                                  mem=f"{memory:.1f}G")  # fmt: skip
-            if iteration % self.log_interval == 0 or iteration == self.config["iters"]:
+            if iteration % self.config["log_interval"] == 0 or iteration == self.config["iters"]:
                 numbers = {
                     key: value.item() if torch.is_tensor(value) else value for key, value in values.items()
                 }
@@ -816,16 +816,30 @@ def checkpoint_number(path):
     return int(CHECKPOINT_NAME.fullmatch(Path(path).name).group(1))
 
 
-def temporary_name(path):
-    """A name beside `path` unique to this writer, which claim_work_dir's `.*.tmp` clean-up matches."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+def temporary_name(path, suffix=".tmp"):
+    """A name beside `path` unique to this writer; with the default suffix, claim_work_dir's `.*.tmp`
+    clean-up matches it."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+@contextlib.contextmanager
+def replaced_atomically(path, suffix=".tmp"):
+    """`with replaced_atomically(path) as temporary:` write the file to `temporary`; when the block
+    ends, one rename puts it at `path`, so a crash leaves the old file or the new one, never half. If
+    the block fails, the partial file is removed (nothing left to fill the disk)."""
+    temporary = temporary_name(Path(path), suffix)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_text(path, text):
-    """A small file written atomically, as save_checkpoint does."""
-    temporary = temporary_name(path)
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    """A small file written atomically."""
+    with replaced_atomically(path) as temporary:
+        temporary.write_text(text)
 
 
 def save_picture(picture, path):
@@ -835,9 +849,8 @@ def save_picture(picture, path):
         raise ValueError(
             f"{path}: Pillow writes no picture format named {path.suffix or '(no suffix)'}; name a .png file"
         )
-    temporary = temporary_name(path)
-    picture.save(temporary, format=known[path.suffix.lower()])
-    os.replace(temporary, path)
+    with replaced_atomically(path) as temporary:
+        picture.save(temporary, format=known[path.suffix.lower()])
 
 
 def refuse_an_earlier_run(work_dir):
@@ -886,13 +899,8 @@ def save_checkpoint(path, checkpoint):
     ]
     if bad:
         raise NonFiniteWeights(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}")
-    temporary = temporary_name(path)
-    try:
+    with replaced_atomically(path) as temporary:
         torch.save(checkpoint, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)  # no partial file left to fill the disk
-        raise
 
 
 class CheckpointWriter:

@@ -60,8 +60,7 @@ def main(argv=None):
     # The recipe of this run (the table's row and the flags that change it), its processes and device.
     config, device = set_up(args)
     run = checkpoints.Run(config, sys.argv[1:] if argv is None else argv, resume=args.resume,
-                          trust=args.trust_checkpoint, keep=args.keep, max_nonfinite=args.max_nonfinite,
-                          log_interval=config["log_interval"])  # fmt: skip
+                          trust=args.trust_checkpoint, keep=args.keep, max_nonfinite=args.max_nonfinite)  # fmt: skip
     with run:  # the work dir is this run's until the block ends, by whatever way
         # 1. data (rank 0 first: it may write the toy dataset, which the others then read)
         train_set, val_set = runtime.rank_zero_first(lambda: build_datasets(config))

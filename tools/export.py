@@ -24,7 +24,6 @@ loops around the same program. ONNX (torch.onnx.export(..., dynamo=True)) and Te
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,10 +37,12 @@ sys.path.insert(
 import checkpoints  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 
-# Bounds of the dynamic sizes. The network divides H and W by 8 (and rounds up) before the GC block.
-MIN_SIDE, MAX_SIDE, MAX_BATCH = 32, 8192, 64
+# Bounds of the dynamic sizes (the largest side is the one the data and the flags allow). The network
+# divides H and W by 8 (and rounds up) before the GC block.
+MIN_SIDE, MAX_SIDE, MAX_BATCH = 32, recipe.MAX_SIZE, 64
 
 
 class Segmenter(nn.Module):
@@ -50,11 +51,9 @@ class Segmenter(nn.Module):
     def __init__(self, net):
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.tensor(data.MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(data.STD).view(1, 3, 1, 1))
 
     def forward(self, image):
-        return self.net((image - self.mean) / self.std)
+        return self.net(data.normalize(image))
 
 
 def export(segmenter, example_size):
@@ -133,12 +132,8 @@ def main(argv=None):
         mean=list(data.MEAN), std=list(data.STD), torch=torch.__version__,
     )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = checkpoints.temporary_name(out).with_suffix(".pt2")  # .gcnet.pt2.<pid>-<random>.pt2
-    try:
+    with checkpoints.replaced_atomically(out, suffix=".pt2") as temporary:  # torch.export wants a .pt2 name
         torch.export.save(program, str(temporary), extra_files={"gcnet.json": json.dumps(about)})
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s: "
           f"{len(about['classes'])} classes; batch 1..{MAX_BATCH}, height and width {MIN_SIDE}..{MAX_SIDE}")  # fmt: skip
     reloaded, about, found = check(out, segmenter, sizes)
