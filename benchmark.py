@@ -41,7 +41,7 @@ import evaluate
 import recipe
 import runtime
 import train
-from model import GCNet
+from model import CONTEXTS, FUSIONS, POOLINGS, GCNet, check_block
 from tools import opencv_pipelines, synthetic_cityscapes
 
 # (Mem (GB), Inf time (fps)) of the 40k rows of the results table by (dataset, crop) and depth
@@ -51,6 +51,12 @@ PUBLISHED = {
     ("cityscapes", (769, 769)): {50: (6.5, 1.67), 101: (10.5, 1.13)},
     ("ade20k", (512, 512)): {50: (8.5, 23.38), 101: (12.0, 15.20)},
     ("voc12aug", (512, 512)): {50: (5.8, 23.35), 101: (9.2, 14.80)},
+}
+# The same figures of the original's FCN and NonLocal models, the GC block's comparison (README), by
+# (config name's first word, dataset, crop, depth) (mmseg v0.5.0 configs/fcn/README.md, configs/nonlocal_net/README.md).
+PUBLISHED_BESIDE = {
+    ("fcn", "cityscapes", (512, 1024), 50): (5.7, 4.17),
+    ("nonlocal", "cityscapes", (512, 1024), 50): (7.4, 2.72),
 }
 CITYSCAPES_IMAGE_SIZE = (1024, 2048)  # every Cityscapes image (H, W)
 NATURAL_IMAGE_SIZE = (375, 500)  # ADE20K and VOC images vary: a typical 500x375 VOC photo
@@ -71,7 +77,8 @@ GB = 1024**3
 def row_settings(args, device):
     """recipe.row of the chosen row, plus what the measurements need: the original image size that
     the test pipeline rescales to the test scale, the training crop and batches."""
-    row = recipe.row(args.dataset, args.crop, args.depth)
+    block = check_block(args.context, args.gc_pooling or "att", args.gc_fusion or "add")
+    row = recipe.row(args.dataset, args.crop, args.depth, block=block)
     crop_size, table_crops = row["crop_size"], recipe.DATASETS[args.dataset]["crops"]
     if crop_size not in table_crops:
         crops = ", ".join(f"{h}x{w}" for h, w in table_crops)
@@ -94,7 +101,10 @@ def row_settings(args, device):
     row.update(original_size=original_size, test_scale=test_scale, train_batches=batches)
     row.update(train_crop=train_crop, input_size=data.rescale_size(*original_size, test_scale))
     row["stride"] = row["test_stride"] if row["test_mode"] == "slide" else None
+    row["method"] = recipe.method_name(block)
     row["published"] = PUBLISHED.get((args.dataset, crop_size), {}).get(args.depth)
+    if row["method"] != "gcnet":
+        row["published"] = PUBLISHED_BESIDE.get((row["method"], args.dataset, crop_size, args.depth))
     row["inference_comparable"] = args.size is None
     row["comparable"] = args.size is None and train_crop == crop_size and batches[0] == row["batch_size"]
     return row
@@ -145,9 +155,10 @@ def variant_list(device, args, batches):
 
 
 def build_model(row, variant, device=None):
-    """GCNet with the same random weights for every variant, so that their predictions compare."""
+    """The row's model (GCNet, or the FCN or NonLocal one with --context) with the same random weights for
+    every variant, so that their predictions compare."""
     torch.manual_seed(0)
-    options = dict(depth=row["depth"], align_corners=row["align_corners"])
+    options = dict(depth=row["depth"], align_corners=row["align_corners"], **row["block"])
     model = GCNet(row["num_classes"], **options, activation_checkpointing=variant["checkpointing"])
     layout = MEMORY_FORMAT[variant["channels_last"]]
     return model if device is None else model.to(device, memory_format=layout)
@@ -429,7 +440,7 @@ TABLE_COLUMNS = [
 def results_table(row, records):
     """Markdown table: the results table's columns, then ours ("-" where a variant has no such
     figure). The published row comes first."""
-    start = ["GCNet", row["backbone"], f"{row['crop_size'][0]}x{row['crop_size'][1]}"]
+    start = [row["method"], row["backbone"], f"{row['crop_size'][0]}x{row['crop_size'][1]}"]
     lines = [start + [*map(str, row["published"]), "published: V100, fp32"]] if row["published"] else []
     for record in records:
         label = record["name"] + (" (default)" if record["default"] else "")
@@ -558,7 +569,7 @@ def protocol_lines(row, args, device, flops, peaks, variants, estimates):
     lines = [
         f"device      {device.type}: {device_description(device)}; torch {torch.__version__}, "
         f"python {platform.python_version()}, {torch.get_num_threads()} threads{cudnn}",
-        f"row         GCNet {row['backbone']} {row['dataset']} {crop[0]}x{crop[1]}, "
+        f"row         {row['method']} {row['backbone']} {row['dataset']} {crop[0]}x{crop[1]}, "
         f"{row['num_classes']} classes, random weights and images",
         f"inference   batch 1, {height}x{width} input ({row['test_mode']}{windows}, align_corners "
         f"{row['align_corners']}), resized to the original {row['original_size'][0]}x{row['original_size'][1]}, "
@@ -643,7 +654,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # as the table's figures were taken (mmseg tools/benchmark.py)
 
-    print(f"benchmark: GCNet {row['backbone']} {row['dataset']} on {device}", flush=True)
+    print(f"benchmark: {row['method']} {row['backbone']} {row['dataset']} on {device}", flush=True)
     precisions = dict.fromkeys(variant["precision"] for variant in variants)
     peaks = {precision: matmul_rate(precision, device) for precision in precisions}
     measured = measure_variants(variants, row, device, args)
@@ -670,7 +681,10 @@ def main(argv=None):
     training = dict(batch=row["train_batches"][0], batches=row["train_batches"], crop_size=row["train_crop"])
     protocol = dict(device=device.type, device_name=device_description(device), torch=torch.__version__)
     protocol.update(python=platform.python_version(), threads=torch.get_num_threads())
-    protocol.update({key: row[key] for key in ("dataset", "backbone", "depth", "crop_size", "num_classes")})
+    protocol.update(
+        {key: row[key] for key in ("method", "block", "dataset", "backbone", "depth", "crop_size")}
+    )
+    protocol["num_classes"] = row["num_classes"]
     protocol["inference"] = dict(batch=1, mode=row["test_mode"], **inference, **timed)
     protocol.update(training=dict(training, **timed), comparable_with_published=row["comparable"])
     protocol["flops_counted_in"] = "fp32, torch.utils.flop_counter.FlopCounterMode (convs and matmuls)"
@@ -820,6 +834,10 @@ def build_parser():
     add("--dataset", default="cityscapes", choices=recipe.TABLE_DATASETS, help="default: cityscapes")
     add("--crop", type=size("--crop"), help="the row's crop, 769 or HxW (default: the dataset's first)")
     add("--depth", type=int, default=50, choices=(50, 101), help="default 50")
+    add("--context", default="gc", choices=CONTEXTS, help="the decode head's block: gc (default), or the "
+        "original's nonlocal and none (FCN) models, as train.py")
+    add("--gc-pooling", choices=POOLINGS, help="the GC block's pooling, as train.py (default att)")
+    add("--gc-fusion", choices=FUSIONS, help="the GC block's fusion, as train.py (default add)")
     add("--size", type=size("--size"), help="HxW fed to the model for inference (default: the row's)")
     add("--timed", type=positive, help="timed images and steps (default 50 CUDA, 3 CPU)")
     add("--warmup", type=positive, default=2, help="untimed calls before them (default 2: the first SGD step "

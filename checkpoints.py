@@ -475,6 +475,13 @@ def check_keys(module, state_dict, source):
             f"{describe_classes(expected[seg_key].shape[0])}; build the model with the checkpoint's "
             "class count or evaluate on the matching dataset"
         )
+    if isinstance(module, model.GCNet) and any(k.startswith("decode_head.") for k in state_dict):
+        theirs = block_of_state_dict(state_dict)
+        if theirs != module.block:
+            lines.append(
+                f"checkpoint is a {recipe.method_name(theirs)} model, the model built here a "
+                f"{recipe.method_name(module.block)} one: build it with {recipe.block_flags(theirs)}"
+            )
     n_blocks = sum(1 for k in state_dict if re.fullmatch(r"(backbone\.)?layer3\.\d+\.conv1\.weight", k))
     if n_blocks and isinstance(module, model.GCNet) and n_blocks != model.STAGE_BLOCKS[module.depth][2]:
         depth = {6: 50, 23: 101}.get(n_blocks, "unknown")
@@ -484,6 +491,24 @@ def check_keys(module, state_dict, source):
             shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
             lines.append(f"{len(keys)} {title} key(s):\n    " + "\n    ".join(shown))
     raise ValueError("\n".join(lines))
+
+
+def block_of_state_dict(state_dict):
+    """The decode head's block (model.GCNet's context, pooling, fusion) read from the keys: gc_block.*
+    (conv_mask with attention pooling; channel_add_conv, channel_mul_conv by fusion), nl_block.*, or
+    neither (the FCN model)."""
+
+    def has(part):
+        return any(key.startswith(f"decode_head.{part}") for key in state_dict)
+
+    if has("nl_block."):
+        return dict(recipe.GC_BLOCK, context="nonlocal")
+    if not has("gc_block."):
+        return dict(recipe.GC_BLOCK, context="none")
+    fusion = {(True, False): "add", (False, True): "mul"}.get(
+        (has("gc_block.channel_add_conv."), has("gc_block.channel_mul_conv.")), "both"
+    )
+    return dict(context="gc", pooling="att" if has("gc_block.conv_mask.") else "avg", fusion=fusion)
 
 
 def describe_classes(num_classes):
@@ -534,10 +559,12 @@ def checkpoint_info(path_or_url, checkpoint=None):
     n_blocks = sum(1 for k in state_dict if re.fullmatch(r"backbone\.layer3\.\d+\.conv1\.weight", k))
     if "decode_head.conv_seg.weight" not in state_dict or n_blocks not in (6, 23):
         raise ValueError(
-            f"{path_or_url} is not a GCNet checkpoint: it has no decode_head.conv_seg or backbone.layer3 keys"
+            f"{path_or_url} is not a checkpoint of GCNet or of the FCN and NonLocal models beside it: it has "
+            "no decode_head.conv_seg or backbone.layer3 keys"
         )
     info = dict(
         depth={6: 50, 23: 101}[n_blocks],
+        block=block_of_state_dict(state_dict),
         num_classes=int(state_dict["decode_head.conv_seg.weight"].shape[0]),
         dataset=None, align_corners=None, crop_size=None, classes=None, palette=None, config_name=None,
         recipe=None, row=None, validation=None,
@@ -559,6 +586,11 @@ def checkpoint_info(path_or_url, checkpoint=None):
     else:  # an official one: the row is named in the file name (or the meta's exp_name)
         row = recipe.row_of_config_name(f"{meta.get('exp_name', '')} {path_or_url}")
         config_text = str(meta.get("config", ""))
+        if row is not None and row["block"] != info["block"]:
+            raise ValueError(
+                f"{path_or_url}: its name says {recipe.method_name(row['block'])} but its weights hold a "
+                f"{recipe.method_name(info['block'])} model: the file was renamed or is damaged"
+            )
         if row is not None:
             info.update(config_name=row["config_name"], dataset=row["dataset"], crop_size=row["crop_size"])
         crop_match = re.search(r"crop_size\s*=\s*\((\d+),\s*(\d+)\)", config_text)
@@ -574,7 +606,8 @@ def checkpoint_info(path_or_url, checkpoint=None):
             info["align_corners"] = recipe.is_769_crop(info["crop_size"])
     if info["dataset"] in recipe.DATASETS:
         # Ours record their recipe; older ones lack some keys (the test scale): the row fills them.
-        info["row"] = {**recipe.row(info["dataset"], info["crop_size"], depth=info["depth"]), **(ours or {})}
+        row = recipe.row(info["dataset"], info["crop_size"], depth=info["depth"], block=info["block"])
+        info["row"] = {**row, **(ours or {}), "block": info["block"]}
     if meta.get("CLASSES") is not None:
         info["classes"] = [str(c) for c in meta["CLASSES"]]
     if meta.get("PALETTE") is not None:
@@ -662,6 +695,12 @@ class Run:
                     f"--{key} {self.config[key]}. Pass --{key} {checkpoint['recipe'].get(key)} to continue it (or "
                     f"--load-from {path} to start a new run from its weights, in another --work-dir)."
                 )
+        theirs = dict(recipe.GC_BLOCK, **checkpoint["recipe"].get("block", {}))
+        if theirs != self.config["block"]:
+            raise SystemExit(
+                f"--resume {path}: that run trains a {recipe.method_name(theirs)} model, this command a "
+                f"{recipe.method_name(self.config['block'])} one. Pass {recipe.block_flags(theirs)} to continue it."
+            )
         for key in ("crop_size", "iters", "global_batch", "lr"):
             if checkpoint["recipe"].get(key) != self.config[key]:
                 runtime.say(f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has "

@@ -712,7 +712,9 @@ def build_model(checkpoint, loaded, info, settings, device):
     depth = settings["depth"]
     if depth is not None and depth != info["depth"]:
         raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
-    net = model.GCNet(info["num_classes"], depth=info["depth"], align_corners=settings["align_corners"])
+    net = model.GCNet(
+        info["num_classes"], depth=info["depth"], align_corners=settings["align_corners"], **info["block"]
+    )
     checkpoints.load_checkpoint(net, checkpoint, loaded)
     return net.to(device).eval()
 
@@ -771,13 +773,21 @@ def fold_batchnorm(net):
 @torch.no_grad()
 def attention_map(model, image, original_size):
     """The GC block's attention (softmax over positions, 1/8 resolution) for one image (3, h, w),
-    bilinearly upsampled to original_size and scaled to [0, 1] for display."""
+    bilinearly upsampled to original_size and scaled to [0, 1] for display, with its title. A Non-local
+    model gives the map of the centre position; an FCN model none (None, None)."""
     _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
+    if attention is None:
+        return None, None
+    title = "GC attention (red: more weight)"
+    if model.block["context"] == "nonlocal":
+        title = "NL attention of the centre position"
+    elif model.block["pooling"] == "avg":
+        title = "GC average pooling: the same weight everywhere"
     attention = F.interpolate(
         attention.float(), size=tuple(original_size), mode="bilinear", align_corners=model.align_corners
     )[0, 0]  # (H, W)
     low, high = attention.min(), attention.max()
-    return (attention - low) / (high - low).clamp_min(1e-12)
+    return (attention - low) / (high - low).clamp_min(1e-12), title
 
 
 def image_at_ratio_one(images, ratios, original, test_scale):
@@ -802,9 +812,9 @@ def save_split_pictures(model, dataset, pred, label, meta, images, *, device, pr
     original = data.read_image(meta["image_path"])
     at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale)
     with runtime.precision_context(device, precision):
-        attention = attention_map(model, at_ratio_one, original.shape[-2:])
+        attention, title = attention_map(model, at_ratio_one, original.shape[-2:])
     pictures.save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity,
-                           classes=dataset.classes, label=label)  # fmt: skip
+                           classes=dataset.classes, label=label, attention_title=title)  # fmt: skip
 
 
 @torch.no_grad()
@@ -836,12 +846,12 @@ def predict_image(
         model, original, scale=scale, ratios=ratios, device=device, precision=precision, **protocol
     )
     with runtime.precision_context(device, precision):
-        attention = attention_map(
+        attention, title = attention_map(
             model, image_at_ratio_one(images, ratios, original, scale), original.shape[-2:]
         )
     pred = probabilities.argmax(dim=0)
     return pictures.save_pictures(
-        save_dir, name, original, pred, palette, attention, opacity, classes=classes
+        save_dir, name, original, pred, palette, attention, opacity, classes=classes, attention_title=title
     )
 
 

@@ -23,6 +23,7 @@ detail matters. `python model.py` prints the parameter count and the output shap
 """
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -38,53 +39,54 @@ STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
 class ContextBlock(nn.Module):
-    """Global Context block with attention pooling and additive fusion: out = x + T(pool(x)).
+    """Global Context block: out = x + T(pool(x)), with attention pooling and additive fusion.
 
-    Usable on any (N, C, H, W) feature map. `forward(x, return_attention=True)` also returns the
-    attention map, i.e. the softmax over the H*W positions, shaped (N, 1, H, W).
-    """
+    The paper's two switches, with the original's names: pooling 'att' (default) or 'avg' (the same
+    weight everywhere), fusion 'add' (default), 'mul' (x times a sigmoid gate per channel) or 'both'
+    (gate, then add); 'avg' with 'mul' is squeeze-excitation with a LayerNorm. For any (N, C, H, W)
+    map; `forward(x, return_attention=True)` also returns the weights over the positions, (N, 1, H, W)."""
 
-    def __init__(self, channels, ratio=1 / 4):
+    def __init__(self, channels, ratio=1 / 4, pooling="att", fusion="add"):
         super().__init__()
-        planes = int(channels * ratio)
-        # Step 1, context modelling: one 1x1 conv scores every position.
-        self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
+        planes, self.pooling, self.fusion = int(channels * ratio), pooling, fusion
+        if pooling == "att":  # Step 1, context modelling: one 1x1 conv scores every position.
+            self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
         # Step 2, transform: bottleneck C -> P -> C. The LayerNorm normalises jointly over the
         # P x 1 x 1 context vector, which eases optimisation of the two-layer bottleneck (it runs in
         # float32 even under autocast: LayerNormFP32, below the line).
-        self.channel_add_conv = nn.Sequential(
-            nn.Conv2d(channels, planes, kernel_size=1),
-            LayerNormFP32([planes, 1, 1]),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(planes, channels, kernel_size=1),
-        )
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.conv_mask.bias)
-        # The last conv starts at zero, so the block is the identity at initialisation and can be
-        # inserted into a pretrained network without disturbing it.
-        nn.init.zeros_(self.channel_add_conv[3].weight)
-        nn.init.zeros_(self.channel_add_conv[3].bias)
+        for name in ["channel_add_conv"] * (fusion != "mul") + ["channel_mul_conv"] * (fusion != "add"):
+            conv = nn.Conv2d(planes, channels, kernel_size=1)
+            layers = [nn.Conv2d(channels, planes, 1), LayerNormFP32([planes, 1, 1]), nn.ReLU(inplace=True)]
+            setattr(self, name, nn.Sequential(*layers, conv))
+            # The last conv starts at zero: with 'add' the block is the identity at initialisation and
+            # can be inserted into a pretrained network without disturbing it ('mul' starts at x / 2).
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        if pooling == "att":
+            nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(self.conv_mask.bias)
 
     def forward(self, x, return_attention=False):
         n, _, h, w = x.shape
         # Step 1: context modelling. The softmax runs in float32 even under autocast: it spans
         # H*W positions (32768 at 1024x2048) and bf16 would round most weights to nothing.
-        scores = self.conv_mask(x).float()  # (N, 1, H, W)
-        attention = scores.view(n, h * w).softmax(dim=1).view(n, 1, h, w)  # sums to 1 over H*W
+        if self.pooling == "att":
+            scores = self.conv_mask(x).float()  # (N, 1, H, W)
+            attention = scores.view(n, h * w).softmax(dim=1).view(n, 1, h, w)  # sums to 1 over H*W
+        else:  # average pooling: every position weighs 1 / (H*W)
+            attention = torch.full((n, 1, h, w), 1 / (h * w), device=x.device)
         # context[n, c] = sum_hw x[n, c, hw] * attention[n, hw]. Written as a broadcast product and a
         # sum so it works unchanged for channels_last inputs; accumulated in float32.
         context = (x * attention).sum(dim=(2, 3), keepdim=True).to(x.dtype)  # (N, C, 1, 1)
         # Step 2: transform (LayerNorm runs in float32 under autocast).
-        # Step 3: fusion by broadcast addition over H and W.
-        out = x + self.channel_add_conv(context)  # (N, C, H, W)
+        # Step 3: fusion, broadcast over H and W: a gate per channel ('mul', 'both'), then an addition.
+        out = x * torch.sigmoid(self.channel_mul_conv(context)) if self.fusion != "add" else x
+        out = out + self.channel_add_conv(context) if self.fusion != "mul" else out  # (N, C, H, W)
         return (out, attention) if return_attention else out
 
 
 # -----------------------------------------------------------------------------------------------
-# The heads (mmseg v0.5.0 mmseg/models/decode_heads/gc_head.py, fcn_head.py)
+# The heads (mmseg v0.5.0 mmseg/models/decode_heads/fcn_head.py, gc_head.py, nl_head.py)
 
 
 class ConvBNReLU(nn.Sequential):
@@ -98,42 +100,39 @@ class ConvBNReLU(nn.Sequential):
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
 
-class GCHead(nn.Module):
-    """Decode head: conv -> GC block -> conv, concat with the backbone features, conv, classify."""
+class FCNHead(nn.Module):
+    """The original's FCNHead: 3x3 convs, then (concat_input) the backbone features concatenated and
+    fused by a 3x3 conv, dropout, classifier. GCNet's decode head (GCHead) is the two-conv one with the
+    GC block between its convs; context='nonlocal' puts a Non-local block there (NLHead, for contrast,
+    below the line) and 'none' nothing (the FCN baseline). The auxiliary head: one conv, no concat."""
 
-    def __init__(self, num_classes, in_channels=2048, channels=512, ratio=1 / 4):
+    def __init__(self, num_classes, in_channels, channels, num_convs=2, concat_input=True,
+                 context="none", **gc):  # fmt: skip
         super().__init__()
-        # Registration order equals the official state_dict order: conv_seg, convs, conv_cat, gc_block.
+        # Registration order equals the official state_dict order: conv_seg, convs, conv_cat, the block.
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         self.dropout = nn.Dropout2d(0.1)  # drops whole channels
-        self.convs = nn.Sequential(ConvBNReLU(in_channels, channels), ConvBNReLU(channels, channels))
-        self.conv_cat = ConvBNReLU(in_channels + channels, channels)
-        self.gc_block = ContextBlock(channels, ratio)
+        sizes = [in_channels] + [channels] * (num_convs - 1)
+        self.convs = nn.Sequential(*[ConvBNReLU(size, channels) for size in sizes])
+        self.conv_cat = ConvBNReLU(in_channels + channels, channels) if concat_input else None
+        self.context = context
+        if context == "gc":
+            self.gc_block = ContextBlock(channels, **gc)
+        elif context == "nonlocal":
+            self.nl_block = NonLocal2d(channels)
         nn.init.normal_(self.conv_seg.weight, std=0.01)
         nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, features, return_attention=False):
-        y = self.convs[0](features)  # (N, 512, h, w)
-        y, attention = self.gc_block(y, return_attention=True)  # the GC block sits between the two convs
-        y = self.convs[1](y)
-        y = self.conv_cat(torch.cat([features, y], dim=1))  # backbone features first: (N, 2560, h, w)
+        y, attention = self.convs[0](features), None  # (N, 512, h, w)
+        if self.context != "none":  # the block sits between the two convs
+            block = self.gc_block if self.context == "gc" else self.nl_block
+            y, attention = block(y, return_attention=True)
+        y = self.convs[1:](y)
+        if self.conv_cat is not None:  # backbone features first: (N, 2560, h, w)
+            y = self.conv_cat(torch.cat([features, y], dim=1))
         logits = self.conv_seg(self.dropout(y))  # (N, num_classes, h, w)
         return (logits, attention) if return_attention else logits
-
-
-class FCNHead(nn.Module):
-    """Auxiliary head on layer3: one 3x3 conv to 256 channels, dropout, classifier."""
-
-    def __init__(self, num_classes, in_channels=1024, channels=256):
-        super().__init__()
-        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
-        self.dropout = nn.Dropout2d(0.1)
-        self.convs = nn.Sequential(ConvBNReLU(in_channels, channels))
-        nn.init.normal_(self.conv_seg.weight, std=0.01)
-        nn.init.zeros_(self.conv_seg.bias)
-
-    def forward(self, features):
-        return self.conv_seg(self.dropout(self.convs(features)))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -194,11 +193,8 @@ class ResNetV1c(nn.Module):
             raise ValueError(f"depth must be one of {sorted(STAGE_BLOCKS)}, got {depth}")
 
         def conv_bn_relu(cin, cout, stride):
-            return [
-                nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-            ]
+            conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            return [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         # Unnamed Sequential so the keys are stem.0 ... stem.8, as in the checkpoints.
         self.stem = nn.Sequential(*conv_bn_relu(3, 32, 2), *conv_bn_relu(32, 32, 1), *conv_bn_relu(32, 64, 1))
@@ -227,19 +223,23 @@ class GCNet(nn.Module):
     """GCNet R-50-D8 / R-101-D8.
 
     eval:  model(x) -> logits (N, num_classes, H, W) at the input size;
-           model(x, return_attention=True) -> (logits, attention (N, 1, H/8, W/8)).
+           model(x, return_attention=True) -> (logits, attention (N, 1, H/8, W/8)); None without a block.
     train: model(x) -> (logits, aux_logits), both at the input size. The loss lives in train.py.
-    align_corners=True belongs to the 769x769 models, False to all others (recipe.py).
-    activation_checkpointing=True recomputes each backbone Bottleneck in the backward pass instead of
-    keeping its activations (the original ResNet's with_cp): less memory, more time, same gradients.
+    align_corners=True belongs to the 769x769 models, False to all others (recipe.py). context 'nonlocal'
+    and 'none' build the original's NonLocal and FCN models, the paper's comparison (README); pooling and
+    fusion switch the GC block's (ContextBlock). activation_checkpointing=True recomputes each backbone
+    Bottleneck in the backward pass (the original ResNet's with_cp): less memory, more time, same gradients.
     """
 
-    def __init__(self, num_classes, depth=50, align_corners=False, activation_checkpointing=False):
+    def __init__(self, num_classes, depth=50, align_corners=False, activation_checkpointing=False, *,
+                 context="gc", pooling="att", fusion="add"):  # fmt: skip
         super().__init__()
         self.num_classes, self.depth, self.align_corners = num_classes, depth, align_corners
+        self.block = check_block(context, pooling, fusion)  # below the line: dict(context, pooling, fusion)
+        gc = dict(pooling=pooling, fusion=fusion) if context == "gc" else {}
         self.backbone = ResNetV1c(depth)
-        self.decode_head = GCHead(num_classes)
-        self.auxiliary_head = FCNHead(num_classes)
+        self.decode_head = FCNHead(num_classes, 2048, 512, context=context, **gc)  # conv, block, conv, concat
+        self.auxiliary_head = FCNHead(num_classes, 1024, 256, num_convs=1, concat_input=False)
         for module in self.backbone.modules():
             if isinstance(module, Bottleneck):
                 module.checkpointing = activation_checkpointing
@@ -277,9 +277,94 @@ def load_weights(model, state_dict):
     return "imagenet"
 
 
-# Below this line: mechanics: LayerNorm in float32 under autocast, activation checkpointing, the
-# ImageNet backbone's keys, the initialisation from scratch, a quick look (python model.py). A first
-# reading can stop here.
+# Below this line: mechanics: the Non-local block and the checks of the head's options, LayerNorm in
+# float32 under autocast, activation checkpointing, the ImageNet backbone's keys, the initialisation from
+# scratch, a quick look (python model.py). A first reading can stop here.
+
+
+class NonLocal2d(nn.Module):
+    """The Non-local block as the original's NonLocal model has it between its head's convs (mmcv v1.0.2
+    mmcv/cnn/bricks/non_local.py, NonLocal2d: embedded Gaussian, reduction 2, use_scale, conv_out with
+    BatchNorm). Every position i gets its own attention map over all positions j,
+
+        a[i, j] = softmax_j(theta(x)_i . phi(x)_j / sqrt(C/2)),
+        out_i = x_i + conv_out(sum_j a[i, j] g(x)_j),
+
+    an (H*W) x (H*W) matrix where the GC block has one map of H*W: the paper found those maps nearly the
+    same for every i. Without gradients the matrix is computed a block of rows at a time (at most
+    ATTENTION_CHUNK entries), so a whole 1024x2048 image (32768 x 32768 positions) fits; training forms
+    it whole, as the original. return_attention gives the map of the centre position, (N, 1, H, W)."""
+
+    def __init__(self, channels, reduction=2):
+        super().__init__()
+        inner = channels // reduction
+        # mmcv's ConvModules without activation, in the official checkpoints' order: g, conv_out, theta, phi.
+        self.g = conv1x1(channels, inner)
+        self.conv_out = conv1x1(inner, channels, batchnorm=True)
+        self.theta, self.phi = conv1x1(channels, inner), conv1x1(channels, inner)
+        for conv in (self.g.conv, self.theta.conv, self.phi.conv):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        nn.init.kaiming_normal_(self.conv_out.conv.weight, mode="fan_out", nonlinearity="relu")
+        # conv_out's BatchNorm starts at zero (zeros_init), so the block starts as the identity.
+        nn.init.zeros_(self.conv_out.bn.weight)
+        nn.init.zeros_(self.conv_out.bn.bias)
+
+    def forward(self, x, return_attention=False):
+        n, _, h, w = x.shape
+        query = self.theta(x).flatten(2).transpose(1, 2)  # (N, HW, C')
+        key, value = self.phi(x).flatten(2), self.g(x).flatten(2).transpose(1, 2)  # (N, C', HW), (N, HW, C')
+        rows = h * w if torch.is_grad_enabled() else max(1, ATTENTION_CHUNK // (n * h * w))
+        parts = [
+            pairwise_attention(query[:, i : i + rows], key).to(value.dtype) @ value
+            for i in range(0, h * w, rows)
+        ]
+        y = torch.cat(parts, dim=1)  # (N, HW, C')
+        out = x + self.conv_out(y.transpose(1, 2).reshape(n, -1, h, w))
+        if not return_attention:
+            return out
+        return out, self.attention_maps(x, [(h // 2) * w + w // 2])
+
+    def attention_maps(self, x, positions):
+        """The attention maps of the given query positions (flat indices into H*W): (N, len, H, W)."""
+        n, _, h, w = x.shape
+        query, key = self.theta(x).flatten(2).transpose(1, 2)[:, positions], self.phi(x).flatten(2)
+        return pairwise_attention(query, key).view(n, len(positions), h, w)
+
+
+# Entries of the Non-local attention matrix computed at once without gradients (128 MB in float32).
+ATTENTION_CHUNK = 2**25
+
+
+def pairwise_attention(query, key):
+    """softmax over the positions of (query . key) / sqrt(C'), in float32 (a softmax over thousands of
+    positions, as the GC block's); the division comes after the product, as in the original."""
+    return (torch.matmul(query, key).float() / query.shape[-1] ** 0.5).softmax(dim=-1)
+
+
+def conv1x1(in_channels, out_channels, batchnorm=False):
+    """mmcv's ConvModule with a 1x1 conv and no activation: keys conv.* (with a bias unless BatchNorm
+    follows) and bn.*."""
+    layers = dict(conv=nn.Conv2d(in_channels, out_channels, 1, bias=not batchnorm))
+    layers.update(bn=nn.BatchNorm2d(out_channels)) if batchnorm else None
+    return nn.Sequential(OrderedDict(layers))
+
+
+CONTEXTS = ("gc", "nonlocal", "none")  # the block between the decode head's convs
+POOLINGS, FUSIONS = ("att", "avg"), ("add", "mul", "both")  # the GC block's switches
+
+
+def check_block(context, pooling, fusion):
+    """The decode head's block as a dict, after checking each option (GCNet's context, pooling, fusion)."""
+    for name, value, choices in (("context", context, CONTEXTS), ("pooling", pooling, POOLINGS),
+                                 ("fusion", fusion, FUSIONS)):  # fmt: skip
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    if context != "gc" and (pooling, fusion) != ("att", "add"):
+        raise ValueError(
+            f"pooling and fusion are the GC block's switches; context {context!r} has no GC block"
+        )
+    return dict(context=context, pooling=pooling, fusion=fusion)
 
 
 class LayerNormFP32(nn.LayerNorm):

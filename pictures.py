@@ -38,8 +38,9 @@ def label_picture(pred, palette):
 
 
 def save_pictures(
-    save_dir, name, image, pred, palette, attention=None, opacity=0.5, classes=None, label=None
-):
+    save_dir, name, image, pred, palette, attention=None, opacity=0.5, classes=None, label=None,
+    attention_title=None,
+):  # fmt: skip
     """Write <name>_pred.png (palette PNG), <name>_overlay.jpg (class colours over the uint8 (3, H, W)
     image) and, given one, <name>_attention.png (attention (H, W) in [0, 1]); given the class names,
     also <name>_composite.png (composite_picture: image, label, prediction and attention side by side).
@@ -59,7 +60,10 @@ def save_pictures(
         rgb_picture((1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())).save(paths[2])
     if classes is not None:
         paths.append(Path(f"{stem}_composite.png"))
-        composite_picture(image, pred, palette, classes, attention, label, opacity).save(paths[-1])
+        composite = composite_picture(
+            image, pred, palette, classes, attention, label, opacity, attention_title
+        )
+        composite.save(paths[-1])
     return paths
 
 
@@ -68,7 +72,9 @@ def save_pictures(
 PANEL_WIDTH, COMPOSITE_GAP = 512, 6
 
 
-def composite_picture(image, pred, palette, classes, attention=None, label=None, opacity=0.5):
+def composite_picture(
+    image, pred, palette, classes, attention=None, label=None, opacity=0.5, attention_title=None
+):
     """One picture to read at a glance: the image, its ground truth (if given), the prediction and the
     GC block's attention side by side, each titled, with a legend of the classes present (in the label
     or the prediction) in their colours. Ignored pixels are black. Returns a PIL image."""
@@ -86,7 +92,7 @@ def composite_picture(image, pred, palette, classes, attention=None, label=None,
     panels.append(("prediction", as_colours(pred), Image.NEAREST))
     if attention is not None:
         heat = (1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())
-        panels.append(("GC attention (red: more weight)", heat, Image.BILINEAR))
+        panels.append((attention_title or "GC attention (red: more weight)", heat, Image.BILINEAR))
     height, width = picture.shape[:2]
     size = (min(width, PANEL_WIDTH), max(1, round(height * min(width, PANEL_WIDTH) / width)))
     font = font_of(14)

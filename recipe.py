@@ -59,11 +59,11 @@ def is_769_crop(crop_size):
     return crop_size[0] % 8 == 1
 
 
-def row(dataset, crop=None, depth=50, iters=None):
-    """The whole recipe of one row as a plain dict: (dataset, crop, depth, iters) -> batch, lr,
-    schedule, scale, test mode, window and stride, align_corners and the original config name.
-    crop is '769', '512x1024', an int or an (h, w) pair; None takes the dataset's first crop, and
-    iters None its first schedule."""
+def row(dataset, crop=None, depth=50, iters=None, block=None):
+    """The whole recipe of one row as a plain dict: (dataset, crop, depth, iters, block) -> batch, lr,
+    schedule, scale, test mode, window and stride, align_corners and the original config name. crop is
+    '769', '512x1024', an int or an (h, w) pair; None takes the dataset's first crop, iters None its
+    first schedule, block None the GC block (else model.GCNet's context, pooling, fusion: same recipe)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
     base = DATASETS[dataset]
@@ -91,7 +91,8 @@ def row(dataset, crop=None, depth=50, iters=None):
         eval_interval=max(iters // 10, min(iters, 20)),  # every tenth of the schedule, 20 at least
         workers=base["workers"],
         pretrained=base.get("pretrained", IMAGENET_URLS[depth]),
-        config_name=f"gcnet_r{depth}-d8_{crop_size[0]}x{crop_size[1]}_{schedule}_{dataset}",
+        block=dict(GC_BLOCK, **(block or {})),
+        config_name=f"{method_name(block)}_r{depth}-d8_{crop_size[0]}x{crop_size[1]}_{schedule}_{dataset}",
         in_table=dataset in TABLE_DATASETS and crop_size in base["crops"] and iters in base["iters"],
     )
 
@@ -143,7 +144,9 @@ def parse_scale(value, flag="--scale"):
 # The table's datasets recognised by their class count (for checkpoints that do not say theirs).
 DATASET_OF_NUM_CLASSES = {19: "cityscapes", 150: "ade20k", 21: "voc12aug"}
 
-CONFIG_NAME = re.compile(r"gcnet_r(50|101)-d8_(\d+)x(\d+)_(\d+)k_(cityscapes|ade20k|voc12aug)")
+CONFIG_NAME = re.compile(
+    r"(gcnet|nonlocal|fcn|gcnet-(?:att|avg)-(?:add|mul|both))_r(50|101)-d8_(\d+)x(\d+)_(\d+)k_(cityscapes|ade20k|voc12aug)"
+)
 
 
 def row_of_config_name(text):
@@ -152,5 +155,38 @@ def row_of_config_name(text):
     match = CONFIG_NAME.search(str(text))
     if match is None:
         return None
-    depth, height, width, thousands, dataset = match.groups()
-    return row(dataset, (int(height), int(width)), int(depth), int(thousands) * 1000)
+    method, depth, height, width, thousands, dataset = match.groups()
+    return row(dataset, (int(height), int(width)), int(depth), int(thousands) * 1000, block_of_method(method))
+
+
+# The decode head's block: the GC block of the table's models, with the paper's defaults.
+GC_BLOCK = dict(context="gc", pooling="att", fusion="add")
+# Config names begin with the model's: gcnet, nonlocal (the Non-local block) or fcn (no block). The GC
+# block's other poolings and fusions, which the original toolbox has no configs for, are named here
+# gcnet-<pooling>-<fusion>, e.g. gcnet-avg-mul (the squeeze-excitation-like block).
+METHODS = {"nonlocal": "nonlocal", "none": "fcn"}
+
+
+def method_name(block=None):
+    """The config name's first word for a block (None: the GC block)."""
+    block = dict(GC_BLOCK, **(block or {}))
+    if block["context"] != "gc":
+        return METHODS[block["context"]]
+    return "gcnet" if block == GC_BLOCK else f"gcnet-{block['pooling']}-{block['fusion']}"
+
+
+def block_flags(block):
+    """The train.py flags that build a block, e.g. '--context nonlocal'."""
+    block = dict(GC_BLOCK, **block)
+    if block["context"] != "gc" or block == GC_BLOCK:
+        return f"--context {block['context']}"
+    return f"--context gc --gc-pooling {block['pooling']} --gc-fusion {block['fusion']}"
+
+
+def block_of_method(name):
+    """The block a config name's first word names (method_name's inverse)."""
+    contexts = {method: context for context, method in METHODS.items()}
+    if name in contexts:
+        return dict(GC_BLOCK, context=contexts[name])
+    pooling, fusion = name.split("-")[1:] if "-" in name else ("att", "add")
+    return dict(GC_BLOCK, pooling=pooling, fusion=fusion)

@@ -180,9 +180,8 @@ def build_model(config, num_classes, *, load_from=None, trust=False, resuming=Fa
     """GCNet on the run's device and layout, with the weights a new run starts from: ImageNet (the
     recipe) or a GCNet checkpoint (fine-tuning). A resumed run gets its own weights later."""
     torch.manual_seed(config["seed"] + runtime.rank_and_world_size()[0])
-    net = model.GCNet(
-        num_classes, config["depth"], config["align_corners"], config["activation_checkpointing"]
-    )
+    options = dict(depth=config["depth"], align_corners=config["align_corners"], **config["block"])
+    net = model.GCNet(num_classes, activation_checkpointing=config["activation_checkpointing"], **options)
     if load_from:
         runtime.say(load_for_fine_tuning(net, load_from, trust))
     elif config["pretrained"] != "none" and not resuming:
@@ -317,7 +316,8 @@ def resolve_recipe(args, world_size):
     dict, printed at start and stored in every checkpoint. An explicit flag always wins, 0 too
     (the parser has refused values outside their range)."""
     try:
-        row = recipe.row(args.dataset, args.crop, args.depth, args.iters)
+        block = model.check_block(args.context, args.gc_pooling or "att", args.gc_fusion or "add")
+        row = recipe.row(args.dataset, args.crop, args.depth, args.iters, block)
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
     config = {key: list(value) if isinstance(value, tuple) else value for key, value in row.items()}
@@ -424,6 +424,11 @@ def load_for_fine_tuning(raw_model, source, trust):
             raise ValueError(
                 f"it holds a GCNet R-{info['depth']}-D8 but this run builds R-{raw_model.depth}-D8: pass --depth {info['depth']}"
             )
+        if info["block"] != raw_model.block:
+            raise ValueError(
+                f"it holds a {recipe.method_name(info['block'])} model but this run builds a "
+                f"{recipe.method_name(raw_model.block)} one: pass {recipe.block_flags(info['block'])}"
+            )
         kind = checkpoints.load_checkpoint(raw_model, source, checkpoint, new_classes=True)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"--load-from {source}: {error}") from None
@@ -467,6 +472,11 @@ def build_parser():
     add("--crop", type=runtime.size_flag("--crop"), help="crop, N or HxW (default: the dataset's first: "
         "512x1024 Cityscapes (or 769), 512 ADE20K, VOC and folder, 128 toy)")
     add("--depth", type=int, default=50, choices=(50, 101), help="ResNet depth (default 50)")
+    add("--context", default="gc", choices=model.CONTEXTS, help="the block between the decode head's convs: gc "
+        "(GCNet, default), nonlocal or none (the original's NonLocal and FCN models; README: the paper's argument)")
+    add("--gc-pooling", choices=model.POOLINGS, help="the GC block's pooling: att (attention, default) or avg")
+    add("--gc-fusion", choices=model.FUSIONS, help="the GC block's fusion: add (default), mul (a sigmoid gate per "
+        "channel) or both; --gc-pooling avg --gc-fusion mul is the squeeze-excitation-like block")
     add("--iters", type=positive, help="iterations (default: the row's schedule, e.g. 40000; toy 300)")
     add("--batch-size", type=positive, help="per GPU/process (default 2 Cityscapes, 4 otherwise)")
     add("--lr", type=above_0, help="base learning rate (default 0.01; toy 0.05)")
