@@ -115,6 +115,22 @@ def test_recipe_defaults_follow_the_table():
     )
 
 
+def test_the_comparison_models_train_with_the_same_recipe_under_the_originals_config_names():
+    names = {
+        ("--context", "nonlocal"): "nonlocal_r50-d8_512x1024_40k_cityscapes",
+        ("--context", "none"): "fcn_r50-d8_512x1024_40k_cityscapes",
+        ("--gc-pooling", "avg", "--gc-fusion", "mul"): "gcnet-avg-mul_r50-d8_512x1024_40k_cityscapes",
+    }
+    table = train.resolve_recipe(train.build_parser().parse_args(["--dataset", "cityscapes"]), 4)
+    for flags, name in names.items():
+        config = train.resolve_recipe(train.build_parser().parse_args(["--dataset", "cityscapes", *flags]), 4)
+        assert config["config_name"] == name and config["work_dir"] == str(Path("work_dirs") / name)
+        differ = {key for key in config if config[key] != table[key]}
+        assert differ == {"block", "config_name", "work_dir"}, differ
+    with pytest.raises(SystemExit, match="pooling and fusion are the GC block's switches"):
+        train.resolve_recipe(train.build_parser().parse_args(["--context", "none", "--gc-fusion", "mul"]), 1)
+
+
 def test_the_table_warnings_are_for_its_rows_and_own_data_gets_its_scale():
     args = train.build_parser().parse_args(["--dataset", "folder", "--data-root", "x", "--scale", "256"])
     config = train.resolve_recipe(args, world_size=1)
@@ -145,8 +161,10 @@ def test_batches_are_disjoint_across_ranks_and_resume_exactly():
 
 
 def test_resume_reaches_the_same_weights(toy_root, tmp_path, monkeypatch):
+    # With the Non-local block: the comparison's models train and resume as GCNet does.
     monkeypatch.setattr(train, "validate", fake_validation([1.0] * 10))  # validating draws no random numbers
     common = FAST + ["--data-root", toy_root, "--iters", "4", "--eval-interval", "2", "--deterministic"]
+    common += ["--context", "nonlocal"]
     train.main(common + ["--work-dir", str(tmp_path / "straight")])
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -154,6 +172,10 @@ def test_resume_reaches_the_same_weights(toy_root, tmp_path, monkeypatch):
     train.main(common + ["--work-dir", str(resumed_dir), "--resume"])
     straight = torch.load(tmp_path / "straight" / "iter_4.pth", weights_only=False)
     resumed = torch.load(resumed_dir / "iter_4.pth", weights_only=False)
+    assert (
+        straight["recipe"]["block"]["context"] == "nonlocal"
+        and "decode_head.nl_block.g.conv.weight" in resumed["state_dict"]
+    )
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
@@ -323,7 +345,8 @@ def fake_validation(scores, fail_at=None):
 
 
 def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root, tmp_path, monkeypatch):
-    args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "1")
+    # The FCN model (no block): trains, validates and resumes as GCNet does.
+    args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "1", "--context", "none")
     # A bad validation image loses no training: the checkpoint is already written.
     monkeypatch.setattr(train, "validate", fake_validation([10.0], fail_at=0))
     with pytest.raises(ValueError, match="val/x.jpg"):
@@ -352,6 +375,7 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root,
     assert last_validation.save_dirs == [tmp_path / "pictures"]  # the schedule's last: with pictures
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert (best["best_miou"], best["iteration"]) == (20.0, 2)
+    assert checkpoints.block_of_state_dict(best["state_dict"])["context"] == "none"
 
 
 @pytest.mark.parametrize(
@@ -385,12 +409,16 @@ def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_r
         "recipe": (dict(good, recipe="toy"), "recipe is str, expected dict"),
         "meta": (dict(good, meta=["a list"]), "meta is list, expected dict"),
         "rng": (dict(good, rng=[{"cuda": []}]), "rng lacks a rank's 'torch' random state"),
+        "block": (
+            dict(good, recipe=dict(writer_recipe, depth=50, block=dict(context="nonlocal"))),
+            "that run trains a nonlocal model, this command a gcnet one. Pass --context nonlocal to continue it",
+        ),
     }
     for name, (checkpoint, words) in cases.items():
         path = tmp_path / f"{name}.pth"
         torch.save(checkpoint, path)
         with pytest.raises(SystemExit, match=re.escape(words)):
-            if name in ("depth", "dataset"):  # told when the run resumes
+            if name in ("depth", "dataset", "block"):  # told when the run resumes
                 train.main(toy_args(toy_root, tmp_path / name, "--resume", str(path)))
             else:  # told when the file is read, before any model is built
                 checkpoints.read_resume_checkpoint(path, trust=False)
@@ -432,6 +460,19 @@ def test_fine_tuning_an_official_19_class_checkpoint_on_the_5_class_toy_set(toy_
             assert torch.equal(value, source.state_dict()[key]), key
     with pytest.raises(SystemExit, match="R-50-D8 but this run builds R-101-D8: pass --depth 50"):
         train.load_for_fine_tuning(model.GCNet(5, depth=101), str(official), trust=False)
+    with pytest.raises(
+        SystemExit, match="it holds a gcnet model but this run builds a fcn one: pass --context gc"
+    ):
+        train.load_for_fine_tuning(model.GCNet(5, context="none"), str(official), trust=False)
+    nonlocal_source = model.GCNet(19, context="nonlocal")  # the original's NonLocal model fine-tunes as well
+    nonlocal_file = tmp_path / "nonlocal_r50-d8_512x1024_40k_cityscapes_20200605_210748-c75e81e3.pth"
+    torch.save({"meta": {}, "state_dict": nonlocal_source.state_dict()}, nonlocal_file)
+    nonlocal_target = model.GCNet(5, context="nonlocal")
+    assert "19 classes there, 5 here" in train.load_for_fine_tuning(
+        nonlocal_target, str(nonlocal_file), False
+    )
+    key = "decode_head.nl_block.theta.conv.weight"
+    assert torch.equal(nonlocal_target.state_dict()[key], nonlocal_source.state_dict()[key])
     work_dir = tmp_path / "run"
     args = toy_args(toy_root, work_dir, "--iters", "8", "--batch-size", "4", "--log-interval", "1")
     train.main(args + ["--eval-interval", "8", "--load-from", str(official), "--lr", "0.02", "--no-pictures"])
