@@ -95,9 +95,11 @@ def row_settings(args, device):
     batches = list(dict.fromkeys(args.train_batch or batches))
     if min(batches) < 1:
         raise ValueError(f"--train-batch: expected positive batch sizes, got {args.train_batch}")
-    row.update(
-        backbone=f"R-{args.depth}-D8", num_classes=len(data.CLASSES_AND_PALETTES[args.dataset]["classes"])
+    # The dataset's class count, or the one given (tools/compare_context_blocks.py: a checkpoint's).
+    num_classes = getattr(args, "num_classes", None) or len(
+        data.CLASSES_AND_PALETTES[args.dataset]["classes"]
     )
+    row.update(backbone=f"R-{args.depth}-D8", num_classes=num_classes)
     row.update(original_size=original_size, test_scale=test_scale, train_batches=batches)
     row.update(train_crop=train_crop, input_size=data.rescale_size(*original_size, test_scale))
     row["stride"] = row["test_stride"] if row["test_mode"] == "slide" else None

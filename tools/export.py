@@ -119,6 +119,12 @@ def main(argv=None):
             )
     flags = ["--device", "cpu", "--precision", "fp32"] + ["--trust-checkpoint"] * args.trust_checkpoint
     predictor = evaluate.Predictor(args.checkpoint, flags)  # the model as evaluate.py builds it, in fp32
+    if predictor.model.block["context"] == "nonlocal":
+        raise SystemExit(
+            f"export.py: {args.checkpoint} is a Non-local model: it attends in blocks whose number depends on "
+            "the image size, which torch.export cannot keep dynamic. Export the GC (or FCN) model; the "
+            "Non-local one is here for the paper's comparison (README)."
+        )
     predictor.model.auxiliary_head = None  # it serves the training loss only: not in the file
     segmenter = Segmenter(predictor.model).eval()
     crop = tuple(predictor.settings["crop_size"] or (512, 512))

@@ -1,0 +1,94 @@
+"""tools/compare_context_blocks.py: the paper's comparison end to end on the toy set, and its measures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+from model import GCNet
+from tools import compare_context_blocks as compare
+
+
+def test_the_measures_are_the_papers_cosine_distance_and_an_effective_fraction():
+    same = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
+    assert compare.mean_cosine_distance(same) == pytest.approx(0, abs=1e-12)
+    one_hot = torch.eye(3)  # no two maps share a position: every pair at distance 1
+    assert compare.mean_cosine_distance(one_hot) == pytest.approx(1)
+    mixed = torch.tensor([[1.0, 0.0], [0.5, 0.5]])  # cos 45 degrees
+    assert compare.mean_cosine_distance(mixed) == pytest.approx(1 - 0.5**0.5)
+    fractions = compare.effective_fraction(torch.tensor([[0.25] * 4, [1.0, 0, 0, 0], [0.5, 0.5, 0, 0]]))
+    assert fractions.tolist() == pytest.approx([1.0, 0.25, 0.5])
+
+
+def toy_checkpoints(tmp_path, randomize):
+    """The toy set (3 val images) and a random FCN, NonLocal and GC model of it, saved as train.py saves."""
+    root = tmp_path / "toy"
+    data.build_dataset("toy", str(root), "train")  # writes it
+    for image in sorted((root / "leftImg8bit" / "val").rglob("*.png"))[3:]:
+        image.unlink()
+        Path(str(image).replace("leftImg8bit", "gtFine").replace(".png", "_labelTrainIds.png")).unlink()
+    paths = {}
+    for name, options in (
+        ("fcn", dict(context="none")),
+        ("nonlocal", dict(context="nonlocal")),
+        ("gcnet", {}),
+    ):
+        net = randomize(GCNet(5, **options), seed=len(paths))
+        recipe = dict(dataset="toy", crop_size=[128, 128], align_corners=False, test_mode="whole", test_crop=[128, 128],
+                      test_stride=[86, 86], config_name=f"{name}_r50-d8_128x128_300it_toy", data_root=str(root))  # fmt: skip
+        meta = dict(CLASSES=data.TOY_CLASSES, PALETTE=data.TOY_PALETTE)
+        paths[name] = tmp_path / f"{name}.pth"
+        torch.save(dict(state_dict=net.state_dict(), recipe=recipe, meta=meta), paths[name])
+    return root, paths
+
+
+def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path, randomize, capsys):
+    root, paths = toy_checkpoints(tmp_path, randomize)
+    out = tmp_path / "out"
+    flags = ["--out", str(out), "--look", "2", "--timed", "1", "--size", "64x128", "--train-crop", "64", "--train-batch",
+             "1", "--workers", "0", "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+    report = compare.main(["--checkpoints", *map(str, paths.values()), *flags])
+    printed = capsys.readouterr().out
+    assert [entry["model"] for entry in report["models"]] == ["fcn", "nonlocal", "gcnet"]
+    assert [entry["block"]["context"] for entry in report["models"]] == ["none", "nonlocal", "gc"]
+    assert report["num_images"] == 3 and all(entry["num_images"] == 3 for entry in report["models"])
+    # (b) the Non-local block's matrix products and the GC block's convs cost FLOPs, and keep memory.
+    flops = [entry["speed"]["gflop_per_image"] for entry in report["models"]]
+    assert flops[0] < flops[2] < flops[1], flops
+    kept = [entry["speed"]["estimated_training_memory_gb"] for entry in report["models"]]
+    assert kept[0] < kept[2] < kept[1], kept
+    # (c) the GC maps of the two images, recomputed here, and their cosine distance.
+    gc = GCNet(5).eval()
+    gc.load_state_dict(torch.load(paths["gcnet"], weights_only=True)["state_dict"])
+    dataset = data.build_dataset("toy", str(root), "val")
+    with torch.no_grad():
+        maps = [gc(dataset[i][0][0][None], return_attention=True)[1][0, 0] for i in (0, 1)]  # (h, w)
+    expected = 1 - F.cosine_similarity(maps[0].flatten().double(), maps[1].flatten().double(), dim=0).item()
+    assert report["gc"]["mean_cosine_distance_between_images"] == pytest.approx(expected, rel=1e-4)
+    nl = report["nonlocal"]
+    assert len(nl["per_image"]) == 2 and all(0 <= d <= 1 for d in nl["per_image"])
+    assert 0 < nl["effective_fraction"] <= 1 and 0 < report["gc"]["effective_fraction"] <= 1
+    # (e) the GC map's weight, with the ignored pixels, sums to one, as the pixel shares do.
+    by_class = report["gc"]["mass_by_class"]
+    assert sum(v["mass"] for v in by_class.values()) == pytest.approx(1)
+    assert sum(v["area"] for v in by_class.values()) == pytest.approx(1)
+    assert set(by_class) <= set(data.TOY_CLASSES) | {"(ignored)"}
+    # (d) one picture per image: the image with the 4 query crosses, 4 Non-local maps and the GC map.
+    picture = Image.open(out / f"maps_{dataset[0][2]['name']}.png")
+    assert picture.width == 6 * compare.PANEL_WIDTH + 5 * 6
+    y, x = compare.QUERY_POINTS[0]
+    (h, w), height = maps[0].shape, picture.height - 20  # the feature map; the panels below their titles
+    centre = (
+        round((int(x * w) + 0.5) / w * compare.PANEL_WIDTH),
+        20 + round((int(y * h) + 0.5) / h * height),
+    )
+    assert picture.getpixel(centre) == (255, 255, 255)  # the white cross of query 1
+    assert (out / "gc_attention_by_class.png").is_file()
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["models"][1]["mIoU"] == pytest.approx(report["models"][1]["mIoU"])
+    for word in ("fcn", "nonlocal", "gcnet", "mean cosine distance", "GC map weight by class"):
+        assert word in printed
