@@ -13,7 +13,7 @@ R-101-D8), module for module and name for name, so their state_dicts load with s
 
     GCNet
     +-- backbone          ResNetV1c (deep stem, dilated: output stride 8)
-    +-- decode_head       GCHead: 3x3 conv -> ContextBlock -> 3x3 conv -> concat -> 3x3 conv -> classifier
+    +-- decode_head       FCNHead with the GC block: conv, ContextBlock, conv, concat, conv, classifier
     +-- auxiliary_head    FCNHead on layer3, used only for the training loss (weight 0.4)
 
 It needs torch only. Comments name the original's files (mmsegmentation v0.5.0, mmcv v1.0.2) where a

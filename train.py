@@ -389,6 +389,13 @@ def describe_setup(config):
             f"setup: {images}{' with SyncBN' if world > 1 else ''}: the table's images per step, "
             "and BatchNorm statistics over all of them as its SyncBN over 4 GPUs"
         )
+    if config["block"]["context"] == "nonlocal":  # an (h/8 w/8) x (h/8 w/8) matrix per image, formed whole
+        positions = -(-crop[0] // 8) * -(-crop[1] // 8)
+        lines.append(
+            f"Non-local block: each attention matrix at crop {crop[0]}x{crop[1]}, batch {batch} is "
+            f"{batch * positions**2 * 4 / 1024**3:.2f} GB ({batch} x {positions} x {positions} positions, "
+            "float32); a training step holds about three at its peak, beside the rest"
+        )
     if world > 1 and not config["sync_bn"]:
         lines.append(
             f"WARNING: plain BatchNorm per process (SyncBN needs CUDA): its statistics see {batch} "

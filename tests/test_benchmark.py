@@ -204,3 +204,17 @@ def test_numeric_and_size_flags_are_checked_when_parsed(flag, value, capsys):
     with pytest.raises(SystemExit):
         benchmark.build_parser().parse_args([flag, value])
     assert f"argument {flag}: expected" in capsys.readouterr().err
+
+
+def test_the_comparison_models_are_benchmarked_beside_their_published_figures():
+    device, parser = torch.device("cpu"), benchmark.build_parser()
+    published = {"nonlocal": (7.4, 2.72), "none": (5.7, 4.17), "gc": (5.8, 3.93)}
+    for context, figures in published.items():
+        row = benchmark.row_settings(parser.parse_args(["--context", context]), device)
+        assert row["published"] == figures and row["block"]["context"] == context
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            net = benchmark.build_model(row, benchmark.make_variant("fp32", False))
+        assert hasattr(net.decode_head, "nl_block") == (context == "nonlocal")
+        assert hasattr(net.decode_head, "gc_block") == (context == "gc")
+    row = benchmark.row_settings(parser.parse_args(["--gc-pooling", "avg", "--gc-fusion", "mul"]), device)
+    assert row["method"] == "gcnet-avg-mul" and row["published"] is None  # the original has no such row

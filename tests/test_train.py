@@ -127,6 +127,15 @@ def test_the_comparison_models_train_with_the_same_recipe_under_the_originals_co
         assert config["config_name"] == name and config["work_dir"] == str(Path("work_dirs") / name)
         differ = {key for key in config if config[key] != table[key]}
         assert differ == {"block", "config_name", "work_dir"}, differ
+    config = train.resolve_recipe(
+        train.build_parser().parse_args(["--dataset", "cityscapes", "--context", "nonlocal"]), 4
+    )
+    said = train.describe_setup(
+        config | {"sync_bn": True, "precision": "fp32", "thread_choice": "torch's choice"}
+    )
+    assert any(
+        "each attention matrix at crop 512x1024, batch 2 is 0.50 GB (2 x 8192 x 8192" in line for line in said
+    )
     with pytest.raises(SystemExit, match="pooling and fusion are the GC block's switches"):
         train.resolve_recipe(train.build_parser().parse_args(["--context", "none", "--gc-fusion", "mul"]), 1)
 
