@@ -919,6 +919,34 @@ def test_format_only_writes_cityscapes_label_ids_for_the_test_split(
     assert len(list((tmp_path / "ms_flip").iterdir())) == 3
 
 
+def test_the_originals_nonlocal_file_is_scored_as_a_gcnet(tmp_path, monkeypatch, context="nonlocal"):
+    # The block is read from the keys; the row (Cityscapes 512x1024, whole-image test) from the name.
+    # (The FCN file's keys and name: tests/test_context_blocks.py.)
+    root = tmp_path / "cityscapes"
+    write_picture(root / "leftImg8bit" / "val" / "lindau" / "lindau_000000_000019_leftImg8bit.png")
+    label = torch.randint(0, 19, (33, 49), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    label_path = root / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png"
+    label_path.parent.mkdir(parents=True)
+    Image.fromarray(label.numpy()).save(label_path)
+    torch.manual_seed(0)
+    net = GCNet(19, context=context).eval()
+    name = "nonlocal_r50-d8_512x1024_40k_cityscapes_20200605_210748-c75e81e3.pth"
+    checkpoint = official_checkpoint(tmp_path, monkeypatch, net.state_dict(), name)
+    out = tmp_path / "scores.json"
+    evaluate.main(["--device", "cpu", "--checkpoint", str(checkpoint), "--data-root", str(root), "--workers", "0",
+                   "--scales", "0.03", "--out", str(out)])  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["config_name"] == name[: name.index("_2020")] and record["settings"]["mode"] == "whole"
+    image = data.test_transform(data.read_image(root / "leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit.png"),
+                                (2048, 1024), (0.03,))[0]  # fmt: skip
+    with torch.no_grad():
+        logits = F.interpolate(net(image[None]), size=(33, 49), mode="bilinear", align_corners=False)
+    expected = evaluate.metrics_from_confusion(
+        evaluate.confusion_matrix(logits[0].argmax(0), label.long(), 19)
+    )
+    assert record["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
+
+
 def with_classes(state_dict, num_classes):
     """The same weights with both classifiers resized to num_classes (as the 150- and 21-class models)."""
     generator = torch.Generator().manual_seed(num_classes)
