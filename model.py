@@ -55,8 +55,8 @@ class ContextBlock(nn.Module):
         # P x 1 x 1 context vector, which eases optimisation of the two-layer bottleneck (it runs in
         # float32 even under autocast: LayerNormFP32, below the line).
         for name in ["channel_add_conv"] * (fusion != "mul") + ["channel_mul_conv"] * (fusion != "add"):
-            conv = nn.Conv2d(planes, channels, kernel_size=1)
             layers = [nn.Conv2d(channels, planes, 1), LayerNormFP32([planes, 1, 1]), nn.ReLU(inplace=True)]
+            conv = nn.Conv2d(planes, channels, kernel_size=1)
             setattr(self, name, nn.Sequential(*layers, conv))
             # The last conv starts at zero: with 'add' the block is the identity at initialisation and
             # can be inserted into a pretrained network without disturbing it ('mul' starts at x / 2).
@@ -345,9 +345,10 @@ def pairwise_attention(query, key):
 def conv1x1(in_channels, out_channels, batchnorm=False):
     """mmcv's ConvModule with a 1x1 conv and no activation: keys conv.* (with a bias unless BatchNorm
     follows) and bn.*."""
-    layers = dict(conv=nn.Conv2d(in_channels, out_channels, 1, bias=not batchnorm))
-    layers.update(bn=nn.BatchNorm2d(out_channels)) if batchnorm else None
-    return nn.Sequential(OrderedDict(layers))
+    layers = OrderedDict(conv=nn.Conv2d(in_channels, out_channels, 1, bias=not batchnorm))
+    if batchnorm:
+        layers["bn"] = nn.BatchNorm2d(out_channels)
+    return nn.Sequential(layers)
 
 
 CONTEXTS = ("gc", "nonlocal", "none")  # the block between the decode head's convs
