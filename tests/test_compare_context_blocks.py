@@ -50,7 +50,7 @@ def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path
     root, paths = toy_checkpoints(tmp_path, randomize)
     out = tmp_path / "out"
     flags = ["--out", str(out), "--look", "2", "--timed", "1", "--size", "64x128", "--train-crop", "64", "--train-batch",
-             "1", "--workers", "0", "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+             "1", "--workers", "0", "--device", "cpu"]  # fmt: skip
     report = compare.main(["--checkpoints", *map(str, paths.values()), *flags])
     printed = capsys.readouterr().out
     assert [entry["model"] for entry in report["models"]] == ["fcn", "nonlocal", "gcnet"]

@@ -166,7 +166,8 @@ def measure_speed(entry, args, device):
 
 @torch.no_grad()
 def look(models, dataset, args, device, out):
-    """The attention measures over the first --look images, and their pictures."""
+    """The attention measures over the first --look images, and their pictures; in float32 whatever the
+    scores' precision, so that the distances do not depend on it."""
     nonlocal_model = next((e for e in models if e["info"]["block"]["context"] == "nonlocal"), None)
     gc_model = next((e for e in models if e["info"]["block"]["context"] == "gc"), None)
     generator = torch.Generator().manual_seed(0)
@@ -179,7 +180,7 @@ def look(models, dataset, args, device, out):
         image = evaluate.image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale).to(device)
         panels = [("image", original.permute(1, 2, 0).float(), None)]
         if nonlocal_model:
-            features = block_input(nonlocal_model, image, device)  # (1, C, h, w)
+            features = block_input(nonlocal_model, image)  # (1, C, h, w)
             block, (h, w) = nonlocal_model["net"].decode_head.nl_block, features.shape[-2:]
             sampled = torch.randperm(h * w, generator=generator)[:SAMPLED_QUERIES].tolist()
             maps = block.attention_maps(features, sampled)[0].flatten(1).float().cpu()  # (K, h*w)
@@ -197,8 +198,7 @@ def look(models, dataset, args, device, out):
             )
         if gc_model:
             net = gc_model["net"]
-            with runtime.precision_context(device, gc_model["settings"]["precision"]):
-                _, attention = net(image[None], return_attention=True)  # (1, 1, h, w), sums to 1
+            _, attention = net(image[None], return_attention=True)  # (1, 1, h, w), sums to 1
             attention = attention[0, 0].float().cpu()
             gc_maps.append(attention)
             gc_spread.append(effective_fraction(attention.flatten()[None]).item())
@@ -231,14 +231,13 @@ def look(models, dataset, args, device, out):
     return result
 
 
-def block_input(entry, image, device):
+def block_input(entry, image):
     """The feature map entering the decode head's block for one image (3, H, W): (1, C, h, w)."""
     captured = {}
     block = entry["net"].decode_head.nl_block
     hook = block.register_forward_pre_hook(lambda module, inputs: captured.update(x=inputs[0]))
     try:
-        with runtime.precision_context(device, entry["settings"]["precision"]):
-            entry["net"](image[None])
+        entry["net"](image[None])
     finally:
         hook.remove()
     return captured["x"]
