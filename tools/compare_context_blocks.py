@@ -326,9 +326,11 @@ def table(models):
     for entry in models:
         scores, speed = entry["scores"], entry.get("speed") or {}
         memory = speed.get("peak_training_memory_gb") or speed.get("estimated_training_memory_gb")
+        figures = zip(
+            (speed.get("images_per_s"), speed.get("gflop_per_image"), memory), ("{:.3g}", "{:.1f}", "{:.2f}")
+        )
         rows.append([entry["name"], entry["kind"], *(f"{scores[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc")),
-                     f"{scores['loss']:.4f}", *(f"{v:.2f}" if v is not None else "-" for v in
-                     (speed.get("images_per_s"), speed.get("gflop_per_image"), memory))])  # fmt: skip
+                     f"{scores['loss']:.4f}", *("-" if v is None else style.format(v) for v, style in figures)])  # fmt: skip
     widths = [max(len(str(cells[i])) for cells in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) for cells in [header, *rows]]
     if any(entry.get("speed") for entry in models):
