@@ -778,10 +778,10 @@ def attention_map(model, image, original_size):
     _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
     if attention is None:
         return None, None
-    title = "GC attention (red: more weight)"
-    if model.block["context"] == "nonlocal":
+    title, block = "GC attention (red: more weight)", getattr(model, "block", {})  # (a model of yours: GC's)
+    if block.get("context") == "nonlocal":
         title = "NL attention of the centre position"
-    elif model.block["pooling"] == "avg":
+    elif block.get("pooling") == "avg":
         title = "GC average pooling: the same weight everywhere"
     attention = F.interpolate(
         attention.float(), size=tuple(original_size), mode="bilinear", align_corners=model.align_corners

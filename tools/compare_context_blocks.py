@@ -172,7 +172,7 @@ def look(models, dataset, args, device, out):
     gc_model = next((e for e in models if e["info"]["block"]["context"] == "gc"), None)
     generator = torch.Generator().manual_seed(0)
     nl_distances, nl_spread, gc_maps, gc_spread = [], [], [], []
-    mass, area = torch.zeros(dataset.num_classes + 1), torch.zeros(dataset.num_classes + 1)  # last: ignored
+    mass, area = torch.zeros(2, dataset.num_classes + 1, dtype=torch.float64)  # per class; the last: ignored
     count = min(args.look, len(dataset)) if nonlocal_model or gc_model else 0
     for index in tqdm(range(count), desc="attention maps", disable=None):
         images, label, meta = dataset[index]
@@ -204,10 +204,10 @@ def look(models, dataset, args, device, out):
             gc_spread.append(effective_fraction(attention.flatten()[None]).item())
             weights = F.interpolate(attention[None, None], size=tuple(label.shape), mode="bilinear",
                                     align_corners=net.align_corners)[0, 0].clamp_min(0)  # fmt: skip
-            weights = weights / weights.sum()
+            weights = weights.double() / weights.double().sum()  # over the pixels; the last class: ignored
             classes = torch.where(label == data.IGNORE_INDEX, dataset.num_classes, label).flatten()
-            mass += torch.zeros_like(mass).index_add_(0, classes, weights.flatten())
-            area += torch.bincount(classes, minlength=len(area)).float() / classes.numel()
+            mass.index_add_(0, classes, weights.flatten())
+            area += torch.bincount(classes, minlength=len(area)).double() / classes.numel()
             panels.append(("GC map (one per image)", heat(original, attention, gc_model), None))
         checkpoints.save_picture(maps_picture(panels), out / f"maps_{meta['name'].replace('/', '_')}.png")
     result = dict(looked_at_images=count, sampled_queries=SAMPLED_QUERIES)
