@@ -33,7 +33,3 @@ def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, rand
         export.main([str(source), str(tmp_path / "small.pt2"), "--check-sizes", "16", "64"])
     with pytest.raises(SystemExit, match="name the file .pt2"):
         export.main([str(source), str(tmp_path / "gcnet.onnx")])
-    nonlocal_source = tmp_path / "nonlocal_r50-d8_512x1024_40k_cityscapes_20200605_210748-c75e81e3.pth"
-    torch.save({"state_dict": GCNet(19, context="nonlocal").state_dict(), "meta": {}}, nonlocal_source)
-    with pytest.raises(SystemExit, match="is a Non-local model: it attends in blocks whose number depends"):
-        export.main([str(nonlocal_source), str(tmp_path / "nonlocal.pt2")])

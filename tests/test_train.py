@@ -246,18 +246,18 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(
 
 
 def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
-    args = toy_args(toy_root, tmp_path, "--iters", "4", "--eval-interval", "4")
+    args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "2")
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py"]
     process = run_script(launcher + args)
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 0, output
     assert "world_size      2" in output and "global_batch    4" in output
-    checkpoint = torch.load(tmp_path / "iter_4.pth", weights_only=False)
-    assert checkpoint["iteration"] == 4 and len(checkpoint["rng"]) == 2
+    checkpoint = torch.load(tmp_path / "iter_2.pth", weights_only=False)
+    assert checkpoint["iteration"] == 2 and len(checkpoint["rng"]) == 2
     assert not torch.equal(
         checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"]
     )  # one stream per rank
-    assert [r["iteration"] for r in read_log(tmp_path) if "mIoU" in r] == [4]
+    assert [r["iteration"] for r in read_log(tmp_path) if "mIoU" in r] == [2]
     assert "broadcast_buffers" not in output  # torch 2.13's deprecation warning, once per rank
     assert re.search(
         r"machine: \d+ torch threads? per process \(\d+ usable cores shared by 2 processes\)", output
@@ -473,15 +473,6 @@ def test_fine_tuning_an_official_19_class_checkpoint_on_the_5_class_toy_set(toy_
         SystemExit, match="it holds a gcnet model but this run builds a fcn one: pass --context gc"
     ):
         train.load_for_fine_tuning(model.GCNet(5, context="none"), str(official), trust=False)
-    nonlocal_source = model.GCNet(19, context="nonlocal")  # the original's NonLocal model fine-tunes as well
-    nonlocal_file = tmp_path / "nonlocal_r50-d8_512x1024_40k_cityscapes_20200605_210748-c75e81e3.pth"
-    torch.save({"meta": {}, "state_dict": nonlocal_source.state_dict()}, nonlocal_file)
-    nonlocal_target = model.GCNet(5, context="nonlocal")
-    assert "19 classes there, 5 here" in train.load_for_fine_tuning(
-        nonlocal_target, str(nonlocal_file), False
-    )
-    key = "decode_head.nl_block.theta.conv.weight"
-    assert torch.equal(nonlocal_target.state_dict()[key], nonlocal_source.state_dict()[key])
     work_dir = tmp_path / "run"
     args = toy_args(toy_root, work_dir, "--iters", "8", "--batch-size", "4", "--log-interval", "1")
     train.main(args + ["--eval-interval", "8", "--load-from", str(official), "--lr", "0.02", "--no-pictures"])
