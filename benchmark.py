@@ -167,15 +167,16 @@ def build_model(row, variant, device=None):
 
 
 # 2. Inference and training, timed as the original timed them (mmseg v0.5.0 tools/benchmark.py) ----
-def measure_inference(variant, row, device, warmup, iters, count_flops, profile=False):
+def measure_inference(variant, row, device, warmup, iters, count_flops, profile=False, model=None):
     """images/s of evaluate.predict + argmax + .cpu() on a random photo of the row's original size (the
     forward pass, whole or windows averaged as logits, the resize to the original size, softmax, argmax,
-    the copy to the host), and the first prediction. As the original, data loading is not timed."""
+    the copy to the host), and the first prediction. As the original, data loading is not timed. model:
+    a built model of the row to time (a checkpoint's) instead of a random one."""
     generator = torch.Generator().manual_seed(0)
     photo = torch.randint(0, 256, (3, *row["original_size"]), dtype=torch.uint8, generator=generator)
     image = data.test_transform(photo, row["test_scale"])[0][None]
     image = image.to(device, memory_format=MEMORY_FORMAT[variant["channels_last"]])
-    model = build_model(row, variant, device).eval()
+    model = (build_model(row, variant, device) if model is None else model).eval()
     if variant["precision"] != "fp32" and not variant["compiled"]:
         model = evaluate.fold_batchnorm(model)  # as evaluate.py by default
     if variant["compiled"]:  # inductor's freezing folds BatchNorm into the convs and pre-packs weights

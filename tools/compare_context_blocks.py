@@ -146,7 +146,8 @@ def measure_speed(entry, args, device):
     variant, timed = benchmark.make_variant("fp32", False), args.timed or (20 if device.type == "cuda" else 2)
     batch, peak = row["train_batches"][0], None
     try:
-        inference = benchmark.measure_inference(variant, row, device, 1, timed, count_flops=True)
+        net = entry["net"]  # the checkpoint's own model, in fp32 as loaded
+        inference = benchmark.measure_inference(variant, row, device, 1, timed, count_flops=True, model=net)
         benchmark.release_memory(device)
         if device.type == "cuda":  # the table's "Mem (GB)"; a CPU process's peak would count everything
             peak = benchmark.measure_training(variant, row, device, 1, timed, False, batch)["peak_memory_gb"]
