@@ -41,7 +41,7 @@ import evaluate
 import recipe
 import runtime
 import train
-from model import CONTEXTS, FUSIONS, POOLINGS, GCNet, check_block
+from model import CONTEXTS, FUSIONS, POOLINGS, GCNet
 from tools import opencv_pipelines, synthetic_cityscapes
 
 # (Mem (GB), Inf time (fps)) of the 40k rows of the results table by (dataset, crop) and depth
@@ -77,7 +77,7 @@ GB = 1024**3
 def row_settings(args, device):
     """recipe.row of the chosen row, plus what the measurements need: the original image size that
     the test pipeline rescales to the test scale, the training crop and batches."""
-    block = check_block(args.context, args.gc_pooling or "att", args.gc_fusion or "add")
+    block = train.block_of_flags(args)
     row = recipe.row(args.dataset, args.crop, args.depth, block=block)
     crop_size, table_crops = row["crop_size"], recipe.DATASETS[args.dataset]["crops"]
     if crop_size not in table_crops:
@@ -103,7 +103,7 @@ def row_settings(args, device):
     row.update(original_size=original_size, test_scale=test_scale, train_batches=batches)
     row.update(train_crop=train_crop, input_size=data.rescale_size(*original_size, test_scale))
     row["stride"] = row["test_stride"] if row["test_mode"] == "slide" else None
-    row["method"] = recipe.method_name(block)
+    row["method"], row["model"] = recipe.method_name(block), recipe.model_name(block)
     row["published"] = PUBLISHED.get((args.dataset, crop_size), {}).get(args.depth)
     if row["method"] != "gcnet":
         row["published"] = PUBLISHED_BESIDE.get((row["method"], args.dataset, crop_size, args.depth))
@@ -443,7 +443,7 @@ TABLE_COLUMNS = [
 def results_table(row, records):
     """Markdown table: the results table's columns, then ours ("-" where a variant has no such
     figure). The published row comes first."""
-    start = [row["method"], row["backbone"], f"{row['crop_size'][0]}x{row['crop_size'][1]}"]
+    start = [row["model"], row["backbone"], f"{row['crop_size'][0]}x{row['crop_size'][1]}"]
     lines = [start + [*map(str, row["published"]), "published: V100, fp32"]] if row["published"] else []
     for record in records:
         label = record["name"] + (" (default)" if record["default"] else "")
@@ -572,7 +572,7 @@ def protocol_lines(row, args, device, flops, peaks, variants, estimates):
     lines = [
         f"device      {device.type}: {device_description(device)}; torch {torch.__version__}, "
         f"python {platform.python_version()}, {torch.get_num_threads()} threads{cudnn}",
-        f"row         {row['method']} {row['backbone']} {row['dataset']} {crop[0]}x{crop[1]}, "
+        f"row         {row['model']} {row['backbone']} {row['dataset']} {crop[0]}x{crop[1]}, "
         f"{row['num_classes']} classes, random weights and images",
         f"inference   batch 1, {height}x{width} input ({row['test_mode']}{windows}, align_corners "
         f"{row['align_corners']}), resized to the original {row['original_size'][0]}x{row['original_size'][1]}, "
@@ -657,7 +657,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # as the table's figures were taken (mmseg tools/benchmark.py)
 
-    print(f"benchmark: {row['method']} {row['backbone']} {row['dataset']} on {device}", flush=True)
+    print(f"benchmark: {row['model']} {row['backbone']} {row['dataset']} on {device}", flush=True)
     precisions = dict.fromkeys(variant["precision"] for variant in variants)
     peaks = {precision: matmul_rate(precision, device) for precision in precisions}
     measured = measure_variants(variants, row, device, args)
@@ -685,7 +685,7 @@ def main(argv=None):
     protocol = dict(device=device.type, device_name=device_description(device), torch=torch.__version__)
     protocol.update(python=platform.python_version(), threads=torch.get_num_threads())
     protocol.update(
-        {key: row[key] for key in ("method", "block", "dataset", "backbone", "depth", "crop_size")}
+        {key: row[key] for key in ("model", "block", "dataset", "backbone", "depth", "crop_size")}
     )
     protocol["num_classes"] = row["num_classes"]
     protocol["inference"] = dict(batch=1, mode=row["test_mode"], **inference, **timed)

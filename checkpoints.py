@@ -477,10 +477,10 @@ def check_keys(module, state_dict, source):
         )
     if isinstance(module, model.GCNet) and any(k.startswith("decode_head.") for k in state_dict):
         theirs = block_of_state_dict(state_dict)
-        if theirs != module.block:
+        if theirs != module.head_block:
             lines.append(
                 f"checkpoint is a {recipe.method_name(theirs)} model, the model built here a "
-                f"{recipe.method_name(module.block)} one: build it with {recipe.block_flags(theirs)}"
+                f"{recipe.method_name(module.head_block)} one: build it with {recipe.block_flags(theirs)}"
             )
     n_blocks = sum(1 for k in state_dict if re.fullmatch(r"(backbone\.)?layer3\.\d+\.conv1\.weight", k))
     if n_blocks and isinstance(module, model.GCNet) and n_blocks != model.STAGE_BLOCKS[module.depth][2]:
@@ -799,8 +799,9 @@ class Run:
             save_picture(pictures.log_picture(records, self.config["config_name"]), self.work_dir / "log.png")
             runtime.say(f"the losses, learning rate and validation mIoU: {self.work_dir / 'log.png'}")
         if self.pictures:
+            maps = "" if self.config["block"]["context"] == "none" else "attention, "  # FCN: no block, no map
             runtime.say(
-                f"pictures of the last validation (labels, overlay, attention, and all three beside the ground truth in <name>_composite.png; the confusion matrix in confusion.png) in {self.pictures}"
+                f"pictures of the last validation (labels, overlay, {maps}and all three beside the ground truth in <name>_composite.png; the confusion matrix in confusion.png) in {self.pictures}"
             )
         if (self.work_dir / "best.pth").exists():
             runtime.say(

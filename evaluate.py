@@ -600,7 +600,8 @@ def predict_images(model, info, settings, device):
         print("wrote " + ", ".join(map(str, written)))
     elif rank == 0:
         tried = f" ({counts[1]} of {len(files)} failed)" if counts[1] else ""
-        print(f"wrote the label PNG, overlay, attention and composite pictures of {counts[0]} "
+        maps = " and" if info.get("block", {}).get("context") == "none" else ", attention and"  # FCN: no map
+        print(f"wrote the label PNG, overlay{maps} composite pictures of {counts[0]} "
               f"{'image' if counts[0] == 1 else 'images'} under {save_dir}{tried}")  # fmt: skip
     if failed:
         print(
@@ -778,7 +779,10 @@ def attention_map(model, image, original_size):
     _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
     if attention is None:
         return None, None
-    title, block = "GC attention (red: more weight)", getattr(model, "block", {})  # (a model of yours: GC's)
+    title, block = (
+        "GC attention (red: more weight)",
+        getattr(model, "head_block", {}),
+    )  # (a model of yours: GC's)
     if block.get("context") == "nonlocal":
         title = "NL attention of the centre position"
     elif block.get("pooling") == "avg":

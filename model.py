@@ -41,27 +41,24 @@ STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 class ContextBlock(nn.Module):
     """Global Context block: out = x + T(pool(x)), with attention pooling and additive fusion.
 
-    The paper's two switches, with the original's names: pooling 'att' (default) or 'avg' (the same
-    weight everywhere), fusion 'add' (default), 'mul' (x times a sigmoid gate per channel) or 'both'
-    (gate, then add); 'avg' with 'mul' is squeeze-excitation with a LayerNorm. For any (N, C, H, W)
-    map; `forward(x, return_attention=True)` also returns the weights over the positions, (N, 1, H, W)."""
+    The paper's two switches: pooling 'att' (default) or 'avg' (the same weight everywhere), and fusion
+    'add' (default), 'mul' (x times a sigmoid gate per channel) or 'both' (gate, then add), which build
+    the original's channel_add_conv and channel_mul_conv. 'avg' with 'mul' is squeeze-excitation with a
+    LayerNorm. For any (N, C, H, W) map; `forward(x, return_attention=True)` also returns the weights
+    over the H*W positions, (N, 1, H, W).
+    """
 
     def __init__(self, channels, ratio=1 / 4, pooling="att", fusion="add"):
         super().__init__()
+        check_block("gc", pooling, fusion)  # below the line
         planes, self.pooling, self.fusion = int(channels * ratio), pooling, fusion
         if pooling == "att":  # Step 1, context modelling: one 1x1 conv scores every position.
             self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
-        # Step 2, transform: bottleneck C -> P -> C. The LayerNorm normalises jointly over the
-        # P x 1 x 1 context vector, which eases optimisation of the two-layer bottleneck (it runs in
-        # float32 even under autocast: LayerNormFP32, below the line).
-        for name in ["channel_add_conv"] * (fusion != "mul") + ["channel_mul_conv"] * (fusion != "add"):
-            layers = [nn.Conv2d(channels, planes, 1), LayerNormFP32([planes, 1, 1]), nn.ReLU(inplace=True)]
-            conv = nn.Conv2d(planes, channels, kernel_size=1)
-            setattr(self, name, nn.Sequential(*layers, conv))
-            # The last conv starts at zero: with 'add' the block is the identity at initialisation and
-            # can be inserted into a pretrained network without disturbing it ('mul' starts at x / 2).
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        # Step 2, transform: a bottleneck per fusion (transform, below).
+        if fusion in ("add", "both"):
+            self.channel_add_conv = transform(channels, planes)
+        if fusion in ("mul", "both"):
+            self.channel_mul_conv = transform(channels, planes)
         if pooling == "att":
             nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
             nn.init.zeros_(self.conv_mask.bias)
@@ -79,10 +76,25 @@ class ContextBlock(nn.Module):
         # sum so it works unchanged for channels_last inputs; accumulated in float32.
         context = (x * attention).sum(dim=(2, 3), keepdim=True).to(x.dtype)  # (N, C, 1, 1)
         # Step 2: transform (LayerNorm runs in float32 under autocast).
-        # Step 3: fusion, broadcast over H and W: a gate per channel ('mul', 'both'), then an addition.
-        out = x * torch.sigmoid(self.channel_mul_conv(context)) if self.fusion != "add" else x
-        out = out + self.channel_add_conv(context) if self.fusion != "mul" else out  # (N, C, H, W)
+        # Step 3: fusion, broadcast over H and W: a gate per channel, then an addition.
+        out = x
+        if self.fusion in ("mul", "both"):
+            out = out * torch.sigmoid(self.channel_mul_conv(context))
+        if self.fusion in ("add", "both"):
+            out = out + self.channel_add_conv(context)  # (N, C, H, W)
         return (out, attention) if return_attention else out
+
+
+def transform(channels, planes):
+    """Step 2's bottleneck C -> P -> C. The LayerNorm normalises jointly over the P x 1 x 1 context
+    vector, which eases optimisation of the two-layer bottleneck (it runs in float32 even under
+    autocast: LayerNormFP32, below the line). The last conv starts at zero: with 'add' the block is
+    the identity at initialisation and can be inserted into a pretrained network without disturbing
+    it ('mul' starts as x / 2)."""
+    first, last = nn.Conv2d(channels, planes, kernel_size=1), nn.Conv2d(planes, channels, kernel_size=1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(first, LayerNormFP32([planes, 1, 1]), nn.ReLU(inplace=True), last)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -103,8 +115,9 @@ class ConvBNReLU(nn.Sequential):
 class FCNHead(nn.Module):
     """The original's FCNHead: 3x3 convs, then (concat_input) the backbone features concatenated and
     fused by a 3x3 conv, dropout, classifier. GCNet's decode head (GCHead) is the two-conv one with the
-    GC block between its convs; context='nonlocal' puts a Non-local block there (NLHead, for contrast,
-    below the line) and 'none' nothing (the FCN baseline). The auxiliary head: one conv, no concat."""
+    GC block between its convs; context='nonlocal' puts a Non-local block there (the original's NLHead;
+    NonLocal2d, below the line, for contrast) and 'none' nothing (the FCN baseline). The auxiliary
+    head: one conv, no concat."""
 
     def __init__(self, num_classes, in_channels, channels, num_convs=2, concat_input=True,
                  context="none", **gc):  # fmt: skip
@@ -235,7 +248,7 @@ class GCNet(nn.Module):
                  context="gc", pooling="att", fusion="add"):  # fmt: skip
         super().__init__()
         self.num_classes, self.depth, self.align_corners = num_classes, depth, align_corners
-        self.block = check_block(context, pooling, fusion)  # below the line: dict(context, pooling, fusion)
+        self.head_block = check_block(context, pooling, fusion)  # dict(context, pooling, fusion)
         gc = dict(pooling=pooling, fusion=fusion) if context == "gc" else {}
         self.backbone = ResNetV1c(depth)
         self.decode_head = FCNHead(num_classes, 2048, 512, context=context, **gc)  # conv, block, conv, concat
@@ -261,25 +274,9 @@ class GCNet(nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-# -----------------------------------------------------------------------------------------------
-# Loading weights: the official checkpoints' state_dicts, or an ImageNet backbone to start from
-
-
-def load_weights(model, state_dict):
-    """Load a state_dict strictly, as load_state_dict(strict=True): a whole GCNet's (keys 'backbone.*',
-    'decode_head.*', 'auxiliary_head.*'), as in the official checkpoints, or an ImageNet ResNetV1c's
-    (keys 'stem.*', 'layer1.*', ..., 'fc.*', which is dropped) into the backbone, where every row of the
-    table starts. Returns 'segmentor' or 'imagenet'. Files: checkpoints.load_checkpoint."""
-    if any(key.startswith("backbone.") for key in state_dict):
-        model.load_state_dict(state_dict, strict=True)
-        return "segmentor"
-    model.backbone.load_state_dict(imagenet_backbone(model, state_dict), strict=True)
-    return "imagenet"
-
-
 # Below this line: mechanics: the Non-local block and the checks of the head's options, LayerNorm in
-# float32 under autocast, activation checkpointing, the ImageNet backbone's keys, the initialisation from
-# scratch, a quick look (python model.py). A first reading can stop here.
+# float32 under autocast, activation checkpointing, loading weights and the ImageNet backbone's keys, the
+# initialisation from scratch, a quick look (python model.py). A first reading can stop here.
 
 
 class NonLocal2d(nn.Module):
@@ -292,13 +289,15 @@ class NonLocal2d(nn.Module):
 
     an (H*W) x (H*W) matrix where the GC block has one map of H*W: the paper found those maps nearly the
     same for every i. Without gradients the matrix is computed a block of rows at a time (at most
-    ATTENTION_CHUNK entries), so a whole 1024x2048 image (32768 x 32768 positions) fits; training forms
-    it whole, as the original. return_attention gives the map of the centre position, (N, 1, H, W)."""
+    ATTENTION_CHUNK entries, one row of each image at least), so a whole 1024x2048 image (32768 x 32768
+    positions) fits; training forms it whole, as the original. return_attention gives the map of the
+    centre position, (N, 1, H, W)."""
 
     def __init__(self, channels, reduction=2):
         super().__init__()
         inner = channels // reduction
-        # mmcv's ConvModules without activation, in the official checkpoints' order: g, conv_out, theta, phi.
+        # mmcv's ConvModules without activation, in the order of the official checkpoints' keys (g, conv_out,
+        # theta, phi; mmcv v1.0.2 registers conv_out last, which changes nothing but the seeded draws).
         self.g = conv1x1(channels, inner)
         self.conv_out = conv1x1(inner, channels, batchnorm=True)
         self.theta, self.phi = conv1x1(channels, inner), conv1x1(channels, inner)
@@ -337,8 +336,9 @@ ATTENTION_CHUNK = 2**25
 
 
 def pairwise_attention(query, key):
-    """softmax over the positions of (query . key) / sqrt(C'), in float32 (a softmax over thousands of
-    positions, as the GC block's); the division comes after the product, as in the original."""
+    """softmax over the positions of (query . key) / sqrt(C'), the softmax in float32 (over thousands of
+    positions, as the GC block's; under autocast the product itself is bf16's); the division comes after
+    the product, as in the original."""
     return (torch.matmul(query, key).float() / query.shape[-1] ** 0.5).softmax(dim=-1)
 
 
@@ -400,6 +400,18 @@ def checkpoint_block(block, x):
     # No early stop: the recomputation must run to its end, where the statistics are put back.
     with torch.utils.checkpoint.set_checkpoint_early_stop(False):
         return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+
+
+def load_weights(model, state_dict):
+    """Load a state_dict strictly, as load_state_dict(strict=True): a whole GCNet's (keys 'backbone.*',
+    'decode_head.*', 'auxiliary_head.*'), as in the official checkpoints, or an ImageNet ResNetV1c's
+    (keys 'stem.*', 'layer1.*', ..., 'fc.*', which is dropped) into the backbone, where every row of the
+    table starts. Returns 'segmentor' or 'imagenet'. Files: checkpoints.load_checkpoint."""
+    if any(key.startswith("backbone.") for key in state_dict):
+        model.load_state_dict(state_dict, strict=True)
+        return "segmentor"
+    model.backbone.load_state_dict(imagenet_backbone(model, state_dict), strict=True)
+    return "imagenet"
 
 
 def imagenet_backbone(model, state_dict):

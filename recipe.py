@@ -175,6 +175,19 @@ def method_name(block=None):
     return "gcnet" if block == GC_BLOCK else f"gcnet-{block['pooling']}-{block['fusion']}"
 
 
+# How the original's tables name the three models.
+MODEL_NAMES = {"gc": "GCNet", "nonlocal": "NonLocal", "none": "FCN"}
+
+
+def model_name(block=None):
+    """A block's model as the tables name it: 'GCNet', 'NonLocal', 'FCN', 'GCNet (avg pooling, mul fusion)'."""
+    block = dict(GC_BLOCK, **(block or {}))
+    name = MODEL_NAMES[block["context"]]
+    if block["context"] != "gc" or block == GC_BLOCK:
+        return name
+    return f"{name} ({block['pooling']} pooling, {block['fusion']} fusion)"
+
+
 def block_flags(block):
     """The train.py flags that build a block, e.g. '--context nonlocal'."""
     block = dict(GC_BLOCK, **block)

@@ -316,8 +316,7 @@ def resolve_recipe(args, world_size):
     dict, printed at start and stored in every checkpoint. An explicit flag always wins, 0 too
     (the parser has refused values outside their range)."""
     try:
-        block = model.check_block(args.context, args.gc_pooling or "att", args.gc_fusion or "add")
-        row = recipe.row(args.dataset, args.crop, args.depth, args.iters, block)
+        row = recipe.row(args.dataset, args.crop, args.depth, args.iters, block_of_flags(args))
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
     config = {key: list(value) if isinstance(value, tuple) else value for key, value in row.items()}
@@ -342,6 +341,20 @@ def resolve_recipe(args, world_size):
                   reduce_zero_label=args.reduce_zero_label,
                   work_dir=args.work_dir or str(Path("work_dirs") / row["config_name"]))  # fmt: skip
     return config
+
+
+def block_of_flags(args):
+    """The decode head's block that --context, --gc-pooling and --gc-fusion ask for (train.py's and
+    benchmark.py's), with recipe.GC_BLOCK's defaults."""
+    if args.context != "gc" and (args.gc_pooling or args.gc_fusion):
+        raise ValueError(
+            f"--gc-pooling and --gc-fusion switch the GC block, and --context {args.context} has none: drop them"
+        )
+    pooling, fusion = (
+        args.gc_pooling or recipe.GC_BLOCK["pooling"],
+        args.gc_fusion or recipe.GC_BLOCK["fusion"],
+    )
+    return model.check_block(args.context, pooling, fusion)
 
 
 def compile_and_distribute(raw_model, config, device):
@@ -431,10 +444,10 @@ def load_for_fine_tuning(raw_model, source, trust):
             raise ValueError(
                 f"it holds a GCNet R-{info['depth']}-D8 but this run builds R-{raw_model.depth}-D8: pass --depth {info['depth']}"
             )
-        if info["block"] != raw_model.block:
+        if info["block"] != raw_model.head_block:
             raise ValueError(
                 f"it holds a {recipe.method_name(info['block'])} model but this run builds a "
-                f"{recipe.method_name(raw_model.block)} one: pass {recipe.block_flags(info['block'])}"
+                f"{recipe.method_name(raw_model.head_block)} one: pass {recipe.block_flags(info['block'])}"
             )
         kind = checkpoints.load_checkpoint(raw_model, source, checkpoint, new_classes=True)
     except (FileNotFoundError, ValueError) as error:

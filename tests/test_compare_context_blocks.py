@@ -54,7 +54,7 @@ def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path
              "1", "--workers", "0", "--device", "cpu"]  # fmt: skip
     report = compare.main(["--checkpoints", *map(str, paths.values()), *flags])
     printed = capsys.readouterr().out
-    assert [entry["model"] for entry in report["models"]] == ["fcn", "nonlocal", "gcnet"]
+    assert [entry["model"] for entry in report["models"]] == ["FCN", "NonLocal", "GCNet"]
     assert [entry["block"]["context"] for entry in report["models"]] == ["none", "nonlocal", "gc"]
     assert report["num_images"] == 2 and all(entry["num_images"] == 2 for entry in report["models"])
     # (b) the Non-local block's matrix products and the GC block's convs cost FLOPs, and keep memory.
@@ -70,11 +70,32 @@ def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path
         maps = [gc(dataset[i][0][0][None], return_attention=True)[1][0, 0] for i in (0, 1)]  # (h, w)
     expected = 1 - F.cosine_similarity(maps[0].flatten().double(), maps[1].flatten().double(), dim=0).item()
     assert report["gc"]["mean_cosine_distance_between_images"] == pytest.approx(expected, rel=1e-4)
+    # The Non-local maps of the first image's 64 sampled queries (the tool's seeded draw), recomputed
+    # from theta and phi: softmax(theta_i . phi_j / sqrt(C')), then the mean distance over the pairs.
+    nl_net = GCNet(5, context="nonlocal").eval()
+    nl_net.load_state_dict(torch.load(paths["nonlocal"], weights_only=True)["state_dict"])
+    block, captured = nl_net.decode_head.nl_block, {}
+    block.register_forward_pre_hook(lambda module, inputs: captured.update(x=inputs[0]))
+    with torch.no_grad():
+        nl_net(dataset[0][0][0][None])
+        theta, phi = (part(captured["x"])[0].flatten(1) for part in (block.theta, block.phi))  # (C', h*w)
+    queries = torch.randperm(theta.shape[1], generator=torch.Generator().manual_seed(0))[:64]
+    nl_maps = (torch.einsum("cq,cp->qp", theta[:, queries], phi) / theta.shape[0] ** 0.5).softmax(1).double()
+    cosine = F.cosine_similarity(nl_maps[:, None], nl_maps[None], dim=2)
+    expected = (1 - cosine[~torch.eye(64, dtype=torch.bool)]).mean().item()
     nl = report["nonlocal"]
-    assert len(nl["per_image"]) == 2 and all(0 <= d <= 1 for d in nl["per_image"])
+    assert nl["per_image"][0] == pytest.approx(expected, rel=1e-3, abs=1e-9)
     assert 0 < nl["effective_fraction"] <= 1 and 0 < report["gc"]["effective_fraction"] <= 1
-    # (e) the GC map's weight, with the ignored pixels, sums to one, as the pixel shares do.
-    by_class = report["gc"]["mass_by_class"]
+    assert 0 <= nl["centred"] <= 2 and 0 <= report["gc"]["centred"] <= 2  # 1: unrelated shapes
+    # (e) the GC map's weight by class: the two maps at the labels' size, each summing to 1 there.
+    by_class, mass = report["gc"]["mass_by_class"], 0
+    for index, attention in enumerate(maps):
+        label = dataset[index][1]
+        weights = F.interpolate(attention[None, None], size=tuple(label.shape), mode="bilinear")[
+            0, 0
+        ].double()
+        mass += (weights * (label == data.TOY_CLASSES.index("disc"))).sum() / weights.sum() / 2
+    assert by_class["disc"]["mass"] == pytest.approx(mass.item(), rel=1e-6)
     assert sum(v["mass"] for v in by_class.values()) == pytest.approx(1)
     assert sum(v["area"] for v in by_class.values()) == pytest.approx(1)
     assert set(by_class) <= set(data.TOY_CLASSES) | {"(ignored)"}
@@ -91,5 +112,5 @@ def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path
     assert (out / "gc_attention_by_class.png").is_file()
     saved = json.loads((out / "compare.json").read_text())
     assert saved["models"][1]["mIoU"] == pytest.approx(report["models"][1]["mIoU"])
-    for word in ("fcn", "nonlocal", "gcnet", "mean cosine distance", "GC map weight by class"):
+    for word in ("FCN", "NonLocal", "GCNet", "mean cosine distance", "GC map weight by class"):
         assert word in printed

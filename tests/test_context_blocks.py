@@ -221,9 +221,12 @@ def test_the_three_layouts_are_the_originals_and_load_strictly_by_their_keys(tmp
         export.main([str(path), str(tmp_path / "nonlocal.pt2")])
     variant = tmp_path / "ours.pth"
     torch.save({"state_dict": nets["gc-avg-mul"].state_dict()}, variant)
-    assert checkpoints.checkpoint_info(str(variant))["block"] == dict(
-        context="gc", pooling="avg", fusion="mul"
-    )
+    info = checkpoints.checkpoint_info(str(variant))
+    assert info["block"] == dict(context="gc", pooling="avg", fusion="mul")
+    loaded = GCNet(19, **info["block"]).eval()
+    assert checkpoints.load_checkpoint(loaded, str(variant)) == "segmentor"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), nets["gc-avg-mul"](x))
     renamed = tmp_path / OFFICIAL_NAMES["nonlocal"].replace("20200605", "x")
     torch.save({"state_dict": nets["none"].state_dict()}, renamed)
     with pytest.raises(ValueError, match="its name says nonlocal but its weights hold a fcn model"):

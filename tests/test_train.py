@@ -136,8 +136,14 @@ def test_the_comparison_models_train_with_the_same_recipe_under_the_originals_co
     assert any(
         "each attention matrix at crop 512x1024, batch 2 is 0.50 GB (2 x 8192 x 8192" in line for line in said
     )
-    with pytest.raises(SystemExit, match="pooling and fusion are the GC block's switches"):
-        train.resolve_recipe(train.build_parser().parse_args(["--context", "none", "--gc-fusion", "mul"]), 1)
+    for flags in (
+        ["--context", "none", "--gc-fusion", "mul"],
+        ["--context", "nonlocal", "--gc-pooling", "att"],
+    ):
+        with pytest.raises(
+            SystemExit, match="--gc-pooling and --gc-fusion switch the GC block, and --context"
+        ):
+            train.resolve_recipe(train.build_parser().parse_args(flags), 1)
 
 
 def test_the_table_warnings_are_for_its_rows_and_own_data_gets_its_scale():
@@ -170,10 +176,8 @@ def test_batches_are_disjoint_across_ranks_and_resume_exactly():
 
 
 def test_resume_reaches_the_same_weights(toy_root, tmp_path, monkeypatch):
-    # With the Non-local block: the comparison's models train and resume as GCNet does.
     monkeypatch.setattr(train, "validate", fake_validation([1.0] * 10))  # validating draws no random numbers
     common = FAST + ["--data-root", toy_root, "--iters", "4", "--eval-interval", "2", "--deterministic"]
-    common += ["--context", "nonlocal"]
     train.main(common + ["--work-dir", str(tmp_path / "straight")])
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -181,10 +185,6 @@ def test_resume_reaches_the_same_weights(toy_root, tmp_path, monkeypatch):
     train.main(common + ["--work-dir", str(resumed_dir), "--resume"])
     straight = torch.load(tmp_path / "straight" / "iter_4.pth", weights_only=False)
     resumed = torch.load(resumed_dir / "iter_4.pth", weights_only=False)
-    assert (
-        straight["recipe"]["block"]["context"] == "nonlocal"
-        and "decode_head.nl_block.g.conv.weight" in resumed["state_dict"]
-    )
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
@@ -246,7 +246,9 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(
 
 
 def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
-    args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "2")
+    # With the Non-local block: the comparison's model trains under DDP and validates for real (its
+    # attention in blocks of rows, without gradients), as GCNet does.
+    args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "2", "--context", "nonlocal")
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py"]
     process = run_script(launcher + args)
     output, _ = process.communicate(timeout=240)
@@ -254,6 +256,10 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
     assert "world_size      2" in output and "global_batch    4" in output
     checkpoint = torch.load(tmp_path / "iter_2.pth", weights_only=False)
     assert checkpoint["iteration"] == 2 and len(checkpoint["rng"]) == 2
+    assert (
+        checkpoint["recipe"]["block"]["context"] == "nonlocal" and "Non-local block: each attention" in output
+    )
+    assert "decode_head.nl_block.theta.conv.weight" in checkpoint["state_dict"]
     assert not torch.equal(
         checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"]
     )  # one stream per rank

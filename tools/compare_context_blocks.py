@@ -42,8 +42,8 @@ import pictures  # noqa: E402
 import recipe  # noqa: E402
 import runtime  # noqa: E402
 
-# The original's three Cityscapes R-50-D8 512x1024 40k models (mmsegmentation v0.5 model zoo): FCN 72.25
-# mIoU, 4.17 fps, 5.7 GB; NonLocal 78.24, 2.72, 7.4; GCNet 77.69, 3.93, 5.8 (V100, fp32).
+# The original's three Cityscapes R-50-D8 512x1024 40k models (mmsegmentation v0.5 model zoo; their
+# published figures: README, "Why a GC block", and benchmark.py).
 OFFICIAL = [
     "https://download.openmmlab.com/mmsegmentation/v0.5/fcn/fcn_r50-d8_512x1024_40k_cityscapes/"
     "fcn_r50-d8_512x1024_40k_cityscapes_20200604_192608-efe53f0d.pth",
@@ -75,7 +75,10 @@ def main(argv=None):
         net = evaluate.inference_model(entry["net"], entry["settings"])
         entry["scores"] = evaluate.evaluate_dataset(net, entry["dataset"], workers=args.workers, **keywords)
     for entry in [] if args.no_speed else models:  # (b) speed and memory
-        entry["speed"] = measure_speed(entry, args, device)
+        try:
+            entry["speed"] = measure_speed(entry, args, device)
+        except ValueError as error:
+            raise SystemExit(f"compare_context_blocks.py: {error} (or pass --no-speed)") from None
     looked = look(models, dataset, args, device, out)  # (c), (d), (e)
     report = dict(models=[summary(entry) for entry in models], dataset=dataset.name, num_images=len(dataset))
     report.update(looked)
@@ -96,12 +99,11 @@ def load(path, args, device):
     loaded = checkpoints.read_checkpoint(path, trust=args.trust_checkpoint)
     info = checkpoints.checkpoint_info(path, loaded)
     flags = ["--checkpoint", str(path), "--precision", args.precision, "--workers", str(args.workers)]
-    flags += ["--dataset", args.dataset] * bool(args.dataset) + ["--data-root", args.data_root] * bool(
-        args.data_root
-    )
-    flags += ["--ms-flip"] * args.ms_flip + {True: ["--channels-last"], False: ["--no-channels-last"]}.get(
-        args.channels_last, []
-    )
+    for flag, value in (("--dataset", args.dataset), ("--data-root", args.data_root)):
+        flags += [flag, value] if value else []
+    flags += ["--ms-flip"] if args.ms_flip else []
+    if args.channels_last is not None:
+        flags.append("--channels-last" if args.channels_last else "--no-channels-last")
     settings = evaluate.resolve_settings(evaluate.build_parser().parse_args(flags), info, device)
     net = evaluate.build_model(path, loaded, info, settings, device)
     dataset = evaluate.build_split(info, settings, path)
@@ -111,11 +113,11 @@ def load(path, args, device):
         f" ({block['pooling']}, {block['fusion']})" if block["context"] == "gc" else ""
     )
     return dict(path=str(path), info=info, settings=settings, net=net, dataset=dataset, kind=kind,
-                name=recipe.method_name(block))  # fmt: skip
+                name=recipe.model_name(block))  # fmt: skip
 
 
 def check_models(models):
-    """The split they share; the checkpoints must be of one dataset and show two kinds at least."""
+    """The split they share: the checkpoints must be of one dataset. Says which measures are left out."""
     first = models[0]["dataset"]
     for entry in models[1:]:
         if (entry["dataset"].name, entry["dataset"].classes) != (first.name, first.classes):
@@ -123,11 +125,24 @@ def check_models(models):
                 f"{entry['path']} is a {entry['dataset'].name} model, {models[0]['path']} a {first.name} one: "
                 "compare checkpoints of one dataset (or pass --dataset and --data-root)"
             )
-    contexts = {entry["info"]["block"]["context"] for entry in models}
-    if "nonlocal" not in contexts or "gc" not in contexts:
-        runtime.say(f"note: no {'Non-local' if 'nonlocal' not in contexts else 'GC'} model among the "
-                    "checkpoints: its measures are left out")  # fmt: skip
+    nonlocal_model, gc_model = attention_models(models)
+    if nonlocal_model is None:
+        runtime.say("note: no Non-local model among the checkpoints: its measures and maps are left out")
+    if gc_model is None:
+        runtime.say("note: no GC model with attention pooling among the checkpoints (average pooling has one "
+                    "uniform map): its measures and maps are left out")  # fmt: skip
     return first
+
+
+def attention_models(models):
+    """The models whose maps are measured: the first Non-local one and the first GC one with attention
+    pooling (or None)."""
+    blocks = [(entry, entry["info"]["block"]) for entry in models]
+    nonlocal_model = next((entry for entry, block in blocks if block["context"] == "nonlocal"), None)
+    gc_model = next(
+        (e for e, block in blocks if block["context"] == "gc" and block["pooling"] == "att"), None
+    )
+    return nonlocal_model, gc_model
 
 
 def measure_speed(entry, args, device):
@@ -138,10 +153,13 @@ def measure_speed(entry, args, device):
     name, crop = entry["dataset"].name, info["row"]["crop_size"] if info["row"] else None
     if name not in data.CLASSES_AND_PALETTES:  # your own data: timed at the Cityscapes row's sizes
         name, crop = "cityscapes", None
-    options = dict(dataset=name, crop=crop, depth=info["depth"],
-                   size=args.size, train_crop=args.train_crop, train_batch=args.train_batch,
-                   num_classes=info["num_classes"], context=block["context"],
-                   gc_pooling=block["pooling"], gc_fusion=block["fusion"])  # fmt: skip
+    train_crop = args.train_crop
+    if crop is not None and tuple(crop) not in recipe.DATASETS[name]["crops"]:  # trained at a crop of yours
+        train_crop, crop = train_crop or tuple(crop), None
+    gc = block["context"] == "gc"  # the GC switches, as benchmark.py's flags
+    options = dict(dataset=name, crop=crop, depth=info["depth"], size=args.size, train_crop=train_crop,
+                   train_batch=args.train_batch, num_classes=info["num_classes"], context=block["context"],
+                   gc_pooling=block["pooling"] if gc else None, gc_fusion=block["fusion"] if gc else None)  # fmt: skip
     row = benchmark.row_settings(argparse.Namespace(**options), device)
     variant, timed = benchmark.make_variant("fp32", False), args.timed or (20 if device.type == "cuda" else 2)
     batch, peak = row["train_batches"][0], None
@@ -169,10 +187,9 @@ def measure_speed(entry, args, device):
 def look(models, dataset, args, device, out):
     """The attention measures over the first --look images, and their pictures; in float32 whatever the
     scores' precision, so that the distances do not depend on it."""
-    nonlocal_model = next((e for e in models if e["info"]["block"]["context"] == "nonlocal"), None)
-    gc_model = next((e for e in models if e["info"]["block"]["context"] == "gc"), None)
+    nonlocal_model, gc_model = attention_models(models)
     generator = torch.Generator().manual_seed(0)
-    nl_distances, nl_spread, gc_maps, gc_spread = [], [], [], []
+    nl_distances, nl_centred, nl_spread, gc_maps, gc_spread = [], [], [], [], []
     mass, area = torch.zeros(2, dataset.num_classes + 1, dtype=torch.float64)  # per class; the last: ignored
     count = min(args.look, len(dataset)) if nonlocal_model or gc_model else 0
     for index in tqdm(range(count), desc="attention maps", disable=None):
@@ -186,6 +203,7 @@ def look(models, dataset, args, device, out):
             sampled = torch.randperm(h * w, generator=generator)[:SAMPLED_QUERIES].tolist()
             maps = block.attention_maps(features, sampled)[0].flatten(1).float().cpu()  # (K, h*w)
             nl_distances.append(mean_cosine_distance(maps))
+            nl_centred.append(mean_cosine_distance(maps, centred=True))
             nl_spread.append(effective_fraction(maps).mean().item())
             points = [(min(h - 1, int(fy * h)), min(w - 1, int(fx * w))) for fy, fx in QUERY_POINTS]
             drawn = block.attention_maps(features, [y * w + x for y, x in points])[0].float().cpu()
@@ -214,19 +232,22 @@ def look(models, dataset, args, device, out):
     result = dict(looked_at_images=count, sampled_queries=SAMPLED_QUERIES)
     if nl_distances:
         result["nonlocal"] = dict(mean_cosine_distance_between_queries=sum(nl_distances) / count,
-                                  effective_fraction=sum(nl_spread) / count, per_image=nl_distances)  # fmt: skip
+                                  centred=sum(nl_centred) / count, effective_fraction=sum(nl_spread) / count,
+                                  per_image=nl_distances)  # fmt: skip
     if gc_maps:
         size = gc_maps[0].shape
         resized = torch.stack(
             [F.interpolate(m[None, None], size=size, mode="bilinear")[0, 0] for m in gc_maps]
         )
         between = mean_cosine_distance(resized.flatten(1)) if count > 1 else None
+        centred = mean_cosine_distance(resized.flatten(1), centred=True) if count > 1 else None
         mass, area = (mass / count).tolist(), (area / count).tolist()
         names = list(dataset.classes) + ["(ignored)"]
         by_class = {
             names[i]: dict(mass=mass[i], area=area[i]) for i in range(len(names)) if area[i] or mass[i]
         }
-        result["gc"] = dict(mean_cosine_distance_between_images=between, effective_fraction=sum(gc_spread) / count,
+        result["gc"] = dict(mean_cosine_distance_between_images=between, centred=centred,
+                            effective_fraction=sum(gc_spread) / count,
                             mass_by_class=by_class)  # fmt: skip
         checkpoints.save_picture(class_mass_picture(by_class), out / "gc_attention_by_class.png")
     return result
@@ -244,9 +265,12 @@ def block_input(entry, image):
     return captured["x"]
 
 
-def mean_cosine_distance(maps):
-    """1 - cos between every two rows of (K, P) maps, averaged over the K (K - 1) / 2 pairs."""
-    unit = F.normalize(maps.double(), dim=1)
+def mean_cosine_distance(maps, centred=False):
+    """1 - cos between every two rows of (K, P) maps, averaged over the K (K - 1) / 2 pairs: the paper's
+    measure. Nearly flat maps are close under it whatever their shapes; centred=True takes each map's
+    mean away first (1 - their correlation), which compares the shapes alone."""
+    maps = maps.double() - (maps.double().mean(dim=1, keepdim=True) if centred else 0)
+    unit = F.normalize(maps, dim=1)
     cosine = unit @ unit.T
     k = len(maps)
     return (1 - (cosine.sum() - cosine.diagonal().sum()) / (k * (k - 1))).item()
@@ -348,16 +372,15 @@ def findings(looked, classes):
     count = looked["looked_at_images"]
     if "nonlocal" in looked:
         nl = looked["nonlocal"]
-        yield (f"Non-local block, {count} image(s): the maps of {SAMPLED_QUERIES} query positions of one image differ "
-               f"by a mean cosine distance of {nl['mean_cosine_distance_between_queries']:.4f} (0: one map for all); "
-               f"each spreads over {nl['effective_fraction']:.2f} of the positions")  # fmt: skip
+        yield (f"Non-local block, {count} image(s): the maps of {SAMPLED_QUERIES} query positions of one image "
+               f"differ by a mean cosine distance of {nl['mean_cosine_distance_between_queries']:.4f} (0: one map "
+               f"for all), {nl['centred']:.4f} with each map's mean taken away (their shapes alone); each map "
+               f"spreads over {nl['effective_fraction']:.2f} of the positions (1: uniform)")  # fmt: skip
     if "gc" in looked:
         gc, between = looked["gc"], looked["gc"]["mean_cosine_distance_between_images"]
-        differ = (
-            "(one image: no pair)"
-            if between is None
-            else f"differ by a mean cosine distance of {between:.4f}"
-        )
+        differ = "(one image: no pair)"
+        if between is not None:
+            differ = f"differ by a mean cosine distance of {between:.4f}, {gc['centred']:.4f} with the means taken away"
         yield (f"GC block, {count} image(s): its maps of different images {differ}; each spreads over "
                f"{gc['effective_fraction']:.2f} of the positions")  # fmt: skip
         ranked = sorted(gc["mass_by_class"].items(), key=lambda item: -item[1]["mass"])

@@ -119,7 +119,7 @@ def main(argv=None):
             )
     flags = ["--device", "cpu", "--precision", "fp32"] + ["--trust-checkpoint"] * args.trust_checkpoint
     predictor = evaluate.Predictor(args.checkpoint, flags)  # the model as evaluate.py builds it, in fp32
-    if predictor.model.block["context"] == "nonlocal":
+    if predictor.model.head_block["context"] == "nonlocal":
         raise SystemExit(
             f"export.py: {args.checkpoint} is a Non-local model: it attends in blocks whose number depends on "
             "the image size, which torch.export cannot keep dynamic. Export the GC (or FCN) model; the "
