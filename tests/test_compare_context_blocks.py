@@ -25,30 +25,33 @@ def test_the_measures_are_the_papers_cosine_distance_and_an_effective_fraction()
 
 
 def toy_checkpoints(tmp_path):
-    """The toy set (3 val images) and a random FCN, NonLocal and GC model of it, saved as train.py saves."""
+    """The toy set (3 val images) and a random FCN, NonLocal and GC model of it, saved as train.py saves
+    them: (root, paths, models)."""
     root = tmp_path / "toy"
     data.build_dataset("toy", str(root), "train")  # writes it
     for image in sorted((root / "leftImg8bit" / "val").rglob("*.png"))[3:]:
         image.unlink()
         Path(str(image).replace("leftImg8bit", "gtFine").replace(".png", "_labelTrainIds.png")).unlink()
-    paths = {}
+    paths, nets = {}, {}
     for name, options in (
         ("fcn", dict(context="none")),
         ("nonlocal", dict(context="nonlocal")),
         ("gcnet", {}),
     ):
         torch.manual_seed(len(paths))
-        net = GCNet(5, **options)  # at their initialisation: the Non-local maps are near uniform
+        net = nets[name] = GCNet(
+            5, **options
+        ).eval()  # at their initialisation: the Non-local maps are near uniform
         recipe = dict(dataset="toy", crop_size=[128, 128], align_corners=False, test_mode="whole", test_crop=[128, 128],
                       test_stride=[86, 86], config_name=f"{name}_r50-d8_128x128_300it_toy", data_root=str(root))  # fmt: skip
         meta = dict(CLASSES=data.TOY_CLASSES, PALETTE=data.TOY_PALETTE)
         paths[name] = tmp_path / f"{name}.pth"
         torch.save(dict(state_dict=net.state_dict(), recipe=recipe, meta=meta), paths[name])
-    return root, paths
+    return root, paths, nets
 
 
 def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path, capsys):
-    root, paths = toy_checkpoints(tmp_path)
+    root, paths, nets = toy_checkpoints(tmp_path)
     out = tmp_path / "out"
     flags = ["--out", str(out), "--look", "2", "--max-images", "2", "--timed", "1", "--size", "64x128", "--train-crop", "64", "--train-batch",
              "1", "--workers", "0", "--device", "cpu"]  # fmt: skip
@@ -63,8 +66,7 @@ def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path
     kept = [entry["speed"]["estimated_training_memory_gb"] for entry in report["models"]]
     assert kept[0] < kept[2] < kept[1], kept
     # (c) the GC maps of the two images, recomputed here, and their cosine distance.
-    gc = GCNet(5).eval()
-    gc.load_state_dict(torch.load(paths["gcnet"], weights_only=True)["state_dict"])
+    gc = nets["gcnet"]
     dataset = data.build_dataset("toy", str(root), "val")
     with torch.no_grad():
         maps = [gc(dataset[i][0][0][None], return_attention=True)[1][0, 0] for i in (0, 1)]  # (h, w)
@@ -72,8 +74,7 @@ def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path
     assert report["gc"]["mean_cosine_distance_between_images"] == pytest.approx(expected, rel=1e-4)
     # The Non-local maps of the first image's 64 sampled queries (the tool's seeded draw), recomputed
     # from theta and phi: softmax(theta_i . phi_j / sqrt(C')), then the mean distance over the pairs.
-    nl_net = GCNet(5, context="nonlocal").eval()
-    nl_net.load_state_dict(torch.load(paths["nonlocal"], weights_only=True)["state_dict"])
+    nl_net = nets["nonlocal"]
     block, captured = nl_net.decode_head.nl_block, {}
     block.register_forward_pre_hook(lambda module, inputs: captured.update(x=inputs[0]))
     with torch.no_grad():

@@ -177,14 +177,14 @@ def test_batches_are_disjoint_across_ranks_and_resume_exactly():
 
 def test_resume_reaches_the_same_weights(toy_root, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "validate", fake_validation([1.0] * 10))  # validating draws no random numbers
-    common = FAST + ["--data-root", toy_root, "--iters", "4", "--eval-interval", "2", "--deterministic"]
+    common = FAST + ["--data-root", toy_root, "--iters", "3", "--eval-interval", "2", "--deterministic"]
     train.main(common + ["--work-dir", str(tmp_path / "straight")])
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     (resumed_dir / "iter_2.pth").write_bytes((tmp_path / "straight" / "iter_2.pth").read_bytes())
     train.main(common + ["--work-dir", str(resumed_dir), "--resume"])
-    straight = torch.load(tmp_path / "straight" / "iter_4.pth", weights_only=False)
-    resumed = torch.load(resumed_dir / "iter_4.pth", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "iter_3.pth", weights_only=False)
+    resumed = torch.load(resumed_dir / "iter_3.pth", weights_only=False)
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
