@@ -195,7 +195,7 @@ def evaluate_dataset(
         pred = probabilities.argmax(dim=0)
         matrix += confusion_matrix(pred, label, dataset.num_classes)
         losses += summed_pixel_losses(probabilities, label)
-        if save_dir is not None:  # the label PNG, an overlay and the GC block's attention, below the line
+        if save_dir is not None:  # the label PNG, an overlay and the block's attention map, below the line
             save_split_pictures(model, dataset, pred, label, meta, images, device=device, precision=precision,
                                 save_dir=save_dir, opacity=opacity)  # fmt: skip
     matrix, (loss_sum, pixels) = sum_over_processes(matrix), sum_over_processes(losses).tolist()
@@ -768,7 +768,7 @@ def fold_batchnorm(net):
 
 
 # -----------------------------------------------------------------------------------------------
-# Pictures: predicted labels, colour overlay and the GC block's attention map, for a split or image files
+# Pictures: predicted labels, colour overlay and the block's attention map, for a split or image files
 
 
 @torch.no_grad()

@@ -76,7 +76,7 @@ def composite_picture(
     image, pred, palette, classes, attention=None, label=None, opacity=0.5, attention_title=None
 ):
     """One picture to read at a glance: the image, its ground truth (if given), the prediction and the
-    GC block's attention side by side, each titled, with a legend of the classes present (in the label
+    block's attention map side by side, each titled, with a legend of the classes present (in the label
     or the prediction) in their colours. Ignored pixels are black. Returns a PIL image."""
     picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
     colours = torch.tensor(list(palette) + [[0, 0, 0]], dtype=torch.float32)  # index -1: ignored
