@@ -9,7 +9,9 @@ For checkpoints of the three kinds (told apart by their keys) and a split, this 
   (b) inference speed, FLOPs and training memory, with benchmark.py's code, at the row's sizes, fp32;
   (c) what the paper measured: the mean cosine distance between the Non-local maps of query positions
       sampled in one image (0: the same map for every query), beside the same distance between the GC
-      maps of different images (what the GC block keeps: a map that depends on the image);
+      maps of different images (what the GC block keeps: a map that depends on the image); each also
+      with the maps' means taken away, which compares their shapes alone (nearly flat maps are close
+      under the paper's measure whatever their shapes);
   (d) per image, the Non-local maps at four query points (the white crosses) beside the GC block's map;
   (e) where the GC map's weight goes, by ground-truth class against the class's share of the pixels, and
       how peaked each map is: exp(entropy) as a fraction of the positions (1: uniform, as average pooling).
