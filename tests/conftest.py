@@ -23,13 +23,14 @@ if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) and shutil.disk_
     tempfile.tempdir = "/dev/shm"
 
 
-def randomize(net, seed=0):
-    """Give every parameter and BN statistic a non-trivial value, as a trained checkpoint has."""
+def randomize(net, seed=0, scale=0.05):
+    """Give every parameter and BN statistic a non-trivial value, as a trained checkpoint has (noise of
+    std `scale`; running variances 0.5 and above)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in net.state_dict().items():
             if tensor.dtype.is_floating_point:
-                noise = torch.randn(tensor.shape, generator=generator) * 0.05
+                noise = torch.randn(tensor.shape, generator=generator) * scale
                 tensor.copy_(noise.abs() + 0.5 if "running_var" in name else noise)
     return net
 

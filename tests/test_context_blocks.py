@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize
 
 import checkpoints
 import evaluate
@@ -24,15 +25,9 @@ OFFICIAL_NAMES = {
 }
 
 
-def randomized(module, seed=0):
-    """Every parameter and BatchNorm statistic non-trivial (conftest.randomize, for small modules)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if tensor.dtype.is_floating_point:
-                noise = torch.randn(tensor.shape, generator=generator) * 0.3
-                tensor.copy_(noise.abs() + 0.5 if "running_var" in name else noise)
-    return module.eval()
+def randomized(module):
+    """A small module with large random weights and BatchNorm statistics, in eval mode."""
+    return randomize(module, scale=0.3).eval()
 
 
 def conv1x1(x, conv):
@@ -189,7 +184,7 @@ BLOCKS = {
 }
 
 
-def test_the_three_layouts_are_the_originals_and_load_strictly_by_their_keys(tmp_path, randomize):
+def test_the_three_layouts_are_the_originals_and_load_strictly_by_their_keys(tmp_path):
     sections = read_sections(FIXTURES / "fcn_nonlocal_gc-variants_decode_head_keys.txt")
     nets = {}
     for name, options in BLOCKS.items():
