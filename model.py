@@ -322,7 +322,8 @@ class NonLocal2d(nn.Module):
         out = x + self.conv_out(y.transpose(1, 2).reshape(n, -1, h, w))
         if not return_attention:
             return out
-        return out, self.attention_maps(x, [(h // 2) * w + w // 2])
+        centre = pairwise_attention(query[:, [(h // 2) * w + w // 2]], key)  # the row of the centre position
+        return out, centre.view(n, 1, h, w)
 
     def attention_maps(self, x, positions):
         """The attention maps of the given query positions (flat indices into H*W): (N, len, H, W)."""
