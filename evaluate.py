@@ -779,19 +779,21 @@ def attention_map(model, image, original_size):
     _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
     if attention is None:
         return None, None
-    title, block = (
-        "GC attention (red: more weight)",
-        getattr(model, "head_block", {}),
-    )  # (a model of yours: GC's)
+    block = getattr(model, "head_block", {})  # a model of yours without one: titled as GCNet's
+    title = "GC attention (red: more weight)"
     if block.get("context") == "nonlocal":
         title = "NL attention of the centre position"
     elif block.get("pooling") == "avg":
         title = "GC average pooling: the same weight everywhere"
-    attention = F.interpolate(
-        attention.float(), size=tuple(original_size), mode="bilinear", align_corners=model.align_corners
-    )[0, 0]  # (H, W)
+    return displayed(attention[0, 0], original_size, model.align_corners), title
+
+
+def displayed(attention, size, align_corners):
+    """An attention map (h, w) bilinearly upsampled to `size` (H, W) and stretched to [0, 1] for display."""
+    attention = F.interpolate(attention[None, None].float(), size=tuple(size), mode="bilinear",
+                              align_corners=align_corners)[0, 0]  # fmt: skip
     low, high = attention.min(), attention.max()
-    return (attention - low) / (high - low).clamp_min(1e-12), title
+    return (attention - low) / (high - low).clamp_min(1e-12)
 
 
 def image_at_ratio_one(images, ratios, original, test_scale):

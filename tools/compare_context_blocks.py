@@ -287,11 +287,7 @@ def effective_fraction(maps):
 
 def heat(original, attention, entry):
     """An attention map (h, w) over the image (3, H, W): scaled to [0, 1], coloured, half transparent."""
-    size = tuple(original.shape[-2:])
-    resized = F.interpolate(attention[None, None].float(), size=size, mode="bilinear",
-                            align_corners=entry["net"].align_corners)[0, 0]  # fmt: skip
-    low, high = resized.min(), resized.max()
-    scaled = (resized - low) / (high - low).clamp_min(1e-12)
+    scaled = evaluate.displayed(attention, original.shape[-2:], entry["net"].align_corners)
     return 0.5 * original.permute(1, 2, 0).float() + 0.5 * pictures.heat_colors(scaled)
 
 
