@@ -203,12 +203,13 @@ def look(models, dataset, args, device, out):
             features = block_input(nonlocal_model, image)  # (1, C, h, w)
             block, (h, w) = nonlocal_model["net"].decode_head.nl_block, features.shape[-2:]
             sampled = torch.randperm(h * w, generator=generator)[:SAMPLED_QUERIES].tolist()
-            maps = block.attention_maps(features, sampled)[0].flatten(1).float().cpu()  # (K, h*w)
+            points = [(min(h - 1, int(fy * h)), min(w - 1, int(fx * w))) for fy, fx in QUERY_POINTS]
+            # The sampled queries' maps and the drawn ones, from one pass of theta and phi.
+            every = block.attention_maps(features, sampled + [y * w + x for y, x in points])[0].float().cpu()
+            maps, drawn = every[: len(sampled)].flatten(1), every[len(sampled) :]  # (K, h*w), (4, h, w)
             nl_distances.append(mean_cosine_distance(maps))
             nl_centred.append(mean_cosine_distance(maps, centred=True))
             nl_spread.append(effective_fraction(maps).mean().item())
-            points = [(min(h - 1, int(fy * h)), min(w - 1, int(fx * w))) for fy, fx in QUERY_POINTS]
-            drawn = block.attention_maps(features, [y * w + x for y, x in points])[0].float().cpu()
             for number, ((y, x), attention) in enumerate(zip(points, drawn), 1):
                 where = ((y + 0.5) / h, (x + 0.5) / w)
                 panels.append((f"NL map of query {number}", heat(original, attention, nonlocal_model), where))
