@@ -600,7 +600,7 @@ def predict_images(model, info, settings, device):
         print("wrote " + ", ".join(map(str, written)))
     elif rank == 0:
         tried = f" ({counts[1]} of {len(files)} failed)" if counts[1] else ""
-        maps = " and" if info.get("block", {}).get("context") == "none" else ", attention and"  # FCN: no map
+        maps = " and" if info["block"]["context"] == "none" else ", attention and"  # FCN: no map
         print(f"wrote the label PNG, overlay{maps} composite pictures of {counts[0]} "
               f"{'image' if counts[0] == 1 else 'images'} under {save_dir}{tried}")  # fmt: skip
     if failed:

@@ -59,7 +59,7 @@ class ContextBlock(nn.Module):
             self.channel_add_conv = transform(channels, planes)
         if fusion in ("mul", "both"):
             self.channel_mul_conv = transform(channels, planes)
-        if pooling == "att":
+        if pooling == "att":  # initialised last, as the original's reset_parameters: its seeded draws
             nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
             nn.init.zeros_(self.conv_mask.bias)
 
