@@ -5,10 +5,11 @@ The table's "Mem (GB)" is the peak memory of training at the row's per-GPU batch
 post-processing (resize to the original size, softmax, argmax), in fp32 on a V100 (mmseg v0.5.0
 tools/benchmark.py, docs/model_zoo.md). This script measures both for one row and for variants of
 our model side by side (fp32 eager as the original ran, bf16/fp16 autocast, channels_last,
-torch.compile, activation checkpointing), with FLOPs per image, FLOP/s as a fraction of a large
-matmul's rate, what training keeps in memory, and the data pipeline of one loader worker. Weights
-and images are random: speed does not depend on their values. It prints a table shaped like the
-results table (our columns on the right) and the targets with PASS/MISS, and writes a JSON file.
+torch.compile, activation checkpointing, on CUDA cuDNN's fused conv+bias+ReLU), with FLOPs per
+image, FLOP/s as a fraction of a large matmul's rate, what training keeps in memory, and the data
+pipeline of one loader worker. Weights and images are random: speed does not depend on their
+values. It prints a table shaped like the results table (our columns on the right) and the targets
+with PASS/MISS, and writes a JSON file.
 
     python benchmark.py                                       # cityscapes 512x1024, R-50-D8
     python benchmark.py --dataset cityscapes --crop 769 --depth 101
@@ -22,6 +23,7 @@ results table (our columns on the right) and the targets with PASS/MISS, and wri
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
 import json
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -41,7 +44,7 @@ import evaluate
 import recipe
 import runtime
 import train
-from model import CONTEXTS, FUSIONS, POOLINGS, GCNet
+from model import CONTEXTS, FUSIONS, POOLINGS, Bottleneck, GCNet
 from tools import opencv_pipelines, synthetic_cityscapes
 
 # (Mem (GB), Inf time (fps)) of the 40k rows of the results table by (dataset, crop) and depth
@@ -113,13 +116,14 @@ def row_settings(args, device):
 
 
 def make_variant(
-    precision, channels_last, compiled=False, checkpointing=False, batch=None, cudnn_benchmark=False
-):
+    precision, channels_last, compiled=False, checkpointing=False, batch=None, cudnn_benchmark=False,
+    cudnn_fused=False,
+):  # fmt: skip
     """One configuration to measure; batch None: the first of --train-batch, with inference."""
     flags = dict(channels_last=channels_last, compiled=compiled, checkpointing=checkpointing)
-    flags["cudnn_benchmark"] = cudnn_benchmark
+    flags.update(cudnn_benchmark=cudnn_benchmark, cudnn_fused=cudnn_fused)
     suffixes = dict(channels_last="+channels_last", compiled="+compile", checkpointing="+checkpointing",
-                    cudnn_benchmark="+cudnn.benchmark")  # fmt: skip
+                    cudnn_benchmark="+cudnn.benchmark", cudnn_fused="+cudnn-fused")  # fmt: skip
     name = precision + "".join(suffixes[flag] for flag, on in flags.items() if on)
     name += f" at batch {batch}" if batch else ""
     return dict(name=name, precision=precision, **flags, batch=batch)
@@ -130,7 +134,7 @@ def variant_list(device, args, batches):
     train.py and evaluate.py run with the same flags. compile and activation checkpointing run on the
     default (bf16 where --precision auto picks fp32), as do the further batches of --train-batch. On
     CUDA the default also runs with cudnn.benchmark on, as train.py trains (the table's figures and
-    evaluate.py have it off)."""
+    evaluate.py have it off), and the inference candidate cudnn_fused (fuse_conv_relu)."""
     precision = runtime.resolve_precision(args.precision, device)
     default = make_variant(precision, runtime.resolve_channels_last(args.channels_last, device, precision))
     if args.precision == "auto":
@@ -145,7 +149,8 @@ def variant_list(device, args, batches):
     checkpointing = make_variant(*flags, checkpointing=True)
     compiled = [make_variant(*flags, compiled=True)] if args.compile else []
     tuned = [make_variant(*flags, cudnn_benchmark=True)] if device.type == "cuda" else []
-    variants += [default, *tuned, *compiled, checkpointing]
+    fused = [make_variant(*flags, cudnn_fused=True)] if device.type == "cuda" else []
+    variants += [default, *tuned, *fused, *compiled, checkpointing]
     for batch in batches[1:]:
         for base in (default, lead, *tuned, checkpointing):
             flags = (base["precision"], base["channels_last"], False, base["checkpointing"])
@@ -179,6 +184,8 @@ def measure_inference(variant, row, device, warmup, iters, count_flops, profile=
     model = (build_model(row, variant, device) if model is None else model).eval()
     if variant["precision"] != "fp32" and not variant["compiled"]:
         model = evaluate.fold_batchnorm(model)  # as evaluate.py by default
+    if variant["cudnn_fused"]:
+        model = fuse_conv_relu(model if variant["precision"] != "fp32" else evaluate.fold_batchnorm(model))
     if variant["compiled"]:  # inductor's freezing folds BatchNorm into the convs and pre-packs weights
         model = torch.compile(model, options={"freezing": True})
     protocol = dict(mode=row["test_mode"], crop_size=row["test_crop"], stride=row["stride"])
@@ -190,6 +197,73 @@ def measure_inference(variant, row, device, warmup, iters, count_flops, profile=
 
     description = f"inference {variant['name']}"
     return time_calls(infer, warmup, iters, device, description, count_flops=count_flops, profile=profile)
+
+
+class FusedConvReLU(nn.Module):
+    """ReLU(conv(x) + bias [+ residual]) as one cuDNN call on CUDA. PyTorch runs a cuDNN convolution
+    with a bias as the convolution, then the bias added in a separate broadcast pass (aten
+    _convolution); after fold_batchnorm every convolution has a bias, and that pass, with the ReLU
+    after it, is a full read and write of every feature map. torch.cudnn_convolution_relu and
+    cudnn_convolution_add_relu fold the bias, the residual and the ReLU into the convolution. Elsewhere
+    it runs the same maths unfused (the CPU tests check the wiring that way)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x, residual=None):
+        # Under autocast these ops are not cast for us: cast input, weights and residual as autocast would.
+        on = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+        conv, x = self.conv, x.to(dtype)
+        weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+        settings = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        if x.is_cuda and residual is None:
+            return torch.cudnn_convolution_relu(x, weight, bias, *settings)
+        if x.is_cuda:
+            return torch.cudnn_convolution_add_relu(x, weight, residual.to(dtype), 1.0, bias, *settings)
+        y = nn.functional.conv2d(x, weight, bias, *settings)
+        return torch.relu(y if residual is None else y + residual.to(dtype))
+
+
+class FusedBottleneck(nn.Module):
+    """A folded Bottleneck as three fused calls: conv1 and conv2 with their ReLUs, conv3 with the
+    residual and the last ReLU."""
+
+    def __init__(self, block):
+        super().__init__()
+        if not all(isinstance(getattr(block, f"bn{i}"), nn.Identity) for i in (1, 2, 3)):
+            raise ValueError(
+                "FusedBottleneck takes a Bottleneck whose BatchNorms are folded (evaluate.fold_batchnorm)"
+            )
+        self.conv1, self.conv2, self.conv3 = (FusedConvReLU(getattr(block, f"conv{i}")) for i in (1, 2, 3))
+        self.downsample = block.downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv3(self.conv2(self.conv1(x)), residual=identity)
+
+
+def fuse_conv_relu(folded):
+    """A copy of a model from evaluate.fold_batchnorm with every convolution that a ReLU follows (the
+    stem, the Bottlenecks, the heads' ConvModules) run as a FusedConvReLU: an inference candidate that
+    benchmark.py measures on CUDA (variant +cudnn-fused) before evaluate.py takes it up."""
+    fused = copy.deepcopy(folded).eval()
+    for module in list(fused.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = [name for name, _ in module.named_children()]
+        for name in names:
+            if isinstance(getattr(module, name), Bottleneck):
+                setattr(module, name, FusedBottleneck(getattr(module, name)))
+        for conv_name, between, relu in zip(names, names[1:], names[2:]):  # conv, folded BatchNorm, ReLU
+            layers = [getattr(module, name) for name in (conv_name, between, relu)]
+            # The stem's first conv stays: 3 input channels, where cuDNN's fused kernels want multiples of 8.
+            pattern = [type(layer) for layer in layers] == [nn.Conv2d, nn.Identity, nn.ReLU]
+            if pattern and layers[0].in_channels % 8 == 0:
+                setattr(module, conv_name, FusedConvReLU(layers[0]))
+                setattr(module, relu, nn.Identity())
+    return fused
 
 
 def forward_loss(model, images, labels, row, forward_scope):
@@ -240,17 +314,19 @@ def measure_training(variant, row, device, warmup, iters, count_flops, batch, pr
 
 def measure_variants(variants, row, device, args):
     """Inference for the variants of the first batch but checkpointing (off in eval mode), then training
-    for all; FLOPs on the first (fp32). A failed compile variant (no C++ compiler...) reports its error.
-    With --profile, the kernels of evaluate.py's inference and of train.py's step at the largest batch."""
+    for all but cudnn-fused (inference only); FLOPs on the first (fp32). A failed compile (no C++
+    compiler...) or cudnn-fused variant reports its error. With --profile, the kernels of evaluate.py's
+    inference and of train.py's step at the largest batch."""
     results = {variant["name"]: dict(inference=None, training=None, error=None) for variant in variants}
     default = find(variants, default=True)
     as_trained = dict(precision=default["precision"], channels_last=default["channels_last"], compiled=False,
-                      checkpointing=False, cudnn_benchmark=device.type == "cuda")  # fmt: skip
+                      checkpointing=False, cudnn_benchmark=device.type == "cuda", cudnn_fused=False)  # fmt: skip
     largest = max(row["train_batches"])
     trained = find(variants, **as_trained, batch=None if largest == row["train_batches"][0] else largest)
     profiled = dict(inference=default["name"], training=(trained or default)["name"])
     jobs = [("inference", v) for v in variants if v["batch"] is None and not v["checkpointing"]]
-    for phase, variant in jobs + [("training", variant) for variant in variants]:
+    jobs += [("training", variant) for variant in variants if not variant["cudnn_fused"]]  # inference only
+    for phase, variant in jobs:
         batch = variant["batch"] or row["train_batches"][0]
         timed = (variant, row, device, args.warmup, args.timed, variant is variants[0])
         if variant["compiled"]:
@@ -265,7 +341,7 @@ def measure_variants(variants, row, device, args):
             else:
                 timing = measure_training(*timed, batch, profile=profile)
         except Exception as error:
-            if not variant["compiled"]:
+            if not (variant["compiled"] or variant["cudnn_fused"]):
                 raise
             message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
             results[variant["name"]]["error"] = f"{phase}: {message}"
@@ -408,7 +484,7 @@ def summarize(variants, measured, peaks, flops):
     for record in records:
         fields = {key: record[key] for key in ("precision", "channels_last", "batch")}
         without = record["checkpointing"] and find(
-            records, **fields, compiled=False, checkpointing=False, cudnn_benchmark=False
+            records, **fields, compiled=False, checkpointing=False, cudnn_benchmark=False, cudnn_fused=False
         )
         if record["training"] and without and without["training"]:
             cost = without["training"]["images_per_s"] / record["training"]["images_per_s"]
@@ -594,7 +670,8 @@ def protocol_lines(row, args, device, flops, peaks, variants, estimates):
 
 
 def print_findings(records, targets, device):
-    """channels_last on the CPU, the cost of activation checkpointing, a busy CPU, the targets."""
+    """channels_last on the CPU, the cost of activation checkpointing, the cuDNN-fused candidate, a busy
+    CPU, the targets."""
     plain, channels_last = find(records, name="bf16"), find(records, name="bf16+channels_last")
     if device.type == "cpu" and plain and channels_last and plain["inference"] and channels_last["inference"]:
         ratios = [channels_last[phase]["images_per_s"] / plain[phase]["images_per_s"] for phase in PHASES]
@@ -611,6 +688,12 @@ def print_findings(records, targets, device):
                 f" GB, peak memory {without['peak_memory_gb']:.2f} -> {training['peak_memory_gb']:.2f} GB"
             )
     default = find(records, default=True)
+    fused = find(records, cudnn_fused=True)
+    if fused and fused["inference"] and default["inference"]:  # the candidate for evaluate.py
+        ratio = fused["inference"]["images_per_s"] / default["inference"]["images_per_s"]
+        agreement = fused["inference"]["argmax_agreement"]
+        print(f"cuDNN-fused conv+bias+ReLU ({fused['name']}): inference x{ratio:.2f} of the default, "
+              f"argmax agreement with fp32 {agreement:.3%}")  # fmt: skip
     same = {key: default[key] for key in ("precision", "channels_last", "compiled", "checkpointing")}
     at_batches = [r for r in records if r["training"] and all(r[key] == same[key] for key in same)]
     if len(at_batches) > 1:

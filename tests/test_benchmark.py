@@ -219,3 +219,26 @@ def test_the_comparison_models_are_benchmarked_beside_their_published_figures():
         assert hasattr(net.decode_head, "gc_block") == (context == "gc")
     row = benchmark.row_settings(parser.parse_args(["--gc-pooling", "avg", "--gc-fusion", "mul"]), device)
     assert row["method"] == "gcnet-avg-mul" and row["published"] is None  # the original has no such row
+
+
+def test_the_cudnn_fused_candidate_computes_what_the_folded_model_computes(randomize):
+    # On a CPU FusedConvReLU runs its maths unfused: this checks the wiring (which convs take which ReLU
+    # and residual); tests/test_cuda.py checks cuDNN's fused calls against it on a GPU.
+    net = randomize(benchmark.GCNet(19), seed=3).eval()
+    folded = benchmark.evaluate.fold_batchnorm(net)
+    fused = benchmark.fuse_conv_relu(folded)
+    kinds = [type(module) for module in fused.modules()]
+    # 16 Bottlenecks x 3, the stem's 2nd and 3rd conv, the decode head's 3 and the auxiliary head's 1.
+    assert kinds.count(benchmark.FusedBottleneck) == 16 and kinds.count(benchmark.FusedConvReLU) == 54
+    assert kinds.count(nn.ReLU) == 2  # after the stem's 3-channel conv, and inside the GC block's bottleneck
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), folded(x), rtol=1e-5, atol=1e-5)
+        dtypes = []
+        fused.backbone.layer4.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference, logits = folded(x), fused(x)
+    assert dtypes == [torch.bfloat16]  # cast as autocast casts a convolution
+    assert (logits.argmax(1) == reference.argmax(1)).float().mean() > 0.99
+    with pytest.raises(ValueError, match="fold_batchnorm"):
+        benchmark.fuse_conv_relu(net)  # BatchNorm not folded: refused, not dropped

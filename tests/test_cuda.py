@@ -1,6 +1,7 @@
 """The CUDA path on a real GPU; every test here is skipped without one. tools/check_gpu.sh runs them.
 
-fp32 on CUDA (TF32 off) against the CPU on the same weights, whole and sliding-window; cuDNN's
+fp32 on CUDA (TF32 off) against the CPU on the same weights, whole and sliding-window, for GCNet and
+the comparison's FCN and NonLocal models; benchmark.py's cuDNN-fused inference candidate; cuDNN's
 channels_last against the default layout; bf16 and fp16 (GradScaler) training on the toy set;
 activation checkpointing; evaluate.py on both devices; a torchrun run of train.py that resumes;
 NCCL in one process; SyncBatchNorm in two ranks sharing the one GPU. The whole file takes about two
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+import benchmark
 import data
 import evaluate
 import model
@@ -147,6 +149,66 @@ def test_fp32_slide_inference_on_cuda_equals_the_cpu():
     assert error <= 1e-4, f"relative error of the logits {error:.2e}"
     difference = (results["cuda"][1].cpu() - results["cpu"][1]).abs().max().item()
     assert difference <= 1e-4, f"largest probability difference {difference:.2e}"
+
+
+@pytest.mark.parametrize("context", ["nonlocal", "none"])
+def test_the_comparison_models_on_cuda_equal_the_cpu(context, monkeypatch):
+    # The paper's comparison (README): the FCN baseline, and the Non-local block both ways, whole with
+    # gradients as in training and a block of rows at a time without (here 4 blocks of 512 rows).
+    net = randomized(model.GCNet(19, context=context)).eval()
+    images = random_images((1, 3, 256, 512))  # 32 x 64 = 2048 positions at 1/8
+    monkeypatch.setattr(model, "ATTENTION_CHUNK", 512 * 2048)
+    rows, pairwise_attention = [], model.pairwise_attention
+    monkeypatch.setattr(
+        model, "pairwise_attention", lambda q, k: rows.append(q.shape[1]) or pairwise_attention(q, k)
+    )
+    with runtime.precision_context(CPU, "fp32"), torch.no_grad():
+        expected, attention = net(images, return_attention=True)
+    net_cuda = copy.deepcopy(net).to(CUDA)
+    with runtime.precision_context(CUDA, "fp32"):
+        with torch.no_grad():
+            actual, actual_attention = net_cuda(images.to(CUDA), return_attention=True)
+        whole = net_cuda(images.to(CUDA))  # with gradients: the matrix formed whole
+    if (
+        context == "nonlocal"
+    ):  # blocks and the centre row on each device, then the whole matrix and its centre
+        assert rows == ([512] * 4 + [1]) * 2 + [2048, 1], rows
+    for name, logits in (("in blocks", actual), ("whole", whole)):
+        error = relative_error(logits, expected)
+        assert error <= 1e-4, f"{context}, {name}: relative error {error:.2e}"
+    if context == "none":
+        assert attention is None and actual_attention is None
+    else:  # the centre position's map
+        assert relative_error(actual_attention, attention) <= 1e-4
+    # A bf16 training step with the block: finite, and the Non-local matrix's gradient reaches theta.
+    net_cuda.train()
+    labels = torch.randint(0, 19, (1, 256, 512), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    with runtime.autocast(CUDA, "bf16"):
+        logits, aux_logits = net_cuda(images.to(CUDA))
+    loss = train.segmentation_loss(logits, labels) + recipe.AUX_WEIGHT * train.segmentation_loss(
+        aux_logits, labels
+    )
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net_cuda.parameters())
+    if context == "nonlocal":
+        assert net_cuda.decode_head.nl_block.theta.conv.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_the_cudnn_fused_inference_candidate_equals_the_folded_model():
+    # benchmark.py's +cudnn-fused variant: cuDNN's conv + bias (+ residual) + ReLU in one call.
+    net = randomized(model.GCNet(19)).eval().to(CUDA, memory_format=torch.channels_last)
+    folded = evaluate.fold_batchnorm(net)
+    fused = benchmark.fuse_conv_relu(folded)
+    images = random_images((1, 3, 256, 512)).to(CUDA, memory_format=torch.channels_last)
+    with runtime.precision_context(CUDA, "fp32"):
+        error = relative_error(fused(images), folded(images))
+    assert error <= 1e-4, f"fp32: relative error {error:.2e}"
+    with runtime.precision_context(CUDA, "bf16"):
+        expected, actual = folded(images), fused(images)
+    agreement = (actual.argmax(1) == expected.argmax(1)).float().mean().item()
+    assert agreement >= 0.99 and relative_error(actual, expected) <= 0.05, agreement
 
 
 def for_gradient_checks(net):

@@ -4,10 +4,12 @@
 # the top kernels, R-101-D8), the loader's training samples per second with 8 and 15 workers, and
 # train.py itself for 300 iterations at batch 8 on a synthetic Cityscapes, with the projected time of
 # the 40k-iteration R-50-D8 row. torch.compile is a step of its own (r50compile, about 5 minutes more):
-# compiling the training step took over 100 s on an H200.
+# compiling the training step took over 100 s on an H200. So is the NonLocal model of the R-50-D8 row
+# (nonlocal, the paper's comparison in bf16; not yet timed on a GPU, limit 150 s).
 #
 #     bash tools/check_gpu.sh                    # versions tests r50 r101 loader train
 #     bash tools/check_gpu.sh tests r50compile   # only these steps
+#     bash tools/check_gpu.sh versions tests r50 r101 loader train nonlocal   # the default and nonlocal
 #
 # Each step's output goes to the screen and to $OUT/<step>.log (./gpu_check_out without $OUT), the
 # benchmarks' JSON to $OUT/benchmark_<row>.json, one line per step with its exit status and time to
@@ -102,13 +104,20 @@ for step in "${steps[@]}"; do
             run_step benchmark_r101 "${R101_TIMEOUT:-110}" "$py" benchmark.py --dataset cityscapes --crop 512x1024 \
                 --depth 101 --timed 10 --warmup 3 --data-samples 2 --wide --no-compile --out "$out/benchmark_r101.json"
             ;;
+        nonlocal)
+            # The paper's comparison on the GPU (README): the NonLocal model of the same row, bf16 variants only.
+            run_step benchmark_nonlocal "${NONLOCAL_TIMEOUT:-150}" "$py" benchmark.py --dataset cityscapes \
+                --crop 512x1024 --context nonlocal --precision bf16 --channels-last --timed 3 --warmup 2 \
+                --data-samples 1 --wide --no-compile --out "$out/benchmark_nonlocal.json"
+            ;;
         loader)
             run_step loader "${LOADER_TIMEOUT:-90}" "$py" tools/loader_speed.py --workers 8 15 --batch-size 8 \
                 --batches 40 --out "$out/loader.json"
             ;;
         train) run_step train "${TRAIN_TIMEOUT:-150}" bash -c train_check ;;
         *)
-            echo "unknown step $step: choose from versions tests r50 r50compile r101 loader train" | tee -a "$out/summary.log"
+            echo "unknown step $step: choose from versions tests r50 r50compile r101 nonlocal loader train" \
+                | tee -a "$out/summary.log"
             failed=1
             ;;
     esac
@@ -119,7 +128,7 @@ echo "=== digest"
 cat "$out/summary.log"
 grep -h -E "^(cuda:|python |NCCL|host:)" "$out/versions.log" 2>/dev/null
 tail -n 15 "$out/tests.log" 2>/dev/null
-for row in r50 r50compile r101; do
+for row in r50 r50compile r101 nonlocal; do
     log="$out/benchmark_$row.log"
     [ -f "$log" ] && sed -n '/^| Method/,/^$/p;/^targets/,$p' "$log"
 done
