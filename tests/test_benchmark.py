@@ -235,7 +235,9 @@ def test_the_cudnn_fused_candidate_computes_what_the_folded_model_computes(rando
     with torch.no_grad():
         torch.testing.assert_close(fused(x), folded(x), rtol=1e-5, atol=1e-5)
         dtypes = []
-        fused.backbone.layer4.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        fused.backbone.layer4.register_forward_hook(
+            lambda module, inputs, output: dtypes.append(output.dtype)
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             reference, logits = folded(x), fused(x)
     assert dtypes == [torch.bfloat16]  # cast as autocast casts a convolution
