@@ -4,12 +4,13 @@
 # the top kernels, R-101-D8), the loader's training samples per second with 8 and 15 workers, and
 # train.py itself for 300 iterations at batch 8 on a synthetic Cityscapes, with the projected time of
 # the 40k-iteration R-50-D8 row. torch.compile is a step of its own (r50compile, about 5 minutes more):
-# compiling the training step took over 100 s on an H200. So is the NonLocal model of the R-50-D8 row
-# (nonlocal, the paper's comparison in bf16; not yet timed on a GPU, limit 150 s).
+# compiling the training step took over 100 s on an H200. So are train.py --compile, with its own
+# projection (traincompile, limit 330 s), and the NonLocal model of the R-50-D8 row (nonlocal, the
+# paper's comparison in bf16, limit 150 s); neither has run on a GPU yet.
 #
 #     bash tools/check_gpu.sh                    # versions tests r50 r101 loader train
 #     bash tools/check_gpu.sh tests r50compile   # only these steps
-#     bash tools/check_gpu.sh versions tests r50 r101 loader train nonlocal   # the default and nonlocal
+#     bash tools/check_gpu.sh versions tests r50 r101 train traincompile nonlocal
 #
 # Each step's output goes to the screen and to $OUT/<step>.log (./gpu_check_out without $OUT), the
 # benchmarks' JSON to $OUT/benchmark_<row>.json, one line per step with its exit status and time to
@@ -55,7 +56,10 @@ versions() {
     "$py" - <<'EOF'
 import platform
 
+import numpy
+import PIL
 import torch
+from PIL import features
 
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"cuDNN {torch.backends.cudnn.version()}")
@@ -67,16 +71,22 @@ if torch.cuda.is_available():
               f"{properties.total_memory / 1024**3:.1f} GiB, bf16 {torch.cuda.is_bf16_supported()}")
 else:
     print("torch sees no CUDA device")
+# The loader's speed is mostly PNG decoding, whose speed is mostly the zlib that Pillow was built with
+# (Pillow before 11 cannot say whether it is zlib-ng).
+zlib_ng = features.check_feature("zlib_ng") if "zlib_ng" in features.features else "unknown"
+print(f"Pillow {PIL.__version__} (zlib {features.version('zlib')}, zlib-ng {zlib_ng}), numpy {numpy.__version__}")
 EOF
 }
 
-train_check() {  # train.py for 300 iterations at batch 8, then the projection of the 40k row
+train_check() {  # train.py for 300 iterations at batch 8, then the projection of the 40k row; $1: more flags
+    local run="$scratch/run${1:+_compile}"
     "$py" tools/synthetic_cityscapes.py "$scratch/cityscapes" || return 1
     "$py" train.py --dataset cityscapes --data-root "$scratch/cityscapes" --pretrained none --batch-size 8 \
-        --iters 300 --eval-interval 300 --log-interval 1 --workers 15 --no-pictures --work-dir "$scratch/run" \
+        --iters 300 --eval-interval 300 --log-interval 1 --workers 15 --no-pictures --work-dir "$run" ${1:-} \
         || return 1
-    cp "$scratch/run/log.jsonl" "$out/train_log.jsonl"
-    "$py" tools/run_time.py "$scratch/run" --iters 40000 --validations 10
+    cp "$run/log.jsonl" "$out/train${1:+_compile}_log.jsonl"
+    # --skip: the compiled run's first steps include compiling.
+    "$py" tools/run_time.py "$run" --iters 40000 --validations 10 ${1:+--skip 20}
 }
 
 export py out scratch
@@ -115,8 +125,9 @@ for step in "${steps[@]}"; do
                 --batches 40 --out "$out/loader.json"
             ;;
         train) run_step train "${TRAIN_TIMEOUT:-150}" bash -c train_check ;;
+        traincompile) run_step traincompile "${TRAINCOMPILE_TIMEOUT:-330}" bash -c "train_check --compile" ;;
         *)
-            echo "unknown step $step: choose from versions tests r50 r50compile r101 nonlocal loader train" \
+            echo "unknown step $step: choose from versions tests r50 r50compile r101 nonlocal loader train traincompile" \
                 | tee -a "$out/summary.log"
             failed=1
             ;;
@@ -126,12 +137,12 @@ done
 # The digest: what a reader of the last screenful wants.
 echo "=== digest"
 cat "$out/summary.log"
-grep -h -E "^(cuda:|python |NCCL|host:)" "$out/versions.log" 2>/dev/null
+grep -h -E "^(cuda:|python |Pillow |NCCL|host:)" "$out/versions.log" 2>/dev/null
 tail -n 15 "$out/tests.log" 2>/dev/null
 for row in r50 r50compile r101 nonlocal; do
     log="$out/benchmark_$row.log"
     [ -f "$log" ] && sed -n '/^| Method/,/^$/p;/^targets/,$p' "$log"
 done
 grep -h -E "workers:|^loader" "$out/loader.log" 2>/dev/null
-grep -h -E "^(projected|[0-9]+ iterations measured)|val mIoU" "$out/train.log" 2>/dev/null
+grep -h -E "^(projected|[0-9]+ iterations measured)|val mIoU" "$out/train.log" "$out/traincompile.log" 2>/dev/null
 exit $failed
