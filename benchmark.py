@@ -708,12 +708,15 @@ def print_findings(records, targets, device):
         )
     for record in records:
         for phase in PHASES:
-            kernels = (record[phase] or {}).get("top_kernels")
-            if kernels:
-                what = "kernels" if device.type == "cuda" else "operators"
-                print(f"top {what} of {phase} {record['name']} (share of their time, ms per call):")
-                for kernel in kernels:
-                    print(f"  {kernel['share']:6.1%} {kernel['ms_per_call']:8.2f}  {kernel['name'][:150]}")
+            figures = record[phase] or {}
+            kinds = ("kernels" if device.type == "cuda" else "operators", "operators by input shapes")
+            for what, entries in zip(
+                kinds, (figures.get("top_kernels"), figures.get("top_operators_by_shape"))
+            ):
+                if entries:
+                    print(f"top {what} of {phase} {record['name']} (share of their time, ms per call):")
+                    for entry in entries:
+                        print(f"  {entry['share']:6.1%} {entry['ms_per_call']:8.2f}  {entry['name'][:150]}")
     print("targets (benchmarks, not tests):")
     for target in targets:
         note = f"; {target['note']}" if target["note"] else ""
@@ -821,28 +824,38 @@ def time_calls(
     timing = dict(first_result=first_result, first_call_seconds=seconds[0], seconds=seconds[warmup:])
     timing.update(cpu_share=share, flops=counter and counter.get_total_flops())
     if profile:
-        timing["top_kernels"] = top_kernels(function, device)
+        timing["top_kernels"], timing["top_operators_by_shape"] = top_kernels(function, device)
     return dict(timing, images_per_s=images * iters / sum(timing["seconds"]))
 
 
 def top_kernels(function, device, calls=3, top=12):
-    """Where a call's time goes: the CUDA kernels (on a CPU, the operators) that took the most time over
-    `calls` calls, each with its share of all of them and its milliseconds per call."""
+    """Where a call's time goes over `calls` calls: the CUDA kernels (on a CPU, the operators) that took
+    the most time, and the operators by input shapes with the time of what they ran (on CUDA their
+    kernels': which add, which convolution). Each entry has its share of the total and its ms per call."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
         for _ in range(calls):
             function()
         synchronize(device)
+
+    def ranked(times):
+        total = sum(times.values()) or 1
+        best = sorted(times.items(), key=lambda item: -item[1])[:top]
+        return [dict(name=name, share=us / total, ms_per_call=us / 1000 / calls) for name, us in best]
+
+    operators = profiler.key_averages(group_by_input_shape=True)
     if device.type == "cuda":
         kind = torch.autograd.DeviceType.CUDA
-        times = {e.key: e.self_device_time_total for e in profiler.key_averages() if e.device_type == kind}
+        kernels = {e.key: e.self_device_time_total for e in profiler.key_averages() if e.device_type == kind}
+        shapes = {
+            f"{e.key} {e.input_shapes}": e.self_device_time_total for e in operators if e.device_type != kind
+        }
     else:
-        times = {e.key: e.self_cpu_time_total for e in profiler.key_averages()}
-    total = sum(times.values()) or 1
-    ranked = sorted(times.items(), key=lambda item: -item[1])[:top]
-    return [dict(name=name, share=us / total, ms_per_call=us / 1000 / calls) for name, us in ranked]
+        kernels = {e.key: e.self_cpu_time_total for e in profiler.key_averages()}
+        shapes = {f"{e.key} {e.input_shapes}": e.self_cpu_time_total for e in operators}
+    return ranked(kernels), ranked(shapes)
 
 
 def matmul_rate(precision, device):
@@ -937,8 +950,8 @@ def build_parser():
     add("--compile", action=argparse.BooleanOptionalAction, default=True, help="measure the torch.compile "
         "variant (default; --no-compile skips it)")
     add("--wide", action="store_true", help="print the wide table (every figure; the JSON has them all)")
-    add("--profile", action="store_true", help="also list the top kernels of the default inference and of "
-        "train.py's step at the largest batch")
+    add("--profile", action="store_true", help="also list the top kernels, and the operators by input "
+        "shapes, of the default inference and of train.py's step at the largest batch")
     add("--out", default="benchmark.json", help="where the JSON results go")
     # fmt: on
     runtime.add_arguments(parser)

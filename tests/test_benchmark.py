@@ -244,3 +244,14 @@ def test_the_cudnn_fused_candidate_computes_what_the_folded_model_computes(rando
     assert (logits.argmax(1) == reference.argmax(1)).float().mean() > 0.99
     with pytest.raises(ValueError, match="fold_batchnorm"):
         benchmark.fuse_conv_relu(net)  # BatchNorm not folded: refused, not dropped
+
+
+def test_the_profile_names_operators_by_their_input_shapes():
+    # What the H200 profile could not say: which add a kernel belongs to (a broadcast bias, or a residual).
+    small, large = torch.randn(1, 3, 1, 1), torch.randn(2, 3, 40, 50)
+    kernels, by_shape = benchmark.top_kernels(lambda: (large + small, large + large), torch.device("cpu"))
+    assert kernels[0]["name"] == "aten::add" and kernels[0]["ms_per_call"] > 0
+    names = [entry["name"] for entry in by_shape]
+    assert "aten::add [[2, 3, 40, 50], [1, 3, 1, 1], []]" in names
+    assert "aten::add [[2, 3, 40, 50], [2, 3, 40, 50], []]" in names
+    assert sum(entry["share"] for entry in by_shape) == pytest.approx(1.0)
