@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check a GPU machine in one go (about 7.5 minutes on one H200): the GPU, driver, torch and CUDA versions,
+# Check a GPU machine in one go (about 8 minutes on one H200): the GPU, driver, torch and CUDA versions,
 # the CUDA tests (tests/test_cuda.py), benchmark.py on the table's Cityscapes 512x1024 rows (R-50-D8 with
 # the top kernels, R-101-D8), the loader's training samples per second with 8 and 15 workers, and
 # train.py itself for 300 iterations at batch 8 on a synthetic Cityscapes, with the projected time of
@@ -105,13 +105,13 @@ for step in "${steps[@]}"; do
         r50 | r50compile)
             compile=(--no-compile)
             [ "$step" = r50compile ] && compile=()
-            run_step "benchmark_$step" "${R50_TIMEOUT:-$([ "$step" = r50 ] && echo 150 || echo 360)}" "$py" benchmark.py \
+            run_step "benchmark_$step" "${R50_TIMEOUT:-$([ "$step" = r50 ] && echo 170 || echo 360)}" "$py" benchmark.py \
                 --dataset cityscapes --crop 512x1024 --timed 10 --warmup 3 --data-samples 10 --wide --profile ${compile[@]+"${compile[@]}"} \
                 --out "$out/benchmark_$step.json"
             ;;
         r101)
             # The data pipeline does not depend on the depth (r50 times it).
-            run_step benchmark_r101 "${R101_TIMEOUT:-110}" "$py" benchmark.py --dataset cityscapes --crop 512x1024 \
+            run_step benchmark_r101 "${R101_TIMEOUT:-125}" "$py" benchmark.py --dataset cityscapes --crop 512x1024 \
                 --depth 101 --timed 10 --warmup 3 --data-samples 2 --wide --no-compile --out "$out/benchmark_r101.json"
             ;;
         nonlocal)
