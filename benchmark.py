@@ -182,10 +182,12 @@ def measure_inference(variant, row, device, warmup, iters, count_flops, profile=
     image = data.test_transform(photo, row["test_scale"])[0][None]
     image = image.to(device, memory_format=MEMORY_FORMAT[variant["channels_last"]])
     model = (build_model(row, variant, device) if model is None else model).eval()
-    if variant["precision"] != "fp32" and not variant["compiled"]:
-        model = evaluate.fold_batchnorm(model)  # as evaluate.py by default
+    # BatchNorm folded as evaluate.py by default; the cuDNN-fused candidate needs it folded in any precision.
+    fold = evaluate.default_fold_batchnorm(variant["precision"]) or variant["cudnn_fused"]
+    if fold and not variant["compiled"]:
+        model = evaluate.fold_batchnorm(model)
     if variant["cudnn_fused"]:
-        model = fuse_conv_relu(model if variant["precision"] != "fp32" else evaluate.fold_batchnorm(model))
+        model = fuse_conv_relu(model)
     if variant["compiled"]:  # inductor's freezing folds BatchNorm into the convs and pre-packs weights
         model = torch.compile(model, options={"freezing": True})
     protocol = dict(mode=row["test_mode"], crop_size=row["test_crop"], stride=row["stride"])
@@ -560,8 +562,10 @@ def short_table(row, records):
         ]
         lines.append(cells)
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
-    rows = ("  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) for cells in [header, *lines])
-    return "\n".join(row.rstrip() for row in rows)
+    texts = (
+        "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) for cells in [header, *lines]
+    )
+    return "\n".join(text.rstrip() for text in texts)
 
 
 def check_targets(row, records, device, estimates):
@@ -770,10 +774,8 @@ def main(argv=None):
     training = dict(batch=row["train_batches"][0], batches=row["train_batches"], crop_size=row["train_crop"])
     protocol = dict(device=device.type, device_name=device_description(device), torch=torch.__version__)
     protocol.update(python=platform.python_version(), threads=torch.get_num_threads())
-    protocol.update(
-        {key: row[key] for key in ("model", "block", "dataset", "backbone", "depth", "crop_size")}
-    )
-    protocol["num_classes"] = row["num_classes"]
+    keys = ("model", "block", "dataset", "backbone", "depth", "crop_size", "num_classes")
+    protocol.update({key: row[key] for key in keys})
     protocol["inference"] = dict(batch=1, mode=row["test_mode"], **inference, **timed)
     protocol.update(training=dict(training, **timed), comparable_with_published=row["comparable"])
     protocol["flops_counted_in"] = "fp32, torch.utils.flop_counter.FlopCounterMode (convs and matmuls)"
