@@ -169,9 +169,8 @@ def test_the_comparison_models_on_cuda_equal_the_cpu(context, monkeypatch):
         with torch.no_grad():
             actual, actual_attention = net_cuda(images.to(CUDA), return_attention=True)
         whole = net_cuda(images.to(CUDA))  # with gradients: the matrix formed whole
-    if (
-        context == "nonlocal"
-    ):  # blocks and the centre row on each device, then the whole matrix and its centre
+    # Non-local: the blocks and the centre row on each device, then the whole matrix and its centre row.
+    if context == "nonlocal":
         assert rows == ([512] * 4 + [1]) * 2 + [2048, 1], rows
     for name, logits in (("in blocks", actual), ("whole", whole)):
         error = relative_error(logits, expected)

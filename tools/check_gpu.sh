@@ -78,7 +78,7 @@ print(f"Pillow {PIL.__version__} (zlib {features.version('zlib')}, zlib-ng {zlib
 EOF
 }
 
-train_check() {  # train.py for 300 iterations at batch 8, then the projection of the 40k row; $1: more flags
+train_check() {  # train.py for 300 iterations at batch 8, then the projection of the 40k row; $1: --compile or nothing
     local run="$scratch/run${1:+_compile}"
     "$py" tools/synthetic_cityscapes.py "$scratch/cityscapes" || return 1
     "$py" train.py --dataset cityscapes --data-root "$scratch/cityscapes" --pretrained none --batch-size 8 \
