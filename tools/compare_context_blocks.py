@@ -24,6 +24,7 @@ It prints a table and writes compare.json, maps_<image>.png and gc_attention_by_
 """
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -85,7 +86,7 @@ def main(argv=None):
     report = dict(models=[summary(entry) for entry in models], dataset=dataset.name, num_images=len(dataset))
     report.update(looked)
     print("\n" + table(models) + "\n")
-    for line in findings(looked, dataset.classes):
+    for line in findings(looked):
         print(line)
     checkpoints.write_text(out / "compare.json", json.dumps(evaluate.without_nan(report), indent=1))
     print(f"wrote {out / 'compare.json'} and the pictures in {out}")
@@ -168,7 +169,6 @@ def measure_speed(entry, args, device):
     try:
         net = entry["net"]  # the checkpoint's own model, in fp32 as loaded
         inference = benchmark.measure_inference(variant, row, device, 1, timed, count_flops=True, model=net)
-        benchmark.release_memory(device)
         if device.type == "cuda":  # the table's "Mem (GB)"; a CPU process's peak would count everything
             peak = benchmark.measure_training(variant, row, device, 1, timed, False, batch)["peak_memory_gb"]
     finally:
@@ -194,14 +194,17 @@ def look(models, dataset, args, device, out):
     nl_distances, nl_centred, nl_spread, gc_maps, gc_spread = [], [], [], [], []
     mass, area = torch.zeros(2, dataset.num_classes + 1, dtype=torch.float64)  # per class; the last: ignored
     count = min(args.look, len(dataset)) if nonlocal_model or gc_model else 0
+    at_scale_one = copy.copy(dataset)  # the maps are drawn at the test scale alone, even with --ms-flip
+    at_scale_one.test_ratios = (1.0,)
     for index in tqdm(range(count), desc="attention maps", disable=None):
-        images, label, meta = dataset[index]
-        original = data.read_image(meta["image_path"])
-        image = evaluate.image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale).to(device)
-        panels = [("image", original.permute(1, 2, 0).float(), None)]
+        images, label, meta = at_scale_one[index]
+        original, image = data.read_image(meta["image_path"]), images[0].to(device)
+        panels = [("image", original.permute(1, 2, 0).float(), [])]
         if nonlocal_model:
-            features = block_input(nonlocal_model, image)  # (1, C, h, w)
-            block, (h, w) = nonlocal_model["net"].decode_head.nl_block, features.shape[-2:]
+            # The block's input: the backbone's last map through the head's first conv (GCNet.forward).
+            net = nonlocal_model["net"]
+            features = net.decode_head.convs[0](net.backbone(image[None])[3])  # (1, C, h, w)
+            block, (h, w) = net.decode_head.nl_block, features.shape[-2:]
             sampled = torch.randperm(h * w, generator=generator)[:SAMPLED_QUERIES].tolist()
             points = [(min(h - 1, int(fy * h)), min(w - 1, int(fx * w))) for fy, fx in QUERY_POINTS]
             # The sampled queries' maps and the drawn ones, from one pass of theta and phi.
@@ -210,14 +213,12 @@ def look(models, dataset, args, device, out):
             nl_distances.append(mean_cosine_distance(maps))
             nl_centred.append(mean_cosine_distance(maps, centred=True))
             nl_spread.append(effective_fraction(maps).mean().item())
-            for number, ((y, x), attention) in enumerate(zip(points, drawn), 1):
-                where = ((y + 0.5) / h, (x + 0.5) / w)
-                panels.append((f"NL map of query {number}", heat(original, attention, nonlocal_model), where))
-            panels[0] = (
-                "image, NL queries",
-                panels[0][1],
-                [((y + 0.5) / h, (x + 0.5) / w) for y, x in points],
-            )
+            crosses = [((y + 0.5) / h, (x + 0.5) / w) for y, x in points]  # as fractions of the picture
+            panels[0] = ("image, NL queries", panels[0][1], crosses)
+            for number, (where, attention) in enumerate(zip(crosses, drawn), 1):
+                panels.append(
+                    (f"NL map of query {number}", heat(original, attention, nonlocal_model), [where])
+                )
         if gc_model:
             net = gc_model["net"]
             _, attention = net(image[None], return_attention=True)  # (1, 1, h, w), sums to 1
@@ -230,7 +231,7 @@ def look(models, dataset, args, device, out):
             classes = torch.where(label == data.IGNORE_INDEX, dataset.num_classes, label).flatten()
             mass.index_add_(0, classes, weights.flatten())
             area += torch.bincount(classes, minlength=len(area)).double() / classes.numel()
-            panels.append(("GC map (one per image)", heat(original, attention, gc_model), None))
+            panels.append(("GC map (one per image)", heat(original, attention, gc_model), []))
         checkpoints.save_picture(maps_picture(panels), out / f"maps_{meta['name'].replace('/', '_')}.png")
     result = dict(looked_at_images=count, sampled_queries=SAMPLED_QUERIES)
     if nl_distances:
@@ -254,18 +255,6 @@ def look(models, dataset, args, device, out):
                             mass_by_class=by_class)  # fmt: skip
         checkpoints.save_picture(class_mass_picture(by_class), out / "gc_attention_by_class.png")
     return result
-
-
-def block_input(entry, image):
-    """The feature map entering the decode head's block for one image (3, H, W): (1, C, h, w)."""
-    captured = {}
-    block = entry["net"].decode_head.nl_block
-    hook = block.register_forward_pre_hook(lambda module, inputs: captured.update(x=inputs[0]))
-    try:
-        entry["net"](image[None])
-    finally:
-        hook.remove()
-    return captured["x"]
 
 
 def mean_cosine_distance(maps, centred=False):
@@ -293,7 +282,7 @@ def heat(original, attention, entry):
 
 
 def maps_picture(panels):
-    """Titled panels side by side; crosses at the (y, x) fractions given with a panel."""
+    """Titled panels (title, (H, W, 3) RGB, crosses) side by side; a cross at each (y, x) fraction."""
     height, width = panels[0][1].shape[:2]
     size = (PANEL_WIDTH, max(1, round(height * PANEL_WIDTH / width)))
     font, title, gap = pictures.font_of(13), 20, pictures.COMPOSITE_GAP
@@ -303,8 +292,7 @@ def maps_picture(panels):
         left = number * (size[0] + gap)
         canvas.paste(pictures.rgb_picture(rgb).resize(size, Image.BILINEAR), (left, title))
         pictures.text_at(draw, (left + size[0] / 2, title / 2), name, "black", font, "mm")
-        points = crosses if isinstance(crosses, list) else [crosses] if crosses else []
-        for y, x in points:
+        for y, x in crosses:
             cx, cy = left + x * size[0], title + y * size[1]
             for colour, width_ in (("black", 4), ("white", 2)):
                 draw.line([(cx - 6, cy), (cx + 6, cy)], fill=colour, width=width_)
@@ -367,7 +355,7 @@ def table(models):
     return "\n".join(lines)
 
 
-def findings(looked, classes):
+def findings(looked):
     count = looked["looked_at_images"]
     if "nonlocal" in looked:
         nl = looked["nonlocal"]

@@ -127,7 +127,7 @@ def main(argv=None):
         )
     predictor.model.auxiliary_head = None  # it serves the training loss only: not in the file
     segmenter = Segmenter(predictor.model).eval()
-    crop = tuple(predictor.settings["crop_size"] or (512, 512))
+    crop = tuple(predictor.settings["crop_size"])
     sizes = args.check_sizes or [crop, tuple(max(MIN_SIDE, side * 3 // 4) | 1 for side in crop)]
     start = time.perf_counter()
     program = export(segmenter, sizes[0])
