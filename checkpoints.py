@@ -586,12 +586,12 @@ def checkpoint_info(path_or_url, checkpoint=None):
     else:  # an official one: the row is named in the file name (or the meta's exp_name)
         row = recipe.row_of_config_name(f"{meta.get('exp_name', '')} {path_or_url}")
         config_text = str(meta.get("config", ""))
-        if row is not None and row["block"] != info["block"]:
-            raise ValueError(
-                f"{path_or_url}: its name says {recipe.method_name(row['block'])} but its weights hold a "
-                f"{recipe.method_name(info['block'])} model: the file was renamed or is damaged"
-            )
         if row is not None:
+            if row["block"] != info["block"]:
+                raise ValueError(
+                    f"{path_or_url}: its name says {recipe.method_name(row['block'])} but its weights hold a "
+                    f"{recipe.method_name(info['block'])} model: the file was renamed or is damaged"
+                )
             info.update(config_name=row["config_name"], dataset=row["dataset"], crop_size=row["crop_size"])
         crop_match = re.search(r"crop_size\s*=\s*\((\d+),\s*(\d+)\)", config_text)
         if crop_match and info["crop_size"] is None:
@@ -996,9 +996,15 @@ class CheckpointWriter:
         return path
 
 
+# What best.pth records of the validation that scored it (validation_settings), in the names of
+# evaluate.py's settings: evaluate.training_differences compares them with its own.
+VALIDATION_KEYS = ("dataset", "data_root", "mode", "crop_size", "stride", "scale", "ratios", "flip", "precision",
+                   "fold_batchnorm", "channels_last", "device")  # fmt: skip
+
+
 def validation_settings(config):
-    """The settings of train.py's validation in the names of evaluate.py's settings: single scale, no
-    flip, the recipe's test protocol, the run's precision, layout and BatchNorm folding."""
+    """The VALIDATION_KEYS of train.py's validation: single scale, no flip, the recipe's test protocol,
+    the run's precision, layout and BatchNorm folding."""
     root = config["data_root"] or recipe.DATASETS[config["dataset"]]["root"]
     return dict(
         dataset=config["dataset"], data_root=os.path.abspath(root), mode=config["test_mode"],

@@ -520,8 +520,7 @@ def training_differences(validation, settings, dataset, device):
         return None
     here = dict(settings, dataset=dataset.name, data_root=os.path.abspath(dataset.root), device=device.type)
     differences = []
-    for key in ("dataset", "data_root", "mode", "crop_size", "stride", "scale", "ratios", "flip", "precision",
-                "fold_batchnorm", "channels_last", "device"):  # fmt: skip
+    for key in checkpoints.VALIDATION_KEYS:
         there, ours = validation.get(key), here[key]
         if isinstance(ours, (tuple, list)):
             there, ours = list(there or []), list(ours)

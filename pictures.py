@@ -25,6 +25,11 @@ def heat_colors(values):
     return 255 * (1.5 - 4 * (values.clamp(0, 1)[..., None] - peaks).abs()).clamp(0, 1)
 
 
+def attention_overlay(picture, attention, opacity=0.5):
+    """The attention map (H, W) in [0, 1], coloured by heat_colors, over a (H, W, 3) float picture."""
+    return (1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())
+
+
 def rgb_picture(rgb):
     """(H, W, 3) float in [0, 255] -> PIL RGB image."""
     return Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy())
@@ -57,7 +62,7 @@ def save_pictures(
     rgb_picture((1 - opacity) * picture + opacity * colors).save(paths[1], quality=95)
     if attention is not None:
         paths.append(Path(f"{stem}_attention.png"))
-        rgb_picture((1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())).save(paths[2])
+        rgb_picture(attention_overlay(picture, attention, opacity)).save(paths[2])
     if classes is not None:
         paths.append(Path(f"{stem}_composite.png"))
         composite = composite_picture(
@@ -91,7 +96,7 @@ def composite_picture(
         panels.append(("ground truth", as_colours(label), Image.NEAREST))
     panels.append(("prediction", as_colours(pred), Image.NEAREST))
     if attention is not None:
-        heat = (1 - opacity) * picture + opacity * heat_colors(attention.float().cpu())
+        heat = attention_overlay(picture, attention, opacity)
         panels.append((attention_title or "GC attention (red: more weight)", heat, Image.BILINEAR))
     height, width = picture.shape[:2]
     size = (min(width, PANEL_WIDTH), max(1, round(height * min(width, PANEL_WIDTH) / width)))

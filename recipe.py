@@ -201,5 +201,7 @@ def block_of_method(name):
     contexts = {method: context for context, method in METHODS.items()}
     if name in contexts:
         return dict(GC_BLOCK, context=contexts[name])
-    pooling, fusion = name.split("-")[1:] if "-" in name else ("att", "add")
+    if "-" not in name:  # gcnet
+        return dict(GC_BLOCK)
+    pooling, fusion = name.split("-")[1:]
     return dict(GC_BLOCK, pooling=pooling, fusion=fusion)

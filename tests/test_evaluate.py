@@ -679,6 +679,7 @@ def test_the_settings_that_differ_from_trainings_validation_are_named():
     config = dict(dataset="toy", data_root=None, test_mode="whole", test_crop=[128, 128], test_stride=[86, 86],
                   scale=[256, 128], precision="bf16", fold_batchnorm=True, channels_last=True, device="cpu")  # fmt: skip
     validation = checkpoints.validation_settings(config)
+    assert tuple(validation) == checkpoints.VALIDATION_KEYS  # what training_differences compares
     settings = dict(mode="whole", crop_size=(128, 128), stride=(86, 86), scale=(256, 128), ratios=(1.0,),
                     flip=False, precision="bf16", fold_batchnorm=True, channels_last=True)  # fmt: skip
     toy = types.SimpleNamespace(name="toy", root="data/toy")

@@ -278,7 +278,7 @@ def effective_fraction(maps):
 def heat(original, attention, entry):
     """An attention map (h, w) over the image (3, H, W): scaled to [0, 1], coloured, half transparent."""
     scaled = evaluate.displayed(attention, original.shape[-2:], entry["net"].align_corners)
-    return 0.5 * original.permute(1, 2, 0).float() + 0.5 * pictures.heat_colors(scaled)
+    return pictures.attention_overlay(original.permute(1, 2, 0).float(), scaled)
 
 
 def maps_picture(panels):
