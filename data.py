@@ -24,6 +24,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
 from tqdm import tqdm
 
 import recipe
+import runtime
 
 # ImageNet statistics in RGB order on the 0..255 scale (mmseg v0.5.0 configs/_base_/datasets/*.py).
 MEAN = (123.675, 116.28, 103.53)
@@ -419,13 +420,11 @@ def size_mismatch(image_path, image_size, label_path, label_size):  # sizes (W, 
 def write_png(image, path, compression_level=6):
     """Write a uint8 C x H x W tensor as PNG through a temporary file, so that a file that exists is
     complete (an interrupted run is picked up where it stopped)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with warnings.catch_warnings():  # see decode_file
         warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
         encoded = encode_png(image.contiguous(), compression_level=compression_level)
-    temporary.write_bytes(encoded.numpy().tobytes())
-    os.replace(temporary, path)
+    with runtime.written_atomically(path) as temporary:
+        temporary.write_bytes(encoded.numpy().tobytes())
 
 
 def reduce_zero_label(label):

@@ -508,7 +508,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         tag = settings["mode"] + "_ms" * (len(settings["ratios"]) > 1) + "_flip" * settings["flip"]
         out = folder / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(without_nan(record), indent=1))
+    runtime.write_text(out, json.dumps(without_nan(record), indent=1))
     print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
 
 
@@ -550,7 +550,7 @@ def write_split_files(model, info, settings, checkpoint, device):
     written = 0
     for probabilities, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
         name, picture = server_file(dataset.name, probabilities.argmax(dim=0), meta, dataset.palette)
-        picture.save(Path(save_dir) / name)
+        pictures.save_picture(picture, Path(save_dir) / name)
         written += 1
     total = int(sum_over_processes(torch.tensor([written], device=device)).item())
     if runtime.rank_and_world_size()[0] == 0:
@@ -807,9 +807,7 @@ def save_confusion_picture(matrix, classes, save_dir):
     """<save_dir>/confusion.png (pictures.confusion_picture), written by rank 0."""
     if runtime.rank_and_world_size()[0] == 0:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        checkpoints.save_picture(
-            pictures.confusion_picture(matrix, classes), Path(save_dir) / "confusion.png"
-        )
+        pictures.save_picture(pictures.confusion_picture(matrix, classes), Path(save_dir) / "confusion.png")
 
 
 def save_split_pictures(model, dataset, pred, label, meta, images, *, device, precision, save_dir, opacity):

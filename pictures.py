@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import runtime
 
 # -----------------------------------------------------------------------------------------------
 # Predictions and attention over an image
@@ -56,20 +57,31 @@ def save_pictures(
     stem.parent.mkdir(parents=True, exist_ok=True)
     pred = pred.cpu()
     paths = [Path(f"{stem}_pred.png"), Path(f"{stem}_overlay.jpg")]
-    label_picture(pred, palette).save(paths[0])
+    save_picture(label_picture(pred, palette), paths[0])
     picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
     colors = torch.tensor(palette, dtype=torch.float32)[pred.long()]  # (H, W, 3)
-    rgb_picture((1 - opacity) * picture + opacity * colors).save(paths[1], quality=95)
+    save_picture(rgb_picture((1 - opacity) * picture + opacity * colors), paths[1], quality=95)
     if attention is not None:
         paths.append(Path(f"{stem}_attention.png"))
-        rgb_picture(attention_overlay(picture, attention, opacity)).save(paths[2])
+        save_picture(rgb_picture(attention_overlay(picture, attention, opacity)), paths[2])
     if classes is not None:
         paths.append(Path(f"{stem}_composite.png"))
         composite = composite_picture(
             image, pred, palette, classes, attention, label, opacity, attention_title
         )
-        composite.save(paths[-1])
+        save_picture(composite, paths[-1])
     return paths
+
+
+def save_picture(picture, path, **options):
+    """A PIL image written atomically, in the format its name's suffix says (.png, .jpg, ...)."""
+    path, known = Path(path), Image.registered_extensions()
+    if path.suffix.lower() not in known:
+        raise ValueError(
+            f"{path}: Pillow writes no picture format named {path.suffix or '(no suffix)'}; name a .png file"
+        )
+    with runtime.written_atomically(path) as temporary:
+        picture.save(temporary, format=known[path.suffix.lower()], **options)
 
 
 # The composite's panels are at most this wide (pixels; a 2048-wide Cityscapes frame is drawn at 512),
@@ -245,7 +257,7 @@ def blue_ramp(value):
 
 
 # -----------------------------------------------------------------------------------------------
-# A training run's log (log.jsonl, written by checkpoints.Run)
+# A training run's log (log.jsonl, written by run.Run)
 
 PLOT_WIDTH, PLOT_HEIGHT = 860, 190
 

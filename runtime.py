@@ -21,6 +21,7 @@ import inspect
 import math
 import os
 import resource
+import secrets
 import signal
 import sys
 import threading
@@ -159,6 +160,28 @@ def training_float32(precision):
     """Around a whole training run or step: IEEE float32 for fp32 training, backward pass included;
     nothing for bf16/fp16, whose autocast covers the forward pass only."""
     return ieee_float32() if precision == "fp32" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def written_atomically(path, suffix=".tmp"):
+    """`with written_atomically(path) as temporary:` write the file to `temporary`, a name beside `path`
+    unique to this writer; when the block ends, one rename puts it at `path`, so a crash leaves the old
+    file or the new one, never half. If the block fails, the partial file is removed. Every file the
+    project writes goes through here; with the default suffix, a run's start clears what a crash left."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text):
+    """A text file written atomically."""
+    with written_atomically(path) as temporary:
+        temporary.write_text(text)
 
 
 def say(*args, **kwargs):

@@ -24,6 +24,7 @@ import evaluate
 import model
 import recipe
 import runtime
+from run import Run
 
 # -----------------------------------------------------------------------------------------------
 # The recipe's two formulas
@@ -59,9 +60,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     # The recipe of this run (the table's row and the flags that change it), its processes and device.
     config, device = set_up(args)
-    run = checkpoints.Run(config, sys.argv[1:] if argv is None else argv, resume=args.resume,
-                          trust=args.trust_checkpoint, keep=args.keep, max_nonfinite=args.max_nonfinite)  # fmt: skip
-    with run:  # the work dir is this run's until the block ends, by whatever way
+    run = Run(config, sys.argv[1:] if argv is None else argv, resume=args.resume,
+              trust=args.trust_checkpoint, keep=args.keep, max_nonfinite=args.max_nonfinite)  # fmt: skip
+    # The work dir is this run's until the block ends, by whatever way; a bad image checkpoints first.
+    with run, run.checkpoint_and_exit_on_a_bad_file():
         # 1. data (rank 0 first: it may write the toy dataset, which the others then read)
         train_set, val_set = runtime.rank_zero_first(lambda: build_datasets(config))
         config["num_classes"] = train_set.num_classes
@@ -73,7 +75,8 @@ def main(argv=None):
         optimizer = torch.optim.SGD(raw_model.parameters(), lr=config["lr"], momentum=config["momentum"],
                                     weight_decay=config["weight_decay"])  # fmt: skip
         scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")  # fp16 only
-        iteration = run.resume(raw_model, optimizer, scaler, train_set)  # 0, or where --resume continues
+        run.new_checkpoint_writer(raw_model, optimizer, scaler, train_set)
+        iteration = run.load_resumed_state(raw_model, optimizer, scaler)  # 0, or where --resume continues
         net = compile_and_distribute(raw_model, config, device)  # as the flags say
         show_recipe(config)
         if run.validation_pending:  # the run stopped between a checkpoint and its validation
@@ -102,11 +105,12 @@ def main(argv=None):
 
             # 3c. backward and step; every rank skips it when the loss is not finite on one
             optimizer.zero_grad(set_to_none=True)
-            finite = run.loss_is_finite(loss, iteration)
+            finite = run.all_reduce_loss(loss)  # also the mean loss and any rank's stop request
             if finite:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+            run.count_nonfinite_losses_or_exit(finite, iteration)
             iteration += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # honest step times (one sync per step costs little)
@@ -122,7 +126,7 @@ def main(argv=None):
                 # The checkpoint comes first, so a failing validation loses no training.
                 run.checkpoint(iteration, validation_pending=True)
                 validate_and_keep_best(raw_model, val_set, config, run, iteration)
-        run.finish(iteration)
+        run.draw_log_and_say_where_things_are(iteration)
     return run.best_miou
 
 
@@ -211,7 +215,7 @@ def validate(raw_model, val_set, config, save_dir=None):
 
 
 def validate_and_keep_best(raw_model, val_set, config, run, iteration):
-    """Validate the checkpoint just written, show the scores, and keep best.pth (run.keep_best); the
+    """Validate the checkpoint just written, show the scores, and keep best.pth (run.log_scores_and_keep_best); the
     last validation also draws its pictures, when asked (--pictures)."""
     start = time.perf_counter()
     results = validate(raw_model, val_set, config, run.pictures if iteration == config["iters"] else None)
@@ -219,7 +223,7 @@ def validate_and_keep_best(raw_model, val_set, config, run, iteration):
     runtime.say(f"\niteration {iteration}: val loss {results['loss']:.4f} (decode head, as training's), mIoU "
                 f"{results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}")  # fmt: skip
     runtime.say(evaluate.format_table(results, val_set.classes))
-    run.keep_best(iteration, results, seconds)
+    run.log_scores_and_keep_best(iteration, results, seconds)
 
 
 # Below this line: how it runs: the seeded samples and batches of an exact resume, the run's set-up,

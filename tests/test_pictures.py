@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import pictures
+import run
 from tools import plot_log
 
 
@@ -55,7 +55,7 @@ def test_the_log_picture_plots_each_series_and_read_log_skips_a_torn_line(tmp_pa
     records.append(dict(iteration=50, mIoU=30.0, val_loss=0.05))  # a resumed run validated 50 again
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"iteration": 101, "lo')
-    read, unreadable = checkpoints.read_log(log)
+    read, unreadable = run.read_log(log)
     assert read == records and unreadable == 1
     picture = np.array(pictures.log_picture(read))
     for colour in [(31, 119, 180), (158, 202, 225), (230, 85, 13), (49, 163, 84), (117, 107, 177)]:

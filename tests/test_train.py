@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import checkpoints
 import data
 import model
+import run
 import runtime
 import train
 
@@ -276,14 +277,14 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
 def test_a_second_run_on_a_work_dir_is_refused_and_stale_temporaries_removed(toy_root, tmp_path):
     stale = tmp_path / ".iter_3.pth.123-abcd.tmp"
     stale.write_bytes(b"half a checkpoint")
-    lock = checkpoints.claim_work_dir(tmp_path)
+    lock = run.claim_work_dir(tmp_path)
     assert not stale.exists() and f"process {os.getpid()}" in (tmp_path / "run.lock").read_text()
     with pytest.raises(
         SystemExit, match=f"in use by another training run \\(process {os.getpid()} .*--work-dir"
     ):
         train.main(toy_args(toy_root, tmp_path, "--iters", "1"))
     lock.close()  # what the OS does when the holder exits, a crash included
-    checkpoints.claim_work_dir(tmp_path).close()
+    run.claim_work_dir(tmp_path).close()
 
 
 def test_a_new_run_in_a_work_dir_with_checkpoints_is_refused_and_changes_nothing(toy_root, tmp_path):
@@ -369,7 +370,7 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root,
     assert torch.load(tmp_path / "iter_1.pth", weights_only=True)["validation_pending"] is True
     # Resumed: iteration 1 is validated again (10), iteration 2 scores 20, and the run is killed
     # while best.pth is being written.
-    real_save = checkpoints.save_checkpoint
+    real_save = run.save_checkpoint
 
     def killed_while_writing_best(path, checkpoint):
         if Path(path).name == "best.pth" and checkpoint["best_miou"] == 20.0:
@@ -377,7 +378,7 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root,
         real_save(path, checkpoint)
 
     monkeypatch.setattr(train, "validate", fake_validation([10.0, 20.0]))
-    monkeypatch.setattr(checkpoints, "save_checkpoint", killed_while_writing_best)
+    monkeypatch.setattr(run, "save_checkpoint", killed_while_writing_best)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--resume"])
     assert torch.load(tmp_path / "best.pth", weights_only=True)["best_miou"] == 10.0
@@ -385,7 +386,7 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root,
     # The next resume validates iteration 2 again and writes the best.pth it recorded.
     last_validation = fake_validation([20.0])
     monkeypatch.setattr(train, "validate", last_validation)
-    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    monkeypatch.setattr(run, "save_checkpoint", real_save)
     assert train.main(args + ["--resume"]) == 20.0
     assert last_validation.save_dirs == [tmp_path / "pictures"]  # the schedule's last: with pictures
     best = torch.load(tmp_path / "best.pth", weights_only=True)
@@ -436,7 +437,7 @@ def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_r
             if name in ("depth", "dataset", "block"):  # told when the run resumes
                 train.main(toy_args(toy_root, tmp_path / name, "--resume", str(path)))
             else:  # told when the file is read, before any model is built
-                checkpoints.read_resume_checkpoint(path, trust=False)
+                run.read_resume_checkpoint(path, trust=False)
     for key, value in (("meta", ["a list"]), ("recipe", "a string")):  # what evaluate.py reads
         torch.save({"state_dict": model.GCNet(5).state_dict(), key: value}, tmp_path / "odd.pth")
         with pytest.raises(ValueError, match=f"its '{key}' is a {type(value).__name__}, expected a dict"):
@@ -505,9 +506,9 @@ def test_no_entry_point_runs_code_from_a_hostile_checkpoint(toy_root, tmp_path, 
         lambda: train.main(toy_args(toy_root, tmp_path / "b", "--pretrained", str(evil))),
         lambda: train.main(toy_args(toy_root, tmp_path / "c", "--load-from", evil.as_uri())),
     ]
-    for run in entry_points:
+    for entry_point in entry_points:
         with pytest.raises(SystemExit, match="refusing to load .*evil.pth.*--trust-checkpoint"):
-            run()
+            entry_point()
         assert not marker.exists()
 
 
@@ -560,13 +561,13 @@ def test_the_run_is_cleaned_up_after_a_nonfinite_exit_and_a_failing_validation(
     conv = torch.backends.cudnn.conv
     handlers, fp32 = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)), conv.fp32_precision
     opened = []
-    real_log = checkpoints.Log
+    real_log = run.Log
 
     def tracked_log(path):
         opened.append(real_log(path))
         return opened[-1]
 
-    monkeypatch.setattr(checkpoints, "Log", tracked_log)
+    monkeypatch.setattr(run, "Log", tracked_log)
     ways_out = [
         ("nonfinite", ["--iters", "10", "--max-nonfinite", "2", "--eval-interval", "100"], SystemExit),
         ("validation", ["--iters", "2", "--eval-interval", "1"], ValueError),
@@ -582,4 +583,4 @@ def test_the_run_is_cleaned_up_after_a_nonfinite_exit_and_a_failing_validation(
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers, name
         assert conv.fp32_precision == fp32, name  # FAST trains in IEEE fp32: the setting is put back
         assert opened[-1].file.closed, name
-        checkpoints.claim_work_dir(tmp_path / name).close()  # the lock was released
+        run.claim_work_dir(tmp_path / name).close()  # the lock was released

@@ -88,7 +88,7 @@ def main(argv=None):
     print("\n" + table(models) + "\n")
     for line in findings(looked):
         print(line)
-    checkpoints.write_text(out / "compare.json", json.dumps(evaluate.without_nan(report), indent=1))
+    runtime.write_text(out / "compare.json", json.dumps(evaluate.without_nan(report), indent=1))
     print(f"wrote {out / 'compare.json'} and the pictures in {out}")
     return report
 
@@ -232,7 +232,7 @@ def look(models, dataset, args, device, out):
             mass.index_add_(0, classes, weights.flatten())
             area += torch.bincount(classes, minlength=len(area)).double() / classes.numel()
             panels.append(("GC map (one per image)", heat(original, attention, gc_model), []))
-        checkpoints.save_picture(maps_picture(panels), out / f"maps_{meta['name'].replace('/', '_')}.png")
+        pictures.save_picture(maps_picture(panels), out / f"maps_{meta['name'].replace('/', '_')}.png")
     result = dict(looked_at_images=count, sampled_queries=SAMPLED_QUERIES)
     if nl_distances:
         result["nonlocal"] = dict(mean_cosine_distance_between_queries=sum(nl_distances) / count,
@@ -253,7 +253,7 @@ def look(models, dataset, args, device, out):
         result["gc"] = dict(mean_cosine_distance_between_images=between, centred=centred,
                             effective_fraction=sum(gc_spread) / count,
                             mass_by_class=by_class)  # fmt: skip
-        checkpoints.save_picture(class_mass_picture(by_class), out / "gc_attention_by_class.png")
+        pictures.save_picture(class_mass_picture(by_class), out / "gc_attention_by_class.png")
     return result
 
 

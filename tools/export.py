@@ -34,7 +34,6 @@ from torch import nn
 sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # the project's modules sit in the repository root
-import checkpoints  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import recipe  # noqa: E402
@@ -138,7 +137,7 @@ def main(argv=None):
         mean=list(data.MEAN), std=list(data.STD), torch=torch.__version__,
     )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    with checkpoints.replaced_atomically(out, suffix=".pt2") as temporary:  # torch.export wants a .pt2 name
+    with runtime.written_atomically(out, suffix=".pt2") as temporary:  # torch.export wants a .pt2 name
         torch.export.save(program, str(temporary), extra_files={"gcnet.json": json.dumps(about)})
     print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s: "
           f"{len(about['classes'])} classes; batch 1..{MAX_BATCH}, height and width {MIN_SIDE}..{MAX_SIDE}")  # fmt: skip

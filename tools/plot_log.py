@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # the project's modules sit in the repository root
-import checkpoints  # noqa: E402
 import pictures  # noqa: E402
+import run  # noqa: E402
 
 
 def main(argv=None):
@@ -33,7 +33,7 @@ def main(argv=None):
         raise SystemExit(
             f"plot_log.py: {path} not found: pass the work dir of a train.py run, or its log.jsonl"
         )
-    records, unreadable = checkpoints.read_log(path)
+    records, unreadable = run.read_log(path)
     if unreadable:
         print(f"skipped {unreadable} unreadable line(s) of {path} (a run killed while writing leaves one)")
     if not any("iteration" in record for record in records):
@@ -41,7 +41,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else path.with_name("log.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        checkpoints.save_picture(pictures.log_picture(records, title=path.resolve().parent.name), out)
+        pictures.save_picture(pictures.log_picture(records, title=path.resolve().parent.name), out)
     except ValueError as error:
         raise SystemExit(f"plot_log.py: --out {error}") from None
     print(f"wrote {out}")

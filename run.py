@@ -1,0 +1,578 @@
+"""A training run's machinery, for train.main: its work dir, safe from crashes, full disks and second
+runs; its checkpoints; resuming; stop signals; its log. Nothing here is part of the recipe.
+
+The rules:
+- one run per work dir: a lock held until the run ends (the OS releases it on any exit, a crash too);
+- every file is written through runtime.written_atomically: a crash leaves the old file or the new one;
+- only names that are exactly iter_<N>.pth are checkpoints; a checkpoint never holds NaN weights;
+- a checkpoint holds everything an exact resume needs: weights, optimizer, loss scaler, iteration,
+  best score, every rank's random state, the recipe, and the classes and palette.
+"""
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import checkpoints
+import data
+import pictures
+import recipe
+import runtime
+
+
+class Run:
+    """The machinery of one training run. No callbacks: train.main calls these methods where its loop
+    needs them. Leaving the `with` block by any way (the end, a stop signal, too many non-finite losses,
+    a failing validation, an error) closes the log and the bar, puts the signal handlers and float32
+    settings back, ends the process group and releases the work dir."""
+
+    def __init__(self, config, argv, *, resume=None, trust=False, keep=3, max_nonfinite=5):
+        self.config, self.work_dir = config, Path(config["work_dir"])
+        self.rank, self.world_size = runtime.rank_and_world_size()
+        self.resume_flag, self.trust, self.keep = resume, trust, keep
+        self.max_nonfinite = max_nonfinite
+        self.restart = restart_command(argv, self.world_size)  # the command that continues this run
+        self.best_miou, self.validation_pending, self.last_path, self.start = -1.0, False, None, 0
+        self.iteration = self.saved_iteration = 0  # steps done, and of them in the last checkpoint
+        self.nonfinite_in_a_row, self.mean_loss, self.stop_requested = 0, math.nan, False
+        self.writer = self.bar = None
+        self.pictures = self.work_dir / "pictures" if config["pictures"] else None  # of the last validation
+        self.cleanup = contextlib.ExitStack()
+
+    def __enter__(self):
+        with contextlib.ExitStack() as stack:  # if this fails halfway, what it did is undone
+            if self.world_size > 1:
+                stack.callback(dist.destroy_process_group)
+            if self.rank == 0:
+                stack.enter_context(claim_work_dir(self.work_dir))  # the lock file, held until the end
+            if self.resume_flag is None:
+                refuse_an_earlier_run(self.work_dir)  # a new run changes nothing of an earlier one
+            self.resume_path = find_resume_checkpoint(self.resume_flag, self.work_dir)
+            stack.enter_context(runtime.training_float32(self.config["precision"]))
+            self.stop = StopRequest()
+            stack.callback(self.stop.restore)
+            self.log = stack.enter_context(Log(self.work_dir / "log.jsonl" if self.rank == 0 else None))
+            self.cleanup = stack.pop_all()
+        return self
+
+    def __exit__(self, kind, exception, traceback):
+        self.cleanup.close()
+        return False
+
+    @contextlib.contextmanager
+    def checkpoint_and_exit_on_a_bad_file(self):
+        """A training or validation file that cannot be used (data.FileProblem): checkpoint the steps
+        done (one process: under torchrun the other ranks are not here to gather their random states),
+        name the file, say how to continue, and exit."""
+        try:
+            yield
+        except data.FileProblem as problem:
+            if self.world_size == 1 and self.writer is not None and self.iteration > self.saved_iteration:
+                self.checkpoint(self.iteration)
+            kept = f"checkpoint {self.last_path}" if self.last_path else "no checkpoint yet"
+            raise SystemExit(
+                f"train.py: {problem}\nStopped at iteration {self.iteration} ({kept}). Mend or remove the "
+                f"file, then continue with: {self.restart}"
+            ) from None
+
+    def new_checkpoint_writer(self, raw_model, optimizer, scaler, train_set):
+        """The writer of this run's checkpoints: what they hold, where they go."""
+        meta = {"CLASSES": list(train_set.classes), "PALETTE": [list(c) for c in train_set.palette]}
+        self.writer = CheckpointWriter(
+            work_dir=self.work_dir,
+            raw_model=raw_model,
+            optimizer=optimizer,
+            scaler=scaler,
+            config=self.config,
+            meta=meta,
+            keep=self.keep,
+            restart=self.restart,
+        )
+
+    def load_resumed_state(self, raw_model, optimizer, scaler):
+        """With --resume, load everything back: weights, optimizer, loss scaler, every rank's random
+        stream, the best score, whether a validation is pending. Returns the iteration to start at: 0
+        for a new run."""
+        if not self.resume_path:
+            return 0
+        path, checkpoint = self.resume_path, read_resume_checkpoint(self.resume_path, self.trust)
+        theirs = checkpoint["recipe"]
+        for key in ("dataset", "depth"):  # another model: the command lacks a flag
+            if theirs.get(key) != self.config[key]:
+                raise SystemExit(
+                    f"--resume {path}: that run has --{key} {theirs.get(key)}, this command --{key} "
+                    f"{self.config[key]}. Pass --{key} {theirs.get(key)} to continue it (or --load-from "
+                    f"{path} to start a new run from its weights, in another --work-dir)."
+                )
+        block = dict(recipe.GC_BLOCK, **theirs.get("block", {}))
+        if block != self.config["block"]:
+            raise SystemExit(
+                f"--resume {path}: that run trains a {recipe.method_name(block)} model, this command a "
+                f"{recipe.method_name(self.config['block'])} one. Pass {recipe.block_flags(block)} to continue it."
+            )
+        for key in ("crop_size", "iters", "global_batch", "lr"):
+            if theirs.get(key) != self.config[key]:
+                runtime.say(
+                    f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has {theirs.get(key)}"
+                )
+        try:
+            checkpoints.load_checkpoint(raw_model, path, checkpoint)
+        except ValueError as error:
+            raise SystemExit(f"--resume: {error}") from None
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_states(checkpoint.get("rng") or [], torch.device(self.config["device"]))
+        runtime.say(f"resumed from {path} at iteration {checkpoint['iteration']}")
+        self.start, self.last_path = checkpoint["iteration"], path
+        self.iteration = self.saved_iteration = self.start
+        self.best_miou = checkpoint.get("best_miou", -1.0)
+        self.validation_pending = checkpoint.get("validation_pending", False)
+        return self.start
+
+    def all_reduce_loss(self, loss):
+        """One all-reduce per step, so that all ranks step, skip or stop together: the mean loss
+        (self.mean_loss), whether any rank asked to stop (self.stop_requested), and whether the loss is
+        finite on every rank, which it returns."""
+        value = loss.item()
+        flags = torch.tensor([value, not math.isfinite(value), self.stop.requested], device=loss.device)
+        if self.world_size > 1:
+            dist.all_reduce(flags)
+        self.mean_loss, self.stop_requested = flags[0].item() / self.world_size, flags[2].item() > 0
+        return flags[1].item() == 0
+
+    def count_nonfinite_losses_or_exit(self, finite, iteration):
+        """A non-finite step was skipped: say so and log it. `max_nonfinite` in a row end the run,
+        naming the last good checkpoint."""
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+        if finite:
+            return
+        runtime.say(
+            f"\niteration {iteration}: non-finite loss, step skipped ({self.nonfinite_in_a_row} in a row)"
+        )
+        self.log.write({"iteration": iteration, "event": "nonfinite_loss"})
+        if self.nonfinite_in_a_row >= self.max_nonfinite:
+            raise SystemExit(
+                f"stopping: {self.nonfinite_in_a_row} non-finite losses in a row at iteration {iteration}. "
+                f"Lower --lr (now {self.config['lr']}), try --precision fp32, or check the labels. "
+                f"The last good checkpoint is {self.last_path or 'not written yet'}."
+            )
+
+    def log_step(self, iteration, finite, values):
+        """The progress bar after `iteration` finished steps, and every log_interval-th a record of
+        `values` (losses, lr, times) in log.jsonl."""
+        self.iteration = iteration
+        if self.bar is None:
+            bar = tqdm(
+                total=self.config["iters"], initial=self.start, disable=self.rank != 0, dynamic_ncols=True
+            )
+            self.bar = self.cleanup.enter_context(bar)
+        if self.rank == 0 and finite:
+            memory = runtime.peak_memory_gb(torch.device(self.config["device"]))
+            self.bar.set_postfix(
+                loss=f"{self.mean_loss:.3f}",
+                lr=f"{values['lr']:.2e}",
+                data=f"{values['data_time']:.2f}s",
+                step=f"{values['step_time']:.2f}s",
+                mem=f"{memory:.1f}G",
+            )
+            if iteration % self.config["log_interval"] == 0 or iteration == self.config["iters"]:
+                numbers = {
+                    key: value.item() if torch.is_tensor(value) else value for key, value in values.items()
+                }
+                self.log.write(dict(iteration=iteration, loss=self.mean_loss, **numbers, memory_gb=memory))
+        self.bar.update(1)
+
+    def checkpoint(self, iteration, validation_pending=False):
+        """iter_<N>.pth after `iteration` finished steps; validation_pending when a validation follows."""
+        self.last_path = self.writer.save(iteration, self.best_miou, self.last_path, validation_pending)
+        self.saved_iteration = iteration
+
+    def checkpoint_and_stop(self, iteration):
+        """A stop signal arrived: checkpoint and say how to continue."""
+        self.checkpoint(iteration)
+        runtime.say(f"\nstopped by a signal at iteration {iteration}; checkpoint {self.last_path}")
+        runtime.say(f"continue with: {self.restart}")
+
+    def log_scores_and_keep_best(self, iteration, results, seconds):
+        """After validating checkpoint `iteration`: log the scores; on a new best, write best.pth. The
+        iteration's own checkpoint still records the previous best, so a crash before best.pth is
+        complete leaves the old best.pth, and the resumed run validates this iteration again."""
+        scores = {key: results[key] for key in ("mIoU", "mAcc", "aAcc", "mF1")}
+        self.log.write(dict(iteration=iteration, **scores, val_loss=results["loss"], val_seconds=seconds))
+        if results["mIoU"] > self.best_miou:
+            settings = checkpoints.validation_settings(self.config)
+            validation = dict(settings, iteration=iteration, mIoU=results["mIoU"])
+            self.writer.save(iteration, results["mIoU"], None, name="best.pth", validation=validation)
+        self.best_miou = max(self.best_miou, results["mIoU"])
+        self.validation_pending = False
+
+    def draw_log_and_say_where_things_are(self, iteration):
+        """At the end of the schedule: log.png, and where the checkpoints, pictures and log are."""
+        if iteration < self.config["iters"]:
+            return
+        runtime.say(
+            f"\ndone: {iteration} iterations, best val mIoU {self.best_miou:.2f}; checkpoints and log in {self.work_dir}"
+        )
+        if self.rank == 0:
+            records, _ = read_log(self.work_dir / "log.jsonl")
+            pictures.save_picture(
+                pictures.log_picture(records, self.config["config_name"]), self.work_dir / "log.png"
+            )
+            runtime.say(f"the losses, learning rate and validation mIoU: {self.work_dir / 'log.png'}")
+        if self.pictures:
+            maps = "" if self.config["block"]["context"] == "none" else "attention, "  # FCN: no block, no map
+            runtime.say(
+                f"pictures of the last validation (labels, overlay, {maps}and all three beside the ground truth in <name>_composite.png; the confusion matrix in confusion.png) in {self.pictures}"
+            )
+        if (self.work_dir / "best.pth").exists():
+            runtime.say(
+                f"evaluate with: python evaluate.py --checkpoint {self.work_dir / 'best.pth'} --ms-flip"
+            )
+
+
+# -----------------------------------------------------------------------------------------------
+# The work dir of a run
+
+
+CHECKPOINT_NAME = re.compile(r"iter_(0|[1-9]\d*)\.pth")  # iter_04.pth is a copy, not checkpoint 4
+LAST_CHECKPOINT = "last_checkpoint"  # names the newest iter_<N>.pth this work dir's run wrote
+
+
+def claim_work_dir(work_dir):
+    """Lock the work dir for this process's lifetime (the OS releases the lock on any exit, a crash
+    included) and remove temporary files that a crashed run left. A second run is refused."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(work_dir / "run.lock", "a+")  # held open, and locked, until the process ends
+    except OSError as error:  # a file in the way, a read-only disk, no permission
+        raise SystemExit(
+            f"train.py: cannot use --work-dir {work_dir}: {error.strerror or error} ({error.filename}). "
+            "Pass a --work-dir in a folder you can write to."
+        ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise SystemExit(
+            f"train.py: {work_dir} is in use by another training run ({holder}). Wait for it to end, stop it "
+            "(SIGTERM checkpoints it), or pass another --work-dir."
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    for stale in work_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    return lock
+
+
+def checkpoints_in(work_dir):
+    """iter_<N>.pth files, oldest first; any other name (a copy, a note) is not a checkpoint."""
+    found = [path for path in Path(work_dir).glob("iter_*.pth") if CHECKPOINT_NAME.fullmatch(path.name)]
+    return sorted(found, key=checkpoint_number)
+
+
+def checkpoint_number(path):
+    return int(CHECKPOINT_NAME.fullmatch(Path(path).name).group(1))
+
+
+def refuse_an_earlier_run(work_dir):
+    """A run without --resume starts only in a work dir that holds no checkpoints: it would overwrite
+    the earlier run's best.pth and mix its iter_<N>.pth with the earlier ones."""
+    found = checkpoints_in(work_dir) + [path for path in [Path(work_dir) / "best.pth"] if path.is_file()]
+    if found:
+        names = ", ".join(path.name for path in found[-3:])
+        raise SystemExit(
+            f"train.py: {work_dir} holds the checkpoints of an earlier run ({names}). Continue that run "
+            "with --resume; or start a new run in another --work-dir (the earlier run stays as it is); "
+            "or move or delete that folder first."
+        )
+
+
+def find_resume_checkpoint(resume, work_dir):
+    """--resume PATH, or for a bare --resume the newest checkpoint this work dir's run wrote: the one
+    last_checkpoint names (a run resumed from an earlier iter_<N>.pth writes lower numbers than the
+    abandoned ones beside them), else the highest iter_<N>.pth."""
+    if resume is None:
+        return None
+    if resume != "latest":
+        return resume
+    pointer = Path(work_dir) / LAST_CHECKPOINT
+    named = Path(work_dir) / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and CHECKPOINT_NAME.fullmatch(named.name) and named.is_file():
+        return named
+    found = checkpoints_in(work_dir)
+    if not found:
+        raise SystemExit(f"--resume: no iter_<N>.pth in {work_dir}; pass --resume PATH or start without it")
+    return found[-1]
+
+
+def restart_command(argv, world_size):
+    """The command that continues this run: the same flags, --resume instead of --resume/--load-from."""
+    kept, skip = [], False
+    for word in argv:
+        if skip and not word.startswith("--"):
+            skip = False
+            continue
+        skip = word in ("--resume", "--load-from")
+        if not skip and not word.startswith(("--resume=", "--load-from=")):
+            kept.append(shlex.quote(word))
+    launcher = "python train.py" if world_size == 1 else "torchrun --nproc_per_node=N train.py"
+    return " ".join([launcher, *kept, "--resume"])
+
+
+# -----------------------------------------------------------------------------------------------
+# Writing checkpoints
+
+
+class NonFiniteWeights(RuntimeError):
+    """The weights to be saved hold NaN or inf: the training diverged."""
+
+
+def save_checkpoint(path, checkpoint):
+    """Write `checkpoint` to `path` atomically. Non-finite weights are never written."""
+    path = Path(path)
+    state_dict = checkpoint["state_dict"]
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteWeights(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}")
+    with runtime.written_atomically(path) as temporary:
+        torch.save(checkpoint, temporary)
+
+
+class CheckpointWriter:
+    """Writes iter_<N>.pth (and best.pth) on rank 0 after gathering every rank's random state; keeps
+    the newest `keep` iter_<N>.pth. `meta` holds the classes and palette, as the official files do."""
+
+    def __init__(self, *, work_dir, raw_model, optimizer, scaler, config, meta, keep, restart):
+        self.work_dir, self.raw_model, self.optimizer, self.scaler = (
+            Path(work_dir),
+            raw_model,
+            optimizer,
+            scaler,
+        )
+        self.config, self.meta, self.keep, self.restart = config, meta, keep, restart
+        self.rank = runtime.rank_and_world_size()[0]
+
+    def save(self, iteration, best_miou, last_path, validation_pending=False, name=None, validation=None):
+        rng = gather_rng_states()
+        if self.rank != 0:
+            return None
+        path = self.work_dir / (name or f"iter_{iteration}.pth")
+        checkpoint = {
+            "state_dict": self.raw_model.state_dict(),  # the official layout: no module. / _orig_mod.
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": iteration,  # finished iterations
+            "best_miou": best_miou,
+            "validation_pending": validation_pending,  # written before its validation ran
+            "rng": rng,  # one entry per rank
+            "recipe": self.config,
+            "meta": self.meta,
+        }
+        if validation:  # best.pth: the settings and score of its validation, which evaluate.py compares with
+            checkpoint["validation"] = validation
+        try:
+            save_checkpoint(path, checkpoint)
+        except NonFiniteWeights as error:
+            again = f"then continue from {last_path} with: {self.restart} {last_path}"
+            raise SystemExit(
+                f"{error}. Lower --lr or use --precision fp32, {again if last_path else 'then start again'}"
+            ) from None
+        except (OSError, RuntimeError) as error:
+            if not disk_is_full(error, path, checkpoint):
+                raise
+            raise SystemExit(disk_full_message(path, checkpoint, last_path, self.restart)) from None
+        if name is None:
+            runtime.write_text(self.work_dir / LAST_CHECKPOINT, path.name)
+            # Only earlier checkpoints of this run go: never the one just written, and never higher
+            # numbers, which a run resumed from an earlier checkpoint left beside it.
+            earlier = [old for old in checkpoints_in(self.work_dir) if checkpoint_number(old) < iteration]
+            for old in earlier[: max(0, len(earlier) - (self.keep - 1))]:
+                old.unlink()
+        return path
+
+
+def checkpoint_bytes(checkpoint):
+    """About the size of a checkpoint file: its weights and the optimizer's buffers."""
+    optimizer_state = checkpoint["optimizer"]["state"].values()
+    tensors = [checkpoint["state_dict"].values()] + [value.values() for value in optimizer_state]
+    return sum(t.numel() * t.element_size() for group in tensors for t in group if torch.is_tensor(t))
+
+
+def disk_is_full(error, path, checkpoint):
+    """Whether a failed save ran out of space. torch.save reports ENOSPC as an OSError or, from its
+    zip writer, as a RuntimeError without the errno ("unexpected pos ..."): then the free space says."""
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return False
+    return free < checkpoint_bytes(checkpoint)
+
+
+def disk_full_message(path, checkpoint, last_path, restart):
+    needed, free = checkpoint_bytes(checkpoint), shutil.disk_usage(path.parent).free
+    kept = (
+        f"The previous checkpoint {last_path} is intact." if last_path else "No checkpoint was written yet."
+    )
+    return (
+        f"train.py: the disk is full: writing {path} needs about {needed / 1e6:.0f} MB and {path.parent} has "
+        f"{free / 1e6:.0f} MB free. The partial file was removed. {kept} Free some space (or pass --keep 1 "
+        f"or another --work-dir), then continue with: {restart}"
+    )
+
+
+# -----------------------------------------------------------------------------------------------
+# Reading a checkpoint back for --resume
+
+
+RESUME_KEYS = {
+    "state_dict": dict,
+    "optimizer": dict,
+    "scaler": dict,
+    "iteration": int,
+    "recipe": dict,
+    "meta": dict,
+    "rng": list,
+    "best_miou": float,
+}
+
+
+def read_resume_checkpoint(path, trust):
+    try:
+        checkpoint = checkpoints.read_checkpoint(path, trust)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--resume: {error}") from None
+    needed = ("state_dict", "optimizer", "scaler", "iteration", "recipe")
+    missing = [key for key in needed if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise SystemExit(
+            f"--resume {path}: not a checkpoint written by train.py (it has no {', '.join(missing)}), so there "
+            f"is no run to continue. To start a new run from its weights, use --load-from {path}."
+        )
+    wrong = [
+        f"{key} is {type(checkpoint[key]).__name__}, expected {kind.__name__}"
+        for key, kind in RESUME_KEYS.items()
+        if key in checkpoint and not isinstance(checkpoint[key], kind)
+    ]
+    if isinstance(checkpoint["iteration"], int) and checkpoint["iteration"] < 0:
+        wrong.append(f"iteration is {checkpoint['iteration']}")
+    rng = checkpoint.get("rng") or []
+    if isinstance(rng, list) and not all(
+        isinstance(s, dict) and torch.is_tensor(s.get("torch")) for s in rng
+    ):
+        wrong.append("rng lacks a rank's 'torch' random state")
+    if wrong:
+        raise SystemExit(
+            f"--resume {path}: the file is damaged or was edited: {'; '.join(wrong)}. Resume from another "
+            "checkpoint of the run, or start a new run from its weights with --load-from."
+        )
+    return checkpoint
+
+
+def rng_states():
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def gather_rng_states():
+    """Every rank's random state, in rank order (every rank must call this)."""
+    _, world_size = runtime.rank_and_world_size()
+    if world_size == 1:
+        return [rng_states()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_states())
+    return states
+
+
+def restore_rng_states(states, device):
+    """Continue every rank's random stream exactly, when the world size is the same."""
+    rank, world_size = runtime.rank_and_world_size()
+    if len(states) == world_size:
+        torch.set_rng_state(states[rank]["torch"])
+        if "cuda" in states[rank] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(states[rank]["cuda"])
+
+
+# -----------------------------------------------------------------------------------------------
+# Stop signals and the log
+
+
+class StopRequest:
+    """SIGTERM (cluster pre-emption, torchrun shutdown) or Ctrl-C: finish the step, checkpoint, exit.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested, self.pid = False, os.getpid()
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked child (a pool worker) inherited this: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        """Put back the handlers that were there before (train.main called from Python returns)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def read_log(path):
+    """log.jsonl's records, and how many lines could not be read (a run killed mid-line leaves one)."""
+    records, unreadable = [], 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            unreadable += bool(line.strip())
+    return records, unreadable
+
+
+class Log:
+    """log.jsonl, one JSON record a line, appended and flushed (rank 0 only: None elsewhere)."""
+
+    def __init__(self, path):
+        self.file = open(path, "a") if path else None
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.close()
