@@ -102,10 +102,13 @@ def numpy_scalar(dtype, data=None):
 
 NUMPY_SAFE_GLOBALS = (
     [(numpy_dtype, "numpy.dtype"), (NumpyArrayName, "numpy.ndarray"), (CheckedArray, "CheckedArray")]
-    + [(function, f"numpy.{core}.multiarray.{name}") for core in ("core", "_core")
-       for function, name in ((numpy_reconstruct, "_reconstruct"), (numpy_scalar, "scalar"))]
+    + [
+        (function, f"numpy.{core}.multiarray.{name}")
+        for core in ("core", "_core")
+        for function, name in ((numpy_reconstruct, "_reconstruct"), (numpy_scalar, "scalar"))
+    ]
     + list({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"} - {np.dtype})  # a dtype's state
-)  # fmt: skip
+)
 # torch's weights_only unpickler allows bytearray itself, and bytearray(10**9) allocates a gigabyte.
 REFUSED_GLOBALS = {"builtins.bytearray", "__builtin__.bytearray"}
 TRUST_HINT = (
@@ -518,8 +521,10 @@ def find_checkpoint(path):
             f"no checkpoint found: looked for {CHECKPOINT_PATTERN} in {Path.cwd()}; "
             "pass --checkpoint PATH or train first with python train.py"
         )
-    runtime.say(f"no --checkpoint: evaluating {found[-1]}, the newest of {len(found)} {CHECKPOINT_PATTERN}; "
-                "pass --checkpoint PATH for another")  # fmt: skip
+    runtime.say(
+        f"no --checkpoint: evaluating {found[-1]}, the newest of {len(found)} {CHECKPOINT_PATTERN}; "
+        "pass --checkpoint PATH for another"
+    )
     return str(found[-1])
 
 
@@ -545,9 +550,16 @@ def checkpoint_info(path_or_url, checkpoint=None):
         depth={6: 50, 23: 101}[n_blocks],
         block=block_of_state_dict(state_dict),
         num_classes=int(state_dict["decode_head.conv_seg.weight"].shape[0]),
-        dataset=None, align_corners=None, crop_size=None, classes=None, palette=None, config_name=None,
-        recipe=None, row=None, validation=None,
-    )  # fmt: skip
+        dataset=None,
+        align_corners=None,
+        crop_size=None,
+        classes=None,
+        palette=None,
+        config_name=None,
+        recipe=None,
+        row=None,
+        validation=None,
+    )
     meta, ours = checkpoint.get("meta") or {}, checkpoint.get("recipe")
     for key, value in (("meta", meta), ("recipe", ours)):
         if not isinstance(value, (dict, type(None))):
@@ -596,8 +608,20 @@ def checkpoint_info(path_or_url, checkpoint=None):
 
 # What best.pth records of the validation that scored it (validation_settings), in the names of
 # evaluate.py's settings: evaluate.training_differences compares them with its own.
-VALIDATION_KEYS = ("dataset", "data_root", "mode", "crop_size", "stride", "scale", "ratios", "flip", "precision",
-                   "fold_batchnorm", "channels_last", "device")  # fmt: skip
+VALIDATION_KEYS = (
+    "dataset",
+    "data_root",
+    "mode",
+    "crop_size",
+    "stride",
+    "scale",
+    "ratios",
+    "flip",
+    "precision",
+    "fold_batchnorm",
+    "channels_last",
+    "device",
+)
 
 
 def validation_settings(config):
@@ -605,8 +629,16 @@ def validation_settings(config):
     the run's precision, layout and BatchNorm folding."""
     root = config["data_root"] or recipe.DATASETS[config["dataset"]]["root"]
     return dict(
-        dataset=config["dataset"], data_root=os.path.abspath(root), mode=config["test_mode"],
-        crop_size=list(config["test_crop"]), stride=list(config["test_stride"]), scale=list(config["scale"]),
-        ratios=[1.0], flip=False, precision=config["precision"], fold_batchnorm=config["fold_batchnorm"],
-        channels_last=config["channels_last"], device=torch.device(config["device"]).type,
-    )  # fmt: skip
+        dataset=config["dataset"],
+        data_root=os.path.abspath(root),
+        mode=config["test_mode"],
+        crop_size=list(config["test_crop"]),
+        stride=list(config["test_stride"]),
+        scale=list(config["scale"]),
+        ratios=[1.0],
+        flip=False,
+        precision=config["precision"],
+        fold_batchnorm=config["fold_batchnorm"],
+        channels_last=config["channels_last"],
+        device=torch.device(config["device"]).type,
+    )

@@ -57,11 +57,18 @@ def build_dataset(
     pairs = find_pairs(name, root, split)
     check_files(name, pairs)
     dataset = SegmentationDataset(
-        name, root, split, pairs, classes, palette, scale=row["scale"] if scale is None else scale,
-        crop_size=row["crop_size"], test_ratios=test_ratios,
+        name,
+        root,
+        split,
+        pairs,
+        classes,
+        palette,
+        scale=row["scale"] if scale is None else scale,
+        crop_size=row["crop_size"],
+        test_ratios=test_ratios,
         reduce_zero_label=zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label),
         image_suffix="_leftImg8bit.png" if name in ("cityscapes", "toy") else None,
-    )  # fmt: skip
+    )
     if dataset.reduce_zero_label and dataset.has_labels:  # one label: cheap
         check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1], name, dataset.num_classes)
     return dataset
@@ -207,9 +214,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
     its original size (None in the test split), meta = dict(name, image_path, original_size)."""
 
     def __init__(
-        self, name, root, split, pairs, classes, palette, *, scale, crop_size, test_ratios=(1.0,),
-        reduce_zero_label=False, image_suffix=None,
-    ):  # fmt: skip
+        self,
+        name,
+        root,
+        split,
+        pairs,
+        classes,
+        palette,
+        *,
+        scale,
+        crop_size,
+        test_ratios=(1.0,),
+        reduce_zero_label=False,
+        image_suffix=None,
+    ):
         self.name, self.root, self.split = name, str(root), split
         self.pairs = pairs  # [(image_path, label_path or None)] as str: cheap to send to DataLoader workers
         self.has_labels = all(label is not None for _, label in pairs)
@@ -301,7 +319,7 @@ def classes_of(name, root):
     if name == "folder":
         return read_classes_file(root)
     entry = CLASSES_AND_PALETTES[name]
-    return entry["classes"], entry["palette"], recipe.DATASETS[name]["reduce_zero_label"]
+    return entry["classes"], entry["palette"], recipe.DATASETS[name].get("reduce_zero_label", False)
 
 
 # Every image and label file is refused above this many pixels before it is decoded (8192 x 8192; a
@@ -498,9 +516,26 @@ FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 # Cityscapes id -> trainId (cityscapesScripts helpers/labels.py); every other id -> 255.
 CITYSCAPES_ID_TO_TRAINID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 
 # The layout of each dataset, shown when a root or a split is missing or empty.
 LAYOUTS = {
@@ -610,8 +645,14 @@ def find_ade20k_pairs(root, split):
         found = [path for path in (root / "release_test", root.parent / "release_test") if path.is_dir()]
         image_dir = found[0] / "testing" if found else image_dir
     images = list_images("ade20k", root, image_dir, "*.jpg", ".jpg")
-    return pair_up("ade20k", split, image_dir, images, lambda image: label_dir / (image.stem + ".png"),
-                   (label_dir, "*.png"))  # fmt: skip
+    return pair_up(
+        "ade20k",
+        split,
+        image_dir,
+        images,
+        lambda image: label_dir / (image.stem + ".png"),
+        (label_dir, "*.png"),
+    )
 
 
 def find_voc12aug_pairs(root, split):
@@ -638,10 +679,13 @@ def find_voc12aug_pairs(root, split):
             )
         hint = prepare if label_dir == "SegmentationClassAug" else ""
         pairs += pair_up(
-            "voc12aug", split, root / "JPEGImages", images,
+            "voc12aug",
+            split,
+            root / "JPEGImages",
+            images,
             label_of=lambda image, folder=root / label_dir: folder / f"{image.stem}.png",
             hint=lambda label_path, hint=hint: hint,
-        )  # fmt: skip
+        )
     return pairs
 
 
@@ -654,16 +698,30 @@ def find_folder_pairs(root, split):
     if not images:
         raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")
     skipped = [path.name for path in files if path.suffix.lower() not in FOLDER_IMAGE_EXTENSIONS]
-    warn_about("folder", skipped, f"files in {image_dir} are not .jpg/.jpeg/.png/.webp images and are "
-               "skipped", "Convert images in other formats (e.g. .bmp) to PNG to use them.")  # fmt: skip
+    warn_about(
+        "folder",
+        skipped,
+        f"files in {image_dir} are not .jpg/.jpeg/.png/.webp images and are skipped",
+        "Convert images in other formats (e.g. .bmp) to PNG to use them.",
+    )
     stems = {}
     for image in images:
         stems.setdefault(image.stem, []).append(image.name)
     shared = [" + ".join(names) for names in stems.values() if len(names) > 1]
-    warn_about("folder", shared, f"groups of images in {image_dir} share a name and so one label file",
-               "Rename or remove all but one of each.")  # fmt: skip
-    return pair_up("folder", split, image_dir, images, lambda image: label_dir / (image.stem + ".png"),
-                   (label_dir, "*.png"))  # fmt: skip
+    warn_about(
+        "folder",
+        shared,
+        f"groups of images in {image_dir} share a name and so one label file",
+        "Rename or remove all but one of each.",
+    )
+    return pair_up(
+        "folder",
+        split,
+        image_dir,
+        images,
+        lambda image: label_dir / (image.stem + ".png"),
+        (label_dir, "*.png"),
+    )
 
 
 def read_classes_file(root):
@@ -691,8 +749,10 @@ def read_classes_file(root):
         while numbers < len(words) - 1 and words[-1 - numbers].lstrip("+-").isdigit():
             numbers += 1
         if numbers == 2 or (numbers >= 3 and not all(0 <= int(word) <= 255 for word in words[-3:])):
-            raise ValueError(f"{where}: expected a class name, optionally followed by a colour R G B of "
-                             "three integers in 0..255 (e.g. `road 128 64 128`).")  # fmt: skip
+            raise ValueError(
+                f"{where}: expected a class name, optionally followed by a colour R G B of "
+                "three integers in 0..255 (e.g. `road 128 64 128`)."
+            )
         name = " ".join(words[:-3] if numbers >= 3 else words)
         if name in first_line:
             raise ValueError(f"{where}: class {name!r} is listed twice (first on line {first_line[name]}).")
@@ -754,9 +814,10 @@ def check_files(name, pairs):
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ValueError(
-            f"{name}: {len(problems)} problem(s) with the files of this split:\n  " + "\n  ".join(problems[:10])
+            f"{name}: {len(problems)} problem(s) with the files of this split:\n  "
+            + "\n  ".join(problems[:10])
             + f"{more}\nRe-download or re-save these files, or remove them (with their labels) from the split."
-        )  # fmt: skip
+        )
 
 
 # -----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ the hardware's native precision, checked against fp32 on the first 10 images. Ex
 
 import argparse
 import collections
+import contextlib
 import copy
 import glob
 import json
@@ -174,39 +175,100 @@ def metrics_from_confusion(matrix):
 
 
 # -----------------------------------------------------------------------------------------------
-# A whole split, on one or several processes (predictions() below the line runs the model over it)
+# A whole split, on one or several processes
 
 
 @torch.no_grad()
 def evaluate_dataset(
-    model, dataset, *, mode, crop_size, stride, flip, device, precision, window_batch=4,
-    save_dir=None, opacity=0.5, show_progress=True, workers=2,
-):  # fmt: skip
-    """Metrics of `model` on a val split (data.build_dataset(..., split='val')) at its test ratios; under
-    torchrun each process takes every world_size-th image. Every process returns the same dict: those of
-    metrics_from_confusion, num_images, confusion_matrix (list of rows) and loss (train.segmentation_loss's
-    over the split, of the protocol's probabilities). Pass the model itself, not a DDP wrapper."""
-    matrix = torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device)
+    model,
+    dataset,
+    *,
+    device,
+    precision,
+    workers=2,
+    save_dir=None,
+    opacity=0.5,
+    show_progress=True,
+    **protocol,
+):
+    """Metrics of `model` on a val split (data.build_dataset(..., split='val')) with predict()'s protocol
+    (mode, crop_size, stride, flip, window_batch); under torchrun each process takes every world_size-th
+    image. Every process returns the same dict: those of metrics_from_confusion, num_images,
+    confusion_matrix (list of rows) and loss (train.segmentation_loss's over the split, of the protocol's
+    probabilities). Pass the model itself, not a DDP wrapper."""
+    device, matrix = (
+        torch.device(device),
+        torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device),
+    )
     losses = torch.zeros(2, dtype=torch.float64, device=device)  # summed pixel losses, pixels
-    for probabilities, label, meta, images in predictions(
-        model, dataset, mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch,
-        device=device, precision=precision, workers=workers, show_progress=show_progress,
-    ):  # fmt: skip
-        pred = probabilities.argmax(dim=0)
-        matrix += confusion_matrix(pred, label, dataset.num_classes)
-        losses += summed_pixel_losses(probabilities, label)
-        if save_dir is not None:  # the label PNG, an overlay and the block's attention map, below the line
-            save_split_pictures(model, dataset, pred, label, meta, images, device=device, precision=precision,
-                                save_dir=save_dir, opacity=opacity)  # fmt: skip
+    with evaluation_mode(model):  # below the line: eval mode and cuDNN's default kernels, until the end
+        for images, label, meta in test_images(dataset, device, workers, show_progress=show_progress):
+            with runtime.precision_context(device, precision):
+                probabilities = predict(model, images, meta["original_size"], **protocol)
+            pred = probabilities.argmax(dim=0)
+            matrix += confusion_matrix(pred, label, dataset.num_classes)
+            losses += summed_pixel_losses(probabilities, label)
+            if save_dir is not None:  # the label PNG, an overlay and the block's attention map
+                save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity)
     matrix, (loss_sum, pixels) = sum_over_processes(matrix), sum_over_processes(losses).tolist()
     if save_dir is not None:  # confusion.png, below the line
         save_confusion_picture(matrix, dataset.classes, save_dir)
-    return dict(metrics_from_confusion(matrix), loss=loss_sum / pixels, num_images=len(dataset),
-                confusion_matrix=matrix.cpu().tolist())  # fmt: skip
+    results = dict(metrics_from_confusion(matrix), loss=loss_sum / pixels, num_images=len(dataset))
+    return dict(results, confusion_matrix=matrix.cpu().tolist())
 
 
 # Below this line: how it runs: the command line and its three jobs (a split's scores, files for
 # the benchmark servers, pictures of image files), checks, speed-ups. A first reading can stop here.
+
+
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """The model in eval mode, and cuDNN's default kernels, as evaluate.py runs (train.py autotunes):
+    the same kernels give the same rounding, so training's validation and evaluate.py score a
+    checkpoint alike on a GPU too. Both are put back after."""
+    was_training, autotuning = model.training, torch.backends.cudnn.benchmark
+    model.eval()
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        torch.backends.cudnn.benchmark = autotuning
+
+
+def test_images(dataset, device, workers=2, count=None, show_progress=False, desc="predict"):
+    """(images per scale on `device`, label or None, meta) for this process's share of the first `count`
+    images (default all): rank r of W takes images r, r+W, ..., so none is counted twice."""
+    rank, world_size = runtime.rank_and_world_size()
+    device = torch.device(device)
+    if len(dataset) == 0:
+        split = getattr(dataset, "split", "")
+        raise ValueError(
+            f"the {getattr(dataset, 'name', '')} {split} split has no images: check the data root"
+        )
+    total = len(dataset) if count is None else min(count, len(dataset))
+    share = list(range(total))[rank::world_size]
+    # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
+    # and travels through /dev/shm: one item in flight per worker keeps that bounded.
+    loader = DataLoader(
+        Subset(dataset, share),
+        batch_size=1,
+        num_workers=workers,
+        collate_fn=data.collate_val,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=1 if workers > 0 else None,
+        worker_init_fn=runtime.leave_stop_signals_to_the_main_process,
+    )
+    here = f" ({len(share)} of {total} images here)" if world_size > 1 else ""
+    progress = tqdm(
+        total=len(share), desc=f"{desc}{here}", unit="img", disable=not show_progress or rank != 0
+    )
+    with progress:
+        for images_per_scale, labels, metas in loader:
+            images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
+            label = None if labels[0] is None else labels[0].to(device, non_blocking=True)
+            yield images, label, metas[0]
+            progress.update(1)
 
 
 def predictions(
@@ -221,44 +283,14 @@ def predictions(
     desc="predict",
     **protocol,
 ):
-    """(class probabilities (C, H, W) at the original size, label or None, meta, images per scale) for
-    this process's share of the first `count` images (default all): rank r of W takes images r, r+W, ...,
-    so none is counted twice. The model is in eval mode meanwhile and back in its previous mode after."""
-    rank, world_size = runtime.rank_and_world_size()
+    """(class probabilities (C, H, W) at the original size, label or None, meta, images per scale) of
+    predict() for test_images()'s share of a split, in evaluation_mode."""
     device = torch.device(device)
-    if len(dataset) == 0:
-        split = getattr(dataset, "split", "")
-        raise ValueError(
-            f"the {getattr(dataset, 'name', '')} {split} split has no images: check the data root"
-        )
-    total = len(dataset) if count is None else min(count, len(dataset))
-    share = list(range(total))[rank::world_size]
-    # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
-    # and travels through /dev/shm: one item in flight per worker keeps that bounded.
-    loader = DataLoader(Subset(dataset, share), batch_size=1, num_workers=workers, collate_fn=data.collate_val,
-                        pin_memory=device.type == "cuda", prefetch_factor=1 if workers > 0 else None,
-                        worker_init_fn=runtime.leave_stop_signals_to_the_main_process)  # fmt: skip
-    here = f" ({len(share)} of {total} images here)" if world_size > 1 else ""
-    progress = tqdm(
-        total=len(share), desc=f"{desc}{here}", unit="img", disable=not show_progress or rank != 0
-    )
-    was_training, autotuning = model.training, torch.backends.cudnn.benchmark
-    model.eval()
-    # cuDNN's default kernels, as evaluate.py runs (train.py autotunes): the same kernels give the same
-    # rounding, so training's validation and evaluate.py score a checkpoint alike on a GPU too.
-    torch.backends.cudnn.benchmark = False
-    try:
-        for images_per_scale, labels, metas in loader:
-            images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
-            label = None if labels[0] is None else labels[0].to(device, non_blocking=True)
+    with evaluation_mode(model):
+        for images, label, meta in test_images(dataset, device, workers, count, show_progress, desc):
             with runtime.precision_context(device, precision):
-                probabilities = predict(model, images, metas[0]["original_size"], **protocol)
-            yield probabilities, label, metas[0], images
-            progress.update(1)
-    finally:
-        progress.close()
-        model.train(was_training)
-        torch.backends.cudnn.benchmark = autotuning
+                probabilities = predict(model, images, meta["original_size"], **protocol)
+            yield probabilities, label, meta, images
 
 
 def check_protocol(mode, crop_size, stride, images):
@@ -381,21 +413,36 @@ def resolve_settings(args, info, device):
     # The data root the checkpoint's run recorded, for its own dataset, unless --data-root says otherwise.
     recorded_root = (info["recipe"] or {}).get("data_root") if name == info["dataset"] else None
     return dict(
-        dataset=name, mode=mode, crop_size=crop_size, stride=stride, scale=pair(row["scale"]),
+        dataset=name,
+        mode=mode,
+        crop_size=crop_size,
+        stride=stride,
+        scale=pair(row["scale"]),
         ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
         flip=args.ms_flip if args.flip is None else args.flip,
         align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
         precision=precision,
         channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
-        fold_batchnorm=default_fold_batchnorm(precision) if args.fold_batchnorm is None else args.fold_batchnorm,
+        fold_batchnorm=default_fold_batchnorm(precision)
+        if args.fold_batchnorm is None
+        else args.fold_batchnorm,
         check_agreement=(10 if native else 0) if args.check_agreement is None else args.check_agreement,
-        window_batch=args.window_batch, workers=args.workers, depth=args.depth,
-        data_root=args.data_root or recorded_root, data_root_flag=args.data_root is not None,
-        split=args.split, format_only=args.format_only, save_dir=args.save_dir, opacity=args.opacity, out=args.out,
+        window_batch=args.window_batch,
+        workers=args.workers,
+        depth=args.depth,
+        data_root=args.data_root or recorded_root,
+        data_root_flag=args.data_root is not None,
+        split=args.split,
+        format_only=args.format_only,
+        save_dir=args.save_dir,
+        opacity=args.opacity,
+        out=args.out,
         images=image_files(args.image) if args.image else None,  # (files, skipped)
         # a folder trained with label 0 = ignore is scored so (None: the dataset's own declaration)
-        reduce_zero_label=(info["recipe"] or {}).get("reduce_zero_label") if name == info["dataset"] else None,
-    )  # fmt: skip
+        reduce_zero_label=(info["recipe"] or {}).get("reduce_zero_label")
+        if name == info["dataset"]
+        else None,
+    )
 
 
 def default_fold_batchnorm(precision):
@@ -419,15 +466,23 @@ def build_split(info, settings, checkpoint):
         )
     try:
         dataset = data.build_dataset(
-            settings["dataset"], root=settings["data_root"], split=settings["split"], crop_size=settings["crop_size"],
-            scale=settings["scale"], test_ratios=settings["ratios"], reduce_zero_label=settings["reduce_zero_label"],
-        )  # fmt: skip
+            settings["dataset"],
+            root=settings["data_root"],
+            split=settings["split"],
+            crop_size=settings["crop_size"],
+            scale=settings["scale"],
+            test_ratios=settings["ratios"],
+            reduce_zero_label=settings["reduce_zero_label"],
+        )
     except FileNotFoundError as error:
         root = settings["data_root"] or recipe.DATASETS[settings["dataset"]]["root"]
         if Path(root).is_dir():  # the root is there, a split or file of it is not: the error says which
             raise
-        whose = "given by --data-root" if settings["data_root_flag"] else (
-            "recorded by the checkpoint's run" if settings["data_root"] else "the dataset's default")  # fmt: skip
+        whose = (
+            "given by --data-root"
+            if settings["data_root_flag"]
+            else ("recorded by the checkpoint's run" if settings["data_root"] else "the dataset's default")
+        )
         raise FileNotFoundError(
             f"{error}\n{checkpoint} holds a {settings['dataset']} model and this looked in the data root {root}, "
             f"{whose}: pass --data-root with the folder of its data (and --dataset if it is another dataset "
@@ -452,10 +507,15 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         print(runtime.machine_line(settings["thread_choice"], settings["workers"]))
         if differences is not None:
             said = info["validation"]
-            same = "the same settings: expect the same score" if not differences else (
-                "other settings: " + "; ".join(differences))  # fmt: skip
-            print(f"training validated this checkpoint (iteration {said['iteration']}) at mIoU {said['mIoU']:.2f} "
-                  f"with {same}")  # fmt: skip
+            same = (
+                "the same settings: expect the same score"
+                if not differences
+                else ("other settings: " + "; ".join(differences))
+            )
+            print(
+                f"training validated this checkpoint (iteration {said['iteration']}) at mIoU {said['mIoU']:.2f} "
+                f"with {same}"
+            )
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
     if settings["check_agreement"] > 0 and precision != "fp32":
@@ -464,17 +524,27 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         single_scale = copy.copy(dataset)
         single_scale.test_ratios = (1.0,)
         agreement = precision_agreement(
-            model, single_scale, settings["check_agreement"], reference_model=reference_model,
-            show_progress=True, **dict(inference, flip=False),
-        )  # fmt: skip
+            model,
+            single_scale,
+            settings["check_agreement"],
+            reference_model=reference_model,
+            show_progress=True,
+            **dict(inference, flip=False),
+        )
         if rank == 0:
-            print(f"{precision} vs fp32 at a single scale: {100 * agreement['agreement']:.4f}% of the "
-                  "labelled pixels agree")  # fmt: skip
+            print(
+                f"{precision} vs fp32 at a single scale: {100 * agreement['agreement']:.4f}% of the "
+                "labelled pixels agree"
+            )
     start = time.perf_counter()
     results = evaluate_dataset(
-        model, dataset, save_dir=settings["save_dir"],
-        opacity=settings["opacity"], show_progress=True, **inference,
-    )  # fmt: skip
+        model,
+        dataset,
+        save_dir=settings["save_dir"],
+        opacity=settings["opacity"],
+        show_progress=True,
+        **inference,
+    )
     seconds = time.perf_counter() - start
     if rank != 0:
         return
@@ -487,19 +557,34 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         )
     speed_keys = ("precision", "channels_last", "fold_batchnorm", "window_batch")
     record = dict(
-        checkpoint=str(checkpoint), config_name=info["config_name"], dataset=dataset.name,
+        checkpoint=str(checkpoint),
+        config_name=info["config_name"],
+        dataset=dataset.name,
         data_root=settings["data_root"] or recipe.DATASETS[dataset.name]["root"],
-        num_images=results["num_images"], aAcc=results["aAcc"], mIoU=results["mIoU"], mAcc=results["mAcc"],
-        mF1=results["mF1"], mPrecision=results["mPrecision"], mRecall=results["mRecall"], loss=results["loss"],
-        per_class={name: {key: results[key][index] for key in ("IoU", "Acc", "F1", "Precision", "Recall")}
-                   for index, name in enumerate(dataset.classes)},
+        num_images=results["num_images"],
+        aAcc=results["aAcc"],
+        mIoU=results["mIoU"],
+        mAcc=results["mAcc"],
+        mF1=results["mF1"],
+        mPrecision=results["mPrecision"],
+        mRecall=results["mRecall"],
+        loss=results["loss"],
+        per_class={
+            name: {key: results[key][index] for key in ("IoU", "Acc", "F1", "Precision", "Recall")}
+            for index, name in enumerate(dataset.classes)
+        },
         settings=dict(
-            {key: settings[key] for key in protocol_keys + speed_keys}, depth=model.depth,
-            num_classes=model.num_classes, world_size=world_size, torch=torch.__version__,
+            {key: settings[key] for key in protocol_keys + speed_keys},
+            depth=model.depth,
+            num_classes=model.num_classes,
+            world_size=world_size,
+            torch=torch.__version__,
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         ),
-        precision_agreement=agreement, seconds=seconds, confusion_matrix=results["confusion_matrix"],
-    )  # fmt: skip
+        precision_agreement=agreement,
+        seconds=seconds,
+        confusion_matrix=results["confusion_matrix"],
+    )
     if settings["out"]:
         out = Path(settings["out"])
     else:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
@@ -579,8 +664,15 @@ def predict_images(model, info, settings, device):
     rank, world_size = runtime.rank_and_world_size()
     (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
     palette, classes = class_names_and_colours(info, settings["dataset"], model.num_classes)
-    keywords = dict(inference_keywords(settings, device), scale=settings["scale"], ratios=settings["ratios"],
-                    palette=palette, classes=classes, save_dir=save_dir, opacity=settings["opacity"])  # fmt: skip
+    keywords = dict(
+        inference_keywords(settings, device),
+        scale=settings["scale"],
+        ratios=settings["ratios"],
+        palette=palette,
+        classes=classes,
+        save_dir=save_dir,
+        opacity=settings["opacity"],
+    )
     mine = list(zip(files, picture_names(files)))[rank::world_size]
     written, failed = [], []
     bar = tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2)
@@ -600,8 +692,10 @@ def predict_images(model, info, settings, device):
     elif rank == 0:
         tried = f" ({counts[1]} of {len(files)} failed)" if counts[1] else ""
         maps = " and" if info["block"]["context"] == "none" else ", attention and"  # FCN: no map
-        print(f"wrote the label PNG, overlay{maps} composite pictures of {counts[0]} "
-              f"{'image' if counts[0] == 1 else 'images'} under {save_dir}{tried}")  # fmt: skip
+        print(
+            f"wrote the label PNG, overlay{maps} composite pictures of {counts[0]} "
+            f"{'image' if counts[0] == 1 else 'images'} under {save_dir}{tried}"
+        )
     if failed:
         print(
             f"evaluate.py: {files_count(len(failed))} failed: " + ", ".join(map(str, failed)), file=sys.stderr
@@ -665,17 +759,31 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    # fmt: off
     what = parser.add_argument_group("what to evaluate")
-    what.add_argument("--checkpoint", help=f"a .pth file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
-    what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only for files you trust")
-    what.add_argument("--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)")
-    what.add_argument("--data-root", help="dataset folder (default: the one the checkpoint's run used, else "
-                      "the dataset's, e.g. data/cityscapes)")
-    what.add_argument("--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights say it)")
-    what.add_argument("--split", default="val", choices=("val", "test"), help="val, or test with --format-only")
+    what.add_argument(
+        "--checkpoint", help=f"a .pth file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})"
+    )
+    what.add_argument(
+        "--trust-checkpoint", action="store_true", help="unpickle fully: only for files you trust"
+    )
+    what.add_argument(
+        "--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)"
+    )
+    what.add_argument(
+        "--data-root",
+        help="dataset folder (default: the one the checkpoint's run used, else "
+        "the dataset's, e.g. data/cityscapes)",
+    )
+    what.add_argument(
+        "--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights say it)"
+    )
+    what.add_argument(
+        "--split", default="val", choices=("val", "test"), help="val, or test with --format-only"
+    )
     what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
-    what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns")
+    what.add_argument(
+        "--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns"
+    )
     test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
     test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
     test.add_argument("--scales", type=number(float, 0.01, 4), nargs="+", help="test scale ratios, 0.01..4")
@@ -685,21 +793,40 @@ def build_parser():
     test.add_argument("--stride", type=size_flag("--stride"), help="sliding window stride: 513 or HxW")
     runtime.add_arguments(parser)
     speed = parser.add_argument_group("speed (results change by rounding only)")
-    speed.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32")
-    speed.add_argument("--check-agreement", type=number(int, 0), metavar="N", help="vs fp32 (default 10 unless fp32)")
-    speed.add_argument("--window-batch", type=number(int, 1), default=4, help="sliding windows per pass (default 4)")
+    speed.add_argument(
+        "--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32"
+    )
+    speed.add_argument(
+        "--check-agreement", type=number(int, 0), metavar="N", help="vs fp32 (default 10 unless fp32)"
+    )
+    speed.add_argument(
+        "--window-batch", type=number(int, 1), default=4, help="sliding windows per pass (default 4)"
+    )
     workers = min(4, runtime.cores_per_process())
-    speed.add_argument("--workers", type=number(int, 0), default=workers,
-                       help=f"loader processes (default: 4, at most the cores per process: {workers} here)")
+    speed.add_argument(
+        "--workers",
+        type=number(int, 0),
+        default=workers,
+        help=f"loader processes (default: 4, at most the cores per process: {workers} here)",
+    )
     output = parser.add_argument_group("output")
-    output.add_argument("--save-dir", type=path("folder"), help="pictures or server files go here: per image "
-                        "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png; for a split also "
-                        "confusion.png")
-    output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1")
-    output.add_argument("--out", type=path("file"), help="results JSON: aAcc, mIoU, mAcc, mF1, mPrecision, "
-                        "mRecall, loss, per-class IoU/Acc/F1/Precision/Recall, the confusion matrix, the settings "
-                        "(default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)")
-    # fmt: on
+    output.add_argument(
+        "--save-dir",
+        type=path("folder"),
+        help="pictures or server files go here: per image "
+        "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png; for a split also "
+        "confusion.png",
+    )
+    output.add_argument(
+        "--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1"
+    )
+    output.add_argument(
+        "--out",
+        type=path("file"),
+        help="results JSON: aAcc, mIoU, mAcc, mF1, mPrecision, "
+        "mRecall, loss, per-class IoU/Acc/F1/Precision/Recall, the confusion matrix, the settings "
+        "(default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)",
+    )
     return parser
 
 
@@ -789,8 +916,9 @@ def attention_map(model, image, original_size):
 
 def displayed(attention, size, align_corners):
     """An attention map (h, w) bilinearly upsampled to `size` (H, W) and stretched to [0, 1] for display."""
-    attention = F.interpolate(attention[None, None].float(), size=tuple(size), mode="bilinear",
-                              align_corners=align_corners)[0, 0]  # fmt: skip
+    attention = F.interpolate(
+        attention[None, None].float(), size=tuple(size), mode="bilinear", align_corners=align_corners
+    )[0, 0]
     low, high = attention.min(), attention.max()
     return (attention - low) / (high - low).clamp_min(1e-12)
 
@@ -810,14 +938,24 @@ def save_confusion_picture(matrix, classes, save_dir):
         pictures.save_picture(pictures.confusion_picture(matrix, classes), Path(save_dir) / "confusion.png")
 
 
-def save_split_pictures(model, dataset, pred, label, meta, images, *, device, precision, save_dir, opacity):
+def save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity):
     """save_pictures() for an image of a split, with its attention map at the test scale."""
-    original = data.read_image(meta["image_path"])
+    original, device = data.read_image(meta["image_path"]), images[0].device
     at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale)
     with runtime.precision_context(device, precision):
         attention, title = attention_map(model, at_ratio_one, original.shape[-2:])
-    pictures.save_pictures(save_dir, meta["name"], original, pred, dataset.palette, attention, opacity,
-                           classes=dataset.classes, label=label, attention_title=title)  # fmt: skip
+    pictures.save_pictures(
+        save_dir,
+        meta["name"],
+        original,
+        pred,
+        dataset.palette,
+        attention,
+        opacity,
+        classes=dataset.classes,
+        label=label,
+        attention_title=title,
+    )
 
 
 @torch.no_grad()
@@ -843,8 +981,10 @@ def predict_image(
     height, width = original.shape[-2:]
     if height * width > FULL_SIZE_RATIO * scale[0] * scale[1]:
         original = data.resize_image(original, data.rescale_size(height, width, scale))
-        tqdm.write(f"{path}: {width}x{height} is large; predicted and drawn at the test scale, "
-                   f"{original.shape[2]}x{original.shape[1]}")  # fmt: skip
+        tqdm.write(
+            f"{path}: {width}x{height} is large; predicted and drawn at the test scale, "
+            f"{original.shape[2]}x{original.shape[1]}"
+        )
     images, probabilities = image_probabilities(
         model, original, scale=scale, ratios=ratios, device=device, precision=precision, **protocol
     )
@@ -893,8 +1033,11 @@ class Predictor:
     def __call__(self, path):
         """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
         image = data.read_image(path, upright=True)
-        keywords = dict(inference_keywords(self.settings, self.device), scale=self.settings["scale"],
-                        ratios=self.settings["ratios"])  # fmt: skip
+        keywords = dict(
+            inference_keywords(self.settings, self.device),
+            scale=self.settings["scale"],
+            ratios=self.settings["ratios"],
+        )
         _, probabilities = image_probabilities(self.model, image, **keywords)
         return probabilities.argmax(dim=0).cpu()
 
@@ -914,8 +1057,11 @@ def image_files(patterns):
             files.append(path)
             continue
         if path.is_dir():  # and its subfolders, but not hidden files or folders
-            below = (child for child in path.rglob("*") if not any(part.startswith(".") for part in
-                     child.relative_to(path).parts))  # fmt: skip
+            below = (
+                child
+                for child in path.rglob("*")
+                if not any(part.startswith(".") for part in child.relative_to(path).parts)
+            )
             found = sorted(filter(Path.is_file, below))
         elif any(character in pattern for character in "*?["):
             found = sorted(filter(Path.is_file, map(Path, glob.glob(pattern, recursive=True))))

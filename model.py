@@ -119,8 +119,9 @@ class FCNHead(nn.Module):
     NonLocal2d, below the line, for contrast) and 'none' nothing (the FCN baseline). The auxiliary
     head: one conv, no concat."""
 
-    def __init__(self, num_classes, in_channels, channels, num_convs=2, concat_input=True,
-                 context="none", **gc):  # fmt: skip
+    def __init__(
+        self, num_classes, in_channels, channels, num_convs=2, concat_input=True, context="none", **gc
+    ):
         super().__init__()
         # Registration order equals the official state_dict order: conv_seg, convs, conv_cat, the block.
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
@@ -244,8 +245,17 @@ class GCNet(nn.Module):
     Bottleneck in the backward pass (the original ResNet's with_cp): less memory, more time, same gradients.
     """
 
-    def __init__(self, num_classes, depth=50, align_corners=False, activation_checkpointing=False, *,
-                 context="gc", pooling="att", fusion="add"):  # fmt: skip
+    def __init__(
+        self,
+        num_classes,
+        depth=50,
+        align_corners=False,
+        activation_checkpointing=False,
+        *,
+        context="gc",
+        pooling="att",
+        fusion="add",
+    ):
         super().__init__()
         self.num_classes, self.depth, self.align_corners = num_classes, depth, align_corners
         self.head_block = check_block(context, pooling, fusion)  # dict(context, pooling, fusion)
@@ -358,8 +368,11 @@ POOLINGS, FUSIONS = ("att", "avg"), ("add", "mul", "both")  # the GC block's swi
 
 def check_block(context, pooling, fusion):
     """The decode head's block as a dict, after checking each option (GCNet's context, pooling, fusion)."""
-    for name, value, choices in (("context", context, CONTEXTS), ("pooling", pooling, POOLINGS),
-                                 ("fusion", fusion, FUSIONS)):  # fmt: skip
+    for name, value, choices in (
+        ("context", context, CONTEXTS),
+        ("pooling", pooling, POOLINGS),
+        ("fusion", fusion, FUSIONS),
+    ):
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     if context != "gc" and (pooling, fusion) != ("att", "add"):

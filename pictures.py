@@ -44,9 +44,17 @@ def label_picture(pred, palette):
 
 
 def save_pictures(
-    save_dir, name, image, pred, palette, attention=None, opacity=0.5, classes=None, label=None,
+    save_dir,
+    name,
+    image,
+    pred,
+    palette,
+    attention=None,
+    opacity=0.5,
+    classes=None,
+    label=None,
     attention_title=None,
-):  # fmt: skip
+):
     """Write <name>_pred.png (palette PNG), <name>_overlay.jpg (class colours over the uint8 (3, H, W)
     image) and, given one, <name>_attention.png (attention (H, W) in [0, 1]); given the class names,
     also <name>_composite.png (composite_picture: image, label, prediction and attention side by side).
@@ -269,12 +277,18 @@ def log_picture(records, title="training log"):
     training, validation = split_log(records)
     last = max([*training, *validation, 1])
     plots = [  # (name, curves, logarithmic)
-        ("loss (logarithmic)", [("training (+ 0.4 auxiliary)", "loss", training, (31, 119, 180)),
-                  ("training, decode head", "decode_loss", training, (158, 202, 225)),
-                  ("validation, decode head", "val_loss", validation, (230, 85, 13))], True),
+        (
+            "loss (logarithmic)",
+            [
+                ("training (+ 0.4 auxiliary)", "loss", training, (31, 119, 180)),
+                ("training, decode head", "decode_loss", training, (158, 202, 225)),
+                ("validation, decode head", "val_loss", validation, (230, 85, 13)),
+            ],
+            True,
+        ),
         ("learning rate", [("learning rate", "lr", training, (49, 163, 84))], False),
         ("validation mIoU (%)", [("mIoU", "mIoU", validation, (117, 107, 177))], False),
-    ]  # fmt: skip
+    ]
     text = font_of(13)
     canvas = Image.new("RGB", (PLOT_WIDTH, 30 + len(plots) * (PLOT_HEIGHT + 40)), "white")
     draw = ImageDraw.Draw(canvas)

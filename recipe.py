@@ -24,28 +24,64 @@ ORIGINAL_GPUS = 4
 # The datasets: per-GPU batch, the schedules of the table (the first is the default), the crops (the
 # first is the default), the scale (W, H) images are rescaled to fit for training and testing, data
 # loader workers per GPU, the default root (as in the original, relative to the working directory) and
-# whether label 0 means "ignore" (reduce_zero_label, mmseg v0.5.0 mmseg/datasets/ade.py). `folder` (your
+# whether label 0 means "ignore" (reduce_zero_label, ADE20K only: mmseg v0.5.0 mmseg/datasets/ade.py). `folder` (your
 # own data) borrows the ADE20K/VOC recipe and reads its classes from ROOT/classes.txt; `toy` is the demo:
 # small crops, from scratch, hence a larger lr and no ImageNet weights. Classes and palettes are in
 # classes_and_palettes.json.
 DATASETS = {
-    "cityscapes": dict(batch_size=2, iters=(40000, 80000), crops=((512, 1024), (769, 769)), scale=(2048, 1024), workers=2,
-                       root="data/cityscapes", reduce_zero_label=False),
-    "ade20k": dict(batch_size=4, iters=(80000, 160000), crops=((512, 512),), scale=(2048, 512), workers=4,
-                   root="data/ade/ADEChallengeData2016", reduce_zero_label=True),
-    "voc12aug": dict(batch_size=4, iters=(20000, 40000), crops=((512, 512),), scale=(2048, 512), workers=4,
-                     root="data/VOCdevkit/VOC2012", reduce_zero_label=False),
-    "folder": dict(batch_size=4, iters=(20000,), crops=((512, 512),), scale=(2048, 512), workers=4,
-                   root=None, reduce_zero_label=False),
-    "toy": dict(batch_size=4, iters=(300,), crops=((128, 128),), scale=(256, 128), workers=2, lr=0.05, pretrained="none",
-                root="data/toy", reduce_zero_label=False),
-}  # fmt: skip
+    "cityscapes": dict(
+        batch_size=2,
+        iters=(40000, 80000),
+        crops=((512, 1024), (769, 769)),
+        scale=(2048, 1024),
+        workers=2,
+        root="data/cityscapes",
+    ),
+    "ade20k": dict(
+        batch_size=4,
+        iters=(80000, 160000),
+        crops=((512, 512),),
+        scale=(2048, 512),
+        workers=4,
+        root="data/ade/ADEChallengeData2016",
+        reduce_zero_label=True,
+    ),
+    "voc12aug": dict(
+        batch_size=4,
+        iters=(20000, 40000),
+        crops=((512, 512),),
+        scale=(2048, 512),
+        workers=4,
+        root="data/VOCdevkit/VOC2012",
+    ),
+    "folder": dict(
+        batch_size=4,
+        iters=(20000,),
+        crops=((512, 512),),
+        scale=(2048, 512),
+        workers=4,
+        root=None,
+    ),
+    "toy": dict(
+        batch_size=4,
+        iters=(300,),
+        crops=((128, 128),),
+        scale=(256, 128),
+        workers=2,
+        lr=0.05,
+        pretrained="none",
+        root="data/toy",
+    ),
+}
 TABLE_DATASETS = ("cityscapes", "ade20k", "voc12aug")
 
 # The 769x769 rule. An 8k+1 crop (769) marks the models built with align_corners=True in both heads,
 # trained and tested on Cityscapes rescaled to 2049x1025, and tested with sliding windows of the crop
 # at a stride of 2/3 of it (513). Every other row is tested on the whole image.
 SCALE_769 = (2049, 1025)
+
+# The decode head's block: the GC block of the table's models, with the paper's defaults.
+GC_BLOCK = dict(context="gc", pooling="att", fusion="add")
 
 # ImageNet-pretrained ResNetV1c weights each row starts from (open-mmlab://resnet50_v1c and
 # resnet101_v1c in mmcv v1.0.2 mmcv/model_zoo/open_mmlab.json).
@@ -159,8 +195,6 @@ def row_of_config_name(text):
     return row(dataset, (int(height), int(width)), int(depth), int(thousands) * 1000, block_of_method(method))
 
 
-# The decode head's block: the GC block of the table's models, with the paper's defaults.
-GC_BLOCK = dict(context="gc", pooling="att", fusion="add")
 # Config names begin with the model's: gcnet, nonlocal (the Non-local block) or fcn (no block). The GC
 # block's other poolings and fusions, which the original toolbox has no configs for, are named here
 # gcnet-<pooling>-<fusion>, e.g. gcnet-avg-mul (the squeeze-excitation-like block).

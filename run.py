@@ -40,7 +40,7 @@ class Run:
     a failing validation, an error) closes the log and the bar, puts the signal handlers and float32
     settings back, ends the process group and releases the work dir."""
 
-    def __init__(self, config, argv, *, resume=None, trust=False, keep=3, max_nonfinite=5):
+    def __init__(self, config, argv, resume=None, trust=False, keep=3, max_nonfinite=5):
         self.config, self.work_dir = config, Path(config["work_dir"])
         self.rank, self.world_size = runtime.rank_and_world_size()
         self.resume_flag, self.trust, self.keep = resume, trust, keep

@@ -58,10 +58,12 @@ def segmentation_loss(logits, labels, ignore_index=data.IGNORE_INDEX):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    # The recipe of this run (the table's row and the flags that change it), its processes and device.
-    config, device = set_up(args)
-    run = Run(config, sys.argv[1:] if argv is None else argv, resume=args.resume,
-              trust=args.trust_checkpoint, keep=args.keep, max_nonfinite=args.max_nonfinite)  # fmt: skip
+    device, world_size = set_up_processes(args)  # torchrun, the device, cuDNN's autotuning
+    # The recipe of this run: the table's row with the flags that change it, and how this host runs it.
+    config = recipe_of_run(args, world_size)
+    config.update(host_settings(args, config, device, world_size))  # precision, layout, threads, workers
+    argv = sys.argv[1:] if argv is None else argv
+    run = Run(config, argv, args.resume, args.trust_checkpoint, args.keep, args.max_nonfinite)
     # The work dir is this run's until the block ends, by whatever way; a bad image checkpoints first.
     with run, run.checkpoint_and_exit_on_a_bad_file():
         # 1. data (rank 0 first: it may write the toy dataset, which the others then read)
@@ -70,10 +72,11 @@ def main(argv=None):
 
         # 2. the model, from ImageNet weights (the recipe) or a GCNet checkpoint (--load-from); SGD with
         # one group, weight decay on everything, BatchNorm and biases included, as the original
-        raw_model = build_model(config, train_set.num_classes, load_from=args.load_from,
-                                trust=args.trust_checkpoint, resuming=run.resume_path is not None)  # fmt: skip
-        optimizer = torch.optim.SGD(raw_model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                    weight_decay=config["weight_decay"])  # fmt: skip
+        raw_model = build_model(
+            config, train_set.num_classes, args.load_from, args.trust_checkpoint, run.resume_path
+        )
+        sgd = {key: config[key] for key in ("lr", "momentum", "weight_decay")}
+        optimizer = torch.optim.SGD(raw_model.parameters(), **sgd)
         scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")  # fp16 only
         run.new_checkpoint_writer(raw_model, optimizer, scaler, train_set)
         iteration = run.load_resumed_state(raw_model, optimizer, scaler)  # 0, or where --resume continues
@@ -115,8 +118,10 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # honest step times (one sync per step costs little)
             step_time = time.perf_counter() - tick - data_time
-            run.log_step(iteration, finite, dict(decode_loss=decode_loss, aux_loss=aux_loss, lr=lr,
-                                                 data_time=data_time, step_time=step_time))  # fmt: skip
+            values = dict(
+                decode_loss=decode_loss, aux_loss=aux_loss, lr=lr, data_time=data_time, step_time=step_time
+            )
+            run.log_step(iteration, finite, values)  # the progress bar; log.jsonl every --log-interval
 
             # 3d. checkpoint, then validate, every tenth of the schedule and at the end; or stop when asked
             if run.stop_requested:
@@ -140,10 +145,16 @@ def build_datasets(config):
         runtime.say(TOY_DEMO)
     try:
         return [
-            data.build_dataset(config["dataset"], config["data_root"], split, crop_size=config["crop_size"],
-                               scale=config["scale"], reduce_zero_label=config["reduce_zero_label"] or None)
+            data.build_dataset(
+                config["dataset"],
+                config["data_root"],
+                split,
+                crop_size=config["crop_size"],
+                scale=config["scale"],
+                reduce_zero_label=config["reduce_zero_label"] or None,
+            )
             for split in ("train", "val")
-        ]  # fmt: skip
+        ]
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{config['dataset']}: {error}") from None
 
@@ -180,7 +191,7 @@ def training_batches(dataset, config, start_iteration):
 # 2. The model and the weights a new run starts from
 
 
-def build_model(config, num_classes, *, load_from=None, trust=False, resuming=False):
+def build_model(config, num_classes, load_from=None, trust=False, resuming=False):
     """GCNet on the run's device and layout, with the weights a new run starts from: ImageNet (the
     recipe) or a GCNet checkpoint (fine-tuning). A resumed run gets its own weights later."""
     torch.manual_seed(config["seed"] + runtime.rank_and_world_size()[0])
@@ -208,10 +219,17 @@ def validate(raw_model, val_set, config, save_dir=None):
     net = evaluate.inference_model(raw_model, config)  # BatchNorm folded and the layout, as evaluate.py
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate.evaluate_dataset(
-            net, val_set, mode=config["test_mode"], crop_size=tuple(config["test_crop"]),
-            stride=tuple(config["test_stride"]), flip=False, device=device, precision=config["precision"],
-            save_dir=save_dir, workers=config["workers"],
-        )  # fmt: skip
+            net,
+            val_set,
+            mode=config["test_mode"],
+            crop_size=tuple(config["test_crop"]),
+            stride=tuple(config["test_stride"]),
+            flip=False,
+            device=device,
+            precision=config["precision"],
+            save_dir=save_dir,
+            workers=config["workers"],
+        )
 
 
 def validate_and_keep_best(raw_model, val_set, config, run, iteration):
@@ -220,10 +238,55 @@ def validate_and_keep_best(raw_model, val_set, config, run, iteration):
     start = time.perf_counter()
     results = validate(raw_model, val_set, config, run.pictures if iteration == config["iters"] else None)
     seconds = time.perf_counter() - start
-    runtime.say(f"\niteration {iteration}: val loss {results['loss']:.4f} (decode head, as training's), mIoU "
-                f"{results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}")  # fmt: skip
+    runtime.say(
+        f"\niteration {iteration}: val loss {results['loss']:.4f} (decode head, as training's), mIoU "
+        f"{results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}"
+    )
     runtime.say(evaluate.format_table(results, val_set.classes))
     run.log_scores_and_keep_best(iteration, results, seconds)
+
+
+# -----------------------------------------------------------------------------------------------
+# 0. The recipe of this run: a row of the table and the flags that change it
+
+
+def recipe_of_run(args, world_size):
+    """The table's row for (dataset, crop, depth, iters) with the flags that override it: one plain
+    dict, printed at start and stored in every checkpoint. An explicit flag always wins, 0 too
+    (the parser has refused values outside their range)."""
+    try:
+        row = recipe.row(args.dataset, args.crop, args.depth, args.iters, block_of_flags(args))
+    except ValueError as error:
+        raise SystemExit(f"train.py: {error}") from None
+    config = {key: list(value) if isinstance(value, tuple) else value for key, value in row.items()}
+    for key in (
+        "batch_size lr min_lr power momentum weight_decay aux_weight eval_interval workers pretrained".split()
+    ):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    if args.scale is not None:
+        config["scale"] = list(args.scale)
+    # The original logs every 50 iterations; shorter runs log more often, so that their curves
+    # (log.png, tools/plot_log.py) have a hundred points.
+    config["log_interval"] = args.log_interval or min(50, max(1, config["iters"] // 100))
+    if config["min_lr"] > config["lr"]:
+        raise SystemExit(
+            f"train.py: --min-lr {config['min_lr']} is above --lr {config['lr']}: the poly schedule would raise "
+            "the learning rate. Pass a --min-lr below --lr (the recipe's is 1e-4 under 0.01)."
+        )
+    config.update(
+        data_root=args.data_root,
+        world_size=world_size,
+        table_global_batch=row["global_batch"],
+        global_batch=config["batch_size"] * world_size,
+        seed=args.seed,
+        pictures=args.dataset == "toy" if args.pictures is None else args.pictures,
+        activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile,
+        reduce_zero_label=args.reduce_zero_label,
+        work_dir=args.work_dir or str(Path("work_dirs") / row["config_name"]),
+    )
+    return config
 
 
 # Below this line: how it runs: the seeded samples and batches of an exact resume, the run's set-up,
@@ -273,21 +336,31 @@ def check_enough_images(dataset, config, batches_per_epoch):
         )
 
 
-def set_up(args):
-    """(config, device): the processes and the device, then the recipe of this run. Also keeps freed
-    memory in the process (runtime.keep_freed_memory) and sets cuDNN's autotuning or determinism."""
+def set_up_processes(args):
+    """(device, world size): torchrun's process group and this process's device. Also keeps freed memory
+    in the process (runtime.keep_freed_memory) and sets cuDNN's autotuning or determinism."""
     if args.load_from and args.resume:
         raise SystemExit("train.py: --load-from starts a new run and --resume continues one: pass only one")
     runtime.keep_freed_memory()
     try:
         _, world_size, device = runtime.setup_device(args.device)
+    except ValueError as error:
+        raise SystemExit(f"train.py: {error}") from None
+    torch.backends.cudnn.benchmark = not args.deterministic  # the original trains with it on
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return device, world_size
+
+
+def host_settings(args, config, device, world_size):
+    """How this host runs the recipe: precision, memory layout, SyncBN, torch threads, loader workers."""
+    try:
         precision = runtime.resolve_precision(args.precision, device)
     except ValueError as error:
         raise SystemExit(f"train.py: {error}") from None
-    config = resolve_recipe(args, world_size)
-    if args.workers is None:
-        config["workers"] = default_workers(config["workers"], device)
-    config.update(
+    return dict(
+        workers=default_workers(config["workers"], device) if args.workers is None else args.workers,
         thread_choice=runtime.set_threads(args.threads, device),
         threads=torch.get_num_threads(),
         precision=precision,
@@ -296,11 +369,6 @@ def set_up(args):
         sync_bn=device.type == "cuda" and world_size > 1,
         device=str(device),
     )
-    torch.backends.cudnn.benchmark = not args.deterministic  # the original trains with it on
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    return config, device
 
 
 def default_workers(recipe_workers, device, cores=None, processes=None):
@@ -313,38 +381,6 @@ def default_workers(recipe_workers, device, cores=None, processes=None):
     if device.type != "cuda":
         return min(recipe_workers, max(1, cores // processes))
     return max(recipe_workers, cores // processes - 1)
-
-
-def resolve_recipe(args, world_size):
-    """The table's row for (dataset, crop, depth, iters) with the flags that override it: one plain
-    dict, printed at start and stored in every checkpoint. An explicit flag always wins, 0 too
-    (the parser has refused values outside their range)."""
-    try:
-        row = recipe.row(args.dataset, args.crop, args.depth, args.iters, block_of_flags(args))
-    except ValueError as error:
-        raise SystemExit(f"train.py: {error}") from None
-    config = {key: list(value) if isinstance(value, tuple) else value for key, value in row.items()}
-    overrides = dict(batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, power=args.power,
-                     momentum=args.momentum, weight_decay=args.weight_decay, aux_weight=args.aux_weight,
-                     eval_interval=args.eval_interval, workers=args.workers, pretrained=args.pretrained)  # fmt: skip
-    config.update({key: value for key, value in overrides.items() if value is not None})
-    if args.scale is not None:
-        config["scale"] = list(args.scale)
-    # The original logs every 50 iterations; shorter runs log more often, so that their curves
-    # (log.png, tools/plot_log.py) have a hundred points.
-    config["log_interval"] = args.log_interval or min(50, max(1, config["iters"] // 100))
-    if config["min_lr"] > config["lr"]:
-        raise SystemExit(
-            f"train.py: --min-lr {config['min_lr']} is above --lr {config['lr']}: the poly schedule would raise "
-            "the learning rate. Pass a --min-lr below --lr (the recipe's is 1e-4 under 0.01)."
-        )
-    config.update(data_root=args.data_root, world_size=world_size, table_global_batch=row["global_batch"],
-                  global_batch=config["batch_size"] * world_size, seed=args.seed,
-                  pictures=args.dataset == "toy" if args.pictures is None else args.pictures,
-                  activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-                  reduce_zero_label=args.reduce_zero_label,
-                  work_dir=args.work_dir or str(Path("work_dirs") / row["config_name"]))  # fmt: skip
-    return config
 
 
 def block_of_flags(args):
@@ -382,7 +418,6 @@ def show_recipe(config):
 def describe_setup(config):
     """Which of the README's setups ("Fewer GPUs, more nodes") this run is in, and where it differs
     from the table's recipe, said before hours are spent."""
-    # fmt: off
     batch, world, table_batch = config["batch_size"], config["world_size"], config["table_global_batch"]
     images = f"{world} process(es) x {batch} images = {config['global_batch']} per step"
     table_row = config["in_table"]  # the table's warnings are for its rows only
@@ -422,7 +457,6 @@ def describe_setup(config):
         lines.append(
             f"WARNING: {config['precision']} mixed precision; the table's models were trained in fp32"
         )
-    # fmt: on
     return lines
 
 
@@ -490,17 +524,31 @@ def build_parser():
         description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    # fmt: off
     # The row of the table; every unset flag below takes its value from it (recipe.row).
     add("--dataset", default="toy", choices=sorted(recipe.DATASETS), help="default: toy, the demo")
-    add("--crop", type=runtime.size_flag("--crop"), help="crop, N or HxW (default: the dataset's first: "
-        "512x1024 Cityscapes (or 769), 512 ADE20K, VOC and folder, 128 toy)")
+    add(
+        "--crop",
+        type=runtime.size_flag("--crop"),
+        help="crop, N or HxW (default: the dataset's first: "
+        "512x1024 Cityscapes (or 769), 512 ADE20K, VOC and folder, 128 toy)",
+    )
     add("--depth", type=int, default=50, choices=(50, 101), help="ResNet depth (default 50)")
-    add("--context", default="gc", choices=model.CONTEXTS, help="the block between the decode head's convs: gc "
-        "(GCNet, default), nonlocal or none (the original's NonLocal and FCN models; README: the paper's argument)")
-    add("--gc-pooling", choices=model.POOLINGS, help="the GC block's pooling: att (attention, default) or avg")
-    add("--gc-fusion", choices=model.FUSIONS, help="the GC block's fusion: add (default), mul (a sigmoid gate per "
-        "channel) or both; --gc-pooling avg --gc-fusion mul is the squeeze-excitation-like block")
+    add(
+        "--context",
+        default="gc",
+        choices=model.CONTEXTS,
+        help="the block between the decode head's convs: gc "
+        "(GCNet, default), nonlocal or none (the original's NonLocal and FCN models; README: the paper's argument)",
+    )
+    add(
+        "--gc-pooling", choices=model.POOLINGS, help="the GC block's pooling: att (attention, default) or avg"
+    )
+    add(
+        "--gc-fusion",
+        choices=model.FUSIONS,
+        help="the GC block's fusion: add (default), mul (a sigmoid gate per "
+        "channel) or both; --gc-pooling avg --gc-fusion mul is the squeeze-excitation-like block",
+    )
     add("--iters", type=positive, help="iterations (default: the row's schedule, e.g. 40000; toy 300)")
     add("--batch-size", type=positive, help="per GPU/process (default 2 Cityscapes, 4 otherwise)")
     add("--lr", type=above_0, help="base learning rate (default 0.01; toy 0.05)")
@@ -509,25 +557,49 @@ def build_parser():
     add("--momentum", type=runtime.number_flag(float, 0, 1), help="SGD momentum (default 0.9)")
     add("--weight-decay", type=at_least_0_float, help="default 5e-4")
     add("--aux-weight", type=at_least_0_float, help="auxiliary loss weight (default 0.4)")
-    add("--eval-interval", type=positive, help="validate and checkpoint every N iterations (default: a "
-        "tenth of --iters, at least 20)")
-    add("--workers", type=at_least_0, help="data loader workers per process (default: the recipe's 2 or 4, "
-        "at most the cores per process on a CPU; on a GPU the cores per GPU process less one if more)")
+    add(
+        "--eval-interval",
+        type=positive,
+        help="validate and checkpoint every N iterations (default: a tenth of --iters, at least 20)",
+    )
+    add(
+        "--workers",
+        type=at_least_0,
+        help="data loader workers per process (default: the recipe's 2 or 4, "
+        "at most the cores per process on a CPU; on a GPU the cores per GPU process less one if more)",
+    )
     # Data, weights and files.
     add("--data-root", help="dataset root (default: data/<dataset> as in the original)")
-    add("--scale", type=runtime.scale_flag, help="rescale images to fit: N (short side N, long side up to 4N) or "
-        "LONGxSHORT (default: the dataset's: 2048x1024 Cityscapes, 2048x512 ADE20K, VOC and folder, 256x128 toy)")
+    add(
+        "--scale",
+        type=runtime.scale_flag,
+        help="rescale images to fit: N (short side N, long side up to 4N) or "
+        "LONGxSHORT (default: the dataset's: 2048x1024 Cityscapes, 2048x512 ADE20K, VOC and folder, 256x128 toy)",
+    )
     add("--reduce-zero-label", action="store_true", help="folder dataset: label 0 = ignore, classes from 1")
     add("--pretrained", help="ImageNet ResNetV1c weights: path, URL or 'none' (default: the URL)")
     add("--load-from", help="fine-tune: a new run from the weights of a GCNet checkpoint (file or URL)")
-    add("--resume", nargs="?", const="latest", help="continue the newest iter_<N>.pth of the work dir, or PATH")
+    add(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue the newest iter_<N>.pth of the work dir, or PATH",
+    )
     add("--trust-checkpoint", action="store_true", help="unpickle checkpoints fully: runs code in them")
     add("--work-dir", help="where the run's files go (default: work_dirs/<config name>)")
     add("--keep", type=positive, default=3, help="newest iter_<N>.pth checkpoints to keep")
-    add("--log-interval", type=positive, help="iterations between log.jsonl records (default 50, or a hundredth "
-        "of --iters if less: 3 for the toy)")
-    add("--pictures", action=argparse.BooleanOptionalAction, help="pictures of the last validation in "
-        "<work dir>/pictures: per image as evaluate.py --save-dir writes them, and confusion.png (default: toy)")
+    add(
+        "--log-interval",
+        type=positive,
+        help="iterations between log.jsonl records (default 50, or a hundredth "
+        "of --iters if less: 3 for the toy)",
+    )
+    add(
+        "--pictures",
+        action=argparse.BooleanOptionalAction,
+        help="pictures of the last validation in "
+        "<work dir>/pictures: per image as evaluate.py --save-dir writes them, and confusion.png (default: toy)",
+    )
     # How it runs.
     runtime.add_arguments(parser)
     add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
@@ -535,7 +607,6 @@ def build_parser():
     add("--deterministic", action="store_true", help="deterministic kernels, no cudnn.benchmark")
     add("--seed", type=runtime.number_flag(int, 0, 2**32 - 1), default=0, help="default 0")
     add("--max-nonfinite", type=positive, default=5, help="stop after this many bad losses in a row")
-    # fmt: on
     return parser
 
 

@@ -131,9 +131,8 @@ def test_defaults_follow_the_recipe():
         (2048, 512),
         (256, 128),
     ]
-    assert (
-        recipe.DATASETS["ade20k"]["reduce_zero_label"]
-        and not recipe.DATASETS["voc12aug"]["reduce_zero_label"]
+    assert recipe.DATASETS["ade20k"]["reduce_zero_label"] and not recipe.DATASETS["voc12aug"].get(
+        "reduce_zero_label"
     )
 
 
