@@ -233,8 +233,8 @@ def validate(raw_model, val_set, config, save_dir=None):
 
 
 def validate_and_keep_best(raw_model, val_set, config, run, iteration):
-    """Validate the checkpoint just written, show the scores, and keep best.pth (run.log_scores_and_keep_best); the
-    last validation also draws its pictures, when asked (--pictures)."""
+    """Validate the checkpoint just written, show the scores, log them and keep best.pth; the last
+    validation also draws its pictures, when asked (--pictures)."""
     start = time.perf_counter()
     results = validate(raw_model, val_set, config, run.pictures if iteration == config["iters"] else None)
     seconds = time.perf_counter() - start

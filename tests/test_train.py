@@ -90,7 +90,7 @@ def test_loss_of_channels_last_logits_equals_the_nchw_loss_and_gradient():
 
 def test_recipe_defaults_follow_the_table():
     args = train.build_parser().parse_args(["--dataset", "cityscapes", "--crop", "769"])
-    recipe = train.resolve_recipe(args, world_size=4)
+    recipe = train.recipe_of_run(args, world_size=4)
     assert recipe["config_name"] == "gcnet_r50-d8_769x769_40k_cityscapes"
     assert (recipe["batch_size"], recipe["global_batch"], recipe["iters"]) == (2, 8, 40000)
     assert recipe["align_corners"] is True and recipe["test_mode"] == "slide"
@@ -103,7 +103,7 @@ def test_recipe_defaults_follow_the_table():
     )
     assert recipe["pretrained"].endswith("resnet50_v1c-2cccc1ad.pth")
     args = train.build_parser().parse_args(["--dataset", "ade20k", "--depth", "101", "--iters", "160000"])
-    recipe = train.resolve_recipe(args, world_size=4)
+    recipe = train.recipe_of_run(args, world_size=4)
     assert recipe["config_name"] == "gcnet_r101-d8_512x512_160k_ade20k"
     assert (recipe["batch_size"], recipe["align_corners"], recipe["test_mode"]) == (4, False, "whole")
     setup = {"global_batch": 4, "sync_bn": False, "precision": "bf16", "thread_choice": "torch's choice"}
@@ -122,13 +122,13 @@ def test_the_comparison_models_train_with_the_same_recipe_under_the_originals_co
         ("--context", "none"): "fcn_r50-d8_512x1024_40k_cityscapes",
         ("--gc-pooling", "avg", "--gc-fusion", "mul"): "gcnet-avg-mul_r50-d8_512x1024_40k_cityscapes",
     }
-    table = train.resolve_recipe(train.build_parser().parse_args(["--dataset", "cityscapes"]), 4)
+    table = train.recipe_of_run(train.build_parser().parse_args(["--dataset", "cityscapes"]), 4)
     for flags, name in names.items():
-        config = train.resolve_recipe(train.build_parser().parse_args(["--dataset", "cityscapes", *flags]), 4)
+        config = train.recipe_of_run(train.build_parser().parse_args(["--dataset", "cityscapes", *flags]), 4)
         assert config["config_name"] == name and config["work_dir"] == str(Path("work_dirs") / name)
         differ = {key for key in config if config[key] != table[key]}
         assert differ == {"block", "config_name", "work_dir"}, differ
-    config = train.resolve_recipe(
+    config = train.recipe_of_run(
         train.build_parser().parse_args(["--dataset", "cityscapes", "--context", "nonlocal"]), 4
     )
     said = train.describe_setup(
@@ -144,12 +144,12 @@ def test_the_comparison_models_train_with_the_same_recipe_under_the_originals_co
         with pytest.raises(
             SystemExit, match="--gc-pooling and --gc-fusion switch the GC block, and --context"
         ):
-            train.resolve_recipe(train.build_parser().parse_args(flags), 1)
+            train.recipe_of_run(train.build_parser().parse_args(flags), 1)
 
 
 def test_the_table_warnings_are_for_its_rows_and_own_data_gets_its_scale():
     args = train.build_parser().parse_args(["--dataset", "folder", "--data-root", "x", "--scale", "256"])
-    config = train.resolve_recipe(args, world_size=1)
+    config = train.recipe_of_run(args, world_size=1)
     assert config["scale"] == [1024, 256] and config["crop_size"] == [512, 512]
     setup = {"sync_bn": False, "precision": "bf16", "thread_choice": "torch's choice"}
     said = "\n".join(train.describe_setup(config | setup))
@@ -159,10 +159,10 @@ def test_the_table_warnings_are_for_its_rows_and_own_data_gets_its_scale():
     args = train.build_parser().parse_args(
         ["--dataset", "cityscapes", "--iters", "1000", "--batch-size", "1"]
     )
-    said = "\n".join(train.describe_setup(train.resolve_recipe(args, 1) | setup))
+    said = "\n".join(train.describe_setup(train.recipe_of_run(args, 1) | setup))
     assert "not a row of the table" in said and "WARNING" not in said
     # A short run validates at its end, not at every step.
-    assert train.resolve_recipe(train.build_parser().parse_args(["--iters", "6"]), 1)["eval_interval"] == 6
+    assert train.recipe_of_run(train.build_parser().parse_args(["--iters", "6"]), 1)["eval_interval"] == 6
 
 
 def test_batches_are_disjoint_across_ranks_and_resume_exactly():
@@ -409,7 +409,7 @@ def test_numeric_flags_are_checked_when_parsed(flag, value, capsys):
 def test_a_floor_above_the_learning_rate_is_refused():
     args = train.build_parser().parse_args(["--lr", "0.001", "--min-lr", "0.01"])
     with pytest.raises(SystemExit, match="--min-lr 0.01 is above --lr 0.001"):
-        train.resolve_recipe(args, world_size=1)
+        train.recipe_of_run(args, world_size=1)
 
 
 def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_root, tmp_path):
@@ -446,7 +446,7 @@ def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_r
 
 def test_explicit_zero_is_never_read_as_unset():
     args = train.build_parser().parse_args(["--workers", "0", "--min-lr", "0", "--weight-decay", "0"])
-    config = train.resolve_recipe(args, world_size=1)
+    config = train.recipe_of_run(args, world_size=1)
     assert (config["workers"], config["min_lr"], config["weight_decay"]) == (0, 0.0, 0.0)
 
 
