@@ -20,6 +20,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ class Run:
                 refuse_an_earlier_run(self.work_dir)  # a new run changes nothing of an earlier one
             self.resume_path = find_resume_checkpoint(self.resume_flag, self.work_dir)
             stack.enter_context(runtime.training_float32(self.config["precision"]))
-            self.stop = StopRequest()
+            self.stop = StopRequest(self.restart)
             stack.callback(self.stop.restore)
             self.log = stack.enter_context(Log(self.work_dir / "log.jsonl" if self.rank == 0 else None))
             self.cleanup = stack.pop_all()
@@ -83,11 +84,11 @@ class Run:
         except data.FileProblem as problem:
             if self.world_size == 1 and self.writer is not None and self.iteration > self.saved_iteration:
                 self.checkpoint(self.iteration)
-            kept = f"checkpoint {self.last_path}" if self.last_path else "no checkpoint yet"
-            raise SystemExit(
-                f"train.py: {problem}\nStopped at iteration {self.iteration} ({kept}). Mend or remove the "
-                f"file, then continue with: {self.restart}"
-            ) from None
+            if self.last_path:
+                then = f"checkpoint {self.last_path}). Mend or remove the file, then continue with: {self.restart}"
+            else:  # nothing to resume: the same command again
+                then = f"no checkpoint yet). Mend or remove the file, then start again with: {self.restart.removesuffix(' --resume')}"
+            raise SystemExit(f"train.py: {problem}\nStopped at iteration {self.iteration} ({then}") from None
 
     def new_checkpoint_writer(self, raw_model, optimizer, scaler, train_set):
         """The writer of this run's checkpoints: what they hold, where they go."""
@@ -124,7 +125,7 @@ class Run:
                 f"--resume {path}: that run trains a {recipe.method_name(block)} model, this command a "
                 f"{recipe.method_name(self.config['block'])} one. Pass {recipe.block_flags(block)} to continue it."
             )
-        for key in ("crop_size", "iters", "global_batch", "lr"):
+        for key in ("crop_size", "scale", "iters", "global_batch", "lr"):
             if theirs.get(key) != self.config[key]:
                 runtime.say(
                     f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has {theirs.get(key)}"
@@ -139,7 +140,9 @@ class Run:
         runtime.say(f"resumed from {path} at iteration {checkpoint['iteration']}")
         self.start, self.last_path = checkpoint["iteration"], path
         self.iteration = self.saved_iteration = self.start
-        self.best_miou = checkpoint.get("best_miou", -1.0)
+        # best.pth may hold a later validation than this checkpoint knows of (--resume PATH of an earlier
+        # iter_<N>.pth): it is replaced only by a better score.
+        self.best_miou = max(checkpoint.get("best_miou", -1.0), best_score_in(self.work_dir))
         self.validation_pending = checkpoint.get("validation_pending", False)
         return self.start
 
@@ -304,6 +307,17 @@ def refuse_an_earlier_run(work_dir):
         )
 
 
+def best_score_in(work_dir):
+    """The validation mIoU that best.pth in `work_dir` records, or -1 when there is none (or it is unreadable:
+    then the run's own record decides, as before best.pth existed)."""
+    path = Path(work_dir) / "best.pth"
+    try:
+        validation = checkpoints.read_checkpoint(path).get("validation") if path.is_file() else None
+    except (ValueError, OSError):
+        validation = None
+    return float(validation["mIoU"]) if isinstance(validation, dict) and "mIoU" in validation else -1.0
+
+
 def find_resume_checkpoint(resume, work_dir):
     """--resume PATH, or for a bare --resume the newest checkpoint this work dir's run wrote: the one
     last_checkpoint names (a run resumed from an earlier iter_<N>.pth writes lower numbers than the
@@ -312,10 +326,12 @@ def find_resume_checkpoint(resume, work_dir):
         return None
     if resume != "latest":
         return resume
+    # A name only, never a path: a hand-edited or damaged pointer can neither leave the work dir nor stop
+    # the resume (the highest number is taken instead).
     pointer = Path(work_dir) / LAST_CHECKPOINT
-    named = Path(work_dir) / pointer.read_text().strip() if pointer.is_file() else None
-    if named is not None and CHECKPOINT_NAME.fullmatch(named.name) and named.is_file():
-        return named
+    name = pointer.read_bytes().decode(errors="replace").strip() if pointer.is_file() else ""
+    if CHECKPOINT_NAME.fullmatch(name) and (Path(work_dir) / name).is_file():
+        return Path(work_dir) / name
     found = checkpoints_in(work_dir)
     if not found:
         raise SystemExit(f"--resume: no iter_<N>.pth in {work_dir}; pass --resume PATH or start without it")
@@ -521,10 +537,10 @@ def restore_rng_states(states, device):
 
 class StopRequest:
     """SIGTERM (cluster pre-emption, torchrun shutdown) or Ctrl-C: finish the step, checkpoint, exit.
-    A second Ctrl-C stops at once."""
+    The first Ctrl-C is acknowledged at once; a second one stops at once, in words."""
 
-    def __init__(self):
-        self.requested, self.pid = False, os.getpid()
+    def __init__(self, restart="python train.py --resume"):
+        self.requested, self.pid, self.restart = False, os.getpid(), restart
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
@@ -532,7 +548,16 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise SystemExit(
+                f"\ntrain.py: stopped at once by a second Ctrl-C, without a checkpoint of the last steps; "
+                f"continue from the last checkpoint with: {self.restart}"
+            )
+        if signum == signal.SIGINT and runtime.rank_and_world_size()[0] == 0:
+            print(
+                "\nCtrl-C: stopping after this step, with a checkpoint; press Ctrl-C again to stop now without one",
+                file=sys.stderr,
+                flush=True,
+            )
         self.requested = True
 
     def restore(self):
@@ -560,7 +585,14 @@ class Log:
     """log.jsonl, one JSON record a line, appended and flushed (rank 0 only: None elsewhere)."""
 
     def __init__(self, path):
+        torn = False
+        if path and os.path.isfile(path) and os.path.getsize(path) > 0:
+            with open(path, "rb") as file:  # a line cut by a crash: the next record starts a line of its own
+                file.seek(-1, os.SEEK_END)
+                torn = file.read(1) != b"\n"
         self.file = open(path, "a") if path else None
+        if torn:
+            self.file.write("\n")
 
     def write(self, record):
         if self.file:

@@ -53,7 +53,7 @@ def add_arguments(parser):
     )
     group.add_argument(
         "--threads",
-        type=number_flag(int, 1),
+        type=per_core_flag(1),
         help="torch threads per process (default: torch's choice; under torchrun on CPUs, the usable "
         "cores shared among the node's processes)",
     )
@@ -283,11 +283,12 @@ def peak_memory_gb(device):
 # with argparse's "argument --flag:" in front of the message
 
 
-def number_flag(kind, minimum, maximum=None, exclusive=False):
+def number_flag(kind, minimum, maximum=None, exclusive=False, why=""):
     """argparse type: a finite int or float >= minimum (> minimum if exclusive), <= maximum if given.
-    An explicit 0 is a value like any other, never "unset"."""
+    An explicit 0 is a value like any other, never "unset". `why` explains the bounds in the error."""
     name = "an integer" if kind is int else "a number"
     bound = f"{'>' if exclusive else '>='} {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    bound += why
 
     def parse(text):
         try:
@@ -300,6 +301,13 @@ def number_flag(kind, minimum, maximum=None, exclusive=False):
         return value
 
     return parse
+
+
+def per_core_flag(minimum):
+    """argparse type for --workers and --threads: at most four per usable core of this machine, so that a
+    typo (1000 for 10) is refused instead of forking processes or threads without end."""
+    most = 4 * usable_cores()
+    return number_flag(int, minimum, most, why=f" (at most 4 per core; this machine has {usable_cores()})")
 
 
 def writable_path(kind):

@@ -143,20 +143,17 @@ def build_datasets(config):
     """The training and validation splits of the run's dataset."""
     if config["dataset"] == "toy":
         runtime.say(TOY_DEMO)
+    zero_is_ignore = config["reduce_zero_label"] or None  # None: the dataset's own rule
+    options = dict(crop_size=config["crop_size"], scale=config["scale"], reduce_zero_label=zero_is_ignore)
     try:
-        return [
-            data.build_dataset(
-                config["dataset"],
-                config["data_root"],
-                split,
-                crop_size=config["crop_size"],
-                scale=config["scale"],
-                reduce_zero_label=config["reduce_zero_label"] or None,
-            )
+        splits = [
+            data.build_dataset(config["dataset"], config["data_root"], split, **options)
             for split in ("train", "val")
         ]
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"{config['dataset']}: {error}") from None
+        raise SystemExit(f"train.py: {error}") from None
+    check_class_count(splits[0])  # before any step: a checkpoint holds at most 255 classes
+    return splits
 
 
 def training_batches(dataset, config, start_iteration):
@@ -239,10 +236,9 @@ def validate_and_keep_best(raw_model, val_set, config, run, iteration):
     results = validate(raw_model, val_set, config, run.pictures if iteration == config["iters"] else None)
     seconds = time.perf_counter() - start
     runtime.say(
-        f"\niteration {iteration}: val loss {results['loss']:.4f} (decode head, as training's), mIoU "
-        f"{results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}"
+        f"\niteration {iteration}: val loss {results['loss']:.4f} (the decode head's, as training's); the scores:"
     )
-    runtime.say(evaluate.format_table(results, val_set.classes))
+    runtime.say(evaluate.format_table(results, val_set.classes))  # per class, the means on its last line
     run.log_scores_and_keep_best(iteration, results, seconds)
 
 
@@ -275,7 +271,7 @@ def recipe_of_run(args, world_size):
             "the learning rate. Pass a --min-lr below --lr (the recipe's is 1e-4 under 0.01)."
         )
     config.update(
-        data_root=args.data_root,
+        data_root=args.data_root or recipe.DATASETS[args.dataset]["root"],  # the default: data/<dataset>
         world_size=world_size,
         table_global_batch=row["global_batch"],
         global_batch=config["batch_size"] * world_size,
@@ -326,6 +322,16 @@ def epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size):
         [(epoch, i) for i in mine[b * batch_size : (b + 1) * batch_size]]
         for b in range(per_rank // batch_size)
     ]
+
+
+def check_class_count(dataset):
+    if dataset.num_classes > checkpoints.MAX_CLASSES:
+        raise SystemExit(
+            f"train.py: the {dataset.name} dataset at {dataset.root} has {dataset.num_classes} classes; labels "
+            f"are 8-bit class indices with 255 for 'ignore', so a model and its checkpoints hold at most "
+            f"{checkpoints.MAX_CLASSES} classes and nothing could evaluate or resume this run. Merge classes "
+            f"to at most {checkpoints.MAX_CLASSES}."
+        )
 
 
 def check_enough_images(dataset, config, batches_per_epoch):
@@ -518,10 +524,14 @@ outputs, in --work-dir: iter_<N>.pth and best.pth; log.jsonl (training loss, lr 
 
 
 def build_parser():
-    positive, at_least_0 = runtime.number_flag(int, 1), runtime.number_flag(int, 0)
+    positive = runtime.number_flag(int, 1)
     above_0, at_least_0_float = runtime.number_flag(float, 0, exclusive=True), runtime.number_flag(float, 0)
+    # allow_abbrev=False: --iter is refused, not taken for --iters.
     parser = argparse.ArgumentParser(
-        description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        epilog=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     add = parser.add_argument
     # The row of the table; every unset flag below takes its value from it (recipe.row).
@@ -564,7 +574,7 @@ def build_parser():
     )
     add(
         "--workers",
-        type=at_least_0,
+        type=runtime.per_core_flag(0),
         help="data loader workers per process (default: the recipe's 2 or 4, "
         "at most the cores per process on a CPU; on a GPU the cores per GPU process less one if more)",
     )

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import data
 import run
 
 
@@ -153,3 +154,48 @@ def test_the_stop_handler_lets_forked_children_die_and_is_put_back_after_a_run()
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_broken_or_foreign_last_checkpoint_never_blocks_a_resume_nor_leaves_the_work_dir(tmp_path):
+    writer = small_writer(tmp_path)
+    for iteration in (2, 4):
+        writer.save(iteration, -1.0, None)
+    other = tmp_path.parent / "other"
+    other.mkdir(exist_ok=True)
+    (other / "iter_9.pth").write_bytes((tmp_path / "iter_2.pth").read_bytes())
+    for pointer in (b"\xff\xfe\x00garbage\x9c", b"../other/iter_9.pth", str(other / "iter_9.pth").encode()):
+        (tmp_path / "last_checkpoint").write_bytes(pointer)
+        assert run.find_resume_checkpoint("latest", tmp_path) == tmp_path / "iter_4.pth"
+
+
+def test_a_line_torn_by_a_crash_stays_alone_on_its_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"iteration": 1, "loss": 0.5}\n{"iteration": 2, "lo')  # killed mid-line
+    with run.Log(path) as log:
+        log.write({"iteration": 3, "mIoU": 50.0})
+    records, unreadable = run.read_log(path)
+    assert records == [{"iteration": 1, "loss": 0.5}, {"iteration": 3, "mIoU": 50.0}] and unreadable == 1
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_in_words(capsys):
+    stop = run.StopRequest("python train.py --iters 10 --resume")
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        assert "stopping after this step, with a checkpoint; press Ctrl-C again" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as second:
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    message = str(second.value)
+    assert "stopped at once by a second Ctrl-C" in message and message.endswith("--iters 10 --resume")
+
+
+def test_a_bad_file_before_any_checkpoint_says_to_start_again_without_resume(tmp_path):
+    config = {"work_dir": str(tmp_path), "pictures": False}
+    training = run.Run(config, ["--iters", "10"])
+    with pytest.raises(SystemExit) as stop, training.checkpoint_and_exit_on_a_bad_file():
+        raise data.FileProblem("cannot decode image x.png (damaged)")
+    message = str(stop.value)
+    assert message.startswith("train.py: cannot decode image x.png") and "(no checkpoint yet)" in message
+    assert message.endswith("start again with: python train.py --iters 10")

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import checkpoints
 import data
@@ -360,7 +362,9 @@ def fake_validation(scores, fail_at=None):
     return validate
 
 
-def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root, tmp_path, monkeypatch):
+def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash_and_a_resume(
+    toy_root, tmp_path, monkeypatch, capsys
+):
     # The FCN model (no block): trains, validates and resumes as GCNet does.
     args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "1", "--context", "none")
     # A bad validation image loses no training: the checkpoint is already written.
@@ -392,18 +396,62 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash(toy_root,
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert (best["best_miou"], best["iteration"]) == (20.0, 2)
     assert checkpoints.block_of_state_dict(best["state_dict"])["context"] == "none"
+    # Resumed from iter_1.pth, which knows only the first best (10), at another scale: 15 and 15 are
+    # below best.pth's 20, which stays; the changed scale is said, as a changed crop is.
+    monkeypatch.setattr(train, "validate", fake_validation([15.0, 15.0]))
+    capsys.readouterr()
+    train.main(args + ["--resume", str(tmp_path / "iter_1.pth"), "--scale", "200x100"])
+    assert (
+        "WARNING: resuming with scale = [200, 100], the checkpoint has [256, 128]" in capsys.readouterr().out
+    )
+    best = torch.load(tmp_path / "best.pth", weights_only=True)
+    assert (best["best_miou"], best["iteration"]) == (20.0, 2)
 
 
 @pytest.mark.parametrize(
     "flag, value",
     [("--iters", "0"), ("--iters", "-5"), ("--batch-size", "0"), ("--lr", "0"), ("--lr", "-1"),
      ("--lr", "nan"), ("--log-interval", "0"), ("--keep", "0"), ("--workers", "-1"), ("--momentum", "1.5"),
-     ("--seed", str(2**64)), ("--crop", "51200")],
+     ("--seed", str(2**64)), ("--crop", "51200"), ("--workers", "100000"), ("--threads", "9" * 23)],
 )  # fmt: skip
 def test_numeric_flags_are_checked_when_parsed(flag, value, capsys):
     with pytest.raises(SystemExit):
         train.build_parser().parse_args([flag, value])
-    assert f"argument {flag}: expected" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"argument {flag}: expected" in said
+    if flag in ("--workers", "--threads"):  # bounded by the machine: a typo forks or spawns no end of them
+        assert f"at most 4 per core; this machine has {runtime.usable_cores()}" in said
+
+
+def test_an_abbreviated_flag_is_refused_not_guessed(capsys):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--iter", "10"])  # before: taken as --iters 10
+    assert "unrecognized arguments: --iter 10" in capsys.readouterr().err
+
+
+def test_a_dataset_of_more_classes_than_a_checkpoint_holds_is_refused_before_the_first_step(tmp_path):
+    root = tmp_path / "mine"
+    for split in ("train", "val"):
+        for folder, picture in (
+            ("images", np.zeros((32, 64, 3), np.uint8)),
+            ("labels", np.zeros((32, 64), np.uint8)),
+        ):
+            (root / folder / split).mkdir(parents=True)
+            Image.fromarray(picture).save(root / folder / split / "a.png")
+    (root / "classes.txt").write_text("".join(f"class {index}\n" for index in range(256)))
+    args = [
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(root),
+        "--work-dir",
+        str(tmp_path / "run"),
+        "--workers",
+        "0",
+    ]
+    with pytest.raises(SystemExit, match="has 256 classes; labels are 8-bit .* at most 255 classes"):
+        train.main(args + ["--pretrained", "none", "--crop", "16", "--scale", "64x32", "--device", "cpu"])
+    assert not list((tmp_path / "run").glob("*.pth")) and not (tmp_path / "run" / "log.jsonl").stat().st_size
 
 
 def test_a_floor_above_the_learning_rate_is_refused():
