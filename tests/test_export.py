@@ -1,5 +1,11 @@
 """tools/export.py: a checkpoint exported with torch.export, loaded back by torch alone."""
 
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,3 +39,71 @@ def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, rand
         export.main([str(source), str(tmp_path / "small.pt2"), "--check-sizes", "16", "64"])
     with pytest.raises(SystemExit, match="name the file .pt2"):
         export.main([str(source), str(tmp_path / "gcnet.onnx")])
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path(tempfile.gettempdir()) / f"gcnet-export-ran-code-{os.getpid()}"
+
+
+def rewritten(source, target, change, extra=""):
+    """A copy of the .pt2 `source` with its records passed through change(name, bytes) -> bytes, and a
+    file named `extra` added."""
+    reader, writer = torch._C.PyTorchFileReader(str(source)), torch._C.PyTorchFileWriter(str(target))
+    for name in reader.get_all_records():
+        if name not in (".data/version", ".data/serialization_id"):  # the writer adds its own
+            record = change(name, reader.get_record(name))
+            writer.write_record(name, record, len(record))
+    if extra:
+        writer.write_record(extra, b"\x7fELF", 4)
+    writer.write_end_of_file()
+    return target
+
+
+def test_an_export_that_would_run_code_is_refused_before_torch_reads_it(tmp_path):
+    net = torch.nn.Conv2d(3, 2, 3, padding=1)
+    height = torch.export.Dim("height", min=8, max=64)
+    program = torch.export.export(net, (torch.rand(1, 3, 16, 16),), dynamic_shapes=({2: height},))
+    good = tmp_path / "good.pt2"
+    torch.export.save(program, str(good))
+    assert torch.equal(
+        export.load_exported(good).module()(torch.ones(1, 3, 20, 16)), net(torch.ones(1, 3, 20, 16))
+    )
+    evil = io.BytesIO()
+    torch.save(RunsCode(), evil)
+
+    def pickled_weight(name, record):
+        if name.endswith("weights_config.json"):
+            return record.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+        return evil.getvalue() if name == "data/weights/weight_0" else record
+
+    def sympy_eval(name, record):
+        attack = f"__import__('os').system('touch {MARKER}')".encode()
+        return re.sub(rb"Symbol\('s\d+', positive=True, integer=True\)", attack, record, count=1)
+
+    def guard_code(name, record):
+        return record.replace(b'"guards_code": []', f"\"guards_code\": [\"open('{MARKER}', 'w')\"]".encode())
+
+    tampered = {
+        "pickled_weight": (
+            pickled_weight,
+            "weight in data/weights/model_weights_config.json is stored as a pickle",
+        ),
+        "pickled_inputs": (
+            lambda name, r: evil.getvalue() if "sample_inputs" in name else r,
+            "holds more than tensors",
+        ),
+        "sympy_eval": (sympy_eval, "holds the expression \"__import__('os')"),
+        "guard_code": (guard_code, 'models/model.json holds the guard code "open('),
+        "compiled": (lambda name, r: r, "an unexpected file data/aotinductor/model.so"),
+    }
+    for name, (change, words) in tampered.items():
+        path = rewritten(
+            good, tmp_path / f"{name}.pt2", change, extra="data/aotinductor/model.so" * (name == "compiled")
+        )
+        with pytest.raises(ValueError, match=f"refusing to load .*{name}.pt2: .*{re.escape(words)}"):
+            export.load_exported(path)
+        assert not MARKER.exists(), name

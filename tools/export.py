@@ -9,13 +9,17 @@ the bounds printed). It also holds gcnet.json: the class names and colours, and 
 align_corners of the checkpoint's recipe. After writing, the file is loaded back and its logits are
 compared with the model's at two image sizes (--check-sizes); a difference stops with an error.
 
-Load it elsewhere with torch only (README, "Export"):
+Load it elsewhere with torch only, through load_exported (copy the function: it needs torch, json and re):
 
-    import json, torch
     extra = {"gcnet.json": ""}
-    program = torch.export.load("gcnet_toy.pt2", extra_files=extra)
+    program = load_exported("gcnet_toy.pt2", extra_files=extra)
     logits = program.module()(image)          # image: (1, 3, H, W) float32 RGB 0..255
     classes = json.loads(extra["gcnet.json"])["classes"]
+
+torch.export.load alone runs code that a .pt2 file can carry: it unpickles weights and constants marked
+`use_pickle` (weights_only=False), and example inputs that its safe reader refuses; it evaluates the shape
+expressions with sympy, which is Python's eval; .module() compiles the file's guard code. A file written by
+this tool needs none of that, and load_exported refuses any file that asks for it before torch reads it.
 
 evaluate.py's single-scale protocol around it: resize the image to fit the test scale, run, resize the
 logits bilinearly back to the image's size, argmax. Sliding windows (the 769x769 rows) and ms+flip are
@@ -23,7 +27,9 @@ loops around the same program. ONNX (torch.onnx.export(..., dynamo=True)) and Te
 """
 
 import argparse
+import io
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,12 +71,73 @@ def export(segmenter, example_size):
         return torch.export.export(segmenter, (example,), dynamic_shapes=({0: batch, 2: height, 3: width},))
 
 
+# What a .pt2 of this tool holds, besides extra/ files: anything else (compiled AOTInductor libraries,
+# pickled objects, legacy .pt weights) could run code when loaded.
+ARCHIVE_FILES = re.compile(
+    r"(archive_format|archive_version|byteorder|version|\.data/version|\.data/serialization_id|extra/.+|models/\w+\.json"
+    r"|data/(weights|constants)/\w+_(weights|constants)_config\.json|data/weights/weight_\d+"
+    r"|data/constants/tensor_\d+|data/sample_inputs/\w+\.pt)"
+)
+# The shape expressions torch writes (sympy's srepr: Mul(Integer(4), Symbol('s0', positive=True, ...))):
+# names that are sympy classes or True/False, keyword names, quoted symbol names, integers, punctuation.
+EXPRESSION_TOKENS = re.compile(r"\s+|[A-Z][A-Za-z]*|[a-z]+(?==)|'[a-z]+\d*'|-?\d+|[(),=]")
+# The guards torch writes (compiled into the module): arithmetic and comparisons of the input's sizes,
+# such as ((1 + (((-1) + L['image'].size()[2]) // 8)) % 3) != 0.
+GUARD_TOKENS = re.compile(r"\s+|L\['\w+'\]\.size\(\)\[\d\]|\d+|[-+*/%()<>=!]|and|or|not")
+
+
+def archive_problems(path):
+    """What in the .pt2 at `path` would make torch.export.load or .module() run code from the file, read
+    without running any of it: a list of texts, empty for a file as this tool writes them."""
+    archive = torch._C.PyTorchFileReader(str(path))
+    names = archive.get_all_records()
+    problems = [f"an unexpected file {name}" for name in names if not ARCHIVE_FILES.fullmatch(name)]
+    for name in names:
+        if name.endswith("_config.json"):
+            for key, entry in json.loads(archive.get_record(name))["config"].items():
+                if entry.get("use_pickle") is not False:
+                    problems.append(f"{key} in {name} is stored as a pickle")
+        elif name.startswith("models/"):
+            program = json.loads(archive.get_record(name))
+            guards = [code for code in program.get("guards_code", []) if "".join(GUARD_TOKENS.split(code))]
+            problems += [f"{name} holds the guard code {code[:80]!r}" for code in guards]
+            unusual = [text for text in expressions(program) if "".join(EXPRESSION_TOKENS.split(text))]
+            problems += [f"{name} holds the expression {text[:80]!r}" for text in unusual]
+        elif name.startswith("data/sample_inputs/"):
+            try:
+                torch.load(io.BytesIO(archive.get_record(name)), weights_only=True)
+            except Exception:  # anything the safe unpickler refuses; torch would then unpickle it fully
+                problems.append(f"{name} holds more than tensors")
+    return problems
+
+
+def expressions(value, key=None):
+    """Every string under an "expr_str" key of the program's JSON: torch hands them to sympy.sympify."""
+    if isinstance(value, dict):
+        return [text for name, item in value.items() for text in expressions(item, name)]
+    if isinstance(value, list):
+        return [text for item in value for text in expressions(item, key)]
+    return [value] if key == "expr_str" and isinstance(value, str) else []
+
+
+def load_exported(path, extra_files=None):
+    """torch.export.load(path) once archive_problems finds nothing that could run code."""
+    problems = archive_problems(path)
+    if problems:
+        raise ValueError(
+            f"refusing to load {path}: {'; '.join(problems[:5])}. torch.export.load would run code from such a "
+            "file; tools/export.py writes none of these. Export the checkpoint again, or load it with "
+            "torch.export.load only if you trust where it comes from."
+        )
+    return torch.export.load(str(path), extra_files=extra_files)
+
+
 def check(path, segmenter, sizes, seed=0):
     """Load the written file back, as the README does, and compare its logits with the model's at each
     (H, W). Returns the loaded module, its gcnet.json and [(size, largest logit difference, share of
     pixels with the same class)]; raises if they differ."""
     extra = {"gcnet.json": ""}
-    reloaded = torch.export.load(str(path), extra_files=extra).module()
+    reloaded = load_exported(path, extra_files=extra).module()
     generator, found = torch.Generator().manual_seed(seed), []
     for size in sizes:
         image = torch.rand(1, 3, *size, generator=generator) * 255
