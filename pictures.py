@@ -120,18 +120,20 @@ def composite_picture(
         panels.append((attention_title or "GC attention (red: more weight)", heat, Image.BILINEAR))
     height, width = picture.shape[:2]
     size = (min(width, PANEL_WIDTH), max(1, round(height * min(width, PANEL_WIDTH) / width)))
-    font = font_of(14)
-    title, gap = 22, COMPOSITE_GAP
+    font, gap = font_of(14), COMPOSITE_GAP
+    titles = [wrapped(name, font, size[0]) for name, _, _ in panels]  # a narrow panel's title on more lines
+    title = 22 + 17 * (max(len(lines) for lines in titles) - 1)
     present = sorted(set(pred.unique().tolist()) | set([] if label is None else label.unique().tolist()))
     present = [index for index in present if 0 <= index < len(classes)]
     total_width = len(panels) * (size[0] + gap) - gap
     legend = legend_rows(present, classes, font, total_width)
     canvas = Image.new("RGB", (total_width, title + size[1] + 8 + 20 * len(legend)), "white")
     draw = ImageDraw.Draw(canvas)
-    for number, (name, rgb, resample) in enumerate(panels):
+    for number, ((_, rgb, resample), lines) in enumerate(zip(panels, titles)):
         left = number * (size[0] + gap)
         canvas.paste(rgb_picture(rgb).resize(size, resample), (left, title))
-        draw.text((left, 3), name, fill="black", font=font)
+        for line_number, line in enumerate(lines):
+            draw.text((left, 3 + 17 * line_number), line, fill="black", font=font)
     for row, entries in enumerate(legend):
         top = title + size[1] + 8 + 20 * row
         for left, index in entries:
@@ -151,6 +153,18 @@ def legend_rows(indices, classes, font, width):
         rows[-1].append((left, index))
         left += entry
     return rows if rows[0] else []
+
+
+def wrapped(text, font, width):
+    """`text` in lines of at most `width` pixels, broken between words (a longer word has a line to itself)."""
+    lines = [""]
+    for word in text.split():
+        joined = f"{lines[-1]} {word}".strip()
+        if lines[-1] and font.getlength(joined) > width:
+            lines.append(word)
+        else:
+            lines[-1] = joined
+    return lines
 
 
 def font_of(size=14):

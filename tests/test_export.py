@@ -39,6 +39,9 @@ def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, rand
         export.main([str(source), str(tmp_path / "small.pt2"), "--check-sizes", "16", "64"])
     with pytest.raises(SystemExit, match="name the file .pt2"):
         export.main([str(source), str(tmp_path / "gcnet.onnx")])
+    (tmp_path / "page.pth").write_text("<html>Not found</html>")  # a bad checkpoint: words, no traceback
+    with pytest.raises(SystemExit, match="export.py: cannot read checkpoint .*page.pth: it is a text file"):
+        export.main([str(tmp_path / "page.pth"), str(tmp_path / "page.pt2")])
 
 
 class RunsCode:

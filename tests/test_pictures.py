@@ -96,17 +96,20 @@ def test_composite_shows_image_truth_prediction_attention_and_a_legend_of_the_cl
     pred = torch.zeros(20, 30, dtype=torch.long)
     palette, classes = [[0, 0, 255], [0, 255, 0], [255, 0, 0]], ["sky", "grass", "car"]
     picture = pictures.composite_picture(image, pred, palette, classes, torch.rand(20, 30), label)
-    gap, pixels = pictures.COMPOSITE_GAP, np.array(picture)
-    assert (
-        picture.width == 4 * 30 + 3 * gap and picture.height == 22 + 20 + 8 + 20
-    )  # titles, panels, a legend row
-    top = 22  # the panels start below their titles: image, ground truth, prediction, attention
+    gap, pixels, font = pictures.COMPOSITE_GAP, np.array(picture), pictures.font_of(14)
+    # A 30-pixel panel's title takes a line per word (it was cut by the next panel); a wide one takes one.
+    title = pictures.wrapped("GC attention (red: more weight)", font, 30)
+    assert title == ["GC", "attention", "(red:", "more", "weight)"]
+    assert pictures.wrapped("GC attention (red: more weight)", font, 256) == [
+        "GC attention (red: more weight)"
+    ]
+    top = 22 + 17 * 4  # the panels start below their titles: image, ground truth, prediction, attention
+    assert picture.width == 4 * 30 + 3 * gap and picture.height == top + 20 + 8 + 20  # titles, panels, legend
     assert pixels[top + 5, 5].tolist() == [200, 200, 200]
     truth, prediction = 30 + gap, 2 * (30 + gap)
     assert pixels[top, truth].tolist() == [0, 0, 0] and pixels[top + 5, truth + 25].tolist() == [255, 0, 0]
     assert pixels[top + 5, truth + 5].tolist() == pixels[top + 5, prediction + 25].tolist() == [0, 0, 255]
     # The legend lists the classes in the label or the prediction, not grass.
-    font = pictures.font_of(14)
     assert [index for row in pictures.legend_rows([0, 2], classes, font, 500) for _, index in row] == [0, 2]
     assert len(pictures.legend_rows([0, 1, 2], classes, font, 60)) == 3  # wrapped at the width
     assert pixels[top + 20 + 8 + 8, 5].tolist() == [0, 0, 255]  # sky's swatch

@@ -184,7 +184,10 @@ def main(argv=None):
                 f"export.py: --check-sizes {size[0]}x{size[1]}: each side must be {MIN_SIDE}..{MAX_SIDE}"
             )
     flags = ["--device", "cpu", "--precision", "fp32"] + ["--trust-checkpoint"] * args.trust_checkpoint
-    predictor = evaluate.Predictor(args.checkpoint, flags)  # the model as evaluate.py builds it, in fp32
+    try:
+        predictor = evaluate.Predictor(args.checkpoint, flags)  # the model as evaluate.py builds it, in fp32
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"export.py: {error}") from None
     if predictor.model.head_block["context"] == "nonlocal":
         raise SystemExit(
             f"export.py: {args.checkpoint} is a Non-local model: it attends in blocks whose number depends on "
