@@ -177,8 +177,11 @@ def record(results, status, message):
 def resolve_folders(args, parser):
     """--src, --dst and --classes, each defaulting from ROOT."""
     root = Path(args.root) if args.root else None
-    missing = [flag for flag, value in (("--src", args.src), ("--dst", args.dst), ("--classes", args.classes))
-               if value is None]  # fmt: skip
+    missing = [
+        flag
+        for flag, value in (("--src", args.src), ("--dst", args.dst), ("--classes", args.classes))
+        if value is None
+    ]
     if root is None and missing:
         parser.error(f"give ROOT, or all of --src, --dst and --classes (missing {', '.join(missing)})")
     src = Path(args.src) if args.src else root / "labels_colour"

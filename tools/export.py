@@ -165,9 +165,14 @@ def main(argv=None):
     )
     parser.add_argument("checkpoint", help="ours (best.pth, iter_<N>.pth) or an official one: path or URL")
     parser.add_argument("out", help="the file to write, e.g. gcnet.pt2")
-    parser.add_argument("--check-sizes", type=runtime.size_flag("--check-sizes"), nargs=2, metavar="HxW",
-                        help="two image sizes to compare the reloaded file at (default: the recipe's crop and "
-                        "an odd size below it)")  # fmt: skip
+    parser.add_argument(
+        "--check-sizes",
+        type=runtime.size_flag("--check-sizes"),
+        nargs=2,
+        metavar="HxW",
+        help="two image sizes to compare the reloaded file at (default: the recipe's crop and "
+        "an odd size below it)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument(
         "--trust-checkpoint", action="store_true", help="unpickle the checkpoint fully: runs code in it"
@@ -201,20 +206,30 @@ def main(argv=None):
     start = time.perf_counter()
     program = export(segmenter, sizes[0])
     about = dict(
-        classes=list(predictor.classes), palette=[list(colour) for colour in predictor.palette],
-        scale=list(predictor.settings["scale"]), align_corners=bool(predictor.model.align_corners),
-        input="RGB (N, 3, H, W) float32 0..255", output="logits (N, classes, H, W)", checkpoint=str(args.checkpoint),
-        mean=list(data.MEAN), std=list(data.STD), torch=torch.__version__,
-    )  # fmt: skip
+        classes=list(predictor.classes),
+        palette=[list(colour) for colour in predictor.palette],
+        scale=list(predictor.settings["scale"]),
+        align_corners=bool(predictor.model.align_corners),
+        input="RGB (N, 3, H, W) float32 0..255",
+        output="logits (N, classes, H, W)",
+        checkpoint=str(args.checkpoint),
+        mean=list(data.MEAN),
+        std=list(data.STD),
+        torch=torch.__version__,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with runtime.written_atomically(out, suffix=".pt2") as temporary:  # torch.export wants a .pt2 name
         torch.export.save(program, str(temporary), extra_files={"gcnet.json": json.dumps(about)})
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s: "
-          f"{len(about['classes'])} classes; batch 1..{MAX_BATCH}, height and width {MIN_SIDE}..{MAX_SIDE}")  # fmt: skip
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s: "
+        f"{len(about['classes'])} classes; batch 1..{MAX_BATCH}, height and width {MIN_SIDE}..{MAX_SIDE}"
+    )
     reloaded, about, found = check(out, segmenter, sizes)
     for (height, width), difference, same in found:
-        print(f"reloaded and checked at {height}x{width}: largest logit difference {difference:.2g}, "
-              f"{same:.2%} of the pixels the same class")  # fmt: skip
+        print(
+            f"reloaded and checked at {height}x{width}: largest logit difference {difference:.2g}, "
+            f"{same:.2%} of the pixels the same class"
+        )
     return dict(path=out, program=reloaded, about=about)
 
 
