@@ -267,8 +267,8 @@ def test_resize_image_matches_cv2_inter_linear():
 
 
 def resize_label(label, size):
-    """A whole label resized, as data.Rescaled crops it: the window that is the whole image."""
-    return data.Rescaled(label, size, "nearest").crop(0, 0, *size)
+    """A whole label resized, as random_crop crops it: the window that is the whole image."""
+    return data.resize_label_window(label, size, 0, 0, *size)
 
 
 def test_resize_label_is_cv2_inter_nearest():
@@ -391,11 +391,6 @@ def test_crop_check_excludes_ignore_and_needs_two_classes():
     assert not data.crop_is_acceptable(crop(50, 0, 50))  # one class only
 
 
-def unscaled(label):
-    """A label as TrainTransform hands it to random_crop, rescaled to its own size (no change)."""
-    return data.Rescaled(label, label.shape, "nearest")
-
-
 def test_cat_max_ratio_draws(monkeypatch):
     draws = []
     random_crop_box = data.random_crop_box
@@ -406,19 +401,20 @@ def test_cat_max_ratio_draws(monkeypatch):
 
     monkeypatch.setattr(data, "random_crop_box", counting)
     torch.manual_seed(0)
-    single_class = unscaled(torch.zeros(40, 40, dtype=torch.uint8))
-    _, crop = data.random_crop(single_class, single_class, (16, 16))
+    single_class = torch.zeros(40, 40, dtype=torch.uint8)
+    _, crop = data.random_crop(single_class[None], single_class, (40, 40), (16, 16))
     (top, left) = draws[-1]
     assert len(draws) == 11 and 0 <= top <= 24 and 0 <= left <= 24  # 10 checks, then an unchecked 11th box
     assert crop.shape == (16, 16)
     draws.clear()
     board = (torch.arange(40)[:, None] + torch.arange(40)).remainder(2).to(torch.uint8)
-    image_crop, crop = data.random_crop(unscaled(board * 7), unscaled(board), (16, 16))
+    image_crop, crop = data.random_crop(board[None] * 7, board, (40, 40), (16, 16))
     (top, left) = draws[-1]
     assert len(draws) == 1  # the first box passes
-    assert torch.equal(crop, board[top : top + 16, left : left + 16]) and torch.equal(image_crop, crop * 7)
+    assert torch.equal(crop, board[top : top + 16, left : left + 16])
+    assert torch.equal(image_crop, crop[None] * 7)
     draws.clear()
-    data.random_crop(single_class, single_class, (16, 16), cat_max_ratio=1.0)
+    data.random_crop(single_class[None], single_class, (40, 40), (16, 16), cat_max_ratio=1.0)
     assert len(draws) == 1  # no check without a ratio
 
 
@@ -430,7 +426,7 @@ def test_cat_max_ratio_prefers_crops_with_two_classes():
         torch.manual_seed(0)
         accepted = 0
         for _ in range(100):
-            _, crop = data.random_crop(unscaled(label), unscaled(label), (32, 32), cat_max_ratio)
+            _, crop = data.random_crop(label[None], label, (64, 64), (32, 32), cat_max_ratio)
             accepted += data.crop_is_acceptable(crop)
         return accepted / 100
 
@@ -459,7 +455,7 @@ def test_train_transform_equals_the_plain_order_of_the_original():
         image, label = image[:, top : top + height, left : left + width], label_crop
         if float(torch.rand(())) < 0.5:  # 3. flip
             image, label = image.flip(-1), label.flip(-1)
-        image = data.PhotometricDistortion()(image)  # 4. photometric distortion
+        image = data.photometric_distortion(image)  # 4. photometric distortion
         return data.normalize_and_pad(image, label, (32, 48))  # 5. normalise and pad
 
     for seed in range(12):
@@ -611,7 +607,7 @@ def test_hsv_matches_a_plain_opencv_implementation_on_every_colour():
 
 def test_photometric_keeps_grey_grey_and_shapes():
     grey = torch.arange(0, 256, dtype=torch.uint8).expand(3, 16, 256).contiguous()
-    distortion = data.PhotometricDistortion()
+    distortion = data.photometric_distortion
     torch.manual_seed(0)
     outputs = [distortion(grey) for _ in range(20)]
     for out in outputs:  # brightness and contrast act alike on every channel; S = 0 stays 0
@@ -650,7 +646,7 @@ def test_missing_root_and_empty_split(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)nowhere.*leftImg8bit.*prepare_datasets\.py cityscapes"):
         data.build_dataset("cityscapes", tmp_path / "nowhere")
     (tmp_path / "ade" / "images" / "training").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"(?s)training holds no \.jpg.*annotations"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)training holds no \*\.jpg.*annotations"):
         data.build_dataset("ade20k", tmp_path / "ade")
     with pytest.raises(FileNotFoundError, match=r"(?s)classes\.txt not found.*R G B"):
         data.build_dataset("folder", tmp_path)
