@@ -182,16 +182,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __init__(
         self, name, root, split, pairs, classes, palette, scale, crop_size, test_ratios, reduce_zero_label
     ):
-        self.name, self.root, self.split, self.classes, self.palette = (
-            name,
-            str(root),
-            split,
-            classes,
-            palette,
-        )
+        self.name, self.root, self.split, self.reduce_zero_label = name, str(root), split, reduce_zero_label
         self.pairs = pairs  # [(image_path, label_path or None)] as str: cheap to send to DataLoader workers
-        self.num_classes, self.has_labels = len(classes), pairs[0][1] is not None
-        self.reduce_zero_label = reduce_zero_label
+        self.classes, self.palette, self.num_classes = classes, palette, len(classes)
+        self.has_labels = pairs[0][1] is not None
         self.scale = tuple(scale)  # (W, H) for training and testing alike, as in the original
         self.crop_size, self.test_ratios = tuple(crop_size), tuple(test_ratios)
         self.train_transform = TrainTransform(self.scale, self.crop_size) if split == "train" else None
@@ -207,11 +201,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         name = Path(image_path).stem  # Cityscapes' names without their _leftImg8bit
         name = name.removesuffix("_leftImg8bit") if self.name in ("cityscapes", "toy") else name
         meta = dict(name=name, image_path=image_path, original_size=tuple(image.shape[-2:]))
-        return (
-            test_transform(image, self.scale, self.test_ratios),
-            None if label is None else label.long(),
-            meta,
-        )
+        label = None if label is None else label.long()
+        return test_transform(image, self.scale, self.test_ratios), label, meta
 
     def __repr__(self):
         return f"SegmentationDataset({self.name!r}, {self.split!r}, {len(self)} images, root={self.root!r})"
@@ -231,7 +222,7 @@ def data_root(name, root=None):
 
 
 def dataset_folder(name, split, root):
-    """The dataset's root as a Path, checked with the split; the toy dataset is written there if absent."""
+    """The dataset's root, checked with the split; the toy dataset is written there if it is absent."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if name == "toy" and split == "test":
@@ -247,9 +238,8 @@ def dataset_folder(name, split, root):
 
 
 class FileProblem(ValueError):
-    """An image or label file that cannot be used, named in the message with what to do. Raised in a
-    DataLoader worker, it is made again in the main process from the worker's whole traceback text:
-    the message keeps the words after the traceback only."""
+    """A file that cannot be used, named with what to do. Raised in a DataLoader worker, it is made again
+    in the main process from the worker's traceback text, and keeps only the words after it."""
 
     def __init__(self, message):
         if message.startswith("Caught FileProblem"):
@@ -258,9 +248,8 @@ class FileProblem(ValueError):
 
 
 def read_pair(image_path, label_path, dataset):
-    """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, None without labels) of a
-    SegmentationDataset's pair, label 0 made 'ignore' where the dataset says so. A file that cannot
-    be read, or a label value out of range, raises FileProblem naming the file."""
+    """The image (uint8 3 x H x W RGB) and checked label (uint8 H x W, or None) of a pair, label 0 made
+    'ignore' where the dataset says so. A file that cannot be used raises FileProblem, naming it."""
     try:
         image = read_image(image_path)
         if label_path is None:
@@ -286,16 +275,13 @@ def collate_val(batch):
 
 
 def classes_of(name, root):
-    """(classes, palette, whether label 0 means 'ignore') of a dataset, fresh lists: from
-    classes_and_palettes.json and recipe.DATASETS, or the folder dataset's ROOT/classes.txt."""
+    """(classes, palette, zero_is_ignore), fresh lists: from classes_and_palettes.json and
+    recipe.DATASETS, or the folder dataset's ROOT/classes.txt."""
     if name == "folder":
         return read_classes_file(root)
     classes, palette = CLASSES_AND_PALETTES[name]["classes"], CLASSES_AND_PALETTES[name]["palette"]
-    return (
-        list(classes),
-        [list(colour) for colour in palette],
-        recipe.DATASETS[name].get("reduce_zero_label", False),
-    )
+    zero_is_ignore = recipe.DATASETS[name].get("reduce_zero_label", False)
+    return list(classes), [list(colour) for colour in palette], zero_is_ignore
 
 
 # Every image and label file is refused above this many pixels before it is decoded (8192 x 8192; a
@@ -304,7 +290,7 @@ MAX_IMAGE_PIXELS = recipe.MAX_SIZE**2
 
 
 def open_header(path, kind, file=None):
-    """The file (or the open `file` of that path) opened with Pillow, which reads its header only,
+    """The file (or the open `file` of that path) opened with Pillow, which reads the header only;
     refused beyond MAX_IMAGE_PIXELS."""
     with warnings.catch_warnings():  # Pillow warns from 89 million pixels on; the limit below is ours
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -319,8 +305,8 @@ def open_header(path, kind, file=None):
         picture.close()
         size = f"{width}x{height}"
     raise ValueError(
-        f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels ({recipe.MAX_SIZE}x"
-        f"{recipe.MAX_SIZE}) are read. Downscale it first (e.g. with Pillow's Image.thumbnail), or cut it into tiles."
+        f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels are read. Downscale it "
+        "first (e.g. with Pillow's Image.thumbnail), or cut it into tiles."
     )
 
 
@@ -339,9 +325,8 @@ def decode_file(path, kind, mode, upright=False):
             warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
             return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
     except (OSError, RuntimeError, SyntaxError) as error:  # Pillow's damaged-file errors, torchvision's
-        raise ValueError(
-            f"cannot decode {kind} {path} ({in_words(error)}). Expected {expected[kind]}."
-        ) from None
+        message = f"cannot decode {kind} {path} ({in_words(error)}). Expected {expected[kind]}."
+        raise ValueError(message) from None
 
 
 def in_words(error):
@@ -403,11 +388,12 @@ def size_mismatch(image_path, image_size, label_path, label_size):  # sizes (W, 
 
 
 def write_png(image, path, compression_level=6):
-    """Write a uint8 C x H x W tensor as PNG through a temporary file, so that a file that exists is
-    complete (an interrupted run is picked up where it stopped)."""
+    """Write a uint8 C x H x W tensor as PNG, its folder made, through a temporary file: a file that
+    exists is complete (an interrupted run is picked up where it stopped)."""
     with warnings.catch_warnings():  # see decode_file
         warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
         encoded = encode_png(image.contiguous(), compression_level=compression_level)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with runtime.written_atomically(path) as temporary:
         temporary.write_bytes(encoded.numpy().tobytes())
 
@@ -420,58 +406,51 @@ def reduce_zero_label(label):
 
 
 def check_label_values(label, num_classes, path, dataset_name):
-    """Raise a ValueError naming the file when `label` holds values outside [0, C) and 255."""
+    """Raise a ValueError naming the file and the likely cause when `label` holds values outside
+    0..C-1 and 255."""
     if int(label.max()) < num_classes:  # the common case: one cheap pass
         return
     if not ((label >= num_classes) & (label != IGNORE_INDEX)).any():
         # A 0/255 label of two classes is a foreground mask whose foreground, 255, would be ignored.
         if num_classes == 2 and not (label == 1).any() and (label == 0).any():
             raise ValueError(
-                f"label {path} holds only the values 0 and 255, in a dataset of 2 classes. 255 means "
-                "'ignore', so this looks like a 0/255 binary mask whose foreground would never be learned: "
-                "store the foreground as 1 (e.g. `mask // 255`) and keep 255 for pixels to ignore."
+                f"label {path} holds only the values 0 and 255, in a dataset of 2 classes: a 0/255 binary "
+                "mask, whose foreground would be ignored. Store it as 1 (`mask // 255`); 255 means 'ignore'."
             )
         return
     values = torch.unique(label).tolist()
-    raise ValueError(
-        f"label {path} holds the values {values}, but {dataset_name} has {num_classes} classes: expected "
-        f"0..{num_classes - 1} and 255 (ignore). {label_value_hint(values, num_classes)}"
-    )
-
-
-def label_value_hint(values, num_classes):
-    """The likely cause of out-of-range label values, for the error message."""
     largest = max(value for value in values if value != IGNORE_INDEX)
     if num_classes == 19 and largest <= 33:
-        return (
-            "These look like raw Cityscapes labelIds (0..33) rather than trainIds (0..18): run `python "
+        hint = (
+            "These look like raw Cityscapes labelIds (0..33), not trainIds (0..18): run `python "
             "tools/prepare_datasets.py cityscapes ROOT` and use the *_gtFine_labelTrainIds.png it writes."
         )
-    if largest == num_classes:
-        return (
-            f"The values run up to {num_classes}: if 0 means 'other/unlabelled' and 1..{num_classes} are the "
-            "classes (as in raw ADE20K), reduce the labels (0 -> 255, v -> v-1) with a line `label0: ignore` "
-            "in classes.txt, or add a class for 0."
+    elif largest == num_classes:
+        hint = (
+            f"The values run up to {num_classes}: if 0 means 'other' and 1..{num_classes} are the classes (as "
+            "in raw ADE20K), reduce the labels with a line `label0: ignore` in classes.txt, or add a class for 0."
         )
-    if num_classes <= 2 and (largest >= 128 or IGNORE_INDEX in values):  # values near 255: a mask
-        return (
-            "This looks like a 0/255 binary mask (values in between come from anti-aliasing or JPEG): store "
-            "class indices instead, e.g. `(mask > 127)` saved as a PNG of 0/1."
+    elif num_classes <= 2 and (largest >= 128 or IGNORE_INDEX in values):  # values near 255: a mask
+        hint = (
+            "This looks like a 0/255 binary mask (with anti-aliasing or JPEG): store 0/1, e.g. `mask > 127`."
         )
-    return "Check that the labels are PNGs of class indices (not colours) and that every class is listed."
+    else:
+        hint = "Check that the labels are PNGs of class indices (not colours) and that every class is listed."
+    raise ValueError(
+        f"label {path} holds the values {values}, but {dataset_name} has {num_classes} classes: expected "
+        f"0..{num_classes - 1} and 255 (ignore). {hint}"
+    )
 
 
 def check_not_reduced_already(label, path, name, num_classes):
-    """Raw ADE20K labels are 0 (other) and 1..150. One holding 255 and no 150 was reduced already: reducing
-    again would shift every class. (Folder data may use 255 beside 0 for 'ignore': not checked.)"""
-    if name != "ade20k" or not (label == IGNORE_INDEX).any() or (label == num_classes).any():
-        return
-    raise ValueError(
-        f"label {path} holds 255 and no {num_classes}: it looks already reduced (classes "
-        f"0..{num_classes - 1}, 255 = ignore), while ade20k reduces the original annotations "
-        f"(0 = other, classes 1..{num_classes}) itself. Use the original ADEChallengeData2016 "
-        "annotations, or build the dataset with reduce_zero_label=False."
-    )
+    """Raw ADE20K labels are 0 (other) and 1..150. One holding 255 and no 150 was reduced already:
+    reducing it again would shift every class. (Folder data may use 255 beside 0: not checked.)"""
+    if name == "ade20k" and (label == IGNORE_INDEX).any() and not (label == num_classes).any():
+        raise ValueError(
+            f"label {path} holds 255 and no {num_classes}: it looks already reduced (classes 0..{num_classes - 1}"
+            f"), while ade20k reduces the original annotations (0 = other, 1..{num_classes}) itself. Use the "
+            "original ADEChallengeData2016 annotations, or build the dataset with reduce_zero_label=False."
+        )
 
 
 def file_problem(path, kind):
@@ -498,10 +477,9 @@ def file_problem(path, kind):
 
 def check_files(name, pairs):
     """Name every unreadable, truncated or mismatched image and label of a split at once."""
-    problems, quiet = [], os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 shows the bar
-    for image_path, label_path in tqdm(
-        pairs, desc=f"{name}: checking files", unit="pair", delay=2, disable=quiet
-    ):
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 shows the bar
+    problems, progress = [], tqdm(pairs, desc=f"{name}: checking files", unit="pair", delay=2, disable=quiet)
+    for image_path, label_path in progress:
         image_problem, image_size = file_problem(image_path, "image")
         label_problem, label_size = file_problem(label_path, "label") if label_path else (None, None)
         problems += [problem for problem in (image_problem, label_problem) if problem]
@@ -522,14 +500,9 @@ def check_files(name, pairs):
 
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
-# Cityscapes labelId -> trainId (cityscapesScripts helpers/labels.py): the labelIds of trainIds 0..18.
-# Every other labelId becomes 255.
-CITYSCAPES_ID_TO_TRAINID = {
-    label_id: train_id
-    for train_id, label_id in enumerate(
-        (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-    )
-}
+# Cityscapes labelId -> trainId (cityscapesScripts helpers/labels.py); every other labelId -> 255.
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)  # 0..18
+CITYSCAPES_ID_TO_TRAINID = {label_id: train_id for train_id, label_id in enumerate(CITYSCAPES_LABEL_IDS)}
 
 # The layout of each dataset, shown when a root or a split is missing or empty.
 LAYOUTS = {
@@ -587,15 +560,12 @@ def find_pairs(name, root, split):
     else:  # Cityscapes and the toy dataset: <city>/<name>_leftImg8bit.png, <city>/<name>_gtFine_labelTrainIds.png
         image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
         pattern, label_pattern = "*_leftImg8bit.png", "*_gtFine_labelTrainIds.png"
-        prepare = (
-            f"If it holds *_gtFine_labelIds.png, run `python tools/prepare_datasets.py cityscapes {root}`."
-        )
+        prepare = f"`python tools/prepare_datasets.py cityscapes {root}` writes them from the labelIds."
         hint = prepare if name == "cityscapes" else ""
     images = sorted(image_dir.rglob(pattern)) if image_dir.is_dir() else []  # as the original scans img_dir
     if not images:
-        raise missing_path_error(
-            name, root, image_dir, f"holds no {pattern} files" if image_dir.is_dir() else "not found"
-        )
+        what = f"holds no {pattern} files" if image_dir.is_dir() else "not found"
+        raise missing_path_error(name, root, image_dir, what)
     names = [image.relative_to(image_dir).parent / image.name.removesuffix(pattern[1:]) for image in images]
     labels = [label_dir / f"{name}{label_pattern[1:]}" for name in names]
     return pair_up(name, split, image_dir, images, labels, (label_dir, label_pattern), hint)
@@ -799,18 +769,15 @@ def resize_image(image, size):
 
 def resize_label_window(label, size, top, left, height, width):
     """The window [top:top+height, left:left+width] of `label` (uint8 H x W) resized to `size` with
-    cv2 INTER_NEAREST: rows are copied whole, columns gathered. The source index floor(d * (1 / (out /
-    in))) is computed in double, as OpenCV (torch's 'nearest' works in float: another pixel for about
-    8% of size pairs)."""
+    cv2 INTER_NEAREST, from the source indices floor(d * (1 / (out / in))) in double, as OpenCV (torch's
+    'nearest' works in float: another pixel for about 8% of size pairs)."""
 
     def indices(in_size, out_size, start, count):
         positions = torch.arange(start, start + count, dtype=torch.float64)
         return torch.floor(positions * (1.0 / (out_size / in_size))).long().clamp_(max=in_size - 1)
 
-    rows, columns = (
-        indices(label.shape[0], size[0], top, height),
-        indices(label.shape[1], size[1], left, width),
-    )
+    rows = indices(label.shape[0], size[0], top, height)  # copied whole, then the columns gathered
+    columns = indices(label.shape[1], size[1], left, width)
     return label.index_select(0, rows).gather(1, columns.expand(height, width))
 
 
@@ -900,9 +867,8 @@ def draw_toy_sample(seed):
     rng = np.random.RandomState(seed)
     height, width = TOY_IMAGE_SIZE
     # Grey texture: mostly brightness noise shared by the channels, so its saturation stays low.
-    image = (
-        rng.randint(70, 180) + rng.normal(0, 12, (height, width, 1)) + rng.normal(0, 3, (height, width, 3))
-    )
+    image = rng.randint(70, 180) + rng.normal(0, 12, (height, width, 1))
+    image = image + rng.normal(0, 3, (height, width, 3))
     label = np.zeros((height, width), np.uint8)
     rows, cols = np.mgrid[0:height, 0:width]
     for _ in range(rng.randint(3, 7)):
@@ -922,30 +888,20 @@ def draw_toy_sample(seed):
 
 
 def make_toy_dataset(root):
-    """Write the toy dataset into `root` in the Cityscapes layout, sample i from seed i (train first).
-    Atomically, through a temporary folder renamed at the end: an interrupted run leaves no half
-    dataset, and two processes generating at once do not mix files."""
+    """Write the toy dataset into `root` in the Cityscapes layout, through a temporary folder renamed at
+    the end: an interrupted run leaves no half dataset, and two processes writing at once mix no files."""
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     temporary = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     total, (height, width) = sum(TOY_COUNTS.values()), TOY_IMAGE_SIZE
     print(f"toy: writing {total} images of {width}x{height} into {root}", file=sys.stderr)
     try:
-        seed = 0
-        for split, count in TOY_COUNTS.items():
-            image_dir, label_dir = (
-                temporary / "leftImg8bit" / split / "toy",
-                temporary / "gtFine" / split / "toy",
-            )
-            image_dir.mkdir(parents=True)
-            label_dir.mkdir(parents=True)
-            for index in range(count):
-                image, label = draw_toy_sample(seed)
-                seed += 1
-                stem = f"toy_{index:06d}"  # compression level 1: the noise does not compress anyway
-                write_png(torch.from_numpy(image).permute(2, 0, 1), image_dir / f"{stem}_leftImg8bit.png", 1)
-                write_png(torch.from_numpy(label)[None], label_dir / f"{stem}_gtFine_labelTrainIds.png", 1)
+        stems = [f"{split}/toy/toy_{i:06d}" for split, count in TOY_COUNTS.items() for i in range(count)]
+        for seed, stem in enumerate(stems):  # sample i from seed i, train first
+            image, label = (torch.from_numpy(array) for array in draw_toy_sample(seed))
+            # PNG compression level 1: the noise does not compress anyway
+            write_png(image.permute(2, 0, 1), temporary / f"leftImg8bit/{stem}_leftImg8bit.png", 1)
+            write_png(label[None], temporary / f"gtFine/{stem}_gtFine_labelTrainIds.png", 1)
         try:
             os.rename(temporary, root)  # atomic; replaces `root` only if it is an empty folder
         except OSError:
