@@ -48,7 +48,11 @@ def build_dataset(
     Every file is checked here, cheaply (headers and last bytes), so a bad one fails no run hours in."""
     row = recipe.row(name, crop_size)  # refuses an unknown name
     root = dataset_folder(name, split, root)  # the toy dataset is written there on first use
-    classes, palette, zero_is_ignore = classes_of(name, root)
+    if name == "folder":
+        classes, palette, zero_is_ignore = read_classes_file(root)
+    else:
+        classes, palette = CLASSES_AND_PALETTES[name]["classes"], CLASSES_AND_PALETTES[name]["palette"]
+        zero_is_ignore = recipe.DATASETS[name].get("reduce_zero_label", False)
     pairs = find_pairs(name, root, split)
     check_files(name, pairs)
     reduce_zero_label = zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label)
@@ -95,9 +99,8 @@ def ratio_scale(scale, ratio):
 
 
 def rescale_size(height, width, scale):
-    """(h, w) of mmcv.imrescale: the largest keep-ratio size that fits `scale` (W, H), either way round:
-    f = min(max(scale) / long side, min(scale) / short side), size = int(dim * f + 0.5). E.g. a 375x500
-    VOC image with scale (2048, 512) becomes 512x683 (mmcv v1.0.2 mmcv/image/geometric.py)."""
+    """(h, w) of mmcv.imrescale (mmcv v1.0.2 mmcv/image/geometric.py): the largest keep-ratio size that fits
+    `scale` (W, H) either way round. E.g. a 375x500 VOC image with scale (2048, 512) becomes 512x683."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
@@ -130,8 +133,8 @@ def crop_is_acceptable(label_crop, cat_max_ratio=0.75):
 
 
 def photometric_distortion(image):
-    """Step 4: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order, each step
-    with probability 0.5, on uint8 pixels clipped and truncated after each. RGB here, BGR there: the same."""
+    """Step 4: mmseg's PhotoMetricDistortion, its ranges and order; each step with probability 0.5, on uint8
+    pixels clipped and truncated after each. RGB here, BGR there: the same."""
     if coin_flip():  # brightness
         image = scale_and_shift_uint8(image, beta=uniform(-32, 32))
     contrast_first = coin_flip()  # the original's code (not its comment) puts contrast first when mode == 1
@@ -259,7 +262,10 @@ def read_pair(image_path, label_path, dataset):
             raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
         if dataset.reduce_zero_label:
             check_not_reduced_already(label, label_path, dataset.name, dataset.num_classes)
-            label = reduce_zero_label(label)
+            # reduce_zero_label (mmseg v0.5.0 mmseg/datasets/pipelines/loading.py): 0 ('other') -> 255,
+            # v -> v - 1. uint8 arithmetic wraps 0 to 255, and turns 255 into 254, which goes back.
+            label = label - 1
+            label[label == 254] = IGNORE_INDEX
         check_label_values(label, dataset.num_classes, label_path, dataset.name)
     except (ValueError, OSError) as error:
         raise FileProblem(str(error)) from None
@@ -272,16 +278,6 @@ def collate_val(batch):
     images, labels, metas = zip(*batch, strict=True)
     stack = all(label is not None and label.shape == labels[0].shape for label in labels)
     return list(images), torch.stack(labels) if stack else list(labels), list(metas)
-
-
-def classes_of(name, root):
-    """(classes, palette, zero_is_ignore), fresh lists: from classes_and_palettes.json and
-    recipe.DATASETS, or the folder dataset's ROOT/classes.txt."""
-    if name == "folder":
-        return read_classes_file(root)
-    classes, palette = CLASSES_AND_PALETTES[name]["classes"], CLASSES_AND_PALETTES[name]["palette"]
-    zero_is_ignore = recipe.DATASETS[name].get("reduce_zero_label", False)
-    return list(classes), [list(colour) for colour in palette], zero_is_ignore
 
 
 # Every image and label file is refused above this many pixels before it is decoded (8192 x 8192; a
@@ -316,38 +312,30 @@ def decode_file(path, kind, mode, upright=False):
     Pillow raises; the pixels are the same. JPEG and WebP go through torchvision, which raises."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{kind} file not found: {path}")
-    expected = {"image": "a JPEG, PNG or WebP file; re-save or remove it", "label": "a PNG of class indices"}
     try:
         with open_header(path, kind) as picture:
-            if picture.format == "PNG":
-                return png_tensor(picture, mode, upright)
-        with warnings.catch_warnings():  # torchvision 0.29 marks its codecs deprecated (for TorchCodec)
-            warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-            return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
+            if picture.format != "PNG":  # torchvision 0.29 marks its codecs deprecated (for TorchCodec)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+                    return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
+            # As torchvision's decoder gives it: RGB (palettes and grey expanded, alpha dropped), or the
+            # stored channels (palette indices, grey levels; 1-bit grey as 0/255).
+            picture = ImageOps.exif_transpose(picture) if upright else picture
+            if picture.mode.startswith("I"):  # 16-bit grey: the values as stored
+                array = torch.from_numpy(np.asarray(picture).astype(np.int32))[None]
+                return array.expand(3 if mode == ImageReadMode.RGB else 1, -1, -1).contiguous()
+            if picture.mode == "1" or (mode == ImageReadMode.RGB and picture.mode != "RGB"):
+                picture = picture.convert("L" if mode != ImageReadMode.RGB else "RGB")
+            array = torch.from_numpy(np.array(picture))  # decodes now; damaged data raises here
+            return array.permute(2, 0, 1).contiguous() if array.dim() == 3 else array[None]
     except (OSError, RuntimeError, SyntaxError) as error:  # Pillow's damaged-file errors, torchvision's
-        message = f"cannot decode {kind} {path} ({in_words(error)}). Expected {expected[kind]}."
-        raise ValueError(message) from None
-
-
-def in_words(error):
-    """An error's message without the source paths and C++ stack that torchvision's codecs put in it
-    ("decode_webp, /__w/vision/.../decode_webp.cpp:85, WebPDecodeRGB[A] failed.")."""
-    text = str(error).split("\nException raised from")[0]
-    return re.sub(r"\S*\.(?:cpp|h|hpp):\d+,?\s*", "", text).strip()
-
-
-def png_tensor(picture, mode, upright):
-    """A Pillow PNG as torchvision's decoder gives it: RGB (palettes and grey expanded, alpha dropped),
-    or the stored channels (palette indices, grey levels; 1-bit grey as 0/255)."""
-    if upright:
-        picture = ImageOps.exif_transpose(picture)
-    if picture.mode.startswith("I"):  # 16-bit grey: the values as stored
-        array = torch.from_numpy(np.asarray(picture).astype(np.int32))[None]
-        return array.expand(3 if mode == ImageReadMode.RGB else 1, -1, -1).contiguous()
-    if picture.mode == "1" or (mode == ImageReadMode.RGB and picture.mode != "RGB"):
-        picture = picture.convert("L" if mode != ImageReadMode.RGB else "RGB")
-    array = torch.from_numpy(np.array(picture))  # decodes now; damaged data raises here
-    return array.permute(2, 0, 1).contiguous() if array.dim() == 3 else array[None]
+        # In words: without the source paths and C++ stack torchvision's codecs add ("decode_webp,
+        # /__w/vision/.../decode_webp.cpp:85, WebPDecodeRGB[A] failed.\nException raised from ...").
+        words = re.sub(r"\S*\.(?:cpp|h|hpp):\d+,?\s*", "", str(error).split("\nException raised from")[0])
+        expected = (
+            "a JPEG, PNG or WebP file; re-save or remove it" if kind == "image" else "a PNG of class indices"
+        )
+        raise ValueError(f"cannot decode {kind} {path} ({words.strip()}). Expected {expected}.") from None
 
 
 def read_image(path, upright=False):
@@ -398,16 +386,8 @@ def write_png(image, path, compression_level=6):
         temporary.write_bytes(encoded.numpy().tobytes())
 
 
-def reduce_zero_label(label):
-    """0 ('other') -> 255, v -> v - 1, 255 stays (mmseg v0.5.0 mmseg/datasets/pipelines/loading.py)."""
-    label = label - 1  # uint8 arithmetic wraps 0 to 255, and turns 255 into 254 ...
-    label[label == 254] = IGNORE_INDEX  # ... which goes back to 255
-    return label
-
-
 def check_label_values(label, num_classes, path, dataset_name):
-    """Raise a ValueError naming the file and the likely cause when `label` holds values outside
-    0..C-1 and 255."""
+    """Raise a ValueError, naming the file and the likely cause, for values outside 0..C-1 and 255."""
     if int(label.max()) < num_classes:  # the common case: one cheap pass
         return
     if not ((label >= num_classes) & (label != IGNORE_INDEX)).any():
@@ -572,9 +552,8 @@ def find_pairs(name, root, split):
 
 
 def pair_up(name, split, image_dir, images, labels, orphans=None, hint=""):
-    """[(image, label)] as str, or [(image, None)] in the test split. Images without their label file
-    fail here, named with the hint; the labels in orphans = (folder, pattern) that no image uses are
-    named in a warning."""
+    """[(image, label)] as str, or [(image, None)] in the test split. Images without their label fail here,
+    with the hint; the labels in orphans = (folder, pattern) that no image uses are named in a warning."""
     if split == "test":
         return [(str(image), None) for image in images]
     pairs = [(str(image), str(label)) for image, label in zip(images, labels, strict=True)]
@@ -605,14 +584,10 @@ def find_voc12aug_pairs(root, split):
     all); val = val.txt with SegmentationClass (mmseg v0.5.0 configs/_base_/datasets/pascal_voc12_aug.py);
     test = test.txt, images only."""
     parts = [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")]
-    parts = parts if split == "train" else [(f"{split}.txt", "SegmentationClass")]
-    prepare = "Run `python tools/prepare_datasets.py voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and SegmentationClassAug."
     pairs = []
-    for list_name, label_dir in parts:
+    for list_name, label_dir in parts if split == "train" else [(f"{split}.txt", "SegmentationClass")]:
         list_path = root / "ImageSets" / "Segmentation" / list_name
-        if not list_path.is_file() and list_name == "aug.txt":
-            raise FileNotFoundError(f"voc12aug: {list_path} not found. {prepare}")
-        if not list_path.is_file():
+        if not list_path.is_file():  # the layout says how to write aug.txt
             raise missing_path_error("voc12aug", root, list_path)
         images = [root / "JPEGImages" / f"{name}.jpg" for name in list_path.read_text().split()]
         if not images:
@@ -623,6 +598,7 @@ def find_voc12aug_pairs(root, split):
                 f"voc12aug: {len(missing)} images listed in {list_path} are missing, e.g. {missing[0]}."
             )
         labels = [root / label_dir / f"{image.stem}.png" for image in images]
+        prepare = "Run `python tools/prepare_datasets.py voc12aug VOCDEVKIT SBD_ROOT` to write them."
         hint = prepare if label_dir == "SegmentationClassAug" else ""
         pairs += pair_up("voc12aug", split, root / "JPEGImages", images, labels, hint=hint)
     return pairs
@@ -740,10 +716,9 @@ def linear_taps(in_size, out_size, start, count, clamp_weights):
 
 
 def resize_image_window(image, size, top, left, height, width):
-    """The window [top:top+height, left:left+width] of `image` (uint8 3 x H x W) resized to `size`,
-    bit-exact with cv2.resize(INTER_LINEAR) and then the crop, computing only the window: columns with
-    11-bit weights into int32, then rows, shifting as OpenCV's vectorised code does (float bilinear,
-    rounded, differs by 1 on about 12% of the values). In place: it runs once per training sample."""
+    """The window [top:top+height, left:left+width] of `image` (uint8 3 x H x W) resized to `size`, bit-exact
+    with cv2.resize(INTER_LINEAR) then the crop: columns with 11-bit weights into int32, then rows, shifted as
+    OpenCV's vectorised code does (float bilinear, rounded, differs by 1 on about 12% of the values)."""
     col0, col1, col_weight0, col_weight1 = linear_taps(image.shape[2], size[1], left, width, True)
     row0, row1, row_weight0, row_weight1 = linear_taps(image.shape[1], size[0], top, height, False)
     # Only the source rows the window reads take part; indices become relative to them.
@@ -794,9 +769,8 @@ def lookup(table, indices):
 
 def rgb_to_hsv_uint8(image):
     """uint8 RGB 3 x H x W -> (hue 0..179, saturation, value), int32 H x W each, bit-exact with
-    cv2.cvtColor(COLOR_BGR2HSV): V = max, S = 255 (max - min) / V, H from the channel holding the max
-    (red first, then green): 30 (G - B) / spread, 60 + 30 (B - R) / spread or 120 + 30 (R - G) /
-    spread, the divisions as table multiplies in 12-bit fixed point."""
+    cv2.cvtColor(COLOR_BGR2HSV): V = max, S = 255 (max - min) / V, H = 30 (G - B) / spread, 60 + 30 (B - R)
+    / spread or 120 + 30 (R - G) / spread as R, G or B holds the max (in that order of precedence)."""
     rgb = image.to(torch.int32)
     red, green, blue = rgb.unbind(0)
     value = rgb.amax(0)
@@ -816,13 +790,11 @@ def rgb_to_hsv_uint8(image):
 
 
 def hsv_to_rgb_factors():
-    """(3, 256, 180) float32: for R, G, B, each saturation S and hue H, the factor x such that the
-    channel is trunc(V / 255 * x * 255) in OpenCV's 8-bit COLOR_HSV2BGR. OpenCV (4.1.1 and later on
-    x86 with FMA, as the published models were trained) works in float32: h = H * (6 / 180), f = h -
-    trunc(h), s = S / 255, and each channel is V(1 - s w) with w = 0, 1, f or 1 - f by sector, the
-    1 - s w fused into one rounding, the result times 255 truncated. Not reproduced: OpenCV converts
-    the last width mod 64 (or 32) pixels of a row in scalar code that rounds, so crops whose width is
-    not a multiple of 64 (769) can differ by rounding there; which pixels depends on its SIMD width."""
+    """(3, 256, 180) float32: for R, G, B, each saturation S and hue H, the x such that the channel is
+    trunc(V / 255 * x * 255) in OpenCV's 8-bit COLOR_HSV2BGR (4.1.1 and later on x86 with FMA, as the
+    published models were trained): in float32, x = 1 - s w with s = S / 255 and w = 0, 1, f or 1 - f by
+    sector, f the fraction of H * (6 / 180), the product fused into one rounding. Not reproduced: the
+    last width mod 64 (or 32) pixels of a row, which OpenCV converts in scalar code that rounds."""
     h = torch.arange(180, dtype=torch.float32) * (torch.tensor(6.0) / 180)  # float32, as OpenCV
     fraction = h - h.trunc()
     weights = torch.stack([torch.zeros(180), torch.ones(180), fraction, 1 - fraction])  # V, p, q, t
