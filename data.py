@@ -332,10 +332,10 @@ def decode_file(path, kind, mode, upright=False):
         # In words: without the source paths and C++ stack torchvision's codecs add ("decode_webp,
         # /__w/vision/.../decode_webp.cpp:85, WebPDecodeRGB[A] failed.\nException raised from ...").
         words = re.sub(r"\S*\.(?:cpp|h|hpp):\d+,?\s*", "", str(error).split("\nException raised from")[0])
-        expected = (
-            "a JPEG, PNG or WebP file; re-save or remove it" if kind == "image" else "a PNG of class indices"
+        wanted = (
+            "a PNG of class indices" if kind == "label" else "a JPEG, PNG or WebP file; re-save or remove it"
         )
-        raise ValueError(f"cannot decode {kind} {path} ({words.strip()}). Expected {expected}.") from None
+        raise ValueError(f"cannot decode {kind} {path} ({words.strip()}). Expected {wanted}.") from None
 
 
 def read_image(path, upright=False):
@@ -394,8 +394,8 @@ def check_label_values(label, num_classes, path, dataset_name):
         # A 0/255 label of two classes is a foreground mask whose foreground, 255, would be ignored.
         if num_classes == 2 and not (label == 1).any() and (label == 0).any():
             raise ValueError(
-                f"label {path} holds only the values 0 and 255, in a dataset of 2 classes: a 0/255 binary "
-                "mask, whose foreground would be ignored. Store it as 1 (`mask // 255`); 255 means 'ignore'."
+                f"label {path} holds only the values 0 and 255, in a dataset of 2 classes: a 0/255 binary mask, "
+                "whose foreground, 255, means 'ignore'. Store the foreground as 1 (e.g. `mask // 255`)."
             )
         return
     values = torch.unique(label).tolist()
@@ -411,9 +411,7 @@ def check_label_values(label, num_classes, path, dataset_name):
             "in raw ADE20K), reduce the labels with a line `label0: ignore` in classes.txt, or add a class for 0."
         )
     elif num_classes <= 2 and (largest >= 128 or IGNORE_INDEX in values):  # values near 255: a mask
-        hint = (
-            "This looks like a 0/255 binary mask (with anti-aliasing or JPEG): store 0/1, e.g. `mask > 127`."
-        )
+        hint = "This looks like a 0/255 binary mask (anti-aliased, or JPEG): store 0/1, e.g. `mask > 127`."
     else:
         hint = "Check that the labels are PNGs of class indices (not colours) and that every class is listed."
     raise ValueError(
@@ -636,7 +634,7 @@ def read_classes_file(root):
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8.") from None
-    classes, palette, first_line, zero_is_ignore = [], [], {}, False
+    first_line, palette, zero_is_ignore = {}, [], False  # first_line: class name -> line number, in order
     for number, line in enumerate(lines, start=1):
         words, where = line.split("#")[0].split(), f"{path}, line {number} ({line.strip()!r})"
         if not words:
@@ -658,14 +656,13 @@ def read_classes_file(root):
         if name in first_line:
             raise ValueError(f"{where}: class {name!r} is listed twice (first on line {first_line[name]}).")
         first_line[name] = number
-        classes.append(name)
-        palette.append([int(word) for word in words[-3:]] if numbers >= 3 else None)
-    if len(classes) < 2:
+        colour = [int(word) for word in words[-3:]] if numbers >= 3 else default_palette(len(palette) + 1)[-1]
+        palette.append(colour)
+    if len(first_line) < 2:
         raise ValueError(
-            f"{path} lists {len(classes)} classes; expected at least 2 (e.g. background and one more)."
+            f"{path} lists {len(first_line)} classes; expected 2 or more (e.g. background and another)."
         )
-    fallback = default_palette(len(classes))
-    return classes, [colour or fallback[index] for index, colour in enumerate(palette)], zero_is_ignore
+    return list(first_line), palette, zero_is_ignore
 
 
 def default_palette(num_classes):
