@@ -110,18 +110,12 @@ def random_crop(image, label, size, crop_size, cat_max_ratio=0.75):
     nearest. With cat_max_ratio < 1 the box is redrawn while crop_is_acceptable fails, checking at most
     10 boxes; the 11th is used unchecked (mmseg v0.5.0 RandomCrop)."""
     height, width = min(crop_size[0], size[0]), min(crop_size[1], size[1])
-    for attempt in range(11):
-        top, left = random_crop_box(*size, crop_size)
+    for attempt in range(11):  # a box uniform over every position that fits
+        top = int(torch.randint(0, max(size[0] - crop_size[0], 0) + 1, ()))
+        left = int(torch.randint(0, max(size[1] - crop_size[1], 0) + 1, ()))
         label_crop = resize_label_window(label, size, top, left, height, width)
         if cat_max_ratio >= 1 or attempt == 10 or crop_is_acceptable(label_crop, cat_max_ratio):
             return resize_image_window(image, size, top, left, height, width), label_crop
-
-
-def random_crop_box(height, width, crop_size):
-    """Top-left corner of a random crop; offsets are uniform over every position that fits."""
-    top = int(torch.randint(0, max(height - crop_size[0], 0) + 1, ()))
-    left = int(torch.randint(0, max(width - crop_size[1], 0) + 1, ()))
-    return top, left
 
 
 def crop_is_acceptable(label_crop, cat_max_ratio=0.75):

@@ -466,14 +466,14 @@ def test_crop_check_excludes_ignore_and_needs_two_classes(zeros, ones, ignored, 
 
 
 def test_cat_max_ratio_draws(monkeypatch):
-    draws = []
-    random_crop_box = data.random_crop_box
+    draws = []  # the boxes drawn, (top, left): each has its label crop computed
+    resize_label_window = data.resize_label_window
 
-    def counting(*args):
-        draws.append(random_crop_box(*args))
-        return draws[-1]
+    def counting(label, size, top, left, height, width):
+        draws.append((top, left))
+        return resize_label_window(label, size, top, left, height, width)
 
-    monkeypatch.setattr(data, "random_crop_box", counting)
+    monkeypatch.setattr(data, "resize_label_window", counting)
     torch.manual_seed(0)
     single_class = torch.zeros(40, 40, dtype=torch.uint8)
     _, crop = data.random_crop(single_class[None], single_class, (40, 40), (16, 16))
@@ -522,7 +522,8 @@ def test_train_transform_equals_the_plain_order_of_the_original():
         image, label = data.resize_image(image, size), resize_label(label, size)  # 1. rescale, all of it
         height, width = min(32, size[0]), min(48, size[1])
         for attempt in range(11):  # 2. crop, checking at most 10 boxes
-            top, left = data.random_crop_box(*size, (32, 48))
+            top = int(torch.randint(0, max(size[0] - 32, 0) + 1, ()))
+            left = int(torch.randint(0, max(size[1] - 48, 0) + 1, ()))
             label_crop = label[top : top + height, left : left + width]
             if attempt == 10 or data.crop_is_acceptable(label_crop):
                 break
