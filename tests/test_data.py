@@ -707,9 +707,13 @@ def without_end(path):  # a PNG without its IEND chunk
 
 def declaring(size):
     """A PNG header that declares size x size pixels: a small file that asks for gigabytes."""
-    from test_evaluate import png_declaring
 
-    return lambda path: png_declaring(path, size, size)
+    def write(path):
+        from test_evaluate import png_declaring  # imported when used: it imports evaluate.py
+
+        png_declaring(path, size, size)
+
+    return write
 
 
 def change(path, content):
