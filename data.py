@@ -46,32 +46,22 @@ def build_dataset(
     testing alike; both default to recipe.row(name, crop_size). reduce_zero_label (label 0 means 'ignore',
     classes start at 1): None takes the dataset's (ADE20K: True; folder: `label0: ignore` in classes.txt).
     Every file is checked here, cheaply (headers and last bytes), so a bad one fails no run hours in."""
-    check_split_and_root(name, split, root)
     row = recipe.row(name, crop_size)  # refuses an unknown name
-    root = Path(root if root is not None else recipe.DATASETS[name]["root"])
-    if name == "toy" and not (root / "leftImg8bit").is_dir():
-        make_toy_dataset(root)
-    if not root.is_dir():
-        raise missing_path_error(name, root, root)
-    classes, palette, zero_is_ignore = classes_of(name, root)
+    root = dataset_folder(name, split, root)  # the toy dataset is written there on first use
+    if name == "folder":
+        classes, palette, zero_is_ignore = read_classes_file(root)
+    else:
+        classes, palette = CLASSES_AND_PALETTES[name]["classes"], CLASSES_AND_PALETTES[name]["palette"]
+        zero_is_ignore = recipe.DATASETS[name].get("reduce_zero_label", False)
     pairs = find_pairs(name, root, split)
     check_files(name, pairs)
-    dataset = SegmentationDataset(
-        name,
-        root,
-        split,
-        pairs,
-        classes,
-        palette,
-        scale=row["scale"] if scale is None else scale,
-        crop_size=row["crop_size"],
-        test_ratios=test_ratios,
-        reduce_zero_label=zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label),
-        image_suffix="_leftImg8bit.png" if name in ("cityscapes", "toy") else None,
+    reduce_zero_label = zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label)
+    if reduce_zero_label and pairs[0][1]:  # one label: cheap
+        check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1], name, len(classes))
+    scale = row["scale"] if scale is None else scale
+    return SegmentationDataset(
+        name, root, split, pairs, classes, palette, scale, row["crop_size"], test_ratios, reduce_zero_label
     )
-    if dataset.reduce_zero_label and dataset.has_labels:  # one label: cheap
-        check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1], name, dataset.num_classes)
-    return dataset
 
 
 # -----------------------------------------------------------------------------------------------
@@ -84,26 +74,23 @@ class TrainTransform:
     """The whole training pipeline: (uint8 3 x H x W RGB image, H x W label) -> (float32 3 x h x w,
     int64 h x w) at crop_size (h, w). train_scale is (W, H), e.g. (2048, 1024) for Cityscapes."""
 
-    def __init__(self, train_scale, crop_size, ignore_index=IGNORE_INDEX, cat_max_ratio=0.75):
-        self.train_scale, self.crop_size = train_scale, crop_size
-        self.ignore_index, self.cat_max_ratio = ignore_index, cat_max_ratio
-        self.photometric_distortion = PhotometricDistortion()
+    def __init__(self, train_scale, crop_size, cat_max_ratio=0.75):
+        self.train_scale, self.crop_size, self.cat_max_ratio = train_scale, crop_size, cat_max_ratio
 
     def __call__(self, image, label):
         # 1. Rescale by a random ratio r in [0.5, 2): to fit (int(W_s*r), int(H_s*r)), keeping the aspect
-        #    ratio. Lazily: only the pixels of the crop of step 2 are ever computed (appendix A).
+        #    ratio. Lazily: step 2 computes only the pixels of its crop of the rescaled image (appendix A).
         size = rescale_size(*label.shape, ratio_scale(self.train_scale, uniform(0.5, 2.0)))
-        image, label = Rescaled(image, size, "bilinear"), Rescaled(label.to(torch.uint8), size, "nearest")
         # 2. Crop at most crop_size, redrawn while one class covers 75% of it (a smaller image gives a
         #    smaller crop, padded in step 5).
-        image, label = random_crop(image, label, self.crop_size, self.cat_max_ratio, self.ignore_index)
+        image, label = random_crop(image, label, size, self.crop_size, self.cat_max_ratio)
         # 3. Mirror image and label with probability 0.5.
         if float(torch.rand(())) < 0.5:
             image, label = image.flip(-1), label.flip(-1)
         # 4. Photometric distortion, on the crop as in the original: cheap.
-        image = self.photometric_distortion(image)
+        image = photometric_distortion(image)
         # 5. Normalise, and pad to crop_size.
-        return normalize_and_pad(image, label, self.crop_size, self.ignore_index)
+        return normalize_and_pad(image, label, self.crop_size)
 
 
 def ratio_scale(scale, ratio):
@@ -112,72 +99,49 @@ def ratio_scale(scale, ratio):
 
 
 def rescale_size(height, width, scale):
-    """(h, w) of mmcv.imrescale: the largest keep-ratio size that fits `scale` (W, H), either way round:
-    f = min(max(scale) / long side, min(scale) / short side), size = int(dim * f + 0.5). E.g. a 375x500
-    VOC image with scale (2048, 512) becomes 512x683 (mmcv v1.0.2 mmcv/image/geometric.py)."""
+    """(h, w) of mmcv.imrescale (mmcv v1.0.2 mmcv/image/geometric.py): the largest keep-ratio size that fits
+    `scale` (W, H) either way round. E.g. a 375x500 VOC image with scale (2048, 512) becomes 512x683."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
-def random_crop(image, label, crop_size, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
-    """The crops of a random box of at most crop_size, from a Rescaled image and label. With
-    cat_max_ratio < 1 the box is redrawn while crop_is_acceptable fails, checking at most 10 boxes; the
-    11th is used unchecked (mmseg v0.5.0 RandomCrop). Returns (image crop, label crop) as tensors."""
-    height, width = min(crop_size[0], label.shape[0]), min(crop_size[1], label.shape[1])
-    for attempt in range(11):
-        top, left = random_crop_box(*label.shape, crop_size)
-        label_crop = label.crop(top, left, height, width)
-        if cat_max_ratio >= 1 or attempt == 10 or crop_is_acceptable(label_crop, cat_max_ratio, ignore_index):
-            return image.crop(top, left, height, width), label_crop
+def random_crop(image, label, size, crop_size, cat_max_ratio=0.75):
+    """A random box of at most crop_size of the image and label rescaled to `size` (h, w), bilinear and
+    nearest. With cat_max_ratio < 1 the box is redrawn while crop_is_acceptable fails, checking at most
+    10 boxes; the 11th is used unchecked (mmseg v0.5.0 RandomCrop)."""
+    height, width = min(crop_size[0], size[0]), min(crop_size[1], size[1])
+    for attempt in range(11):  # a box uniform over every position that fits
+        top = int(torch.randint(0, max(size[0] - crop_size[0], 0) + 1, ()))
+        left = int(torch.randint(0, max(size[1] - crop_size[1], 0) + 1, ()))
+        label_crop = resize_label_window(label, size, top, left, height, width)
+        if cat_max_ratio >= 1 or attempt == 10 or crop_is_acceptable(label_crop, cat_max_ratio):
+            return resize_image_window(image, size, top, left, height, width), label_crop
 
 
-def random_crop_box(height, width, crop_size):
-    """Top-left corner of a random crop; offsets are uniform over every position that fits."""
-    top = int(torch.randint(0, max(height - crop_size[0], 0) + 1, ()))
-    left = int(torch.randint(0, max(width - crop_size[1], 0) + 1, ()))
-    return top, left
-
-
-def crop_is_acceptable(label_crop, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
+def crop_is_acceptable(label_crop, cat_max_ratio=0.75):
     """The cat_max_ratio test: at least two classes, each under cat_max_ratio of the non-ignored pixels."""
     counts = torch.bincount(label_crop.flatten(), minlength=256)
-    counts[ignore_index] = 0
+    counts[IGNORE_INDEX] = 0
     counts = counts[counts > 0]
     return len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio
 
 
-class PhotometricDistortion:
-    """Step 4: mmseg's PhotoMetricDistortion with its default ranges, probabilities and order. Each
-    step happens with probability 0.5, on uint8 pixels clipped and truncated after each: brightness
-    (add U(-32, 32)); contrast (multiply by U(0.5, 1.5)) now or last, by a coin; saturation (multiply
-    S by U(0.5, 1.5)); hue (add an integer in [-18, 17] to H, mod 180). RGB here, BGR there: the same."""
-
-    brightness_delta, contrast_range, saturation_range, hue_delta = 32, (0.5, 1.5), (0.5, 1.5), 18
-
-    def contrast(self, image):
-        if coin_flip():
-            image = scale_and_shift_uint8(image, alpha=uniform(*self.contrast_range))
-        return image
-
-    def __call__(self, image):
-        if coin_flip():
-            image = scale_and_shift_uint8(image, beta=uniform(-self.brightness_delta, self.brightness_delta))
-        # The original's code (not its comment) puts contrast first when mode == 1.
-        contrast_first = coin_flip()
-        if contrast_first:
-            image = self.contrast(image)
-        if coin_flip():
-            hue, saturation, value = rgb_to_hsv_uint8(image)
-            saturation = scale_and_shift_uint8(saturation, alpha=uniform(*self.saturation_range))
-            image = hsv_to_rgb_uint8(hue, saturation, value)
-        if coin_flip():
-            hue, saturation, value = rgb_to_hsv_uint8(image)
-            # torch.randint's upper bound is exclusive, like numpy's: the delta is in [-18, 17].
-            delta = int(torch.randint(-self.hue_delta, self.hue_delta, ()))
-            image = hsv_to_rgb_uint8(hue, saturation, value, hue_shift=delta)
-        if not contrast_first:
-            image = self.contrast(image)
-        return image
+def photometric_distortion(image):
+    """Step 4: mmseg's PhotoMetricDistortion, its ranges and order; each step with probability 0.5, on uint8
+    pixels clipped and truncated after each. RGB here, BGR there: the same."""
+    if coin_flip():  # brightness
+        image = scale_and_shift_uint8(image, beta=uniform(-32, 32))
+    contrast_first = coin_flip()  # the original's code (not its comment) puts contrast first when mode == 1
+    if contrast_first and coin_flip():  # contrast
+        image = scale_and_shift_uint8(image, alpha=uniform(0.5, 1.5))
+    if coin_flip():  # saturation
+        hue, saturation, value = rgb_to_hsv_uint8(image)
+        image = hsv_to_rgb_uint8(hue, scale_and_shift_uint8(saturation, alpha=uniform(0.5, 1.5)), value)
+    if coin_flip():  # hue, mod 180; torch.randint's upper bound is exclusive, like numpy's: [-18, 17]
+        image = hsv_to_rgb_uint8(*rgb_to_hsv_uint8(image), hue_shift=int(torch.randint(-18, 18, ())))
+    if not contrast_first and coin_flip():  # contrast, last
+        image = scale_and_shift_uint8(image, alpha=uniform(0.5, 1.5))
+    return image
 
 
 def normalize(image):
@@ -185,15 +149,14 @@ def normalize(image):
     return image.to(torch.float32, copy=True).sub_(MEAN_TENSOR).div_(STD_TENSOR)
 
 
-def normalize_and_pad(image, label, crop_size, ignore_index=IGNORE_INDEX):
+def normalize_and_pad(image, label, crop_size):
     """Step 5: normalise, then pad the image with 0 (the mean colour, since this comes after
     normalisation) and the label with 255 at the bottom/right up to crop_size."""
     image = normalize(image)
-    pad_bottom, pad_right = crop_size[0] - image.shape[1], crop_size[1] - image.shape[2]
-    if pad_bottom > 0 or pad_right > 0:
-        padding = (0, max(pad_right, 0), 0, max(pad_bottom, 0))  # (left, right, top, bottom)
-        image = F.pad(image, padding, value=0.0)
-        label = F.pad(label, padding, value=ignore_index)
+    pad_bottom, pad_right = max(crop_size[0] - image.shape[1], 0), max(crop_size[1] - image.shape[2], 0)
+    if pad_bottom or pad_right:
+        padding = (0, pad_right, 0, pad_bottom)  # (left, right, top, bottom)
+        image, label = F.pad(image, padding, value=0.0), F.pad(label, padding, value=IGNORE_INDEX)
     return image, label.long()
 
 
@@ -214,29 +177,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
     its original size (None in the test split), meta = dict(name, image_path, original_size)."""
 
     def __init__(
-        self,
-        name,
-        root,
-        split,
-        pairs,
-        classes,
-        palette,
-        *,
-        scale,
-        crop_size,
-        test_ratios=(1.0,),
-        reduce_zero_label=False,
-        image_suffix=None,
+        self, name, root, split, pairs, classes, palette, scale, crop_size, test_ratios, reduce_zero_label
     ):
-        self.name, self.root, self.split = name, str(root), split
+        self.name, self.root, self.split, self.reduce_zero_label = name, str(root), split, reduce_zero_label
         self.pairs = pairs  # [(image_path, label_path or None)] as str: cheap to send to DataLoader workers
-        self.has_labels = all(label is not None for _, label in pairs)
-        self.classes, self.palette = list(classes), [list(colour) for colour in palette]
-        self.num_classes, self.ignore_index = len(self.classes), IGNORE_INDEX
+        self.classes, self.palette, self.num_classes = classes, palette, len(classes)
+        self.has_labels = pairs[0][1] is not None
         self.scale = tuple(scale)  # (W, H) for training and testing alike, as in the original
         self.crop_size, self.test_ratios = tuple(crop_size), tuple(test_ratios)
-        self.reduce_zero_label = reduce_zero_label
-        self.image_suffix = image_suffix  # stripped from file names to give meta["name"]
         self.train_transform = TrainTransform(self.scale, self.crop_size) if split == "train" else None
 
     def __len__(self):
@@ -247,11 +195,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.train_transform is not None:
             return self.train_transform(image, label)
         image_path = self.pairs[index][0]
-        file_name, suffix = Path(image_path).name, self.image_suffix
-        name = file_name[: -len(suffix)] if suffix and file_name.endswith(suffix) else Path(image_path).stem
+        name = Path(image_path).stem  # Cityscapes' names without their _leftImg8bit
+        name = name.removesuffix("_leftImg8bit") if self.name in ("cityscapes", "toy") else name
         meta = dict(name=name, image_path=image_path, original_size=tuple(image.shape[-2:]))
-        images = test_transform(image, self.scale, self.test_ratios)
-        return images, None if label is None else label.long(), meta
+        label = None if label is None else label.long()
+        return test_transform(image, self.scale, self.test_ratios), label, meta
 
     def __repr__(self):
         return f"SegmentationDataset({self.name!r}, {self.split!r}, {len(self)} images, root={self.root!r})"
@@ -265,19 +213,30 @@ class SegmentationDataset(torch.utils.data.Dataset):
 # Reading and checking the files
 
 
-def check_split_and_root(name, split, root):
+def data_root(name, root=None):
+    """The folder a dataset is read from: `root`, else the recipe's default for it."""
+    return root or recipe.DATASETS[name]["root"]
+
+
+def dataset_folder(name, split, root):
+    """The dataset's root, checked with the split; the toy dataset is written there if it is absent."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if name == "toy" and split == "test":
         raise ValueError("the toy dataset has a train and a val split only; use --split val")
-    if name == "folder" and root is None:
+    if name == "folder" and not root:
         raise ValueError("the folder dataset needs a root:\n" + LAYOUTS["folder"].format(root="ROOT"))
+    root = Path(data_root(name, root))
+    if name == "toy" and not (root / "leftImg8bit").is_dir():
+        make_toy_dataset(root)
+    if not root.is_dir():
+        raise missing_path_error(name, root, root)
+    return root
 
 
 class FileProblem(ValueError):
-    """An image or label file that cannot be used, named in the message with what to do. Raised in a
-    DataLoader worker, it is made again in the main process from the worker's whole traceback text:
-    the message keeps the words after the traceback only."""
+    """A file that cannot be used, named with what to do. Raised in a DataLoader worker, it is made again
+    in the main process from the worker's traceback text, and keeps only the words after it."""
 
     def __init__(self, message):
         if message.startswith("Caught FileProblem"):
@@ -286,9 +245,8 @@ class FileProblem(ValueError):
 
 
 def read_pair(image_path, label_path, dataset):
-    """The image (uint8 3 x H x W RGB) and its checked label (uint8 H x W, None without labels) of a
-    SegmentationDataset's pair, label 0 made 'ignore' where the dataset says so. A file that cannot
-    be read, or a label value out of range, raises FileProblem naming the file."""
+    """The image (uint8 3 x H x W RGB) and checked label (uint8 H x W, or None) of a pair, label 0 made
+    'ignore' where the dataset says so. A file that cannot be used raises FileProblem, naming it."""
     try:
         image = read_image(image_path)
         if label_path is None:
@@ -298,7 +256,10 @@ def read_pair(image_path, label_path, dataset):
             raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
         if dataset.reduce_zero_label:
             check_not_reduced_already(label, label_path, dataset.name, dataset.num_classes)
-            label = reduce_zero_label(label)
+            # reduce_zero_label (mmseg v0.5.0 mmseg/datasets/pipelines/loading.py): 0 ('other') -> 255,
+            # v -> v - 1. uint8 arithmetic wraps 0 to 255, and turns 255 into 254, which goes back.
+            label = label - 1
+            label[label == 254] = IGNORE_INDEX
         check_label_values(label, dataset.num_classes, label_path, dataset.name)
     except (ValueError, OSError) as error:
         raise FileProblem(str(error)) from None
@@ -313,41 +274,29 @@ def collate_val(batch):
     return list(images), torch.stack(labels) if stack else list(labels), list(metas)
 
 
-def classes_of(name, root):
-    """(classes, palette, whether label 0 means 'ignore') of a dataset: classes_and_palettes.json and
-    recipe.DATASETS, or the folder dataset's ROOT/classes.txt."""
-    if name == "folder":
-        return read_classes_file(root)
-    entry = CLASSES_AND_PALETTES[name]
-    return entry["classes"], entry["palette"], recipe.DATASETS[name].get("reduce_zero_label", False)
-
-
 # Every image and label file is refused above this many pixels before it is decoded (8192 x 8192; a
 # Cityscapes frame has 2 million): a small PNG can declare 20000 x 20000 and ask for gigabytes.
 MAX_IMAGE_PIXELS = recipe.MAX_SIZE**2
 
 
 def open_header(path, kind, file=None):
-    """The file (or the open `file` of that path) opened with Pillow, which reads its header only,
-    its pixel count checked."""
+    """The file (or the open `file` of that path) opened with Pillow, which reads the header only;
+    refused beyond MAX_IMAGE_PIXELS."""
     with warnings.catch_warnings():  # Pillow warns from 89 million pixels on; the limit below is ours
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             picture = Image.open(file or path)
         except Image.DecompressionBombError as error:  # beyond 179 million pixels Pillow refuses itself
-            raise ValueError(too_many_pixels(path, kind, str(error).split(" exceeds")[0])) from None
-    width, height = picture.size
-    if width * height > MAX_IMAGE_PIXELS:
+            picture, size = None, str(error).split(" exceeds")[0]
+    if picture is not None:
+        width, height = picture.size
+        if width * height <= MAX_IMAGE_PIXELS:
+            return picture
         picture.close()
-        raise ValueError(too_many_pixels(path, kind, f"{width}x{height}"))
-    return picture
-
-
-def too_many_pixels(path, kind, size):
-    return (
-        f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels "
-        f"({recipe.MAX_SIZE}x{recipe.MAX_SIZE}) are read. Downscale it first (e.g. with Pillow's "
-        "Image.thumbnail), or cut it into tiles."
+        size = f"{width}x{height}"
+    raise ValueError(
+        f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels are read. Downscale it "
+        "first (e.g. with Pillow's Image.thumbnail), or cut it into tiles."
     )
 
 
@@ -355,50 +304,38 @@ def decode_file(path, kind, mode, upright=False):
     """An image or label file as a uint8 (or, 16-bit, int32) tensor C x H x W. PNGs are decoded by
     Pillow: torchvision's PNG decoder crashes the whole process (a segfault) on damaged data, where
     Pillow raises; the pixels are the same. JPEG and WebP go through torchvision, which raises."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{kind} file not found: {path}")
-    expected = {"image": "a JPEG, PNG or WebP file; re-save or remove it", "label": "a PNG of class indices"}
     try:
         with open_header(path, kind) as picture:
-            if picture.format == "PNG":
-                return png_tensor(picture, mode, upright)
-        with warnings.catch_warnings():  # torchvision 0.29 marks its codecs deprecated (for TorchCodec)
-            warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-            return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
+            if picture.format != "PNG":  # torchvision 0.29 marks its codecs deprecated (for TorchCodec)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+                    return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
+            # As torchvision's decoder gives it: RGB (palettes and grey expanded, alpha dropped), or the
+            # stored channels (palette indices, grey levels; 1-bit grey as 0/255).
+            picture = ImageOps.exif_transpose(picture) if upright else picture
+            if picture.mode.startswith("I"):  # 16-bit grey: the values as stored
+                array = torch.from_numpy(np.asarray(picture).astype(np.int32))[None]
+                return array.expand(3 if mode == ImageReadMode.RGB else 1, -1, -1).contiguous()
+            if picture.mode == "1" or (mode == ImageReadMode.RGB and picture.mode != "RGB"):
+                picture = picture.convert("L" if mode != ImageReadMode.RGB else "RGB")
+            array = torch.from_numpy(np.array(picture))  # decodes now; damaged data raises here
+            return array.permute(2, 0, 1).contiguous() if array.dim() == 3 else array[None]
     except (OSError, RuntimeError, SyntaxError) as error:  # Pillow's damaged-file errors, torchvision's
-        raise ValueError(
-            f"cannot decode {kind} {path} ({in_words(error)}). Expected {expected[kind]}."
-        ) from None
-
-
-def in_words(error):
-    """An error's message without the source paths and C++ stack that torchvision's codecs put in it
-    ("decode_webp, /__w/vision/.../decode_webp.cpp:85, WebPDecodeRGB[A] failed.")."""
-    text = str(error).split("\nException raised from")[0]
-    return re.sub(r"\S*\.(?:cpp|h|hpp):\d+,?\s*", "", text).strip()
-
-
-def png_tensor(picture, mode, upright):
-    """A Pillow PNG as torchvision's decoder gives it: RGB (palettes and grey expanded, alpha dropped),
-    or the stored channels (palette indices, grey levels; 1-bit grey as 0/255)."""
-    if upright:
-        picture = ImageOps.exif_transpose(picture)
-    if picture.mode.startswith("I"):  # 16-bit grey: the values as stored
-        array = np.asarray(picture).astype(np.int32)
-        return (
-            torch.from_numpy(array)[None].expand(3 if mode == ImageReadMode.RGB else 1, -1, -1).contiguous()
+        # In words: without the source paths and C++ stack torchvision's codecs add ("decode_webp,
+        # /__w/vision/.../decode_webp.cpp:85, WebPDecodeRGB[A] failed.\nException raised from ...").
+        words = re.sub(r"\S*\.(?:cpp|h|hpp):\d+,?\s*", "", str(error).split("\nException raised from")[0])
+        wanted = (
+            "a PNG of class indices" if kind == "label" else "a JPEG, PNG or WebP file; re-save or remove it"
         )
-    if picture.mode == "1" or (mode == ImageReadMode.RGB and picture.mode != "RGB"):
-        picture = picture.convert("L" if mode != ImageReadMode.RGB else "RGB")
-    array = torch.from_numpy(np.array(picture))  # decodes now; damaged data raises here
-    return array.permute(2, 0, 1).contiguous() if array.dim() == 3 else array[None]
+        raise ValueError(f"cannot decode {kind} {path} ({words.strip()}). Expected {wanted}.") from None
 
 
 def read_image(path, upright=False):
     """Decode an image file to a uint8 tensor 3 x H x W, RGB. upright=True turns it as its EXIF
     orientation says (phone photos); dataset images are read as stored, like their labels."""
-    image = decode_file(Path(path), "image", ImageReadMode.RGB, upright)
+    image = decode_file(path, "image", ImageReadMode.RGB, upright)
     if image.dtype != torch.uint8:  # 16-bit PNG: keep the 8 most significant bits
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
@@ -407,17 +344,14 @@ def read_image(path, upright=False):
 def read_label(path):
     """Decode a label PNG to a uint8 tensor H x W of class indices. A palette PNG (VOC's
     SegmentationClass) gives its indices, not its colours, as PIL's 'P' mode does in the original."""
-    path = Path(path)
     label = decode_file(path, "label", ImageReadMode.UNCHANGED)
     if label.shape[0] != 1:
         raise ValueError(label_channels_error(path, label.shape[0]))
-    if label.dtype != torch.uint8:  # 16-bit PNG: fine as long as every value fits in 8 bits
-        label = label.to(torch.int32)
-        if int(label.max()) > 255:
-            raise ValueError(
-                f"label {path} is a 16-bit PNG with values up to {int(label.max())}; expected class "
-                "indices 0..254 and 255 = ignore. Save the labels as 8-bit PNGs."
-            )
+    if label.dtype != torch.uint8 and int(label.max()) > 255:  # 16-bit: fine if every value fits in 8 bits
+        raise ValueError(
+            f"label {path} is a 16-bit PNG with values up to {int(label.max())}; expected class "
+            "indices 0..254 and 255 = ignore. Save the labels as 8-bit PNGs."
+        )
     return label[0].to(torch.uint8)
 
 
@@ -436,76 +370,100 @@ def size_mismatch(image_path, image_size, label_path, label_size):  # sizes (W, 
 
 
 def write_png(image, path, compression_level=6):
-    """Write a uint8 C x H x W tensor as PNG through a temporary file, so that a file that exists is
-    complete (an interrupted run is picked up where it stopped)."""
+    """Write a uint8 C x H x W tensor as PNG, its folder made, through a temporary file: a file that
+    exists is complete (an interrupted run is picked up where it stopped)."""
     with warnings.catch_warnings():  # see decode_file
         warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
         encoded = encode_png(image.contiguous(), compression_level=compression_level)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with runtime.written_atomically(path) as temporary:
         temporary.write_bytes(encoded.numpy().tobytes())
 
 
-def reduce_zero_label(label):
-    """0 ('other') -> 255, v -> v - 1, 255 stays (mmseg v0.5.0 mmseg/datasets/pipelines/loading.py)."""
-    label = label - 1  # uint8 arithmetic wraps 0 to 255, and turns 255 into 254 ...
-    label[label == 254] = IGNORE_INDEX  # ... which goes back to 255
-    return label
-
-
 def check_label_values(label, num_classes, path, dataset_name):
-    """Raise a ValueError naming the file when `label` holds values outside [0, C) and 255."""
+    """Raise a ValueError, naming the file and the likely cause, for values outside 0..C-1 and 255."""
     if int(label.max()) < num_classes:  # the common case: one cheap pass
         return
-    outside = (label >= num_classes) & (label != IGNORE_INDEX)
-    if not outside.any():
+    if not ((label >= num_classes) & (label != IGNORE_INDEX)).any():
         # A 0/255 label of two classes is a foreground mask whose foreground, 255, would be ignored.
         if num_classes == 2 and not (label == 1).any() and (label == 0).any():
             raise ValueError(
-                f"label {path} holds only the values 0 and 255, in a dataset of 2 classes. 255 means "
-                "'ignore', so this looks like a 0/255 binary mask whose foreground would never be learned: "
-                "store the foreground as 1 (e.g. `mask // 255`) and keep 255 for pixels to ignore."
+                f"label {path} holds only the values 0 and 255, in a dataset of 2 classes: a 0/255 binary mask, "
+                "whose foreground, 255, means 'ignore'. Store the foreground as 1 (e.g. `mask // 255`)."
             )
         return
     values = torch.unique(label).tolist()
-    raise ValueError(
-        f"label {path} holds the values {values}, but {dataset_name} has {num_classes} classes: expected "
-        f"0..{num_classes - 1} and 255 (ignore). {label_value_hint(values, num_classes)}"
-    )
-
-
-def label_value_hint(values, num_classes):
-    """The likely cause of out-of-range label values, for the error message."""
     largest = max(value for value in values if value != IGNORE_INDEX)
     if num_classes == 19 and largest <= 33:
-        return (
-            "These look like raw Cityscapes labelIds (0..33) rather than trainIds (0..18): run `python "
+        hint = (
+            "These look like raw Cityscapes labelIds (0..33), not trainIds (0..18): run `python "
             "tools/prepare_datasets.py cityscapes ROOT` and use the *_gtFine_labelTrainIds.png it writes."
         )
-    if largest == num_classes:
-        return (
-            f"The values run up to {num_classes}: if 0 means 'other/unlabelled' and 1..{num_classes} are the "
-            "classes (as in raw ADE20K), reduce the labels (0 -> 255, v -> v-1) with a line `label0: ignore` "
-            "in classes.txt, or add a class for 0."
+    elif largest == num_classes:
+        hint = (
+            f"The values run up to {num_classes}: if 0 means 'other' and 1..{num_classes} are the classes (as "
+            "in raw ADE20K), reduce the labels with a line `label0: ignore` in classes.txt, or add a class for 0."
         )
-    if num_classes <= 2 and (largest >= 128 or IGNORE_INDEX in values):  # values near 255: a mask
-        return (
-            "This looks like a 0/255 binary mask (values in between come from anti-aliasing or JPEG): store "
-            "class indices instead, e.g. `(mask > 127)` saved as a PNG of 0/1."
-        )
-    return "Check that the labels are PNGs of class indices (not colours) and that every class is listed."
+    elif num_classes <= 2 and (largest >= 128 or IGNORE_INDEX in values):  # values near 255: a mask
+        hint = "This looks like a 0/255 binary mask (anti-aliased, or JPEG): store 0/1, e.g. `mask > 127`."
+    else:
+        hint = "Check that the labels are PNGs of class indices (not colours) and that every class is listed."
+    raise ValueError(
+        f"label {path} holds the values {values}, but {dataset_name} has {num_classes} classes: expected "
+        f"0..{num_classes - 1} and 255 (ignore). {hint}"
+    )
 
 
 def check_not_reduced_already(label, path, name, num_classes):
-    """Raw ADE20K labels are 0 (other) and 1..150. One holding 255 and no 150 was reduced already: reducing
-    again would shift every class. (Folder data may use 255 beside 0 for 'ignore': not checked.)"""
-    if name != "ade20k" or not (label == IGNORE_INDEX).any() or (label == num_classes).any():
-        return
-    raise ValueError(
-        f"label {path} holds 255 and no {num_classes}: it looks already reduced (classes "
-        f"0..{num_classes - 1}, 255 = ignore), while ade20k reduces the original annotations "
-        f"(0 = other, classes 1..{num_classes}) itself. Use the original ADEChallengeData2016 "
-        "annotations, or build the dataset with reduce_zero_label=False."
-    )
+    """Raw ADE20K labels are 0 (other) and 1..150. One holding 255 and no 150 was reduced already:
+    reducing it again would shift every class. (Folder data may use 255 beside 0: not checked.)"""
+    if name == "ade20k" and (label == IGNORE_INDEX).any() and not (label == num_classes).any():
+        raise ValueError(
+            f"label {path} holds 255 and no {num_classes}: it looks already reduced (classes 0..{num_classes - 1}"
+            f"), while ade20k reduces the original annotations (0 = other, 1..{num_classes}) itself. Use the "
+            "original ADEChallengeData2016 annotations, or build the dataset with reduce_zero_label=False."
+        )
+
+
+def file_problem(path, kind):
+    """(what is wrong with an image or label file, or None; its (W, H)), from its header and its last
+    bytes only: a JPEG ends with the marker FFD9, a PNG with its IEND chunk."""
+    try:
+        with open(path, "rb") as file, open_header(path, kind, file) as image:  # the header only
+            size, image_format, mode = image.size, image.format, image.mode
+            file.seek(-min(os.path.getsize(path), 1024), os.SEEK_END)
+            tail = file.read()
+    except ValueError as error:  # too many pixels
+        return str(error), None
+    except OSError as error:  # PIL's UnidentifiedImageError is an OSError
+        return f"cannot decode {kind} {path} ({error})", None
+    expected = "PNG" if kind == "label" else "JPEG/PNG/WEBP"
+    if image_format not in expected.split("/"):
+        return f"cannot decode {kind} {path}: it is a {image_format} file, expected {expected}", None
+    if {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(image_format, b"") not in tail:
+        return f"cannot decode {kind} {path}: the {image_format} file is truncated (no end marker)", None
+    if kind == "label" and mode in ("RGB", "RGBA", "LA"):
+        return label_channels_error(path, len(mode)), None
+    return None, size
+
+
+def check_files(name, pairs):
+    """Name every unreadable, truncated or mismatched image and label of a split at once."""
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 shows the bar
+    problems, progress = [], tqdm(pairs, desc=f"{name}: checking files", unit="pair", delay=2, disable=quiet)
+    for image_path, label_path in progress:
+        image_problem, image_size = file_problem(image_path, "image")
+        label_problem, label_size = file_problem(label_path, "label") if label_path else (None, None)
+        problems += [problem for problem in (image_problem, label_problem) if problem]
+        if image_size and label_size and image_size != label_size:
+            problems.append(size_mismatch(image_path, image_size, label_path, label_size))
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(
+            f"{name}: {len(problems)} problem(s) with the files of this split:\n  "
+            + "\n  ".join(problems[:10])
+            + f"{more}\nRe-download or re-save these files, or remove them (with their labels) from the split."
+        )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -514,28 +472,9 @@ def check_not_reduced_already(label, path, name, num_classes):
 
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
-# Cityscapes id -> trainId (cityscapesScripts helpers/labels.py); every other id -> 255.
-CITYSCAPES_ID_TO_TRAINID = {
-    7: 0,
-    8: 1,
-    11: 2,
-    12: 3,
-    13: 4,
-    17: 5,
-    19: 6,
-    20: 7,
-    21: 8,
-    22: 9,
-    23: 10,
-    24: 11,
-    25: 12,
-    26: 13,
-    27: 14,
-    28: 15,
-    31: 16,
-    32: 17,
-    33: 18,
-}
+# Cityscapes labelId -> trainId (cityscapesScripts helpers/labels.py); every other labelId -> 255.
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)  # 0..18
+CITYSCAPES_ID_TO_TRAINID = {label_id: train_id for train_id, label_id in enumerate(CITYSCAPES_LABEL_IDS)}
 
 # The layout of each dataset, shown when a root or a split is missing or empty.
 LAYOUTS = {
@@ -579,19 +518,43 @@ def missing_path_error(name, root, path, what="not found"):
     return FileNotFoundError(f"{name}: {path} {what}.\nExpected layout under the root {root}:\n{layout}")
 
 
-def pair_up(name, split, image_dir, images, label_of, orphans=None, hint=lambda label_path: ""):
-    """[(image, label_of(image))] as str, or [(image, None)] in the test split. Images without their
-    label fail here, naming them (hint(label_path) adds advice); the labels in orphans = (folder,
-    pattern) that no image uses are named in a warning."""
+def find_pairs(name, root, split):
+    """[(image path, label path or None)] of a split, as str, in the dataset's own layout."""
+    if name in ("voc12aug", "folder"):
+        return find_voc12aug_pairs(root, split) if name == "voc12aug" else find_folder_pairs(root, split)
+    if name == "ade20k":
+        subset = {"train": "training", "val": "validation", "test": "testing"}[split]
+        image_dir, label_dir = root / "images" / subset, root / "annotations" / subset
+        if split == "test" and not image_dir.is_dir():  # the challenge's release_test.zip, in or beside root
+            found = [path for path in (root / "release_test", root.parent / "release_test") if path.is_dir()]
+            image_dir = found[0] / "testing" if found else image_dir
+        pattern, label_pattern, hint = "*.jpg", "*.png", ""
+    else:  # Cityscapes and the toy dataset: <city>/<name>_leftImg8bit.png, <city>/<name>_gtFine_labelTrainIds.png
+        image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        pattern, label_pattern = "*_leftImg8bit.png", "*_gtFine_labelTrainIds.png"
+        prepare = f"`python tools/prepare_datasets.py cityscapes {root}` writes them from the labelIds."
+        hint = prepare if name == "cityscapes" else ""
+    images = sorted(image_dir.rglob(pattern)) if image_dir.is_dir() else []  # as the original scans img_dir
+    if not images:
+        what = f"holds no {pattern} files" if image_dir.is_dir() else "not found"
+        raise missing_path_error(name, root, image_dir, what)
+    names = [image.relative_to(image_dir).parent / image.name.removesuffix(pattern[1:]) for image in images]
+    labels = [label_dir / f"{name}{label_pattern[1:]}" for name in names]
+    return pair_up(name, split, image_dir, images, labels, (label_dir, label_pattern), hint)
+
+
+def pair_up(name, split, image_dir, images, labels, orphans=None, hint=""):
+    """[(image, label)] as str, or [(image, None)] in the test split. Images without their label fail here,
+    with the hint; the labels in orphans = (folder, pattern) that no image uses are named in a warning."""
     if split == "test":
         return [(str(image), None) for image in images]
-    pairs = [(str(image), str(label_of(image))) for image in images]
+    pairs = [(str(image), str(label)) for image, label in zip(images, labels, strict=True)]
     missing = [(image, label) for image, label in pairs if not os.path.isfile(label)]
     if missing:
         image, label = missing[0]
         raise FileNotFoundError(
             f"{name}: {len(missing)} of {len(pairs)} images in {image_dir} have no label file, e.g. {image} "
-            f"(expected {label}). {hint(label)}".rstrip()
+            f"(expected {label}). {hint}".rstrip()
         )
     if orphans:
         used = {os.path.normpath(label) for _, label in pairs}
@@ -608,84 +571,28 @@ def warn_about(name, files, what, advice):
         warnings.warn(f"{name}: {len(files)} {what}: {shown}. {advice}", stacklevel=4)
 
 
-def list_images(name, root, image_dir, pattern, kind):
-    """The images matching `pattern` in image_dir and its subfolders (as the original scans img_dir)."""
-    images = sorted(image_dir.rglob(pattern)) if image_dir.is_dir() else []
-    if not images:
-        what = f"holds no {kind} files" if image_dir.is_dir() else "not found"
-        raise missing_path_error(name, root, image_dir, what)
-    return images
-
-
-def find_pairs(name, root, split):
-    """[(image path, label path or None)] of a split, as str, in the dataset's own layout."""
-    find = {"ade20k": find_ade20k_pairs, "voc12aug": find_voc12aug_pairs, "folder": find_folder_pairs}
-    return find[name](root, split) if name in find else find_cityscapes_pairs(root, split, name)
-
-
-def find_cityscapes_pairs(root, split, name="cityscapes"):
-    image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-    images = list_images(name, root, image_dir, "*_leftImg8bit.png", "*_leftImg8bit.png")
-
-    def label_of(image):
-        label_name = image.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
-        return label_dir / image.parent.relative_to(image_dir) / label_name
-
-    def hint(label_path):
-        prepare = f"Run `python tools/prepare_datasets.py cityscapes {root}` to write them."
-        return prepare if os.path.isfile(label_path.replace("_labelTrainIds.png", "_labelIds.png")) else ""
-
-    return pair_up(name, split, image_dir, images, label_of, (label_dir, "*_gtFine_labelTrainIds.png"), hint)
-
-
-def find_ade20k_pairs(root, split):
-    subset = {"train": "training", "val": "validation", "test": "testing"}[split]
-    image_dir, label_dir = root / "images" / subset, root / "annotations" / subset
-    if split == "test" and not image_dir.is_dir():  # the challenge's release_test.zip, in or beside root
-        found = [path for path in (root / "release_test", root.parent / "release_test") if path.is_dir()]
-        image_dir = found[0] / "testing" if found else image_dir
-    images = list_images("ade20k", root, image_dir, "*.jpg", ".jpg")
-    return pair_up(
-        "ade20k",
-        split,
-        image_dir,
-        images,
-        lambda image: label_dir / (image.stem + ".png"),
-        (label_dir, "*.png"),
-    )
-
-
 def find_voc12aug_pairs(root, split):
     """train = train.txt with SegmentationClass + aug.txt with SegmentationClassAug (10582 images in
     all); val = val.txt with SegmentationClass (mmseg v0.5.0 configs/_base_/datasets/pascal_voc12_aug.py);
     test = test.txt, images only."""
     parts = [("train.txt", "SegmentationClass"), ("aug.txt", "SegmentationClassAug")]
-    parts = parts if split == "train" else [(f"{split}.txt", "SegmentationClass")]
-    prepare = "Run `python tools/prepare_datasets.py voc12aug VOCDEVKIT SBD_ROOT` to write aug.txt and SegmentationClassAug."
     pairs = []
-    for list_name, label_dir in parts:
+    for list_name, label_dir in parts if split == "train" else [(f"{split}.txt", "SegmentationClass")]:
         list_path = root / "ImageSets" / "Segmentation" / list_name
-        if not list_path.is_file() and list_name == "aug.txt":
-            raise FileNotFoundError(f"voc12aug: {list_path} not found. {prepare}")
-        if not list_path.is_file():
+        if not list_path.is_file():  # the layout says how to write aug.txt
             raise missing_path_error("voc12aug", root, list_path)
         images = [root / "JPEGImages" / f"{name}.jpg" for name in list_path.read_text().split()]
         if not images:
             raise ValueError(f"voc12aug: {list_path} lists no images; expected one image name per line.")
-        missing_images = [image for image in images if not image.is_file()]
-        if missing_images:
+        missing = [image for image in images if not image.is_file()]
+        if missing:
             raise FileNotFoundError(
-                f"voc12aug: {len(missing_images)} images listed in {list_path} are missing, e.g. {missing_images[0]}."
+                f"voc12aug: {len(missing)} images listed in {list_path} are missing, e.g. {missing[0]}."
             )
+        labels = [root / label_dir / f"{image.stem}.png" for image in images]
+        prepare = "Run `python tools/prepare_datasets.py voc12aug VOCDEVKIT SBD_ROOT` to write them."
         hint = prepare if label_dir == "SegmentationClassAug" else ""
-        pairs += pair_up(
-            "voc12aug",
-            split,
-            root / "JPEGImages",
-            images,
-            label_of=lambda image, folder=root / label_dir: folder / f"{image.stem}.png",
-            hint=lambda label_path, hint=hint: hint,
-        )
+        pairs += pair_up("voc12aug", split, root / "JPEGImages", images, labels, hint=hint)
     return pairs
 
 
@@ -698,30 +605,16 @@ def find_folder_pairs(root, split):
     if not images:
         raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")
     skipped = [path.name for path in files if path.suffix.lower() not in FOLDER_IMAGE_EXTENSIONS]
-    warn_about(
-        "folder",
-        skipped,
-        f"files in {image_dir} are not .jpg/.jpeg/.png/.webp images and are skipped",
-        "Convert images in other formats (e.g. .bmp) to PNG to use them.",
-    )
+    what = f"files in {image_dir} are not .jpg/.jpeg/.png/.webp images and are skipped"
+    warn_about("folder", skipped, what, "Convert images in other formats (e.g. .bmp) to PNG to use them.")
     stems = {}
     for image in images:
         stems.setdefault(image.stem, []).append(image.name)
     shared = [" + ".join(names) for names in stems.values() if len(names) > 1]
-    warn_about(
-        "folder",
-        shared,
-        f"groups of images in {image_dir} share a name and so one label file",
-        "Rename or remove all but one of each.",
-    )
-    return pair_up(
-        "folder",
-        split,
-        image_dir,
-        images,
-        lambda image: label_dir / (image.stem + ".png"),
-        (label_dir, "*.png"),
-    )
+    what = f"groups of images in {image_dir} share a name and so one label file"
+    warn_about("folder", shared, what, "Rename or remove all but one of each.")
+    labels = [label_dir / f"{image.stem}.png" for image in images]
+    return pair_up("folder", split, image_dir, images, labels, (label_dir, "*.png"))
 
 
 def read_classes_file(root):
@@ -735,7 +628,7 @@ def read_classes_file(root):
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8.") from None
-    classes, palette, first_line, zero_is_ignore = [], [], {}, False
+    first_line, palette, zero_is_ignore = {}, [], False  # first_line: class name -> line number, in order
     for number, line in enumerate(lines, start=1):
         words, where = line.split("#")[0].split(), f"{path}, line {number} ({line.strip()!r})"
         if not words:
@@ -757,14 +650,13 @@ def read_classes_file(root):
         if name in first_line:
             raise ValueError(f"{where}: class {name!r} is listed twice (first on line {first_line[name]}).")
         first_line[name] = number
-        classes.append(name)
-        palette.append([int(word) for word in words[-3:]] if numbers >= 3 else None)
-    if len(classes) < 2:
+        colour = [int(word) for word in words[-3:]] if numbers >= 3 else default_palette(len(palette) + 1)[-1]
+        palette.append(colour)
+    if len(first_line) < 2:
         raise ValueError(
-            f"{path} lists {len(classes)} classes; expected at least 2 (e.g. background and one more)."
+            f"{path} lists {len(first_line)} classes; expected 2 or more (e.g. background and another)."
         )
-    fallback = default_palette(len(classes))
-    return classes, [colour or fallback[index] for index, colour in enumerate(palette)], zero_is_ignore
+    return list(first_line), palette, zero_is_ignore
 
 
 def default_palette(num_classes):
@@ -774,50 +666,6 @@ def default_palette(num_classes):
         [sum(((index >> (3 * bit + channel)) & 1) << (7 - bit) for bit in range(8)) for channel in range(3)]
         for index in range(num_classes)
     ]
-
-
-def file_problem(path, kind):
-    """(what is wrong with an image or label file, or None; its (W, H)), from its header and its last
-    bytes only: a JPEG ends with the marker FFD9, a PNG with its IEND chunk."""
-    try:
-        with open(path, "rb") as file, open_header(path, kind, file) as image:  # the header only
-            size, image_format, mode = image.size, image.format, image.mode
-            file.seek(-min(os.path.getsize(path), 1024), os.SEEK_END)
-            tail = file.read()
-    except ValueError as error:  # too many pixels
-        return str(error), None
-    except OSError as error:  # PIL's UnidentifiedImageError is an OSError
-        return f"cannot decode {kind} {path} ({error})", None
-    expected = "PNG" if kind == "label" else "JPEG/PNG/WEBP"
-    if image_format not in expected.split("/"):
-        return f"cannot decode {kind} {path}: it is a {image_format} file, expected {expected}", None
-    end_marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(image_format)
-    if end_marker and end_marker not in tail:
-        return f"cannot decode {kind} {path}: the {image_format} file is truncated (no end marker)", None
-    if kind == "label" and mode in ("RGB", "RGBA", "LA"):
-        return label_channels_error(path, len(mode)), None
-    return None, size
-
-
-def check_files(name, pairs):
-    """Name every unreadable, truncated or mismatched image and label of a split at once."""
-    problems = []
-    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 shows the bar
-    for image_path, label_path in tqdm(
-        pairs, desc=f"{name}: checking files", unit="pair", delay=2, disable=quiet
-    ):
-        image_problem, image_size = file_problem(image_path, "image")
-        label_problem, label_size = file_problem(label_path, "label") if label_path else (None, None)
-        problems += [problem for problem in (image_problem, label_problem) if problem]
-        if image_size and label_size and image_size != label_size:
-            problems.append(size_mismatch(image_path, image_size, label_path, label_size))
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(
-            f"{name}: {len(problems)} problem(s) with the files of this split:\n  "
-            + "\n  ".join(problems[:10])
-            + f"{more}\nRe-download or re-save these files, or remove them (with their labels) from the split."
-        )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -841,21 +689,6 @@ def scale_and_shift_uint8(image, alpha=1.0, beta=0.0):
     return image.to(torch.float32, copy=True).mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
 
 
-class Rescaled:
-    """An image (uint8 C x H x W) or a label (uint8 H x W) rescaled to `size` (h, w) as the original's
-    cv2.resize does, bilinear for images and nearest for labels, with only the pixels of a window ever
-    computed: crop(top, left, height, width) is bit-exact with resizing all, then cropping. Training
-    rescales by up to 2x and keeps a crop, so most of a rescaled image would never be used."""
-
-    def __init__(self, tensor, size, mode):
-        self.tensor, self.size, self.mode = tensor, tuple(size), mode
-        self.shape = (*tensor.shape[:-2], *self.size)
-
-    def crop(self, top, left, height, width):
-        resize_window = resize_image_window if self.mode == "bilinear" else resize_label_window
-        return resize_window(self.tensor, self.size, top, left, height, width)
-
-
 def linear_taps(in_size, out_size, start, count, clamp_weights):
     """Source indices and 11-bit weights of the outputs start..start+count-1 along one axis, as OpenCV's
     8-bit INTER_LINEAR: source (d + 0.5) * in/out - 0.5 in float, weights cvRound(w * 2048). Columns
@@ -874,10 +707,9 @@ def linear_taps(in_size, out_size, start, count, clamp_weights):
 
 
 def resize_image_window(image, size, top, left, height, width):
-    """The window [top:top+height, left:left+width] of `image` (uint8 3 x H x W) resized to `size`,
-    bit-exact with cv2.resize(INTER_LINEAR) and then the crop, computing only the window: columns with
-    11-bit weights into int32, then rows, shifting as OpenCV's vectorised code does (float bilinear,
-    rounded, differs by 1 on about 12% of the values). In place: it runs once per training sample."""
+    """The window [top:top+height, left:left+width] of `image` (uint8 3 x H x W) resized to `size`, bit-exact
+    with cv2.resize(INTER_LINEAR) then the crop: columns with 11-bit weights into int32, then rows, shifted as
+    OpenCV's vectorised code does (float bilinear, rounded, differs by 1 on about 12% of the values)."""
     col0, col1, col_weight0, col_weight1 = linear_taps(image.shape[2], size[1], left, width, True)
     row0, row1, row_weight0, row_weight1 = linear_taps(image.shape[1], size[0], top, height, False)
     # Only the source rows the window reads take part; indices become relative to them.
@@ -901,18 +733,17 @@ def resize_image(image, size):
     return resize_image_window(image, size, 0, 0, size[0], size[1])
 
 
-def nearest_indices(in_size, out_size, start, count):
-    """OpenCV's INTER_NEAREST source indices floor(d * (1 / (out / in))) of the outputs start..start+count-1,
-    in double as OpenCV (torch's 'nearest' works in float: another pixel for about 8% of size pairs)."""
-    positions = torch.arange(start, start + count, dtype=torch.float64)
-    return torch.floor(positions * (1.0 / (out_size / in_size))).long().clamp_(max=in_size - 1)
-
-
 def resize_label_window(label, size, top, left, height, width):
     """The window [top:top+height, left:left+width] of `label` (uint8 H x W) resized to `size` with
-    cv2 INTER_NEAREST: rows are copied whole, columns gathered."""
-    rows = nearest_indices(label.shape[0], size[0], top, height)
-    columns = nearest_indices(label.shape[1], size[1], left, width)
+    cv2 INTER_NEAREST, from the source indices floor(d * (1 / (out / in))) in double, as OpenCV (torch's
+    'nearest' works in float: another pixel for about 8% of size pairs)."""
+
+    def indices(in_size, out_size, start, count):
+        positions = torch.arange(start, start + count, dtype=torch.float64)
+        return torch.floor(positions * (1.0 / (out_size / in_size))).long().clamp_(max=in_size - 1)
+
+    rows = indices(label.shape[0], size[0], top, height)  # copied whole, then the columns gathered
+    columns = indices(label.shape[1], size[1], left, width)
     return label.index_select(0, rows).gather(1, columns.expand(height, width))
 
 
@@ -929,9 +760,8 @@ def lookup(table, indices):
 
 def rgb_to_hsv_uint8(image):
     """uint8 RGB 3 x H x W -> (hue 0..179, saturation, value), int32 H x W each, bit-exact with
-    cv2.cvtColor(COLOR_BGR2HSV): V = max, S = 255 (max - min) / V, H from the channel holding the max
-    (red first, then green): 30 (G - B) / spread, 60 + 30 (B - R) / spread or 120 + 30 (R - G) /
-    spread, the divisions as table multiplies in 12-bit fixed point."""
+    cv2.cvtColor(COLOR_BGR2HSV): V = max, S = 255 (max - min) / V, H = 30 (G - B) / spread, 60 + 30 (B - R)
+    / spread or 120 + 30 (R - G) / spread as R, G or B holds the max (in that order of precedence)."""
     rgb = image.to(torch.int32)
     red, green, blue = rgb.unbind(0)
     value = rgb.amax(0)
@@ -951,13 +781,11 @@ def rgb_to_hsv_uint8(image):
 
 
 def hsv_to_rgb_factors():
-    """(3, 256, 180) float32: for R, G, B, each saturation S and hue H, the factor x such that the
-    channel is trunc(V / 255 * x * 255) in OpenCV's 8-bit COLOR_HSV2BGR. OpenCV (4.1.1 and later on
-    x86 with FMA, as the published models were trained) works in float32: h = H * (6 / 180), f = h -
-    trunc(h), s = S / 255, and each channel is V(1 - s w) with w = 0, 1, f or 1 - f by sector, the
-    1 - s w fused into one rounding, the result times 255 truncated. Not reproduced: OpenCV converts
-    the last width mod 64 (or 32) pixels of a row in scalar code that rounds, so crops whose width is
-    not a multiple of 64 (769) can differ by rounding there; which pixels depends on its SIMD width."""
+    """(3, 256, 180) float32: for R, G, B, each saturation S and hue H, the x such that the channel is
+    trunc(V / 255 * x * 255) in OpenCV's 8-bit COLOR_HSV2BGR (4.1.1 and later on x86 with FMA, as the
+    published models were trained): in float32, x = 1 - s w with s = S / 255 and w = 0, 1, f or 1 - f by
+    sector, f the fraction of H * (6 / 180), the product fused into one rounding. Not reproduced: the
+    last width mod 64 (or 32) pixels of a row, which OpenCV converts in scalar code that rounds."""
     h = torch.arange(180, dtype=torch.float32) * (torch.tensor(6.0) / 180)  # float32, as OpenCV
     fraction = h - h.trunc()
     weights = torch.stack([torch.zeros(180), torch.ones(180), fraction, 1 - fraction])  # V, p, q, t
@@ -1002,9 +830,8 @@ def draw_toy_sample(seed):
     rng = np.random.RandomState(seed)
     height, width = TOY_IMAGE_SIZE
     # Grey texture: mostly brightness noise shared by the channels, so its saturation stays low.
-    image = (
-        rng.randint(70, 180) + rng.normal(0, 12, (height, width, 1)) + rng.normal(0, 3, (height, width, 3))
-    )
+    image = rng.randint(70, 180) + rng.normal(0, 12, (height, width, 1))
+    image = image + rng.normal(0, 3, (height, width, 3))
     label = np.zeros((height, width), np.uint8)
     rows, cols = np.mgrid[0:height, 0:width]
     for _ in range(rng.randint(3, 7)):
@@ -1023,32 +850,21 @@ def draw_toy_sample(seed):
     return image.clip(0, 255).astype(np.uint8), label
 
 
-def write_toy_files(folder):
-    """All toy images and labels, in the Cityscapes layout under `folder`; sample i uses seed i."""
-    seed = 0
-    for split, count in TOY_COUNTS.items():
-        image_dir, label_dir = folder / "leftImg8bit" / split / "toy", folder / "gtFine" / split / "toy"
-        image_dir.mkdir(parents=True)
-        label_dir.mkdir(parents=True)
-        for index in range(count):
-            image, label = draw_toy_sample(seed)
-            seed += 1
-            stem = f"toy_{index:06d}"  # compression level 1: the noise does not compress anyway
-            write_png(torch.from_numpy(image).permute(2, 0, 1), image_dir / f"{stem}_leftImg8bit.png", 1)
-            write_png(torch.from_numpy(label)[None], label_dir / f"{stem}_gtFine_labelTrainIds.png", 1)
-
-
 def make_toy_dataset(root):
-    """Write the toy dataset into `root` atomically, through a temporary folder renamed at the end: an
-    interrupted run leaves no half dataset, and two processes generating at once do not mix files."""
+    """Write the toy dataset into `root` in the Cityscapes layout, through a temporary folder renamed at
+    the end: an interrupted run leaves no half dataset, and two processes writing at once mix no files."""
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     temporary = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     total, (height, width) = sum(TOY_COUNTS.values()), TOY_IMAGE_SIZE
     print(f"toy: writing {total} images of {width}x{height} into {root}", file=sys.stderr)
     try:
-        write_toy_files(temporary)
+        stems = [f"{split}/toy/toy_{i:06d}" for split, count in TOY_COUNTS.items() for i in range(count)]
+        for seed, stem in enumerate(stems):  # sample i from seed i, train first
+            image, label = (torch.from_numpy(array) for array in draw_toy_sample(seed))
+            # PNG compression level 1: the noise does not compress anyway
+            write_png(image.permute(2, 0, 1), temporary / f"leftImg8bit/{stem}_leftImg8bit.png", 1)
+            write_png(label[None], temporary / f"gtFine/{stem}_gtFine_labelTrainIds.png", 1)
         try:
             os.rename(temporary, root)  # atomic; replaces `root` only if it is an empty folder
         except OSError:

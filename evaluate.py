@@ -475,7 +475,7 @@ def build_split(info, settings, checkpoint):
             reduce_zero_label=settings["reduce_zero_label"],
         )
     except FileNotFoundError as error:
-        root = settings["data_root"] or recipe.DATASETS[settings["dataset"]]["root"]
+        root = data.data_root(settings["dataset"], settings["data_root"])
         if Path(root).is_dir():  # the root is there, a split or file of it is not: the error says which
             raise
         whose = (
@@ -560,7 +560,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         checkpoint=str(checkpoint),
         config_name=info["config_name"],
         dataset=dataset.name,
-        data_root=settings["data_root"] or recipe.DATASETS[dataset.name]["root"],
+        data_root=data.data_root(dataset.name, settings["data_root"]),
         num_images=results["num_images"],
         aAcc=results["aAcc"],
         mIoU=results["mIoU"],
