@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
 import model
 import recipe
 import runtime
@@ -627,7 +628,7 @@ VALIDATION_KEYS = (
 def validation_settings(config):
     """The VALIDATION_KEYS of train.py's validation: single scale, no flip, the recipe's test protocol,
     the run's precision, layout and BatchNorm folding."""
-    root = config["data_root"] or recipe.DATASETS[config["dataset"]]["root"]
+    root = data.data_root(config["dataset"], config["data_root"])
     return dict(
         dataset=config["dataset"],
         data_root=os.path.abspath(root),
