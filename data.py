@@ -8,11 +8,14 @@ writes the same pipelines with OpenCV). Labels are PNGs of class indices, 255 = 
     val_set = data.build_dataset("cityscapes", split="val")      # (images, label, meta)
 """
 
+import contextlib
+import importlib.metadata
 import json
 import os
 import re
 import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,11 +23,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
 from tqdm import tqdm
 
 import recipe
 import runtime
+
+try:
+    from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
+except RuntimeError as error:  # "operator torchvision::nms does not exist": built for another torch
+    raise SystemExit(
+        f"torchvision {importlib.metadata.version('torchvision')} does not fit torch {torch.__version__} "
+        f"({error}). Install the pair released together, e.g. `pip install -U torch torchvision`, or the "
+        "versions paired on https://pytorch.org/get-started/previous-versions/."
+    ) from None
 
 # ImageNet statistics in RGB order on the 0..255 scale (mmseg v0.5.0 configs/_base_/datasets/*.py).
 MEAN = (123.675, 116.28, 103.53)
@@ -305,13 +316,16 @@ def decode_file(path, kind, mode, upright=False):
     Pillow: torchvision's PNG decoder crashes the whole process (a segfault) on damaged data, where
     Pillow raises; the pixels are the same. JPEG and WebP go through torchvision, which raises."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{kind} file not found: {path}")
+        raise FileNotFoundError(not_a_file(path, kind))
     try:
         with open_header(path, kind) as picture:
             if picture.format != "PNG":  # torchvision 0.29 marks its codecs deprecated (for TorchCodec)
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), what_libjpeg_says() as said:
                     warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-                    return decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
+                    image = decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
+                if "premature end of data segment" in said[0]:  # decoded all the same, the rest grey
+                    raise OSError(said[0].strip().splitlines()[0])
+                return image
             # As torchvision's decoder gives it: RGB (palettes and grey expanded, alpha dropped), or the
             # stored channels (palette indices, grey levels; 1-bit grey as 0/255).
             picture = ImageOps.exif_transpose(picture) if upright else picture
@@ -330,6 +344,27 @@ def decode_file(path, kind, mode, upright=False):
             "a PNG of class indices" if kind == "label" else "a JPEG, PNG or WebP file; re-save or remove it"
         )
         raise ValueError(f"cannot decode {kind} {path} ({words.strip()}). Expected {wanted}.") from None
+
+
+@contextlib.contextmanager
+def what_libjpeg_says():
+    """[text] that libjpeg writes to the standard error meanwhile. It decodes a cut or damaged JPEG with
+    a warning there only ("Corrupt JPEG data: premature end of data segment"), which Python cannot catch.
+    Other warnings (a few extraneous bytes before the end marker, common and harmless) are passed on."""
+    said = [""]
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            said[0] = capture.read().decode(errors="replace")
+            if said[0] and "premature end of data segment" not in said[0]:
+                sys.stderr.write(said[0])
 
 
 def read_image(path, upright=False):
@@ -363,9 +398,15 @@ def label_channels_error(path, channels):
 
 
 def size_mismatch(image_path, image_size, label_path, label_size):  # sizes (W, H)
+    turned = (
+        " The sizes are turned: the photo likely has an EXIF orientation, which dataset images are read "
+        "without (as stored, like their labels); save it upright (Pillow's ImageOps.exif_transpose)."
+    )
     return (
         f"image {image_path} is {image_size[0]}x{image_size[1]} (WxH) but its label {label_path} is "
         f"{label_size[0]}x{label_size[1]}; an image and its label must have the same size."
+        + turned
+        * (tuple(image_size) == tuple(label_size)[::-1])
     )
 
 
@@ -425,9 +466,17 @@ def check_not_reduced_already(label, path, name, num_classes):
         )
 
 
+def not_a_file(path, kind):
+    if not os.path.exists(path):
+        return f"{kind} file not found: {path}"
+    return f"{kind} {path} is not a regular file (a FIFO, a device or a folder); expected a JPEG, PNG or WebP file"
+
+
 def file_problem(path, kind):
     """(what is wrong with an image or label file, or None; its (W, H)), from its header and its last
     bytes only: a JPEG ends with the marker FFD9, a PNG with its IEND chunk."""
+    if not os.path.isfile(path):  # opening a FIFO would wait for a writer for ever
+        return not_a_file(path, kind), None
     try:
         with open(path, "rb") as file, open_header(path, kind, file) as image:  # the header only
             size, image_format, mode = image.size, image.format, image.mode
@@ -442,6 +491,10 @@ def file_problem(path, kind):
         return f"cannot decode {kind} {path}: it is a {image_format} file, expected {expected}", None
     if {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(image_format, b"") not in tail:
         return f"cannot decode {kind} {path}: the {image_format} file is truncated (no end marker)", None
+    # Even a one-colour JPEG takes a byte per 100 pixels; a header that declares far more is a cut file.
+    if image_format == "JPEG" and size[0] * size[1] > 512 * os.path.getsize(path):
+        declared = f"{size[0]}x{size[1]} pixels in {os.path.getsize(path):,} bytes"
+        return f"cannot decode {kind} {path}: the JPEG declares {declared}, so it is cut or damaged", None
     if kind == "label" and mode in ("RGB", "RGBA", "LA"):
         return label_channels_error(path, len(mode)), None
     return None, size
@@ -600,7 +653,11 @@ def find_folder_pairs(root, split):
     image_dir, label_dir = root / "images" / split, root / "labels" / split
     if not image_dir.is_dir():
         raise missing_path_error("folder", root, image_dir)
-    files = sorted(path for path in image_dir.iterdir() if path.is_file() and not path.name.startswith("."))
+    entries = sorted(path for path in image_dir.iterdir() if not path.name.startswith("."))
+    files = [path for path in entries if path.is_file()]
+    others = [path.name for path in entries if not path.is_file() and not path.is_dir()]
+    what = f"entries in {image_dir} are not regular files (FIFOs, devices) and are skipped"
+    warn_about("folder", others, what, "Copy the images they stand for into the folder.")
     images = [path for path in files if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS]
     if not images:
         raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")

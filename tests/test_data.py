@@ -4,7 +4,10 @@ Every dataset is a tiny fixture (32x64 images) written in the real layout: once 
 tests only read it, into tmp_path where a test spoils it.
 """
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -285,12 +288,25 @@ def test_stray_files_are_named_in_warnings(tmp_path):
     save(root / "labels" / "val" / "lost.png", random_label(0, 3))
     save(root / "images" / "val" / "old.bmp", random_image(0))
     save(root / "images" / "val" / "photo0.png", random_image(0))  # beside photo0.jpg
+    os.mkfifo(root / "images" / "val" / "pipe.jpg")  # opened, it would wait for a writer for ever
     with pytest.warns(UserWarning) as caught:
         dataset = data.build_dataset("folder", root, "val")
     messages = "\n".join(str(warning.message) for warning in caught)
     assert "1 label files have no image" in messages and "labels/val/lost.png" in messages
     assert "are skipped: old.bmp" in messages and "photo0.jpg + photo0.png" in messages
+    assert (
+        "1 entries in " in messages
+        and "are not regular files (FIFOs, devices) and are skipped: pipe.jpg" in messages
+    )
     assert len(dataset) == 3
+    # Named as an image where a file is expected, a FIFO or a device is no image, and not "not found".
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    for path in (root / "images" / "val" / "pipe.jpg", tmp_path / "zero.png"):
+        with pytest.raises(
+            FileNotFoundError, match=f"image {path} is not a regular file \\(a FIFO, a device"
+        ):
+            data.read_image(path)
+        assert data.file_problem(path, "image")[0].startswith(f"image {path} is not a regular file")
     cityscapes = make_cityscapes(tmp_path / "cs")
     save(cityscapes / "gtFine/val/ulm/ulm_000000_000019_gtFine_labelTrainIds.png", random_label(0, 19))
     with pytest.warns(UserWarning, match=r"1 label files have no image: .*ulm_000000_000019_gtFine"):
@@ -701,6 +717,17 @@ def cut_in_half(path):  # a download cut short
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def cut_keeping_the_end_marker(path):  # a JPEG cut in half, its end marker put back
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] + b"\xff\xd9")
+
+
+def declaring_8000(path):  # a JPEG whose header says 8000x8000, its data that of the small image
+    content = bytearray(path.read_bytes())
+    frame = content.index(b"\xff\xc0") + 5  # baseline frame header: precision, then height and width
+    content[frame : frame + 4] = (8000).to_bytes(2, "big") * 2
+    path.write_bytes(bytes(content))
+
+
 def without_end(path):  # a PNG without its IEND chunk
     path.write_bytes(path.read_bytes()[:-12])
 
@@ -758,10 +785,19 @@ SPOILED = {
     "no aug.txt": ("voc12aug", "train", {"ImageSets/Segmentation/aug.txt": None}, None, FileNotFoundError),
     "no VOC label": ("voc12aug", "val", {"SegmentationClass/2007_000033.png": None}, None, FileNotFoundError),
     "sizes differ": ("folder", "val", {"labels/val/photo1.png": np.zeros((32, 65))}, None, ValueError),
+    "EXIF-turned": ("folder", "val", {"labels/val/photo1.png": np.zeros((64, 32))}, None, ValueError),
     "not an image": ("folder", "train", {"images/train/photo2.png": b"not a png"}, None, ValueError),
     "colour label": ("folder", "train", {"labels/train/photo1.png": random_image(1)}, None, ValueError),
     "truncated": ("folder", "val", TRUNCATED, None, ValueError),
     "too large": ("folder", "train", TOO_LARGE, None, ValueError),
+    "JPEG cut, end kept": (
+        "folder",
+        "val",
+        {"images/val/photo1.jpg": cut_keeping_the_end_marker},
+        1,
+        ValueError,
+    ),
+    "JPEG declares more": ("folder", "val", {"images/val/photo0.jpg": declaring_8000}, None, ValueError),
     "label ids": ("cityscapes", "val", {CITY_VAL: np.full((32, 64), 26)}, 1, ValueError),
     "0/255 mask": ("mask", "val", {}, 0, ValueError),
     "blurred mask": ("blurred mask", "val", {}, 0, ValueError),
@@ -786,13 +822,16 @@ MESSAGES = {
     "labels not prepared": r"1 of 2 images.*lindau_000000_000019_leftImg8bit.*prepare_datasets\.py cityscapes",
     "no aug.txt": r"(?s)aug\.txt not found.*prepare_datasets\.py voc12aug",
     "no VOC label": r"expected .*SegmentationClass/2007_000033\.png",
-    "sizes differ": r"photo1\.jpg is 64x32 .*photo1\.png is 65x32",
+    "sizes differ": r"(?s)^(?!.*EXIF).*photo1\.jpg is 64x32 .*photo1\.png is 65x32",
+    "EXIF-turned": r"photo1\.jpg is 64x32 .*photo1\.png is 32x64; .* the photo likely has an EXIF orientation",
     "not an image": r"cannot decode image .*photo2\.png",
     "colour label": r"photo1\.png has 3 channels",
     "truncated": r"(?s)2 problem.*photo0\.png: the PNG file is truncated.*photo1\.jpg: the JPEG file is truncated"
     r".*Re-download or re-save these files",
     "too large": r"(?s)image \S*/images/train/photo0\.png is too large \(Image size \(400000000 pixels\).*"
     r"label \S*/labels/train/photo1\.png is too large \(9000x9000\): at most 67,108,864",
+    "JPEG cut, end kept": r"cannot decode image \S*photo1\.jpg \(Corrupt JPEG data: premature end of data segment\)",
+    "JPEG declares more": r"photo0\.jpg: the JPEG declares 8000x8000 pixels in [\d,]+ bytes, so it is cut or damaged",
     "label ids": r"lindau_000000_000019_gtFine_labelTrainIds.* \[26\].*prepare_datasets\.py cityscapes",
     "0/255 mask": r"photo0\.png holds only the values 0 and 255.*binary mask",
     "blurred mask": r"values \[64, 255\].*binary mask",
@@ -866,3 +905,14 @@ def test_what_is_found_beside_the_errors(roots, tmp_path, monkeypatch):
         ValueError, match=r"photo\.jpg \(decode_webp, WebPDecodeRGB\[A\] failed\.\)\. Expected a JPEG"
     ):
         data.read_image(tmp_path / "photo.jpg")
+
+
+def test_a_torchvision_built_for_another_torch_is_said_in_words(tmp_path):
+    fake = tmp_path / "torchvision"  # what importing a mismatched torchvision raises
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    code = f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {str(Path(data.__file__).parent)!r}]; import data"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "does not fit torch" in done.stderr and "operator torchvision::nms does not exist" in done.stderr
+    assert "pip install -U torch torchvision" in done.stderr
