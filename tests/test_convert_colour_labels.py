@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -140,3 +141,18 @@ def test_without_root_all_three_folders_are_needed(capsys):
         "give ROOT, or all of --src, --dst and --classes (missing --dst, --classes)"
         in capsys.readouterr().err
     )
+
+
+def test_a_mask_is_converted_in_bands_of_rows_with_the_same_result():
+    palette = [(0, 0, 0), (128, 64, 128), (220, 20, 60)]
+    table = convert.lookup_table(palette)
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (9, 7), generator=generator)
+    image = torch.tensor(palette, dtype=torch.uint8)[labels].permute(2, 0, 1).contiguous()
+    for rows in (1, 2, 4, 256):  # an 8000x8000 mask goes in bands, so that it needs about its own size
+        converted, unknown = convert.convert_image(image, table, rows=rows)
+        assert unknown == {} and torch.equal(converted, labels.to(torch.uint8))
+    image[:, 0, 0] = image[:, 5, 3] = image[:, 8, 6] = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    image[:, 6, 1] = torch.tensor([9, 9, 9], dtype=torch.uint8)
+    for rows in (1, 3, 256):  # unknown colours counted over every band, the most frequent first
+        assert convert.convert_image(image, table, rows=rows) == (None, {(1, 2, 3): 3, (9, 9, 9): 1})

@@ -2,6 +2,7 @@
 aug lists, on tiny fixtures in the real layouts."""
 
 import importlib.util
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -45,6 +46,22 @@ def test_prepare_cityscapes_writes_train_ids(tmp_path, capsys):
     assert "0 converted, 2 skipped" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"(?s)nowhere/gtFine not found.*leftImg8bit"):
         prepare_datasets.main(["cityscapes", str(tmp_path / "nowhere")])
+    # Every bad file is named, in one error after the others are done; a FIFO is said to be one.
+    bad = [
+        root / "gtFine" / "train" / "bonn" / f"bonn_00000{index}_000019_gtFine_labelIds.png"
+        for index in range(3)
+    ]
+    save(bad[0], all_ids)
+    bad[1].write_bytes(b"<html>")
+    os.mkfifo(bad[2])
+    for workers in ("1", "2"):
+        with pytest.raises(SystemExit) as stop:
+            prepare_datasets.main(["cityscapes", str(root), "--workers", workers])
+        message = str(stop.value)
+        assert message.startswith("error: 2 of 5 files could not be converted") and "done before" in message
+        assert (
+            f"cannot decode label {bad[1]}" in message and f"label {bad[2]} is not a regular file" in message
+        )
 
 
 def test_prepare_voc12aug_from_sbd(tmp_path, capsys):

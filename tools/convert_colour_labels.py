@@ -17,8 +17,8 @@ written through a temporary file and renamed, so a file that exists is complete.
 """
 
 import argparse
-import os
 import sys
+from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py sits in the repository root
 import data  # noqa: E402
+import runtime  # noqa: E402
 
 UNKNOWN = -1
 MAX_COLOURS_NAMED = 10  # per file; a mask with more unknown colours was saved lossily (JPEG, antialiasing)
@@ -70,16 +71,21 @@ def lookup_table(palette, ignore_colours=(), zero_is_ignore=False):
     return table
 
 
-def convert_image(image, table):
-    """uint8 (3, H, W) RGB -> (uint8 (H, W) class indices, {unknown colour (R, G, B): pixel count})."""
-    codes = colour_codes(image)
-    indices = table[codes]  # (H, W) int16
-    unknown = indices == UNKNOWN
-    if not unknown.any():
-        return indices.to(torch.uint8), {}
-    found, counts = torch.unique(codes[unknown], return_counts=True)
-    order = counts.argsort(descending=True)
-    return None, {colour_of(int(found[i])): int(counts[i]) for i in order}
+def convert_image(image, table, rows=256):
+    """uint8 (3, H, W) RGB -> (uint8 (H, W) class indices, {unknown colour (R, G, B): pixel count}), in
+    bands of `rows` rows: an 8000x8000 mask then needs about its own size beside it, not ten times that."""
+    labels, unknown = torch.empty(image.shape[1:], dtype=torch.uint8), Counter()
+    for top in range(0, image.shape[1], rows):
+        codes = colour_codes(image[:, top : top + rows])
+        indices = table[codes]  # (rows, W) int16
+        missing = indices == UNKNOWN
+        if missing.any():
+            found, counts = torch.unique(codes[missing], return_counts=True)
+            unknown.update(dict(zip(found.tolist(), counts.tolist())))
+        labels[top : top + rows] = indices.clamp(min=0)
+    if unknown:
+        return None, {colour_of(code): count for code, count in unknown.most_common()}
+    return labels, {}
 
 
 def describe_unknown(path, colours):
@@ -212,7 +218,13 @@ def build_parser():
         help=f"a colour that means 'ignore' (written as {data.IGNORE_INDEX}); repeat for several",
     )
     parser.add_argument("--overwrite", action="store_true", help="convert files that exist again")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes")
+    workers = min(4, runtime.usable_cores())
+    parser.add_argument(
+        "--workers",
+        type=runtime.per_core_flag(1),
+        default=workers,
+        help=f"parallel processes (default {workers})",
+    )
     return parser
 
 

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 from collections import Counter
+from contextlib import nullcontext
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py sits in the repository root
 import data  # noqa: E402
+import runtime  # noqa: E402
 
 CITYSCAPES_TRAINID_TABLE = torch.tensor(
     [data.CITYSCAPES_ID_TO_TRAINID.get(label_id, data.IGNORE_INDEX) for label_id in range(256)],
@@ -31,19 +33,38 @@ CITYSCAPES_TRAINID_TABLE = torch.tensor(
 
 
 def run_in_pool(function, jobs, workers, description):
-    """Map `function` over `jobs` with a process pool and a progress bar; count the returned statuses."""
-    counts = Counter()
-    if workers <= 1:
-        for status in tqdm(map(function, jobs), total=len(jobs), desc=description):
-            counts[status] += 1
-        return counts
+    """Map `function` over `jobs` with a process pool and a progress bar; count the returned statuses,
+    'converted' or 'skipped'. A file that cannot be converted does not stop the others: all of them
+    are named at the end, in one error."""
+    tasks = [(function, job) for job in jobs]
     # One torch thread per process: the parallelism comes from the pool.
-    with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for status in tqdm(
-            pool.imap_unordered(function, jobs, chunksize=8), total=len(jobs), desc=description
-        ):
-            counts[status] += 1
+    pool = Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
+    with pool or nullcontext():
+        results = (
+            pool.imap_unordered(failure_or_status, tasks, chunksize=8)
+            if pool
+            else map(failure_or_status, tasks)
+        )
+        statuses = list(tqdm(results, total=len(jobs), desc=description))
+    counts = Counter(statuses)
+    failed = sorted(status for status in statuses if status not in ("converted", "skipped"))
+    if failed:
+        more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
+        raise ValueError(
+            f"{len(failed)} of {len(jobs)} files could not be converted ({counts['converted']} were, "
+            f"{counts['skipped']} were done before):\n  " + "\n  ".join(failed[:10]) + f"{more}\nMend or "
+            "re-download them, then run the same command again: what is done is skipped."
+        )
     return counts
+
+
+def failure_or_status(job):
+    """(function, its argument) -> its status, or what went wrong in words."""
+    function, argument = job
+    try:
+        return function(argument)
+    except (OSError, ValueError) as error:
+        return str(error)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -161,8 +182,8 @@ def prepare_voc12aug(devkit, sbd_root, workers=8):
             f"voc12aug: expected 10582 trainaug and 9118 aug names from the complete VOC 2012 + SBD, got "
             f"{len(trainaug)} and {len(aug)}; check {lists} and {sbd}."
         )
-    (lists / "trainaug.txt").write_text("".join(f"{name}\n" for name in trainaug))
-    (lists / "aug.txt").write_text("".join(f"{name}\n" for name in aug))
+    runtime.write_text(lists / "trainaug.txt", "".join(f"{name}\n" for name in trainaug))
+    runtime.write_text(lists / "aug.txt", "".join(f"{name}\n" for name in aug))
     print(
         f"voc12aug: {counts['converted']} converted, {counts['skipped']} skipped (already done) in {out_dir}; "
         f"wrote aug.txt ({len(aug)}) and trainaug.txt ({len(trainaug)}) in {lists}"
@@ -173,7 +194,7 @@ def prepare_voc12aug(devkit, sbd_root, workers=8):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="One-off preparation of a downloaded dataset for GCNet.")
     datasets = parser.add_subparsers(dest="dataset", required=True)
-    default_workers = min(8, os.cpu_count() or 1)
+    default_workers = min(8, runtime.usable_cores())
     cityscapes = datasets.add_parser(
         "cityscapes", help="write *_gtFine_labelTrainIds.png from *_gtFine_labelIds.png"
     )
@@ -182,10 +203,10 @@ def main(argv=None):
     voc.add_argument("devkit", help="the VOCdevkit folder, holding VOC2012/")
     voc.add_argument("sbd_root", help="the SBD folder (VOCaug, holding dataset/cls/*.mat)")
     for subparser in (cityscapes, voc):
-        subparser.add_argument("--workers", type=int, default=default_workers, help="parallel processes")
+        subparser.add_argument(
+            "--workers", type=runtime.per_core_flag(1), default=default_workers, help="parallel processes"
+        )
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
     try:
         if args.dataset == "cityscapes":
             prepare_cityscapes(args.root, args.workers)
