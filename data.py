@@ -348,9 +348,8 @@ def decode_file(path, kind, mode, upright=False):
 
 @contextlib.contextmanager
 def what_libjpeg_says():
-    """[text] that libjpeg writes to the standard error meanwhile. It decodes a cut or damaged JPEG with
-    a warning there only ("Corrupt JPEG data: premature end of data segment"), which Python cannot catch.
-    Other warnings (a few extraneous bytes before the end marker, common and harmless) are passed on."""
+    """[what libjpeg writes to the standard error meanwhile]: a JPEG cut short is decoded with only a
+    warning there ("premature end of data segment"). Other warnings are passed on."""
     said = [""]
     with tempfile.TemporaryFile() as capture:
         sys.stderr.flush()
@@ -363,8 +362,7 @@ def what_libjpeg_says():
             os.close(saved)
             capture.seek(0)
             said[0] = capture.read().decode(errors="replace")
-            if said[0] and "premature end of data segment" not in said[0]:
-                sys.stderr.write(said[0])
+            sys.stderr.write("" if "premature end of data segment" in said[0] else said[0])
 
 
 def read_image(path, upright=False):
