@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import opencv_arithmetic
 import recipe
 
 HEIGHT, WIDTH = 32, 64
@@ -364,7 +365,7 @@ def test_toy_generation_is_atomic(tmp_path, monkeypatch):
 
 def resize_label(label, size):
     """A whole label resized, as random_crop crops it: the window that is the whole image."""
-    return data.resize_label_window(label, size, 0, 0, *size)
+    return opencv_arithmetic.resize_label_window(label, size, 0, 0, *size)
 
 
 def test_resize_image_matches_cv2_inter_linear():
@@ -373,21 +374,21 @@ def test_resize_image_matches_cv2_inter_linear():
     # bilinear rounded half up would give 163 and 88.
     image = torch.tensor([[0, 100], [200, 50]], dtype=torch.uint8).expand(3, 2, 2)
     expected = [[0, 25, 75, 100], [50, 59, 78, 88], [150, 128, 84, 63], [200, 162, 87, 50]]
-    assert data.resize_image(image, (4, 4))[0].tolist() == expected
-    window = data.resize_image_window(image, (4, 4), 1, 1, 3, 2)[0]
+    assert opencv_arithmetic.resize_image(image, (4, 4))[0].tolist() == expected
+    window = opencv_arithmetic.resize_image_window(image, (4, 4), 1, 1, 3, 2)[0]
     assert window.tolist() == [row[1:3] for row in expected[1:]]
     image = torch.tensor([[10, 20, 30], [40, 50, 60], [70, 80, 95]], dtype=torch.uint8).expand(3, 3, 3)
     expected = [[10, 14, 20, 26, 30], [29, 32, 39, 45, 49], [51, 55, 61, 68, 73], [70, 74, 80, 89, 95]]
-    assert data.resize_image(image, (4, 5))[2].tolist() == expected
+    assert opencv_arithmetic.resize_image(image, (4, 5))[2].tolist() == expected
     # A downscale samples between pixels: no antialiasing.
     row = torch.tensor([[[0, 100, 200, 250, 10, 10]]], dtype=torch.uint8)
-    assert data.resize_image(row, (1, 2)).tolist() == [[[100, 10]]]
-    assert data.resize_image(row, (1, 3)).tolist() == [[[50, 225, 10]]]
+    assert opencv_arithmetic.resize_image(row, (1, 2)).tolist() == [[[100, 10]]]
+    assert opencv_arithmetic.resize_image(row, (1, 3)).tolist() == [[[50, 225, 10]]]
     # OpenCV's fixed-point result stays within 1 of float bilinear (align_corners=False, no antialias).
     image = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for size in ((11, 5), (80, 101), (37, 53)):
         reference = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-        assert (data.resize_image(image, size).float() - reference).abs().max() <= 1.0
+        assert (opencv_arithmetic.resize_image(image, size).float() - reference).abs().max() <= 1.0
 
 
 def test_resize_label_is_cv2_inter_nearest():
@@ -400,7 +401,7 @@ def test_resize_label_is_cv2_inter_nearest():
 
 def opencv_linear_taps(in_size, out_size, clamp_weights):
     """cv2.resize INTER_LINEAR's source indices and 11-bit weights along one axis, written out from
-    OpenCV's resize.cpp independently of data.linear_taps: fx = (float)((d + 0.5) * scale - 0.5) with
+    OpenCV's resize.cpp independently of opencv_arithmetic.linear_taps: fx = (float)((d + 0.5) * scale - 0.5) with
     a double scale, sx = floor(fx); columns pin positions outside the image to the edge pixel."""
     scale = 1.0 / (out_size / in_size)
     fx = ((np.arange(out_size) + 0.5) * scale - 0.5).astype(np.float32)
@@ -436,20 +437,31 @@ def test_resize_and_its_windows_match_a_plain_opencv_implementation():
         in_h, in_w, out_h, out_w = torch.randint(2, 120, (4,), generator=generator).tolist()
         image = torch.randint(0, 256, (3, in_h, in_w), dtype=torch.uint8, generator=generator)
         expected = opencv_resize_linear(image, (out_h, out_w))
-        assert torch.equal(data.resize_image(image, (out_h, out_w)), expected), (in_h, in_w, out_h, out_w)
+        assert torch.equal(opencv_arithmetic.resize_image(image, (out_h, out_w)), expected), (
+            in_h,
+            in_w,
+            out_h,
+            out_w,
+        )
         top, left = (int(torch.randint(0, size, (), generator=generator)) for size in (out_h, out_w))
-        window = data.resize_image_window(image, (out_h, out_w), top, left, out_h - top, out_w - left)
+        window = opencv_arithmetic.resize_image_window(
+            image, (out_h, out_w), top, left, out_h - top, out_w - left
+        )
         assert torch.equal(window, expected[:, top:, left:])
         label = image[0]
         rows = np.floor(np.arange(out_h) * (1.0 / (out_h / in_h))).astype(np.int64).clip(max=in_h - 1)
         columns = np.floor(np.arange(out_w) * (1.0 / (out_w / in_w))).astype(np.int64).clip(max=in_w - 1)
         expected = torch.from_numpy(label.numpy()[rows][:, columns])
         assert torch.equal(resize_label(label, (out_h, out_w)), expected)
-        window = data.resize_label_window(label, (out_h, out_w), top, left, out_h - top, out_w - left)
+        window = opencv_arithmetic.resize_label_window(
+            label, (out_h, out_w), top, left, out_h - top, out_w - left
+        )
         assert torch.equal(window, expected[top:, left:])
     # The layout a PNG decodes to (channels last in memory) gives the same result.
     image = torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8, generator=generator).permute(2, 0, 1)
-    assert torch.equal(data.resize_image(image, (33, 101)), opencv_resize_linear(image, (33, 101)))
+    assert torch.equal(
+        opencv_arithmetic.resize_image(image, (33, 101)), opencv_resize_linear(image, (33, 101))
+    )
 
 
 def test_test_time_sizes():
@@ -483,7 +495,7 @@ def test_crop_check_excludes_ignore_and_needs_two_classes(zeros, ones, ignored, 
 
 def test_cat_max_ratio_draws(monkeypatch):
     draws = []  # the boxes drawn, (top, left): each has its label crop computed
-    resize_label_window = data.resize_label_window
+    resize_label_window = opencv_arithmetic.resize_label_window
 
     def counting(label, size, top, left, height, width):
         draws.append((top, left))
@@ -535,7 +547,10 @@ def test_train_transform_equals_the_plain_order_of_the_original():
 
     def plain_order(image, label):
         size = data.rescale_size(*label.shape, data.ratio_scale((60, 40), data.uniform(0.5, 2.0)))
-        image, label = data.resize_image(image, size), resize_label(label, size)  # 1. rescale, all of it
+        image, label = (
+            opencv_arithmetic.resize_image(image, size),
+            resize_label(label, size),
+        )  # 1. rescale, all of it
         height, width = min(32, size[0]), min(48, size[1])
         for attempt in range(11):  # 2. crop, checking at most 10 boxes
             top = int(torch.randint(0, max(size[0] - 32, 0) + 1, ()))
@@ -622,12 +637,12 @@ def test_hsv_is_opencv_uint8_hsv():
     # red, green, blue, grey, orange, pink; H in [0, 180) is half the angle.
     rgb = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 128, 0], [255, 0, 128]])
     image = rgb.T.to(torch.uint8).view(3, 1, 6)
-    hue, saturation, value = data.rgb_to_hsv_uint8(image)
+    hue, saturation, value = opencv_arithmetic.rgb_to_hsv_uint8(image)
     assert hue.tolist() == [[0, 60, 120, 0, 15, 165]]
     assert saturation.tolist() == [[255, 255, 255, 0, 255, 255]]
     assert value.tolist() == [[255, 255, 255, 128, 255, 255]]
-    assert torch.equal(data.hsv_to_rgb_uint8(hue, saturation, value)[:, :, :4], image[:, :, :4])
-    shifted = data.hsv_to_rgb_uint8((hue + 60) % 180, saturation, value)  # +120 degrees
+    assert torch.equal(opencv_arithmetic.hsv_to_rgb_uint8(hue, saturation, value)[:, :, :4], image[:, :, :4])
+    shifted = opencv_arithmetic.hsv_to_rgb_uint8((hue + 60) % 180, saturation, value)  # +120 degrees
     assert shifted[:, 0, :3].T.tolist() == [[0, 255, 0], [0, 0, 255], [255, 0, 0]]
 
 
@@ -682,7 +697,7 @@ def test_hsv_to_rgb_equals_cv2_outputs():
     cv2_rgb = [[1, 0, 0], [3, 0, 0], [5, 2, 1], [3, 6, 2], [6, 1, 1], [8, 9, 7], [255, 0, 0]]
     cv2_rgb += [[200, 200, 99], [132, 132, 190], [128, 0, 4], [237, 249, 250]]
     hue, saturation, value = torch.tensor(hsv, dtype=torch.int32).T.unsqueeze(1)  # each 1 x 11
-    assert data.hsv_to_rgb_uint8(hue, saturation, value)[:, 0].T.tolist() == cv2_rgb
+    assert opencv_arithmetic.hsv_to_rgb_uint8(hue, saturation, value)[:, 0].T.tolist() == cv2_rgb
     h, s, v = (np.array(channel) for channel in zip(*hsv))
     assert opencv_hsv_to_rgb(h, s, v).tolist() == cv2_rgb  # the reference below agrees too
 
@@ -694,7 +709,7 @@ def test_hsv_matches_a_plain_opencv_implementation_on_every_colour():
         rgb = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8)
         expected = opencv_rgb_to_hsv(rgb)
         image = torch.from_numpy(rgb).view(-1, 4096, 3).permute(2, 0, 1).contiguous()
-        for ours, theirs in zip(data.rgb_to_hsv_uint8(image), expected):
+        for ours, theirs in zip(opencv_arithmetic.rgb_to_hsv_uint8(image), expected):
             assert np.array_equal(ours.flatten().numpy(), theirs)
     # Every (H, S, V) once, in both directions round the hue circle, again in 4 chunks. The reference
     # is computed once, and rolled along the hue for each shift.
@@ -704,7 +719,7 @@ def test_hsv_matches_a_plain_opencv_implementation_on_every_colour():
         expected = opencv_hsv_to_rgb(h, s, v)
         hue, saturation, value = (torch.from_numpy(x) for x in (h, s, v))
         for shift in (0, 17, -18):
-            ours = data.hsv_to_rgb_uint8(hue, saturation, value, hue_shift=shift)
+            ours = opencv_arithmetic.hsv_to_rgb_uint8(hue, saturation, value, hue_shift=shift)
             shifted = np.roll(expected.reshape(len(values), 256, 180, 3), -shift, axis=2).reshape(-1, 3)
             assert np.array_equal(ours.T.numpy(), shifted), shift
 
