@@ -45,7 +45,8 @@ import recipe
 import runtime
 import train
 from model import CONTEXTS, FUSIONS, POOLINGS, Bottleneck, GCNet
-from tools import opencv_pipelines, synthetic_cityscapes
+from tools import opencv_pipelines
+from tools.gpu_check import synthetic_cityscapes
 
 # (Mem (GB), Inf time (fps)) of the 40k rows of the results table by (dataset, crop) and depth
 # (mmseg v0.5.0 configs/gcnet/README.md), measured in fp32 on V100s; the 80k rows have none.

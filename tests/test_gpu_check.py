@@ -1,4 +1,4 @@
-"""The tools behind tools/check_gpu.sh that run anywhere: the synthetic Cityscapes, the loader's speed,
+"""The tools behind tools/gpu_check/check_gpu.sh that run anywhere: the synthetic Cityscapes, the loader's speed,
 the projection of a run's wall time."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-from tools import loader_speed, run_time, synthetic_cityscapes
+from tools.gpu_check import loader_speed, run_time, synthetic_cityscapes
 
 
 def test_synthetic_cityscapes_is_a_real_layout_of_links(tmp_path):

@@ -1,7 +1,7 @@
 """A generated stand-in for Cityscapes, in its real layout and at its real size, for timing the loader
 and the training loop where the real dataset is not at hand (a fresh GPU machine, CI):
 
-    python tools/synthetic_cityscapes.py /tmp/cityscapes_synthetic              # 2975 train, 500 val
+    python tools/gpu_check/synthetic_cityscapes.py /tmp/cityscapes_synthetic              # 2975 train, 500 val
     python train.py --dataset cityscapes --data-root /tmp/cityscapes_synthetic --pretrained none ...
 
 The images are photo-like PNGs (smooth colours plus noise, so they compress and decode about as a
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py sits in the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project's files, in the repository root
 import data  # noqa: E402
 import recipe  # noqa: E402
 

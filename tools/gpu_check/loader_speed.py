@@ -1,13 +1,13 @@
 """Training samples per second of train.py's own data loader, for several worker counts: can this
 machine's CPUs feed its GPU?
 
-    python tools/loader_speed.py --workers 8 15                       # a synthetic Cityscapes, made once
-    python tools/loader_speed.py --data-root data/cityscapes --workers 4 8 16
+    python tools/gpu_check/loader_speed.py --workers 8 15                       # a synthetic Cityscapes, made once
+    python tools/gpu_check/loader_speed.py --data-root data/cityscapes --workers 4 8 16
 
 It reads the training split through train.training_batches, the loader a run uses (decode, the whole
 training transform, collation, pinned memory where there is a GPU), and times batches after the first
 round of every worker, so that the workers' start is left out. Without --data-root it writes a
-synthetic Cityscapes at the real image size (tools/synthetic_cityscapes.py) into a temporary folder.
+synthetic Cityscapes at the real image size (synthetic_cityscapes.py) into a temporary folder.
 A GPU at batch 8 doing a step in t seconds needs 8 / t samples per second.
 """
 
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's files sit in the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project's files, in the repository root
 import data  # noqa: E402
 import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
-from tools import synthetic_cityscapes  # noqa: E402
+from tools.gpu_check import synthetic_cityscapes  # noqa: E402
 
 
 def samples_per_second(dataset, workers, batch_size, batches, seed=0):
