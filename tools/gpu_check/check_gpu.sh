@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Check a GPU machine in one go (about 8 minutes on one H200): the GPU, driver, torch and CUDA versions,
-# the CUDA tests (tests/test_cuda.py), benchmark.py on the table's Cityscapes 512x1024 rows (R-50-D8 with
-# the top kernels, R-101-D8), the loader's training samples per second with 8 and 15 workers, and
+# the CUDA tests (tests/test_cuda.py), benchmark.py and its targets (targets.py) on the table's Cityscapes
+# 512x1024 rows (R-50-D8 with the top kernels, R-101-D8), the loader's training samples per second with 8 and 15 workers, and
 # train.py itself for 300 iterations at batch 8 on a synthetic Cityscapes, with the projected time of
 # the 40k-iteration R-50-D8 row. torch.compile is a step of its own (r50compile, about 5 minutes more):
 # compiling the training step took over 100 s on an H200. So are train.py --compile, with its own
@@ -105,18 +105,18 @@ for step in "${steps[@]}"; do
         r50 | r50compile)
             compile=(--no-compile)
             [ "$step" = r50compile ] && compile=()
-            run_step "benchmark_$step" "${R50_TIMEOUT:-$([ "$step" = r50 ] && echo 170 || echo 360)}" "$py" benchmark.py \
+            run_step "benchmark_$step" "${R50_TIMEOUT:-$([ "$step" = r50 ] && echo 170 || echo 360)}" "$py" tools/gpu_check/targets.py \
                 --dataset cityscapes --crop 512x1024 --timed 10 --warmup 3 --data-samples 10 --wide --profile ${compile[@]+"${compile[@]}"} \
                 --out "$out/benchmark_$step.json"
             ;;
         r101)
             # The data pipeline does not depend on the depth (r50 times it).
-            run_step benchmark_r101 "${R101_TIMEOUT:-125}" "$py" benchmark.py --dataset cityscapes --crop 512x1024 \
+            run_step benchmark_r101 "${R101_TIMEOUT:-125}" "$py" tools/gpu_check/targets.py --dataset cityscapes --crop 512x1024 \
                 --depth 101 --timed 10 --warmup 3 --data-samples 2 --wide --no-compile --out "$out/benchmark_r101.json"
             ;;
         nonlocal)
             # The paper's comparison on the GPU (README): the NonLocal model of the same row, bf16 variants only.
-            run_step benchmark_nonlocal "${NONLOCAL_TIMEOUT:-150}" "$py" benchmark.py --dataset cityscapes \
+            run_step benchmark_nonlocal "${NONLOCAL_TIMEOUT:-150}" "$py" tools/gpu_check/targets.py --dataset cityscapes \
                 --crop 512x1024 --context nonlocal --precision bf16 --channels-last --timed 3 --warmup 2 \
                 --data-samples 1 --wide --no-compile --out "$out/benchmark_nonlocal.json"
             ;;
