@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import tempfile
@@ -155,6 +156,28 @@ def build_model(row, variant, device=None):
     model = GCNet(row["num_classes"], **options, activation_checkpointing=variant["checkpointing"])
     layout = MEMORY_FORMAT[variant["channels_last"]]
     return model if device is None else model.to(device, memory_format=layout)
+
+
+def check_sizes(args, row, variants, device):
+    """Raise a ValueError naming the flag for a size that would fail part-way through the run."""
+    if min(args.data_size) < 2:  # the training transform halves the image at its smallest scale
+        raise ValueError(f"--data-size {args.data_size[0]}x{args.data_size[1]}: expected at least 2x2")
+    (height, width), batches = row["train_crop"], row["train_batches"]
+    # Training BatchNorm needs two values per channel of the 1/8-resolution maps, over the whole batch.
+    if min(batches) * math.ceil(height / 8) * math.ceil(width / 8) < 2:
+        raise ValueError(
+            f"--train-crop {height}x{width} at --train-batch {min(batches)} leaves training BatchNorm one "
+            "value per channel at 1/8 of the crop; give a crop over 8 pixels on a side, or a batch of 2"
+        )
+    available = device_memory_gb(device)
+    for precision, batch in sorted({(v["precision"], v["batch"] or batches[0]) for v in variants}):
+        needed = estimate_on_fake_tensors(row, precision, False, row["train_crop"], batch)
+        if needed["estimated_training_memory_gb"] > available:
+            raise ValueError(
+                f"--train-batch {batch}: training at {height}x{width} in {precision} needs an estimated "
+                f"{needed['estimated_training_memory_gb']:.1f} GB, more than the {available:.1f} GB of "
+                f"this {device.type} device; give a smaller --train-batch or --train-crop"
+            )
 
 
 # 2. Inference and training, timed as the original timed them (mmseg v0.5.0 tools/benchmark.py) ----
@@ -510,13 +533,15 @@ def print_busy_cpu(records):
 
 # 6. The run: the flags checked, the peaks, every variant, the row's memory, the data, the report --
 def parse_arguments(argv=None, parser=None):
-    """(args, device, row, variants); a bad flag ends the run with one line that names it."""
+    """(args, device, row, variants), every flag and size checked before anything is measured: a bad
+    one ends the run with one line that names it."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
         _, _, device = runtime.setup_device(args.device)
         row = row_settings(args, device)
         variants = variant_list(device, args, row["train_batches"])
+        check_sizes(args, row, variants, device)
     except ValueError as error:
         parser.error(str(error))
     args.timed = args.timed or (50 if device.type == "cuda" else 3)
@@ -638,6 +663,16 @@ def matmul_rate(precision, device):
             synchronize(device)
             calls += calls_per_round
         return 2 * size**3 * calls / (time.perf_counter() - start)
+
+
+def device_memory_gb(device):
+    """All the memory of the device: the GPU's, or the machine's (infinite where the OS does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GB
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    except (AttributeError, ValueError, OSError):
+        return math.inf
 
 
 def release_memory(device):

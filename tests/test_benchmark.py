@@ -1,5 +1,6 @@
 """benchmark.py end to end at a tiny size, one run shared by the tests: every figure of the JSON is there
-and makes sense; the count of bytes saved for backward; the flags checked when parsed."""
+and makes sense; the count of bytes saved for backward; every flag and size checked before anything
+is measured."""
 
 import contextlib
 import io
@@ -205,23 +206,46 @@ def test_activation_checkpointing_saves_less_and_fake_tensors_count_as_real_ones
     assert math.isclose(count["bytes"] / benchmark.GB, saved[0], rel_tol=1e-3)
 
 
-@pytest.mark.parametrize(
-    "flag, value",
-    [
-        ("--timed", "0"),
-        ("--warmup", "0"),
-        ("--train-batch", "0"),
-        ("--data-samples", "-1"),
-        ("--threads", "0"),
-        ("--crop", "0"),
-        ("--size", "12x"),
-        ("--data-size", "0x5"),
-    ],
-)
-def test_numeric_and_size_flags_are_checked_when_parsed(flag, value, capsys):
-    with pytest.raises(SystemExit):
-        benchmark.build_parser().parse_args([flag, value])
-    assert f"argument {flag}: expected" in capsys.readouterr().err
+# (flags, what the one line of the refusal says). Each is refused before anything is measured.
+REFUSED = [
+    (["--timed", "0"], "argument --timed: expected an integer >= 1"),
+    (["--warmup", "0"], "argument --warmup: expected an integer >= 1"),
+    (["--train-batch", "0"], "argument --train-batch: expected an integer >= 1"),
+    (["--data-samples", "-1"], "argument --data-samples: expected an integer >= 1"),
+    (["--threads", "0"], "argument --threads: expected"),
+    (["--crop", "0"], "argument --crop: expected"),
+    (["--size", "12x"], "argument --size: expected"),
+    (["--data-size", "0x5"], "argument --data-size: expected"),
+    (["--data-size", "1x64"], "--data-size 1x64: expected at least 2x2"),
+    (
+        ["--dataset", "ade20k", "--crop", "769"],
+        "--crop 769x769: the results table has ade20k rows for crops 512x512",
+    ),
+    (["--context", "none", "--gc-pooling", "avg"], "--gc-pooling and --gc-fusion switch the GC block"),
+    (["--device", "cpu", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
+    (
+        ["--train-crop", "8", "--train-batch", "1"],
+        "--train-crop 8x8 at --train-batch 1 leaves training BatchNorm",
+    ),
+    (
+        ["--train-batch", "2", "100000"],
+        "--train-batch 100000: training at 512x1024 in bf16 needs an estimated",
+    ),
+]
+
+
+@pytest.mark.parametrize("flags, said", REFUSED, ids=[" ".join(flags) for flags, _ in REFUSED])
+def test_bad_flags_and_sizes_are_refused_before_anything_is_measured(flags, said, capsys, monkeypatch):
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the flags were checked")
+
+    for name in ("matmul_rate", "measure_variants", "benchmark_data"):
+        monkeypatch.setattr(benchmark, name, measured)
+    with pytest.raises(SystemExit) as exit:
+        benchmark.main(["--device", "cpu", *flags])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # argparse's "PROG: error: ..." under the usage
+    assert ": error: " in error and said in error, error
 
 
 def test_the_comparison_models_are_benchmarked_beside_their_published_figures():
