@@ -62,7 +62,6 @@ NATURAL_IMAGE_SIZE = (375, 500)  # ADE20K and VOC images vary: a typical 500x375
 # not a bound: a matmul library can trail the conv library, so a fraction above 100% is possible.
 MATMUL_SIZE = {"cuda": 8192, "cpu": 2048}
 MATMUL_SECONDS = 0.5
-DATA_ROUNDS = 4  # the data pipelines are timed in this many alternating rounds
 MEMORY_FORMAT = {True: torch.channels_last, False: torch.preserve_format}  # by variant["channels_last"]
 SUFFIXES = dict(channels_last="+channels_last", compiled="+compile", checkpointing="+checkpointing")
 SUFFIXES["cudnn_benchmark"] = "+cudnn.benchmark"  # the variants' names: precision + suffixes
@@ -251,13 +250,12 @@ def measure_training(variant, row, device, warmup, iters, count_flops, batch):
     step, model = training_step(variant, row, device, batch)
     count = dict(bytes=0)
     saving = [] if variant["compiled"] else [saved_for_backward(model, count)]
-    memory = dict(resident_before_gb=resident_memory_gb() if device.type == "cpu" else None)
     reset_peak_memory(device)
     description = f"training {variant['name']} batch {batch}"
     timing = time_calls(step, warmup, iters, device, description, batch, count_flops, saving)
-    memory["peak_memory_gb"] = runtime.peak_memory_gb(device)
     estimate = training_memory(count["bytes"], model)
-    timing.update(batch=batch, **memory, **(estimate if saving else dict.fromkeys(estimate)))
+    timing.update(batch=batch, peak_memory_gb=runtime.peak_memory_gb(device))
+    timing.update(estimate if saving else dict.fromkeys(estimate))
     if not torch.isfinite(timing["first_result"]):
         raise RuntimeError(f"{variant['name']}: the training loss is not finite ({timing['first_result']})")
     return timing
@@ -282,7 +280,7 @@ def measure_variants(variants, row, device, args):
         except Exception as error:
             if not variant["compiled"]:
                 raise
-            message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            message = error_line(error)
             results[variant["name"]]["error"] = f"{phase}: {message}"
             print(f"{phase:9} {variant['name']:32} failed: {message}", flush=True)
             continue
@@ -357,18 +355,18 @@ def write_photo_like_pair(image_path, label_path, size, num_classes=19, seed=2):
     data.write_png(label, label_path)
 
 
-def benchmark_data(row, data_size, iters, beside=None):
+def benchmark_data(row, data_size, iters, beside=()):
     """images/s of one loader worker (one process, one torch thread) for decode + TrainTransform and decode
     + test_transform of a Cityscapes-like image at the scale and crop of the row's Cityscapes recipe,
-    scaled with the image when --data-size is not 1024x2048. beside: {library: function(image_path,
-    label_path, train_scale, crop_size) -> dict(train=..., test=...)}, pipelines of other libraries timed
-    in the same rounds (tools/gpu_check/targets.py passes OpenCV's)."""
+    scaled with the image when --data-size is not 1024x2048. beside: (library, function(image_path,
+    label_path, train_scale, crop_size) -> dict(train=..., test=...)) pairs, other libraries' pipelines
+    timed in turn with ours (tools/gpu_check/targets.py passes OpenCV's)."""
     cityscapes = recipe.row("cityscapes", row["crop_size"] if row["dataset"] == "cityscapes" else None)
     (scale_width, scale_height), (crop_height, crop_width) = cityscapes["scale"], cityscapes["crop_size"]
     height_factor, width_factor = (size / full for size, full in zip(data_size, CITYSCAPES_IMAGE_SIZE))
     train_scale = (round(scale_width * width_factor), round(scale_height * height_factor))
     crop_size = (max(round(crop_height * height_factor), 1), max(round(crop_width * width_factor), 1))
-    threads, seconds, rounds = torch.get_num_threads(), {}, min(DATA_ROUNDS, iters)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     try:
@@ -379,29 +377,27 @@ def benchmark_data(row, data_size, iters, beside=None):
             ours = dict(train=lambda: transform(data.read_image(paths[0]), data.read_label(paths[1])))
             ours["test"] = lambda: data.test_transform(data.read_image(paths[0]), train_scale)
             pipelines = dict(torch=ours)
-            pipelines.update(
-                {name: make(*paths, train_scale, crop_size) for name, make in (beside or {}).items()}
-            )
-            # Alternating rounds, so that a slower or faster spell of the machine hits every
-            # pipeline alike (side by side, two libraries otherwise differ by a few % run to run).
-            for round_index in range(rounds):
-                count = iters // rounds + (round_index < iters % rounds)
-                for library, functions in pipelines.items():
-                    for name, function in functions.items():
-                        description = f"data {library} {name} ({round_index + 1}/{rounds})"
-                        timing = time_calls(function, 1, count, torch.device("cpu"), description)
-                        seconds.setdefault((library, name), []).extend(timing["seconds"])
+            pipelines.update((library, make(*paths, train_scale, crop_size)) for library, make in beside)
+            calls = {
+                (library, name): call for library in pipelines for name, call in pipelines[library].items()
+            }
+            seconds = {key: [] for key in calls}
+            # Each pipeline in turn, sample by sample, so that a slower or faster spell of the machine
+            # hits them alike (side by side, two libraries otherwise differ by a few % run to run).
+            for sample in tqdm(range(1 + iters), desc="data", leave=False, disable=None):  # 0: a warm-up
+                for key, call in calls.items():
+                    start = time.perf_counter()
+                    call()
+                    seconds[key] += [time.perf_counter() - start] if sample else []
     finally:
         torch.set_num_threads(threads)
-    rates = {}
+    rates = {library: {} for library in pipelines}
     for (library, name), values in seconds.items():
-        rates.setdefault(library, {})[f"{name}_transform_images_per_s"] = len(values) / sum(values)
+        rates[library][f"{name}_transform_images_per_s"] = len(values) / sum(values)
     train, test = "train_transform_images_per_s", "test_transform_images_per_s"
     figures = ", ".join(f"{library} {rate[train]:.2f} / {rate[test]:.2f}" for library, rate in rates.items())
-    size = f"{data_size[0]}x{data_size[1]}"
-    print(
-        f"data      decode+TrainTransform / decode+test_transform, one worker, {size} PNG: {figures} images/s"
-    )
+    size = f"{data_size[0]}x{data_size[1]} PNG"
+    print(f"data      one worker, {size}, decode+TrainTransform / decode+test_transform: {figures} images/s")
     sizes = dict(image_size=data_size, train_scale=train_scale, crop_size=crop_size, iters=iters, threads=1)
     return dict(sizes, **rates.pop("torch"), beside=rates)
 
@@ -490,32 +486,25 @@ def results_table(row, records, wide=False):
     )
 
 
-def protocol_lines(row, args, device, flops, peaks, variants, memory):
+def protocol_lines(row, args, device, flops, peaks):
     """What was measured and how, one line per topic, printed above the table."""
-    (height, width), crop, train_crop = row["input_size"], row["crop_size"], row["train_crop"]
+    (height, width), train_crop = row["input_size"], row["train_crop"]
     timed, matmul = f"{args.warmup} warm-up + {args.timed} timed", MATMUL_SIZE[device.type]
     cudnn = f", cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark off but in +cudnn.benchmark"
-    windows = f", windows {crop[0]} stride {row['stride'][0]}" if row["stride"] else ""
-    estimates = [memory[name]["estimated_training_memory_gb"] for name in ("default", "checkpointing")]
+    windows = f", windows {row['test_crop'][0]} stride {row['stride'][0]}" if row["stride"] else ""
     lines = [
         f"device      {device.type}: {device_description(device)}; torch {torch.__version__}, "
         f"python {platform.python_version()}, {torch.get_num_threads()} threads{cudnn if device.type == 'cuda' else ''}",
-        f"row         {row['model']} {row['backbone']} {row['dataset']} {crop[0]}x{crop[1]}, "
-        f"{row['num_classes']} classes, random weights and images",
         f"inference   batch 1, {height}x{width} input ({row['test_mode']}{windows}, align_corners "
         f"{row['align_corners']}), resized to the original {row['original_size'][0]}x{row['original_size'][1]}, "
         f"softmax, argmax, to host; {timed} images",
         f"training    batch {' and '.join(map(str, row['train_batches']))}, crop {train_crop[0]}x{train_crop[1]}, "
         f"forward + decode/aux loss + backward + SGD step; {timed} steps",
-        f"precision   variants: {', '.join(v['name'] for v in variants)}; fp32 = no TF32; autocast keeps the GC "
-        "softmax, LayerNorm and the final resize in fp32",
+        "precision   fp32 = no TF32; autocast keeps the GC softmax, LayerNorm and the final resize in fp32",
         f"FLOPs       counted once in fp32 (convs and matmuls): inference {flops['inference'] / 1e9:.1f} GFLOP "
         f"per image, training {flops['training'] / 1e9:.1f} GFLOP per image (forward + backward)",
         f"peak        {matmul}x{matmul} matmul, best of the start and the end of the run: "
         + ", ".join(f"{precision} {format_rate(rate)}" for precision, rate in peaks.items()),
-        f"memory      the row's training ({crop[0]}x{crop[1]}, batch {memory['batch']}, {memory['precision']}) "
-        f"needs an estimated {estimates[0]:.2f} GB, {estimates[1]:.2f} with activation checkpointing: saved for "
-        "backward (saved_tensors_hooks, each storage once, on fake tensors) + weights + gradients + SGD momentum",
     ]
     note = "note        sizes or batch differ from the row: not comparable with the published figures"
     return lines + ([] if row["comparable"] else [note])
@@ -531,7 +520,7 @@ def print_busy_cpu(records):
         )
 
 
-# 6. The run: the flags checked, the peaks, every variant, the row's memory, the data, the report --
+# 6. The run: the flags checked, the peaks, every variant, the data, the report ----------------------
 def parse_arguments(argv=None, parser=None):
     """(args, device, row, variants), every flag and size checked before anything is measured: a bad
     one ends the run with one line that names it."""
@@ -552,61 +541,51 @@ def main(argv=None):
     return measure_and_report(*parse_arguments(argv))
 
 
-def measure_and_report(args, device, row, variants, data_beside=None):
+def measure_and_report(args, device, row, variants, data_beside=()):
     """Measure, print and write to --out; returns the report as written. data_beside: other
     libraries' data pipelines, timed beside ours (benchmark_data's beside)."""
     runtime.keep_freed_memory()  # as train.py and evaluate.py do
     runtime.set_threads(args.threads, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # as the table's figures were taken (mmseg tools/benchmark.py)
-    print(f"benchmark: {row['model']} {row['backbone']} {row['dataset']} on {device}", flush=True)
+    crop = "{}x{}".format(*row["crop_size"])
+    where = (
+        f"{row['model']} {row['backbone']} {row['dataset']} {crop}, {row['num_classes']} classes, on {device}"
+    )
+    print(f"benchmark: {where}, random weights and images", flush=True)
     precisions = dict.fromkeys(variant["precision"] for variant in variants)
     peaks = {precision: matmul_rate(precision, device) for precision in precisions}
     measured = measure_variants(variants, row, device, args)
     baseline = measured[variants[0]["name"]]
     flops = dict(inference=baseline["inference"]["flops"])
     flops["training"] = baseline["training"]["flops"] / row["train_batches"][0]
-    # The row's own training (its crop and per-GPU batch, the default's precision), whatever was measured.
-    memory = dict(
-        crop_size=row["crop_size"],
-        batch=row["batch_size"],
-        precision=find(variants, default=True)["precision"],
-    )
-    for name in ("default", "checkpointing"):
-        sizes = (row["crop_size"], row["batch_size"])
-        memory[name] = estimate_on_fake_tensors(row, memory["precision"], name == "checkpointing", *sizes)
     data_results = benchmark_data(row, args.data_size, args.data_samples, data_beside)
     # Measured again at the end: on a shared machine, the better of the two is closer to the device's limit.
     peaks = {precision: max(rate, matmul_rate(precision, device)) for precision, rate in peaks.items()}
     records = summarize(variants, measured, peaks, flops)
-    print("\n" + "\n".join(protocol_lines(row, args, device, flops, peaks, variants, memory)) + "\n")
+    print("\n" + "\n".join(protocol_lines(row, args, device, flops, peaks)) + "\n")
     print(results_table(row, records, args.wide) + "\n")
     print_busy_cpu(records)
 
-    timed = dict(warmup=args.warmup, iters=args.timed)
-    keys = ("model", "block", "dataset", "backbone", "depth", "crop_size", "num_classes")
     protocol = dict(device=device.type, device_name=device_description(device), torch=torch.__version__)
-    protocol.update(python=platform.python_version(), threads=torch.get_num_threads())
-    protocol.update({key: row[key] for key in keys}, matmul_size=MATMUL_SIZE[device.type])
-    protocol["memory"] = (
-        "max_memory_allocated" if device.type == "cuda" else "the process's peak resident memory"
-    )
-    inference = {key: row[key] for key in ("input_size", "original_size", "stride", "align_corners")}
-    protocol["inference"] = dict(batch=1, mode=row["test_mode"], **inference, **timed)
-    batches = dict(batch=row["train_batches"][0], batches=row["train_batches"], crop_size=row["train_crop"])
-    protocol.update(training=dict(batches, **timed), comparable_with_published=row["comparable"])
-    published = row["published"] and dict(zip(("mem_gb", "fps"), row["published"]), hardware="V100, fp32")
-    report = dict(protocol=protocol, published=published or None, flops_per_image=flops)
-    report.update(matmul_peak_flops_per_s=peaks, variants=records, row_memory=memory, data=data_results)
+    protocol.update(python=platform.python_version(), threads=torch.get_num_threads(), warmup=args.warmup)
+    protocol.update(timed=args.timed, matmul_size=MATMUL_SIZE[device.type])
+    protocol["memory"] = "max_memory_allocated" if device.type == "cuda" else "peak resident set size"
+    report = dict(protocol=protocol, row=row, flops_per_image=flops, matmul_peak_flops_per_s=peaks)
+    report.update(variants=records, data=data_results)
     return write_report(report, args.out)
 
 
-def write_report(report, out):
+def error_line(error):
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def write_report(report, out, done="wrote"):
     """Write the report as JSON and return it as read back (tuples become lists)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    print(f"{done} {out}")
     return json.loads(out.read_text())
 
 
@@ -693,14 +672,6 @@ def reset_peak_memory(device):
         return torch.cuda.reset_peak_memory_stats(device)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
-
-
-def resident_memory_gb():
-    """Current resident memory of the process (Linux), None elsewhere."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GB
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def device_description(device):

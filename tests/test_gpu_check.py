@@ -16,6 +16,7 @@ import benchmark
 import data
 import evaluate
 from model import GCNet
+from tools import opencv_pipelines
 from tools.gpu_check import cudnn_fused, loader_speed, run_time, synthetic_cityscapes, targets
 
 
@@ -54,9 +55,8 @@ def test_targets_on_a_tiny_run_are_reported_not_judged_but_the_memory_target(tmp
     assert memory_target["measured"] in estimates
     assert printed.count("not judged at this size") == 5 and "MISS  inference" not in printed
 
-    # The findings: what checkpointing costs and saves, the top operators of each phase.
-    assert "activation checkpointing (fp32+checkpointing): step time x" in printed
-    assert ("opencv not installed" in printed) == (report["data"]["beside"] == {})
+    # OpenCV's data pipelines beside ours where it is installed; the top operators of each phase.
+    assert list(report["data"]["beside"]) == (["opencv"] if opencv_pipelines.cv2 else [])
     for phase in ("inference", "training"):
         found = report["profile"][phase]
         assert found["kernels"] and found["operators_by_shape"]
@@ -84,9 +84,7 @@ def test_cuda_targets_on_made_up_figures():
         record(False, 8, 16.0, cudnn_benchmark=True, fraction=0.25),
         record(False, 2, 5.0, cudnn_benchmark=True),
     ]
-    estimates = dict(
-        default=dict(estimated_training_memory_gb=3.2), checkpointing=dict(estimated_training_memory_gb=1.9)
-    )
+    estimates = [dict(estimated_training_memory_gb=3.2), dict(estimated_training_memory_gb=1.9)]
     found = {t["target"]: t for t in targets.check_targets(row, records, torch.device("cuda"), estimates)}
     assert len(found) == 5
     peak = next(t for name, t in found.items() if name.startswith("inference FLOP/s"))
@@ -153,8 +151,8 @@ def test_loader_speed_times_train_py_s_loader(tmp_path):
     root = synthetic_cityscapes.make(
         tmp_path / "cs", dict(train=12, val=1), distinct=3, size=(32, 64), workers=1
     )
-    results = loader_speed.main(["--data-root", str(root), "--crop", "16x32", "--workers", "0", "1",
-                                 "--batch-size", "2", "--batches", "3", "--out", str(out)])  # fmt: skip
+    flags = ["--data-root", str(root), "--crop", "16x32", "--workers", "0", "1", "--batch-size", "2"]
+    results = loader_speed.main([*flags, "--batches", "3", "--out", str(out)])
     assert [r["workers"] for r in results] == [0, 1]
     assert all(r["samples_per_s"] > 0 and r["first_batch_s"] > 0 for r in results)
     assert json.loads(out.read_text())["results"][1]["workers"] == 1

@@ -1,13 +1,11 @@
-"""An inference candidate for CUDA: each convolution that a ReLU follows run as one cuDNN call with its
-bias, its ReLU and (in a Bottleneck) the residual.
+"""An inference candidate for CUDA: each convolution that a ReLU follows as one cuDNN call with its bias,
+its ReLU and (in a Bottleneck) the residual.
 
 PyTorch runs a cuDNN convolution with a bias as the convolution, then the bias added in a separate
-broadcast pass (aten _convolution). After evaluate.fold_batchnorm every convolution has a bias, and
-that pass, with the ReLU after it, is a full read and write of every feature map (on an H200 a quarter
-of the default inference's time went to one broadcast add kernel, most likely this one).
-torch.cudnn_convolution_relu and cudnn_convolution_add_relu fold the bias, the residual and the ReLU
-into the convolution. targets.py measures this on CUDA beside the default variant; tests/test_cuda.py
-checks it against the folded model. evaluate.py takes it up once it measures faster.
+broadcast pass (aten _convolution); after evaluate.fold_batchnorm every convolution has a bias, and that
+pass and the ReLU after it each read and write every feature map (on an H200 a quarter of the default
+inference went to one broadcast add kernel, most likely this one). targets.py times the candidate on
+CUDA, tests/test_cuda.py checks it against the folded model; evaluate.py takes it up if it is faster.
 """
 
 import copy

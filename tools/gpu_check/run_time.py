@@ -32,9 +32,9 @@ def project(records, iters, validations, skip):
     total = iters * iteration + validations * val_seconds
     share = data_time / iteration
     bound = "the loader" if share > 0.2 else "compute (the device's step)"
-    return dict(records=len(steps), data_time=data_time, step_time=step_time, val_seconds=val_seconds,
-                validations_measured=len(vals), iters=iters, validations=validations, seconds=total,
-                data_share=share, bound=bound)  # fmt: skip
+    figures = dict(records=len(steps), data_time=data_time, step_time=step_time, val_seconds=val_seconds)
+    figures.update(validations_measured=len(vals), iters=iters, validations=validations, seconds=total)
+    return dict(figures, data_share=share, bound=bound)
 
 
 def main(argv=None):

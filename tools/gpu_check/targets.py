@@ -1,22 +1,12 @@
-"""The project's own targets for benchmark.py's figures, judged PASS or MISS, with what the run found.
+"""benchmark.py's run, then its figures judged against the project's targets (check_targets), PASS or MISS.
 
-    python tools/gpu_check/targets.py                               # benchmark.py's default row
-    python tools/gpu_check/targets.py --timed 10 --warmup 3 --wide --profile
+    python tools/gpu_check/targets.py --timed 10 --warmup 3 --wide --profile    # benchmark.py's flags
 
-It takes benchmark.py's flags (and --profile), runs benchmark.py (its table and JSON file) with
-OpenCV's data pipelines (tools/opencv_pipelines.py) timed beside ours where OpenCV is installed, and
-then on CUDA the cuDNN-fused inference candidate (cudnn_fused.py). It prints findings and the targets,
-and adds both to the JSON file. Targets are benchmarks, not tests: a MISS is a finding, not an error.
-They hold at the row's sizes; measured at others (--size, --train-crop, --train-batch), they are
-printed as not judged, but for the memory target, which is counted at its own size:
-
-- memory, any device: training at 512x1024, batch 2, bf16 needs at most 3 GB (the table: 5.8 GB),
-  estimated on fake tensors and on CUDA measured, with activation checkpointing where the default
-  misses it alone;
-- CPU: the default variant runs at least 2x fp32 eager's speed for inference and for training, reaches
-  90% of the matmul rate for inference and 80% for training, and agrees with fp32's argmax on 99.5%;
-- CUDA: inference reaches 40% of the matmul rate and 25x the table's fps; train.py's step
-  (cudnn.benchmark on) at the largest batch reaches 30% of it.
+Beside benchmark.py's run it times OpenCV's data pipelines (tools/opencv_pipelines.py) where OpenCV
+is installed, the cuDNN-fused candidate (cudnn_fused.py) on CUDA and, with --profile, the top kernels,
+and it adds them, the findings and the targets to the JSON file. A MISS is a finding, not an error.
+Targets hold at the row's sizes; measured at others they are not judged, but for training memory,
+which is counted at its own size (the table's 512x1024 row at batch 2, in bf16).
 """
 
 import sys
@@ -37,63 +27,51 @@ MEMORY_TARGET = dict(crop_size=(512, 1024), batch=2, precision="bf16", gb=3.0)
 
 def main(argv=None):
     parser = benchmark.build_parser()
-    parser.description = (
-        "benchmark.py, then the project's targets for its figures (tools/gpu_check/targets.py)"
-    )
     parser.add_argument("--profile", action="store_true", help="also the top kernels (on a CPU, operators)")
     args, device, row, variants = benchmark.parse_arguments(argv, parser)
-    beside = dict(opencv=opencv_pipelines.pipelines) if opencv_pipelines.cv2 else None
+    beside = [("opencv", opencv_pipelines.pipelines)] if opencv_pipelines.cv2 else []
     report = benchmark.measure_and_report(args, device, row, variants, data_beside=beside)
+    default = find(report["variants"], default=True)
     if device.type == "cuda":
-        report["cudnn_fused"] = measure_fused(row, device, args, find(report["variants"], default=True))
+        report["cudnn_fused"] = measure_fused(row, device, args, default)
     if args.profile:
-        report["profile"] = profile(row, device, find(variants, default=True))
-    sizes = (MEMORY_TARGET["crop_size"], MEMORY_TARGET["batch"])
-    estimates = {
-        name: benchmark.estimate_on_fake_tensors(
-            row, MEMORY_TARGET["precision"], name == "checkpointing", *sizes
-        )
-        for name in ("default", "checkpointing")
-    }
-    report["memory_target"] = dict(MEMORY_TARGET, **estimates)
+        report["profile"] = profile(row, device, default)
+    crop, batch = MEMORY_TARGET["crop_size"], MEMORY_TARGET["batch"]
+    estimates = [benchmark.estimate_on_fake_tensors(row, "bf16", on, crop, batch) for on in (False, True)]
+    report["memory_target"] = dict(MEMORY_TARGET, default=estimates[0], checkpointing=estimates[1])
     report["targets"] = check_targets(row, report["variants"], device, estimates)
-    print_findings(report, device)
-    return benchmark.write_report(report, args.out)
+    print_findings(report, device, default)
+    return benchmark.write_report(report, args.out, "added the targets to")
 
 
 def measure_fused(row, device, args, default):
-    """images/s of the default variant's inference with cudnn_fused.fuse_conv_relu, and its argmax
-    agreement with fp32 eager; or the error it failed with."""
+    """The default's inference with cudnn_fused.fuse_conv_relu: images/s, its ratio to the default's and
+    its argmax agreement with fp32 eager; or the error it failed with."""
     variant = benchmark.make_variant(default["precision"], default["channels_last"])
     torch.backends.cudnn.benchmark = False  # as the default was measured
     try:
-        fused = cudnn_fused.fuse_conv_relu(
-            evaluate.fold_batchnorm(benchmark.build_model(row, variant, device))
-        )
-        timing = benchmark.measure_inference(
-            variant, row, device, args.warmup, args.timed, False, model=fused
-        )
+        model = evaluate.fold_batchnorm(benchmark.build_model(row, variant, device))
+        fused = cudnn_fused.fuse_conv_relu(model)
+        timing = benchmark.measure_inference(variant, row, device, args.warmup, args.timed, False, fused)
         fp32 = benchmark.inference_call(benchmark.make_variant("fp32", False), row, device)()
     except Exception as error:
-        return dict(error=f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+        return dict(error=benchmark.error_line(error))
     finally:
         benchmark.release_memory(device)
-    agreement = (timing["first_result"] == fp32).double().mean().item()
-    ratio = timing["images_per_s"] / default["inference"]["images_per_s"]
-    return dict(
-        images_per_s=timing["images_per_s"], of_the_default=ratio, argmax_agreement_with_fp32=agreement
-    )
+    figures = dict(images_per_s=timing["images_per_s"])
+    figures["of_the_default"] = timing["images_per_s"] / default["inference"]["images_per_s"]
+    return dict(figures, argmax_agreement=(timing["first_result"] == fp32).double().mean().item())
 
 
 def profile(row, device, default):
     """Where the time goes: the top kernels of the default's inference and of train.py's step
-    (cudnn.benchmark on CUDA) at the largest training batch, each after warm-up calls."""
+    (cudnn.benchmark on CUDA) at the largest training batch, each after two warm-up calls."""
     calls = dict(inference=benchmark.inference_call(default, row, device))
     calls["training"] = benchmark.training_step(default, row, device, max(row["train_batches"]))[0]
     found = {}
     for phase, call in calls.items():
         torch.backends.cudnn.benchmark = phase == "training" and device.type == "cuda"
-        for _ in range(2):  # the first SGD step makes the momentum buffers; cuDNN searches its algorithms
+        for _ in range(2):  # cuDNN's search; the first SGD step makes the momentum buffers
             call()
         found[phase] = top_kernels(call, device)
     benchmark.release_memory(device)
@@ -135,110 +113,68 @@ def check_targets(row, records, device, estimates):
     misses the target."""
     default, memory, targets = find(records, default=True), MEMORY_TARGET, []
     inference, training = default["inference"], default["training"]
-    peak, default_is = (
-        f"the {default['precision']} matmul rate",
-        f"of the default variant ({default['name']})",
-    )
-    size = f"{memory['crop_size'][0]}x{memory['crop_size'][1]} at batch {memory['batch']} in {memory['precision']}"
+    peak = f"the {default['precision']} matmul rate"
+    default_is = f"of the default variant ({default['name']})"
+    size = "{}x{} at batch {batch} in {precision}".format(*memory["crop_size"], **memory)
 
-    def target(description, measured, comparison, threshold, note=None, judged=row["comparable"]):
-        passed = measured >= threshold if comparison == ">=" else measured <= threshold
-        figures = dict(measured=measured, comparison=comparison, threshold=threshold)
+    def target(description, measured, threshold, at_most=False, note=None, judged=row["comparable"]):
+        passed = measured <= threshold if at_most else measured >= threshold
+        figures = dict(measured=measured, comparison="<=" if at_most else ">=", threshold=threshold)
         targets.append(dict(target=description, **figures, passed=passed if judged else None, note=note))
 
-    def memory_target(description, without, with_checkpointing):
-        if with_checkpointing is None or without <= memory["gb"]:
-            note = with_checkpointing and f"with activation checkpointing {with_checkpointing:.2f} GB"
-            target(f"{description}, {size}", without, "<=", memory["gb"], note, judged=True)
-        else:
-            description += f", {size}, with activation checkpointing"
-            target(description, with_checkpointing, "<=", memory["gb"], f"without it {without:.2f} GB", True)
+    def memory_target(description, without, checkpointing):
+        if checkpointing is None or without <= memory["gb"]:
+            note = checkpointing and f"with activation checkpointing {checkpointing:.2f} GB"
+            return target(f"{description}, {size}", without, memory["gb"], True, note, judged=True)
+        description, note = (
+            f"{description}, {size}, with activation checkpointing",
+            f"without it {without:.2f} GB",
+        )
+        target(description, checkpointing, memory["gb"], True, note, judged=True)
 
     if device.type == "cpu":
-        for description, measured, threshold in [
-            (f"inference speed-up {default_is} over fp32 eager", inference["speedup"], 2.0),
-            (f"inference FLOP/s {default_is} / {peak}", inference["fraction_of_matmul_peak"], 0.9),
-            (f"argmax agreement {default_is} with fp32", inference["argmax_agreement"], 0.995),
-            (f"training speed-up {default_is} over fp32 eager", training["speedup"], 2.0),
-            (f"training FLOP/s {default_is} / {peak}", training["fraction_of_matmul_peak"], 0.8),
-        ]:
-            target(description, measured, ">=", threshold)
+        target(f"inference speed-up {default_is} over fp32 eager", inference["speedup"], 2.0)
+        target(f"inference FLOP/s {default_is} / {peak}", inference["fraction_of_matmul_peak"], 0.9)
+        target(f"argmax agreement {default_is} with fp32", inference["argmax_agreement"], 0.995)
+        target(f"training speed-up {default_is} over fp32 eager", training["speedup"], 2.0)
+        target(f"training FLOP/s {default_is} / {peak}", training["fraction_of_matmul_peak"], 0.8)
     else:
-        target(f"inference FLOP/s {default_is} / {peak}", inference["fraction_of_matmul_peak"], ">=", 0.4)
+        target(f"inference FLOP/s {default_is} / {peak}", inference["fraction_of_matmul_peak"], 0.4)
         # Training as train.py runs it (cudnn.benchmark on) at the largest batch: 8 is the table's 4 x 2.
         same = dict(precision=default["precision"], channels_last=default["channels_last"], compiled=False)
         batch = max(record["batch"] or 0 for record in records)
-        as_trained = find(records, **same, checkpointing=False, cudnn_benchmark=True, batch=batch)
-        if as_trained and as_trained["training"]:
-            fraction = as_trained["training"]["fraction_of_matmul_peak"]
-            target(
-                f"training FLOP/s of {as_trained['name']} (as train.py runs) / {peak}", fraction, ">=", 0.3
-            )
+        trained = find(records, **same, checkpointing=False, cudnn_benchmark=True, batch=batch)
+        if trained and trained["training"]:
+            fraction = trained["training"]["fraction_of_matmul_peak"]
+            target(f"training FLOP/s of {trained['name']} (as train.py runs) / {peak}", fraction, 0.3)
         if row["published"] and row["inference_comparable"]:
             fps = row["published"][1]
-            target(
-                f"inference fps {default_is} / the table's {fps}", inference["images_per_s"] / fps, ">=", 25
-            )
-        # Measured: the default, if bf16, without and with checkpointing at the target's crop and batch.
-        same.update(cudnn_benchmark=False)  # the table's memory was taken with it off
-        found = [find(records, **same, checkpointing=on, batch=memory["batch"]) for on in (False, True)]
+            target(f"inference fps {default_is} / the table's {fps}", inference["images_per_s"] / fps, 25)
+        # Measured: the default, if bf16, without and with checkpointing at the target's crop and batch,
+        # with cudnn.benchmark off as the table's memory was taken.
+        untuned = dict(same, cudnn_benchmark=False, batch=memory["batch"])
+        found = [find(records, **untuned, checkpointing=on) for on in (False, True)]
         peaks = [(record and record["training"] or {}).get("peak_memory_gb") for record in found]
         at_target = (
-            default["precision"] == memory["precision"] and tuple(row["train_crop"]) == memory["crop_size"]
+            tuple(row["train_crop"]) == memory["crop_size"] and default["precision"] == memory["precision"]
         )
         if at_target and peaks[0] is not None:
             memory_target("training memory (GB, torch.cuda.max_memory_allocated)", *peaks)
-    estimated = [estimates[name]["estimated_training_memory_gb"] for name in ("default", "checkpointing")]
-    memory_target(
-        "estimated training memory (GB: saved for backward + weights + gradients + momentum)", *estimated
-    )
+    estimated = [estimate["estimated_training_memory_gb"] for estimate in estimates]
+    what = "estimated training memory (GB: saved for backward + weights + gradients + momentum)"
+    memory_target(what, *estimated)
     return targets
 
 
-def print_findings(report, device):
-    """What the figures say beside the table: channels_last on a CPU, the cost of activation
-    checkpointing, the cuDNN-fused candidate, the default's training at each batch, the top kernels,
-    the targets."""
-    records, default = report["variants"], find(report["variants"], default=True)
-    if not opencv_pipelines.cv2:
-        print("data: opencv not installed, so our data pipelines were timed alone")
-    plain, channels_last = find(records, name="bf16"), find(records, name="bf16+channels_last")
-    if device.type == "cpu" and plain and channels_last and plain["inference"] and channels_last["inference"]:
-        ratios = [
-            channels_last[phase]["images_per_s"] / plain[phase]["images_per_s"] for phase in benchmark.PHASES
-        ]
-        print(
-            f"channels_last on this CPU (bf16): inference x{ratios[0]:.2f}, training x{ratios[1]:.2f} "
-            f"({'helps' if min(ratios) > 1.05 else 'does not help'})"
-        )
-    for record in records:
-        same = {key: record[key] for key in ("precision", "channels_last", "batch")}
-        without = find(records, **same, compiled=False, checkpointing=False, cudnn_benchmark=False)
-        if record["checkpointing"] and record["training"] and without and without["training"]:
-            kept, costs = record["training"], without["training"]
-            print(
-                f"activation checkpointing ({record['name']}): step time "
-                f"x{costs['images_per_s'] / kept['images_per_s']:.2f}, saved for backward "
-                f"{costs['saved_for_backward_gb']:.2f} -> {kept['saved_for_backward_gb']:.2f} GB, peak memory "
-                f"{costs['peak_memory_gb']:.2f} -> {kept['peak_memory_gb']:.2f} GB"
-            )
+def print_findings(report, device, default):
+    """Beside the table: the cuDNN-fused candidate, the top kernels, the targets."""
     fused = report.get("cudnn_fused")
     if fused:
-        said = fused.get("error") and f"failed: {fused['error']}"
-        said = said or (
-            f"inference x{fused['of_the_default']:.2f} of the default, argmax agreement with fp32 "
-            f"{fused['argmax_agreement_with_fp32']:.3%}"
-        )
+        said = fused.get("error") or f"inference x{fused['of_the_default']:.2f} of the default's, argmax"
+        said += "" if "error" in fused else f" agreement with fp32 {fused['argmax_agreement']:.3%}"
         print(f"cuDNN-fused conv+bias+ReLU (cudnn_fused.py) on {default['name']}: {said}")
-    same = {key: default[key] for key in ("precision", "channels_last", "compiled", "checkpointing")}
-    at_batches = [r for r in records if r["training"] and all(r[key] == same[key] for key in same)]
-    if len(at_batches) > 1:
-        rates = ", ".join(f"batch {r['batch']} {r['training']['images_per_s']:.2f}" for r in at_batches)
-        print(f"training images/s of {default['name']}: {rates}")
-    kinds = dict(
-        kernels="kernels" if device.type == "cuda" else "operators",
-        operators_by_shape="operators by input shapes",
-    )
+    kinds = dict(kernels="kernels" if device.type == "cuda" else "operators")
+    kinds.update(operators_by_shape="operators by input shapes")
     for phase, found in report.get("profile", {}).items():
         for key, what in kinds.items():
             print(f"top {what} of {phase} {default['name']} (share of their time, ms per call):")
@@ -248,10 +184,8 @@ def print_findings(report, device):
     for target in report["targets"]:
         note = f"; {target['note']}" if target["note"] else ""
         verdict = {True: "PASS", False: "MISS", None: "not judged at this size:"}[target["passed"]]
-        print(
-            f"  {verdict}  {target['target']}: {target['measured']:.4f} "
-            f"(target {target['comparison']} {target['threshold']}){note}"
-        )
+        limit = f"target {target['comparison']} {target['threshold']}"
+        print(f"  {verdict}  {target['target']}: {target['measured']:.4f} ({limit}){note}")
 
 
 if __name__ == "__main__":
