@@ -409,9 +409,8 @@ def find(records, **fields):
 
 
 def summarize(variants, measured, peaks, flops):
-    """One record per variant with the ratios filled in: speed-up over fp32 eager at the same batch,
-    FLOP/s and its fraction of the matmul rate of the variant's dtype, argmax agreement with fp32
-    eager."""
+    """One record per variant: speed-up over fp32 eager at the same batch, FLOP/s and its fraction of
+    the matmul rate of the variant's dtype, argmax agreement with fp32 eager."""
     baseline = measured[variants[0]["name"]]
     records = []
     for variant in variants:
@@ -628,10 +627,8 @@ def matmul_rate(precision, device):
     size = MATMUL_SIZE[device.type]
     calls_per_round = 20 if device.type == "cuda" else 1  # CUDA: few host synchronisations
     with runtime.precision_context(device, "fp32"):  # TF32 off, for the fp32 rate
-        a, b = (
-            torch.randn(size, size, device=device).to(runtime.AUTOCAST_DTYPES.get(precision, torch.float32))
-            for _ in range(2)
-        )
+        dtype = runtime.AUTOCAST_DTYPES.get(precision, torch.float32)
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
         for _ in range(2):
             a @ b
         synchronize(device)

@@ -6,5 +6,8 @@
 - export.py: a checkpoint as one torch.export file for deployment
 - compare_context_blocks.py: the paper's comparison of no block, a Non-local block and a GC block
 - opencv_pipelines.py: data.py's training and test pipelines written with OpenCV, as the original ran them
-- gpu_check/: the project's own instrument: the targets of benchmark.py's figures and the GPU check
+- gpu_check/, the project's own instrument: check_gpu.sh (a GPU machine checked in one go), targets.py
+  (benchmark.py's figures judged against the targets), cudnn_fused.py (an inference candidate),
+  synthetic_cityscapes.py, loader_speed.py and run_time.py (a stand-in dataset, the loader's samples/s,
+  a run's projected time)
 """

@@ -36,8 +36,9 @@ def main(argv=None):
         report["cudnn_fused"] = measure_fused(row, device, args, default)
     if args.profile:
         report["profile"] = profile(row, device, default)
-    crop, batch = MEMORY_TARGET["crop_size"], MEMORY_TARGET["batch"]
-    estimates = [benchmark.estimate_on_fake_tensors(row, "bf16", on, crop, batch) for on in (False, True)]
+    sizes = (MEMORY_TARGET["crop_size"], MEMORY_TARGET["batch"])
+    precision = MEMORY_TARGET["precision"]
+    estimates = [benchmark.estimate_on_fake_tensors(row, precision, on, *sizes) for on in (False, True)]
     report["memory_target"] = dict(MEMORY_TARGET, default=estimates[0], checkpointing=estimates[1])
     report["targets"] = check_targets(row, report["variants"], device, estimates)
     print_findings(report, device, default)
