@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Check a GPU machine in one go (about 8 minutes on one H200): the GPU, driver, torch and CUDA versions,
 # the CUDA tests (tests/test_cuda.py), benchmark.py and its targets (targets.py) on the table's Cityscapes
-# 512x1024 rows (R-50-D8 with the top kernels, R-101-D8), the loader's training samples per second with 8 and 15 workers, and
-# train.py itself for 300 iterations at batch 8 on a synthetic Cityscapes, with the projected time of
-# the 40k-iteration R-50-D8 row. torch.compile is a step of its own (r50compile, about 5 minutes more):
-# compiling the training step took over 100 s on an H200. So are train.py --compile, with its own
-# projection (traincompile, limit 330 s), and the NonLocal model of the R-50-D8 row (nonlocal, the
-# paper's comparison in bf16, limit 150 s); neither has run on a GPU yet.
+# 512x1024 rows (R-50-D8 with the top kernels, R-101-D8), the loader's training samples per second with
+# 8 and 15 workers, and train.py itself for 300 iterations at batch 8 on a synthetic Cityscapes, with the
+# projected time of the 40k-iteration R-50-D8 row. torch.compile is a step of its own (r50compile, about
+# 5 minutes more): compiling the training step took over 100 s on an H200. So are train.py --compile,
+# with its own projection (traincompile, limit 330 s), and the NonLocal model of the R-50-D8 row
+# (nonlocal, the paper's comparison in bf16, limit 150 s); neither has run on a GPU yet.
 #
 #     bash tools/gpu_check/check_gpu.sh                    # versions tests r50 r101 loader train
 #     bash tools/gpu_check/check_gpu.sh tests r50compile   # only these steps
