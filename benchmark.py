@@ -1,32 +1,28 @@
-"""Speed and memory of GCNet on the device at hand, measured as the results table measured them.
+"""Speed and memory of GCNet on your hardware, measured as the results table measured them.
 
-The table's "Mem (GB)" is the peak memory of training at the row's per-GPU batch and crop; its
-"Inf time (fps)" is batch-1 inference on real test images at the row's test size and mode, with the
-post-processing (resize to the original size, softmax, argmax), in fp32 on a V100 (mmseg v0.5.0
-tools/benchmark.py, docs/model_zoo.md). This script measures both for one row and for variants of
-our model side by side (fp32 eager as the original ran, bf16/fp16 autocast, channels_last,
-torch.compile, activation checkpointing, on CUDA cuDNN's fused conv+bias+ReLU), with FLOPs per
-image, FLOP/s as a fraction of a large matmul's rate, what training keeps in memory, and the data
-pipeline of one loader worker. Weights and images are random: speed does not depend on their
-values. It prints a table shaped like the results table (our columns on the right) and the targets
-with PASS/MISS, and writes a JSON file.
+The table's "Mem (GB)" is the peak memory of training at the row's per-GPU batch and crop; its "Inf
+time (fps)" is batch-1 inference at the row's test size and mode, with the resize to the original
+size, softmax and argmax, in fp32 on a V100 (mmseg v0.5.0 tools/benchmark.py). This measures both for
+variants of our model side by side (fp32 eager as the original ran, bf16/fp16, channels_last,
+torch.compile, activation checkpointing, and on CUDA cudnn.benchmark as train.py trains), with FLOPs
+per image as a share of a large matmul's rate, and one loader worker's data pipeline. Weights and
+images are random: speed does not depend on their values. It prints a table and writes a JSON file.
 
     python benchmark.py                                       # cityscapes 512x1024, R-50-D8
     python benchmark.py --dataset cityscapes --crop 769 --depth 101
-    python benchmark.py --dataset ade20k --no-compile --out ade20k_bench.json
     python benchmark.py --train-batch 2 8                     # also batch 8: one GPU as the table's 4x2
-    python benchmark.py --timed 195 --warmup 5                # the original's 200 images (on a GPU)
-    python benchmark.py --no-compile --profile                # also where the time goes: the top kernels
     python benchmark.py --size 64x128 --timed 1 --warmup 1 --train-crop 64x128 --train-batch 1 \
         --data-size 64x128 --data-samples 2 --no-compile      # a quick look on a CPU
+
+The project's own targets for these figures and its GPU check are in tools/gpu_check/.
 """
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import tempfile
@@ -34,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -44,8 +40,7 @@ import evaluate
 import recipe
 import runtime
 import train
-from model import CONTEXTS, FUSIONS, POOLINGS, Bottleneck, GCNet
-from tools import opencv_pipelines, synthetic_cityscapes
+from model import CONTEXTS, FUSIONS, POOLINGS, GCNet
 
 # (Mem (GB), Inf time (fps)) of the 40k rows of the results table by (dataset, crop) and depth
 # (mmseg v0.5.0 configs/gcnet/README.md), measured in fp32 on V100s; the 80k rows have none.
@@ -63,16 +58,14 @@ PUBLISHED_BESIDE = {
 }
 CITYSCAPES_IMAGE_SIZE = (1024, 2048)  # every Cityscapes image (H, W)
 NATURAL_IMAGE_SIZE = (375, 500)  # ADE20K and VOC images vary: a typical 500x375 VOC photo
-# The memory target: the table's 512x1024 row (5.8 GB there) at its per-GPU batch, in bf16.
-MEMORY_TARGET = dict(crop_size=(512, 1024), batch=2, precision="bf16", gb=3.0)
 # The device's limit in a dtype is taken as the rate of a matmul this large. It is a practical peak,
 # not a bound: a matmul library can trail the conv library, so a fraction above 100% is possible.
 MATMUL_SIZE = {"cuda": 8192, "cpu": 2048}
 MATMUL_SECONDS = 0.5
-DATA_ROUNDS = 4  # the data pipelines are timed in this many alternating rounds
 MEMORY_FORMAT = {True: torch.channels_last, False: torch.preserve_format}  # by variant["channels_last"]
+SUFFIXES = dict(channels_last="+channels_last", compiled="+compile", checkpointing="+checkpointing")
+SUFFIXES["cudnn_benchmark"] = "+cudnn.benchmark"  # the variants' names: precision + suffixes
 PHASES = ("inference", "training")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GB = 1024**3
 
 
@@ -85,24 +78,21 @@ def row_settings(args, device):
     crop_size, table_crops = row["crop_size"], recipe.DATASETS[args.dataset]["crops"]
     if crop_size not in table_crops:
         crops = ", ".join(f"{h}x{w}" for h, w in table_crops)
-        raise ValueError(f"--crop {crop_size[0]}x{crop_size[1]}: the results table has {args.dataset} rows "
-                         f"for crops {crops}; pick one of them (--train-crop changes the training crop alone)")  # fmt: skip
+        raise ValueError(
+            f"--crop {crop_size[0]}x{crop_size[1]}: the results table has {args.dataset} rows for crops "
+            f"{crops}; pick one of them (--train-crop changes the training crop alone)"
+        )
     original_size = CITYSCAPES_IMAGE_SIZE if args.dataset == "cityscapes" else NATURAL_IMAGE_SIZE
     test_scale = row["scale"]
     if args.size is not None:  # the given size is fed to the model as it is
-        original_size = args.size
-        test_scale = (original_size[1], original_size[0])
+        original_size, test_scale = args.size, (args.size[1], args.size[0])
     train_crop = args.train_crop or crop_size
     # By default on a GPU also the table's 4 GPUs' worth of images on one (2 -> 8, 4 -> 16).
     batches = [row["batch_size"]] + ([row["global_batch"]] if device.type == "cuda" else [])
     batches = list(dict.fromkeys(args.train_batch or batches))
-    if min(batches) < 1:
-        raise ValueError(f"--train-batch: expected positive batch sizes, got {args.train_batch}")
     # The dataset's class count, or the one given (tools/compare_context_blocks.py: a checkpoint's).
-    num_classes = getattr(args, "num_classes", None) or len(
-        data.CLASSES_AND_PALETTES[args.dataset]["classes"]
-    )
-    row.update(backbone=f"R-{args.depth}-D8", num_classes=num_classes)
+    classes = data.CLASSES_AND_PALETTES[args.dataset]["classes"]
+    row.update(backbone=f"R-{args.depth}-D8", num_classes=getattr(args, "num_classes", None) or len(classes))
     row.update(original_size=original_size, test_scale=test_scale, train_batches=batches)
     row.update(train_crop=train_crop, input_size=data.rescale_size(*original_size, test_scale))
     row["stride"] = row["test_stride"] if row["test_mode"] == "slide" else None
@@ -116,15 +106,12 @@ def row_settings(args, device):
 
 
 def make_variant(
-    precision, channels_last, compiled=False, checkpointing=False, batch=None, cudnn_benchmark=False,
-    cudnn_fused=False,
-):  # fmt: skip
+    precision, channels_last, compiled=False, checkpointing=False, batch=None, cudnn_benchmark=False
+):
     """One configuration to measure; batch None: the first of --train-batch, with inference."""
     flags = dict(channels_last=channels_last, compiled=compiled, checkpointing=checkpointing)
-    flags.update(cudnn_benchmark=cudnn_benchmark, cudnn_fused=cudnn_fused)
-    suffixes = dict(channels_last="+channels_last", compiled="+compile", checkpointing="+checkpointing",
-                    cudnn_benchmark="+cudnn.benchmark", cudnn_fused="+cudnn-fused")  # fmt: skip
-    name = precision + "".join(suffixes[flag] for flag, on in flags.items() if on)
+    flags.update(cudnn_benchmark=cudnn_benchmark)
+    name = precision + "".join(SUFFIXES[flag] for flag, on in flags.items() if on)
     name += f" at batch {batch}" if batch else ""
     return dict(name=name, precision=precision, **flags, batch=batch)
 
@@ -134,7 +121,7 @@ def variant_list(device, args, batches):
     train.py and evaluate.py run with the same flags. compile and activation checkpointing run on the
     default (bf16 where --precision auto picks fp32), as do the further batches of --train-batch. On
     CUDA the default also runs with cudnn.benchmark on, as train.py trains (the table's figures and
-    evaluate.py have it off), and the inference candidate cudnn_fused (fuse_conv_relu)."""
+    evaluate.py have it off)."""
     precision = runtime.resolve_precision(args.precision, device)
     default = make_variant(precision, runtime.resolve_channels_last(args.channels_last, device, precision))
     if args.precision == "auto":
@@ -149,8 +136,7 @@ def variant_list(device, args, batches):
     checkpointing = make_variant(*flags, checkpointing=True)
     compiled = [make_variant(*flags, compiled=True)] if args.compile else []
     tuned = [make_variant(*flags, cudnn_benchmark=True)] if device.type == "cuda" else []
-    fused = [make_variant(*flags, cudnn_fused=True)] if device.type == "cuda" else []
-    variants += [default, *tuned, *fused, *compiled, checkpointing]
+    variants += [default, *tuned, *compiled, checkpointing]
     for batch in batches[1:]:
         for base in (default, lead, *tuned, checkpointing):
             flags = (base["precision"], base["channels_last"], False, base["checkpointing"])
@@ -171,23 +157,40 @@ def build_model(row, variant, device=None):
     return model if device is None else model.to(device, memory_format=layout)
 
 
+def check_sizes(args, row, variants, device):
+    """Raise a ValueError naming the flag for a size that would fail part-way through the run."""
+    if min(args.data_size) < 2:  # the training transform halves the image at its smallest scale
+        raise ValueError(f"--data-size {args.data_size[0]}x{args.data_size[1]}: expected at least 2x2")
+    (height, width), batches = row["train_crop"], row["train_batches"]
+    # Training BatchNorm needs two values per channel of the 1/8-resolution maps, over the whole batch.
+    if min(batches) * math.ceil(height / 8) * math.ceil(width / 8) < 2:
+        raise ValueError(
+            f"--train-crop {height}x{width} at --train-batch {min(batches)} leaves training BatchNorm one "
+            "value per channel at 1/8 of the crop; give a crop over 8 pixels on a side, or a batch of 2"
+        )
+    available = device_memory_gb(device)
+    for precision, batch in sorted({(v["precision"], v["batch"] or batches[0]) for v in variants}):
+        needed = estimate_on_fake_tensors(row, precision, False, row["train_crop"], batch)
+        if needed["estimated_training_memory_gb"] > available:
+            raise ValueError(
+                f"--train-batch {batch}: training at {height}x{width} in {precision} needs an estimated "
+                f"{needed['estimated_training_memory_gb']:.1f} GB, more than the {available:.1f} GB of "
+                f"this {device.type} device; give a smaller --train-batch or --train-crop"
+            )
+
+
 # 2. Inference and training, timed as the original timed them (mmseg v0.5.0 tools/benchmark.py) ----
-def measure_inference(variant, row, device, warmup, iters, count_flops, profile=False, model=None):
-    """images/s of evaluate.predict + argmax + .cpu() on a random photo of the row's original size (the
+def inference_call(variant, row, device, model=None):
+    """A call of evaluate.predict + argmax + .cpu() on a random photo of the row's original size (the
     forward pass, whole or windows averaged as logits, the resize to the original size, softmax, argmax,
-    the copy to the host), and the first prediction. As the original, data loading is not timed. model:
-    a built model of the row to time (a checkpoint's) instead of a random one."""
+    the copy to the host). model: a built model of the row (a checkpoint's) instead of a random one."""
     generator = torch.Generator().manual_seed(0)
     photo = torch.randint(0, 256, (3, *row["original_size"]), dtype=torch.uint8, generator=generator)
     image = data.test_transform(photo, row["test_scale"])[0][None]
     image = image.to(device, memory_format=MEMORY_FORMAT[variant["channels_last"]])
     model = (build_model(row, variant, device) if model is None else model).eval()
-    # BatchNorm folded as evaluate.py by default; the cuDNN-fused candidate needs it folded in any precision.
-    fold = evaluate.default_fold_batchnorm(variant["precision"]) or variant["cudnn_fused"]
-    if fold and not variant["compiled"]:
-        model = evaluate.fold_batchnorm(model)
-    if variant["cudnn_fused"]:
-        model = fuse_conv_relu(model)
+    if evaluate.default_fold_batchnorm(variant["precision"]) and not variant["compiled"]:
+        model = evaluate.fold_batchnorm(model)  # as evaluate.py does
     if variant["compiled"]:  # inductor's freezing folds BatchNorm into the convs and pre-packs weights
         model = torch.compile(model, options={"freezing": True})
     protocol = dict(mode=row["test_mode"], crop_size=row["test_crop"], stride=row["stride"])
@@ -197,75 +200,13 @@ def measure_inference(variant, row, device, warmup, iters, count_flops, profile=
             probabilities = evaluate.predict(model, [image], row["original_size"], **protocol)
         return probabilities.argmax(dim=0).cpu()  # (H, W) at the original size
 
-    description = f"inference {variant['name']}"
-    return time_calls(infer, warmup, iters, device, description, count_flops=count_flops, profile=profile)
+    return infer
 
 
-class FusedConvReLU(nn.Module):
-    """ReLU(conv(x) + bias [+ residual]) as one cuDNN call on CUDA. PyTorch runs a cuDNN convolution
-    with a bias as the convolution, then the bias added in a separate broadcast pass (aten
-    _convolution); after fold_batchnorm every convolution has a bias, and that pass, with the ReLU
-    after it, is a full read and write of every feature map. torch.cudnn_convolution_relu and
-    cudnn_convolution_add_relu fold the bias, the residual and the ReLU into the convolution. Elsewhere
-    it runs the same maths unfused (the CPU tests check the wiring that way)."""
-
-    def __init__(self, conv):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x, residual=None):
-        # Under autocast these ops are not cast for us: cast input, weights and residual as autocast would.
-        on = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
-        conv, x = self.conv, x.to(dtype)
-        weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
-        settings = (conv.stride, conv.padding, conv.dilation, conv.groups)
-        if x.is_cuda and residual is None:
-            return torch.cudnn_convolution_relu(x, weight, bias, *settings)
-        if x.is_cuda:
-            return torch.cudnn_convolution_add_relu(x, weight, residual.to(dtype), 1.0, bias, *settings)
-        y = nn.functional.conv2d(x, weight, bias, *settings)
-        return torch.relu(y if residual is None else y + residual.to(dtype))
-
-
-class FusedBottleneck(nn.Module):
-    """A folded Bottleneck as three fused calls: conv1 and conv2 with their ReLUs, conv3 with the
-    residual and the last ReLU."""
-
-    def __init__(self, block):
-        super().__init__()
-        if not all(isinstance(getattr(block, f"bn{i}"), nn.Identity) for i in (1, 2, 3)):
-            raise ValueError(
-                "FusedBottleneck takes a Bottleneck whose BatchNorms are folded (evaluate.fold_batchnorm)"
-            )
-        self.conv1, self.conv2, self.conv3 = (FusedConvReLU(getattr(block, f"conv{i}")) for i in (1, 2, 3))
-        self.downsample = block.downsample
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.conv3(self.conv2(self.conv1(x)), residual=identity)
-
-
-def fuse_conv_relu(folded):
-    """A copy of a model from evaluate.fold_batchnorm with every convolution that a ReLU follows (the
-    stem, the Bottlenecks, the heads' ConvModules) run as a FusedConvReLU: an inference candidate that
-    benchmark.py measures on CUDA (variant +cudnn-fused) before evaluate.py takes it up."""
-    fused = copy.deepcopy(folded).eval()
-    for module in list(fused.modules()):
-        if not isinstance(module, nn.Sequential):
-            continue
-        names = [name for name, _ in module.named_children()]
-        for name in names:
-            if isinstance(getattr(module, name), Bottleneck):
-                setattr(module, name, FusedBottleneck(getattr(module, name)))
-        for conv_name, between, relu in zip(names, names[1:], names[2:]):  # conv, folded BatchNorm, ReLU
-            layers = [getattr(module, name) for name in (conv_name, between, relu)]
-            # The stem's first conv stays: 3 input channels, where cuDNN's fused kernels want multiples of 8.
-            pattern = [type(layer) for layer in layers] == [nn.Conv2d, nn.Identity, nn.ReLU]
-            if pattern and layers[0].in_channels % 8 == 0:
-                setattr(module, conv_name, FusedConvReLU(layers[0]))
-                setattr(module, relu, nn.Identity())
-    return fused
+def measure_inference(variant, row, device, warmup, iters, count_flops, model=None):
+    """images/s of inference_call and its first prediction. As the original, data loading is not timed."""
+    infer = inference_call(variant, row, device, model)
+    return time_calls(infer, warmup, iters, device, f"inference {variant['name']}", count_flops=count_flops)
 
 
 def forward_loss(model, images, labels, row, forward_scope):
@@ -276,10 +217,9 @@ def forward_loss(model, images, labels, row, forward_scope):
     return loss + row["aux_weight"] * train.segmentation_loss(aux_logits, labels)
 
 
-def measure_training(variant, row, device, warmup, iters, count_flops, batch, profile=False):
-    """images/s and memory of forward (train mode), the recipe's loss, backward and an SGD step on random
-    data. The peak covers the warm-up, as the original's covers the whole run; the first step counts the
-    bytes saved for backward (not under torch.compile, whose graphs choose what they save)."""
+def training_step(variant, row, device, batch):
+    """(step, model): a call of forward (train mode), the recipe's loss, backward and an SGD step on
+    random data, and the model it trains."""
     generator, (height, width) = torch.Generator().manual_seed(1), row["train_crop"]
     images = torch.randn(batch, 3, height, width, generator=generator)
     images = images.to(device, memory_format=MEMORY_FORMAT[variant["channels_last"]])
@@ -300,15 +240,22 @@ def measure_training(variant, row, device, warmup, iters, count_flops, batch, pr
             scaler.update()
         return loss.detach()
 
+    return step, model
+
+
+def measure_training(variant, row, device, warmup, iters, count_flops, batch):
+    """images/s and memory of training_step. The peak covers the warm-up, as the original's covers the
+    whole run; the first step counts the bytes saved for backward (not under torch.compile, whose graphs
+    choose what they save)."""
+    step, model = training_step(variant, row, device, batch)
     count = dict(bytes=0)
     saving = [] if variant["compiled"] else [saved_for_backward(model, count)]
-    memory = dict(resident_before_gb=resident_memory_gb() if device.type == "cpu" else None)
-    memory["memory_measure"] = reset_peak_memory(device)
+    reset_peak_memory(device)
     description = f"training {variant['name']} batch {batch}"
-    timing = time_calls(step, warmup, iters, device, description, batch, count_flops, saving, profile)
-    memory["peak_memory_gb"] = runtime.peak_memory_gb(device)
+    timing = time_calls(step, warmup, iters, device, description, batch, count_flops, saving)
     estimate = training_memory(count["bytes"], model)
-    timing.update(batch=batch, **memory, **(estimate if saving else dict.fromkeys(estimate)))
+    timing.update(batch=batch, peak_memory_gb=runtime.peak_memory_gb(device))
+    timing.update(estimate if saving else dict.fromkeys(estimate))
     if not torch.isfinite(timing["first_result"]):
         raise RuntimeError(f"{variant['name']}: the training loss is not finite ({timing['first_result']})")
     return timing
@@ -316,36 +263,24 @@ def measure_training(variant, row, device, warmup, iters, count_flops, batch, pr
 
 def measure_variants(variants, row, device, args):
     """Inference for the variants of the first batch but checkpointing (off in eval mode), then training
-    for all but cudnn-fused (inference only); FLOPs on the first (fp32). A failed compile (no C++
-    compiler...) or cudnn-fused variant reports its error. With --profile, the kernels of evaluate.py's
-    inference and of train.py's step at the largest batch."""
+    for all; FLOPs on the first (fp32). A failed compile (no C++ compiler...) reports its error."""
     results = {variant["name"]: dict(inference=None, training=None, error=None) for variant in variants}
-    default = find(variants, default=True)
-    as_trained = dict(precision=default["precision"], channels_last=default["channels_last"], compiled=False,
-                      checkpointing=False, cudnn_benchmark=device.type == "cuda", cudnn_fused=False)  # fmt: skip
-    largest = max(row["train_batches"])
-    trained = find(variants, **as_trained, batch=None if largest == row["train_batches"][0] else largest)
-    profiled = dict(inference=default["name"], training=(trained or default)["name"])
     jobs = [("inference", v) for v in variants if v["batch"] is None and not v["checkpointing"]]
-    jobs += [("training", variant) for variant in variants if not variant["cudnn_fused"]]  # inference only
-    for phase, variant in jobs:
+    for phase, variant in jobs + [("training", variant) for variant in variants]:
         batch = variant["batch"] or row["train_batches"][0]
         timed = (variant, row, device, args.warmup, args.timed, variant is variants[0])
         if variant["compiled"]:
-            print(
-                f"{phase:9} {variant['name']:32} compiling: the first call takes a minute or more", flush=True
-            )
-        profile = args.profile and variant["name"] == profiled[phase]
+            print(f"{phase:9} {variant['name']:32} compiling: a minute or more", flush=True)
         torch.backends.cudnn.benchmark = variant["cudnn_benchmark"]
         try:
             if phase == "inference":
-                timing = measure_inference(*timed, profile=profile)
+                timing = measure_inference(*timed)
             else:
-                timing = measure_training(*timed, batch, profile=profile)
+                timing = measure_training(*timed, batch)
         except Exception as error:
-            if not (variant["compiled"] or variant["cudnn_fused"]):
+            if not variant["compiled"]:
                 raise
-            message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            message = error_line(error)
             results[variant["name"]]["error"] = f"{phase}: {message}"
             print(f"{phase:9} {variant['name']:32} failed: {message}", flush=True)
             continue
@@ -394,6 +329,7 @@ def estimate_on_fake_tensors(row, precision, checkpointing, crop_size, batch):
     """training_memory of one step of the row's model at any size, in about a second: model and batch
     are fake tensors (shapes and dtypes, no data), so nothing is computed or allocated."""
     cpu, count = torch.device("cpu"), dict(bytes=0)
+    precision = "bf16" if precision == "fp16" else precision  # the same bytes; the CPU's autocast has no fp16
     with FakeTensorMode():
         model = build_model(row, make_variant(precision, False, checkpointing=checkpointing)).train()
         images, labels = torch.empty(batch, 3, *crop_size), torch.zeros(batch, *crop_size, dtype=torch.long)
@@ -402,68 +338,79 @@ def estimate_on_fake_tensors(row, precision, checkpointing, crop_size, batch):
         return training_memory(count["bytes"], model)
 
 
-# 4. Data: the training and test transforms of one loader worker, on a Cityscapes-sized PNG --------
-def benchmark_data(row, data_size, iters):
+# 4. Data: the training and test transforms of one loader worker, on a Cityscapes-like PNG ----------
+def write_photo_like_pair(image_path, label_path, size, num_classes=19, seed=2):
+    """Write an RGB PNG of smooth colours plus noise (it compresses and decodes about as a photo does)
+    and a label PNG of blobs of `num_classes` ids with an ignored top band, both of size (H, W)."""
+    generator, (height, width) = torch.Generator().manual_seed(seed), size
+    coarse = torch.rand(1, 3, max(height // 32, 2), max(width // 32, 2), generator=generator) * 255
+    smooth = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0]
+    noise = torch.randn(3, height, width, generator=generator) * 6
+    blobs = torch.randint(
+        0, num_classes, (1, 1, max(height // 64, 2), max(width // 64, 2)), generator=generator
+    )
+    label = F.interpolate(blobs.float(), size=size, mode="nearest")[0].to(torch.uint8)
+    label[:, : max(height // 20, 1)] = data.IGNORE_INDEX
+    data.write_png((smooth + noise).round().clamp(0, 255).to(torch.uint8), image_path)
+    data.write_png(label, label_path)
+
+
+def benchmark_data(row, data_size, iters, beside=()):
     """images/s of one loader worker (one process, one torch thread) for decode + TrainTransform and decode
-    + test_transform of a Cityscapes image at the scale and crop of the row's Cityscapes recipe, scaled
-    with the image when --data-size is not 1024x2048; beside them the same in OpenCV, if installed."""
+    + test_transform of a Cityscapes-like image at the scale and crop of the row's Cityscapes recipe,
+    scaled with the image when --data-size is not 1024x2048. beside: (library, function(image_path,
+    label_path, train_scale, crop_size) -> dict(train=..., test=...)) pairs, other libraries' pipelines
+    timed in turn with ours (tools/gpu_check/targets.py passes OpenCV's)."""
     cityscapes = recipe.row("cityscapes", row["crop_size"] if row["dataset"] == "cityscapes" else None)
     (scale_width, scale_height), (crop_height, crop_width) = cityscapes["scale"], cityscapes["crop_size"]
     height_factor, width_factor = (size / full for size, full in zip(data_size, CITYSCAPES_IMAGE_SIZE))
     train_scale = (round(scale_width * width_factor), round(scale_height * height_factor))
     crop_size = (max(round(crop_height * height_factor), 1), max(round(crop_width * width_factor), 1))
-    threads, seconds, rounds = torch.get_num_threads(), {}, min(DATA_ROUNDS, iters)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     try:
         with tempfile.TemporaryDirectory() as folder:
-            image_path, label_path = str(Path(folder) / "image.png"), str(Path(folder) / "label.png")
-            synthetic_cityscapes.write_pair(image_path, label_path, data_size, num_classes=19)
+            paths = [str(Path(folder) / name) for name in ("image.png", "label.png")]
+            write_photo_like_pair(*paths, data_size)
             transform = data.TrainTransform(train_scale, crop_size)
-            calls = dict(train=lambda: transform(data.read_image(image_path), data.read_label(label_path)))
-            calls["test"] = lambda: data.test_transform(data.read_image(image_path), train_scale)
-            pipelines = dict(torch=calls)
-            if opencv_pipelines.cv2:
-                pipelines["opencv"] = opencv_pipelines.pipelines(
-                    image_path, label_path, train_scale, crop_size
-                )
-            # Alternating rounds, so that a slower or faster spell of the machine hits every
-            # pipeline alike (side by side, the two libraries otherwise differ by a few % run to run).
-            for round_index in range(rounds):
-                count = iters // rounds + (round_index < iters % rounds)
-                for library, functions in pipelines.items():
-                    for name, function in functions.items():
-                        description = f"data {library} {name} ({round_index + 1}/{rounds})"
-                        timing = time_calls(function, 1, count, torch.device("cpu"), description)
-                        seconds.setdefault((library, name), []).extend(timing["seconds"])
+            ours = dict(train=lambda: transform(data.read_image(paths[0]), data.read_label(paths[1])))
+            ours["test"] = lambda: data.test_transform(data.read_image(paths[0]), train_scale)
+            pipelines = dict(torch=ours)
+            pipelines.update((library, make(*paths, train_scale, crop_size)) for library, make in beside)
+            calls = {
+                (library, name): call for library in pipelines for name, call in pipelines[library].items()
+            }
+            seconds = {key: [] for key in calls}
+            # Each pipeline in turn, sample by sample, so that a slower or faster spell of the machine
+            # hits them alike (side by side, two libraries otherwise differ by a few % run to run).
+            for sample in tqdm(range(1 + iters), desc="data", leave=False, disable=None):  # 0: a warm-up
+                for key, call in calls.items():
+                    start = time.perf_counter()
+                    call()
+                    seconds[key] += [time.perf_counter() - start] if sample else []
     finally:
         torch.set_num_threads(threads)
-    rates = {}
+    rates = {library: {} for library in pipelines}
     for (library, name), values in seconds.items():
-        rates.setdefault(library, {})[f"{name}_transform_images_per_s"] = len(values) / sum(values)
-    ours, theirs = rates["torch"], rates.get("opencv")
-    note = f"opencv {opencv_pipelines.cv2.__version__}" if theirs else "opencv not installed"
-    train_rate, test_rate = "train_transform_images_per_s", "test_transform_images_per_s"
-    comparison = f"opencv: {theirs[train_rate]:.2f} / {theirs[test_rate]:.2f} images/s" if theirs else note
-    print(
-        f"data      decode+TrainTransform {ours[train_rate]:.2f} images/s, decode+test_transform "
-        f"{ours[test_rate]:.2f} images/s per worker ({data_size[0]}x{data_size[1]} PNG, 1 thread); {comparison}",
-        flush=True,
-    )
+        rates[library][f"{name}_transform_images_per_s"] = len(values) / sum(values)
+    train, test = "train_transform_images_per_s", "test_transform_images_per_s"
+    figures = ", ".join(f"{library} {rate[train]:.2f} / {rate[test]:.2f}" for library, rate in rates.items())
+    size = f"{data_size[0]}x{data_size[1]} PNG"
+    print(f"data      one worker, {size}, decode+TrainTransform / decode+test_transform: {figures} images/s")
     sizes = dict(image_size=data_size, train_scale=train_scale, crop_size=crop_size, iters=iters, threads=1)
-    return dict(sizes, **ours, opencv=theirs, opencv_note=note)
+    return dict(sizes, **rates.pop("torch"), beside=rates)
 
 
-# 5. Report: the figures relative to fp32 eager and to the matmul peak, the table, the targets -----
+# 5. Report: the figures relative to fp32 eager and to the matmul peak, the table ---------------------
 def find(records, **fields):
     """The first record with these field values, or None."""
     return next((r for r in records if all(r[key] == value for key, value in fields.items())), None)
 
 
 def summarize(variants, measured, peaks, flops):
-    """One record per variant with the ratios filled in: speed-up over fp32 eager at the same batch,
-    FLOP/s and its fraction of the matmul rate of the variant's dtype, argmax agreement with fp32
-    eager; for checkpointing, the step-time cost and the memory without it."""
+    """One record per variant: speed-up over fp32 eager at the same batch, FLOP/s and its fraction of
+    the matmul rate of the variant's dtype, argmax agreement with fp32 eager."""
     baseline = measured[variants[0]["name"]]
     records = []
     for variant in variants:
@@ -483,15 +430,6 @@ def summarize(variants, measured, peaks, flops):
             record["inference"]["argmax_agreement"] = agreement
         record["batch"] = record["training"] and record["training"].pop("batch")
         records.append(record)
-    for record in records:
-        fields = {key: record[key] for key in ("precision", "channels_last", "batch")}
-        without = record["checkpointing"] and find(
-            records, **fields, compiled=False, checkpointing=False, cudnn_benchmark=False, cudnn_fused=False
-        )
-        if record["training"] and without and without["training"]:
-            cost = without["training"]["images_per_s"] / record["training"]["images_per_s"]
-            memory = {key: without["training"][key] for key in ("peak_memory_gb", "saved_for_backward_gb")}
-            record["training"].update(checkpointing_step_time_cost=cost, without_checkpointing=memory)
     return records
 
 
@@ -499,210 +437,79 @@ def format_rate(flops_per_s):
     return f"{flops_per_s / 1e12:.2f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.0f} GFLOP/s"
 
 
-# The columns of results_table after Method, Backbone and Crop Size: (header, phase, field, format).
-# The first two are the results table's (our Mem = training peak, fps = inference images/s).
-TABLE_COLUMNS = [
-    ("Mem (GB)", "training", "peak_memory_gb", "{:.2f}".format),
-    ("Inf time (fps)", "inference", "images_per_s", "{:.3f}".format),
-    ("variant", "record", "label", str),
-    ("inf speed-up", "inference", "speedup", "{:.2f}x".format),
-    ("inf FLOP/s", "inference", "flops_per_s", format_rate),
-    ("inf % of matmul peak", "inference", "fraction_of_matmul_peak", "{:.0%}".format),
-    ("argmax agreement", "inference", "argmax_agreement", "{:.3%}".format),
-    ("train img/s", "training", "images_per_s", "{:.3f}".format),
-    ("train speed-up", "training", "speedup", "{:.2f}x".format),
-    ("train FLOP/s", "training", "flops_per_s", format_rate),
-    ("train % of matmul peak", "training", "fraction_of_matmul_peak", "{:.0%}".format),
-    ("saved for backward (GB)", "training", "saved_for_backward_gb", "{:.2f}".format),
-    ("estimated memory (GB)", "training", "estimated_training_memory_gb", "{:.2f}".format),
+# The table's columns: (header, phase, field, format). Mem (GB) and Inf time (fps) are the results
+# table's (our Mem = training peak, fps = inference images/s); the short table has those marked True.
+COLUMNS = [
+    ("Mem (GB)", "training", "peak_memory_gb", "{:.2f}".format, True),
+    ("Inf time (fps)", "inference", "images_per_s", "{:.3f}".format, True),
+    ("variant", "record", "label", str, True),
+    ("measured at", "record", "sizes", str, True),
+    ("inf speed-up", "inference", "speedup", "{:.2f}x".format, False),
+    ("inf FLOP/s", "inference", "flops_per_s", format_rate, False),
+    ("inf % of matmul peak", "inference", "fraction_of_matmul_peak", "{:.0%}".format, True),
+    ("argmax agreement", "inference", "argmax_agreement", "{:.3%}".format, False),
+    ("train img/s", "training", "images_per_s", "{:.3f}".format, True),
+    ("train speed-up", "training", "speedup", "{:.2f}x".format, False),
+    ("train FLOP/s", "training", "flops_per_s", format_rate, False),
+    ("train % of matmul peak", "training", "fraction_of_matmul_peak", "{:.0%}".format, True),
+    ("saved for backward (GB)", "training", "saved_for_backward_gb", "{:.2f}".format, False),
+    ("estimated memory (GB)", "training", "estimated_training_memory_gb", "{:.2f}".format, False),
 ]
 
 
-def results_table(row, records):
-    """Markdown table: the results table's columns, then ours ("-" where a variant has no such
-    figure). The published row comes first."""
-    start = [row["model"], row["backbone"], f"{row['crop_size'][0]}x{row['crop_size'][1]}"]
+def results_table(row, records, wide=False):
+    """A markdown table shaped like the results table, the published row first, then one line per variant
+    ("-" where it has no such figure) with the sizes it ran at. wide: every figure, after the results
+    table's Method, Backbone and Crop Size."""
+    (height, width), (crop_height, crop_width) = row["input_size"], row["train_crop"]
+    columns = [column for column in COLUMNS if wide or column[4]]
+    start = [row["model"], row["backbone"], "{}x{}".format(*row["crop_size"])] if wide else []
     lines = [start + [*map(str, row["published"]), "published: V100, fp32"]] if row["published"] else []
     for record in records:
+        figures = dict(inference=record["inference"] or {}, training=record["training"] or {})
         label = record["name"] + (" (default)" if record["default"] else "")
-        figures = dict(record=dict(label=label + (f" [{record['error']}]" if record["error"] else "")))
-        figures.update(inference=record["inference"] or {}, training=record["training"] or {})
-        values = [(figures[phase].get(field), style) for _, phase, field, style in TABLE_COLUMNS]
+        label += f" [{record['error']}]" if record["error"] else ""
+        sizes = [f"inference {height}x{width}"] if figures["inference"] else []
+        sizes += (
+            [f"training {crop_height}x{crop_width} batch {record['batch']}"] if figures["training"] else []
+        )
+        figures["record"] = dict(label=label, sizes=", ".join(sizes))
+        values = [(figures[phase].get(field), style) for _, phase, field, style, _ in columns]
         lines.append(start + ["-" if value is None else style(value) for value, style in values])
-    header = ["Method", "Backbone", "Crop Size"] + [column[0] for column in TABLE_COLUMNS]
+    header = (["Method", "Backbone", "Crop Size"] if wide else []) + [column[0] for column in columns]
     lines = [cells + [""] * (len(header) - len(cells)) for cells in lines]
-    widths = [max(len(cells[i]) for cells in [header] + lines) for i in range(len(header))]
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
     return "\n".join(
         "| " + " | ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) + " |"
         for cells in [header, ["-" * width for width in widths], *lines]
     )
 
 
-def short_table(row, records):
-    """The few figures a person reads first, one row per variant, labelled with the sizes it ran at:
-    images/s, peak memory and the share of the matmul peak (--wide prints every figure)."""
-    (height, width), (crop_height, crop_width) = row["input_size"], row["train_crop"]
-    header = ["variant", "measured at", "inference img/s", "training img/s", "Mem (GB)", "inf % of peak",
-              "train % of peak"]  # fmt: skip
-    lines = []
-    for record in records:
-        inference, training = record["inference"] or {}, record["training"] or {}
-        sizes = [f"inference {height}x{width}"] if inference else []
-        sizes += [f"training {crop_height}x{crop_width} batch {record['batch']}"] if training else []
-        cells = [
-            record["name"]
-            + (" (default)" if record["default"] else "")
-            + (" [failed]" if record["error"] else ""),
-            ", ".join(sizes),
-            f"{inference['images_per_s']:.3f}" if inference else "-",
-            f"{training['images_per_s']:.3f}" if training else "-",
-            f"{training['peak_memory_gb']:.2f}" if training else "-",
-            f"{inference['fraction_of_matmul_peak']:.0%}" if inference else "-",
-            f"{training['fraction_of_matmul_peak']:.0%}" if training else "-",
-        ]
-        lines.append(cells)
-    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
-    texts = (
-        "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) for cells in [header, *lines]
-    )
-    return "\n".join(text.rstrip() for text in texts)
-
-
-def check_targets(row, records, device, estimates):
-    """The targets of this device kind: measured value, threshold, PASS or MISS (a finding, not an error).
-    Training memory counts with activation checkpointing where the default alone misses the target."""
-    default = find(records, default=True)
-    inference, training = default["inference"], default["training"]
-    peak, memory, targets = f"the {default['precision']} matmul rate", MEMORY_TARGET, []
-    size = f"{memory['crop_size'][0]}x{memory['crop_size'][1]} at batch {memory['batch']} in {memory['precision']}"
-
-    def target(description, measured, comparison, threshold, note=None, judged=row["comparable"]):
-        # A target holds at the row's sizes: measured at others, it is reported, not judged (passed None).
-        passed = measured >= threshold if comparison == ">=" else measured <= threshold
-        figures = dict(
-            measured=measured, comparison=comparison, threshold=threshold, passed=passed if judged else None
-        )
-        targets.append(dict(target=description, **figures, note=note))
-
-    def memory_target(description, without, with_checkpointing):
-        if with_checkpointing is None or without <= memory["gb"]:
-            note = with_checkpointing and f"with activation checkpointing {with_checkpointing:.2f} GB"
-            target(f"{description}, {size}", without, "<=", memory["gb"], note, judged=True)
-        else:
-            description += f", {size}, with activation checkpointing"
-            target(
-                description,
-                with_checkpointing,
-                "<=",
-                memory["gb"],
-                f"without it {without:.2f} GB",
-                judged=True,
-            )
-
-    default_is = f"of the default variant ({default['name']})"
-    if device.type == "cpu":
-        for description, measured, threshold in [
-            (f"inference speed-up {default_is} over fp32 eager", inference["speedup"], 2.0),
-            (f"inference FLOP/s {default_is} / {peak}", inference["fraction_of_matmul_peak"], 0.9),
-            (f"argmax agreement {default_is} with fp32", inference["argmax_agreement"], 0.995),
-            (f"training speed-up {default_is} over fp32 eager", training["speedup"], 2.0),
-            (f"training FLOP/s {default_is} / {peak}", training["fraction_of_matmul_peak"], 0.8),
-        ]:
-            target(description, measured, ">=", threshold)
-    else:
-        target(f"inference FLOP/s {default_is} / {peak}", inference["fraction_of_matmul_peak"], ">=", 0.4)
-        # Training as train.py runs it (cudnn.benchmark on) at the largest batch: 8 is the table's 4 x 2.
-        same = dict(precision=default["precision"], channels_last=default["channels_last"], compiled=False)
-        batch = max(record["batch"] or 0 for record in records)
-        as_trained = find(records, **same, checkpointing=False, cudnn_benchmark=True, batch=batch)
-        if as_trained and as_trained["training"]:
-            fraction = as_trained["training"]["fraction_of_matmul_peak"]
-            target(
-                f"training FLOP/s of {as_trained['name']} (as train.py runs) / {peak}", fraction, ">=", 0.3
-            )
-        if row["published"] and row["inference_comparable"]:
-            fps = row["published"][1]
-            ratio = inference["images_per_s"] / fps
-            target(f"inference fps {default_is} / the table's {fps}", ratio, ">=", 25)
-        # Measured: the default, if bf16, without and with checkpointing at the target's crop and batch.
-        same.update(cudnn_benchmark=False)  # the table's memory was taken with it off
-        found = [find(records, **same, checkpointing=on, batch=memory["batch"]) for on in (False, True)]
-        peaks = [(record and record["training"] or {}).get("peak_memory_gb") for record in found]
-        at_target = default["precision"] == memory["precision"] and row["train_crop"] == memory["crop_size"]
-        if at_target and peaks[0] is not None:
-            memory_target("training memory (GB, torch.cuda.max_memory_allocated)", *peaks)
-    estimated = [estimates[name]["estimated_training_memory_gb"] for name in ("default", "checkpointing")]
-    what = "estimated training memory (GB: saved for backward + weights + gradients + momentum)"
-    memory_target(what, *estimated)
-    return targets
-
-
-def protocol_lines(row, args, device, flops, peaks, variants, estimates):
+def protocol_lines(row, args, device, flops, peaks):
     """What was measured and how, one line per topic, printed above the table."""
-    (height, width), crop, train_crop = row["input_size"], row["crop_size"], row["train_crop"]
-    target, matmul = MEMORY_TARGET, MATMUL_SIZE[device.type]
-    timed = f"{args.warmup} warm-up + {args.timed} timed"
-    cudnn = (
-        f", cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark off but in +cudnn.benchmark"
-        if device.type == "cuda"
-        else ""
-    )
-    estimated = ", ".join(f"{n} {e['estimated_training_memory_gb']:.2f} GB" for n, e in estimates.items())
-    windows = f", windows {crop[0]} stride {row['stride'][0]}" if row["stride"] else ""
+    (height, width), train_crop = row["input_size"], row["train_crop"]
+    timed, matmul = f"{args.warmup} warm-up + {args.timed} timed", MATMUL_SIZE[device.type]
+    cudnn = f", cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark off but in +cudnn.benchmark"
+    windows = f", windows {row['test_crop'][0]} stride {row['stride'][0]}" if row["stride"] else ""
     lines = [
         f"device      {device.type}: {device_description(device)}; torch {torch.__version__}, "
-        f"python {platform.python_version()}, {torch.get_num_threads()} threads{cudnn}",
-        f"row         {row['model']} {row['backbone']} {row['dataset']} {crop[0]}x{crop[1]}, "
-        f"{row['num_classes']} classes, random weights and images",
+        f"python {platform.python_version()}, {torch.get_num_threads()} threads{cudnn if device.type == 'cuda' else ''}",
         f"inference   batch 1, {height}x{width} input ({row['test_mode']}{windows}, align_corners "
         f"{row['align_corners']}), resized to the original {row['original_size'][0]}x{row['original_size'][1]}, "
         f"softmax, argmax, to host; {timed} images",
         f"training    batch {' and '.join(map(str, row['train_batches']))}, crop {train_crop[0]}x{train_crop[1]}, "
         f"forward + decode/aux loss + backward + SGD step; {timed} steps",
-        f"precision   variants: {', '.join(v['name'] for v in variants)}; fp32 = no TF32; autocast keeps the GC "
-        "softmax, LayerNorm and the final resize in fp32",
+        "precision   fp32 = no TF32; autocast keeps the GC softmax, LayerNorm and the final resize in fp32",
         f"FLOPs       counted once in fp32 (convs and matmuls): inference {flops['inference'] / 1e9:.1f} GFLOP "
         f"per image, training {flops['training'] / 1e9:.1f} GFLOP per image (forward + backward)",
         f"peak        {matmul}x{matmul} matmul, best of the start and the end of the run: "
         + ", ".join(f"{precision} {format_rate(rate)}" for precision, rate in peaks.items()),
-        "memory      estimated = saved for backward (saved_tensors_hooks, each storage once) + weights + "
-        f"gradients + SGD momentum; at {target['crop_size'][0]}x{target['crop_size'][1]} batch {target['batch']} "
-        f"{target['precision']} on fake tensors: {estimated}",
     ]
     note = "note        sizes or batch differ from the row: not comparable with the published figures"
     return lines + ([] if row["comparable"] else [note])
 
 
-def print_findings(records, targets, device):
-    """channels_last on the CPU, the cost of activation checkpointing, the cuDNN-fused candidate, a busy
-    CPU, the targets."""
-    plain, channels_last = find(records, name="bf16"), find(records, name="bf16+channels_last")
-    if device.type == "cpu" and plain and channels_last and plain["inference"] and channels_last["inference"]:
-        ratios = [channels_last[phase]["images_per_s"] / plain[phase]["images_per_s"] for phase in PHASES]
-        print(
-            f"channels_last on this CPU (bf16): inference x{ratios[0]:.2f}, training x{ratios[1]:.2f} "
-            f"({'helps' if min(ratios) > 1.05 else 'does not help'})"
-        )
-    for record in records:
-        if record["training"] and "without_checkpointing" in record["training"]:
-            training, without = record["training"], record["training"]["without_checkpointing"]
-            print(
-                f"activation checkpointing ({record['name']}): step time x{training['checkpointing_step_time_cost']:.2f}"
-                f", saved for backward {without['saved_for_backward_gb']:.2f} -> {training['saved_for_backward_gb']:.2f}"
-                f" GB, peak memory {without['peak_memory_gb']:.2f} -> {training['peak_memory_gb']:.2f} GB"
-            )
-    default = find(records, default=True)
-    fused = find(records, cudnn_fused=True)
-    if fused and fused["inference"] and default["inference"]:  # the candidate for evaluate.py
-        ratio = fused["inference"]["images_per_s"] / default["inference"]["images_per_s"]
-        agreement = fused["inference"]["argmax_agreement"]
-        print(f"cuDNN-fused conv+bias+ReLU ({fused['name']}): inference x{ratio:.2f} of the default, "
-              f"argmax agreement with fp32 {agreement:.3%}")  # fmt: skip
-    same = {key: default[key] for key in ("precision", "channels_last", "compiled", "checkpointing")}
-    at_batches = [r for r in records if r["training"] and all(r[key] == same[key] for key in same)]
-    if len(at_batches) > 1:
-        rates = ", ".join(f"batch {r['batch']} {r['training']['images_per_s']:.2f}" for r in at_batches)
-        print(f"training images/s of {default['name']}: {rates}")
+def print_busy_cpu(records):
     shares = {f"{r['name']} {phase}": (r[phase] or {}).get("cpu_share") for r in records for phase in PHASES}
     contended = [name for name, share in shares.items() if share is not None and share < 0.9]
     if contended:
@@ -710,102 +517,88 @@ def print_findings(records, targets, device):
             f"busy CPU: other processes took a share of the cores during {', '.join(contended)} "
             "(CPU share < 0.9 in the JSON); these figures are pessimistic"
         )
-    for record in records:
-        for phase in PHASES:
-            figures = record[phase] or {}
-            kinds = ("kernels" if device.type == "cuda" else "operators", "operators by input shapes")
-            for what, entries in zip(
-                kinds, (figures.get("top_kernels"), figures.get("top_operators_by_shape"))
-            ):
-                if entries:
-                    print(f"top {what} of {phase} {record['name']} (share of their time, ms per call):")
-                    for entry in entries:
-                        print(f"  {entry['share']:6.1%} {entry['ms_per_call']:8.2f}  {entry['name'][:150]}")
-    print("targets (benchmarks, not tests):")
-    for target in targets:
-        note = f"; {target['note']}" if target["note"] else ""
-        verdict = {True: "PASS", False: "MISS", None: "not judged at this size:"}[target["passed"]]
-        print(
-            f"  {verdict}  {target['target']}: {target['measured']:.4f} "
-            f"(target {target['comparison']} {target['threshold']}){note}"
-        )
 
 
-# 6. The run: the row, the peaks, every variant, the memory estimate, the data, the report ---------
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    runtime.keep_freed_memory()  # as train.py and evaluate.py do
+# 6. The run: the flags checked, the peaks, every variant, the data, the report ----------------------
+def parse_arguments(argv=None, parser=None):
+    """(args, device, row, variants), every flag and size checked before anything is measured: a bad
+    one ends the run with one line that names it."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
     try:
         _, _, device = runtime.setup_device(args.device)
         row = row_settings(args, device)
         variants = variant_list(device, args, row["train_batches"])
+        check_sizes(args, row, variants, device)
     except ValueError as error:
-        raise SystemExit(f"benchmark.py: {error}") from None
-    if args.timed is None:
-        args.timed = 50 if device.type == "cuda" else 3
+        parser.error(str(error))
+    args.timed = args.timed or (50 if device.type == "cuda" else 3)
+    return args, device, row, variants
+
+
+def main(argv=None):
+    return measure_and_report(*parse_arguments(argv))
+
+
+def measure_and_report(args, device, row, variants, data_beside=()):
+    """Measure, print and write to --out; returns the report as written. data_beside: other
+    libraries' data pipelines, timed beside ours (benchmark_data's beside)."""
+    runtime.keep_freed_memory()  # as train.py and evaluate.py do
     runtime.set_threads(args.threads, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # as the table's figures were taken (mmseg tools/benchmark.py)
-
-    print(f"benchmark: {row['model']} {row['backbone']} {row['dataset']} on {device}", flush=True)
+    crop = "{}x{}".format(*row["crop_size"])
+    where = (
+        f"{row['model']} {row['backbone']} {row['dataset']} {crop}, {row['num_classes']} classes, on {device}"
+    )
+    print(f"benchmark: {where}, random weights and images", flush=True)
     precisions = dict.fromkeys(variant["precision"] for variant in variants)
     peaks = {precision: matmul_rate(precision, device) for precision in precisions}
     measured = measure_variants(variants, row, device, args)
     baseline = measured[variants[0]["name"]]
     flops = dict(inference=baseline["inference"]["flops"])
     flops["training"] = baseline["training"]["flops"] / row["train_batches"][0]
-    memory = MEMORY_TARGET
-    fake = (memory["crop_size"], memory["batch"])
-    estimates = {
-        name: estimate_on_fake_tensors(row, memory["precision"], name == "checkpointing", *fake)
-        for name in ("default", "checkpointing")
-    }
-    data_results = benchmark_data(row, args.data_size, args.data_samples)
+    data_results = benchmark_data(row, args.data_size, args.data_samples, data_beside)
     # Measured again at the end: on a shared machine, the better of the two is closer to the device's limit.
     peaks = {precision: max(rate, matmul_rate(precision, device)) for precision, rate in peaks.items()}
     records = summarize(variants, measured, peaks, flops)
-    targets = check_targets(row, records, device, estimates)
-    print("\n" + "\n".join(protocol_lines(row, args, device, flops, peaks, variants, estimates)) + "\n")
-    print((results_table(row, records) if args.wide else short_table(row, records)) + "\n")
-    print_findings(records, targets, device)
+    print("\n" + "\n".join(protocol_lines(row, args, device, flops, peaks)) + "\n")
+    print(results_table(row, records, args.wide) + "\n")
+    print_busy_cpu(records)
 
-    timed = dict(warmup=args.warmup, iters=args.timed)
-    inference = {key: row[key] for key in ("input_size", "original_size", "stride", "align_corners")}
-    training = dict(batch=row["train_batches"][0], batches=row["train_batches"], crop_size=row["train_crop"])
     protocol = dict(device=device.type, device_name=device_description(device), torch=torch.__version__)
-    protocol.update(python=platform.python_version(), threads=torch.get_num_threads())
-    keys = ("model", "block", "dataset", "backbone", "depth", "crop_size", "num_classes")
-    protocol.update({key: row[key] for key in keys})
-    protocol["inference"] = dict(batch=1, mode=row["test_mode"], **inference, **timed)
-    protocol.update(training=dict(training, **timed), comparable_with_published=row["comparable"])
-    protocol["flops_counted_in"] = "fp32, torch.utils.flop_counter.FlopCounterMode (convs and matmuls)"
-    hooks = "torch.autograd.graph.saved_tensors_hooks, each storage once"
-    protocol.update(matmul_size=MATMUL_SIZE[device.type], saved_for_backward_counted_with=hooks)
-    published = row["published"] and dict(zip(("mem_gb", "fps"), row["published"]), hardware="V100, fp32")
-    memory_target = dict(memory, counted_on="fake tensors: shapes and dtypes, no data", **estimates)
-    report = dict(protocol=protocol, published=published or None, flops_per_image=flops)
-    report.update(matmul_peak_flops_per_s=peaks, variants=records, memory_target=memory_target)
-    report.update(data=data_results, targets=targets)
-    out = Path(args.out)
+    protocol.update(python=platform.python_version(), threads=torch.get_num_threads(), warmup=args.warmup)
+    protocol.update(timed=args.timed, matmul_size=MATMUL_SIZE[device.type])
+    protocol["memory"] = "max_memory_allocated" if device.type == "cuda" else "peak resident set size"
+    report = dict(protocol=protocol, row=row, flops_per_image=flops, matmul_peak_flops_per_s=peaks)
+    report.update(variants=records, data=data_results)
+    return write_report(report, args.out)
+
+
+def error_line(error):
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def write_report(report, out, done="wrote"):
+    """Write the report as JSON and return it as read back (tuples become lists)."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    print(f"{done} {out}")
     return json.loads(out.read_text())
 
 
-# Mechanics: timing, the device's limit, the process's memory, the device's name, the command line ---
+# Mechanics: timing, the device's limits, the process's memory, the device's name, the command line --
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_calls(
-    function, warmup, iters, device, description, images=1, count_flops=False, scopes=(), profile=False
-):
+def time_calls(function, warmup, iters, device, description, images=1, count_flops=False, scopes=()):
     """Call `function` warmup times, then iters times, each call timed alone between device syncs. The
     first call runs inside `scopes` and, with count_flops, a FLOP counter (every conv and matmul, backward
     included; no BatchNorm, resize or softmax). cpu_share: the share of the CPU threads the timed calls
-    got (below ~0.9, other processes were competing). profile: then the top kernels of a few more calls."""
+    got (below ~0.9, other processes were competing)."""
     counter = FlopCounterMode(display=False) if count_flops else None
     seconds = []
     for call in tqdm(range(warmup + iters), desc=description, leave=False, disable=None):
@@ -825,39 +618,7 @@ def time_calls(
     share = (time.process_time() - cpu_start) / threads_seconds if device.type == "cpu" else None
     timing = dict(first_result=first_result, first_call_seconds=seconds[0], seconds=seconds[warmup:])
     timing.update(cpu_share=share, flops=counter and counter.get_total_flops())
-    if profile:
-        timing["top_kernels"], timing["top_operators_by_shape"] = top_kernels(function, device)
     return dict(timing, images_per_s=images * iters / sum(timing["seconds"]))
-
-
-def top_kernels(function, device, calls=3, top=12):
-    """Where a call's time goes over `calls` calls: the CUDA kernels (on a CPU, the operators) that took
-    the most time, and the operators by input shapes with the time of what they ran (on CUDA their
-    kernels': which add, which convolution). Each entry has its share of the total and its ms per call."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
-        for _ in range(calls):
-            function()
-        synchronize(device)
-
-    def ranked(times):
-        total = sum(times.values()) or 1
-        best = sorted(times.items(), key=lambda item: -item[1])[:top]
-        return [dict(name=name, share=us / total, ms_per_call=us / 1000 / calls) for name, us in best]
-
-    operators = profiler.key_averages(group_by_input_shape=True)
-    if device.type == "cuda":
-        kind = torch.autograd.DeviceType.CUDA
-        kernels = {e.key: e.self_device_time_total for e in profiler.key_averages() if e.device_type == kind}
-        shapes = {
-            f"{e.key} {e.input_shapes}": e.self_device_time_total for e in operators if e.device_type != kind
-        }
-    else:
-        kernels = {e.key: e.self_cpu_time_total for e in profiler.key_averages()}
-        shapes = {f"{e.key} {e.input_shapes}": e.self_cpu_time_total for e in operators}
-    return ranked(kernels), ranked(shapes)
 
 
 def matmul_rate(precision, device):
@@ -866,7 +627,8 @@ def matmul_rate(precision, device):
     size = MATMUL_SIZE[device.type]
     calls_per_round = 20 if device.type == "cuda" else 1  # CUDA: few host synchronisations
     with runtime.precision_context(device, "fp32"):  # TF32 off, for the fp32 rate
-        a, b = (torch.randn(size, size, device=device).to(DTYPES[precision]) for _ in range(2))
+        dtype = runtime.AUTOCAST_DTYPES.get(precision, torch.float32)
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
         for _ in range(2):
             a @ b
         synchronize(device)
@@ -877,6 +639,16 @@ def matmul_rate(precision, device):
             synchronize(device)
             calls += calls_per_round
         return 2 * size**3 * calls / (time.perf_counter() - start)
+
+
+def device_memory_gb(device):
+    """All the memory of the device: the GPU's, or the machine's (infinite where the OS does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GB
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    except (AttributeError, ValueError, OSError):
+        return math.inf
 
 
 def release_memory(device):
@@ -890,25 +662,13 @@ def release_memory(device):
 
 
 def reset_peak_memory(device):
-    """Start a new peak of runtime.peak_memory_gb; returns what it will mean. On the CPU it counts the
-    whole process; Linux resets it through /proc/self/clear_refs, elsewhere earlier peaks carry over."""
+    """Start a new peak of runtime.peak_memory_gb. On the CPU it counts the whole process; Linux resets
+    it through /proc/self/clear_refs (elsewhere earlier peaks carry over)."""
     release_memory(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "torch.cuda.max_memory_allocated during the training steps"
-    try:
+        return torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
-        return "peak resident memory of the process during the training steps (ru_maxrss, reset before)"
-    except OSError:
-        return "peak resident memory over the process's whole life so far (ru_maxrss, cannot reset here)"
-
-
-def resident_memory_gb():
-    """Current resident memory of the process (Linux), None elsewhere."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GB
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def device_description(device):
@@ -927,35 +687,32 @@ def build_parser():
         "peak for one row of the results table (see the docstring of benchmark.py).",
         epilog="--precision auto (the default) runs every precision and marks as default the variant that "
         "train.py and evaluate.py would run; an explicit --precision P (with --channels-last) makes that the "
-        "default variant, which the targets judge, and runs only fp32 eager (the baseline) and P's variants.",
+        "default variant and runs only fp32 eager (the baseline) and P's variants.",
     )
     add = parser.add_argument
     positive, size = runtime.number_flag(int, 1), runtime.size_flag
-    # fmt: off
     add("--dataset", default="cityscapes", choices=recipe.TABLE_DATASETS, help="default: cityscapes")
     add("--crop", type=size("--crop"), help="the row's crop, 769 or HxW (default: the dataset's first)")
     add("--depth", type=int, default=50, choices=(50, 101), help="default 50")
-    add("--context", default="gc", choices=CONTEXTS, help="the decode head's block: gc (default), or the "
-        "original's nonlocal and none (FCN) models, as train.py")
+    add("--context", default="gc", choices=CONTEXTS, help="the decode head's block, as train.py (default gc)")
     add("--gc-pooling", choices=POOLINGS, help="the GC block's pooling, as train.py (default att)")
     add("--gc-fusion", choices=FUSIONS, help="the GC block's fusion, as train.py (default add)")
     add("--size", type=size("--size"), help="HxW fed to the model for inference (default: the row's)")
     add("--timed", type=positive, help="timed images and steps (default 50 CUDA, 3 CPU)")
-    add("--warmup", type=positive, default=2, help="untimed calls before them (default 2: the first SGD step "
-        "creates the momentum buffers, so steady steps start at the third; the original: 5)")
-    add("--train-batch", type=positive, nargs="+", help="training batches: the first for every variant, the "
-        "others for the default and checkpointing ones (default: the row's per-GPU batch; on CUDA also the "
-        "table's 4 GPUs' worth on one, e.g. 2 8)")
+    add("--warmup", type=positive, default=2, help="untimed calls before them (default 2; the original: 5)")
+    add(
+        "--train-batch",
+        type=positive,
+        nargs="+",
+        help="training batches, the first for every variant "
+        "(default: the row's per-GPU batch; on CUDA also the table's 4 GPUs' worth on one, e.g. 2 8)",
+    )
     add("--train-crop", type=size("--train-crop"), help="769 or HxW (default: the row's crop)")
     add("--data-size", type=size("--data-size"), default=(1024, 2048), help="HxW of the data timing's PNG")
     add("--data-samples", type=positive, default=40, help="timed samples per data pipeline (default 40)")
-    add("--compile", action=argparse.BooleanOptionalAction, default=True, help="measure the torch.compile "
-        "variant (default; --no-compile skips it)")
-    add("--wide", action="store_true", help="print the wide table (every figure; the JSON has them all)")
-    add("--profile", action="store_true", help="also list the top kernels, and the operators by input "
-        "shapes, of the default inference and of train.py's step at the largest batch")
+    add("--compile", action=argparse.BooleanOptionalAction, default=True, help="measure torch.compile")
+    add("--wide", action="store_true", help="print every figure (the JSON has them all)")
     add("--out", default="benchmark.json", help="where the JSON results go")
-    # fmt: on
     runtime.add_arguments(parser)
     return parser
 

@@ -1,7 +1,7 @@
-"""The CUDA path on a real GPU; every test here is skipped without one. tools/check_gpu.sh runs them.
+"""The CUDA path on a real GPU; every test here is skipped without one. tools/gpu_check/check_gpu.sh runs them.
 
 fp32 on CUDA (TF32 off) against the CPU on the same weights, whole and sliding-window, for GCNet and
-the comparison's FCN and NonLocal models; benchmark.py's cuDNN-fused inference candidate; cuDNN's
+the comparison's FCN and NonLocal models; tools/gpu_check's cuDNN-fused inference candidate; cuDNN's
 channels_last against the default layout; bf16 and fp16 (GradScaler) training on the toy set;
 activation checkpointing; evaluate.py on both devices; a torchrun run of train.py that resumes;
 NCCL in one process; SyncBatchNorm in two ranks sharing the one GPU. The whole file takes about two
@@ -25,18 +25,18 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-import benchmark
 import data
 import evaluate
 import model
 import recipe
 import runtime
 import train
+from tools.gpu_check import cudnn_fused
 
 REPO = Path(__file__).resolve().parents[1]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU: tools/check_gpu.sh runs these where there is one"
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: tools/gpu_check/check_gpu.sh runs these on one"
 )
 
 
@@ -196,16 +196,19 @@ def test_the_comparison_models_on_cuda_equal_the_cpu(context, monkeypatch):
 
 @torch.no_grad()
 def test_the_cudnn_fused_inference_candidate_equals_the_folded_model():
-    # benchmark.py's +cudnn-fused variant: cuDNN's conv + bias (+ residual) + ReLU in one call.
+    # tools/gpu_check/targets.py's candidate: cuDNN's conv + bias (+ residual) + ReLU in one call.
     net = randomized(model.GCNet(19)).eval().to(CUDA, memory_format=torch.channels_last)
     folded = evaluate.fold_batchnorm(net)
-    fused = benchmark.fuse_conv_relu(folded)
+    fused = cudnn_fused.fuse_conv_relu(folded)
     images = random_images((1, 3, 256, 512)).to(CUDA, memory_format=torch.channels_last)
     with runtime.precision_context(CUDA, "fp32"):
         error = relative_error(fused(images), folded(images))
     assert error <= 1e-4, f"fp32: relative error {error:.2e}"
+    dtypes = []
+    fused.backbone.layer4.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     with runtime.precision_context(CUDA, "bf16"):
         expected, actual = folded(images), fused(images)
+    assert dtypes == [torch.bfloat16]  # cast as autocast casts a convolution
     agreement = (actual.argmax(1) == expected.argmax(1)).float().mean().item()
     assert agreement >= 0.99 and relative_error(actual, expected) <= 0.05, agreement
 

@@ -1,9 +1,10 @@
 """The training and test pipelines of data.py written with OpenCV and numpy, step by step as the
 original's mmcv ran them (mmseg v0.5.0 mmseg/datasets/pipelines/transforms.py): a second reading of
-data.TrainTransform for those who know OpenCV, and what benchmark.py times beside ours.
+data.TrainTransform for those who know OpenCV, and what tools/gpu_check/targets.py has benchmark.py
+time beside ours.
 
 OpenCV is no dependency of this project, only a point of comparison: `cv2` is None when it is not
-installed, and benchmark.py then says "opencv not installed".
+installed, and targets.py then says "opencv not installed".
 """
 
 import numpy as np

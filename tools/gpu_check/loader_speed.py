@@ -1,13 +1,13 @@
 """Training samples per second of train.py's own data loader, for several worker counts: can this
 machine's CPUs feed its GPU?
 
-    python tools/loader_speed.py --workers 8 15                       # a synthetic Cityscapes, made once
-    python tools/loader_speed.py --data-root data/cityscapes --workers 4 8 16
+    python tools/gpu_check/loader_speed.py --workers 8 15                       # a synthetic Cityscapes, made once
+    python tools/gpu_check/loader_speed.py --data-root data/cityscapes --workers 4 8 16
 
 It reads the training split through train.training_batches, the loader a run uses (decode, the whole
 training transform, collation, pinned memory where there is a GPU), and times batches after the first
 round of every worker, so that the workers' start is left out. Without --data-root it writes a
-synthetic Cityscapes at the real image size (tools/synthetic_cityscapes.py) into a temporary folder.
+synthetic Cityscapes at the real image size (synthetic_cityscapes.py) into a temporary folder.
 A GPU at batch 8 doing a step in t seconds needs 8 / t samples per second.
 """
 
@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's files sit in the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project's files, in the repository root
 import data  # noqa: E402
-import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
-from tools import synthetic_cityscapes  # noqa: E402
+from tools.gpu_check import synthetic_cityscapes  # noqa: E402
 
 
 def samples_per_second(dataset, workers, batch_size, batches, seed=0):
@@ -53,16 +52,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data-root", help="a Cityscapes folder (default: a synthetic one at the real size)")
-    parser.add_argument("--crop", default="512x1024", help="the row's crop: 512x1024 or 769")
-    parser.add_argument("--workers", type=int, nargs="+", default=[8], help="worker counts to time")
-    parser.add_argument("--batch-size", type=int, default=8, help="default 8: the table's 4 GPUs x 2 on one")
-    parser.add_argument("--batches", type=int, default=40, help="timed batches per worker count")
-    parser.add_argument("--out", help="also write the figures to this JSON file")
+    add, positive, size = parser.add_argument, runtime.number_flag(int, 1), runtime.size_flag("--crop")
+    add("--data-root", help="a Cityscapes folder (default: a synthetic one at the real size)")
+    add("--crop", type=size, default=(512, 1024), help="the row's crop: 512x1024 or 769")
+    add("--workers", type=runtime.number_flag(int, 0), nargs="+", default=[8], help="worker counts to time")
+    add("--batch-size", type=positive, default=8, help="default 8: the table's 4 GPUs x 2 on one")
+    add("--batches", type=positive, default=40, help="timed batches per worker count")
+    add("--out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if min(args.workers) < 0 or args.batch_size < 1 or args.batches < 1:
-        parser.error("--workers must be >= 0, --batch-size and --batches >= 1")
-    crop = recipe.parse_crop(args.crop)
     with tempfile.TemporaryDirectory() as folder:
         root = args.data_root
         if root is None:
@@ -70,21 +67,21 @@ def main(argv=None):
             # Enough samples that no timed batch comes from a second epoch.
             count = (max(args.workers) + args.batches + 1) * args.batch_size
             synthetic_cityscapes.make(root, dict(train=count, val=1))
-        dataset = data.build_dataset("cityscapes", root, "train", crop_size=crop)
+        dataset = data.build_dataset("cityscapes", root, "train", crop_size=args.crop)
         cores = runtime.usable_cores()
-        print(f"loader: {dataset.name} train at {crop[0]}x{crop[1]} from {root}, batch {args.batch_size}, "
-              f"{cores} cores, pinned memory {torch.cuda.is_available()}")  # fmt: skip
+        where = f"{dataset.name} train at {args.crop[0]}x{args.crop[1]} from {root}"
+        pinned = torch.cuda.is_available()
+        print(f"loader: {where}, batch {args.batch_size}, {cores} cores, pinned memory {pinned}")
         results = []
         for workers in args.workers:
             rate, first = samples_per_second(dataset, workers, args.batch_size, args.batches)
             per_worker = rate / max(workers, 1)
-            results.append(
-                dict(workers=workers, samples_per_s=rate, per_worker=per_worker, first_batch_s=first)
-            )
-            print(f"  {workers:3d} workers: {rate:7.1f} samples/s ({per_worker:.1f} per worker; "
-                  f"first batch after {first:.1f} s)", flush=True)  # fmt: skip
+            figures = dict(samples_per_s=rate, per_worker=per_worker, first_batch_s=first)
+            results.append(dict(workers=workers, **figures))
+            rates = f"{rate:7.1f} samples/s ({per_worker:.1f} per worker; first batch after {first:.1f} s)"
+            print(f"  {workers:3d} workers: {rates}", flush=True)
     if args.out:
-        report = dict(batch_size=args.batch_size, crop=crop, cores=cores, results=results)
+        report = dict(batch_size=args.batch_size, crop=args.crop, cores=cores, results=results)
         Path(args.out).write_text(json.dumps(report, indent=1))
     return results
 

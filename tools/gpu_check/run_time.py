@@ -1,7 +1,7 @@
 """How long a whole training run would take, projected from a short one's log.jsonl:
 
     python train.py --dataset cityscapes --batch-size 8 --iters 300 --log-interval 1 --work-dir work_dirs/short ...
-    python tools/run_time.py work_dirs/short --iters 40000 --validations 10
+    python tools/gpu_check/run_time.py work_dirs/short --iters 40000 --validations 10
 
 train.py logs, per logged iteration, `data_time` (waiting for the loader) and `step_time` (forward,
 loss, backward and SGD step, up to a device sync), and per validation `val_seconds`. The projection is
@@ -32,9 +32,9 @@ def project(records, iters, validations, skip):
     total = iters * iteration + validations * val_seconds
     share = data_time / iteration
     bound = "the loader" if share > 0.2 else "compute (the device's step)"
-    return dict(records=len(steps), data_time=data_time, step_time=step_time, val_seconds=val_seconds,
-                validations_measured=len(vals), iters=iters, validations=validations, seconds=total,
-                data_share=share, bound=bound)  # fmt: skip
+    figures = dict(records=len(steps), data_time=data_time, step_time=step_time, val_seconds=val_seconds)
+    figures.update(validations_measured=len(vals), iters=iters, validations=validations, seconds=total)
+    return dict(figures, data_share=share, bound=bound)
 
 
 def main(argv=None):

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Check a GPU machine in one go (about 8 minutes on one H200): the GPU, driver, torch and CUDA versions,
-# the CUDA tests (tests/test_cuda.py), benchmark.py on the table's Cityscapes 512x1024 rows (R-50-D8 with
-# the top kernels, R-101-D8), the loader's training samples per second with 8 and 15 workers, and
-# train.py itself for 300 iterations at batch 8 on a synthetic Cityscapes, with the projected time of
-# the 40k-iteration R-50-D8 row. torch.compile is a step of its own (r50compile, about 5 minutes more):
-# compiling the training step took over 100 s on an H200. So are train.py --compile, with its own
-# projection (traincompile, limit 330 s), and the NonLocal model of the R-50-D8 row (nonlocal, the
-# paper's comparison in bf16, limit 150 s); neither has run on a GPU yet.
+# the CUDA tests (tests/test_cuda.py), benchmark.py and its targets (targets.py) on the table's Cityscapes
+# 512x1024 rows (R-50-D8 with the top kernels, R-101-D8), the loader's training samples per second with
+# 8 and 15 workers, and train.py itself for 300 iterations at batch 8 on a synthetic Cityscapes, with the
+# projected time of the 40k-iteration R-50-D8 row. torch.compile is a step of its own (r50compile, about
+# 5 minutes more): compiling the training step took over 100 s on an H200. So are train.py --compile,
+# with its own projection (traincompile, limit 330 s), and the NonLocal model of the R-50-D8 row
+# (nonlocal, the paper's comparison in bf16, limit 150 s); neither has run on a GPU yet.
 #
-#     bash tools/check_gpu.sh                    # versions tests r50 r101 loader train
-#     bash tools/check_gpu.sh tests r50compile   # only these steps
-#     bash tools/check_gpu.sh versions tests r50 r101 train traincompile nonlocal
+#     bash tools/gpu_check/check_gpu.sh                    # versions tests r50 r101 loader train
+#     bash tools/gpu_check/check_gpu.sh tests r50compile   # only these steps
+#     bash tools/gpu_check/check_gpu.sh versions tests r50 r101 train traincompile nonlocal
 #
 # Each step's output goes to the screen and to $OUT/<step>.log (./gpu_check_out without $OUT), the
 # benchmarks' JSON to $OUT/benchmark_<row>.json, one line per step with its exit status and time to
@@ -19,7 +19,7 @@
 # next. PYTHON picks the interpreter (default python3). Exit status 0 when all passed.
 
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out="${OUT:-gpu_check_out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -80,13 +80,13 @@ EOF
 
 train_check() {  # train.py for 300 iterations at batch 8, then the projection of the 40k row; $1: --compile or nothing
     local run="$scratch/run${1:+_compile}"
-    "$py" tools/synthetic_cityscapes.py "$scratch/cityscapes" || return 1
+    "$py" tools/gpu_check/synthetic_cityscapes.py "$scratch/cityscapes" || return 1
     "$py" train.py --dataset cityscapes --data-root "$scratch/cityscapes" --pretrained none --batch-size 8 \
         --iters 300 --eval-interval 300 --log-interval 1 --workers 15 --no-pictures --work-dir "$run" ${1:-} \
         || return 1
     cp "$run/log.jsonl" "$out/train${1:+_compile}_log.jsonl"
     # run_time.py leaves out the first 20 steps: cuDNN's search, the loader's start, and compiling.
-    "$py" tools/run_time.py "$run" --iters 40000 --validations 10
+    "$py" tools/gpu_check/run_time.py "$run" --iters 40000 --validations 10
 }
 
 export py out scratch
@@ -105,23 +105,23 @@ for step in "${steps[@]}"; do
         r50 | r50compile)
             compile=(--no-compile)
             [ "$step" = r50compile ] && compile=()
-            run_step "benchmark_$step" "${R50_TIMEOUT:-$([ "$step" = r50 ] && echo 170 || echo 360)}" "$py" benchmark.py \
+            run_step "benchmark_$step" "${R50_TIMEOUT:-$([ "$step" = r50 ] && echo 170 || echo 360)}" "$py" tools/gpu_check/targets.py \
                 --dataset cityscapes --crop 512x1024 --timed 10 --warmup 3 --data-samples 10 --wide --profile ${compile[@]+"${compile[@]}"} \
                 --out "$out/benchmark_$step.json"
             ;;
         r101)
             # The data pipeline does not depend on the depth (r50 times it).
-            run_step benchmark_r101 "${R101_TIMEOUT:-125}" "$py" benchmark.py --dataset cityscapes --crop 512x1024 \
+            run_step benchmark_r101 "${R101_TIMEOUT:-125}" "$py" tools/gpu_check/targets.py --dataset cityscapes --crop 512x1024 \
                 --depth 101 --timed 10 --warmup 3 --data-samples 2 --wide --no-compile --out "$out/benchmark_r101.json"
             ;;
         nonlocal)
             # The paper's comparison on the GPU (README): the NonLocal model of the same row, bf16 variants only.
-            run_step benchmark_nonlocal "${NONLOCAL_TIMEOUT:-150}" "$py" benchmark.py --dataset cityscapes \
+            run_step benchmark_nonlocal "${NONLOCAL_TIMEOUT:-150}" "$py" tools/gpu_check/targets.py --dataset cityscapes \
                 --crop 512x1024 --context nonlocal --precision bf16 --channels-last --timed 3 --warmup 2 \
                 --data-samples 1 --wide --no-compile --out "$out/benchmark_nonlocal.json"
             ;;
         loader)
-            run_step loader "${LOADER_TIMEOUT:-90}" "$py" tools/loader_speed.py --workers 8 15 --batch-size 8 \
+            run_step loader "${LOADER_TIMEOUT:-90}" "$py" tools/gpu_check/loader_speed.py --workers 8 15 --batch-size 8 \
                 --batches 40 --out "$out/loader.json"
             ;;
         train) run_step train "${TRAIN_TIMEOUT:-150}" bash -c train_check ;;
