@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,3 +116,17 @@ def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path
     assert saved["models"][1]["mIoU"] == pytest.approx(report["models"][1]["mIoU"])
     for word in ("FCN", "NonLocal", "GCNet", "mean cosine distance", "GC map weight by class"):
         assert word in printed
+
+
+def test_a_file_as_out_and_a_comparison_without_its_baselines_are_said_first(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a user's file")
+    with pytest.raises(SystemExit, match=r"--out \S*taken is a file; pass a folder"):
+        compare.main(["--checkpoints", "none.pth", "--out", str(tmp_path / "taken")])
+    split = SimpleNamespace(name="toy", classes=["a", "b"])
+    gc = dict(context="gc", pooling="att", fusion="add")
+    models = [dict(path=f"{name}.pth", dataset=split, info=dict(block=gc)) for name in ("one", "two")]
+    compare.check_models(models)  # two GC checkpoints: minutes of timing, with nothing to compare against
+    said = capsys.readouterr().out
+    assert "only GC models among the checkpoints: no FCN (--context none) or Non-local model" in said
+    compare.check_models([dict(models[0], info=dict(block=dict(gc, context="none"))), models[1]])
+    assert "only GC models" not in capsys.readouterr().out

@@ -62,6 +62,11 @@ PANEL_WIDTH = 320  # pixels per panel of the maps picture
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(
+            f"compare_context_blocks.py: --out {out} is a file; pass a folder (it is created if absent)"
+        )
     try:
         _, _, device = runtime.setup_device(args.device)
         runtime.set_threads(args.threads, device)
@@ -71,7 +76,6 @@ def main(argv=None):
         dataset = check_models(models)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"compare_context_blocks.py: {error}") from None
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for entry in models:  # (a) the scores
         keywords = evaluate.inference_keywords(entry["settings"], device)
@@ -128,6 +132,11 @@ def check_models(models):
                 f"{entry['path']} is a {entry['dataset'].name} model, {models[0]['path']} a {first.name} one: "
                 "compare checkpoints of one dataset (or pass --dataset and --data-root)"
             )
+    if all(entry["info"]["block"]["context"] == "gc" for entry in models):
+        runtime.say(
+            "note: only GC models among the checkpoints: no FCN (--context none) or Non-local model to compare "
+            "the block with; pass their checkpoints too for the paper's comparison (docs/comparison.md)"
+        )
     nonlocal_model, gc_model = attention_models(models)
     if nonlocal_model is None:
         runtime.say("note: no Non-local model among the checkpoints: its measures and maps are left out")
@@ -189,6 +198,11 @@ def measure_speed(entry, args, device):
 def look(models, dataset, args, device, out):
     """The attention measures over the first --look images, and their pictures; in float32 whatever the
     scores' precision, so that the distances do not depend on it."""
+    if all(entry["info"]["block"]["context"] == "gc" for entry in models):
+        runtime.say(
+            "note: only GC models among the checkpoints: no FCN (--context none) or Non-local model to compare "
+            "the block with; pass their checkpoints too for the paper's comparison (docs/comparison.md)"
+        )
     nonlocal_model, gc_model = attention_models(models)
     generator = torch.Generator().manual_seed(0)
     nl_distances, nl_centred, nl_spread, gc_maps, gc_spread = [], [], [], [], []
