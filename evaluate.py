@@ -179,30 +179,17 @@ def metrics_from_confusion(matrix):
 
 
 @torch.no_grad()
-def evaluate_dataset(
-    model,
-    dataset,
-    *,
-    device,
-    precision,
-    workers=2,
-    save_dir=None,
-    opacity=0.5,
-    show_progress=True,
-    **protocol,
-):
+def evaluate_dataset(model, dataset, *, device, precision, workers=2, save_dir=None, opacity=0.5, **protocol):
     """Metrics of `model` on a val split (data.build_dataset(..., split='val')) with predict()'s protocol
     (mode, crop_size, stride, flip, window_batch); under torchrun each process takes every world_size-th
     image. Every process returns the same dict: those of metrics_from_confusion, num_images,
     confusion_matrix (list of rows) and loss (train.segmentation_loss's over the split, of the protocol's
     probabilities). Pass the model itself, not a DDP wrapper."""
-    device, matrix = (
-        torch.device(device),
-        torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device),
-    )
+    device = torch.device(device)
+    matrix = torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device)
     losses = torch.zeros(2, dtype=torch.float64, device=device)  # summed pixel losses, pixels
     with evaluation_mode(model):  # below the line: eval mode and cuDNN's default kernels, until the end
-        for images, label, meta in test_images(dataset, device, workers, show_progress=show_progress):
+        for images, label, meta in test_images(dataset, device, workers):
             with runtime.precision_context(device, precision):
                 probabilities = predict(model, images, meta["original_size"], **protocol)
             pred = probabilities.argmax(dim=0)
@@ -236,7 +223,7 @@ def evaluation_mode(model):
         torch.backends.cudnn.benchmark = autotuning
 
 
-def test_images(dataset, device, workers=2, count=None, show_progress=False, desc="predict"):
+def test_images(dataset, device, workers=2, count=None, desc="predict"):
     """(images per scale on `device`, label or None, meta) for this process's share of the first `count`
     images (default all): rank r of W takes images r, r+W, ..., so none is counted twice."""
     rank, world_size = runtime.rank_and_world_size()
@@ -260,37 +247,12 @@ def test_images(dataset, device, workers=2, count=None, show_progress=False, des
         worker_init_fn=runtime.leave_stop_signals_to_the_main_process,
     )
     here = f" ({len(share)} of {total} images here)" if world_size > 1 else ""
-    progress = tqdm(
-        total=len(share), desc=f"{desc}{here}", unit="img", disable=not show_progress or rank != 0
-    )
-    with progress:
+    with tqdm(total=len(share), desc=f"{desc}{here}", unit="img", disable=rank != 0) as progress:
         for images_per_scale, labels, metas in loader:
             images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
             label = None if labels[0] is None else labels[0].to(device, non_blocking=True)
             yield images, label, metas[0]
             progress.update(1)
-
-
-def predictions(
-    model,
-    dataset,
-    count=None,
-    *,
-    device,
-    precision,
-    workers=2,
-    show_progress=False,
-    desc="predict",
-    **protocol,
-):
-    """(class probabilities (C, H, W) at the original size, label or None, meta, images per scale) of
-    predict() for test_images()'s share of a split, in evaluation_mode."""
-    device = torch.device(device)
-    with evaluation_mode(model):
-        for images, label, meta in test_images(dataset, device, workers, count, show_progress, desc):
-            with runtime.precision_context(device, precision):
-                probabilities = predict(model, images, meta["original_size"], **protocol)
-            yield probabilities, label, meta, images
 
 
 def check_protocol(mode, crop_size, stride, images):
@@ -364,32 +326,30 @@ def sum_over_processes(tensor):
 
 @torch.no_grad()
 def precision_agreement(
-    model, dataset, num_images, *, reference_model=None, show_progress=False, **inference
+    model, dataset, count, reference_model=None, *, device, precision, workers=2, **protocol
 ):
-    """Fraction of labelled pixels predicted alike at inference['precision'] and in fp32 (reference_model,
-    if given: main passes the unfolded model, to cover folding too) over the first num_images images."""
-    counts = torch.zeros(2, dtype=torch.int64, device=inference["device"])  # [agreeing, labelled] pixels
-    reference_model = model if reference_model is None else reference_model
-    modes = model.training, reference_model.training
-    desc = f"{inference['precision']} vs fp32 check"
-    ours = predictions(model, dataset, num_images, show_progress=show_progress, desc=desc, **inference)
-    fp32 = predictions(reference_model, dataset, num_images, **dict(inference, precision="fp32"))
-    try:
-        for (probabilities, label, _, _), (fp32_probabilities, _, _, _) in zip(ours, fp32):
+    """Fraction of labelled pixels predicted alike at `precision` and in fp32 (by reference_model, if
+    given: main passes the unfolded model, to cover folding too) over the first `count` images."""
+    reference_model, device = model if reference_model is None else reference_model, torch.device(device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing, labelled] pixels
+    with evaluation_mode(model), evaluation_mode(reference_model):
+        for images, label, meta in test_images(dataset, device, workers, count, f"{precision} vs fp32 check"):
+            with runtime.precision_context(device, precision):
+                ours = predict(model, images, meta["original_size"], **protocol).argmax(dim=0)
+            with runtime.precision_context(device, "fp32"):
+                fp32 = predict(reference_model, images, meta["original_size"], **protocol).argmax(dim=0)
             labelled = label != data.IGNORE_INDEX
-            alike = probabilities.argmax(dim=0) == fp32_probabilities.argmax(dim=0)
-            counts += torch.stack([alike[labelled].sum(), labelled.sum()])
-    finally:  # the two loops share the model when there is no reference: restore the caller's modes here
-        fp32.close()
-        ours.close()
-        model.train(modes[0])
-        reference_model.train(modes[1])
+            counts += torch.stack([(ours == fp32)[labelled].sum(), labelled.sum()])
     agreeing, total = sum_over_processes(counts).tolist()
-    return {"images": min(num_images, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
+    return {"images": min(count, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
 
 
 # -----------------------------------------------------------------------------------------------
 # The command line: the flags, resolved once into a plain dict of settings, then one of three jobs
+
+# predict()'s test protocol, and what evaluate.py prints and records of it
+PROTOCOL = ("mode", "crop_size", "stride", "flip", "window_batch")
+SHOWN_PROTOCOL = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
 
 
 def resolve_settings(args, info, device):
@@ -402,46 +362,39 @@ def resolve_settings(args, info, device):
         crop = args.crop or info["crop_size"]
         row = recipe.row(name if name in recipe.DATASETS else "cityscapes", crop, depth=info["depth"])
     mode = args.mode or row["test_mode"]
-    pair = recipe.parse_crop  # 769 or [h, w] -> (h, w)
-    crop_size, stride = args.crop or pair(row["test_crop"]), args.stride or pair(row["test_stride"])
+    crop_size = args.crop or recipe.parse_crop(row["test_crop"])  # 769 or [h, w] -> (h, w)
+    stride = args.stride or recipe.parse_crop(row["test_stride"])
     if mode == "slide" and (stride[0] > crop_size[0] or stride[1] > crop_size[1]):
         raise ValueError(
             f"--stride {stride} is larger than the window {crop_size}: the windows would leave gaps"
         )
     precision = runtime.resolve_precision(args.precision, device, auto="native" if info["recipe"] else "fp32")
-    native = precision != "fp32"
-    # The data root the checkpoint's run recorded, for its own dataset, unless --data-root says otherwise.
-    recorded_root = (info["recipe"] or {}).get("data_root") if name == info["dataset"] else None
+    fold = default_fold_batchnorm(precision) if args.fold_batchnorm is None else args.fold_batchnorm
+    check = (0 if precision == "fp32" else 10) if args.check_agreement is None else args.check_agreement
+    # The checkpoint's run recorded its data root, and whether label 0 is 'ignore', for its own dataset.
+    recorded = (info["recipe"] or {}) if name == info["dataset"] else {}
+    root = args.data_root or recorded.get("data_root")
+    whose = "recorded by the checkpoint's run" if root else "the dataset's default"
+    whose = "given by --data-root" if args.data_root is not None else whose
     return dict(
         dataset=name,
         mode=mode,
         crop_size=crop_size,
         stride=stride,
-        scale=pair(row["scale"]),
+        scale=recipe.parse_crop(row["scale"]),
         ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
         flip=args.ms_flip if args.flip is None else args.flip,
         align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
         precision=precision,
         channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
-        fold_batchnorm=default_fold_batchnorm(precision)
-        if args.fold_batchnorm is None
-        else args.fold_batchnorm,
-        check_agreement=(10 if native else 0) if args.check_agreement is None else args.check_agreement,
-        window_batch=args.window_batch,
-        workers=args.workers,
-        depth=args.depth,
-        data_root=args.data_root or recorded_root,
-        data_root_flag=args.data_root is not None,
-        split=args.split,
-        format_only=args.format_only,
-        save_dir=args.save_dir,
-        opacity=args.opacity,
-        out=args.out,
+        fold_batchnorm=fold,
+        check_agreement=check,
+        data_root=root or recipe.DATASETS.get(name, {}).get("root"),
+        data_root_from=whose,
+        reduce_zero_label=recorded.get("reduce_zero_label"),  # None: the dataset's own declaration
         images=image_files(args.image) if args.image else None,  # (files, skipped)
-        # a folder trained with label 0 = ignore is scored so (None: the dataset's own declaration)
-        reduce_zero_label=(info["recipe"] or {}).get("reduce_zero_label")
-        if name == info["dataset"]
-        else None,
+        **{key: getattr(args, key) for key in ("window_batch", "workers", "depth", "split", "format_only")},
+        **{key: getattr(args, key) for key in ("save_dir", "opacity", "out")},  # as given
     )
 
 
@@ -452,22 +405,22 @@ def default_fold_batchnorm(precision):
 
 
 def inference_keywords(settings, device):
-    """What predictions, evaluate_dataset, precision_agreement and predict_image take."""
-    keys = ("mode", "crop_size", "stride", "flip", "window_batch", "precision")
-    return dict({key: settings[key] for key in keys}, device=device)
+    """What evaluate_dataset and precision_agreement take, but the loader's workers."""
+    return dict({key: settings[key] for key in PROTOCOL}, precision=settings["precision"], device=device)
 
 
 def build_split(info, settings, checkpoint):
     """The split to evaluate or predict, checked against the checkpoint's classes."""
-    if settings["dataset"] is None:
+    name, root = settings["dataset"], settings["data_root"]
+    if name is None:
         raise ValueError(
             f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
             f"pass --dataset (one of {', '.join(sorted(recipe.DATASETS))}) and --data-root"
         )
     try:
         dataset = data.build_dataset(
-            settings["dataset"],
-            root=settings["data_root"],
+            name,
+            root=root,
             split=settings["split"],
             crop_size=settings["crop_size"],
             scale=settings["scale"],
@@ -475,18 +428,12 @@ def build_split(info, settings, checkpoint):
             reduce_zero_label=settings["reduce_zero_label"],
         )
     except FileNotFoundError as error:
-        root = settings["data_root"] or recipe.DATASETS[settings["dataset"]]["root"]
         if Path(root).is_dir():  # the root is there, a split or file of it is not: the error says which
             raise
-        whose = (
-            "given by --data-root"
-            if settings["data_root_flag"]
-            else ("recorded by the checkpoint's run" if settings["data_root"] else "the dataset's default")
-        )
         raise FileNotFoundError(
-            f"{error}\n{checkpoint} holds a {settings['dataset']} model and this looked in the data root {root}, "
-            f"{whose}: pass --data-root with the folder of its data (and --dataset if it is another dataset "
-            "with the same classes)."
+            f"{error}\n{checkpoint} holds a {name} model and this looked in the data root {root}, "
+            f"{settings['data_root_from']}: pass --data-root with the folder of its data (and --dataset if "
+            "it is another dataset with the same classes)."
         ) from None
     check_classes(info, dataset, checkpoint)
     return dataset
@@ -494,28 +441,24 @@ def build_split(info, settings, checkpoint):
 
 def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     """Metrics on the val split: table on screen, everything in a JSON file."""
-    rank, world_size = runtime.rank_and_world_size()
-    dataset, precision = build_split(info, settings, checkpoint), settings["precision"]
-    protocol_keys = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
-    differences = training_differences(info["validation"], settings, dataset, device)
-    if rank == 0:
-        protocol = ", ".join(f"{key} {settings[key]}" for key in protocol_keys)
-        where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
-        print(
-            f"{checkpoint}: {len(dataset)} {dataset.name} val images in {dataset.root}, {protocol}, {where}"
+    world_size, dataset = runtime.rank_and_world_size()[1], build_split(info, settings, checkpoint)
+    precision, validated = settings["precision"], info["validation"]
+    differences = training_differences(validated, settings, dataset, device)
+    protocol = ", ".join(f"{key} {settings[key]}" for key in SHOWN_PROTOCOL)
+    where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
+    runtime.say(
+        f"{checkpoint}: {len(dataset)} {dataset.name} val images in {dataset.root}, {protocol}, {where}"
+    )
+    runtime.say(runtime.machine_line(settings["thread_choice"], settings["workers"]))
+    if differences is not None:
+        same = (
+            "other settings: " + "; ".join(differences)
+            if differences
+            else "the same settings: expect the same score"
         )
-        print(runtime.machine_line(settings["thread_choice"], settings["workers"]))
-        if differences is not None:
-            said = info["validation"]
-            same = (
-                "the same settings: expect the same score"
-                if not differences
-                else ("other settings: " + "; ".join(differences))
-            )
-            print(
-                f"training validated this checkpoint (iteration {said['iteration']}) at mIoU {said['mIoU']:.2f} "
-                f"with {same}"
-            )
+        runtime.say(
+            f"training validated this checkpoint (iteration {validated['iteration']}) at mIoU {validated['mIoU']:.2f} with {same}"
+        )
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
     if settings["check_agreement"] > 0 and precision != "fp32":
@@ -524,57 +467,36 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         single_scale = copy.copy(dataset)
         single_scale.test_ratios = (1.0,)
         agreement = precision_agreement(
-            model,
-            single_scale,
-            settings["check_agreement"],
-            reference_model=reference_model,
-            show_progress=True,
-            **dict(inference, flip=False),
+            model, single_scale, settings["check_agreement"], reference_model, **dict(inference, flip=False)
         )
-        if rank == 0:
-            print(
-                f"{precision} vs fp32 at a single scale: {100 * agreement['agreement']:.4f}% of the "
-                "labelled pixels agree"
-            )
+        share = 100 * agreement["agreement"]
+        runtime.say(f"{precision} vs fp32 at a single scale: {share:.4f}% of the labelled pixels agree")
     start = time.perf_counter()
     results = evaluate_dataset(
-        model,
-        dataset,
-        save_dir=settings["save_dir"],
-        opacity=settings["opacity"],
-        show_progress=True,
-        **inference,
+        model, dataset, save_dir=settings["save_dir"], opacity=settings["opacity"], **inference
     )
     seconds = time.perf_counter() - start
-    if rank != 0:
+    if runtime.rank_and_world_size()[0] != 0:
         return
     print(format_table(results, dataset.classes))
     print(f"loss {results['loss']:.4f} (the decode head's cross-entropy over the split, training's formula)")
     if differences is not None:
-        why = "same settings" if not differences else "other settings, above"
-        print(
-            f"mIoU {results['mIoU']:.2f} here, {info['validation']['mIoU']:.2f} in training's validation ({why})"
-        )
-    speed_keys = ("precision", "channels_last", "fold_batchnorm", "window_batch")
+        why = "other settings, above" if differences else "same settings"
+        print(f"mIoU {results['mIoU']:.2f} here, {validated['mIoU']:.2f} in training's validation ({why})")
+    scores = ("num_images", "aAcc", "mIoU", "mAcc", "mF1", "mPrecision", "mRecall", "loss")
+    speed = ("precision", "channels_last", "fold_batchnorm", "window_batch")
     record = dict(
         checkpoint=str(checkpoint),
         config_name=info["config_name"],
         dataset=dataset.name,
-        data_root=settings["data_root"] or recipe.DATASETS[dataset.name]["root"],
-        num_images=results["num_images"],
-        aAcc=results["aAcc"],
-        mIoU=results["mIoU"],
-        mAcc=results["mAcc"],
-        mF1=results["mF1"],
-        mPrecision=results["mPrecision"],
-        mRecall=results["mRecall"],
-        loss=results["loss"],
+        data_root=settings["data_root"],
+        **{key: results[key] for key in scores},
         per_class={
             name: {key: results[key][index] for key in ("IoU", "Acc", "F1", "Precision", "Recall")}
             for index, name in enumerate(dataset.classes)
         },
         settings=dict(
-            {key: settings[key] for key in protocol_keys + speed_keys},
+            {key: settings[key] for key in SHOWN_PROTOCOL + speed},
             depth=model.depth,
             num_classes=model.num_classes,
             world_size=world_size,
@@ -585,14 +507,12 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         seconds=seconds,
         confusion_matrix=results["confusion_matrix"],
     )
-    if settings["out"]:
-        out = Path(settings["out"])
-    else:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
-        url = re.match(r"^(https?|file)://", str(checkpoint))
-        folder = Path("eval_out") if url else Path(checkpoint).parent
+    out = settings["out"]
+    if not out:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
+        folder = "eval_out" if re.match(r"^(https?|file)://", str(checkpoint)) else Path(checkpoint).parent
         tag = settings["mode"] + "_ms" * (len(settings["ratios"]) > 1) + "_flip" * settings["flip"]
-        out = folder / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+        out = Path(folder) / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     runtime.write_text(out, json.dumps(without_nan(record), indent=1))
     print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
 
@@ -627,23 +547,28 @@ def without_nan(value):
 @torch.no_grad()
 def write_split_files(model, info, settings, checkpoint, device):
     """--format-only: server_file()'s files for a whole split; under torchrun each process writes its share."""
-    dataset = build_split(info, settings, checkpoint)
-    split = settings["split"]
+    dataset, split = build_split(info, settings, checkpoint), settings["split"]
     save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{split}"
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     written = 0
-    for probabilities, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
-        name, picture = server_file(dataset.name, probabilities.argmax(dim=0), meta, dataset.palette)
-        pictures.save_picture(picture, Path(save_dir) / name)
-        written += 1
+    with evaluation_mode(model):
+        for images, _, meta in test_images(dataset, device, settings["workers"]):
+            with runtime.precision_context(device, settings["precision"]):
+                probabilities = predict(model, images, meta["original_size"], **protocol_of(settings))
+            name, picture = server_file(dataset.name, probabilities.argmax(dim=0), meta, dataset.palette)
+            pictures.save_picture(picture, Path(save_dir) / name)
+            written += 1
     total = int(sum_over_processes(torch.tensor([written], device=device)).item())
-    if runtime.rank_and_world_size()[0] == 0:
-        print(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
+    runtime.say(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
 
 
-def files_count(count):
-    return f"{count} file" if count == 1 else f"{count} files"
+def protocol_of(settings):
+    """predict()'s keywords."""
+    return {key: settings[key] for key in PROTOCOL}
+
+
+def counted(count, thing):
+    return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
 
 
 def class_names_and_colours(info, dataset_name, num_classes):
@@ -660,45 +585,55 @@ def class_names_and_colours(info, dataset_name, num_classes):
 
 def predict_images(model, info, settings, device):
     """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
-    that cannot be read is named and the others go on. Returns how many failed, over all ranks."""
+    that cannot be read is named and the others go on. A photo of more than FULL_SIZE_RATIO times the
+    test scale's pixels is predicted and drawn at the test scale: scores at its full size would take
+    classes x pixels floats. Returns how many failed, over all ranks."""
     rank, world_size = runtime.rank_and_world_size()
     (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
+    scale, opacity = settings["scale"], settings["opacity"]
     palette, classes = class_names_and_colours(info, settings["dataset"], model.num_classes)
-    keywords = dict(
-        inference_keywords(settings, device),
-        scale=settings["scale"],
-        ratios=settings["ratios"],
-        palette=palette,
-        classes=classes,
-        save_dir=save_dir,
-        opacity=settings["opacity"],
-    )
     mine = list(zip(files, picture_names(files)))[rank::world_size]
     written, failed = [], []
     bar = tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2)
     for path, name in bar:
         try:
-            written += predict_image(model, path, name, **keywords)
+            original = data.read_image(path, upright=True)  # uint8 (3, H, W), as the photo is to be seen
+            height, width = original.shape[-2:]
+            if height * width > FULL_SIZE_RATIO * scale[0] * scale[1]:
+                original = data.resize_image(original, data.rescale_size(height, width, scale))
+                size = f"{original.shape[2]}x{original.shape[1]}"
+                tqdm.write(
+                    f"{path}: {width}x{height} is large; predicted and drawn at the test scale, {size}"
+                )
+            images, probabilities = image_probabilities(model, original, settings, device)
+            pred, ratios = probabilities.argmax(dim=0), settings["ratios"]
+            attention, title = attention_at_test_scale(
+                model, images, ratios, original, scale, settings["precision"]
+            )
+            written += pictures.save_pictures(
+                save_dir, name, original, pred, palette, attention, opacity, classes, attention_title=title
+            )
         except (ValueError, OSError) as error:  # an unreadable or undecodable file: name it, go on
             failed.append(path)
             bar.set_postfix(failed=len(failed))  # the bar counts the images tried
             tqdm.write(f"evaluate.py: {path} failed: {error}", file=sys.stderr)
     counts = sum_over_processes(torch.tensor([len(mine) - len(failed), len(failed)], device=device)).tolist()
-    if rank == 0 and skipped:
+    if skipped:
         what = "that is not an image" if len(skipped) == 1 else "that are not images"
-        print(f"skipped {files_count(len(skipped))} {what}: " + ", ".join(map(str, skipped)))
-    if rank == 0 and len(files) == 1 and not failed:
-        print("wrote " + ", ".join(map(str, written)))
-    elif rank == 0:
+        runtime.say(f"skipped {counted(len(skipped), 'file')} {what}: " + ", ".join(map(str, skipped)))
+    if len(files) == 1 and not failed:
+        runtime.say("wrote " + ", ".join(map(str, written)))
+    else:
         tried = f" ({counts[1]} of {len(files)} failed)" if counts[1] else ""
         maps = " and" if info["block"]["context"] == "none" else ", attention and"  # FCN: no map
-        print(
-            f"wrote the label PNG, overlay{maps} composite pictures of {counts[0]} "
-            f"{'image' if counts[0] == 1 else 'images'} under {save_dir}{tried}"
+        runtime.say(
+            f"wrote the label PNG, overlay{maps} composite pictures of {counted(counts[0], 'image')} under "
+            f"{save_dir}{tried}"
         )
     if failed:
         print(
-            f"evaluate.py: {files_count(len(failed))} failed: " + ", ".join(map(str, failed)), file=sys.stderr
+            f"evaluate.py: {counted(len(failed), 'file')} failed: " + ", ".join(map(str, failed)),
+            file=sys.stderr,
         )
     return counts[1]
 
@@ -718,7 +653,7 @@ def main(argv=None):
         checkpoint = checkpoints.find_checkpoint(args.checkpoint)
         loaded = checkpoints.read_checkpoint(
             checkpoint, trust=args.trust_checkpoint
-        )  # read once, for info and weights
+        )  # once, for info and weights
         info = checkpoints.checkpoint_info(checkpoint, loaded)
         settings = dict(resolve_settings(args, info, device), thread_choice=thread_choice)
         # The fp32 reference of the agreement check keeps its BatchNorm; the model that runs may fold it.
@@ -770,9 +705,7 @@ def build_parser():
         "--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)"
     )
     what.add_argument(
-        "--data-root",
-        help="dataset folder (default: the one the checkpoint's run used, else "
-        "the dataset's, e.g. data/cityscapes)",
+        "--data-root", help="dataset folder (default: the checkpoint's run's, else the dataset's)"
     )
     what.add_argument(
         "--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights say it)"
@@ -807,15 +740,13 @@ def build_parser():
         "--workers",
         type=number(int, 0),
         default=workers,
-        help=f"loader processes (default: 4, at most the cores per process: {workers} here)",
+        help=f"loader processes (default: 4, at most {workers} here: the cores per process)",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--save-dir",
         type=path("folder"),
-        help="pictures or server files go here: per image "
-        "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png; for a split also "
-        "confusion.png",
+        help="pictures or server files go here: per image <name>_pred.png, _overlay.jpg, _attention.png, _composite.png; for a split also confusion.png",
     )
     output.add_argument(
         "--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1"
@@ -823,9 +754,7 @@ def build_parser():
     output.add_argument(
         "--out",
         type=path("file"),
-        help="results JSON: aAcc, mIoU, mAcc, mF1, mPrecision, "
-        "mRecall, loss, per-class IoU/Acc/F1/Precision/Recall, the confusion matrix, the settings "
-        "(default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)",
+        help="results JSON: aAcc, mIoU, mAcc, mF1, mPrecision, mRecall, loss, per-class IoU/Acc/F1/Precision/Recall, the confusion matrix, the settings (default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)",
     )
     return parser
 
@@ -839,9 +768,7 @@ def build_model(checkpoint, loaded, info, settings, device):
     depth = settings["depth"]
     if depth is not None and depth != info["depth"]:
         raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
-    net = model.GCNet(
-        info["num_classes"], depth=info["depth"], align_corners=settings["align_corners"], **info["block"]
-    )
+    net = model.GCNet(info["num_classes"], info["depth"], settings["align_corners"], **info["block"])
     checkpoints.load_checkpoint(net, checkpoint, loaded)
     return net.to(device).eval()
 
@@ -923,12 +850,13 @@ def displayed(attention, size, align_corners):
     return (attention - low) / (high - low).clamp_min(1e-12)
 
 
-def image_at_ratio_one(images, ratios, original, test_scale):
-    """The image at the test scale (ratio 1.0), for the attention picture: one of the images per
-    ratio, or made from the original uint8 image when 1.0 is not among the ratios."""
-    if 1.0 in ratios:
-        return images[tuple(ratios).index(1.0)]
-    return data.test_transform(original, test_scale)[0].to(images[0].device)
+def attention_at_test_scale(model, images, ratios, original, scale, precision):
+    """attention_map() of the image at the test scale (ratio 1.0): one of the images per ratio, or
+    made from the original uint8 image when 1.0 is not among the ratios."""
+    device = images[0].device
+    image = images[ratios.index(1.0)] if 1.0 in ratios else data.test_transform(original, scale)[0].to(device)
+    with runtime.precision_context(device, precision):
+        return attention_map(model, image, original.shape[-2:])
 
 
 def save_confusion_picture(matrix, classes, save_dir):
@@ -940,10 +868,10 @@ def save_confusion_picture(matrix, classes, save_dir):
 
 def save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity):
     """save_pictures() for an image of a split, with its attention map at the test scale."""
-    original, device = data.read_image(meta["image_path"]), images[0].device
-    at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale)
-    with runtime.precision_context(device, precision):
-        attention, title = attention_map(model, at_ratio_one, original.shape[-2:])
+    original = data.read_image(meta["image_path"])
+    attention, title = attention_at_test_scale(
+        model, images, dataset.test_ratios, original, dataset.scale, precision
+    )
     pictures.save_pictures(
         save_dir,
         meta["name"],
@@ -952,60 +880,22 @@ def save_split_pictures(model, dataset, pred, label, meta, images, precision, sa
         dataset.palette,
         attention,
         opacity,
-        classes=dataset.classes,
-        label=label,
-        attention_title=title,
+        dataset.classes,
+        label,
+        title,
     )
 
 
 @torch.no_grad()
-def predict_image(
-    model,
-    path,
-    name,
-    *,
-    scale,
-    ratios,
-    device,
-    precision,
-    palette,
-    save_dir,
-    opacity=0.5,
-    classes=None,
-    **protocol,
-):
-    """The pictures of save_pictures() for one image file, without a dataset. Returns their paths. A
-    photo with more than FULL_SIZE_RATIO times the pixels of the test scale is predicted and drawn at
-    the test scale: scores at its full size would take classes x pixels floats."""
-    original = data.read_image(path, upright=True)  # uint8 (3, H, W), as the photo is meant to be seen
-    height, width = original.shape[-2:]
-    if height * width > FULL_SIZE_RATIO * scale[0] * scale[1]:
-        original = data.resize_image(original, data.rescale_size(height, width, scale))
-        tqdm.write(
-            f"{path}: {width}x{height} is large; predicted and drawn at the test scale, "
-            f"{original.shape[2]}x{original.shape[1]}"
-        )
-    images, probabilities = image_probabilities(
-        model, original, scale=scale, ratios=ratios, device=device, precision=precision, **protocol
-    )
-    with runtime.precision_context(device, precision):
-        attention, title = attention_map(
-            model, image_at_ratio_one(images, ratios, original, scale), original.shape[-2:]
-        )
-    pred = probabilities.argmax(dim=0)
-    return pictures.save_pictures(
-        save_dir, name, original, pred, palette, attention, opacity, classes=classes, attention_title=title
-    )
-
-
-@torch.no_grad()
-def image_probabilities(model, original, *, scale, ratios, device, precision, **protocol):
+def image_probabilities(model, original, settings, device):
     """(the image at each test ratio on the device, class probabilities at its size) of one uint8
     (3, H, W) image without a dataset: the test transform, then predict() in eval mode."""
-    images = [image.to(device) for image in data.test_transform(original, scale, tuple(ratios))]
+    images = [
+        image.to(device) for image in data.test_transform(original, settings["scale"], settings["ratios"])
+    ]
     model.eval()
-    with runtime.precision_context(device, precision):
-        return images, predict(model, images, original.shape[-2:], **protocol)
+    with runtime.precision_context(device, settings["precision"]):
+        return images, predict(model, images, original.shape[-2:], **protocol_of(settings))
 
 
 class Predictor:
@@ -1023,22 +913,17 @@ class Predictor:
         loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)
         info = checkpoints.checkpoint_info(checkpoint, loaded)
         self.settings = resolve_settings(args, info, self.device)
-        self.model = inference_model(
-            build_model(checkpoint, loaded, info, self.settings, self.device), self.settings
-        )
+        built = build_model(checkpoint, loaded, info, self.settings, self.device)
+        self.model = inference_model(built, self.settings)
         self.palette, self.classes = class_names_and_colours(
             info, self.settings["dataset"], info["num_classes"]
         )
 
     def __call__(self, path):
         """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
-        image = data.read_image(path, upright=True)
-        keywords = dict(
-            inference_keywords(self.settings, self.device),
-            scale=self.settings["scale"],
-            ratios=self.settings["ratios"],
+        _, probabilities = image_probabilities(
+            self.model, data.read_image(path, upright=True), self.settings, self.device
         )
-        _, probabilities = image_probabilities(self.model, image, **keywords)
         return probabilities.argmax(dim=0).cpu()
 
 

@@ -291,7 +291,7 @@ class FakeValSet(torch.utils.data.Dataset):
 
 EVALUATION = dict(
     mode="whole", crop_size=None, stride=None, flip=False, device="cpu", precision="fp32",
-    window_batch=2, show_progress=False, workers=0,
+    window_batch=2, workers=0,
 )  # fmt: skip
 
 
@@ -337,8 +337,7 @@ def test_the_validation_loss_is_the_training_loss_over_the_split(tmp_path):
 
 def test_precision_agreement_runs_fp32_on_the_reference_model(tmp_path):
     dataset = FakeValSet(tmp_path, count=3)
-    options = {k: v for k, v in EVALUATION.items() if k != "show_progress"}
-    options["precision"] = "bf16"
+    options = dict(EVALUATION, precision="bf16")
     model = PixelModel(3, seed=0).train()
     same = evaluate.precision_agreement(model, dataset, 3, **options)
     assert model.training  # mode restored
@@ -662,9 +661,9 @@ def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
     write_folder_dataset(tmp_path / "mine", ["sky", "road", "car"], count=2)
     seen, real = [], evaluate.precision_agreement
 
-    def spy(model, dataset, num_images, **options):
+    def spy(model, dataset, count, reference_model, **options):
         seen.append((dataset.test_ratios, options["flip"]))
-        return real(model, dataset, num_images, **options)
+        return real(model, dataset, count, reference_model, **options)
 
     monkeypatch.setattr(evaluate, "precision_agreement", spy)
     evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data-root", str(tmp_path / "mine"), "--workers", "0",
