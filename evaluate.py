@@ -227,7 +227,6 @@ def test_images(dataset, device, workers=2, count=None, desc="predict"):
     """(images per scale on `device`, label or None, meta) for this process's share of the first `count`
     images (default all): rank r of W takes images r, r+W, ..., so none is counted twice."""
     rank, world_size = runtime.rank_and_world_size()
-    device = torch.device(device)
     if len(dataset) == 0:
         split = getattr(dataset, "split", "")
         raise ValueError(
@@ -242,17 +241,14 @@ def test_images(dataset, device, workers=2, count=None, desc="predict"):
         batch_size=1,
         num_workers=workers,
         collate_fn=data.collate_val,
-        pin_memory=device.type == "cuda",
+        pin_memory=torch.device(device).type == "cuda",
         prefetch_factor=1 if workers > 0 else None,
         worker_init_fn=runtime.leave_stop_signals_to_the_main_process,
     )
     here = f" ({len(share)} of {total} images here)" if world_size > 1 else ""
-    with tqdm(total=len(share), desc=f"{desc}{here}", unit="img", disable=rank != 0) as progress:
-        for images_per_scale, labels, metas in loader:
-            images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
-            label = None if labels[0] is None else labels[0].to(device, non_blocking=True)
-            yield images, label, metas[0]
-            progress.update(1)
+    for images, labels, metas in tqdm(loader, desc=f"{desc}{here}", unit="img", disable=rank != 0):
+        label = None if labels[0] is None else labels[0].to(device, non_blocking=True)
+        yield [image.to(device, non_blocking=True) for image in images[0]], label, metas[0]
 
 
 def check_protocol(mode, crop_size, stride, images):
@@ -311,8 +307,7 @@ def format_table(metrics, classes):
             f"{name:<{width}}" + "".join(f"  {metrics[key][index]:7.2f}" for _, key in TABLE_COLUMNS)
         )
     means = ("aAcc", "mIoU", "mAcc", "mF1", "mPrecision", "mRecall")
-    lines.append("  ".join(f"{key} {metrics[key]:.2f}" for key in means))
-    return "\n".join(lines)
+    return "\n".join([*lines, "  ".join(f"{key} {metrics[key]:.2f}" for key in means)])
 
 
 def sum_over_processes(tensor):
@@ -347,7 +342,7 @@ def precision_agreement(
 # -----------------------------------------------------------------------------------------------
 # The command line: the flags, resolved once into a plain dict of settings, then one of three jobs
 
-# predict()'s test protocol, and what evaluate.py prints and records of it
+# predict()'s test protocol; and what evaluate.py prints and records of it
 PROTOCOL = ("mode", "crop_size", "stride", "flip", "window_batch")
 SHOWN_PROTOCOL = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
 
@@ -371,11 +366,10 @@ def resolve_settings(args, info, device):
     precision = runtime.resolve_precision(args.precision, device, auto="native" if info["recipe"] else "fp32")
     fold = default_fold_batchnorm(precision) if args.fold_batchnorm is None else args.fold_batchnorm
     check = (0 if precision == "fp32" else 10) if args.check_agreement is None else args.check_agreement
-    # The checkpoint's run recorded its data root, and whether label 0 is 'ignore', for its own dataset.
+    # The data root and the label rule (0 = 'ignore' or not) the checkpoint's run used, for its dataset.
     recorded = (info["recipe"] or {}) if name == info["dataset"] else {}
     root = args.data_root or recorded.get("data_root")
     whose = "recorded by the checkpoint's run" if root else "the dataset's default"
-    whose = "given by --data-root" if args.data_root is not None else whose
     return dict(
         dataset=name,
         mode=mode,
@@ -390,11 +384,11 @@ def resolve_settings(args, info, device):
         fold_batchnorm=fold,
         check_agreement=check,
         data_root=root or recipe.DATASETS.get(name, {}).get("root"),
-        data_root_from=whose,
-        reduce_zero_label=recorded.get("reduce_zero_label"),  # None: the dataset's own declaration
+        data_root_from="given by --data-root" if args.data_root is not None else whose,
+        reduce_zero_label=recorded.get("reduce_zero_label"),  # None: the dataset's own rule
         images=image_files(args.image) if args.image else None,  # (files, skipped)
         **{key: getattr(args, key) for key in ("window_batch", "workers", "depth", "split", "format_only")},
-        **{key: getattr(args, key) for key in ("save_dir", "opacity", "out")},  # as given
+        **{key: getattr(args, key) for key in ("save_dir", "opacity", "out")},
     )
 
 
@@ -432,10 +426,26 @@ def build_split(info, settings, checkpoint):
             raise
         raise FileNotFoundError(
             f"{error}\n{checkpoint} holds a {name} model and this looked in the data root {root}, "
-            f"{settings['data_root_from']}: pass --data-root with the folder of its data (and --dataset if "
-            "it is another dataset with the same classes)."
+            f"{settings['data_root_from']}: pass --data-root with the folder of its data (and --dataset "
+            "if it is another dataset with the same classes)."
         ) from None
-    check_classes(info, dataset, checkpoint)
+    if info["num_classes"] != dataset.num_classes:
+        raise ValueError(
+            f"{checkpoint} predicts {info['num_classes']} classes but the {name} dataset has "
+            f"{dataset.num_classes}: pass the --dataset it was trained on"
+        )
+    # strip(): the original ADE20K class list has 'bed ' with a trailing space (mmseg v0.5.0
+    # mmseg/datasets/ade.py). A checkpoint that names no classes is taken at its class count.
+    ours, theirs = (
+        [c.strip() for c in info["classes"] or dataset.classes],
+        [c.strip() for c in dataset.classes],
+    )
+    if ours != theirs:
+        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        raise ValueError(
+            f"{checkpoint} was trained on other classes than the {name} dataset's: class "
+            f"{first} is {ours[first]!r} in the checkpoint, {theirs[first]!r} in the dataset"
+        )
     return dataset
 
 
@@ -451,13 +461,10 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     )
     runtime.say(runtime.machine_line(settings["thread_choice"], settings["workers"]))
     if differences is not None:
-        same = (
-            "other settings: " + "; ".join(differences)
-            if differences
-            else "the same settings: expect the same score"
-        )
+        same = "other settings: " + "; ".join(differences) if differences else "the same settings"
+        expect = "" if differences else ": expect the same score"
         runtime.say(
-            f"training validated this checkpoint (iteration {validated['iteration']}) at mIoU {validated['mIoU']:.2f} with {same}"
+            f"training validated this checkpoint (iteration {validated['iteration']}) at mIoU {validated['mIoU']:.2f} with {same}{expect}"
         )
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
@@ -466,9 +473,8 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         # it would cost twelve forward passes per image, more than the evaluation itself.
         single_scale = copy.copy(dataset)
         single_scale.test_ratios = (1.0,)
-        agreement = precision_agreement(
-            model, single_scale, settings["check_agreement"], reference_model, **dict(inference, flip=False)
-        )
+        count, inference_once = settings["check_agreement"], dict(inference, flip=False)
+        agreement = precision_agreement(model, single_scale, count, reference_model, **inference_once)
         share = 100 * agreement["agreement"]
         runtime.say(f"{precision} vs fp32 at a single scale: {share:.4f}% of the labelled pixels agree")
     start = time.perf_counter()
@@ -484,6 +490,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         why = "other settings, above" if differences else "same settings"
         print(f"mIoU {results['mIoU']:.2f} here, {validated['mIoU']:.2f} in training's validation ({why})")
     scores = ("num_images", "aAcc", "mIoU", "mAcc", "mF1", "mPrecision", "mRecall", "loss")
+    per_class = ("IoU", "Acc", "F1", "Precision", "Recall")
     speed = ("precision", "channels_last", "fold_batchnorm", "window_batch")
     record = dict(
         checkpoint=str(checkpoint),
@@ -492,8 +499,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         data_root=settings["data_root"],
         **{key: results[key] for key in scores},
         per_class={
-            name: {key: results[key][index] for key in ("IoU", "Acc", "F1", "Precision", "Recall")}
-            for index, name in enumerate(dataset.classes)
+            name: {key: results[key][i] for key in per_class} for i, name in enumerate(dataset.classes)
         },
         settings=dict(
             {key: settings[key] for key in SHOWN_PROTOCOL + speed},
@@ -519,7 +525,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
 
 def training_differences(validation, settings, dataset, device):
     """How this evaluation's settings differ from those of the training validation that the checkpoint
-    records (best.pth): a list of 'what: there, here' texts, empty when they agree; None when the
+    records (best.pth): 'what there in training, here here' texts, empty when they agree; None when the
     checkpoint records none."""
     if not validation:
         return None
@@ -554,17 +560,14 @@ def write_split_files(model, info, settings, checkpoint, device):
     with evaluation_mode(model):
         for images, _, meta in test_images(dataset, device, settings["workers"]):
             with runtime.precision_context(device, settings["precision"]):
-                probabilities = predict(model, images, meta["original_size"], **protocol_of(settings))
+                probabilities = predict(
+                    model, images, meta["original_size"], **{k: settings[k] for k in PROTOCOL}
+                )
             name, picture = server_file(dataset.name, probabilities.argmax(dim=0), meta, dataset.palette)
             pictures.save_picture(picture, Path(save_dir) / name)
             written += 1
     total = int(sum_over_processes(torch.tensor([written], device=device)).item())
     runtime.say(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
-
-
-def protocol_of(settings):
-    """predict()'s keywords."""
-    return {key: settings[key] for key in PROTOCOL}
 
 
 def counted(count, thing):
@@ -585,13 +588,13 @@ def class_names_and_colours(info, dataset_name, num_classes):
 
 def predict_images(model, info, settings, device):
     """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
-    that cannot be read is named and the others go on. A photo of more than FULL_SIZE_RATIO times the
-    test scale's pixels is predicted and drawn at the test scale: scores at its full size would take
-    classes x pixels floats. Returns how many failed, over all ranks."""
+    that cannot be read is named and the others go on. A photo of more than 4 times the test scale's
+    pixels is predicted and drawn at the test scale: scores at its full size would take classes x pixels
+    floats. Returns how many failed, over all ranks."""
     rank, world_size = runtime.rank_and_world_size()
     (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
-    scale, opacity = settings["scale"], settings["opacity"]
     palette, classes = class_names_and_colours(info, settings["dataset"], model.num_classes)
+    scale, ratios, opacity = settings["scale"], settings["ratios"], settings["opacity"]
     mine = list(zip(files, picture_names(files)))[rank::world_size]
     written, failed = [], []
     bar = tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2)
@@ -599,17 +602,15 @@ def predict_images(model, info, settings, device):
         try:
             original = data.read_image(path, upright=True)  # uint8 (3, H, W), as the photo is to be seen
             height, width = original.shape[-2:]
-            if height * width > FULL_SIZE_RATIO * scale[0] * scale[1]:
+            if height * width > 4 * scale[0] * scale[1]:
                 original = data.resize_image(original, data.rescale_size(height, width, scale))
-                size = f"{original.shape[2]}x{original.shape[1]}"
+                smaller = f"{original.shape[2]}x{original.shape[1]}"
                 tqdm.write(
-                    f"{path}: {width}x{height} is large; predicted and drawn at the test scale, {size}"
+                    f"{path}: {width}x{height} is large; predicted and drawn at the test scale, {smaller}"
                 )
             images, probabilities = image_probabilities(model, original, settings, device)
-            pred, ratios = probabilities.argmax(dim=0), settings["ratios"]
-            attention, title = attention_at_test_scale(
-                model, images, ratios, original, scale, settings["precision"]
-            )
+            precision, pred = settings["precision"], probabilities.argmax(dim=0)
+            attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
             written += pictures.save_pictures(
                 save_dir, name, original, pred, palette, attention, opacity, classes, attention_title=title
             )
@@ -627,8 +628,7 @@ def predict_images(model, info, settings, device):
         tried = f" ({counts[1]} of {len(files)} failed)" if counts[1] else ""
         maps = " and" if info["block"]["context"] == "none" else ", attention and"  # FCN: no map
         runtime.say(
-            f"wrote the label PNG, overlay{maps} composite pictures of {counted(counts[0], 'image')} under "
-            f"{save_dir}{tried}"
+            f"wrote the label PNG, overlay{maps} composite pictures of {counted(counts[0], 'image')} under {save_dir}{tried}"
         )
     if failed:
         print(
@@ -651,9 +651,7 @@ def main(argv=None):
         _, _, device = runtime.setup_device(args.device)
         thread_choice = runtime.set_threads(args.threads, device)
         checkpoint = checkpoints.find_checkpoint(args.checkpoint)
-        loaded = checkpoints.read_checkpoint(
-            checkpoint, trust=args.trust_checkpoint
-        )  # once, for info and weights
+        loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # for info and weights
         info = checkpoints.checkpoint_info(checkpoint, loaded)
         settings = dict(resolve_settings(args, info, device), thread_choice=thread_choice)
         # The fp32 reference of the agreement check keeps its BatchNorm; the model that runs may fold it.
@@ -690,40 +688,28 @@ USAGE = r"""examples:
 def build_parser():
     """Every flag is checked when parsed (runtime.number_flag, writable_path, size_flag): a wrong value
     ends the run before any work, naming the flag and what it allows."""
-    number, path, size_flag = runtime.number_flag, runtime.writable_path, runtime.size_flag
+    number, path, size = runtime.number_flag, runtime.writable_path, runtime.size_flag
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     what = parser.add_argument_group("what to evaluate")
+    what.add_argument("--checkpoint", help=f"file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
+    what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: files you trust only")
     what.add_argument(
-        "--checkpoint", help=f"a .pth file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})"
+        "--dataset", help="cityscapes, ade20k, voc12aug, toy, folder (default: the checkpoint's)"
     )
-    what.add_argument(
-        "--trust-checkpoint", action="store_true", help="unpickle fully: only for files you trust"
-    )
-    what.add_argument(
-        "--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)"
-    )
-    what.add_argument(
-        "--data-root", help="dataset folder (default: the checkpoint's run's, else the dataset's)"
-    )
-    what.add_argument(
-        "--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights say it)"
-    )
-    what.add_argument(
-        "--split", default="val", choices=("val", "test"), help="val, or test with --format-only"
-    )
+    what.add_argument("--data-root", help="its folder (default: the checkpoint's run's, else the dataset's)")
+    what.add_argument("--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights')")
+    what.add_argument("--split", default="val", choices=("val", "test"), help="test only with --format-only")
     what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
-    what.add_argument(
-        "--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns"
-    )
+    what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, globs")
     test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
     test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
     test.add_argument("--scales", type=number(float, 0.01, 4), nargs="+", help="test scale ratios, 0.01..4")
     test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
     test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
-    test.add_argument("--crop", type=size_flag("--crop"), help="sliding window size: 769 or HxW (512x1024)")
-    test.add_argument("--stride", type=size_flag("--stride"), help="sliding window stride: 513 or HxW")
+    test.add_argument("--crop", type=size("--crop"), help="sliding window size: 769 or HxW (512x1024)")
+    test.add_argument("--stride", type=size("--stride"), help="sliding window stride: 513 or HxW")
     runtime.add_arguments(parser)
     speed = parser.add_argument_group("speed (results change by rounding only)")
     speed.add_argument(
@@ -736,38 +722,31 @@ def build_parser():
         "--window-batch", type=number(int, 1), default=4, help="sliding windows per pass (default 4)"
     )
     workers = min(4, runtime.cores_per_process())
-    speed.add_argument(
-        "--workers",
-        type=number(int, 0),
-        default=workers,
-        help=f"loader processes (default: 4, at most {workers} here: the cores per process)",
-    )
+    cores = f"loader processes (default: 4, at most the cores per process: {workers} here)"
+    speed.add_argument("--workers", type=number(int, 0), default=workers, help=cores)
     output = parser.add_argument_group("output")
-    output.add_argument(
-        "--save-dir",
-        type=path("folder"),
-        help="pictures or server files go here: per image <name>_pred.png, _overlay.jpg, _attention.png, _composite.png; for a split also confusion.png",
-    )
+    files = "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png per image, confusion.png per split"
+    output.add_argument("--save-dir", type=path("folder"), help=f"pictures or server files go here: {files}")
     output.add_argument(
         "--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1"
     )
+    named = "(default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)"
     output.add_argument(
-        "--out",
-        type=path("file"),
-        help="results JSON: aAcc, mIoU, mAcc, mF1, mPrecision, mRecall, loss, per-class IoU/Acc/F1/Precision/Recall, the confusion matrix, the settings (default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)",
+        "--out", type=path("file"), help=f"JSON of the scores, per class too, and settings {named}"
     )
     return parser
 
 
 # -----------------------------------------------------------------------------------------------
-# The model of a checkpoint
+# The model of a checkpoint, and pictures: predicted labels, colour overlay and the attention map
 
 
 def build_model(checkpoint, loaded, info, settings, device):
     """GCNet shaped by the checkpoint (depth and class count from its weights) with its weights."""
-    depth = settings["depth"]
-    if depth is not None and depth != info["depth"]:
-        raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
+    if settings["depth"] not in (None, info["depth"]):
+        raise ValueError(
+            f"--depth {settings['depth']} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth"
+        )
     net = model.GCNet(info["num_classes"], info["depth"], settings["align_corners"], **info["block"])
     checkpoints.load_checkpoint(net, checkpoint, loaded)
     return net.to(device).eval()
@@ -779,25 +758,6 @@ def inference_model(net, settings):
     if settings["fold_batchnorm"]:
         net = fold_batchnorm(net)
     return net.to(memory_format=torch.channels_last) if settings["channels_last"] else net
-
-
-def check_classes(info, dataset, checkpoint):
-    """The checkpoint's classes must be the dataset's, in the same order."""
-    if info["num_classes"] != dataset.num_classes:
-        raise ValueError(
-            f"{checkpoint} predicts {info['num_classes']} classes but the {dataset.name} dataset has "
-            f"{dataset.num_classes}: pass the --dataset it was trained on"
-        )
-    if info["classes"] is not None:
-        # strip(): the original ADE20K class list has 'bed ' with a trailing space
-        # (mmseg v0.5.0 mmseg/datasets/ade.py).
-        ours, theirs = [c.strip() for c in info["classes"]], [c.strip() for c in dataset.classes]
-        if ours != theirs:
-            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-            raise ValueError(
-                f"{checkpoint} was trained on other classes than the {dataset.name} dataset's: class "
-                f"{first} is {ours[first]!r} in the checkpoint, {theirs[first]!r} in the dataset"
-            )
 
 
 def fold_batchnorm(net):
@@ -820,10 +780,6 @@ def fold_batchnorm(net):
     return folded
 
 
-# -----------------------------------------------------------------------------------------------
-# Pictures: predicted labels, colour overlay and the block's attention map, for a split or image files
-
-
 @torch.no_grad()
 def attention_map(model, image, original_size):
     """The GC block's attention (softmax over positions, 1/8 resolution) for one image (3, h, w),
@@ -844,10 +800,10 @@ def attention_map(model, image, original_size):
 def displayed(attention, size, align_corners):
     """An attention map (h, w) bilinearly upsampled to `size` (H, W) and stretched to [0, 1] for display."""
     attention = F.interpolate(
-        attention[None, None].float(), size=tuple(size), mode="bilinear", align_corners=align_corners
-    )[0, 0]
+        attention[None, None].float(), tuple(size), mode="bilinear", align_corners=align_corners
+    )
     low, high = attention.min(), attention.max()
-    return (attention - low) / (high - low).clamp_min(1e-12)
+    return ((attention - low) / (high - low).clamp_min(1e-12))[0, 0]
 
 
 def attention_at_test_scale(model, images, ratios, original, scale, precision):
@@ -868,21 +824,12 @@ def save_confusion_picture(matrix, classes, save_dir):
 
 def save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity):
     """save_pictures() for an image of a split, with its attention map at the test scale."""
-    original = data.read_image(meta["image_path"])
+    original, palette, classes = data.read_image(meta["image_path"]), dataset.palette, dataset.classes
     attention, title = attention_at_test_scale(
         model, images, dataset.test_ratios, original, dataset.scale, precision
     )
     pictures.save_pictures(
-        save_dir,
-        meta["name"],
-        original,
-        pred,
-        dataset.palette,
-        attention,
-        opacity,
-        dataset.classes,
-        label,
-        title,
+        save_dir, meta["name"], original, pred, palette, attention, opacity, classes, label, title
     )
 
 
@@ -895,7 +842,7 @@ def image_probabilities(model, original, settings, device):
     ]
     model.eval()
     with runtime.precision_context(device, settings["precision"]):
-        return images, predict(model, images, original.shape[-2:], **protocol_of(settings))
+        return images, predict(model, images, original.shape[-2:], **{k: settings[k] for k in PROTOCOL})
 
 
 class Predictor:
@@ -913,50 +860,43 @@ class Predictor:
         loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)
         info = checkpoints.checkpoint_info(checkpoint, loaded)
         self.settings = resolve_settings(args, info, self.device)
-        built = build_model(checkpoint, loaded, info, self.settings, self.device)
-        self.model = inference_model(built, self.settings)
+        self.model = inference_model(
+            build_model(checkpoint, loaded, info, self.settings, self.device), self.settings
+        )
         self.palette, self.classes = class_names_and_colours(
             info, self.settings["dataset"], info["num_classes"]
         )
 
     def __call__(self, path):
         """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
-        _, probabilities = image_probabilities(
-            self.model, data.read_image(path, upright=True), self.settings, self.device
-        )
-        return probabilities.argmax(dim=0).cpu()
-
-
-# --image draws a photo at its own size up to this many times the pixels of the test scale.
-FULL_SIZE_RATIO = 4
+        image = data.read_image(path, upright=True)
+        return image_probabilities(self.model, image, self.settings, self.device)[1].argmax(dim=0).cpu()
 
 
 def image_files(patterns):
-    """--image: files as given, a folder's images with its subfolders' (sorted), a glob pattern's images
-    (sorted). Returns (files, skipped): skipped are the files of folders and patterns that are not
-    images by their name."""
+    """--image: files as given, a folder's images with its subfolders' but not hidden ones (sorted), a
+    glob pattern's images (sorted). Returns (files, skipped): skipped are the files of folders and
+    patterns that are not images by their name."""
     files, skipped, kinds = [], [], data.FOLDER_IMAGE_EXTENSIONS
     for pattern in patterns:
         path = Path(pattern)
         if path.is_file():
             files.append(path)
             continue
-        if path.is_dir():  # and its subfolders, but not hidden files or folders
-            below = (
-                child
-                for child in path.rglob("*")
-                if not any(part.startswith(".") for part in child.relative_to(path).parts)
-            )
-            found = sorted(filter(Path.is_file, below))
+        if path.is_dir():
+            found = [file for file in sorted(path.rglob("*")) if file.is_file()]
+            found = [
+                file for file in found if not any(part[0] == "." for part in file.relative_to(path).parts)
+            ]
         elif any(character in pattern for character in "*?["):
             found = sorted(filter(Path.is_file, map(Path, glob.glob(pattern, recursive=True))))
         else:
             raise FileNotFoundError(f"--image {pattern}: no such file or folder")
-        images = [child for child in found if child.suffix.lower() in kinds]
+        images = [file for file in found if file.suffix.lower() in kinds]
         if not images:
             raise FileNotFoundError(f"--image {pattern}: no {'/'.join(kinds)} images there")
         files += images
-        skipped += [child for child in found if child.suffix.lower() not in kinds]
+        skipped += [file for file in found if file.suffix.lower() not in kinds]
     return list(dict.fromkeys(files)), skipped  # a file named twice is predicted once
 
 
@@ -970,12 +910,9 @@ def picture_names(files):
     return [name if counts[name] == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)]
 
 
-# -----------------------------------------------------------------------------------------------
-# Files for the datasets' evaluation servers (--format-only): predictions of a split, no labels needed
-
-
-# Cityscapes scores labelIds, not the trainIds the model predicts: trainId -> id is the inverse of
-# the table data.py converts the labels with (cityscapesScripts helpers/labels.py).
+# Files for the datasets' evaluation servers (--format-only). Cityscapes scores labelIds, not the
+# trainIds the model predicts: trainId -> id is the inverse of the table data.py converts the labels
+# with (cityscapesScripts helpers/labels.py).
 CITYSCAPES_TRAINID_TO_ID = torch.tensor(
     sorted(data.CITYSCAPES_ID_TO_TRAINID, key=data.CITYSCAPES_ID_TO_TRAINID.get), dtype=torch.uint8
 )
