@@ -436,10 +436,8 @@ def build_split(info, settings, checkpoint):
         )
     # strip(): the original ADE20K class list has 'bed ' with a trailing space (mmseg v0.5.0
     # mmseg/datasets/ade.py). A checkpoint that names no classes is taken at its class count.
-    ours, theirs = (
-        [c.strip() for c in info["classes"] or dataset.classes],
-        [c.strip() for c in dataset.classes],
-    )
+    ours = [c.strip() for c in info["classes"] or dataset.classes]
+    theirs = [c.strip() for c in dataset.classes]
     if ours != theirs:
         first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
         raise ValueError(
@@ -449,8 +447,9 @@ def build_split(info, settings, checkpoint):
     return dataset
 
 
-def evaluate_split(model, info, settings, checkpoint, device, reference_model):
+def evaluate_split(model, info, settings, reference_model):
     """Metrics on the val split: table on screen, everything in a JSON file."""
+    checkpoint, device = settings["checkpoint"], settings["device"]
     world_size, dataset = runtime.rank_and_world_size()[1], build_split(info, settings, checkpoint)
     precision, validated = settings["precision"], info["validation"]
     differences = training_differences(validated, settings, dataset, device)
@@ -551,9 +550,10 @@ def without_nan(value):
 
 
 @torch.no_grad()
-def write_split_files(model, info, settings, checkpoint, device):
+def write_split_files(model, info, settings):
     """--format-only: server_file()'s files for a whole split; under torchrun each process writes its share."""
-    dataset, split = build_split(info, settings, checkpoint), settings["split"]
+    dataset, device = build_split(info, settings, settings["checkpoint"]), settings["device"]
+    split = settings["split"]
     save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{split}"
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     written = 0
@@ -586,14 +586,14 @@ def class_names_and_colours(info, dataset_name, num_classes):
     return palette, classes
 
 
-def predict_images(model, info, settings, device):
+def predict_images(model, info, settings):
     """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
     that cannot be read is named and the others go on. A photo of more than 4 times the test scale's
     pixels is predicted and drawn at the test scale: scores at its full size would take classes x pixels
     floats. Returns how many failed, over all ranks."""
     rank, world_size = runtime.rank_and_world_size()
     (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
-    palette, classes = class_names_and_colours(info, settings["dataset"], model.num_classes)
+    palette, classes, device = settings["palette"], settings["classes"], settings["device"]
     scale, ratios, opacity = settings["scale"], settings["ratios"], settings["opacity"]
     mine = list(zip(files, picture_names(files)))[rank::world_size]
     written, failed = [], []
@@ -608,7 +608,7 @@ def predict_images(model, info, settings, device):
                 tqdm.write(
                     f"{path}: {width}x{height} is large; predicted and drawn at the test scale, {smaller}"
                 )
-            images, probabilities = image_probabilities(model, original, settings, device)
+            images, probabilities = image_probabilities(model, original, settings)
             precision, pred = settings["precision"], probabilities.argmax(dim=0)
             attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
             written += pictures.save_pictures(
@@ -648,21 +648,15 @@ def main(argv=None):
     runtime.keep_freed_memory()
     failed = 0
     try:
-        _, _, device = runtime.setup_device(args.device)
-        thread_choice = runtime.set_threads(args.threads, device)
-        checkpoint = checkpoints.find_checkpoint(args.checkpoint)
-        loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # for info and weights
-        info = checkpoints.checkpoint_info(checkpoint, loaded)
-        settings = dict(resolve_settings(args, info, device), thread_choice=thread_choice)
+        info, settings, reference_model = load(args)
         # The fp32 reference of the agreement check keeps its BatchNorm; the model that runs may fold it.
-        reference_model = build_model(checkpoint, loaded, info, settings, device)
         model = inference_model(reference_model, settings)
         if settings["images"]:
-            failed = predict_images(model, info, settings, device)
+            failed = predict_images(model, info, settings)
         elif settings["format_only"]:
-            write_split_files(model, info, settings, checkpoint, device)
+            write_split_files(model, info, settings)
         else:
-            evaluate_split(model, info, settings, checkpoint, device, reference_model)
+            evaluate_split(model, info, settings, reference_model)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None
     finally:
@@ -670,6 +664,20 @@ def main(argv=None):
             dist.destroy_process_group()
     if failed:
         raise SystemExit(1)  # the other images are written; a script still sees that some were not
+
+
+def load(args):
+    """The checkpoint the flags name, read once: (what it says, the settings, with the device, the
+    checkpoint and the names and colours of its classes, the model it holds)."""
+    _, _, device = runtime.setup_device(args.device)
+    thread_choice = runtime.set_threads(args.threads, device)
+    checkpoint = checkpoints.find_checkpoint(args.checkpoint)
+    loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # for info and weights
+    info = checkpoints.checkpoint_info(checkpoint, loaded)
+    settings = dict(resolve_settings(args, info, device), checkpoint=checkpoint, device=device)
+    palette, classes = class_names_and_colours(info, settings["dataset"], info["num_classes"])
+    settings.update(thread_choice=thread_choice, palette=palette, classes=classes)
+    return info, settings, build_model(checkpoint, loaded, info, settings, device)
 
 
 USAGE = r"""examples:
@@ -834,12 +842,11 @@ def save_split_pictures(model, dataset, pred, label, meta, images, precision, sa
 
 
 @torch.no_grad()
-def image_probabilities(model, original, settings, device):
+def image_probabilities(model, original, settings):
     """(the image at each test ratio on the device, class probabilities at its size) of one uint8
     (3, H, W) image without a dataset: the test transform, then predict() in eval mode."""
-    images = [
-        image.to(device) for image in data.test_transform(original, settings["scale"], settings["ratios"])
-    ]
+    device, scale, ratios = settings["device"], settings["scale"], settings["ratios"]
+    images = [image.to(device) for image in data.test_transform(original, scale, ratios)]
     model.eval()
     with runtime.precision_context(device, settings["precision"]):
         return images, predict(model, images, original.shape[-2:], **{k: settings[k] for k in PROTOCOL})
@@ -855,22 +862,14 @@ class Predictor:
     `flags` are evaluate.py's, e.g. ["--ms-flip"] or ["--device", "cuda"]."""
 
     def __init__(self, checkpoint, flags=()):
-        args = build_parser().parse_args(["--checkpoint", str(checkpoint), *flags])
-        _, _, self.device = runtime.setup_device(args.device)
-        loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)
-        info = checkpoints.checkpoint_info(checkpoint, loaded)
-        self.settings = resolve_settings(args, info, self.device)
-        self.model = inference_model(
-            build_model(checkpoint, loaded, info, self.settings, self.device), self.settings
-        )
-        self.palette, self.classes = class_names_and_colours(
-            info, self.settings["dataset"], info["num_classes"]
-        )
+        _, self.settings, built = load(build_parser().parse_args(["--checkpoint", str(checkpoint), *flags]))
+        self.model = inference_model(built, self.settings)
+        self.palette, self.classes = self.settings["palette"], self.settings["classes"]
 
     def __call__(self, path):
         """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
-        image = data.read_image(path, upright=True)
-        return image_probabilities(self.model, image, self.settings, self.device)[1].argmax(dim=0).cpu()
+        _, probabilities = image_probabilities(self.model, data.read_image(path, upright=True), self.settings)
+        return probabilities.argmax(dim=0).cpu()
 
 
 def image_files(patterns):
