@@ -642,37 +642,37 @@ def test_command_line_evaluates_a_split_and_writes_json(tmp_path, toy_checkpoint
     assert record["mIoU"] == pytest.approx(sum(iou) / len(iou))
 
 
-@pytest.mark.parametrize(
-    "classes, message",
-    [
-        (["sky", "road", "car"], "predicts 5 classes but the folder dataset has 3"),
-        (
-            ["sky", "disc", "square", "diamond", "bar"],
-            "class 0 is 'background' in the checkpoint, 'sky' in the dataset",
-        ),
-    ],
-)
-def test_checkpoint_and_dataset_classes_must_agree(classes, message, tmp_path, toy_checkpoint):
-    write_folder_dataset(tmp_path, classes)
-    with pytest.raises(SystemExit, match=message):
-        run(toy_checkpoint, "--dataset", "folder", "--data-root", tmp_path)
+def split_of(checkpoint, info, *flags):
+    """The split evaluate.py's jobs would take for the checkpoint (build_split), without its model."""
+    return evaluate.build_split(info, settings_of([*map(str, flags)], info), checkpoint)
 
 
-@pytest.mark.parametrize(
-    "flags, whose",
-    [([], "recorded by the checkpoint's run"), (["--data-root", "elsewhere"], "given by --data-root")],
-)
+def test_checkpoint_and_dataset_classes_must_agree(tmp_path, toy_checkpoint):
+    info = checkpoints.checkpoint_info(toy_checkpoint)
+    other_count, other_names = ["sky", "road", "car"], ["sky", "disc", "square", "diamond", "bar"]
+    for classes, message in [
+        (other_count, "predicts 5 classes but the folder dataset has 3"),
+        (other_names, "class 0 is 'background' in the checkpoint, 'sky' in the dataset"),
+    ]:
+        root = tmp_path / f"{len(classes)}_classes"
+        write_folder_dataset(root, classes)
+        with pytest.raises(ValueError, match=message):
+            split_of(toy_checkpoint, info, "--dataset", "folder", "--data-root", root)
+
+
 def test_evaluate_reads_the_data_where_the_run_did_and_names_the_flag_when_it_is_not_there(
-    flags, whose, tmp_path, tiny_checkpoint
+    tmp_path, tiny_checkpoint
 ):
-    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
-    checkpoint["recipe"]["data_root"] = str(tmp_path / "gone")
-    torch.save(checkpoint, tmp_path / "best.pth")
-    root = "elsewhere" if flags else tmp_path / "gone"
-    with pytest.raises(SystemExit) as stop:
-        run(tmp_path / "best.pth", *flags)
-    looked = f"holds a folder model and this looked in the data root {root}, {whose}: pass --data-root"
-    assert looked in str(stop.value)
+    info = checkpoints.checkpoint_info(tiny_checkpoint)
+    info["recipe"]["data_root"] = str(tmp_path / "gone")
+    for flags, root, whose in [
+        ([], tmp_path / "gone", "recorded by the checkpoint's run"),
+        (["--data-root", "elsewhere"], "elsewhere", "given by --data-root"),
+    ]:
+        with pytest.raises(FileNotFoundError) as stop:
+            split_of(tiny_checkpoint, info, *flags)
+        looked = f"holds a folder model and this looked in the data root {root}, {whose}: pass --data-root"
+        assert looked in str(stop.value)
 
 
 def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
@@ -890,17 +890,25 @@ def test_format_only_writes_cityscapes_label_ids_for_the_test_split(
         write_picture(root / "leftImg8bit/test" / name.split("_")[0] / f"{name}_leftImg8bit.png", seed=index)
     name = "gcnet_r50-d8_512x1024_40k_cityscapes_20200618_074450-ef8f069b.pth"
     checkpoint = official_checkpoint(tmp_path, monkeypatch, cityscapes_weights, name)
-    out, command = tmp_path / "server", ["--data-root", root, "--split", "test", "--format-only"]
-    run(checkpoint, *command, "--save-dir", out, "--scales", 0.03)  # the network sees 30x44, not 1024x1521
+    out = tmp_path / "server"  # --scales 0.03: the network sees 30x44, not 1024x1521
+    run(
+        checkpoint,
+        "--data-root",
+        root,
+        "--split",
+        "test",
+        "--format-only",
+        "--save-dir",
+        out,
+        "--scales",
+        0.03,
+    )
     printed = capsys.readouterr().out
     assert f"wrote 3 cityscapes test predictions for its evaluation server in {out}" in printed
     assert sorted(path.name for path in out.iterdir()) == [f"{name}_leftImg8bit.png" for name in names]
     picture = Image.open(out / f"{names[0]}_leftImg8bit.png")
     assert picture.mode == "L" and picture.size == (49, 33)
     assert set(np.unique(np.array(picture))) <= set(CITYSCAPES_IDS_OF_TRAINIDS)
-    out = tmp_path / "ms_flip"
-    run(checkpoint, *command, "--save-dir", out, "--scales", 0.03, 0.04, "--flip")
-    assert len(list(out.iterdir())) == 3
 
 
 def test_the_originals_nonlocal_file_is_scored_as_a_gcnet(tmp_path, monkeypatch):
@@ -967,6 +975,10 @@ def test_format_only_writes_voc_palette_pngs_for_the_val_split(tmp_path, monkeyp
     checkpoint = official_checkpoint(tmp_path, monkeypatch, with_classes(cityscapes_weights, 21), name)
     out = tmp_path / "server"
     run(checkpoint, "--data-root", root, "--format-only", "--save-dir", out, "--scales", 0.06, 0.08, "--flip")
+    assert sorted(path.name for path in out.iterdir()) == [
+        "2007_000033.png",
+        "2007_000042.png",
+    ]  # ms+flip too
     picture = Image.open(out / "2007_000033.png")
     assert picture.mode == "P" and picture.size == (49, 33)
     assert picture.getpalette()[:6] == [0, 0, 0, 128, 0, 0] and np.array(picture).max() <= 20
