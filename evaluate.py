@@ -23,7 +23,6 @@ import glob
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -370,6 +369,13 @@ def resolve_settings(args, info, device):
     recorded = (info["recipe"] or {}) if name == info["dataset"] else {}
     root = args.data_root or recorded.get("data_root")
     whose = "recorded by the checkpoint's run" if root else "the dataset's default"
+    # The pictures' class names and colours: the checkpoint's, else its dataset's, else numbered defaults.
+    known, count = data.CLASSES_AND_PALETTES.get(name, {}), info["num_classes"]
+    palette, classes = info["palette"] or known.get("palette"), info["classes"] or known.get("classes")
+    if palette is None or len(palette) != count:
+        palette = data.default_palette(count)
+    if classes is None or len(classes) != count:
+        classes = [f"class {index}" for index in range(count)]
     return dict(
         dataset=name,
         mode=mode,
@@ -387,6 +393,8 @@ def resolve_settings(args, info, device):
         data_root_from="given by --data-root" if args.data_root is not None else whose,
         reduce_zero_label=recorded.get("reduce_zero_label"),  # None: the dataset's own rule
         images=image_files(args.image) if args.image else None,  # (files, skipped)
+        palette=palette,
+        classes=classes,
         **{key: getattr(args, key) for key in ("window_batch", "workers", "depth", "split", "format_only")},
         **{key: getattr(args, key) for key in ("save_dir", "opacity", "out")},
     )
@@ -472,8 +480,8 @@ def evaluate_split(model, info, settings, reference_model):
         # it would cost twelve forward passes per image, more than the evaluation itself.
         single_scale = copy.copy(dataset)
         single_scale.test_ratios = (1.0,)
-        count, inference_once = settings["check_agreement"], dict(inference, flip=False)
-        agreement = precision_agreement(model, single_scale, count, reference_model, **inference_once)
+        count, unflipped = settings["check_agreement"], dict(inference, flip=False)
+        agreement = precision_agreement(model, single_scale, count, reference_model, **unflipped)
         share = 100 * agreement["agreement"]
         runtime.say(f"{precision} vs fp32 at a single scale: {share:.4f}% of the labelled pixels agree")
     start = time.perf_counter()
@@ -512,12 +520,14 @@ def evaluate_split(model, info, settings, reference_model):
         seconds=seconds,
         confusion_matrix=results["confusion_matrix"],
     )
-    out = settings["out"]
-    if not out:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
-        folder = "eval_out" if re.match(r"^(https?|file)://", str(checkpoint)) else Path(checkpoint).parent
+    if settings["out"]:
+        out = Path(settings["out"])
+    else:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
+        url = str(checkpoint).startswith(("http://", "https://", "file://"))
+        folder = Path("eval_out") if url else Path(checkpoint).parent
         tag = settings["mode"] + "_ms" * (len(settings["ratios"]) > 1) + "_flip" * settings["flip"]
-        out = Path(folder) / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+        out = folder / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     runtime.write_text(out, json.dumps(without_nan(record), indent=1))
     print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
 
@@ -556,13 +566,11 @@ def write_split_files(model, info, settings):
     split = settings["split"]
     save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{split}"
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    written = 0
+    written, protocol = 0, {key: settings[key] for key in PROTOCOL}
     with evaluation_mode(model):
         for images, _, meta in test_images(dataset, device, settings["workers"]):
             with runtime.precision_context(device, settings["precision"]):
-                probabilities = predict(
-                    model, images, meta["original_size"], **{k: settings[k] for k in PROTOCOL}
-                )
+                probabilities = predict(model, images, meta["original_size"], **protocol)
             name, picture = server_file(dataset.name, probabilities.argmax(dim=0), meta, dataset.palette)
             pictures.save_picture(picture, Path(save_dir) / name)
             written += 1
@@ -572,18 +580,6 @@ def write_split_files(model, info, settings):
 
 def counted(count, thing):
     return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
-
-
-def class_names_and_colours(info, dataset_name, num_classes):
-    """(palette, classes) for pictures of a checkpoint: those it records, else its dataset's, else
-    numbered classes in the default colours."""
-    known = data.CLASSES_AND_PALETTES.get(dataset_name, {})
-    palette, classes = info["palette"] or known.get("palette"), info["classes"] or known.get("classes")
-    if palette is None or len(palette) != num_classes:
-        palette = data.default_palette(num_classes)
-    if classes is None or len(classes) != num_classes:
-        classes = [f"class {index}" for index in range(num_classes)]
-    return palette, classes
 
 
 def predict_images(model, info, settings):
@@ -604,9 +600,9 @@ def predict_images(model, info, settings):
             height, width = original.shape[-2:]
             if height * width > 4 * scale[0] * scale[1]:
                 original = data.resize_image(original, data.rescale_size(height, width, scale))
-                smaller = f"{original.shape[2]}x{original.shape[1]}"
+                size = f"{original.shape[2]}x{original.shape[1]}"
                 tqdm.write(
-                    f"{path}: {width}x{height} is large; predicted and drawn at the test scale, {smaller}"
+                    f"{path}: {width}x{height} is large; predicted and drawn at the test scale, {size}"
                 )
             images, probabilities = image_probabilities(model, original, settings)
             precision, pred = settings["precision"], probabilities.argmax(dim=0)
@@ -631,10 +627,8 @@ def predict_images(model, info, settings):
             f"wrote the label PNG, overlay{maps} composite pictures of {counted(counts[0], 'image')} under {save_dir}{tried}"
         )
     if failed:
-        print(
-            f"evaluate.py: {counted(len(failed), 'file')} failed: " + ", ".join(map(str, failed)),
-            file=sys.stderr,
-        )
+        listed = ", ".join(map(str, failed))
+        print(f"evaluate.py: {counted(len(failed), 'file')} failed: {listed}", file=sys.stderr)
     return counts[1]
 
 
@@ -667,16 +661,15 @@ def main(argv=None):
 
 
 def load(args):
-    """The checkpoint the flags name, read once: (what it says, the settings, with the device, the
-    checkpoint and the names and colours of its classes, the model it holds)."""
+    """The checkpoint the flags name, read once: (what it says, the settings with the device and the
+    checkpoint, the model it holds)."""
     _, _, device = runtime.setup_device(args.device)
     thread_choice = runtime.set_threads(args.threads, device)
     checkpoint = checkpoints.find_checkpoint(args.checkpoint)
     loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # for info and weights
     info = checkpoints.checkpoint_info(checkpoint, loaded)
-    settings = dict(resolve_settings(args, info, device), checkpoint=checkpoint, device=device)
-    palette, classes = class_names_and_colours(info, settings["dataset"], info["num_classes"])
-    settings.update(thread_choice=thread_choice, palette=palette, classes=classes)
+    settings = resolve_settings(args, info, device)
+    settings.update(checkpoint=checkpoint, device=device, thread_choice=thread_choice)
     return info, settings, build_model(checkpoint, loaded, info, settings, device)
 
 
@@ -702,12 +695,16 @@ def build_parser():
     )
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--checkpoint", help=f"file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
-    what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: files you trust only")
+    what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only files you trust")
     what.add_argument(
         "--dataset", help="cityscapes, ade20k, voc12aug, toy, folder (default: the checkpoint's)"
     )
-    what.add_argument("--data-root", help="its folder (default: the checkpoint's run's, else the dataset's)")
-    what.add_argument("--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights')")
+    what.add_argument(
+        "--data-root", help="dataset folder (default: the one the checkpoint's run used, else the dataset's)"
+    )
+    what.add_argument(
+        "--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights say)"
+    )
     what.add_argument("--split", default="val", choices=("val", "test"), help="test only with --format-only")
     what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
     what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, globs")
@@ -740,7 +737,9 @@ def build_parser():
     )
     named = "(default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)"
     output.add_argument(
-        "--out", type=path("file"), help=f"JSON of the scores, per class too, and settings {named}"
+        "--out",
+        type=path("file"),
+        help=f"JSON of the scores (per class too), the confusion matrix, the settings {named}",
     )
     return parser
 
@@ -751,10 +750,9 @@ def build_parser():
 
 def build_model(checkpoint, loaded, info, settings, device):
     """GCNet shaped by the checkpoint (depth and class count from its weights) with its weights."""
-    if settings["depth"] not in (None, info["depth"]):
-        raise ValueError(
-            f"--depth {settings['depth']} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth"
-        )
+    depth = settings["depth"]
+    if depth is not None and depth != info["depth"]:
+        raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
     net = model.GCNet(info["num_classes"], info["depth"], settings["align_corners"], **info["block"])
     checkpoints.load_checkpoint(net, checkpoint, loaded)
     return net.to(device).eval()
@@ -808,10 +806,10 @@ def attention_map(model, image, original_size):
 def displayed(attention, size, align_corners):
     """An attention map (h, w) bilinearly upsampled to `size` (H, W) and stretched to [0, 1] for display."""
     attention = F.interpolate(
-        attention[None, None].float(), tuple(size), mode="bilinear", align_corners=align_corners
-    )
+        attention[None, None].float(), size=tuple(size), mode="bilinear", align_corners=align_corners
+    )[0, 0]
     low, high = attention.min(), attention.max()
-    return ((attention - low) / (high - low).clamp_min(1e-12))[0, 0]
+    return (attention - low) / (high - low).clamp_min(1e-12)
 
 
 def attention_at_test_scale(model, images, ratios, original, scale, precision):

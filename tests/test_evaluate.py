@@ -405,9 +405,8 @@ def test_folded_batchnorm_gives_the_same_logits_without_batchnorm(randomize):
 
 def official_info(crop_size, align_corners, dataset="cityscapes"):
     """checkpoint_info's answer for an official checkpoint of the table's row with this crop."""
-    info = dict(
-        crop_size=crop_size, align_corners=align_corners, recipe=None, depth=50, dataset=None, row=None
-    )
+    info = dict(crop_size=crop_size, align_corners=align_corners, recipe=None, dataset=None, row=None)
+    info.update(depth=50, num_classes=19, classes=None, palette=None)
     if crop_size is not None:
         info.update(dataset=dataset, row=recipe.row(dataset, crop_size))
     return info
@@ -435,7 +434,7 @@ def test_our_checkpoints_are_tested_with_their_recorded_recipe():
     recorded = dict(dataset="folder", crop_size=[65, 65], test_mode="slide", test_crop=[65, 65])
     recorded.update(test_stride=[40, 40], align_corners=True, scale=[300, 100])
     row = {**recipe.row("folder", 65), **recorded}
-    info = dict(crop_size=(65, 65), align_corners=True, recipe=recorded, depth=50, dataset="folder", row=row)
+    info = dict(official_info((65, 65), True), recipe=recorded, dataset="folder", row=row)
     settings = settings_of([], info)
     assert (settings["mode"], settings["crop_size"], settings["stride"]) == ("slide", (65, 65), (40, 40))
     assert settings["scale"] == (300, 100) and settings["align_corners"] is True
