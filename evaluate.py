@@ -209,9 +209,8 @@ def evaluate_dataset(model, dataset, *, device, precision, workers=2, save_dir=N
 
 @contextlib.contextmanager
 def evaluation_mode(model):
-    """The model in eval mode, and cuDNN's default kernels, as evaluate.py runs (train.py autotunes):
-    the same kernels give the same rounding, so training's validation and evaluate.py score a
-    checkpoint alike on a GPU too. Both are put back after."""
+    """The model in eval mode with cuDNN's default kernels (train.py autotunes), both put back after: the
+    same kernels round alike, so training's validation and evaluate.py score a checkpoint alike on a GPU."""
     was_training, autotuning = model.training, torch.backends.cudnn.benchmark
     model.eval()
     torch.backends.cudnn.benchmark = False
@@ -227,10 +226,8 @@ def test_images(dataset, device, workers=2, count=None, desc="predict"):
     images (default all): rank r of W takes images r, r+W, ..., so none is counted twice."""
     rank, world_size = runtime.rank_and_world_size()
     if len(dataset) == 0:
-        split = getattr(dataset, "split", "")
-        raise ValueError(
-            f"the {getattr(dataset, 'name', '')} {split} split has no images: check the data root"
-        )
+        split = f"{getattr(dataset, 'name', '')} {getattr(dataset, 'split', '')}"
+        raise ValueError(f"the {split} split has no images: check the data root")
     total = len(dataset) if count is None else min(count, len(dataset))
     share = list(range(total))[rank::world_size]
     # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
@@ -319,12 +316,10 @@ def sum_over_processes(tensor):
 
 
 @torch.no_grad()
-def precision_agreement(
-    model, dataset, count, reference_model=None, *, device, precision, workers=2, **protocol
-):
-    """Fraction of labelled pixels predicted alike at `precision` and in fp32 (by reference_model, if
-    given: main passes the unfolded model, to cover folding too) over the first `count` images."""
-    reference_model, device = model if reference_model is None else reference_model, torch.device(device)
+def precision_agreement(model, reference_model, dataset, count, *, device, precision, workers=2, **protocol):
+    """Fraction of labelled pixels predicted alike by `model` at `precision` and by `reference_model` in
+    fp32 (main passes the unfolded model, to cover folding too) over the first `count` images."""
+    device = torch.device(device)
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing, labelled] pixels
     with evaluation_mode(model), evaluation_mode(reference_model):
         for images, label, meta in test_images(dataset, device, workers, count, f"{precision} vs fp32 check"):
@@ -341,16 +336,15 @@ def precision_agreement(
 # -----------------------------------------------------------------------------------------------
 # The command line: the flags, resolved once into a plain dict of settings, then one of three jobs
 
-# predict()'s test protocol; and what evaluate.py prints and records of it
+# predict()'s protocol, and the protocol as evaluate.py prints and records it
 PROTOCOL = ("mode", "crop_size", "stride", "flip", "window_batch")
 SHOWN_PROTOCOL = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
 
 
 def resolve_settings(args, info, device):
-    """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol
-    is the checkpoint's row of the table or its recorded recipe (info['row']); a --crop picks the row
-    of that crop (for an unknown dataset Cityscapes', whose test scale is 2048x1024). Official
-    checkpoints run in IEEE fp32 like the table, ours natively; BatchNorm is folded unless fp32."""
+    """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol: the
+    checkpoint's row of the table or recorded recipe (info['row']), or with --crop that crop's row (for an
+    unknown dataset Cityscapes'). Official checkpoints run in IEEE fp32 like the table, ours natively."""
     name, row = args.dataset or info["dataset"], info["row"]
     if args.crop is not None or row is None:
         crop = args.crop or info["crop_size"]
@@ -419,16 +413,9 @@ def build_split(info, settings, checkpoint):
             f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
             f"pass --dataset (one of {', '.join(sorted(recipe.DATASETS))}) and --data-root"
         )
+    keywords = {key: settings[key] for key in ("split", "crop_size", "scale", "reduce_zero_label")}
     try:
-        dataset = data.build_dataset(
-            name,
-            root=root,
-            split=settings["split"],
-            crop_size=settings["crop_size"],
-            scale=settings["scale"],
-            test_ratios=settings["ratios"],
-            reduce_zero_label=settings["reduce_zero_label"],
-        )
+        dataset = data.build_dataset(name, root, test_ratios=settings["ratios"], **keywords)
     except FileNotFoundError as error:
         if Path(root).is_dir():  # the root is there, a split or file of it is not: the error says which
             raise
@@ -461,17 +448,17 @@ def evaluate_split(model, info, settings, reference_model):
     world_size, dataset = runtime.rank_and_world_size()[1], build_split(info, settings, checkpoint)
     precision, validated = settings["precision"], info["validation"]
     differences = training_differences(validated, settings, dataset, device)
+    images = f"{len(dataset)} {dataset.name} val images in {dataset.root}"
     protocol = ", ".join(f"{key} {settings[key]}" for key in SHOWN_PROTOCOL)
     where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
-    runtime.say(
-        f"{checkpoint}: {len(dataset)} {dataset.name} val images in {dataset.root}, {protocol}, {where}"
-    )
+    runtime.say(f"{checkpoint}: {images}, {protocol}, {where}")
     runtime.say(runtime.machine_line(settings["thread_choice"], settings["workers"]))
     if differences is not None:
-        same = "other settings: " + "; ".join(differences) if differences else "the same settings"
-        expect = "" if differences else ": expect the same score"
+        iteration, trained = validated["iteration"], validated["mIoU"]
+        agree = "the same settings: expect the same score"
+        same = "other settings: " + "; ".join(differences) if differences else agree
         runtime.say(
-            f"training validated this checkpoint (iteration {validated['iteration']}) at mIoU {validated['mIoU']:.2f} with {same}{expect}"
+            f"training validated this checkpoint (iteration {iteration}) at mIoU {trained:.2f} with {same}"
         )
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
@@ -481,7 +468,7 @@ def evaluate_split(model, info, settings, reference_model):
         single_scale = copy.copy(dataset)
         single_scale.test_ratios = (1.0,)
         count, unflipped = settings["check_agreement"], dict(inference, flip=False)
-        agreement = precision_agreement(model, single_scale, count, reference_model, **unflipped)
+        agreement = precision_agreement(model, reference_model, single_scale, count, **unflipped)
         share = 100 * agreement["agreement"]
         runtime.say(f"{precision} vs fp32 at a single scale: {share:.4f}% of the labelled pixels agree")
     start = time.perf_counter()
@@ -499,6 +486,10 @@ def evaluate_split(model, info, settings, reference_model):
     scores = ("num_images", "aAcc", "mIoU", "mAcc", "mF1", "mPrecision", "mRecall", "loss")
     per_class = ("IoU", "Acc", "F1", "Precision", "Recall")
     speed = ("precision", "channels_last", "fold_batchnorm", "window_batch")
+    here = dict(
+        depth=model.depth, num_classes=model.num_classes, world_size=world_size, torch=torch.__version__
+    )
+    here["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     record = dict(
         checkpoint=str(checkpoint),
         config_name=info["config_name"],
@@ -508,14 +499,7 @@ def evaluate_split(model, info, settings, reference_model):
         per_class={
             name: {key: results[key][i] for key in per_class} for i, name in enumerate(dataset.classes)
         },
-        settings=dict(
-            {key: settings[key] for key in SHOWN_PROTOCOL + speed},
-            depth=model.depth,
-            num_classes=model.num_classes,
-            world_size=world_size,
-            torch=torch.__version__,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        ),
+        settings=dict({key: settings[key] for key in SHOWN_PROTOCOL + speed}, **here),
         precision_agreement=agreement,
         seconds=seconds,
         confusion_matrix=results["confusion_matrix"],
@@ -533,9 +517,8 @@ def evaluate_split(model, info, settings, reference_model):
 
 
 def training_differences(validation, settings, dataset, device):
-    """How this evaluation's settings differ from those of the training validation that the checkpoint
-    records (best.pth): 'what there in training, here here' texts, empty when they agree; None when the
-    checkpoint records none."""
+    """'what X in training, Y here' for each setting in which this evaluation differs from the training
+    validation a best.pth records; None when the checkpoint records none."""
     if not validation:
         return None
     here = dict(settings, dataset=dataset.name, data_root=os.path.abspath(dataset.root), device=device.type)
@@ -578,15 +561,10 @@ def write_split_files(model, info, settings):
     runtime.say(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
 
 
-def counted(count, thing):
-    return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
-
-
-def predict_images(model, info, settings):
-    """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
-    that cannot be read is named and the others go on. A photo of more than 4 times the test scale's
-    pixels is predicted and drawn at the test scale: scores at its full size would take classes x pixels
-    floats. Returns how many failed, over all ranks."""
+def predict_images(model, settings):
+    """--image: the pictures of every file (rank r of W takes files[r::W]); an unreadable one is named and
+    the others go on. A photo of over 4 times the test scale's pixels is predicted and drawn at the test
+    scale: at its full size the scores take classes x pixels floats. Returns how many failed, all ranks."""
     rank, world_size = runtime.rank_and_world_size()
     (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
     palette, classes, device = settings["palette"], settings["classes"], settings["device"]
@@ -616,19 +594,18 @@ def predict_images(model, info, settings):
             tqdm.write(f"evaluate.py: {path} failed: {error}", file=sys.stderr)
     counts = sum_over_processes(torch.tensor([len(mine) - len(failed), len(failed)], device=device)).tolist()
     if skipped:
-        what = "that is not an image" if len(skipped) == 1 else "that are not images"
-        runtime.say(f"skipped {counted(len(skipped), 'file')} {what}: " + ", ".join(map(str, skipped)))
+        what = "file that is not an image" if len(skipped) == 1 else "files that are not images"
+        runtime.say(f"skipped {len(skipped)} {what}: " + ", ".join(map(str, skipped)))
     if len(files) == 1 and not failed:
         runtime.say("wrote " + ", ".join(map(str, written)))
     else:
-        tried = f" ({counts[1]} of {len(files)} failed)" if counts[1] else ""
-        maps = " and" if info["block"]["context"] == "none" else ", attention and"  # FCN: no map
-        runtime.say(
-            f"wrote the label PNG, overlay{maps} composite pictures of {counted(counts[0], 'image')} under {save_dir}{tried}"
-        )
+        images = f"{counts[0]} image" if counts[0] == 1 else f"{counts[0]} images"
+        maps = " and" if model.head_block["context"] == "none" else ", attention and"  # FCN: no map
+        where = f"{save_dir} ({counts[1]} of {len(files)} failed)" if counts[1] else save_dir
+        runtime.say(f"wrote the label PNG, overlay{maps} composite pictures of {images} under {where}")
     if failed:
-        listed = ", ".join(map(str, failed))
-        print(f"evaluate.py: {counted(len(failed), 'file')} failed: {listed}", file=sys.stderr)
+        what = "1 file" if len(failed) == 1 else f"{len(failed)} files"
+        print(f"evaluate.py: {what} failed: " + ", ".join(map(str, failed)), file=sys.stderr)
     return counts[1]
 
 
@@ -646,7 +623,7 @@ def main(argv=None):
         # The fp32 reference of the agreement check keeps its BatchNorm; the model that runs may fold it.
         model = inference_model(reference_model, settings)
         if settings["images"]:
-            failed = predict_images(model, info, settings)
+            failed = predict_images(model, settings)
         elif settings["format_only"]:
             write_split_files(model, info, settings)
         else:
@@ -661,8 +638,7 @@ def main(argv=None):
 
 
 def load(args):
-    """The checkpoint the flags name, read once: (what it says, the settings with the device and the
-    checkpoint, the model it holds)."""
+    """The flags' checkpoint, read once: (what it says, the settings with it and the device, the model)."""
     _, _, device = runtime.setup_device(args.device)
     thread_choice = runtime.set_threads(args.threads, device)
     checkpoint = checkpoints.find_checkpoint(args.checkpoint)
@@ -687,8 +663,8 @@ USAGE = r"""examples:
 
 
 def build_parser():
-    """Every flag is checked when parsed (runtime.number_flag, writable_path, size_flag): a wrong value
-    ends the run before any work, naming the flag and what it allows."""
+    """Each flag is checked when parsed (number_flag, writable_path, size_flag): a wrong value ends the run
+    before any work, naming the flag and what it allows."""
     number, path, size = runtime.number_flag, runtime.writable_path, runtime.size_flag
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -702,9 +678,7 @@ def build_parser():
     what.add_argument(
         "--data-root", help="dataset folder (default: the one the checkpoint's run used, else the dataset's)"
     )
-    what.add_argument(
-        "--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights say)"
-    )
+    what.add_argument("--depth", type=int, choices=(50, 101), help="default: what the checkpoint holds")
     what.add_argument("--split", default="val", choices=("val", "test"), help="test only with --format-only")
     what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
     what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, globs")
@@ -732,9 +706,7 @@ def build_parser():
     output = parser.add_argument_group("output")
     files = "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png per image, confusion.png per split"
     output.add_argument("--save-dir", type=path("folder"), help=f"pictures or server files go here: {files}")
-    output.add_argument(
-        "--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1"
-    )
+    output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="colours' weight, 0..1")
     named = "(default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)"
     output.add_argument(
         "--out",
@@ -742,10 +714,6 @@ def build_parser():
         help=f"JSON of the scores (per class too), the confusion matrix, the settings {named}",
     )
     return parser
-
-
-# -----------------------------------------------------------------------------------------------
-# The model of a checkpoint, and pictures: predicted labels, colour overlay and the attention map
 
 
 def build_model(checkpoint, loaded, info, settings, device):
@@ -759,22 +727,19 @@ def build_model(checkpoint, loaded, info, settings, device):
 
 
 def inference_model(net, settings):
-    """The model as evaluate.py runs it: BatchNorm folded into the convs (a copy) and channels_last
-    weights where the settings say so."""
+    """The model as evaluate.py runs it: BatchNorm folded (a copy) and channels_last, as settings say."""
     if settings["fold_batchnorm"]:
         net = fold_batchnorm(net)
     return net.to(memory_format=torch.channels_last) if settings["channels_last"] else net
 
 
 def fold_batchnorm(net):
-    """A copy of `net` for inference in which every BatchNorm that follows a convolution is folded
-    into it (weight * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)) and
-    replaced by nn.Identity: the same output up to rounding, one pass over each feature map fewer.
-    The copy has no BatchNorm keys: save and load weights with the original model."""
+    """A copy of `net` with each BatchNorm after a conv folded into it (weight * gamma / sqrt(var + eps),
+    bias beta - mean * gamma / sqrt(var + eps)) and replaced by nn.Identity: the same output up to
+    rounding, one pass over each feature map fewer. No BatchNorm keys: save and load the original."""
     folded = copy.deepcopy(net).eval()
     for module in list(folded.modules()):
-        # Bottleneck names its pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold
-        # them side by side.
+        # Bottleneck pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold pairs side by side.
         pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] if isinstance(module, model.Bottleneck) else []
         names = [name for name, _ in module.named_children()]
         pairs += list(zip(names, names[1:])) if isinstance(module, nn.Sequential) else []
@@ -871,9 +836,8 @@ class Predictor:
 
 
 def image_files(patterns):
-    """--image: files as given, a folder's images with its subfolders' but not hidden ones (sorted), a
-    glob pattern's images (sorted). Returns (files, skipped): skipped are the files of folders and
-    patterns that are not images by their name."""
+    """--image: (files as given, a folder's images with its subfolders' but not hidden ones and a glob
+    pattern's images, each sorted; skipped: the files of folders and patterns not named as images)."""
     files, skipped, kinds = [], [], data.FOLDER_IMAGE_EXTENSIONS
     for pattern in patterns:
         path = Path(pattern)

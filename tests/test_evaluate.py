@@ -332,11 +332,11 @@ def test_the_validation_loss_is_the_training_loss_over_the_split(tmp_path):
 def test_precision_agreement_runs_fp32_on_the_reference_model(tmp_path):
     dataset, options = FakeValSet(tmp_path, count=3), dict(EVALUATION, precision="bf16")
     model = PixelModel(3, seed=0).train()
-    same = evaluate.precision_agreement(model, dataset, 3, **options)
+    same = evaluate.precision_agreement(model, model, dataset, 3, **options)
     assert model.training  # mode restored
     labelled = sum(int((dataset[i][1] != 255).sum()) for i in range(3))
     assert same["images"] == 3 and same["pixels"] == labelled and same["agreement"] > 0.95
-    other = evaluate.precision_agreement(model, dataset, 3, reference_model=PixelModel(3, seed=1), **options)
+    other = evaluate.precision_agreement(model, PixelModel(3, seed=1), dataset, 3, **options)
     assert other["agreement"] < 0.8  # another model in the fp32 pass: the check sees the difference
 
 
@@ -680,9 +680,9 @@ def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
     write_folder_dataset(tmp_path / "mine", ["sky", "road", "car"], count=2)
     seen, real = [], evaluate.precision_agreement
 
-    def spy(model, dataset, count, reference_model, **options):
+    def spy(model, reference_model, dataset, count, **options):
         seen.append((dataset.test_ratios, options["flip"]))
-        return real(model, dataset, count, reference_model, **options)
+        return real(model, reference_model, dataset, count, **options)
 
     monkeypatch.setattr(evaluate, "precision_agreement", spy)
     out, protocol = tmp_path / "r.json", ["--precision", "bf16", "--scales", 0.5, 1, "--flip"]
