@@ -707,12 +707,9 @@ def build_parser():
     files = "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png per image, confusion.png per split"
     output.add_argument("--save-dir", type=path("folder"), help=f"pictures or server files go here: {files}")
     output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="colours' weight, 0..1")
-    named = "(default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)"
-    output.add_argument(
-        "--out",
-        type=path("file"),
-        help=f"JSON of the scores (per class too), the confusion matrix, the settings {named}",
-    )
+    contents = "the scores (per class too), the confusion matrix and the settings"
+    where = "default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json"
+    output.add_argument("--out", type=path("file"), help=f"JSON of {contents} ({where})")
     return parser
 
 
@@ -795,10 +792,9 @@ def save_confusion_picture(matrix, classes, save_dir):
 
 def save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity):
     """save_pictures() for an image of a split, with its attention map at the test scale."""
-    original, palette, classes = data.read_image(meta["image_path"]), dataset.palette, dataset.classes
-    attention, title = attention_at_test_scale(
-        model, images, dataset.test_ratios, original, dataset.scale, precision
-    )
+    original, ratios, scale = data.read_image(meta["image_path"]), dataset.test_ratios, dataset.scale
+    attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
+    palette, classes = dataset.palette, dataset.classes
     pictures.save_pictures(
         save_dir, meta["name"], original, pred, palette, attention, opacity, classes, label, title
     )
@@ -836,19 +832,17 @@ class Predictor:
 
 
 def image_files(patterns):
-    """--image: (files as given, a folder's images with its subfolders' but not hidden ones and a glob
-    pattern's images, each sorted; skipped: the files of folders and patterns not named as images)."""
+    """--image: (files as given, a folder's images, a glob pattern's images, each sorted; skipped: the
+    files of folders and patterns not named as images)."""
     files, skipped, kinds = [], [], data.FOLDER_IMAGE_EXTENSIONS
     for pattern in patterns:
         path = Path(pattern)
         if path.is_file():
             files.append(path)
             continue
-        if path.is_dir():
-            found = [file for file in sorted(path.rglob("*")) if file.is_file()]
-            found = [
-                file for file in found if not any(part[0] == "." for part in file.relative_to(path).parts)
-            ]
+        if path.is_dir():  # and its subfolders, but not hidden files or folders
+            below = [file.relative_to(path) for file in sorted(path.rglob("*")) if file.is_file()]
+            found = [path / file for file in below if not any(part.startswith(".") for part in file.parts)]
         elif any(character in pattern for character in "*?["):
             found = sorted(filter(Path.is_file, map(Path, glob.glob(pattern, recursive=True))))
         else:
