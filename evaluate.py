@@ -454,12 +454,10 @@ def evaluate_split(model, info, settings, reference_model):
     runtime.say(f"{checkpoint}: {images}, {protocol}, {where}")
     runtime.say(runtime.machine_line(settings["thread_choice"], settings["workers"]))
     if differences is not None:
-        iteration, trained = validated["iteration"], validated["mIoU"]
+        when = f"(iteration {validated['iteration']}) at mIoU {validated['mIoU']:.2f}"
         agree = "the same settings: expect the same score"
         same = "other settings: " + "; ".join(differences) if differences else agree
-        runtime.say(
-            f"training validated this checkpoint (iteration {iteration}) at mIoU {trained:.2f} with {same}"
-        )
+        runtime.say(f"training validated this checkpoint {when} with {same}")
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
     if settings["check_agreement"] > 0 and precision != "fp32":
@@ -486,10 +484,10 @@ def evaluate_split(model, info, settings, reference_model):
     scores = ("num_images", "aAcc", "mIoU", "mAcc", "mF1", "mPrecision", "mRecall", "loss")
     per_class = ("IoU", "Acc", "F1", "Precision", "Recall")
     speed = ("precision", "channels_last", "fold_batchnorm", "window_batch")
-    here = dict(
-        depth=model.depth, num_classes=model.num_classes, world_size=world_size, torch=torch.__version__
+    here = dict(depth=model.depth, num_classes=model.num_classes, world_size=world_size)
+    here.update(
+        torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     )
-    here["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     record = dict(
         checkpoint=str(checkpoint),
         config_name=info["config_name"],
