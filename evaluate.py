@@ -23,7 +23,6 @@ import glob
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -179,30 +178,17 @@ def metrics_from_confusion(matrix):
 
 
 @torch.no_grad()
-def evaluate_dataset(
-    model,
-    dataset,
-    *,
-    device,
-    precision,
-    workers=2,
-    save_dir=None,
-    opacity=0.5,
-    show_progress=True,
-    **protocol,
-):
+def evaluate_dataset(model, dataset, *, device, precision, workers=2, save_dir=None, opacity=0.5, **protocol):
     """Metrics of `model` on a val split (data.build_dataset(..., split='val')) with predict()'s protocol
     (mode, crop_size, stride, flip, window_batch); under torchrun each process takes every world_size-th
     image. Every process returns the same dict: those of metrics_from_confusion, num_images,
     confusion_matrix (list of rows) and loss (train.segmentation_loss's over the split, of the protocol's
     probabilities). Pass the model itself, not a DDP wrapper."""
-    device, matrix = (
-        torch.device(device),
-        torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device),
-    )
+    device = torch.device(device)
+    matrix = torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device)
     losses = torch.zeros(2, dtype=torch.float64, device=device)  # summed pixel losses, pixels
     with evaluation_mode(model):  # below the line: eval mode and cuDNN's default kernels, until the end
-        for images, label, meta in test_images(dataset, device, workers, show_progress=show_progress):
+        for images, label, meta in test_images(dataset, device, workers):
             with runtime.precision_context(device, precision):
                 probabilities = predict(model, images, meta["original_size"], **protocol)
             pred = probabilities.argmax(dim=0)
@@ -223,9 +209,8 @@ def evaluate_dataset(
 
 @contextlib.contextmanager
 def evaluation_mode(model):
-    """The model in eval mode, and cuDNN's default kernels, as evaluate.py runs (train.py autotunes):
-    the same kernels give the same rounding, so training's validation and evaluate.py score a
-    checkpoint alike on a GPU too. Both are put back after."""
+    """The model in eval mode with cuDNN's default kernels (train.py autotunes), both put back after: the
+    same kernels round alike, so training's validation and evaluate.py score a checkpoint alike on a GPU."""
     was_training, autotuning = model.training, torch.backends.cudnn.benchmark
     model.eval()
     torch.backends.cudnn.benchmark = False
@@ -236,16 +221,13 @@ def evaluation_mode(model):
         torch.backends.cudnn.benchmark = autotuning
 
 
-def test_images(dataset, device, workers=2, count=None, show_progress=False, desc="predict"):
+def test_images(dataset, device, workers=2, count=None, desc="predict"):
     """(images per scale on `device`, label or None, meta) for this process's share of the first `count`
     images (default all): rank r of W takes images r, r+W, ..., so none is counted twice."""
     rank, world_size = runtime.rank_and_world_size()
-    device = torch.device(device)
     if len(dataset) == 0:
-        split = getattr(dataset, "split", "")
-        raise ValueError(
-            f"the {getattr(dataset, 'name', '')} {split} split has no images: check the data root"
-        )
+        split = f"{getattr(dataset, 'name', '')} {getattr(dataset, 'split', '')}"
+        raise ValueError(f"the {split} split has no images: check the data root")
     total = len(dataset) if count is None else min(count, len(dataset))
     share = list(range(total))[rank::world_size]
     # An item holds float32 images at every test scale (~235 MB for a Cityscapes ms+flip image)
@@ -255,42 +237,14 @@ def test_images(dataset, device, workers=2, count=None, show_progress=False, des
         batch_size=1,
         num_workers=workers,
         collate_fn=data.collate_val,
-        pin_memory=device.type == "cuda",
+        pin_memory=torch.device(device).type == "cuda",
         prefetch_factor=1 if workers > 0 else None,
         worker_init_fn=runtime.leave_stop_signals_to_the_main_process,
     )
     here = f" ({len(share)} of {total} images here)" if world_size > 1 else ""
-    progress = tqdm(
-        total=len(share), desc=f"{desc}{here}", unit="img", disable=not show_progress or rank != 0
-    )
-    with progress:
-        for images_per_scale, labels, metas in loader:
-            images = [image.to(device, non_blocking=True) for image in images_per_scale[0]]
-            label = None if labels[0] is None else labels[0].to(device, non_blocking=True)
-            yield images, label, metas[0]
-            progress.update(1)
-
-
-def predictions(
-    model,
-    dataset,
-    count=None,
-    *,
-    device,
-    precision,
-    workers=2,
-    show_progress=False,
-    desc="predict",
-    **protocol,
-):
-    """(class probabilities (C, H, W) at the original size, label or None, meta, images per scale) of
-    predict() for test_images()'s share of a split, in evaluation_mode."""
-    device = torch.device(device)
-    with evaluation_mode(model):
-        for images, label, meta in test_images(dataset, device, workers, count, show_progress, desc):
-            with runtime.precision_context(device, precision):
-                probabilities = predict(model, images, meta["original_size"], **protocol)
-            yield probabilities, label, meta, images
+    for images, labels, metas in tqdm(loader, desc=f"{desc}{here}", unit="img", disable=rank != 0):
+        label = None if labels[0] is None else labels[0].to(device, non_blocking=True)
+        yield [image.to(device, non_blocking=True) for image in images[0]], label, metas[0]
 
 
 def check_protocol(mode, crop_size, stride, images):
@@ -349,8 +303,7 @@ def format_table(metrics, classes):
             f"{name:<{width}}" + "".join(f"  {metrics[key][index]:7.2f}" for _, key in TABLE_COLUMNS)
         )
     means = ("aAcc", "mIoU", "mAcc", "mF1", "mPrecision", "mRecall")
-    lines.append("  ".join(f"{key} {metrics[key]:.2f}" for key in means))
-    return "\n".join(lines)
+    return "\n".join([*lines, "  ".join(f"{key} {metrics[key]:.2f}" for key in means)])
 
 
 def sum_over_processes(tensor):
@@ -363,85 +316,81 @@ def sum_over_processes(tensor):
 
 
 @torch.no_grad()
-def precision_agreement(
-    model, dataset, num_images, *, reference_model=None, show_progress=False, **inference
-):
-    """Fraction of labelled pixels predicted alike at inference['precision'] and in fp32 (reference_model,
-    if given: main passes the unfolded model, to cover folding too) over the first num_images images."""
-    counts = torch.zeros(2, dtype=torch.int64, device=inference["device"])  # [agreeing, labelled] pixels
-    reference_model = model if reference_model is None else reference_model
-    modes = model.training, reference_model.training
-    desc = f"{inference['precision']} vs fp32 check"
-    ours = predictions(model, dataset, num_images, show_progress=show_progress, desc=desc, **inference)
-    fp32 = predictions(reference_model, dataset, num_images, **dict(inference, precision="fp32"))
-    try:
-        for (probabilities, label, _, _), (fp32_probabilities, _, _, _) in zip(ours, fp32):
+def precision_agreement(model, reference_model, dataset, count, *, device, precision, workers=2, **protocol):
+    """Fraction of labelled pixels predicted alike by `model` at `precision` and by `reference_model` in
+    fp32 (main passes the unfolded model, to cover folding too) over the first `count` images."""
+    device = torch.device(device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing, labelled] pixels
+    with evaluation_mode(model), evaluation_mode(reference_model):
+        for images, label, meta in test_images(dataset, device, workers, count, f"{precision} vs fp32 check"):
+            with runtime.precision_context(device, precision):
+                ours = predict(model, images, meta["original_size"], **protocol).argmax(dim=0)
+            with runtime.precision_context(device, "fp32"):
+                fp32 = predict(reference_model, images, meta["original_size"], **protocol).argmax(dim=0)
             labelled = label != data.IGNORE_INDEX
-            alike = probabilities.argmax(dim=0) == fp32_probabilities.argmax(dim=0)
-            counts += torch.stack([alike[labelled].sum(), labelled.sum()])
-    finally:  # the two loops share the model when there is no reference: restore the caller's modes here
-        fp32.close()
-        ours.close()
-        model.train(modes[0])
-        reference_model.train(modes[1])
+            counts += torch.stack([(ours == fp32)[labelled].sum(), labelled.sum()])
     agreeing, total = sum_over_processes(counts).tolist()
-    return {"images": min(num_images, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
+    return {"images": min(count, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
 
 
 # -----------------------------------------------------------------------------------------------
 # The command line: the flags, resolved once into a plain dict of settings, then one of three jobs
 
+# predict()'s protocol, and the protocol as evaluate.py prints and records it
+PROTOCOL = ("mode", "crop_size", "stride", "flip", "window_batch")
+SHOWN_PROTOCOL = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
+
 
 def resolve_settings(args, info, device):
-    """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol
-    is the checkpoint's row of the table or its recorded recipe (info['row']); a --crop picks the row
-    of that crop (for an unknown dataset Cityscapes', whose test scale is 2048x1024). Official
-    checkpoints run in IEEE fp32 like the table, ours natively; BatchNorm is folded unless fp32."""
+    """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol: the
+    checkpoint's row of the table or recorded recipe (info['row']), or with --crop that crop's row (for an
+    unknown dataset Cityscapes'). Official checkpoints run in IEEE fp32 like the table, ours natively."""
     name, row = args.dataset or info["dataset"], info["row"]
     if args.crop is not None or row is None:
         crop = args.crop or info["crop_size"]
         row = recipe.row(name if name in recipe.DATASETS else "cityscapes", crop, depth=info["depth"])
     mode = args.mode or row["test_mode"]
-    pair = recipe.parse_crop  # 769 or [h, w] -> (h, w)
-    crop_size, stride = args.crop or pair(row["test_crop"]), args.stride or pair(row["test_stride"])
+    crop_size = args.crop or recipe.parse_crop(row["test_crop"])  # 769 or [h, w] -> (h, w)
+    stride = args.stride or recipe.parse_crop(row["test_stride"])
     if mode == "slide" and (stride[0] > crop_size[0] or stride[1] > crop_size[1]):
         raise ValueError(
             f"--stride {stride} is larger than the window {crop_size}: the windows would leave gaps"
         )
     precision = runtime.resolve_precision(args.precision, device, auto="native" if info["recipe"] else "fp32")
-    native = precision != "fp32"
-    # The data root the checkpoint's run recorded, for its own dataset, unless --data-root says otherwise.
-    recorded_root = (info["recipe"] or {}).get("data_root") if name == info["dataset"] else None
+    fold = default_fold_batchnorm(precision) if args.fold_batchnorm is None else args.fold_batchnorm
+    check = (0 if precision == "fp32" else 10) if args.check_agreement is None else args.check_agreement
+    # The data root and the label rule (0 = 'ignore' or not) the checkpoint's run used, for its dataset.
+    recorded = (info["recipe"] or {}) if name == info["dataset"] else {}
+    root = args.data_root or recorded.get("data_root")
+    whose = "recorded by the checkpoint's run" if root else "the dataset's default"
+    # The pictures' class names and colours: the checkpoint's, else its dataset's, else numbered defaults.
+    known, count = data.CLASSES_AND_PALETTES.get(name, {}), info["num_classes"]
+    palette, classes = info["palette"] or known.get("palette"), info["classes"] or known.get("classes")
+    if palette is None or len(palette) != count:
+        palette = data.default_palette(count)
+    if classes is None or len(classes) != count:
+        classes = [f"class {index}" for index in range(count)]
     return dict(
         dataset=name,
         mode=mode,
         crop_size=crop_size,
         stride=stride,
-        scale=pair(row["scale"]),
+        scale=recipe.parse_crop(row["scale"]),
         ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
         flip=args.ms_flip if args.flip is None else args.flip,
         align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
         precision=precision,
         channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
-        fold_batchnorm=default_fold_batchnorm(precision)
-        if args.fold_batchnorm is None
-        else args.fold_batchnorm,
-        check_agreement=(10 if native else 0) if args.check_agreement is None else args.check_agreement,
-        window_batch=args.window_batch,
-        workers=args.workers,
-        depth=args.depth,
-        data_root=args.data_root or recorded_root,
-        data_root_flag=args.data_root is not None,
-        split=args.split,
-        format_only=args.format_only,
-        save_dir=args.save_dir,
-        opacity=args.opacity,
-        out=args.out,
+        fold_batchnorm=fold,
+        check_agreement=check,
+        data_root=data.data_root(name, root) if name in recipe.DATASETS else root,
+        data_root_from="given by --data-root" if args.data_root is not None else whose,
+        reduce_zero_label=recorded.get("reduce_zero_label"),  # None: the dataset's own rule
         images=image_files(args.image) if args.image else None,  # (files, skipped)
-        # a folder trained with label 0 = ignore is scored so (None: the dataset's own declaration)
-        reduce_zero_label=(info["recipe"] or {}).get("reduce_zero_label")
-        if name == info["dataset"]
-        else None,
+        palette=palette,
+        classes=classes,
+        **{key: getattr(args, key) for key in ("window_batch", "workers", "depth", "split", "format_only")},
+        **{key: getattr(args, key) for key in ("save_dir", "opacity", "out")},
     )
 
 
@@ -452,70 +401,63 @@ def default_fold_batchnorm(precision):
 
 
 def inference_keywords(settings, device):
-    """What predictions, evaluate_dataset, precision_agreement and predict_image take."""
-    keys = ("mode", "crop_size", "stride", "flip", "window_batch", "precision")
-    return dict({key: settings[key] for key in keys}, device=device)
+    """What evaluate_dataset and precision_agreement take, but the loader's workers."""
+    return dict({key: settings[key] for key in PROTOCOL}, precision=settings["precision"], device=device)
 
 
 def build_split(info, settings, checkpoint):
     """The split to evaluate or predict, checked against the checkpoint's classes."""
-    if settings["dataset"] is None:
+    name, root = settings["dataset"], settings["data_root"]
+    if name is None:
         raise ValueError(
             f"cannot tell which dataset {checkpoint} ({info['num_classes']} classes) belongs to: "
             f"pass --dataset (one of {', '.join(sorted(recipe.DATASETS))}) and --data-root"
         )
+    keywords = {key: settings[key] for key in ("split", "crop_size", "scale", "reduce_zero_label")}
     try:
-        dataset = data.build_dataset(
-            settings["dataset"],
-            root=settings["data_root"],
-            split=settings["split"],
-            crop_size=settings["crop_size"],
-            scale=settings["scale"],
-            test_ratios=settings["ratios"],
-            reduce_zero_label=settings["reduce_zero_label"],
-        )
+        dataset = data.build_dataset(name, root, test_ratios=settings["ratios"], **keywords)
     except FileNotFoundError as error:
-        root = data.data_root(settings["dataset"], settings["data_root"])
         if Path(root).is_dir():  # the root is there, a split or file of it is not: the error says which
             raise
-        whose = (
-            "given by --data-root"
-            if settings["data_root_flag"]
-            else ("recorded by the checkpoint's run" if settings["data_root"] else "the dataset's default")
-        )
         raise FileNotFoundError(
-            f"{error}\n{checkpoint} holds a {settings['dataset']} model and this looked in the data root {root}, "
-            f"{whose}: pass --data-root with the folder of its data (and --dataset if it is another dataset "
-            "with the same classes)."
+            f"{error}\n{checkpoint} holds a {name} model and this looked in the data root {root}, "
+            f"{settings['data_root_from']}: pass --data-root with the folder of its data (and --dataset "
+            "if it is another dataset with the same classes)."
         ) from None
-    check_classes(info, dataset, checkpoint)
+    if info["num_classes"] != dataset.num_classes:
+        raise ValueError(
+            f"{checkpoint} predicts {info['num_classes']} classes but the {name} dataset has "
+            f"{dataset.num_classes}: pass the --dataset it was trained on"
+        )
+    # strip(): the original ADE20K class list has 'bed ' with a trailing space (mmseg v0.5.0
+    # mmseg/datasets/ade.py). A checkpoint that names no classes is taken at its class count.
+    ours = [c.strip() for c in info["classes"] or dataset.classes]
+    theirs = [c.strip() for c in dataset.classes]
+    if ours != theirs:
+        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        raise ValueError(
+            f"{checkpoint} was trained on other classes than the {name} dataset's: class "
+            f"{first} is {ours[first]!r} in the checkpoint, {theirs[first]!r} in the dataset"
+        )
     return dataset
 
 
-def evaluate_split(model, info, settings, checkpoint, device, reference_model):
+def evaluate_split(model, info, settings, reference_model):
     """Metrics on the val split: table on screen, everything in a JSON file."""
-    rank, world_size = runtime.rank_and_world_size()
-    dataset, precision = build_split(info, settings, checkpoint), settings["precision"]
-    protocol_keys = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "align_corners")
-    differences = training_differences(info["validation"], settings, dataset, device)
-    if rank == 0:
-        protocol = ", ".join(f"{key} {settings[key]}" for key in protocol_keys)
-        where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
-        print(
-            f"{checkpoint}: {len(dataset)} {dataset.name} val images in {dataset.root}, {protocol}, {where}"
-        )
-        print(runtime.machine_line(settings["thread_choice"], settings["workers"]))
-        if differences is not None:
-            said = info["validation"]
-            same = (
-                "the same settings: expect the same score"
-                if not differences
-                else ("other settings: " + "; ".join(differences))
-            )
-            print(
-                f"training validated this checkpoint (iteration {said['iteration']}) at mIoU {said['mIoU']:.2f} "
-                f"with {same}"
-            )
+    checkpoint, device = settings["checkpoint"], settings["device"]
+    world_size, dataset = runtime.rank_and_world_size()[1], build_split(info, settings, checkpoint)
+    precision, validated = settings["precision"], info["validation"]
+    differences = training_differences(validated, settings, dataset, device)
+    images = f"{len(dataset)} {dataset.name} val images in {dataset.root}"
+    protocol = ", ".join(f"{key} {settings[key]}" for key in SHOWN_PROTOCOL)
+    where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
+    runtime.say(f"{checkpoint}: {images}, {protocol}, {where}")
+    runtime.say(runtime.machine_line(settings["thread_choice"], settings["workers"]))
+    if differences is not None:
+        when = f"(iteration {validated['iteration']}) at mIoU {validated['mIoU']:.2f}"
+        agree = "the same settings: expect the same score"
+        same = "other settings: " + "; ".join(differences) if differences else agree
+        runtime.say(f"training validated this checkpoint {when} with {same}")
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
     agreement = None
     if settings["check_agreement"] > 0 and precision != "fp32":
@@ -523,64 +465,39 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
         # it would cost twelve forward passes per image, more than the evaluation itself.
         single_scale = copy.copy(dataset)
         single_scale.test_ratios = (1.0,)
-        agreement = precision_agreement(
-            model,
-            single_scale,
-            settings["check_agreement"],
-            reference_model=reference_model,
-            show_progress=True,
-            **dict(inference, flip=False),
-        )
-        if rank == 0:
-            print(
-                f"{precision} vs fp32 at a single scale: {100 * agreement['agreement']:.4f}% of the "
-                "labelled pixels agree"
-            )
+        count, unflipped = settings["check_agreement"], dict(inference, flip=False)
+        agreement = precision_agreement(model, reference_model, single_scale, count, **unflipped)
+        share = 100 * agreement["agreement"]
+        runtime.say(f"{precision} vs fp32 at a single scale: {share:.4f}% of the labelled pixels agree")
     start = time.perf_counter()
     results = evaluate_dataset(
-        model,
-        dataset,
-        save_dir=settings["save_dir"],
-        opacity=settings["opacity"],
-        show_progress=True,
-        **inference,
+        model, dataset, save_dir=settings["save_dir"], opacity=settings["opacity"], **inference
     )
     seconds = time.perf_counter() - start
-    if rank != 0:
+    if runtime.rank_and_world_size()[0] != 0:
         return
     print(format_table(results, dataset.classes))
     print(f"loss {results['loss']:.4f} (the decode head's cross-entropy over the split, training's formula)")
     if differences is not None:
-        why = "same settings" if not differences else "other settings, above"
-        print(
-            f"mIoU {results['mIoU']:.2f} here, {info['validation']['mIoU']:.2f} in training's validation ({why})"
-        )
-    speed_keys = ("precision", "channels_last", "fold_batchnorm", "window_batch")
+        why = "other settings, above" if differences else "same settings"
+        print(f"mIoU {results['mIoU']:.2f} here, {validated['mIoU']:.2f} in training's validation ({why})")
+    scores = ("num_images", "aAcc", "mIoU", "mAcc", "mF1", "mPrecision", "mRecall", "loss")
+    per_class = ("IoU", "Acc", "F1", "Precision", "Recall")
+    speed = ("precision", "channels_last", "fold_batchnorm", "window_batch")
+    here = dict(depth=model.depth, num_classes=model.num_classes, world_size=world_size)
+    here.update(
+        torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    )
     record = dict(
         checkpoint=str(checkpoint),
         config_name=info["config_name"],
         dataset=dataset.name,
-        data_root=data.data_root(dataset.name, settings["data_root"]),
-        num_images=results["num_images"],
-        aAcc=results["aAcc"],
-        mIoU=results["mIoU"],
-        mAcc=results["mAcc"],
-        mF1=results["mF1"],
-        mPrecision=results["mPrecision"],
-        mRecall=results["mRecall"],
-        loss=results["loss"],
+        data_root=settings["data_root"],
+        **{key: results[key] for key in scores},
         per_class={
-            name: {key: results[key][index] for key in ("IoU", "Acc", "F1", "Precision", "Recall")}
-            for index, name in enumerate(dataset.classes)
+            name: {key: results[key][i] for key in per_class} for i, name in enumerate(dataset.classes)
         },
-        settings=dict(
-            {key: settings[key] for key in protocol_keys + speed_keys},
-            depth=model.depth,
-            num_classes=model.num_classes,
-            world_size=world_size,
-            torch=torch.__version__,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        ),
+        settings=dict({key: settings[key] for key in SHOWN_PROTOCOL + speed}, **here),
         precision_agreement=agreement,
         seconds=seconds,
         confusion_matrix=results["confusion_matrix"],
@@ -588,7 +505,7 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
     if settings["out"]:
         out = Path(settings["out"])
     else:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
-        url = re.match(r"^(https?|file)://", str(checkpoint))
+        url = str(checkpoint).startswith(("http://", "https://", "file://"))
         folder = Path("eval_out") if url else Path(checkpoint).parent
         tag = settings["mode"] + "_ms" * (len(settings["ratios"]) > 1) + "_flip" * settings["flip"]
         out = folder / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
@@ -598,9 +515,8 @@ def evaluate_split(model, info, settings, checkpoint, device, reference_model):
 
 
 def training_differences(validation, settings, dataset, device):
-    """How this evaluation's settings differ from those of the training validation that the checkpoint
-    records (best.pth): a list of 'what: there, here' texts, empty when they agree; None when the
-    checkpoint records none."""
+    """'what X in training, Y here' for each setting in which this evaluation differs from the training
+    validation a best.pth records; None when the checkpoint records none."""
     if not validation:
         return None
     here = dict(settings, dataset=dataset.name, data_root=os.path.abspath(dataset.root), device=device.type)
@@ -625,81 +541,69 @@ def without_nan(value):
 
 
 @torch.no_grad()
-def write_split_files(model, info, settings, checkpoint, device):
+def write_split_files(model, info, settings):
     """--format-only: server_file()'s files for a whole split; under torchrun each process writes its share."""
-    dataset = build_split(info, settings, checkpoint)
+    dataset, device = build_split(info, settings, settings["checkpoint"]), settings["device"]
     split = settings["split"]
     save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{split}"
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    inference = dict(inference_keywords(settings, device), workers=settings["workers"])
-    written = 0
-    for probabilities, _, meta, _ in predictions(model, dataset, show_progress=True, **inference):
-        name, picture = server_file(dataset.name, probabilities.argmax(dim=0), meta, dataset.palette)
-        pictures.save_picture(picture, Path(save_dir) / name)
-        written += 1
+    written, protocol = 0, {key: settings[key] for key in PROTOCOL}
+    with evaluation_mode(model):
+        for images, _, meta in test_images(dataset, device, settings["workers"]):
+            with runtime.precision_context(device, settings["precision"]):
+                probabilities = predict(model, images, meta["original_size"], **protocol)
+            name, picture = server_file(dataset.name, probabilities.argmax(dim=0), meta, dataset.palette)
+            pictures.save_picture(picture, Path(save_dir) / name)
+            written += 1
     total = int(sum_over_processes(torch.tensor([written], device=device)).item())
-    if runtime.rank_and_world_size()[0] == 0:
-        print(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
+    runtime.say(f"wrote {total} {dataset.name} {split} predictions for its evaluation server in {save_dir}")
 
 
-def files_count(count):
-    return f"{count} file" if count == 1 else f"{count} files"
-
-
-def class_names_and_colours(info, dataset_name, num_classes):
-    """(palette, classes) for pictures of a checkpoint: those it records, else its dataset's, else
-    numbered classes in the default colours."""
-    known = data.CLASSES_AND_PALETTES.get(dataset_name, {})
-    palette, classes = info["palette"] or known.get("palette"), info["classes"] or known.get("classes")
-    if palette is None or len(palette) != num_classes:
-        palette = data.default_palette(num_classes)
-    if classes is None or len(classes) != num_classes:
-        classes = [f"class {index}" for index in range(num_classes)]
-    return palette, classes
-
-
-def predict_images(model, info, settings, device):
-    """--image: the pictures of every file; under torchrun, rank r of W takes files[r::W]. An image
-    that cannot be read is named and the others go on. Returns how many failed, over all ranks."""
+def predict_images(model, settings):
+    """--image: the pictures of every file (rank r of W takes files[r::W]); an unreadable one is named and
+    the others go on. A photo of over 4 times the test scale's pixels is predicted and drawn at the test
+    scale: at its full size the scores take classes x pixels floats. Returns how many failed, all ranks."""
     rank, world_size = runtime.rank_and_world_size()
     (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
-    palette, classes = class_names_and_colours(info, settings["dataset"], model.num_classes)
-    keywords = dict(
-        inference_keywords(settings, device),
-        scale=settings["scale"],
-        ratios=settings["ratios"],
-        palette=palette,
-        classes=classes,
-        save_dir=save_dir,
-        opacity=settings["opacity"],
-    )
+    palette, classes, device = settings["palette"], settings["classes"], settings["device"]
+    scale, ratios, opacity = settings["scale"], settings["ratios"], settings["opacity"]
     mine = list(zip(files, picture_names(files)))[rank::world_size]
     written, failed = [], []
     bar = tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2)
     for path, name in bar:
         try:
-            written += predict_image(model, path, name, **keywords)
+            original = data.read_image(path, upright=True)  # uint8 (3, H, W), as the photo is to be seen
+            height, width = original.shape[-2:]
+            if height * width > 4 * scale[0] * scale[1]:
+                original = data.resize_image(original, data.rescale_size(height, width, scale))
+                size = f"{original.shape[2]}x{original.shape[1]}"
+                tqdm.write(
+                    f"{path}: {width}x{height} is large; predicted and drawn at the test scale, {size}"
+                )
+            images, probabilities = image_probabilities(model, original, settings)
+            precision, pred = settings["precision"], probabilities.argmax(dim=0)
+            attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
+            written += pictures.save_pictures(
+                save_dir, name, original, pred, palette, attention, opacity, classes, attention_title=title
+            )
         except (ValueError, OSError) as error:  # an unreadable or undecodable file: name it, go on
             failed.append(path)
             bar.set_postfix(failed=len(failed))  # the bar counts the images tried
             tqdm.write(f"evaluate.py: {path} failed: {error}", file=sys.stderr)
     counts = sum_over_processes(torch.tensor([len(mine) - len(failed), len(failed)], device=device)).tolist()
-    if rank == 0 and skipped:
-        what = "that is not an image" if len(skipped) == 1 else "that are not images"
-        print(f"skipped {files_count(len(skipped))} {what}: " + ", ".join(map(str, skipped)))
-    if rank == 0 and len(files) == 1 and not failed:
-        print("wrote " + ", ".join(map(str, written)))
-    elif rank == 0:
-        tried = f" ({counts[1]} of {len(files)} failed)" if counts[1] else ""
-        maps = " and" if info["block"]["context"] == "none" else ", attention and"  # FCN: no map
-        print(
-            f"wrote the label PNG, overlay{maps} composite pictures of {counts[0]} "
-            f"{'image' if counts[0] == 1 else 'images'} under {save_dir}{tried}"
-        )
+    if skipped:
+        what = "file that is not an image" if len(skipped) == 1 else "files that are not images"
+        runtime.say(f"skipped {len(skipped)} {what}: " + ", ".join(map(str, skipped)))
+    if len(files) == 1 and not failed:
+        runtime.say("wrote " + ", ".join(map(str, written)))
+    else:
+        images = f"{counts[0]} image" if counts[0] == 1 else f"{counts[0]} images"
+        maps = " and" if model.head_block["context"] == "none" else ", attention and"  # FCN: no map
+        where = f"{save_dir} ({counts[1]} of {len(files)} failed)" if counts[1] else save_dir
+        runtime.say(f"wrote the label PNG, overlay{maps} composite pictures of {images} under {where}")
     if failed:
-        print(
-            f"evaluate.py: {files_count(len(failed))} failed: " + ", ".join(map(str, failed)), file=sys.stderr
-        )
+        what = "1 file" if len(failed) == 1 else f"{len(failed)} files"
+        print(f"evaluate.py: {what} failed: " + ", ".join(map(str, failed)), file=sys.stderr)
     return counts[1]
 
 
@@ -713,23 +617,15 @@ def main(argv=None):
     runtime.keep_freed_memory()
     failed = 0
     try:
-        _, _, device = runtime.setup_device(args.device)
-        thread_choice = runtime.set_threads(args.threads, device)
-        checkpoint = checkpoints.find_checkpoint(args.checkpoint)
-        loaded = checkpoints.read_checkpoint(
-            checkpoint, trust=args.trust_checkpoint
-        )  # read once, for info and weights
-        info = checkpoints.checkpoint_info(checkpoint, loaded)
-        settings = dict(resolve_settings(args, info, device), thread_choice=thread_choice)
+        info, settings, reference_model = load(args)
         # The fp32 reference of the agreement check keeps its BatchNorm; the model that runs may fold it.
-        reference_model = build_model(checkpoint, loaded, info, settings, device)
         model = inference_model(reference_model, settings)
         if settings["images"]:
-            failed = predict_images(model, info, settings, device)
+            failed = predict_images(model, settings)
         elif settings["format_only"]:
-            write_split_files(model, info, settings, checkpoint, device)
+            write_split_files(model, info, settings)
         else:
-            evaluate_split(model, info, settings, checkpoint, device, reference_model)
+            evaluate_split(model, info, settings, reference_model)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None
     finally:
@@ -737,6 +633,18 @@ def main(argv=None):
             dist.destroy_process_group()
     if failed:
         raise SystemExit(1)  # the other images are written; a script still sees that some were not
+
+
+def load(args):
+    """The flags' checkpoint, read once: (what it says, the settings with it and the device, the model)."""
+    _, _, device = runtime.setup_device(args.device)
+    thread_choice = runtime.set_threads(args.threads, device)
+    checkpoint = checkpoints.find_checkpoint(args.checkpoint)
+    loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # for info and weights
+    info = checkpoints.checkpoint_info(checkpoint, loaded)
+    settings = resolve_settings(args, info, device)
+    settings.update(checkpoint=checkpoint, device=device, thread_choice=thread_choice)
+    return info, settings, build_model(checkpoint, loaded, info, settings, device)
 
 
 USAGE = r"""examples:
@@ -753,44 +661,32 @@ USAGE = r"""examples:
 
 
 def build_parser():
-    """Every flag is checked when parsed (runtime.number_flag, writable_path, size_flag): a wrong value
-    ends the run before any work, naming the flag and what it allows."""
-    number, path, size_flag = runtime.number_flag, runtime.writable_path, runtime.size_flag
+    """Each flag is checked when parsed (number_flag, writable_path, size_flag): a wrong value ends the run
+    before any work, naming the flag and what it allows."""
+    number, path, size = runtime.number_flag, runtime.writable_path, runtime.size_flag
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     what = parser.add_argument_group("what to evaluate")
+    what.add_argument("--checkpoint", help=f"file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
+    what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only files you trust")
     what.add_argument(
-        "--checkpoint", help=f"a .pth file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})"
+        "--dataset", help="cityscapes, ade20k, voc12aug, toy, folder (default: the checkpoint's)"
     )
     what.add_argument(
-        "--trust-checkpoint", action="store_true", help="unpickle fully: only for files you trust"
+        "--data-root", help="dataset folder (default: the one the checkpoint's run used, else the dataset's)"
     )
-    what.add_argument(
-        "--dataset", help="cityscapes, ade20k, voc12aug, toy or folder (default: the checkpoint's)"
-    )
-    what.add_argument(
-        "--data-root",
-        help="dataset folder (default: the one the checkpoint's run used, else "
-        "the dataset's, e.g. data/cityscapes)",
-    )
-    what.add_argument(
-        "--depth", type=int, choices=(50, 101), help="default: the checkpoint's (its weights say it)"
-    )
-    what.add_argument(
-        "--split", default="val", choices=("val", "test"), help="val, or test with --format-only"
-    )
+    what.add_argument("--depth", type=int, choices=(50, 101), help="default: what the checkpoint holds")
+    what.add_argument("--split", default="val", choices=("val", "test"), help="test only with --format-only")
     what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
-    what.add_argument(
-        "--image", nargs="+", metavar="PATH", help="predict image files, folders, glob patterns"
-    )
+    what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, globs")
     test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
     test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
     test.add_argument("--scales", type=number(float, 0.01, 4), nargs="+", help="test scale ratios, 0.01..4")
     test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
     test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
-    test.add_argument("--crop", type=size_flag("--crop"), help="sliding window size: 769 or HxW (512x1024)")
-    test.add_argument("--stride", type=size_flag("--stride"), help="sliding window stride: 513 or HxW")
+    test.add_argument("--crop", type=size("--crop"), help="sliding window size: 769 or HxW (512x1024)")
+    test.add_argument("--stride", type=size("--stride"), help="sliding window stride: 513 or HxW")
     runtime.add_arguments(parser)
     speed = parser.add_argument_group("speed (results change by rounding only)")
     speed.add_argument(
@@ -803,35 +699,16 @@ def build_parser():
         "--window-batch", type=number(int, 1), default=4, help="sliding windows per pass (default 4)"
     )
     workers = min(4, runtime.cores_per_process())
-    speed.add_argument(
-        "--workers",
-        type=number(int, 0),
-        default=workers,
-        help=f"loader processes (default: 4, at most the cores per process: {workers} here)",
-    )
+    cores = f"loader processes (default: 4, at most the cores per process: {workers} here)"
+    speed.add_argument("--workers", type=number(int, 0), default=workers, help=cores)
     output = parser.add_argument_group("output")
-    output.add_argument(
-        "--save-dir",
-        type=path("folder"),
-        help="pictures or server files go here: per image "
-        "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png; for a split also "
-        "confusion.png",
-    )
-    output.add_argument(
-        "--opacity", type=number(float, 0, 1), default=0.5, help="weight of the colours, 0..1"
-    )
-    output.add_argument(
-        "--out",
-        type=path("file"),
-        help="results JSON: aAcc, mIoU, mAcc, mF1, mPrecision, "
-        "mRecall, loss, per-class IoU/Acc/F1/Precision/Recall, the confusion matrix, the settings "
-        "(default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json)",
-    )
+    files = "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png per image, confusion.png per split"
+    output.add_argument("--save-dir", type=path("folder"), help=f"pictures or server files go here: {files}")
+    output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="colours' weight, 0..1")
+    contents = "the scores (per class too), the confusion matrix and the settings"
+    where = "default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json"
+    output.add_argument("--out", type=path("file"), help=f"JSON of {contents} ({where})")
     return parser
-
-
-# -----------------------------------------------------------------------------------------------
-# The model of a checkpoint
 
 
 def build_model(checkpoint, loaded, info, settings, device):
@@ -839,49 +716,25 @@ def build_model(checkpoint, loaded, info, settings, device):
     depth = settings["depth"]
     if depth is not None and depth != info["depth"]:
         raise ValueError(f"--depth {depth} but {checkpoint} holds a ResNet-{info['depth']}: drop --depth")
-    net = model.GCNet(
-        info["num_classes"], depth=info["depth"], align_corners=settings["align_corners"], **info["block"]
-    )
+    net = model.GCNet(info["num_classes"], info["depth"], settings["align_corners"], **info["block"])
     checkpoints.load_checkpoint(net, checkpoint, loaded)
     return net.to(device).eval()
 
 
 def inference_model(net, settings):
-    """The model as evaluate.py runs it: BatchNorm folded into the convs (a copy) and channels_last
-    weights where the settings say so."""
+    """The model as evaluate.py runs it: BatchNorm folded (a copy) and channels_last, as settings say."""
     if settings["fold_batchnorm"]:
         net = fold_batchnorm(net)
     return net.to(memory_format=torch.channels_last) if settings["channels_last"] else net
 
 
-def check_classes(info, dataset, checkpoint):
-    """The checkpoint's classes must be the dataset's, in the same order."""
-    if info["num_classes"] != dataset.num_classes:
-        raise ValueError(
-            f"{checkpoint} predicts {info['num_classes']} classes but the {dataset.name} dataset has "
-            f"{dataset.num_classes}: pass the --dataset it was trained on"
-        )
-    if info["classes"] is not None:
-        # strip(): the original ADE20K class list has 'bed ' with a trailing space
-        # (mmseg v0.5.0 mmseg/datasets/ade.py).
-        ours, theirs = [c.strip() for c in info["classes"]], [c.strip() for c in dataset.classes]
-        if ours != theirs:
-            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-            raise ValueError(
-                f"{checkpoint} was trained on other classes than the {dataset.name} dataset's: class "
-                f"{first} is {ours[first]!r} in the checkpoint, {theirs[first]!r} in the dataset"
-            )
-
-
 def fold_batchnorm(net):
-    """A copy of `net` for inference in which every BatchNorm that follows a convolution is folded
-    into it (weight * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)) and
-    replaced by nn.Identity: the same output up to rounding, one pass over each feature map fewer.
-    The copy has no BatchNorm keys: save and load weights with the original model."""
+    """A copy of `net` with each BatchNorm after a conv folded into it (weight * gamma / sqrt(var + eps),
+    bias beta - mean * gamma / sqrt(var + eps)) and replaced by nn.Identity: the same output up to
+    rounding, one pass over each feature map fewer. No BatchNorm keys: save and load the original."""
     folded = copy.deepcopy(net).eval()
     for module in list(folded.modules()):
-        # Bottleneck names its pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold
-        # them side by side.
+        # Bottleneck pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold pairs side by side.
         pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] if isinstance(module, model.Bottleneck) else []
         names = [name for name, _ in module.named_children()]
         pairs += list(zip(names, names[1:])) if isinstance(module, nn.Sequential) else []
@@ -891,10 +744,6 @@ def fold_batchnorm(net):
                 setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
                 setattr(module, bn_name, nn.Identity())
     return folded
-
-
-# -----------------------------------------------------------------------------------------------
-# Pictures: predicted labels, colour overlay and the block's attention map, for a split or image files
 
 
 @torch.no_grad()
@@ -923,12 +772,13 @@ def displayed(attention, size, align_corners):
     return (attention - low) / (high - low).clamp_min(1e-12)
 
 
-def image_at_ratio_one(images, ratios, original, test_scale):
-    """The image at the test scale (ratio 1.0), for the attention picture: one of the images per
-    ratio, or made from the original uint8 image when 1.0 is not among the ratios."""
-    if 1.0 in ratios:
-        return images[tuple(ratios).index(1.0)]
-    return data.test_transform(original, test_scale)[0].to(images[0].device)
+def attention_at_test_scale(model, images, ratios, original, scale, precision):
+    """attention_map() of the image at the test scale (ratio 1.0): one of the images per ratio, or
+    made from the original uint8 image when 1.0 is not among the ratios."""
+    device = images[0].device
+    image = images[ratios.index(1.0)] if 1.0 in ratios else data.test_transform(original, scale)[0].to(device)
+    with runtime.precision_context(device, precision):
+        return attention_map(model, image, original.shape[-2:])
 
 
 def save_confusion_picture(matrix, classes, save_dir):
@@ -940,72 +790,23 @@ def save_confusion_picture(matrix, classes, save_dir):
 
 def save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity):
     """save_pictures() for an image of a split, with its attention map at the test scale."""
-    original, device = data.read_image(meta["image_path"]), images[0].device
-    at_ratio_one = image_at_ratio_one(images, dataset.test_ratios, original, dataset.scale)
-    with runtime.precision_context(device, precision):
-        attention, title = attention_map(model, at_ratio_one, original.shape[-2:])
+    original, ratios, scale = data.read_image(meta["image_path"]), dataset.test_ratios, dataset.scale
+    attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
+    palette, classes = dataset.palette, dataset.classes
     pictures.save_pictures(
-        save_dir,
-        meta["name"],
-        original,
-        pred,
-        dataset.palette,
-        attention,
-        opacity,
-        classes=dataset.classes,
-        label=label,
-        attention_title=title,
+        save_dir, meta["name"], original, pred, palette, attention, opacity, classes, label, title
     )
 
 
 @torch.no_grad()
-def predict_image(
-    model,
-    path,
-    name,
-    *,
-    scale,
-    ratios,
-    device,
-    precision,
-    palette,
-    save_dir,
-    opacity=0.5,
-    classes=None,
-    **protocol,
-):
-    """The pictures of save_pictures() for one image file, without a dataset. Returns their paths. A
-    photo with more than FULL_SIZE_RATIO times the pixels of the test scale is predicted and drawn at
-    the test scale: scores at its full size would take classes x pixels floats."""
-    original = data.read_image(path, upright=True)  # uint8 (3, H, W), as the photo is meant to be seen
-    height, width = original.shape[-2:]
-    if height * width > FULL_SIZE_RATIO * scale[0] * scale[1]:
-        original = data.resize_image(original, data.rescale_size(height, width, scale))
-        tqdm.write(
-            f"{path}: {width}x{height} is large; predicted and drawn at the test scale, "
-            f"{original.shape[2]}x{original.shape[1]}"
-        )
-    images, probabilities = image_probabilities(
-        model, original, scale=scale, ratios=ratios, device=device, precision=precision, **protocol
-    )
-    with runtime.precision_context(device, precision):
-        attention, title = attention_map(
-            model, image_at_ratio_one(images, ratios, original, scale), original.shape[-2:]
-        )
-    pred = probabilities.argmax(dim=0)
-    return pictures.save_pictures(
-        save_dir, name, original, pred, palette, attention, opacity, classes=classes, attention_title=title
-    )
-
-
-@torch.no_grad()
-def image_probabilities(model, original, *, scale, ratios, device, precision, **protocol):
+def image_probabilities(model, original, settings):
     """(the image at each test ratio on the device, class probabilities at its size) of one uint8
     (3, H, W) image without a dataset: the test transform, then predict() in eval mode."""
-    images = [image.to(device) for image in data.test_transform(original, scale, tuple(ratios))]
+    device, scale, ratios = settings["device"], settings["scale"], settings["ratios"]
+    images = [image.to(device) for image in data.test_transform(original, scale, ratios)]
     model.eval()
-    with runtime.precision_context(device, precision):
-        return images, predict(model, images, original.shape[-2:], **protocol)
+    with runtime.precision_context(device, settings["precision"]):
+        return images, predict(model, images, original.shape[-2:], **{k: settings[k] for k in PROTOCOL})
 
 
 class Predictor:
@@ -1018,38 +819,19 @@ class Predictor:
     `flags` are evaluate.py's, e.g. ["--ms-flip"] or ["--device", "cuda"]."""
 
     def __init__(self, checkpoint, flags=()):
-        args = build_parser().parse_args(["--checkpoint", str(checkpoint), *flags])
-        _, _, self.device = runtime.setup_device(args.device)
-        loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)
-        info = checkpoints.checkpoint_info(checkpoint, loaded)
-        self.settings = resolve_settings(args, info, self.device)
-        self.model = inference_model(
-            build_model(checkpoint, loaded, info, self.settings, self.device), self.settings
-        )
-        self.palette, self.classes = class_names_and_colours(
-            info, self.settings["dataset"], info["num_classes"]
-        )
+        _, self.settings, built = load(build_parser().parse_args(["--checkpoint", str(checkpoint), *flags]))
+        self.model = inference_model(built, self.settings)
+        self.palette, self.classes = self.settings["palette"], self.settings["classes"]
 
     def __call__(self, path):
         """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
-        image = data.read_image(path, upright=True)
-        keywords = dict(
-            inference_keywords(self.settings, self.device),
-            scale=self.settings["scale"],
-            ratios=self.settings["ratios"],
-        )
-        _, probabilities = image_probabilities(self.model, image, **keywords)
+        _, probabilities = image_probabilities(self.model, data.read_image(path, upright=True), self.settings)
         return probabilities.argmax(dim=0).cpu()
 
 
-# --image draws a photo at its own size up to this many times the pixels of the test scale.
-FULL_SIZE_RATIO = 4
-
-
 def image_files(patterns):
-    """--image: files as given, a folder's images with its subfolders' (sorted), a glob pattern's images
-    (sorted). Returns (files, skipped): skipped are the files of folders and patterns that are not
-    images by their name."""
+    """--image: (files as given, a folder's images, a glob pattern's images, each sorted; skipped: the
+    files of folders and patterns not named as images)."""
     files, skipped, kinds = [], [], data.FOLDER_IMAGE_EXTENSIONS
     for pattern in patterns:
         path = Path(pattern)
@@ -1057,21 +839,17 @@ def image_files(patterns):
             files.append(path)
             continue
         if path.is_dir():  # and its subfolders, but not hidden files or folders
-            below = (
-                child
-                for child in path.rglob("*")
-                if not any(part.startswith(".") for part in child.relative_to(path).parts)
-            )
-            found = sorted(filter(Path.is_file, below))
+            below = [file.relative_to(path) for file in sorted(path.rglob("*")) if file.is_file()]
+            found = [path / file for file in below if not any(part.startswith(".") for part in file.parts)]
         elif any(character in pattern for character in "*?["):
             found = sorted(filter(Path.is_file, map(Path, glob.glob(pattern, recursive=True))))
         else:
             raise FileNotFoundError(f"--image {pattern}: no such file or folder")
-        images = [child for child in found if child.suffix.lower() in kinds]
+        images = [file for file in found if file.suffix.lower() in kinds]
         if not images:
             raise FileNotFoundError(f"--image {pattern}: no {'/'.join(kinds)} images there")
         files += images
-        skipped += [child for child in found if child.suffix.lower() not in kinds]
+        skipped += [file for file in found if file.suffix.lower() not in kinds]
     return list(dict.fromkeys(files)), skipped  # a file named twice is predicted once
 
 
@@ -1085,12 +863,9 @@ def picture_names(files):
     return [name if counts[name] == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)]
 
 
-# -----------------------------------------------------------------------------------------------
-# Files for the datasets' evaluation servers (--format-only): predictions of a split, no labels needed
-
-
-# Cityscapes scores labelIds, not the trainIds the model predicts: trainId -> id is the inverse of
-# the table data.py converts the labels with (cityscapesScripts helpers/labels.py).
+# Files for the datasets' evaluation servers (--format-only). Cityscapes scores labelIds, not the
+# trainIds the model predicts: trainId -> id is the inverse of the table data.py converts the labels
+# with (cityscapesScripts helpers/labels.py).
 CITYSCAPES_TRAINID_TO_ID = torch.tensor(
     sorted(data.CITYSCAPES_ID_TO_TRAINID, key=data.CITYSCAPES_ID_TO_TRAINID.get), dtype=torch.uint8
 )

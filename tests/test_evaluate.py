@@ -21,6 +21,7 @@ from torch import nn
 import checkpoints
 import data
 import evaluate
+import recipe
 import train
 from model import GCNet
 
@@ -138,15 +139,20 @@ def test_windows_smaller_than_the_crop_are_zero_padded_as_in_v050():
 # ---- scales and flips (mmseg v0.5.0 encoder_decoder.py aug_test) ------------------------------
 
 
+def resized_softmax(model, image, size, align_corners=False):
+    """The original's one pass: logits resized to `size`, softmax over the classes; (C, H, W)."""
+    logits = F.interpolate(model(image[None]), size=size, mode="bilinear", align_corners=align_corners)
+    return logits.softmax(1)[0]
+
+
 def test_single_scale_is_softmax_of_logits_resized_to_the_original_size():
     model = PixelModel(3, align_corners=True).eval()
     image = torch.randn(3, 40, 56)
     probabilities = evaluate.predict(model, [image], (30, 41))
-    expected = F.interpolate(model(image[None]), size=(30, 41), mode="bilinear", align_corners=True).softmax(
-        1
-    )
     assert probabilities.shape == (3, 30, 41)
-    assert torch.allclose(probabilities, expected[0], atol=1e-6)
+    assert torch.allclose(
+        probabilities, resized_softmax(model, image, (30, 41), align_corners=True), atol=1e-6
+    )
 
 
 def test_class_softmax_of_channels_last_logits_equals_the_dim_1_softmax():
@@ -162,10 +168,7 @@ def test_multi_scale_averages_probabilities_at_the_original_size():
     model = PixelModel(3).eval()
     images = [torch.randn(3, 20, 28), torch.randn(3, 40, 56)]
     probabilities = evaluate.predict(model, images, (30, 42))
-    per_scale = [
-        F.interpolate(model(x[None]), size=(30, 42), mode="bilinear", align_corners=False).softmax(1)[0]
-        for x in images
-    ]
+    per_scale = [resized_softmax(model, image, (30, 42)) for image in images]
     assert torch.allclose(probabilities, (per_scale[0] + per_scale[1]) / 2, atol=1e-6)
     assert torch.allclose(probabilities.sum(0), torch.ones(30, 42), atol=1e-5)
 
@@ -219,24 +222,17 @@ def test_metrics_by_hand_with_ignored_and_absent_classes():
     assert metrics["Precision"][:2] == pytest.approx([100, 200 / 3])
     assert math.isnan(metrics["Precision"][2]) and metrics["Precision"][3] == 0
     assert metrics["mPrecision"] == pytest.approx(100 * (1 + 2 / 3 + 0) / 3)
-    assert (
-        metrics["Recall"] == pytest.approx(metrics["Acc"], nan_ok=True)
-        and metrics["mRecall"] == metrics["mAcc"]
-    )
+    assert metrics["Recall"] == pytest.approx(metrics["Acc"], nan_ok=True)
+    assert metrics["mRecall"] == metrics["mAcc"]
     # Dice is the harmonic mean of precision and recall where both are defined
-    assert metrics["F1"][1] == pytest.approx(
-        2 / (100 / metrics["Precision"][1] + 100 / metrics["Recall"][1]) * 100
-    )
-    table = evaluate.format_table(metrics, ["road", "car", "sky", "bus"])
-    assert table.splitlines()[0].split() == ["class", "IoU", "Acc/Rec", "F1", "Prec"]
-    assert table.splitlines()[2].split() == ["car", "50.00", "66.67", "66.67", "66.67"]
-    assert table.splitlines()[3].split() == ["sky", "nan", "nan", "nan", "nan"]
-    assert (
-        "mIoU 38.89" in table
-        and "mF1 48.89" in table
-        and "mPrecision 55.56" in table
-        and "mRecall 66.67" in table
-    )
+    harmonic = 2 / (100 / metrics["Precision"][1] + 100 / metrics["Recall"][1])
+    assert metrics["F1"][1] == pytest.approx(100 * harmonic)
+    table = evaluate.format_table(metrics, ["road", "car", "sky", "bus"]).splitlines()
+    assert table[0].split() == ["class", "IoU", "Acc/Rec", "F1", "Prec"]
+    assert table[2].split() == ["car", "50.00", "66.67", "66.67", "66.67"]
+    assert table[3].split() == ["sky", "nan", "nan", "nan", "nan"]
+    for mean in ("mIoU 38.89", "mF1 48.89", "mPrecision 55.56", "mRecall 66.67"):
+        assert mean in table[-1]
 
 
 def test_confusion_matrices_add_up_over_images_and_reject_bad_labels():
@@ -289,10 +285,8 @@ class FakeValSet(torch.utils.data.Dataset):
         return images, label, dict(name=f"image_{index}", image_path=str(path), original_size=(height, width))
 
 
-EVALUATION = dict(
-    mode="whole", crop_size=None, stride=None, flip=False, device="cpu", precision="fp32",
-    window_batch=2, show_progress=False, workers=0,
-)  # fmt: skip
+# evaluate_dataset's keywords in these tests: one whole-image pass per image (predict's defaults)
+EVALUATION = dict(device="cpu", precision="fp32", workers=0)
 
 
 def distributed_worker(rank, world_size, port, folder):
@@ -336,15 +330,13 @@ def test_the_validation_loss_is_the_training_loss_over_the_split(tmp_path):
 
 
 def test_precision_agreement_runs_fp32_on_the_reference_model(tmp_path):
-    dataset = FakeValSet(tmp_path, count=3)
-    options = {k: v for k, v in EVALUATION.items() if k != "show_progress"}
-    options["precision"] = "bf16"
+    dataset, options = FakeValSet(tmp_path, count=3), dict(EVALUATION, precision="bf16")
     model = PixelModel(3, seed=0).train()
-    same = evaluate.precision_agreement(model, dataset, 3, **options)
+    same = evaluate.precision_agreement(model, model, dataset, 3, **options)
     assert model.training  # mode restored
     labelled = sum(int((dataset[i][1] != 255).sum()) for i in range(3))
     assert same["images"] == 3 and same["pixels"] == labelled and same["agreement"] > 0.95
-    other = evaluate.precision_agreement(model, dataset, 3, reference_model=PixelModel(3, seed=1), **options)
+    other = evaluate.precision_agreement(model, PixelModel(3, seed=1), dataset, 3, **options)
     assert other["agreement"] < 0.8  # another model in the fp32 pass: the check sees the difference
 
 
@@ -382,9 +374,8 @@ def tiny_gcnet():
 def test_real_gcnet_slide_ms_flip_and_attention(tiny_gcnet):
     torch.manual_seed(0)
     images = [torch.randn(3, 49, 73), torch.randn(3, 65, 97)]
-    probabilities = evaluate.predict(
-        tiny_gcnet, images, (60, 90), mode="slide", crop_size=65, stride=43, flip=True, window_batch=4
-    )
+    protocol = dict(mode="slide", crop_size=65, stride=43, flip=True, window_batch=4)
+    probabilities = evaluate.predict(tiny_gcnet, images, (60, 90), **protocol)
     assert probabilities.shape == (3, 60, 90)
     assert torch.allclose(probabilities.sum(0), torch.ones(60, 90), atol=1e-5)
     attention, title = evaluate.attention_map(tiny_gcnet, images[1], (60, 90))
@@ -392,80 +383,205 @@ def test_real_gcnet_slide_ms_flip_and_attention(tiny_gcnet):
     assert title == "GC attention (red: more weight)"
 
 
-# ---- command line -----------------------------------------------------------------------------
+def test_folded_batchnorm_gives_the_same_logits_without_batchnorm(randomize):
+    net = randomize(GCNet(19), seed=5).eval()
+    folded = evaluate.fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 59  # the original untouched
+    conv = folded.backbone.layer1[0].conv1
+    bn = net.backbone.layer1[0].bn1
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(conv.weight, net.backbone.layer1[0].conv1.weight * scale[:, None, None, None])
+    torch.testing.assert_close(conv.bias, bn.bias - bn.running_mean * scale)
+    x = torch.randn(1, 3, 97, 113)
+    with torch.no_grad():
+        reference, logits = net(x), folded(x)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    assert folded.num_classes == 19 and folded.depth == 50 and not folded.training
 
 
-def test_missing_checkpoint_is_a_clear_exit(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"no checkpoint found: looked for work_dirs/\*/best.pth"):
-        evaluate.main(["--device", "cpu"])
-    with pytest.raises(SystemExit, match="checkpoint not found: nothing.pth"):
-        evaluate.main(["--device", "cpu", "--checkpoint", "nothing.pth"])
-
-
-def test_newest_best_checkpoint_is_found(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for index, run in enumerate(["b_run", "a_run"]):
-        (tmp_path / "work_dirs" / run).mkdir(parents=True)
-        (tmp_path / "work_dirs" / run / "best.pth").write_bytes(b"")
-        os.utime(tmp_path / "work_dirs" / run / "best.pth", (1000 + index, 1000 + index))
-    assert checkpoints.find_checkpoint(None) == str(Path("work_dirs/a_run/best.pth"))
+# ---- the settings: the checkpoint's row or recipe, the flags over it ----------------------------
 
 
 def official_info(crop_size, align_corners, dataset="cityscapes"):
     """checkpoint_info's answer for an official checkpoint of the table's row with this crop."""
-    known = crop_size is not None
-    row = evaluate.recipe.row(dataset, crop_size) if known else None
-    return dict(crop_size=crop_size, align_corners=align_corners, recipe=None, depth=50,
-                dataset=dataset if known else None, row=row)  # fmt: skip
+    info = dict(crop_size=crop_size, align_corners=align_corners, recipe=None, dataset=None, row=None)
+    info.update(depth=50, num_classes=19, classes=None, palette=None)
+    if crop_size is not None:
+        info.update(dataset=dataset, row=recipe.row(dataset, crop_size))
+    return info
 
 
-def settings_of(args, info):
-    return evaluate.resolve_settings(args, info, torch.device("cpu"))
+def settings_of(flags, info):
+    return evaluate.resolve_settings(evaluate.build_parser().parse_args(flags), info, torch.device("cpu"))
 
 
 def test_settings_follow_the_checkpoint_row_and_flags_override():
-    parse = evaluate.build_parser().parse_args
     info = official_info((769, 769), True)
-    row_769 = settings_of(parse(["--ms-flip"]), info)
-    assert {key: row_769[key] for key in ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")} == dict(
-        mode="slide", crop_size=(769, 769), stride=(513, 513), ratios=evaluate.MS_RATIOS, flip=True,
-        align_corners=True,
-    )  # fmt: skip
+    row_769 = settings_of(["--ms-flip"], info)
+    protocol = [row_769[key] for key in ("mode", "crop_size", "stride", "ratios", "flip", "align_corners")]
+    assert protocol == ["slide", (769, 769), (513, 513), evaluate.MS_RATIOS, True, True]
     assert row_769["scale"] == (2049, 1025)  # the 769 models are tested on 2049x1025
-    row_512 = settings_of(parse([]), official_info((512, 1024), False))
+    row_512 = settings_of([], official_info((512, 1024), False))
     assert (row_512["mode"], row_512["ratios"], row_512["flip"]) == ("whole", (1.0,), False)
-    unknown = settings_of(parse(["--crop", "769"]), official_info(None, None))
+    unknown = settings_of(["--crop", "769"], official_info(None, None))
     assert (unknown["mode"], unknown["stride"], unknown["align_corners"]) == ("slide", (513, 513), True)
-    custom = settings_of(parse(["--ms-flip", "--no-flip", "--scales", "1", "2", "--mode", "whole"]), info)
+    custom = settings_of(["--ms-flip", "--no-flip", "--scales", "1", "2", "--mode", "whole"], info)
     assert (custom["mode"], custom["ratios"], custom["flip"]) == ("whole", (1.0, 2.0), False)
 
 
 def test_our_checkpoints_are_tested_with_their_recorded_recipe():
-    parse = evaluate.build_parser().parse_args
-    recorded = dict(dataset="folder", crop_size=[65, 65], test_mode="slide", test_crop=[65, 65], test_stride=[40, 40],
-                    align_corners=True, scale=[300, 100])  # fmt: skip
-    row = {**evaluate.recipe.row("folder", 65), **recorded}
-    info = dict(crop_size=(65, 65), align_corners=True, recipe=recorded, depth=50, dataset="folder", row=row)
-    settings = settings_of(parse([]), info)
+    recorded = dict(dataset="folder", crop_size=[65, 65], test_mode="slide", test_crop=[65, 65])
+    recorded.update(test_stride=[40, 40], align_corners=True, scale=[300, 100])
+    row = {**recipe.row("folder", 65), **recorded}
+    info = dict(official_info((65, 65), True), recipe=recorded, dataset="folder", row=row)
+    settings = settings_of([], info)
     assert (settings["mode"], settings["crop_size"], settings["stride"]) == ("slide", (65, 65), (40, 40))
     assert settings["scale"] == (300, 100) and settings["align_corners"] is True
-    assert settings_of(parse(["--stride", "30x20"]), info)["stride"] == (30, 20)
+    assert settings_of(["--stride", "30x20"], info)["stride"] == (30, 20)
     recorded["reduce_zero_label"] = True  # trained with label 0 = ignore: scored the same way
-    assert settings_of(parse([]), info)["reduce_zero_label"] is True
-    assert settings_of(parse(["--dataset", "toy"]), info)["reduce_zero_label"] is None  # toy's own rule
+    assert settings_of([], info)["reduce_zero_label"] is True
+    assert settings_of(["--dataset", "toy"], info)["reduce_zero_label"] is None  # toy's own rule
+
+
+def test_official_checkpoints_are_scored_in_fp32_by_default():
+    parse, info = evaluate.build_parser().parse_args, official_info((512, 1024), False)
+    args = parse([])
+    settings = evaluate.resolve_settings(args, info, torch.device("cpu"))
+    assert settings["precision"] == "fp32" and settings["check_agreement"] == 0
+    assert settings["fold_batchnorm"] is False  # a speed setting: fp32 keeps the original's BatchNorm
+    assert vars(args) == vars(parse([]))  # the flags are read, never rewritten
+    settings = settings_of(["--precision", "bf16"], info)
+    assert settings["precision"] == "bf16" and settings["channels_last"] is True
+    assert settings["check_agreement"] == 10 and settings["fold_batchnorm"] is True
+
+
+def test_an_explicit_zero_is_not_unset():
+    args = evaluate.build_parser().parse_args(["--check-agreement", "0", "--workers", "0", "--opacity", "0"])
+    settings = evaluate.resolve_settings(args, official_info((512, 1024), False), torch.device("cpu"))
+    assert settings["check_agreement"] == 0 and settings["workers"] == 0 and args.opacity == 0
+
+
+def test_stride_larger_than_the_window_is_refused():
+    with pytest.raises(ValueError, match="--stride"):
+        settings_of(["--mode", "slide", "--crop", "33", "--stride", "40"], official_info((769, 769), True))
+
+
+def test_the_settings_that_differ_from_trainings_validation_are_named():
+    config = dict(
+        dataset="toy", data_root=None, test_mode="whole", test_crop=[128, 128], test_stride=[86, 86]
+    )
+    config.update(scale=[256, 128], precision="bf16", fold_batchnorm=True, channels_last=True, device="cpu")
+    validation = checkpoints.validation_settings(config)
+    assert tuple(validation) == checkpoints.VALIDATION_KEYS  # what training_differences compares
+    settings = dict(mode="whole", crop_size=(128, 128), stride=(86, 86), scale=(256, 128), ratios=(1.0,))
+    settings.update(flip=False, precision="bf16", fold_batchnorm=True, channels_last=True)
+    toy, cpu = types.SimpleNamespace(name="toy", root="data/toy"), torch.device("cpu")
+    assert evaluate.training_differences(validation, settings, toy, cpu) == []
+    other = dict(settings, precision="fp32", fold_batchnorm=False, ratios=evaluate.MS_RATIOS, flip=True)
+    assert evaluate.training_differences(validation, other, toy, cpu) == [
+        "ratios [1.0] in training, [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] here",
+        "flip False in training, True here",
+        "precision bf16 in training, fp32 here",
+        "BatchNorm folded True in training, False here",
+    ]
+    assert evaluate.training_differences(None, settings, toy, cpu) is None  # nothing recorded
+
+
+# ---- every flag is checked when it is parsed --------------------------------------------------
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("the evaluation ran before the flags were checked")
+
+
+NUMBER, SIZE = r"a number in \[0.01, 4\]", "sizes from 1 to 8192"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--scales", "0"], f"argument --scales: expected .*{NUMBER}"),
+        (["--scales", "1", "-1"], f"argument --scales: expected .*{NUMBER}"),
+        (["--scales", "inf"], f"argument --scales: expected .*{NUMBER}"),
+        (["--scales", "nan"], f"argument --scales: expected .*{NUMBER}"),
+        (["--scales", "0.0001"], f"argument --scales: expected .*{NUMBER}"),
+        (["--scales", "1e6"], f"argument --scales: expected .*{NUMBER}"),
+        (["--mode", "slide", "--crop", "0"], f"argument --crop: expected .*{SIZE}"),
+        (["--mode", "slide", "--stride", "0"], f"argument --stride: expected .*{SIZE}"),
+        (["--stride", "-3"], f"argument --stride: expected .*{SIZE}"),
+        (["--stride", "5x0"], f"argument --stride: expected .*{SIZE}"),
+        (["--crop", "51200"], f"argument --crop: expected .*{SIZE}"),
+        (["--window-batch", "0"], "argument --window-batch: expected .*an integer >= 1"),
+        (["--workers", "-1"], "argument --workers: expected .*an integer >= 0"),
+        (["--workers", "two"], "argument --workers: expected .*an integer >= 0"),
+        (["--opacity", "1.5"], r"argument --opacity: expected .*a number in \[0, 1\]"),
+        (["--opacity", "nan"], r"argument --opacity: expected .*a number in \[0, 1\]"),
+        (["--check-agreement", "-2"], "argument --check-agreement: expected .*an integer >= 0"),
+        (["--out", "."], "argument --out: .* is a directory"),
+        (["--out", "a_file.txt/results.json"], "argument --out: .* is a file, not a folder"),
+        (["--save-dir", "a_file.txt"], "argument --save-dir: .* is a file"),
+        (["--out", "r.json"], "argument --out: .* is not writable"),  # a read-only place, as root too
+        (["--split", "test"], "--split test has no labels to score: add --format-only"),
+        (["--format-only", "--image", "x.jpg"], "--image predicts files: pass one of them"),
+        (["--checkpoint", "nothing.pth"], "checkpoint not found: nothing.pth"),
+        ([], r"no checkpoint found: looked for work_dirs/\*/best.pth"),
+    ],
+)
+def test_bad_flags_end_the_run_before_any_work(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoints, "read_checkpoint", must_not_run)
+    (tmp_path / "a_file.txt").write_text("x")
+    if "writable" in message:
+        monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--device", "cpu", *flags])
+    printed = f"{stop.value} {capsys.readouterr().err}"
+    assert re.search(message, printed) and "argument --split" not in printed
+    assert stop.value.code == 2 or not message.startswith("argument")  # argparse's exit status
+
+
+def test_help_gives_every_default():
+    text = " ".join(evaluate.build_parser().format_help().split())
+    assert "sliding windows per pass (default 4)" in text and "loader processes (default: 4, at most" in text
+    text = " ".join(train.build_parser().format_help().split())
+    defaults = ("default: toy, the demo", "ResNet depth (default 50)", "--seed SEED default 0", "128 toy")
+    for words in (*defaults, "at most the cores per process on a CPU"):
+        assert words in text, words
+
+
+# ---- the command line on checkpoints of train.py --------------------------------------------
+
+
+def run(checkpoint, *flags):
+    """evaluate.py's command line on the CPU, its loader in this process."""
+    evaluate.main(["--device", "cpu", "--workers", "0", "--checkpoint", str(checkpoint), *map(str, flags)])
+
+
+def saved_run(path, num_classes, recorded, classes, palette):
+    """A random GCNet saved as train.py saves a run: its recipe, classes and palette."""
+    torch.manual_seed(0)
+    meta = dict(CLASSES=classes, PALETTE=palette)
+    torch.save(dict(state_dict=GCNet(num_classes).state_dict(), recipe=recorded, meta=meta), path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def toy_checkpoint(tmp_path_factory):
-    """A random 5-class R-50 saved as train.py saves a toy run: recipe, classes and palette."""
-    torch.manual_seed(0)
-    recipe = dict(dataset="toy", crop_size=[128, 128], align_corners=False, test_mode="whole",
-                  test_crop=[128, 128], test_stride=[86, 86], config_name="gcnet_r50-d8_128x128_300it_toy")  # fmt: skip
-    meta = dict(CLASSES=data.TOY_CLASSES, PALETTE=data.TOY_PALETTE)
+    """A 5-class toy run (an older one: its recipe lacks the test scale, which the row gives)."""
+    recorded = dict(dataset="toy", crop_size=[128, 128], align_corners=False, test_mode="whole")
+    recorded.update(test_crop=[128, 128], test_stride=[86, 86], config_name="gcnet_r50-d8_128x128_300it_toy")
     path = tmp_path_factory.mktemp("checkpoint") / "best.pth"
-    torch.save(dict(state_dict=GCNet(5).state_dict(), recipe=recipe, meta=meta), path)
-    return path
+    return saved_run(path, 5, recorded, data.TOY_CLASSES, data.TOY_PALETTE)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A 3-class folder run tested at 48x32: fast pictures."""
+    recorded = dict(dataset="folder", crop_size=[32, 32], align_corners=False, test_mode="whole")
+    recorded.update(test_crop=[32, 32], test_stride=[22, 22], scale=[48, 32], config_name="tiny")
+    path = tmp_path_factory.mktemp("tiny") / "best.pth"
+    return saved_run(path, 3, recorded, ["sky", "road", "car"], [[0, 0, 255], [128, 128, 128], [255, 0, 0]])
 
 
 def write_folder_dataset(root, class_lines, count=1, size=(8, 8)):
@@ -482,6 +598,15 @@ def write_folder_dataset(root, class_lines, count=1, size=(8, 8)):
     (root / "classes.txt").write_text("\n".join(class_lines))
 
 
+def test_newest_best_checkpoint_is_found(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for index, run_name in enumerate(["b_run", "a_run"]):
+        (tmp_path / "work_dirs" / run_name).mkdir(parents=True)
+        (tmp_path / "work_dirs" / run_name / "best.pth").write_bytes(b"")
+        os.utime(tmp_path / "work_dirs" / run_name / "best.pth", (1000 + index, 1000 + index))
+    assert checkpoints.find_checkpoint(None) == str(Path("work_dirs/a_run/best.pth"))
+
+
 def test_command_line_evaluates_a_split_and_writes_json(tmp_path, toy_checkpoint, capsys):
     # Two 32x64 images in the toy dataset's (Cityscapes) layout: the network sees them at the toy
     # test scale, 128x256; the metrics count the labels at 32x64.
@@ -496,8 +621,7 @@ def test_command_line_evaluates_a_split_and_writes_json(tmp_path, toy_checkpoint
         Image.fromarray(image.numpy()).save(root / "leftImg8bit/val/x" / f"{name}_leftImg8bit.png")
         Image.fromarray(label.numpy()).save(root / "gtFine/val/x" / f"{name}_gtFine_labelTrainIds.png")
     out = tmp_path / "results.json"
-    evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--data-root", str(root),
-                   "--workers", "0", "--out", str(out)])  # fmt: skip
+    run(toy_checkpoint, "--data-root", root, "--out", out)
     printed = capsys.readouterr().out
     assert "diamond" in printed and f"wrote {out}" in printed
     record = json.loads(out.read_text())
@@ -505,155 +629,41 @@ def test_command_line_evaluates_a_split_and_writes_json(tmp_path, toy_checkpoint
     assert record["settings"]["mode"] == "whole" and record["settings"]["ratios"] == [1.0]
     assert sum(map(sum, record["confusion_matrix"])) == 2 * 28 * 64  # original resolution, 255 left out
     assert list(record["per_class"]) == data.TOY_CLASSES
-    iou = [entry["IoU"] for entry in record["per_class"].values()]
-    assert record["mIoU"] == pytest.approx(
-        sum(v for v in iou if v is not None) / sum(v is not None for v in iou)
-    )
+    iou = [entry["IoU"] for entry in record["per_class"].values() if entry["IoU"] is not None]
+    assert record["mIoU"] == pytest.approx(sum(iou) / len(iou))
+
+
+def split_of(checkpoint, info, *flags):
+    """The split evaluate.py's jobs would take for the checkpoint (build_split), without its model."""
+    return evaluate.build_split(info, settings_of([*map(str, flags)], info), checkpoint)
 
 
 def test_checkpoint_and_dataset_classes_must_agree(tmp_path, toy_checkpoint):
-    write_folder_dataset(tmp_path / "three", ["sky", "road", "car"])
-    with pytest.raises(SystemExit, match="predicts 5 classes but the folder dataset has 3"):
-        evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--dataset", "folder",
-                       "--data-root", str(tmp_path / "three")])  # fmt: skip
-    write_folder_dataset(tmp_path / "five", ["sky", "disc", "square", "diamond", "bar"])
-    with pytest.raises(SystemExit, match="class 0 is 'background' in the checkpoint, 'sky' in the dataset"):
-        evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--dataset", "folder",
-                       "--data-root", str(tmp_path / "five")])  # fmt: skip
-
-
-def test_image_command_writes_pictures_at_the_photo_size(tmp_path, toy_checkpoint, capsys):
-    photo = tmp_path / "photo.jpg"
-    Image.fromarray(torch.randint(0, 256, (45, 70, 3), dtype=torch.uint8).numpy()).save(photo)
-    evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--image", str(photo),
-                   "--save-dir", str(tmp_path / "out")])  # fmt: skip
-    assert str(tmp_path / "out" / "photo_attention.png") in capsys.readouterr().out
-    labels = Image.open(tmp_path / "out" / "photo_pred.png")
-    assert labels.mode == "P" and labels.size == (70, 45)
-    assert labels.getpalette()[:15] == [value for colour in data.TOY_PALETTE for value in colour]
-    for suffix in ("overlay.jpg", "attention.png"):
-        assert Image.open(tmp_path / "out" / f"photo_{suffix}").size == (70, 45)
-
-
-def test_official_checkpoints_are_scored_in_fp32_by_default():
-    parse, cpu = evaluate.build_parser().parse_args, torch.device("cpu")
-    args = parse([])
-    settings = evaluate.resolve_settings(args, official_info((512, 1024), False), cpu)
-    assert settings["precision"] == "fp32" and settings["check_agreement"] == 0
-    settings = evaluate.resolve_settings(
-        parse(["--precision", "bf16"]), official_info((512, 1024), False), cpu
-    )
-    assert (
-        settings["precision"] == "bf16"
-        and settings["channels_last"] is True
-        and settings["check_agreement"] == 10
-    )
-    assert settings["fold_batchnorm"] is True  # a speed setting: fp32 keeps the original's separate BatchNorm
-    settings = evaluate.resolve_settings(args, official_info((512, 1024), False), cpu)
-    assert settings["fold_batchnorm"] is False
-    assert vars(args) == vars(parse([]))  # the flags are read, never rewritten
-
-
-# ---- every flag is checked when it is parsed --------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "flags, named, allowed",
-    [
-        (["--scales", "0"], "--scales", r"a number in \[0.01, 4\]"),
-        (["--scales", "1", "-1"], "--scales", r"a number in \[0.01, 4\]"),
-        (["--scales", "inf"], "--scales", r"a number in \[0.01, 4\]"),
-        (["--scales", "nan"], "--scales", r"a number in \[0.01, 4\]"),
-        (["--scales", "0.0001"], "--scales", r"a number in \[0.01, 4\]"),
-        (["--scales", "1e6"], "--scales", r"a number in \[0.01, 4\]"),
-        (["--mode", "slide", "--crop", "0"], "--crop", "sizes from 1 to 8192"),
-        (["--mode", "slide", "--stride", "0"], "--stride", "sizes from 1 to 8192"),
-        (["--stride", "-3"], "--stride", "sizes from 1 to 8192"),
-        (["--stride", "5x0"], "--stride", "sizes from 1 to 8192"),
-        (["--crop", "51200"], "--crop", "sizes from 1 to 8192"),
-        (["--window-batch", "0"], "--window-batch", "an integer >= 1"),
-        (["--workers", "-1"], "--workers", "an integer >= 0"),
-        (["--workers", "two"], "--workers", "an integer >= 0"),
-        (["--opacity", "1.5"], "--opacity", r"a number in \[0, 1\]"),
-        (["--opacity", "nan"], "--opacity", r"a number in \[0, 1\]"),
-        (["--check-agreement", "-2"], "--check-agreement", "an integer >= 0"),
-    ],
-)
-def test_impossible_numbers_are_refused_when_parsed(flags, named, allowed, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.build_parser().parse_args(flags)
-    assert exit_info.value.code == 2
-    assert re.search(f"argument {named}: expected .*{allowed}", capsys.readouterr().err)
-
-
-def test_an_explicit_zero_is_not_unset():
-    args = evaluate.build_parser().parse_args(["--check-agreement", "0", "--workers", "0", "--opacity", "0"])
-    settings = evaluate.resolve_settings(args, official_info((512, 1024), False), torch.device("cpu"))
-    assert settings["check_agreement"] == 0 and settings["workers"] == 0 and args.opacity == 0
-
-
-def test_stride_larger_than_the_window_is_refused():
-    args = evaluate.build_parser().parse_args(["--mode", "slide", "--crop", "33", "--stride", "40"])
-    with pytest.raises(ValueError, match="--stride"):
-        settings_of(args, official_info((769, 769), True))
-
-
-def test_unwritable_out_fails_before_the_evaluation(tmp_path, toy_checkpoint, monkeypatch, capsys):
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("the evaluation ran before --out was checked")
-
-    monkeypatch.setattr(checkpoints, "read_checkpoint", must_not_run)
-    a_file = tmp_path / "a_file.txt"
-    a_file.write_text("x")
-    for flag, value, message in [
-        ("--out", tmp_path, "is a directory"),
-        ("--out", a_file / "results.json", "is a file, not a folder"),
-        ("--save-dir", a_file, "is a file"),
+    info = checkpoints.checkpoint_info(toy_checkpoint)
+    other_count, other_names = ["sky", "road", "car"], ["sky", "disc", "square", "diamond", "bar"]
+    for classes, message in [
+        (other_count, "predicts 5 classes but the folder dataset has 3"),
+        (other_names, "class 0 is 'background' in the checkpoint, 'sky' in the dataset"),
     ]:
-        with pytest.raises(SystemExit):
-            evaluate.main(["--device", "cpu", "--checkpoint", str(toy_checkpoint), flag, str(value)])
-        assert f"argument {flag}: " in (err := capsys.readouterr().err) and message in err
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only place (as root, too)
-    with pytest.raises(SystemExit):
-        evaluate.main(
-            ["--device", "cpu", "--checkpoint", str(toy_checkpoint), "--out", str(tmp_path / "r.json")]
-        )
-    assert "is not writable" in capsys.readouterr().err
-
-
-# ---- --image: files, folders, patterns ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random 3-class R-50 saved as train.py saves a folder run, tested at 48x32: fast pictures."""
-    torch.manual_seed(0)
-    recorded = dict(dataset="folder", crop_size=[32, 32], align_corners=False, test_mode="whole",
-                    test_crop=[32, 32], test_stride=[22, 22], scale=[48, 32], config_name="tiny")  # fmt: skip
-    meta = dict(CLASSES=["sky", "road", "car"], PALETTE=[[0, 0, 255], [128, 128, 128], [255, 0, 0]])
-    path = tmp_path_factory.mktemp("tiny") / "best.pth"
-    torch.save(dict(state_dict=GCNet(3).state_dict(), recipe=recorded, meta=meta), path)
-    return path
+        root = tmp_path / f"{len(classes)}_classes"
+        write_folder_dataset(root, classes)
+        with pytest.raises(ValueError, match=message):
+            split_of(toy_checkpoint, info, "--dataset", "folder", "--data-root", root)
 
 
 def test_evaluate_reads_the_data_where_the_run_did_and_names_the_flag_when_it_is_not_there(
     tmp_path, tiny_checkpoint
 ):
-    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
-    checkpoint["recipe"]["data_root"] = str(tmp_path / "gone")
-    torch.save(checkpoint, tmp_path / "best.pth")
-    for flags, whose in [
-        ([], "recorded by the checkpoint's run"),
-        (["--data-root", "elsewhere"], "given by --data-root"),
+    info = checkpoints.checkpoint_info(tiny_checkpoint)
+    info["recipe"]["data_root"] = str(tmp_path / "gone")
+    for flags, root, whose in [
+        ([], tmp_path / "gone", "recorded by the checkpoint's run"),
+        (["--data-root", "elsewhere"], "elsewhere", "given by --data-root"),
     ]:
-        with pytest.raises(SystemExit) as stop:
-            evaluate.main(["--checkpoint", str(tmp_path / "best.pth"), "--workers", "0", *flags])
-        message = str(stop.value)
-        root = tmp_path / "gone" if not flags else "elsewhere"
-        assert (
-            f"holds a folder model and this looked in the data root {root}, {whose}: pass --data-root"
-            in message
-        )
+        with pytest.raises(FileNotFoundError) as stop:
+            split_of(tiny_checkpoint, info, *flags)
+        looked = f"holds a folder model and this looked in the data root {root}, {whose}: pass --data-root"
+        assert looked in str(stop.value)
 
 
 def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
@@ -662,45 +672,20 @@ def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
     write_folder_dataset(tmp_path / "mine", ["sky", "road", "car"], count=2)
     seen, real = [], evaluate.precision_agreement
 
-    def spy(model, dataset, num_images, **options):
+    def spy(model, reference_model, dataset, count, **options):
         seen.append((dataset.test_ratios, options["flip"]))
-        return real(model, dataset, num_images, **options)
+        return real(model, reference_model, dataset, count, **options)
 
     monkeypatch.setattr(evaluate, "precision_agreement", spy)
-    evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data-root", str(tmp_path / "mine"), "--workers", "0",
-                   "--precision", "bf16", "--ms-flip", "--out", str(tmp_path / "r.json")])  # fmt: skip
-    assert seen == [((1.0,), False)]  # the protocol's ms+flip is for the scores only
+    out, protocol = tmp_path / "r.json", ["--precision", "bf16", "--scales", 0.5, 1, "--flip"]
+    run(tiny_checkpoint, "--data-root", tmp_path / "mine", "--out", out, *protocol)
+    assert seen == [((1.0,), False)]  # the protocol's scales and flips are for the scores only
     printed = capsys.readouterr()
     assert "bf16 vs fp32 check: 100%" in printed.err and "bf16 vs fp32 at a single scale:" in printed.out
-    assert json.loads((tmp_path / "r.json").read_text())["settings"]["ratios"] == list(evaluate.MS_RATIOS)
+    assert json.loads(out.read_text())["settings"]["ratios"] == [0.5, 1.0]
 
 
-def test_the_settings_that_differ_from_trainings_validation_are_named():
-    config = dict(dataset="toy", data_root=None, test_mode="whole", test_crop=[128, 128], test_stride=[86, 86],
-                  scale=[256, 128], precision="bf16", fold_batchnorm=True, channels_last=True, device="cpu")  # fmt: skip
-    validation = checkpoints.validation_settings(config)
-    assert tuple(validation) == checkpoints.VALIDATION_KEYS  # what training_differences compares
-    settings = dict(mode="whole", crop_size=(128, 128), stride=(86, 86), scale=(256, 128), ratios=(1.0,),
-                    flip=False, precision="bf16", fold_batchnorm=True, channels_last=True)  # fmt: skip
-    toy = types.SimpleNamespace(name="toy", root="data/toy")
-    assert evaluate.training_differences(validation, settings, toy, torch.device("cpu")) == []
-    other = dict(settings, precision="fp32", fold_batchnorm=False, ratios=evaluate.MS_RATIOS, flip=True)
-    assert evaluate.training_differences(validation, other, toy, torch.device("cpu")) == [
-        "ratios [1.0] in training, [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] here",
-        "flip False in training, True here",
-        "precision bf16 in training, fp32 here",
-        "BatchNorm folded True in training, False here",
-    ]
-    assert evaluate.training_differences(None, settings, toy, torch.device("cpu")) is None  # nothing recorded
-
-
-def test_help_gives_every_default():
-    text = " ".join(evaluate.build_parser().format_help().split())
-    assert "sliding windows per pass (default 4)" in text and "loader processes (default: 4, at most" in text
-    text = " ".join(train.build_parser().format_help().split())
-    for words in ("default: toy, the demo", "ResNet depth (default 50)", "--seed SEED default 0", "128 toy",
-                  "at most the cores per process on a CPU"):  # fmt: skip
-        assert words in text, words
+# ---- --image: files, folders, patterns ---------------------------------------------------------
 
 
 def write_picture(path, size=(33, 49), seed=0, **save_options):
@@ -710,18 +695,27 @@ def write_picture(path, size=(33, 49), seed=0, **save_options):
     Image.fromarray(pixels).save(path, **save_options)
 
 
+def test_image_command_writes_pictures_at_the_photo_size(tmp_path, tiny_checkpoint, capsys):
+    write_picture(tmp_path / "photo.jpg", size=(45, 70))
+    run(tiny_checkpoint, "--image", tmp_path / "photo.jpg", "--save-dir", tmp_path / "out")
+    assert str(tmp_path / "out" / "photo_attention.png") in capsys.readouterr().out  # one file: named
+    labels = Image.open(tmp_path / "out" / "photo_pred.png")
+    assert labels.mode == "P" and labels.size == (70, 45)
+    assert labels.getpalette()[:9] == [0, 0, 255, 128, 128, 128, 255, 0, 0]  # the checkpoint's colours
+    for suffix in ("overlay.jpg", "attention.png"):
+        assert Image.open(tmp_path / "out" / f"photo_{suffix}").size == (70, 45)
+
+
 def test_image_command_takes_files_folders_and_patterns_and_names_failures(tmp_path, tiny_checkpoint, capsys):
-    for index, relative in enumerate(
-        ["photos/a.png", "photos/b.jpg", "photos/sub/e.png", "photos/.cache/f.png", "other/a.png", "glob/c.jpg",
-         "glob/d.webp"]
-    ):  # fmt: skip
+    names = ["photos/a.png", "photos/b.jpg", "photos/sub/e.png", "photos/.cache/f.png", "other/a.png"]
+    for index, relative in enumerate([*names, "glob/c.jpg", "glob/d.webp"]):
         write_picture(tmp_path / relative, seed=index)
     (tmp_path / "photos" / "notes.txt").write_text("not an image")
     (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "out"
+    images = [tmp_path / "photos", tmp_path / "other/a.png", tmp_path / "glob/*"]
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--save-dir", str(out), "--image",
-                       str(tmp_path / "photos"), str(tmp_path / "other" / "a.png"), str(tmp_path / "glob" / "*")])  # fmt: skip
+        run(tiny_checkpoint, "--save-dir", out, "--image", *images)
     assert exit_info.value.code == 1  # the broken image failed; every other one is written
     printed = capsys.readouterr()
     assert "broken.png" in printed.err and "1 file failed" in printed.err and "failed=1]" in printed.err
@@ -742,9 +736,8 @@ def test_image_command_takes_files_folders_and_patterns_and_names_failures(tmp_p
         assert labels.mode == "P" and labels.size == (49, 33) and labels.getpalette()[:3] == [0, 0, 255]
         assert Image.open(out / f"{name}_attention.png").size == (49, 33)
     # the two a.png are different pictures, so their predictions are kept apart
-    assert not np.array_equal(
-        np.array(Image.open(out / "photos/a_overlay.jpg")), np.array(Image.open(out / "other/a_overlay.jpg"))
-    )
+    overlays = [np.array(Image.open(out / f"{folder}/a_overlay.jpg")) for folder in ("photos", "other")]
+    assert not np.array_equal(*overlays)
 
 
 def damaged_png(path):
@@ -765,9 +758,9 @@ def png_declaring(path, width, height):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    data = zlib.compress(b"\0" * 64)
+    pixels = zlib.compress(b"\0" * 64)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
     )
 
 
@@ -781,10 +774,9 @@ def test_image_command_survives_damaged_and_huge_files_and_writes_inside_the_sav
     png_declaring(photos / "large.png", 9000, 9000)  # beyond ours only
     write_picture(photos / "big.png", size=(90, 120), seed=2)  # > 4 x the test scale's 48x32 pixels
     write_picture(victim / "y.png", seed=3)
-    outside = str(photos / ".." / "victim" / "y.png")  # a path that climbs out of the common folder
+    outside = photos / ".." / "victim" / "y.png"  # a path that climbs out of the common folder
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--save-dir", str(out),
-                       "--image", str(photos), outside])  # fmt: skip
+        run(tiny_checkpoint, "--save-dir", out, "--image", photos, outside)
     assert exit_info.value.code == 1  # exit 139 and nothing after damaged.png, before
     printed = capsys.readouterr()
     assert "3 files failed" in printed.err and "cannot decode image" in printed.err
@@ -803,39 +795,25 @@ def test_image_command_turns_photos_upright_and_shares_them_out(tmp_path, tiny_c
     write_picture(tmp_path / "in" / "a_phone.jpg", size=(33, 49), exif=exif)
     write_picture(tmp_path / "in" / "b_plain.png", size=(33, 49))
     write_picture(tmp_path / "in" / "c_plain.png", size=(33, 49))
-    monkeypatch.setattr(evaluate.runtime, "rank_and_world_size", lambda: (1, 2))  # rank 1 of 2 under torchrun
-    evaluate.main(["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--save-dir", str(tmp_path / "r1"),
-                   "--image", str(tmp_path / "in")])  # fmt: skip
-    assert sorted(path.name for path in (tmp_path / "r1").glob("*_pred.png")) == [
-        "b_plain_pred.png"
-    ]  # files[1::2]
-    monkeypatch.setattr(evaluate.runtime, "rank_and_world_size", lambda: (0, 2))
-    evaluate.main(["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--save-dir", str(tmp_path / "r0"),
-                   "--image", str(tmp_path / "in")])  # fmt: skip
-    assert sorted(path.name for path in (tmp_path / "r0").glob("*_pred.png")) == [
-        "a_phone_pred.png",
-        "c_plain_pred.png",
-    ]
+    written = {}
+    for rank in (1, 0):  # rank r of 2 under torchrun takes files[r::2]
+        monkeypatch.setattr(evaluate.runtime, "rank_and_world_size", lambda rank=rank: (rank, 2))
+        run(tiny_checkpoint, "--save-dir", tmp_path / f"r{rank}", "--image", tmp_path / "in")
+        written[rank] = sorted(path.name for path in (tmp_path / f"r{rank}").glob("*_pred.png"))
+    assert written == {1: ["b_plain_pred.png"], 0: ["a_phone_pred.png", "c_plain_pred.png"]}
     assert Image.open(tmp_path / "r0" / "a_phone_pred.png").size == (33, 49)  # upright: 49 high, 33 wide
     assert Image.open(tmp_path / "r0" / "c_plain_pred.png").size == (49, 33)
 
 
-def test_image_command_names_a_missing_path_or_an_empty_folder(tmp_path, tiny_checkpoint):
+def test_image_files_names_a_missing_path_or_an_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.md").write_text("no images")
-    command = [
-        "--device",
-        "cpu",
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--save-dir",
-        str(tmp_path),
-        "--image",
-    ]
-    with pytest.raises(SystemExit, match="--image .*nothing.jpg: no such file or folder"):
-        evaluate.main(command + [str(tmp_path / "nothing.jpg")])
-    with pytest.raises(SystemExit, match="--image .*empty: no .jpg/.jpeg/.png/.webp images there"):
-        evaluate.main(command + [str(tmp_path / "empty")])
+    for path, message in [
+        ("nothing.jpg", "--image .*nothing.jpg: no such file or folder"),
+        ("empty", "--image .*empty: no .jpg/.jpeg/.png/.webp images there"),
+    ]:
+        with pytest.raises(FileNotFoundError, match=message):  # main says it and exits, as for any file
+            evaluate.image_files([str(tmp_path / path)])
 
 
 # ---- --format-only: the files of the datasets' evaluation servers ------------------------------
@@ -846,29 +824,19 @@ CITYSCAPES_IDS_OF_TRAINIDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 
 
 def test_server_files_hold_what_each_server_scores():
     pred = torch.arange(19).repeat(2, 1)  # (2, 19): every trainId
-    meta = dict(
-        name="berlin_000000_000019",
-        image_path="x/leftImg8bit/test/berlin/berlin_000000_000019_leftImg8bit.png",
-    )
-    name, picture = evaluate.server_file("cityscapes", pred, meta, palette=None)
+    image_path = "x/leftImg8bit/test/berlin/berlin_000000_000019_leftImg8bit.png"
+    name, picture = evaluate.server_file("cityscapes", pred, dict(image_path=image_path), palette=None)
     assert name == "berlin_000000_000019_leftImg8bit.png" and picture.mode == "L"
     assert np.array(picture).tolist() == [CITYSCAPES_IDS_OF_TRAINIDS] * 2
     pred = torch.arange(150).view(10, 15)
-    name, picture = evaluate.server_file(
-        "ade20k", pred, dict(name="ADE_test_00000001", image_path="t/ADE_test_00000001.jpg"), None
-    )
+    name, picture = evaluate.server_file("ade20k", pred, dict(image_path="t/ADE_test_00000001.jpg"), None)
     assert name == "ADE_test_00000001.png" and picture.mode == "L"
     assert np.array(picture).tolist() == (pred + 1).tolist()  # the challenge's 1..150
     palette = data.CLASSES_AND_PALETTES["voc12aug"]["palette"]
     pred = torch.tensor([[0, 20], [15, 7]])
-    name, picture = evaluate.server_file(
-        "voc12aug", pred, dict(name="2008_000001", image_path="J/2008_000001.jpg"), palette
-    )
-    assert (
-        name == "2008_000001.png"
-        and picture.mode == "P"
-        and picture.getpalette()[:6] == [*palette[0], *palette[1]]
-    )
+    name, picture = evaluate.server_file("voc12aug", pred, dict(image_path="J/2008_000001.jpg"), palette)
+    assert name == "2008_000001.png" and picture.mode == "P"
+    assert picture.getpalette()[:6] == [*palette[0], *palette[1]]
     assert np.array(picture).tolist() == pred.tolist()
 
 
@@ -883,69 +851,9 @@ def official_checkpoint(tmp_path, monkeypatch, state_dict, name):
     memory: the file exists for --checkpoint, reading it returns the dict without a 200 MB write."""
     path = tmp_path / name
     path.write_bytes(b"")
-    monkeypatch.setattr(
-        checkpoints, "read_checkpoint", lambda source, trust=False: {"meta": {}, "state_dict": state_dict}
-    )
+    served = {"meta": {}, "state_dict": state_dict}
+    monkeypatch.setattr(checkpoints, "read_checkpoint", lambda source, trust=False: served)
     return path
-
-
-def test_format_only_writes_cityscapes_label_ids_for_the_test_split(
-    tmp_path, monkeypatch, cityscapes_weights, capsys
-):
-    root = tmp_path / "cityscapes"
-    names = ["berlin_000000_000019", "berlin_000001_000019", "bonn_000000_000019"]
-    for index, name in enumerate(names):  # the real test layout: leftImg8bit/test/<city>/, no gtFine
-        write_picture(
-            root / "leftImg8bit" / "test" / name.split("_")[0] / f"{name}_leftImg8bit.png", seed=index
-        )
-    checkpoint = official_checkpoint(
-        tmp_path,
-        monkeypatch,
-        cityscapes_weights,
-        "gcnet_r50-d8_512x1024_40k_cityscapes_20200618_074450-ef8f069b.pth",
-    )
-    out = tmp_path / "server"
-    command = ["--device", "cpu", "--checkpoint", str(checkpoint), "--data-root", str(root), "--workers", "0",
-               "--split", "test", "--format-only", "--save-dir", str(out)]  # fmt: skip
-    # --scales 0.03: the network sees 30x44 instead of 1024x1521 (the test is about the files)
-    evaluate.main(command + ["--scales", "0.03"])
-    assert (
-        f"wrote 3 cityscapes test predictions for its evaluation server in {out}" in capsys.readouterr().out
-    )
-    assert sorted(path.name for path in out.iterdir()) == [f"{name}_leftImg8bit.png" for name in names]
-    picture = Image.open(out / f"{names[0]}_leftImg8bit.png")
-    assert picture.mode == "L" and picture.size == (49, 33)
-    assert set(np.unique(np.array(picture))) <= set(CITYSCAPES_IDS_OF_TRAINIDS)
-    evaluate.main(command + ["--scales", "0.03", "0.04", "--flip", "--save-dir", str(tmp_path / "ms_flip")])
-    assert len(list((tmp_path / "ms_flip").iterdir())) == 3
-
-
-def test_the_originals_nonlocal_file_is_scored_as_a_gcnet(tmp_path, monkeypatch, context="nonlocal"):
-    # The block is read from the keys; the row (Cityscapes 512x1024, whole-image test) from the name.
-    # (The FCN file's keys and name: tests/test_context_blocks.py.)
-    root = tmp_path / "cityscapes"
-    write_picture(root / "leftImg8bit" / "val" / "lindau" / "lindau_000000_000019_leftImg8bit.png")
-    label = torch.randint(0, 19, (33, 49), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    label_path = root / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png"
-    label_path.parent.mkdir(parents=True)
-    Image.fromarray(label.numpy()).save(label_path)
-    torch.manual_seed(0)
-    net = GCNet(19, context=context).eval()
-    name = "nonlocal_r50-d8_512x1024_40k_cityscapes_20200605_210748-c75e81e3.pth"
-    checkpoint = official_checkpoint(tmp_path, monkeypatch, net.state_dict(), name)
-    out = tmp_path / "scores.json"
-    evaluate.main(["--device", "cpu", "--checkpoint", str(checkpoint), "--data-root", str(root), "--workers", "0",
-                   "--scales", "0.03", "--out", str(out)])  # fmt: skip
-    record = json.loads(out.read_text())
-    assert record["config_name"] == name[: name.index("_2020")] and record["settings"]["mode"] == "whole"
-    image = data.test_transform(data.read_image(root / "leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit.png"),
-                                (2048, 1024), (0.03,))[0]  # fmt: skip
-    with torch.no_grad():
-        logits = F.interpolate(net(image[None]), size=(33, 49), mode="bilinear", align_corners=False)
-    expected = evaluate.metrics_from_confusion(
-        evaluate.confusion_matrix(logits[0].argmax(0), label.long(), 19)
-    )
-    assert record["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
 
 
 def with_classes(state_dict, num_classes):
@@ -961,6 +869,62 @@ def with_classes(state_dict, num_classes):
     return resized
 
 
+def test_format_only_writes_cityscapes_label_ids_for_the_test_split(
+    tmp_path, monkeypatch, cityscapes_weights, capsys
+):
+    root = tmp_path / "cityscapes"
+    names = ["berlin_000000_000019", "berlin_000001_000019", "bonn_000000_000019"]
+    for index, name in enumerate(names):  # the real test layout: leftImg8bit/test/<city>/, no gtFine
+        write_picture(root / "leftImg8bit/test" / name.split("_")[0] / f"{name}_leftImg8bit.png", seed=index)
+    name = "gcnet_r50-d8_512x1024_40k_cityscapes_20200618_074450-ef8f069b.pth"
+    checkpoint = official_checkpoint(tmp_path, monkeypatch, cityscapes_weights, name)
+    out = tmp_path / "server"  # --scales 0.03: the network sees 30x44, not 1024x1521
+    run(
+        checkpoint,
+        "--data-root",
+        root,
+        "--split",
+        "test",
+        "--format-only",
+        "--save-dir",
+        out,
+        "--scales",
+        0.03,
+    )
+    printed = capsys.readouterr().out
+    assert f"wrote 3 cityscapes test predictions for its evaluation server in {out}" in printed
+    assert sorted(path.name for path in out.iterdir()) == [f"{name}_leftImg8bit.png" for name in names]
+    picture = Image.open(out / f"{names[0]}_leftImg8bit.png")
+    assert picture.mode == "L" and picture.size == (49, 33)
+    assert set(np.unique(np.array(picture))) <= set(CITYSCAPES_IDS_OF_TRAINIDS)
+
+
+def test_the_originals_nonlocal_file_is_scored_as_a_gcnet(tmp_path, monkeypatch):
+    # The block is read from the keys; the row (Cityscapes 512x1024, whole-image test) from the name.
+    # (The FCN file's keys and name: tests/test_context_blocks.py.)
+    root = tmp_path / "cityscapes"
+    image_path = root / "leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit.png"
+    write_picture(image_path)
+    label = torch.randint(0, 19, (33, 49), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    label_path = root / "gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png"
+    label_path.parent.mkdir(parents=True)
+    Image.fromarray(label.numpy()).save(label_path)
+    torch.manual_seed(0)
+    net = GCNet(19, context="nonlocal").eval()
+    name = "nonlocal_r50-d8_512x1024_40k_cityscapes_20200605_210748-c75e81e3.pth"
+    checkpoint, out = official_checkpoint(tmp_path, monkeypatch, net.state_dict(), name), tmp_path / "r.json"
+    run(checkpoint, "--data-root", root, "--scales", 0.03, "--out", out)
+    record = json.loads(out.read_text())
+    assert record["config_name"] == name[: name.index("_2020")] and record["settings"]["mode"] == "whole"
+    image = data.test_transform(data.read_image(image_path), (2048, 1024), (0.03,))[0]
+    with torch.no_grad():
+        logits = F.interpolate(net(image[None]), size=(33, 49), mode="bilinear", align_corners=False)
+    expected = evaluate.metrics_from_confusion(
+        evaluate.confusion_matrix(logits[0].argmax(0), label.long(), 19)
+    )
+    assert record["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
+
+
 def test_format_only_writes_ade20k_values_1_to_150_for_the_test_split(
     tmp_path, monkeypatch, cityscapes_weights
 ):
@@ -970,8 +934,18 @@ def test_format_only_writes_ade20k_values_1_to_150_for_the_test_split(
     name = "gcnet_r50-d8_512x512_80k_ade20k_20200614_185146-91a6da41.pth"
     checkpoint = official_checkpoint(tmp_path, monkeypatch, with_classes(cityscapes_weights, 150), name)
     out = tmp_path / "server"
-    evaluate.main(["--device", "cpu", "--checkpoint", str(checkpoint), "--data-root", str(root), "--workers", "0",
-                   "--split", "test", "--format-only", "--save-dir", str(out), "--scales", "0.06"])  # fmt: skip
+    run(
+        checkpoint,
+        "--data-root",
+        root,
+        "--split",
+        "test",
+        "--format-only",
+        "--save-dir",
+        out,
+        "--scales",
+        0.06,
+    )
     assert sorted(path.name for path in out.iterdir()) == ["ADE_test_00000001.png", "ADE_test_00000002.png"]
     values = np.array(Image.open(out / "ADE_test_00000001.png"))
     assert values.shape == (33, 49) and values.min() >= 1 and values.max() <= 150
@@ -988,34 +962,11 @@ def test_format_only_writes_voc_palette_pngs_for_the_val_split(tmp_path, monkeyp
     name = "gcnet_r50-d8_512x512_20k_voc12aug_20200617_165701-3cbfdab1.pth"
     checkpoint = official_checkpoint(tmp_path, monkeypatch, with_classes(cityscapes_weights, 21), name)
     out = tmp_path / "server"
-    evaluate.main(["--device", "cpu", "--checkpoint", str(checkpoint), "--data-root", str(root), "--workers", "0",
-                   "--format-only", "--save-dir", str(out), "--scales", "0.06", "0.08", "--flip"])  # fmt: skip
+    run(checkpoint, "--data-root", root, "--format-only", "--save-dir", out, "--scales", 0.06, 0.08, "--flip")
+    assert sorted(path.name for path in out.iterdir()) == [
+        "2007_000033.png",
+        "2007_000042.png",
+    ]  # ms+flip too
     picture = Image.open(out / "2007_000033.png")
     assert picture.mode == "P" and picture.size == (49, 33)
     assert picture.getpalette()[:6] == [0, 0, 0, 128, 0, 0] and np.array(picture).max() <= 20
-
-
-def test_test_split_needs_format_only_and_format_only_no_image(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        evaluate.main(["--split", "test"])
-    assert "argument --split" not in (err := capsys.readouterr().err) and "add --format-only" in err
-    with pytest.raises(SystemExit):
-        evaluate.main(["--format-only", "--image", "x.jpg"])
-    assert "pass one of them" in capsys.readouterr().err
-
-
-def test_folded_batchnorm_gives_the_same_logits_without_batchnorm(randomize):
-    net = randomize(GCNet(19), seed=5).eval()
-    folded = evaluate.fold_batchnorm(net)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 59  # the original untouched
-    conv = folded.backbone.layer1[0].conv1
-    bn = net.backbone.layer1[0].bn1
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    torch.testing.assert_close(conv.weight, net.backbone.layer1[0].conv1.weight * scale[:, None, None, None])
-    torch.testing.assert_close(conv.bias, bn.bias - bn.running_mean * scale)
-    x = torch.randn(1, 3, 97, 113)
-    with torch.no_grad():
-        reference, logits = net(x), folded(x)
-    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
-    assert folded.num_classes == 19 and folded.depth == 50 and not folded.training
