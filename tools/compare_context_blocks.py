@@ -119,8 +119,15 @@ def load(path, args, device):
     kind = block["context"] + (
         f" ({block['pooling']}, {block['fusion']})" if block["context"] == "gc" else ""
     )
-    return dict(path=str(path), info=info, settings=settings, net=net, dataset=dataset, kind=kind,
-                name=recipe.model_name(block))  # fmt: skip
+    return dict(
+        path=str(path),
+        info=info,
+        settings=settings,
+        net=net,
+        dataset=dataset,
+        kind=kind,
+        name=recipe.model_name(block),
+    )
 
 
 def check_models(models):
@@ -141,8 +148,10 @@ def check_models(models):
     if nonlocal_model is None:
         runtime.say("note: no Non-local model among the checkpoints: its measures and maps are left out")
     if gc_model is None:
-        runtime.say("note: no GC model with attention pooling among the checkpoints (average pooling has one "
-                    "uniform map): its measures and maps are left out")  # fmt: skip
+        runtime.say(
+            "note: no GC model with attention pooling among the checkpoints (average pooling has one "
+            "uniform map): its measures and maps are left out"
+        )
     return first
 
 
@@ -169,9 +178,18 @@ def measure_speed(entry, args, device):
     if crop is not None and tuple(crop) not in recipe.DATASETS[name]["crops"]:  # trained at a crop of yours
         train_crop, crop = train_crop or tuple(crop), None
     gc = block["context"] == "gc"  # the GC switches, as benchmark.py's flags
-    options = dict(dataset=name, crop=crop, depth=info["depth"], size=args.size, train_crop=train_crop,
-                   train_batch=args.train_batch, num_classes=info["num_classes"], context=block["context"],
-                   gc_pooling=block["pooling"] if gc else None, gc_fusion=block["fusion"] if gc else None)  # fmt: skip
+    options = dict(
+        dataset=name,
+        crop=crop,
+        depth=info["depth"],
+        size=args.size,
+        train_crop=train_crop,
+        train_batch=args.train_batch,
+        num_classes=info["num_classes"],
+        context=block["context"],
+        gc_pooling=block["pooling"] if gc else None,
+        gc_fusion=block["fusion"] if gc else None,
+    )
     row = benchmark.row_settings(argparse.Namespace(**options), device)
     variant, timed = benchmark.make_variant("fp32", False), args.timed or (20 if device.type == "cuda" else 2)
     batch, peak = row["train_batches"][0], None
@@ -184,10 +202,14 @@ def measure_speed(entry, args, device):
         benchmark.release_memory(device)
     kept = benchmark.estimate_on_fake_tensors(row, "fp32", False, row["train_crop"], batch)
     return dict(
-        images_per_s=inference["images_per_s"], gflop_per_image=inference["flops"] / 1e9,
-        inference_size=list(row["input_size"]), train_crop=list(row["train_crop"]), train_batch=batch,
-        peak_training_memory_gb=peak, estimated_training_memory_gb=kept["estimated_training_memory_gb"],
-    )  # fmt: skip
+        images_per_s=inference["images_per_s"],
+        gflop_per_image=inference["flops"] / 1e9,
+        inference_size=list(row["input_size"]),
+        train_crop=list(row["train_crop"]),
+        train_batch=batch,
+        peak_training_memory_gb=peak,
+        estimated_training_memory_gb=kept["estimated_training_memory_gb"],
+    )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -239,8 +261,12 @@ def look(models, dataset, args, device, out):
             attention = attention[0, 0].float().cpu()
             gc_maps.append(attention)
             gc_spread.append(effective_fraction(attention.flatten()[None]).item())
-            weights = F.interpolate(attention[None, None], size=tuple(label.shape), mode="bilinear",
-                                    align_corners=net.align_corners)[0, 0].clamp_min(0)  # fmt: skip
+            weights = F.interpolate(
+                attention[None, None],
+                size=tuple(label.shape),
+                mode="bilinear",
+                align_corners=net.align_corners,
+            )[0, 0].clamp_min(0)
             weights = weights.double() / weights.double().sum()  # over the pixels; the last class: ignored
             classes = torch.where(label == data.IGNORE_INDEX, dataset.num_classes, label).flatten()
             mass.index_add_(0, classes, weights.flatten())
@@ -249,9 +275,12 @@ def look(models, dataset, args, device, out):
         pictures.save_picture(maps_picture(panels), out / f"maps_{meta['name'].replace('/', '_')}.png")
     result = dict(looked_at_images=count, sampled_queries=SAMPLED_QUERIES)
     if nl_distances:
-        result["nonlocal"] = dict(mean_cosine_distance_between_queries=sum(nl_distances) / count,
-                                  centred=sum(nl_centred) / count, effective_fraction=sum(nl_spread) / count,
-                                  per_image=nl_distances)  # fmt: skip
+        result["nonlocal"] = dict(
+            mean_cosine_distance_between_queries=sum(nl_distances) / count,
+            centred=sum(nl_centred) / count,
+            effective_fraction=sum(nl_spread) / count,
+            per_image=nl_distances,
+        )
     if gc_maps:
         size = gc_maps[0].shape
         resized = torch.stack(
@@ -264,9 +293,12 @@ def look(models, dataset, args, device, out):
         by_class = {
             names[i]: dict(mass=mass[i], area=area[i]) for i in range(len(names)) if area[i] or mass[i]
         }
-        result["gc"] = dict(mean_cosine_distance_between_images=between, centred=centred,
-                            effective_fraction=sum(gc_spread) / count,
-                            mass_by_class=by_class)  # fmt: skip
+        result["gc"] = dict(
+            mean_cosine_distance_between_images=between,
+            centred=centred,
+            effective_fraction=sum(gc_spread) / count,
+            mass_by_class=by_class,
+        )
         pictures.save_picture(class_mass_picture(by_class), out / "gc_attention_by_class.png")
     return result
 
@@ -341,9 +373,15 @@ def class_mass_picture(by_class):
 def summary(entry):
     scores = entry["scores"]
     keys = ("mIoU", "mAcc", "aAcc", "mF1", "loss", "num_images")
-    return dict(checkpoint=entry["path"], model=entry["name"], block=entry["info"]["block"],
-                config_name=entry["info"]["config_name"], **{key: scores[key] for key in keys},
-                IoU=dict(zip(entry["dataset"].classes, scores["IoU"])), speed=entry.get("speed"))  # fmt: skip
+    return dict(
+        checkpoint=entry["path"],
+        model=entry["name"],
+        block=entry["info"]["block"],
+        config_name=entry["info"]["config_name"],
+        **{key: scores[key] for key in keys},
+        IoU=dict(zip(entry["dataset"].classes, scores["IoU"])),
+        speed=entry.get("speed"),
+    )
 
 
 def table(models):
@@ -355,8 +393,15 @@ def table(models):
         figures = zip(
             (speed.get("images_per_s"), speed.get("gflop_per_image"), memory), ("{:.3g}", "{:.1f}", "{:.2f}")
         )
-        rows.append([entry["name"], entry["kind"], *(f"{scores[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc")),
-                     f"{scores['loss']:.4f}", *("-" if v is None else style.format(v) for v, style in figures)])  # fmt: skip
+        rows.append(
+            [
+                entry["name"],
+                entry["kind"],
+                *(f"{scores[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc")),
+                f"{scores['loss']:.4f}",
+                *("-" if v is None else style.format(v) for v, style in figures),
+            ]
+        )
     widths = [max(len(str(cells[i])) for cells in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) for cells in [header, *rows]]
     if any(entry.get("speed") for entry in models):
@@ -364,8 +409,10 @@ def table(models):
         measured = (
             "peak (CUDA)" if first["peak_training_memory_gb"] is not None else "kept by a step, counted"
         )
-        lines.append(f"fp32; inference at {first['inference_size'][0]}x{first['inference_size'][1]}, training memory "
-                     f"{measured} at crop {first['train_crop'][0]}x{first['train_crop'][1]}, batch {first['train_batch']}")  # fmt: skip
+        lines.append(
+            f"fp32; inference at {first['inference_size'][0]}x{first['inference_size'][1]}, training memory "
+            f"{measured} at crop {first['train_crop'][0]}x{first['train_crop'][1]}, batch {first['train_batch']}"
+        )
     return "\n".join(lines)
 
 
@@ -373,17 +420,21 @@ def findings(looked):
     count = looked["looked_at_images"]
     if "nonlocal" in looked:
         nl = looked["nonlocal"]
-        yield (f"Non-local block, {count} image(s): the maps of {SAMPLED_QUERIES} query positions of one image "
-               f"differ by a mean cosine distance of {nl['mean_cosine_distance_between_queries']:.4f} (0: one map "
-               f"for all), {nl['centred']:.4f} with each map's mean taken away (their shapes alone); each map "
-               f"spreads over {nl['effective_fraction']:.2f} of the positions (1: uniform)")  # fmt: skip
+        yield (
+            f"Non-local block, {count} image(s): the maps of {SAMPLED_QUERIES} query positions of one image "
+            f"differ by a mean cosine distance of {nl['mean_cosine_distance_between_queries']:.4f} (0: one map "
+            f"for all), {nl['centred']:.4f} with each map's mean taken away (their shapes alone); each map "
+            f"spreads over {nl['effective_fraction']:.2f} of the positions (1: uniform)"
+        )
     if "gc" in looked:
         gc, between = looked["gc"], looked["gc"]["mean_cosine_distance_between_images"]
         differ = "(one image: no pair)"
         if between is not None:
             differ = f"differ by a mean cosine distance of {between:.4f}, {gc['centred']:.4f} with the means taken away"
-        yield (f"GC block, {count} image(s): its maps of different images {differ}; each spreads over "
-               f"{gc['effective_fraction']:.2f} of the positions")  # fmt: skip
+        yield (
+            f"GC block, {count} image(s): its maps of different images {differ}; each spreads over "
+            f"{gc['effective_fraction']:.2f} of the positions"
+        )
         ranked = sorted(gc["mass_by_class"].items(), key=lambda item: -item[1]["mass"])
         shares = ", ".join(
             f"{name} {100 * v['mass']:.1f}% ({100 * v['area']:.1f}% of pixels)" for name, v in ranked
@@ -396,26 +447,47 @@ def build_parser():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    # fmt: off
-    add("--checkpoints", nargs="+", default=OFFICIAL, help="files or URLs of FCN, NonLocal and GC models of one "
-        "dataset, any order (default: the original's Cityscapes 512x1024 40k three)")
+    add(
+        "--checkpoints",
+        nargs="+",
+        default=OFFICIAL,
+        help="files or URLs of FCN, NonLocal and GC models of one "
+        "dataset, any order (default: the original's Cityscapes 512x1024 40k three)",
+    )
     add("--dataset", help="as evaluate.py (default: the checkpoints')")
-    add("--data-root", help="as evaluate.py (default: the one the checkpoints' runs used, else data/<dataset>)")
+    add(
+        "--data-root",
+        help="as evaluate.py (default: the one the checkpoints' runs used, else data/<dataset>)",
+    )
     add("--max-images", type=runtime.number_flag(int, 1), help="score the first N images only (default: all)")
-    add("--look", type=runtime.number_flag(int, 1), default=8, help="images whose attention maps are measured "
-        "and drawn (default 8)")
+    add(
+        "--look",
+        type=runtime.number_flag(int, 1),
+        default=8,
+        help="images whose attention maps are measured and drawn (default 8)",
+    )
     add("--ms-flip", action="store_true", help="score multi-scale + flip (the maps stay at scale 1)")
     add("--no-speed", action="store_true", help="skip the speed and memory measures (b)")
-    add("--size", type=runtime.size_flag("--size"), help="HxW of the timed inference (default: the row's image)")
-    add("--train-crop", type=runtime.size_flag("--train-crop"), help="crop of the training memory measure "
-        "(default: the row's)")
-    add("--train-batch", type=runtime.number_flag(int, 1), nargs=1, help="batch of the training memory "
-        "measure (default: the row's per-GPU batch)")
+    add(
+        "--size",
+        type=runtime.size_flag("--size"),
+        help="HxW of the timed inference (default: the row's image)",
+    )
+    add(
+        "--train-crop",
+        type=runtime.size_flag("--train-crop"),
+        help="crop of the training memory measure (default: the row's)",
+    )
+    add(
+        "--train-batch",
+        type=runtime.number_flag(int, 1),
+        nargs=1,
+        help="batch of the training memory measure (default: the row's per-GPU batch)",
+    )
     add("--timed", type=runtime.number_flag(int, 1), help="timed images and steps (default 20 CUDA, 2 CPU)")
     add("--workers", type=runtime.number_flag(int, 0), default=2, help="data loader workers (default 2)")
     add("--trust-checkpoint", action="store_true", help="unpickle checkpoints fully: runs code in them")
     add("--out", default="compare_out", help="folder of compare.json and the pictures (default compare_out)")
-    # fmt: on
     runtime.add_arguments(
         parser
     ).description = "the scores' precision and layout, as evaluate.py's (the speed is fp32)"
