@@ -683,6 +683,7 @@ def device_description(device):
 
 def build_parser():
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Measure GCNet's training memory, inference speed and their distance to the device's "
         "peak for one row of the results table (see the docstring of benchmark.py).",
         epilog="--precision auto (the default) runs every precision and marks as default the variant that "

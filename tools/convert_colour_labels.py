@@ -198,7 +198,7 @@ def resolve_folders(args, parser):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "root", nargs="?", help="the folder dataset: ROOT/labels_colour -> ROOT/labels with ROOT/classes.txt"

@@ -161,7 +161,7 @@ def check(path, segmenter, sizes, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", help="ours (best.pth, iter_<N>.pth) or an official one: path or URL")
     parser.add_argument("out", help="the file to write, e.g. gcnet.pt2")

@@ -22,7 +22,7 @@ import run  # noqa: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run", help="a train.py work dir, or its log.jsonl")
     parser.add_argument("--out", help="the PNG to write (default: log.png beside log.jsonl)")

@@ -192,14 +192,18 @@ def prepare_voc12aug(devkit, sbd_root, workers=8):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="One-off preparation of a downloaded dataset for GCNet.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="One-off preparation of a downloaded dataset for GCNet."
+    )
     datasets = parser.add_subparsers(dest="dataset", required=True)
     default_workers = min(8, runtime.usable_cores())
     cityscapes = datasets.add_parser(
-        "cityscapes", help="write *_gtFine_labelTrainIds.png from *_gtFine_labelIds.png"
+        "cityscapes", allow_abbrev=False, help="write *_gtFine_labelTrainIds.png from *_gtFine_labelIds.png"
     )
     cityscapes.add_argument("root", help="the Cityscapes root, holding leftImg8bit/ and gtFine/")
-    voc = datasets.add_parser("voc12aug", help="write SegmentationClassAug and aug.txt from SBD")
+    voc = datasets.add_parser(
+        "voc12aug", allow_abbrev=False, help="write SegmentationClassAug and aug.txt from SBD"
+    )
     voc.add_argument("devkit", help="the VOCdevkit folder, holding VOC2012/")
     voc.add_argument("sbd_root", help="the SBD folder (VOCaug, holding dataset/cls/*.mat)")
     for subparser in (cityscapes, voc):

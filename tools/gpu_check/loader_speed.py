@@ -50,7 +50,7 @@ def samples_per_second(dataset, workers, batch_size, batches, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add, positive, size = parser.add_argument, runtime.number_flag(int, 1), runtime.size_flag("--crop")
     add("--data-root", help="a Cityscapes folder (default: a synthetic one at the real size)")

@@ -39,7 +39,7 @@ def project(records, iters, validations, skip):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("work_dir", help="the short run's work dir (its log.jsonl)")
     parser.add_argument("--iters", type=int, default=40000, help="the whole run's iterations (default 40000)")

@@ -79,7 +79,7 @@ def make(root, sizes=None, distinct=32, size=benchmark.CITYSCAPES_IMAGE_SIZE, wo
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("root", help="folder to write (the --data-root of train.py)")
     parser.add_argument("--train", type=int, default=CITYSCAPES_SPLIT_SIZES["train"], help="train samples")
