@@ -316,11 +316,14 @@ def sum_over_processes(tensor):
 
 
 @torch.no_grad()
-def precision_agreement(model, reference_model, dataset, count, *, device, precision, workers=2, **protocol):
+def precision_agreement(
+    model, reference_model, dataset, count, *, device, precision, workers=2, seconds=None, **protocol
+):
     """Fraction of labelled pixels predicted alike by `model` at `precision` and by `reference_model` in
-    fp32 (main passes the unfolded model, to cover folding too) over the first `count` images."""
-    device = torch.device(device)
-    counts = torch.zeros(2, dtype=torch.int64, device=device)  # [agreeing, labelled] pixels
+    fp32 (main passes the unfolded model, to cover folding too) over the first `count` images, or fewer
+    when `seconds` are spent (one image at least)."""
+    device, start = torch.device(device), time.perf_counter()
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # [agreeing, labelled] pixels, images
     with evaluation_mode(model), evaluation_mode(reference_model):
         for images, label, meta in test_images(dataset, device, workers, count, f"{precision} vs fp32 check"):
             with runtime.precision_context(device, precision):
@@ -328,9 +331,13 @@ def precision_agreement(model, reference_model, dataset, count, *, device, preci
             with runtime.precision_context(device, "fp32"):
                 fp32 = predict(reference_model, images, meta["original_size"], **protocol).argmax(dim=0)
             labelled = label != data.IGNORE_INDEX
-            counts += torch.stack([(ours == fp32)[labelled].sum(), labelled.sum()])
-    agreeing, total = sum_over_processes(counts).tolist()
-    return {"images": min(count, len(dataset)), "pixels": total, "agreement": agreeing / max(total, 1)}
+            counts += torch.stack(
+                [(ours == fp32)[labelled].sum(), labelled.sum(), torch.ones_like(labelled.sum())]
+            )
+            if seconds is not None and time.perf_counter() - start > seconds:
+                break
+    agreeing, total, checked = sum_over_processes(counts).tolist()
+    return {"images": checked, "pixels": total, "agreement": agreeing / max(total, 1)}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -344,7 +351,8 @@ SHOWN_PROTOCOL = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "ali
 def resolve_settings(args, info, device):
     """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol: the
     checkpoint's row of the table or recorded recipe (info['row']), or with --crop that crop's row (for an
-    unknown dataset Cityscapes'). Official checkpoints run in IEEE fp32 like the table, ours natively."""
+    unknown dataset Cityscapes'), at the checkpoint's own test scale where it has one. Official
+    checkpoints run in IEEE fp32 like the table, ours natively."""
     name, row = args.dataset or info["dataset"], info["row"]
     if args.crop is not None or row is None:
         crop = args.crop or info["crop_size"]
@@ -375,7 +383,7 @@ def resolve_settings(args, info, device):
         mode=mode,
         crop_size=crop_size,
         stride=stride,
-        scale=recipe.parse_crop(row["scale"]),
+        scale=recipe.parse_crop((info["row"] or row)["scale"]),  # --crop changes the windows, not the scale
         ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
         flip=args.ms_flip if args.flip is None else args.flip,
         align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
@@ -383,6 +391,7 @@ def resolve_settings(args, info, device):
         channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
         fold_batchnorm=fold,
         check_agreement=check,
+        agreement_budget=args.check_agreement is None,
         data_root=data.data_root(name, root) if name in recipe.DATASETS else root,
         data_root_from="given by --data-root" if args.data_root is not None else whose,
         reduce_zero_label=recorded.get("reduce_zero_label"),  # None: the dataset's own rule
@@ -442,38 +451,50 @@ def build_split(info, settings, checkpoint):
     return dataset
 
 
+def say_what_runs(settings, what):
+    """The header of every job: the checkpoint, on what, with which protocol, precision and device."""
+    world_size = runtime.rank_and_world_size()[1]
+    protocol = ", ".join(f"{key} {settings[key]}" for key in SHOWN_PROTOCOL)
+    where = f"{settings['precision']} on {settings['device']}" + (
+        f" x {world_size} processes" if world_size > 1 else ""
+    )
+    runtime.say(f"{settings['checkpoint']}: {what}, {protocol}, {where}")
+    runtime.say(runtime.machine_line(settings["thread_choice"], settings["workers"]))
+
+
 def evaluate_split(model, info, settings, reference_model):
     """Metrics on the val split: table on screen, everything in a JSON file."""
     checkpoint, device = settings["checkpoint"], settings["device"]
     world_size, dataset = runtime.rank_and_world_size()[1], build_split(info, settings, checkpoint)
     precision, validated = settings["precision"], info["validation"]
     differences = training_differences(validated, settings, dataset, device)
-    images = f"{len(dataset)} {dataset.name} val images in {dataset.root}"
-    protocol = ", ".join(f"{key} {settings[key]}" for key in SHOWN_PROTOCOL)
-    where = f"{precision} on {device}" + (f" x {world_size} processes" if world_size > 1 else "")
-    runtime.say(f"{checkpoint}: {images}, {protocol}, {where}")
-    runtime.say(runtime.machine_line(settings["thread_choice"], settings["workers"]))
+    say_what_runs(settings, f"{len(dataset)} {dataset.name} val images in {dataset.root}")
     if differences is not None:
         when = f"(iteration {validated['iteration']}) at mIoU {validated['mIoU']:.2f}"
         agree = "the same settings: expect the same score"
         same = "other settings: " + "; ".join(differences) if differences else agree
         runtime.say(f"training validated this checkpoint {when} with {same}")
     inference = dict(inference_keywords(settings, device), workers=settings["workers"])
-    agreement = None
-    if settings["check_agreement"] > 0 and precision != "fp32":
-        # At one scale without flips, whatever the protocol: it measures the precision, and with ms+flip
-        # it would cost twelve forward passes per image, more than the evaluation itself.
-        single_scale = copy.copy(dataset)
-        single_scale.test_ratios = (1.0,)
-        count, unflipped = settings["check_agreement"], dict(inference, flip=False)
-        agreement = precision_agreement(model, reference_model, single_scale, count, **unflipped)
-        share = 100 * agreement["agreement"]
-        runtime.say(f"{precision} vs fp32 at a single scale: {share:.4f}% of the labelled pixels agree")
     start = time.perf_counter()
     results = evaluate_dataset(
         model, dataset, save_dir=settings["save_dir"], opacity=settings["opacity"], **inference
     )
-    seconds = time.perf_counter() - start
+    seconds, agreement = time.perf_counter() - start, None
+    if settings["check_agreement"] > 0 and precision != "fp32":
+        # At one scale without flips, whatever the protocol: it measures the precision, and with ms+flip
+        # it would cost twelve forward passes per image. By default it takes at most a fifth of the
+        # evaluation's time (an fp32 pass on a CPU costs several bf16 ones); --check-agreement N: N images.
+        single_scale = copy.copy(dataset)
+        single_scale.test_ratios = (1.0,)
+        count, unflipped = settings["check_agreement"], dict(inference, flip=False)
+        budget = seconds / 5 if settings["agreement_budget"] else None
+        agreement = precision_agreement(
+            model, reference_model, single_scale, count, seconds=budget, **unflipped
+        )
+        share, checked = 100 * agreement["agreement"], agreement["images"]
+        runtime.say(
+            f"{precision} vs fp32 at a single scale, {checked} images: {share:.4f}% of the labelled pixels agree"
+        )
     if runtime.rank_and_world_size()[0] != 0:
         return
     print(format_table(results, dataset.classes))
@@ -567,6 +588,7 @@ def predict_images(model, settings):
     (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
     palette, classes, device = settings["palette"], settings["classes"], settings["device"]
     scale, ratios, opacity = settings["scale"], settings["ratios"], settings["opacity"]
+    say_what_runs(settings, f"{len(files)} image file{'s' * (len(files) != 1)}")
     mine = list(zip(files, picture_names(files)))[rank::world_size]
     written, failed = [], []
     bar = tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2)
@@ -615,9 +637,10 @@ def main(argv=None):
     if args.format_only and args.image:
         parser.error("--format-only predicts a split, --image predicts files: pass one of them")
     runtime.keep_freed_memory()
-    failed = 0
+    failed, held = 0, []
     try:
         info, settings, reference_model = load(args)
+        held = claim_outputs(settings)  # locks on the output places, until the end of the run
         # The fp32 reference of the agreement check keeps its BatchNorm; the model that runs may fold it.
         model = inference_model(reference_model, settings)
         if settings["images"]:
@@ -629,6 +652,8 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None
     finally:
+        for lock in held:
+            lock.close()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if failed:
@@ -640,11 +665,33 @@ def load(args):
     _, _, device = runtime.setup_device(args.device)
     thread_choice = runtime.set_threads(args.threads, device)
     checkpoint = checkpoints.find_checkpoint(args.checkpoint)
+    runtime.say(f"reading {checkpoint} and building its model")  # seconds for an R-101's 500 MB
     loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # for info and weights
     info = checkpoints.checkpoint_info(checkpoint, loaded)
     settings = resolve_settings(args, info, device)
     settings.update(checkpoint=checkpoint, device=device, thread_choice=thread_choice)
     return info, settings, build_model(checkpoint, loaded, info, settings, device)
+
+
+def claim_outputs(settings):
+    """Lock --save-dir and --out (rank 0): a second evaluate.py writing into them at the same time is
+    refused, naming it, instead of mixing their files. Returns the open locks."""
+    places = [(Path(settings["save_dir"]), ".evaluate.lock")] if settings["save_dir"] else []
+    places += (
+        [(Path(settings["out"]).parent, f".{Path(settings['out']).name}.lock")] if settings["out"] else []
+    )
+    held = []
+    for folder, name in places if runtime.rank_and_world_size()[0] == 0 else []:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            held.append(runtime.hold_lock(folder / name))
+        except runtime.Taken as holder:
+            what = "--save-dir" if name == ".evaluate.lock" else "--out"
+            raise FileExistsError(
+                f"{what} {folder if what == '--save-dir' else settings['out']} is being written by another "
+                f"evaluate.py ({holder}); wait for it to end or pass another {what}"
+            ) from None
+    return held
 
 
 USAGE = r"""examples:
@@ -665,7 +712,10 @@ def build_parser():
     before any work, naming the flag and what it allows."""
     number, path, size = runtime.number_flag, runtime.writable_path, runtime.size_flag
     parser = argparse.ArgumentParser(
-        description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        epilog=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--checkpoint", help=f"file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
@@ -693,14 +743,17 @@ def build_parser():
         "--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32"
     )
     speed.add_argument(
-        "--check-agreement", type=number(int, 0), metavar="N", help="vs fp32 (default 10 unless fp32)"
+        "--check-agreement",
+        type=number(int, 0),
+        metavar="N",
+        help="images checked against fp32 (default: up to 10 in a fifth of the evaluation's time; 0 in fp32)",
     )
     speed.add_argument(
         "--window-batch", type=number(int, 1), default=4, help="sliding windows per pass (default 4)"
     )
     workers = min(4, runtime.cores_per_process())
     cores = f"loader processes (default: 4, at most the cores per process: {workers} here)"
-    speed.add_argument("--workers", type=number(int, 0), default=workers, help=cores)
+    speed.add_argument("--workers", type=runtime.per_core_flag(0), default=workers, help=cores)
     output = parser.add_argument_group("output")
     files = "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png per image, confusion.png per split"
     output.add_argument("--save-dir", type=path("folder"), help=f"pictures or server files go here: {files}")
@@ -884,4 +937,9 @@ def server_file(dataset_name, pred, meta, palette):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # no traceback for a stop the user asked for
+        raise SystemExit(
+            "\nevaluate.py: stopped by Ctrl-C; the scores of a split are written only at its end"
+        ) from None

@@ -11,7 +11,6 @@ The rules:
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
@@ -19,9 +18,7 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -256,29 +253,21 @@ LAST_CHECKPOINT = "last_checkpoint"  # names the newest iter_<N>.pth this work d
 
 
 def claim_work_dir(work_dir):
-    """Lock the work dir for this process's lifetime (the OS releases the lock on any exit, a crash
-    included) and remove temporary files that a crashed run left. A second run is refused."""
+    """Lock the work dir for this process's lifetime and remove temporary files that a crashed run left.
+    A second run is refused."""
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(work_dir / "run.lock", "a+")  # held open, and locked, until the process ends
+        lock = runtime.hold_lock(work_dir / "run.lock")
     except OSError as error:  # a file in the way, a read-only disk, no permission
         raise SystemExit(
             f"train.py: cannot use --work-dir {work_dir}: {error.strerror or error} ({error.filename}). "
             "Pass a --work-dir in a folder you can write to."
         ) from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
+    except runtime.Taken as holder:
         raise SystemExit(
             f"train.py: {work_dir} is in use by another training run ({holder}). Wait for it to end, stop it "
             "(SIGTERM checkpoints it), or pass another --work-dir."
         ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    lock.flush()
     for stale in work_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
     return lock

@@ -17,14 +17,17 @@ train.py, evaluate.py and benchmark.py share these, so `--device`, `--precision`
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import inspect
 import math
 import os
 import resource
 import secrets
 import signal
+import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -178,6 +181,28 @@ def written_atomically(path, suffix=".tmp"):
         raise
 
 
+class Taken(Exception):
+    """A lock another process holds; the message says which (process, host, since when)."""
+
+
+def hold_lock(path):
+    """Lock the file `path` for this process's lifetime (the OS releases the lock on any exit, a crash
+    included), writing who holds it; raise Taken, naming the holder, when another process does."""
+    lock = open(path, "a+")  # held open, and locked, until the process ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise Taken(holder) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    return lock
+
+
 def write_text(path, text):
     """A text file written atomically."""
     with written_atomically(path) as temporary:
@@ -315,6 +340,8 @@ def writable_path(kind):
     a file is wanted and the other way round, and a place this process cannot create or write."""
 
     def parse(text):
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"an empty path; pass a {kind} name")
         path = Path(text).absolute()
         if kind == "file" and path.is_dir():
             raise argparse.ArgumentTypeError(

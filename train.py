@@ -69,6 +69,7 @@ def main(argv=None):
         # 1. data (rank 0 first: it may write the toy dataset, which the others then read)
         train_set, val_set = runtime.rank_zero_first(lambda: build_datasets(config))
         config["num_classes"] = train_set.num_classes
+        show_recipe(config)
 
         # 2. the model, from ImageNet weights (the recipe) or a GCNet checkpoint (--load-from); SGD with
         # one group, weight decay on everything, BatchNorm and biases included, as the original
@@ -81,7 +82,6 @@ def main(argv=None):
         run.new_checkpoint_writer(raw_model, optimizer, scaler, train_set)
         iteration = run.load_resumed_state(raw_model, optimizer, scaler)  # 0, or where --resume continues
         net = compile_and_distribute(raw_model, config, device)  # as the flags say
-        show_recipe(config)
         if run.validation_pending:  # the run stopped between a checkpoint and its validation
             validate_and_keep_best(raw_model, val_set, config, run, iteration)
 
@@ -459,6 +459,9 @@ def describe_setup(config):
             f"WARNING: plain BatchNorm per process (SyncBN needs CUDA): its statistics see {batch} "
             f"images, not {config['global_batch']}"
         )
+    lines.append(
+        "the first step is the slowest (loader workers start, kernels are chosen); a progress bar follows"
+    )
     if table_row and config["precision"] != "fp32":
         lines.append(
             f"WARNING: {config['precision']} mixed precision; the table's models were trained in fp32"
@@ -621,4 +624,7 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a Ctrl-C before the run's own handler is in place (data, model, download)
+        raise SystemExit("\ntrain.py: stopped by Ctrl-C before training started") from None

@@ -6,6 +6,8 @@ import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import types
 import zlib
 from pathlib import Path
@@ -24,6 +26,8 @@ import evaluate
 import recipe
 import train
 from model import GCNet
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ---- stand-in models ------------------------------------------------------------------------
 
@@ -513,8 +517,12 @@ NUMBER, SIZE = r"a number in \[0.01, 4\]", "sizes from 1 to 8192"
         (["--stride", "5x0"], f"argument --stride: expected .*{SIZE}"),
         (["--crop", "51200"], f"argument --crop: expected .*{SIZE}"),
         (["--window-batch", "0"], "argument --window-batch: expected .*an integer >= 1"),
-        (["--workers", "-1"], "argument --workers: expected .*an integer >= 0"),
-        (["--workers", "two"], "argument --workers: expected .*an integer >= 0"),
+        (["--workers", "-1"], "argument --workers: expected .*an integer in \\[0, "),
+        (["--workers", "two"], "argument --workers: expected .*an integer in \\[0, "),
+        (["--workers", "100000"], "argument --workers: expected .*at most 4 per core"),
+        (["--threads", "9" * 23], "argument --threads: expected .*at most 4 per core"),
+        (["--save-dir", ""], "argument --save-dir: an empty path; pass a folder name"),
+        (["--ms-fl"], "unrecognized arguments: --ms-fl"),  # not guessed to be --ms-flip
         (["--opacity", "1.5"], r"argument --opacity: expected .*a number in \[0, 1\]"),
         (["--opacity", "nan"], r"argument --opacity: expected .*a number in \[0, 1\]"),
         (["--check-agreement", "-2"], "argument --check-agreement: expected .*an integer >= 0"),
@@ -698,7 +706,13 @@ def write_picture(path, size=(33, 49), seed=0, **save_options):
 def test_image_command_writes_pictures_at_the_photo_size(tmp_path, tiny_checkpoint, capsys):
     write_picture(tmp_path / "photo.jpg", size=(45, 70))
     run(tiny_checkpoint, "--image", tmp_path / "photo.jpg", "--save-dir", tmp_path / "out")
-    assert str(tmp_path / "out" / "photo_attention.png") in capsys.readouterr().out  # one file: named
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "out" / "photo_attention.png") in printed  # one file: named
+    # What runs, said before it runs, as for a split: the file read, then the checkpoint and its protocol.
+    assert printed.startswith(
+        f"reading {tiny_checkpoint} and building its model\n{tiny_checkpoint}: 1 image file, mode whole"
+    )
+    assert "scale (48, 32)" in printed and "machine: " in printed
     labels = Image.open(tmp_path / "out" / "photo_pred.png")
     assert labels.mode == "P" and labels.size == (70, 45)
     assert labels.getpalette()[:9] == [0, 0, 255, 128, 128, 128, 255, 0, 0]  # the checkpoint's colours
@@ -970,3 +984,51 @@ def test_format_only_writes_voc_palette_pngs_for_the_val_split(tmp_path, monkeyp
     picture = Image.open(out / "2007_000033.png")
     assert picture.mode == "P" and picture.size == (49, 33)
     assert picture.getpalette()[:6] == [0, 0, 0, 128, 0, 0] and np.array(picture).max() <= 20
+
+
+def test_the_agreement_check_stops_when_its_time_is_spent(tmp_path):
+    dataset, options = FakeValSet(tmp_path, count=3), dict(EVALUATION, precision="bf16")
+    # evaluate_split gives it a fifth of the evaluation's time; with none left it checks one image.
+    spent = evaluate.precision_agreement(PixelModel(3), PixelModel(3), dataset, 3, seconds=0, **options)
+    assert spent["images"] == 1 and spent["pixels"] == int((dataset[0][1] != 255).sum())
+
+
+@pytest.mark.parametrize(
+    "script, patched", [("evaluate.py", "checkpoints.find_checkpoint"), ("train.py", "runtime.setup_device")]
+)
+def test_ctrl_c_ends_a_script_in_words(script, patched):
+    module, name = patched.split(".")
+    code = (
+        f"import os, runpy, signal, sys; sys.argv = [{script!r}, '--device', 'cpu']; import {module}; "
+        f"{module}.{name} = lambda *args: os.kill(os.getpid(), signal.SIGINT); "
+        f"runpy.run_path({script!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{script}: stopped by Ctrl-C" in done.stderr
+
+
+def test_two_evaluations_into_the_same_outputs_are_refused(tmp_path):
+    settings = dict(save_dir=str(tmp_path / "pictures"), out=str(tmp_path / "r.json"))
+    held = evaluate.claim_outputs(settings)
+    try:
+        with pytest.raises(
+            FileExistsError, match=r"--save-dir \S*pictures is being written by another evaluate.py \(process"
+        ):
+            evaluate.claim_outputs(settings)
+        with pytest.raises(FileExistsError, match=r"--out \S*r.json is being written by another evaluate.py"):
+            evaluate.claim_outputs(dict(settings, save_dir=None))
+    finally:
+        for lock in held:
+            lock.close()
+    for lock in evaluate.claim_outputs(settings):  # free again once the first run ended
+        lock.close()
+
+
+def test_sliding_windows_of_another_size_keep_the_checkpoints_test_scale(tiny_checkpoint):
+    info = checkpoints.checkpoint_info(tiny_checkpoint)
+    for flags in ([], ["--mode", "slide", "--crop", "24", "--stride", "16"]):
+        args = evaluate.build_parser().parse_args(["--checkpoint", str(tiny_checkpoint), *flags])
+        settings = evaluate.resolve_settings(args, info, torch.device("cpu"))
+        assert settings["scale"] == (48, 32)  # before, --crop took the folder dataset's 2048x512
+    assert (settings["mode"], settings["crop_size"], settings["stride"]) == ("slide", (24, 24), (16, 16))

@@ -112,6 +112,7 @@ def test_recipe_defaults_follow_the_table():
     warnings = train.describe_setup(recipe | setup)
     assert any("global batch 4 differs from the table's 16" in w for w in warnings)
     assert any("bf16 mixed precision; the table's models were trained in fp32" in w for w in warnings)
+    assert any(w.startswith("the first step is the slowest") for w in warnings)  # not a silent wait
     assert (
         warnings[0].startswith("machine: ")
         and "(torch's choice), 4 loader workers per process" in warnings[0]
