@@ -485,7 +485,7 @@ def build_parser():
         help="batch of the training memory measure (default: the row's per-GPU batch)",
     )
     add("--timed", type=runtime.number_flag(int, 1), help="timed images and steps (default 20 CUDA, 2 CPU)")
-    add("--workers", type=runtime.number_flag(int, 0), default=2, help="data loader workers (default 2)")
+    add("--workers", type=runtime.per_core_flag(0), default=2, help="data loader workers (default 2)")
     add("--trust-checkpoint", action="store_true", help="unpickle checkpoints fully: runs code in them")
     add("--out", default="compare_out", help="folder of compare.json and the pictures (default compare_out)")
     runtime.add_arguments(

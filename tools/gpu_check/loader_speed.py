@@ -55,7 +55,7 @@ def main(argv=None):
     add, positive, size = parser.add_argument, runtime.number_flag(int, 1), runtime.size_flag("--crop")
     add("--data-root", help="a Cityscapes folder (default: a synthetic one at the real size)")
     add("--crop", type=size, default=(512, 1024), help="the row's crop: 512x1024 or 769")
-    add("--workers", type=runtime.number_flag(int, 0), nargs="+", default=[8], help="worker counts to time")
+    add("--workers", type=runtime.per_core_flag(0), nargs="+", default=[8], help="worker counts to time")
     add("--batch-size", type=positive, default=8, help="default 8: the table's 4 GPUs x 2 on one")
     add("--batches", type=positive, default=40, help="timed batches per worker count")
     add("--out", help="also write the figures to this JSON file")
