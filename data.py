@@ -8,7 +8,9 @@ tools/opencv_pipelines.py writes the same pipelines with OpenCV). Labels are PNG
     val_set = data.build_dataset("cityscapes", split="val")      # (images, label, meta)
 """
 
+import collections
 import contextlib
+import glob
 import importlib.metadata
 import json
 import os
@@ -728,6 +730,43 @@ def default_palette(num_classes):
         [sum(((index >> (3 * bit + channel)) & 1) << (7 - bit) for bit in range(8)) for channel in range(3)]
         for index in range(num_classes)
     ]
+
+
+# Image files given on the command line (evaluate.py --image)
+
+
+def image_files(patterns):
+    """--image: (files as given, a folder's images, a glob pattern's images, each sorted; skipped: the
+    files of folders and patterns not named as images)."""
+    files, skipped, kinds = [], [], FOLDER_IMAGE_EXTENSIONS
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_file():
+            files.append(path)
+            continue
+        if path.is_dir():  # and its subfolders, but not hidden files or folders
+            below = [file.relative_to(path) for file in sorted(path.rglob("*")) if file.is_file()]
+            found = [path / file for file in below if not any(part.startswith(".") for part in file.parts)]
+        elif any(character in pattern for character in "*?["):
+            found = sorted(filter(Path.is_file, map(Path, glob.glob(pattern, recursive=True))))
+        else:
+            raise FileNotFoundError(f"--image {pattern}: no such file or folder")
+        images = [file for file in found if file.suffix.lower() in kinds]
+        if not images:
+            raise FileNotFoundError(f"--image {pattern}: no {'/'.join(kinds)} images there")
+        files += images
+        skipped += [file for file in found if file.suffix.lower() not in kinds]
+    return list(dict.fromkeys(files)), skipped  # a file named twice is predicted once
+
+
+def picture_names(files):
+    """Each file's name under --save-dir: its path below the files' common folder, without the
+    extension (a/x.jpg, b/x.jpg -> a/x, b/x); x.jpg beside x.png keep it (x_jpg, x_png)."""
+    absolute = [Path(os.path.abspath(file)) for file in files]  # '..' resolved: no name climbs out
+    common = os.path.commonpath([file.parent for file in absolute])
+    names = [str(file.relative_to(common).with_suffix("")) for file in absolute]
+    counts = collections.Counter(names)
+    return [name if counts[name] == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)]
 
 
 # -----------------------------------------------------------------------------------------------

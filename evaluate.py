@@ -16,10 +16,8 @@ the hardware's native precision, checked against fp32 on the first 10 images. Ex
 """
 
 import argparse
-import collections
 import contextlib
 import copy
-import glob
 import json
 import math
 import os
@@ -30,7 +28,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Subset
@@ -395,7 +392,7 @@ def resolve_settings(args, info, device):
         data_root=data.data_root(name, root) if name in recipe.DATASETS else root,
         data_root_from="given by --data-root" if args.data_root is not None else whose,
         reduce_zero_label=recorded.get("reduce_zero_label"),  # None: the dataset's own rule
-        images=image_files(args.image) if args.image else None,  # (files, skipped)
+        images=data.image_files(args.image) if args.image else None,  # (files, skipped)
         palette=palette,
         classes=classes,
         **{key: getattr(args, key) for key in ("window_batch", "workers", "depth", "split", "format_only")},
@@ -563,7 +560,7 @@ def without_nan(value):
 
 @torch.no_grad()
 def write_split_files(model, info, settings):
-    """--format-only: server_file()'s files for a whole split; under torchrun each process writes its share."""
+    """--format-only: pictures.server_file()'s files for a whole split; under torchrun each process writes its share."""
     dataset, device = build_split(info, settings, settings["checkpoint"]), settings["device"]
     split = settings["split"]
     save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{split}"
@@ -573,7 +570,9 @@ def write_split_files(model, info, settings):
         for images, _, meta in test_images(dataset, device, settings["workers"]):
             with runtime.precision_context(device, settings["precision"]):
                 probabilities = predict(model, images, meta["original_size"], **protocol)
-            name, picture = server_file(dataset.name, probabilities.argmax(dim=0), meta, dataset.palette)
+            name, picture = pictures.server_file(
+                dataset.name, probabilities.argmax(dim=0), meta, dataset.palette
+            )
             pictures.save_picture(picture, Path(save_dir) / name)
             written += 1
     total = int(sum_over_processes(torch.tensor([written], device=device)).item())
@@ -589,7 +588,7 @@ def predict_images(model, settings):
     palette, classes, device = settings["palette"], settings["classes"], settings["device"]
     scale, ratios, opacity = settings["scale"], settings["ratios"], settings["opacity"]
     say_what_runs(settings, f"{len(files)} image file{'s' * (len(files) != 1)}")
-    mine = list(zip(files, picture_names(files)))[rank::world_size]
+    mine = list(zip(files, data.picture_names(files)))[rank::world_size]
     written, failed = [], []
     bar = tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2)
     for path, name in bar:
@@ -652,8 +651,9 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None
     finally:
-        for lock in held:
+        for lock in held:  # gone with the run: nothing of ours left among the pictures or server files
             lock.close()
+            Path(lock.name).unlink(missing_ok=True)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if failed:
@@ -880,60 +880,6 @@ class Predictor:
         """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
         _, probabilities = image_probabilities(self.model, data.read_image(path, upright=True), self.settings)
         return probabilities.argmax(dim=0).cpu()
-
-
-def image_files(patterns):
-    """--image: (files as given, a folder's images, a glob pattern's images, each sorted; skipped: the
-    files of folders and patterns not named as images)."""
-    files, skipped, kinds = [], [], data.FOLDER_IMAGE_EXTENSIONS
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_file():
-            files.append(path)
-            continue
-        if path.is_dir():  # and its subfolders, but not hidden files or folders
-            below = [file.relative_to(path) for file in sorted(path.rglob("*")) if file.is_file()]
-            found = [path / file for file in below if not any(part.startswith(".") for part in file.parts)]
-        elif any(character in pattern for character in "*?["):
-            found = sorted(filter(Path.is_file, map(Path, glob.glob(pattern, recursive=True))))
-        else:
-            raise FileNotFoundError(f"--image {pattern}: no such file or folder")
-        images = [file for file in found if file.suffix.lower() in kinds]
-        if not images:
-            raise FileNotFoundError(f"--image {pattern}: no {'/'.join(kinds)} images there")
-        files += images
-        skipped += [file for file in found if file.suffix.lower() not in kinds]
-    return list(dict.fromkeys(files)), skipped  # a file named twice is predicted once
-
-
-def picture_names(files):
-    """Each file's name under --save-dir: its path below the files' common folder, without the
-    extension (a/x.jpg, b/x.jpg -> a/x, b/x); x.jpg beside x.png keep it (x_jpg, x_png)."""
-    absolute = [Path(os.path.abspath(file)) for file in files]  # '..' resolved: no name climbs out
-    common = os.path.commonpath([file.parent for file in absolute])
-    names = [str(file.relative_to(common).with_suffix("")) for file in absolute]
-    counts = collections.Counter(names)
-    return [name if counts[name] == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)]
-
-
-# Files for the datasets' evaluation servers (--format-only). Cityscapes scores labelIds, not the
-# trainIds the model predicts: trainId -> id is the inverse of the table data.py converts the labels
-# with (cityscapesScripts helpers/labels.py).
-CITYSCAPES_TRAINID_TO_ID = torch.tensor(
-    sorted(data.CITYSCAPES_ID_TO_TRAINID, key=data.CITYSCAPES_ID_TO_TRAINID.get), dtype=torch.uint8
-)
-
-
-def server_file(dataset_name, pred, meta, palette):
-    """(file name, PIL image) the dataset's server takes for pred (H, W), named after the image. Cityscapes:
-    labelIds; ADE20K: the scene-parsing challenge's 1..150 (class + 1; 0 is 'other', which the reduced
-    labels ignore); VOC and the others: class indices in a palette PNG."""
-    name, pred = Path(meta["image_path"]).stem + ".png", pred.cpu().long()
-    if dataset_name == "cityscapes":
-        return name, Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred].numpy())  # uint8 (H, W): mode L
-    if dataset_name == "ade20k":
-        return name, Image.fromarray((pred + 1).to(torch.uint8).numpy())
-    return name, pictures.label_picture(pred, palette)
 
 
 if __name__ == "__main__":

@@ -402,3 +402,24 @@ def nice_ticks(low, high, most=6):
             break
     first, digits = math.ceil(low / step - 1e-9), max(0, 2 - math.floor(math.log10(step)))
     return [round(k * step, digits) for k in range(first, math.floor(high / step + 1e-9) + 1)]
+
+
+# -----------------------------------------------------------------------------------------------
+# Files for the datasets' evaluation servers (--format-only). Cityscapes scores labelIds, not the
+# trainIds the model predicts: trainId -> id is the inverse of the table data.py converts the labels
+# with (cityscapesScripts helpers/labels.py).
+CITYSCAPES_TRAINID_TO_ID = torch.tensor(
+    sorted(data.CITYSCAPES_ID_TO_TRAINID, key=data.CITYSCAPES_ID_TO_TRAINID.get), dtype=torch.uint8
+)
+
+
+def server_file(dataset_name, pred, meta, palette):
+    """(file name, PIL image) the dataset's server takes for pred (H, W), named after the image. Cityscapes:
+    labelIds; ADE20K: the scene-parsing challenge's 1..150 (class + 1; 0 is 'other', which the reduced
+    labels ignore); VOC and the others: class indices in a palette PNG."""
+    name, pred = Path(meta["image_path"]).stem + ".png", pred.cpu().long()
+    if dataset_name == "cityscapes":
+        return name, Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred].numpy())  # uint8 (H, W): mode L
+    if dataset_name == "ade20k":
+        return name, Image.fromarray((pred + 1).to(torch.uint8).numpy())
+    return name, label_picture(pred, palette)

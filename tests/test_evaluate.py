@@ -23,6 +23,7 @@ from torch import nn
 import checkpoints
 import data
 import evaluate
+import pictures
 import recipe
 import train
 from model import GCNet
@@ -827,7 +828,7 @@ def test_image_files_names_a_missing_path_or_an_empty_folder(tmp_path):
         ("empty", "--image .*empty: no .jpg/.jpeg/.png/.webp images there"),
     ]:
         with pytest.raises(FileNotFoundError, match=message):  # main says it and exits, as for any file
-            evaluate.image_files([str(tmp_path / path)])
+            data.image_files([str(tmp_path / path)])
 
 
 # ---- --format-only: the files of the datasets' evaluation servers ------------------------------
@@ -839,16 +840,16 @@ CITYSCAPES_IDS_OF_TRAINIDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 
 def test_server_files_hold_what_each_server_scores():
     pred = torch.arange(19).repeat(2, 1)  # (2, 19): every trainId
     image_path = "x/leftImg8bit/test/berlin/berlin_000000_000019_leftImg8bit.png"
-    name, picture = evaluate.server_file("cityscapes", pred, dict(image_path=image_path), palette=None)
+    name, picture = pictures.server_file("cityscapes", pred, dict(image_path=image_path), palette=None)
     assert name == "berlin_000000_000019_leftImg8bit.png" and picture.mode == "L"
     assert np.array(picture).tolist() == [CITYSCAPES_IDS_OF_TRAINIDS] * 2
     pred = torch.arange(150).view(10, 15)
-    name, picture = evaluate.server_file("ade20k", pred, dict(image_path="t/ADE_test_00000001.jpg"), None)
+    name, picture = pictures.server_file("ade20k", pred, dict(image_path="t/ADE_test_00000001.jpg"), None)
     assert name == "ADE_test_00000001.png" and picture.mode == "L"
     assert np.array(picture).tolist() == (pred + 1).tolist()  # the challenge's 1..150
     palette = data.CLASSES_AND_PALETTES["voc12aug"]["palette"]
     pred = torch.tensor([[0, 20], [15, 7]])
-    name, picture = evaluate.server_file("voc12aug", pred, dict(image_path="J/2008_000001.jpg"), palette)
+    name, picture = pictures.server_file("voc12aug", pred, dict(image_path="J/2008_000001.jpg"), palette)
     assert name == "2008_000001.png" and picture.mode == "P"
     assert picture.getpalette()[:6] == [*palette[0], *palette[1]]
     assert np.array(picture).tolist() == pred.tolist()
