@@ -694,7 +694,10 @@ def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
     run(tiny_checkpoint, "--data-root", tmp_path / "mine", "--out", out, *protocol)
     assert seen == [((1.0,), False)]  # the protocol's scales and flips are for the scores only
     printed = capsys.readouterr()
-    assert "bf16 vs fp32 check: 100%" in printed.err and "bf16 vs fp32 at a single scale, 2 images:" in printed.out
+    assert (
+        "bf16 vs fp32 check: 100%" in printed.err
+        and "bf16 vs fp32 at a single scale, 2 images:" in printed.out
+    )
     assert json.loads(out.read_text())["settings"]["ratios"] == [0.5, 1.0]
 
 
