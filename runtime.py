@@ -331,8 +331,8 @@ def number_flag(kind, minimum, maximum=None, exclusive=False, why=""):
 def per_core_flag(minimum):
     """argparse type for --workers and --threads: at most four per usable core of this machine, so that a
     typo (1000 for 10) is refused instead of forking processes or threads without end."""
-    most = 4 * usable_cores()
-    return number_flag(int, minimum, most, why=f" (at most 4 per core; this machine has {usable_cores()})")
+    cores = usable_cores()
+    return number_flag(int, minimum, 4 * cores, why=f" (at most 4 per core; this machine has {cores})")
 
 
 def writable_path(kind):

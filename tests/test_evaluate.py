@@ -567,6 +567,22 @@ def run(checkpoint, *flags):
     evaluate.main(["--device", "cpu", "--workers", "0", "--checkpoint", str(checkpoint), *map(str, flags)])
 
 
+def write_server_files(checkpoint, root, out, scale):
+    """--format-only on the test split, at a test scale small enough for a CPU."""
+    run(
+        checkpoint,
+        "--data-root",
+        root,
+        "--split",
+        "test",
+        "--format-only",
+        "--save-dir",
+        out,
+        "--scales",
+        scale,
+    )
+
+
 def saved_run(path, num_classes, recorded, classes, palette):
     """A random GCNet saved as train.py saves a run: its recipe, classes and palette."""
     torch.manual_seed(0)
@@ -901,18 +917,7 @@ def test_format_only_writes_cityscapes_label_ids_for_the_test_split(
     name = "gcnet_r50-d8_512x1024_40k_cityscapes_20200618_074450-ef8f069b.pth"
     checkpoint = official_checkpoint(tmp_path, monkeypatch, cityscapes_weights, name)
     out = tmp_path / "server"  # --scales 0.03: the network sees 30x44, not 1024x1521
-    run(
-        checkpoint,
-        "--data-root",
-        root,
-        "--split",
-        "test",
-        "--format-only",
-        "--save-dir",
-        out,
-        "--scales",
-        0.03,
-    )
+    write_server_files(checkpoint, root, out, 0.03)
     printed = capsys.readouterr().out
     assert f"wrote 3 cityscapes test predictions for its evaluation server in {out}" in printed
     assert sorted(path.name for path in out.iterdir()) == [f"{name}_leftImg8bit.png" for name in names]
@@ -956,18 +961,7 @@ def test_format_only_writes_ade20k_values_1_to_150_for_the_test_split(
     name = "gcnet_r50-d8_512x512_80k_ade20k_20200614_185146-91a6da41.pth"
     checkpoint = official_checkpoint(tmp_path, monkeypatch, with_classes(cityscapes_weights, 150), name)
     out = tmp_path / "server"
-    run(
-        checkpoint,
-        "--data-root",
-        root,
-        "--split",
-        "test",
-        "--format-only",
-        "--save-dir",
-        out,
-        "--scales",
-        0.06,
-    )
+    write_server_files(checkpoint, root, out, 0.06)
     assert sorted(path.name for path in out.iterdir()) == ["ADE_test_00000001.png", "ADE_test_00000002.png"]
     values = np.array(Image.open(out / "ADE_test_00000001.png"))
     assert values.shape == (33, 49) and values.min() >= 1 and values.max() <= 150
