@@ -465,15 +465,23 @@ def check_keys(module, state_dict, source):
                 f"checkpoint is a {recipe.method_name(theirs)} model, the model built here a "
                 f"{recipe.method_name(module.head_block)} one: build it with {recipe.block_flags(theirs)}"
             )
-    n_blocks = sum(1 for k in state_dict if re.fullmatch(r"(backbone\.)?layer3\.\d+\.conv1\.weight", k))
-    if n_blocks and isinstance(module, model.GCNet) and n_blocks != model.STAGE_BLOCKS[module.depth][2]:
-        depth = {6: 50, 23: 101}.get(n_blocks, "unknown")
-        lines.append(f"checkpoint is a ResNet-{depth} ({n_blocks} layer3 blocks), model: {module.depth}")
+    n_blocks, depth = depth_of(state_dict)
+    if n_blocks and isinstance(module, model.GCNet) and depth != module.depth:
+        lines.append(
+            f"checkpoint is a ResNet-{depth or 'unknown'} ({n_blocks} layer3 blocks), model: {module.depth}"
+        )
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
         if keys:
             shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
             lines.append(f"{len(keys)} {title} key(s):\n    " + "\n    ".join(shown))
     raise ValueError("\n".join(lines))
+
+
+def depth_of(state_dict):
+    """The number of layer3 blocks of a ResNet's weights, and its depth by model.STAGE_BLOCKS (None if
+    no depth has that many)."""
+    n_blocks = sum(1 for k in state_dict if re.fullmatch(r"(backbone\.)?layer3\.\d+\.conv1\.weight", k))
+    return n_blocks, {blocks[2]: depth for depth, blocks in model.STAGE_BLOCKS.items()}.get(n_blocks)
 
 
 def block_of_state_dict(state_dict):
@@ -541,14 +549,14 @@ def checkpoint_info(path_or_url, checkpoint=None):
     checkpoint = read_checkpoint(path_or_url) if checkpoint is None else checkpoint
     state_dict = extract_state_dict(checkpoint)
     check_class_count(state_dict, path_or_url)
-    n_blocks = sum(1 for k in state_dict if re.fullmatch(r"backbone\.layer3\.\d+\.conv1\.weight", k))
-    if "decode_head.conv_seg.weight" not in state_dict or n_blocks not in (6, 23):
+    depth = depth_of(state_dict)[1] if any(k.startswith("backbone.") for k in state_dict) else None
+    if "decode_head.conv_seg.weight" not in state_dict or depth is None:
         raise ValueError(
             f"{path_or_url} is not a checkpoint of GCNet or of the FCN and NonLocal models beside it: it has "
             "no decode_head.conv_seg or backbone.layer3 keys"
         )
     info = dict(
-        depth={6: 50, 23: 101}[n_blocks],
+        depth=depth,
         block=block_of_state_dict(state_dict),
         num_classes=int(state_dict["decode_head.conv_seg.weight"].shape[0]),
         dataset=None,

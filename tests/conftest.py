@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.utils.serialization
 
+import model
+
 # Tests import the top-level modules (model, data, train, evaluate, benchmark) from the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Two cores: keep intra-op threads fixed so timings and results do not depend on the runner.
@@ -21,6 +23,21 @@ torch.utils.serialization.config.save.compute_crc32 = False
 # and pyproject.toml has pytest remove the folder of each test that passes.
 if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 8e9:
     tempfile.tempdir = "/dev/shm"
+
+
+# Most tests need a GCNet, not a ResNet's depth: they build one with a bottleneck or two per stage, the
+# same code with a fifth of the layers. The tests that need the real depths (the official keys, the
+# original's logits) ask for the fixture full_depth.
+SHALLOW = {50: (1, 1, 1, 1), 101: (1, 1, 2, 1)}
+REAL_DEPTHS = dict(model.STAGE_BLOCKS)
+model.STAGE_BLOCKS.update(SHALLOW)
+
+
+@pytest.fixture
+def full_depth(monkeypatch):
+    """ResNet-50 and -101 with their real numbers of blocks, for this test only."""
+    for depth, blocks in REAL_DEPTHS.items():
+        monkeypatch.setitem(model.STAGE_BLOCKS, depth, blocks)
 
 
 def randomize(net, seed=0, scale=0.05):

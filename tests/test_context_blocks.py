@@ -184,7 +184,7 @@ BLOCKS = {
 }
 
 
-def test_the_three_layouts_are_the_originals_and_load_strictly_by_their_keys(tmp_path):
+def test_the_three_layouts_are_the_originals_and_load_strictly_by_their_keys(tmp_path, full_depth):
     sections = read_sections(FIXTURES / "fcn_nonlocal_gc-variants_decode_head_keys.txt")
     nets = {}
     for name, options in BLOCKS.items():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import model
 from model import GCNet
 from tools import export
 
@@ -25,7 +26,13 @@ def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, rand
     # does with torch alone, is the model with the normalisation in front, at sizes it was not traced
     # at, for a batch of 3 too.
     out, program, about = exported["path"], exported["program"], exported["about"]
-    assert out.stat().st_size > 150e6 and about["scale"] == [2048, 1024] and about["align_corners"] is False
+    # It holds the inference weights in float32 (BatchNorm folded into the convs: a little fewer).
+    weights = model.count_parameters(net) - model.count_parameters(net.auxiliary_head)
+    assert (
+        out.stat().st_size > 3.5 * weights
+        and about["scale"] == [2048, 1024]
+        and about["align_corners"] is False
+    )
     assert len(about["classes"]) == 19
     mean, std = torch.tensor(about["mean"]).view(1, 3, 1, 1), torch.tensor(about["std"]).view(1, 3, 1, 1)
     for size in ((3, 3, 40, 56), (1, 3, 81, 33)):

@@ -15,6 +15,7 @@ from torch import nn
 import benchmark
 import data
 import evaluate
+import model
 from model import GCNet
 from tools import opencv_pipelines
 from tools.gpu_check import cudnn_fused, loader_speed, run_time, synthetic_cityscapes, targets
@@ -117,8 +118,10 @@ def test_the_cudnn_fused_candidate_fuses_every_conv_that_a_relu_follows():
     net = GCNet(19).eval()
     fused = cudnn_fused.fuse_conv_relu(evaluate.fold_batchnorm(net))
     kinds = [type(module) for module in fused.modules()]
-    # 16 Bottlenecks x 3, the stem's 2nd and 3rd conv, the decode head's 3 and the auxiliary head's 1.
-    assert kinds.count(cudnn_fused.FusedBottleneck) == 16 and kinds.count(cudnn_fused.FusedConvReLU) == 54
+    # Every Bottleneck's 3, the stem's 2nd and 3rd conv, the decode head's 3 and the auxiliary head's 1.
+    blocks = sum(model.STAGE_BLOCKS[50])
+    assert kinds.count(cudnn_fused.FusedBottleneck) == blocks
+    assert kinds.count(cudnn_fused.FusedConvReLU) == 3 * blocks + 6
     assert kinds.count(nn.ReLU) == 2  # after the stem's 3-channel conv, and inside the GC block's bottleneck
     with pytest.raises(ValueError, match="fold_batchnorm"):
         cudnn_fused.fuse_conv_relu(net)  # BatchNorm not folded: refused, not dropped

@@ -35,14 +35,15 @@ def read_manifest(path):
 
 
 @pytest.mark.parametrize("depth", [50, 101])
-def test_state_dict_equals_official_manifest(depth):
+def test_state_dict_equals_official_manifest(depth, full_depth):
     expected = read_manifest(FIXTURES / f"gcnet_r{depth}-d8_19cls_state_dict.txt")
     actual = [(k, list(v.shape)) for k, v in GCNet(19, depth=depth).state_dict().items()]
     assert actual == expected  # keys, order and shapes, entry for entry
     assert len(actual) == {50: 366, 101: 672}[depth]
 
 
-def test_parameter_counts_match_the_original(r50):
+def test_parameter_counts_match_the_original(full_depth):
+    r50 = GCNet(num_classes=19, depth=50)
     assert model.count_parameters(r50) == 49_630_215
     assert model.count_parameters(r50.backbone) == 23_527_264
     assert model.count_parameters(r50.decode_head) == 23_738_260
@@ -55,7 +56,7 @@ def test_classifier_shapes_follow_class_count():
     assert net.auxiliary_head.conv_seg.weight.shape == (150, 256, 1, 1)
 
 
-def test_dilation_and_stride_per_block():
+def test_dilation_and_stride_per_block(full_depth):
     backbone = GCNet(19, depth=101).backbone
     assert [b.conv2.dilation[0] for b in backbone.layer3] == [1] + [2] * 22
     assert [b.conv2.dilation[0] for b in backbone.layer4] == [2, 4, 4]
