@@ -1,4 +1,4 @@
-"""The README's path on toy data: train 30 iterations (the loss falls), evaluate the checkpoint as the README
+"""The README's path on toy data: train 20 iterations (the loss falls), evaluate the checkpoint as the README
 does (no flags: the newest best.pth, the data it was trained on), look at the outputs, predict from Python."""
 
 import json
@@ -24,8 +24,8 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys, monke
     work_dir = tmp_path / "work_dirs" / "run"
     # The default precision (bf16 where the CPU has it), so that BatchNorm folding is in play.
     fast = ["--crop", "64", "--batch-size", "4", "--workers", "0", "--log-interval", "1"]
-    train.main(fast + ["--data-root", str(root), "--work-dir", str(work_dir), "--iters", "30",
-                       "--eval-interval", "15", "--pictures"])  # fmt: skip
+    train.main(fast + ["--data-root", str(root), "--work-dir", str(work_dir), "--iters", "20",
+                       "--eval-interval", "10", "--pictures"])  # fmt: skip
     said = capsys.readouterr().out
     assert (
         f"pictures of the last validation (labels, overlay, attention, and all three beside the ground truth in <name>_composite.png; the confusion matrix in confusion.png) in {work_dir / 'pictures'}"
@@ -38,14 +38,14 @@ def test_train_then_evaluate_writes_results_and_pictures(tmp_path, capsys, monke
     # The loss falls. Single steps are noisy at batch 4; the means of the first and last ten are not.
     log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
     losses = [record["loss"] for record in log if "loss" in record]
-    assert len(losses) == 30 and sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10, losses
-    # It validated at 15 and 30 and wrote its checkpoints, whole and plainly named, and pictures.
-    assert [record["iteration"] for record in log if "mIoU" in record] == [15, 30]
+    assert len(losses) == 20 and sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10, losses
+    # It validated at 10 and 20 and wrote its checkpoints, whole and plainly named, and pictures.
+    assert [record["iteration"] for record in log if "mIoU" in record] == [10, 20]
     # Its validation loss, the decode head's cross-entropy over the val split, is printed and logged.
     val_losses = [record["val_loss"] for record in log if "mIoU" in record]
-    assert all(0 < loss < 10 for loss in val_losses) and f"iteration 30: val loss {val_losses[1]:.4f}" in said
-    checkpoint = torch.load(work_dir / "iter_30.pth", weights_only=True)
-    assert checkpoint["iteration"] == 30 and checkpoint["recipe"]["dataset"] == "toy"
+    assert all(0 < loss < 10 for loss in val_losses) and f"iteration 20: val loss {val_losses[1]:.4f}" in said
+    checkpoint = torch.load(work_dir / "iter_20.pth", weights_only=True)
+    assert checkpoint["iteration"] == 20 and checkpoint["recipe"]["dataset"] == "toy"
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in checkpoint["state_dict"])
     assert {"optimizer", "scaler", "rng", "meta"} <= checkpoint.keys()
     assert (work_dir / "best.pth").exists() and not list(work_dir.glob(".*.tmp"))

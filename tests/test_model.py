@@ -37,7 +37,8 @@ def read_manifest(path):
 @pytest.mark.parametrize("depth", [50, 101])
 def test_state_dict_equals_official_manifest(depth, full_depth):
     expected = read_manifest(FIXTURES / f"gcnet_r{depth}-d8_19cls_state_dict.txt")
-    actual = [(k, list(v.shape)) for k, v in GCNet(19, depth=depth).state_dict().items()]
+    with torch.device("meta"):
+        actual = [(k, list(v.shape)) for k, v in GCNet(19, depth=depth).state_dict().items()]
     assert actual == expected  # keys, order and shapes, entry for entry
     assert len(actual) == {50: 366, 101: 672}[depth]
 
@@ -171,9 +172,9 @@ def test_initialisation_as_the_original():
 # ---- precision and memory format ------------------------------------------------------------
 
 
-def test_bf16_autocast_forward_on_cpu_keeps_softmax_and_layernorm_in_fp32(r50, randomize):
+def test_bf16_autocast_forward_on_cpu_keeps_softmax_and_layernorm_in_fp32(randomize):
     net = randomize(GCNet(19)).eval()
-    x = torch.randn(1, 3, 97, 113)
+    x = torch.randn(1, 3, 57, 73)
     dtypes = {}
     hook = net.decode_head.gc_block.channel_add_conv[1].register_forward_hook(
         lambda m, inp, out: dtypes.update(layer_norm=out.dtype)
