@@ -19,7 +19,6 @@ The project's own targets for these figures and its GPU check are in tools/gpu_c
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import math
@@ -180,24 +179,29 @@ def check_sizes(args, row, variants, device):
 
 
 # 2. Inference and training, timed as the original timed them (mmseg v0.5.0 tools/benchmark.py) ----
-def inference_call(variant, row, device, model=None):
+def inference_call(variant, row, device, model=None, ms_flip=False):
     """A call of evaluate.predict + argmax + .cpu() on a random photo of the row's original size (the
     forward pass, whole or windows averaged as logits, the resize to the original size, softmax, argmax,
-    the copy to the host). model: a built model of the row (a checkpoint's) instead of a random one."""
+    the copy to the host). model: a built model of the row (a checkpoint's) instead of a random one.
+    ms_flip: at evaluate.py --ms-flip's six scales, each also flipped."""
     generator = torch.Generator().manual_seed(0)
     photo = torch.randint(0, 256, (3, *row["original_size"]), dtype=torch.uint8, generator=generator)
-    image = data.test_transform(photo, row["test_scale"])[0][None]
-    image = image.to(device, memory_format=MEMORY_FORMAT[variant["channels_last"]])
+    ratios = evaluate.MS_RATIOS if ms_flip else (1.0,)
+    layout = MEMORY_FORMAT[variant["channels_last"]]
+    images = [
+        image[None].to(device, memory_format=layout)
+        for image in data.test_transform(photo, row["test_scale"], ratios)
+    ]
     model = (build_model(row, variant, device) if model is None else model).eval()
     if evaluate.default_fold_batchnorm(variant["precision"]) and not variant["compiled"]:
         model = evaluate.fold_batchnorm(model)  # as evaluate.py does
     if variant["compiled"]:  # inductor's freezing folds BatchNorm into the convs and pre-packs weights
         model = torch.compile(model, options={"freezing": True})
-    protocol = dict(mode=row["test_mode"], crop_size=row["test_crop"], stride=row["stride"])
+    protocol = dict(mode=row["test_mode"], crop_size=row["test_crop"], stride=row["stride"], flip=ms_flip)
 
     def infer():
         with runtime.precision_context(device, variant["precision"]):
-            probabilities = evaluate.predict(model, [image], row["original_size"], **protocol)
+            probabilities = evaluate.predict(model, images, row["original_size"], **protocol)
         return probabilities.argmax(dim=0).cpu()  # (H, W) at the original size
 
     return infer
@@ -207,6 +211,19 @@ def measure_inference(variant, row, device, warmup, iters, count_flops, model=No
     """images/s of inference_call and its first prediction. As the original, data loading is not timed."""
     infer = inference_call(variant, row, device, model)
     return time_calls(infer, warmup, iters, device, f"inference {variant['name']}", count_flops=count_flops)
+
+
+def measure_ms_flip_memory(variant, row, device):
+    """The peak memory (GB, as the training figures: the GPU's allocations, or the process's resident
+    memory) of one prediction of evaluate.py --ms-flip."""
+    infer = inference_call(variant, row, device, ms_flip=True)
+    reset_peak_memory(device)
+    infer()
+    peak = runtime.peak_memory_gb(device)
+    height, width = row["original_size"]
+    print(f"ms+flip   {variant['name']:32} peak memory {peak:.2f} GB, one {height}x{width} image", flush=True)
+    release_memory(device)
+    return peak
 
 
 def forward_loss(model, images, labels, row, forward_scope):
@@ -533,6 +550,7 @@ def parse_arguments(argv=None, parser=None):
     except ValueError as error:
         parser.error(str(error))
     args.timed = args.timed or (50 if device.type == "cuda" else 3)
+    args.ms_flip = device.type == "cuda" if args.ms_flip is None else args.ms_flip
     return args, device, row, variants
 
 
@@ -558,6 +576,8 @@ def measure_and_report(args, device, row, variants, data_beside=()):
     baseline = measured[variants[0]["name"]]
     flops = dict(inference=baseline["inference"]["flops"])
     flops["training"] = baseline["training"]["flops"] / row["train_batches"][0]
+    default = next(variant for variant in variants if variant["default"])
+    ms_flip_gb = measure_ms_flip_memory(default, row, device) if args.ms_flip else None
     data_results = benchmark_data(row, args.data_size, args.data_samples, data_beside)
     # Measured again at the end: on a shared machine, the better of the two is closer to the device's limit.
     peaks = {precision: max(rate, matmul_rate(precision, device)) for precision, rate in peaks.items()}
@@ -571,7 +591,7 @@ def measure_and_report(args, device, row, variants, data_beside=()):
     protocol.update(timed=args.timed, matmul_size=MATMUL_SIZE[device.type])
     protocol["memory"] = "max_memory_allocated" if device.type == "cuda" else "peak resident set size"
     report = dict(protocol=protocol, row=row, flops_per_image=flops, matmul_peak_flops_per_s=peaks)
-    report.update(variants=records, data=data_results)
+    report.update(variants=records, data=data_results, ms_flip_peak_memory_gb=ms_flip_gb)
     return write_report(report, args.out)
 
 
@@ -657,8 +677,7 @@ def release_memory(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    runtime.return_freed_memory()
 
 
 def reset_peak_memory(device):
@@ -712,6 +731,11 @@ def build_parser():
     add("--data-size", type=size("--data-size"), default=(1024, 2048), help="HxW of the data timing's PNG")
     add("--data-samples", type=positive, default=40, help="timed samples per data pipeline (default 40)")
     add("--compile", action=argparse.BooleanOptionalAction, default=True, help="measure torch.compile")
+    add(
+        "--ms-flip",
+        action=argparse.BooleanOptionalAction,
+        help="also the peak memory of one evaluate.py --ms-flip prediction (default: on CUDA; minutes on a CPU)",
+    )
     add("--wide", action="store_true", help="print every figure (the JSON has them all)")
     add("--out", default="benchmark.json", help="where the JSON results go")
     runtime.add_arguments(parser)

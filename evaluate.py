@@ -106,32 +106,19 @@ def predict(
     bilinearly to the original size with model.align_corners, softmax, flipped maps flipped back; the
     maps are averaged. One scale, no flip: softmax(resize(logits)), argmax = the original's prediction."""
     check_protocol(mode, crop_size, stride, images)
-    probabilities, size = None, tuple(original_size)
-    for image in images:
-        batch = image if image.dim() == 4 else image[None]  # (1, 3, h, w)
-        if flip:
-            # The flipped copy shares the forward pass: in eval mode the images of a batch do not
-            # interact (BatchNorm uses running statistics, the GC softmax is per image).
-            batch = torch.cat([batch, batch.flip(-1)])  # (2, 3, h, w)
-        if mode == "whole":
-            logits = model(batch)
-        else:
-            logits = slide_inference(
-                model, batch, crop_size=crop_size, stride=stride, window_batch=window_batch
-            )
-        if logits.shape[1] != model.num_classes:
-            raise ValueError(f"the model gives {logits.shape[1]} classes, expected {model.num_classes}")
-        # The second resize of the original, scaled image -> original image, then softmax; resizing,
-        # softmax and averaging run in float32 whatever the autocast. A resize to the same size
-        # samples exactly at the pixels (either align_corners): skip it.
-        logits = logits.float()
-        if tuple(logits.shape[-2:]) != size:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=model.align_corners)
-        scale_probabilities = class_softmax(logits)  # (1 or 2, C, H, W)
-        first = scale_probabilities[0]
-        probabilities = first if probabilities is None else probabilities.add_(first)
-        if flip:
-            probabilities += scale_probabilities[1].flip(-1)  # un-flip along W
+    protocol = dict(mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch)
+    # Whole images: every scale's forward pass first, keeping its logits at 1/8 (a few MB), so that no
+    # forward pass runs while the maps of the original size below are held. Windows give logits at the
+    # scaled size: a scale at a time.
+    scales = (forward_scale(model, image, **protocol) for image in images)
+    scales = list(scales) if mode == "whole" else scales
+    if images[0].device.type == "cpu":
+        runtime.return_freed_memory()  # what the passes freed, before the maps of the original size
+    probabilities = torch.zeros((model.num_classes, *original_size), device=images[0].device)
+    for logits, scaled_size in scales:
+        for k, one in enumerate(logits.split(1)):  # the image, then its flipped copy
+            one = model.upsample(one, scaled_size) if mode == "whole" else one
+            add_softmax(probabilities, one, flipped=k == 1, align_corners=model.align_corners)
     passes = len(images) * (2 if flip else 1)
     return probabilities if passes == 1 else probabilities.div_(passes)
 
@@ -268,6 +255,24 @@ def check_values(pred, label, num_classes, ignore_index):
         )
 
 
+def forward_scale(model, image, *, mode, crop_size, stride, flip, window_batch):
+    """(logits, (h, w)) of one scale's image (3, h, w) or (1, 3, h, w) and, with flip, its flipped copy:
+    'whole': one pass, the logits at 1/8 (model.upsample brings them to (h, w)); 'slide':
+    slide_inference's, at (h, w)."""
+    batch = image if image.dim() == 4 else image[None]  # (1, 3, h, w)
+    if flip:
+        # The flipped copy shares the forward pass: in eval mode the images of a batch do not
+        # interact (BatchNorm uses running statistics, the GC softmax is per image).
+        batch = torch.cat([batch, batch.flip(-1)])  # (2, 3, h, w)
+    if mode == "whole":
+        logits = model(batch, upsample=False)
+    else:
+        logits = slide_inference(model, batch, crop_size=crop_size, stride=stride, window_batch=window_batch)
+    if logits.shape[1] != model.num_classes:
+        raise ValueError(f"the model gives {logits.shape[1]} classes, expected {model.num_classes}")
+    return logits, batch.shape[-2:]
+
+
 def summed_pixel_losses(probabilities, label, ignore_index=data.IGNORE_INDEX):
     """-log p(true class) summed over the labelled pixels, from (C, H, W) probabilities, and the count of
     all pixels: the numerator and denominator of train.segmentation_loss. A probability that underflowed
@@ -279,12 +284,36 @@ def summed_pixel_losses(probabilities, label, ignore_index=data.IGNORE_INDEX):
     return torch.stack([loss_sum, loss_sum.new_tensor(label.numel())])  # and the pixels, ignored ones too
 
 
-def class_softmax(logits):
-    """Softmax over dim 1 of (N, C, H, W) logits; for channels_last logits on a permuted view, where
-    the classes are innermost in memory (no copy to NCHW), and the result stays channels_last."""
-    if logits.dim() == 4 and logits.stride(1) == 1 and logits.shape[1] > 1:
-        return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
-    return logits.softmax(dim=1)
+# The flipped maps are added back in bands of this many rows (about 70 MB for 150 classes and 1797
+# pixels a row), never flipped whole.
+FLIP_ROWS = 64
+
+
+def add_softmax(probabilities, logits, *, flipped, align_corners):
+    """probabilities (C, H, W) += the softmax over the classes of one image's logits (1, C, h, w)
+    resized to (H, W), flipped back along W when `flipped`. The second resize of the original (scaled
+    image -> original image) and the softmax run in float32 whatever the autocast; a resize to the same
+    size samples exactly at the pixels (either align_corners): skipped. The softmax overwrites the
+    resized logits: beside the sum, one map of the original size is held."""
+    logits, size = logits.float(), probabilities.shape[-2:]
+    if logits.shape[-2:] != size:
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
+    softmax = class_softmax_(logits)[0]
+    if not flipped:
+        return probabilities.add_(softmax)
+    for top in range(0, size[0], FLIP_ROWS):  # un-flip along W
+        probabilities[:, top : top + FLIP_ROWS] += softmax[:, top : top + FLIP_ROWS].flip(-1)
+    return probabilities
+
+
+def class_softmax_(logits):
+    """Softmax over dim 1 of (N, C, H, W) logits, in place (the values of an out-of-place softmax, bit
+    for bit). Channels_last logits, where the classes are innermost in memory, are soft-maxed on a
+    permuted view, and stay channels_last."""
+    channels_last = logits.dim() == 4 and logits.stride(1) == 1 and logits.shape[1] > 1
+    view = logits.permute(0, 2, 3, 1) if channels_last else logits
+    torch.softmax(view, -1 if channels_last else 1, out=view)
+    return logits
 
 
 # The table's columns: (title, key of metrics_from_confusion); recall is Acc under its other name.
@@ -635,10 +664,13 @@ def main(argv=None):
         parser.error("--split test has no labels to score: add --format-only to write the server's files")
     if args.format_only and args.image:
         parser.error("--format-only predicts a split, --image predicts files: pass one of them")
-    runtime.keep_freed_memory()
     failed, held = 0, []
     try:
         info, settings, reference_model = load(args)
+        # Freed memory is kept for speed (runtime.keep_freed_memory), but not where scales or flips on a
+        # CPU sum maps of the image's size: there its fragments added 1 to 4 GB to a 4.5 GB peak.
+        if settings["device"].type != "cpu" or (len(settings["ratios"]), settings["flip"]) == (1, False):
+            runtime.keep_freed_memory()
         held = claim_outputs(settings)  # locks on the output places, until the end of the run
         # The fp32 reference of the agreement check keeps its BatchNorm; the model that runs may fold it.
         model = inference_model(reference_model, settings)

@@ -237,7 +237,9 @@ class GCNet(nn.Module):
     """GCNet R-50-D8 / R-101-D8.
 
     eval:  model(x) -> logits (N, num_classes, H, W) at the input size;
-           model(x, return_attention=True) -> (logits, attention (N, 1, H/8, W/8)); None without a block.
+           model(x, return_attention=True) -> (logits, attention (N, 1, H/8, W/8)); None without a block;
+           model(x, upsample=False) -> the logits at 1/8, which model.upsample(logits, (H, W)) brings to
+           the input size (evaluate.predict does so one image at a time, to hold less).
     train: model(x) -> (logits, aux_logits), both at the input size. The loss lives in train.py.
     align_corners=True belongs to the 769x769 models, False to all others (recipe.py). context 'nonlocal'
     and 'none' build the original's NonLocal and FCN models, the paper's comparison (README); pooling and
@@ -272,11 +274,11 @@ class GCNet(nn.Module):
         # the softmax, which want float32 anyway.
         return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=self.align_corners)
 
-    def forward(self, x, return_attention=False):
+    def forward(self, x, return_attention=False, upsample=True):
         size = x.shape[-2:]
         _, _, c3, c4 = self.backbone(x)
         logits, attention = self.decode_head(c4, return_attention=True)
-        outputs = [self.upsample(logits, size)]
+        outputs = [self.upsample(logits, size) if upsample else logits]
         if self.training:  # the auxiliary head only serves the training loss
             outputs.append(self.upsample(self.auxiliary_head(c3), size))
         if return_attention:

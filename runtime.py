@@ -235,6 +235,13 @@ def leave_stop_signals_to_the_main_process(worker_id=None):
     threading.Thread(target=end_when_the_parent_says, daemon=True).start()
 
 
+def return_freed_memory():
+    """Hand the freed memory glibc holds (keep_freed_memory) back to the OS now; the blocks a phase freed
+    would otherwise stay beside those of the next one, which wants other sizes."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def keep_freed_memory():
     """Make glibc keep freed memory for reuse instead of returning it to the OS at once.
 

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ def run(tmp_path_factory):
         "--threads",
         "1",
         "--no-compile",
+        "--ms-flip",
         "--out",
         str(out),
     ]
@@ -124,6 +126,11 @@ def test_benchmark_reports_every_figure(run):
     assert variants["fp32"]["inference"]["argmax_agreement"] == 1.0
     # bf16 rounds the random model's logits, which changes few argmaxes.
     assert variants["bf16"]["inference"]["argmax_agreement"] > 0.9
+
+    # One evaluate.py --ms-flip prediction, in the default variant: its peak memory is the process's.
+    assert positive_number(report["ms_flip_peak_memory_gb"])
+    default = next(name for name, record in variants.items() if record["default"])
+    assert re.search(rf"ms\+flip +{re.escape(default)} +peak memory \d+\.\d\d GB, one 32x48 image", printed)
 
     data = report["data"]
     assert (

@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 class PixelModel(nn.Module):
     """A 1x1 conv: logits at the input size, flip-equivariant. Its 'attention' is a softmax over the
-    positions of a 1/8-resolution map, as the GC block's."""
+    positions of a 1/8-resolution map, as the GC block's. As GCNet's, its logits come at any size without
+    upsampling (here: the input's), and upsample() brings them to the input's."""
 
     def __init__(self, num_classes=3, align_corners=False, seed=0):
         super().__init__()
@@ -44,7 +45,10 @@ class PixelModel(nn.Module):
         self.num_classes = num_classes
         self.align_corners = align_corners
 
-    def forward(self, x, return_attention=False):
+    def upsample(self, logits, size):
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)
+
+    def forward(self, x, return_attention=False, upsample=True):
         logits = self.conv(x)
         if not return_attention:
             return logits
@@ -56,7 +60,7 @@ class PixelModel(nn.Module):
 class RampModel(PixelModel):
     """PixelModel plus a left-to-right ramp on class 0: NOT flip-equivariant."""
 
-    def forward(self, x, return_attention=False):
+    def forward(self, x, return_attention=False, upsample=True):
         ramp = torch.linspace(0, 3, x.shape[-1]).view(1, 1, 1, -1)
         bias = torch.cat([ramp, torch.zeros(1, self.num_classes - 1, 1, x.shape[-1])], dim=1)
         return self.conv(x) + bias
@@ -163,10 +167,10 @@ def test_single_scale_is_softmax_of_logits_resized_to_the_original_size():
 def test_class_softmax_of_channels_last_logits_equals_the_dim_1_softmax():
     logits = torch.randn(2, 5, 7, 9)
     expected = logits.softmax(dim=1)
-    channels_last = evaluate.class_softmax(logits.contiguous(memory_format=torch.channels_last))
+    channels_last = evaluate.class_softmax_(logits.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(channels_last, expected)
     assert channels_last.stride(1) == 1  # stays channels_last, where the argmax over classes is fast
-    assert torch.equal(evaluate.class_softmax(logits), expected)
+    assert torch.equal(evaluate.class_softmax_(logits), expected)
 
 
 def test_multi_scale_averages_probabilities_at_the_original_size():
@@ -186,6 +190,27 @@ def test_flip_changes_nothing_for_a_flip_equivariant_model(mode):
     plain = evaluate.predict(model, [image], (37, 61), flip=False, **kwargs)
     flipped = evaluate.predict(model, [image], (37, 61), flip=True, **kwargs)
     assert torch.allclose(plain, flipped, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_multi_scale_flip_sums_each_passes_softmax_bit_for_bit(layout, randomize):
+    # predict holds one map of the original size beside the sum (a softmax in place, the flipped map
+    # added back in bands of rows): the sum is still that of each pass's softmax, to the last bit.
+    net = randomize(GCNet(150, align_corners=True)).eval().to(memory_format=layout)
+    images = [torch.randn(1, 3, *size).contiguous(memory_format=layout) for size in ((59, 87), (205, 303))]
+    expected = 0
+    with torch.no_grad():
+        for image in images:
+            logits = net(torch.cat([image, image.flip(-1)]))  # the flipped copy shares the forward pass
+            resized = F.interpolate(logits, size=(150, 190), mode="bilinear", align_corners=True)
+            for k, one in enumerate(resized.split(1)):
+                if layout == torch.channels_last:  # the classes innermost in memory: a softmax over them
+                    softmax = one.permute(0, 2, 3, 1).softmax(-1).permute(0, 3, 1, 2)[0]
+                else:
+                    softmax = one.softmax(1)[0]
+                expected = expected + (softmax.flip(-1) if k else softmax)
+        probabilities = evaluate.predict(net, images, (150, 190), flip=True)
+    assert torch.equal(probabilities, expected / 4)
 
 
 def test_flipped_predictions_are_flipped_back():
