@@ -179,10 +179,12 @@ def evaluate_dataset(model, dataset, *, device, precision, workers=2, save_dir=N
             matrix += confusion_matrix(pred, label, dataset.num_classes)
             losses += summed_pixel_losses(probabilities, label)
             if save_dir is not None:  # the label PNG, an overlay and the block's attention map
-                save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity)
+                pictures.save_split_pictures(
+                    model, dataset, pred, label, meta, images, precision, save_dir, opacity
+                )
     matrix, (loss_sum, pixels) = sum_over_processes(matrix), sum_over_processes(losses).tolist()
     if save_dir is not None:  # confusion.png, below the line
-        save_confusion_picture(matrix, dataset.classes, save_dir)
+        pictures.save_confusion_picture(matrix, dataset.classes, save_dir)
     results = dict(metrics_from_confusion(matrix), loss=loss_sum / pixels, num_images=len(dataset))
     return dict(results, confusion_matrix=matrix.cpu().tolist())
 
@@ -632,7 +634,9 @@ def predict_images(model, settings):
                 )
             images, probabilities = image_probabilities(model, original, settings)
             precision, pred = settings["precision"], probabilities.argmax(dim=0)
-            attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
+            attention, title = pictures.attention_at_test_scale(
+                model, images, ratios, original, scale, precision
+            )
             written += pictures.save_pictures(
                 save_dir, name, original, pred, palette, attention, opacity, classes, attention_title=title
             )
@@ -829,58 +833,6 @@ def fold_batchnorm(net):
                 setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
                 setattr(module, bn_name, nn.Identity())
     return folded
-
-
-@torch.no_grad()
-def attention_map(model, image, original_size):
-    """The GC block's attention (softmax over positions, 1/8 resolution) for one image (3, h, w),
-    bilinearly upsampled to original_size and scaled to [0, 1] for display, with its title. A Non-local
-    model gives the map of the centre position; an FCN model none (None, None)."""
-    _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
-    if attention is None:
-        return None, None
-    block = getattr(model, "head_block", {})  # a model of yours without one: titled as GCNet's
-    title = "GC attention (red: more weight)"
-    if block.get("context") == "nonlocal":
-        title = "NL attention of the centre position"
-    elif block.get("pooling") == "avg":
-        title = "GC average pooling: the same weight everywhere"
-    return displayed(attention[0, 0], original_size, model.align_corners), title
-
-
-def displayed(attention, size, align_corners):
-    """An attention map (h, w) bilinearly upsampled to `size` (H, W) and stretched to [0, 1] for display."""
-    attention = F.interpolate(
-        attention[None, None].float(), size=tuple(size), mode="bilinear", align_corners=align_corners
-    )[0, 0]
-    low, high = attention.min(), attention.max()
-    return (attention - low) / (high - low).clamp_min(1e-12)
-
-
-def attention_at_test_scale(model, images, ratios, original, scale, precision):
-    """attention_map() of the image at the test scale (ratio 1.0): one of the images per ratio, or
-    made from the original uint8 image when 1.0 is not among the ratios."""
-    device = images[0].device
-    image = images[ratios.index(1.0)] if 1.0 in ratios else data.test_transform(original, scale)[0].to(device)
-    with runtime.precision_context(device, precision):
-        return attention_map(model, image, original.shape[-2:])
-
-
-def save_confusion_picture(matrix, classes, save_dir):
-    """<save_dir>/confusion.png (pictures.confusion_picture), written by rank 0."""
-    if runtime.rank_and_world_size()[0] == 0:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
-        pictures.save_picture(pictures.confusion_picture(matrix, classes), Path(save_dir) / "confusion.png")
-
-
-def save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity):
-    """save_pictures() for an image of a split, with its attention map at the test scale."""
-    original, ratios, scale = data.read_image(meta["image_path"]), dataset.test_ratios, dataset.scale
-    attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
-    palette, classes = dataset.palette, dataset.classes
-    pictures.save_pictures(
-        save_dir, meta["name"], original, pred, palette, attention, opacity, classes, label, title
-    )
 
 
 @torch.no_grad()

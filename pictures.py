@@ -1,8 +1,8 @@
 """Pictures, drawn with Pillow: predictions and the GC block's attention over an image, all of them side
 by side (the composite), the confusion matrix of a split, and a training run's log.
 
-evaluate.py and train.py write them; nothing here runs a model. `python tools/plot_log.py WORK_DIR`
-draws a run's log at any time.
+evaluate.py and train.py write them; the attention map is the one thing here that runs a model (a
+forward pass for the block's map). `python tools/plot_log.py WORK_DIR` draws a run's log at any time.
 """
 
 import math
@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data
@@ -183,6 +184,56 @@ def text_at(draw, xy, text, fill, font, anchor):
     x = xy[0] - left - {"l": 0, "m": (right - left) / 2, "r": right - left}[anchor[0]]
     y = xy[1] - top - {"a": 0, "m": (bottom - top) / 2, "d": bottom - top}[anchor[1]]
     draw.text((x, y), text, fill=fill, font=font)
+
+
+@torch.no_grad()
+def attention_map(model, image, original_size):
+    """The GC block's attention (softmax over positions, 1/8 resolution) for one image (3, h, w),
+    bilinearly upsampled to original_size and scaled to [0, 1] for display, with its title. A Non-local
+    model gives the map of the centre position; an FCN model none (None, None)."""
+    _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
+    if attention is None:
+        return None, None
+    block = getattr(model, "head_block", {})  # a model of yours without one: titled as GCNet's
+    title = "GC attention (red: more weight)"
+    if block.get("context") == "nonlocal":
+        title = "NL attention of the centre position"
+    elif block.get("pooling") == "avg":
+        title = "GC average pooling: the same weight everywhere"
+    return displayed(attention[0, 0], original_size, model.align_corners), title
+
+
+def displayed(attention, size, align_corners):
+    """An attention map (h, w) bilinearly upsampled to `size` (H, W) and stretched to [0, 1] for display."""
+    attention = F.interpolate(
+        attention[None, None].float(), size=tuple(size), mode="bilinear", align_corners=align_corners
+    )[0, 0]
+    low, high = attention.min(), attention.max()
+    return (attention - low) / (high - low).clamp_min(1e-12)
+
+
+def attention_at_test_scale(model, images, ratios, original, scale, precision):
+    """attention_map() of the image at the test scale (ratio 1.0): one of the images per ratio, or
+    made from the original uint8 image when 1.0 is not among the ratios."""
+    device = images[0].device
+    image = images[ratios.index(1.0)] if 1.0 in ratios else data.test_transform(original, scale)[0].to(device)
+    with runtime.precision_context(device, precision):
+        return attention_map(model, image, original.shape[-2:])
+
+
+def save_confusion_picture(matrix, classes, save_dir):
+    """<save_dir>/confusion.png (pictures.confusion_picture), written by rank 0."""
+    if runtime.rank_and_world_size()[0] == 0:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        save_picture(confusion_picture(matrix, classes), Path(save_dir) / "confusion.png")
+
+
+def save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity):
+    """save_pictures() for an image of a split, with its attention map at the test scale."""
+    original, ratios, scale = data.read_image(meta["image_path"]), dataset.test_ratios, dataset.scale
+    attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
+    palette, classes = dataset.palette, dataset.classes
+    save_pictures(save_dir, meta["name"], original, pred, palette, attention, opacity, classes, label, title)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import randomize
 
 import checkpoints
-import evaluate
 import model
+import pictures
 import train
 from model import ContextBlock, FCNHead, GCNet, NonLocal2d
 from tools import export
@@ -247,7 +247,7 @@ def test_options_are_checked_and_the_pictures_name_each_blocks_map():
         ("none", dict(context="none")),
     ):
         net = GCNet(3, **options).eval()
-        attention, titles[name] = evaluate.attention_map(net, image, (40, 48))
+        attention, titles[name] = pictures.attention_map(net, image, (40, 48))
         assert (attention is None) == (name == "none")
     assert titles == {
         "nonlocal": "NL attention of the centre position",

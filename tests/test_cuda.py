@@ -151,6 +151,17 @@ def test_fp32_slide_inference_on_cuda_equals_the_cpu():
     assert difference <= 1e-4, f"largest probability difference {difference:.2e}"
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_softmax_in_place_on_cuda_gives_the_out_of_place_values(layout):
+    # evaluate.predict soft-maxes each resized map in place (torch.softmax with out= its input).
+    logits = (torch.randn(1, 150, 301, 517, device=CUDA) * 4).contiguous(memory_format=layout)
+    if layout == torch.channels_last:  # the classes innermost in memory: a softmax over the last dim
+        expected = logits.permute(0, 2, 3, 1).softmax(-1).permute(0, 3, 1, 2)
+    else:
+        expected = logits.softmax(dim=1)
+    assert torch.equal(evaluate.class_softmax_(logits), expected)
+
+
 @pytest.mark.parametrize("context", ["nonlocal", "none"])
 def test_the_comparison_models_on_cuda_equal_the_cpu(context, monkeypatch):
     # The paper's comparison (README): the FCN baseline, and the Non-local block both ways, whole with

@@ -408,7 +408,7 @@ def test_real_gcnet_slide_ms_flip_and_attention(tiny_gcnet):
     probabilities = evaluate.predict(tiny_gcnet, images, (60, 90), **protocol)
     assert probabilities.shape == (3, 60, 90)
     assert torch.allclose(probabilities.sum(0), torch.ones(60, 90), atol=1e-5)
-    attention, title = evaluate.attention_map(tiny_gcnet, images[1], (60, 90))
+    attention, title = pictures.attention_map(tiny_gcnet, images[1], (60, 90))
     assert attention.shape == (60, 90) and attention.min() == 0 and attention.max() == 1
     assert title == "GC attention (red: more weight)"
 

@@ -323,7 +323,7 @@ def effective_fraction(maps):
 
 def heat(original, attention, entry):
     """An attention map (h, w) over the image (3, H, W): scaled to [0, 1], coloured, half transparent."""
-    scaled = evaluate.displayed(attention, original.shape[-2:], entry["net"].align_corners)
+    scaled = pictures.displayed(attention, original.shape[-2:], entry["net"].align_corners)
     return pictures.attention_overlay(original.permute(1, 2, 0).float(), scaled)
 
 
