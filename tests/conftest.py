@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import shallow
 import torch
 import torch.utils.serialization
 
@@ -25,12 +26,11 @@ if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) and shutil.disk_
     tempfile.tempdir = "/dev/shm"
 
 
-# Most tests need a GCNet, not a ResNet's depth: they build one with a bottleneck or two per stage, the
-# same code with a fifth of the layers. The tests that need the real depths (the official keys, the
-# original's logits) ask for the fixture full_depth.
-SHALLOW = {50: (1, 1, 1, 1), 101: (1, 1, 2, 1)}
+# Most tests need a GCNet, not a ResNet's depth: they build one with a bottleneck or two per stage
+# (tests/shallow.py, which also runs train.py so in processes of their own). The tests that need the
+# real depths (the official keys, the parameter counts) ask for the fixture full_depth.
 REAL_DEPTHS = dict(model.STAGE_BLOCKS)
-model.STAGE_BLOCKS.update(SHALLOW)
+model.STAGE_BLOCKS.update(shallow.SHALLOW)
 
 
 @pytest.fixture

@@ -232,7 +232,8 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(
         )
         args[args.index("--workers") + 1] = "2"
         # start_new_session: its own process group, as setsid gives it
-        runs[stop] = (work_dir, args, run_script(["train.py", *args], start_new_session=True))
+        process = run_script(["tests/shallow.py", "train.py", *args], start_new_session=True)
+        runs[stop] = (work_dir, args, process)
     for stop, (work_dir, _, process) in runs.items():
         deadline = time.time() + 120
         while time.time() < deadline and not ((work_dir / "log.jsonl").exists() and read_log(work_dir)):
@@ -253,7 +254,14 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
     # With the Non-local block: the comparison's model trains under DDP and validates for real (its
     # attention in blocks of rows, without gradients), as GCNet does.
     args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "2", "--context", "nonlocal")
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py"]
+    launcher = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "tests/shallow.py",
+    ]
+    launcher.append("train.py")
     process = run_script(launcher + args)
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 0, output
