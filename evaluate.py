@@ -112,14 +112,14 @@ def predict(
     # scaled size: a scale at a time.
     scales = (forward_scale(model, image, **protocol) for image in images)
     scales = list(scales) if mode == "whole" else scales
-    if images[0].device.type == "cpu":
+    passes = len(images) * (2 if flip else 1)
+    if passes > 1 and images[0].device.type == "cpu":
         runtime.return_freed_memory()  # what the passes freed, before the maps of the original size
     probabilities = torch.zeros((model.num_classes, *original_size), device=images[0].device)
     for logits, scaled_size in scales:
         for k, one in enumerate(logits.split(1)):  # the image, then its flipped copy
             one = model.upsample(one, scaled_size) if mode == "whole" else one
             add_softmax(probabilities, one, flipped=k == 1, align_corners=model.align_corners)
-    passes = len(images) * (2 if flip else 1)
     return probabilities if passes == 1 else probabilities.div_(passes)
 
 
