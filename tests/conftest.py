@@ -27,8 +27,9 @@ if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) and shutil.disk_
 
 
 # Most tests need a GCNet, not a ResNet's depth: they build one with a bottleneck or two per stage
-# (tests/shallow.py, which also runs train.py so in processes of their own). The tests that need the
-# real depths (the official keys, the parameter counts) ask for the fixture full_depth.
+# (tests/shallow.py's SHALLOW; the tests that start train.py in a process of its own run it through
+# tests/shallow.py too). Those that need the real depths (the official keys, the parameter counts) ask
+# for the fixture full_depth.
 REAL_DEPTHS = dict(model.STAGE_BLOCKS)
 model.STAGE_BLOCKS.update(shallow.SHALLOW)
 

@@ -75,7 +75,8 @@ def test_benchmark_reports_every_figure(run):
     assert row["train_batches"] == [1] and row["train_crop"] == [32, 32]
     assert row["comparable"] is False and row["published"] == [5.8, 3.93]
 
-    # FLOPs are shapes only: those of the convs, counted here from their outputs; training is ~3x a forward at 32x32 (and adds the auxiliary head).
+    # FLOPs are shapes only: those of the convs, counted here from their outputs; training is ~3x a
+    # forward at 32x32 (and adds the auxiliary head).
     flops = report["flops_per_image"]
     assert math.isclose(flops["inference"], conv_flops(GCNet(19).eval(), (32, 48)), rel_tol=0.01)
     assert 2.5 * flops["inference"] * 32 / 48 < flops["training"] < 3.5 * flops["inference"] * 32 / 48
