@@ -26,19 +26,19 @@ if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) and shutil.disk_
     tempfile.tempdir = "/dev/shm"
 
 
-# Most tests need a GCNet, not a ResNet's depth: they build one with a bottleneck or two per stage
-# (tests/shallow.py's SHALLOW; the tests that start train.py in a process of its own run it through
-# tests/shallow.py too). Those that need the real depths (the official keys, the parameter counts) ask
-# for the fixture full_depth.
-REAL_DEPTHS = dict(model.STAGE_BLOCKS)
-model.STAGE_BLOCKS.update(shallow.SHALLOW)
+# Most tests need a GCNet, not a ResNet's depth or the head's width: they build one with a bottleneck or
+# two per stage and heads an eighth as wide (tests/shallow.py; the tests that start train.py in a process
+# of its own run it through tests/shallow.py too). Those that need the real model (the official keys and
+# shapes, the parameter counts) ask for the fixture full_depth.
+REAL_DEPTHS, REAL_HEAD_INIT = shallow.make_small(model)
 
 
 @pytest.fixture
 def full_depth(monkeypatch):
-    """ResNet-50 and -101 with their real numbers of blocks, for this test only."""
+    """ResNet-50 and -101 with their real numbers of blocks and their heads' real widths, for this test only."""
     for depth, blocks in REAL_DEPTHS.items():
         monkeypatch.setitem(model.STAGE_BLOCKS, depth, blocks)
+    monkeypatch.setattr(model.FCNHead, "__init__", REAL_HEAD_INIT)
 
 
 def randomize(net, seed=0, scale=0.05):

@@ -80,10 +80,11 @@ def test_class_count_mismatch_is_said_in_words(tmp_path):
 
 def test_a_classifier_of_another_rank_is_a_wrong_shape_not_another_class_count(tmp_path):
     checkpoint = official_checkpoint(GCNet(5))
-    checkpoint["state_dict"]["decode_head.conv_seg.weight"] = torch.zeros(5, 512)
+    width = checkpoint["state_dict"]["decode_head.conv_seg.weight"].shape[1]  # 512 in the recipe
+    checkpoint["state_dict"]["decode_head.conv_seg.weight"] = torch.zeros(5, width)
     torch.save(checkpoint, tmp_path / "flat.pth")
     with pytest.raises(
-        ValueError, match=r"conv_seg.weight: checkpoint \[5, 512\], model \[5, 512, 1, 1\]"
+        ValueError, match=rf"conv_seg.weight: checkpoint \[5, {width}\], model \[5, {width}, 1, 1\]"
     ) as error:
         checkpoints.load_checkpoint(GCNet(5), tmp_path / "flat.pth")
     assert "classes" not in str(error.value)  # before: "checkpoint has 5 classes, model has 5 classes"
@@ -101,7 +102,8 @@ def test_all_key_problems_are_listed_in_one_error(tmp_path):
     state = checkpoint["state_dict"]
     del state["decode_head.gc_block.conv_mask.bias"]
     state["decode_head.extra.weight"] = torch.zeros(1)
-    state["auxiliary_head.convs.0.conv.weight"] = torch.zeros(256, 1024, 1, 1)
+    width = state["auxiliary_head.convs.0.conv.weight"].shape[0]  # 256 in the recipe
+    state["auxiliary_head.convs.0.conv.weight"] = torch.zeros(width, 1024, 1, 1)
     torch.save(checkpoint, tmp_path / "broken.pth")
     with pytest.raises(ValueError) as error:
         checkpoints.load_checkpoint(GCNet(19), tmp_path / "broken.pth")
@@ -110,7 +112,7 @@ def test_all_key_problems_are_listed_in_one_error(tmp_path):
     assert "1 unexpected key(s)" in message and "decode_head.extra.weight" in message
     assert (
         "1 wrong shape key(s)" in message
-        and "checkpoint [256, 1024, 1, 1], model [256, 1024, 3, 3]" in message
+        and f"checkpoint [{width}, 1024, 1, 1], model [{width}, 1024, 3, 3]" in message
     )
 
 

@@ -48,7 +48,7 @@ def test_targets_on_a_tiny_run_are_reported_not_judged_but_the_memory_target(tmp
     memory = report["memory_target"]
     assert memory["crop_size"] == [512, 1024] and memory["batch"] == 2 and memory["precision"] == "bf16"
     estimates = [memory[name]["estimated_training_memory_gb"] for name in ("default", "checkpointing")]
-    assert 1.0 < estimates[1] < estimates[0] < 6.0
+    assert 0.1 < estimates[1] < estimates[0] < 6.0  # the tests' small model: under the real 2-4 GB
     memory_target = report["targets"][-1]
     assert (
         memory_target["target"].startswith("estimated training memory") and memory_target["threshold"] == 3.0

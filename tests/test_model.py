@@ -51,7 +51,7 @@ def test_parameter_counts_match_the_original(full_depth):
     assert model.count_parameters(r50.auxiliary_head) == 2_364_691
 
 
-def test_classifier_shapes_follow_class_count():
+def test_classifier_shapes_follow_class_count(full_depth):
     net = GCNet(num_classes=150)
     assert net.decode_head.conv_seg.weight.shape == (150, 512, 1, 1)
     assert net.auxiliary_head.conv_seg.weight.shape == (150, 256, 1, 1)
@@ -149,7 +149,7 @@ def test_context_block_is_identity_at_init():
     assert torch.equal(block(x), x)
 
 
-def test_initialisation_as_the_original():
+def test_initialisation_as_the_original(full_depth):
     torch.manual_seed(0)
     net = GCNet(num_classes=150)
     head = net.decode_head

@@ -538,11 +538,13 @@ def test_fine_tuning_an_official_19_class_checkpoint_on_the_5_class_toy_set(toy_
     ):
         train.load_for_fine_tuning(model.GCNet(5, context="none"), str(official), trust=False)
     work_dir = tmp_path / "run"
-    args = toy_args(toy_root, work_dir, "--iters", "8", "--batch-size", "4", "--log-interval", "1")
-    train.main(args + ["--eval-interval", "8", "--load-from", str(official), "--lr", "0.02", "--no-pictures"])
+    args = toy_args(toy_root, work_dir, "--iters", "16", "--batch-size", "4", "--log-interval", "1")
+    train.main(
+        args + ["--eval-interval", "16", "--load-from", str(official), "--lr", "0.05", "--no-pictures"]
+    )
     losses = [r["loss"] for r in read_log(work_dir) if "loss" in r]
-    assert len(losses) == 8 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
-    assert torch.load(work_dir / "iter_8.pth", weights_only=True)["iteration"] == 8
+    assert len(losses) == 16 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert torch.load(work_dir / "iter_16.pth", weights_only=True)["iteration"] == 16
 
 
 def test_no_entry_point_runs_code_from_a_hostile_checkpoint(toy_root, tmp_path, monkeypatch):
