@@ -13,6 +13,7 @@ import contextlib
 import glob
 import importlib.metadata
 import json
+import math
 import os
 import re
 import shutil
@@ -65,7 +66,9 @@ def build_dataset(
     crop_size: (h, w), 769 or '512x1024'; scale: (W, H) the images are rescaled to fit, in training and
     testing alike; both default to recipe.row(name, crop_size). reduce_zero_label (label 0 means 'ignore',
     classes start at 1): None takes the dataset's (ADE20K: True; folder: `label0: ignore` in classes.txt).
-    Every file is checked here, cheaply (headers and last bytes), so a bad one fails no run hours in."""
+    Every file is checked here, cheaply (headers and last bytes), so a bad one fails no run hours in.
+    Where root holds a decoded copy (root/decoded, from tools/prepare_datasets.py decoded), the samples
+    are read from it, the same to the bit, once it is checked to be whole and as new as its files."""
     row = recipe.row(name, crop_size)  # refuses an unknown name
     root = dataset_folder(name, split, root)  # the toy dataset is written there on first use
     if name == "folder":
@@ -74,7 +77,7 @@ def build_dataset(
         classes, palette = CLASSES_AND_PALETTES[name]["classes"], CLASSES_AND_PALETTES[name]["palette"]
         zero_is_ignore = recipe.DATASETS[name].get("reduce_zero_label", False)
     pairs = find_pairs(name, root, split)
-    check_files(name, pairs)
+    check_files(name, pairs, root)
     reduce_zero_label = zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label)
     if reduce_zero_label and pairs[0][1]:  # one label: cheap
         check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1], name, len(classes))
@@ -206,6 +209,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.scale = tuple(scale)  # (W, H) for training and testing alike, as in the original
         self.crop_size, self.test_ratios = tuple(crop_size), tuple(test_ratios)
         self.train_transform = TrainTransform(self.scale, self.crop_size) if split == "train" else None
+        self.decoded = has_decoded_copy(root)  # then read from it, not from the files
 
     def __len__(self):
         return len(self.pairs)
@@ -268,10 +272,11 @@ def read_pair(image_path, label_path, dataset):
     """The image (uint8 3 x H x W RGB) and checked label (uint8 H x W, or None) of a pair, label 0 made
     'ignore' where the dataset says so. A file that cannot be used raises FileProblem, naming it."""
     try:
-        image = read_image(image_path)
+        copy = dataset.root if dataset.decoded else None
+        image = read_decoded(copy, image_path, "image") if copy else read_image(image_path)
         if label_path is None:
             return image, None
-        label = read_label(label_path)
+        label = read_decoded(copy, label_path, "label") if copy else read_label(label_path)
         if image.shape[1:] != label.shape:
             raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
         if dataset.reduce_zero_label:
@@ -507,23 +512,100 @@ def file_problem(path, kind):
     return None, size
 
 
-def check_files(name, pairs):
-    """Name every unreadable, truncated or mismatched image and label of a split at once."""
+def check_files(name, pairs, root=None):
+    """Name every unreadable, truncated or mismatched image and label of a split at once; where the
+    dataset's root holds a decoded copy, then every file whose copy is missing, torn or older than it."""
+    decoded_root = root if root and has_decoded_copy(root) else None
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 shows the bar
-    problems, progress = [], tqdm(pairs, desc=f"{name}: checking files", unit="pair", delay=2, disable=quiet)
-    for image_path, label_path in progress:
+    problems, stale = [], []
+    for image_path, label_path in tqdm(pairs, f"{name}: checking files", unit="pair", delay=2, disable=quiet):
         image_problem, image_size = file_problem(image_path, "image")
         label_problem, label_size = file_problem(label_path, "label") if label_path else (None, None)
         problems += [problem for problem in (image_problem, label_problem) if problem]
         if image_size and label_size and image_size != label_size:
             problems.append(size_mismatch(image_path, image_size, label_path, label_size))
+        if decoded_root and image_size:
+            stale.append(copy_problem(decoded_root, image_path, "image", image_size))
+            stale.append(label_size and copy_problem(decoded_root, label_path, "label", label_size))
     if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ValueError(
-            f"{name}: {len(problems)} problem(s) with the files of this split:\n  "
-            + "\n  ".join(problems[:10])
-            + f"{more}\nRe-download or re-save these files, or remove them (with their labels) from the split."
+            f"{name}: {len(problems)} problem(s) with the files of this split:\n  {listed(problems)}\n"
+            "Re-download or re-save these files, or remove them (with their labels) from the split."
         )
+    stale = [problem for problem in stale if problem]
+    if stale:
+        raise ValueError(
+            f"{name}: the decoded copy in {Path(decoded_root) / DECODED} does not match {len(stale)} file(s) "
+            f"of this split:\n  {listed(stale)}\nBring it up to date with `python tools/prepare_datasets.py "
+            f"decoded {name} {decoded_root}` (it rewrites only these), or delete it to read the files."
+        )
+
+
+def listed(problems, shown=10):
+    """The first `shown` problems, one per line, and how many more."""
+    more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "\n  ".join(problems[:shown]) + more
+
+
+# The decoded copy: each image (uint8 3 x H x W) and label (H x W) of a dataset as its raw pixels in a
+# .npy file, at its path under root/decoded with .npy added, stamped with its file's modification time.
+# Reading it back is a memory map: no decoding, and only the pages a crop touches are read.
+DECODED = "decoded"
+
+
+def has_decoded_copy(root):
+    return (Path(root) / DECODED).is_dir()
+
+
+def decoded_path(root, path):
+    return Path(root) / DECODED / (os.path.relpath(path, root) + ".npy")
+
+
+def copy_problem(root, path, kind, size):
+    """What makes the decoded copy of the image or label `path` (of size (W, H)) unusable, or None."""
+    copy = decoded_path(root, path)
+    if not copy.is_file():
+        return f"{copy} is missing"
+    shape = (3, size[1], size[0]) if kind == "image" else (size[1], size[0])
+    try:
+        with open(copy, "rb") as file:  # the header np.save wrote, then the pixels to the end
+            np.lib.format.read_magic(file)
+            stored, _, dtype = np.lib.format.read_array_header_1_0(file)
+            whole = os.fstat(file.fileno()).st_size == file.tell() + math.prod(stored)
+    except (OSError, ValueError):
+        stored = None
+    if stored != shape or dtype != np.uint8 or not whole:
+        return f"{copy} does not hold the {size[0]}x{size[1]} pixels of its file: it is torn or damaged"
+    if copy.stat().st_mtime_ns != os.stat(path).st_mtime_ns:
+        return f"{path} and its copy differ in modification time: one was changed after the copy was made"
+    return None
+
+
+def write_decoded(root, path, kind):
+    """Decode the image or label `path` into its copy, stamped with the file's modification time."""
+    pixels = read_image(path) if kind == "image" else read_label(path)
+    copy = decoded_path(root, path)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    with runtime.written_atomically(copy) as temporary:
+        with open(temporary, "wb") as file:
+            np.save(file, pixels.numpy())
+        stamp = os.stat(path).st_mtime_ns
+        os.utime(temporary, ns=(stamp, stamp))
+
+
+def read_decoded(root, path, kind):
+    """The image or label `path` as data.read_image or read_label gives it, from the decoded copy."""
+    copy = decoded_path(root, path)
+    try:
+        array = np.load(copy, mmap_mode="c", allow_pickle=False)  # copy-on-write: torch may write to it
+        if array.dtype != np.uint8 or array.ndim != (3 if kind == "image" else 2):
+            raise ValueError(f"a {array.dtype} array of shape {array.shape}")
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"the decoded copy {copy} of {kind} {path} cannot be read ({error}). Rewrite it with "
+            f"`python tools/prepare_datasets.py decoded DATASET {root}`, or delete {Path(root) / DECODED}."
+        ) from None
+    return torch.from_numpy(array)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """tools/prepare_datasets.py: Cityscapes labelIds -> trainIds, SBD .mat -> SegmentationClassAug and the
-aug lists, on tiny fixtures in the real layouts."""
+aug lists, the decoded copy and data.py's use of it, on tiny fixtures in the real layouts."""
 
 import importlib.util
 import os
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from test_data import MAKE, SMALL, make_cityscapes
 
 import data
 
@@ -109,3 +112,107 @@ def test_the_script_finds_data_py_by_itself(tmp_path, monkeypatch, capsys):
         SystemExit, match=r"(?s)nowhere/gtFine not found.*tools/prepare_datasets\.py cityscapes"
     ):
         runpy.run_path(str(SCRIPT), run_name="__main__")
+
+
+# -----------------------------------------------------------------------------------------------
+# The decoded copy
+
+
+def samples(dataset, seeds=range(12)):
+    """Every item of the dataset under each seed (training's random crops, flips and colours)."""
+    items = []
+    for seed in seeds if dataset.split == "train" else [0]:
+        torch.manual_seed(seed)
+        items += [dataset[index] for index in range(len(dataset))]
+    return items
+
+
+@pytest.mark.parametrize("name", sorted(MAKE))
+def test_the_decoded_copy_gives_every_sample_bit_for_bit(tmp_path, monkeypatch, capsys, name):
+    root = MAKE[name](tmp_path / name)
+    expected = {split: samples(data.build_dataset(name, root, split, **SMALL)) for split in ("train", "val")}
+    prepare_datasets.main(["decoded", name, str(root), "--workers", "1"])
+    files = [path for path in root.rglob("*") if path.suffix in (".png", ".jpg")]
+    assert f"{len(files)} decoded, 0 skipped" in capsys.readouterr().out
+    assert len(list((root / data.DECODED).rglob("*.npy"))) == len(files)
+
+    def no_decoding(path, *args):
+        raise AssertionError(f"{path} was decoded")
+
+    datasets = {split: data.build_dataset(name, root, split, **SMALL) for split in ("train", "val")}
+    monkeypatch.setattr(data, "read_image", no_decoding)
+    monkeypatch.setattr(data, "read_label", no_decoding)
+    for split, dataset in datasets.items():
+        assert dataset.decoded
+        for ours, theirs in zip(samples(dataset), expected[split], strict=True):
+            if split == "train":
+                assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+            else:
+                assert all(map(torch.equal, ours[0], theirs[0])) and torch.equal(ours[1], theirs[1])
+                assert ours[2] == theirs[2]
+
+
+def test_a_copy_that_does_not_match_its_files_is_named(tmp_path, capsys):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    prepare_datasets.prepare_decoded("cityscapes", root, ("train", "val"), workers=1)
+    image = root / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    label = root / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png"
+    os.utime(image, ns=(0, os.stat(image).st_mtime_ns + 10**9))  # saved again since
+    data.decoded_path(root, label).unlink()
+    torn = data.decoded_path(
+        root, root / "gtFine" / "train" / "bochum" / "bochum_000000_000019_gtFine_labelTrainIds.png"
+    )
+    torn.write_bytes(torn.read_bytes()[:-100])
+    for split, problem in (("train", f"{image} and its copy differ in modification time"),
+                           ("train", f"{torn} does not hold the 64x32 pixels of its file: it is torn"),
+                           ("val", f"{data.decoded_path(root, label)} is missing")):  # fmt: skip
+        with pytest.raises(ValueError) as error:
+            data.build_dataset("cityscapes", root, split)
+        assert f"the decoded copy in {root / 'decoded'} does not match" in str(error.value)
+        assert problem in str(error.value)
+        assert f"`python tools/prepare_datasets.py decoded cityscapes {root}`" in str(error.value)
+    # The command rewrites these three only; the dataset then reads its copy.
+    capsys.readouterr()
+    prepare_datasets.prepare_decoded("cityscapes", root, ("train", "val"), workers=1)
+    assert "3 decoded, 7 skipped" in capsys.readouterr().out
+    dataset = data.build_dataset("cityscapes", root, "val")
+    # A copy torn after the start is named as it is read.
+    copy = data.decoded_path(root, dataset.pairs[1][0])
+    copy.write_bytes(copy.read_bytes()[:1000])
+    with pytest.raises(data.FileProblem, match=rf"the decoded copy {copy} of image .* cannot be read"):
+        dataset[1]
+
+
+def test_the_copy_is_refused_without_the_disk_space_and_resumes_after_a_stop(tmp_path, monkeypatch, capsys):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**30 + 30_000))
+    with pytest.raises(
+        SystemExit, match=r"not enough disk space for the decoded copy .* it needs 0.0 MB, 1.1 GB are free"
+    ):
+        prepare_datasets.main(["decoded", "cityscapes", str(root), "--workers", "1"])
+    assert not list(root.rglob("*.npy"))
+    monkeypatch.undo()
+
+    # A run stopped after three files, its last temporary file left behind by a kill.
+    real_write, written = data.write_decoded, []
+
+    def stopped_after_three(*args):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        real_write(*args)
+        written.append(args)
+
+    monkeypatch.setattr(data, "write_decoded", stopped_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_datasets.prepare_decoded("cityscapes", root, ("train", "val"), workers=1)
+    monkeypatch.undo()
+    stray = data.decoded_path(root, written[0][1]).with_name(".stray.npy.123-abcd.tmp")
+    stray.write_bytes(b"half")
+    capsys.readouterr()
+    prepare_datasets.main(["decoded", "cityscapes", str(root), "--workers", "2"])
+    said = capsys.readouterr().out
+    assert "(3 files done before)" in said
+    assert "7 decoded, 3 skipped" in said and not stray.exists()
+    dataset = data.build_dataset("cityscapes", root, "train", crop_size=(16, 16), scale=(64, 32))
+    assert dataset.decoded and len(samples(dataset, seeds=[0])) == 3

@@ -1,17 +1,21 @@
-"""One-off preparation of two downloaded datasets, run once before training, from the repository root:
+"""One-off preparation of the downloaded datasets, run once before training, from the repository root:
 
     python tools/prepare_datasets.py cityscapes data/cityscapes
         writes gtFine/**/*_gtFine_labelTrainIds.png from the *_gtFine_labelIds.png of the download
     python tools/prepare_datasets.py voc12aug data/VOCdevkit data/VOCdevkit/VOCaug
         writes VOC2012/SegmentationClassAug/*.png from SBD's cls/*.mat, and aug.txt and trainaug.txt
+    python tools/prepare_datasets.py decoded cityscapes data/cityscapes
+        writes the decoded copy of any dataset (ROOT/decoded: raw pixels, read without decoding), which
+        data.py then reads instead of the files (docs/datasets.md says when it pays off)
 
 The original toolbox does the same in mmseg v0.5.0 tools/convert_datasets/{cityscapes,voc_aug}.py.
-Both commands skip files that exist, so an interrupted run continues where it stopped. ADE20K needs
-no preparation. Reading SBD's .mat files needs scipy (pip install scipy); nothing else here does.
+Every command skips files that are done, so an interrupted run continues where it stopped. ADE20K
+needs no preparation. Reading SBD's .mat files needs scipy (pip install scipy); nothing else here does.
 """
 
 import argparse
 import os
+import shutil
 import sys
 from collections import Counter
 from contextlib import nullcontext
@@ -24,6 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py sits in the repository root
 import data  # noqa: E402
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 
 CITYSCAPES_TRAINID_TABLE = torch.tensor(
@@ -191,6 +196,56 @@ def prepare_voc12aug(devkit, sbd_root, workers=8):
     return counts
 
 
+# -----------------------------------------------------------------------------------------------
+# The decoded copy of any dataset (data.py reads it)
+
+
+def write_decoded(job):
+    """(root, path, kind, size) -> 'converted', or 'skipped' when its copy is good already."""
+    if not data.copy_problem(*job):
+        return "skipped"
+    data.write_decoded(*job[:3])
+    return "converted"
+
+
+def prepare_decoded(name, root=None, splits=("train", "val"), workers=8):
+    """Write root/decoded for the splits of a dataset: every image and label as raw uint8 pixels."""
+    jobs = []
+    for split in splits:
+        split_root = data.dataset_folder(name, split, root)
+        pairs = data.find_pairs(name, split_root, split)
+        data.check_files(name, pairs)  # the files themselves, not a copy half written
+        files = [(path, kind) for pair in pairs for path, kind in zip(pair, ("image", "label")) if path]
+        jobs += [(split_root, path, kind, size_of(path, kind)) for path, kind in files]
+    target = split_root / data.DECODED
+    for stray in target.rglob(".*.tmp") if target.is_dir() else ():  # left by a run that was killed
+        stray.unlink()
+    todo = [job for job in jobs if data.copy_problem(*job)]
+    needed = sum(width * height * (3 if kind == "image" else 1) for _, _, kind, (width, height) in todo)
+    free = shutil.disk_usage(target if target.is_dir() else split_root).free
+    print(
+        f"{name} {'+'.join(splits)}: the decoded copy of {len(jobs)} files in {target} takes "
+        f"{gigabytes(needed)} more ({len(jobs) - len(todo)} files done before); {gigabytes(free)} free there"
+    )
+    if needed > free - 2**30:  # a gigabyte to spare for everything else
+        raise ValueError(
+            f"{name}: not enough disk space for the decoded copy in {target}: it needs {gigabytes(needed)}, "
+            f"{gigabytes(free)} are free. Free some space (keeping 1 GB beside it), or train from the files."
+        )
+    counts = run_in_pool(write_decoded, jobs, workers, f"{name} decoded copy")
+    print(f"{name}: {counts['converted']} decoded, {counts['skipped']} skipped (already done) in {target}")
+    return counts
+
+
+def size_of(path, kind):
+    with data.open_header(path, kind) as picture:  # the header only
+        return picture.size
+
+
+def gigabytes(size):
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description="One-off preparation of a downloaded dataset for GCNet."
@@ -206,7 +261,13 @@ def main(argv=None):
     )
     voc.add_argument("devkit", help="the VOCdevkit folder, holding VOC2012/")
     voc.add_argument("sbd_root", help="the SBD folder (VOCaug, holding dataset/cls/*.mat)")
-    for subparser in (cityscapes, voc):
+    decoded = datasets.add_parser(
+        "decoded", allow_abbrev=False, help="write ROOT/decoded: every image and label as raw pixels"
+    )
+    decoded.add_argument("name", choices=sorted(recipe.DATASETS), help="the dataset")
+    decoded.add_argument("root", nargs="?", help="its root (default: the recipe's, e.g. data/cityscapes)")
+    decoded.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val", "test"])
+    for subparser in (cityscapes, voc, decoded):
         subparser.add_argument(
             "--workers", type=runtime.per_core_flag(1), default=default_workers, help="parallel processes"
         )
@@ -214,6 +275,8 @@ def main(argv=None):
     try:
         if args.dataset == "cityscapes":
             prepare_cityscapes(args.root, args.workers)
+        elif args.dataset == "decoded":
+            prepare_decoded(args.name, args.root, args.splits, args.workers)
         else:
             prepare_voc12aug(args.devkit, args.sbd_root, args.workers)
     except (FileNotFoundError, ValueError, ImportError) as error:
