@@ -65,6 +65,8 @@ MEMORY_FORMAT = {True: torch.channels_last, False: torch.preserve_format}  # by 
 SUFFIXES = dict(channels_last="+channels_last", compiled="+compile", checkpointing="+checkpointing")
 SUFFIXES["cudnn_benchmark"] = "+cudnn.benchmark"  # the variants' names: precision + suffixes
 PHASES = ("inference", "training")
+# Samples/s a loader must deliver to an H200 training at batch 8 in 50 ms a step (docs/benchmarks.md).
+FEED_RATE = 160
 GB = 1024**3
 
 
@@ -375,9 +377,11 @@ def write_photo_like_pair(image_path, label_path, size, num_classes=19, seed=2):
 def benchmark_data(row, data_size, iters, beside=()):
     """images/s of one loader worker (one process, one torch thread) for decode + TrainTransform and decode
     + test_transform of a Cityscapes-like image at the scale and crop of the row's Cityscapes recipe,
-    scaled with the image when --data-size is not 1024x2048. beside: (library, function(image_path,
-    label_path, train_scale, crop_size) -> dict(train=..., test=...)) pairs, other libraries' pipelines
-    timed in turn with ours (tools/gpu_check/targets.py passes OpenCV's)."""
+    scaled with the image when --data-size is not 1024x2048, then the same from its decoded copy
+    (tools/prepare_datasets.py decoded); then training's loader with 1 and 2 workers, and the cores it
+    would take to feed FEED_RATE samples/s. beside: (library, function(image_path, label_path, train_scale,
+    crop_size) -> dict(train=..., test=...)) pairs, other libraries' pipelines timed in turn with ours
+    (tools/gpu_check/targets.py passes OpenCV's)."""
     cityscapes = recipe.row("cityscapes", row["crop_size"] if row["dataset"] == "cityscapes" else None)
     (scale_width, scale_height), (crop_height, crop_width) = cityscapes["scale"], cityscapes["crop_size"]
     height_factor, width_factor = (size / full for size, full in zip(data_size, CITYSCAPES_IMAGE_SIZE))
@@ -388,13 +392,23 @@ def benchmark_data(row, data_size, iters, beside=()):
     torch.manual_seed(0)
     try:
         with tempfile.TemporaryDirectory() as folder:
-            paths = [str(Path(folder) / name) for name in ("image.png", "label.png")]
-            write_photo_like_pair(*paths, data_size)
-            transform = data.TrainTransform(train_scale, crop_size)
-            ours = dict(train=lambda: transform(data.read_image(paths[0]), data.read_label(paths[1])))
-            ours["test"] = lambda: data.test_transform(data.read_image(paths[0]), train_scale)
+            # One image and its label in the Cityscapes layout, read as the train split, then its copy.
+            stem = str(Path(folder, "{0}", "train", "bench", "bench_000000_000019_{0}{1}.png"))
+            image, label = stem.format("leftImg8bit", ""), stem.format("gtFine", "_labelTrainIds")
+            write_photo_like_pair(image, label, data_size)
+            datasets = dict(files=data.build_dataset("cityscapes", folder, "train", crop_size, train_scale))
+            data.write_decoded(folder, image, "image")
+            data.write_decoded(folder, label, "label")
+            datasets["decoded"] = data.build_dataset("cityscapes", folder, "train", crop_size, train_scale)
+            ours = dict(train=lambda: datasets["files"][0], train_decoded=lambda: datasets["decoded"][0])
+            ours["test"] = lambda: data.test_transform(data.read_image(image), train_scale)
+            ours["test_decoded"] = lambda: data.test_transform(
+                data.read_decoded(folder, image, "image"), train_scale
+            )
             pipelines = dict(torch=ours)
-            pipelines.update((library, make(*paths, train_scale, crop_size)) for library, make in beside)
+            pipelines.update(
+                (library, make(image, label, train_scale, crop_size)) for library, make in beside
+            )
             calls = {
                 (library, name): call for library in pipelines for name, call in pipelines[library].items()
             }
@@ -406,17 +420,43 @@ def benchmark_data(row, data_size, iters, beside=()):
                     start = time.perf_counter()
                     call()
                     seconds[key] += [time.perf_counter() - start] if sample else []
+            loader = {
+                source: [loader_rate(dataset, w, 1 + 2 * iters) for w in (1, 2)]
+                for source, dataset in datasets.items()
+            }
     finally:
         torch.set_num_threads(threads)
     rates = {library: {} for library in pipelines}
     for (library, name), values in seconds.items():
         rates[library][f"{name}_transform_images_per_s"] = len(values) / sum(values)
-    train, test = "train_transform_images_per_s", "test_transform_images_per_s"
-    figures = ", ".join(f"{library} {rate[train]:.2f} / {rate[test]:.2f}" for library, rate in rates.items())
+    figures = ", ".join(
+        f"{library} {rate['train_transform_images_per_s']:.2f} / {rate['test_transform_images_per_s']:.2f}"
+        for library, rate in rates.items()
+    )
+    decoded = "{train_decoded_transform_images_per_s:.2f} / {test_decoded_transform_images_per_s:.2f}"
     size = f"{data_size[0]}x{data_size[1]} PNG"
     print(f"data      one worker, {size}, decode+TrainTransform / decode+test_transform: {figures} images/s")
+    print(f"data      the same from the decoded copy: {decoded.format(**rates['torch'])} images/s")
+    cores = {source: math.ceil(FEED_RATE / rate[0]) for source, rate in loader.items()}
+    print(
+        f"loader    training samples/s with 1 / 2 workers: files {loader['files'][0]:.1f} / {loader['files'][1]:.1f}, "
+        f"decoded copy {loader['decoded'][0]:.1f} / {loader['decoded'][1]:.1f}; cores to feed {FEED_RATE}/s: "
+        f"{cores['files']} from the files, {cores['decoded']} from the copy"
+    )
     sizes = dict(image_size=data_size, train_scale=train_scale, crop_size=crop_size, iters=iters, threads=1)
-    return dict(sizes, **rates.pop("torch"), beside=rates)
+    loaders = dict(loader_samples_per_s=loader, cores_to_feed=dict(rate=FEED_RATE, **cores))
+    return dict(sizes, **rates.pop("torch"), **loaders, beside=rates)
+
+
+def loader_rate(dataset, workers, samples):
+    """Samples/s of a DataLoader over `samples` of the dataset's first item with `workers` processes (one
+    thread each, as in train.py), once its first sample is in (the workers started)."""
+    dataset.pairs = dataset.pairs[:1] * samples
+    samples = iter(torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers))
+    next(samples)
+    start = time.perf_counter()
+    count = sum(1 for _ in samples)
+    return count / (time.perf_counter() - start)
 
 
 # 5. Report: the figures relative to fp32 eager and to the matmul peak, the table ---------------------

@@ -137,8 +137,18 @@ def test_benchmark_reports_every_figure(run):
     assert (
         data["image_size"] == [32, 64] and data["crop_size"] == [16, 32] and data["train_scale"] == [64, 32]
     )
-    assert positive_number(data["train_transform_images_per_s"])
-    assert positive_number(data["test_transform_images_per_s"])
+    for pipeline in ("train", "test", "train_decoded", "test_decoded"):
+        assert positive_number(data[f"{pipeline}_transform_images_per_s"])
+    # Training's loader with 1 and 2 workers, from the PNGs and from their decoded copy, and the cores
+    # one worker's rate says it takes to feed 160 samples/s.
+    for source in ("files", "decoded"):
+        assert len(data["loader_samples_per_s"][source]) == 2
+        assert all(map(positive_number, data["loader_samples_per_s"][source]))
+        cores = data["cores_to_feed"][source]
+        assert cores == math.ceil(160 / data["loader_samples_per_s"][source][0]) and cores >= 1
+    assert data["cores_to_feed"]["rate"] == benchmark.FEED_RATE == 160
+    assert re.search(r"data +the same from the decoded copy: \d+\.\d\d / \d+\.\d\d images/s", printed)
+    assert re.search(r"loader +training samples/s with 1 / 2 workers: files [\d.]+ / [\d.]+, decoded", printed)
     assert data["beside"] == {}  # other libraries only when asked (tools/gpu_check/targets.py: OpenCV)
 
 
