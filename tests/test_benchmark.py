@@ -148,7 +148,9 @@ def test_benchmark_reports_every_figure(run):
         assert cores == math.ceil(160 / data["loader_samples_per_s"][source][0]) and cores >= 1
     assert data["cores_to_feed"]["rate"] == benchmark.FEED_RATE == 160
     assert re.search(r"data +the same from the decoded copy: \d+\.\d\d / \d+\.\d\d images/s", printed)
-    assert re.search(r"loader +training samples/s with 1 / 2 workers: files [\d.]+ / [\d.]+, decoded", printed)
+    assert re.search(
+        r"loader +training samples/s with 1 / 2 workers: files [\d.]+ / [\d.]+, decoded", printed
+    )
     assert data["beside"] == {}  # other libraries only when asked (tools/gpu_check/targets.py: OpenCV)
 
 

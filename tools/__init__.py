@@ -1,6 +1,6 @@
 """Jobs beside the project, run from the repository root. They import the project; nothing imports them.
 
-- prepare_datasets.py: Cityscapes train ids and the VOC aug set from the downloads
+- prepare_datasets.py: Cityscapes train ids and the VOC aug set from the downloads; any dataset's decoded copy
 - convert_colour_labels.py: colour-coded label PNGs to class-index PNGs for --dataset folder
 - plot_log.py: a run's losses, learning rate and mIoU drawn from its log
 - export.py: a checkpoint as one torch.export file for deployment
