@@ -348,8 +348,11 @@ def decode_file(path, kind, mode, upright=False):
                 return array.expand(3 if mode == ImageReadMode.RGB else 1, -1, -1).contiguous()
             if picture.mode == "1" or (mode == ImageReadMode.RGB and picture.mode != "RGB"):
                 picture = picture.convert("L" if mode != ImageReadMode.RGB else "RGB")
-            array = torch.from_numpy(np.array(picture))  # decodes now; damaged data raises here
-            return array.permute(2, 0, 1).contiguous() if array.dim() == 3 else array[None]
+            array = np.array(picture)  # decodes now; damaged data raises here
+            if array.ndim == 2:
+                return torch.from_numpy(array)[None]
+            # To C x H x W: numpy's transposing copy takes a third of the time of torch's here.
+            return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))
     except (OSError, RuntimeError, SyntaxError) as error:  # Pillow's damaged-file errors, torchvision's
         # In words: without the source paths and C++ stack torchvision's codecs add ("decode_webp,
         # /__w/vision/.../decode_webp.cpp:85, WebPDecodeRGB[A] failed.\nException raised from ...").
