@@ -620,6 +620,14 @@ def test_photometric_arithmetic():
     assert data.scale_and_shift_uint8(pixels, beta=20.7).tolist() == [20, 30, 120, 220, 255]
     assert data.scale_and_shift_uint8(pixels, beta=-20.3).tolist() == [0, 0, 79, 179, 229]  # truncation
     assert data.scale_and_shift_uint8(pixels, alpha=1.5).tolist() == [0, 15, 150, 255, 255]
+    # The table it looks up gives what the float32 arithmetic on each pixel gives, for every value and
+    # the ranges of brightness, contrast and saturation.
+    every = torch.arange(256, dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    for alpha, beta in torch.rand(500, 2, generator=generator).tolist():
+        for alpha, beta in ((alpha + 0.5, 0.0), (1.0, beta * 64 - 32)):
+            in_float = every.float().mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
+            assert torch.equal(data.scale_and_shift_uint8(every, alpha, beta), in_float)
 
 
 def test_photometric_keeps_grey_grey_and_shapes():

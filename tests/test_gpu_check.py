@@ -155,10 +155,11 @@ def test_loader_speed_times_train_py_s_loader(tmp_path):
         tmp_path / "cs", dict(train=12, val=1), distinct=3, size=(32, 64), workers=1
     )
     flags = ["--data-root", str(root), "--crop", "16x32", "--workers", "0", "1", "--batch-size", "2"]
-    results = loader_speed.main([*flags, "--batches", "3", "--out", str(out)])
-    assert [r["workers"] for r in results] == [0, 1]
+    results = loader_speed.main([*flags, "--batches", "3", "--decoded", "--out", str(out)])
+    assert [(r["workers"], r["decoded"]) for r in results] == [(0, False), (1, False), (0, True), (1, True)]
     assert all(r["samples_per_s"] > 0 and r["first_batch_s"] > 0 for r in results)
     assert json.loads(out.read_text())["results"][1]["workers"] == 1
+    assert len(list((root / "decoded").rglob("*.npy"))) == 2 * 12  # the train split's images and labels
 
 
 def test_run_time_projects_a_whole_run():

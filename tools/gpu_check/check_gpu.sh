@@ -121,8 +121,8 @@ for step in "${steps[@]}"; do
                 --data-samples 1 --wide --no-compile --out "$out/benchmark_nonlocal.json"
             ;;
         loader)
-            run_step loader "${LOADER_TIMEOUT:-90}" "$py" tools/gpu_check/loader_speed.py --workers 8 15 --batch-size 8 \
-                --batches 40 --out "$out/loader.json"
+            run_step loader "${LOADER_TIMEOUT:-150}" "$py" tools/gpu_check/loader_speed.py --workers 8 15 --batch-size 8 \
+                --batches 40 --decoded --out "$out/loader.json"
             ;;
         train) run_step train "${TRAIN_TIMEOUT:-150}" bash -c train_check ;;
         traincompile) run_step traincompile "${TRAINCOMPILE_TIMEOUT:-330}" bash -c "train_check --compile" ;;
