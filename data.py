@@ -582,7 +582,7 @@ def copy_problem(root, path, kind, size):
     except (OSError, ValueError):
         stored = None
     if stored != shape or dtype != np.uint8 or not whole:
-        return f"{copy} does not hold the {size[0]}x{size[1]} pixels of its file: it is torn or damaged"
+        return f"{copy} does not hold the {size[0]}x{size[1]} pixels of its file: it is torn, or the file changed"
     if copy.stat().st_mtime_ns != os.stat(path).st_mtime_ns:
         return f"{path} and its copy differ in modification time: one was changed after the copy was made"
     return None

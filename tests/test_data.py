@@ -624,8 +624,8 @@ def test_photometric_arithmetic():
     # the ranges of brightness, contrast and saturation.
     every = torch.arange(256, dtype=torch.uint8)
     generator = torch.Generator().manual_seed(0)
-    for alpha, beta in torch.rand(500, 2, generator=generator).tolist():
-        for alpha, beta in ((alpha + 0.5, 0.0), (1.0, beta * 64 - 32)):
+    for contrast, brightness in torch.rand(500, 2, generator=generator).tolist():
+        for alpha, beta in ((contrast + 0.5, 0.0), (1.0, brightness * 64 - 32)):
             in_float = every.float().mul_(alpha).add_(beta).clamp_(0, 255).to(torch.uint8)
             assert torch.equal(data.scale_and_shift_uint8(every, alpha, beta), in_float)
 
