@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import checkpoints
 import data
+import layouts
 import model
 import pictures
 import recipe
@@ -403,7 +404,7 @@ def resolve_settings(args, info, device):
     known, count = data.CLASSES_AND_PALETTES.get(name, {}), info["num_classes"]
     palette, classes = info["palette"] or known.get("palette"), info["classes"] or known.get("classes")
     if palette is None or len(palette) != count:
-        palette = data.default_palette(count)
+        palette = layouts.default_palette(count)
     if classes is None or len(classes) != count:
         classes = [f"class {index}" for index in range(count)]
     return dict(
@@ -423,7 +424,7 @@ def resolve_settings(args, info, device):
         data_root=data.data_root(name, root) if name in recipe.DATASETS else root,
         data_root_from="given by --data-root" if args.data_root is not None else whose,
         reduce_zero_label=recorded.get("reduce_zero_label"),  # None: the dataset's own rule
-        images=data.image_files(args.image) if args.image else None,  # (files, skipped)
+        images=layouts.image_files(args.image) if args.image else None,  # (files, skipped)
         palette=palette,
         classes=classes,
         **{key: getattr(args, key) for key in ("window_batch", "workers", "depth", "split", "format_only")},
@@ -619,7 +620,7 @@ def predict_images(model, settings):
     palette, classes, device = settings["palette"], settings["classes"], settings["device"]
     scale, ratios, opacity = settings["scale"], settings["ratios"], settings["opacity"]
     say_what_runs(settings, f"{len(files)} image file{'s' * (len(files) != 1)}")
-    mine = list(zip(files, data.picture_names(files)))[rank::world_size]
+    mine = list(zip(files, layouts.picture_names(files)))[rank::world_size]
     written, failed = [], []
     bar = tqdm(mine, desc="predict", unit="img", disable=rank != 0 or len(mine) < 2)
     for path, name in bar:

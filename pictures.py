@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import layouts
 import runtime
 
 # -----------------------------------------------------------------------------------------------
@@ -460,7 +461,7 @@ def nice_ticks(low, high, most=6):
 # trainIds the model predicts: trainId -> id is the inverse of the table data.py converts the labels
 # with (cityscapesScripts helpers/labels.py).
 CITYSCAPES_TRAINID_TO_ID = torch.tensor(
-    sorted(data.CITYSCAPES_ID_TO_TRAINID, key=data.CITYSCAPES_ID_TO_TRAINID.get), dtype=torch.uint8
+    sorted(layouts.CITYSCAPES_ID_TO_TRAINID, key=layouts.CITYSCAPES_ID_TO_TRAINID.get), dtype=torch.uint8
 )
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import layouts
 import opencv_arithmetic
 import recipe
 
@@ -63,7 +64,7 @@ def make_ade20k(root):
     return root
 
 
-VOC_PALETTE = [value for index in range(256) for value in data.default_palette(256)[index]]
+VOC_PALETTE = [value for index in range(256) for value in layouts.default_palette(256)[index]]
 
 
 def make_voc12aug(root):
@@ -278,8 +279,8 @@ def test_finding_a_big_folder_split_grows_linearly_with_its_files(tmp_path, monk
     comparisons = []
     real_eq = Path.__eq__
     monkeypatch.setattr(Path, "__eq__", lambda self, other: comparisons.append(1) or real_eq(self, other))
-    assert len(data.find_pairs("folder", tmp_path, "train")) == count
-    assert len(data.image_files([str(tmp_path / "images/train")])[0]) == count
+    assert len(layouts.find_pairs("folder", tmp_path, "train")) == count
+    assert len(layouts.image_files([str(tmp_path / "images/train")])[0]) == count
     assert len(comparisons) < 10 * count  # a list lookup per image would make millions
 
 

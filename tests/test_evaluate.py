@@ -23,6 +23,7 @@ from torch import nn
 import checkpoints
 import data
 import evaluate
+import layouts
 import pictures
 import recipe
 import train
@@ -877,7 +878,7 @@ def test_image_files_names_a_missing_path_or_an_empty_folder(tmp_path):
         ("empty", "--image .*empty: no .jpg/.jpeg/.png/.webp images there"),
     ]:
         with pytest.raises(FileNotFoundError, match=message):  # main says it and exits, as for any file
-            data.image_files([str(tmp_path / path)])
+            layouts.image_files([str(tmp_path / path)])
 
 
 # ---- --format-only: the files of the datasets' evaluation servers ------------------------------

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py sits in the repository root
 import data  # noqa: E402
+import layouts  # noqa: E402
 import runtime  # noqa: E402
 
 UNKNOWN = -1
@@ -155,7 +156,7 @@ def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, w
         raise ValueError(
             f"--src and --dst are the same folder ({src}); the colour masks would be overwritten."
         )
-    classes, palette, zero_is_ignore = data.read_classes_file(classes_file.parent)
+    classes, palette, zero_is_ignore = layouts.read_classes_file(classes_file.parent)
     table = lookup_table(palette, ignore_colours, zero_is_ignore)
     jobs = find_jobs(src, dst)
     results = {"converted": 0, "skipped": 0, "failed": []}

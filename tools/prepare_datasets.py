@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py sits in the repository root
 import data  # noqa: E402
+import layouts  # noqa: E402
 import recipe  # noqa: E402
 import runtime  # noqa: E402
 
 CITYSCAPES_TRAINID_TABLE = torch.tensor(
-    [data.CITYSCAPES_ID_TO_TRAINID.get(label_id, data.IGNORE_INDEX) for label_id in range(256)],
+    [layouts.CITYSCAPES_ID_TO_TRAINID.get(label_id, data.IGNORE_INDEX) for label_id in range(256)],
     dtype=torch.uint8,
 )
 
@@ -91,10 +92,10 @@ def prepare_cityscapes(root, workers=8):
     root = Path(root)
     gt_dir = root / "gtFine"
     if not gt_dir.is_dir():
-        raise data.missing_path_error("cityscapes", root, gt_dir)
+        raise layouts.missing_path_error("cityscapes", root, gt_dir)
     sources = sorted(str(path) for path in gt_dir.rglob("*_gtFine_labelIds.png"))
     if not sources:
-        raise data.missing_path_error("cityscapes", root, gt_dir, "holds no *_gtFine_labelIds.png files")
+        raise layouts.missing_path_error("cityscapes", root, gt_dir, "holds no *_gtFine_labelIds.png files")
     counts = run_in_pool(convert_cityscapes_label, sources, workers, "cityscapes labelTrainIds")
     print(
         f"cityscapes: {counts['converted']} converted, {counts['skipped']} skipped (already done) in {gt_dir}"
@@ -158,7 +159,7 @@ def prepare_voc12aug(devkit, sbd_root, workers=8):
     sbd = sbd_root / "dataset" if (sbd_root / "dataset" / "cls").is_dir() else sbd_root
     lists = voc / "ImageSets" / "Segmentation"
     if not lists.is_dir():
-        raise data.missing_path_error("voc12aug", voc, lists)
+        raise layouts.missing_path_error("voc12aug", voc, lists)
     mats = sorted((sbd / "cls").glob("*.mat"))
     if not mats:
         raise FileNotFoundError(
@@ -213,7 +214,7 @@ def prepare_decoded(name, root=None, splits=("train", "val"), workers=8):
     jobs = []
     for split in splits:
         split_root = data.dataset_folder(name, split, root)
-        pairs = data.find_pairs(name, split_root, split)
+        pairs = layouts.find_pairs(name, split_root, split)
         data.check_files(name, pairs)  # the files themselves, not a copy half written
         files = [(path, kind) for pair in pairs for path, kind in zip(pair, ("image", "label")) if path]
         jobs += [(split_root, path, kind, size_of(path, kind)) for path, kind in files]
