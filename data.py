@@ -78,7 +78,7 @@ def build_dataset(
         classes, palette = CLASSES_AND_PALETTES[name]["classes"], CLASSES_AND_PALETTES[name]["palette"]
         zero_is_ignore = recipe.DATASETS[name].get("reduce_zero_label", False)
     pairs = layouts.find_pairs(name, root, split)
-    check_files(name, pairs, root)
+    check_files(name, pairs, root, split)
     reduce_zero_label = zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label)
     if reduce_zero_label and pairs[0][1]:  # one label: cheap
         check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1], name, len(classes))
@@ -519,7 +519,7 @@ def file_problem(path, kind):
     return None, size
 
 
-def check_files(name, pairs, root=None):
+def check_files(name, pairs, root=None, split="train"):
     """Name every unreadable, truncated or mismatched image and label of a split at once; where the
     dataset's root holds a decoded copy, then every file whose copy is missing, torn or older than it."""
     decoded_root = root if root and has_decoded_copy(root) else None
@@ -542,9 +542,10 @@ def check_files(name, pairs, root=None):
     stale = [problem for problem in stale if problem]
     if stale:
         raise ValueError(
-            f"{name}: the decoded copy in {Path(decoded_root) / DECODED} does not match {len(stale)} file(s) "
-            f"of this split:\n  {listed(stale)}\nBring it up to date with `python tools/prepare_datasets.py "
-            f"decoded {name} {decoded_root}` (it rewrites only these), or delete it to read the files."
+            f"{name}: the decoded copy in {Path(decoded_root) / DECODED} does not match {len(stale)} "
+            f"file(s) of the {split} split:\n  {listed(stale)}\nBring it up to date with `python "
+            f"tools/prepare_datasets.py decoded {name} {decoded_root} --splits {split}` (it writes only "
+            "these), or delete it to read the files."
         )
 
 

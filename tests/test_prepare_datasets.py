@@ -170,7 +170,9 @@ def test_a_copy_that_does_not_match_its_files_is_named(tmp_path, capsys):
             data.build_dataset("cityscapes", root, split)
         assert f"the decoded copy in {root / 'decoded'} does not match" in str(error.value)
         assert problem in str(error.value)
-        assert f"`python tools/prepare_datasets.py decoded cityscapes {root}`" in str(error.value)
+        assert f"`python tools/prepare_datasets.py decoded cityscapes {root} --splits {split}`" in str(
+            error.value
+        )
     # The command rewrites these three only; the dataset then reads its copy.
     capsys.readouterr()
     prepare_datasets.prepare_decoded("cityscapes", root, ("train", "val"), workers=1)
