@@ -333,9 +333,12 @@ def decode_file(path, kind, mode, upright=False):
     Pillow raises; the pixels are the same. JPEG and WebP go through torchvision, which raises."""
     if not Path(path).is_file():
         raise FileNotFoundError(not_a_file(path, kind))
+    contents = None
     try:
-        # Read whole: Pillow decodes a PNG from memory about 10% faster than through the file's small reads.
-        with open_header(path, kind, io.BytesIO(Path(path).read_bytes())) as picture:
+        # Read whole (Pillow decodes a PNG from memory about 10% faster than through the file's small
+        # reads), unless it is larger than any image we decode.
+        contents = io.BytesIO(Path(path).read_bytes()) if os.path.getsize(path) < 2**28 else None
+        with open_header(path, kind, contents) as picture:
             if picture.format != "PNG":  # torchvision 0.29 marks its codecs deprecated (for TorchCodec)
                 with warnings.catch_warnings(), what_libjpeg_says() as said:
                     warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
@@ -360,6 +363,7 @@ def decode_file(path, kind, mode, upright=False):
         # In words: without the source paths and C++ stack torchvision's codecs add ("decode_webp,
         # /__w/vision/.../decode_webp.cpp:85, WebPDecodeRGB[A] failed.\nException raised from ...").
         words = re.sub(r"\S*\.(?:cpp|h|hpp):\d+,?\s*", "", str(error).split("\nException raised from")[0])
+        words = words.replace(f" {contents!r}", "") if contents else words  # Pillow names the bytes it read
         wanted = (
             "a PNG of class indices" if kind == "label" else "a JPEG, PNG or WebP file; re-save or remove it"
         )
@@ -566,7 +570,9 @@ def has_decoded_copy(root):
 
 
 def decoded_path(root, path):
-    return Path(root) / DECODED / (os.path.relpath(path, root) + ".npy")
+    # A file beside the root (ADE20K's release_test) keeps its copy inside: '..' becomes '@parent'.
+    parts = ["@parent" if part == ".." else part for part in Path(os.path.relpath(path, root)).parts]
+    return Path(root, DECODED, *parts[:-1], parts[-1] + ".npy")
 
 
 def copy_problem(root, path, kind, size):
@@ -591,13 +597,13 @@ def copy_problem(root, path, kind, size):
 
 def write_decoded(root, path, kind):
     """Decode the image or label `path` into its copy, stamped with the file's modification time."""
+    stamp = os.stat(path).st_mtime_ns  # before decoding: a file saved again meanwhile leaves a stale copy
     pixels = read_image(path) if kind == "image" else read_label(path)
     copy = decoded_path(root, path)
     copy.parent.mkdir(parents=True, exist_ok=True)
     with runtime.written_atomically(copy) as temporary:
         with open(temporary, "wb") as file:
             np.save(file, pixels.numpy())
-        stamp = os.stat(path).st_mtime_ns
         os.utime(temporary, ns=(stamp, stamp))
 
 

@@ -917,6 +917,11 @@ def test_what_is_found_beside_the_errors(roots, tmp_path, monkeypatch):
     assert len(data.build_dataset("ade20k", ade, "val", reduce_zero_label=False)) == 2
     with pytest.raises(FileNotFoundError, match="image file not found"):
         data.read_image(tmp_path / "missing.jpg")
+    (tmp_path / "notes.png").write_text("not a picture")  # named once, by its path (Pillow reads its bytes)
+    with pytest.raises(
+        ValueError, match=r"image \S*notes\.png \(cannot identify image file\)\. Expected a JPEG"
+    ):
+        data.read_image(tmp_path / "notes.png")
     # A codec's error is told in words, without the paths and C++ stack torchvision puts in it.
     save(tmp_path / "photo.jpg", random_image(0))
     build_paths = RuntimeError(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data import MAKE, SMALL, make_cityscapes
+from test_data import MAKE, SMALL, make_ade20k, make_cityscapes
 
 import data
 
@@ -183,6 +183,31 @@ def test_a_copy_that_does_not_match_its_files_is_named(tmp_path, capsys):
     copy.write_bytes(copy.read_bytes()[:1000])
     with pytest.raises(data.FileProblem, match=rf"the decoded copy {copy} of image .* cannot be read"):
         dataset[1]
+
+
+def test_files_beside_the_root_and_files_saved_during_the_copy(tmp_path, monkeypatch):
+    # ADE20K's release_test beside the root: its copies stay inside ROOT/decoded, where nothing looks
+    # for images, and the test split reads them.
+    root = make_ade20k(tmp_path / "ADEChallengeData2016")
+    save(tmp_path / "release_test" / "testing" / "ADE_test_00000001.jpg", np.full((32, 64, 3), 90))
+    expected = samples(data.build_dataset("ade20k", root, "test"))
+    prepare_datasets.prepare_decoded("ade20k", root, ("test",), workers=1)
+    copy = root / "decoded" / "@parent" / "release_test" / "testing" / "ADE_test_00000001.jpg.npy"
+    assert copy.is_file() and not (root / "release_test").exists()
+    dataset = data.build_dataset("ade20k", root, "test")
+    assert dataset.decoded and all(map(torch.equal, samples(dataset)[0][0], expected[0][0]))
+    # A label saved again while it is decoded: its copy holds the old pixels, so it is stale, not new.
+    label = root / "annotations" / "training" / "ADE_train_00000000.png"
+    real_read = data.read_label
+
+    def read_then_saved_again(path):
+        pixels = real_read(path)
+        os.utime(label, ns=(0, os.stat(label).st_mtime_ns + 10**9))
+        return pixels
+
+    monkeypatch.setattr(data, "read_label", read_then_saved_again)
+    data.write_decoded(root, label, "label")
+    assert "differ in modification time" in data.copy_problem(root, label, "label", (64, 32))
 
 
 def test_the_copy_is_refused_without_the_disk_space_and_resumes_after_a_stop(tmp_path, monkeypatch, capsys):
