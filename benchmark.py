@@ -460,11 +460,6 @@ def loader_rate(dataset, workers, samples):
 
 
 # 5. Report: the figures relative to fp32 eager and to the matmul peak, the table ---------------------
-def find(records, **fields):
-    """The first record with these field values, or None."""
-    return next((r for r in records if all(r[key] == value for key, value in fields.items())), None)
-
-
 def summarize(variants, measured, peaks, flops):
     """One record per variant: speed-up over fp32 eager at the same batch, FLOP/s and its fraction of
     the matmul rate of the variant's dtype, argmax agreement with fp32 eager."""

@@ -17,12 +17,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project's files, in the repository root
 import benchmark  # noqa: E402
 import evaluate  # noqa: E402
-from benchmark import find  # noqa: E402
 from tools import opencv_pipelines  # noqa: E402
 from tools.gpu_check import cudnn_fused  # noqa: E402
 
 # The memory target: the table's 512x1024 row (5.8 GB there) at its per-GPU batch, in bf16.
 MEMORY_TARGET = dict(crop_size=(512, 1024), batch=2, precision="bf16", gb=3.0)
+
+
+def find(records, **fields):
+    """The first record with these field values, or None."""
+    return next((r for r in records if all(r[key] == value for key, value in fields.items())), None)
 
 
 def main(argv=None):
