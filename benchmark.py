@@ -66,7 +66,7 @@ SUFFIXES = dict(channels_last="+channels_last", compiled="+compile", checkpointi
 SUFFIXES["cudnn_benchmark"] = "+cudnn.benchmark"  # the variants' names: precision + suffixes
 PHASES = ("inference", "training")
 # Samples/s a loader must deliver to an H200 training at batch 8 in 50 ms a step (docs/benchmarks.md).
-FEED_RATE = 160
+FEED_RATE, FEED_BATCH = 160, 8
 GB = 1024**3
 
 
@@ -421,7 +421,7 @@ def benchmark_data(row, data_size, iters, beside=()):
                     call()
                     seconds[key] += [time.perf_counter() - start] if sample else []
             loader = {
-                source: [loader_rate(dataset, w, 1 + 2 * iters) for w in (1, 2)]
+                source: [loader_rate(dataset, w, max(2, iters // 4)) for w in (1, 2)]
                 for source, dataset in datasets.items()
             }
     finally:
@@ -438,24 +438,27 @@ def benchmark_data(row, data_size, iters, beside=()):
     print(f"data      one worker, {size}, decode+TrainTransform / decode+test_transform: {figures} images/s")
     print(f"data      the same from the decoded copy: {decoded.format(**rates['torch'])} images/s")
     cores = {source: math.ceil(FEED_RATE / rate[0]) for source, rate in loader.items()}
+    rates_of = {source: " / ".join(f"{rate:.1f}" for rate in rates) for source, rates in loader.items()}
     print(
-        f"loader    training samples/s with 1 / 2 workers: files {loader['files'][0]:.1f} / {loader['files'][1]:.1f}, "
-        f"decoded copy {loader['decoded'][0]:.1f} / {loader['decoded'][1]:.1f}; cores to feed {FEED_RATE}/s: "
-        f"{cores['files']} from the files, {cores['decoded']} from the copy"
+        f"loader    training samples/s at batch {FEED_BATCH} with 1 / 2 workers: files {rates_of['files']}, "
+        f"decoded copy {rates_of['decoded']}; cores to feed {FEED_RATE}/s: {cores['files']} from the files, "
+        f"{cores['decoded']} from the copy"
     )
     sizes = dict(image_size=data_size, train_scale=train_scale, crop_size=crop_size, iters=iters, threads=1)
     loaders = dict(loader_samples_per_s=loader, cores_to_feed=dict(rate=FEED_RATE, **cores))
     return dict(sizes, **rates.pop("torch"), **loaders, beside=rates)
 
 
-def loader_rate(dataset, workers, samples):
-    """Samples/s of a DataLoader over `samples` of the dataset's first item with `workers` processes (one
-    thread each, as in train.py), once its first sample is in (the workers started)."""
-    dataset.pairs = dataset.pairs[:1] * samples
-    samples = iter(torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers))
-    next(samples)
+def loader_rate(dataset, workers, batches):
+    """Samples/s of a DataLoader with `workers` processes (one thread each, as in train.py) over batches
+    of FEED_BATCH copies of the dataset's first item, timed over `batches` batches once each worker's
+    first is in (the workers started)."""
+    dataset.pairs = dataset.pairs[:1] * FEED_BATCH * (workers + batches)
+    stream = iter(torch.utils.data.DataLoader(dataset, batch_size=FEED_BATCH, num_workers=workers))
+    for _ in range(workers):
+        next(stream)
     start = time.perf_counter()
-    count = sum(1 for _ in samples)
+    count = sum(len(labels) for _, labels in stream)
     return count / (time.perf_counter() - start)
 
 

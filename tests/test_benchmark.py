@@ -139,8 +139,8 @@ def test_benchmark_reports_every_figure(run):
     )
     for pipeline in ("train", "test", "train_decoded", "test_decoded"):
         assert positive_number(data[f"{pipeline}_transform_images_per_s"])
-    # Training's loader with 1 and 2 workers, from the PNGs and from their decoded copy, and the cores
-    # one worker's rate says it takes to feed 160 samples/s.
+    # Training's loader at batch 8 with 1 and 2 workers, from the PNGs and from their decoded copy, and
+    # the cores one worker's rate says it takes to feed 160 samples/s.
     for source in ("files", "decoded"):
         assert len(data["loader_samples_per_s"][source]) == 2
         assert all(map(positive_number, data["loader_samples_per_s"][source]))
@@ -149,7 +149,7 @@ def test_benchmark_reports_every_figure(run):
     assert data["cores_to_feed"]["rate"] == benchmark.FEED_RATE == 160
     assert re.search(r"data +the same from the decoded copy: \d+\.\d\d / \d+\.\d\d images/s", printed)
     assert re.search(
-        r"loader +training samples/s with 1 / 2 workers: files [\d.]+ / [\d.]+, decoded", printed
+        r"loader +training samples/s at batch 8 with 1 / 2 workers: files [\d.]+ / [\d.]+, decoded", printed
     )
     assert data["beside"] == {}  # other libraries only when asked (tools/gpu_check/targets.py: OpenCV)
 
