@@ -525,13 +525,15 @@ def file_problem(path, kind):
 
 def check_files(name, pairs, root=None, split="train"):
     """Name every unreadable, truncated or mismatched image and label of a split at once; where the
-    dataset's root holds a decoded copy, then every file whose copy is missing, torn or older than it."""
+    dataset's root holds a decoded copy, then every file whose copy is missing, torn or older than it.
+    Returns {path: (W, H)} of every image and label, read from their headers."""
     decoded_root = root if root and has_decoded_copy(root) else None
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 shows the bar
-    problems, stale = [], []
+    problems, stale, sizes = [], [], {}
     for image_path, label_path in tqdm(pairs, f"{name}: checking files", unit="pair", delay=2, disable=quiet):
         image_problem, image_size = file_problem(image_path, "image")
         label_problem, label_size = file_problem(label_path, "label") if label_path else (None, None)
+        sizes.update({image_path: image_size, label_path: label_size})
         problems += [problem for problem in (image_problem, label_problem) if problem]
         if image_size and label_size and image_size != label_size:
             problems.append(size_mismatch(image_path, image_size, label_path, label_size))
@@ -551,6 +553,7 @@ def check_files(name, pairs, root=None, split="train"):
             f"tools/prepare_datasets.py decoded {name} {decoded_root} --splits {split}` (it writes only "
             "these), or delete it to read the files."
         )
+    return sizes
 
 
 def listed(problems, shown=10):
@@ -575,12 +578,17 @@ def decoded_path(root, path):
     return Path(root, DECODED, *parts[:-1], parts[-1] + ".npy")
 
 
+def decoded_shape(kind, size):
+    """The shape of the copy of an image or label of size (W, H): (3, H, W) or (H, W)."""
+    return (3, size[1], size[0]) if kind == "image" else (size[1], size[0])
+
+
 def copy_problem(root, path, kind, size):
     """What makes the decoded copy of the image or label `path` (of size (W, H)) unusable, or None."""
     copy = decoded_path(root, path)
     if not copy.is_file():
         return f"{copy} is missing"
-    shape = (3, size[1], size[0]) if kind == "image" else (size[1], size[0])
+    shape = decoded_shape(kind, size)
     try:
         with open(copy, "rb") as file:  # the header np.save wrote, then the pixels to the end
             np.lib.format.read_magic(file)

@@ -14,6 +14,7 @@ needs no preparation. Reading SBD's .mat files needs scipy (pip install scipy); 
 """
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -215,14 +216,14 @@ def prepare_decoded(name, root=None, splits=("train", "val"), workers=8):
     for split in splits:
         split_root = data.dataset_folder(name, split, root)
         pairs = layouts.find_pairs(name, split_root, split)
-        data.check_files(name, pairs)  # the files themselves, not a copy half written
+        sizes = data.check_files(name, pairs)  # the files themselves, not a copy half written
         files = [(path, kind) for pair in pairs for path, kind in zip(pair, ("image", "label")) if path]
-        jobs += [(split_root, path, kind, size_of(path, kind)) for path, kind in files]
+        jobs += [(split_root, path, kind, sizes[path]) for path, kind in files]
     target = split_root / data.DECODED
     for stray in target.rglob(".*.tmp") if target.is_dir() else ():  # left by a run that was killed
         stray.unlink()
     todo = [job for job in jobs if data.copy_problem(*job)]
-    needed = sum(width * height * (3 if kind == "image" else 1) for _, _, kind, (width, height) in todo)
+    needed = sum(math.prod(data.decoded_shape(kind, size)) for _, _, kind, size in todo)
     free = shutil.disk_usage(target if target.is_dir() else split_root).free
     print(
         f"{name} {'+'.join(splits)}: the decoded copy of {len(jobs)} files in {target} takes "
@@ -236,11 +237,6 @@ def prepare_decoded(name, root=None, splits=("train", "val"), workers=8):
     counts = run_in_pool(write_decoded, jobs, workers, f"{name} decoded copy")
     print(f"{name}: {counts['converted']} decoded, {counts['skipped']} skipped (already done) in {target}")
     return counts
-
-
-def size_of(path, kind):
-    with data.open_header(path, kind) as picture:  # the header only
-        return picture.size
 
 
 def gigabytes(size):
