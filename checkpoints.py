@@ -64,15 +64,9 @@ def numpy_dtype(spec, align=False, copy=True):
     return checked_dtype(np.dtype(spec, bool(align), bool(copy)))
 
 
-class NumpyArrayName:
-    """Stands in for numpy.ndarray, which a numpy pickle only hands to _reconstruct, never calls."""
-
-    def __new__(cls, *args, **kwargs):
-        raise pickle.UnpicklingError(f"{UNSAFE}: numpy.ndarray called directly")
-
-
 class CheckedArray(np.ndarray):
-    """The arrays of a checkpoint's meta: their state is checked before numpy allocates anything."""
+    """Stands in for numpy.ndarray, which a numpy pickle only hands to _reconstruct, never calls: the
+    arrays of a checkpoint's meta, whose state is checked before numpy allocates anything."""
 
     def __new__(cls, *args, **kwargs):
         raise pickle.UnpicklingError(f"{UNSAFE}: numpy.ndarray called directly")
@@ -89,7 +83,7 @@ class CheckedArray(np.ndarray):
 
 def numpy_reconstruct(subtype, shape, typecode):
     """Stands in for numpy's _reconstruct: numpy pickles an empty array, then sets its state."""
-    if subtype is not NumpyArrayName or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+    if subtype is not CheckedArray or tuple(shape) != (0,) or typecode not in (b"b", "b"):
         raise pickle.UnpicklingError(f"{UNSAFE}: numpy _reconstruct{(shape, typecode)}")
     return np.ndarray((0,), np.uint8).view(CheckedArray)
 
@@ -102,7 +96,7 @@ def numpy_scalar(dtype, data=None):
 
 
 NUMPY_SAFE_GLOBALS = (
-    [(numpy_dtype, "numpy.dtype"), (NumpyArrayName, "numpy.ndarray"), (CheckedArray, "CheckedArray")]
+    [(numpy_dtype, "numpy.dtype"), (CheckedArray, "numpy.ndarray")]
     + [
         (function, f"numpy.{core}.multiarray.{name}")
         for core in ("core", "_core")
@@ -112,6 +106,15 @@ NUMPY_SAFE_GLOBALS = (
 )
 # torch's weights_only unpickler allows bytearray itself, and bytearray(10**9) allocates a gigabyte.
 REFUSED_GLOBALS = {"builtins.bytearray", "__builtin__.bytearray"}
+# What else torch's weights_only unpickler allows besides torch's own names (protocol 2 pickles bytes
+# through _codecs.encode): named in no refusal.
+HARMLESS_GLOBALS = {"collections.OrderedDict", "_codecs.encode"} | {
+    entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+    for entry in NUMPY_SAFE_GLOBALS
+}
+HARMLESS_GLOBALS |= {
+    f"{module}.{name}" for module in ("builtins", "__builtin__") for name in ("set", "frozenset", "complex")
+}
 TRUST_HINT = (
     "If you trust where the file comes from, --trust-checkpoint loads it with full unpickling, which "
     "runs whatever code the file contains."
@@ -121,15 +124,19 @@ TRUST_HINT = (
 def read_checkpoint(path_or_url, trust=False):
     """Load a checkpoint file or URL onto the CPU without running code from it: torch's
     weights_only unpickler, allowing tensors, plain Python containers and NUMPY_SAFE_GLOBALS, and
-    no value that asks for more memory than the file holds (check_tensors). https:// URLs are
-    downloaded once into torch.hub's cache (local_copy), file:// URLs are paths.
+    no value that asks for more memory than the file holds (REFUSED_GLOBALS, check_tensors). https://
+    URLs are downloaded once into torch.hub's cache (local_copy), file:// URLs are paths.
     trust=True unpickles fully (any code in the file runs) and says so."""
     source = str(path_or_url)
     local = local_copy(source)
     if trust:
         print(f"WARNING: --trust-checkpoint: unpickling {source} fully; code in it can run.", file=sys.stderr)
-    else:
-        refuse_globals(local, source)
+    found = set() if trust else globals_in(local)
+    if found & REFUSED_GLOBALS:
+        raise ValueError(
+            f"refusing to load {source}: it builds {', '.join(sorted(found & REFUSED_GLOBALS))}, which can "
+            "ask for any amount of memory"
+        )
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
             checkpoint = torch.load(local, map_location="cpu", weights_only=not trust)
@@ -138,26 +145,18 @@ def read_checkpoint(path_or_url, trust=False):
             f"checkpoint not found: {source}. Pass the path of a .pth file (ours or an official one "
             "from the results table) or its download URL."
         ) from None
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        IndexError,
-        ValueError,
-        KeyError,
-        MemoryError,
-    ) as error:
+    except Exception as error:
         refused = [line for line in str(error).splitlines() if UNSAFE in line]
         if refused:
             raise ValueError(
                 f"refusing to load {source}: it holds {refused[0].split(UNSAFE + ': ')[-1]}, a value that "
                 "could take far more memory than the file has bytes"
             ) from None
-        code = objects_in(local)
+        code = sorted(name for name in found - HARMLESS_GLOBALS if not name.startswith("torch."))
         if code:
             raise ValueError(
                 f"refusing to load {source}: besides weights it holds pickled Python objects, which could "
-                f"run code when loaded ({code}). {TRUST_HINT}"
+                f"run code when loaded ({', '.join(code)}). {TRUST_HINT}"
             ) from None
         raise ValueError(f"cannot read checkpoint {source}: {describe_unreadable(local)}") from error
     if not trust:
@@ -187,37 +186,27 @@ def check_tensors(checkpoint, source):
 
 
 def stored_plainly(tensor):
-    """A dense CPU tensor whose elements all lie, once each at most, within its storage."""
-    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
-        return False
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
-        return tensor.device.type == "cpu"
-    room = tensor.untyped_storage().nbytes() // tensor.element_size()
-    last = tensor.storage_offset() + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
-    return tensor.numel() <= room and min(tensor.stride(), default=0) >= 0 and last < room
+    """A dense CPU tensor of no more elements than its storage holds (torch.load itself refuses elements
+    beyond the storage, and a storage larger than its record in the file)."""
+    plain = type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.layout == torch.strided
+    size = tensor.numel() * tensor.element_size()
+    return plain and tensor.device.type == "cpu" and size <= tensor.untyped_storage().nbytes()
 
 
-def refuse_globals(path, source):
-    """Refuse REFUSED_GLOBALS before torch.load sees them (read without unpickling)."""
-    found = set()
-    if zipfile.is_zipfile(path):
-        try:  # torch's own zip reader: torch.save may leave the CRC-32s out, which zipfile insists on
-            archive = torch._C.PyTorchFileReader(str(path))
-            records = [
-                archive.get_record(name) for name in archive.get_all_records() if name.endswith("data.pkl")
-            ]
-        except RuntimeError:  # damaged: torch.load will say so
-            records = []
-        for record in records:
-            found |= pickle_globals(io.BytesIO(record))
-    elif os.path.isfile(path):
+def globals_in(path):
+    """The names of the globals the pickles of a checkpoint use, read without unpickling (none for a
+    damaged file: torch.load says what is wrong)."""
+    if not zipfile.is_zipfile(path):
+        if not os.path.isfile(path):
+            return set()
         with open(path, "rb") as file:
-            found = pickle_globals(file)
-    refused = sorted(found & REFUSED_GLOBALS)
-    if refused:
-        raise ValueError(
-            f"refusing to load {source}: it builds {', '.join(refused)}, which can ask for any amount of memory"
-        )
+            return pickle_globals(file)
+    try:  # torch's own zip reader: torch.save may leave the CRC-32s out, which zipfile insists on
+        archive = torch._C.PyTorchFileReader(str(path))
+    except RuntimeError:
+        return set()
+    pickles = [name for name in archive.get_all_records() if name.endswith("data.pkl")]
+    return set().union(*(pickle_globals(io.BytesIO(archive.get_record(name))) for name in pickles))
 
 
 def local_copy(source):
@@ -279,34 +268,6 @@ def file_sha256(path):
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def allowed_names():
-    """The names under which NUMPY_SAFE_GLOBALS appear in a pickle."""
-    return {
-        entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
-        for entry in NUMPY_SAFE_GLOBALS
-    }
-
-
-def objects_in(path):
-    """What a well-formed checkpoint holds beyond what the safe loader allows ('' if nothing, or
-    if the file is damaged), read without unpickling: torch's own list for zip checkpoints (less the
-    numpy names we allow), the opcodes of each pickle for a bare pickle or torch's legacy format,
-    which is several pickles in a row followed by the tensors' bytes."""
-    if zipfile.is_zipfile(path):
-        try:
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # damaged: not a well-formed zip
-            return ""
-        return ", ".join(name for name in found if name not in allowed_names())
-    with open(path, "rb") as file:
-        names = pickle_globals(file)
-    # What torch's weights_only unpickler itself allows besides torch's own names (protocol 2 pickles
-    # bytes through _codecs.encode).
-    harmless = allowed_names() | {f"builtins.{name}" for name in ("set", "frozenset", "bytearray", "complex")}
-    harmless |= {"collections.OrderedDict", "_codecs.encode"}
-    return ", ".join(sorted(n for n in names if n not in harmless and not n.startswith("torch.")))
 
 
 def pickle_globals(file):
@@ -447,16 +408,11 @@ def check_keys(module, state_dict, source):
     if not (missing or unexpected or wrong_shape):
         return
     lines = [f"cannot load {source}:"]
-    seg_key = "decode_head.conv_seg.weight"
-    if (
-        seg_key in state_dict
-        and seg_key in expected
-        and state_dict[seg_key].shape[:1] != expected[seg_key].shape[:1]
-    ):
+    theirs, ours = (keys.get("decode_head.conv_seg.weight") for keys in (state_dict, expected))
+    if theirs is not None and ours is not None and theirs.shape[:1] != ours.shape[:1]:
         lines.append(
-            f"checkpoint has {describe_classes(state_dict[seg_key].shape[0])}, model has "
-            f"{describe_classes(expected[seg_key].shape[0])}; build the model with the checkpoint's "
-            "class count or evaluate on the matching dataset"
+            f"checkpoint has {describe_classes(theirs.shape[0])}, model has {describe_classes(ours.shape[0])}; "
+            "build the model with the checkpoint's class count or evaluate on the matching dataset"
         )
     if isinstance(module, model.GCNet) and any(k.startswith("decode_head.") for k in state_dict):
         theirs = block_of_state_dict(state_dict)
@@ -555,20 +511,10 @@ def checkpoint_info(path_or_url, checkpoint=None):
             f"{path_or_url} is not a checkpoint of GCNet or of the FCN and NonLocal models beside it: it has "
             "no decode_head.conv_seg or backbone.layer3 keys"
         )
-    info = dict(
-        depth=depth,
-        block=block_of_state_dict(state_dict),
-        num_classes=int(state_dict["decode_head.conv_seg.weight"].shape[0]),
-        dataset=None,
-        align_corners=None,
-        crop_size=None,
-        classes=None,
-        palette=None,
-        config_name=None,
-        recipe=None,
-        row=None,
-        validation=None,
-    )
+    unknown = "dataset align_corners crop_size classes palette config_name recipe row validation".split()
+    num_classes = int(state_dict["decode_head.conv_seg.weight"].shape[0])
+    info = dict(depth=depth, block=block_of_state_dict(state_dict), num_classes=num_classes)
+    info.update(dict.fromkeys(unknown))
     meta, ours = checkpoint.get("meta") or {}, checkpoint.get("recipe")
     for key, value in (("meta", meta), ("recipe", ours)):
         if not isinstance(value, (dict, type(None))):
