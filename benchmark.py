@@ -292,10 +292,7 @@ def measure_variants(variants, row, device, args):
             print(f"{phase:9} {variant['name']:32} compiling: a minute or more", flush=True)
         torch.backends.cudnn.benchmark = variant["cudnn_benchmark"]
         try:
-            if phase == "inference":
-                timing = measure_inference(*timed)
-            else:
-                timing = measure_training(*timed, batch)
+            timing = measure_inference(*timed) if phase == "inference" else measure_training(*timed, batch)
         except Exception as error:
             if not variant["compiled"]:
                 raise
@@ -641,9 +638,10 @@ def write_report(report, out, done="wrote"):
     """Write the report as JSON and return it as read back (tuples become lists)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    text = json.dumps(report, indent=1)
+    runtime.write_text(out, text)
     print(f"{done} {out}")
-    return json.loads(out.read_text())
+    return json.loads(text)
 
 
 # Mechanics: timing, the device's limits, the process's memory, the device's name, the command line --
@@ -703,10 +701,7 @@ def device_memory_gb(device):
     """All the memory of the device: the GPU's, or the machine's (infinite where the OS does not say)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / GB
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
-    except (AttributeError, ValueError, OSError):
-        return math.inf
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
 
 
 def release_memory(device):
@@ -758,22 +753,14 @@ def build_parser():
     add("--size", type=size("--size"), help="HxW fed to the model for inference (default: the row's)")
     add("--timed", type=positive, help="timed images and steps (default 50 CUDA, 3 CPU)")
     add("--warmup", type=positive, default=2, help="untimed calls before them (default 2; the original: 5)")
-    add(
-        "--train-batch",
-        type=positive,
-        nargs="+",
-        help="training batches, the first for every variant "
-        "(default: the row's per-GPU batch; on CUDA also the table's 4 GPUs' worth on one, e.g. 2 8)",
-    )
+    what = "training batches, the first for every variant (default: the row's; on CUDA also 4 GPUs' worth)"
+    add("--train-batch", type=positive, nargs="+", help=what)
     add("--train-crop", type=size("--train-crop"), help="769 or HxW (default: the row's crop)")
     add("--data-size", type=size("--data-size"), default=(1024, 2048), help="HxW of the data timing's PNG")
     add("--data-samples", type=positive, default=40, help="timed samples per data pipeline (default 40)")
     add("--compile", action=argparse.BooleanOptionalAction, default=True, help="measure torch.compile")
-    add(
-        "--ms-flip",
-        action=argparse.BooleanOptionalAction,
-        help="also the peak memory of one evaluate.py --ms-flip prediction (default: on CUDA; minutes on a CPU)",
-    )
+    what = "also the peak memory of an evaluate.py --ms-flip prediction (default: on CUDA; slow on a CPU)"
+    add("--ms-flip", action=argparse.BooleanOptionalAction, help=what)
     add("--wide", action="store_true", help="print every figure (the JSON has them all)")
     add("--out", default="benchmark.json", help="where the JSON results go")
     runtime.add_arguments(parser)

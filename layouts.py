@@ -13,7 +13,6 @@ FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 # Cityscapes labelId -> trainId (cityscapesScripts helpers/labels.py); every other labelId -> 255.
 CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)  # 0..18
-CITYSCAPES_ID_TO_TRAINID = {label_id: train_id for train_id, label_id in enumerate(CITYSCAPES_LABEL_IDS)}
 
 # The layout of each dataset, shown when a root or a split is missing or empty.
 LAYOUTS = {

@@ -69,7 +69,6 @@ class Run:
 
     def __exit__(self, kind, exception, traceback):
         self.cleanup.close()
-        return False
 
     @contextlib.contextmanager
     def checkpoint_and_exit_on_a_bad_file(self):
@@ -91,14 +90,7 @@ class Run:
         """The writer of this run's checkpoints: what they hold, where they go."""
         meta = {"CLASSES": list(train_set.classes), "PALETTE": [list(c) for c in train_set.palette]}
         self.writer = CheckpointWriter(
-            work_dir=self.work_dir,
-            raw_model=raw_model,
-            optimizer=optimizer,
-            scaler=scaler,
-            config=self.config,
-            meta=meta,
-            keep=self.keep,
-            restart=self.restart,
+            self.work_dir, raw_model, optimizer, scaler, self.config, meta, self.keep, self.restart
         )
 
     def load_resumed_state(self, raw_model, optimizer, scaler):
@@ -202,7 +194,6 @@ class Run:
         self.saved_iteration = iteration
 
     def checkpoint_and_stop(self, iteration):
-        """A stop signal arrived: checkpoint and say how to continue."""
         self.checkpoint(iteration)
         runtime.say(f"\nstopped by a signal at iteration {iteration}; checkpoint {self.last_path}")
         runtime.say(f"continue with: {self.restart}")
@@ -364,14 +355,9 @@ class CheckpointWriter:
     """Writes iter_<N>.pth (and best.pth) on rank 0 after gathering every rank's random state; keeps
     the newest `keep` iter_<N>.pth. `meta` holds the classes and palette, as the official files do."""
 
-    def __init__(self, *, work_dir, raw_model, optimizer, scaler, config, meta, keep, restart):
-        self.work_dir, self.raw_model, self.optimizer, self.scaler = (
-            Path(work_dir),
-            raw_model,
-            optimizer,
-            scaler,
-        )
-        self.config, self.meta, self.keep, self.restart = config, meta, keep, restart
+    def __init__(self, work_dir, raw_model, optimizer, scaler, config, meta, keep, restart):
+        self.work_dir, self.raw_model, self.optimizer = Path(work_dir), raw_model, optimizer
+        self.scaler, self.config, self.meta, self.keep, self.restart = scaler, config, meta, keep, restart
         self.rank = runtime.rank_and_world_size()[0]
 
     def save(self, iteration, best_miou, last_path, validation_pending=False, name=None, validation=None):
@@ -494,20 +480,16 @@ def read_resume_checkpoint(path, trust):
     return checkpoint
 
 
-def rng_states():
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
 def gather_rng_states():
     """Every rank's random state, in rank order (every rank must call this)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
     _, world_size = runtime.rank_and_world_size()
     if world_size == 1:
-        return [rng_states()]
+        return [state]
     states = [None] * world_size
-    dist.all_gather_object(states, rng_states())
+    dist.all_gather_object(states, state)
     return states
 
 
@@ -588,12 +570,9 @@ class Log:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def close(self):
-        if self.file:
-            self.file.close()
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exception):
-        self.close()
+        if self.file:
+            self.file.close()

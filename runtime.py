@@ -1,18 +1,6 @@
-"""Where and how the model runs: device and processes, precision, memory layout, host memory.
-
-train.py, evaluate.py and benchmark.py share these, so `--device`, `--precision` and
-`--channels-last` mean the same in all three:
-
-    --device auto|cuda|cpu         auto: CUDA when there is one (one GPU per process under torchrun)
-    --precision auto|fp32|bf16|fp16
-                                   fp32 is IEEE float32 (TF32 off), the arithmetic of the table's V100s;
-                                   bf16/fp16 autocast the model (fp16 on CUDA only, with loss scaling
-                                   in training); auto: bf16 where the hardware computes it natively
-                                   (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp16 on older GPUs,
-                                   else fp32
-    --channels-last / --no-channels-last
-                                   default: on CUDA, and on a CPU with bf16
-"""
+"""Where and how the model runs: device and processes, precision, memory layout, host memory, and the
+atomic writes, locks and flag types every script uses. train.py, evaluate.py and benchmark.py share
+add_arguments, so --device, --precision, --channels-last and --threads mean the same in all three."""
 
 import argparse
 import contextlib
@@ -243,22 +231,15 @@ def return_freed_memory():
 
 
 def keep_freed_memory():
-    """Make glibc keep freed memory for reuse instead of returning it to the OS at once.
-
-    glibc serves blocks above its mmap threshold (at most 32 MiB by default) with their own mmap and
-    unmaps them when freed, so the next feature map of that size page-faults in fresh zeroed pages;
-    it also trims the top of its heap. Raising both thresholds to 1 GiB (32 MiB where an older glibc
-    refuses that) keeps freed blocks in the heap, as a preloaded jemalloc or tcmalloc would. The
-    process's memory then stays near its peak. Returns whether it took effect (glibc only)."""
+    """Make glibc keep freed blocks for reuse (as a preloaded jemalloc or tcmalloc would): by default it
+    unmaps every block above 32 MiB when freed, so the next feature map of that size page-faults in
+    fresh zeroed pages. The process's memory then stays near its peak. Returns whether it took effect."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in malloc.h
-    took_effect = False
-    for option in (mmap_threshold, trim_threshold):
-        took_effect |= bool(mallopt(option, 1 << 30) or mallopt(option, 32 << 20))
-    return took_effect
+    # M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1) of malloc.h: 1 GiB, or 32 MiB where glibc refuses it
+    return any([mallopt(option, 1 << 30) or mallopt(option, 32 << 20) for option in (-3, -1)])
 
 
 def usable_cores():
@@ -368,20 +349,12 @@ def writable_path(kind):
     return parse
 
 
-def scale_flag(text):
-    """argparse type of --scale: '512' or '2048x512' (recipe.parse_scale)."""
-    try:
-        return recipe.parse_scale(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error).removeprefix("--scale: ")) from None
-
-
-def size_flag(flag):
-    """argparse type of a size flag (--crop, --stride, --size): '769' or '512x1024' (recipe.parse_crop)."""
+def size_flag(flag, parse_size=recipe.parse_crop):
+    """argparse type of a size flag: '769' or '512x1024' (recipe.parse_crop; --scale: recipe.parse_scale)."""
 
     def parse(text):
         try:
-            return recipe.parse_crop(text, flag)
+            return parse_size(text, flag)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error).removeprefix(f"{flag}: ")) from None
 

@@ -396,11 +396,8 @@ def block_of_flags(args):
         raise ValueError(
             f"--gc-pooling and --gc-fusion switch the GC block, and --context {args.context} has none: drop them"
         )
-    pooling, fusion = (
-        args.gc_pooling or recipe.GC_BLOCK["pooling"],
-        args.gc_fusion or recipe.GC_BLOCK["fusion"],
-    )
-    return model.check_block(args.context, pooling, fusion)
+    pooling = args.gc_pooling or recipe.GC_BLOCK["pooling"]
+    return model.check_block(args.context, pooling, args.gc_fusion or recipe.GC_BLOCK["fusion"])
 
 
 def compile_and_distribute(raw_model, config, device):
@@ -585,7 +582,7 @@ def build_parser():
     add("--data-root", help="dataset root (default: data/<dataset> as in the original)")
     add(
         "--scale",
-        type=runtime.scale_flag,
+        type=runtime.size_flag("--scale", recipe.parse_scale),
         help="rescale images to fit: N (short side N, long side up to 4N) or "
         "LONGxSHORT (default: the dataset's: 2048x1024 Cityscapes, 2048x512 ADE20K, VOC and folder, 256x128 toy)",
     )

@@ -34,9 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # the project's modules sit in the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's files sit in the root
 import benchmark  # noqa: E402
 import checkpoints  # noqa: E402
 import data  # noqa: E402
@@ -220,11 +218,6 @@ def measure_speed(entry, args, device):
 def look(models, dataset, args, device, out):
     """The attention measures over the first --look images, and their pictures; in float32 whatever the
     scores' precision, so that the distances do not depend on it."""
-    if all(entry["info"]["block"]["context"] == "gc" for entry in models):
-        runtime.say(
-            "note: only GC models among the checkpoints: no FCN (--context none) or Non-local model to compare "
-            "the block with; pass their checkpoints too for the paper's comparison (docs/comparison.md)"
-        )
     nonlocal_model, gc_model = attention_models(models)
     generator = torch.Generator().manual_seed(0)
     nl_distances, nl_centred, nl_spread, gc_maps, gc_spread = [], [], [], [], []
@@ -488,9 +481,8 @@ def build_parser():
     add("--workers", type=runtime.per_core_flag(0), default=2, help="data loader workers (default 2)")
     add("--trust-checkpoint", action="store_true", help="unpickle checkpoints fully: runs code in them")
     add("--out", default="compare_out", help="folder of compare.json and the pictures (default compare_out)")
-    runtime.add_arguments(
-        parser
-    ).description = "the scores' precision and layout, as evaluate.py's (the speed is fp32)"
+    group = runtime.add_arguments(parser)
+    group.description = "the scores' precision and layout, as evaluate.py's (the speed is fp32)"
     return parser
 
 

@@ -19,6 +19,7 @@ written through a temporary file and renamed, so a file that exists is complete.
 import argparse
 import sys
 from collections import Counter
+from contextlib import nullcontext
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -103,9 +104,8 @@ def describe_unknown(path, colours):
     return text
 
 
-def convert_file(job):
-    """(source, target, table, overwrite) -> (status, message): 'converted', 'skipped' or 'failed'."""
-    source, target, table, overwrite = job
+def convert_file(source, target, overwrite, table):
+    """-> (status, message): 'converted', 'skipped' or 'failed'."""
     if target.exists() and not overwrite:
         return "skipped", None
     labels, unknown = convert_image(data.read_image(source), table)
@@ -127,8 +127,7 @@ def _set_table(table):
 
 
 def _convert_in_pool(job):
-    source, target, overwrite = job
-    return convert_file((source, target, _TABLE, overwrite))
+    return convert_file(*job, _TABLE)
 
 
 def find_jobs(src, dst):
@@ -158,43 +157,27 @@ def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, w
         )
     classes, palette, zero_is_ignore = layouts.read_classes_file(classes_file.parent)
     table = lookup_table(palette, ignore_colours, zero_is_ignore)
-    jobs = find_jobs(src, dst)
-    results = {"converted": 0, "skipped": 0, "failed": []}
-    progress = dict(total=len(jobs), desc=f"{src} -> {dst}", unit="file")
-    if workers <= 1:
-        outcomes = tqdm((convert_file((s, t, table, overwrite)) for s, t in jobs), **progress)
-        for status, message in outcomes:
-            record(results, status, message)
-    else:
-        with Pool(workers, initializer=_set_table, initargs=(table,)) as pool:
-            outcomes = pool.imap(_convert_in_pool, [(s, t, overwrite) for s, t in jobs], chunksize=4)
-            for status, message in tqdm(outcomes, **progress):
-                record(results, status, message)
-    results["classes"] = classes
-    return results
-
-
-def record(results, status, message):
-    if status == "failed":
-        results["failed"].append(message)
-    else:
-        results[status] += 1
+    jobs = [(source, target, overwrite) for source, target in find_jobs(src, dst)]
+    pool = Pool(workers, initializer=_set_table, initargs=(table,)) if workers > 1 else None
+    with pool or nullcontext():
+        outcomes = (
+            pool.imap(_convert_in_pool, jobs, chunksize=4)
+            if pool
+            else (convert_file(*job, table) for job in jobs)
+        )
+        outcomes = list(tqdm(outcomes, total=len(jobs), desc=f"{src} -> {dst}", unit="file"))
+    counts = Counter(status for status, _ in outcomes)
+    failed = [message for status, message in outcomes if status == "failed"]
+    return dict(converted=counts["converted"], skipped=counts["skipped"], failed=failed, classes=classes)
 
 
 def resolve_folders(args, parser):
     """--src, --dst and --classes, each defaulting from ROOT."""
-    root = Path(args.root) if args.root else None
-    missing = [
-        flag
-        for flag, value in (("--src", args.src), ("--dst", args.dst), ("--classes", args.classes))
-        if value is None
-    ]
-    if root is None and missing:
+    defaults = {"src": "labels_colour", "dst": "labels", "classes": "classes.txt"}
+    missing = [f"--{key}" for key in defaults if getattr(args, key) is None]
+    if not args.root and missing:
         parser.error(f"give ROOT, or all of --src, --dst and --classes (missing {', '.join(missing)})")
-    src = Path(args.src) if args.src else root / "labels_colour"
-    dst = Path(args.dst) if args.dst else root / "labels"
-    classes_file = Path(args.classes) if args.classes else root / "classes.txt"
-    return src, dst, classes_file
+    return [Path(getattr(args, key) or Path(args.root) / default) for key, default in defaults.items()]
 
 
 def build_parser():
@@ -248,7 +231,6 @@ def main(argv=None):
             + f"\nerror: {len(failed)} files have colours that are not in {classes_file}: add the class "
             "(name R G B) to classes.txt, or pass --ignore-colour R G B for colours to ignore, then run again."
         )
-    return results
 
 
 if __name__ == "__main__":

@@ -37,9 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # the project's modules sit in the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's files sit in the root
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import recipe  # noqa: E402

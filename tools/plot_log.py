@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # the project's modules sit in the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's files sit in the root
 import pictures  # noqa: E402
 import run  # noqa: E402
 

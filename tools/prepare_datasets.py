@@ -20,6 +20,7 @@ import shutil
 import sys
 from collections import Counter
 from contextlib import nullcontext
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -33,41 +34,33 @@ import layouts  # noqa: E402
 import recipe  # noqa: E402
 import runtime  # noqa: E402
 
-CITYSCAPES_TRAINID_TABLE = torch.tensor(
-    [layouts.CITYSCAPES_ID_TO_TRAINID.get(label_id, data.IGNORE_INDEX) for label_id in range(256)],
-    dtype=torch.uint8,
-)
+CITYSCAPES_TRAINID_TABLE = torch.full((256,), data.IGNORE_INDEX, dtype=torch.uint8)
+CITYSCAPES_TRAINID_TABLE[list(layouts.CITYSCAPES_LABEL_IDS)] = torch.arange(19, dtype=torch.uint8)
 
 
 def run_in_pool(function, jobs, workers, description):
     """Map `function` over `jobs` with a process pool and a progress bar; count the returned statuses,
     'converted' or 'skipped'. A file that cannot be converted does not stop the others: all of them
     are named at the end, in one error."""
-    tasks = [(function, job) for job in jobs]
+    task = partial(failure_or_status, function)
     # One torch thread per process: the parallelism comes from the pool.
     pool = Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
     with pool or nullcontext():
-        results = (
-            pool.imap_unordered(failure_or_status, tasks, chunksize=8)
-            if pool
-            else map(failure_or_status, tasks)
-        )
+        results = pool.imap_unordered(task, jobs, chunksize=8) if pool else map(task, jobs)
         statuses = list(tqdm(results, total=len(jobs), desc=description))
     counts = Counter(statuses)
     failed = sorted(status for status in statuses if status not in ("converted", "skipped"))
     if failed:
-        more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
         raise ValueError(
             f"{len(failed)} of {len(jobs)} files could not be converted ({counts['converted']} were, "
-            f"{counts['skipped']} were done before):\n  " + "\n  ".join(failed[:10]) + f"{more}\nMend or "
+            f"{counts['skipped']} were done before):\n  {data.listed(failed)}\nMend or "
             "re-download them, then run the same command again: what is done is skipped."
         )
     return counts
 
 
-def failure_or_status(job):
-    """(function, its argument) -> its status, or what went wrong in words."""
-    function, argument = job
+def failure_or_status(function, argument):
+    """function(argument)'s status, or what went wrong in words."""
     try:
         return function(argument)
     except (OSError, ValueError) as error:
@@ -127,11 +120,7 @@ def read_sbd_segmentation(path):
         raise ValueError(
             f"{path} has no GTcls struct (found {keys}); expected an SBD dataset/cls/*.mat file."
         )
-    struct = contents["GTcls"]
-    if isinstance(struct, np.ndarray):  # a struct array that squeeze_me left wrapped
-        struct = struct.flat[0]
-    segmentation = struct.Segmentation if hasattr(struct, "Segmentation") else struct["Segmentation"]
-    return np.asarray(segmentation, dtype=np.uint8)
+    return np.asarray(contents["GTcls"].Segmentation, dtype=np.uint8)
 
 
 def convert_sbd_label(job):
