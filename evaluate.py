@@ -119,8 +119,8 @@ def predict(
     probabilities = torch.zeros((model.num_classes, *original_size), device=images[0].device)
     for logits, scaled_size in scales:
         for k, one in enumerate(logits.split(1)):  # the image, then its flipped copy
-            one = model.upsample(one, scaled_size) if mode == "whole" else one
-            add_softmax(probabilities, one, flipped=k == 1, align_corners=model.align_corners)
+            one = resized_logits(model, one, scaled_size if mode == "whole" else None, original_size)
+            add_softmax(probabilities, one, flipped=k == 1)
     return probabilities if passes == 1 else probabilities.div_(passes)
 
 
@@ -177,8 +177,9 @@ def evaluate_dataset(model, dataset, *, device, precision, workers=2, save_dir=N
             with runtime.precision_context(device, precision):
                 probabilities = predict(model, images, meta["original_size"], **protocol)
             pred = probabilities.argmax(dim=0)
-            matrix += confusion_matrix(pred, label, dataset.num_classes)
             losses += summed_pixel_losses(probabilities, label)
+            del probabilities  # 1.27 GB for an ADE20K image with --ms-flip: not held through the next one
+            matrix += confusion_matrix(pred, label, dataset.num_classes)
             if save_dir is not None:  # the label PNG, an overlay and the block's attention map
                 pictures.save_split_pictures(
                     model, dataset, pred, label, meta, images, precision, save_dir, opacity
@@ -287,24 +288,47 @@ def summed_pixel_losses(probabilities, label, ignore_index=data.IGNORE_INDEX):
     return torch.stack([loss_sum, loss_sum.new_tensor(label.numel())])  # and the pixels, ignored ones too
 
 
+# Logits are resized this many classes at a time (about 140 MB at 1797x1176), not the scaled image's
+# map of all classes at once beside the sum. Bilinear resizing treats each class apart, so a band gives
+# the same bits, except on channels-last logits, whose resize a CPU vectorises over the classes: those
+# are resized whole.
+CLASS_BAND = 16
 # The flipped maps are added back in bands of this many rows (about 70 MB for 150 classes and 1797
 # pixels a row), never flipped whole.
 FLIP_ROWS = 64
 
 
-def add_softmax(probabilities, logits, *, flipped, align_corners):
-    """probabilities (C, H, W) += the softmax over the classes of one image's logits (1, C, h, w)
-    resized to (H, W), flipped back along W when `flipped`. The second resize of the original (scaled
-    image -> original image) and the softmax run in float32 whatever the autocast; a resize to the same
-    size samples exactly at the pixels (either align_corners): skipped. The softmax overwrites the
-    resized logits: beside the sum, one map of the original size is held."""
-    logits, size = logits.float(), probabilities.shape[-2:]
-    if logits.shape[-2:] != size:
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
+def resized_logits(model, logits, scaled_size, size):
+    """One image's logits (1, C, h, w) in float32 at the original size (H, W): first at `scaled_size`
+    by model.upsample when given ('whole' logits at 1/8), then bilinearly with model.align_corners (a
+    resize to the same size samples exactly at the pixels: skipped)."""
+
+    def resize(classes, out=None):
+        classes = classes.float()
+        classes = model.upsample(classes, scaled_size) if scaled_size is not None else classes
+        if classes.shape[-2:] == size:
+            return classes if out is None else out.copy_(classes)
+        if out is None:
+            return F.interpolate(classes, size=size, mode="bilinear", align_corners=model.align_corners)
+        # F.interpolate's own kernel, writing straight into the band of the result
+        return torch.ops.aten.upsample_bilinear2d.out(classes, size, model.align_corners, None, None, out=out)
+
+    if not logits.is_contiguous():  # channels-last
+        return resize(logits)
+    resized = torch.empty((1, logits.shape[1], *size), device=logits.device)
+    for first in range(0, logits.shape[1], CLASS_BAND):
+        resize(logits[:, first : first + CLASS_BAND], out=resized[:, first : first + CLASS_BAND])
+    return resized
+
+
+def add_softmax(probabilities, logits, *, flipped):
+    """probabilities (C, H, W) += the softmax over the classes of one image's resized logits (1, C, H, W),
+    flipped back along W when `flipped`. The softmax overwrites the logits: beside the sum, one map of
+    the original size is held."""
     softmax = class_softmax_(logits)[0]
     if not flipped:
         return probabilities.add_(softmax)
-    for top in range(0, size[0], FLIP_ROWS):  # un-flip along W
+    for top in range(0, softmax.shape[1], FLIP_ROWS):  # un-flip along W
         probabilities[:, top : top + FLIP_ROWS] += softmax[:, top : top + FLIP_ROWS].flip(-1)
     return probabilities
 
@@ -633,13 +657,13 @@ def predict_images(model, settings):
                 tqdm.write(
                     f"{path}: {width}x{height} is large; predicted and drawn at the test scale, {size}"
                 )
-            images, probabilities = image_probabilities(model, original, settings)
-            precision, pred = settings["precision"], probabilities.argmax(dim=0)
+            images, pred = image_prediction(model, original, settings)
+            precision = settings["precision"]
             attention, title = pictures.attention_at_test_scale(
                 model, images, ratios, original, scale, precision
             )
             written += pictures.save_pictures(
-                save_dir, name, original, pred, palette, attention, opacity, classes, attention_title=title
+                save_dir, name, original, pred, palette, classes, attention, opacity, title=title
             )
         except (ValueError, OSError) as error:  # an unreadable or undecodable file: name it, go on
             failed.append(path)
@@ -837,14 +861,15 @@ def fold_batchnorm(net):
 
 
 @torch.no_grad()
-def image_probabilities(model, original, settings):
-    """(the image at each test ratio on the device, class probabilities at its size) of one uint8
+def image_prediction(model, original, settings):
+    """(the image at each test ratio on the device, the class of each pixel at its size) of one uint8
     (3, H, W) image without a dataset: the test transform, then predict() in eval mode."""
     device, scale, ratios = settings["device"], settings["scale"], settings["ratios"]
     images = [image.to(device) for image in data.test_transform(original, scale, ratios)]
     model.eval()
     with runtime.precision_context(device, settings["precision"]):
-        return images, predict(model, images, original.shape[-2:], **{k: settings[k] for k in PROTOCOL})
+        probabilities = predict(model, images, original.shape[-2:], **{k: settings[k] for k in PROTOCOL})
+    return images, probabilities.argmax(dim=0)
 
 
 class Predictor:
@@ -863,8 +888,8 @@ class Predictor:
 
     def __call__(self, path):
         """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
-        _, probabilities = image_probabilities(self.model, data.read_image(path, upright=True), self.settings)
-        return probabilities.argmax(dim=0).cpu()
+        _, pred = image_prediction(self.model, data.read_image(path, upright=True), self.settings)
+        return pred.cpu()
 
 
 if __name__ == "__main__":

@@ -45,22 +45,10 @@ def label_picture(pred, palette):
     return labels
 
 
-def save_pictures(
-    save_dir,
-    name,
-    image,
-    pred,
-    palette,
-    attention=None,
-    opacity=0.5,
-    classes=None,
-    label=None,
-    attention_title=None,
-):
+def save_pictures(save_dir, name, image, pred, palette, classes, attention, opacity, label=None, title=None):
     """Write <name>_pred.png (palette PNG), <name>_overlay.jpg (class colours over the uint8 (3, H, W)
-    image) and, given one, <name>_attention.png (attention (H, W) in [0, 1]); given the class names,
-    also <name>_composite.png (composite_picture: image, label, prediction and attention side by side).
-    Returns the paths."""
+    image), given one <name>_attention.png (attention (H, W) in [0, 1]), and <name>_composite.png
+    (composite_picture: image, label, prediction and attention side by side). Returns the paths."""
     stem = Path(save_dir) / name
     if not os.path.abspath(stem).startswith(os.path.join(os.path.abspath(save_dir), "")):
         raise ValueError(f"refusing to write {stem}: outside --save-dir {save_dir}")
@@ -74,12 +62,10 @@ def save_pictures(
     if attention is not None:
         paths.append(Path(f"{stem}_attention.png"))
         save_picture(rgb_picture(attention_overlay(picture, attention, opacity)), paths[2])
-    if classes is not None:
-        paths.append(Path(f"{stem}_composite.png"))
-        composite = composite_picture(
-            image, pred, palette, classes, attention, label, opacity, attention_title
-        )
-        save_picture(composite, paths[-1])
+    paths.append(Path(f"{stem}_composite.png"))
+    save_picture(
+        composite_picture(image, pred, palette, classes, attention, label, opacity, title), paths[-1]
+    )
     return paths
 
 
@@ -99,9 +85,7 @@ def save_picture(picture, path, **options):
 PANEL_WIDTH, COMPOSITE_GAP = 512, 6
 
 
-def composite_picture(
-    image, pred, palette, classes, attention=None, label=None, opacity=0.5, attention_title=None
-):
+def composite_picture(image, pred, palette, classes, attention=None, label=None, opacity=0.5, title=None):
     """One picture to read at a glance: the image, its ground truth (if given), the prediction and the
     block's attention map side by side, each titled, with a legend of the classes present (in the label
     or the prediction) in their colours. Ignored pixels are black. Returns a PIL image."""
@@ -119,25 +103,25 @@ def composite_picture(
     panels.append(("prediction", as_colours(pred), Image.NEAREST))
     if attention is not None:
         heat = attention_overlay(picture, attention, opacity)
-        panels.append((attention_title or "GC attention (red: more weight)", heat, Image.BILINEAR))
+        panels.append((title or "GC attention (red: more weight)", heat, Image.BILINEAR))
     height, width = picture.shape[:2]
     size = (min(width, PANEL_WIDTH), max(1, round(height * min(width, PANEL_WIDTH) / width)))
     font, gap = font_of(14), COMPOSITE_GAP
     titles = [wrapped(name, font, size[0]) for name, _, _ in panels]  # a narrow panel's title on more lines
-    title = 22 + 17 * (max(len(lines) for lines in titles) - 1)
+    title_height = 22 + 17 * (max(len(lines) for lines in titles) - 1)
     present = sorted(set(pred.unique().tolist()) | set([] if label is None else label.unique().tolist()))
     present = [index for index in present if 0 <= index < len(classes)]
     total_width = len(panels) * (size[0] + gap) - gap
     legend = legend_rows(present, classes, font, total_width)
-    canvas = Image.new("RGB", (total_width, title + size[1] + 8 + 20 * len(legend)), "white")
+    canvas = Image.new("RGB", (total_width, title_height + size[1] + 8 + 20 * len(legend)), "white")
     draw = ImageDraw.Draw(canvas)
     for number, ((_, rgb, resample), lines) in enumerate(zip(panels, titles)):
         left = number * (size[0] + gap)
-        canvas.paste(rgb_picture(rgb).resize(size, resample), (left, title))
+        canvas.paste(rgb_picture(rgb).resize(size, resample), (left, title_height))
         for line_number, line in enumerate(lines):
             draw.text((left, 3 + 17 * line_number), line, fill="black", font=font)
     for row, entries in enumerate(legend):
-        top = title + size[1] + 8 + 20 * row
+        top = title_height + size[1] + 8 + 20 * row
         for left, index in entries:
             draw.rectangle((left, top + 2, left + 13, top + 15), fill=tuple(palette[index]), outline="black")
             draw.text((left + 18, top), classes[index], fill="black", font=font)
@@ -234,7 +218,7 @@ def save_split_pictures(model, dataset, pred, label, meta, images, precision, sa
     original, ratios, scale = data.read_image(meta["image_path"]), dataset.test_ratios, dataset.scale
     attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
     palette, classes = dataset.palette, dataset.classes
-    save_pictures(save_dir, meta["name"], original, pred, palette, attention, opacity, classes, label, title)
+    save_pictures(save_dir, meta["name"], original, pred, palette, classes, attention, opacity, label, title)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -460,9 +444,7 @@ def nice_ticks(low, high, most=6):
 # Files for the datasets' evaluation servers (--format-only). Cityscapes scores labelIds, not the
 # trainIds the model predicts: trainId -> id is the inverse of the table data.py converts the labels
 # with (cityscapesScripts helpers/labels.py).
-CITYSCAPES_TRAINID_TO_ID = torch.tensor(
-    sorted(layouts.CITYSCAPES_ID_TO_TRAINID, key=layouts.CITYSCAPES_ID_TO_TRAINID.get), dtype=torch.uint8
-)
+CITYSCAPES_TRAINID_TO_ID = torch.tensor(layouts.CITYSCAPES_LABEL_IDS, dtype=torch.uint8)
 
 
 def server_file(dataset_name, pred, meta, palette):
