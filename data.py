@@ -39,15 +39,6 @@ from opencv_arithmetic import (
     rgb_to_hsv_uint8,
 )
 
-try:
-    from torchvision.io import ImageReadMode, decode_image, encode_png, read_file
-except RuntimeError as error:  # "operator torchvision::nms does not exist": built for another torch
-    raise SystemExit(
-        f"torchvision {importlib.metadata.version('torchvision')} does not fit torch {torch.__version__} "
-        f"({error}). Install the pair released together, e.g. `pip install -U torch torchvision`, or the "
-        "versions paired on https://pytorch.org/get-started/previous-versions/."
-    ) from None
-
 # ImageNet statistics in RGB order on the 0..255 scale (mmseg v0.5.0 configs/_base_/datasets/*.py).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -79,6 +70,8 @@ def build_dataset(
         zero_is_ignore = recipe.DATASETS[name].get("reduce_zero_label", False)
     pairs = layouts.find_pairs(name, root, split)
     check_files(name, pairs, root, split)
+    if any(Path(image).suffix.lower() != ".png" for image, _ in pairs):
+        torchvision_io()  # JPEGs: torchvision decodes them
     reduce_zero_label = zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label)
     if reduce_zero_label and pairs[0][1]:  # one label: cheap
         check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1], name, len(classes))
@@ -327,10 +320,27 @@ def open_header(path, kind, file=None):
     )
 
 
+def torchvision_io():
+    """torchvision.io, imported where a JPEG or WebP is first decoded or a PNG written: importing
+    torchvision takes over a second (its models and ops come with it), which a run on PNGs never needs.
+    build_dataset imports it for a split of such images, so that a torchvision built for another torch
+    is said in words at the start (and the loader's workers have it)."""
+    try:
+        import torchvision.io
+    except RuntimeError as error:  # "operator torchvision::nms does not exist": built for another torch
+        raise SystemExit(
+            f"torchvision {importlib.metadata.version('torchvision')} does not fit torch {torch.__version__} "
+            f"({error}). Install the pair released together, e.g. `pip install -U torch torchvision`, or "
+            "the versions paired on https://pytorch.org/get-started/previous-versions/."
+        ) from None
+    return torchvision.io
+
+
 def decode_file(path, kind, mode, upright=False):
-    """An image or label file as a uint8 (or, 16-bit, int32) tensor C x H x W. PNGs are decoded by
-    Pillow: torchvision's PNG decoder crashes the whole process (a segfault) on damaged data, where
-    Pillow raises; the pixels are the same. JPEG and WebP go through torchvision, which raises."""
+    """An image or label file as a uint8 (or, 16-bit, int32) tensor C x H x W; mode "RGB" or "UNCHANGED".
+    PNGs are decoded by Pillow: torchvision's PNG decoder crashes the whole process (a segfault) on
+    damaged data, where Pillow raises; the pixels are the same. JPEG and WebP go through torchvision,
+    which raises."""
     if not Path(path).is_file():
         raise FileNotFoundError(not_a_file(path, kind))
     contents = None
@@ -340,9 +350,11 @@ def decode_file(path, kind, mode, upright=False):
         contents = io.BytesIO(Path(path).read_bytes()) if os.path.getsize(path) < 2**28 else None
         with open_header(path, kind, contents) as picture:
             if picture.format != "PNG":  # torchvision 0.29 marks its codecs deprecated (for TorchCodec)
+                vision = torchvision_io()
                 with warnings.catch_warnings(), what_libjpeg_says() as said:
                     warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-                    image = decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=upright)
+                    encoded, mode = vision.read_file(str(path)), vision.ImageReadMode[mode]
+                    image = vision.decode_image(encoded, mode=mode, apply_exif_orientation=upright)
                 if "premature end of data segment" in said[0]:  # decoded all the same, the rest grey
                     raise OSError(said[0].strip().splitlines()[0])
                 return image
@@ -351,9 +363,9 @@ def decode_file(path, kind, mode, upright=False):
             picture = ImageOps.exif_transpose(picture) if upright else picture
             if picture.mode.startswith("I"):  # 16-bit grey: the values as stored
                 array = torch.from_numpy(np.asarray(picture).astype(np.int32))[None]
-                return array.expand(3 if mode == ImageReadMode.RGB else 1, -1, -1).contiguous()
-            if picture.mode == "1" or (mode == ImageReadMode.RGB and picture.mode != "RGB"):
-                picture = picture.convert("L" if mode != ImageReadMode.RGB else "RGB")
+                return array.expand(3 if mode == "RGB" else 1, -1, -1).contiguous()
+            if picture.mode == "1" or (mode == "RGB" and picture.mode != "RGB"):
+                picture = picture.convert("L" if mode != "RGB" else "RGB")
             array = np.array(picture)  # decodes now; damaged data raises here
             if array.ndim == 2:
                 return torch.from_numpy(array)[None]
@@ -392,7 +404,7 @@ def what_libjpeg_says():
 def read_image(path, upright=False):
     """Decode an image file to a uint8 tensor 3 x H x W, RGB. upright=True turns it as its EXIF
     orientation says (phone photos); dataset images are read as stored, like their labels."""
-    image = decode_file(path, "image", ImageReadMode.RGB, upright)
+    image = decode_file(path, "image", "RGB", upright)
     if image.dtype != torch.uint8:  # 16-bit PNG: keep the 8 most significant bits
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
@@ -401,7 +413,7 @@ def read_image(path, upright=False):
 def read_label(path):
     """Decode a label PNG to a uint8 tensor H x W of class indices. A palette PNG (VOC's
     SegmentationClass) gives its indices, not its colours, as PIL's 'P' mode does in the original."""
-    label = decode_file(path, "label", ImageReadMode.UNCHANGED)
+    label = decode_file(path, "label", "UNCHANGED")
     if label.shape[0] != 1:
         raise ValueError(label_channels_error(path, label.shape[0]))
     if label.dtype != torch.uint8 and int(label.max()) > 255:  # 16-bit: fine if every value fits in 8 bits
@@ -437,7 +449,7 @@ def write_png(image, path, compression_level=6):
     exists is complete (an interrupted run is picked up where it stopped)."""
     with warnings.catch_warnings():  # see decode_file
         warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-        encoded = encode_png(image.contiguous(), compression_level=compression_level)
+        encoded = torchvision_io().encode_png(image.contiguous(), compression_level=compression_level)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with runtime.written_atomically(path) as temporary:
         temporary.write_bytes(encoded.numpy().tobytes())

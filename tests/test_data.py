@@ -108,10 +108,14 @@ def roots(tmp_path_factory):
 # Layouts, counts and items
 
 
-def test_counts_per_split_and_classes(roots):
+def test_counts_per_split_and_classes(roots, monkeypatch):
     expected = dict(cityscapes=(3, 2, 19), ade20k=(3, 2, 150), voc12aug=(5, 1, 21), folder=(3, 2, 3))
+    imported = []  # torchvision, imported at the build of a split of JPEGs alone
+    monkeypatch.setattr(data, "torchvision_io", lambda: imported.append(True))
     for name, (train_count, val_count, num_classes) in expected.items():
+        del imported[:]
         train_set = data.build_dataset(name, roots[name], "train", **SMALL)
+        assert bool(imported) == (name in ("ade20k", "voc12aug")), name
         val_set = data.build_dataset(name, roots[name], "val", **SMALL)
         assert (len(train_set), len(val_set)) == (train_count, val_count), name
         assert train_set.num_classes == len(train_set.classes) == len(train_set.palette) == num_classes
@@ -928,7 +932,9 @@ def test_what_is_found_beside_the_errors(roots, tmp_path, monkeypatch):
         "decode_webp, /__w/vision/vision/pytorch/vision/torchvision/csrc/io/image/cpu/decode_webp.cpp:85, "
         "WebPDecodeRGB[A] failed.\nException raised from decode at x.cpp:1"
     )
-    monkeypatch.setattr(data, "decode_image", lambda *args, **kwargs: (_ for _ in ()).throw(build_paths))
+    monkeypatch.setattr(
+        data.torchvision_io(), "decode_image", lambda *args, **kwargs: (_ for _ in ()).throw(build_paths)
+    )
     with pytest.raises(
         ValueError, match=r"photo\.jpg \(decode_webp, WebPDecodeRGB\[A\] failed\.\)\. Expected a JPEG"
     ):
@@ -940,7 +946,8 @@ def test_a_torchvision_built_for_another_torch_is_said_in_words(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
     code = f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {str(Path(data.__file__).parent)!r}]; import data"
+    code += "; print('imported'); data.torchvision_io()"  # imported where a JPEG is first read
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr and done.stdout == "imported\n"
     assert "does not fit torch" in done.stderr and "operator torchvision::nms does not exist" in done.stderr
     assert "pip install -U torch torchvision" in done.stderr
