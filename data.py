@@ -53,14 +53,13 @@ CLASSES_AND_PALETTES = json.loads((Path(__file__).resolve().parent / "classes_an
 def build_dataset(
     name, root=None, split="train", crop_size=None, scale=None, test_ratios=(1.0,), reduce_zero_label=None
 ):
-    """A dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' or 'toy'. root: default
-    recipe.DATASETS[name]['root'] ('folder' needs one). split 'test' has images only (labels None).
-    crop_size: (h, w), 769 or '512x1024'; scale: (W, H) the images are rescaled to fit, in training and
-    testing alike; both default to recipe.row(name, crop_size). reduce_zero_label (label 0 means 'ignore',
-    classes start at 1): None takes the dataset's (ADE20K: True; folder: `label0: ignore` in classes.txt).
-    Every file is checked here, cheaply (headers and last bytes), so a bad one fails no run hours in.
-    Where root holds a decoded copy (root/decoded, from tools/prepare_datasets.py decoded), the samples
-    are read from it, the same to the bit, once it is checked to be whole and as new as its files."""
+    """A dataset by name: 'cityscapes', 'ade20k', 'voc12aug', 'folder' (needs a root) or 'toy'. split 'test'
+    has images only (labels None). crop_size: (h, w), 769 or '512x1024'; scale: (W, H) the images are
+    rescaled to fit, in training and testing alike. reduce_zero_label (label 0 means 'ignore', classes start
+    at 1): None takes the dataset's (ADE20K: True; folder: `label0: ignore` in classes.txt). Every file is
+    checked here, cheaply (headers and last bytes), so a bad one fails no run hours in. Where root holds a
+    decoded copy (root/decoded, from tools/prepare_datasets.py decoded), the samples are read from it, the
+    same to the bit, once it is checked to be whole and as new as its files."""
     row = recipe.row(name, crop_size)  # refuses an unknown name
     root = dataset_folder(name, split, root)  # the toy dataset is written there on first use
     if name == "folder":
@@ -162,13 +161,11 @@ def photometric_distortion(image):
 
 
 def normalize(image):
-    """uint8 RGB 3 x H x W -> float32 (image - MEAN) / STD, computed in place in one new tensor."""
     return image.to(torch.float32, copy=True).sub_(MEAN_TENSOR).div_(STD_TENSOR)
 
 
 def normalize_and_pad(image, label, crop_size):
-    """Step 5: normalise, then pad the image with 0 (the mean colour, since this comes after
-    normalisation) and the label with 255 at the bottom/right up to crop_size."""
+    """Step 5. The image is padded with 0, which after normalisation is the mean colour."""
     image = normalize(image)
     pad_bottom, pad_right = max(crop_size[0] - image.shape[1], 0), max(crop_size[1] - image.shape[2], 0)
     if pad_bottom or pad_right:
@@ -233,12 +230,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 
 def data_root(name, root=None):
-    """The folder a dataset is read from: `root`, else the recipe's default for it."""
     return root or recipe.DATASETS[name]["root"]
 
 
 def dataset_folder(name, split, root):
-    """The dataset's root, checked with the split; the toy dataset is written there if it is absent."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if name == "toy" and split == "test":
@@ -456,8 +451,7 @@ def write_png(image, path, compression_level=6):
 
 
 def check_label_values(label, num_classes, path, dataset_name):
-    """Raise a ValueError, naming the file and the likely cause, for values outside 0..C-1 and 255 (the
-    label is uint8)."""
+    """Refuses values outside 0..C-1 and 255 (the label is uint8), naming the file and the likely cause."""
     if int(label.max()) < num_classes:  # no pixel ignored: one cheap pass
         return
     if int((label + 1).max()) <= num_classes:  # uint8 wraps 255 to 0: the largest class, plus one
@@ -569,7 +563,6 @@ def check_files(name, pairs, root=None, split="train"):
 
 
 def listed(problems, shown=10):
-    """The first `shown` problems, one per line, and how many more."""
     more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
     return "\n  ".join(problems[:shown]) + more
 
@@ -590,8 +583,7 @@ def decoded_path(root, path):
     return Path(root, DECODED, *parts[:-1], parts[-1] + ".npy")
 
 
-def decoded_shape(kind, size):
-    """The shape of the copy of an image or label of size (W, H): (3, H, W) or (H, W)."""
+def decoded_shape(kind, size):  # size (W, H)
     return (3, size[1], size[0]) if kind == "image" else (size[1], size[0])
 
 
@@ -616,7 +608,6 @@ def copy_problem(root, path, kind, size):
 
 
 def write_decoded(root, path, kind):
-    """Decode the image or label `path` into its copy, stamped with the file's modification time."""
     stamp = os.stat(path).st_mtime_ns  # before decoding: a file saved again meanwhile leaves a stale copy
     pixels = read_image(path) if kind == "image" else read_label(path)
     copy = decoded_path(root, path)
@@ -653,7 +644,6 @@ def coin_flip():
 
 
 def uniform(low, high):
-    """A float drawn uniformly from [low, high)."""
     return float(torch.rand(())) * (high - low) + low
 
 

@@ -52,9 +52,8 @@ MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def slide_windows(height, width, crop_size, stride):
-    """Window boxes (y1, y2, x1, x2) of the original slide inference: enough for the stride to reach
-    the last row/column, those sticking out shifted back inside, so they cover every pixel. 1025x2049
-    with crop 769 and stride 513 gives 2 x 4 windows."""
+    """Window boxes (y1, y2, x1, x2) of the original slide inference, those sticking out shifted back
+    inside. 1025x2049 with crop 769 and stride 513 gives 2 x 4 windows."""
     (crop_h, crop_w), (stride_h, stride_w) = recipe.parse_crop(crop_size), recipe.parse_crop(stride)
     rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
     cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
@@ -69,10 +68,8 @@ def slide_windows(height, width, crop_size, stride):
 
 @torch.no_grad()
 def slide_inference(model, images, *, crop_size, stride, window_batch=4):
-    """Logits (N, C, H, W) for images (N, 3, H, W) from overlapping windows, C = model.num_classes.
-    Overlaps average LOGITS, not probabilities: each window's logits are summed and divided by how
-    many windows covered each pixel. Up to `window_batch` windows (window_batch // N window positions
-    with N images) go through the model at once."""
+    """Logits (N, C, H, W), C = model.num_classes, of images (N, 3, H, W); overlapping windows average
+    LOGITS, not probabilities. A pass takes window_batch // N positions of the N images (one at least)."""
     crop_h, crop_w = recipe.parse_crop(crop_size)  # 769 -> (769, 769)
     n, channels, height, width = images.shape
     logits_sum = images.new_zeros((n, model.num_classes, height, width), dtype=torch.float32)
@@ -81,12 +78,10 @@ def slide_inference(model, images, *, crop_size, stride, window_batch=4):
     boxes_per_pass = max(1, window_batch // n)
     for start in range(0, len(boxes), boxes_per_pass):
         chunk = boxes[start : start + boxes_per_pass]
-        # A window is smaller than the crop only where the image itself is, e.g. the 512 and 768
-        # rows of the 0.5 and 0.75 ms ratios of the 769 models. mmseg v0.5.0, which produced the
-        # published ms+flip numbers, zero-pads such a window (zero = the mean colour after
-        # normalisation) at the bottom/right to the crop size and keeps the top-left part of the
-        # output; v0.6+ feeds it unpadded (compare encoder_decoder.py slide_inference in v0.5.0
-        # and v0.6.0). We pad, as v0.5.0.
+        # A window is smaller than the crop where the image is (the 0.5 and 0.75 ratios of the 769
+        # models). mmseg v0.5.0, which made the published ms+flip numbers, zero-pads it as here (zero =
+        # the mean colour after normalisation) at the bottom/right and keeps the output's top-left
+        # part; v0.6+ feeds it unpadded (encoder_decoder.py slide_inference).
         windows = images.new_zeros((len(chunk) * n, channels, crop_h, crop_w))  # (k*N, 3, crop_h, crop_w)
         for k, (y1, y2, x1, x2) in enumerate(chunk):
             windows[k * n : (k + 1) * n, :, : y2 - y1, : x2 - x1] = images[:, :, y1:y2, x1:x2]
@@ -102,10 +97,9 @@ def predict(
     model, images, original_size, *, mode="whole", crop_size=None, stride=None, flip=False, window_batch=4
 ):
     """Class probabilities (C, H, W) of ONE image at its original size (H, W), C = model.num_classes.
-    images: the normalised image at each test scale, (3, h, w) or (1, 3, h, w). For every scale (and
-    its horizontal flip when flip=True): logits ('whole': one pass; 'slide': slide_inference), resized
-    bilinearly to the original size with model.align_corners, softmax, flipped maps flipped back; the
-    maps are averaged. One scale, no flip: softmax(resize(logits)), argmax = the original's prediction."""
+    images: the normalised image at each test scale, (3, h, w) or (1, 3, h, w). Each scale's logits (and,
+    with flip, its mirror image's) are resized bilinearly to the original size with model.align_corners,
+    soft-maxed (mirrored maps flipped back) and averaged. One scale, no flip: argmax = the original's."""
     check_protocol(mode, crop_size, stride, images)
     protocol = dict(mode=mode, crop_size=crop_size, stride=stride, flip=flip, window_batch=window_batch)
     # Whole images: every scale's forward pass first, keeping its logits at 1/8 (a few MB), so that no
@@ -164,11 +158,9 @@ def metrics_from_confusion(matrix):
 
 @torch.no_grad()
 def evaluate_dataset(model, dataset, *, device, precision, workers=2, save_dir=None, opacity=0.5, **protocol):
-    """Metrics of `model` on a val split (data.build_dataset(..., split='val')) with predict()'s protocol
-    (mode, crop_size, stride, flip, window_batch); under torchrun each process takes every world_size-th
-    image. Every process returns the same dict: those of metrics_from_confusion, num_images,
-    confusion_matrix (list of rows) and loss (train.segmentation_loss's over the split, of the protocol's
-    probabilities). Pass the model itself, not a DDP wrapper."""
+    """Metrics of `model` on a val split with predict()'s protocol, and train.segmentation_loss's loss over
+    the split, of the protocol's probabilities. Under torchrun each process takes every world_size-th image
+    and all return the same dict. Pass the model itself, not a DDP wrapper."""
     device = torch.device(device)
     matrix = torch.zeros((dataset.num_classes,) * 2, dtype=torch.int64, device=device)
     losses = torch.zeros(2, dtype=torch.float64, device=device)  # summed pixel losses, pixels
@@ -236,7 +228,6 @@ def test_images(dataset, device, workers=2, count=None, desc="predict"):
 
 
 def check_protocol(mode, crop_size, stride, images):
-    """predict()'s arguments, checked."""
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if mode == "slide" and (crop_size is None or stride is None):
@@ -246,7 +237,6 @@ def check_protocol(mode, crop_size, stride, images):
 
 
 def check_values(pred, label, num_classes, ignore_index):
-    """confusion_matrix's labels and predictions must be class indices of the same size."""
     if pred.shape != label.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in size")
     keep = label != ignore_index
@@ -261,8 +251,7 @@ def check_values(pred, label, num_classes, ignore_index):
 
 def forward_scale(model, image, *, mode, crop_size, stride, flip, window_batch):
     """(logits, (h, w)) of one scale's image (3, h, w) or (1, 3, h, w) and, with flip, its flipped copy:
-    'whole': one pass, the logits at 1/8 (model.upsample brings them to (h, w)); 'slide':
-    slide_inference's, at (h, w)."""
+    at 1/8 for 'whole' (model.upsample brings them to (h, w)), at (h, w) for 'slide'."""
     batch = image if image.dim() == 4 else image[None]  # (1, 3, h, w)
     if flip:
         # The flipped copy shares the forward pass: in eval mode the images of a batch do not
@@ -278,9 +267,8 @@ def forward_scale(model, image, *, mode, crop_size, stride, flip, window_batch):
 
 
 def summed_pixel_losses(probabilities, label, ignore_index=data.IGNORE_INDEX):
-    """-log p(true class) summed over the labelled pixels, from (C, H, W) probabilities, and the count of
-    all pixels: the numerator and denominator of train.segmentation_loss. A probability that underflowed
-    float32 (a logit about 87 below the top one) counts as float32's smallest normal number: 87.3."""
+    """train.segmentation_loss's numerator and denominator, from (C, H, W) probabilities. A probability that
+    underflowed float32 (a logit about 87 below the top one) counts as float32's smallest normal: 87.3."""
     labelled = label != ignore_index
     true_class = torch.where(labelled, label.long(), 0)[None]  # (1, H, W)
     p = probabilities.gather(0, true_class)[0][labelled]
@@ -328,15 +316,14 @@ def add_softmax(probabilities, logits, *, flipped):
     softmax = class_softmax_(logits)[0]
     if not flipped:
         return probabilities.add_(softmax)
-    for top in range(0, softmax.shape[1], FLIP_ROWS):  # un-flip along W
+    for top in range(0, softmax.shape[1], FLIP_ROWS):
         probabilities[:, top : top + FLIP_ROWS] += softmax[:, top : top + FLIP_ROWS].flip(-1)
     return probabilities
 
 
 def class_softmax_(logits):
-    """Softmax over dim 1 of (N, C, H, W) logits, in place (the values of an out-of-place softmax, bit
-    for bit). Channels_last logits, where the classes are innermost in memory, are soft-maxed on a
-    permuted view, and stay channels_last."""
+    """Softmax over dim 1 of (N, C, H, W) logits in place, bit for bit an out-of-place one's values;
+    channels_last logits stay channels_last."""
     channels_last = logits.dim() == 4 and logits.stride(1) == 1 and logits.shape[1] > 1
     view = logits.permute(0, 2, 3, 1) if channels_last else logits
     torch.softmax(view, -1 if channels_last else 1, out=view)
@@ -372,9 +359,8 @@ def sum_over_processes(tensor):
 def precision_agreement(
     model, reference_model, dataset, count, *, device, precision, workers=2, seconds=None, **protocol
 ):
-    """Fraction of labelled pixels predicted alike by `model` at `precision` and by `reference_model` in
-    fp32 (main passes the unfolded model, to cover folding too) over the first `count` images, or fewer
-    when `seconds` are spent (one image at least)."""
+    """Share of labelled pixels `model` at `precision` predicts as `reference_model` (unfolded: folding is
+    checked too) in fp32, over the first `count` images or fewer when `seconds` are spent (one at least)."""
     device, start = torch.device(device), time.perf_counter()
     counts = torch.zeros(3, dtype=torch.int64, device=device)  # [agreeing, labelled] pixels, images
     with evaluation_mode(model), evaluation_mode(reference_model):
@@ -402,10 +388,9 @@ SHOWN_PROTOCOL = ("mode", "crop_size", "stride", "scale", "ratios", "flip", "ali
 
 
 def resolve_settings(args, info, device):
-    """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol: the
-    checkpoint's row of the table or recorded recipe (info['row']), or with --crop that crop's row (for an
-    unknown dataset Cityscapes'), at the checkpoint's own test scale where it has one. Official
-    checkpoints run in IEEE fp32 like the table, ours natively."""
+    """Every setting of the run in one plain dict; nothing reads `args` after this. The test protocol is
+    the checkpoint's row of the table or recorded recipe, or with --crop that crop's row (Cityscapes' for
+    an unknown dataset). Official checkpoints run in IEEE fp32 like the table, ours natively."""
     name, row = args.dataset or info["dataset"], info["row"]
     if args.crop is not None or row is None:
         crop = args.crop or info["crop_size"]
@@ -457,8 +442,7 @@ def resolve_settings(args, info, device):
 
 
 def default_fold_batchnorm(precision):
-    """BatchNorm is folded into the convs outside fp32 (rounding only), in evaluate.py and in train.py's
-    validation alike, so that the two give the same scores with the same precision."""
+    """Shared with train.py's validation, so that the two score a checkpoint alike at the same precision."""
     return precision != "fp32"
 
 
@@ -505,7 +489,6 @@ def build_split(info, settings, checkpoint):
 
 
 def say_what_runs(settings, what):
-    """The header of every job: the checkpoint, on what, with which protocol, precision and device."""
     world_size = runtime.rank_and_world_size()[1]
     protocol = ", ".join(f"{key} {settings[key]}" for key in SHOWN_PROTOCOL)
     where = f"{settings['precision']} on {settings['device']}" + (
@@ -625,10 +608,8 @@ def write_split_files(model, info, settings):
     with evaluation_mode(model):
         for images, _, meta in test_images(dataset, device, settings["workers"]):
             with runtime.precision_context(device, settings["precision"]):
-                probabilities = predict(model, images, meta["original_size"], **protocol)
-            name, picture = pictures.server_file(
-                dataset.name, probabilities.argmax(dim=0), meta, dataset.palette
-            )
+                pred = predict(model, images, meta["original_size"], **protocol).argmax(dim=0)
+            name, picture = pictures.server_file(dataset.name, pred, meta, dataset.palette)
             pictures.save_picture(picture, Path(save_dir) / name)
             written += 1
     total = int(sum_over_processes(torch.tensor([written], device=device)).item())
@@ -636,9 +617,8 @@ def write_split_files(model, info, settings):
 
 
 def predict_images(model, settings):
-    """--image: the pictures of every file (rank r of W takes files[r::W]); an unreadable one is named and
-    the others go on. A photo of over 4 times the test scale's pixels is predicted and drawn at the test
-    scale: at its full size the scores take classes x pixels floats. Returns how many failed, all ranks."""
+    """--image: the pictures of every file, an unreadable one named and skipped; returns how many failed on
+    all ranks. A photo over 4 times the test scale's pixels is shrunk to it: scores take C floats a pixel."""
     rank, world_size = runtime.rank_and_world_size()
     (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
     palette, classes, device = settings["palette"], settings["classes"], settings["device"]
@@ -736,11 +716,10 @@ def load(args):
 
 def claim_outputs(settings):
     """Lock --save-dir and --out (rank 0): a second evaluate.py writing into them at the same time is
-    refused, naming it, instead of mixing their files. Returns the open locks."""
+    refused, naming it, instead of mixing their files."""
     places = [(Path(settings["save_dir"]), ".evaluate.lock")] if settings["save_dir"] else []
-    places += (
-        [(Path(settings["out"]).parent, f".{Path(settings['out']).name}.lock")] if settings["out"] else []
-    )
+    if settings["out"]:
+        places.append((Path(settings["out"]).parent, f".{Path(settings['out']).name}.lock"))
     held = []
     for folder, name in places if runtime.rank_and_world_size()[0] == 0 else []:
         folder.mkdir(parents=True, exist_ok=True)
@@ -769,8 +748,7 @@ USAGE = r"""examples:
 
 
 def build_parser():
-    """Each flag is checked when parsed (number_flag, writable_path, size_flag): a wrong value ends the run
-    before any work, naming the flag and what it allows."""
+    """A wrong flag value ends the run when parsed, before any work, naming the flag and what it allows."""
     number, path, size = runtime.number_flag, runtime.writable_path, runtime.size_flag
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -843,9 +821,8 @@ def inference_model(net, settings):
 
 
 def fold_batchnorm(net):
-    """A copy of `net` with each BatchNorm after a conv folded into it (weight * gamma / sqrt(var + eps),
-    bias beta - mean * gamma / sqrt(var + eps)) and replaced by nn.Identity: the same output up to
-    rounding, one pass over each feature map fewer. No BatchNorm keys: save and load the original."""
+    """A copy of `net` with each BatchNorm after a conv folded into it and replaced by nn.Identity: the same
+    output up to rounding, one pass over each feature map fewer. No BatchNorm keys: save the original."""
     folded = copy.deepcopy(net).eval()
     for module in list(folded.modules()):
         # Bottleneck pairs conv1/bn1 ...; Sequentials (stem, downsample, ConvBNReLU) hold pairs side by side.
@@ -862,8 +839,7 @@ def fold_batchnorm(net):
 
 @torch.no_grad()
 def image_prediction(model, original, settings):
-    """(the image at each test ratio on the device, the class of each pixel at its size) of one uint8
-    (3, H, W) image without a dataset: the test transform, then predict() in eval mode."""
+    """(the image at each test ratio on the device, the (H, W) classes) of one uint8 (3, H, W) image."""
     device, scale, ratios = settings["device"], settings["scale"], settings["ratios"]
     images = [image.to(device) for image in data.test_transform(original, scale, ratios)]
     model.eval()

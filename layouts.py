@@ -102,7 +102,6 @@ def pair_up(name, split, image_dir, images, labels, orphans=None, hint=""):
 
 
 def warn_about(name, files, what, advice):
-    """One warning at build time naming (the first five of) `files`."""
     if files:
         more = f" and {len(files) - 5} more" if len(files) > 5 else ""
         shown = ", ".join(str(path) for path in files[:5]) + more

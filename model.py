@@ -369,7 +369,6 @@ POOLINGS, FUSIONS = ("att", "avg"), ("add", "mul", "both")  # the GC block's swi
 
 
 def check_block(context, pooling, fusion):
-    """The decode head's block as a dict, after checking each option (GCNet's context, pooling, fusion)."""
     for name, value, choices in (
         ("context", context, CONTEXTS),
         ("pooling", pooling, POOLINGS),
@@ -419,10 +418,8 @@ def checkpoint_block(block, x):
 
 
 def load_weights(model, state_dict):
-    """Load a state_dict strictly, as load_state_dict(strict=True): a whole GCNet's (keys 'backbone.*',
-    'decode_head.*', 'auxiliary_head.*'), as in the official checkpoints, or an ImageNet ResNetV1c's
-    (keys 'stem.*', 'layer1.*', ..., 'fc.*', which is dropped) into the backbone, where every row of the
-    table starts. Returns 'segmentor' or 'imagenet'. Files: checkpoints.load_checkpoint."""
+    """A whole GCNet's state_dict (keys 'backbone.*', ...) as in the official checkpoints, or an ImageNet
+    ResNetV1c's (keys 'stem.*', ..., 'fc.*' dropped) into the backbone. Files: checkpoints.load_checkpoint."""
     if any(key.startswith("backbone.") for key in state_dict):
         model.load_state_dict(state_dict, strict=True)
         return "segmentor"
@@ -457,7 +454,6 @@ def count_parameters(model):
 
 
 if __name__ == "__main__":
-    # A quick look at the model: parameter count and output shapes.
     net = GCNet(num_classes=19).eval()
     print(f"GCNet R-50-D8: {count_parameters(net):,} parameters")  # 49,630,215 as the original
     with torch.no_grad():

@@ -1,8 +1,6 @@
-"""Pictures, drawn with Pillow: predictions and the GC block's attention over an image, all of them side
-by side (the composite), the confusion matrix of a split, and a training run's log.
-
-evaluate.py and train.py write them; the attention map is the one thing here that runs a model (a
-forward pass for the block's map). `python tools/plot_log.py WORK_DIR` draws a run's log at any time.
+"""Pictures that evaluate.py and train.py write, drawn with Pillow: predictions and the GC block's attention
+over an image, all of them side by side (the composite), a split's confusion matrix and a run's log. The
+attention map is the one thing here that runs a model. `python tools/plot_log.py WORK_DIR` draws a log.
 """
 
 import math
@@ -86,9 +84,8 @@ PANEL_WIDTH, COMPOSITE_GAP = 512, 6
 
 
 def composite_picture(image, pred, palette, classes, attention=None, label=None, opacity=0.5, title=None):
-    """One picture to read at a glance: the image, its ground truth (if given), the prediction and the
-    block's attention map side by side, each titled, with a legend of the classes present (in the label
-    or the prediction) in their colours. Ignored pixels are black. Returns a PIL image."""
+    """A PIL image of the image, its ground truth (if given), the prediction and the attention map side by
+    side, over a legend of the classes present in the label or the prediction. Ignored pixels are black."""
     picture = image.cpu().permute(1, 2, 0).float()  # (H, W, 3)
     colours = torch.tensor(list(palette) + [[0, 0, 0]], dtype=torch.float32)  # index -1: ignored
 
@@ -153,7 +150,7 @@ def wrapped(text, font, width):
     return lines
 
 
-def font_of(size=14):
+def font_of(size):
     """Pillow's own font at `size` px (Pillow 10.1 and later), else its small bitmap font."""
     try:
         return ImageFont.load_default(size=size)
@@ -162,9 +159,8 @@ def font_of(size=14):
 
 
 def text_at(draw, xy, text, fill, font, anchor):
-    """draw.text placed by an anchor: horizontal l(eft), m(iddle) or r(ight) and vertical a (top),
-    m(iddle) or d (bottom) of the text's box. Computed here: the bitmap font of Pillow before 10.1
-    takes no anchor."""
+    """draw.text placed by a Pillow anchor such as "rm" (right, middle), computed here: the bitmap font of
+    Pillow before 10.1 takes none."""
     left, top, right, bottom = font.getbbox(text)
     x = xy[0] - left - {"l": 0, "m": (right - left) / 2, "r": right - left}[anchor[0]]
     y = xy[1] - top - {"a": 0, "m": (bottom - top) / 2, "d": bottom - top}[anchor[1]]
@@ -173,9 +169,8 @@ def text_at(draw, xy, text, fill, font, anchor):
 
 @torch.no_grad()
 def attention_map(model, image, original_size):
-    """The GC block's attention (softmax over positions, 1/8 resolution) for one image (3, h, w),
-    bilinearly upsampled to original_size and scaled to [0, 1] for display, with its title. A Non-local
-    model gives the map of the centre position; an FCN model none (None, None)."""
+    """(attention, title) of one image (3, h, w): the block's map at original_size, as displayed() scales it.
+    A Non-local model gives the map of the centre position; an FCN model none (None, None)."""
     _, attention = model(image[None], return_attention=True)  # attention (1, 1, h/8, w/8)
     if attention is None:
         return None, None
@@ -207,14 +202,12 @@ def attention_at_test_scale(model, images, ratios, original, scale, precision):
 
 
 def save_confusion_picture(matrix, classes, save_dir):
-    """<save_dir>/confusion.png (pictures.confusion_picture), written by rank 0."""
     if runtime.rank_and_world_size()[0] == 0:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         save_picture(confusion_picture(matrix, classes), Path(save_dir) / "confusion.png")
 
 
 def save_split_pictures(model, dataset, pred, label, meta, images, precision, save_dir, opacity):
-    """save_pictures() for an image of a split, with its attention map at the test scale."""
     original, ratios, scale = data.read_image(meta["image_path"]), dataset.test_ratios, dataset.scale
     attention, title = attention_at_test_scale(model, images, ratios, original, scale, precision)
     palette, classes = dataset.palette, dataset.classes
@@ -230,11 +223,9 @@ NAMED_CLASSES, NUMBERED_CELL_PIXELS = 40, 4
 MOST_CONFUSED = 20  # pairs listed beside the matrix
 
 
-def confusion_picture(matrix, classes, title="confusion matrix"):
-    """The row-normalised confusion matrix (rows: ground truth, columns: prediction; each row is the
-    share of that class's pixels predicted as each class) as a PIL image, darker for more, with the
-    most confused pairs listed beside it. Classes absent from the ground truth have grey rows. Above
-    NAMED_CLASSES the rows and columns are numbered, and a key below gives each number's name."""
+def confusion_picture(matrix, classes):
+    """The row-normalised confusion matrix as a PIL image, darker for more, with the most confused pairs
+    listed beside it and, above NAMED_CLASSES classes, a key to the numbers below."""
     matrix = torch.as_tensor(matrix, dtype=torch.float64).cpu()
     count = len(classes)
     totals = matrix.sum(dim=1, keepdim=True)
@@ -247,7 +238,7 @@ def confusion_picture(matrix, classes, title="confusion matrix"):
     top = 28 + margin
     lines = most_confused_lines(shares, classes, numbered=not named)
     side = cell * count
-    heading = f"{title} (rows: ground truth, columns: prediction; each row sums to 100%)"
+    heading = "confusion matrix (rows: ground truth, columns: prediction; each row sums to 100%)"
     caption = (
         "the diagonal is each class's accuracy (recall); grey: no pixel of that class in the ground truth"
     )
@@ -292,11 +283,11 @@ def confusion_picture(matrix, classes, title="confusion matrix"):
     return canvas
 
 
-def most_confused_lines(shares, classes, count=MOST_CONFUSED, numbered=False):
+def most_confused_lines(shares, classes, numbered=False):
     """'truth -> prediction  12.3%' for the largest off-diagonal shares, largest first; each class's
     number before its name if `numbered`."""
     off = torch.nan_to_num(shares.clone(), nan=0.0).fill_diagonal_(0)
-    values, places = off.flatten().topk(min(count, off.numel()))
+    values, places = off.flatten().topk(min(MOST_CONFUSED, off.numel()))
     names = [f"{index} {name}" if numbered else name for index, name in enumerate(classes)]
     lines = ["most confused (share of the true class's pixels):"]
     for value, place in zip(values.tolist(), places.tolist()):
@@ -321,9 +312,7 @@ PLOT_WIDTH, PLOT_HEIGHT = 860, 190
 
 
 def log_picture(records, title="training log"):
-    """Three plots against the iteration, one above the other: the losses (training, and validation's
-    where logged), the learning rate, and the validation mIoU. `records`: log.jsonl's dicts; a
-    resumed run's repeated iterations keep their last record. Returns a PIL image."""
+    """A PIL image of `records` (log.jsonl's dicts) against the iteration, one plot above another."""
     training, validation = split_log(records)
     last = max([*training, *validation, 1])
     plots = [  # (name, curves, logarithmic)
@@ -370,9 +359,8 @@ def points(records, key, positive=False):
 
 
 def draw_plot(draw, box, name, series, last_iteration, text, logarithmic=False):
-    """One plot in `box` (left, top, right, bottom): axes, ticks, each series as a line (a dot per point
-    when there are few) and a legend. A logarithmic axis keeps the first losses, ten times the later
-    ones, from flattening the rest."""
+    """One plot in `box` (left, top, right, bottom). A logarithmic axis keeps the first losses, ten times
+    the later ones, from flattening the rest."""
     left, top, right, bottom = box
     values = [y for _, curve, _ in series for _, y in curve]
     if not values:  # e.g. no validation yet: an empty plot from 0 to 1
@@ -441,9 +429,8 @@ def nice_ticks(low, high, most=6):
 
 
 # -----------------------------------------------------------------------------------------------
-# Files for the datasets' evaluation servers (--format-only). Cityscapes scores labelIds, not the
-# trainIds the model predicts: trainId -> id is the inverse of the table data.py converts the labels
-# with (cityscapesScripts helpers/labels.py).
+# Files for the datasets' evaluation servers (--format-only). Cityscapes scores labelIds: trainId -> id
+# inverts the table data.py converts the labels with (cityscapesScripts helpers/labels.py).
 CITYSCAPES_TRAINID_TO_ID = torch.tensor(layouts.CITYSCAPES_LABEL_IDS, dtype=torch.uint8)
 
 

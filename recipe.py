@@ -21,13 +21,12 @@ SCHEDULE = dict(power=0.9, min_lr=1e-4)
 AUX_WEIGHT = 0.4
 ORIGINAL_GPUS = 4
 
-# The datasets: per-GPU batch, the schedules of the table (the first is the default), the crops (the
-# first is the default), the scale (W, H) images are rescaled to fit for training and testing, data
-# loader workers per GPU, the default root (as in the original, relative to the working directory) and
-# whether label 0 means "ignore" (reduce_zero_label, ADE20K only: mmseg v0.5.0 mmseg/datasets/ade.py). `folder` (your
-# own data) borrows the ADE20K/VOC recipe and reads its classes from ROOT/classes.txt; `toy` is the demo:
-# small crops, from scratch, hence a larger lr and no ImageNet weights. Classes and palettes are in
-# classes_and_palettes.json.
+# The datasets. batch_size and workers are per GPU; of the table's iters and crops the first is the default;
+# images are rescaled to fit `scale` (W, H) for training and testing; root is the original's default, relative
+# to the working directory; label 0 means "ignore" with reduce_zero_label (ADE20K only: mmseg v0.5.0
+# mmseg/datasets/ade.py). `folder` (your own data) borrows the ADE20K/VOC recipe and reads its classes from
+# ROOT/classes.txt; `toy` is the demo: small crops, from scratch, hence a larger lr and no ImageNet weights.
+# Classes and palettes are in classes_and_palettes.json.
 DATASETS = {
     "cityscapes": dict(
         batch_size=2,
@@ -232,10 +231,8 @@ def block_flags(block):
 
 def block_of_method(name):
     """The block a config name's first word names (method_name's inverse)."""
+    if "-" in name:  # gcnet-<pooling>-<fusion>
+        _, pooling, fusion = name.split("-")
+        return dict(GC_BLOCK, pooling=pooling, fusion=fusion)
     contexts = {method: context for context, method in METHODS.items()}
-    if name in contexts:
-        return dict(GC_BLOCK, context=contexts[name])
-    if "-" not in name:  # gcnet
-        return dict(GC_BLOCK)
-    pooling, fusion = name.split("-")[1:]
-    return dict(GC_BLOCK, pooling=pooling, fusion=fusion)
+    return dict(GC_BLOCK, context=contexts.get(name, "gc"))

@@ -87,16 +87,13 @@ class Run:
             raise SystemExit(f"train.py: {problem}\nStopped at iteration {self.iteration} ({then}") from None
 
     def new_checkpoint_writer(self, raw_model, optimizer, scaler, train_set):
-        """The writer of this run's checkpoints: what they hold, where they go."""
         meta = {"CLASSES": list(train_set.classes), "PALETTE": [list(c) for c in train_set.palette]}
         self.writer = CheckpointWriter(
             self.work_dir, raw_model, optimizer, scaler, self.config, meta, self.keep, self.restart
         )
 
     def load_resumed_state(self, raw_model, optimizer, scaler):
-        """With --resume, load everything back: weights, optimizer, loss scaler, every rank's random
-        stream, the best score, whether a validation is pending. Returns the iteration to start at: 0
-        for a new run."""
+        """With --resume, load everything back; returns the iteration to start at (0 for a new run)."""
         if not self.resume_path:
             return 0
         path, checkpoint = self.resume_path, read_resume_checkpoint(self.resume_path, self.trust)
@@ -147,8 +144,6 @@ class Run:
         return flags[1].item() == 0
 
     def count_nonfinite_losses_or_exit(self, finite, iteration):
-        """A non-finite step was skipped: say so and log it. `max_nonfinite` in a row end the run,
-        naming the last good checkpoint."""
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         if finite:
             return
@@ -164,8 +159,7 @@ class Run:
             )
 
     def log_step(self, iteration, finite, values):
-        """The progress bar after `iteration` finished steps, and every log_interval-th a record of
-        `values` (losses, lr, times) in log.jsonl."""
+        """`iteration` counts the finished steps; `values` are the last one's losses, lr and times."""
         self.iteration = iteration
         if self.bar is None:
             bar = tqdm(
@@ -199,8 +193,7 @@ class Run:
         runtime.say(f"continue with: {self.restart}")
 
     def log_scores_and_keep_best(self, iteration, results, seconds):
-        """After validating checkpoint `iteration`: log the scores; on a new best, write best.pth. The
-        iteration's own checkpoint still records the previous best, so a crash before best.pth is
+        """The iteration's own checkpoint still records the previous best, so a crash before best.pth is
         complete leaves the old best.pth, and the resumed run validates this iteration again."""
         scores = {key: results[key] for key in ("mIoU", "mAcc", "aAcc", "mF1")}
         self.log.write(dict(iteration=iteration, **scores, val_loss=results["loss"], val_seconds=seconds))
@@ -212,7 +205,6 @@ class Run:
         self.validation_pending = False
 
     def draw_log_and_say_where_things_are(self, iteration):
-        """At the end of the schedule: log.png, and where the checkpoints, pictures and log are."""
         if iteration < self.config["iters"]:
             return
         runtime.say(
@@ -244,8 +236,6 @@ LAST_CHECKPOINT = "last_checkpoint"  # names the newest iter_<N>.pth this work d
 
 
 def claim_work_dir(work_dir):
-    """Lock the work dir for this process's lifetime and remove temporary files that a crashed run left.
-    A second run is refused."""
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
         lock = runtime.hold_lock(work_dir / "run.lock")
@@ -341,7 +331,6 @@ class NonFiniteWeights(RuntimeError):
 
 
 def save_checkpoint(path, checkpoint):
-    """Write `checkpoint` to `path` atomically. Non-finite weights are never written."""
     path = Path(path)
     state_dict = checkpoint["state_dict"]
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -388,7 +377,15 @@ class CheckpointWriter:
         except (OSError, RuntimeError) as error:
             if not disk_is_full(error, path, checkpoint):
                 raise
-            raise SystemExit(disk_full_message(path, checkpoint, last_path, self.restart)) from None
+            needed, free = checkpoint_bytes(checkpoint), shutil.disk_usage(path.parent).free
+            kept = "No checkpoint was written yet."
+            if last_path:
+                kept = f"The previous checkpoint {last_path} is intact."
+            raise SystemExit(
+                f"train.py: the disk is full: writing {path} needs about {needed / 1e6:.0f} MB and "
+                f"{path.parent} has {free / 1e6:.0f} MB free. The partial file was removed. {kept} Free some "
+                f"space (or pass --keep 1 or another --work-dir), then continue with: {self.restart}"
+            ) from None
         if name is None:
             runtime.write_text(self.work_dir / LAST_CHECKPOINT, path.name)
             # Only earlier checkpoints of this run go: never the one just written, and never higher
@@ -418,18 +415,6 @@ def disk_is_full(error, path, checkpoint):
     except OSError:
         return False
     return free < checkpoint_bytes(checkpoint)
-
-
-def disk_full_message(path, checkpoint, last_path, restart):
-    needed, free = checkpoint_bytes(checkpoint), shutil.disk_usage(path.parent).free
-    kept = (
-        f"The previous checkpoint {last_path} is intact." if last_path else "No checkpoint was written yet."
-    )
-    return (
-        f"train.py: the disk is full: writing {path} needs about {needed / 1e6:.0f} MB and {path.parent} has "
-        f"{free / 1e6:.0f} MB free. The partial file was removed. {kept} Free some space (or pass --keep 1 "
-        f"or another --work-dir), then continue with: {restart}"
-    )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -494,7 +479,6 @@ def gather_rng_states():
 
 
 def restore_rng_states(states, device):
-    """Continue every rank's random stream exactly, when the world size is the same."""
     rank, world_size = runtime.rank_and_world_size()
     if len(states) == world_size:
         torch.set_rng_state(states[rank]["torch"])

@@ -28,7 +28,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser):
-    """The shared --device, --precision and --channels-last flags."""
     group = parser.add_argument_group("device and precision (shared by train, evaluate and benchmark)")
     group.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: auto")
     group.add_argument(
@@ -70,10 +69,8 @@ def setup_device(flag="auto"):
 
 
 def no_buffer_sync():
-    """DistributedDataParallel's keyword for 'do not broadcast buffers before each forward pass'. torch 2.13
-    renamed broadcast_buffers to forward_sync_buffers (and warns about the old name, once per rank); the
-    new one also syncs buffers at the start, which changes nothing here: every rank starts from the same
-    BatchNorm statistics."""
+    """DDP's keyword for no buffer broadcast per forward: forward_sync_buffers since torch 2.13, which warns
+    about broadcast_buffers. Its initial sync is harmless: ranks start from the same BatchNorm statistics."""
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     return {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
 
@@ -94,8 +91,7 @@ def rank_zero_first(function):
 
 
 def resolve_precision(flag, device, auto="native"):
-    """The precision a run uses: the flag, or for 'auto' bf16/fp16/fp32 by the hardware
-    (auto='native') or fp32 (auto='fp32', as evaluate.py does for official checkpoints)."""
+    """'auto': by the hardware, or fp32 with auto='fp32' (as evaluate.py has it for official checkpoints)."""
     if flag == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if flag != "auto":
@@ -113,9 +109,7 @@ def resolve_precision(flag, device, auto="native"):
 def resolve_channels_last(flag, device, precision):
     """channels_last unless told otherwise on CUDA, and on the CPU with bf16, whose oneDNN
     convolutions want that layout and would otherwise convert around every conv."""
-    if flag is not None:
-        return flag
-    return device.type == "cuda" or precision == "bf16"
+    return flag if flag is not None else device.type == "cuda" or precision == "bf16"
 
 
 @contextlib.contextmanager
@@ -143,7 +137,6 @@ def autocast(device, precision):
 
 
 def precision_context(device, precision):
-    """Inference at `precision`: autocast for bf16/fp16, IEEE float32 for fp32."""
     return ieee_float32() if precision == "fp32" else autocast(device, precision)
 
 
@@ -192,7 +185,6 @@ def hold_lock(path):
 
 
 def write_text(path, text):
-    """A text file written atomically."""
     with written_atomically(path) as temporary:
         temporary.write_text(text)
 
@@ -204,11 +196,9 @@ def say(*args, **kwargs):
 
 
 def leave_stop_signals_to_the_main_process(worker_id=None):
-    """A DataLoader worker's worker_init_fn. A terminal's Ctrl-C and a scheduler's SIGTERM reach every
-    process of the group; a worker that died of them would take the run down ("DataLoader worker is
-    killed by signal") before the main process could checkpoint. So the worker ignores Ctrl-C, and
-    a SIGTERM ends it only when its parent sends it: the loader, or the interpreter's exit, ending
-    its workers (as torch's own worker handler tells them apart, by the sender)."""
+    """A DataLoader worker's worker_init_fn. Ctrl-C and a scheduler's SIGTERM reach the whole process
+    group; a worker dying of them would take the run down before the main process could checkpoint. So it
+    ignores Ctrl-C and is ended only by its parent's SIGTERM (loader or interpreter exit), as torch's does."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to tell apart; the default stays
         return
@@ -254,15 +244,12 @@ def processes_on_this_node():
 
 
 def cores_per_process():
-    """This process's share of the usable cores, at least 1."""
     return max(1, usable_cores() // processes_on_this_node())
 
 
 def set_threads(flag, device):
-    """Set torch's threads for this process and return why that many (for machine_line):
-    --threads; under torchrun on CPUs, the usable cores shared among the node's processes, so that they
-    do not fight over the cores (torchrun itself sets OMP_NUM_THREADS=1 each, which leaves cores idle
-    on a larger machine); otherwise torch's own choice (its physical cores, or OMP_NUM_THREADS)."""
+    """Set torch's threads; returns why that many (for machine_line). Under torchrun on CPUs the node's
+    processes share the usable cores: torchrun's OMP_NUM_THREADS=1 each would leave cores idle."""
     processes = processes_on_this_node()
     if flag:
         torch.set_num_threads(flag)
@@ -274,7 +261,6 @@ def set_threads(flag, device):
 
 
 def machine_line(thread_choice, workers):
-    """The start-up line that says how many threads and loader workers a process uses, and why."""
     threads = torch.get_num_threads()
     return (
         f"machine: {threads} torch thread{'s' if threads > 1 else ''} per process ({thread_choice}), "

@@ -140,7 +140,6 @@ def main(argv=None):
 
 
 def build_datasets(config):
-    """The training and validation splits of the run's dataset."""
     if config["dataset"] == "toy":
         runtime.say(TOY_DEMO)
     zero_is_ignore = config["reduce_zero_label"] or None  # None: the dataset's own rule
@@ -230,8 +229,7 @@ def validate(raw_model, val_set, config, save_dir=None):
 
 
 def validate_and_keep_best(raw_model, val_set, config, run, iteration):
-    """Validate the checkpoint just written, show the scores, log them and keep best.pth; the last
-    validation also draws its pictures, when asked (--pictures)."""
+    """Validate the checkpoint just written; the last validation also draws its pictures (--pictures)."""
     start = time.perf_counter()
     results = validate(raw_model, val_set, config, run.pictures if iteration == config["iters"] else None)
     seconds = time.perf_counter() - start
@@ -343,8 +341,6 @@ def check_enough_images(dataset, config, batches_per_epoch):
 
 
 def set_up_processes(args):
-    """(device, world size): torchrun's process group and this process's device. Also keeps freed memory
-    in the process (runtime.keep_freed_memory) and sets cuDNN's autotuning or determinism."""
     if args.load_from and args.resume:
         raise SystemExit("train.py: --load-from starts a new run and --resume continues one: pass only one")
     runtime.keep_freed_memory()
@@ -360,7 +356,6 @@ def set_up_processes(args):
 
 
 def host_settings(args, config, device, world_size):
-    """How this host runs the recipe: precision, memory layout, SyncBN, torch threads, loader workers."""
     try:
         precision = runtime.resolve_precision(args.precision, device)
     except ValueError as error:
@@ -390,8 +385,7 @@ def default_workers(recipe_workers, device, cores=None, processes=None):
 
 
 def block_of_flags(args):
-    """The decode head's block that --context, --gc-pooling and --gc-fusion ask for (train.py's and
-    benchmark.py's), with recipe.GC_BLOCK's defaults."""
+    """The head's block that --context, --gc-pooling, --gc-fusion ask for (train.py's and benchmark.py's)."""
     if args.context != "gc" and (args.gc_pooling or args.gc_fusion):
         raise ValueError(
             f"--gc-pooling and --gc-fusion switch the GC block, and --context {args.context} has none: drop them"
@@ -401,7 +395,6 @@ def block_of_flags(args):
 
 
 def compile_and_distribute(raw_model, config, device):
-    """torch.compile (--compile) and DDP (under torchrun) around the model."""
     if config["compile"]:
         runtime.say("--compile: the first steps compile the model, which takes a minute or more")
     net = torch.compile(raw_model) if config["compile"] else raw_model
@@ -412,7 +405,6 @@ def compile_and_distribute(raw_model, config, device):
 
 
 def show_recipe(config):
-    """Print the run's recipe, which of the README's setups it is in and where it differs from the table."""
     runtime.say("recipe:\n" + "\n".join(f"  {k:15s} {v}" for k, v in config.items()))
     for line in describe_setup(config):
         runtime.say(line)

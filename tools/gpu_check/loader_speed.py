@@ -91,7 +91,7 @@ def main(argv=None):
                 print(f"  {workers:3d} workers: {rates}", flush=True)
     if args.out:
         report = dict(batch_size=args.batch_size, crop=args.crop, cores=cores, results=results)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        runtime.write_text(args.out, json.dumps(report, indent=1))
     return results
 
 
