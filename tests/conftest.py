@@ -10,6 +10,7 @@ import shallow
 import torch
 import torch.utils.serialization
 
+import data
 import model
 
 # Tests import the top-level modules (model, data, train, evaluate, benchmark) from the repo root.
@@ -65,3 +66,22 @@ def pytest_collection_finish(session):
     # modules: about 0.2 s a call, which benchmark.py makes before each measured peak. Freezing what
     # exists now leaves the collections to what the tests make.
     gc.freeze()
+
+
+@pytest.fixture(scope="session")
+def toy_copy(tmp_path_factory):
+    """toy_copy(folder, val_images): the toy dataset at folder/toy, its val split cut to the first
+    `val_images` images (validation is the slow part of a short run). data.py writes it once per session,
+    which takes a second or two; each test gets a copy of its own."""
+    written = tmp_path_factory.mktemp("toy") / "toy"
+    data.build_dataset("toy", str(written), "train")
+
+    def copy(folder, val_images):
+        root = Path(folder) / "toy"
+        shutil.copytree(written, root)
+        for image in sorted((root / "leftImg8bit" / "val").rglob("*.png"))[val_images:]:
+            image.unlink()
+            Path(str(image).replace("leftImg8bit", "gtFine").replace(".png", "_labelTrainIds.png")).unlink()
+        return root
+
+    return copy

@@ -1,7 +1,6 @@
 """tools/compare_context_blocks.py: the paper's comparison end to end on the toy set, and its measures."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -25,14 +24,10 @@ def test_the_measures_are_the_papers_cosine_distance_and_an_effective_fraction()
     assert fractions.tolist() == pytest.approx([1.0, 0.25, 0.5])
 
 
-def toy_checkpoints(tmp_path):
+def toy_checkpoints(tmp_path, toy_copy):
     """The toy set (3 val images) and a random FCN, NonLocal and GC model of it, saved as train.py saves
     them: (root, paths, models)."""
-    root = tmp_path / "toy"
-    data.build_dataset("toy", str(root), "train")  # writes it
-    for image in sorted((root / "leftImg8bit" / "val").rglob("*.png"))[3:]:
-        image.unlink()
-        Path(str(image).replace("leftImg8bit", "gtFine").replace(".png", "_labelTrainIds.png")).unlink()
+    root = toy_copy(tmp_path, val_images=3)
     paths, nets = {}, {}
     for name, options in (
         ("fcn", dict(context="none")),
@@ -51,8 +46,8 @@ def toy_checkpoints(tmp_path):
     return root, paths, nets
 
 
-def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path, capsys):
-    root, paths, nets = toy_checkpoints(tmp_path)
+def test_the_tool_scores_times_and_draws_the_three_kinds_on_the_toy_set(tmp_path, capsys, toy_copy):
+    root, paths, nets = toy_checkpoints(tmp_path, toy_copy)
     out = tmp_path / "out"
     flags = ["--out", str(out), "--look", "2", "--max-images", "2", "--timed", "1", "--size", "64x128", "--train-crop", "64", "--train-batch",
              "1", "--workers", "0", "--device", "cpu"]  # fmt: skip
