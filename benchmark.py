@@ -229,7 +229,6 @@ def measure_ms_flip_memory(variant, row, device):
 
 
 def forward_loss(model, images, labels, row, forward_scope):
-    """The recipe's loss: decode head + aux_weight x auxiliary head."""
     with forward_scope:
         logits, aux_logits = model(images)
     loss = train.segmentation_loss(logits, labels)
@@ -538,7 +537,6 @@ def results_table(row, records, wide=False):
 
 
 def protocol_lines(row, args, device, flops, peaks):
-    """What was measured and how, one line per topic, printed above the table."""
     (height, width), train_crop = row["input_size"], row["train_crop"]
     timed, matmul = f"{args.warmup} warm-up + {args.timed} timed", MATMUL_SIZE[device.type]
     cudnn = f", cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark off but in +cudnn.benchmark"

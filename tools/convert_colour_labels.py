@@ -105,7 +105,6 @@ def describe_unknown(path, colours):
 
 
 def convert_file(source, target, overwrite, table):
-    """-> (status, message): 'converted', 'skipped' or 'failed'."""
     if target.exists() and not overwrite:
         return "skipped", None
     labels, unknown = convert_image(data.read_image(source), table)
@@ -131,7 +130,6 @@ def _convert_in_pool(job):
 
 
 def find_jobs(src, dst):
-    """(source, target) for every PNG under src, the target at the same relative path under dst."""
     if not src.is_dir():
         raise FileNotFoundError(
             f"{src} is not a folder (--src). Expected the colour label PNGs there, e.g. "
@@ -144,7 +142,6 @@ def find_jobs(src, dst):
 
 
 def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, workers=1):
-    """Convert every PNG under src into dst. Returns {'converted': n, 'skipped': n, 'failed': [messages]}."""
     src, dst, classes_file = Path(src), Path(dst), Path(classes_file)
     if classes_file.name != "classes.txt":
         raise ValueError(
@@ -172,7 +169,6 @@ def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, w
 
 
 def resolve_folders(args, parser):
-    """--src, --dst and --classes, each defaulting from ROOT."""
     defaults = {"src": "labels_colour", "dst": "labels", "classes": "classes.txt"}
     missing = [f"--{key}" for key in defaults if getattr(args, key) is None]
     if not args.root and missing:

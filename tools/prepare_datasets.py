@@ -60,7 +60,6 @@ def run_in_pool(function, jobs, workers, description):
 
 
 def failure_or_status(function, argument):
-    """function(argument)'s status, or what went wrong in words."""
     try:
         return function(argument)
     except (OSError, ValueError) as error:
@@ -124,7 +123,6 @@ def read_sbd_segmentation(path):
 
 
 def convert_sbd_label(job):
-    """(mat_path, png_path) -> 'converted' or 'skipped'."""
     mat_path, png_path = job
     if os.path.isfile(png_path):
         return "skipped"
