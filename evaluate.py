@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Subset
@@ -290,22 +289,17 @@ def resized_logits(model, logits, scaled_size, size):
     """One image's logits (1, C, h, w) in float32 at the original size (H, W): first at `scaled_size`
     by model.upsample when given ('whole' logits at 1/8), then bilinearly with model.align_corners (a
     resize to the same size samples exactly at the pixels: skipped)."""
-
-    def resize(classes, out=None):
-        classes = classes.float()
+    channels_last = not logits.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    resized = torch.empty((1, logits.shape[1], *size), device=logits.device, memory_format=layout)
+    band = logits.shape[1] if channels_last else CLASS_BAND
+    for first in range(0, logits.shape[1], band):
+        classes, out = logits[:, first : first + band].float(), resized[:, first : first + band]
         classes = model.upsample(classes, scaled_size) if scaled_size is not None else classes
         if classes.shape[-2:] == size:
-            return classes if out is None else out.copy_(classes)
-        if out is None:
-            return F.interpolate(classes, size=size, mode="bilinear", align_corners=model.align_corners)
-        # F.interpolate's own kernel, writing straight into the band of the result
-        return torch.ops.aten.upsample_bilinear2d.out(classes, size, model.align_corners, None, None, out=out)
-
-    if not logits.is_contiguous():  # channels-last
-        return resize(logits)
-    resized = torch.empty((1, logits.shape[1], *size), device=logits.device)
-    for first in range(0, logits.shape[1], CLASS_BAND):
-        resize(logits[:, first : first + CLASS_BAND], out=resized[:, first : first + CLASS_BAND])
+            out.copy_(classes)
+        else:  # F.interpolate's own kernel, writing straight into the band of the result
+            torch.ops.aten.upsample_bilinear2d.out(classes, size, model.align_corners, None, None, out=out)
     return resized
 
 
