@@ -190,8 +190,8 @@ def prepare_voc12aug(devkit, sbd_root, workers=8):
 
 
 def write_decoded(job):
-    """(root, path, kind, size) -> 'converted', or 'skipped' when its copy is good already."""
-    if not data.copy_problem(*job):
+    """(root, path, kind, stale) -> 'converted', or 'skipped' when its copy was found good already."""
+    if not job[3]:
         return "skipped"
     data.write_decoded(*job[:3])
     return "converted"
@@ -209,7 +209,8 @@ def prepare_decoded(name, root=None, splits=("train", "val"), workers=8):
     target = split_root / data.DECODED
     for stray in target.rglob(".*.tmp") if target.is_dir() else ():  # left by a run that was killed
         stray.unlink()
-    todo = [job for job in jobs if data.copy_problem(*job)]
+    stale = [bool(data.copy_problem(*job)) for job in jobs]  # read once here, not again in the pool
+    todo = [job for job, redo in zip(jobs, stale) if redo]
     needed = sum(math.prod(data.decoded_shape(kind, size)) for _, _, kind, size in todo)
     free = shutil.disk_usage(target if target.is_dir() else split_root).free
     print(
@@ -221,6 +222,7 @@ def prepare_decoded(name, root=None, splits=("train", "val"), workers=8):
             f"{name}: not enough disk space for the decoded copy in {target}: it needs {gigabytes(needed)}, "
             f"{gigabytes(free)} are free. Free some space (keeping 1 GB beside it), or train from the files."
         )
+    jobs = [(*job[:3], redo) for job, redo in zip(jobs, stale)]
     counts = run_in_pool(write_decoded, jobs, workers, f"{name} decoded copy")
     print(f"{name}: {counts['converted']} decoded, {counts['skipped']} skipped (already done) in {target}")
     return counts
