@@ -15,6 +15,7 @@ from PIL import Image
 from test_data import MAKE, SMALL, make_ade20k, make_cityscapes
 
 import data
+import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "prepare_datasets.py"
@@ -243,3 +244,13 @@ def test_the_copy_is_refused_without_the_disk_space_and_resumes_after_a_stop(tmp
     assert "7 decoded, 3 skipped" in said and not stray.exists()
     dataset = data.build_dataset("cityscapes", root, "train", crop_size=(16, 16), scale=(64, 32))
     assert dataset.decoded and len(samples(dataset, seeds=[0])) == 3
+
+
+def test_a_second_copy_of_the_same_root_at_once_is_refused(tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    with runtime.hold_lock(root / ".decoded.lock"):  # another run, writing the copy
+        with pytest.raises(SystemExit, match=r"is being written by another run \(process \d+ on "):
+            prepare_datasets.main(["decoded", "cityscapes", str(root), "--workers", "1"])
+        assert not (root / "decoded").exists()
+    prepare_datasets.main(["decoded", "cityscapes", str(root), "--workers", "1"])
+    assert data.build_dataset("cityscapes", root, "val").decoded

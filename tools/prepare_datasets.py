@@ -207,12 +207,26 @@ def prepare_decoded(name, root=None, splits=("train", "val"), workers=8):
         files = [(path, kind) for pair in pairs for path, kind in zip(pair, ("image", "label")) if path]
         jobs += [(split_root, path, kind, sizes[path]) for path, kind in files]
     target = split_root / data.DECODED
+    try:  # two runs at once would each clear the other's temporary files as left by a kill
+        lock = runtime.hold_lock(split_root / ".decoded.lock")
+    except OSError as error:
+        raise ValueError(f"{name}: cannot write the decoded copy in {split_root}: {error}") from None
+    except runtime.Taken as holder:
+        raise ValueError(
+            f"{name}: the decoded copy in {target} is being written by another run ({holder}); "
+            "wait for it to end"
+        ) from None
+    with lock:
+        return write_copy(name, splits, jobs, target, workers)
+
+
+def write_copy(name, splits, jobs, target, workers):
     for stray in target.rglob(".*.tmp") if target.is_dir() else ():  # left by a run that was killed
         stray.unlink()
     stale = [bool(data.copy_problem(*job)) for job in jobs]  # read once here, not again in the pool
     todo = [job for job, redo in zip(jobs, stale) if redo]
     needed = sum(math.prod(data.decoded_shape(kind, size)) for _, _, kind, size in todo)
-    free = shutil.disk_usage(target if target.is_dir() else split_root).free
+    free = shutil.disk_usage(target if target.is_dir() else target.parent).free
     print(
         f"{name} {'+'.join(splits)}: the decoded copy of {len(jobs)} files in {target} takes "
         f"{gigabytes(needed)} more ({len(jobs) - len(todo)} files done before); {gigabytes(free)} free there"
