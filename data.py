@@ -592,7 +592,6 @@ def copy_problem(root, path, kind, size):
     copy = decoded_path(root, path)
     if not copy.is_file():
         return f"{copy} is missing"
-    shape = decoded_shape(kind, size)
     try:
         with open(copy, "rb") as file:  # the header np.save wrote, then the pixels to the end
             np.lib.format.read_magic(file)
@@ -600,7 +599,7 @@ def copy_problem(root, path, kind, size):
             whole = os.fstat(file.fileno()).st_size == file.tell() + math.prod(stored)
     except (OSError, ValueError):
         stored = None
-    if stored != shape or dtype != np.uint8 or not whole:
+    if stored != decoded_shape(kind, size) or dtype != np.uint8 or not whole:
         return f"{copy} does not hold the {size[0]}x{size[1]} pixels of its file: it is torn, or the file changed"
     if copy.stat().st_mtime_ns != os.stat(path).st_mtime_ns:
         return f"{path} and its copy differ in modification time: one was changed after the copy was made"
@@ -694,7 +693,6 @@ def draw_toy_sample(seed):
 def make_toy_dataset(root):
     """Write the toy dataset into `root` in the Cityscapes layout, through a temporary folder renamed at
     the end: an interrupted run leaves no half dataset, and two processes writing at once mix no files."""
-    root = Path(root)
     temporary = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     total, (height, width) = sum(TOY_COUNTS.values()), TOY_IMAGE_SIZE

@@ -35,20 +35,9 @@ UNKNOWN = -1
 MAX_COLOURS_NAMED = 10  # per file; a mask with more unknown colours was saved lossily (JPEG, antialiasing)
 
 
-def colour_codes(image):
-    """uint8 (3, H, W) RGB -> int32 (H, W) codes R * 65536 + G * 256 + B."""
-    image = image.to(torch.int32)
-    return (image[0] << 16) | (image[1] << 8) | image[2]
-
-
-def colour_of(code):
-    return (code >> 16) & 255, (code >> 8) & 255, code & 255
-
-
 def lookup_table(palette, ignore_colours=(), zero_is_ignore=False):
     """An int16 table over all 2^24 colours: the label value of each class colour, the ignore value for
-    the ignore colours, UNKNOWN elsewhere. 32 MB, and one gather converts a whole image. With
-    `label0: ignore` in classes.txt, class i is written as i + 1 and the ignore colours as 0."""
+    the ignore colours, UNKNOWN elsewhere. 32 MB, and one gather converts a whole image."""
     if len(palette) > data.IGNORE_INDEX:
         raise ValueError(
             f"classes.txt lists {len(palette)} classes; a uint8 label holds at most {data.IGNORE_INDEX} "
@@ -78,15 +67,17 @@ def convert_image(image, table, rows=256):
     bands of `rows` rows: an 8000x8000 mask then needs about its own size beside it, not ten times that."""
     labels, unknown = torch.empty(image.shape[1:], dtype=torch.uint8), Counter()
     for top in range(0, image.shape[1], rows):
-        codes = colour_codes(image[:, top : top + rows])
+        band = image[:, top : top + rows].to(torch.int32)
+        codes = (band[0] << 16) | (band[1] << 8) | band[2]  # R * 65536 + G * 256 + B
         indices = table[codes]  # (rows, W) int16
         missing = indices == UNKNOWN
         if missing.any():
             found, counts = torch.unique(codes[missing], return_counts=True)
-            unknown.update(dict(zip(found.tolist(), counts.tolist())))
+            for code, count in zip(found.tolist(), counts.tolist()):
+                unknown[(code >> 16) & 255, (code >> 8) & 255, code & 255] += count
         labels[top : top + rows] = indices.clamp(min=0)
     if unknown:
-        return None, {colour_of(code): count for code, count in unknown.most_common()}
+        return None, dict(unknown.most_common())
     return labels, {}
 
 
@@ -129,20 +120,7 @@ def _convert_in_pool(job):
     return convert_file(*job, _TABLE)
 
 
-def find_jobs(src, dst):
-    if not src.is_dir():
-        raise FileNotFoundError(
-            f"{src} is not a folder (--src). Expected the colour label PNGs there, e.g. "
-            f"{src}/train/<name>.png and {src}/val/<name>.png."
-        )
-    sources = sorted(path for path in src.rglob("*") if path.suffix.lower() == ".png" and path.is_file())
-    if not sources:
-        raise FileNotFoundError(f"{src} holds no .png files (--src); expected colour label PNGs.")
-    return [(source, dst / source.relative_to(src)) for source in sources]
-
-
 def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, workers=1):
-    src, dst, classes_file = Path(src), Path(dst), Path(classes_file)
     if classes_file.name != "classes.txt":
         raise ValueError(
             f"--classes {classes_file}: expected the dataset's classes.txt, which --dataset folder reads "
@@ -154,26 +132,23 @@ def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, w
         )
     classes, palette, zero_is_ignore = layouts.read_classes_file(classes_file.parent)
     table = lookup_table(palette, ignore_colours, zero_is_ignore)
-    jobs = [(source, target, overwrite) for source, target in find_jobs(src, dst)]
+    if not src.is_dir():
+        raise FileNotFoundError(
+            f"{src} is not a folder (--src). Expected the colour label PNGs there, e.g. "
+            f"{src}/train/<name>.png and {src}/val/<name>.png."
+        )
+    sources = sorted(path for path in src.rglob("*") if path.suffix.lower() == ".png" and path.is_file())
+    if not sources:
+        raise FileNotFoundError(f"{src} holds no .png files (--src); expected colour label PNGs.")
+    jobs = [(source, dst / source.relative_to(src), overwrite) for source in sources]
+    sequential = (convert_file(*job, table) for job in jobs)
     pool = Pool(workers, initializer=_set_table, initargs=(table,)) if workers > 1 else None
     with pool or nullcontext():
-        outcomes = (
-            pool.imap(_convert_in_pool, jobs, chunksize=4)
-            if pool
-            else (convert_file(*job, table) for job in jobs)
-        )
+        outcomes = pool.imap(_convert_in_pool, jobs, chunksize=4) if pool else sequential
         outcomes = list(tqdm(outcomes, total=len(jobs), desc=f"{src} -> {dst}", unit="file"))
     counts = Counter(status for status, _ in outcomes)
     failed = [message for status, message in outcomes if status == "failed"]
     return dict(converted=counts["converted"], skipped=counts["skipped"], failed=failed, classes=classes)
-
-
-def resolve_folders(args, parser):
-    defaults = {"src": "labels_colour", "dst": "labels", "classes": "classes.txt"}
-    missing = [f"--{key}" for key in defaults if getattr(args, key) is None]
-    if not args.root and missing:
-        parser.error(f"give ROOT, or all of --src, --dst and --classes (missing {', '.join(missing)})")
-    return [Path(getattr(args, key) or Path(args.root) / default) for key, default in defaults.items()]
 
 
 def build_parser():
@@ -211,7 +186,13 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    src, dst, classes_file = resolve_folders(args, parser)
+    defaults = {"src": "labels_colour", "dst": "labels", "classes": "classes.txt"}
+    missing = [f"--{key}" for key in defaults if getattr(args, key) is None]
+    if not args.root and missing:
+        parser.error(f"give ROOT, or all of --src, --dst and --classes (missing {', '.join(missing)})")
+    src, dst, classes_file = (
+        Path(getattr(args, key) or Path(args.root) / default) for key, default in defaults.items()
+    )
     try:
         results = convert_folder(src, dst, classes_file, args.ignore_colour, args.overwrite, args.workers)
     except (FileNotFoundError, ValueError) as error:
