@@ -19,7 +19,6 @@ The project's own targets for these figures and its GPU check are in tools/gpu_c
 
 import argparse
 import contextlib
-import gc
 import json
 import math
 import os
@@ -169,7 +168,7 @@ def check_sizes(args, row, variants, device):
             f"--train-crop {height}x{width} at --train-batch {min(batches)} leaves training BatchNorm one "
             "value per channel at 1/8 of the crop; give a crop over 8 pixels on a side, or a batch of 2"
         )
-    available = device_memory_gb(device)
+    available = runtime.device_memory_gb(device)
     for precision, batch in sorted({(v["precision"], v["batch"] or batches[0]) for v in variants}):
         needed = estimate_on_fake_tensors(row, precision, False, row["train_crop"], batch)
         if needed["estimated_training_memory_gb"] > available:
@@ -190,10 +189,8 @@ def inference_call(variant, row, device, model=None, ms_flip=False):
     photo = torch.randint(0, 256, (3, *row["original_size"]), dtype=torch.uint8, generator=generator)
     ratios = evaluate.MS_RATIOS if ms_flip else (1.0,)
     layout = MEMORY_FORMAT[variant["channels_last"]]
-    images = [
-        image[None].to(device, memory_format=layout)
-        for image in data.test_transform(photo, row["test_scale"], ratios)
-    ]
+    scaled = data.test_transform(photo, row["test_scale"], ratios)
+    images = [image[None].to(device, memory_format=layout) for image in scaled]
     model = (build_model(row, variant, device) if model is None else model).eval()
     if evaluate.default_fold_batchnorm(variant["precision"]) and not variant["compiled"]:
         model = evaluate.fold_batchnorm(model)  # as evaluate.py does
@@ -219,12 +216,12 @@ def measure_ms_flip_memory(variant, row, device):
     """The peak memory (GB, as the training figures: the GPU's allocations, or the process's resident
     memory) of one prediction of evaluate.py --ms-flip."""
     infer = inference_call(variant, row, device, ms_flip=True)
-    reset_peak_memory(device)
+    runtime.reset_peak_memory(device)
     infer()
     peak = runtime.peak_memory_gb(device)
     height, width = row["original_size"]
     print(f"ms+flip   {variant['name']:32} peak memory {peak:.2f} GB, one {height}x{width} image", flush=True)
-    release_memory(device)
+    runtime.release_memory(device)
     return peak
 
 
@@ -268,7 +265,7 @@ def measure_training(variant, row, device, warmup, iters, count_flops, batch):
     step, model = training_step(variant, row, device, batch)
     count = dict(bytes=0)
     saving = [] if variant["compiled"] else [saved_for_backward(model, count)]
-    reset_peak_memory(device)
+    runtime.reset_peak_memory(device)
     description = f"training {variant['name']} batch {batch}"
     timing = time_calls(step, warmup, iters, device, description, batch, count_flops, saving)
     estimate = training_memory(count["bytes"], model)
@@ -300,7 +297,7 @@ def measure_variants(variants, row, device, args):
             print(f"{phase:9} {variant['name']:32} failed: {message}", flush=True)
             continue
         finally:
-            release_memory(device)
+            runtime.release_memory(device)
         results[variant["name"]][phase] = timing
         notes = [f"first call {timing['first_call_seconds']:.1f} s"]
         notes += [f"CPU share {timing['cpu_share']:.2f}"] if timing["cpu_share"] is not None else []
@@ -354,16 +351,14 @@ def estimate_on_fake_tensors(row, precision, checkpointing, crop_size, batch):
 
 
 # 4. Data: the training and test transforms of one loader worker, on a Cityscapes-like PNG ----------
-def write_photo_like_pair(image_path, label_path, size, num_classes=19, seed=2):
+def write_photo_like_pair(image_path, label_path, size, seed=2):
     """Write an RGB PNG of smooth colours plus noise (it compresses and decodes about as a photo does)
-    and a label PNG of blobs of `num_classes` ids with an ignored top band, both of size (H, W)."""
+    and a label PNG of blobs of the 19 Cityscapes train ids with an ignored top band, both of size (H, W)."""
     generator, (height, width) = torch.Generator().manual_seed(seed), size
     coarse = torch.rand(1, 3, max(height // 32, 2), max(width // 32, 2), generator=generator) * 255
     smooth = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0]
     noise = torch.randn(3, height, width, generator=generator) * 6
-    blobs = torch.randint(
-        0, num_classes, (1, 1, max(height // 64, 2), max(width // 64, 2)), generator=generator
-    )
+    blobs = torch.randint(0, 19, (1, 1, max(height // 64, 2), max(width // 64, 2)), generator=generator)
     label = F.interpolate(blobs.float(), size=size, mode="nearest")[0].to(torch.uint8)
     label[:, : max(height // 20, 1)] = data.IGNORE_INDEX
     data.write_png((smooth + noise).round().clamp(0, 255).to(torch.uint8), image_path)
@@ -402,9 +397,8 @@ def benchmark_data(row, data_size, iters, beside=()):
                 data.read_decoded(folder, image, "image"), train_scale
             )
             pipelines = dict(torch=ours)
-            pipelines.update(
-                (library, make(image, label, train_scale, crop_size)) for library, make in beside
-            )
+            for library, make in beside:
+                pipelines[library] = make(image, label, train_scale, crop_size)
             calls = {
                 (library, name): call for library in pipelines for name, call in pipelines[library].items()
             }
@@ -520,10 +514,9 @@ def results_table(row, records, wide=False):
         figures = dict(inference=record["inference"] or {}, training=record["training"] or {})
         label = record["name"] + (" (default)" if record["default"] else "")
         label += f" [{record['error']}]" if record["error"] else ""
+        training = f"training {crop_height}x{crop_width} batch {record['batch']}"
         sizes = [f"inference {height}x{width}"] if figures["inference"] else []
-        sizes += (
-            [f"training {crop_height}x{crop_width} batch {record['batch']}"] if figures["training"] else []
-        )
+        sizes += [training] if figures["training"] else []
         figures["record"] = dict(label=label, sizes=", ".join(sizes))
         values = [(figures[phase].get(field), style) for _, phase, field, style, _ in columns]
         lines.append(start + ["-" if value is None else style(value) for value, style in values])
@@ -599,10 +592,8 @@ def measure_and_report(args, device, row, variants, data_beside=()):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # as the table's figures were taken (mmseg tools/benchmark.py)
     crop = "{}x{}".format(*row["crop_size"])
-    where = (
-        f"{row['model']} {row['backbone']} {row['dataset']} {crop}, {row['num_classes']} classes, on {device}"
-    )
-    print(f"benchmark: {where}, random weights and images", flush=True)
+    where = f"{row['model']} {row['backbone']} {row['dataset']} {crop}, {row['num_classes']} classes"
+    print(f"benchmark: {where}, on {device}, random weights and images", flush=True)
     precisions = dict.fromkeys(variant["precision"] for variant in variants)
     peaks = {precision: matmul_rate(precision, device) for precision in precisions}
     measured = measure_variants(variants, row, device, args)
@@ -642,7 +633,7 @@ def write_report(report, out, done="wrote"):
     return json.loads(text)
 
 
-# Mechanics: timing, the device's limits, the process's memory, the device's name, the command line --
+# Mechanics: timing, the device's limits, the device's name, the command line ------------------------
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -693,32 +684,6 @@ def matmul_rate(precision, device):
             synchronize(device)
             calls += calls_per_round
         return 2 * size**3 * calls / (time.perf_counter() - start)
-
-
-def device_memory_gb(device):
-    """All the memory of the device: the GPU's, or the machine's (infinite where the OS does not say)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / GB
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
-
-
-def release_memory(device):
-    """Hand freed memory back (glibc's heap to the OS, the CUDA cache to the driver), so that the
-    next peak starts from what is really in use."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    runtime.return_freed_memory()
-
-
-def reset_peak_memory(device):
-    """Start a new peak of runtime.peak_memory_gb. On the CPU it counts the whole process; Linux resets
-    it through /proc/self/clear_refs (elsewhere earlier peaks carry over)."""
-    release_memory(device)
-    if device.type == "cuda":
-        return torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
 
 
 def device_description(device):

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
+import gc
 import inspect
 import math
 import os
@@ -220,6 +221,15 @@ def return_freed_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def release_memory(device):
+    """Hand freed memory back (glibc's heap to the OS, the CUDA cache to the driver), so that the
+    next peak starts from what is really in use."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return_freed_memory()
+
+
 def keep_freed_memory():
     """Make glibc keep freed blocks for reuse (as a preloaded jemalloc or tcmalloc would): by default it
     unmaps every block above 32 MiB when freed, so the next feature map of that size page-faults in
@@ -275,6 +285,23 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 1024**3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, kB on Linux
+
+
+def reset_peak_memory(device):
+    """Start a new peak of peak_memory_gb. On the CPU it counts the whole process; Linux resets it
+    through /proc/self/clear_refs (elsewhere earlier peaks carry over)."""
+    release_memory(device)
+    if device.type == "cuda":
+        return torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+
+
+def device_memory_gb(device):
+    """All the memory of the device: the GPU's, or the machine's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 1024**3
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
 
 
 # -----------------------------------------------------------------------------------------------

@@ -114,16 +114,14 @@ def load(path, args, device):
     dataset = evaluate.build_split(info, settings, path)
     dataset.pairs = dataset.pairs[: args.max_images] if args.max_images else dataset.pairs
     block = info["block"]
-    kind = block["context"] + (
-        f" ({block['pooling']}, {block['fusion']})" if block["context"] == "gc" else ""
-    )
+    gc = f" ({block['pooling']}, {block['fusion']})" if block["context"] == "gc" else ""
     return dict(
         path=str(path),
         info=info,
         settings=settings,
         net=net,
         dataset=dataset,
-        kind=kind,
+        kind=block["context"] + gc,
         name=recipe.model_name(block),
     )
 
@@ -197,7 +195,7 @@ def measure_speed(entry, args, device):
         if device.type == "cuda":  # the table's "Mem (GB)"; a CPU process's peak would count everything
             peak = benchmark.measure_training(variant, row, device, 1, timed, False, batch)["peak_memory_gb"]
     finally:
-        benchmark.release_memory(device)
+        runtime.release_memory(device)
     kept = benchmark.estimate_on_fake_tensors(row, "fp32", False, row["train_crop"], batch)
     return dict(
         images_per_s=inference["images_per_s"],
@@ -365,13 +363,12 @@ def class_mass_picture(by_class):
 
 def summary(entry):
     scores = entry["scores"]
-    keys = ("mIoU", "mAcc", "aAcc", "mF1", "loss", "num_images")
     return dict(
         checkpoint=entry["path"],
         model=entry["name"],
         block=entry["info"]["block"],
         config_name=entry["info"]["config_name"],
-        **{key: scores[key] for key in keys},
+        **{key: scores[key] for key in ("mIoU", "mAcc", "aAcc", "mF1", "loss", "num_images")},
         IoU=dict(zip(entry["dataset"].classes, scores["IoU"])),
         speed=entry.get("speed"),
     )

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project's files, in the repository root
 import benchmark  # noqa: E402
 import evaluate  # noqa: E402
+import runtime  # noqa: E402
 from tools import opencv_pipelines  # noqa: E402
 from tools.gpu_check import cudnn_fused  # noqa: E402
 
@@ -25,7 +26,6 @@ MEMORY_TARGET = dict(crop_size=(512, 1024), batch=2, precision="bf16", gb=3.0)
 
 
 def find(records, **fields):
-    """The first record with these field values, or None."""
     return next((r for r in records if all(r[key] == value for key, value in fields.items())), None)
 
 
@@ -62,7 +62,7 @@ def measure_fused(row, device, args, default):
     except Exception as error:
         return dict(error=benchmark.error_line(error))
     finally:
-        benchmark.release_memory(device)
+        runtime.release_memory(device)
     figures = dict(images_per_s=timing["images_per_s"])
     figures["of_the_default"] = timing["images_per_s"] / default["inference"]["images_per_s"]
     return dict(figures, argmax_agreement=(timing["first_result"] == fp32).double().mean().item())
@@ -79,7 +79,7 @@ def profile(row, device, default):
         for _ in range(2):  # cuDNN's search; the first SGD step makes the momentum buffers
             call()
         found[phase] = top_kernels(call, device)
-    benchmark.release_memory(device)
+    runtime.release_memory(device)
     return found
 
 
@@ -131,10 +131,8 @@ def check_targets(row, records, device, estimates):
         if checkpointing is None or without <= memory["gb"]:
             note = checkpointing and f"with activation checkpointing {checkpointing:.2f} GB"
             return target(f"{description}, {size}", without, memory["gb"], True, note, judged=True)
-        description, note = (
-            f"{description}, {size}, with activation checkpointing",
-            f"without it {without:.2f} GB",
-        )
+        note = f"without it {without:.2f} GB"
+        description = f"{description}, {size}, with activation checkpointing"
         target(description, checkpointing, memory["gb"], True, note, judged=True)
 
     if device.type == "cpu":
