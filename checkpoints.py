@@ -563,29 +563,17 @@ def checkpoint_info(path_or_url, checkpoint=None):
 
 # What best.pth records of the validation that scored it (validation_settings), in the names of
 # evaluate.py's settings: evaluate.training_differences compares them with its own.
-VALIDATION_KEYS = (
-    "dataset",
-    "data_root",
-    "mode",
-    "crop_size",
-    "stride",
-    "scale",
-    "ratios",
-    "flip",
-    "precision",
-    "fold_batchnorm",
-    "channels_last",
-    "device",
+VALIDATION_KEYS = tuple(
+    "dataset data_root mode crop_size stride scale ratios flip precision fold_batchnorm channels_last device".split()
 )
 
 
 def validation_settings(config):
     """The VALIDATION_KEYS of train.py's validation: single scale, no flip, the recipe's test protocol,
     the run's precision, layout and BatchNorm folding."""
-    root = data.data_root(config["dataset"], config["data_root"])
     return dict(
         dataset=config["dataset"],
-        data_root=os.path.abspath(root),
+        data_root=os.path.abspath(data.data_root(config["dataset"], config["data_root"])),
         mode=config["test_mode"],
         crop_size=list(config["test_crop"]),
         stride=list(config["test_stride"]),

@@ -41,8 +41,7 @@ class Run:
     def __init__(self, config, argv, resume=None, trust=False, keep=3, max_nonfinite=5):
         self.config, self.work_dir = config, Path(config["work_dir"])
         self.rank, self.world_size = runtime.rank_and_world_size()
-        self.resume_flag, self.trust, self.keep = resume, trust, keep
-        self.max_nonfinite = max_nonfinite
+        self.resume_flag, self.trust, self.keep, self.max_nonfinite = resume, trust, keep, max_nonfinite
         self.restart = restart_command(argv, self.world_size)  # the command that continues this run
         self.best_miou, self.validation_pending, self.last_path, self.start = -1.0, False, None, 0
         self.iteration = self.saved_iteration = 0  # steps done, and of them in the last checkpoint
@@ -122,7 +121,11 @@ class Run:
             raise SystemExit(f"--resume: {error}") from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_states(checkpoint.get("rng") or [], torch.device(self.config["device"]))
+        states = checkpoint.get("rng") or []
+        if len(states) == self.world_size:
+            torch.set_rng_state(states[self.rank]["torch"])
+            if "cuda" in states[self.rank] and torch.device(self.config["device"]).type == "cuda":
+                torch.cuda.set_rng_state_all(states[self.rank]["cuda"])
         runtime.say(f"resumed from {path} at iteration {checkpoint['iteration']}")
         self.start, self.last_path = checkpoint["iteration"], path
         self.iteration = self.saved_iteration = self.start
@@ -331,7 +334,6 @@ class NonFiniteWeights(RuntimeError):
 
 
 def save_checkpoint(path, checkpoint):
-    path = Path(path)
     state_dict = checkpoint["state_dict"]
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -476,14 +478,6 @@ def gather_rng_states():
     states = [None] * world_size
     dist.all_gather_object(states, state)
     return states
-
-
-def restore_rng_states(states, device):
-    rank, world_size = runtime.rank_and_world_size()
-    if len(states) == world_size:
-        torch.set_rng_state(states[rank]["torch"])
-        if "cuda" in states[rank] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(states[rank]["cuda"])
 
 
 # -----------------------------------------------------------------------------------------------
