@@ -200,7 +200,7 @@ def evaluation_mode(model):
         torch.backends.cudnn.benchmark = autotuning
 
 
-def test_images(dataset, device, workers=2, count=None, desc="predict"):
+def test_images(dataset, device, workers, count=None, desc="predict"):
     """(images per scale on `device`, label or None, meta) for this process's share of the first `count`
     images (default all): rank r of W takes images r, r+W, ..., so none is counted twice."""
     rank, world_size = runtime.rank_and_world_size()
@@ -265,10 +265,10 @@ def forward_scale(model, image, *, mode, crop_size, stride, flip, window_batch):
     return logits, batch.shape[-2:]
 
 
-def summed_pixel_losses(probabilities, label, ignore_index=data.IGNORE_INDEX):
+def summed_pixel_losses(probabilities, label):
     """train.segmentation_loss's numerator and denominator, from (C, H, W) probabilities. A probability that
     underflowed float32 (a logit about 87 below the top one) counts as float32's smallest normal: 87.3."""
-    labelled = label != ignore_index
+    labelled = label != data.IGNORE_INDEX
     true_class = torch.where(labelled, label.long(), 0)[None]  # (1, H, W)
     p = probabilities.gather(0, true_class)[0][labelled]
     loss_sum = -p.double().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
@@ -485,9 +485,8 @@ def build_split(info, settings, checkpoint):
 def say_what_runs(settings, what):
     world_size = runtime.rank_and_world_size()[1]
     protocol = ", ".join(f"{key} {settings[key]}" for key in SHOWN_PROTOCOL)
-    where = f"{settings['precision']} on {settings['device']}" + (
-        f" x {world_size} processes" if world_size > 1 else ""
-    )
+    where = f"{settings['precision']} on {settings['device']}"
+    where += f" x {world_size} processes" if world_size > 1 else ""
     runtime.say(f"{settings['checkpoint']}: {what}, {protocol}, {where}")
     runtime.say(runtime.machine_line(settings["thread_choice"], settings["workers"]))
 

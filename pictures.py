@@ -61,9 +61,8 @@ def save_pictures(save_dir, name, image, pred, palette, classes, attention, opac
         paths.append(Path(f"{stem}_attention.png"))
         save_picture(rgb_picture(attention_overlay(picture, attention, opacity)), paths[2])
     paths.append(Path(f"{stem}_composite.png"))
-    save_picture(
-        composite_picture(image, pred, palette, classes, attention, label, opacity, title), paths[-1]
-    )
+    composite = composite_picture(image, pred, palette, classes, attention, label, opacity, title)
+    save_picture(composite, paths[-1])
     return paths
 
 
@@ -264,9 +263,7 @@ def confusion_picture(matrix, classes):
             draw.rectangle((left, upper, left + cell - 1, upper + cell - 1), fill=fill)
             if named and not math.isnan(share) and round(100 * share) > 0:
                 colour = "white" if share > 0.3 else "black"
-                text_at(
-                    draw, (left + cell / 2, upper + cell / 2), f"{round(100 * share)}", colour, small, "mm"
-                )
+                text_at(draw, (left + cell / 2, upper + cell / 2), f"{100 * share:.0f}", colour, small, "mm")
     for index in range(0, count, 1 if named else 10):
         middle = index * cell + cell // 2
         text_at(draw, (margin - 4, top + middle), labels[index], "black", text, "rm")  # row names
@@ -315,16 +312,13 @@ def log_picture(records, title="training log"):
     """A PIL image of `records` (log.jsonl's dicts) against the iteration, one plot above another."""
     training, validation = split_log(records)
     last = max([*training, *validation, 1])
+    losses = [  # (label, key, records, colour)
+        ("training (+ 0.4 auxiliary)", "loss", training, (31, 119, 180)),
+        ("training, decode head", "decode_loss", training, (158, 202, 225)),
+        ("validation, decode head", "val_loss", validation, (230, 85, 13)),
+    ]
     plots = [  # (name, curves, logarithmic)
-        (
-            "loss (logarithmic)",
-            [
-                ("training (+ 0.4 auxiliary)", "loss", training, (31, 119, 180)),
-                ("training, decode head", "decode_loss", training, (158, 202, 225)),
-                ("validation, decode head", "val_loss", validation, (230, 85, 13)),
-            ],
-            True,
-        ),
+        ("loss (logarithmic)", losses, True),
         ("learning rate", [("learning rate", "lr", training, (49, 163, 84))], False),
         ("validation mIoU (%)", [("mIoU", "mIoU", validation, (117, 107, 177))], False),
     ]
@@ -358,7 +352,7 @@ def points(records, key, positive=False):
     return [(x, y) for x, y in found if y > 0 or not positive]
 
 
-def draw_plot(draw, box, name, series, last_iteration, text, logarithmic=False):
+def draw_plot(draw, box, name, series, last_iteration, text, logarithmic):
     """One plot in `box` (left, top, right, bottom). A logarithmic axis keeps the first losses, ten times
     the later ones, from flattening the rest."""
     left, top, right, bottom = box
