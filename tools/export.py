@@ -130,13 +130,13 @@ def load_exported(path, extra_files=None):
     return torch.export.load(str(path), extra_files=extra_files)
 
 
-def check(path, segmenter, sizes, seed=0):
+def check(path, segmenter, sizes):
     """Load the written file back, as the README does, and compare its logits with the model's at each
     (H, W). Returns the loaded module, its gcnet.json and [(size, largest logit difference, share of
     pixels with the same class)]; raises if they differ."""
     extra = {"gcnet.json": ""}
     reloaded = load_exported(path, extra_files=extra).module()
-    generator, found = torch.Generator().manual_seed(seed), []
+    generator, found = torch.Generator().manual_seed(0), []
     for size in sizes:
         image = torch.rand(1, 3, *size, generator=generator) * 255
         with torch.no_grad():

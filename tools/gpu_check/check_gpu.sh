@@ -39,13 +39,9 @@ run_step() {  # run_step NAME SECONDS COMMAND...
     timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$out/$name.log"
     local status=${PIPESTATUS[0]}
     local note=""
-    if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
-        note=" (ran out of time)"
-    fi
+    case $status in 124 | 137) note=" (ran out of time)" ;; esac
     echo "=== $name: exit $status$note after $((SECONDS - start)) s" | tee -a "$out/summary.log"
-    if [ "$status" -ne 0 ]; then
-        failed=1
-    fi
+    [ "$status" -eq 0 ] || failed=1
 }
 
 versions() {

@@ -31,12 +31,12 @@ from tools import prepare_datasets  # noqa: E402
 from tools.gpu_check import synthetic_cityscapes  # noqa: E402
 
 
-def samples_per_second(dataset, workers, batch_size, batches, seed=0):
+def samples_per_second(dataset, workers, batch_size, batches):
     """Training samples per second of train.training_batches with `workers` loader workers, timed over
     `batches` batches after the first `max(workers, 1)` (each worker's first batch, which all start
     together). Returns (samples per second, seconds to the first batch)."""
     config = dict(
-        dataset="cityscapes", seed=seed, batch_size=batch_size, global_batch=batch_size, workers=workers
+        dataset="cityscapes", seed=0, batch_size=batch_size, global_batch=batch_size, workers=workers
     )
     start = time.perf_counter()
     stream = train.training_batches(dataset, config, 0)
@@ -46,7 +46,7 @@ def samples_per_second(dataset, workers, batch_size, batches, seed=0):
         next(stream)
     start = time.perf_counter()
     for _ in range(batches):
-        images, labels = next(stream)
+        next(stream)
     seconds = time.perf_counter() - start
     stream.close()  # stops the workers
     return batches * batch_size / seconds, first

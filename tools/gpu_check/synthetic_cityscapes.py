@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project's files, in the repository root
 import benchmark  # noqa: E402
-import recipe  # noqa: E402
+import runtime  # noqa: E402
 
 CITYSCAPES_SPLIT_SIZES = {"train": 2975, "val": 500}  # the real dataset's fine annotations
 
@@ -41,17 +41,9 @@ def write_distinct(job):
     benchmark.write_photo_like_pair(*sample_paths(root, split, index), size, seed=seed)
 
 
-def link(source, target):
-    try:
-        os.link(source, target)
-    except OSError:  # no hard links here (another file system, Windows without rights)
-        shutil.copyfile(source, target)
-
-
-def make(root, sizes=None, distinct=32, size=benchmark.CITYSCAPES_IMAGE_SIZE, workers=None):
-    """Write the splits (default: Cityscapes' 2975 train and 500 val samples) under root, `distinct`
-    different pairs per split and links to them for the rest. Existing files are kept."""
-    sizes = dict(CITYSCAPES_SPLIT_SIZES if sizes is None else sizes)
+def make(root, sizes, distinct=32, size=benchmark.CITYSCAPES_IMAGE_SIZE, workers=None):
+    """Write the splits ({split: samples}) under root, `distinct` different pairs per split and links to
+    them for the rest. Existing files are kept."""
     jobs = []
     for split, count in sizes.items():
         for path in sample_paths(root, split, 0):  # every sample of a split sits in these two folders
@@ -73,7 +65,10 @@ def make(root, sizes=None, distinct=32, size=benchmark.CITYSCAPES_IMAGE_SIZE, wo
                 sample_paths(root, split, index % distinct), sample_paths(root, split, index)
             ):
                 if not target.exists():
-                    link(source, target)
+                    try:
+                        os.link(source, target)
+                    except OSError:  # no hard links here (another file system, Windows without rights)
+                        shutil.copyfile(source, target)
     return Path(root)
 
 
@@ -82,14 +77,16 @@ def main(argv=None):
         allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("root", help="folder to write (the --data-root of train.py)")
-    parser.add_argument("--train", type=int, default=CITYSCAPES_SPLIT_SIZES["train"], help="train samples")
-    parser.add_argument("--val", type=int, default=CITYSCAPES_SPLIT_SIZES["val"], help="val samples")
+    count, size = runtime.number_flag(int, 0), runtime.size_flag("--size")
+    parser.add_argument("--train", type=count, default=CITYSCAPES_SPLIT_SIZES["train"], help="train samples")
+    parser.add_argument("--val", type=count, default=CITYSCAPES_SPLIT_SIZES["val"], help="val samples")
+    pairs = runtime.number_flag(int, 1)
     parser.add_argument(
-        "--distinct", type=int, default=32, help="different pairs per split; the rest are links"
+        "--distinct", type=pairs, default=32, help="different pairs per split; the rest links"
     )
-    parser.add_argument("--size", default="1024x2048", help="HxW of the images (default: Cityscapes')")
+    parser.add_argument("--size", type=size, default=(1024, 2048), help="HxW (default: Cityscapes')")
     args = parser.parse_args(argv)
-    size = recipe.parse_crop(args.size, "--size")
+    size = args.size
     root = make(args.root, dict(train=args.train, val=args.val), args.distinct, size)
     print(f"wrote a synthetic Cityscapes ({args.train} train, {args.val} val, {size[0]}x{size[1]}) in {root}")
 
