@@ -197,11 +197,6 @@ def read_classes_file(root):
         raise ValueError(
             f"{path} lists {len(first_line)} classes; expected 2 or more (e.g. background and another)."
         )
-    if zero_is_ignore and len(first_line) > 254:  # class 254 would be stored as 255, which means ignore
-        raise ValueError(
-            f"{path} lists {len(first_line)} classes with `label0: ignore`: class i is stored as i + 1 and 255 "
-            "still means ignore, so at most 254. Merge classes, or store them from 0 without the directive."
-        )
     return list(first_line), palette, zero_is_ignore
 
 

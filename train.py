@@ -323,12 +323,14 @@ def epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size):
 
 
 def check_class_count(dataset):
-    if dataset.num_classes > checkpoints.MAX_CLASSES:
+    # Labels are 8-bit with 255 for 'ignore'; where label 0 also means 'ignore', class i is stored as i + 1.
+    most = checkpoints.MAX_CLASSES - dataset.reduce_zero_label
+    if dataset.num_classes > most:
+        stored = " as 1..C (label 0 means 'ignore')" if dataset.reduce_zero_label else ""
         raise SystemExit(
             f"train.py: the {dataset.name} dataset at {dataset.root} has {dataset.num_classes} classes; labels "
-            f"are 8-bit class indices with 255 for 'ignore', so a model and its checkpoints hold at most "
-            f"{checkpoints.MAX_CLASSES} classes and nothing could evaluate or resume this run. Merge classes "
-            f"to at most {checkpoints.MAX_CLASSES}."
+            f"are 8-bit class indices{stored} with 255 for 'ignore', so a run trains at most {most} classes "
+            f"(a checkpoint holds at most {checkpoints.MAX_CLASSES}). Merge classes to at most {most}."
         )
 
 

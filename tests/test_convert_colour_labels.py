@@ -121,8 +121,12 @@ def test_script_with_explicit_folders_and_a_pool(tmp_path, monkeypatch, capsys):
 def test_bad_declarations_are_refused_with_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=r"colour \[0, 0, 142\] stands for both class 1 and --ignore-colour"):
         convert.lookup_table([[128, 64, 128], [0, 0, 142]], [(0, 0, 142)])
-    with pytest.raises(ValueError, match="at most 255"):
+    with pytest.raises(ValueError, match=r"at most 255: 0\.\.254 \(255 = ignore\)"):
         convert.lookup_table([[index, 0, 0] for index in range(256)])
+    with pytest.raises(
+        ValueError, match=r"lists 255 classes; .* at most 254: 1\.\.254 \(0 and 255 = ignore\)"
+    ):
+        convert.lookup_table([[index, 0, 0] for index in range(255)], zero_is_ignore=True)
     folder_dataset(tmp_path)
     (tmp_path / "other.txt").write_text(CLASSES_TXT)
     with pytest.raises(SystemExit, match="expected the dataset's classes.txt"):

@@ -433,7 +433,15 @@ def test_an_abbreviated_flag_is_refused_not_guessed(capsys):
     assert "unrecognized arguments: --iter 10" in capsys.readouterr().err
 
 
-def test_a_dataset_of_more_classes_than_a_checkpoint_holds_is_refused_before_the_first_step(tmp_path):
+# 256 classes; or 255 where label 0 means 'ignore' (by classes.txt or by the flag): class 254 would be
+# stored as 255 and never trained.
+@pytest.mark.parametrize(
+    "classes, directive, flags, most",
+    [(256, "", [], 255), (255, "label0: ignore\n", [], 254), (255, "", ["--reduce-zero-label"], 254)],
+)
+def test_a_dataset_of_more_classes_than_labels_can_hold_is_refused_before_the_first_step(
+    tmp_path, classes, directive, flags, most
+):
     root = tmp_path / "mine"
     for split in ("train", "val"):
         for folder, picture in (
@@ -442,7 +450,7 @@ def test_a_dataset_of_more_classes_than_a_checkpoint_holds_is_refused_before_the
         ):
             (root / folder / split).mkdir(parents=True)
             Image.fromarray(picture).save(root / folder / split / "a.png")
-    (root / "classes.txt").write_text("".join(f"class {index}\n" for index in range(256)))
+    (root / "classes.txt").write_text(directive + "".join(f"class {index}\n" for index in range(classes)))
     args = [
         "--dataset",
         "folder",
@@ -453,8 +461,12 @@ def test_a_dataset_of_more_classes_than_a_checkpoint_holds_is_refused_before_the
         "--workers",
         "0",
     ]
-    with pytest.raises(SystemExit, match="has 256 classes; labels are 8-bit .* at most 255 classes"):
-        train.main(args + ["--pretrained", "none", "--crop", "16", "--scale", "64x32", "--device", "cpu"])
+    with pytest.raises(
+        SystemExit, match=f"has {classes} classes; labels are 8-bit .* at most {most} classes"
+    ):
+        train.main(
+            args + flags + ["--pretrained", "none", "--crop", "16", "--scale", "64x32", "--device", "cpu"]
+        )
     assert not list((tmp_path / "run").glob("*.pth")) and not (tmp_path / "run" / "log.jsonl").stat().st_size
 
 

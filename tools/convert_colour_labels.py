@@ -38,10 +38,11 @@ MAX_COLOURS_NAMED = 10  # per file; a mask with more unknown colours was saved l
 def lookup_table(palette, ignore_colours=(), zero_is_ignore=False):
     """An int16 table over all 2^24 colours: the label value of each class colour, the ignore value for
     the ignore colours, UNKNOWN elsewhere. 32 MB, and one gather converts a whole image."""
-    if len(palette) > data.IGNORE_INDEX:
+    if len(palette) > data.IGNORE_INDEX - zero_is_ignore:  # with label0: ignore, classes are 1..C
+        values = "1..254 (0 and 255 = ignore)" if zero_is_ignore else "0..254 (255 = ignore)"
         raise ValueError(
-            f"classes.txt lists {len(palette)} classes; a uint8 label holds at most {data.IGNORE_INDEX} "
-            f"(0..{data.IGNORE_INDEX - 1}, {data.IGNORE_INDEX} = ignore)."
+            f"classes.txt lists {len(palette)} classes; a uint8 label holds at most "
+            f"{data.IGNORE_INDEX - zero_is_ignore}: {values}."
         )
     table = torch.full((1 << 24,), UNKNOWN, dtype=torch.int16)
     owner = {}  # colour -> what it stands for, to refuse a colour given twice
