@@ -426,7 +426,8 @@ def resolve_settings(args, info, device):
         agreement_budget=args.check_agreement is None,
         data_root=data.data_root(name, root) if name in recipe.DATASETS else root,
         data_root_from="given by --data-root" if args.data_root is not None else whose,
-        reduce_zero_label=recorded.get("reduce_zero_label"),  # None: the dataset's own rule
+        # train.py records its flag: True, or False (not given), which leaves the dataset's own rule (None).
+        reduce_zero_label=recorded.get("reduce_zero_label") or None,
         images=layouts.image_files(args.image) if args.image else None,  # (files, skipped)
         palette=palette,
         classes=classes,

@@ -474,6 +474,10 @@ def test_our_checkpoints_are_tested_with_their_recorded_recipe():
     recorded["reduce_zero_label"] = True  # trained with label 0 = ignore: scored the same way
     assert settings_of([], info)["reduce_zero_label"] is True
     assert settings_of(["--dataset", "toy"], info)["reduce_zero_label"] is None  # toy's own rule
+    # Trained without the flag (recorded False): the dataset's own rule, as in training (ADE20K's True,
+    # or classes.txt's `label0: ignore`), not an explicit False.
+    recorded["reduce_zero_label"] = False
+    assert settings_of([], info)["reduce_zero_label"] is None
 
 
 def test_official_checkpoints_are_scored_in_fp32_by_default():
