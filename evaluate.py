@@ -11,8 +11,8 @@ The metric is an exact confusion matrix summed over the whole split at the origi
 IoU and Acc per class (and F1, precision, recall), their nanmean over classes, and the pixel accuracy.
 
 The test protocol is the checkpoint's row of the table (recipe.row), or the recipe ours record;
-flags override it. Official checkpoints are scored in IEEE fp32 by default, as the table was; ours in
-the hardware's native precision, checked against fp32 on the first 10 images. Examples: --help.
+flags override it. Official checkpoints are scored in IEEE fp32 as the table was; ours in the hardware's
+native precision, checked against fp32 on up to 10 images (in a fifth of the run's time). Examples: --help.
 """
 
 import argparse

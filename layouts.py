@@ -176,7 +176,9 @@ def read_classes_file(root):
             continue
         if words[0].endswith(":"):  # a directive
             if words not in (["label0:", "ignore"], ["label0:", "class"]):
-                raise ValueError(f"{where}: unknown directive; the one known is `label0: ignore`.")
+                raise ValueError(
+                    f"{where}: unknown directive; the known ones are `label0: ignore` and `label0: class`."
+                )
             zero_is_ignore = words[1] == "ignore"
             continue
         numbers = 0  # trailing integers: 1 is part of a name ("class 2"), 3 are a colour

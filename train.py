@@ -4,8 +4,8 @@ The recipe: SGD (lr 0.01, momentum 0.9, weight decay 5e-4 on every parameter), p
 (power 0.9, down to 1e-4, per iteration, no warmup), cross-entropy averaged over all pixels,
 auxiliary FCN loss weighted 0.4, SyncBN over 4 GPUs, batch 2 (Cityscapes) or 4 (ADE20K, VOC) per
 GPU, ImageNet-pretrained ResNetV1c, evaluation and checkpoint every tenth of the schedule.
-Read `main` for the whole run; the helpers follow in the order it calls them. `python train.py`
-trains the toy demo in minutes; `--help` shows how to run the rows of the table.
+Read `main` for the whole run; the helpers follow under its numbered steps, the recipe (step 0) last.
+`python train.py` trains the toy demo in minutes; `--help` shows how to run the rows of the table.
 """
 
 import argparse

@@ -5,7 +5,8 @@ PyTorch runs a cuDNN convolution with a bias as the convolution, then the bias a
 broadcast pass (aten _convolution); after evaluate.fold_batchnorm every convolution has a bias, and that
 pass and the ReLU after it each read and write every feature map (on an H200 a quarter of the default
 inference went to one broadcast add kernel, most likely this one). targets.py times the candidate on
-CUDA, tests/test_cuda.py checks it against the folded model; evaluate.py takes it up if it is faster.
+CUDA, tests/test_cuda.py checks it against the folded model. evaluate.py does not use it: it would move
+into the project if it proves faster.
 """
 
 import copy
