@@ -252,7 +252,7 @@ def claim_work_dir(work_dir):
             f"train.py: {work_dir} is in use by another training run ({holder}). Wait for it to end, stop it "
             "(SIGTERM checkpoints it), or pass another --work-dir."
         ) from None
-    for stale in work_dir.glob(".*.tmp"):
+    for stale in runtime.temporaries_in(work_dir):
         stale.unlink(missing_ok=True)
     return lock
 

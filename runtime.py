@@ -10,6 +10,7 @@ import gc
 import inspect
 import math
 import os
+import re
 import resource
 import secrets
 import signal
@@ -152,7 +153,8 @@ def written_atomically(path, suffix=".tmp"):
     """`with written_atomically(path) as temporary:` write the file to `temporary`, a name beside `path`
     unique to this writer; when the block ends, one rename puts it at `path`, so a crash leaves the old
     file or the new one, never half. If the block fails, the partial file is removed. Every file the
-    project writes goes through here; with the default suffix, a run's start clears what a crash left."""
+    project writes goes through here; with the default suffix, a run's start clears what a crash left
+    (temporaries_in)."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
     try:
@@ -161,6 +163,13 @@ def written_atomically(path, suffix=".tmp"):
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def temporaries_in(folder, recursive=False):
+    """The temporary files written_atomically's writers left in `folder` when killed: its names only, so
+    a user's own hidden .tmp file beside them stays."""
+    found = Path(folder).rglob(".*.tmp") if recursive else Path(folder).glob(".*.tmp")
+    return [path for path in found if re.fullmatch(r"\..+\.\d+-[0-9a-f]{8}\.tmp", path.name)]
 
 
 class Taken(Exception):

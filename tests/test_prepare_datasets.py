@@ -235,7 +235,7 @@ def test_the_copy_is_refused_without_the_disk_space_and_resumes_after_a_stop(tmp
     with pytest.raises(KeyboardInterrupt):
         prepare_datasets.prepare_decoded("cityscapes", root, ("train", "val"), workers=1)
     monkeypatch.undo()
-    stray = data.decoded_path(root, written[0][1]).with_name(".stray.npy.123-abcd.tmp")
+    stray = data.decoded_path(root, written[0][1]).with_name(".stray.npy.123-abcd0123.tmp")
     stray.write_bytes(b"half")
     capsys.readouterr()
     prepare_datasets.main(["decoded", "cityscapes", str(root), "--workers", "2"])

@@ -281,10 +281,12 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
 
 
 def test_a_second_run_on_a_work_dir_is_refused_and_stale_temporaries_removed(toy_root, tmp_path):
-    stale = tmp_path / ".iter_3.pth.123-abcd.tmp"
+    stale = tmp_path / ".iter_3.pth.123-abcd0123.tmp"
     stale.write_bytes(b"half a checkpoint")
+    (tmp_path / ".notes.tmp").write_text("the user's")  # not a name of ours: it stays
     lock = run.claim_work_dir(tmp_path)
     assert not stale.exists() and f"process {os.getpid()}" in (tmp_path / "run.lock").read_text()
+    assert (tmp_path / ".notes.tmp").read_text() == "the user's"
     with pytest.raises(
         SystemExit, match=f"in use by another training run \\(process {os.getpid()} .*--work-dir"
     ):

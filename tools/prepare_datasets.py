@@ -221,7 +221,7 @@ def prepare_decoded(name, root=None, splits=("train", "val"), workers=8):
 
 
 def write_copy(name, splits, jobs, target, workers):
-    for stray in target.rglob(".*.tmp") if target.is_dir() else ():  # left by a run that was killed
+    for stray in runtime.temporaries_in(target, recursive=True):  # left by a run that was killed
         stray.unlink()
     stale = [bool(data.copy_problem(*job)) for job in jobs]  # read once here, not again in the pool
     todo = [job for job, redo in zip(jobs, stale) if redo]
