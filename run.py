@@ -188,10 +188,10 @@ class Run:
     def checkpoint(self, iteration, validation_pending=False):
         """iter_<N>.pth after `iteration` finished steps; validation_pending when a validation follows."""
         self.last_path = self.writer.save(iteration, self.best_miou, self.last_path, validation_pending)
-        self.saved_iteration = iteration
+        self.saved_iteration, self.validation_pending = iteration, validation_pending
 
-    def checkpoint_and_stop(self, iteration):
-        self.checkpoint(iteration)
+    def checkpoint_and_stop(self, iteration, validation_pending):
+        self.checkpoint(iteration, validation_pending)
         runtime.say(f"\nstopped by a signal at iteration {iteration}; checkpoint {self.last_path}")
         runtime.say(f"continue with: {self.restart}")
 
@@ -208,7 +208,7 @@ class Run:
         self.validation_pending = False
 
     def draw_log_and_say_where_things_are(self, iteration):
-        if iteration < self.config["iters"]:
+        if iteration < self.config["iters"] or self.validation_pending:  # stopped before the end
             return
         runtime.say(
             f"\ndone: {iteration} iterations, best val mIoU {self.best_miou:.2f}; checkpoints and log in {self.work_dir}"

@@ -124,11 +124,11 @@ def main(argv=None):
             run.log_step(iteration, finite, values)  # the progress bar; log.jsonl every --log-interval
 
             # 3d. checkpoint, then validate, every tenth of the schedule and at the end; or stop when asked
-            if run.stop_requested:
-                run.checkpoint_and_stop(iteration)
+            validating = iteration % config["eval_interval"] == 0 or iteration == config["iters"]
+            if run.stop_requested:  # a validation due now runs when the run is resumed
+                run.checkpoint_and_stop(iteration, validation_pending=validating)
                 break
-            if iteration % config["eval_interval"] == 0 or iteration == config["iters"]:
-                # The checkpoint comes first, so a failing validation loses no training.
+            if validating:  # the checkpoint comes first, so a failing validation loses no training
                 run.checkpoint(iteration, validation_pending=True)
                 validate_and_keep_best(raw_model, val_set, config, run, iteration)
         run.draw_log_and_say_where_things_are(iteration)

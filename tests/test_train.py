@@ -368,6 +368,31 @@ def fake_validation(scores, fail_at=None):
     return validate
 
 
+def test_a_stop_in_a_step_that_validates_leaves_the_validation_to_the_resumed_run(
+    toy_root, tmp_path, monkeypatch, capsys
+):
+    args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "1", "--context", "none")
+    real_all_reduce, steps = run.Run.all_reduce_loss, []
+
+    def stopped_in_the_last_step(self, loss):  # as SIGTERM would be, during step 2
+        steps.append(loss)
+        self.stop.requested = len(steps) == 2
+        return real_all_reduce(self, loss)
+
+    monkeypatch.setattr(run.Run, "all_reduce_loss", stopped_in_the_last_step)
+    monkeypatch.setattr(train, "validate", fake_validation([10.0]))
+    train.main(args)
+    said = capsys.readouterr().out
+    assert "stopped by a signal at iteration 2" in said and "done:" not in said
+    assert torch.load(tmp_path / "iter_2.pth", weights_only=True)["validation_pending"] is True
+    monkeypatch.setattr(run.Run, "all_reduce_loss", real_all_reduce)
+    resumed = fake_validation([20.0])
+    monkeypatch.setattr(train, "validate", resumed)
+    assert train.main(args + ["--resume"]) == 20.0 and resumed.save_dirs == [tmp_path / "pictures"]
+    assert torch.load(tmp_path / "best.pth", weights_only=True)["iteration"] == 2
+    assert "done: 2 iterations, best val mIoU 20.00" in capsys.readouterr().out
+
+
 def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash_and_a_resume(
     toy_root, tmp_path, monkeypatch, capsys
 ):
