@@ -104,13 +104,20 @@ class Run:
                     f"{self.config[key]}. Pass --{key} {theirs.get(key)} to continue it (or --load-from "
                     f"{path} to start a new run from its weights, in another --work-dir)."
                 )
+        if bool(theirs.get("reduce_zero_label")) != self.config["reduce_zero_label"]:
+            given = "with" if theirs.get("reduce_zero_label") else "without"
+            raise SystemExit(
+                f"--resume {path}: that run read its labels {given} --reduce-zero-label, this command "
+                f"{'without' if given == 'with' else 'with'} it: every class would shift by one. Give the flag "
+                "as that run did to continue it."
+            )
         block = dict(recipe.GC_BLOCK, **theirs.get("block", {}))
         if block != self.config["block"]:
             raise SystemExit(
                 f"--resume {path}: that run trains a {recipe.method_name(block)} model, this command a "
                 f"{recipe.method_name(self.config['block'])} one. Pass {recipe.block_flags(block)} to continue it."
             )
-        for key in ("crop_size", "scale", "iters", "global_batch", "lr"):
+        for key in ("crop_size", "scale", "iters", "global_batch", "lr", "precision"):
             if theirs.get(key) != self.config[key]:
                 runtime.say(
                     f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has {theirs.get(key)}"
@@ -120,7 +127,8 @@ class Run:
         except ValueError as error:
             raise SystemExit(f"--resume: {error}") from None
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty where that run had no fp16 loss scaling
+            scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint.get("rng") or []
         if len(states) == self.world_size:
             torch.set_rng_state(states[self.rank]["torch"])

@@ -345,6 +345,11 @@ def check_enough_images(dataset, config, batches_per_epoch):
 def set_up_processes(args):
     if args.load_from and args.resume:
         raise SystemExit("train.py: --load-from starts a new run and --resume continues one: pass only one")
+    if args.reduce_zero_label and args.dataset != "folder":  # on the others it would shift every class
+        raise SystemExit(
+            f"train.py: --reduce-zero-label is for --dataset folder; {args.dataset}'s labels follow its own "
+            "rule (ADE20K's label 0 is 'ignore' already)"
+        )
     runtime.keep_freed_memory()
     try:
         _, world_size, device = runtime.setup_device(args.device)

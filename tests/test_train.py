@@ -1,5 +1,6 @@
 """train.py: the recipe's numerics, a short run, DDP under torchrun, exact resume, signals, guards."""
 
+import contextlib
 import errno
 import json
 import math
@@ -366,6 +367,34 @@ def fake_validation(scores, fail_at=None):
 
     validate.save_dirs = []
     return validate
+
+
+def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling(toy_root, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="--reduce-zero-label is for --dataset folder; toy's labels"):
+        train.main(toy_args(toy_root, tmp_path, "--reduce-zero-label"))
+    args = toy_args(toy_root, tmp_path, "--eval-interval", "2", "--context", "none", "--iters")
+    monkeypatch.setattr(train, "validate", fake_validation([5.0, 10.0, 10.0]))  # iteration 1 again on resume
+    train.main(args + ["1"])
+    args.append("2")
+    # As if that run had read a folder dataset's labels with --reduce-zero-label: resuming without it
+    # would shift every class by one.
+    checkpoint = torch.load(tmp_path / "iter_1.pth", weights_only=True)
+    checkpoint["recipe"]["reduce_zero_label"] = True
+    torch.save(checkpoint, tmp_path / "iter_1.pth")
+    with pytest.raises(SystemExit, match="read its labels with --reduce-zero-label, this command without it"):
+        train.main(args + ["--resume"])
+    checkpoint["recipe"]["reduce_zero_label"] = False
+    torch.save(checkpoint, tmp_path / "iter_1.pth")
+    # An fp32 run resumed in fp16 (as --precision auto picks on a GPU without bf16): its loss scaler
+    # starts afresh, where loading the fp32 run's empty state raised.
+    real_resolve = runtime.resolve_precision
+    monkeypatch.setattr(runtime, "resolve_precision", lambda *a, **k: "fp16")
+    monkeypatch.setattr(runtime, "autocast", lambda *a: contextlib.nullcontext())  # no fp16 on a CPU
+    capsys.readouterr()
+    assert train.main(args + ["--resume"]) == 10.0
+    assert "WARNING: resuming with precision = fp16, the checkpoint has fp32" in capsys.readouterr().out
+    assert torch.load(tmp_path / "iter_2.pth", weights_only=True)["scaler"]["scale"] > 0
+    monkeypatch.setattr(runtime, "resolve_precision", real_resolve)
 
 
 def test_a_stop_in_a_step_that_validates_leaves_the_validation_to_the_resumed_run(
