@@ -353,15 +353,16 @@ def decode_file(path, kind, mode, upright=False):
                 if "premature end of data segment" in said[0]:  # decoded all the same, the rest grey
                     raise OSError(said[0].strip().splitlines()[0])
                 return image
-            # As torchvision's decoder gives it: RGB (palettes and grey expanded, alpha dropped), or the
-            # stored channels (palette indices, grey levels; 1-bit grey as 0/255).
+            # RGB (palettes and grey expanded, alpha dropped; 1-bit as 0/255, as torchvision's decoder
+            # gives them), or the stored values (palette indices, grey levels; 1-bit as 0/1, as the
+            # original reads labels: mmcv's Pillow backend takes np.array of the picture).
             picture = ImageOps.exif_transpose(picture) if upright else picture
             if picture.mode.startswith("I"):  # 16-bit grey: the values as stored
                 array = torch.from_numpy(np.asarray(picture).astype(np.int32))[None]
                 return array.expand(3 if mode == "RGB" else 1, -1, -1).contiguous()
-            if picture.mode == "1" or (mode == "RGB" and picture.mode != "RGB"):
-                picture = picture.convert("L" if mode != "RGB" else "RGB")
-            array = np.array(picture)  # decodes now; damaged data raises here
+            if mode == "RGB" and picture.mode != "RGB":
+                picture = picture.convert("RGB")
+            array = np.array(picture, dtype=np.uint8)  # decodes now; damaged data raises here
             if array.ndim == 2:
                 return torch.from_numpy(array)[None]
             # To C x H x W: numpy's transposing copy takes a third of the time of torch's here.

@@ -201,6 +201,14 @@ def test_voc_palette_labels_read_as_indices(tmp_path):
     assert data.read_label(tmp_path / "label.png").tolist() == indices.tolist()
 
 
+def test_a_1_bit_label_reads_as_0_and_1_and_a_1_bit_image_as_black_and_white(tmp_path):
+    mask = np.array([[0, 1, 1], [1, 0, 0]], dtype=bool)
+    Image.fromarray(mask).save(tmp_path / "mask.png")  # what Pillow writes for a boolean mask
+    assert Image.open(tmp_path / "mask.png").mode == "1"
+    assert data.read_label(tmp_path / "mask.png").tolist() == mask.astype(int).tolist()
+    assert data.read_image(tmp_path / "mask.png").tolist() == [(mask * 255).tolist()] * 3
+
+
 def test_collate_val_handles_different_sizes():
     def item(height, width):
         return [torch.zeros(3, height, width)], torch.zeros(height, width, dtype=torch.long), dict(name="x")
