@@ -415,7 +415,8 @@ def resolve_settings(args, info, device):
         mode=mode,
         crop_size=crop_size,
         stride=stride,
-        scale=recipe.parse_crop((info["row"] or row)["scale"]),  # --crop changes the windows, not the scale
+        # The recorded scale, checked as train.py's --scale is (--crop changes the windows, not the scale).
+        scale=recipe.parse_scale("x".join(map(str, (info["row"] or row)["scale"])), "the recorded scale"),
         ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
         flip=args.ms_flip if args.flip is None else args.flip,
         align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],

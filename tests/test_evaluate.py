@@ -470,6 +470,9 @@ def test_our_checkpoints_are_tested_with_their_recorded_recipe():
     settings = settings_of([], info)
     assert (settings["mode"], settings["crop_size"], settings["stride"]) == ("slide", (65, 65), (40, 40))
     assert settings["scale"] == (300, 100) and settings["align_corners"] is True
+    info["row"]["scale"] = [10000, 2500]  # recorded by train.py --scale 2500: sides past --crop's 8192
+    assert settings_of([], info)["scale"] == (10000, 2500)
+    info["row"]["scale"] = [300, 100]
     assert settings_of(["--stride", "30x20"], info)["stride"] == (30, 20)
     recorded["reduce_zero_label"] = True  # trained with label 0 = ignore: scored the same way
     assert settings_of([], info)["reduce_zero_label"] is True
