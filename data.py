@@ -709,7 +709,7 @@ def make_toy_dataset(root):
             os.rename(temporary, root)  # atomic; replaces `root` only if it is an empty folder
         except OSError:
             if not (root / "leftImg8bit").is_dir():
-                raise FileExistsError(
+                raise ValueError(
                     f"toy: cannot create the toy dataset at {root}: the folder exists and is not a toy "
                     "dataset. Delete it or pass another root."
                 ) from None

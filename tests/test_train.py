@@ -526,6 +526,13 @@ def test_a_dataset_of_more_classes_than_labels_can_hold_is_refused_before_the_fi
     assert not list((tmp_path / "run").glob("*.pth")) and not (tmp_path / "run" / "log.jsonl").stat().st_size
 
 
+def test_a_toy_root_that_holds_something_else_is_named(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("the user's")
+    with pytest.raises(SystemExit, match=rf"toy dataset at {tmp_path}: the folder exists and is not a toy"):
+        train.main(["--data-root", str(tmp_path), "--work-dir", str(tmp_path / "run"), "--device", "cpu"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "run"]
+
+
 def test_a_floor_above_the_learning_rate_is_refused():
     args = train.build_parser().parse_args(["--lr", "0.001", "--min-lr", "0.01"])
     with pytest.raises(SystemExit, match="--min-lr 0.01 is above --lr 0.001"):
