@@ -174,7 +174,7 @@ def read_classes_file(root):
         words, where = line.split("#")[0].split(), f"{path}, line {number} ({line.strip()!r})"
         if not words:
             continue
-        if words[0].endswith(":"):  # a directive
+        if words[0].endswith(":") or words[0].lower().startswith("label0"):  # a directive, or a typo of one
             if words not in (["label0:", "ignore"], ["label0:", "class"]):
                 raise ValueError(
                     f"{where}: unknown directive; the known ones are `label0: ignore` and `label0: class`."

@@ -35,7 +35,9 @@ def folder_dataset(root, classes_txt=CLASSES_TXT):
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text(classes_txt)
     save_rgb(root / "labels_colour" / "train" / "a.png", [[ROAD, CAR, PLANT], [WHITE, ROAD, CAR]])
-    save_rgb(root / "labels_colour" / "val" / "b.png", [[PLANT, PLANT], [CAR, ROAD]])
+    save_rgb(
+        root / "labels_colour" / "val" / "b.PNG", [[PLANT, PLANT], [CAR, ROAD]]
+    )  # as some tools name them
 
 
 def read_index_png(path):

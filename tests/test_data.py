@@ -846,6 +846,7 @@ SPOILED = {
     "colour beyond 255": ("folder", "val", {TXT: "background\na 10 20 300\nclass 2\n"}, None, ValueError),
     "class twice": ("folder", "val", {TXT: "background\nroad 1 2 3\n# comment\nroad\n"}, None, ValueError),
     "unknown directive": ("folder", "val", {TXT: "label0: other\nbackground\nroad\n"}, None, ValueError),
+    "directive typo": ("folder", "val", {TXT: "label0:ignore\nbackground\nroad\n"}, None, ValueError),
 }
 MESSAGES = {
     "no root": r"(?s)cityscapes not found.*leftImg8bit.*prepare_datasets\.py cityscapes",
@@ -880,6 +881,7 @@ MESSAGES = {
     "colour beyond 255": r"classes\.txt, line 2 \('a 10 20 300'\): expected a class name.*R G B",
     "class twice": r"line 4 \('road'\): class 'road' is listed twice \(first on line 2\)",
     "unknown directive": r"line 1 \('label0: other'\): unknown directive",
+    "directive typo": r"line 1 \('label0:ignore'\): unknown directive; the known ones are `label0: ignore`",
 }
 
 

@@ -141,7 +141,8 @@ def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, w
     sources = sorted(path for path in src.rglob("*") if path.suffix.lower() == ".png" and path.is_file())
     if not sources:
         raise FileNotFoundError(f"{src} holds no .png files (--src); expected colour label PNGs.")
-    jobs = [(source, dst / source.relative_to(src), overwrite) for source in sources]
+    # Written as .png whatever the case of the source's suffix: the folder layout reads <image stem>.png.
+    jobs = [(source, dst / source.relative_to(src).with_suffix(".png"), overwrite) for source in sources]
     sequential = (convert_file(*job, table) for job in jobs)
     pool = Pool(workers, initializer=_set_table, initargs=(table,)) if workers > 1 else None
     with pool or nullcontext():
