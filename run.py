@@ -211,7 +211,9 @@ class Run:
         if results["mIoU"] > self.best_miou:
             settings = checkpoints.validation_settings(self.config)
             validation = dict(settings, iteration=iteration, mIoU=results["mIoU"])
-            self.writer.save(iteration, results["mIoU"], None, name="best.pth", validation=validation)
+            self.writer.save(
+                iteration, results["mIoU"], self.last_path, name="best.pth", validation=validation
+            )
         self.best_miou = max(self.best_miou, results["mIoU"])
         self.validation_pending = False
 

@@ -397,6 +397,23 @@ def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling(toy_root, tmp_p
     monkeypatch.setattr(runtime, "resolve_precision", real_resolve)
 
 
+def test_a_full_disk_at_best_pth_names_the_checkpoint_just_written(toy_root, tmp_path, monkeypatch):
+    args = toy_args(toy_root, tmp_path, "--iters", "1", "--context", "none")
+    real_save = run.save_checkpoint
+
+    def full_at_best(path, checkpoint):
+        if Path(path).name == "best.pth":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(path, checkpoint)
+
+    monkeypatch.setattr(run, "save_checkpoint", full_at_best)
+    monkeypatch.setattr(train, "validate", fake_validation([10.0]))
+    with pytest.raises(
+        SystemExit, match=r"the disk is full: writing \S*best\.pth .* \S*iter_1\.pth is intact"
+    ):
+        train.main(args)
+
+
 def test_a_stop_in_a_step_that_validates_leaves_the_validation_to_the_resumed_run(
     toy_root, tmp_path, monkeypatch, capsys
 ):
