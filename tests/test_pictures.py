@@ -81,6 +81,10 @@ def test_the_log_picture_plots_each_series_and_read_log_skips_a_torn_line(tmp_pa
     assert Image.open(plot_log.main([str(log), "--out", str(tmp_path / "log.jpg")])).format == "JPEG"
     with pytest.raises(SystemExit, match="Pillow writes no picture format named .jgp; name a .png file"):
         plot_log.main([str(log), "--out", str(tmp_path / "log.jgp")])
+    with pytest.raises(
+        SystemExit, match=r"cannot write --out \S*log\.jsonl/log\.png: (File exists|Not a dir)"
+    ):
+        plot_log.main([str(log), "--out", str(log / "log.png")])  # a file where its folder should be
 
 
 def test_heat_colors_run_from_blue_to_red():

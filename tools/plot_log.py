@@ -37,11 +37,13 @@ def main(argv=None):
     if not any("iteration" in record for record in records):
         raise SystemExit(f"plot_log.py: {path} holds no training or validation records yet")
     out = Path(args.out) if args.out else path.with_name("log.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         pictures.save_picture(pictures.log_picture(records, title=path.resolve().parent.name), out)
     except ValueError as error:
         raise SystemExit(f"plot_log.py: --out {error}") from None
+    except OSError as error:  # a file where a folder should be, a read-only folder
+        raise SystemExit(f"plot_log.py: cannot write --out {out}: {error.strerror or error}") from None
     print(f"wrote {out}")
     return out
 
