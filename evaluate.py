@@ -554,14 +554,7 @@ def evaluate_split(model, info, settings, reference_model):
         seconds=seconds,
         confusion_matrix=results["confusion_matrix"],
     )
-    if settings["out"]:
-        out = Path(settings["out"])
-    else:  # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
-        url = str(checkpoint).startswith(("http://", "https://", "file://"))
-        folder = Path("eval_out") if url else Path(checkpoint).parent
-        tag = settings["mode"] + "_ms" * (len(settings["ratios"]) > 1) + "_flip" * settings["flip"]
-        out = folder / f"eval_{dataset.name}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(settings["out"])  # claimed at the start (claim_outputs)
     runtime.write_text(out, json.dumps(without_nan(record), indent=1))
     print(f"wrote {out}" + (f" and pictures in {settings['save_dir']}" if settings["save_dir"] else ""))
 
@@ -664,10 +657,12 @@ def predict_images(model, settings):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.split == "test" and not args.format_only:
-        parser.error("--split test has no labels to score: add --format-only to write the server's files")
     if args.format_only and args.image:
         parser.error("--format-only predicts a split, --image predicts files: pass one of them")
+    if args.split == "test" and not (args.format_only or args.image):
+        parser.error("--split test has no labels to score: add --format-only to write the server's files")
+    if args.out and (args.format_only or args.image):
+        parser.error("--out is where a split's scores go; --format-only and --image write to --save-dir")
     failed, held = 0, []
     try:
         info, settings, reference_model = load(args)
@@ -706,22 +701,38 @@ def load(args):
     info = checkpoints.checkpoint_info(checkpoint, loaded)
     settings = resolve_settings(args, info, device)
     settings.update(checkpoint=checkpoint, device=device, thread_choice=thread_choice)
+    if not (settings["out"] or settings["images"] or settings["format_only"]):  # scores: a JSON file
+        # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
+        url = str(checkpoint).startswith(("http://", "https://", "file://"))
+        folder = Path("eval_out") if url else Path(checkpoint).parent
+        tag = settings["mode"] + "_ms" * (len(settings["ratios"]) > 1) + "_flip" * settings["flip"]
+        settings["out"] = str(
+            folder / f"eval_{settings['dataset']}_{tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+        )
     return info, settings, build_model(checkpoint, loaded, info, settings, device)
 
 
 def claim_outputs(settings):
     """Lock --save-dir and --out (rank 0): a second evaluate.py writing into them at the same time is
-    refused, naming it, instead of mixing their files."""
+    refused, naming it, instead of mixing their files; a place that cannot be written is refused before
+    any work."""
     places = [(Path(settings["save_dir"]), ".evaluate.lock")] if settings["save_dir"] else []
     if settings["out"]:
         places.append((Path(settings["out"]).parent, f".{Path(settings['out']).name}.lock"))
     held = []
     for folder, name in places if runtime.rank_and_world_size()[0] == 0 else []:
-        folder.mkdir(parents=True, exist_ok=True)
+        what = "--save-dir" if name == ".evaluate.lock" else "--out"
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             held.append(runtime.hold_lock(folder / name))
+        except (
+            OSError
+        ) as error:  # a read-only folder (the official checkpoints' shared one), a file in the way
+            raise ValueError(
+                f"cannot write {what} {settings['out'] if what == '--out' else folder}: "
+                f"{error.strerror or error}; pass {what} in a folder you can write to"
+            ) from None
         except runtime.Taken as holder:
-            what = "--save-dir" if name == ".evaluate.lock" else "--out"
             raise FileExistsError(
                 f"{what} {folder if what == '--save-dir' else settings['out']} is being written by another "
                 f"evaluate.py ({holder}); wait for it to end or pass another {what}"

@@ -26,6 +26,7 @@ import evaluate
 import layouts
 import pictures
 import recipe
+import runtime
 import train
 from model import GCNet
 
@@ -567,6 +568,11 @@ NUMBER, SIZE = r"a number in \[0.01, 4\]", "sizes from 1 to 8192"
         (["--out", "r.json"], "argument --out: .* is not writable"),  # a read-only place, as root too
         (["--split", "test"], "--split test has no labels to score: add --format-only"),
         (["--format-only", "--image", "x.jpg"], "--image predicts files: pass one of them"),
+        (
+            ["--format-only", "--out", "r.json"],
+            "--out is where a split's scores go; --format-only and --image",
+        ),
+        (["--image", "x.jpg", "--out", "r.json"], "--out is where a split's scores go"),
         (["--checkpoint", "nothing.pth"], "checkpoint not found: nothing.pth"),
         ([], r"no checkpoint found: looked for work_dirs/\*/best.pth"),
     ],
@@ -749,6 +755,28 @@ def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
         and "bf16 vs fp32 at a single scale, 2 images:" in printed.out
     )
     assert json.loads(out.read_text())["settings"]["ratios"] == [0.5, 1.0]
+
+
+def test_the_scores_go_beside_the_checkpoint_or_are_refused_before_any_work(
+    tmp_path, tiny_checkpoint, monkeypatch
+):
+    write_folder_dataset(tmp_path / "mine", ["sky", "road", "car"])
+    scored = []
+
+    def read_only(path):  # a read-only folder of checkpoints (root ignores permissions: told by the lock)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(evaluate, "evaluate_split", lambda *args: scored.append(args))
+    monkeypatch.setattr(runtime, "hold_lock", read_only)
+    out = re.escape(str(tiny_checkpoint.parent)) + r"/eval_folder_whole_\d+_\d+\.json"
+    with pytest.raises(SystemExit, match=rf"cannot write --out {out}: Permission denied; pass --out"):
+        run(tiny_checkpoint, "--data-root", tmp_path / "mine")
+    assert not scored
+    monkeypatch.undo()
+    run(tiny_checkpoint, "--data-root", tmp_path / "mine")
+    written = list(tiny_checkpoint.parent.glob("eval_folder_whole_*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["num_images"] == 1
+    written[0].unlink()
 
 
 # ---- --image: files, folders, patterns ---------------------------------------------------------
