@@ -77,7 +77,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     for entry in models:  # (a) the scores
         keywords = evaluate.inference_keywords(entry["settings"], device)
-        net = evaluate.inference_model(entry["net"], entry["settings"])
+        # A copy: channels_last converts a model in place, and (b) to (e) use the model as loaded.
+        net = evaluate.inference_model(copy.deepcopy(entry["net"]), entry["settings"])
         entry["scores"] = evaluate.evaluate_dataset(net, entry["dataset"], workers=args.workers, **keywords)
     for entry in [] if args.no_speed else models:  # (b) speed and memory
         try:
