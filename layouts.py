@@ -245,4 +245,15 @@ def picture_names(files):
     common = os.path.commonpath([file.parent for file in absolute])
     names = [str(file.relative_to(common).with_suffix("")) for file in absolute]
     counts = collections.Counter(names)
-    return [name if counts[name] == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, files)]
+    names = [
+        name if counts[name] == 1 else f"{name}_{file.suffix[1:]}" for name, file in zip(names, absolute)
+    ]
+    # Any name still shared (x.png beside x_png.jpg) is numbered, never taking another file's name.
+    wanted, taken = set(names), set()
+    for index, name in enumerate(names):
+        number, candidate = 1, name
+        while candidate in taken or (number > 1 and candidate in wanted):
+            number, candidate = number + 1, f"{name}_{number + 1}"
+        names[index] = candidate
+        taken.add(candidate)
+    return names

@@ -782,6 +782,13 @@ def test_the_scores_go_beside_the_checkpoint_or_are_refused_before_any_work(
 # ---- --image: files, folders, patterns ---------------------------------------------------------
 
 
+def test_every_image_gets_a_name_of_its_own():
+    assert layouts.picture_names([Path("a/x.jpg"), Path("b/x.jpg")]) == ["a/x", "b/x"]
+    # x.png's name by its suffix would be x_png, x_png.jpg's own: it is numbered instead.
+    names = layouts.picture_names([Path("x.jpg"), Path("x.png"), Path("x_png.jpg"), Path("x_png_2.png")])
+    assert names == ["x_jpg", "x_png", "x_png_3", "x_png_2"]
+
+
 def write_picture(path, size=(33, 49), seed=0, **save_options):
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=generator).numpy()
