@@ -269,7 +269,8 @@ def recipe_of_run(args, world_size):
             "the learning rate. Pass a --min-lr below --lr (the recipe's is 1e-4 under 0.01)."
         )
     config.update(
-        data_root=data.data_root(args.dataset, args.data_root),  # the default: data/<dataset>
+        # The default: data/<dataset>. Absolute, so that evaluate.py finds the same files from anywhere.
+        data_root=os.path.abspath(data.data_root(args.dataset, args.data_root)),
         world_size=world_size,
         table_global_batch=row["global_batch"],
         global_batch=config["batch_size"] * world_size,

@@ -372,9 +372,12 @@ def fake_validation(scores, fail_at=None):
 def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling(toy_root, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="--reduce-zero-label is for --dataset folder; toy's labels"):
         train.main(toy_args(toy_root, tmp_path, "--reduce-zero-label"))
-    args = toy_args(toy_root, tmp_path, "--eval-interval", "2", "--context", "none", "--iters")
+    # The data root given relative to where the run starts is recorded absolute, for evaluate.py anywhere.
+    monkeypatch.chdir(Path(toy_root).parent)
+    args = toy_args(Path(toy_root).name, tmp_path, "--eval-interval", "2", "--context", "none", "--iters")
     monkeypatch.setattr(train, "validate", fake_validation([5.0, 10.0, 10.0]))  # iteration 1 again on resume
     train.main(args + ["1"])
+    assert torch.load(tmp_path / "iter_1.pth", weights_only=True)["recipe"]["data_root"] == toy_root
     args.append("2")
     # As if that run had read a folder dataset's labels with --reduce-zero-label: resuming without it
     # would shift every class by one.
