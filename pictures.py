@@ -340,7 +340,7 @@ def split_log(records):
     (a resumed run repeats the steps after its checkpoint) replaces the earlier."""
     training, validation = {}, {}
     for record in records:
-        if "iteration" in record:
+        if "iteration" in record and "event" not in record:  # events (a skipped step) have no figures
             (validation if "mIoU" in record else training)[record["iteration"]] = record
     return training, validation
 

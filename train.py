@@ -113,8 +113,8 @@ def main(argv=None):
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-            run.count_nonfinite_losses_or_exit(finite, iteration)
             iteration += 1
+            run.count_nonfinite_losses_or_exit(finite, iteration)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # honest step times (one sync per step costs little)
             step_time = time.perf_counter() - tick - data_time

@@ -61,7 +61,8 @@ def test_the_log_picture_plots_each_series_and_read_log_skips_a_torn_line(tmp_pa
     for colour in [(31, 119, 180), (158, 202, 225), (230, 85, 13), (49, 163, 84), (117, 107, 177)]:
         assert (picture == colour).all(axis=2).sum() > 20, colour  # each series is drawn
     # a repeated iteration is plotted once, with its later record
-    validations = pictures.split_log(read)[1]
+    training, validations = pictures.split_log(read + [dict(iteration=100, event="nonfinite_loss")])
+    assert training[100]["loss"] == 1.0 / 100  # an event of a step leaves its figures
     assert pictures.points(validations, "mIoU") == [(50, 30.0), (100, 50.0)]
     assert pictures.nice_ticks(0, 0.043) == [0, 0.01, 0.02, 0.03, 0.04]
     assert pictures.nice_ticks(0, 300) == [0, 50, 100, 150, 200, 250, 300]

@@ -196,9 +196,10 @@ def test_nonfinite_losses_skip_steps_then_stop(toy_root, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "segmentation_loss", lambda logits, labels: logits.sum() * float("nan"))
     args = toy_args(toy_root, tmp_path, "--iters", "10")
     args += ["--max-nonfinite", "3", "--eval-interval", "100"]
-    with pytest.raises(SystemExit, match="3 non-finite losses in a row at iteration 2"):
+    with pytest.raises(SystemExit, match="3 non-finite losses in a row at iteration 3"):
         train.main(args)
-    assert [r["iteration"] for r in read_log(tmp_path) if r.get("event") == "nonfinite_loss"] == [0, 1, 2]
+    # Numbered as every record of the log: by the steps done, the skipped one included.
+    assert [r["iteration"] for r in read_log(tmp_path) if r.get("event") == "nonfinite_loss"] == [1, 2, 3]
     assert not list(tmp_path.glob("*.pth"))
 
 
