@@ -468,7 +468,13 @@ def describe_setup(config):
 
 def load_imagenet(net, source, trust):
     try:
-        return checkpoints.load_checkpoint(net, source, trust=trust)
+        checkpoint = checkpoints.read_checkpoint(source, trust)
+        if any(key.startswith("backbone.") for key in checkpoints.extract_state_dict(checkpoint)):
+            raise ValueError(
+                f"{source} is a whole GCNet checkpoint, not an ImageNet backbone: pass it with --load-from "
+                "to start from all its weights"
+            )
+        return checkpoints.load_checkpoint(net, source, checkpoint)
     except checkpoints.DownloadFailed as error:
         raise SystemExit(
             f"--pretrained: {error}\nOr train without ImageNet weights with --pretrained none: that is not the "

@@ -628,6 +628,10 @@ def test_fine_tuning_an_official_19_class_checkpoint_on_the_5_class_toy_set(toy_
         SystemExit, match="it holds a gcnet model but this run builds a fcn one: pass --context gc"
     ):
         train.load_for_fine_tuning(model.GCNet(5, context="none"), str(official), trust=False)
+    with pytest.raises(
+        SystemExit, match="--pretrained: .* is a whole GCNet checkpoint, .* pass it with --load-from"
+    ):
+        train.load_imagenet(model.GCNet(19), str(official), trust=False)  # it loaded every weight, heads too
     work_dir = tmp_path / "run"
     args = toy_args(toy_root, work_dir, "--iters", "16", "--batch-size", "4", "--log-interval", "1")
     train.main(
