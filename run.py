@@ -147,7 +147,7 @@ class Run:
         """One all-reduce per step, so that all ranks step, skip or stop together: the mean loss
         (self.mean_loss), whether any rank asked to stop (self.stop_requested), and whether the loss is
         finite on every rank, which it returns."""
-        value = loss.item()
+        value, self.stop.training = loss.item(), True  # a stop from now on keeps the steps done
         flags = torch.tensor([value, not math.isfinite(value), self.stop.requested], device=loss.device)
         if self.world_size > 1:
             dist.all_reduce(flags)
@@ -496,16 +496,19 @@ def gather_rng_states():
 
 class StopRequest:
     """SIGTERM (cluster pre-emption, torchrun shutdown) or Ctrl-C: finish the step, checkpoint, exit.
-    The first Ctrl-C is acknowledged at once; a second one stops at once, in words."""
+    The first Ctrl-C is acknowledged at once; a second one stops at once, in words. Before the first
+    step (`training` still False: the data checks, a download) there is nothing to keep: it stops at once."""
 
     def __init__(self, restart="python train.py --resume"):
-        self.requested, self.pid, self.restart = False, os.getpid(), restart
+        self.requested, self.training, self.pid, self.restart = False, False, os.getpid(), restart
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
         if os.getpid() != self.pid:  # a forked child (a pool worker) inherited this: die as by default
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+        if not self.training:
+            raise SystemExit(f"\ntrain.py: stopped by {signal.Signals(signum).name} before training started")
         if self.requested and signum == signal.SIGINT:
             raise SystemExit(
                 f"\ntrain.py: stopped at once by a second Ctrl-C, without a checkpoint of the last steps; "

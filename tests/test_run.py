@@ -149,7 +149,12 @@ def test_the_stop_handler_lets_forked_children_die_and_is_put_back_after_a_run()
         os.kill(child, signal.SIGTERM)
         _, status = os.waitpid(child, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
-        os.kill(os.getpid(), signal.SIGTERM)  # in the process that made it: noted, the run goes on
+        # In the process that made it: before the first step, nothing to keep, so it stops at once ...
+        with pytest.raises(SystemExit, match="stopped by SIGTERM before training started"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert not stop.requested
+        stop.training = True  # ... and once steps are done it is noted: the step ends and is kept
+        os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
     finally:
         stop.restore()
@@ -179,6 +184,7 @@ def test_a_line_torn_by_a_crash_stays_alone_on_its_line(tmp_path):
 
 def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_in_words(capsys):
     stop = run.StopRequest("python train.py --iters 10 --resume")
+    stop.training = True  # steps are done
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested
