@@ -177,6 +177,11 @@ class Run:
                 total=self.config["iters"], initial=self.start, disable=self.rank != 0, dynamic_ncols=True
             )
             self.bar = self.cleanup.enter_context(bar)
+        logged = iteration % self.config["log_interval"] == 0 or iteration == self.config["iters"]
+        if finite and logged and self.world_size > 1:  # the heads' losses as `loss`: means over the ranks
+            heads = torch.stack([values["decode_loss"].detach(), values["aux_loss"].detach()])
+            dist.all_reduce(heads)  # (as mmseg v0.5.0 mmseg/models/segmentors/base.py _parse_losses does)
+            values = dict(values, decode_loss=heads[0] / self.world_size, aux_loss=heads[1] / self.world_size)
         if self.rank == 0 and finite:
             memory = runtime.peak_memory_gb(torch.device(self.config["device"]))
             self.bar.set_postfix(
@@ -186,7 +191,7 @@ class Run:
                 step=f"{values['step_time']:.2f}s",
                 mem=f"{memory:.1f}G",
             )
-            if iteration % self.config["log_interval"] == 0 or iteration == self.config["iters"]:
+            if logged:
                 numbers = {
                     key: value.item() if torch.is_tensor(value) else value for key, value in values.items()
                 }

@@ -273,6 +273,9 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
         checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"]
     )  # one stream per rank
     assert [r["iteration"] for r in read_log(tmp_path) if "mIoU" in r] == [2]
+    # Each logged loss is the mean over the two ranks, the heads' too: the total is still their sum.
+    for record in [r for r in read_log(tmp_path) if "loss" in r]:
+        assert record["loss"] == pytest.approx(record["decode_loss"] + 0.4 * record["aux_loss"], rel=1e-5)
     assert "broadcast_buffers" not in output  # torch 2.13's deprecation warning, once per rank
     assert re.search(
         r"machine: \d+ torch threads? per process \(\d+ usable cores shared by 2 processes\)", output
