@@ -520,7 +520,10 @@ def file_problem(path, kind):
     if image_format not in expected.split("/"):
         return f"cannot decode {kind} {path}: it is a {image_format} file, expected {expected}", None
     if {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(image_format, b"") not in tail:
-        return f"cannot decode {kind} {path}: the {image_format} file is truncated (no end marker)", None
+        try:  # data after the end (a phone's "motion photo" holds a video there): fine if it all decodes
+            decode_file(path, kind, "RGB" if kind == "image" else "UNCHANGED")
+        except ValueError:
+            return f"cannot decode {kind} {path}: the {image_format} file is truncated (no end marker)", None
     # Even a one-colour JPEG takes a byte per 100 pixels; a header that declares far more is a cut file.
     if image_format == "JPEG" and size[0] * size[1] > 512 * os.path.getsize(path):
         declared = f"{size[0]}x{size[1]} pixels in {os.path.getsize(path):,} bytes"

@@ -209,6 +209,23 @@ def test_a_1_bit_label_reads_as_0_and_1_and_a_1_bit_image_as_black_and_white(tmp
     assert data.read_image(tmp_path / "mask.png").tolist() == [(mask * 255).tolist()] * 3
 
 
+def test_a_photo_with_data_after_its_end_is_whole(tmp_path):
+    save(tmp_path / "motion.jpg", random_image(0))
+    with open(tmp_path / "motion.jpg", "ab") as file:  # a phone's motion photo: a video after the JPEG
+        file.write(bytes(range(256)) * 200)
+    assert data.file_problem(tmp_path / "motion.jpg", "image") == (None, (WIDTH, HEIGHT))
+    assert data.read_image(tmp_path / "motion.jpg").shape == (3, HEIGHT, WIDTH)
+    # A PNG without its last chunk (IEND) but with all its pixels is whole too; half of one is not.
+    save(tmp_path / "label.png", random_label(0, 3))
+    whole = (tmp_path / "label.png").read_bytes()
+    (tmp_path / "label.png").write_bytes(whole[:-12])
+    assert data.file_problem(tmp_path / "label.png", "label") == (None, (WIDTH, HEIGHT))
+    (tmp_path / "label.png").write_bytes(whole[: len(whole) // 2])
+    assert (
+        "the PNG file is truncated (no end marker)" in data.file_problem(tmp_path / "label.png", "label")[0]
+    )
+
+
 def test_collate_val_handles_different_sizes():
     def item(height, width):
         return [torch.zeros(3, height, width)], torch.zeros(height, width, dtype=torch.long), dict(name="x")
@@ -763,10 +780,6 @@ def declaring_8000(path):  # a JPEG whose header says 8000x8000, its data that o
     path.write_bytes(bytes(content))
 
 
-def without_end(path):  # a PNG without its IEND chunk
-    path.write_bytes(path.read_bytes()[:-12])
-
-
 def declaring(size):
     """A PNG header that declares size x size pixels: a small file that asks for gigabytes."""
 
@@ -805,7 +818,7 @@ FIXTURES = {  # the fixtures beside MAKE's: (dataset, how it is written)
 CITY_VAL = "gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png"
 ADE_VAL = "annotations/validation/ADE_valid_0000000{}.png"
 TXT = "classes.txt"
-TRUNCATED = {"images/val/photo1.jpg": cut_in_half, "labels/val/photo0.png": without_end}
+TRUNCATED = {"images/val/photo1.jpg": cut_in_half, "labels/val/photo0.png": cut_in_half}
 TOO_LARGE = {"images/train/photo0.png": declaring(20000), "labels/train/photo1.png": declaring(9000)}
 
 # case: (fixture, split, {file under the root: new content}, the item read (None: the build fails), error)
