@@ -344,8 +344,9 @@ def decode_file(path, kind, mode, upright=False):
         # reads), unless it is larger than any image we decode.
         contents = io.BytesIO(Path(path).read_bytes()) if os.path.getsize(path) < 2**28 else None
         with open_header(path, kind, contents) as picture:
-            if picture.format != "PNG":  # torchvision 0.29 marks its codecs deprecated (for TorchCodec)
-                vision = torchvision_io()
+            # torchvision does not turn a WebP by its EXIF orientation: Pillow decodes those photos.
+            if picture.format != "PNG" and not (upright and picture.format == "WEBP"):
+                vision = torchvision_io()  # 0.29 marks its codecs deprecated (for TorchCodec)
                 with warnings.catch_warnings(), what_libjpeg_says() as said:
                     warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
                     encoded, mode = vision.read_file(str(path)), vision.ImageReadMode[mode]

@@ -245,6 +245,9 @@ def test_read_image_can_apply_exif_orientation(tmp_path):
     photo.save(tmp_path / "phone.jpg", exif=exif)
     assert data.read_image(tmp_path / "phone.jpg").shape == (3, 20, 30)  # datasets: as stored
     assert data.read_image(tmp_path / "phone.jpg", upright=True).shape == (3, 30, 20)
+    photo.save(tmp_path / "phone.webp", exif=exif, lossless=True)
+    assert data.read_image(tmp_path / "phone.webp").shape == (3, 20, 30)
+    assert data.read_image(tmp_path / "phone.webp", upright=True).shape == (3, 30, 20)
 
 
 def test_test_split_has_no_labels_and_reduce_zero_label_can_be_chosen(tmp_path):
