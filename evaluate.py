@@ -462,7 +462,7 @@ def build_split(info, settings, checkpoint):
         if Path(root).is_dir():  # the root is there, a split or file of it is not: the error says which
             raise
         raise FileNotFoundError(
-            f"{error}\n{checkpoint} holds a {name} model and this looked in the data root {root}, "
+            f"{error}\n{checkpoint} holds a {info['dataset'] or name} model; this looked for {name} in {root}, "
             f"{settings['data_root_from']}: pass --data-root with the folder of its data (and --dataset "
             "if it is another dataset with the same classes)."
         ) from None

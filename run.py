@@ -117,7 +117,7 @@ class Run:
                 f"--resume {path}: that run trains a {recipe.method_name(block)} model, this command a "
                 f"{recipe.method_name(self.config['block'])} one. Pass {recipe.block_flags(block)} to continue it."
             )
-        for key in ("crop_size", "scale", "iters", "global_batch", "lr", "precision"):
+        for key in ("crop_size", "scale", "iters", "global_batch", "lr", "precision", "seed"):  # not exact
             if theirs.get(key) != self.config[key]:
                 runtime.say(
                     f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has {theirs.get(key)}"

@@ -727,8 +727,13 @@ def test_evaluate_reads_the_data_where_the_run_did_and_names_the_flag_when_it_is
     ]:
         with pytest.raises(FileNotFoundError) as stop:
             split_of(tiny_checkpoint, info, *flags)
-        looked = f"holds a folder model and this looked in the data root {root}, {whose}: pass --data-root"
+        looked = f"holds a folder model; this looked for folder in {root}, {whose}: pass --data-root"
         assert looked in str(stop.value)
+    # --dataset another: the model is still named as the checkpoint's own.
+    with pytest.raises(
+        FileNotFoundError, match=r"holds a folder model; this looked for cityscapes in \S*nowhere"
+    ):
+        split_of(tiny_checkpoint, info, "--dataset", "cityscapes", "--data-root", str(tmp_path / "nowhere"))
 
 
 def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(

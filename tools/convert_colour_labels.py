@@ -172,7 +172,7 @@ def build_parser():
         action="append",
         default=[],
         metavar=("R", "G", "B"),
-        help=f"a colour that means 'ignore' (written as {data.IGNORE_INDEX}); repeat for several",
+        help=f"a colour that means 'ignore' (written as {data.IGNORE_INDEX}, or 0 with `label0: ignore`); repeat",
     )
     parser.add_argument("--overwrite", action="store_true", help="convert files that exist again")
     workers = min(4, runtime.usable_cores())
