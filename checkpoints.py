@@ -19,7 +19,6 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,13 @@ UNSAFE = "unsafe value"  # starts every refusal of the stand-ins, found again in
 def checked_dtype(dtype):
     """A dtype as numpy writes it for numbers and strings; not objects, records or a doctored copy."""
     plain = np.dtype(dtype.str) if isinstance(dtype, np.dtype) and dtype.kind in "biufcSU" else None
-    if plain is None or dtype.hasobject or dtype.fields or dtype.subdtype or dtype.itemsize > 1 << 16:
+    if (
+        plain is None
+        or dtype.hasobject
+        or dtype.fields
+        or dtype.subdtype
+        or not 0 < dtype.itemsize <= 1 << 16
+    ):
         raise pickle.UnpicklingError(f"{UNSAFE}: a numpy dtype {dtype!r} (objects, records or huge items)")
     if (dtype.flags, dtype.itemsize, dtype.alignment) != (plain.flags, plain.itemsize, plain.alignment):
         raise pickle.UnpicklingError(f"{UNSAFE}: a numpy dtype with a doctored state")
@@ -59,7 +64,7 @@ def checked_dtype(dtype):
 
 def numpy_dtype(spec, align=False, copy=True):
     """Stands in for numpy.dtype, which numpy pickles call as dtype('f8', False, True)."""
-    if not (isinstance(spec, str) and re.fullmatch(r"[<>|=]?[biufcSU]\d{1,6}", spec)):
+    if not (isinstance(spec, str) and re.fullmatch(r"[<>|=]?[biufcSU][1-9]\d{0,5}", spec)):
         raise pickle.UnpicklingError(f"{UNSAFE}: a numpy dtype {spec!r}")
     return checked_dtype(np.dtype(spec, bool(align), bool(copy)))
 
@@ -75,6 +80,7 @@ class CheckedArray(np.ndarray):
         _, shape, dtype, fortran, raw = state if isinstance(state, tuple) and len(state) == 5 else [None] * 5
         raw = raw.encode("latin1") if isinstance(raw, str) else raw  # as numpy reads Python 2 pickles
         sizes_ok = isinstance(shape, tuple) and all(type(size) is int and size >= 0 for size in shape)
+        sizes_ok = sizes_ok and math.prod(shape) <= MAX_META_ARRAY_BYTES  # items of 0 bytes are refused too
         nbytes = math.prod(shape) * checked_dtype(dtype).itemsize if sizes_ok else -1
         if not (0 <= nbytes <= MAX_META_ARRAY_BYTES and isinstance(raw, bytes) and len(raw) == nbytes):
             raise pickle.UnpicklingError(f"{UNSAFE}: a numpy array whose size is not its data's")
@@ -104,8 +110,11 @@ NUMPY_SAFE_GLOBALS = (
     ]
     + list({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"} - {np.dtype})  # a dtype's state
 )
-# torch's weights_only unpickler allows bytearray itself, and bytearray(10**9) allocates a gigabyte.
-REFUSED_GLOBALS = {"builtins.bytearray", "__builtin__.bytearray"}
+# torch's weights_only unpickler allows bytearray, the tensor classes (torch.Tensor, torch.FloatTensor,
+# torch.cuda.HalfTensor...) and UntypedStorage, and each makes its whole size from one number in the
+# file: bytearray(10**9) or torch.FloatTensor(2**28) allocates a gigabyte. torch.save never writes them.
+REFUSED_GLOBALS = {"builtins.bytearray", "__builtin__.bytearray", "torch.storage.UntypedStorage"}
+REFUSED_GLOBAL = re.compile(r"torch\.((cuda\.)?(sparse\.)?\w*Tensor|UntypedStorage)")
 # What else torch's weights_only unpickler allows besides torch's own names (protocol 2 pickles bytes
 # through _codecs.encode): named in no refusal.
 HARMLESS_GLOBALS = {"collections.OrderedDict", "_codecs.encode"} | {
@@ -132,10 +141,10 @@ def read_checkpoint(path_or_url, trust=False):
     if trust:
         print(f"WARNING: --trust-checkpoint: unpickling {source} fully; code in it can run.", file=sys.stderr)
     found = set() if trust else globals_in(local)
-    if found & REFUSED_GLOBALS:
+    builds = sorted(name for name in found if name in REFUSED_GLOBALS or REFUSED_GLOBAL.fullmatch(name))
+    if builds:
         raise ValueError(
-            f"refusing to load {source}: it builds {', '.join(sorted(found & REFUSED_GLOBALS))}, which can "
-            "ask for any amount of memory"
+            f"refusing to load {source}: it builds {', '.join(builds)}, which can ask for any amount of memory"
         )
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
@@ -196,10 +205,11 @@ def stored_plainly(tensor):
 def globals_in(path):
     """The names of the globals the pickles of a checkpoint use, read without unpickling (none for a
     damaged file: torch.load says what is wrong)."""
-    if not zipfile.is_zipfile(path):
-        if not os.path.isfile(path):
-            return set()
-        with open(path, "rb") as file:
+    if not os.path.isfile(path):
+        return set()
+    with open(path, "rb") as file:  # a zip archive as torch.load tells one: by its first bytes, not its end
+        if file.read(4) != b"PK\x03\x04":
+            file.seek(0)
             return pickle_globals(file)
     try:  # torch's own zip reader: torch.save may leave the CRC-32s out, which zipfile insists on
         archive = torch._C.PyTorchFileReader(str(path))
@@ -530,8 +540,10 @@ def checkpoint_info(path_or_url, checkpoint=None):
             info[key] = ours.get(key)
         info["crop_size"] = tuple(ours["crop_size"]) if ours.get("crop_size") else None
     else:  # an official one: the row is named in the file name (or the meta's exp_name)
-        row = recipe.row_of_config_name(f"{meta.get('exp_name', '')} {path_or_url}")
-        config_text = str(meta.get("config", ""))
+        exp_name, config_text = (
+            meta.get(key) if isinstance(meta.get(key), str) else "" for key in ("exp_name", "config")
+        )
+        row = recipe.row_of_config_name(f"{exp_name} {path_or_url}")
         if row is not None:
             if row["block"] != info["block"]:
                 raise ValueError(
@@ -554,11 +566,34 @@ def checkpoint_info(path_or_url, checkpoint=None):
         # Ours record their recipe; older ones lack some keys (the test scale): the row fills them.
         row = recipe.row(info["dataset"], info["crop_size"], depth=info["depth"], block=info["block"])
         info["row"] = {**row, **(ours or {}), "block": info["block"]}
-    if meta.get("CLASSES") is not None:
-        info["classes"] = [str(c) for c in meta["CLASSES"]]
-    if meta.get("PALETTE") is not None:
-        info["palette"] = [[int(v) for v in color] for color in meta["PALETTE"]]
+    info["classes"] = meta_list(meta, "CLASSES", "class names", is_name, path_or_url)
+    palette = meta_list(meta, "PALETTE", "colours R G B", is_colour, path_or_url)
+    info["palette"] = palette and [[int(v) for v in colour] for colour in palette]
     return info
+
+
+def is_name(value):
+    return isinstance(value, str) and len(value) <= 1000
+
+
+def is_colour(value):
+    three = isinstance(value, (list, tuple)) and len(value) == 3
+    return three and all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in value)
+
+
+def meta_list(meta, key, what, is_item, path_or_url):
+    """meta[key] as a list of at most MAX_CLASSES items that pass is_item, or None. Anything else (such
+    as lists that share one list many times over, to grow a thousandfold when printed) is refused."""
+    value = meta.get(key)
+    value = value.tolist() if isinstance(value, np.ndarray) else value
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) <= MAX_CLASSES and all(map(is_item, value))):
+        raise ValueError(
+            f"{path_or_url}: its meta {key} is not a list of at most {MAX_CLASSES} {what}: the file is "
+            "damaged or was written by another program"
+        )
+    return list(value)
 
 
 # What best.pth records of the validation that scored it (validation_settings), in the names of

@@ -219,19 +219,23 @@ def test_fine_tuning_loads_all_but_the_classifiers_of_another_class_count(tmp_pa
 # ---- a small file cannot demand gigabytes, and downloads are what they say -------------------------
 
 
-def numpy_object_array_checkpoint(path, count):
-    """A 1 KB checkpoint whose meta is a numpy object array of `count` elements, as numpy pickles one
-    (numpy zero-fills every element before it reads the values) without the dtype state that would
-    need ObjectDType: what a hostile file does to get past an allow-list of numpy names."""
+def text(value):
+    return b"X" + struct.pack("<I", len(value)) + value.encode()  # a protocol 2 pickle's string
 
-    def text(value):
-        return b"X" + struct.pack("<I", len(value)) + value.encode()
 
-    dtype = b"cnumpy\ndtype\n(" + text("O8") + b"\x89\x88tR"  # numpy.dtype('O8', False, True)
+def numpy_array_checkpoint(path, count, dtype="O8", data=b"]"):
+    """A 1 KB checkpoint whose meta is a numpy array of `count` elements as numpy pickles one (numpy
+    allocates every element before it reads the values): an object array without the dtype state that
+    would need ObjectDType, or one of 0-byte strings, what hostile files do to pass an allow-list."""
+    dtype = b"cnumpy\ndtype\n(" + text(dtype) + b"\x89\x88tR"  # numpy.dtype('O8', False, True)
     code = b"c_codecs\nencode\n(" + text("b") + text("latin1") + b"tR"  # b'b', as protocol 2 writes bytes
     empty = b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00t" + code + b"tR"
-    state = b"(K\x01(\x8a\x08" + count.to_bytes(8, "little") + b"t" + dtype + b"\x89]tb"
-    pickled = b"\x80\x02}" + text("meta") + empty + state + b"s" + text("state_dict") + b"}s."
+    state = b"(K\x01(\x8a\x08" + count.to_bytes(8, "little") + b"t" + dtype + b"\x89" + data + b"tb"
+    write_pickle(path, b"\x80\x02}" + text("meta") + empty + state + b"s" + text("state_dict") + b"}s.")
+
+
+def write_pickle(path, pickled):
+    """`pickled` as the data.pkl of a torch.save archive."""
     writer = torch._C.PyTorchFileWriter(str(path))
     for name, record in (("data.pkl", pickled), (".format_version", b"1"), ("byteorder", b"little")):
         writer.write_record(name, record, len(record))
@@ -239,7 +243,18 @@ def numpy_object_array_checkpoint(path, count):
 
 
 def test_small_files_that_ask_for_gigabytes_are_refused_before_anything_is_allocated(tmp_path):
-    numpy_object_array_checkpoint(tmp_path / "object_array.pth", 10**8)  # before: 800 MB, then a segfault
+    numpy_array_checkpoint(tmp_path / "object_array.pth", 10**8)  # before: 800 MB, then a segfault
+    no_bytes = b"c_codecs\nencode\n(" + text("") + text("latin1") + b"tR"
+    numpy_array_checkpoint(tmp_path / "empty_strings.pth", 10**12, "S0", no_bytes)  # 0 bytes of data each
+    # Tensor classes called with a number make the tensor from it (torch.save never writes them).
+    legacy = b"ctorch\nFloatTensor\n(\x8a\x08" + (2**28).to_bytes(8, "little") + b"tR"
+    write_pickle(
+        tmp_path / "tensor_class.pth", b"\x80\x02}" + text("state_dict") + b"}" + text("w") + legacy + b"ss."
+    )
+    # An old-format file with a zip archive after it: torch reads it as the old format it starts as.
+    torch.save({"meta": bytearray(16)}, tmp_path / "polyglot.pth", _use_new_zipfile_serialization=False)
+    with zipfile.ZipFile(tmp_path / "polyglot.pth", "a") as archive:
+        archive.writestr("x.txt", "a zip archive at the end")
     expanded = torch.zeros(1).expand(10**9)  # 4 bytes in the file, 10^9 elements to the NaN check
     torch.save({"state_dict": {"w": expanded}}, tmp_path / "stride_0.pth")
     classifier = {"decode_head.conv_seg.weight": torch.zeros(1, 1, 1, 1).expand(4_000_000, 512, 1, 1)}
@@ -250,6 +265,9 @@ def test_small_files_that_ask_for_gigabytes_are_refused_before_anything_is_alloc
         "stride_0.pth": "a tensor of shape [1000000000] is not stored in the file as a plain array",
         "classes_expanded.pth": "a tensor of shape [4000000, 512, 1, 1] is not stored",
         "bytearray.pth": "bytearray, which can ask for any amount of memory",
+        "empty_strings.pth": "a numpy dtype 'S0'",
+        "tensor_class.pth": "it builds torch.FloatTensor, which can ask for any amount of memory",
+        "polyglot.pth": "bytearray, which can ask for any amount of memory",
     }
     for name, words in refusals.items():
         assert (tmp_path / name).stat().st_size < 5000, name
@@ -263,6 +281,14 @@ def test_small_files_that_ask_for_gigabytes_are_refused_before_anything_is_alloc
         checkpoints.checkpoint_info(tmp_path / "classes_empty.pth")
     with pytest.raises(ValueError, match="conv_seg.weight has 4000000 classes"):
         checkpoints.load_checkpoint(GCNet(3), tmp_path / "classes_empty.pth")
+    # Class names that share one list many times over: small in the file, 10^8 names when printed.
+    shared = [[["abcdefgh"] * 1000] * 1000] * 100
+    torch.save({"state_dict": net, "meta": {"CLASSES": shared}}, tmp_path / "shared_lists.pth")
+    with pytest.raises(ValueError, match="meta CLASSES is not a list of at most 255 class names"):
+        checkpoints.checkpoint_info(tmp_path / "shared_lists.pth")
+    torch.save({"state_dict": net, "meta": {"PALETTE": [1, 2, 3]}}, tmp_path / "flat_palette.pth")
+    with pytest.raises(ValueError, match="meta PALETTE is not a list of at most 255 colours R G B"):
+        checkpoints.checkpoint_info(tmp_path / "flat_palette.pth")
     # What official files hold still loads: numpy scalars and arrays, views that share a storage.
     shared = torch.arange(12.0).view(3, 4)
     meta = {"seed": np.int64(3), "PALETTE": np.array([[1, 2, 3]], np.uint8), "names": np.array(["a", "bc"])}
