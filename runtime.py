@@ -36,7 +36,8 @@ def add_arguments(parser):
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
-        help="fp32 = IEEE float32 (TF32 off); auto: bf16 where the hardware has it, else fp32",
+        help="fp32 = IEEE float32 (TF32 off); auto: bf16 where the hardware has it, else fp16 on a GPU "
+        "and fp32 on a CPU",
     )
     group.add_argument(
         "--channels-last",
@@ -101,7 +102,8 @@ def resolve_precision(flag, device, auto="native"):
     if auto == "fp32":
         return "fp32"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Emulated bf16 (a V100's, a T4's) is what torch reports by default: native only, else fp16.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     # Emulated bf16 is slower than fp32, so bf16 only where the CPU computes it natively.
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     native = native or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()

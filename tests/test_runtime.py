@@ -23,6 +23,11 @@ def test_precision_flags_resolve_by_hardware_and_by_choice():
     assert runtime.resolve_precision("auto", CPU) in ("bf16", "fp32")
     with pytest.raises(ValueError, match="--precision fp16 needs a CUDA device"):
         runtime.resolve_precision("fp16", CPU)
+    # A GPU that emulates bf16 (a V100, the table's) trains in fp16: torch counts emulation by default.
+    emulating = lambda including_emulation=True: including_emulation  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_bf16_supported", emulating)
+        assert runtime.resolve_precision("auto", torch.device("cuda")) == "fp16"
     assert runtime.resolve_channels_last(None, CPU, "bf16") is True
     assert runtime.resolve_channels_last(None, CPU, "fp32") is False
     assert runtime.resolve_channels_last(False, torch.device("cuda"), "bf16") is False
