@@ -725,7 +725,7 @@ def build_parser():
     what = "also the peak memory of an evaluate.py --ms-flip prediction (default: on CUDA; slow on a CPU)"
     add("--ms-flip", action=argparse.BooleanOptionalAction, help=what)
     add("--wide", action="store_true", help="print every figure (the JSON has them all)")
-    add("--out", default="benchmark.json", help="where the JSON results go")
+    add("--out", type=runtime.writable_path("file"), default="benchmark.json", help="where the JSON goes")
     runtime.add_arguments(parser)
     return parser
 

@@ -245,6 +245,7 @@ REFUSED = [
     ),
     (["--context", "none", "--gc-pooling", "avg"], "--gc-pooling and --gc-fusion switch the GC block"),
     (["--device", "cpu", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
+    (["--out", "tests"], "argument --out: tests is a directory; pass a file name"),  # not after the run
     (
         ["--train-crop", "8", "--train-batch", "1"],
         "--train-crop 8x8 at --train-batch 1 leaves training BatchNorm",
