@@ -101,6 +101,10 @@ def test_prepare_voc12aug_names_a_bad_mat_file(tmp_path):
     scipy_io.savemat(tmp_path / "x.mat", {"GTinst": {"Segmentation": np.zeros((2, 2))}})
     with pytest.raises(ValueError, match=r"x\.mat has no GTcls struct \(found \['GTinst'\]\)"):
         prepare_datasets.read_sbd_segmentation(tmp_path / "x.mat")
+    for name, content in (("empty.mat", b""), ("page.mat", b"<html>not found</html>" * 10)):
+        (tmp_path / name).write_bytes(content)  # a download cut short, or an error page
+        with pytest.raises(ValueError, match=rf"{name} is not a readable \.mat file \("):
+            prepare_datasets.read_sbd_segmentation(tmp_path / name)
 
 
 def test_the_script_finds_data_py_by_itself(tmp_path, monkeypatch, capsys):

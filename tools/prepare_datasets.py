@@ -113,7 +113,11 @@ def import_loadmat():
 def read_sbd_segmentation(path):
     """The class-index map of an SBD cls/*.mat file: the field Segmentation of its struct GTcls.
     scipy's loadmat reads MATLAB data only (no code runs)."""
-    contents = import_loadmat()(path, squeeze_me=True, struct_as_record=False)
+    loadmat = import_loadmat()
+    try:
+        contents = loadmat(path, squeeze_me=True, struct_as_record=False)
+    except Exception as error:  # an empty, cut or foreign file: scipy's errors are of many kinds
+        raise ValueError(f"{path} is not a readable .mat file ({error}); download SBD again") from None
     if "GTcls" not in contents:
         keys = sorted(key for key in contents if not key.startswith("__"))
         raise ValueError(
@@ -279,7 +283,7 @@ def main(argv=None):
             prepare_decoded(args.name, args.root, args.splits, args.workers)
         else:
             prepare_voc12aug(args.devkit, args.sbd_root, args.workers)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError) as error:  # OSError: a read-only folder, a full disk
         sys.exit(f"error: {error}")
 
 
