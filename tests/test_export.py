@@ -14,8 +14,10 @@ from model import GCNet
 from tools import export
 
 
-def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, randomize, capsys):
+def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, randomize, capsys, monkeypatch):
     net = randomize(GCNet(19).eval())
+    real_export, programs = export.export, []
+    monkeypatch.setattr(export, "export", lambda *args: programs.append(real_export(*args)) or programs[-1])
     # an official file's name: the tool reads the row (Cityscapes 512x1024) from it, as evaluate.py does
     source = tmp_path / "gcnet_r50-d8_512x1024_40k_cityscapes_20200618_074450-ef8f069b.pth"
     torch.save({"state_dict": net.state_dict(), "meta": {}}, source)
@@ -42,6 +44,23 @@ def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, rand
         assert torch.allclose(program(image), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(SystemExit, match="exists: pass another path, or --overwrite"):
         export.main([str(source), str(out)])
+    # --overwrite with an export that fails its check: the good file stays, and no half one beside it.
+    good = out.read_bytes()
+    # The README's way to load it without this repository: those lines copied, with four imports.
+    source_code = Path(export.__file__).read_text()
+    copied = source_code[source_code.index("ARCHIVE_FILES = ") : source_code.index("def check(")]
+    alone = {}
+    exec("import io, json, re, torch\n" + copied, alone)
+    assert alone["archive_problems"](out) == []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "export", lambda *args: programs[0])  # traced once is enough
+        patch.setattr(torch, "allclose", lambda *args, **kwargs: False)
+        with pytest.raises(
+            SystemExit, match="differ from the model's at 64x96.*a file already there is kept"
+        ):
+            export.main([str(source), str(out), "--overwrite", "--check-sizes", "64x96", "64x96"])
+    assert out.read_bytes() == good
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([source.name, out.name])
     with pytest.raises(SystemExit, match="--check-sizes 16x16: each side must be 32..8192"):
         export.main([str(source), str(tmp_path / "small.pt2"), "--check-sizes", "16", "64"])
     with pytest.raises(SystemExit, match="name the file .pt2"):

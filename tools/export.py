@@ -9,7 +9,8 @@ the bounds printed). It also holds gcnet.json: the class names and colours, and 
 align_corners of the checkpoint's recipe. After writing, the file is loaded back and its logits are
 compared with the model's at two image sizes (--check-sizes); a difference stops with an error.
 
-Load it elsewhere with torch only, through load_exported (copy the function: it needs torch, json and re):
+Load it elsewhere with torch only, through load_exported (copy the lines from ARCHIVE_FILES to load_exported,
+with `import io, json, re, torch`):
 
     extra = {"gcnet.json": ""}
     program = load_exported("gcnet_toy.pt2", extra_files=extra)
@@ -143,7 +144,8 @@ def check(path, segmenter, sizes):
             ours, theirs = segmenter(image), reloaded(image)
         if theirs.shape != ours.shape:
             raise SystemExit(
-                f"export.py: {path} gives logits {tuple(theirs.shape)} at {size}, the model {tuple(ours.shape)}"
+                f"export.py: the exported program gives logits {tuple(theirs.shape)} at {size}, the model "
+                f"{tuple(ours.shape)}; nothing was written"
             )
         difference = (theirs - ours).abs().max().item()
         same = (theirs.argmax(1) == ours.argmax(1)).float().mean().item()
@@ -151,8 +153,8 @@ def check(path, segmenter, sizes):
         if not torch.allclose(theirs, ours, rtol=1e-4, atol=1e-4):
             raise SystemExit(
                 f"export.py: the exported program's logits differ from the model's at {size[0]}x{size[1]}: "
-                f"largest difference {difference:.3g}, {same:.4%} of the pixels get the same class. "
-                f"{path} is written but not to be trusted; please report this with your torch version."
+                f"largest difference {difference:.3g}, {same:.4%} of the pixels get the same class. Nothing "
+                "was written (a file already there is kept); please report this with your torch version."
             )
     return reloaded, json.loads(extra["gcnet.json"]), found
 
@@ -218,11 +220,11 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     with runtime.written_atomically(out, suffix=".pt2") as temporary:  # torch.export wants a .pt2 name
         torch.export.save(program, str(temporary), extra_files={"gcnet.json": json.dumps(about)})
+        reloaded, about, found = check(temporary, segmenter, sizes)  # before it replaces a file at `out`
     print(
         f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s: "
         f"{len(about['classes'])} classes; batch 1..{MAX_BATCH}, height and width {MIN_SIDE}..{MAX_SIDE}"
     )
-    reloaded, about, found = check(out, segmenter, sizes)
     for (height, width), difference, same in found:
         print(
             f"reloaded and checked at {height}x{width}: largest logit difference {difference:.2g}, "
