@@ -543,12 +543,15 @@ def checkpoint_info(path_or_url, checkpoint=None):
         exp_name, config_text = (
             meta.get(key) if isinstance(meta.get(key), str) else "" for key in ("exp_name", "config")
         )
-        row = recipe.row_of_config_name(f"{exp_name} {path_or_url}")
+        # The meta's name first, then the file's own, then its folders'.
+        row = recipe.row_of_config_name(f"{exp_name} {os.path.basename(str(path_or_url))} {path_or_url}")
         if row is not None:
-            if row["block"] != info["block"]:
+            named = (recipe.method_name(row["block"]), row["depth"])
+            if named != (recipe.method_name(info["block"]), info["depth"]):
                 raise ValueError(
-                    f"{path_or_url}: its name says {recipe.method_name(row['block'])} but its weights hold a "
-                    f"{recipe.method_name(info['block'])} model: the file was renamed or is damaged"
+                    f"{path_or_url}: its name says {named[0]} R-{named[1]}-D8 but its weights hold a "
+                    f"{recipe.method_name(info['block'])} R-{info['depth']}-D8 model: the file was renamed or "
+                    "is damaged"
                 )
             info.update(config_name=row["config_name"], dataset=row["dataset"], crop_size=row["crop_size"])
         crop_match = re.search(r"crop_size\s*=\s*\((\d+),\s*(\d+)\)", config_text)

@@ -230,8 +230,15 @@ def test_the_three_layouts_load_strictly_by_their_keys(tmp_path):
         assert torch.equal(loaded(x), nets["gc-avg-mul"](x))
     renamed = tmp_path / OFFICIAL_NAMES["nonlocal"].replace("20200605", "x")
     torch.save({"state_dict": nets["none"].state_dict()}, renamed)
-    with pytest.raises(ValueError, match="its name says nonlocal but its weights hold a fcn model"):
+    with pytest.raises(ValueError, match="its name says nonlocal R-50-D8 but its weights hold a fcn R-50-D8"):
         checkpoints.checkpoint_info(str(renamed))
+    # The depth too; and the file's own name counts before its folder's.
+    folder = tmp_path / OFFICIAL_NAMES["none"].removesuffix(".pth")
+    folder.mkdir()
+    deeper = folder / OFFICIAL_NAMES["nonlocal"].replace("r50", "r101")
+    torch.save({"state_dict": nets["nonlocal"].state_dict()}, deeper)
+    with pytest.raises(ValueError, match="says nonlocal R-101-D8 but its weights hold a nonlocal R-50-D8"):
+        checkpoints.checkpoint_info(str(deeper))
 
 
 def test_options_are_checked_and_the_pictures_name_each_blocks_map():
