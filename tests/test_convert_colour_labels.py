@@ -65,9 +65,11 @@ def test_label0_ignore_writes_classes_from_1_and_the_ignore_colour_as_0(tmp_path
 def test_unknown_colours_are_named_with_file_and_pixel_count(tmp_path, capsys):
     folder_dataset(tmp_path)  # white is not declared: both its pixels in a.png are unknown
     save_rgb(tmp_path / "labels_colour" / "train" / "c.png", [[(1, 2, 3)] * 3, [(1, 2, 3), WHITE, ROAD]])
+    (tmp_path / "labels_colour" / "train" / "d.png").write_bytes(b"<html>")  # a damaged file: named too
     with pytest.raises(SystemExit) as raised:
         convert.main([str(tmp_path), "--workers", "1"])
     message = str(raised.value)
+    assert "cannot decode image" in message and "d.png" in message and "1 files cannot be read" in message
     assert (
         f"{tmp_path / 'labels_colour' / 'train' / 'a.png'}: 1 unknown colour: RGB 255 255 255 (1 px)"
         in message
@@ -75,7 +77,7 @@ def test_unknown_colours_are_named_with_file_and_pixel_count(tmp_path, capsys):
     assert "c.png: 2 unknown colours: RGB 1 2 3 (4 px), RGB 255 255 255 (1 px)" in message
     assert "2 files have colours that are not in" in message and "--ignore-colour R G B" in message
     assert (
-        "1 converted, 0 skipped (exist; --overwrite converts them again), 2 failed" in capsys.readouterr().out
+        "1 converted, 0 skipped (exist; --overwrite converts them again), 3 failed" in capsys.readouterr().out
     )
     assert [path.name for path in (tmp_path / "labels").rglob("*.png")] == [
         "b.png"

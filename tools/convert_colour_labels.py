@@ -99,7 +99,11 @@ def describe_unknown(path, colours):
 def convert_file(source, target, overwrite, table):
     if target.exists() and not overwrite:
         return "skipped", None
-    labels, unknown = convert_image(data.read_image(source), table)
+    try:
+        image = data.read_image(source)
+    except ValueError as error:  # a damaged file: named at the end with the others, which go on
+        return "unreadable", str(error)
+    labels, unknown = convert_image(image, table)
     if unknown:
         return "failed", describe_unknown(source, unknown)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +153,11 @@ def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, w
         outcomes = pool.imap(_convert_in_pool, jobs, chunksize=4) if pool else sequential
         outcomes = list(tqdm(outcomes, total=len(jobs), desc=f"{src} -> {dst}", unit="file"))
     counts = Counter(status for status, _ in outcomes)
-    failed = [message for status, message in outcomes if status == "failed"]
-    return dict(converted=counts["converted"], skipped=counts["skipped"], failed=failed, classes=classes)
+    failed, unreadable = (
+        [message for status, message in outcomes if status == kind] for kind in ("failed", "unreadable")
+    )
+    results = dict(converted=counts["converted"], skipped=counts["skipped"], classes=classes)
+    return dict(results, failed=failed, unreadable=unreadable)
 
 
 def build_parser():
@@ -199,17 +206,22 @@ def main(argv=None):
         results = convert_folder(src, dst, classes_file, args.ignore_colour, args.overwrite, args.workers)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
-    failed = results["failed"]
+    failed, unreadable = results["failed"], results["unreadable"]
     print(
         f"{results['converted']} converted, {results['skipped']} skipped (exist; --overwrite converts them "
-        f"again), {len(failed)} failed, into {dst} ({len(results['classes'])} classes from {classes_file})"
+        f"again), {len(failed) + len(unreadable)} failed, into {dst} ({len(results['classes'])} classes from "
+        f"{classes_file})"
     )
+    said = []
+    if unreadable:
+        said += unreadable + [f"error: {len(unreadable)} files cannot be read: re-save them or remove them."]
     if failed:
-        sys.exit(
-            "\n".join(failed)
-            + f"\nerror: {len(failed)} files have colours that are not in {classes_file}: add the class "
-            "(name R G B) to classes.txt, or pass --ignore-colour R G B for colours to ignore, then run again."
-        )
+        said += failed + [
+            f"error: {len(failed)} files have colours that are not in {classes_file}: add the class (name R G "
+            "B) to classes.txt, or pass --ignore-colour R G B for colours to ignore, then run again."
+        ]
+    if said:
+        sys.exit("\n".join(said))
 
 
 if __name__ == "__main__":
