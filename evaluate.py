@@ -697,7 +697,10 @@ def load(args):
     thread_choice = runtime.set_threads(args.threads, device)
     checkpoint = checkpoints.find_checkpoint(args.checkpoint)
     runtime.say(f"reading {checkpoint} and building its model")  # seconds for an R-101's 500 MB
-    loaded = checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # for info and weights
+    # For info and weights; under torchrun rank 0 downloads a URL first, then the others read its copy.
+    loaded = runtime.rank_zero_first(
+        lambda: checkpoints.read_checkpoint(checkpoint, trust=args.trust_checkpoint)
+    )
     info = checkpoints.checkpoint_info(checkpoint, loaded)
     settings = resolve_settings(args, info, device)
     settings.update(checkpoint=checkpoint, device=device, thread_choice=thread_choice)

@@ -5,8 +5,8 @@
 The file holds a torch.export program of the evaluation model in float32 with the ImageNet
 normalisation built in: an RGB image batch (N, 3, H, W), float values 0..255, in; class logits
 (N, classes, H, W) at the same size out. The batch size, height and width are dynamic (each between
-the bounds printed). It also holds gcnet.json: the class names and colours, and the test scale and
-align_corners of the checkpoint's recipe. After writing, the file is loaded back and its logits are
+the bounds printed). It also holds gcnet.json: the class names and colours, and the test scale,
+align_corners and test mode (whole images, or windows of crop_size every stride) of the checkpoint's recipe. After writing, the file is loaded back and its logits are
 compared with the model's at two image sizes (--check-sizes); a difference stops with an error.
 
 Load it elsewhere with torch only, through load_exported (copy the lines from ARCHIVE_FILES to load_exported,
@@ -210,6 +210,8 @@ def main(argv=None):
         palette=[list(colour) for colour in predictor.palette],
         scale=list(predictor.settings["scale"]),
         align_corners=bool(predictor.model.align_corners),
+        # How the table tested it: whole images, or (the 769x769 rows) windows of crop_size every stride.
+        **{key: predictor.settings[key] for key in ("mode", "crop_size", "stride")},
         input="RGB (N, 3, H, W) float32 0..255",
         output="logits (N, classes, H, W)",
         checkpoint=str(args.checkpoint),
