@@ -532,6 +532,7 @@ def checkpoint_info(path_or_url, checkpoint=None):
                 f"{path_or_url}: its '{key}' is a {type(value).__name__}, expected a dict: the file is damaged "
                 "or was written by another program"
             )
+    iters = None  # the schedule an official file's name gives (its 80k rows), else the row's default
     if isinstance(checkpoint.get("validation"), dict):  # best.pth: the score of training's validation
         info["validation"] = checkpoint["validation"]
     if ours:
@@ -554,6 +555,7 @@ def checkpoint_info(path_or_url, checkpoint=None):
                     "is damaged"
                 )
             info.update(config_name=row["config_name"], dataset=row["dataset"], crop_size=row["crop_size"])
+            iters = row["iters"]
         crop_match = re.search(r"crop_size\s*=\s*\((\d+),\s*(\d+)\)", config_text)
         if crop_match and info["crop_size"] is None:
             info["crop_size"] = (int(crop_match.group(1)), int(crop_match.group(2)))
@@ -567,7 +569,7 @@ def checkpoint_info(path_or_url, checkpoint=None):
             info["align_corners"] = recipe.is_769_crop(info["crop_size"])
     if info["dataset"] in recipe.DATASETS:
         # Ours record their recipe; older ones lack some keys (the test scale): the row fills them.
-        row = recipe.row(info["dataset"], info["crop_size"], depth=info["depth"], block=info["block"])
+        row = recipe.row(info["dataset"], info["crop_size"], info["depth"], iters, info["block"])
         info["row"] = {**row, **(ours or {}), "block": info["block"]}
     info["classes"] = meta_list(meta, "CLASSES", "class names", is_name, path_or_url)
     palette = meta_list(meta, "PALETTE", "colours R G B", is_colour, path_or_url)

@@ -41,6 +41,9 @@ def test_official_format_round_trip(tmp_path, randomize):
     assert info["depth"] == 50 and info["num_classes"] == 19 and info["dataset"] == "cityscapes"
     assert info["crop_size"] == (769, 769) and info["align_corners"] is True
     assert info["classes"][0] == "class0" and info["palette"][2] == [2, 2, 2]
+    path.rename(path.with_name(path.name.replace("40k", "80k")))  # an 80k row's file: its own schedule
+    info = checkpoints.checkpoint_info(str(path.with_name(path.name.replace("40k", "80k"))))
+    assert info["row"]["iters"] == 80000 and info["row"]["config_name"] == info["config_name"]
 
 
 def test_prefixes_of_ddp_and_compile_are_stripped(tmp_path, randomize):
