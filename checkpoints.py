@@ -113,8 +113,9 @@ NUMPY_SAFE_GLOBALS = (
 # torch's weights_only unpickler allows bytearray, the tensor classes (torch.Tensor, torch.FloatTensor,
 # torch.cuda.HalfTensor...) and UntypedStorage, and each makes its whole size from one number in the
 # file: bytearray(10**9) or torch.FloatTensor(2**28) allocates a gigabyte. torch.save never writes them.
-REFUSED_GLOBALS = {"builtins.bytearray", "__builtin__.bytearray", "torch.storage.UntypedStorage"}
-REFUSED_GLOBAL = re.compile(r"torch\.((cuda\.)?(sparse\.)?\w*Tensor|UntypedStorage)")
+REFUSED_GLOBALS = re.compile(
+    r"(builtins|__builtin__)\.bytearray|torch\.((cuda\.)?(sparse\.)?\w*Tensor|(storage\.)?UntypedStorage)"
+)
 # What else torch's weights_only unpickler allows besides torch's own names (protocol 2 pickles bytes
 # through _codecs.encode): named in no refusal.
 HARMLESS_GLOBALS = {"collections.OrderedDict", "_codecs.encode"} | {
@@ -141,7 +142,7 @@ def read_checkpoint(path_or_url, trust=False):
     if trust:
         print(f"WARNING: --trust-checkpoint: unpickling {source} fully; code in it can run.", file=sys.stderr)
     found = set() if trust else globals_in(local)
-    builds = sorted(name for name in found if name in REFUSED_GLOBALS or REFUSED_GLOBAL.fullmatch(name))
+    builds = sorted(filter(REFUSED_GLOBALS.fullmatch, found))
     if builds:
         raise ValueError(
             f"refusing to load {source}: it builds {', '.join(builds)}, which can ask for any amount of memory"
