@@ -724,21 +724,18 @@ def claim_outputs(settings):
         places.append((Path(settings["out"]).parent, f".{Path(settings['out']).name}.lock"))
     held = []
     for folder, name in places if runtime.rank_and_world_size()[0] == 0 else []:
-        what = "--save-dir" if name == ".evaluate.lock" else "--out"
+        what, place = ("--save-dir", folder) if name == ".evaluate.lock" else ("--out", settings["out"])
         try:
             folder.mkdir(parents=True, exist_ok=True)
             held.append(runtime.hold_lock(folder / name))
-        except (
-            OSError
-        ) as error:  # a read-only folder (the official checkpoints' shared one), a file in the way
+        except OSError as error:  # a read-only folder, a file in the way
             raise ValueError(
-                f"cannot write {what} {settings['out'] if what == '--out' else folder}: "
-                f"{error.strerror or error}; pass {what} in a folder you can write to"
+                f"cannot write {what} {place}: {error.strerror or error}; pass {what} in a folder you can write to"
             ) from None
         except runtime.Taken as holder:
             raise FileExistsError(
-                f"{what} {folder if what == '--save-dir' else settings['out']} is being written by another "
-                f"evaluate.py ({holder}); wait for it to end or pass another {what}"
+                f"{what} {place} is being written by another evaluate.py ({holder}); wait for it to end or "
+                f"pass another {what}"
             ) from None
     return held
 

@@ -104,12 +104,12 @@ class Run:
                     f"{self.config[key]}. Pass --{key} {theirs.get(key)} to continue it (or --load-from "
                     f"{path} to start a new run from its weights, in another --work-dir)."
                 )
-        if bool(theirs.get("reduce_zero_label")) != self.config["reduce_zero_label"]:
-            given = "with" if theirs.get("reduce_zero_label") else "without"
+        zero_is_ignore = [bool(theirs.get("reduce_zero_label")), self.config["reduce_zero_label"]]
+        if zero_is_ignore[0] != zero_is_ignore[1]:
+            that_run, this_one = ("with" if flag else "without" for flag in zero_is_ignore)
             raise SystemExit(
-                f"--resume {path}: that run read its labels {given} --reduce-zero-label, this command "
-                f"{'without' if given == 'with' else 'with'} it: every class would shift by one. Give the flag "
-                "as that run did to continue it."
+                f"--resume {path}: that run read its labels {that_run} --reduce-zero-label, this command "
+                f"{this_one} it: every class would shift by one. Give the flag as that run did to continue it."
             )
         block = dict(recipe.GC_BLOCK, **theirs.get("block", {}))
         if block != self.config["block"]:

@@ -6,8 +6,9 @@ The file holds a torch.export program of the evaluation model in float32 with th
 normalisation built in: an RGB image batch (N, 3, H, W), float values 0..255, in; class logits
 (N, classes, H, W) at the same size out. The batch size, height and width are dynamic (each between
 the bounds printed). It also holds gcnet.json: the class names and colours, and the test scale,
-align_corners and test mode (whole images, or windows of crop_size every stride) of the checkpoint's recipe. After writing, the file is loaded back and its logits are
-compared with the model's at two image sizes (--check-sizes); a difference stops with an error.
+align_corners and test mode (whole images, or windows of crop_size every stride) of the checkpoint's
+recipe. After writing, the file is loaded back and its logits are compared with the model's at two
+image sizes (--check-sizes); a difference stops with an error and the file is not written.
 
 Load it elsewhere with torch only, through load_exported (copy the lines from ARCHIVE_FILES to load_exported,
 with `import io, json, re, torch`):
