@@ -336,11 +336,16 @@ def log_picture(records, title="training log"):
 
 
 def split_log(records):
-    """{iteration: record} of the training steps and of the validations; a later record of an iteration
-    (a resumed run repeats the steps after its checkpoint) replaces the earlier."""
+    """{iteration: record} of the training steps and of the validations. A run's start drops the records
+    after its first iteration: the steps of a crashed run, or those a resume from an earlier checkpoint
+    abandons."""
     training, validation = {}, {}
     for record in records:
-        if "iteration" in record and "event" not in record:  # events (a skipped step) have no figures
+        if record.get("event") == "start" and isinstance(record.get("iteration"), int):
+            for kept in (training, validation):
+                for iteration in [i for i in kept if not isinstance(i, int) or i > record["iteration"]]:
+                    del kept[iteration]
+        elif "iteration" in record and "event" not in record:  # other events (a skipped step): no figures
             (validation if "mIoU" in record else training)[record["iteration"]] = record
     return training, validation
 

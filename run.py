@@ -92,8 +92,10 @@ class Run:
         )
 
     def load_resumed_state(self, raw_model, optimizer, scaler):
-        """With --resume, load everything back; returns the iteration to start at (0 for a new run)."""
+        """With --resume, load everything back; returns the iteration to start at (0 for a new run), which
+        log.jsonl records: the records after it that an earlier run left are not this run's."""
         if not self.resume_path:
+            self.log.write(dict(iteration=0, event="start"))
             return 0
         path, checkpoint = self.resume_path, read_resume_checkpoint(self.resume_path, self.trust)
         theirs = checkpoint["recipe"]
@@ -141,6 +143,7 @@ class Run:
         # iter_<N>.pth): it is replaced only by a better score.
         self.best_miou = max(checkpoint.get("best_miou", -1.0), best_score_in(self.work_dir))
         self.validation_pending = checkpoint.get("validation_pending", False)
+        self.log.write(dict(iteration=self.start, event="start"))
         return self.start
 
     def all_reduce_loss(self, loss):

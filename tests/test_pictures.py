@@ -64,6 +64,11 @@ def test_the_log_picture_plots_each_series_and_read_log_skips_a_torn_line(tmp_pa
     training, validations = pictures.split_log(read + [dict(iteration=100, event="nonfinite_loss")])
     assert training[100]["loss"] == 1.0 / 100  # an event of a step leaves its figures
     assert pictures.points(validations, "mIoU") == [(50, 30.0), (100, 50.0)]
+    # A run's start leaves out what an earlier run logged after it (a crash, or a resume from iter_40).
+    training, validations = pictures.split_log(
+        read + [dict(iteration=40, event="start"), dict(iteration=41, loss=9.0)]
+    )
+    assert sorted(training) == list(range(1, 42)) and training[41]["loss"] == 9.0 and validations == {}
     assert pictures.nice_ticks(0, 0.043) == [0, 0.01, 0.02, 0.03, 0.04]
     assert pictures.nice_ticks(0, 300) == [0, 50, 100, 150, 200, 250, 300]
     assert pictures.log_ticks(0.02, 3.0) == [0.02, 0.05, 0.1, 0.2, 0.5, 1, 2]

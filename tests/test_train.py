@@ -191,6 +191,9 @@ def test_resume_reaches_the_same_weights(toy_root, tmp_path, monkeypatch):
     momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
     momentum_resumed = [s["momentum_buffer"] for s in resumed["optimizer"]["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(momentum, momentum_resumed))
+    # Each log marks where its run started, so that a plot leaves out what an earlier run left after it.
+    for work_dir, start in (("straight", 0), ("resumed", 2)):
+        assert [r["iteration"] for r in read_log(tmp_path / work_dir) if r.get("event") == "start"] == [start]
 
 
 def test_nonfinite_losses_skip_steps_then_stop(toy_root, tmp_path, monkeypatch):
