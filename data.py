@@ -271,11 +271,12 @@ def read_pair(image_path, label_path, dataset):
             raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
         if dataset.reduce_zero_label:
             check_not_reduced_already(label, label_path, dataset.name, dataset.num_classes)
+        check_label_values(label, dataset.num_classes, label_path, dataset.name, dataset.reduce_zero_label)
+        if dataset.reduce_zero_label:
             # reduce_zero_label (mmseg v0.5.0 mmseg/datasets/pipelines/loading.py): 0 ('other') -> 255,
             # v -> v - 1. uint8 arithmetic wraps 0 to 255, and turns 255 into 254, which goes back.
             label = label - 1
             label[label == 254] = IGNORE_INDEX
-        check_label_values(label, dataset.num_classes, label_path, dataset.name)
     except (ValueError, OSError) as error:
         raise FileProblem(str(error)) from None
     return image, label
@@ -452,13 +453,15 @@ def write_png(image, path, compression_level=6):
         temporary.write_bytes(encoded.numpy().tobytes())
 
 
-def check_label_values(label, num_classes, path, dataset_name):
-    """Refuses values outside 0..C-1 and 255 (the label is uint8), naming the file and the likely cause."""
-    if int(label.max()) < num_classes:  # no pixel ignored: one cheap pass
+def check_label_values(label, num_classes, path, dataset_name, zero_is_ignore=False):
+    """Refuses values outside 0..C-1 and 255 (the label is uint8, as stored: 0..C where 0 is to be
+    ignored), naming the file and the likely cause."""
+    stored = num_classes + zero_is_ignore  # how many values below 255 there may be
+    if int(label.max()) < stored:  # no pixel ignored: one cheap pass
         return
-    if int((label + 1).max()) <= num_classes:  # uint8 wraps 255 to 0: the largest class, plus one
+    if int((label + 1).max()) <= stored:  # uint8 wraps 255 to 0: the largest value, plus one
         # A 0/255 label of two classes is a foreground mask whose foreground, 255, would be ignored.
-        if num_classes == 2 and not (label == 1).any() and (label == 0).any():
+        if stored == 2 and not zero_is_ignore and not (label == 1).any() and (label == 0).any():
             raise ValueError(
                 f"label {path} holds only the values 0 and 255, in a dataset of 2 classes: a 0/255 binary mask, "
                 "whose foreground, 255, means 'ignore'. Store the foreground as 1 (e.g. `mask // 255`)."
@@ -471,7 +474,7 @@ def check_label_values(label, num_classes, path, dataset_name):
             "These look like raw Cityscapes labelIds (0..33), not trainIds (0..18): run `python "
             "tools/prepare_datasets.py cityscapes ROOT` and use the *_gtFine_labelTrainIds.png it writes."
         )
-    elif largest == num_classes:
+    elif largest == num_classes and not zero_is_ignore:
         hint = (
             f"The values run up to {num_classes}: if 0 means 'other' and 1..{num_classes} are the classes (as "
             "in raw ADE20K), reduce the labels with a line `label0: ignore` in classes.txt, or add a class for 0."
@@ -480,9 +483,10 @@ def check_label_values(label, num_classes, path, dataset_name):
         hint = "This looks like a 0/255 binary mask (anti-aliased, or JPEG): store 0/1, e.g. `mask > 127`."
     else:
         hint = "Check that the labels are PNGs of class indices (not colours) and that every class is listed."
+    expected = f"0 (ignored), 1..{num_classes}" if zero_is_ignore else f"0..{num_classes - 1}"
     raise ValueError(
         f"label {path} holds the values {values}, but {dataset_name} has {num_classes} classes: expected "
-        f"0..{num_classes - 1} and 255 (ignore). {hint}"
+        f"{expected} and 255 (ignore). {hint}"
     )
 
 

@@ -269,6 +269,18 @@ def test_test_split_has_no_labels_and_reduce_zero_label_can_be_chosen(tmp_path):
     assert dataset.reduce_zero_label and dataset.classes == ["sky", "road", "car"]
     assert torch.equal(dataset[0][1], expected)
     assert not data.build_dataset("folder", folder, "val", reduce_zero_label=False).reduce_zero_label
+    # Two classes and label 0 ignored: stored 0/1 is a label, not a 0/255 mask; a stray value is named as
+    # stored, without the advice to add the line that is there.
+    (folder / "classes.txt").write_text("label0: ignore\ncat\ndog\n")
+    save(folder / "labels" / "val" / "photo1.png", np.eye(HEIGHT, WIDTH) * 3)
+    save(folder / "labels" / "val" / "photo0.png", np.eye(HEIGHT, WIDTH))
+    two = data.build_dataset("folder", folder, "val")
+    assert torch.equal(two[0][1], torch.from_numpy(np.where(np.eye(HEIGHT, WIDTH), 0, 255)).to(torch.uint8))
+    with pytest.raises(
+        data.FileProblem, match=r"values \[0, 3\], .* expected 0 \(ignored\), 1\.\.2 and 255"
+    ) as error:
+        two[1]
+    assert "label0" not in str(error.value)
 
 
 def test_test_splits_are_found_without_labels(tmp_path):
