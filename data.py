@@ -521,6 +521,7 @@ def file_problem(path, kind):
         return str(error), None
     except OSError as error:  # PIL's UnidentifiedImageError is an OSError
         return f"cannot decode {kind} {path} ({error})", None
+    image_format = "JPEG" if image_format == "MPO" else image_format  # a JPEG holding more pictures after it
     expected = "PNG" if kind == "label" else "JPEG/PNG/WEBP"
     if image_format not in expected.split("/"):
         return f"cannot decode {kind} {path}: it is a {image_format} file, expected {expected}", None

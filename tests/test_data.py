@@ -215,6 +215,13 @@ def test_a_photo_with_data_after_its_end_is_whole(tmp_path):
         file.write(bytes(range(256)) * 200)
     assert data.file_problem(tmp_path / "motion.jpg", "image") == (None, (WIDTH, HEIGHT))
     assert data.read_image(tmp_path / "motion.jpg").shape == (3, HEIGHT, WIDTH)
+    # A phone's JPEG with a second picture (a depth or gain map) in it, which Pillow calls MPO, is a JPEG.
+    photo = Image.fromarray(random_image(0).astype(np.uint8))
+    photo.save(tmp_path / "mpo.jpg", "MPO", save_all=True, append_images=[photo.resize((8, 4))])
+    assert data.file_problem(tmp_path / "mpo.jpg", "image") == (None, (WIDTH, HEIGHT))
+    assert torch.equal(
+        data.read_image(tmp_path / "mpo.jpg"), data.decode_file(tmp_path / "mpo.jpg", "image", "RGB")
+    )
     # A PNG without its last chunk (IEND) but with all its pixels is whole too; half of one is not.
     save(tmp_path / "label.png", random_label(0, 3))
     whole = (tmp_path / "label.png").read_bytes()
