@@ -166,7 +166,7 @@ def read_classes_file(root):
     if not path.is_file():
         raise missing_path_error("folder", root, path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM, as Notepad wrote, goes
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8.") from None
     first_line, palette, zero_is_ignore = {}, [], False  # first_line: class name -> line number, in order
@@ -193,12 +193,15 @@ def read_classes_file(root):
         if name in first_line:
             raise ValueError(f"{where}: class {name!r} is listed twice (first on line {first_line[name]}).")
         first_line[name] = number
-        colour = [int(word) for word in words[-3:]] if numbers >= 3 else default_palette(len(palette) + 1)[-1]
-        palette.append(colour)
+        palette.append([int(word) for word in words[-3:]] if numbers >= 3 else None)
     if len(first_line) < 2:
         raise ValueError(
             f"{path} lists {len(first_line)} classes; expected 2 or more (e.g. background and another)."
         )
+    # A class without a colour gets the VOC colour of the value it is stored as (1..C with label0: ignore),
+    # so that a VOC-style colour mask, black for 0, converts without colours written out.
+    defaults = default_palette(len(palette) + zero_is_ignore)[zero_is_ignore:]
+    palette = [colour or default for colour, default in zip(palette, defaults)]
     return list(first_line), palette, zero_is_ignore
 
 

@@ -20,7 +20,8 @@ convert = importlib.util.module_from_spec(spec)
 sys.modules["convert_colour_labels"] = convert  # the process pool finds its functions by name
 spec.loader.exec_module(convert)
 
-# Class 2 has no colour in classes.txt: it gets colour 2 of the VOC colour map, (0, 128, 0).
+# Class 2 has no colour in classes.txt: it gets colour 2 of the VOC colour map, (0, 128, 0) (3 with
+# label0: ignore, where it is stored as 3).
 CLASSES_TXT = "road 128 64 128\ncar 0 0 142  # a comment\nplant\n"
 ROAD, CAR, PLANT, WHITE = (128, 64, 128), (0, 0, 142), (0, 128, 0), (255, 255, 255)
 
@@ -56,10 +57,18 @@ def test_colours_become_class_indices_and_the_ignore_colour_255(tmp_path, capsys
 
 
 def test_label0_ignore_writes_classes_from_1_and_the_ignore_colour_as_0(tmp_path):
-    folder_dataset(tmp_path, "label0: ignore\n" + CLASSES_TXT)
+    folder_dataset(tmp_path, "label0: ignore\n" + CLASSES_TXT.replace("plant", "plant 0 128 0"))
     convert.main([str(tmp_path), "--ignore-colour", "255", "255", "255", "--workers", "1"])
     assert read_index_png(tmp_path / "labels" / "train" / "a.png") == [[1, 2, 3], [0, 1, 2]]
     assert read_index_png(tmp_path / "labels" / "val" / "b.png") == [[3, 3], [2, 1]]
+
+
+def test_a_voc_style_mask_with_label0_ignore_needs_no_colours_written(tmp_path):
+    # Black is unlabelled (0) and class v has the VOC colour v: aeroplane (128, 0, 0), bicycle (0, 128, 0).
+    (tmp_path / "classes.txt").write_text("label0: ignore\naeroplane\nbicycle\n")
+    save_rgb(tmp_path / "labels_colour" / "train" / "a.png", [[(128, 0, 0), (0, 128, 0), (0, 0, 0)]])
+    convert.main([str(tmp_path), "--ignore-colour", "0", "0", "0", "--workers", "1"])
+    assert read_index_png(tmp_path / "labels" / "train" / "a.png") == [[1, 2, 0]]
 
 
 def test_unknown_colours_are_named_with_file_and_pixel_count(tmp_path, capsys):

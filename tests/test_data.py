@@ -960,6 +960,13 @@ def test_what_is_found_beside_the_errors(roots, tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "mine")
     (folder / "classes.txt").write_text("background\nlane 2 10 20 30\nclass 2\n")
     assert data.build_dataset("folder", folder, "val").classes == ["background", "lane 2", "class 2"]
+    # A BOM (as Notepad saves) is not part of the first line. A class without a colour takes the VOC colour
+    # of the value it is stored as, which label0: ignore moves by one (black stays the unlabelled 0's).
+    (folder / "classes.txt").write_bytes("\ufefflabel0: ignore\nroad\ncar 1 2 3\nsky\n".encode())
+    voc = layouts.default_palette(4)
+    assert layouts.read_classes_file(folder) == (["road", "car", "sky"], [voc[1], [1, 2, 3], voc[3]], True)
+    (folder / "classes.txt").write_text("road\ncar\n")
+    assert layouts.read_classes_file(folder) == (["road", "car"], voc[:2], False)
     ade = make_ade20k(tmp_path / "ADEChallengeData2016")
     assert len(data.build_dataset("ade20k", ade, "val")) == 2
     save(ade / ADE_VAL.format(0), random_label(0, 150))  # reduced already: refused unless asked not to reduce

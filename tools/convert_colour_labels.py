@@ -7,7 +7,7 @@
     python tools/convert_colour_labels.py data/mine --ignore-colour 255 255 255   # white -> 255 (ignore)
 
 Class i is the i-th class line of classes.txt (`name R G B`; a line without a colour gets the VOC
-colour map's colour i, so VOC-style colour masks need no colours written out). The output is a
+colour map's colour of the value it is stored as, so VOC-style colour masks need no colours written out). The output is a
 single-channel uint8 PNG of class indices, 255 where a pixel has an --ignore-colour (with `label0: ignore`
 in classes.txt: class i as i + 1 and the ignore colours as 0). A colour that is
 neither a class's nor an ignore colour is an error naming the file, the colour and its pixel count;
