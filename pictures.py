@@ -313,7 +313,7 @@ def log_picture(records, title="training log"):
     training, validation = split_log(records)
     last = max([*training, *validation, 1])
     losses = [  # (label, key, records, colour)
-        ("training (+ 0.4 auxiliary)", "loss", training, (31, 119, 180)),
+        ("training, decode + auxiliary", "loss", training, (31, 119, 180)),
         ("training, decode head", "decode_loss", training, (158, 202, 225)),
         ("validation, decode head", "val_loss", validation, (230, 85, 13)),
     ]
