@@ -69,6 +69,10 @@ def test_a_voc_style_mask_with_label0_ignore_needs_no_colours_written(tmp_path):
     save_rgb(tmp_path / "labels_colour" / "train" / "a.png", [[(128, 0, 0), (0, 128, 0), (0, 0, 0)]])
     convert.main([str(tmp_path), "--ignore-colour", "0", "0", "0", "--workers", "1"])
     assert read_index_png(tmp_path / "labels" / "train" / "a.png") == [[1, 2, 0]]
+    # A file where an output folder goes is said in words.
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 20\] Not a directory: .*taken"):
+        convert.main([str(tmp_path), "--dst", str(tmp_path / "taken"), "--ignore-colour", "0", "0", "0"])
 
 
 def test_unknown_colours_are_named_with_file_and_pixel_count(tmp_path, capsys):

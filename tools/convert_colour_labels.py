@@ -204,7 +204,7 @@ def main(argv=None):
     )
     try:
         results = convert_folder(src, dst, classes_file, args.ignore_colour, args.overwrite, args.workers)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a file missing or in the way, a read-only or full disk
         sys.exit(f"error: {error}")
     failed, unreadable = results["failed"], results["unreadable"]
     print(
