@@ -42,11 +42,11 @@ class Run:
         self.config, self.work_dir = config, Path(config["work_dir"])
         self.rank, self.world_size = runtime.rank_and_world_size()
         self.resume_flag, self.trust, self.keep, self.max_nonfinite = resume, trust, keep, max_nonfinite
-        self.restart = restart_command(argv, self.world_size)  # the command that continues this run
+        self.restart, self.start_again = restart_commands(argv, self.world_size)
         self.best_miou, self.validation_pending, self.last_path, self.start = -1.0, False, None, 0
         self.iteration = self.saved_iteration = 0  # steps done, and of them in the last checkpoint
         self.nonfinite_in_a_row, self.mean_loss, self.stop_requested = 0, math.nan, False
-        self.writer = self.bar = None
+        self.writer = self.bar = self.resume_path = None
         self.pictures = self.work_dir / "pictures" if config["pictures"] else None  # of the last validation
         self.cleanup = contextlib.ExitStack()
 
@@ -56,11 +56,12 @@ class Run:
                 stack.callback(dist.destroy_process_group)
             if self.rank == 0:
                 stack.enter_context(claim_work_dir(self.work_dir))  # the lock file, held until the end
-            if self.resume_flag is None:
-                refuse_an_earlier_run(self.work_dir)  # a new run changes nothing of an earlier one
             self.resume_path = find_resume_checkpoint(self.resume_flag, self.work_dir)
+            # A new run, or one resumed from a checkpoint kept elsewhere, changes nothing of an earlier run.
+            if self.resume_path is None or Path(self.resume_path).resolve().parent != self.work_dir.resolve():
+                refuse_an_earlier_run(self.work_dir)
             stack.enter_context(runtime.training_float32(self.config["precision"]))
-            self.stop = StopRequest(self.restart)
+            self.stop = StopRequest(self.how_to_continue)
             stack.callback(self.stop.restore)
             self.log = stack.enter_context(Log(self.work_dir / "log.jsonl" if self.rank == 0 else None))
             self.cleanup = stack.pop_all()
@@ -79,16 +80,27 @@ class Run:
         except data.FileProblem as problem:
             if self.world_size == 1 and self.writer is not None and self.iteration > self.saved_iteration:
                 self.checkpoint(self.iteration)
-            if self.last_path:
-                then = f"checkpoint {self.last_path}). Mend or remove the file, then continue with: {self.restart}"
-            else:  # nothing to resume: the same command again
-                then = f"no checkpoint yet). Mend or remove the file, then start again with: {self.restart.removesuffix(' --resume')}"
-            raise SystemExit(f"train.py: {problem}\nStopped at iteration {self.iteration} ({then}") from None
+            saved = f"checkpoint {self.last_path}" if self.last_path else "no checkpoint yet"
+            raise SystemExit(
+                f"train.py: {problem}\nStopped at iteration {self.iteration} ({saved}). Mend or remove the file, "
+                f"then {self.how_to_continue()}"
+            ) from None
+
+    def how_to_continue(self):
+        """The command that continues this run from its last checkpoint: a bare --resume once this process
+        has written one (last_checkpoint names it), else --resume with the checkpoint it resumed from; or,
+        before any checkpoint, the command as given."""
+        if self.last_path is None:
+            return f"start again with: {self.start_again}"
+        resumed_only = self.last_path == self.resume_path
+        return f"continue with: {self.restart}" + (
+            f" {shlex.quote(str(self.last_path))}" if resumed_only else ""
+        )
 
     def new_checkpoint_writer(self, raw_model, optimizer, scaler, train_set):
         meta = {"CLASSES": list(train_set.classes), "PALETTE": [list(c) for c in train_set.palette]}
         self.writer = CheckpointWriter(
-            self.work_dir, raw_model, optimizer, scaler, self.config, meta, self.keep, self.restart
+            self.work_dir, raw_model, optimizer, scaler, self.config, meta, self.keep, self.how_to_continue
         )
 
     def load_resumed_state(self, raw_model, optimizer, scaler):
@@ -209,7 +221,7 @@ class Run:
     def checkpoint_and_stop(self, iteration, validation_pending):
         self.checkpoint(iteration, validation_pending)
         runtime.say(f"\nstopped by a signal at iteration {iteration}; checkpoint {self.last_path}")
-        runtime.say(f"continue with: {self.restart}")
+        runtime.say(self.how_to_continue())
 
     def log_scores_and_keep_best(self, iteration, results, seconds):
         """The iteration's own checkpoint still records the previous best, so a crash before best.pth is
@@ -315,6 +327,10 @@ def find_resume_checkpoint(resume, work_dir):
     abandoned ones beside them), else the highest iter_<N>.pth."""
     if resume is None:
         return None
+    if not resume.strip():  # an unset variable: --resume "$CKPT"
+        raise SystemExit(
+            "--resume: the path is empty; pass the checkpoint to continue from, or --resume alone"
+        )
     if resume != "latest":
         return resume
     # A name only, never a path: a hand-edited or damaged pointer can neither leave the work dir nor stop
@@ -329,8 +345,9 @@ def find_resume_checkpoint(resume, work_dir):
     return found[-1]
 
 
-def restart_command(argv, world_size):
-    """The command that continues this run: the same flags, --resume instead of --resume/--load-from."""
+def restart_commands(argv, world_size):
+    """(the command that continues this run: the same flags, --resume instead of --resume/--load-from;
+    the command that starts it again: the same flags)."""
     kept, skip = [], False
     for word in argv:
         if skip and not word.startswith("--"):
@@ -340,7 +357,7 @@ def restart_command(argv, world_size):
         if not skip and not word.startswith(("--resume=", "--load-from=")):
             kept.append(shlex.quote(word))
     launcher = "python train.py" if world_size == 1 else "torchrun --nproc_per_node=N train.py"
-    return " ".join([launcher, *kept, "--resume"])
+    return " ".join([launcher, *kept, "--resume"]), " ".join([launcher, *map(shlex.quote, argv)])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -364,9 +381,10 @@ class CheckpointWriter:
     """Writes iter_<N>.pth (and best.pth) on rank 0 after gathering every rank's random state; keeps
     the newest `keep` iter_<N>.pth. `meta` holds the classes and palette, as the official files do."""
 
-    def __init__(self, work_dir, raw_model, optimizer, scaler, config, meta, keep, restart):
+    def __init__(self, work_dir, raw_model, optimizer, scaler, config, meta, keep, how_to_continue):
         self.work_dir, self.raw_model, self.optimizer = Path(work_dir), raw_model, optimizer
-        self.scaler, self.config, self.meta, self.keep, self.restart = scaler, config, meta, keep, restart
+        self.scaler, self.config, self.meta, self.keep = scaler, config, meta, keep
+        self.how_to_continue = how_to_continue  # a function: the command that continues the run, in words
         self.rank = runtime.rank_and_world_size()[0]
 
     def save(self, iteration, best_miou, last_path, validation_pending=False, name=None, validation=None):
@@ -390,9 +408,8 @@ class CheckpointWriter:
         try:
             save_checkpoint(path, checkpoint)
         except NonFiniteWeights as error:
-            again = f"then continue from {last_path} with: {self.restart} {last_path}"
             raise SystemExit(
-                f"{error}. Lower --lr or use --precision fp32, {again if last_path else 'then start again'}"
+                f"{error}. Lower --lr or use --precision fp32, then {self.how_to_continue()}"
             ) from None
         except (OSError, RuntimeError) as error:
             if not disk_is_full(error, path, checkpoint):
@@ -404,7 +421,7 @@ class CheckpointWriter:
             raise SystemExit(
                 f"train.py: the disk is full: writing {path} needs about {needed / 1e6:.0f} MB and "
                 f"{path.parent} has {free / 1e6:.0f} MB free. The partial file was removed. {kept} Free some "
-                f"space (or pass --keep 1 or another --work-dir), then continue with: {self.restart}"
+                f"space (or pass --keep 1 or another --work-dir), then {self.how_to_continue()}"
             ) from None
         if name is None:
             runtime.write_text(self.work_dir / LAST_CHECKPOINT, path.name)
@@ -507,8 +524,9 @@ class StopRequest:
     The first Ctrl-C is acknowledged at once; a second one stops at once, in words. Before the first
     step (`training` still False: the data checks, a download) there is nothing to keep: it stops at once."""
 
-    def __init__(self, restart="python train.py --resume"):
-        self.requested, self.training, self.pid, self.restart = False, False, os.getpid(), restart
+    def __init__(self, how_to_continue=lambda: "continue with: python train.py --resume"):
+        self.requested, self.training, self.pid = False, False, os.getpid()
+        self.how_to_continue = how_to_continue  # a function: the command that continues the run, in words
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
@@ -520,7 +538,7 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise SystemExit(
                 f"\ntrain.py: stopped at once by a second Ctrl-C, without a checkpoint of the last steps; "
-                f"continue from the last checkpoint with: {self.restart}"
+                f"{self.how_to_continue()}"
             )
         if signum == signal.SIGINT and runtime.rank_and_world_size()[0] == 0:
             print(

@@ -60,7 +60,7 @@ def small_writer(tmp_path):
         config={},
         meta=meta,
         keep=2,
-        restart="python train.py --resume",
+        how_to_continue=lambda: "continue with: python train.py --resume",
     )
 
 
@@ -183,7 +183,7 @@ def test_a_line_torn_by_a_crash_stays_alone_on_its_line(tmp_path):
 
 
 def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_in_words(capsys):
-    stop = run.StopRequest("python train.py --iters 10 --resume")
+    stop = run.StopRequest(lambda: "continue with: python train.py --iters 10 --resume")
     stop.training = True  # steps are done
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -205,3 +205,16 @@ def test_a_bad_file_before_any_checkpoint_says_to_start_again_without_resume(tmp
     message = str(stop.value)
     assert message.startswith("train.py: cannot decode image x.png") and "(no checkpoint yet)" in message
     assert message.endswith("start again with: python train.py --iters 10")
+
+
+def test_the_command_that_continues_a_run_fits_what_the_run_has_written(tmp_path):
+    training = run.Run(
+        {"work_dir": str(tmp_path), "pictures": False}, ["--iters", "10", "--load-from", "a b.pth"]
+    )
+    assert training.how_to_continue() == "start again with: python train.py --iters 10 --load-from 'a b.pth'"
+    # Resumed from an earlier checkpoint: a bare --resume would take the one last_checkpoint names.
+    training.resume_path = training.last_path = tmp_path / "iter_2.pth"
+    resumed = f"continue with: python train.py --iters 10 --resume {tmp_path / 'iter_2.pth'}"
+    assert training.how_to_continue() == resumed
+    training.last_path = tmp_path / "iter_4.pth"  # written by this run: last_checkpoint names it
+    assert training.how_to_continue() == "continue with: python train.py --iters 10 --resume"

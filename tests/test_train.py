@@ -237,7 +237,8 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(
         runs[stop] = (work_dir, args, process)
     for stop, (work_dir, _, process) in runs.items():
         deadline = time.time() + 120
-        while time.time() < deadline and not ((work_dir / "log.jsonl").exists() and read_log(work_dir)):
+        log = work_dir / "log.jsonl"  # a step logged: training has begun
+        while time.time() < deadline and not (log.exists() and any("loss" in r for r in read_log(work_dir))):
             time.sleep(0.2)
         os.killpg(process.pid, stop)  # kill -INT -- -PGID, kill -TERM -- -PGID
     for stop, (work_dir, args, process) in runs.items():
@@ -598,6 +599,13 @@ def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_r
                 train.main(toy_args(toy_root, tmp_path / name, "--resume", str(path)))
             else:  # told when the file is read, before any model is built
                 run.read_resume_checkpoint(path, trust=False)
+    # An empty path (an unset variable) is not a new run; another run's checkpoint does not go on in a
+    # work dir that holds a run of its own.
+    with pytest.raises(SystemExit, match="--resume: the path is empty"):
+        train.main(toy_args(toy_root, tmp_path / "empty", "--resume", ""))
+    torch.save(good, tmp_path / "depth" / "iter_4.pth")
+    with pytest.raises(SystemExit, match=r"depth holds the checkpoints of an earlier run \(iter_4\.pth\)"):
+        train.main(toy_args(toy_root, tmp_path / "depth", "--resume", str(tmp_path / "dataset.pth")))
     for key, value in (("meta", ["a list"]), ("recipe", "a string")):  # what evaluate.py reads
         torch.save({"state_dict": model.GCNet(5).state_dict(), key: value}, tmp_path / "odd.pth")
         with pytest.raises(ValueError, match=f"its '{key}' is a {type(value).__name__}, expected a dict"):
