@@ -239,7 +239,10 @@ def dataset_folder(name, split, root):
     if name == "toy" and split == "test":
         raise ValueError("the toy dataset has a train and a val split only; use --split val")
     if name == "folder" and not root:
-        raise ValueError("the folder dataset needs a root:\n" + layouts.LAYOUTS["folder"].format(root="ROOT"))
+        raise ValueError(
+            "the folder dataset needs a root (--data-root ROOT), laid out as:\n"
+            + layouts.LAYOUTS["folder"].format(root="ROOT")
+        )
     root = Path(data_root(name, root))
     if name == "toy" and not (root / "leftImg8bit").is_dir():
         make_toy_dataset(root)

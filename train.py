@@ -268,9 +268,10 @@ def recipe_of_run(args, world_size):
             f"train.py: --min-lr {config['min_lr']} is above --lr {config['lr']}: the poly schedule would raise "
             "the learning rate. Pass a --min-lr below --lr (the recipe's is 1e-4 under 0.01)."
         )
+    root = data.data_root(args.dataset, args.data_root)  # None for folder: refused, with its layout, below
     config.update(
         # The default: data/<dataset>. Absolute, so that evaluate.py finds the same files from anywhere.
-        data_root=os.path.abspath(data.data_root(args.dataset, args.data_root)),
+        data_root=root and os.path.abspath(root),
         world_size=world_size,
         table_global_batch=row["global_batch"],
         global_batch=config["batch_size"] * world_size,

@@ -601,6 +601,10 @@ def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_r
                 run.read_resume_checkpoint(path, trust=False)
     # An empty path (an unset variable) is not a new run; another run's checkpoint does not go on in a
     # work dir that holds a run of its own.
+    with pytest.raises(
+        SystemExit, match=r"folder dataset needs a root \(--data-root ROOT\)"
+    ):  # not a traceback
+        train.main(FAST + ["--work-dir", str(tmp_path / "folder"), "--dataset", "folder"])
     with pytest.raises(SystemExit, match="--resume: the path is empty"):
         train.main(toy_args(toy_root, tmp_path / "empty", "--resume", ""))
     torch.save(good, tmp_path / "depth" / "iter_4.pth")
