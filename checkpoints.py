@@ -141,7 +141,10 @@ def read_checkpoint(path_or_url, trust=False):
     local = local_copy(source)
     if trust:
         print(f"WARNING: --trust-checkpoint: unpickling {source} fully; code in it can run.", file=sys.stderr)
-    found = set() if trust else globals_in(local)
+    try:
+        found = set() if trust else globals_in(local)
+    except OSError as error:  # no permission to read it, say
+        raise ValueError(f"cannot read checkpoint {source}: it cannot be read ({error.strerror})") from None
     builds = sorted(filter(REFUSED_GLOBALS.fullmatch, found))
     if builds:
         raise ValueError(

@@ -182,7 +182,7 @@ def test_numpy_values_in_the_meta_of_official_checkpoints_load_without_trust(tmp
     assert loaded["meta"]["seed"] == 3 and loaded["meta"]["PALETTE"].tolist() == [[1, 2, 3]]
 
 
-def test_broken_files_get_one_clear_message(tmp_path):
+def test_broken_files_get_one_clear_message(tmp_path, monkeypatch):
     good = tmp_path / "good.pth"
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, good)
     cases = {
@@ -194,6 +194,16 @@ def test_broken_files_get_one_clear_message(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=f"cannot read checkpoint .*{name}: .*{message}"):
             checkpoints.read_checkpoint(tmp_path / name)
+
+    # A file this user may not read (as root the permission cannot be taken away: the open refuses).
+    def refused(path, mode="r"):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoints, "open", refused, raising=False)
+    with pytest.raises(
+        ValueError, match=r"cannot read checkpoint \S*good\.pth: it cannot be read \(Permission denied\)"
+    ):
+        checkpoints.read_checkpoint(good)
 
 
 def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
