@@ -131,7 +131,8 @@ class Run:
                 f"--resume {path}: that run trains a {recipe.method_name(block)} model, this command a "
                 f"{recipe.method_name(self.config['block'])} one. Pass {recipe.block_flags(block)} to continue it."
             )
-        for key in ("crop_size", "scale", "iters", "global_batch", "lr", "precision", "seed"):  # not exact
+        # Not exact: the process count too, since each process draws its own share of the shuffled order.
+        for key in ("crop_size", "scale", "iters", "global_batch", "world_size", "lr", "precision", "seed"):
             if theirs.get(key) != self.config[key]:
                 runtime.say(
                     f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has {theirs.get(key)}"
@@ -147,7 +148,8 @@ class Run:
         if len(states) == self.world_size:
             torch.set_rng_state(states[self.rank]["torch"])
             if "cuda" in states[self.rank] and torch.device(self.config["device"]).type == "cuda":
-                torch.cuda.set_rng_state_all(states[self.rank]["cuda"])
+                # (one state per GPU the writer saw; a host that shows fewer takes the first ones)
+                torch.cuda.set_rng_state_all(states[self.rank]["cuda"][: torch.cuda.device_count()])
         runtime.say(f"resumed from {path} at iteration {checkpoint['iteration']}")
         self.start, self.last_path = checkpoint["iteration"], path
         self.iteration = self.saved_iteration = self.start

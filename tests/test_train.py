@@ -493,11 +493,15 @@ def test_validation_after_the_checkpoint_and_best_pth_survives_a_crash_and_a_res
     # Resumed from iter_1.pth, which knows only the first best (10), at another scale: 15 and 15 are
     # below best.pth's 20, which stays; the changed scale is said, as a changed crop is.
     monkeypatch.setattr(train, "validate", fake_validation([15.0, 15.0]))
+    first = torch.load(tmp_path / "iter_1.pth", weights_only=True)
+    first["recipe"]["world_size"] = 2  # as if written by torchrun with two processes of half the batch
+    torch.save(first, tmp_path / "iter_1.pth")
     capsys.readouterr()
     train.main(args + ["--resume", str(tmp_path / "iter_1.pth"), "--scale", "200x100", "--seed", "1"])
     said = capsys.readouterr().out
     assert "WARNING: resuming with seed = 1, the checkpoint has 0" in said  # other batches: not exact
     assert "WARNING: resuming with scale = [200, 100], the checkpoint has [256, 128]" in said
+    assert "WARNING: resuming with world_size = 1, the checkpoint has 2" in said
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert (best["best_miou"], best["iteration"]) == (20.0, 2)
 
