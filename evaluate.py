@@ -589,9 +589,8 @@ def without_nan(value):
 def write_split_files(model, info, settings):
     """--format-only: pictures.server_file()'s files for a whole split; under torchrun each process writes its share."""
     dataset, device = build_split(info, settings, settings["checkpoint"]), settings["device"]
-    split = settings["split"]
-    save_dir = settings["save_dir"] or f"eval_out/{dataset.name}_{split}"
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    split, save_dir = settings["split"], settings["save_dir"]
+    Path(save_dir).mkdir(parents=True, exist_ok=True)  # under torchrun, each process writes its share
     written, protocol = 0, {key: settings[key] for key in PROTOCOL}
     with evaluation_mode(model):
         for images, _, meta in test_images(dataset, device, settings["workers"]):
@@ -608,7 +607,7 @@ def predict_images(model, settings):
     """--image: the pictures of every file, an unreadable one named and skipped; returns how many failed on
     all ranks. A photo over 4 times the test scale's pixels is shrunk to it: scores take C floats a pixel."""
     rank, world_size = runtime.rank_and_world_size()
-    (files, skipped), save_dir = settings["images"], settings["save_dir"] or "eval_out"
+    (files, skipped), save_dir = settings["images"], settings["save_dir"]
     palette, classes, device = settings["palette"], settings["classes"], settings["device"]
     scale, ratios, opacity = settings["scale"], settings["ratios"], settings["opacity"]
     say_what_runs(settings, f"{len(files)} image file{'s' * (len(files) != 1)}")
@@ -704,6 +703,11 @@ def load(args):
     info = checkpoints.checkpoint_info(checkpoint, loaded)
     settings = resolve_settings(args, info, device)
     settings.update(checkpoint=checkpoint, device=device, thread_choice=thread_choice)
+    # Default places, chosen here so that claim_outputs checks and locks them before any work.
+    if settings["images"] and not settings["save_dir"]:
+        settings["save_dir"] = "eval_out"
+    if settings["format_only"] and not settings["save_dir"] and settings["dataset"]:
+        settings["save_dir"] = f"eval_out/{settings['dataset']}_{settings['split']}"
     if not (settings["out"] or settings["images"] or settings["format_only"]):  # scores: a JSON file
         # <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json; eval_out/ for a URL
         url = str(checkpoint).startswith(("http://", "https://", "file://"))

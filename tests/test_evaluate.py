@@ -782,6 +782,15 @@ def test_the_scores_go_beside_the_checkpoint_or_are_refused_before_any_work(
     written = list(tiny_checkpoint.parent.glob("eval_folder_whole_*.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["num_images"] == 1
     written[0].unlink()
+    # The default folders of --format-only and --image too: a file in the way is named before any work.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eval_out").write_text("")
+    for flags in (["--format-only"], ["--image", str(tmp_path / "mine" / "images")]):
+        place = (
+            "eval_out/folder_val: Not a directory" if flags == ["--format-only"] else "eval_out: File exists"
+        )
+        with pytest.raises(SystemExit, match=f"cannot write --save-dir {place}; pass --save-dir"):
+            run(tiny_checkpoint, "--data-root", tmp_path / "mine", *flags)
 
 
 # ---- --image: files, folders, patterns ---------------------------------------------------------
