@@ -64,6 +64,17 @@ def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, rand
         export.main([str(source), str(tmp_path / "small.pt2"), "--check-sizes", "16", "64"])
     with pytest.raises(SystemExit, match="name the file .pt2"):
         export.main([str(source), str(tmp_path / "gcnet.onnx")])
+    # A place it cannot write is refused as the flags are parsed, not after the export's minutes.
+    (tmp_path / "folder.pt2").mkdir()
+    (tmp_path / "plain").write_text("")
+    capsys.readouterr()
+    for place, words in (
+        ("plain/out.pt2", "plain is a file, not a folder"),
+        ("folder.pt2", "is a directory"),
+    ):
+        with pytest.raises(SystemExit):
+            export.main([str(source), str(tmp_path / place), "--overwrite"])
+        assert words in capsys.readouterr().err
     (tmp_path / "page.pth").write_text("<html>Not found</html>")  # a bad checkpoint: words, no traceback
     with pytest.raises(SystemExit, match="export.py: cannot read checkpoint .*page.pth: it is a text file"):
         export.main([str(tmp_path / "page.pth"), str(tmp_path / "page.pt2")])

@@ -165,7 +165,7 @@ def main(argv=None):
         allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", help="ours (best.pth, iter_<N>.pth) or an official one: path or URL")
-    parser.add_argument("out", help="the file to write, e.g. gcnet.pt2")
+    parser.add_argument("out", type=runtime.writable_path("file"), help="the file to write, e.g. gcnet.pt2")
     parser.add_argument(
         "--check-sizes",
         type=runtime.size_flag("--check-sizes"),
