@@ -118,7 +118,8 @@ def rescale_size(height, width, scale):
     """(h, w) of mmcv.imrescale (mmcv v1.0.2 mmcv/image/geometric.py): the largest keep-ratio size that fits
     `scale` (W, H) either way round. E.g. a 375x500 VOC image with scale (2048, 512) becomes 512x683."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    # At least a pixel a side: a small --scales ratio of a small scale would otherwise leave none.
+    return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
 def random_crop(image, label, size, crop_size, cat_max_ratio=0.75):

@@ -528,6 +528,9 @@ def test_test_time_sizes():
     image = torch.zeros(3, 375, 500, dtype=torch.uint8)
     sizes = [tuple(i.shape[1:]) for i in data.test_transform(image, (2048, 512), (0.5, 1.0))]
     assert sizes == [(256, 341), (512, 683)]
+    # --scales 0.01 of a small recorded scale: a pixel a side, not a division by zero.
+    tiny = data.test_transform(image, (48, 32), (0.01, 0.1))
+    assert [tuple(i.shape[1:]) for i in tiny] == [(1, 1), (3, 4)]
 
 
 # -----------------------------------------------------------------------------------------------
