@@ -389,7 +389,10 @@ def resolve_settings(args, info, device):
     if args.crop is not None or row is None:
         crop = args.crop or info["crop_size"]
         row = recipe.row(name if name in recipe.DATASETS else "cityscapes", crop, depth=info["depth"])
-    mode = args.mode or row["test_mode"]
+    # A --crop of no row of the table: windows of that size, as its help says, not the row's rule (whole
+    # images unless the crop is 769-like).
+    windows = args.crop is not None and row["crop_size"] not in recipe.DATASETS[row["dataset"]]["crops"]
+    mode = args.mode or ("slide" if windows else row["test_mode"])
     crop_size = args.crop or recipe.parse_crop(row["test_crop"])  # 769 or [h, w] -> (h, w)
     stride = args.stride or recipe.parse_crop(row["test_stride"])
     if mode == "slide" and (stride[0] > crop_size[0] or stride[1] > crop_size[1]):
@@ -784,7 +787,10 @@ def build_parser():
     test.add_argument("--scales", type=number(float, 0.01, 4), nargs="+", help="test scale ratios, 0.01..4")
     test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
     test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
-    test.add_argument("--crop", type=size("--crop"), help="sliding window size: 769 or HxW (512x1024)")
+    what = (
+        "a crop of the table takes its row's protocol (769: windows, 512x1024: whole); another, windows of it"
+    )
+    test.add_argument("--crop", type=size("--crop"), help=f"769 or HxW: {what}")
     test.add_argument("--stride", type=size("--stride"), help="sliding window stride: 513 or HxW")
     runtime.add_arguments(parser)
     speed = parser.add_argument_group("speed (results change by rounding only)")

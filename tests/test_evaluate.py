@@ -459,6 +459,15 @@ def test_settings_follow_the_checkpoint_row_and_flags_override():
     assert (row_512["mode"], row_512["ratios"], row_512["flip"]) == ("whole", (1.0,), False)
     unknown = settings_of(["--crop", "769"], official_info(None, None))
     assert (unknown["mode"], unknown["stride"], unknown["align_corners"]) == ("slide", (513, 513), True)
+    # A crop of the table takes its row's protocol; another is the window size of a sliding test.
+    assert settings_of(["--crop", "512x1024"], info)["mode"] == "whole"
+    window = settings_of(["--crop", "640"], info)
+    assert (window["mode"], window["crop_size"], window["stride"], window["align_corners"]) == (
+        "slide",
+        (640, 640),
+        (427, 427),
+        True,
+    )
     custom = settings_of(["--ms-flip", "--no-flip", "--scales", "1", "2", "--mode", "whole"], info)
     assert (custom["mode"], custom["ratios"], custom["flip"]) == ("whole", (1.0, 2.0), False)
 
