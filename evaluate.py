@@ -770,7 +770,11 @@ def build_parser():
         allow_abbrev=False,
     )
     what = parser.add_argument_group("what to evaluate")
-    what.add_argument("--checkpoint", help=f"file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})")
+    what.add_argument(
+        "--checkpoint",
+        type=runtime.named,
+        help=f"file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})",
+    )
     what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only files you trust")
     what.add_argument(
         "--dataset", help="cityscapes, ade20k, voc12aug, toy, folder (default: the checkpoint's)"

@@ -329,10 +329,6 @@ def find_resume_checkpoint(resume, work_dir):
     abandoned ones beside them), else the highest iter_<N>.pth."""
     if resume is None:
         return None
-    if not resume.strip():  # an unset variable: --resume "$CKPT"
-        raise SystemExit(
-            "--resume: the path is empty; pass the checkpoint to continue from, or --resume alone"
-        )
     if resume != "latest":
         return resume
     # A name only, never a path: a hand-edited or damaged pointer can neither leave the work dir nor stop

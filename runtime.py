@@ -373,6 +373,14 @@ def writable_path(kind):
     return parse
 
 
+def named(text):
+    """argparse type of a file or URL to read: an empty one (an unset variable: --resume "$CKPT") would
+    read as the flag not given."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?); pass a file or URL")
+    return text
+
+
 def size_flag(flag, parse_size=recipe.parse_crop):
     """argparse type of a size flag: '769' or '512x1024' (recipe.parse_crop; --scale: recipe.parse_scale)."""
 

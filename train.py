@@ -594,12 +594,21 @@ def build_parser():
         "LONGxSHORT (default: the dataset's: 2048x1024 Cityscapes, 2048x512 ADE20K, VOC and folder, 256x128 toy)",
     )
     add("--reduce-zero-label", action="store_true", help="folder dataset: label 0 = ignore, classes from 1")
-    add("--pretrained", help="ImageNet ResNetV1c weights: path, URL or 'none' (default: the URL)")
-    add("--load-from", help="fine-tune: a new run from the weights of a GCNet checkpoint (file or URL)")
+    add(
+        "--pretrained",
+        type=runtime.named,
+        help="ImageNet ResNetV1c weights: path, URL or 'none' (default: the URL)",
+    )
+    add(
+        "--load-from",
+        type=runtime.named,
+        help="fine-tune: a new run from the weights of a GCNet checkpoint (file or URL)",
+    )
     add(
         "--resume",
         nargs="?",
         const="latest",
+        type=runtime.named,
         help="continue the newest iter_<N>.pth of the work dir, or PATH",
     )
     add("--trust-checkpoint", action="store_true", help="unpickle checkpoints fully: runs code in them")

@@ -567,6 +567,7 @@ NUMBER, SIZE = r"a number in \[0.01, 4\]", "sizes from 1 to 8192"
         (["--workers", "100000"], "argument --workers: expected .*at most 4 per core"),
         (["--threads", "9" * 23], "argument --threads: expected .*at most 4 per core"),
         (["--save-dir", ""], "argument --save-dir: an empty path; pass a folder name"),
+        (["--checkpoint", " "], r"argument --checkpoint: an empty path \(an unset variable\?\)"),
         (["--ms-fl"], "unrecognized arguments: --ms-fl"),  # not guessed to be --ms-flip
         (["--opacity", "1.5"], r"argument --opacity: expected .*a number in \[0, 1\]"),
         (["--opacity", "nan"], r"argument --opacity: expected .*a number in \[0, 1\]"),

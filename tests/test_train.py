@@ -577,7 +577,7 @@ def test_a_floor_above_the_learning_rate_is_refused():
         train.recipe_of_run(args, world_size=1)
 
 
-def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_root, tmp_path):
+def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_root, tmp_path, capsys):
     writer_recipe = dict(dataset="toy", depth=101, crop_size=[64, 64], iters=4, global_batch=2, lr=0.01)
     good = dict(state_dict={}, optimizer={}, scaler={}, iteration=2, recipe=writer_recipe, rng=[])
     cases = {
@@ -609,8 +609,10 @@ def test_resuming_another_model_or_a_malformed_checkpoint_is_said_in_words(toy_r
         SystemExit, match=r"folder dataset needs a root \(--data-root ROOT\)"
     ):  # not a traceback
         train.main(FAST + ["--work-dir", str(tmp_path / "folder"), "--dataset", "folder"])
-    with pytest.raises(SystemExit, match="--resume: the path is empty"):
-        train.main(toy_args(toy_root, tmp_path / "empty", "--resume", ""))
+    for flag in ("--resume", "--load-from", "--pretrained"):  # would read as the flag not given
+        with pytest.raises(SystemExit):
+            train.main(toy_args(toy_root, tmp_path / "empty", flag, ""))
+        assert f"argument {flag}: an empty path (an unset variable?)" in capsys.readouterr().err
     torch.save(good, tmp_path / "depth" / "iter_4.pth")
     with pytest.raises(SystemExit, match=r"depth holds the checkpoints of an earlier run \(iter_4\.pth\)"):
         train.main(toy_args(toy_root, tmp_path / "depth", "--resume", str(tmp_path / "dataset.pth")))
