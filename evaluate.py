@@ -684,9 +684,7 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None
     finally:
-        for lock in held:  # gone with the run: nothing of ours left among the pictures or server files
-            lock.close()
-            Path(lock.name).unlink(missing_ok=True)
+        release(held)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if failed:
@@ -735,16 +733,24 @@ def claim_outputs(settings):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             held.append(runtime.hold_lock(folder / name))
-        except OSError as error:  # a read-only folder, a file in the way
-            raise ValueError(
+        except (OSError, runtime.Taken) as error:
+            release(held)  # the --save-dir lock, when --out is refused
+            if isinstance(error, runtime.Taken):
+                raise FileExistsError(
+                    f"{what} {place} is being written by another evaluate.py ({error}); wait for it to end or "
+                    f"pass another {what}"
+                ) from None
+            raise ValueError(  # a read-only folder, a file in the way
                 f"cannot write {what} {place}: {error.strerror or error}; pass {what} in a folder you can write to"
             ) from None
-        except runtime.Taken as holder:
-            raise FileExistsError(
-                f"{what} {place} is being written by another evaluate.py ({holder}); wait for it to end or "
-                f"pass another {what}"
-            ) from None
     return held
+
+
+def release(locks):
+    """Close claim_outputs' locks and remove their files: nothing of ours is left among the outputs."""
+    for lock in locks:
+        lock.close()
+        Path(lock.name).unlink(missing_ok=True)
 
 
 USAGE = r"""examples:

@@ -1118,6 +1118,10 @@ def test_two_evaluations_into_the_same_outputs_are_refused(tmp_path):
             evaluate.claim_outputs(settings)
         with pytest.raises(FileExistsError, match=r"--out \S*r.json is being written by another evaluate.py"):
             evaluate.claim_outputs(dict(settings, save_dir=None))
+        other = tmp_path / "other"
+        with pytest.raises(FileExistsError, match=r"--out \S*r.json is being written"):
+            evaluate.claim_outputs(dict(settings, save_dir=str(other)))
+        assert list(other.iterdir()) == []  # its --save-dir lock went with the refusal
     finally:
         for lock in held:
             lock.close()
