@@ -238,7 +238,7 @@ def dataset_folder(name, split, root):
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if name == "toy" and split == "test":
-        raise ValueError("the toy dataset has a train and a val split only; use --split val")
+        raise ValueError("the toy dataset has a train and a val split only; use the val split")
     if name == "folder" and not root:
         raise ValueError(
             "the folder dataset needs a root (--data-root ROOT), laid out as:\n"

@@ -892,7 +892,7 @@ MESSAGES = {
     "no classes.txt": r"(?s)classes\.txt not found.*R G B",
     "unknown dataset": "unknown dataset 'kitti'",
     "unknown split": "'train', 'val' or 'test'",
-    "toy test split": "the toy dataset has a train and a val split only; use --split val",
+    "toy test split": "the toy dataset has a train and a val split only; use the val split",
     "labels not prepared": r"1 of 2 images.*lindau_000000_000019_leftImg8bit.*prepare_datasets\.py cityscapes",
     "no aug.txt": r"(?s)aug\.txt not found.*prepare_datasets\.py voc12aug",
     "no VOC label": r"expected .*SegmentationClass/2007_000033\.png",
