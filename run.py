@@ -387,9 +387,9 @@ class CheckpointWriter:
 
     def save(self, iteration, best_miou, last_path, validation_pending=False, name=None, validation=None):
         rng = gather_rng_states()
-        if self.rank != 0:
-            return None
         path = self.work_dir / (name or f"iter_{iteration}.pth")
+        if self.rank != 0:  # rank 0 writes it; the others know its name, to say how to continue
+            return path
         checkpoint = {
             "state_dict": self.raw_model.state_dict(),  # the official layout: no module. / _orig_mod.
             "optimizer": self.optimizer.state_dict(),

@@ -13,6 +13,7 @@ import torch
 
 import data
 import run
+import runtime
 
 
 def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
@@ -62,6 +63,13 @@ def small_writer(tmp_path):
         keep=2,
         how_to_continue=lambda: "continue with: python train.py --resume",
     )
+
+
+def test_only_rank_0_writes_but_every_rank_knows_the_checkpoint_to_continue_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "rank_and_world_size", lambda: (1, 2))
+    monkeypatch.setattr(run, "gather_rng_states", lambda: [])  # the all-gather of a real process group
+    assert small_writer(tmp_path).save(4, -1.0, None) == tmp_path / "iter_4.pth"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_is_said_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
