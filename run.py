@@ -109,7 +109,8 @@ class Run:
         if not self.resume_path:
             self.log.write(dict(iteration=0, event="start"))
             return 0
-        path, checkpoint = self.resume_path, read_resume_checkpoint(self.resume_path, self.trust)
+        path = self.resume_path  # a URL is downloaded by rank 0, then read from its copy by the others
+        checkpoint = runtime.rank_zero_first(lambda: read_resume_checkpoint(path, self.trust))
         theirs = checkpoint["recipe"]
         for key in ("dataset", "depth"):  # another model: the command lacks a flag
             if theirs.get(key) != self.config[key]:
@@ -538,11 +539,12 @@ class StopRequest:
                 f"\ntrain.py: stopped at once by a second Ctrl-C, without a checkpoint of the last steps; "
                 f"{self.how_to_continue()}"
             )
-        if signum == signal.SIGINT and runtime.rank_and_world_size()[0] == 0:
+        rank, world_size = runtime.rank_and_world_size()
+        if signum == signal.SIGINT and rank == 0:
+            # Under torchrun a second Ctrl-C reaches torchrun only, which ends the processes itself.
+            again = "press Ctrl-C again to stop now without one" if world_size == 1 else "torchrun waits 30 s"
             print(
-                "\nCtrl-C: stopping after this step, with a checkpoint; press Ctrl-C again to stop now without one",
-                file=sys.stderr,
-                flush=True,
+                f"\nCtrl-C: stopping after this step, with a checkpoint; {again}", file=sys.stderr, flush=True
             )
         self.requested = True
 
