@@ -285,6 +285,8 @@ def main(argv=None):
             prepare_voc12aug(args.devkit, args.sbd_root, args.workers)
     except (OSError, ValueError, ImportError) as error:  # OSError: a read-only folder, a full disk
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # every file is written atomically: what is there is whole
+        sys.exit("\nstopped by Ctrl-C: the files written so far are whole; the same command continues")
 
 
 if __name__ == "__main__":
