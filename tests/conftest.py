@@ -69,16 +69,22 @@ def pytest_collection_finish(session):
 
 
 @pytest.fixture(scope="session")
-def toy_copy(tmp_path_factory):
-    """toy_copy(folder, val_images): the toy dataset at folder/toy, its val split cut to the first
-    `val_images` images (validation is the slow part of a short run). data.py writes it once per session,
-    which takes a second or two; each test gets a copy of its own."""
+def toy_written(tmp_path_factory):
+    """The toy dataset as data.py writes it on first use, once per session (a second or two), alone in
+    its folder. Read it only: toy_copy gives each test a copy of its own."""
     written = tmp_path_factory.mktemp("toy") / "toy"
     data.build_dataset("toy", str(written), "train")
+    return written
+
+
+@pytest.fixture(scope="session")
+def toy_copy(toy_written):
+    """toy_copy(folder, val_images): the toy dataset at folder/toy, its val split cut to the first
+    `val_images` images (validation is the slow part of a short run)."""
 
     def copy(folder, val_images):
         root = Path(folder) / "toy"
-        shutil.copytree(written, root)
+        shutil.copytree(toy_written, root)
         for image in sorted((root / "leftImg8bit" / "val").rglob("*.png"))[val_images:]:
             image.unlink()
             Path(str(image).replace("leftImg8bit", "gtFine").replace(".png", "_labelTrainIds.png")).unlink()

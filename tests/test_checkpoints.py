@@ -22,6 +22,13 @@ from model import GCNet
 # ---- weight loading ------------------------------------------------------------------------
 
 
+def refusing(*args, **kwargs):
+    """A GCNet to load a bad file into, which must refuse it: its modules, keys and shapes, without
+    memory or initialisation (the meta device)."""
+    with torch.device("meta"):
+        return GCNet(*args, **kwargs)
+
+
 def official_checkpoint(net, classes=None):
     classes = classes or tuple(f"class{i}" for i in range(net.num_classes))
     meta = {"CLASSES": classes, "PALETTE": [[i, i, i] for i in range(len(classes))], "config": "x = 1"}
@@ -78,7 +85,7 @@ def test_class_count_mismatch_is_said_in_words(tmp_path):
     with pytest.raises(
         ValueError, match=r"checkpoint has 19 classes \(cityscapes\), model has 150 classes \(ade20k\)"
     ):
-        checkpoints.load_checkpoint(GCNet(150), tmp_path / "city.pth")
+        checkpoints.load_checkpoint(refusing(150), tmp_path / "city.pth")
 
 
 def test_a_classifier_of_another_rank_is_a_wrong_shape_not_another_class_count(tmp_path):
@@ -89,14 +96,14 @@ def test_a_classifier_of_another_rank_is_a_wrong_shape_not_another_class_count(t
     with pytest.raises(
         ValueError, match=rf"conv_seg.weight: checkpoint \[5, {width}\], model \[5, {width}, 1, 1\]"
     ) as error:
-        checkpoints.load_checkpoint(GCNet(5), tmp_path / "flat.pth")
+        checkpoints.load_checkpoint(refusing(5), tmp_path / "flat.pth")
     assert "classes" not in str(error.value)  # before: "checkpoint has 5 classes, model has 5 classes"
 
 
 def test_depth_mismatch_is_said_in_words(tmp_path):
     torch.save(official_checkpoint(GCNet(19, depth=50)), tmp_path / "r50.pth")
     with pytest.raises(ValueError, match=r"ResNet-50 .* model: 101") as error:
-        checkpoints.load_checkpoint(GCNet(19, depth=101), tmp_path / "r50.pth")
+        checkpoints.load_checkpoint(refusing(19, depth=101), tmp_path / "r50.pth")
     assert "missing key(s)" in str(error.value)
 
 
@@ -109,7 +116,7 @@ def test_all_key_problems_are_listed_in_one_error(tmp_path):
     state["auxiliary_head.convs.0.conv.weight"] = torch.zeros(width, 1024, 1, 1)
     torch.save(checkpoint, tmp_path / "broken.pth")
     with pytest.raises(ValueError) as error:
-        checkpoints.load_checkpoint(GCNet(19), tmp_path / "broken.pth")
+        checkpoints.load_checkpoint(refusing(19), tmp_path / "broken.pth")
     message = str(error.value)
     assert "1 missing key(s)" in message and "decode_head.gc_block.conv_mask.bias" in message
     assert "1 unexpected key(s)" in message and "decode_head.extra.weight" in message
@@ -121,12 +128,12 @@ def test_all_key_problems_are_listed_in_one_error(tmp_path):
 
 def test_missing_file_and_foreign_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nothing.pth"):
-        checkpoints.load_checkpoint(GCNet(19), tmp_path / "nothing.pth")
+        checkpoints.load_checkpoint(refusing(19), tmp_path / "nothing.pth")
     torch.save(
         {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, tmp_path / "tv.pth"
     )
     with pytest.raises(ValueError, match="neither a GCNet checkpoint .* torchvision ResNet"):
-        checkpoints.load_checkpoint(GCNet(19), tmp_path / "tv.pth")
+        checkpoints.load_checkpoint(refusing(19), tmp_path / "tv.pth")
 
 
 def test_checkpoint_info_reads_our_recipe(tmp_path):
@@ -212,7 +219,7 @@ def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
     checkpoint["state_dict"]["backbone.stem.0.weight"].fill_(float("inf"))
     torch.save(checkpoint, tmp_path / "nan.pth")
     with pytest.raises(ValueError, match="2 tensor\\(s\\) hold NaN.*backbone.stem.0.weight.*conv_seg.weight"):
-        checkpoints.load_checkpoint(GCNet(3), tmp_path / "nan.pth")
+        checkpoints.load_checkpoint(refusing(3), tmp_path / "nan.pth")
 
 
 def test_fine_tuning_loads_all_but_the_classifiers_of_another_class_count(tmp_path, randomize):
@@ -325,7 +332,8 @@ def web_server(tmp_path):
     (tmp_path / "www").mkdir()
     handler = functools.partial(Files, directory=str(tmp_path / "www"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # Polled every 0.05 s, not 0.5: shutdown() waits for the next poll.
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
     thread.start()
     yield tmp_path / "www", f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()

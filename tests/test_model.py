@@ -44,7 +44,8 @@ def test_state_dict_equals_official_manifest(depth, full_depth):
 
 
 def test_parameter_counts_match_the_original(full_depth):
-    r50 = GCNet(num_classes=19, depth=50)
+    with torch.device("meta"):  # the same modules and shapes, without memory or initialisation
+        r50 = GCNet(num_classes=19, depth=50)
     assert model.count_parameters(r50) == 49_630_215
     assert model.count_parameters(r50.backbone) == 23_527_264
     assert model.count_parameters(r50.decode_head) == 23_738_260
@@ -52,13 +53,15 @@ def test_parameter_counts_match_the_original(full_depth):
 
 
 def test_classifier_shapes_follow_class_count(full_depth):
-    net = GCNet(num_classes=150)
+    with torch.device("meta"):
+        net = GCNet(num_classes=150)
     assert net.decode_head.conv_seg.weight.shape == (150, 512, 1, 1)
     assert net.auxiliary_head.conv_seg.weight.shape == (150, 256, 1, 1)
 
 
 def test_dilation_and_stride_per_block(full_depth):
-    backbone = GCNet(19, depth=101).backbone
+    with torch.device("meta"):
+        backbone = GCNet(19, depth=101).backbone
     assert [b.conv2.dilation[0] for b in backbone.layer3] == [1] + [2] * 22
     assert [b.conv2.dilation[0] for b in backbone.layer4] == [2, 4, 4]
     assert [b.conv2.padding[0] for b in backbone.layer4] == [2, 4, 4]
@@ -174,7 +177,7 @@ def test_initialisation_as_the_original(full_depth):
 
 def test_bf16_autocast_forward_on_cpu_keeps_softmax_and_layernorm_in_fp32(randomize):
     net = randomize(GCNet(19)).eval()
-    x = torch.randn(1, 3, 57, 73)
+    x = torch.randn(1, 3, 33, 41)  # small: without native bf16 the CPU emulates it, 4x slower than fp32
     dtypes = {}
     hook = net.decode_head.gc_block.channel_add_conv[1].register_forward_hook(
         lambda m, inp, out: dtypes.update(layer_norm=out.dtype)

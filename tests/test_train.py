@@ -34,9 +34,9 @@ FAST = ["--dataset", "toy", "--crop", "64", "--batch-size", "2", "--workers", "0
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory, toy_copy):
-    """The toy dataset with its val split cut to 4 images."""
-    root = toy_copy(tmp_path_factory.mktemp("data"), val_images=4)
-    assert len(data.build_dataset("toy", str(root), "val")) == 4
+    """The toy dataset with its val split cut to 2 images (one for each rank of the torchrun test)."""
+    root = toy_copy(tmp_path_factory.mktemp("data"), val_images=2)
+    assert len(data.build_dataset("toy", str(root), "val")) == 2
     return str(root)
 
 
@@ -564,8 +564,9 @@ def test_a_dataset_of_more_classes_than_labels_can_hold_is_refused_before_the_fi
     assert not list((tmp_path / "run").glob("*.pth")) and not (tmp_path / "run" / "log.jsonl").stat().st_size
 
 
-def test_a_toy_root_that_holds_something_else_is_named(tmp_path, capsys):
+def test_a_toy_root_that_holds_something_else_is_named(tmp_path, capsys, monkeypatch):
     (tmp_path / "notes.txt").write_text("the user's")
+    monkeypatch.setattr(data, "TOY_COUNTS", {"train": 2, "val": 1})  # written beside it, then refused
     with pytest.raises(SystemExit, match=rf"toy dataset at {tmp_path}: the folder exists and is not a toy"):
         train.main(["--data-root", str(tmp_path), "--work-dir", str(tmp_path / "run"), "--device", "cpu"])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "run"]
@@ -652,16 +653,18 @@ def test_fine_tuning_an_official_19_class_checkpoint_on_the_5_class_toy_set(toy_
     for key, value in target.state_dict().items():
         if key not in checkpoints.CLASSIFIER_KEYS:
             assert torch.equal(value, source.state_dict()[key]), key
+    with torch.device("meta"):  # models to refuse: their modules, without memory or initialisation
+        deeper, fcn, whole = model.GCNet(5, depth=101), model.GCNet(5, context="none"), model.GCNet(19)
     with pytest.raises(SystemExit, match="R-50-D8 but this run builds R-101-D8: pass --depth 50"):
-        train.load_for_fine_tuning(model.GCNet(5, depth=101), str(official), trust=False)
+        train.load_for_fine_tuning(deeper, str(official), trust=False)
     with pytest.raises(
         SystemExit, match="it holds a gcnet model but this run builds a fcn one: pass --context gc"
     ):
-        train.load_for_fine_tuning(model.GCNet(5, context="none"), str(official), trust=False)
+        train.load_for_fine_tuning(fcn, str(official), trust=False)
     with pytest.raises(
         SystemExit, match="--pretrained: .* is a whole GCNet checkpoint, .* pass it with --load-from"
     ):
-        train.load_imagenet(model.GCNet(19), str(official), trust=False)  # it loaded every weight, heads too
+        train.load_imagenet(whole, str(official), trust=False)  # it loaded every weight, heads too
     work_dir = tmp_path / "run"
     args = toy_args(toy_root, work_dir, "--iters", "16", "--batch-size", "4", "--log-interval", "1")
     train.main(
