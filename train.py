@@ -193,8 +193,8 @@ def build_model(config, num_classes, load_from=None, trust=False, resuming=False
     torch.manual_seed(config["seed"] + runtime.rank_and_world_size()[0])
     options = dict(depth=config["depth"], align_corners=config["align_corners"], **config["block"])
     net = model.GCNet(num_classes, activation_checkpointing=config["activation_checkpointing"], **options)
-    if load_from:
-        runtime.say(load_for_fine_tuning(net, load_from, trust))
+    if load_from:  # rank 0 first, as below: a URL is downloaded once
+        runtime.say(runtime.rank_zero_first(lambda: load_for_fine_tuning(net, load_from, trust)))
     elif config["pretrained"] != "none" and not resuming:
         runtime.say(f"loading the ImageNet backbone {config['pretrained']}")
         # Rank 0 first: it downloads the file into torch.hub's cache, the others then read it.
@@ -212,6 +212,11 @@ def build_model(config, num_classes, load_from=None, trust=False, resuming=False
 def validate(raw_model, val_set, config, save_dir=None):
     """Single-scale val mIoU, in a forked RNG: validating leaves the training's random stream as it was."""
     device = next(raw_model.parameters()).device
+    if runtime.rank_and_world_size()[1] > 1 and not config["sync_bn"]:
+        # Without SyncBN (a CPU) each process's BatchNorm statistics went their own way: every process
+        # scores with rank 0's, those its checkpoint holds, so that evaluate.py gives the same score.
+        for buffer in raw_model.buffers():
+            torch.distributed.broadcast(buffer, 0)
     net = evaluate.inference_model(raw_model, config)  # BatchNorm folded and the layout, as evaluate.py
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate.evaluate_dataset(

@@ -278,6 +278,17 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
         checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"]
     )  # one stream per rank
     assert [r["iteration"] for r in read_log(tmp_path) if "mIoU" in r] == [2]
+    # Without SyncBN (a CPU) each process's BatchNorm statistics go their own way; the validation scores
+    # the checkpoint's, so evaluate.py in one process gives the same score (the loss but for the order of
+    # the sum over the processes; with each process's own statistics it was 3e-4 off).
+    import evaluate
+
+    evaluate.main(
+        ["--checkpoint", str(tmp_path / "best.pth"), "--workers", "0", "--out", str(tmp_path / "s.json")]
+    )
+    (logged,) = [r for r in read_log(tmp_path) if "mIoU" in r]
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["mIoU"] == logged["mIoU"] and scores["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
     # Each logged loss is the mean over the two ranks, the heads' too: the total is still their sum.
     for record in [r for r in read_log(tmp_path) if "loss" in r]:
         assert record["loss"] == pytest.approx(record["decode_loss"] + 0.4 * record["aux_loss"], rel=1e-5)
