@@ -533,6 +533,9 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         if not self.training:
+            # Noted as well: raised inside a finaliser (a loader's, say) the exit is swallowed, and the
+            # run must still stop, after its first step.
+            self.requested = True
             raise SystemExit(f"\ntrain.py: stopped by {signal.Signals(signum).name} before training started")
         if self.requested and signum == signal.SIGINT:
             raise SystemExit(
