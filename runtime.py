@@ -78,6 +78,14 @@ def no_buffer_sync():
     return {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
 
 
+def share_rank_zero_buffers(net):
+    """Under torchrun without SyncBN each process's BatchNorm statistics go their own way: give every
+    process rank 0's, which its checkpoint holds, so that a validation over all of them scores that model."""
+    if rank_and_world_size()[1] > 1:
+        for buffer in net.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def rank_and_world_size():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

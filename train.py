@@ -212,11 +212,8 @@ def build_model(config, num_classes, load_from=None, trust=False, resuming=False
 def validate(raw_model, val_set, config, save_dir=None):
     """Single-scale val mIoU, in a forked RNG: validating leaves the training's random stream as it was."""
     device = next(raw_model.parameters()).device
-    if runtime.rank_and_world_size()[1] > 1 and not config["sync_bn"]:
-        # Without SyncBN (a CPU) each process's BatchNorm statistics went their own way: every process
-        # scores with rank 0's, those its checkpoint holds, so that evaluate.py gives the same score.
-        for buffer in raw_model.buffers():
-            torch.distributed.broadcast(buffer, 0)
+    if not config["sync_bn"]:  # under torchrun on a CPU: the statistics that the checkpoint holds
+        runtime.share_rank_zero_buffers(raw_model)
     net = evaluate.inference_model(raw_model, config)  # BatchNorm folded and the layout, as evaluate.py
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate.evaluate_dataset(
