@@ -61,6 +61,11 @@ def setup_device(flag="auto"):
     if flag == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
     use_cuda = flag == "cuda" or (flag == "auto" and torch.cuda.is_available())
+    if use_cuda and local_rank >= torch.cuda.device_count():  # torchrun --nproc_per_node above the GPUs
+        raise ValueError(
+            f"process {local_rank} of this machine has no GPU of its own: {torch.cuda.device_count()} are "
+            "visible; give torchrun --nproc_per_node at most that many (the global batch follows)"
+        )
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

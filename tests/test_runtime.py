@@ -139,3 +139,11 @@ def test_loader_workers_outlive_the_group_stop_but_not_their_process(tmp_path):
                           start_new_session=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", str(sum(range(2, 22)))]
+
+
+def test_more_torchrun_processes_than_gpus_are_said_in_words(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "2")  # the third process of --nproc_per_node=4 on a 2-GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="process 2 of this machine has no GPU of its own: 2 are visible"):
+        runtime.setup_device("auto")
