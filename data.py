@@ -273,10 +273,9 @@ def read_pair(image_path, label_path, dataset):
         label = read_decoded(copy, label_path, "label") if copy else read_label(label_path)
         if image.shape[1:] != label.shape:
             raise ValueError(size_mismatch(image_path, image.shape[:0:-1], label_path, label.shape[::-1]))
-        if dataset.reduce_zero_label:
-            check_not_reduced_already(label, label_path, dataset.name, dataset.num_classes)
         check_label_values(label, dataset.num_classes, label_path, dataset.name, dataset.reduce_zero_label)
         if dataset.reduce_zero_label:
+            check_not_reduced_already(label, label_path, dataset.name, dataset.num_classes)
             # reduce_zero_label (mmseg v0.5.0 mmseg/datasets/pipelines/loading.py): 0 ('other') -> 255,
             # v -> v - 1. uint8 arithmetic wraps 0 to 255, and turns 255 into 254, which goes back.
             label = label - 1
