@@ -63,7 +63,6 @@ MATMUL_SECONDS = 0.5
 MEMORY_FORMAT = {True: torch.channels_last, False: torch.preserve_format}  # by variant["channels_last"]
 SUFFIXES = dict(channels_last="+channels_last", compiled="+compile", checkpointing="+checkpointing")
 SUFFIXES["cudnn_benchmark"] = "+cudnn.benchmark"  # the variants' names: precision + suffixes
-PHASES = ("inference", "training")
 # Samples/s a loader must deliver to an H200 training at batch 8 in 50 ms a step (docs/benchmarks.md).
 FEED_RATE, FEED_BATCH = 160, 8
 GB = 1024**3
@@ -300,7 +299,6 @@ def measure_variants(variants, row, device, args):
             runtime.release_memory(device)
         results[variant["name"]][phase] = timing
         notes = [f"first call {timing['first_call_seconds']:.1f} s"]
-        notes += [f"CPU share {timing['cpu_share']:.2f}"] if timing["cpu_share"] is not None else []
         if phase == "training":
             notes.append(f"batch {batch}, peak memory {timing['peak_memory_gb']:.2f} GB")
         line = f"{phase:9} {variant['name']:32} {timing['images_per_s']:8.3f} images/s  ({', '.join(notes)})"
@@ -410,10 +408,10 @@ def benchmark_data(row, data_size, iters, beside=()):
                     start = time.perf_counter()
                     call()
                     seconds[key] += [time.perf_counter() - start] if sample else []
-            loader = {
-                source: [loader_rate(dataset, w, max(2, iters // 4)) for w in (1, 2)]
-                for source, dataset in datasets.items()
-            }
+            loader, batches = {}, max(2, iters // 4)
+            for source, dataset in datasets.items():
+                dataset.pairs = dataset.pairs[:1] * FEED_BATCH * (2 + batches)  # no second epoch
+                loader[source] = [loader_rate(dataset, workers, batches)[0] for workers in (1, 2)]
     finally:
         torch.set_num_threads(threads)
     rates = {library: {} for library in pipelines}
@@ -439,17 +437,25 @@ def benchmark_data(row, data_size, iters, beside=()):
     return dict(sizes, **rates.pop("torch"), **loaders, beside=rates)
 
 
-def loader_rate(dataset, workers, batches):
-    """Samples/s of a DataLoader with `workers` processes (one thread each, as in train.py) over batches
-    of FEED_BATCH copies of the dataset's first item, timed over `batches` batches once each worker's
-    first is in (the workers started)."""
-    dataset.pairs = dataset.pairs[:1] * FEED_BATCH * (workers + batches)
-    stream = iter(torch.utils.data.DataLoader(dataset, batch_size=FEED_BATCH, num_workers=workers))
-    for _ in range(workers):
+def loader_rate(dataset, workers, batches, batch_size=FEED_BATCH):
+    """(samples/s, seconds to the first batch) of train.py's training loader (train.training_batches)
+    with `workers` workers, timed over `batches` batches once each worker's first is in (the workers'
+    start left out)."""
+    config = dict(
+        dataset=dataset.name, seed=0, batch_size=batch_size, global_batch=batch_size, workers=workers
+    )
+    start = time.perf_counter()
+    stream = train.training_batches(dataset, config, 0)
+    next(stream)
+    first = time.perf_counter() - start
+    for _ in range(max(workers, 1) - 1):
         next(stream)
     start = time.perf_counter()
-    count = sum(len(labels) for _, labels in stream)
-    return count / (time.perf_counter() - start)
+    for _ in range(batches):
+        next(stream)
+    rate = batches * batch_size / (time.perf_counter() - start)
+    stream.close()  # stops the workers
+    return rate, first
 
 
 # 5. Report: the figures relative to fp32 eager and to the matmul peak, the table ---------------------
@@ -552,16 +558,6 @@ def protocol_lines(row, args, device, flops, peaks):
     return lines + ([] if row["comparable"] else [note])
 
 
-def print_busy_cpu(records):
-    shares = {f"{r['name']} {phase}": (r[phase] or {}).get("cpu_share") for r in records for phase in PHASES}
-    contended = [name for name, share in shares.items() if share is not None and share < 0.9]
-    if contended:
-        print(
-            f"busy CPU: other processes took a share of the cores during {', '.join(contended)} "
-            "(CPU share < 0.9 in the JSON); these figures are pessimistic"
-        )
-
-
 # 6. The run: the flags checked, the peaks, every variant, the data, the report ----------------------
 def parse_arguments(argv=None, parser=None):
     """(args, device, row, variants), every flag and size checked before anything is measured: a bad
@@ -608,7 +604,6 @@ def measure_and_report(args, device, row, variants, data_beside=()):
     records = summarize(variants, measured, peaks, flops)
     print("\n" + "\n".join(protocol_lines(row, args, device, flops, peaks)) + "\n")
     print(results_table(row, records, args.wide) + "\n")
-    print_busy_cpu(records)
 
     protocol = dict(device=device.type, device_name=device_description(device), torch=torch.__version__)
     protocol.update(python=platform.python_version(), threads=torch.get_num_threads(), warmup=args.warmup)
@@ -642,13 +637,10 @@ def synchronize(device):
 def time_calls(function, warmup, iters, device, description, images=1, count_flops=False, scopes=()):
     """Call `function` warmup times, then iters times, each call timed alone between device syncs. The
     first call runs inside `scopes` and, with count_flops, a FLOP counter (every conv and matmul, backward
-    included; no BatchNorm, resize or softmax). cpu_share: the share of the CPU threads the timed calls
-    got (below ~0.9, other processes were competing)."""
+    included; no BatchNorm, resize or softmax)."""
     counter = FlopCounterMode(display=False) if count_flops else None
     seconds = []
     for call in tqdm(range(warmup + iters), desc=description, leave=False, disable=None):
-        if call == warmup:
-            cpu_start, wall_start = time.process_time(), time.perf_counter()
         with contextlib.ExitStack() as stack:
             for scope in [*scopes, *filter(None, [counter])] if call == 0 else []:
                 stack.enter_context(scope)
@@ -659,10 +651,8 @@ def time_calls(function, warmup, iters, device, description, images=1, count_flo
             seconds.append(time.perf_counter() - start)
         if call == 0:
             first_result = result
-    threads_seconds = (time.perf_counter() - wall_start) * torch.get_num_threads()
-    share = (time.process_time() - cpu_start) / threads_seconds if device.type == "cpu" else None
     timing = dict(first_result=first_result, first_call_seconds=seconds[0], seconds=seconds[warmup:])
-    timing.update(cpu_share=share, flops=counter and counter.get_total_flops())
+    timing["flops"] = counter and counter.get_total_flops()
     return dict(timing, images_per_s=images * iters / sum(timing["seconds"]))
 
 

@@ -18,38 +18,16 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project's files, in the repository root
+import benchmark  # noqa: E402
 import data  # noqa: E402
 import runtime  # noqa: E402
-import train  # noqa: E402
 from tools import prepare_datasets  # noqa: E402
 from tools.gpu_check import synthetic_cityscapes  # noqa: E402
-
-
-def samples_per_second(dataset, workers, batch_size, batches):
-    """Training samples per second of train.training_batches with `workers` loader workers, timed over
-    `batches` batches after the first `max(workers, 1)` (each worker's first batch, which all start
-    together). Returns (samples per second, seconds to the first batch)."""
-    config = dict(
-        dataset="cityscapes", seed=0, batch_size=batch_size, global_batch=batch_size, workers=workers
-    )
-    start = time.perf_counter()
-    stream = train.training_batches(dataset, config, 0)
-    next(stream)
-    first = time.perf_counter() - start
-    for _ in range(max(workers, 1) - 1):
-        next(stream)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(stream)
-    seconds = time.perf_counter() - start
-    stream.close()  # stops the workers
-    return batches * batch_size / seconds, first
 
 
 def main(argv=None):
@@ -81,7 +59,7 @@ def main(argv=None):
             where = f"{dataset.name} train at {args.crop[0]}x{args.crop[1]} from {source} in {root}"
             print(f"loader: {where}, batch {args.batch_size}, {cores} cores, pinned memory {pinned}")
             for workers in args.workers:
-                rate, first = samples_per_second(dataset, workers, args.batch_size, args.batches)
+                rate, first = benchmark.loader_rate(dataset, workers, args.batches, args.batch_size)
                 per_worker = rate / max(workers, 1)
                 figures = dict(samples_per_s=rate, per_worker=per_worker, first_batch_s=first)
                 results.append(dict(workers=workers, decoded=dataset.decoded, **figures))
