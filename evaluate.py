@@ -775,57 +775,42 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    what = parser.add_argument_group("what to evaluate")
-    what.add_argument(
-        "--checkpoint",
-        type=runtime.named,
-        help=f"file or URL (default: newest {checkpoints.CHECKPOINT_PATTERN})",
-    )
-    what.add_argument("--trust-checkpoint", action="store_true", help="unpickle fully: only files you trust")
-    what.add_argument(
-        "--dataset", help="cityscapes, ade20k, voc12aug, toy, folder (default: the checkpoint's)"
-    )
-    what.add_argument(
-        "--data-root", help="dataset folder (default: the one the checkpoint's run used, else the dataset's)"
-    )
-    what.add_argument("--depth", type=int, choices=(50, 101), help="default: what the checkpoint holds")
-    what.add_argument("--split", default="val", choices=("val", "test"), help="test only with --format-only")
-    what.add_argument("--format-only", action="store_true", help="write the files the dataset's server takes")
-    what.add_argument("--image", nargs="+", metavar="PATH", help="predict image files, folders, globs")
-    test = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)")
-    test.add_argument("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
-    test.add_argument("--scales", type=number(float, 0.01, 4), nargs="+", help="test scale ratios, 0.01..4")
-    test.add_argument("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
-    test.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
+    add = parser.add_argument_group("what to evaluate").add_argument
+    pattern = checkpoints.CHECKPOINT_PATTERN
+    add("--checkpoint", type=runtime.named, help=f"file or URL (default: newest {pattern})")
+    add("--trust-checkpoint", action="store_true", help="unpickle fully: only files you trust")
+    add("--dataset", help="cityscapes, ade20k, voc12aug, toy, folder (default: the checkpoint's)")
+    add("--data-root", help="dataset folder (default: the one the checkpoint's run used, else the dataset's)")
+    add("--depth", type=int, choices=(50, 101), help="default: what the checkpoint holds")
+    add("--split", default="val", choices=("val", "test"), help="test only with --format-only")
+    add("--format-only", action="store_true", help="write the files the dataset's server takes")
+    add("--image", nargs="+", metavar="PATH", help="predict image files, folders, globs")
+    add = parser.add_argument_group("test protocol (default: the checkpoint's row of the table)").add_argument
+    add("--ms-flip", action="store_true", help="ratios 0.5..1.75 with flips: mIoU(ms+flip)")
+    add("--scales", type=number(float, 0.01, 4), nargs="+", help="test scale ratios, 0.01..4")
+    add("--flip", action=argparse.BooleanOptionalAction, help="add horizontally flipped passes")
+    add("--mode", choices=("whole", "slide"), help="whole image or sliding windows")
     what = (
         "a crop of the table takes its row's protocol (769: windows, 512x1024: whole); another, windows of it"
     )
-    test.add_argument("--crop", type=size("--crop"), help=f"769 or HxW: {what}")
-    test.add_argument("--stride", type=size("--stride"), help="sliding window stride: 513 or HxW")
+    add("--crop", type=size("--crop"), help=f"769 or HxW: {what}")
+    add("--stride", type=size("--stride"), help="sliding window stride: 513 or HxW")
     runtime.add_arguments(parser)
-    speed = parser.add_argument_group("speed (results change by rounding only)")
-    speed.add_argument(
-        "--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32"
-    )
-    speed.add_argument(
-        "--check-agreement",
-        type=number(int, 0),
-        metavar="N",
-        help="images checked against fp32 (default: up to 10 in a fifth of the evaluation's time; 0 in fp32)",
-    )
-    speed.add_argument(
-        "--window-batch", type=number(int, 1), default=4, help="sliding windows per pass (default 4)"
-    )
+    add = parser.add_argument_group("speed (results change by rounding only)").add_argument
+    add("--fold-batchnorm", action=argparse.BooleanOptionalAction, help="default: on unless fp32")
+    what = "images checked against fp32 (default: up to 10 in a fifth of the evaluation's time; 0 in fp32)"
+    add("--check-agreement", type=number(int, 0), metavar="N", help=what)
+    add("--window-batch", type=number(int, 1), default=4, help="sliding windows per pass (default 4)")
     workers = min(4, runtime.cores_per_process())
     cores = f"loader processes (default: 4, at most the cores per process: {workers} here)"
-    speed.add_argument("--workers", type=runtime.per_core_flag(0), default=workers, help=cores)
-    output = parser.add_argument_group("output")
+    add("--workers", type=runtime.per_core_flag(0), default=workers, help=cores)
+    add = parser.add_argument_group("output").add_argument
     files = "<name>_pred.png, _overlay.jpg, _attention.png, _composite.png per image, confusion.png per split"
-    output.add_argument("--save-dir", type=path("folder"), help=f"pictures or server files go here: {files}")
-    output.add_argument("--opacity", type=number(float, 0, 1), default=0.5, help="colours' weight, 0..1")
+    add("--save-dir", type=path("folder"), help=f"pictures or server files go here: {files}")
+    add("--opacity", type=number(float, 0, 1), default=0.5, help="colours' weight, 0..1")
     contents = "the scores (per class too), the confusion matrix and the settings"
     where = "default: <checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip]_<time>.json"
-    output.add_argument("--out", type=path("file"), help=f"JSON of {contents} ({where})")
+    add("--out", type=path("file"), help=f"JSON of {contents} ({where})")
     return parser
 
 
