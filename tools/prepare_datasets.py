@@ -39,10 +39,10 @@ CITYSCAPES_TRAINID_TABLE[list(layouts.CITYSCAPES_LABEL_IDS)] = torch.arange(19, 
 
 
 def run_in_pool(function, jobs, workers, description):
-    """Map `function` over `jobs` with a process pool and a progress bar; count the returned statuses,
-    'converted' or 'skipped'. A file that cannot be converted does not stop the others: all of them
-    are named at the end, in one error."""
-    task = partial(failure_or_status, function)
+    """function(*job) for each job, None being a file done before, with a process pool and a progress
+    bar; returns the counts of 'converted' and 'skipped'. A file that cannot be converted does not stop
+    the others: all of them are named at the end, in one error."""
+    task = partial(convert_one, function)
     # One torch thread per process: the parallelism comes from the pool.
     pool = Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
     with pool or nullcontext():
@@ -59,25 +59,22 @@ def run_in_pool(function, jobs, workers, description):
     return counts
 
 
-def failure_or_status(function, argument):
+def convert_one(function, job):
+    if job is None:
+        return "skipped"
     try:
-        return function(argument)
+        function(*job)
     except (OSError, ValueError) as error:
         return str(error)
+    return "converted"
 
 
 # -----------------------------------------------------------------------------------------------
 # Cityscapes: labelIds -> trainIds
 
 
-def convert_cityscapes_label(label_ids_path):
-    """*_gtFine_labelIds.png -> *_gtFine_labelTrainIds.png beside it; returns 'converted' or 'skipped'."""
-    target = label_ids_path.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png")
-    if os.path.isfile(target):
-        return "skipped"
-    label_ids = data.read_label(label_ids_path)
-    data.write_png(CITYSCAPES_TRAINID_TABLE[label_ids.long()][None], target)
-    return "converted"
+def convert_cityscapes_label(label_ids_path, target):
+    data.write_png(CITYSCAPES_TRAINID_TABLE[data.read_label(label_ids_path).long()][None], target)
 
 
 def prepare_cityscapes(root, workers=8):
@@ -89,7 +86,9 @@ def prepare_cityscapes(root, workers=8):
     sources = sorted(str(path) for path in gt_dir.rglob("*_gtFine_labelIds.png"))
     if not sources:
         raise layouts.missing_path_error("cityscapes", root, gt_dir, "holds no *_gtFine_labelIds.png files")
-    counts = run_in_pool(convert_cityscapes_label, sources, workers, "cityscapes labelTrainIds")
+    targets = [source.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png") for source in sources]
+    jobs = [None if os.path.isfile(target) else (source, target) for source, target in zip(sources, targets)]
+    counts = run_in_pool(convert_cityscapes_label, jobs, workers, "cityscapes labelTrainIds")
     print(
         f"cityscapes: {counts['converted']} converted, {counts['skipped']} skipped (already done) in {gt_dir}"
     )
@@ -126,12 +125,8 @@ def read_sbd_segmentation(path):
     return np.asarray(contents["GTcls"].Segmentation, dtype=np.uint8)
 
 
-def convert_sbd_label(job):
-    mat_path, png_path = job
-    if os.path.isfile(png_path):
-        return "skipped"
+def convert_sbd_label(mat_path, png_path):
     data.write_png(torch.from_numpy(read_sbd_segmentation(mat_path))[None], png_path)
-    return "converted"
 
 
 def read_names(path):
@@ -162,6 +157,7 @@ def prepare_voc12aug(devkit, sbd_root, workers=8):
     out_dir = voc / "SegmentationClassAug"
     out_dir.mkdir(exist_ok=True)
     jobs = [(str(mat), str(out_dir / f"{mat.stem}.png")) for mat in mats]
+    jobs = [None if os.path.isfile(png) else (mat, png) for mat, png in jobs]
     counts = run_in_pool(convert_sbd_label, jobs, workers, "voc12aug SegmentationClassAug")
 
     sbd_names = read_names(sbd / "train.txt") + read_names(sbd / "val.txt")
@@ -191,14 +187,6 @@ def prepare_voc12aug(devkit, sbd_root, workers=8):
 
 # -----------------------------------------------------------------------------------------------
 # The decoded copy of any dataset (data.py reads it)
-
-
-def write_decoded(job):
-    """(root, path, kind, stale) -> 'converted', or 'skipped' when its copy was found good already."""
-    if not job[3]:
-        return "skipped"
-    data.write_decoded(*job[:3])
-    return "converted"
 
 
 def prepare_decoded(name, root=None, splits=("train", "val"), workers=8):
@@ -240,8 +228,8 @@ def write_copy(name, splits, jobs, target, workers):
             f"{name}: not enough disk space for the decoded copy in {target}: it needs {gigabytes(needed)}, "
             f"{gigabytes(free)} are free. Free some space (keeping 1 GB beside it), or train from the files."
         )
-    jobs = [(*job[:3], redo) for job, redo in zip(jobs, stale)]
-    counts = run_in_pool(write_decoded, jobs, workers, f"{name} decoded copy")
+    jobs = [job[:3] if redo else None for job, redo in zip(jobs, stale)]
+    counts = run_in_pool(data.write_decoded, jobs, workers, f"{name} decoded copy")
     print(f"{name}: {counts['converted']} decoded, {counts['skipped']} skipped (already done) in {target}")
     return counts
 
