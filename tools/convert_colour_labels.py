@@ -77,9 +77,7 @@ def convert_image(image, table, rows=256):
             for code, count in zip(found.tolist(), counts.tolist()):
                 unknown[(code >> 16) & 255, (code >> 8) & 255, code & 255] += count
         labels[top : top + rows] = indices.clamp(min=0)
-    if unknown:
-        return None, dict(unknown.most_common())
-    return labels, {}
+    return (None, dict(unknown.most_common())) if unknown else (labels, {})
 
 
 def describe_unknown(path, colours):
@@ -153,11 +151,8 @@ def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, w
         outcomes = pool.imap(_convert_in_pool, jobs, chunksize=4) if pool else sequential
         outcomes = list(tqdm(outcomes, total=len(jobs), desc=f"{src} -> {dst}", unit="file"))
     counts = Counter(status for status, _ in outcomes)
-    failed, unreadable = (
-        [message for status, message in outcomes if status == kind] for kind in ("failed", "unreadable")
-    )
-    results = dict(converted=counts["converted"], skipped=counts["skipped"], classes=classes)
-    return dict(results, failed=failed, unreadable=unreadable)
+    said = {kind: [text for status, text in outcomes if status == kind] for kind in ("failed", "unreadable")}
+    return dict(converted=counts["converted"], skipped=counts["skipped"], classes=classes, **said)
 
 
 def build_parser():
