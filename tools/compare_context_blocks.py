@@ -113,7 +113,7 @@ def load(path, args, device):
     settings = evaluate.resolve_settings(evaluate.build_parser().parse_args(flags), info, device)
     net = evaluate.build_model(path, loaded, info, settings, device)
     dataset = evaluate.build_split(info, settings, path)
-    dataset.pairs = dataset.pairs[: args.max_images] if args.max_images else dataset.pairs
+    dataset.pairs = dataset.pairs[: args.max_images]  # None: all
     block = info["block"]
     gc = f" ({block['pooling']}, {block['fusion']})" if block["context"] == "gc" else ""
     return dict(
@@ -249,21 +249,15 @@ def look(models, dataset, args, device, out):
                 )
         if gc_model:
             net = gc_model["net"]
-            _, attention = net(image[None], return_attention=True)  # (1, 1, h, w), sums to 1
-            attention = attention[0, 0].float().cpu()
+            attention = net(image[None], return_attention=True)[1].float().cpu()  # (1, 1, h, w), sums to 1
             gc_maps.append(attention)
-            gc_spread.append(effective_fraction(attention.flatten()[None]).item())
-            weights = F.interpolate(
-                attention[None, None],
-                size=tuple(label.shape),
-                mode="bilinear",
-                align_corners=net.align_corners,
-            )[0, 0].clamp_min(0)
-            weights = weights.double() / weights.double().sum()  # over the pixels; the last class: ignored
+            gc_spread.append(effective_fraction(attention.flatten(1)).item())
+            weights = F.interpolate(attention, label.shape, mode="bilinear", align_corners=net.align_corners)
+            weights = weights.clamp_min(0).double().flatten()  # over the pixels; the last class: ignored
             classes = torch.where(label == data.IGNORE_INDEX, dataset.num_classes, label).flatten()
-            mass.index_add_(0, classes, weights.flatten())
+            mass.index_add_(0, classes, weights / weights.sum())
             area += torch.bincount(classes, minlength=len(area)).double() / classes.numel()
-            panels.append(("GC map (one per image)", heat(original, attention, gc_model), []))
+            panels.append(("GC map (one per image)", heat(original, attention[0, 0], gc_model), []))
         pictures.save_picture(maps_picture(panels), out / f"maps_{meta['name'].replace('/', '_')}.png")
     result = dict(looked_at_images=count, sampled_queries=SAMPLED_QUERIES)
     if nl_distances:
@@ -274,16 +268,13 @@ def look(models, dataset, args, device, out):
             per_image=nl_distances,
         )
     if gc_maps:
-        size = gc_maps[0].shape
-        resized = torch.stack(
-            [F.interpolate(m[None, None], size=size, mode="bilinear")[0, 0] for m in gc_maps]
-        )
-        between = mean_cosine_distance(resized.flatten(1)) if count > 1 else None
-        centred = mean_cosine_distance(resized.flatten(1), centred=True) if count > 1 else None
-        mass, area = (mass / count).tolist(), (area / count).tolist()
-        names = list(dataset.classes) + ["(ignored)"]
+        size = gc_maps[0].shape[-2:]  # the first image's: other sizes are resized to it
+        resized = torch.cat([F.interpolate(m, size, mode="bilinear") for m in gc_maps]).flatten(1)
+        between = mean_cosine_distance(resized) if count > 1 else None
+        centred = mean_cosine_distance(resized, centred=True) if count > 1 else None
+        shares = zip([*dataset.classes, "(ignored)"], (mass / count).tolist(), (area / count).tolist())
         by_class = {
-            names[i]: dict(mass=mass[i], area=area[i]) for i in range(len(names)) if area[i] or mass[i]
+            name: dict(mass=weight, area=pixels) for name, weight, pixels in shares if weight or pixels
         }
         result["gc"] = dict(
             mean_cosine_distance_between_images=between,
@@ -395,8 +386,8 @@ def table(models):
         )
     widths = [max(len(str(cells[i])) for cells in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) for cells in [header, *rows]]
-    if any(entry.get("speed") for entry in models):
-        first = next(entry["speed"] for entry in models if entry.get("speed"))
+    first = next((entry["speed"] for entry in models if entry.get("speed")), None)
+    if first:
         measured = (
             "peak (CUDA)" if first["peak_training_memory_gb"] is not None else "kept by a step, counted"
         )
