@@ -368,22 +368,15 @@ def summary(entry):
 
 def table(models):
     header = ["model", "block", "mIoU", "mAcc", "aAcc", "val loss", "img/s", "GFLOP/img", "train mem (GB)"]
+    styles = ["{:.2f}"] * 3 + ["{:.4f}", "{:.3g}", "{:.1f}", "{:.2f}"]  # the figures'; "-" for None
     rows = []
     for entry in models:
         scores, speed = entry["scores"], entry.get("speed") or {}
         memory = speed.get("peak_training_memory_gb") or speed.get("estimated_training_memory_gb")
-        figures = zip(
-            (speed.get("images_per_s"), speed.get("gflop_per_image"), memory), ("{:.3g}", "{:.1f}", "{:.2f}")
-        )
-        rows.append(
-            [
-                entry["name"],
-                entry["kind"],
-                *(f"{scores[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc")),
-                f"{scores['loss']:.4f}",
-                *("-" if v is None else style.format(v) for v, style in figures),
-            ]
-        )
+        figures = [scores[key] for key in ("mIoU", "mAcc", "aAcc", "loss")]
+        figures += [speed.get("images_per_s"), speed.get("gflop_per_image"), memory]
+        cells = ["-" if value is None else style.format(value) for value, style in zip(figures, styles)]
+        rows.append([entry["name"], entry["kind"], *cells])
     widths = [max(len(str(cells[i])) for cells in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)) for cells in [header, *rows]]
     first = next((entry["speed"] for entry in models if entry.get("speed")), None)
