@@ -306,13 +306,12 @@ def open_header(path, kind, file=None):
         try:
             picture = Image.open(file or path)
         except Image.DecompressionBombError as error:  # beyond 179 million pixels Pillow refuses itself
-            picture, size = None, str(error).split(" exceeds")[0]
-    if picture is not None:
-        width, height = picture.size
-        if width * height <= MAX_IMAGE_PIXELS:
-            return picture
-        picture.close()
-        size = f"{width}x{height}"
+            size = str(error).split(" exceeds")[0]
+        else:
+            if picture.size[0] * picture.size[1] <= MAX_IMAGE_PIXELS:
+                return picture
+            picture.close()
+            size = "{}x{}".format(*picture.size)
     raise ValueError(
         f"{kind} {path} is too large ({size}): at most {MAX_IMAGE_PIXELS:,} pixels are read. Downscale it "
         "first (e.g. with Pillow's Image.thumbnail), or cut it into tiles."
@@ -320,10 +319,9 @@ def open_header(path, kind, file=None):
 
 
 def torchvision_io():
-    """torchvision.io, imported where a JPEG or WebP is first decoded or a PNG written: importing
-    torchvision takes over a second (its models and ops come with it), which a run on PNGs never needs.
-    build_dataset imports it for a split of such images, so that a torchvision built for another torch
-    is said in words at the start (and the loader's workers have it)."""
+    """torchvision.io, imported where a JPEG or WebP is first decoded or a PNG written: importing it takes
+    over a second, which a run on PNGs never needs. build_dataset imports it for a split of such images,
+    so that a torchvision built for another torch is said in words at the start."""
     try:
         import torchvision.io
     except RuntimeError as error:  # "operator torchvision::nms does not exist": built for another torch
@@ -406,9 +404,7 @@ def read_image(path, upright=False):
     """Decode an image file to a uint8 tensor 3 x H x W, RGB. upright=True turns it as its EXIF
     orientation says (phone photos); dataset images are read as stored, like their labels."""
     image = decode_file(path, "image", "RGB", upright)
-    if image.dtype != torch.uint8:  # 16-bit PNG: keep the 8 most significant bits
-        image = (image.to(torch.int32) >> 8).to(torch.uint8)
-    return image
+    return image if image.dtype == torch.uint8 else (image >> 8).to(torch.uint8)  # 16-bit: the high 8 bits
 
 
 def read_label(path):
@@ -433,16 +429,16 @@ def label_channels_error(path, channels):
 
 
 def size_mismatch(image_path, image_size, label_path, label_size):  # sizes (W, H)
-    turned = (
-        " The sizes are turned: the photo likely has an EXIF orientation, which dataset images are read "
-        "without (as stored, like their labels); save it upright (Pillow's ImageOps.exif_transpose)."
-    )
-    return (
+    message = (
         f"image {image_path} is {image_size[0]}x{image_size[1]} (WxH) but its label {label_path} is "
         f"{label_size[0]}x{label_size[1]}; an image and its label must have the same size."
-        + turned
-        * (tuple(image_size) == tuple(label_size)[::-1])
     )
+    if tuple(image_size) == tuple(label_size)[::-1]:
+        message += (
+            " The sizes are turned: the photo likely has an EXIF orientation, which dataset images are read "
+            "without (as stored, like their labels); save it upright (Pillow's ImageOps.exif_transpose)."
+        )
+    return message
 
 
 def write_png(image, path, compression_level=6):
