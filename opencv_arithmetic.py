@@ -2,8 +2,7 @@
 window of the result, so that a crop resizes only what it keeps) and the BGR<->HSV conversions. The
 original resizes and converts colours with OpenCV (mmcv v1.0.2 mmcv/image/geometric.py,
 mmcv/image/colorspace.py) in fixed point; float arithmetic, rounded, would differ by 1 on many pixels, so
-the training crops would not match. data.py's transforms call these; nothing here needs reading to learn
-GCNet. It needs torch alone.
+the training crops would not match. data.py's transforms call these; there is no GCNet to read here.
 """
 
 import torch

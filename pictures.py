@@ -249,8 +249,7 @@ def confusion_picture(matrix, classes):
     bottom = max(top + side, 28 + 18 * len(lines)) + 8  # the caption goes below the matrix and the list
     key = [] if named else [f"{index} {name}" for index, name in enumerate(classes)]
     key_width = 16 + max([int(small.getlength(entry)) for entry in key], default=0)
-    key_columns = max(1, (width - 8) // key_width)
-    key_rows = math.ceil(len(key) / key_columns)
+    key_rows = math.ceil(len(key) / max(1, (width - 8) // key_width))  # as many columns as fit
     canvas = Image.new("RGB", (width, bottom + 22 + 14 * key_rows + 8 * bool(key)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), heading, "black", text)
