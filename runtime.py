@@ -165,11 +165,9 @@ def training_float32(precision):
 
 @contextlib.contextmanager
 def written_atomically(path, suffix=".tmp"):
-    """`with written_atomically(path) as temporary:` write the file to `temporary`, a name beside `path`
-    unique to this writer; when the block ends, one rename puts it at `path`, so a crash leaves the old
-    file or the new one, never half. If the block fails, the partial file is removed. Every file the
-    project writes goes through here; with the default suffix, a run's start clears what a crash left
-    (temporaries_in)."""
+    """`with written_atomically(path) as temporary:` write to `temporary`, a name beside `path` unique to
+    this writer, which one rename puts at `path`: a crash leaves the old file or the new one, never half,
+    and a failing block removes it. With the default suffix, a run's start clears what a crash left."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
     try:
@@ -202,8 +200,7 @@ def hold_lock(path):
         holder = lock.read().strip() or "another process"
         lock.close()
         raise Taken(holder) from None
-    lock.seek(0)
-    lock.truncate()
+    lock.truncate(0)  # "a+": the write goes to the end, now the start
     lock.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     lock.flush()
     return lock
@@ -337,8 +334,9 @@ def number_flag(kind, minimum, maximum=None, exclusive=False, why=""):
     """argparse type: a finite int or float >= minimum (> minimum if exclusive), <= maximum if given.
     An explicit 0 is a value like any other, never "unset". `why` explains the bounds in the error."""
     name = "an integer" if kind is int else "a number"
-    bound = f"{'>' if exclusive else '>='} {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    bound += why
+    bound = (
+        f"{'>' if exclusive else '>='} {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    ) + why
 
     def parse(text):
         try:
