@@ -92,10 +92,8 @@ class Run:
         before any checkpoint, the command as given."""
         if self.last_path is None:
             return f"start again with: {self.start_again}"
-        resumed_only = self.last_path == self.resume_path
-        return f"continue with: {self.restart}" + (
-            f" {shlex.quote(str(self.last_path))}" if resumed_only else ""
-        )
+        path = f" {shlex.quote(str(self.last_path))}" if self.last_path == self.resume_path else ""
+        return f"continue with: {self.restart}{path}"
 
     def new_checkpoint_writer(self, raw_model, optimizer, scaler, train_set):
         meta = {"CLASSES": list(train_set.classes), "PALETTE": [list(c) for c in train_set.palette]}
@@ -572,26 +570,22 @@ def read_log(path):
     return records, unreadable
 
 
-class Log:
-    """log.jsonl, one JSON record a line, appended and flushed (rank 0 only: None elsewhere)."""
+class Log(contextlib.AbstractContextManager):
+    """log.jsonl, one JSON record a line, appended and flushed (rank 0 only: path None elsewhere)."""
 
     def __init__(self, path):
-        torn = False
-        if path and os.path.isfile(path) and os.path.getsize(path) > 0:
-            with open(path, "rb") as file:  # a line cut by a crash: the next record starts a line of its own
-                file.seek(-1, os.SEEK_END)
-                torn = file.read(1) != b"\n"
-        self.file = open(path, "a") if path else None
-        if torn:
-            self.file.write("\n")
+        self.file = open(path, "a+b") if path else None  # at the end of what is there
+        if (
+            self.file and self.file.tell() > 0
+        ):  # a line cut by a crash: the next record starts a line of its own
+            self.file.seek(-1, os.SEEK_END)
+            if self.file.read(1) != b"\n":
+                self.file.write(b"\n")
 
     def write(self, record):
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(record).encode() + b"\n")
             self.file.flush()
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exception):
         if self.file:
