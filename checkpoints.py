@@ -125,10 +125,6 @@ HARMLESS_GLOBALS = {"collections.OrderedDict", "_codecs.encode"} | {
 HARMLESS_GLOBALS |= {
     f"{module}.{name}" for module in ("builtins", "__builtin__") for name in ("set", "frozenset", "complex")
 }
-TRUST_HINT = (
-    "If you trust where the file comes from, --trust-checkpoint loads it with full unpickling, which "
-    "runs whatever code the file contains."
-)
 
 
 def read_checkpoint(path_or_url, trust=False):
@@ -169,7 +165,8 @@ def read_checkpoint(path_or_url, trust=False):
         if code:
             raise ValueError(
                 f"refusing to load {source}: besides weights it holds pickled Python objects, which could "
-                f"run code when loaded ({', '.join(code)}). {TRUST_HINT}"
+                f"run code when loaded ({', '.join(code)}). If you trust where the file comes from, "
+                "--trust-checkpoint loads it with full unpickling, which runs whatever code the file contains."
             ) from None
         raise ValueError(f"cannot read checkpoint {source}: {describe_unreadable(local)}") from error
     if not trust:
@@ -180,7 +177,8 @@ def read_checkpoint(path_or_url, trust=False):
 def check_tensors(checkpoint, source):
     """Refuse tensors that are small in the file and huge in use: more elements than their storage
     holds (a 1-element storage viewed with stride 0 as 10^9 elements, which the NaN check would
-    expand), elements beyond their storage, or not plain CPU tensors. Only shapes are read."""
+    expand), or not plain dense CPU tensors. torch.load itself refuses elements beyond the storage, and
+    a storage larger than its record in the file. Only shapes are read."""
     stack, seen = [checkpoint], set()
     while stack:
         value = stack.pop()
@@ -191,19 +189,16 @@ def check_tensors(checkpoint, source):
             stack += list(value.values())
         elif isinstance(value, (list, tuple)):
             stack += list(value)
-        elif torch.is_tensor(value) and not stored_plainly(value):
+        elif torch.is_tensor(value) and not (
+            type(value) in (torch.Tensor, torch.nn.Parameter)
+            and value.layout == torch.strided
+            and value.device.type == "cpu"
+            and value.numel() * value.element_size() <= value.untyped_storage().nbytes()
+        ):
             raise ValueError(
                 f"refusing to load {source}: a tensor of shape {list(value.shape)} is not stored in the "
                 "file as a plain array of its elements (a small file that would take much more memory)"
             )
-
-
-def stored_plainly(tensor):
-    """A dense CPU tensor of no more elements than its storage holds (torch.load itself refuses elements
-    beyond the storage, and a storage larger than its record in the file)."""
-    plain = type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.layout == torch.strided
-    size = tensor.numel() * tensor.element_size()
-    return plain and tensor.device.type == "cpu" and size <= tensor.untyped_storage().nbytes()
 
 
 def globals_in(path):
@@ -254,9 +249,8 @@ class DownloadFailed(ValueError):
 
 
 def download(url, path):
-    """Fetch `url` into `path` with a progress bar (torch.hub writes a temporary file and renames it).
-    A failure says in a few lines which URL failed, whether the network was reached, and the two ways
-    out: fetch the file elsewhere and pass its path, or put it where this URL is looked for."""
+    """Fetch `url` into `path` with a progress bar (torch.hub writes a temporary file and renames it);
+    a failure is said in a few lines, with the ways around it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} to {path}", file=sys.stderr)
     try:
@@ -565,8 +559,8 @@ def checkpoint_info(path_or_url, checkpoint=None):
             info["crop_size"] = (int(crop_match.group(1)), int(crop_match.group(2)))
         if info["dataset"] is None:
             dataset_types = {"Cityscapes": "cityscapes", "ADE20KDataset": "ade20k", "PascalVOC": "voc12aug"}
-            found = [dataset for type_name, dataset in dataset_types.items() if type_name in config_text]
-            info["dataset"] = found[0] if found else recipe.DATASET_OF_NUM_CLASSES.get(info["num_classes"])
+            found = (dataset for type_name, dataset in dataset_types.items() if type_name in config_text)
+            info["dataset"] = next(found, recipe.DATASET_OF_NUM_CLASSES.get(info["num_classes"]))
         if "align_corners=True" in config_text.replace(" ", ""):
             info["align_corners"] = True
         elif info["crop_size"] is not None:
