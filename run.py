@@ -442,13 +442,10 @@ def disk_is_full(error, path, checkpoint):
     zip writer, as a RuntimeError without the errno ("unexpected pos ..."): then the free space says."""
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
         return True
-    if not isinstance(error, RuntimeError):
-        return False
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        return False
-    return free < checkpoint_bytes(checkpoint)
+    if isinstance(error, RuntimeError):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(path.parent).free < checkpoint_bytes(checkpoint)
+    return False
 
 
 # -----------------------------------------------------------------------------------------------
