@@ -571,12 +571,10 @@ class Log(contextlib.AbstractContextManager):
     """log.jsonl, one JSON record a line, appended and flushed (rank 0 only: path None elsewhere)."""
 
     def __init__(self, path):
-        self.file = open(path, "a+b") if path else None  # at the end of what is there
-        if (
-            self.file and self.file.tell() > 0
-        ):  # a line cut by a crash: the next record starts a line of its own
+        self.file = open(path, "a+b") if path else None  # opened at the end of what is there
+        if self.file and self.file.tell() > 0:
             self.file.seek(-1, os.SEEK_END)
-            if self.file.read(1) != b"\n":
+            if self.file.read(1) != b"\n":  # a line cut by a crash: the next record starts a line of its own
                 self.file.write(b"\n")
 
     def write(self, record):
