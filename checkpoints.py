@@ -128,10 +128,9 @@ HARMLESS_GLOBALS |= {
 
 
 def read_checkpoint(path_or_url, trust=False):
-    """Load a checkpoint file or URL onto the CPU without running code from it: torch's
-    weights_only unpickler, allowing tensors, plain Python containers and NUMPY_SAFE_GLOBALS, and
-    no value that asks for more memory than the file holds (REFUSED_GLOBALS, check_tensors). https://
-    URLs are downloaded once into torch.hub's cache (local_copy), file:// URLs are paths.
+    """Load a checkpoint file or URL (local_copy) onto the CPU without running code from it: torch's
+    weights_only unpickler, allowing tensors, plain Python containers and NUMPY_SAFE_GLOBALS, and no
+    value that asks for more memory than the file holds (REFUSED_GLOBALS, check_tensors).
     trust=True unpickles fully (any code in the file runs) and says so."""
     source = str(path_or_url)
     local = local_copy(source)
@@ -219,11 +218,10 @@ def globals_in(path):
 
 
 def local_copy(source):
-    """The local path of a checkpoint: a path as given; a file:// URL as the path it names; an https
-    URL downloaded once into torch.hub's cache (never unzipped). A name that carries the first digits
-    of the file's SHA-256, as the official files do (...-4b0fd17b.pth), is checked against them and
-    cached under that name, where torch.hub looks; any other URL is cached under a name made from the
-    whole URL, so two URLs that end in the same file name never share a file."""
+    """The local path of a checkpoint: an http(s) URL is downloaded once into torch.hub's cache (never
+    unzipped). A name that carries the first digits of the file's SHA-256, as the official files do
+    (...-4b0fd17b.pth), is checked against them and cached under that name, where torch.hub looks; any
+    other URL under a name made from the whole URL, so that two URLs never share a file."""
     url = urllib.parse.urlparse(source)
     if url.scheme == "file":
         return urllib.request.url2pathname(url.path)
