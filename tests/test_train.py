@@ -677,7 +677,9 @@ def test_fine_tuning_an_official_19_class_checkpoint_on_the_5_class_toy_set(toy_
     ):
         train.load_imagenet(whole, str(official), trust=False)  # it loaded every weight, heads too
     work_dir = tmp_path / "run"
-    args = toy_args(toy_root, work_dir, "--iters", "16", "--batch-size", "4", "--log-interval", "1")
+    # At FAST's batch 2 (a step at half the cost of batch 4): the means of the first and last three
+    # losses still fall by about 45% (1.19 against 2.13), the assertion's margin is 20%.
+    args = toy_args(toy_root, work_dir, "--iters", "16", "--log-interval", "1")
     train.main(
         args + ["--eval-interval", "16", "--load-from", str(official), "--lr", "0.05", "--no-pictures"]
     )
