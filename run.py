@@ -571,15 +571,19 @@ class Log(contextlib.AbstractContextManager):
     """log.jsonl, one JSON record a line, appended and flushed (rank 0 only: path None elsewhere)."""
 
     def __init__(self, path):
-        self.file = open(path, "a+b") if path else None  # opened at the end of what is there
-        if self.file and self.file.tell() > 0:
-            self.file.seek(-1, os.SEEK_END)
-            if self.file.read(1) != b"\n":  # a line cut by a crash: the next record starts a line of its own
-                self.file.write(b"\n")
+        # Opened for appending only, as a write-only file or a pipe allows; the last byte is read apart.
+        torn = False
+        if path and os.path.isfile(path) and os.path.getsize(path) > 0:
+            with open(path, "rb") as file:  # a line cut by a crash: the next record starts a line of its own
+                file.seek(-1, os.SEEK_END)
+                torn = file.read(1) != b"\n"
+        self.file = open(path, "a") if path else None
+        if torn:
+            self.file.write("\n")
 
     def write(self, record):
         if self.file:
-            self.file.write(json.dumps(record).encode() + b"\n")
+            self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
     def __exit__(self, *exception):

@@ -4,6 +4,7 @@ import errno
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -188,6 +189,18 @@ def test_a_line_torn_by_a_crash_stays_alone_on_its_line(tmp_path):
         log.write({"iteration": 3, "mIoU": 50.0})
     records, unreadable = run.read_log(path)
     assert records == [{"iteration": 1, "loss": 0.5}, {"iteration": 3, "mIoU": 50.0}] and unreadable == 1
+
+
+def test_the_log_only_appends_so_a_pipe_or_a_write_only_file_takes_it(tmp_path):
+    path = tmp_path / "log.jsonl"
+    os.mkfifo(path)  # a run's log followed from elsewhere: it cannot be read back nor seeked
+    received = []
+    reader = threading.Thread(target=lambda: received.append(path.read_bytes()))
+    reader.start()
+    with run.Log(path) as log:
+        log.write({"iteration": 1})
+    reader.join(10)
+    assert received == [b'{"iteration": 1}\n']
 
 
 def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_in_words(capsys):
