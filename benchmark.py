@@ -156,10 +156,9 @@ def build_model(row, variant, device=None):
     return model if device is None else model.to(device, memory_format=layout)
 
 
-def check_sizes(args, row, variants, device):
-    """Raise a ValueError naming the flag for a size that would fail part-way through the run."""
-    if min(args.data_size) < 2:  # the training transform halves the image at its smallest scale
-        raise ValueError(f"--data-size {args.data_size[0]}x{args.data_size[1]}: expected at least 2x2")
+def check_sizes(row, variants, device):
+    """Raise a ValueError naming the flag for a training size that would fail part-way through the run
+    (tools/compare_context_blocks.py checks its own before it scores)."""
     (height, width), batches = row["train_crop"], row["train_batches"]
     # Training BatchNorm needs two values per channel of the 1/8-resolution maps, over the whole batch.
     if min(batches) * math.ceil(height / 8) * math.ceil(width / 8) < 2:
@@ -568,7 +567,9 @@ def parse_arguments(argv=None, parser=None):
         _, _, device = runtime.setup_device(args.device)
         row = row_settings(args, device)
         variants = variant_list(device, args, row["train_batches"])
-        check_sizes(args, row, variants, device)
+        check_sizes(row, variants, device)
+        if min(args.data_size) < 2:  # the training transform halves the image at its smallest scale
+            raise ValueError(f"--data-size {args.data_size[0]}x{args.data_size[1]}: expected at least 2x2")
     except ValueError as error:
         parser.error(str(error))
     args.timed = args.timed or (50 if device.type == "cuda" else 3)

@@ -125,3 +125,15 @@ def test_a_file_as_out_and_a_comparison_without_its_baselines_are_said_first(tmp
     assert "only GC models among the checkpoints: no FCN (--context none) or Non-local model" in said
     compare.check_models([dict(models[0], info=dict(block=dict(gc, context="none"))), models[1]])
     assert "only GC models" not in capsys.readouterr().out
+
+
+def test_a_training_size_the_speed_cannot_take_is_refused_before_any_scoring(tmp_path, toy_copy, monkeypatch):
+    _, paths, _ = toy_checkpoints(tmp_path, toy_copy)
+    scored = []
+    monkeypatch.setattr(compare.evaluate, "evaluate_dataset", lambda *args, **kwargs: scored.append(1))
+    flags = ["--train-crop", "8", "--train-batch", "1", "--workers", "0", "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"--train-crop 8x8 at --train-batch 1 .*\(or pass --no-speed\)"):
+        compare.main(
+            ["--checkpoints", str(paths["fcn"]), str(paths["gcnet"]), "--out", str(tmp_path / "o"), *flags]
+        )
+    assert scored == []  # the scores were not spent first, then lost

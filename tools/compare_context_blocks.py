@@ -74,6 +74,12 @@ def main(argv=None):
         dataset = check_models(models)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"compare_context_blocks.py: {error}") from None
+    try:  # the speed's sizes, checked before the scores are spent
+        for entry in [] if args.no_speed else models:
+            entry["row"] = speed_row(entry, args, device)
+            benchmark.check_sizes(entry["row"], [benchmark.make_variant("fp32", False)], device)
+    except ValueError as error:
+        raise SystemExit(f"compare_context_blocks.py: {error} (or pass --no-speed)") from None
     out.mkdir(parents=True, exist_ok=True)
     for entry in models:  # (a) the scores
         keywords = evaluate.inference_keywords(entry["settings"], device)
@@ -163,10 +169,8 @@ def attention_models(models):
     return nonlocal_model, gc_model
 
 
-def measure_speed(entry, args, device):
-    """benchmark.py's fp32 eager measures of the entry's row: inference images/s and FLOPs at the row's
-    image size (--size for another); at its training crop and batch (--train-crop, --train-batch) the
-    memory a training step keeps, counted on fake tensors, and on CUDA the measured peak."""
+def speed_row(entry, args, device):
+    """benchmark.row_settings of the entry's row of the table, at --size, --train-crop, --train-batch."""
     info, block = entry["info"], entry["info"]["block"]
     name, crop = entry["dataset"].name, info["row"]["crop_size"] if info["row"] else None
     if name not in data.CLASSES_AND_PALETTES:  # your own data: timed at the Cityscapes row's sizes
@@ -187,7 +191,14 @@ def measure_speed(entry, args, device):
         gc_pooling=block["pooling"] if gc else None,
         gc_fusion=block["fusion"] if gc else None,
     )
-    row = benchmark.row_settings(argparse.Namespace(**options), device)
+    return benchmark.row_settings(argparse.Namespace(**options), device)
+
+
+def measure_speed(entry, args, device):
+    """benchmark.py's fp32 eager measures of the entry's row: inference images/s and FLOPs at the row's
+    image size (--size for another); at its training crop and batch (--train-crop, --train-batch) the
+    memory a training step keeps, counted on fake tensors, and on CUDA the measured peak."""
+    row = entry["row"]
     variant, timed = benchmark.make_variant("fp32", False), args.timed or (20 if device.type == "cuda" else 2)
     batch, peak = row["train_batches"][0], None
     try:
