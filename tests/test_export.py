@@ -150,3 +150,13 @@ def test_an_export_that_would_run_code_is_refused_before_torch_reads_it(tmp_path
         with pytest.raises(ValueError, match=f"refusing to load .*{name}.pt2: .*{re.escape(words)}"):
             export.load_exported(path)
         assert not MARKER.exists(), name
+    # Damaged files are named in words, not torch's or json's tracebacks.
+    (tmp_path / "text.pt2").write_text("not an archive")
+    no_config = rewritten(
+        good, tmp_path / "no_config.pt2", lambda n, r: b"{}" if n.endswith("_config.json") else r
+    )
+    for path in (tmp_path / "text.pt2", no_config):
+        with pytest.raises(
+            ValueError, match=rf"cannot read \S*{path.name} as a .pt2 file of tools/export.py \("
+        ):
+            export.load_exported(path)

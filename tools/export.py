@@ -122,7 +122,13 @@ def expressions(value, key=None):
 
 def load_exported(path, extra_files=None):
     """torch.export.load(path) once archive_problems finds nothing that could run code."""
-    problems = archive_problems(path)
+    try:
+        problems = archive_problems(path)
+    except (RuntimeError, KeyError, AttributeError, TypeError, ValueError) as error:  # not such an archive
+        said = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        raise ValueError(
+            f"cannot read {path} as a .pt2 file of tools/export.py ({said}); export it again"
+        ) from None
     if problems:
         raise ValueError(
             f"refusing to load {path}: {'; '.join(problems[:5])}. torch.export.load would run code from such a "
