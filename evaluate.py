@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Subset
@@ -608,7 +609,7 @@ def write_split_files(model, info, settings):
 
 def predict_images(model, settings):
     """--image: the pictures of every file, an unreadable one named and skipped; returns how many failed on
-    all ranks. A photo over 4 times the test scale's pixels is shrunk to it: scores take C floats a pixel."""
+    all ranks."""
     rank, world_size = runtime.rank_and_world_size()
     (files, skipped), save_dir = settings["images"], settings["save_dir"]
     palette, classes, device = settings["palette"], settings["classes"], settings["device"]
@@ -621,8 +622,8 @@ def predict_images(model, settings):
         try:
             original = data.read_image(path, upright=True)  # uint8 (3, H, W), as the photo is to be seen
             height, width = original.shape[-2:]
-            if height * width > 4 * scale[0] * scale[1]:
-                original = data.resize_image(original, data.rescale_size(height, width, scale))
+            original = within_test_scale(original, scale)
+            if original.shape[-2:] != (height, width):
                 size = f"{original.shape[2]}x{original.shape[1]}"
                 tqdm.write(
                     f"{path}: {width}x{height} is large; predicted and drawn at the test scale, {size}"
@@ -848,6 +849,15 @@ def fold_batchnorm(net):
     return folded
 
 
+def within_test_scale(original, scale):
+    """The photo, or if it has over 4 times the test scale's pixels, the photo shrunk to the test scale:
+    the sum of the scores at the photo's size takes C floats a pixel (29 GB for 48 MP and 150 classes)."""
+    height, width = original.shape[-2:]
+    if height * width <= 4 * scale[0] * scale[1]:
+        return original
+    return data.resize_image(original, data.rescale_size(height, width, scale))
+
+
 @torch.no_grad()
 def image_prediction(model, original, settings):
     """(the image at each test ratio on the device, the (H, W) classes) of one uint8 (3, H, W) image."""
@@ -874,9 +884,15 @@ class Predictor:
         self.palette, self.classes = self.settings["palette"], self.settings["classes"]
 
     def __call__(self, path):
-        """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright)."""
-        _, pred = image_prediction(self.model, data.read_image(path, upright=True), self.settings)
-        return pred.cpu()
+        """The class of every pixel of the image file at `path`, at its size (as EXIF turns it upright). A
+        photo over 4 times the test scale's pixels is predicted at the test scale, as evaluate.py --image
+        does, and its classes enlarged to the photo's size (nearest)."""
+        original = data.read_image(path, upright=True)
+        _, pred = image_prediction(
+            self.model, within_test_scale(original, self.settings["scale"]), self.settings
+        )
+        size = original.shape[-2:]
+        return F.interpolate(pred[None, None].float(), size, mode="nearest")[0, 0].long().cpu()
 
 
 if __name__ == "__main__":

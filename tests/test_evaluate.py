@@ -1141,3 +1141,20 @@ def test_sliding_windows_of_another_size_keep_the_checkpoints_test_scale(tiny_ch
         settings = evaluate.resolve_settings(args, info, torch.device("cpu"))
         assert settings["scale"] == (48, 32)  # before, --crop took the folder dataset's 2048x512
     assert (settings["mode"], settings["crop_size"], settings["stride"]) == ("slide", (24, 24), (16, 16))
+
+
+def test_the_predictor_bounds_a_large_photo_as_the_image_command_does(tmp_path, tiny_checkpoint):
+    write_picture(tmp_path / "big.png", size=(90, 120), seed=2)  # > 4 x the test scale's 48x32 pixels
+    write_picture(tmp_path / "small.png", size=(33, 49), seed=3)
+    predictor = evaluate.Predictor(tiny_checkpoint, ["--workers", "0"])
+    labels = predictor(tmp_path / "big.png")
+    shrunk = data.resize_image(data.read_image(tmp_path / "big.png"), (32, 43))  # as --image draws it
+    _, at_test_scale = evaluate.image_prediction(predictor.model, shrunk, predictor.settings)
+    assert labels.shape == (90, 120)  # at the photo's size, each test-scale pixel's class enlarged
+    rows, columns = torch.arange(90) * 32 // 90, torch.arange(120) * 43 // 120
+    assert torch.equal(labels, at_test_scale[rows[:, None], columns])
+    small = data.read_image(tmp_path / "small.png")
+    assert torch.equal(
+        predictor(tmp_path / "small.png"),
+        evaluate.image_prediction(predictor.model, small, predictor.settings)[1],
+    )
