@@ -540,23 +540,18 @@ def evaluate_split(model, info, settings, reference_model):
     scores = ("num_images", "aAcc", "mIoU", "mAcc", "mF1", "mPrecision", "mRecall", "loss")
     per_class = ("IoU", "Acc", "F1", "Precision", "Recall")
     speed = ("precision", "channels_last", "fold_batchnorm", "window_batch")
-    here = dict(depth=model.depth, num_classes=model.num_classes, world_size=world_size)
-    here.update(
-        torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    here = dict(
+        depth=model.depth, num_classes=model.num_classes, world_size=world_size, torch=torch.__version__
     )
-    record = dict(
-        checkpoint=str(checkpoint),
-        config_name=info["config_name"],
-        dataset=dataset.name,
-        data_root=settings["data_root"],
-        **{key: results[key] for key in scores},
-        per_class={
-            name: {key: results[key][i] for key in per_class} for i, name in enumerate(dataset.classes)
-        },
-        settings=dict({key: settings[key] for key in SHOWN_PROTOCOL + speed}, **here),
-        precision_agreement=agreement,
-        seconds=seconds,
-        confusion_matrix=results["confusion_matrix"],
+    here["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    record = dict(checkpoint=str(checkpoint), config_name=info["config_name"], dataset=dataset.name)
+    record.update(data_root=settings["data_root"], **{key: results[key] for key in scores})
+    record["per_class"] = {
+        name: {key: results[key][i] for key in per_class} for i, name in enumerate(dataset.classes)
+    }
+    record["settings"] = dict({key: settings[key] for key in SHOWN_PROTOCOL + speed}, **here)
+    record.update(
+        precision_agreement=agreement, seconds=seconds, confusion_matrix=results["confusion_matrix"]
     )
     out = Path(settings["out"])  # claimed at the start (claim_outputs)
     runtime.write_text(out, json.dumps(without_nan(record), indent=1))
