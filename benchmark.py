@@ -63,6 +63,7 @@ MATMUL_SECONDS = 0.5
 MEMORY_FORMAT = {True: torch.channels_last, False: torch.preserve_format}  # by variant["channels_last"]
 SUFFIXES = dict(channels_last="+channels_last", compiled="+compile", checkpointing="+checkpointing")
 SUFFIXES["cudnn_benchmark"] = "+cudnn.benchmark"  # the variants' names: precision + suffixes
+PHASES = ("inference", "training")
 # Samples/s a loader must deliver to an H200 training at batch 8 in 50 ms a step (docs/benchmarks.md).
 FEED_RATE, FEED_BATCH = 160, 8
 GB = 1024**3
@@ -298,6 +299,7 @@ def measure_variants(variants, row, device, args):
             runtime.release_memory(device)
         results[variant["name"]][phase] = timing
         notes = [f"first call {timing['first_call_seconds']:.1f} s"]
+        notes += [f"CPU share {timing['cpu_share']:.2f}"] if timing["cpu_share"] is not None else []
         if phase == "training":
             notes.append(f"batch {batch}, peak memory {timing['peak_memory_gb']:.2f} GB")
         line = f"{phase:9} {variant['name']:32} {timing['images_per_s']:8.3f} images/s  ({', '.join(notes)})"
@@ -557,6 +559,16 @@ def protocol_lines(row, args, device, flops, peaks):
     return lines + ([] if row["comparable"] else [note])
 
 
+def print_busy_cpu(records):
+    shares = {f"{r['name']} {phase}": (r[phase] or {}).get("cpu_share") for r in records for phase in PHASES}
+    contended = [name for name, share in shares.items() if share is not None and share < 0.9]
+    if contended:
+        print(
+            f"busy CPU: other processes took a share of the cores during {', '.join(contended)} "
+            "(CPU share < 0.9 in the JSON); these figures are pessimistic"
+        )
+
+
 # 6. The run: the flags checked, the peaks, every variant, the data, the report ----------------------
 def parse_arguments(argv=None, parser=None):
     """(args, device, row, variants), every flag and size checked before anything is measured: a bad
@@ -605,6 +617,7 @@ def measure_and_report(args, device, row, variants, data_beside=()):
     records = summarize(variants, measured, peaks, flops)
     print("\n" + "\n".join(protocol_lines(row, args, device, flops, peaks)) + "\n")
     print(results_table(row, records, args.wide) + "\n")
+    print_busy_cpu(records)
 
     protocol = dict(device=device.type, device_name=device_description(device), torch=torch.__version__)
     protocol.update(python=platform.python_version(), threads=torch.get_num_threads(), warmup=args.warmup)
@@ -638,10 +651,13 @@ def synchronize(device):
 def time_calls(function, warmup, iters, device, description, images=1, count_flops=False, scopes=()):
     """Call `function` warmup times, then iters times, each call timed alone between device syncs. The
     first call runs inside `scopes` and, with count_flops, a FLOP counter (every conv and matmul, backward
-    included; no BatchNorm, resize or softmax)."""
+    included; no BatchNorm, resize or softmax). cpu_share: the share of the CPU threads the timed calls
+    got (below ~0.9, other processes were competing)."""
     counter = FlopCounterMode(display=False) if count_flops else None
     seconds = []
     for call in tqdm(range(warmup + iters), desc=description, leave=False, disable=None):
+        if call == warmup:
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
         with contextlib.ExitStack() as stack:
             for scope in [*scopes, *filter(None, [counter])] if call == 0 else []:
                 stack.enter_context(scope)
@@ -653,7 +669,9 @@ def time_calls(function, warmup, iters, device, description, images=1, count_flo
         if call == 0:
             first_result = result
     timing = dict(first_result=first_result, first_call_seconds=seconds[0], seconds=seconds[warmup:])
-    timing["flops"] = counter and counter.get_total_flops()
+    threads_seconds = (time.perf_counter() - wall_start) * torch.get_num_threads()
+    share = (time.process_time() - cpu_start) / threads_seconds if device.type == "cpu" else None
+    timing.update(cpu_share=share, flops=counter and counter.get_total_flops())
     return dict(timing, images_per_s=images * iters / sum(timing["seconds"]))
 
 

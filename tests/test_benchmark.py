@@ -103,6 +103,8 @@ def test_benchmark_reports_every_figure(run):
         ):
             assert inference is None or positive_number(inference[key]), (record["name"], "inference", key)
             assert positive_number(training[key]), (record["name"], "training", key, training[key])
+        assert inference is None or positive_number(inference["cpu_share"])
+        assert positive_number(training["cpu_share"])
         for key in ("peak_memory_gb", "saved_for_backward_gb", "weights_gradients_momentum_gb"):
             assert positive_number(training[key]), (record["name"], key, training[key])
         assert math.isclose(
