@@ -179,9 +179,10 @@ class Run:
         )
         self.log.write({"iteration": iteration, "event": "nonfinite_loss"})
         if self.nonfinite_in_a_row >= self.max_nonfinite:
+            fp32 = "" if self.config["precision"] == "fp32" else "try --precision fp32, "
             raise SystemExit(
                 f"stopping: {self.nonfinite_in_a_row} non-finite losses in a row at iteration {iteration}. "
-                f"Lower --lr (now {self.config['lr']}), try --precision fp32, or check the labels. "
+                f"Lower --lr (now {self.config['lr']}), {fp32}or check the labels and images. "
                 f"The last good checkpoint is {self.last_path or 'not written yet'}."
             )
 

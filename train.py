@@ -100,7 +100,9 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # 3b. forward and loss (the model returns float32 logits, so the loss is float32)
+            # 3b. forward and loss (the model returns float32 logits, so the loss is float32); the forward
+            # pass also moves BatchNorm's running statistics, so they are kept aside for a skipped step
+            statistics = [buffer.clone() for buffer in raw_model.buffers()]
             with runtime.autocast(device, config["precision"]):
                 logits, aux_logits = net(images)
             decode_loss, aux_loss = segmentation_loss(logits, labels), segmentation_loss(aux_logits, labels)
@@ -113,6 +115,9 @@ def main(argv=None):
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+            else:  # the model as before the step: a non-finite input would poison the statistics for good
+                for kept, buffer in zip(statistics, raw_model.buffers()):
+                    buffer.copy_(kept)
             iteration += 1
             run.count_nonfinite_losses_or_exit(finite, iteration)
             if device.type == "cuda":

@@ -784,3 +784,19 @@ def test_the_run_is_cleaned_up_after_a_nonfinite_exit_and_a_failing_validation(
         assert conv.fp32_precision == fp32, name  # FAST trains in IEEE fp32: the setting is put back
         assert opened[-1].file.closed, name
         run.claim_work_dir(tmp_path / name).close()  # the lock was released
+
+
+def test_a_skipped_step_leaves_the_batchnorm_statistics_as_they_were(toy_root, tmp_path, monkeypatch):
+    batches = train.training_batches
+
+    def one_bad_pixel(*args):
+        for number, (images, labels) in enumerate(batches(*args), 1):
+            if number == 2:  # an infinite pixel: the loss and the statistics the forward pass moves
+                images[0, 0, 0, 0] = float("inf")
+            yield images, labels
+
+    monkeypatch.setattr(train, "training_batches", one_bad_pixel)
+    train.main(toy_args(toy_root, tmp_path, "--iters", "3", "--eval-interval", "3"))
+    assert [r["iteration"] for r in read_log(tmp_path) if r.get("event") == "nonfinite_loss"] == [2]
+    saved = torch.load(tmp_path / "iter_3.pth", weights_only=True)["state_dict"]
+    assert all(value.isfinite().all() for key, value in saved.items() if "running_" in key)
