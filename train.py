@@ -426,6 +426,10 @@ def show_recipe(config):
         runtime.say(line)
 
 
+# The flags that change the row's training recipe beside the batch, which has warnings of its own.
+RECIPE_FLAGS = ("lr", "min_lr", "power", "momentum", "weight_decay", "aux_weight", "scale")
+
+
 def describe_setup(config):
     """Which of the README's setups ("Fewer GPUs, more nodes") this run is in, and where it differs
     from the table's recipe, said before hours are spent."""
@@ -441,8 +445,17 @@ def describe_setup(config):
             f"WARNING: crops of {crop[0]}x{crop[1]} from images rescaled to a short side of {short_side} "
             f"(times 0.5 to 2) are often partly padding; consider --crop {short_side}"
         )
+    table = recipe.row(config["dataset"], tuple(config["crop_size"]), config["depth"], config["iters"])
+    changed = [
+        key for key in RECIPE_FLAGS if config[key] != (list(table[key]) if key == "scale" else table[key])
+    ]
+    if table_row and changed:
+        flags = ", ".join(
+            f"--{key.replace('_', '-')} {config[key]} (the table's {table[key]})" for key in changed
+        )
+        lines.append(f"WARNING: {flags}: not the table's recipe; expect other numbers")
     if table_row and config["global_batch"] != table_batch:
-        scaled = config["lr"] * config["global_batch"] / table_batch
+        scaled = table["lr"] * config["global_batch"] / table_batch
         lines.append(
             f"WARNING: global batch {config['global_batch']} differs from the table's {table_batch} "
             f"({images}): expect other numbers; the linear scaling rule would give --lr {scaled:g}"

@@ -161,6 +161,11 @@ def test_the_table_warnings_are_for_its_rows_and_own_data_gets_its_scale():
     )
     said = "\n".join(train.describe_setup(train.recipe_of_run(args, 1) | setup))
     assert "not a row of the table" in said and "WARNING" not in said
+    # A row's recipe changed by a flag is said; the learning rate the batch suggests is the table's, scaled.
+    args = train.build_parser().parse_args(["--dataset", "cityscapes", "--lr", "0.0025", "--momentum", "0.8"])
+    said = "\n".join(train.describe_setup(train.recipe_of_run(args, 1) | setup | {"global_batch": 2}))
+    assert "--lr 0.0025 (the table's 0.01), --momentum 0.8 (the table's 0.9): not the table's recipe" in said
+    assert "the linear scaling rule would give --lr 0.0025" in said
     # A short run validates at its end, not at every step.
     assert train.recipe_of_run(train.build_parser().parse_args(["--iters", "6"]), 1)["eval_interval"] == 6
 
