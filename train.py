@@ -346,7 +346,7 @@ def check_class_count(dataset):
 def check_enough_images(dataset, config, batches_per_epoch):
     if batches_per_epoch == 0:
         raise SystemExit(
-            f"the {config['dataset']} training split has {len(dataset)} images, fewer than one global batch "
+            f"train.py: the {config['dataset']} training split has {len(dataset)} images, fewer than one global batch "
             f"of {config['global_batch']}; lower --batch-size or add images"
         )
 

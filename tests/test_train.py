@@ -588,6 +588,15 @@ def test_a_toy_root_that_holds_something_else_is_named(tmp_path, capsys, monkeyp
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "run"]
 
 
+def test_a_split_smaller_than_one_batch_is_said_in_words():
+    config = dict(dataset="toy", batch_size=4, global_batch=8, seed=0, workers=0)
+    with pytest.raises(
+        SystemExit,
+        match=r"^train.py: the toy training split has 3 images, fewer than one global batch of 8; lower --batch-size",
+    ):
+        next(train.training_batches(list(range(3)), config, 0))
+
+
 def test_a_floor_above_the_learning_rate_is_refused():
     args = train.build_parser().parse_args(["--lr", "0.001", "--min-lr", "0.01"])
     with pytest.raises(SystemExit, match="--min-lr 0.01 is above --lr 0.001"):
