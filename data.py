@@ -63,7 +63,7 @@ def build_dataset(
     row = recipe.row(name, crop_size)  # refuses an unknown name
     root = dataset_folder(name, split, root)  # the toy dataset is written there on first use
     if name == "folder":
-        classes, palette, zero_is_ignore = layouts.read_classes_file(root)
+        classes, palette, zero_is_ignore = layouts.read_classes_file(root, reduce_zero_label)
     else:
         classes, palette = CLASSES_AND_PALETTES[name]["classes"], CLASSES_AND_PALETTES[name]["palette"]
         zero_is_ignore = recipe.DATASETS[name].get("reduce_zero_label", False)

@@ -158,10 +158,11 @@ def find_folder_pairs(root, split):
     return pair_up("folder", split, image_dir, images, labels, (label_dir, "*.png"))
 
 
-def read_classes_file(root):
+def read_classes_file(root, override=None):
     """ROOT/classes.txt -> (classes, palette, zero_is_ignore). One class per line: a name, optionally
     followed by R G B (0..255); '#' starts a comment. The line `label0: ignore` declares that label 0
-    means 'ignore' and the listed classes are the values 1..C (ADE20K's convention)."""
+    means 'ignore' and the listed classes are the values 1..C (ADE20K's convention). override: that rule
+    as a flag sets it instead (train.py --reduce-zero-label), which the default colours follow too."""
     path = root / "classes.txt"
     if not path.is_file():
         raise missing_path_error("folder", root, path)
@@ -200,6 +201,7 @@ def read_classes_file(root):
         )
     # A class without a colour gets the VOC colour of the value it is stored as (1..C with label0: ignore),
     # so that a VOC-style colour mask, black for 0, converts without colours written out.
+    zero_is_ignore = zero_is_ignore if override is None else bool(override)
     defaults = default_palette(len(palette) + zero_is_ignore)[zero_is_ignore:]
     palette = [colour or default for colour, default in zip(palette, defaults)]
     return list(first_line), palette, zero_is_ignore

@@ -277,6 +277,10 @@ def test_test_split_has_no_labels_and_reduce_zero_label_can_be_chosen(tmp_path):
     assert dataset.reduce_zero_label and dataset.classes == ["sky", "road", "car"]
     assert torch.equal(dataset[0][1], expected)
     assert not data.build_dataset("folder", folder, "val", reduce_zero_label=False).reduce_zero_label
+    # The flag and the line give the classes the same default colours: those of the values they are stored as.
+    (folder / "classes.txt").write_text("sky\nroad\ncar\n")
+    flagged = data.build_dataset("folder", folder, "val", reduce_zero_label=True).palette
+    assert flagged == dataset.palette == layouts.default_palette(4)[1:]
     # Two classes and label 0 ignored: stored 0/1 is a label, not a 0/255 mask; a stray value is named as
     # stored, without the advice to add the line that is there.
     (folder / "classes.txt").write_text("label0: ignore\ncat\ndog\n")
