@@ -566,8 +566,8 @@ def build_parser():
     add(
         "--crop",
         type=runtime.size_flag("--crop"),
-        help="crop, N or HxW (default: the dataset's first: "
-        "512x1024 Cityscapes (or 769), 512 ADE20K, VOC and folder, 128 toy)",
+        help="crop, N or HxW (default: the dataset's first: 512x1024 Cityscapes (or 769), 512 ADE20K, VOC "
+        "and folder, 128 toy); an 8k+1 height (257, 513, 769) validates with sliding windows, align_corners=True",
     )
     add("--depth", type=int, default=50, choices=(50, 101), help="ResNet depth (default 50)")
     add(
