@@ -535,7 +535,7 @@ class StopRequest:
             raise SystemExit(f"\ntrain.py: stopped by {signal.Signals(signum).name} before training started")
         if self.requested and signum == signal.SIGINT:
             raise SystemExit(
-                f"\ntrain.py: stopped at once by a second Ctrl-C, without a checkpoint of the last steps; "
+                f"\ntrain.py: stopped at once by a second Ctrl-C, without a checkpoint of the steps since the last one; "
                 f"{self.how_to_continue()}"
             )
         rank, world_size = runtime.rank_and_world_size()
