@@ -729,14 +729,15 @@ def claim_outputs(settings):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             held.append(runtime.hold_lock(folder / name))
-        except (OSError, runtime.Taken) as error:
+        except runtime.Taken as holder:
             release(held)  # the --save-dir lock, when --out is refused
-            if isinstance(error, runtime.Taken):
-                raise FileExistsError(
-                    f"{what} {place} is being written by another evaluate.py ({error}); wait for it to end or "
-                    f"pass another {what}"
-                ) from None
-            raise ValueError(  # a read-only folder, a file in the way
+            raise FileExistsError(
+                f"{what} {place} is being written by another evaluate.py ({holder}); wait for it to end or "
+                f"pass another {what}"
+            ) from None
+        except OSError as error:  # a read-only folder, a file in the way
+            release(held)
+            raise ValueError(
                 f"cannot write {what} {place}: {error.strerror or error}; pass {what} in a folder you can write to"
             ) from None
     return held

@@ -179,10 +179,9 @@ class Run:
         )
         self.log.write({"iteration": iteration, "event": "nonfinite_loss"})
         if self.nonfinite_in_a_row >= self.max_nonfinite:
-            fp32 = "" if self.config["precision"] == "fp32" else "try --precision fp32, "
             raise SystemExit(
                 f"stopping: {self.nonfinite_in_a_row} non-finite losses in a row at iteration {iteration}. "
-                f"Lower --lr (now {self.config['lr']}), {fp32}or check the labels and images. "
+                f"{divergence_advice(self.config)}, or check the labels and images. "
                 f"The last good checkpoint is {self.last_path or 'not written yet'}."
             )
 
@@ -343,6 +342,12 @@ def find_resume_checkpoint(resume, work_dir):
     return found[-1]
 
 
+def divergence_advice(config):
+    """What to try when training diverges: a lower --lr, and fp32 when the run is not in it."""
+    fp32 = "" if config["precision"] == "fp32" else ", or try --precision fp32"
+    return f"Lower --lr (now {config['lr']}){fp32}"
+
+
 def restart_commands(argv, world_size):
     """(the command that continues this run: the same flags, --resume instead of --resume/--load-from;
     the command that starts it again: the same flags)."""
@@ -407,7 +412,7 @@ class CheckpointWriter:
             save_checkpoint(path, checkpoint)
         except NonFiniteWeights as error:
             raise SystemExit(
-                f"{error}. Lower --lr or use --precision fp32, then {self.how_to_continue()}"
+                f"{error}. {divergence_advice(self.config)}, then {self.how_to_continue()}"
             ) from None
         except (OSError, RuntimeError) as error:
             if not disk_is_full(error, path, checkpoint):
