@@ -117,12 +117,17 @@ class Run:
                     f"{self.config[key]}. Pass --{key} {theirs.get(key)} to continue it (or --load-from "
                     f"{path} to start a new run from its weights, in another --work-dir)."
                 )
-        zero_is_ignore = [bool(theirs.get("reduce_zero_label")), self.config["reduce_zero_label"]]
-        if zero_is_ignore[0] != zero_is_ignore[1]:
-            that_run, this_one = ("with" if flag else "without" for flag in zero_is_ignore)
+        # The label rule in effect (the flag, ADE20K's own, or classes.txt's `label0: ignore`); a checkpoint
+        # from before it was recorded has the flag alone.
+        rules = [theirs.get("zero_is_ignore"), self.config["zero_is_ignore"]]
+        if rules[0] is None:
+            rules = [bool(theirs.get("reduce_zero_label")), self.config["reduce_zero_label"]]
+        if rules[0] != rules[1]:
+            that_run, this_one = ("as 'ignore' (classes 1..C)" if rule else "as a class" for rule in rules)
             raise SystemExit(
-                f"--resume {path}: that run read its labels {that_run} --reduce-zero-label, this command "
-                f"{this_one} it: every class would shift by one. Give the flag as that run did to continue it."
+                f"--resume {path}: that run read label 0 {that_run}, this command reads it {this_one}: every "
+                "class would shift by one. Read the labels as that run did (--reduce-zero-label, or the line "
+                "`label0: ignore` in a folder dataset's classes.txt) to continue it."
             )
         block = dict(recipe.GC_BLOCK, **theirs.get("block", {}))
         if block != self.config["block"]:

@@ -68,7 +68,8 @@ def main(argv=None):
     with run, run.checkpoint_and_exit_on_a_bad_file():
         # 1. data (rank 0 first: it may write the toy dataset, which the others then read)
         train_set, val_set = runtime.rank_zero_first(lambda: build_datasets(config))
-        config["num_classes"] = train_set.num_classes
+        # recorded: a resume must read the labels alike (label 0 'ignore' by flag, dataset or classes.txt)
+        config.update(num_classes=train_set.num_classes, zero_is_ignore=train_set.reduce_zero_label)
         show_recipe(config)
 
         # 2. the model, from ImageNet weights (the recipe) or a GCNet checkpoint (--load-from); SGD with

@@ -412,11 +412,12 @@ def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling(toy_root, tmp_p
     # As if that run had read a folder dataset's labels with --reduce-zero-label: resuming without it
     # would shift every class by one.
     checkpoint = torch.load(tmp_path / "iter_1.pth", weights_only=True)
-    checkpoint["recipe"]["reduce_zero_label"] = True
-    torch.save(checkpoint, tmp_path / "iter_1.pth")
-    with pytest.raises(SystemExit, match="read its labels with --reduce-zero-label, this command without it"):
-        train.main(args + ["--resume"])
-    checkpoint["recipe"]["reduce_zero_label"] = False
+    assert checkpoint["recipe"]["zero_is_ignore"] is False
+    refused = "read label 0 as 'ignore' \\(classes 1..C\\), this command reads it as a class"
+    for recorded in (dict(zero_is_ignore=True), dict(zero_is_ignore=None, reduce_zero_label=True)):
+        torch.save(dict(checkpoint, recipe=dict(checkpoint["recipe"], **recorded)), tmp_path / "iter_1.pth")
+        with pytest.raises(SystemExit, match=refused):  # the rule recorded, or an older checkpoint's flag
+            train.main(args + ["--resume"])
     torch.save(checkpoint, tmp_path / "iter_1.pth")
     # An fp32 run resumed in fp16 (as --precision auto picks on a GPU without bf16): its loss scaler
     # starts afresh, where loading the fp32 run's empty state raised.
@@ -552,32 +553,50 @@ def test_an_abbreviated_flag_is_refused_not_guessed(capsys):
 def test_a_dataset_of_more_classes_than_labels_can_hold_is_refused_before_the_first_step(
     tmp_path, classes, directive, flags, most
 ):
-    root = tmp_path / "mine"
-    for split in ("train", "val"):
-        for folder, picture in (
-            ("images", np.zeros((32, 64, 3), np.uint8)),
-            ("labels", np.zeros((32, 64), np.uint8)),
-        ):
-            (root / folder / split).mkdir(parents=True)
-            Image.fromarray(picture).save(root / folder / split / "a.png")
-    (root / "classes.txt").write_text(directive + "".join(f"class {index}\n" for index in range(classes)))
-    args = [
-        "--dataset",
-        "folder",
-        "--data-root",
-        str(root),
-        "--work-dir",
-        str(tmp_path / "run"),
-        "--workers",
-        "0",
-    ]
+    args = folder_run(tmp_path, directive, classes, label=np.zeros((32, 64), np.uint8))
     with pytest.raises(
         SystemExit, match=f"has {classes} classes; labels are 8-bit .* at most {most} classes"
     ):
-        train.main(
-            args + flags + ["--pretrained", "none", "--crop", "16", "--scale", "64x32", "--device", "cpu"]
-        )
+        train.main(args + flags)
     assert not list((tmp_path / "run").glob("*.pth")) and not (tmp_path / "run" / "log.jsonl").stat().st_size
+
+
+def folder_run(tmp_path, directive, classes, label):
+    """train.py's flags for a small run on a folder dataset of one image per split, written here."""
+    root = tmp_path / "mine"
+    for split in ("train", "val"):
+        for folder, picture in (("images", np.zeros((*label.shape, 3), np.uint8)), ("labels", label)):
+            (root / folder / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture).save(root / folder / split / "a.png")
+    (root / "classes.txt").write_text(directive + "".join(f"class {index}\n" for index in range(classes)))
+    folder = ["--dataset", "folder", "--data-root", str(root), "--work-dir", str(tmp_path / "run")]
+    return folder + [
+        "--workers",
+        "0",
+        "--pretrained",
+        "none",
+        "--crop",
+        "16",
+        "--scale",
+        "64x32",
+        "--device",
+        "cpu",
+    ]
+
+
+def test_a_resume_reads_the_labels_by_the_rule_its_run_had(tmp_path):
+    label = np.zeros((32, 64), np.uint8)
+    label[:, 32:], label[16:, :] = 1, 2
+    args = folder_run(tmp_path, "label0: ignore\n", 2, label)
+    args += ["--batch-size", "1", "--precision", "fp32", "--context", "none", "--eval-interval", "1"]
+    train.main(args + ["--iters", "1"])
+    # Trained with `label0: ignore` in classes.txt; resumed with the flag instead: the labels read the same.
+    train.main(args + ["--iters", "2", "--resume", "--reduce-zero-label"])
+    assert torch.load(tmp_path / "run" / "iter_2.pth", weights_only=True)["recipe"]["zero_is_ignore"] is True
+    # The line taken out of classes.txt before a resume would make label 1 class 1, not 0: refused.
+    folder_run(tmp_path, "", 2, label)
+    with pytest.raises(SystemExit, match="read label 0 as 'ignore' .*, this command reads it as a class"):
+        train.main(args + ["--iters", "3", "--resume"])
 
 
 def test_a_toy_root_that_holds_something_else_is_named(tmp_path, capsys, monkeypatch):
