@@ -72,8 +72,7 @@ def build_dataset(
     if any(Path(image).suffix.lower() != ".png" for image, _ in pairs):
         torchvision_io()  # JPEGs: torchvision decodes them
     reduce_zero_label = zero_is_ignore if reduce_zero_label is None else bool(reduce_zero_label)
-    if reduce_zero_label and pairs[0][1]:  # one label: cheap
-        check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1], name, len(classes))
+    check_first_labels(pairs, name, len(classes), reduce_zero_label)
     scale = row["scale"] if scale is None else scale
     return SegmentationDataset(
         name, root, split, pairs, classes, palette, scale, row["crop_size"], test_ratios, reduce_zero_label
@@ -459,12 +458,6 @@ def check_label_values(label, num_classes, path, dataset_name, zero_is_ignore=Fa
     if int(label.max()) < stored:  # no pixel ignored: one cheap pass
         return
     if int((label + 1).max()) <= stored:  # uint8 wraps 255 to 0: the largest value, plus one
-        # A 0/255 label of two classes is a foreground mask whose foreground, 255, would be ignored.
-        if stored == 2 and not zero_is_ignore and not (label == 1).any() and (label == 0).any():
-            raise ValueError(
-                f"label {path} holds only the values 0 and 255, in a dataset of 2 classes: a 0/255 binary mask, "
-                "whose foreground, 255, means 'ignore'. Store the foreground as 1 (e.g. `mask // 255`)."
-            )
         return
     values = torch.unique(label).tolist()
     largest = max(value for value in values if value != IGNORE_INDEX)
@@ -487,6 +480,24 @@ def check_label_values(label, num_classes, path, dataset_name, zero_is_ignore=Fa
         f"label {path} holds the values {values}, but {dataset_name} has {num_classes} classes: expected "
         f"{expected} and 255 (ignore). {hint}"
     )
+
+
+def check_first_labels(pairs, name, num_classes, zero_is_ignore, count=8):
+    """What the first labels tell cheaply: ADE20K labels reduced already (refused), and labels of 2
+    classes stored as 0/255 masks, whose foreground, 255, would be ignored (only warned: a label of
+    background and ignored pixels is a true label, so it is said when no 1 is among the first few)."""
+    if zero_is_ignore and pairs[0][1]:
+        check_not_reduced_already(read_label(pairs[0][1]), pairs[0][1], name, num_classes)
+    if num_classes != 2 or zero_is_ignore:
+        return
+    labels = {path: torch.unique(read_label(path)).tolist() for _, path in pairs[:count] if path}
+    masks = [path for path, values in labels.items() if values == [0, IGNORE_INDEX]]
+    if masks and not any(1 in values for values in labels.values()):
+        runtime.say(
+            f"WARNING: label {masks[0]} holds only the values 0 and 255, in a dataset of 2 classes: if it is a "
+            "0/255 binary mask, its foreground, 255, means 'ignore' and is never learned. Store the foreground "
+            "as 1 (e.g. `mask // 255`)."
+        )
 
 
 def check_not_reduced_already(label, path, name, num_classes):

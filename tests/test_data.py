@@ -6,6 +6,7 @@ tests only read it, into tmp_path where a test spoils it.
 
 import gc
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -843,7 +844,6 @@ FIXTURES = {  # the fixtures beside MAKE's: (dataset, how it is written)
     "nowhere": ("cityscapes", None),
     "kitti": ("kitti", None),
     "toy": ("toy", None),
-    "mask": ("folder", lambda root: make_folder(root, 2, lambda index: np.eye(32, 64) * 255)),
     "blurred mask": ("folder", lambda root: make_folder(root, 2, lambda index: np.eye(32, 64) * 191 + 64)),
     "labels 1..3": ("folder", lambda root: make_folder(root, 3, lambda index: random_label(index, 4, low=1))),
     "2 classes, 0..2": ("folder", lambda root: make_folder(root, 2, lambda index: random_label(index, 3))),
@@ -880,7 +880,6 @@ SPOILED = {
     ),
     "JPEG declares more": ("folder", "val", {"images/val/photo0.jpg": declaring_8000}, None, ValueError),
     "label ids": ("cityscapes", "val", {CITY_VAL: np.full((32, 64), 26)}, 1, ValueError),
-    "0/255 mask": ("mask", "val", {}, 0, ValueError),
     "blurred mask": ("blurred mask", "val", {}, 0, ValueError),
     "labels 1..3": ("labels 1..3", "train", {}, 0, ValueError),
     "2 classes, 0..2": ("2 classes, 0..2", "val", {}, 0, ValueError),
@@ -915,7 +914,6 @@ MESSAGES = {
     "JPEG cut, end kept": r"cannot decode image \S*photo1\.jpg \(Corrupt JPEG data: premature end of data segment\)",
     "JPEG declares more": r"photo0\.jpg: the JPEG declares 8000x8000 pixels in [\d,]+ bytes, so it is cut or damaged",
     "label ids": r"lindau_000000_000019_gtFine_labelTrainIds.* \[26\].*prepare_datasets\.py cityscapes",
-    "0/255 mask": r"photo0\.png holds only the values 0 and 255.*binary mask",
     "blurred mask": r"values \[64, 255\].*binary mask",
     "labels 1..3": r"values \[1, 2, 3, 255\].*3 classes.*reduce the labels",
     "2 classes, 0..2": r"(?s)^(?!.*binary mask).*values \[0, 1, 2, 255\].*run up to 2",
@@ -945,6 +943,26 @@ def test_bad_input_is_named_with_what_to_do(tmp_path, case):
         dataset = data.build_dataset(name, root, split, **SMALL)  # label values are checked as they are read
         with pytest.raises(error, match=MESSAGES[case]):
             dataset[index]
+
+
+def test_labels_of_0_and_255_in_two_classes_are_warned_about_as_a_mask_not_refused(tmp_path, capsys):
+    def mask(index):  # photo0: background and an ignored band (a true label); photo1: a 0/255 mask?
+        return (
+            np.eye(32, 64) * 255
+            if index
+            else np.pad(np.zeros((30, 64)), ((2, 0), (0, 0)), constant_values=255)
+        )
+
+    root = make_folder(tmp_path / "mask", 2, mask)
+    for split in ("train", "val"):
+        dataset = data.build_dataset("folder", root, split, **SMALL)
+        said = capsys.readouterr().out
+        assert re.search(r"WARNING: label \S*photo0\.png holds only the values 0 and 255.*mask // 255", said)
+    for index in (0, 1):  # read as stored: a run is not stopped
+        assert torch.unique(dataset[index][1]).tolist() == [0, 255]
+    save(root / "labels" / "train" / "photo2.png", np.eye(32, 64))  # a 1 among them: true labels
+    data.build_dataset("folder", root, "train", **SMALL)
+    assert "WARNING" not in capsys.readouterr().out
 
 
 def test_files_changed_after_the_build_are_named_as_they_are_read(tmp_path, monkeypatch):
