@@ -78,7 +78,7 @@ def find_pairs(name, root, split):
         raise missing_path_error(name, root, image_dir, what)
     names = [image.relative_to(image_dir).parent / image.name.removesuffix(pattern[1:]) for image in images]
     labels = [label_dir / f"{name}{label_pattern[1:]}" for name in names]
-    return pair_up(name, split, image_dir, images, labels, (label_dir, label_pattern), hint)
+    return pair_up(name, split, image_dir, images, labels, (label_dir, f"**/{label_pattern}"), hint)
 
 
 def pair_up(name, split, image_dir, images, labels, orphans=None, hint=""):
@@ -96,7 +96,7 @@ def pair_up(name, split, image_dir, images, labels, orphans=None, hint=""):
         )
     if orphans:
         used = {os.path.normpath(label) for _, label in pairs}
-        unused = sorted(path for path in orphans[0].rglob(orphans[1]) if os.path.normpath(path) not in used)
+        unused = sorted(path for path in orphans[0].glob(orphans[1]) if os.path.normpath(path) not in used)
         warn_about(name, unused, "label files have no image", "Add their images or remove them.")
     return pairs
 
@@ -142,6 +142,9 @@ def find_folder_pairs(root, split):
     others = [path.name for path in entries if not path.is_file() and not path.is_dir()]
     what = f"entries in {image_dir} are not regular files (FIFOs, devices) and are skipped"
     warn_about("folder", others, what, "Copy the images they stand for into the folder.")
+    folders = [path.name for path in entries if path.is_dir()]
+    what = f"folders in {image_dir} are not read: a split's images lie in it, not in folders of it"
+    warn_about("folder", folders, what, "Move their images (and their labels) up to use them.")
     images = [path for path in files if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS]
     if not images:
         raise missing_path_error("folder", root, image_dir, "holds no .jpg/.jpeg/.png/.webp images")

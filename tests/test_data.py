@@ -347,10 +347,13 @@ def test_stray_files_are_named_in_warnings(tmp_path):
     save(root / "images" / "val" / "old.bmp", random_image(0))
     save(root / "images" / "val" / "photo0.png", random_image(0))  # beside photo0.jpg
     os.mkfifo(root / "images" / "val" / "pipe.jpg")  # opened, it would wait for a writer for ever
+    save(root / "images" / "val" / "sub" / "deep.png", random_image(0))  # only the top level is read,
+    save(root / "labels" / "val" / "sub" / "deep.png", random_label(0, 3))  # so its label is no orphan
     with pytest.warns(UserWarning) as caught:
         dataset = data.build_dataset("folder", root, "val")
     messages = "\n".join(str(warning.message) for warning in caught)
-    assert "1 label files have no image" in messages and "labels/val/lost.png" in messages
+    assert "1 label files have no image: " in messages and "labels/val/lost.png. Add" in messages
+    assert "1 folders in " in messages and "are not read: a split's images lie in it" in messages
     assert "are skipped: old.bmp" in messages and "photo0.jpg + photo0.png" in messages
     assert (
         "1 entries in " in messages
