@@ -248,6 +248,15 @@ def test_the_copy_is_refused_without_the_disk_space_and_resumes_after_a_stop(tmp
     assert "7 decoded, 3 skipped" in said and not stray.exists()
     dataset = data.build_dataset("cityscapes", root, "train", crop_size=(16, 16), scale=(64, 32))
     assert dataset.decoded and len(samples(dataset, seeds=[0])) == 3
+    # With less than the gigabyte to spare: a copy up to date needs nothing, and stale copies (the files
+    # touched since) are replaced by copies of their size, so neither is refused.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**30 - 1))
+    prepare_datasets.main(["decoded", "cityscapes", str(root), "--workers", "1"])
+    for path in root.rglob("*.png"):
+        os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
+    prepare_datasets.main(["decoded", "cityscapes", str(root), "--workers", "1"])
+    said = capsys.readouterr().out
+    assert "0 decoded, 10 skipped" in said and "10 decoded, 0 skipped" in said
 
 
 def test_a_second_copy_of_the_same_root_at_once_is_refused(tmp_path):

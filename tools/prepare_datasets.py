@@ -217,21 +217,28 @@ def write_copy(name, splits, jobs, target, workers):
         stray.unlink()
     stale = [bool(data.copy_problem(*job)) for job in jobs]  # read once here, not again in the pool
     todo = [job for job, redo in zip(jobs, stale) if redo]
-    needed = sum(math.prod(data.decoded_shape(kind, size)) for _, _, kind, size in todo)
+    needed = sum(growth(*job) for job in todo)
     free = shutil.disk_usage(target if target.is_dir() else target.parent).free
     print(
         f"{name} {'+'.join(splits)}: the decoded copy of {len(jobs)} files in {target} takes "
-        f"{gigabytes(needed)} more ({len(jobs) - len(todo)} files done before); {gigabytes(free)} free there"
+        f"{gigabytes(max(needed, 0))} more ({len(jobs) - len(todo)} files done before); {gigabytes(free)} free"
     )
-    if needed > free - 2**30:  # a gigabyte to spare for everything else
+    if needed > 0 and needed > free - 2**30:  # a gigabyte to spare for everything else
         raise ValueError(
             f"{name}: not enough disk space for the decoded copy in {target}: it needs {gigabytes(needed)}, "
-            f"{gigabytes(free)} are free. Free some space (keeping 1 GB beside it), or train from the files."
+            f"{gigabytes(free)} are free. Free some space (keeping 1 GB beside it), or delete {target} "
+            "to train from the files."
         )
     jobs = [job[:3] if redo else None for job, redo in zip(jobs, stale)]
     counts = run_in_pool(data.write_decoded, jobs, workers, f"{name} decoded copy")
     print(f"{name}: {counts['converted']} decoded, {counts['skipped']} skipped (already done) in {target}")
     return counts
+
+
+def growth(root, path, kind, size):
+    """The bytes that writing a file's copy adds: its pixels, less those of a stale copy it replaces."""
+    copy = data.decoded_path(root, path)
+    return math.prod(data.decoded_shape(kind, size)) - (copy.stat().st_size if copy.is_file() else 0)
 
 
 def gigabytes(size):
