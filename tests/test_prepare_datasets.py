@@ -267,3 +267,9 @@ def test_a_second_copy_of_the_same_root_at_once_is_refused(tmp_path):
         assert not (root / "decoded").exists()
     prepare_datasets.main(["decoded", "cityscapes", str(root), "--workers", "1"])
     assert data.build_dataset("cityscapes", root, "val").decoded
+
+
+def test_a_folder_copy_without_its_root_names_the_argument_this_command_takes(capsys):
+    with pytest.raises(SystemExit):
+        prepare_datasets.main(["decoded", "folder"])
+    assert "error: the folder dataset needs its ROOT: decoded folder ROOT" in capsys.readouterr().err

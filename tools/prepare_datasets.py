@@ -271,6 +271,8 @@ def main(argv=None):
             "--workers", type=runtime.per_core_flag(1), default=default_workers, help="parallel processes"
         )
     args = parser.parse_args(argv)
+    if args.dataset == "decoded" and args.name == "folder" and not args.root:  # no default root to take
+        decoded.error("the folder dataset needs its ROOT: decoded folder ROOT")
     try:
         if args.dataset == "cityscapes":
             prepare_cityscapes(args.root, args.workers)
