@@ -155,8 +155,11 @@ def find_folder_pairs(root, split):
     for image in images:
         stems.setdefault(image.stem, []).append(image.name)
     shared = [" + ".join(names) for names in stems.values() if len(names) > 1]
-    what = f"groups of images in {image_dir} share a name and so one label file"
-    warn_about("folder", shared, what, "Rename or remove all but one of each.")
+    if shared:  # x.jpg beside x.png: one label file, and outputs that would overwrite each other
+        raise ValueError(
+            f"folder: images in {image_dir} share a name: {', '.join(shared)}. Its label file and its "
+            "outputs (pictures, server files) are named after an image's name: rename or remove all but one."
+        )
     labels = [label_dir / f"{image.stem}.png" for image in images]
     return pair_up("folder", split, image_dir, images, labels, (label_dir, "*.png"))
 

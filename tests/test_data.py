@@ -345,7 +345,6 @@ def test_stray_files_are_named_in_warnings(tmp_path):
     root = make_folder(tmp_path / "mine")
     save(root / "labels" / "val" / "lost.png", random_label(0, 3))
     save(root / "images" / "val" / "old.bmp", random_image(0))
-    save(root / "images" / "val" / "photo0.png", random_image(0))  # beside photo0.jpg
     os.mkfifo(root / "images" / "val" / "pipe.jpg")  # opened, it would wait for a writer for ever
     save(root / "images" / "val" / "sub" / "deep.png", random_image(0))  # only the top level is read,
     save(root / "labels" / "val" / "sub" / "deep.png", random_label(0, 3))  # so its label is no orphan
@@ -354,12 +353,18 @@ def test_stray_files_are_named_in_warnings(tmp_path):
     messages = "\n".join(str(warning.message) for warning in caught)
     assert "1 label files have no image: " in messages and "labels/val/lost.png. Add" in messages
     assert "1 folders in " in messages and "are not read: a split's images lie in it" in messages
-    assert "are skipped: old.bmp" in messages and "photo0.jpg + photo0.png" in messages
+    assert "are skipped: old.bmp" in messages
     assert (
         "1 entries in " in messages
         and "are not regular files (FIFOs, devices) and are skipped: pipe.jpg" in messages
     )
-    assert len(dataset) == 3
+    assert len(dataset) == 2
+    # photo0.png beside photo0.jpg: one label for two images, and test outputs overwriting each other.
+    save(root / "images" / "val" / "photo0.png", random_image(0))
+    with pytest.raises(
+        ValueError, match=r"images in \S*images/val share a name: photo0\.jpg \+ photo0\.png\. "
+    ):
+        data.build_dataset("folder", root, "val")
     # Named as an image where a file is expected, a FIFO or a device is no image, and not "not found".
     (tmp_path / "zero.png").symlink_to("/dev/zero")
     for path in (root / "images" / "val" / "pipe.jpg", tmp_path / "zero.png"):
