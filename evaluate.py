@@ -515,7 +515,7 @@ def evaluate_split(model, info, settings, reference_model):
         model, dataset, save_dir=settings["save_dir"], opacity=settings["opacity"], **inference
     )
     seconds, agreement = time.perf_counter() - start, None
-    if settings["check_agreement"] > 0 and precision != "fp32":
+    if settings["check_agreement"] > 0:  # by default 0 in fp32; in fp32, folding is what it checks
         # At one scale without flips, whatever the protocol: it measures the precision, and with ms+flip
         # it would cost twelve forward passes per image. By default it takes at most a fifth of the
         # evaluation's time (an fp32 pass on a CPU costs several bf16 ones); --check-agreement N: N images.
@@ -527,8 +527,10 @@ def evaluate_split(model, info, settings, reference_model):
             model, reference_model, single_scale, count, seconds=budget, **unflipped
         )
         share, checked = 100 * agreement["agreement"], agreement["images"]
+        folded = " with BatchNorm folded" if settings["fold_batchnorm"] else ""
         runtime.say(
-            f"{precision} vs fp32 at a single scale, {checked} images: {share:.4f}% of the labelled pixels agree"
+            f"{precision}{folded} vs fp32 at a single scale, {checked} images: {share:.4f}% of the labelled "
+            "pixels agree"
         )
     if runtime.rank_and_world_size()[0] != 0:
         return
@@ -745,9 +747,9 @@ def claim_outputs(settings):
 
 def release(locks):
     """Close claim_outputs' locks and remove their files: nothing of ours is left among the outputs."""
-    for lock in locks:
-        lock.close()
+    for lock in locks:  # removed while locked: a run that opened the file meanwhile then opens anew
         Path(lock.name).unlink(missing_ok=True)
+        lock.close()
 
 
 USAGE = r"""examples:
@@ -884,11 +886,9 @@ class Predictor:
         photo over 4 times the test scale's pixels is predicted at the test scale, as evaluate.py --image
         does, and its classes enlarged to the photo's size (nearest)."""
         original = data.read_image(path, upright=True)
-        _, pred = image_prediction(
-            self.model, within_test_scale(original, self.settings["scale"]), self.settings
-        )
-        size = original.shape[-2:]
-        return F.interpolate(pred[None, None].float(), size, mode="nearest")[0, 0].long().cpu()
+        image = within_test_scale(original, self.settings["scale"])
+        pred = image_prediction(self.model, image, self.settings)[1][None, None].float()
+        return F.interpolate(pred, original.shape[-2:], mode="nearest")[0, 0].long().cpu()
 
 
 if __name__ == "__main__":

@@ -192,14 +192,21 @@ class Taken(Exception):
 def hold_lock(path):
     """Lock the file `path` for this process's lifetime (the OS releases the lock on any exit, a crash
     included), writing who holds it; raise Taken, naming the holder, when another process does."""
-    lock = open(path, "a+")  # held open, and locked, until the process ends
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
+    while True:
+        lock = open(path, "a+")  # held open, and locked, until the process ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise Taken(holder) from None
+        # The holder may have removed the file (evaluate.py does as it ends) between the open and the
+        # lock: then this locks a file no one else can find, and the path is opened again.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
         lock.close()
-        raise Taken(holder) from None
     lock.truncate(0)  # "a+": the write goes to the end, now the start
     lock.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     lock.flush()

@@ -1,6 +1,8 @@
 """runtime.py: device and precision flags, the float32 and autocast scopes, flag checks, host memory."""
 
 import argparse
+import fcntl
+import os
 import platform
 import subprocess
 import sys
@@ -147,3 +149,22 @@ def test_more_torchrun_processes_than_gpus_are_said_in_words(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="process 2 of this machine has no GPU of its own: 2 are visible"):
         runtime.setup_device("auto")
+
+
+def test_a_lock_file_removed_between_its_open_and_its_lock_is_not_held_but_made_anew(tmp_path, monkeypatch):
+    # evaluate.py removes its lock files as it ends; a run that opened one just before would otherwise lock
+    # a file no one else finds, and a third run would take the lock beside it on a new file.
+    path, real_flock, calls = tmp_path / ".evaluate.lock", fcntl.flock, []
+
+    def removed_by_its_holder_first(file, flags):
+        if not calls:
+            path.unlink()
+        calls.append(flags)
+        return real_flock(file, flags)
+
+    monkeypatch.setattr(fcntl, "flock", removed_by_its_holder_first)
+    lock = runtime.hold_lock(path)
+    assert len(calls) == 2 and os.fstat(lock.fileno()).st_ino == path.stat().st_ino
+    monkeypatch.undo()
+    with pytest.raises(runtime.Taken, match=rf"process {os.getpid()} on "):
+        runtime.hold_lock(path)  # the file on the path is the one held
