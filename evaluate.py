@@ -679,7 +679,7 @@ def main(argv=None):
             write_split_files(model, info, settings)
         else:
             evaluate_split(model, info, settings, reference_model)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing or locked file, a full disk: named in words
         raise SystemExit(f"evaluate.py: {error}") from None
     finally:
         release(held)

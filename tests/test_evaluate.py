@@ -783,6 +783,17 @@ def test_the_precision_check_runs_at_a_single_scale_with_a_progress_bar(
     assert json.loads((tmp_path / "f.json").read_text())["precision_agreement"]["images"] == 1
 
 
+def test_a_full_disk_while_writing_the_scores_is_said_in_words(tmp_path, tiny_checkpoint, monkeypatch):
+    write_folder_dataset(tmp_path / "mine", ["sky", "road", "car"])
+
+    def full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(runtime, "write_text", full)
+    with pytest.raises(SystemExit, match=r"^evaluate.py: \[Errno 28\] No space left on device: \S*r\.json"):
+        run(tiny_checkpoint, "--data-root", tmp_path / "mine", "--out", tmp_path / "r.json")
+
+
 def test_an_output_lock_is_removed_while_still_held(tmp_path, monkeypatch):
     # Removed after its release, a run that opened the file just before would hold a lock nothing finds.
     lock, real_unlink, held = runtime.hold_lock(tmp_path / ".evaluate.lock"), Path.unlink, []
