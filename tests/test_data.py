@@ -361,9 +361,8 @@ def test_stray_files_are_named_in_warnings(tmp_path):
     assert len(dataset) == 2
     # photo0.png beside photo0.jpg: one label for two images, and test outputs overwriting each other.
     save(root / "images" / "val" / "photo0.png", random_image(0))
-    with pytest.raises(
-        ValueError, match=r"images in \S*images/val share a name: photo0\.jpg \+ photo0\.png\. "
-    ):
+    shared = r"images in \S*images/val share a name: photo0\.jpg \+ photo0\.png\. "
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=shared):  # the warnings above again
         data.build_dataset("folder", root, "val")
     # Named as an image where a file is expected, a FIFO or a device is no image, and not "not found".
     (tmp_path / "zero.png").symlink_to("/dev/zero")
