@@ -111,10 +111,13 @@ NUMPY_SAFE_GLOBALS = (
     + list({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"} - {np.dtype})  # a dtype's state
 )
 # torch's weights_only unpickler allows bytearray, the tensor classes (torch.Tensor, torch.FloatTensor,
-# torch.cuda.HalfTensor...) and UntypedStorage, and each makes its whole size from one number in the
-# file: bytearray(10**9) or torch.FloatTensor(2**28) allocates a gigabyte. torch.save never writes them.
+# torch.cuda.HalfTensor...) and the storages, and each makes its whole size from one number in the
+# file: bytearray(10**9) or torch.FloatTensor(2**28) allocates a gigabyte. So do its rebuilds of a
+# tensor in another dtype, from a 1-element tensor viewed as 10^9. torch.save writes none of them for
+# CPU or CUDA tensors (the rebuilds are for XLA-like devices).
 REFUSED_GLOBALS = re.compile(
-    r"(builtins|__builtin__)\.bytearray|torch\.((cuda\.)?(sparse\.)?\w*Tensor|(storage\.)?UntypedStorage)"
+    r"(builtins|__builtin__)\.bytearray|torch\.((cuda\.)?(sparse\.)?\w*Tensor|(storage\.)?(Untyped|Typed)"
+    r"Storage|_utils\._rebuild_device_tensor_from_\w+)"
 )
 # What else torch's weights_only unpickler allows besides torch's own names (protocol 2 pickles bytes
 # through _codecs.encode): named in no refusal.

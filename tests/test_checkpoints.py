@@ -262,6 +262,16 @@ def write_pickle(path, pickled):
     writer.write_end_of_file()
 
 
+class Rebuilt:
+    """Pickled as a call of `function` with `arguments`, as a crafted file would hold it."""
+
+    def __init__(self, function, *arguments):
+        self.call = function, arguments
+
+    def __reduce__(self):
+        return self.call
+
+
 def test_small_files_that_ask_for_gigabytes_are_refused_before_anything_is_allocated(tmp_path):
     numpy_array_checkpoint(tmp_path / "object_array.pth", 10**8)  # before: 800 MB, then a segfault
     no_bytes = b"c_codecs\nencode\n(" + text("") + text("latin1") + b"tR"
@@ -280,6 +290,12 @@ def test_small_files_that_ask_for_gigabytes_are_refused_before_anything_is_alloc
     classifier = {"decode_head.conv_seg.weight": torch.zeros(1, 1, 1, 1).expand(4_000_000, 512, 1, 1)}
     torch.save({"state_dict": classifier}, tmp_path / "classes_expanded.pth")
     torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": bytearray(16)}, tmp_path / "bytearray.pth")
+    # torch's own rebuild in another dtype: a 1-element tensor viewed as 10^9, made whole in float64.
+    rebuilt = Rebuilt(
+        torch._utils._rebuild_device_tensor_from_cpu_tensor, expanded, torch.float64, "cpu", False
+    )
+    torch.save({"state_dict": {"w": rebuilt}}, tmp_path / "rebuilt.pth")
+    torch.save({"state_dict": {}, "meta": Rebuilt(torch.storage.TypedStorage, 10**9)}, tmp_path / "typed.pth")
     refusals = {
         "object_array.pth": "a numpy dtype 'O8'",
         "stride_0.pth": "a tensor of shape [1000000000] is not stored in the file as a plain array",
@@ -288,6 +304,8 @@ def test_small_files_that_ask_for_gigabytes_are_refused_before_anything_is_alloc
         "empty_strings.pth": "a numpy dtype 'S0'",
         "tensor_class.pth": "it builds torch.FloatTensor, which can ask for any amount of memory",
         "polyglot.pth": "bytearray, which can ask for any amount of memory",
+        "rebuilt.pth": "torch._utils._rebuild_device_tensor_from_cpu_tensor, which can ask",
+        "typed.pth": "torch.storage.TypedStorage, which can ask for any amount of memory",
     }
     for name, words in refusals.items():
         assert (tmp_path / name).stat().st_size < 5000, name
