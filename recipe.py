@@ -137,6 +137,9 @@ def row(dataset, crop=None, depth=50, iters=None, block=None):
 
 # The largest side of a crop, window or image, in pixels (data.MAX_IMAGE_PIXELS is its square).
 MAX_SIZE = 8192
+# The row's training values that train.py's flags of the same names may change, besides the batch
+# (which has warnings of its own): a run that changes one is told so, and so is a resume.
+FLAG_KEYS = ("lr", "min_lr", "power", "momentum", "weight_decay", "aux_weight", "scale")
 
 
 def parse_crop(value, flag="--crop"):

@@ -135,8 +135,17 @@ class Run:
                 f"--resume {path}: that run trains a {recipe.method_name(block)} model, this command a "
                 f"{recipe.method_name(self.config['block'])} one. Pass {recipe.block_flags(block)} to continue it."
             )
-        # Not exact: the process count too, since each process draws its own share of the shuffled order.
-        for key in ("crop_size", "scale", "iters", "global_batch", "world_size", "lr", "precision", "seed"):
+        # The run goes on with the new values, not exactly as it was: the process count too, since each
+        # process draws its own share of the shuffled order.
+        for key in (
+            "crop_size",
+            "iters",
+            "global_batch",
+            "world_size",
+            "precision",
+            "seed",
+            *recipe.FLAG_KEYS,
+        ):
             if theirs.get(key) != self.config[key]:
                 runtime.say(
                     f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has {theirs.get(key)}"
@@ -145,7 +154,9 @@ class Run:
             checkpoints.load_checkpoint(raw_model, path, checkpoint)
         except ValueError as error:
             raise SystemExit(f"--resume: {error}") from None
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(checkpoint["optimizer"])  # that run's momentum and decay: this one's win
+        for group in optimizer.param_groups:
+            group.update(momentum=self.config["momentum"], weight_decay=self.config["weight_decay"])
         if checkpoint["scaler"]:  # empty where that run had no fp16 loss scaling
             scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint.get("rng") or []

@@ -427,10 +427,6 @@ def show_recipe(config):
         runtime.say(line)
 
 
-# The flags that change the row's training recipe beside the batch, which has warnings of its own.
-RECIPE_FLAGS = ("lr", "min_lr", "power", "momentum", "weight_decay", "aux_weight", "scale")
-
-
 def describe_setup(config):
     """Which of the README's setups ("Fewer GPUs, more nodes") this run is in, and where it differs
     from the table's recipe, said before hours are spent."""
@@ -448,7 +444,7 @@ def describe_setup(config):
         )
     table = recipe.row(config["dataset"], tuple(config["crop_size"]), config["depth"], config["iters"])
     changed = [
-        key for key in RECIPE_FLAGS if config[key] != (list(table[key]) if key == "scale" else table[key])
+        key for key in recipe.FLAG_KEYS if config[key] != (list(table[key]) if key == "scale" else table[key])
     ]
     if table_row and changed:
         flags = ", ".join(

@@ -399,7 +399,9 @@ def fake_validation(scores, fail_at=None):
     return validate
 
 
-def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling(toy_root, tmp_path, monkeypatch, capsys):
+def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling_and_a_new_momentum(
+    toy_root, tmp_path, monkeypatch, capsys
+):
     with pytest.raises(SystemExit, match="--reduce-zero-label is for --dataset folder; toy's labels"):
         train.main(toy_args(toy_root, tmp_path, "--reduce-zero-label"))
     # The data root given relative to where the run starts is recorded absolute, for evaluate.py anywhere.
@@ -425,9 +427,13 @@ def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling(toy_root, tmp_p
     monkeypatch.setattr(runtime, "resolve_precision", lambda *a, **k: "fp16")
     monkeypatch.setattr(runtime, "autocast", lambda *a: contextlib.nullcontext())  # no fp16 on a CPU
     capsys.readouterr()
-    assert train.main(args + ["--resume"]) == 10.0
-    assert "WARNING: resuming with precision = fp16, the checkpoint has fp32" in capsys.readouterr().out
-    assert torch.load(tmp_path / "iter_2.pth", weights_only=True)["scaler"]["scale"] > 0
+    # With a new momentum too: the optimizer's saved state held the old one, which won unsaid.
+    assert train.main(args + ["--resume", "--momentum", "0.5"]) == 10.0
+    said = capsys.readouterr().out
+    assert "WARNING: resuming with precision = fp16, the checkpoint has fp32" in said
+    assert "WARNING: resuming with momentum = 0.5, the checkpoint has 0.9" in said
+    resumed = torch.load(tmp_path / "iter_2.pth", weights_only=True)
+    assert resumed["scaler"]["scale"] > 0 and resumed["optimizer"]["param_groups"][0]["momentum"] == 0.5
     monkeypatch.setattr(runtime, "resolve_precision", real_resolve)
 
 
