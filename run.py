@@ -169,8 +169,10 @@ class Run:
         self.start, self.last_path = checkpoint["iteration"], path
         self.iteration = self.saved_iteration = self.start
         # best.pth may hold a later validation than this checkpoint knows of (--resume PATH of an earlier
-        # iter_<N>.pth): it is replaced only by a better score.
-        self.best_miou = max(checkpoint.get("best_miou", -1.0), best_score_in(self.work_dir))
+        # iter_<N>.pth): it is replaced only by a better score. A work dir without one (--resume PATH of
+        # another run's file) gets one at the first validation.
+        recorded = checkpoint.get("best_miou", -1.0) if (self.work_dir / "best.pth").exists() else -1.0
+        self.best_miou = max(recorded, best_score_in(self.work_dir))
         self.validation_pending = checkpoint.get("validation_pending", False)
         self.log.write(dict(iteration=self.start, event="start"))
         return self.start

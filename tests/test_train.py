@@ -437,6 +437,15 @@ def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling_and_a_new_momen
     monkeypatch.setattr(runtime, "resolve_precision", real_resolve)
 
 
+def test_a_resume_into_another_work_dir_writes_a_best_pth_of_its_own(toy_root, tmp_path, monkeypatch):
+    fast = ["--eval-interval", "1", "--context", "none", "--iters"]
+    monkeypatch.setattr(train, "validate", fake_validation([10.0, 9.0, 5.0, 4.0]))  # iteration 2 twice
+    train.main(toy_args(toy_root, tmp_path / "a", *fast, "2"))
+    resume = ["--resume", str(tmp_path / "a" / "iter_2.pth")]  # which knows of a best of 10
+    assert train.main(toy_args(toy_root, tmp_path / "b", *fast, "3", *resume)) == 5.0  # this work dir's best
+    assert torch.load(tmp_path / "b" / "best.pth", weights_only=True)["validation"]["mIoU"] == 5.0
+
+
 def test_a_full_disk_at_best_pth_names_the_checkpoint_just_written(toy_root, tmp_path, monkeypatch):
     args = toy_args(toy_root, tmp_path, "--iters", "1", "--context", "none")
     real_save = run.save_checkpoint
