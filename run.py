@@ -174,6 +174,10 @@ class Run:
         recorded = checkpoint.get("best_miou", -1.0) if (self.work_dir / "best.pth").exists() else -1.0
         self.best_miou = max(recorded, best_score_in(self.work_dir))
         self.validation_pending = checkpoint.get("validation_pending", False)
+        if self.validation_pending and (self.work_dir / "log.jsonl").is_file():  # it may have ended since
+            records, _ = read_log(self.work_dir / "log.jsonl")
+            ended = [r for r in records if r.get("iteration") == self.start and "mIoU" in r]
+            self.validation_pending = not ended  # its record is written once best.pth is
         self.log.write(dict(iteration=self.start, event="start"))
         return self.start
 
@@ -245,8 +249,6 @@ class Run:
     def log_scores_and_keep_best(self, iteration, results, seconds):
         """The iteration's own checkpoint still records the previous best, so a crash before best.pth is
         complete leaves the old best.pth, and the resumed run validates this iteration again."""
-        scores = {key: results[key] for key in ("mIoU", "mAcc", "aAcc", "mF1")}
-        self.log.write(dict(iteration=iteration, **scores, val_loss=results["loss"], val_seconds=seconds))
         if results["mIoU"] > self.best_miou:
             settings = checkpoints.validation_settings(self.config)
             validation = dict(settings, iteration=iteration, mIoU=results["mIoU"])
@@ -254,6 +256,9 @@ class Run:
                 iteration, results["mIoU"], self.last_path, name="best.pth", validation=validation
             )
         self.best_miou = max(self.best_miou, results["mIoU"])
+        # After best.pth: a resume takes the record as the sign that the validation ended.
+        scores = {key: results[key] for key in ("mIoU", "mAcc", "aAcc", "mF1")}
+        self.log.write(dict(iteration=iteration, **scores, val_loss=results["loss"], val_seconds=seconds))
         self.validation_pending = False
 
     def draw_log_and_say_where_things_are(self, iteration):

@@ -407,7 +407,9 @@ def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling_and_a_new_momen
     # The data root given relative to where the run starts is recorded absolute, for evaluate.py anywhere.
     monkeypatch.chdir(Path(toy_root).parent)
     args = toy_args(Path(toy_root).name, tmp_path, "--eval-interval", "2", "--context", "none", "--iters")
-    monkeypatch.setattr(train, "validate", fake_validation([5.0, 10.0, 10.0]))  # iteration 1 again on resume
+    # Iteration 1's validation ended (log.jsonl has it): a resume does not run it again, only 2's.
+    validations = fake_validation([5.0, 10.0])
+    monkeypatch.setattr(train, "validate", validations)
     train.main(args + ["1"])
     assert torch.load(tmp_path / "iter_1.pth", weights_only=True)["recipe"]["data_root"] == toy_root
     args.append("2")
@@ -434,6 +436,7 @@ def test_a_resume_keeps_the_label_rule_and_takes_up_loss_scaling_and_a_new_momen
     assert "WARNING: resuming with momentum = 0.5, the checkpoint has 0.9" in said
     resumed = torch.load(tmp_path / "iter_2.pth", weights_only=True)
     assert resumed["scaler"]["scale"] > 0 and resumed["optimizer"]["param_groups"][0]["momentum"] == 0.5
+    assert len(validations.save_dirs) == 2
     monkeypatch.setattr(runtime, "resolve_precision", real_resolve)
 
 
