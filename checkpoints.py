@@ -336,6 +336,9 @@ def extract_state_dict(checkpoint):
         raise ValueError(
             f"expected a checkpoint dict of tensors (or one under 'state_dict'), got {type(checkpoint).__name__}"
         )
+    unnamed = [key for key in state_dict if not isinstance(key, str)]
+    if unnamed:
+        raise ValueError(f"expected its tensors by name (str keys), got the key {unnamed[0]!r}")
     clean = {}
     for key, value in state_dict.items():
         while key.startswith(("module.", "_orig_mod.")):

@@ -134,6 +134,10 @@ def test_missing_file_and_foreign_checkpoint_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="neither a GCNet checkpoint .* torchvision ResNet"):
         checkpoints.load_checkpoint(refusing(19), tmp_path / "tv.pth")
+    torch.save({"state_dict": {1: torch.zeros(1)}}, tmp_path / "numbered.pth")  # before: an AttributeError
+    for read in (checkpoints.checkpoint_info, lambda path: checkpoints.load_checkpoint(refusing(19), path)):
+        with pytest.raises(ValueError, match=r"expected its tensors by name \(str keys\), got the key 1"):
+            read(tmp_path / "numbered.pth")
 
 
 def test_checkpoint_info_reads_our_recipe(tmp_path):
