@@ -441,13 +441,14 @@ class CheckpointWriter:
             if not disk_is_full(error, path, checkpoint):
                 raise
             needed, free = checkpoint_bytes(checkpoint), shutil.disk_usage(path.parent).free
-            kept = "No checkpoint was written yet."
-            if last_path:
+            kept, older = "No checkpoint was written yet.", ""
+            if last_path:  # --keep removes older ones only after a write: they must go by hand
                 kept = f"The previous checkpoint {last_path} is intact."
+                older = f"; iter_<N>.pth older than {Path(last_path).name} may go, and --keep 1 keeps one from then on"
             raise SystemExit(
                 f"train.py: the disk is full: writing {path} needs about {needed / 1e6:.0f} MB and "
                 f"{path.parent} has {free / 1e6:.0f} MB free. The partial file was removed. {kept} Free some "
-                f"space (or pass --keep 1 or another --work-dir), then {self.how_to_continue()}"
+                f"space{older}, then {self.how_to_continue()}"
             ) from None
         if name is None:
             runtime.write_text(self.work_dir / LAST_CHECKPOINT, path.name)

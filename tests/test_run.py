@@ -88,6 +88,7 @@ def test_a_full_disk_is_said_and_the_previous_checkpoint_stays(tmp_path, monkeyp
     message = str(stop.value)
     assert "the disk is full" in message and "MB free" in message and "iter_2.pth needs about" in message
     assert f"{first} is intact" in message and message.endswith("python train.py --resume")
+    assert "older than iter_1.pth may go, and --keep 1 keeps one from then on" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1.pth", "last_checkpoint"]
     assert torch.load(first, weights_only=True)["iteration"] == 1
 
@@ -137,6 +138,7 @@ def test_a_full_disk_reported_by_torch_save_as_a_runtime_error_is_still_a_full_d
     message = str(stop.value)
     assert "the disk is full" in message and "has 0 MB free" in message and "Lower --lr" not in message
     assert f"{first} is intact" in message and message.endswith("python train.py --resume")
+    assert "older than iter_1.pth may go, and --keep 1 keeps one from then on" in message
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=10**12))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left, another failure: as it is
         writer.save(3, -1.0, first)
