@@ -240,7 +240,8 @@ def local_copy(source):
     if digits and not file_sha256(cached).startswith(digits.group(1)):
         raise ValueError(
             f"{cached} (from {source}) is not the file its name promises: its SHA-256 does not begin with "
-            f"{digits.group(1)}. Delete it to download it again; to use a file of another content, pass its path."
+            f"{digits.group(1)}, as a name ending in -<hex digits> says (the official files' do). Delete it to "
+            "download it again; if those digits are no hash (a date, say), download the file and pass its path."
         )
     return str(cached)
 
