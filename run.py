@@ -166,6 +166,10 @@ class Run:
                 # (one state per GPU the writer saw; a host that shows fewer takes the first ones)
                 torch.cuda.set_rng_state_all(states[self.rank]["cuda"][: torch.cuda.device_count()])
         runtime.say(f"resumed from {path} at iteration {checkpoint['iteration']}")
+        if self.rank == 0 and Path(path).parent.resolve() == self.work_dir.resolve():
+            # A bare --resume after a crash before the next checkpoint continues from here, not from the
+            # higher-numbered files of the branch that this one abandons.
+            runtime.write_text(self.work_dir / LAST_CHECKPOINT, Path(path).name)
         self.start, self.last_path = checkpoint["iteration"], path
         self.iteration = self.saved_iteration = self.start
         # best.pth may hold a later validation than this checkpoint knows of (--resume PATH of an earlier

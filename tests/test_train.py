@@ -449,6 +449,23 @@ def test_a_resume_into_another_work_dir_writes_a_best_pth_of_its_own(toy_root, t
     assert torch.load(tmp_path / "b" / "best.pth", weights_only=True)["validation"]["mIoU"] == 5.0
 
 
+def test_a_crash_after_a_resume_from_an_earlier_checkpoint_resumes_that_branch(
+    toy_root, tmp_path, monkeypatch
+):
+    args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "1", "--context", "none")
+    monkeypatch.setattr(train, "validate", fake_validation([10.0, 20.0]))
+    train.main(args)
+
+    def killed(self, loss):
+        raise KeyboardInterrupt("kill -9")
+
+    monkeypatch.setattr(run.Run, "all_reduce_loss", killed)  # before iter_2.pth of the new branch
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--resume", str(tmp_path / "iter_1.pth")])
+    # Before, last_checkpoint still named the abandoned branch's iter_2.pth, which a bare --resume took.
+    assert run.find_resume_checkpoint("latest", tmp_path) == tmp_path / "iter_1.pth"
+
+
 def test_a_full_disk_at_best_pth_names_the_checkpoint_just_written(toy_root, tmp_path, monkeypatch):
     args = toy_args(toy_root, tmp_path, "--iters", "1", "--context", "none")
     real_save = run.save_checkpoint
