@@ -177,11 +177,8 @@ class Run:
         # another run's file) gets one at the first validation.
         recorded = checkpoint.get("best_miou", -1.0) if (self.work_dir / "best.pth").exists() else -1.0
         self.best_miou = max(recorded, best_score_in(self.work_dir))
-        self.validation_pending = checkpoint.get("validation_pending", False)
-        if self.validation_pending and (self.work_dir / "log.jsonl").is_file():  # it may have ended since
-            records, _ = read_log(self.work_dir / "log.jsonl")
-            ended = [r for r in records if r.get("iteration") == self.start and "mIoU" in r]
-            self.validation_pending = not ended  # its record is written once best.pth is
+        pending = checkpoint.get("validation_pending", False)  # and it may have ended since
+        self.validation_pending = pending and not validation_logged(self.work_dir / "log.jsonl", self.start)
         self.log.write(dict(iteration=self.start, event="start"))
         return self.start
 
@@ -448,7 +445,10 @@ class CheckpointWriter:
             kept, older = "No checkpoint was written yet.", ""
             if last_path:  # --keep removes older ones only after a write: they must go by hand
                 kept = f"The previous checkpoint {last_path} is intact."
-                older = f"; iter_<N>.pth older than {Path(last_path).name} may go, and --keep 1 keeps one from then on"
+                older = (
+                    f"; iter_<N>.pth older than {Path(last_path).name} may go, and --keep 1 keeps one "
+                    "from then on"
+                )
             raise SystemExit(
                 f"train.py: the disk is full: writing {path} needs about {needed / 1e6:.0f} MB and "
                 f"{path.parent} has {free / 1e6:.0f} MB free. The partial file was removed. {kept} Free some "
@@ -584,6 +584,22 @@ class StopRequest:
         """Put back the handlers that were there before (train.main called from Python returns)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def validation_logged(path, iteration):
+    """Whether log.jsonl records a validation of `iteration` by the run that wrote its checkpoint or one
+    resumed from that: the records since the last start before it count, for the log also holds
+    abandoned branches and earlier runs. A validation's record is written once best.pth is."""
+    records = read_log(path)[0] if Path(path).is_file() else []
+    starts = [
+        index
+        for index, record in enumerate(records)
+        if record.get("event") == "start"
+        and isinstance(record.get("iteration"), int)
+        and record["iteration"] < iteration
+    ]
+    since = records[starts[-1] + 1 :] if starts else []
+    return any(record.get("iteration") == iteration and "mIoU" in record for record in since)
 
 
 def read_log(path):

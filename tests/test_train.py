@@ -466,6 +466,23 @@ def test_a_crash_after_a_resume_from_an_earlier_checkpoint_resumes_that_branch(
     assert run.find_resume_checkpoint("latest", tmp_path) == tmp_path / "iter_1.pth"
 
 
+def test_a_validation_logged_by_an_abandoned_branch_is_not_taken_for_this_ones(
+    toy_root, tmp_path, monkeypatch
+):
+    args = toy_args(toy_root, tmp_path, "--iters", "2", "--eval-interval", "1", "--context", "none")
+    monkeypatch.setattr(train, "validate", fake_validation([10.0, 20.0]))
+    train.main(args)
+    # A branch from iteration 1 (whose validation ended: not run again) fails at iteration 2's.
+    monkeypatch.setattr(train, "validate", fake_validation([], fail_at=0))
+    with pytest.raises(ValueError, match="val/x.jpg"):
+        train.main(args + ["--resume", str(tmp_path / "iter_1.pth")])
+    # The log's score of iteration 2 is the first branch's: this branch's iteration 2 is validated.
+    validations = fake_validation([30.0])
+    monkeypatch.setattr(train, "validate", validations)
+    assert train.main(args + ["--resume"]) == 30.0 and len(validations.save_dirs) == 1
+    assert torch.load(tmp_path / "best.pth", weights_only=True)["best_miou"] == 30.0
+
+
 def test_a_full_disk_at_best_pth_names_the_checkpoint_just_written(toy_root, tmp_path, monkeypatch):
     args = toy_args(toy_root, tmp_path, "--iters", "1", "--context", "none")
     real_save = run.save_checkpoint
