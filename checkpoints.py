@@ -241,7 +241,7 @@ def local_copy(source):
         raise ValueError(
             f"{cached} (from {source}) is not the file its name promises: its SHA-256 does not begin with "
             f"{digits.group(1)}, as a name ending in -<hex digits> says (the official files' do). Delete it to "
-            "download it again; if those digits are no hash (a date, say), download the file and pass its path."
+            f"download it again; if those digits are no hash (a date, say), pass the path {cached} instead of the URL."
         )
     return str(cached)
 

@@ -204,7 +204,7 @@ def hold_lock(path):
         # The holder may have removed the file (evaluate.py does as it ends) between the open and the
         # lock: then this locks a file no one else can find, and the path is opened again.
         with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+            if os.path.samestat(os.stat(path), os.fstat(lock.fileno())):
                 break
         lock.close()
     lock.truncate(0)  # "a+": the write goes to the end, now the start
