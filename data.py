@@ -57,9 +57,9 @@ def build_dataset(
     has images only (labels None). crop_size: (h, w), 769 or '512x1024'; scale: (W, H) the images are
     rescaled to fit, in training and testing alike. reduce_zero_label (label 0 means 'ignore', classes start
     at 1): None takes the dataset's (ADE20K: True; folder: `label0: ignore` in classes.txt). Every file is
-    checked here, cheaply (headers and last bytes), so a bad one fails no run hours in. Where root holds a
-    decoded copy (root/decoded, from tools/prepare_datasets.py decoded), the samples are read from it, the
-    same to the bit, once it is checked to be whole and as new as its files."""
+    checked here, cheaply (headers and last bytes), so a bad one fails no run hours in. Where root's decoded
+    copy (root/decoded, from tools/prepare_datasets.py decoded) holds the split, the samples are read from
+    it, the same to the bit, once it is checked to be whole and as new as its files."""
     row = recipe.row(name, crop_size)  # refuses an unknown name
     root = dataset_folder(name, split, root)  # the toy dataset is written there on first use
     if name == "folder":
@@ -200,7 +200,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.scale = tuple(scale)  # (W, H) for training and testing alike, as in the original
         self.crop_size, self.test_ratios = tuple(crop_size), tuple(test_ratios)
         self.train_transform = TrainTransform(self.scale, self.crop_size) if split == "train" else None
-        self.decoded = has_decoded_copy(root)  # then read from it, not from the files
+        self.decoded = has_decoded_copy(root, pairs)  # then read from it, not from the files
 
     def __len__(self):
         return len(self.pairs)
@@ -553,7 +553,7 @@ def check_files(name, pairs, root=None, split="train"):
     """Name every unreadable, truncated or mismatched image and label of a split at once; where the
     dataset's root holds a decoded copy, then every file whose copy is missing, torn or older than it.
     Returns {path: (W, H)} of every image and label, read from their headers."""
-    decoded_root = root if root and has_decoded_copy(root) else None
+    decoded_root = root if root and has_decoded_copy(root, pairs) else None
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 shows the bar
     problems, stale, sizes = [], [], {}
     for image_path, label_path in tqdm(pairs, f"{name}: checking files", unit="pair", delay=2, disable=quiet):
@@ -593,8 +593,10 @@ def listed(problems, shown=10):
 DECODED = "decoded"
 
 
-def has_decoded_copy(root):
-    return (Path(root) / DECODED).is_dir()
+def has_decoded_copy(root, pairs):
+    """Whether a split is read from root's decoded copy: once its first image has one (then check_files
+    refuses a copy begun and stopped); a split the copy was not asked for reads its files."""
+    return decoded_path(root, pairs[0][0]).is_file()
 
 
 def decoded_path(root, path):

@@ -183,6 +183,15 @@ def test_a_copy_that_does_not_match_its_files_is_named(tmp_path, capsys):
     prepare_datasets.prepare_decoded("cityscapes", root, ("train", "val"), workers=1)
     assert "3 decoded, 7 skipped" in capsys.readouterr().out
     dataset = data.build_dataset("cityscapes", root, "val")
+    # A split the copy was not asked for (--splits test adds it) reads its files, as does one whose first
+    # image has no copy (a copy stopped before it began): the first image's copy decides.
+    save(
+        root / "leftImg8bit" / "test" / "berlin" / "berlin_000000_000019_leftImg8bit.png",
+        np.zeros((32, 64, 3)),
+    )
+    assert not data.build_dataset("cityscapes", root, "test").decoded
+    data.decoded_path(root, data.build_dataset("cityscapes", root, "train").pairs[0][0]).unlink()
+    assert not data.build_dataset("cityscapes", root, "train").decoded
     # A copy torn after the start is named as it is read.
     copy = data.decoded_path(root, dataset.pairs[1][0])
     copy.write_bytes(copy.read_bytes()[:1000])
