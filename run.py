@@ -290,7 +290,8 @@ class Run:
 
 
 CHECKPOINT_NAME = re.compile(r"iter_(0|[1-9]\d*)\.pth")  # iter_04.pth is a copy, not checkpoint 4
-LAST_CHECKPOINT = "last_checkpoint"  # names the newest iter_<N>.pth this work dir's run wrote
+# Names the newest iter_<N>.pth this work dir's run wrote, or the file it resumed from since (best.pth...)
+LAST_CHECKPOINT = "last_checkpoint"
 
 
 def claim_work_dir(work_dir):
@@ -307,7 +308,8 @@ def claim_work_dir(work_dir):
             f"train.py: {work_dir} is in use by another training run ({holder}). Wait for it to end, stop it "
             "(SIGTERM checkpoints it), or pass another --work-dir."
         ) from None
-    for stale in runtime.temporaries_in(work_dir):
+    # Left by a killed run: its own files' temporaries (other tools may write elsewhere in the folder)
+    for stale in runtime.temporaries_in(work_dir) + runtime.temporaries_in(work_dir / "pictures", True):
         stale.unlink(missing_ok=True)
     return lock
 
@@ -358,7 +360,7 @@ def find_resume_checkpoint(resume, work_dir):
     # the resume (the highest number is taken instead).
     pointer = Path(work_dir) / LAST_CHECKPOINT
     name = pointer.read_bytes().decode(errors="replace").strip() if pointer.is_file() else ""
-    if CHECKPOINT_NAME.fullmatch(name) and (Path(work_dir) / name).is_file():
+    if name and name == Path(name).name and name.endswith(".pth") and (Path(work_dir) / name).is_file():
         return Path(work_dir) / name
     found = checkpoints_in(work_dir)
     if not found:

@@ -309,9 +309,13 @@ def test_two_process_torchrun_on_cpu_with_gloo(toy_root, tmp_path):
 def test_a_second_run_on_a_work_dir_is_refused_and_stale_temporaries_removed(toy_root, tmp_path):
     stale = tmp_path / ".iter_3.pth.123-abcd0123.tmp"
     stale.write_bytes(b"half a checkpoint")
+    picture = tmp_path / "pictures" / "iter_3" / ".x_pred.png.123-abcd0123.tmp"  # and half a picture
+    picture.parent.mkdir(parents=True)
+    picture.write_bytes(b"half a picture")
     (tmp_path / ".notes.tmp").write_text("the user's")  # not a name of ours: it stays
     lock = run.claim_work_dir(tmp_path)
-    assert not stale.exists() and f"process {os.getpid()}" in (tmp_path / "run.lock").read_text()
+    assert not stale.exists() and not picture.exists()
+    assert f"process {os.getpid()}" in (tmp_path / "run.lock").read_text()
     assert (tmp_path / ".notes.tmp").read_text() == "the user's"
     with pytest.raises(
         SystemExit, match=f"in use by another training run \\(process {os.getpid()} .*--work-dir"
@@ -464,6 +468,9 @@ def test_a_crash_after_a_resume_from_an_earlier_checkpoint_resumes_that_branch(
         train.main(args + ["--resume", str(tmp_path / "iter_1.pth")])
     # Before, last_checkpoint still named the abandoned branch's iter_2.pth, which a bare --resume took.
     assert run.find_resume_checkpoint("latest", tmp_path) == tmp_path / "iter_1.pth"
+    with pytest.raises(KeyboardInterrupt):  # best.pth too is a file to resume from
+        train.main(args + ["--iters", "3", "--resume", str(tmp_path / "best.pth")])
+    assert run.find_resume_checkpoint("latest", tmp_path) == tmp_path / "best.pth"
 
 
 def test_a_validation_logged_by_an_abandoned_branch_is_not_taken_for_this_ones(
