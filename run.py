@@ -135,8 +135,8 @@ class Run:
                 f"--resume {path}: that run trains a {recipe.method_name(block)} model, this command a "
                 f"{recipe.method_name(self.config['block'])} one. Pass {recipe.block_flags(block)} to continue it."
             )
-        # The run goes on with the new values, not exactly as it was: the process count too, since each
-        # process draws its own share of the shuffled order.
+        # The run goes on with the new values, not exactly as it was: another process count at the same
+        # global batch trains the same images, but with other random states and BatchNorm batches.
         for key in (
             "crop_size",
             "iters",

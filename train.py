@@ -155,7 +155,7 @@ def build_datasets(config):
             data.build_dataset(config["dataset"], config["data_root"], split, **options)
             for split in ("train", "val")
         ]
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing or bad file, a toy root that cannot be written
         raise SystemExit(f"train.py: {error}") from None
     check_class_count(splits[0])  # before any step: a checkpoint holds at most 255 classes
     return splits
@@ -182,7 +182,7 @@ def training_batches(dataset, config, start_iteration):
         SeededSamples(dataset, config["seed"]),
         batch_sampler=EveryEpoch(),
         num_workers=config["workers"],
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.device(config["device"]).type == "cuda",
         generator=torch.Generator(),  # its own, so making a loader leaves the global RNG alone
         worker_init_fn=runtime.leave_stop_signals_to_the_main_process,  # Ctrl-C checkpoints first
     )
@@ -321,14 +321,14 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 def epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size):
-    """This rank's batches of one epoch: a seeded shuffle, split across ranks, incomplete batches
-    dropped (drop_last=True as the original). Each batch is a list of (epoch, index) keys."""
+    """This rank's batches of one epoch: a seeded shuffle cut into global batches, each split across
+    ranks, so that a step trains the same images on any number of processes; an incomplete global
+    batch is dropped (drop_last=True as the original). Each batch is a list of (epoch, index) keys."""
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_rank = num_samples // world_size
-    mine = order[rank * per_rank : (rank + 1) * per_rank]  # disjoint shares of equal size
+    size, start = batch_size * world_size, rank * batch_size
     return [
-        [(epoch, i) for i in mine[b * batch_size : (b + 1) * batch_size]]
-        for b in range(per_rank // batch_size)
+        [(epoch, i) for i in order[b * size + start : b * size + start + batch_size]]
+        for b in range(num_samples // size)
     ]
 
 

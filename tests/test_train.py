@@ -176,6 +176,9 @@ def test_batches_are_disjoint_across_ranks_and_resume_exactly():
     assert len(seen) == len(set(seen)) == 20  # 11 per rank, 5 full batches of 2 each; drop_last
     assert train.epoch_batches(23, 2, 1, 0, 0, 2) == ranks[0]  # a pure function of (seed, epoch)
     assert train.epoch_batches(23, 2, 2, 0, 0, 2) != ranks[0]
+    # A step trains the same images on two processes of 2 as on one of 4, so a resume may change the
+    # process count at the same global batch (before, ranks took contiguous shares of the epoch).
+    assert [first + second for first, second in zip(*ranks)] == train.epoch_batches(23, 4, 1, 0, 0, 1)
 
 
 # A 40-iteration run whose loss falls, and its checkpoints: tests/test_end_to_end.py.
@@ -656,6 +659,17 @@ def test_a_resume_reads_the_labels_by_the_rule_its_run_had(tmp_path):
     folder_run(tmp_path, "", 2, label)
     with pytest.raises(SystemExit, match="read label 0 as 'ignore' .*, this command reads it as a class"):
         train.main(args + ["--iters", "3", "--resume"])
+
+
+def test_a_toy_root_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    def read_only(root):
+        raise PermissionError(13, "Permission denied", str(root / ".toy.tmp"))
+
+    monkeypatch.setattr(data, "make_toy_dataset", read_only)
+    with pytest.raises(SystemExit, match=r"^train.py: \[Errno 13\] Permission denied: \S*toy/\.toy\.tmp"):
+        train.main(
+            ["--data-root", str(tmp_path / "toy"), "--work-dir", str(tmp_path / "run"), "--device", "cpu"]
+        )
 
 
 def test_a_toy_root_that_holds_something_else_is_named(tmp_path, capsys, monkeypatch):
