@@ -161,8 +161,7 @@ def check_sizes(row, variants, device):
     """Raise a ValueError naming the flag for a training size that would fail part-way through the run
     (tools/compare_context_blocks.py checks its own before it scores)."""
     (height, width), batches = row["train_crop"], row["train_batches"]
-    # Training BatchNorm needs two values per channel of the 1/8-resolution maps, over the whole batch.
-    if min(batches) * math.ceil(height / 8) * math.ceil(width / 8) < 2:
+    if not recipe.batchnorm_can_train((height, width), min(batches)):
         raise ValueError(
             f"--train-crop {height}x{width} at --train-batch {min(batches)} leaves training BatchNorm one "
             "value per channel at 1/8 of the crop; give a crop over 8 pixels on a side, or a batch of 2"
@@ -445,6 +444,7 @@ def loader_rate(dataset, workers, batches, batch_size=FEED_BATCH):
     config = dict(
         dataset=dataset.name, seed=0, batch_size=batch_size, global_batch=batch_size, workers=workers
     )
+    config["device"] = "cuda" if torch.cuda.is_available() else "cpu"  # pinned memory, as a GPU run has
     start = time.perf_counter()
     stream = train.training_batches(dataset, config, 0)
     next(stream)

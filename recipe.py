@@ -142,6 +142,12 @@ MAX_SIZE = 8192
 FLAG_KEYS = ("lr", "min_lr", "power", "momentum", "weight_decay", "aux_weight", "scale")
 
 
+def batchnorm_can_train(crop_size, batch):
+    """Whether training BatchNorm gets the two values per channel it needs at 1/8 of the crop, over a
+    batch of one process (train.py's and benchmark.py's check of their crop and batch flags)."""
+    return batch * math.ceil(crop_size[0] / 8) * math.ceil(crop_size[1] / 8) >= 2
+
+
 def parse_crop(value, flag="--crop"):
     """'769' or 769 -> (769, 769); '512x1024' or (512, 1024) -> (512, 1024), height x width."""
     if isinstance(value, (tuple, list)):

@@ -373,6 +373,12 @@ def set_up_processes(args):
 
 
 def host_settings(args, config, device, world_size):
+    (height, width), batch = config["crop_size"], config["batch_size"]
+    if not recipe.batchnorm_can_train((height, width), batch):
+        raise SystemExit(
+            f"train.py: --crop {height}x{width} at --batch-size {batch} leaves training BatchNorm one value per "
+            "channel at 1/8 of the crop; give a crop over 8 pixels on a side, or a batch of 2"
+        )
     try:
         precision = runtime.resolve_precision(args.precision, device)
     except ValueError as error:

@@ -661,6 +661,15 @@ def test_a_resume_reads_the_labels_by_the_rule_its_run_had(tmp_path):
         train.main(args + ["--iters", "3", "--resume"])
 
 
+def test_a_crop_and_batch_too_small_for_batchnorm_are_refused_before_anything_is_written(tmp_path):
+    # Before: a BatchNorm ValueError at the first step (one value per channel at 1/8 of an 8x8 crop).
+    with pytest.raises(SystemExit, match=r"--crop 8x8 at --batch-size 1 leaves training BatchNorm one value"):
+        train.main(
+            ["--crop", "8", "--batch-size", "1", "--work-dir", str(tmp_path / "run"), "--device", "cpu"]
+        )
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_toy_root_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     def read_only(root):
         raise PermissionError(13, "Permission denied", str(root / ".toy.tmp"))
