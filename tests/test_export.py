@@ -47,11 +47,11 @@ def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, rand
         export.main([str(source), str(out)])
     # --overwrite with an export that fails its check: the good file stays, and no half one beside it.
     good = out.read_bytes()
-    # The README's way to load it without this repository: those lines copied, with four imports.
+    # The README's way to load it without this repository: those lines copied, with five imports.
     source_code = Path(export.__file__).read_text()
     copied = source_code[source_code.index("ARCHIVE_FILES = ") : source_code.index("def check(")]
     alone = {}
-    exec("import io, json, re, torch\n" + copied, alone)
+    exec("import ast, io, json, re, torch\n" + copied, alone)
     assert alone["archive_problems"](out) == []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(export, "export", lambda *args: programs[0])  # traced once is enough
@@ -106,7 +106,7 @@ def rewritten(source, target, change, extra=""):
     return target
 
 
-def test_an_export_that_would_run_code_is_refused_before_torch_reads_it(tmp_path):
+def test_an_export_that_would_run_code_is_refused_before_torch_reads_it(tmp_path, monkeypatch):
     net = torch.nn.Conv2d(3, 2, 3, padding=1)
     height = torch.export.Dim("height", min=8, max=64)
     program = torch.export.export(net, (torch.rand(1, 3, 16, 16),), dynamic_shapes=({2: height},))
@@ -117,6 +117,7 @@ def test_an_export_that_would_run_code_is_refused_before_torch_reads_it(tmp_path
     )
     evil = io.BytesIO()
     torch.save(RunsCode(), evil)
+    monkeypatch.chdir(tmp_path)
 
     def pickled_weight(name, record):
         if name.endswith("weights_config.json"):
@@ -125,6 +126,10 @@ def test_an_export_that_would_run_code_is_refused_before_torch_reads_it(tmp_path
 
     def sympy_eval(name, record):
         attack = f"__import__('os').system('touch {MARKER}')".encode()
+        return re.sub(rb"Symbol\('s\d+', positive=True, integer=True\)", attack, record, count=1)
+
+    def builtins_through_sympy(name, record):  # passed the old check: capitalised names, quoted words
+        attack = b"S('open')('ran', 'w')"  # a file 'ran' in the working directory
         return re.sub(rb"Symbol\('s\d+', positive=True, integer=True\)", attack, record, count=1)
 
     def guard_code(name, record):
@@ -140,6 +145,7 @@ def test_an_export_that_would_run_code_is_refused_before_torch_reads_it(tmp_path
             "holds more than tensors",
         ),
         "sympy_eval": (sympy_eval, "holds the expression \"__import__('os')"),
+        "builtins_through_sympy": (builtins_through_sympy, "holds the expression \"S('open')("),
         "guard_code": (guard_code, 'models/model.json holds the guard code "open('),
         "compiled": (lambda name, r: r, "an unexpected file data/aotinductor/model.so"),
     }
@@ -149,7 +155,7 @@ def test_an_export_that_would_run_code_is_refused_before_torch_reads_it(tmp_path
         )
         with pytest.raises(ValueError, match=f"refusing to load .*{name}.pt2: .*{re.escape(words)}"):
             export.load_exported(path)
-        assert not MARKER.exists(), name
+        assert not MARKER.exists() and not (tmp_path / "ran").exists(), name
     # Damaged files are named in words, not torch's or json's tracebacks.
     (tmp_path / "text.pt2").write_text("not an archive")
     no_config = rewritten(

@@ -11,7 +11,7 @@ recipe. After writing, the file is loaded back and its logits are compared with 
 image sizes (--check-sizes); a difference stops with an error and the file is not written.
 
 Load it elsewhere with torch only, through load_exported (copy the lines from ARCHIVE_FILES to load_exported,
-with `import io, json, re, torch`):
+with `import ast, io, json, re, torch`):
 
     extra = {"gcnet.json": ""}
     program = load_exported("gcnet_toy.pt2", extra_files=extra)
@@ -29,6 +29,7 @@ loops around the same program. ONNX (torch.onnx.export(..., dynamo=True)) and Te
 """
 
 import argparse
+import ast
 import io
 import json
 import re
@@ -78,9 +79,11 @@ ARCHIVE_FILES = re.compile(
     r"|data/(weights|constants)/\w+_(weights|constants)_config\.json|data/weights/weight_\d+"
     r"|data/constants/tensor_\d+|data/sample_inputs/\w+\.pt)"
 )
-# The shape expressions torch writes (sympy's srepr: Mul(Integer(4), Symbol('s0', positive=True, ...))):
-# names that are sympy classes or True/False, keyword names, quoted symbol names, integers, punctuation.
-EXPRESSION_TOKENS = re.compile(r"\s+|[A-Z][A-Za-z]*|[a-z]+(?==)|'[a-z]+\d*'|-?\d+|[(),=]")
+# The shape expressions torch writes are sympy's srepr, Mul(Integer(4), Symbol('s0', positive=True)):
+# calls of these sympy classes (no Pow: 10**10**9 would take the memory) with integers, True/False and
+# symbol names. Any other name could be one of Python's builtins (open, exec) to sympify's eval.
+SYMPY_CALLS = {"Symbol", "Integer", "Add", "Mul", "FloorDiv", "IntTrueDiv", "Mod", "PythonMod"}
+SYMPY_CALLS |= {"CeilToInt", "FloorToInt", "Max", "Min"}
 # The guards torch writes (compiled into the module): arithmetic and comparisons of the input's sizes,
 # such as ((1 + (((-1) + L['image'].size()[2]) // 8)) % 3) != 0.
 GUARD_TOKENS = re.compile(r"\s+|L\['\w+'\]\.size\(\)\[\d\]|\d+|[-+*/%()<>=!]|and|or|not")
@@ -101,7 +104,7 @@ def archive_problems(path):
             program = json.loads(archive.get_record(name))
             guards = [code for code in program.get("guards_code", []) if "".join(GUARD_TOKENS.split(code))]
             problems += [f"{name} holds the guard code {code[:80]!r}" for code in guards]
-            unusual = [text for text in expressions(program) if "".join(EXPRESSION_TOKENS.split(text))]
+            unusual = [text for text in expressions(program) if not is_shape_expression(text)]
             problems += [f"{name} holds the expression {text[:80]!r}" for text in unusual]
         elif name.startswith("data/sample_inputs/"):
             try:
@@ -118,6 +121,27 @@ def expressions(value, key=None):
     if isinstance(value, list):
         return [text for item in value for text in expressions(item, key)]
     return [value] if key == "expr_str" and isinstance(value, str) else []
+
+
+def is_shape_expression(text):
+    """Whether `text` is only SYMPY_CALLS of integers, True/False, symbol names and keyword flags: read as
+    Python's syntax, never run."""
+
+    def plain(node):
+        if isinstance(node, ast.Call):
+            named = isinstance(node.func, ast.Name) and node.func.id in SYMPY_CALLS
+            keywords = all(keyword.arg and plain(keyword.value) for keyword in node.keywords)
+            return named and keywords and all(map(plain, node.args))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return plain(node.operand)
+        value = getattr(node, "value", None)
+        symbol = isinstance(value, str) and re.fullmatch(r"[a-z]+\d*", value)
+        return isinstance(node, ast.Constant) and (type(value) in (int, bool) or bool(symbol))
+
+    try:
+        return plain(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # not Python, or nested past parsing
+        return False
 
 
 def load_exported(path, extra_files=None):
