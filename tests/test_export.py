@@ -58,8 +58,17 @@ def test_the_export_reloaded_gives_the_models_logits_at_two_sizes(tmp_path, rand
         patch.setattr(export, "check", refuse_the_check)
         with pytest.raises(SystemExit, match="the logits differ"):
             export.main([str(source), str(out), "--overwrite", "--check-sizes", "64x96", "64x96"])
+        # A run trained at a crop below the export's least side is traced at that side (before: torch's
+        # ConstraintViolationError).
+        traced, small = [], tmp_path / "small_crop" / "best.pth"
+        patch.setattr(export, "export", lambda segmenter, size: traced.append(size) or programs[0])
+        small.parent.mkdir()
+        torch.save({"state_dict": net.state_dict(), "meta": {"config": "crop_size = (16, 24)"}}, small)
+        with pytest.raises(SystemExit, match="the logits differ"):
+            export.main([str(small), str(small.parent / "small.pt2")])
+        assert traced == [(32, 32)]
     assert out.read_bytes() == good
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([source.name, out.name])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([source.name, out.name, "small_crop"])
     with pytest.raises(SystemExit, match="--check-sizes 16x16: each side must be 32..8192"):
         export.main([str(source), str(tmp_path / "small.pt2"), "--check-sizes", "16", "64"])
     with pytest.raises(SystemExit, match="name the file .pt2"):

@@ -233,6 +233,7 @@ def main(argv=None):
     predictor.model.auxiliary_head = None  # it serves the training loss only: not in the file
     segmenter = Segmenter(predictor.model).eval()
     crop = tuple(predictor.settings["crop_size"])
+    crop = tuple(min(max(side, MIN_SIDE), MAX_SIDE) for side in crop)  # a run may train below MIN_SIDE
     sizes = args.check_sizes or [crop, tuple(max(MIN_SIDE, side * 3 // 4) | 1 for side in crop)]
     start = time.perf_counter()
     program = export(segmenter, sizes[0])
