@@ -153,6 +153,10 @@ def test_bad_declarations_are_refused_with_what_to_do(tmp_path):
         convert.main([str(tmp_path), "--src", str(tmp_path / "empty")])
     with pytest.raises(SystemExit, match="is not a folder"):
         convert.main([str(tmp_path), "--src", str(tmp_path / "nothing")])
+    # Inside --src, a rerun would take the labels written before for colour masks.
+    for dst in (tmp_path / "labels_colour", tmp_path / "labels_colour" / "index"):
+        with pytest.raises(SystemExit, match=r"(are the same folder|is inside --src) .*Pass a --dst outside"):
+            convert.main([str(tmp_path), "--dst", str(dst)])
 
 
 def test_without_root_all_three_folders_are_needed(capsys):

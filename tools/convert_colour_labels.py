@@ -129,9 +129,11 @@ def convert_folder(src, dst, classes_file, ignore_colours=(), overwrite=False, w
             f"--classes {classes_file}: expected the dataset's classes.txt, which --dataset folder reads "
             "as ROOT/classes.txt; name the file classes.txt."
         )
-    if src.resolve() == dst.resolve():
+    if dst.resolve().is_relative_to(src.resolve()):  # a rerun would read the written labels as masks
+        same = "are the same folder" if src.resolve() == dst.resolve() else "is inside --src"
         raise ValueError(
-            f"--src and --dst are the same folder ({src}); the colour masks would be overwritten."
+            f"--dst {dst} {same} ({src}): the colour masks would be overwritten or written labels read as "
+            "masks. Pass a --dst outside --src."
         )
     classes, palette, zero_is_ignore = layouts.read_classes_file(classes_file.parent)
     table = lookup_table(palette, ignore_colours, zero_is_ignore)
