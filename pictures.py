@@ -105,14 +105,18 @@ def composite_picture(image, pred, palette, classes, attention=None, label=None,
     font, gap = font_of(14), COMPOSITE_GAP
     titles = [wrapped(name, font, size[0]) for name, _, _ in panels]  # a narrow panel's title on more lines
     title_height = 22 + 17 * (max(len(lines) for lines in titles) - 1)
+    # A panel's room: its picture, or a title word wider than a narrow picture.
+    slot = max([size[0]] + [int(font.getlength(line)) + 1 for lines in titles for line in lines])
     present = sorted(set(pred.unique().tolist()) | set([] if label is None else label.unique().tolist()))
     present = [index for index in present if 0 <= index < len(classes)]
-    total_width = len(panels) * (size[0] + gap) - gap
+    total_width = len(panels) * (slot + gap) - gap
     legend = legend_rows(present, classes, font, total_width)
-    canvas = Image.new("RGB", (total_width, title_height + size[1] + 8 + 20 * len(legend)), "white")
+    ends = [left + 18 + int(font.getlength(classes[index])) for row in legend for left, index in row]
+    canvas_size = (max([total_width] + ends), title_height + size[1] + 8 + 20 * len(legend))
+    canvas = Image.new("RGB", canvas_size, "white")
     draw = ImageDraw.Draw(canvas)
     for number, ((_, rgb, resample), lines) in enumerate(zip(panels, titles)):
-        left = number * (size[0] + gap)
+        left = number * (slot + gap)
         canvas.paste(rgb_picture(rgb).resize(size, resample), (left, title_height))
         for line_number, line in enumerate(lines):
             draw.text((left, 3 + 17 * line_number), line, fill="black", font=font)

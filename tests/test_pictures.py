@@ -114,12 +114,19 @@ def test_composite_shows_image_truth_prediction_attention_and_a_legend_of_the_cl
         "GC attention (red: more weight)"
     ]
     top = 22 + 17 * 4  # the panels start below their titles: image, ground truth, prediction, attention
-    assert picture.width == 4 * 30 + 3 * gap and picture.height == top + 20 + 8 + 20  # titles, panels, legend
+    # Each panel has the room of its widest title word, so that none runs into the next panel's title.
+    names = ("image", "ground truth", "prediction", "GC attention (red: more weight)")
+    slot = max(int(font.getlength(line)) + 1 for name in names for line in pictures.wrapped(name, font, 30))
+    assert slot > 30 and picture.width == 4 * slot + 3 * gap and picture.height == top + 20 + 8 + 20
     assert pixels[top + 5, 5].tolist() == [200, 200, 200]
-    truth, prediction = 30 + gap, 2 * (30 + gap)
+    truth, prediction = slot + gap, 2 * (slot + gap)
     assert pixels[top, truth].tolist() == [0, 0, 0] and pixels[top + 5, truth + 25].tolist() == [255, 0, 0]
     assert pixels[top + 5, truth + 5].tolist() == pixels[top + 5, prediction + 25].tolist() == [0, 0, 255]
     # The legend lists the classes in the label or the prediction, not grass.
     assert [index for row in pictures.legend_rows([0, 2], classes, font, 500) for _, index in row] == [0, 2]
     assert len(pictures.legend_rows([0, 1, 2], classes, font, 60)) == 3  # wrapped at the width
     assert pixels[top + 20 + 8 + 8, 5].tolist() == [0, 0, 255]  # sky's swatch
+    # A 1-pixel-wide image: the canvas holds its legend's names whole (they were cut at its edge).
+    name = "a class of a rather long name"
+    narrow = pictures.composite_picture(image[:, :, :1], pred[:, :1], palette, [name] * 3)
+    assert narrow.width >= 18 + font.getlength(name)
