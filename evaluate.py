@@ -393,6 +393,8 @@ def resolve_settings(args, info, device):
     # A --crop of no row of the table: windows of that size, as its help says, not the row's rule (whole
     # images unless the crop is 769-like).
     windows = args.crop is not None and row["crop_size"] not in recipe.DATASETS[row["dataset"]]["crops"]
+    # The scale recorded or named (--crop changes the windows, not it), or --crop's row's if it was guessed.
+    scale_row = info["row"] if info["row"] and info["crop_size"] else row
     mode = args.mode or ("slide" if windows else row["test_mode"])
     crop_size = args.crop or recipe.parse_crop(row["test_crop"])  # 769 or [h, w] -> (h, w)
     stride = args.stride or recipe.parse_crop(row["test_stride"])
@@ -419,8 +421,7 @@ def resolve_settings(args, info, device):
         mode=mode,
         crop_size=crop_size,
         stride=stride,
-        # The recorded scale, checked as train.py's --scale is (--crop changes the windows, not the scale).
-        scale=recipe.parse_scale("x".join(map(str, (info["row"] or row)["scale"])), "the recorded scale"),
+        scale=recipe.parse_scale("x".join(map(str, scale_row["scale"])), "the recorded scale"),
         ratios=tuple(args.scales) if args.scales else (MS_RATIOS if args.ms_flip else (1.0,)),
         flip=args.ms_flip if args.flip is None else args.flip,
         align_corners=row["align_corners"] if info["align_corners"] is None else info["align_corners"],
@@ -475,15 +476,14 @@ def build_split(info, settings, checkpoint):
             f"{checkpoint} predicts {info['num_classes']} classes but the {name} dataset has "
             f"{dataset.num_classes}: pass the --dataset it was trained on"
         )
-    # strip(): the original ADE20K class list has 'bed ' with a trailing space (mmseg v0.5.0
-    # mmseg/datasets/ade.py). A checkpoint that names no classes is taken at its class count.
-    ours = [c.strip() for c in info["classes"] or dataset.classes]
-    theirs = [c.strip() for c in dataset.classes]
-    if ours != theirs:
-        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    # strip(): the original ADE20K class list has 'bed ' with a trailing space (mmseg v0.5.0 mmseg/datasets/
+    # ade.py). A checkpoint that names no classes, or not as many as it predicts, is taken at its count.
+    ours = info["classes"] if len(info["classes"] or []) == dataset.num_classes else dataset.classes
+    differ = [i for i, (a, b) in enumerate(zip(ours, dataset.classes)) if a.strip() != b.strip()]
+    if differ:
         raise ValueError(
-            f"{checkpoint} was trained on other classes than the {name} dataset's: class "
-            f"{first} is {ours[first]!r} in the checkpoint, {theirs[first]!r} in the dataset"
+            f"{checkpoint} was trained on other classes than the {name} dataset's: class {differ[0]} is "
+            f"{ours[differ[0]].strip()!r} in the checkpoint, {dataset.classes[differ[0]].strip()!r} in the dataset"
         )
     return dataset
 
@@ -778,7 +778,7 @@ def build_parser():
     pattern = checkpoints.CHECKPOINT_PATTERN
     add("--checkpoint", type=runtime.named, help=f"file or URL (default: newest {pattern})")
     add("--trust-checkpoint", action="store_true", help="unpickle fully: only files you trust")
-    add("--dataset", help="cityscapes, ade20k, voc12aug, toy, folder (default: the checkpoint's)")
+    add("--dataset", choices=sorted(recipe.DATASETS), help="default: the checkpoint's")
     add("--data-root", help="dataset folder (default: the one the checkpoint's run used, else the dataset's)")
     add("--depth", type=int, choices=(50, 101), help="default: what the checkpoint holds")
     add("--split", default="val", choices=("val", "test"), help="test only with --format-only")

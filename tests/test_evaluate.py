@@ -511,6 +511,20 @@ def test_official_checkpoints_are_scored_in_fp32_by_default():
     assert settings["check_agreement"] == 10 and settings["fold_batchnorm"] is True
 
 
+def test_a_crop_given_for_a_checkpoint_whose_crop_was_guessed_takes_its_rows_scale():
+    # A renamed official file without meta: 19 classes say Cityscapes, its crop is unknown, so the row
+    # was the dataset's first (512x1024, scale 2048x1024); --crop 769 names the row, scale 2049x1025.
+    info = dict(official_info(None, None), dataset="cityscapes", row=recipe.row("cityscapes"))
+    settings = settings_of(["--crop", "769"], info)
+    assert settings["scale"] == (2049, 1025) and (settings["mode"], settings["align_corners"]) == (
+        "slide",
+        True,
+    )
+    assert settings_of(["--crop", "769"], official_info((512, 1024), False))["scale"] == (2048, 1024)  # named
+    with pytest.raises(SystemExit):  # a typo, which --image took for a dataset without names or colours
+        evaluate.build_parser().parse_args(["--dataset", "cityscape"])
+
+
 def test_an_explicit_zero_is_not_unset():
     args = evaluate.build_parser().parse_args(["--check-agreement", "0", "--workers", "0", "--opacity", "0"])
     settings = evaluate.resolve_settings(args, official_info((512, 1024), False), torch.device("cpu"))
@@ -730,6 +744,15 @@ def test_checkpoint_and_dataset_classes_must_agree(tmp_path, toy_checkpoint):
         write_folder_dataset(root, classes)
         with pytest.raises(ValueError, match=message):
             split_of(toy_checkpoint, info, "--dataset", "folder", "--data-root", root)
+    # Names in the meta that are fewer than its classes (before: a StopIteration traceback) are not its
+    # classes' names: it is taken at its class count, as one that names none.
+    root = tmp_path / "toy_names"
+    write_folder_dataset(root, data.TOY_CLASSES)
+    short = dict(info, classes=data.TOY_CLASSES[:2])
+    assert (
+        split_of(toy_checkpoint, short, "--dataset", "folder", "--data-root", root).classes
+        == data.TOY_CLASSES
+    )
 
 
 def test_evaluate_reads_the_data_where_the_run_did_and_names_the_flag_when_it_is_not_there(
