@@ -169,7 +169,8 @@ def written_atomically(path, suffix=".tmp"):
     this writer, which one rename puts at `path`: a crash leaves the old file or the new one, never half,
     and a failing block removes it. With the default suffix, a run's start clears what a crash left."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    # (the name cut to 200 characters: a 255-character name leaves no room for the rest)
+    temporary = path.with_name(f".{path.name[:200]}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
     try:
         yield temporary
         os.replace(temporary, path)
@@ -348,10 +349,11 @@ def number_flag(kind, minimum, maximum=None, exclusive=False, why=""):
     def parse(text):
         try:
             value = kind(text)
-        except ValueError:
-            value = math.nan
+            finite = math.isfinite(value)  # an int beyond a float's range raises OverflowError here
+        except (ValueError, OverflowError):
+            value, finite = math.nan, False
         above = value > minimum if exclusive else value >= minimum
-        if not (math.isfinite(value) and above and (maximum is None or value <= maximum)):
+        if not (finite and above and (maximum is None or value <= maximum)):
             raise argparse.ArgumentTypeError(f"expected {name} {bound}, got {text!r}")
         return value
 
@@ -379,10 +381,12 @@ def writable_path(kind):
             )
         if kind == "folder" and path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file; pass a folder")
-        existing = next(parent for parent in [path, *path.parents] if parent.exists())
+        # A file is written beside itself and renamed over (written_atomically): its folder must be writable.
+        places = [path, *path.parents] if kind == "folder" else list(path.parents)
+        existing = next(parent for parent in places if parent.exists())
         if existing != path and not existing.is_dir():
             raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is a file, not a folder")
-        if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        if not os.access(existing, os.W_OK | os.X_OK):
             raise argparse.ArgumentTypeError(
                 f"cannot write {text}: {existing} is not writable; choose another place"
             )

@@ -150,7 +150,7 @@ def test_synthetic_cityscapes_is_a_real_layout_of_links(tmp_path):
 
 
 def test_loader_speed_times_train_py_s_loader(tmp_path):
-    out = tmp_path / "loader.json"
+    out = tmp_path / "results" / "loader.json"  # its folder made
     root = synthetic_cityscapes.make(
         tmp_path / "cs", dict(train=12, val=1), distinct=3, size=(32, 64), workers=1
     )

@@ -78,13 +78,13 @@ def test_number_flags_refuse_what_is_out_of_range(capsys):
     assert parse(runtime.number_flag(float, 0, 1), "0.5") == 0.5
     for flag_type, text in [(runtime.number_flag(int, 1), "0"), (runtime.number_flag(float, 0, exclusive=True), "0"),
                             (runtime.number_flag(float, 0), "nan"), (runtime.number_flag(float, 0, 1), "inf"),
-                            (runtime.number_flag(int, 0), "two")]:  # fmt: skip
+                            (runtime.number_flag(int, 0), "two"), (runtime.number_flag(int, 1), "1" + "0" * 400)]:  # fmt: skip
         with pytest.raises(SystemExit):
             parse(flag_type, text)
         assert "argument --x: expected" in capsys.readouterr().err
 
 
-def test_size_and_path_flags(tmp_path, capsys):
+def test_size_and_path_flags(tmp_path, capsys, monkeypatch):
     assert parse(runtime.size_flag("--crop"), "769") == (769, 769)
     assert parse(runtime.size_flag("--crop"), "512x1024") == (512, 1024)
     with pytest.raises(SystemExit):
@@ -100,6 +100,15 @@ def test_size_and_path_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse(runtime.writable_path(kind), str(text))
         assert message in capsys.readouterr().err
+    # An existing file is replaced by a rename in its folder: the folder's permission is what counts.
+    asked = []
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "access", lambda place, mode: asked.append(Path(place)) or True)
+        parse(runtime.writable_path("file"), str(a_file))
+    assert asked == [tmp_path]
+    # A name of 250 characters is written, its temporary's name cut to fit the file system's 255.
+    runtime.write_text(tmp_path / ("n" * 246 + ".json"), "{}")
+    assert (tmp_path / ("n" * 246 + ".json")).read_text() == "{}"
 
 
 def test_peak_memory_is_the_resident_peak_on_a_cpu():

@@ -61,10 +61,6 @@ PANEL_WIDTH = 320  # pixels per panel of the maps picture
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(
-            f"compare_context_blocks.py: --out {out} is a file; pass a folder (it is created if absent)"
-        )
     try:
         _, _, device = runtime.setup_device(args.device)
         runtime.set_threads(args.threads, device)
@@ -473,7 +469,8 @@ def build_parser():
     add("--timed", type=runtime.number_flag(int, 1), help="timed images and steps (default 20 CUDA, 2 CPU)")
     add("--workers", type=runtime.per_core_flag(0), default=2, help="data loader workers (default 2)")
     add("--trust-checkpoint", action="store_true", help="unpickle checkpoints fully: runs code in them")
-    add("--out", default="compare_out", help="folder of compare.json and the pictures (default compare_out)")
+    where = "folder of compare.json and the pictures, created if absent (default compare_out)"
+    add("--out", type=runtime.writable_path("folder"), default="compare_out", help=where)
     group = runtime.add_arguments(parser)
     group.description = "the scores' precision and layout, as evaluate.py's (the speed is fp32)"
     return parser

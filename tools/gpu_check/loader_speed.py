@@ -41,7 +41,7 @@ def main(argv=None):
     add("--batch-size", type=positive, default=8, help="default 8: the table's 4 GPUs x 2 on one")
     add("--batches", type=positive, default=40, help="timed batches per worker count")
     add("--decoded", action="store_true", help="then write the decoded copy (ROOT/decoded) and time it too")
-    add("--out", help="also write the figures to this JSON file")
+    add("--out", type=runtime.writable_path("file"), help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         root = args.data_root
@@ -69,6 +69,7 @@ def main(argv=None):
                 print(f"  {workers:3d} workers: {rates}", flush=True)
     if args.out:
         report = dict(batch_size=args.batch_size, crop=args.crop, cores=cores, results=results)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         runtime.write_text(args.out, json.dumps(report, indent=1))
     return results
 
