@@ -363,7 +363,7 @@ def write_photo_like_pair(image_path, label_path, size, seed=2):
     data.write_png(label, label_path)
 
 
-def benchmark_data(row, data_size, iters, beside=()):
+def benchmark_data(row, data_size, iters, beside=(), device=None):
     """images/s of one loader worker (one process, one torch thread) for decode + TrainTransform and decode
     + test_transform of a Cityscapes-like image at the scale and crop of the row's Cityscapes recipe,
     scaled with the image when --data-size is not 1024x2048, then the same from its decoded copy
@@ -411,7 +411,9 @@ def benchmark_data(row, data_size, iters, beside=()):
             loader, batches = {}, max(2, iters // 4)
             for source, dataset in datasets.items():
                 dataset.pairs = dataset.pairs[:1] * FEED_BATCH * (2 + batches)  # no second epoch
-                loader[source] = [loader_rate(dataset, workers, batches)[0] for workers in (1, 2)]
+                loader[source] = [
+                    loader_rate(dataset, workers, batches, device=device)[0] for workers in (1, 2)
+                ]
     finally:
         torch.set_num_threads(threads)
     rates = {library: {} for library in pipelines}
@@ -437,14 +439,15 @@ def benchmark_data(row, data_size, iters, beside=()):
     return dict(sizes, **rates.pop("torch"), **loaders, beside=rates)
 
 
-def loader_rate(dataset, workers, batches, batch_size=FEED_BATCH):
+def loader_rate(dataset, workers, batches, batch_size=FEED_BATCH, device=None):
     """(samples/s, seconds to the first batch) of train.py's training loader (train.training_batches)
     with `workers` workers, timed over `batches` batches once each worker's first is in (the workers'
     start left out)."""
     config = dict(
         dataset=dataset.name, seed=0, batch_size=batch_size, global_batch=batch_size, workers=workers
     )
-    config["device"] = "cuda" if torch.cuda.is_available() else "cpu"  # pinned memory, as a GPU run has
+    # The device whose run it feeds (default: the GPU if there is one), which decides the pinned memory.
+    config["device"] = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
     stream = train.training_batches(dataset, config, 0)
     next(stream)
@@ -611,7 +614,7 @@ def measure_and_report(args, device, row, variants, data_beside=()):
     flops["training"] = baseline["training"]["flops"] / row["train_batches"][0]
     default = next(variant for variant in variants if variant["default"])
     ms_flip_gb = measure_ms_flip_memory(default, row, device) if args.ms_flip else None
-    data_results = benchmark_data(row, args.data_size, args.data_samples, data_beside)
+    data_results = benchmark_data(row, args.data_size, args.data_samples, data_beside, device)
     # Measured again at the end: on a shared machine, the better of the two is closer to the device's limit.
     peaks = {precision: max(rate, matmul_rate(precision, device)) for precision, rate in peaks.items()}
     records = summarize(variants, measured, peaks, flops)

@@ -111,7 +111,7 @@ def composite_picture(image, pred, palette, classes, attention=None, label=None,
     present = [index for index in present if 0 <= index < len(classes)]
     total_width = len(panels) * (slot + gap) - gap
     legend = legend_rows(present, classes, font, total_width)
-    ends = [left + 18 + int(font.getlength(classes[index])) for row in legend for left, index in row]
+    ends = [left + 18 + int(font.getlength(classes[index])) + 1 for row in legend for left, index in row]
     canvas_size = (max([total_width] + ends), title_height + size[1] + 8 + 20 * len(legend))
     canvas = Image.new("RGB", canvas_size, "white")
     draw = ImageDraw.Draw(canvas)

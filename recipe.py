@@ -143,8 +143,8 @@ FLAG_KEYS = ("lr", "min_lr", "power", "momentum", "weight_decay", "aux_weight", 
 
 
 def batchnorm_can_train(crop_size, batch):
-    """Whether training BatchNorm gets the two values per channel it needs at 1/8 of the crop, over a
-    batch of one process (train.py's and benchmark.py's check of their crop and batch flags)."""
+    """Whether training BatchNorm gets the two values per channel it needs at 1/8 of the crop, over the
+    batch it sees (SyncBN's is all processes') (train.py's and benchmark.py's check of their flags)."""
     return batch * math.ceil(crop_size[0] / 8) * math.ceil(crop_size[1] / 8) >= 2
 
 

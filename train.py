@@ -374,7 +374,7 @@ def set_up_processes(args):
 
 def host_settings(args, config, device, world_size):
     (height, width), batch = config["crop_size"], config["batch_size"]
-    if not recipe.batchnorm_can_train((height, width), batch):
+    if not recipe.batchnorm_can_train((height, width), batch * (world_size if device.type == "cuda" else 1)):
         raise SystemExit(
             f"train.py: --crop {height}x{width} at --batch-size {batch} leaves training BatchNorm one value per "
             "channel at 1/8 of the crop; give a crop over 8 pixels on a side, or a batch of 2"

@@ -119,6 +119,9 @@ def test_a_file_as_out_and_a_comparison_without_its_baselines_are_said_first(tmp
     with pytest.raises(SystemExit):  # before any checkpoint is read, as a folder it cannot write would be
         compare.main(["--checkpoints", "none.pth", "--out", str(tmp_path / "taken")])
     assert re.search(r"argument --out: \S*taken is a file; pass a folder", capsys.readouterr().err)
+    with pytest.raises(SystemExit):  # compare's own usage, not evaluate.py's, which it passes the name to
+        compare.main(["--checkpoints", "none.pth", "--dataset", "cityscape"])
+    assert "argument --dataset: invalid choice: 'cityscape'" in capsys.readouterr().err
     split = SimpleNamespace(name="toy", classes=["a", "b"])
     gc = dict(context="gc", pooling="att", fusion="add")
     models = [dict(path=f"{name}.pth", dataset=split, info=dict(block=gc)) for name in ("one", "two")]

@@ -173,7 +173,7 @@ def test_the_table_warnings_are_for_its_rows_and_own_data_gets_its_scale():
 def test_batches_are_disjoint_across_ranks_and_resume_exactly():
     ranks = [train.epoch_batches(23, 2, epoch=1, seed=0, rank=r, world_size=2) for r in (0, 1)]
     seen = [i for batches in ranks for batch in batches for _, i in batch]
-    assert len(seen) == len(set(seen)) == 20  # 11 per rank, 5 full batches of 2 each; drop_last
+    assert len(seen) == len(set(seen)) == 20  # 5 full global batches of 4, 2 images each rank; drop_last
     assert train.epoch_batches(23, 2, 1, 0, 0, 2) == ranks[0]  # a pure function of (seed, epoch)
     assert train.epoch_batches(23, 2, 2, 0, 0, 2) != ranks[0]
     # A step trains the same images on two processes of 2 as on one of 4, so a resume may change the

@@ -436,7 +436,7 @@ def build_parser():
         help="files or URLs of FCN, NonLocal and GC models of one "
         "dataset, any order (default: the original's Cityscapes 512x1024 40k three)",
     )
-    add("--dataset", help="as evaluate.py (default: the checkpoints')")
+    add("--dataset", choices=sorted(recipe.DATASETS), help="as evaluate.py (default: the checkpoints')")
     add(
         "--data-root",
         help="as evaluate.py (default: the one the checkpoints' runs used, else data/<dataset>)",
