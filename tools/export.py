@@ -68,8 +68,17 @@ def export(segmenter, example_size):
     height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
     width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
     example = torch.rand(2, 3, *example_size) * 255  # batch 2: a batch of 1 would be taken as fixed
-    with torch.no_grad():
-        return torch.export.export(segmenter, (example,), dynamic_shapes=({0: batch, 2: height, 3: width},))
+    # torch 2.11's meta max_pool2d (div_rtn) tests a remainder in Python, which fixes the parity of the
+    # stem's output and so of H and W; 2.13 computes floor division alone, as here (the file's check
+    # below compares the reloaded logits with the model's either way).
+    meta = torch._meta_registrations
+    div_rtn, meta.div_rtn = meta.div_rtn, lambda x, y: x // y
+    try:
+        with torch.no_grad():
+            shapes = ({0: batch, 2: height, 3: width},)
+            return torch.export.export(segmenter, (example,), dynamic_shapes=shapes)
+    finally:
+        meta.div_rtn = div_rtn
 
 
 # What a .pt2 of this tool holds, besides extra/ files: anything else (compiled AOTInductor libraries,
