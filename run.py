@@ -137,15 +137,8 @@ class Run:
             )
         # The run goes on with the new values, not exactly as it was: another process count at the same
         # global batch trains the same images, but with other random states and BatchNorm batches.
-        for key in (
-            "crop_size",
-            "iters",
-            "global_batch",
-            "world_size",
-            "precision",
-            "seed",
-            *recipe.FLAG_KEYS,
-        ):
+        warned = ("crop_size", "iters", "global_batch", "world_size", "precision", "seed") + recipe.FLAG_KEYS
+        for key in warned:
             if theirs.get(key) != self.config[key]:
                 runtime.say(
                     f"WARNING: resuming with {key} = {self.config[key]}, the checkpoint has {theirs.get(key)}"
