@@ -170,14 +170,14 @@ def evaluate_dataset(model, dataset, *, device, precision, workers=2, save_dir=N
                 probabilities = predict(model, images, meta["original_size"], **protocol)
             pred = probabilities.argmax(dim=0)
             losses += summed_pixel_losses(probabilities, label)
-            del probabilities  # 1.27 GB for an ADE20K image with --ms-flip: not held through the next one
+            del probabilities  # 1.27 GB for the largest ADE20K image: not held through the next one
             matrix += confusion_matrix(pred, label, dataset.num_classes)
             if save_dir is not None:  # the label PNG, an overlay and the block's attention map
                 pictures.save_split_pictures(
                     model, dataset, pred, label, meta, images, precision, save_dir, opacity
                 )
     matrix, (loss_sum, pixels) = sum_over_processes(matrix), sum_over_processes(losses).tolist()
-    if save_dir is not None:  # confusion.png, below the line
+    if save_dir is not None:  # confusion.png (pictures.py)
         pictures.save_confusion_picture(matrix, dataset.classes, save_dir)
     results = dict(metrics_from_confusion(matrix), loss=loss_sum / pixels, num_images=len(dataset))
     return dict(results, confusion_matrix=matrix.cpu().tolist())

@@ -138,7 +138,7 @@ class FCNHead(nn.Module):
         nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, features, return_attention=False):
-        y, attention = self.convs[0](features), None  # (N, 512, h, w)
+        y, attention = self.convs[0](features), None  # (N, channels, h, w): 512 decode, 256 auxiliary
         if self.context != "none":  # the block sits between the two convs
             block = self.gc_block if self.context == "gc" else self.nl_block
             y, attention = block(y, return_attention=True)
@@ -185,7 +185,7 @@ class Bottleneck(nn.Module):
 
 def make_stage(in_channels, planes, blocks, stride, dilation):
     """One ResNet stage. Block 0 changes the channel count, so it always has a downsample branch
-    (a strided 1x1 conv, never dilated). With dilation d > 1, block 0 uses d // 2 ("contract
+    (a 1x1 conv with the stage's stride, never dilated). With dilation d > 1, block 0 uses d // 2 ("contract
     dilation") and the others d, e.g. layer4: 2, 4, 4."""
     out_channels = planes * Bottleneck.expansion
     downsample = nn.Sequential(
@@ -210,7 +210,7 @@ class ResNetV1c(nn.Module):
             conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
             return [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-        # Unnamed Sequential so the keys are stem.0 ... stem.8, as in the checkpoints.
+        # Unnamed Sequential so the keys are stem.0 ... stem.7 (the ReLUs hold none), as in the checkpoints.
         self.stem = nn.Sequential(*conv_bn_relu(3, 32, 2), *conv_bn_relu(32, 32, 1), *conv_bn_relu(32, 64, 1))
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         blocks = STAGE_BLOCKS[depth]

@@ -123,7 +123,7 @@ def row(dataset, crop=None, depth=50, iters=None, block=None):
         test_mode="slide" if sliding else "whole",
         test_crop=crop_size,
         test_stride=tuple(math.ceil(2 * size / 3) for size in crop_size),  # 769 -> 513
-        eval_interval=max(iters // 10, min(iters, 20)),  # every tenth of the schedule, 20 at least
+        eval_interval=max(iters // 10, min(iters, 20)),  # every tenth of the schedule, 20 at least (or iters)
         workers=base["workers"],
         pretrained=base.get("pretrained", IMAGENET_URLS[depth]),
         block=dict(GC_BLOCK, **(block or {})),

@@ -37,8 +37,8 @@ def poly_lr(iteration, max_iters, base_lr=0.01, min_lr=1e-4, power=0.9):
 
 def segmentation_loss(logits, labels, ignore_index=data.IGNORE_INDEX):
     """Cross-entropy summed over the labelled pixels and divided by ALL pixels, ignored ones
-    included, as the original (avg_non_ignore=False in mmseg v0.5.0 mmseg/models/losses/
-    cross_entropy_loss.py). PyTorch's own mean would divide by the labelled pixels only, which
+    included, as the original (per-pixel losses, then their mean over all: mmseg v0.5.0 mmseg/models/
+    losses/cross_entropy_loss.py). PyTorch's own mean would divide by the labelled pixels only, which
     weighs padded crops more."""
     logits = logits.float()
     if logits.dim() == 4:
@@ -47,7 +47,7 @@ def segmentation_loss(logits, labels, ignore_index=data.IGNORE_INDEX):
         # (no deterministic version: --deterministic refuses it).
         logits, labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1)
     # Per-pixel losses (0 where ignored), then one sum: CUDA's reduction="sum" kernel for this shape
-    # runs in a single thread block, slow for millions of pixels (README, benchmark section).
+    # runs in a single thread block, slow for millions of pixels (docs/benchmarks.md).
     total = F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index).sum()
     return total / labels.numel()
 
@@ -216,7 +216,7 @@ def build_model(config, num_classes, load_from=None, trust=False, resuming=False
 
 
 def validate(raw_model, val_set, config, save_dir=None):
-    """Single-scale val mIoU, in a forked RNG: validating leaves the training's random stream as it was."""
+    """Single-scale val scores (evaluate_dataset's), in a forked RNG: the training's random stream stays."""
     device = next(raw_model.parameters()).device
     if not config["sync_bn"]:  # under torchrun on a CPU: the statistics that the checkpoint holds
         runtime.share_rank_zero_buffers(raw_model)
@@ -278,7 +278,7 @@ def recipe_of_run(args, world_size):
         )
     root = data.data_root(args.dataset, args.data_root)  # None for folder: refused, with its layout, below
     config.update(
-        # The default: data/<dataset>. Absolute, so that evaluate.py finds the same files from anywhere.
+        # The default: the original's (data/cityscapes...). Absolute, so that evaluate.py finds it anywhere.
         data_root=root and os.path.abspath(root),
         world_size=world_size,
         table_global_batch=row["global_batch"],
@@ -609,7 +609,7 @@ def build_parser():
         "at most the cores per process on a CPU; on a GPU the cores per GPU process less one if more)",
     )
     # Data, weights and files.
-    add("--data-root", help="dataset root (default: data/<dataset> as in the original)")
+    add("--data-root", help="dataset root (default: the original's, e.g. data/cityscapes; see README)")
     add(
         "--scale",
         type=runtime.size_flag("--scale", recipe.parse_scale),
