@@ -374,7 +374,8 @@ def set_up_processes(args):
 
 def host_settings(args, config, device, world_size):
     (height, width), batch = config["crop_size"], config["batch_size"]
-    if not recipe.batchnorm_can_train((height, width), batch * (world_size if device.type == "cuda" else 1)):
+    sync_bn = device.type == "cuda" and world_size > 1  # BatchNorm then sees every process's batch
+    if not recipe.batchnorm_can_train((height, width), batch * (world_size if sync_bn else 1)):
         raise SystemExit(
             f"train.py: --crop {height}x{width} at --batch-size {batch} leaves training BatchNorm one value per "
             "channel at 1/8 of the crop; give a crop over 8 pixels on a side, or a batch of 2"
@@ -390,7 +391,7 @@ def host_settings(args, config, device, world_size):
         precision=precision,
         fold_batchnorm=evaluate.default_fold_batchnorm(precision),  # validation folds as evaluate.py does
         channels_last=runtime.resolve_channels_last(args.channels_last, device, precision),
-        sync_bn=device.type == "cuda" and world_size > 1,
+        sync_bn=sync_bn,
         device=str(device),
     )
 
