@@ -582,19 +582,11 @@ class StopRequest:
 
 
 def validation_logged(path, iteration):
-    """Whether log.jsonl records a validation of `iteration` by the run that wrote its checkpoint or one
-    resumed from that: the records since the last start before it count, for the log also holds
-    abandoned branches and earlier runs. A validation's record is written once best.pth is."""
+    """Whether log.jsonl records a validation of `iteration` on this branch of the run (the records
+    log.png draws: a start drops what an abandoned branch or an earlier run logged after it). A
+    validation's record is written once best.pth is."""
     records = read_log(path)[0] if Path(path).is_file() else []
-    starts = [
-        index
-        for index, record in enumerate(records)
-        if record.get("event") == "start"
-        and isinstance(record.get("iteration"), int)
-        and record["iteration"] < iteration
-    ]
-    since = records[starts[-1] + 1 :] if starts else []
-    return any(record.get("iteration") == iteration and "mIoU" in record for record in since)
+    return iteration in pictures.split_log(records)[1]
 
 
 def read_log(path):
